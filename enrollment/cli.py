@@ -1,0 +1,319 @@
+"""`kiosk-enroll`: build and inspect the gallery from ID photos.
+
+Every write is all-or-nothing: a refused photo leaves the gallery as it was
+and exits 2 with the reason. `import` refuses bad rows one by one and
+enrolls the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from enrollment.evaluate import Report, read_pairs
+from enrollment.photos import Refused, Template, largest_face_embedding, reference_template
+from kiosk.config import KioskConfig, load_config
+from kiosk.engine import FaceEngine
+from kiosk.errors import EXIT_OK, EXIT_USAGE, UsageError
+from kiosk.gallery import Gallery, GalleryMatrix
+from kiosk.cli_support import Parser, add_common, run_command
+
+log = logging.getLogger("kiosk-enroll")
+PROG = "kiosk-enroll"
+
+
+@dataclass
+class Context:
+    cfg: KioskConfig
+    engine: FaceEngine
+
+
+def _context(args: argparse.Namespace) -> Context:
+    cfg = load_config(args.config)
+    return Context(cfg, FaceEngine.from_config(cfg))
+
+
+def _gallery(cfg: KioskConfig, *, create: bool = True) -> Gallery:
+    return Gallery(cfg.resolve(cfg.gallery.path), create=create)
+
+
+def _parse_expiry(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"--expires: expected an ISO date or date-time (2026-12-01 or 2026-12-01T18:00), "
+                         f"found {value!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.astimezone()  # local time, as an operator types it
+    return dt.timestamp()
+
+
+def check_enrollment(subject_id: str, templates: list[Template], matrix: GalleryMatrix,
+                     cfg: KioskConfig, *, force: bool) -> None:
+    """Refuse an enrollment that would make a gate open for the wrong booking.
+
+    - photos of one subject that do not match each other;
+    - new photos that do not match the subject's existing templates;
+    - a face that already matches another subject above the accept threshold
+      (two ids for one person), unless forced.
+    """
+    threshold = cfg.policy.accept_threshold
+    emb = np.stack([t.embedding for t in templates])
+    if len(templates) > 1:
+        sims = emb @ emb.T
+        i, j = np.unravel_index(np.argmin(sims), sims.shape)
+        if sims[i, j] < threshold and not force:
+            raise Refused("inconsistent", f"{templates[i].source} and {templates[j].source} do not look like the "
+                                          f"same person (score {sims[i, j]:.3f} < {threshold:.2f}); "
+                                          "pass --force if they are")
+    if not cfg.enrollment.duplicate_check or len(matrix) == 0:
+        return
+    scores = matrix.subject_scores(emb)  # (T, S)
+    ids = matrix.subject_ids
+    if subject_id in ids and not force:
+        own = scores[:, ids.index(subject_id)]
+        worst = int(np.argmin(own))
+        if own[worst] < threshold:
+            raise Refused("inconsistent", f"{templates[worst].source} does not match the templates already "
+                                          f"enrolled for {subject_id} (score {own[worst]:.3f} < {threshold:.2f}); "
+                                          "pass --force if it is the same person")
+    others = [k for k, s in enumerate(ids) if s != subject_id]
+    if not others or force:
+        return
+    sub = scores[:, others]
+    t, k = np.unravel_index(np.argmax(sub), sub.shape)
+    if sub[t, k] >= threshold:
+        other = ids[others[k]]
+        raise Refused("duplicate", f"{templates[t].source} matches the already enrolled subject {other} "
+                                   f"(score {sub[t, k]:.3f} >= {threshold:.2f}); one person with two ids would "
+                                   "open a gate for the wrong booking. Pass --force if they really are two people")
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    ctx = _context(args)
+    expires = _parse_expiry(args.expires)
+    t0 = time.perf_counter()
+    templates = [reference_template(ctx.engine, p, ctx.cfg.enrollment, largest=args.largest) for p in args.images]
+    with _gallery(ctx.cfg) as gallery:
+        matrix = gallery.matrix(ctx.engine.model_id, ctx.engine.dim)
+        check_enrollment(args.id, templates, matrix, ctx.cfg, force=args.force)
+        count = gallery.enroll(args.id, args.name or "", np.stack([t.embedding for t in templates]),
+                               ctx.engine.model_id, expires=expires, qualities=[t.quality for t in templates])
+    log.info("enrollment of %s took %.0f ms for %d photo(s)", args.id, (time.perf_counter() - t0) * 1000,
+             len(templates))
+    print(f"enrolled {args.id}" + (f" ({args.name})" if args.name else "") + f": {count} template(s)")
+    return EXIT_OK
+
+
+@dataclass
+class ManifestRow:
+    line: int
+    subject_id: str
+    name: str
+    photo: Path
+
+
+def read_manifest(path: Path) -> list[ManifestRow]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read: {exc}") from None
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames or not {"id", "photo"} <= {f.strip() for f in reader.fieldnames}:
+        raise UsageError(f"{path}: the header must name the columns id,name,photo; found {reader.fieldnames}")
+    rows = []
+    for row in reader:
+        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+        rows.append(ManifestRow(reader.line_num, row.get("id", ""), row.get("name", ""),
+                                path.parent / row.get("photo", "")))
+    return rows
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    manifest = Path(args.manifest)
+    rows = read_manifest(manifest)
+    ctx = _context(args)
+    refused: list[tuple[ManifestRow, str, str]] = []
+    enrolled = 0
+    t0 = time.perf_counter()
+    with _gallery(ctx.cfg) as gallery:
+        for row in tqdm(rows, desc="enrolling", unit="photo", file=sys.stderr, disable=args.no_progress):
+            if not row.subject_id:
+                refused.append((row, "bad_row", "empty id"))
+                continue
+            if not row.photo.name:
+                refused.append((row, "bad_row", "empty photo path"))
+                continue
+            try:
+                template = reference_template(ctx.engine, row.photo, ctx.cfg.enrollment, largest=args.largest)
+                matrix = gallery.matrix(ctx.engine.model_id, ctx.engine.dim)
+                check_enrollment(row.subject_id, [template], matrix, ctx.cfg, force=args.force)
+                gallery.enroll(row.subject_id, row.name, template.embedding[None, :], ctx.engine.model_id,
+                               qualities=[template.quality])
+                enrolled += 1
+            except Refused as exc:
+                refused.append((row, exc.reason, str(exc)))
+    seconds = time.perf_counter() - t0
+    print(f"import {manifest}: {len(rows)} row(s), {enrolled} enrolled, {len(refused)} refused "
+          f"({seconds:.1f} s)")
+    for row, reason, message in refused:
+        print(f"  line {row.line} id={row.subject_id or '?'}: refused ({reason}): {message}")
+    return EXIT_USAGE if refused else EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    with _gallery(cfg) as gallery:
+        subjects = gallery.subjects()
+    if args.json:
+        print(json.dumps({"subjects": [
+            {"id": s.id, "name": s.name, "templates": sum(s.templates.values()),
+             "templates_by_model": s.templates,
+             "created": s.created, "expires": s.expires} for s in subjects]}))
+        return EXIT_OK
+    if not subjects:
+        print("gallery is empty")
+    for s in subjects:
+        exp = "" if s.expires is None else "  expires " + datetime.fromtimestamp(s.expires, timezone.utc).isoformat()
+        print(f"{s.id}\t{s.name}\t{sum(s.templates.values())} template(s){exp}")
+    return EXIT_OK
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    with _gallery(cfg) as gallery:
+        if not gallery.remove(args.id):
+            raise UsageError(f"no subject {args.id!r} in gallery {gallery.path}")
+    print(f"removed {args.id}")
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    ctx = _context(args)
+    t0 = time.perf_counter()
+    a = largest_face_embedding(ctx.engine, args.image_a)
+    b = largest_face_embedding(ctx.engine, args.image_b)
+    score = float(a @ b)
+    ms = (time.perf_counter() - t0) * 1000
+    threshold = ctx.cfg.policy.accept_threshold
+    result = {"score": round(score, 6), "threshold": threshold, "match": score >= threshold,
+              "image_a": str(args.image_a), "image_b": str(args.image_b), "ms": round(ms, 1)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        verdict = "MATCH" if result["match"] else "no match"
+        print(f"{verdict}: score {score:.3f} (threshold {threshold:.2f})")
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    pairs = read_pairs(Path(args.pairs))
+    ctx = _context(args)
+    cache: dict[Path, np.ndarray | str] = {}
+
+    def embedding(path: Path) -> np.ndarray | str:
+        if path not in cache:
+            try:
+                cache[path] = largest_face_embedding(ctx.engine, path)
+            except UsageError as exc:
+                cache[path] = str(exc)
+        return cache[path]
+
+    genuine, impostor, skipped = [], [], []
+    for pair in tqdm(pairs, desc="scoring", unit="pair", file=sys.stderr, disable=args.no_progress):
+        a, b = embedding(pair.image_a), embedding(pair.image_b)
+        if isinstance(a, str) or isinstance(b, str):
+            skipped.append({"line": str(pair.line), "reason": a if isinstance(a, str) else str(b)})
+            continue
+        (genuine if pair.same else impostor).append(float(a @ b))
+    report = Report(ctx.cfg.policy.accept_threshold, np.array(genuine), np.array(impostor), skipped)
+    data = report.as_dict()
+    if args.json:
+        print(json.dumps(data))
+        return EXIT_OK
+
+    def pct(v: object) -> str:
+        return "n/a" if v is None else f"{100 * float(v):.3f}%"  # type: ignore[arg-type]
+
+    def num(v: object) -> str:
+        return "n/a" if v is None else f"{float(v):.3f}"  # type: ignore[arg-type]
+
+    print(f"pairs: {data['pairs']} ({data['genuine_pairs']} genuine, {data['impostor_pairs']} impostor, "
+          f"{len(skipped)} skipped)")
+    print(f"threshold {report.threshold:.3f}: FMR {pct(data['fmr'])}, FNMR {pct(data['fnmr'])}")
+    print(f"EER {pct(data['eer'])} at threshold {num(data['eer_threshold'])}")
+    for target, t in data["threshold_at_fmr"].items():  # type: ignore[union-attr]
+        print(f"threshold for FMR {target}: " + (num(t) if t is not None else
+                                                  f"n/a (needs at least {round(1 / float(target))} impostor pairs)"))
+    print(f"genuine scores: min {num(data['genuine_min'])}, mean {num(data['genuine_mean'])}; "
+          f"impostor scores: max {num(data['impostor_max'])}, mean {num(data['impostor_mean'])}")
+    for s in skipped:
+        print(f"  skipped line {s['line']}: {s['reason']}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog=PROG, description="Enroll passengers into the gate gallery and inspect it.")
+    add_common(parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("add", help="enroll one subject from one or more photos")
+    p.add_argument("--id", required=True, help="subject id (e.g. booking reference)")
+    p.add_argument("--name", help="display name")
+    p.add_argument("--expires", help="ISO date or date-time after which the subject is not matched")
+    p.add_argument("--largest", action="store_true", help="take the largest face when a photo shows several")
+    p.add_argument("--force", action="store_true",
+                   help="enroll even if the face matches another subject or the photos disagree")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("import", help="enroll from a CSV manifest (columns id,name,photo)")
+    p.add_argument("manifest", metavar="MANIFEST.csv")
+    p.add_argument("--largest", action="store_true", help="take the largest face when a photo shows several")
+    p.add_argument("--force", action="store_true", help="skip the duplicate-identity check")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("list", help="list enrolled subjects")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("remove", help="remove a subject and its templates")
+    p.add_argument("id", metavar="ID")
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("compare", help="score the largest faces of two photos")
+    p.add_argument("image_a", metavar="IMAGE_A")
+    p.add_argument("image_b", metavar="IMAGE_B")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("evaluate", help="FMR/FNMR/EER over labelled pairs (columns image_a,image_b,same)")
+    p.add_argument("pairs", metavar="PAIRS.csv")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""What both command-line tools share: logging set-up and the exit-code contract."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from kiosk.errors import EXIT_RUNTIME, EXIT_USAGE, KioskError
+
+
+def setup_logging(verbosity: int) -> None:
+    """One line per event on stderr; -v for debug, -q for warnings only."""
+    level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="CONFIG",
+                        help="YAML config file (default: $KIOSK_CONFIG, else the built-in defaults)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="only warnings and errors")
+
+
+def run_command(prog: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a sub-command: KioskError -> its exit code and one line, never a traceback."""
+    setup_logging(args.verbose - args.quiet)
+    try:
+        return func(args)
+    except KioskError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_RUNTIME
+    except Exception:  # a bug, not an operator mistake: keep the traceback in the log
+        logging.getLogger(prog).exception("unexpected failure")
+        return EXIT_RUNTIME
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse exits 2 on usage errors already; keep its message on one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)

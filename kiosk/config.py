@@ -1,0 +1,316 @@
+"""Typed configuration, loaded from one YAML file and validated on load.
+
+Every section is a dataclass; `load_config` turns the YAML mapping into
+them and fails with a `ConfigError` that names the file, the key path, what
+was expected and what was found. Relative paths resolve against the config
+file's folder. `config/kiosk.yaml` documents every key and its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from kiosk.errors import ConfigError
+
+ENV_CONFIG = "KIOSK_CONFIG"
+
+
+@dataclass
+class GalleryConfig:
+    """Where the enrolled templates live (SQLite, WAL mode)."""
+
+    path: Path = Path("var/gallery.db")
+
+
+@dataclass
+class ModelsConfig:
+    """Which ONNX models run, and on which ONNX Runtime providers."""
+
+    pack: str = "default"
+    providers: Union[str, list[str]] = "auto"
+    det_size: int = 640
+    det_threshold: float = 0.5
+    nms_threshold: float = 0.4
+    close_up_pass: bool = True
+    intra_op_threads: int = 0
+    cache_dir: Path = Path("var/model-cache")
+
+
+@dataclass
+class CameraConfig:
+    """One camera: its id, the gate it watches and where frames come from."""
+
+    id: str
+    gate: str
+    source: Union[int, str] = 0
+    realtime: bool = True
+    loop: bool = False
+
+
+@dataclass
+class TransportConfig:
+    """ZeroMQ endpoints."""
+
+    frames: str = "tcp://127.0.0.1:5550"
+    events: str = "tcp://127.0.0.1:5551"
+    control: str = "tcp://127.0.0.1:5552"
+
+
+@dataclass
+class SecurityConfig:
+    """CurveZMQ on every socket unless turned off explicitly."""
+
+    curve: bool = True
+    keys_dir: Path = Path("var/keys")
+
+
+@dataclass
+class PolicyConfig:
+    """Decision policy of the verifier, and the 1:1 / 1:N match threshold."""
+
+    accept_threshold: float = 0.40
+    min_margin: float = 0.06
+    accept_frames: int = 3
+    reject_after_frames: int = 8
+    min_face_px: int = 48
+
+
+@dataclass
+class EnrollmentConfig:
+    """What a reference photo must satisfy to become a template."""
+
+    min_face_px: int = 80
+    min_sharpness: float = 50.0
+    max_yaw: float = 0.45
+    min_det_score: float = 0.6
+    duplicate_check: bool = True
+
+
+@dataclass
+class AuditConfig:
+    """Every published event is appended here, one JSON object a line."""
+
+    path: Path = Path("var/events.jsonl")
+
+
+@dataclass
+class MetricsConfig:
+    """Prometheus text endpoint; port 0 turns it off."""
+
+    port: int = 9108
+
+
+@dataclass
+class KioskConfig:
+    """The whole configuration; `source` is the file it came from, if any."""
+
+    gallery: GalleryConfig = field(default_factory=GalleryConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    cameras: list[CameraConfig] = field(default_factory=list)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    source: Path | None = field(default=None, metadata={"internal": True})
+    base_dir: Path = field(default=Path("."), metadata={"internal": True})
+
+    def resolve(self, path: Path) -> Path:
+        """A path from the config, made absolute against the config's folder."""
+        path = Path(os.path.expanduser(str(path)))
+        return Path(os.path.normpath(path if path.is_absolute() else self.base_dir / path))
+
+
+# Numeric bounds checked after types: (section, key) -> (low, high), inclusive.
+_BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
+    ("models", "det_size"): (64, 4096),
+    ("models", "det_threshold"): (0.01, 1.0),
+    ("models", "nms_threshold"): (0.01, 1.0),
+    ("models", "intra_op_threads"): (0, 256),
+    ("policy", "accept_threshold"): (-1.0, 1.0),
+    ("policy", "min_margin"): (0.0, 2.0),
+    ("policy", "accept_frames"): (1, 1000),
+    ("policy", "reject_after_frames"): (1, 10000),
+    ("policy", "min_face_px"): (0, 10000),
+    ("enrollment", "min_face_px"): (0, 10000),
+    ("enrollment", "min_sharpness"): (0.0, 1e9),
+    ("enrollment", "max_yaw"): (0.0, 10.0),
+    ("enrollment", "min_det_score"): (0.0, 1.0),
+    ("metrics", "port"): (0, 65535),
+}
+
+_PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")
+
+
+class _Invalid(Exception):
+    def __init__(self, keypath: str, expected: str, found: Any) -> None:
+        super().__init__(keypath)
+        self.keypath = keypath
+        self.expected = expected
+        self.found = found
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing (null)"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            Path: "a path", type(None): "null"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, keypath: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, keypath)
+            except _Invalid:
+                continue
+        raise _Invalid(keypath, _type_name(tp), value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Invalid(keypath, _type_name(tp), value)
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{keypath}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, keypath)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Invalid(keypath, "true or false", value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Invalid(keypath, "an integer", value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Invalid(keypath, "a number", value)
+    if tp is str:
+        if isinstance(value, str) and value:
+            return value
+        raise _Invalid(keypath, "a non-empty string", value)
+    if tp is Path:
+        if isinstance(value, str) and value:
+            return Path(value)
+        raise _Invalid(keypath, "a path", value)
+    raise TypeError(f"unsupported config type {tp!r} at {keypath}")
+
+
+def _build(cls: type, data: Any, keypath: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise _Invalid(keypath or "(top level)", "a mapping", data)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"{keypath}.{unknown[0]}" if keypath else str(unknown[0])
+        raise _Invalid(where, "one of the keys " + ", ".join(fields), f"unknown key {unknown[0]!r}")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{keypath}.{name}" if keypath else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise _Invalid(sub, f"{_type_name(hints[name])} (required)", "no value")
+    return cls(**kwargs)
+
+
+def _check(cfg: KioskConfig) -> None:
+    for (section, key), (low, high) in _BOUNDS.items():
+        value = getattr(getattr(cfg, section), key)
+        if not low <= value <= high:
+            raise _Invalid(f"{section}.{key}", f"a value from {low:g} to {high:g}", value)
+    providers = cfg.models.providers
+    names = [providers] if isinstance(providers, str) else providers
+    if not names:
+        raise _Invalid("models.providers", "'auto' or a list of providers", providers)
+    for i, name in enumerate(names):
+        if name.lower() not in _PROVIDER_NAMES:
+            where = "models.providers" if isinstance(providers, str) else f"models.providers[{i}]"
+            raise _Invalid(where, "one of " + ", ".join(_PROVIDER_NAMES), name)
+    if isinstance(providers, list) and "auto" in [n.lower() for n in names]:
+        raise _Invalid("models.providers", "'auto' alone or a list of explicit providers", providers)
+    seen: set[str] = set()
+    for i, cam in enumerate(cfg.cameras):
+        if cam.id in seen:
+            raise _Invalid(f"cameras[{i}].id", "a camera id used once", cam.id)
+        seen.add(cam.id)
+    if cfg.policy.reject_after_frames < cfg.policy.accept_frames:
+        raise _Invalid("policy.reject_after_frames", f"at least policy.accept_frames ({cfg.policy.accept_frames})",
+                       cfg.policy.reject_after_frames)
+
+
+def config_from_mapping(data: Any, *, source: Path | None = None, base_dir: Path | None = None) -> KioskConfig:
+    """Validate a mapping (already parsed YAML) into a `KioskConfig`."""
+    where = str(source) if source else "(built-in defaults)"
+    try:
+        cfg = _build(KioskConfig, data, "")
+        _check(cfg)
+    except _Invalid as exc:
+        found = exc.found if isinstance(exc.found, str) and exc.found.startswith(("unknown key", "no value")) \
+            else _describe(exc.found)
+        raise ConfigError(f"{where}: {exc.keypath}: expected {exc.expected}, found {found}") from None
+    cfg.source = source
+    cfg.base_dir = (base_dir or (source.parent if source else Path.cwd())).resolve()
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None) -> KioskConfig:
+    """Load and validate CONFIG; with no path, $KIOSK_CONFIG or the built-in defaults.
+
+    With the built-in defaults, relative paths resolve against the current
+    directory.
+    """
+    if path is None:
+        env = os.environ.get(ENV_CONFIG)
+        if not env:
+            return config_from_mapping({})
+        path = env
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read config file: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{p}: not valid YAML{at}: {problem}") from None
+    return config_from_mapping(data, source=p)

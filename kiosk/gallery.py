@@ -1,0 +1,264 @@
+"""The enrolled gallery: SQLite in WAL mode, and an in-memory matrix for 1:N search.
+
+Only templates are stored, never photos. Every template carries the id of
+the recognizer that made it; `matrix(model_id)` loads only those of that
+model, so a template from another model is never compared (it is counted
+and logged instead). A `revision` counter, bumped in the same transaction
+as every change, lets a running verifier notice changes cheaply and reload.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from kiosk.errors import RuntimeFailure, UsageError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS subjects (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    expires REAL,
+    metadata TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS templates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    subject_id TEXT NOT NULL REFERENCES subjects(id) ON DELETE CASCADE,
+    model_id TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    embedding BLOB NOT NULL,
+    quality TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS templates_subject ON templates(subject_id);
+CREATE INDEX IF NOT EXISTS templates_model ON templates(model_id);
+"""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One enrolled person, with template counts per model id."""
+
+    id: str
+    name: str
+    created: float
+    expires: float | None
+    metadata: dict[str, Any]
+    templates: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Match:
+    """Best and second-best subject for one query (subject index -1: empty gallery)."""
+
+    subject_id: str | None
+    name: str
+    score: float
+    second_id: str | None
+    second_score: float
+
+    @property
+    def margin(self) -> float:
+        return self.score - self.second_score
+
+
+class GalleryMatrix:
+    """Templates of one model as a (N, D) matrix, grouped by subject, for 1:N search."""
+
+    def __init__(self, model_id: str, dim: int, subject_ids: list[str], names: list[str],
+                 embeddings: np.ndarray, owners: np.ndarray, revision: int) -> None:
+        self.model_id = model_id
+        self.dim = dim
+        self.subject_ids = subject_ids
+        self.names = names
+        self.embeddings = np.ascontiguousarray(embeddings, np.float32)
+        self.owners = owners  # (N,) subject index of each template, non-decreasing
+        self.revision = revision
+        self._starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]) if len(owners) else owners
+
+    def __len__(self) -> int:
+        return len(self.subject_ids)
+
+    @property
+    def template_count(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def subject_scores(self, queries: np.ndarray) -> np.ndarray:
+        """(Q, S) best template score of each subject for each query."""
+        q = np.asarray(queries, np.float32).reshape(-1, self.dim)
+        if not len(self.subject_ids):
+            return np.zeros((len(q), 0), np.float32)
+        scores = q @ self.embeddings.T
+        if len(self._starts) == scores.shape[1]:  # one template per subject
+            return scores
+        return np.maximum.reduceat(scores, self._starts, axis=1)
+
+    def search(self, queries: np.ndarray, *, only: str | None = None) -> list[Match]:
+        """Best and second-best subject per query; `only` restricts to one subject (1:1)."""
+        per_subject = self.subject_scores(queries)
+        if only is not None:
+            keep = [i for i, s in enumerate(self.subject_ids) if s == only]
+            per_subject = per_subject[:, keep]
+            ids = [self.subject_ids[i] for i in keep]
+            names = [self.names[i] for i in keep]
+        else:
+            ids, names = self.subject_ids, self.names
+        out = []
+        for row in per_subject:
+            if row.size == 0:
+                out.append(Match(None, "", -1.0, None, -1.0))
+                continue
+            if row.size == 1:
+                out.append(Match(ids[0], names[0], float(row[0]), None, -1.0))
+                continue
+            top2 = np.argpartition(-row, 1)[:2]
+            best, second = (top2 if row[top2[0]] >= row[top2[1]] else top2[::-1])
+            out.append(Match(ids[best], names[best], float(row[best]), ids[second], float(row[second])))
+        return out
+
+
+class Gallery:
+    """The SQLite gallery. One connection per process; writes are one transaction each."""
+
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise UsageError(f"gallery {self.path} does not exist (enroll someone first)")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), timeout=10.0, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+            version = self._meta("schema_version")
+            if version is None:
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('revision', '0')")
+            elif int(version) != SCHEMA_VERSION:
+                raise UsageError(f"gallery {self.path}: schema version {version}, this program reads {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(f"gallery {self.path}: not a usable SQLite database: {exc}") from None
+        except OSError as exc:
+            raise UsageError(f"gallery {self.path}: cannot open: {exc}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        return _Transaction(self._db)  # type: ignore[return-value]
+
+    def revision(self) -> int:
+        """Bumped by every change; cheap to poll."""
+        return int(self._meta("revision") or 0)
+
+    # -- writes ------------------------------------------------------------------
+    def enroll(self, subject_id: str, name: str, embeddings: np.ndarray, model_id: str, *,
+               expires: float | None = None, metadata: dict[str, Any] | None = None,
+               qualities: list[dict[str, float]] | None = None) -> int:
+        """Add a subject (or more templates to one) in one transaction; returns its template count."""
+        emb = np.asarray(embeddings, np.float32)
+        if emb.ndim != 2 or len(emb) == 0:
+            raise ValueError("embeddings must be a non-empty (N, D) array")
+        now = time.time()
+        qualities = qualities or [{} for _ in range(len(emb))]
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO subjects (id, name, created, expires, metadata) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET name = CASE WHEN excluded.name != '' THEN excluded.name ELSE name END,"
+                " expires = COALESCE(excluded.expires, expires)",
+                (subject_id, name or "", now, expires, json.dumps(metadata or {})),
+            )
+            db.executemany(
+                "INSERT INTO templates (subject_id, model_id, dim, embedding, quality, created) VALUES (?, ?, ?, ?, ?, ?)",
+                [(subject_id, model_id, emb.shape[1], e.tobytes(), json.dumps(q), now) for e, q in zip(emb, qualities)],
+            )
+            db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
+            (count,) = db.execute("SELECT COUNT(*) FROM templates WHERE subject_id = ? AND model_id = ?",
+                                  (subject_id, model_id)).fetchone()
+        log.info("enrolled %s (%d new templates, %d for this model)", subject_id, len(emb), count)
+        return int(count)
+
+    def remove(self, subject_id: str) -> bool:
+        """Delete a subject and its templates; False if there was none."""
+        with self._transaction() as db:
+            cur = db.execute("DELETE FROM subjects WHERE id = ?", (subject_id,))
+            if cur.rowcount:
+                db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
+        if cur.rowcount:
+            log.info("removed %s", subject_id)
+        return bool(cur.rowcount)
+
+    # -- reads -------------------------------------------------------------------
+    def subjects(self) -> list[Subject]:
+        counts: dict[str, dict[str, int]] = {}
+        for sid, model_id, n in self._db.execute(
+                "SELECT subject_id, model_id, COUNT(*) FROM templates GROUP BY subject_id, model_id"):
+            counts.setdefault(sid, {})[model_id] = n
+        return [Subject(sid, name, created, expires, json.loads(meta or "{}"), counts.get(sid, {}))
+                for sid, name, created, expires, meta in
+                self._db.execute("SELECT id, name, created, expires, metadata FROM subjects ORDER BY id")]
+
+    def has_subject(self, subject_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM subjects WHERE id = ?", (subject_id,)).fetchone() is not None
+
+    def matrix(self, model_id: str, dim: int, *, now: float | None = None) -> GalleryMatrix:
+        """The templates of `model_id` of unexpired subjects, as a search matrix."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:  # one snapshot: revision and rows agree
+            revision = int(db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
+            rows = db.execute(
+                "SELECT t.subject_id, s.name, t.dim, t.embedding FROM templates t JOIN subjects s ON s.id = t.subject_id "
+                "WHERE t.model_id = ? AND (s.expires IS NULL OR s.expires > ?) ORDER BY t.subject_id, t.id",
+                (model_id, now)).fetchall()
+            (foreign,) = db.execute("SELECT COUNT(*) FROM templates WHERE model_id != ?", (model_id,)).fetchone()
+        if foreign:
+            log.warning("gallery %s: %d templates were made by another model and are not used; "
+                        "re-enroll those subjects with this model (%s)", self.path, foreign, model_id.split(":")[0])
+        bad = next((sid for sid, _n, d, blob in rows if d != dim or len(blob) != 4 * dim), None)
+        if bad is not None:
+            raise RuntimeFailure(f"gallery {self.path}: a template of {bad} does not have the model's {dim} dims")
+        emb = np.frombuffer(b"".join(r[3] for r in rows), np.float32).reshape(len(rows), dim)
+        sids = np.array([r[0] for r in rows], dtype=object)
+        first = np.r_[True, sids[1:] != sids[:-1]] if len(rows) else np.zeros(0, bool)
+        owners = np.cumsum(first) - 1
+        ids = [str(r[0]) for r, f in zip(rows, first) if f]
+        names = [str(r[1]) for r, f in zip(rows, first) if f]
+        return GalleryMatrix(model_id, dim, ids, names, emb, owners, revision)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,219 @@
+"""SCRFD face detector with 5 keypoints, batched and fitted to the frame.
+
+Two passes over each image:
+- the main pass scales the image so its long side is `det_size` and pads
+  each side only up to a multiple of 32 (a 640x360 frame costs 640x384, not
+  640x640); it finds faces from about 16 px up to ~40% of the input;
+- the close-up pass shrinks the whole image to 40% of a small square canvas,
+  so a face that fills the frame becomes a face SCRFD can see (it misses
+  faces larger than ~40% of its input). Its detections count only where the
+  main pass found nothing that overlaps them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+from kiosk.faces import Faces
+
+log = logging.getLogger(__name__)
+
+STRIDES = (8, 16, 32)
+MEAN, STD = 127.5, 128.0
+CLOSE_UP_FILL = 0.4
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Greedy non-maximum suppression (InsightFace's +1 pixel area convention)."""
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
+        inter = w * h
+        iou = inter / (areas[i] + areas[rest] - inter)
+        order = rest[iou <= threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def overlap_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) intersection over the smaller box's area."""
+    ix1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    iy1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    ix2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    iy2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
+    area_a = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))[:, None]
+    area_b = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None, :]
+    return inter / np.maximum(np.minimum(area_a, area_b), 1e-6)
+
+
+class ScrfdDetector:
+    """Wraps one SCRFD session; `detect_batch(images) -> list[Faces]`."""
+
+    def __init__(self, session: ort.InferenceSession, *, det_size: int = 640, threshold: float = 0.5,
+                 nms_threshold: float = 0.4, close_up_pass: bool = True) -> None:
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.batched = len(session.get_outputs()[0].shape) == 3
+        self.det_size = det_size
+        self.threshold = threshold
+        self.nms_threshold = nms_threshold
+        self.close_up_pass = close_up_pass
+        self.close_up_size = max(160, int(math.ceil(det_size / 2 / 32) * 32))
+        self._centers: dict[tuple[int, int, int], np.ndarray] = {}
+
+    # -- geometry -----------------------------------------------------------------
+    def main_geometry(self, h: int, w: int) -> tuple[int, int, float, int, int]:
+        """(new_w, new_h, scale, canvas_w, canvas_h) of the main pass.
+
+        The resize matches InsightFace's (long side to det_size, int-truncated
+        short side, scale from the heights) so boxes agree with it; the canvas
+        is only padded up to a multiple of 32.
+        """
+        if h > w:
+            new_h, new_w = self.det_size, int(self.det_size * w / h)
+        else:
+            new_w, new_h = self.det_size, int(self.det_size * h / w)
+        new_w, new_h = max(new_w, 1), max(new_h, 1)
+        scale = new_h / h
+        return new_w, new_h, scale, int(math.ceil(new_w / 32) * 32), int(math.ceil(new_h / 32) * 32)
+
+    def _centers_for(self, ch: int, cw: int, stride: int) -> np.ndarray:
+        key = (ch, cw, stride)
+        centers = self._centers.get(key)
+        if centers is None:
+            gh, gw = ch // stride, cw // stride
+            grid = np.stack(np.mgrid[:gh, :gw][::-1], axis=-1).astype(np.float32).reshape(-1, 2) * stride
+            centers = np.repeat(grid, 2, axis=0)  # two anchors per location
+            self._centers[key] = centers
+        return centers
+
+    # -- inference ----------------------------------------------------------------
+    def _run(self, canvases: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Raw outputs per canvas (all canvases must share one shape)."""
+        if self.batched:
+            blob = cv2.dnn.blobFromImages(canvases, 1.0 / STD, None, (MEAN, MEAN, MEAN), swapRB=True)
+            outs = self.session.run(self.output_names, {self.input_name: blob})
+            return [[o[i] for o in outs] for i in range(len(canvases))]
+        results = []
+        for canvas in canvases:
+            blob = cv2.dnn.blobFromImage(canvas, 1.0 / STD, None, (MEAN, MEAN, MEAN), swapRB=True)
+            results.append(self.session.run(self.output_names, {self.input_name: blob}))
+        return results
+
+    def _decode(self, outs: list[np.ndarray], ch: int, cw: int, scale: float, offset: tuple[float, float]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scores_l, boxes_l, kps_l = [], [], []
+        for i, stride in enumerate(STRIDES):
+            scores = outs[i].reshape(-1)
+            pos = np.nonzero(scores >= self.threshold)[0]
+            if pos.size == 0:
+                continue
+            centers = self._centers_for(ch, cw, stride)[pos]
+            d = outs[i + 3].reshape(-1, 4)[pos] * stride
+            k = outs[i + 6].reshape(-1, 10)[pos] * stride
+            boxes = np.concatenate([centers - d[:, :2], centers + d[:, 2:]], axis=1)
+            kps = centers[:, None, :] + k.reshape(-1, 5, 2)
+            scores_l.append(scores[pos])
+            boxes_l.append(boxes)
+            kps_l.append(kps)
+        if not scores_l:
+            return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32)
+        scores = np.concatenate(scores_l)
+        ox, oy = offset
+        boxes = (np.concatenate(boxes_l) - np.array([ox, oy, ox, oy], np.float32)) / scale
+        kps = (np.concatenate(kps_l) - np.array([ox, oy], np.float32)) / scale
+        order = np.argsort(-scores, kind="stable")
+        return boxes[order].astype(np.float32), scores[order].astype(np.float32), kps[order].astype(np.float32)
+
+    def _nms_faces(self, boxes: np.ndarray, scores: np.ndarray, kps: np.ndarray) -> Faces:
+        if len(scores) == 0:
+            return Faces.empty()
+        keep = nms(boxes, scores, self.nms_threshold)
+        return Faces(boxes[keep], scores[keep], kps[keep])
+
+    def _pass(self, images: list[np.ndarray], geometry: list[tuple[int, int, float, int, int, int, int]]
+              ) -> list[Faces]:
+        """Resize each image into its canvas, run in batches of one canvas shape, decode."""
+        canvases = []
+        for img, (nw, nh, _scale, cw, ch, ox, oy) in zip(images, geometry):
+            canvas = np.zeros((ch, cw, 3), np.uint8)
+            canvas[oy:oy + nh, ox:ox + nw] = cv2.resize(img, (nw, nh))
+            canvases.append(canvas)
+        results: list[Faces | None] = [None] * len(images)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, c in enumerate(canvases):
+            by_shape.setdefault(c.shape[:2], []).append(i)
+        for (ch, cw), idx in by_shape.items():
+            outs = self._run([canvases[i] for i in idx])
+            for i, out in zip(idx, outs):
+                _, _, scale, _, _, ox, oy = geometry[i]
+                results[i] = self._nms_faces(*self._decode(out, ch, cw, scale, (ox, oy)))
+        return results  # type: ignore[return-value]
+
+    def detect_batch(self, images: list[np.ndarray]) -> list[Faces]:
+        """Faces of each BGR image, sorted by detector score."""
+        if not images:
+            return []
+        main_geo = []
+        for img in images:
+            nw, nh, scale, cw, ch = self.main_geometry(*img.shape[:2])
+            main_geo.append((nw, nh, scale, cw, ch, 0, 0))
+        found = self._pass(images, main_geo)
+        if not self.close_up_pass:
+            return found
+        size = self.close_up_size
+        close_geo = []
+        for img in images:
+            h, w = img.shape[:2]
+            scale = CLOSE_UP_FILL * size / max(h, w)
+            nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+            close_geo.append((nw, nh, scale, size, size, (size - nw) // 2, (size - nh) // 2))
+        close = self._pass(images, close_geo)
+        return [self._merge(f, c) for f, c in zip(found, close)]
+
+    def _merge(self, main: Faces, close: Faces) -> Faces:
+        """Add the close-up faces that the main pass did not see whole.
+
+        A close-up face that overlaps a main-pass face of similar size is the
+        same face, seen better by the main pass (6x the resolution): dropped.
+        Main-pass faces much smaller than an overlapping close-up face are
+        fragments of a face too big for the main pass (a cheek, an eye):
+        replaced by the close-up face.
+        """
+        if len(close) == 0:
+            return main
+        if len(main) == 0:
+            return close
+        overlap = overlap_matrix(close.boxes, main.boxes) >= 0.3
+        drop_main = np.zeros(len(main), bool)
+        add_close = np.zeros(len(close), bool)
+        for i in range(len(close)):
+            hits = overlap[i]
+            if not hits.any():
+                add_close[i] = True
+            elif (main.widths[hits] < 0.6 * close.widths[i]).all():
+                add_close[i] = True
+                drop_main |= hits
+        if not add_close.any():
+            return main
+        kept = main[~drop_main]
+        merged = Faces(np.concatenate([kept.boxes, close.boxes[add_close]]),
+                       np.concatenate([kept.scores, close.scores[add_close]]),
+                       np.concatenate([kept.kps, close.kps[add_close]]))
+        return merged[np.argsort(-merged.scores, kind="stable")]
+
+    def detect(self, image: np.ndarray) -> Faces:
+        return self.detect_batch([image])[0]

@@ -1,0 +1,128 @@
+"""The engine on the real default models: parity with insightface, scale range, alignment, batching."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from kiosk.models.recognizer import ARCFACE_TEMPLATE, align_faces, similarity_transforms
+from tests.conftest import place_face
+
+
+def _pair_up(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Index into b of the nearest box centre for each box of a."""
+    ca = (a[:, :2] + a[:, 2:4]) / 2
+    cb = (b[:, :2] + b[:, 2:4]) / 2
+    return np.argmin(((ca[:, None] - cb[None]) ** 2).sum(-1), axis=1)
+
+
+@pytest.mark.parametrize("name", ["yaoming.jpg", "players.jpg", "gdp.jpg"])
+def test_parity_with_insightface(engine, photos, name):
+    model_zoo = pytest.importorskip("insightface.model_zoo")
+    face_align = pytest.importorskip("insightface.utils.face_align")
+    img = cv2.imread(str(photos[name]))
+    det = model_zoo.get_model(str(engine.pack.detector.path), providers=["CPUExecutionProvider"])
+    det.prepare(-1, input_size=(640, 640))
+    rec = model_zoo.get_model(str(engine.pack.recognizer.path), providers=["CPUExecutionProvider"])
+    rec.prepare(-1)
+    ref_boxes, ref_kps = det.detect(img, input_size=(640, 640))
+    ours = engine.analyze_one(img).faces
+    assert len(ours) == len(ref_boxes) > 0
+    idx = _pair_up(ours.boxes, ref_boxes[:, :4])
+    assert len(set(idx.tolist())) == len(ours)
+    assert np.abs(ours.boxes - ref_boxes[idx, :4]).max() <= 1.0
+    assert np.abs(ours.kps - ref_kps[idx]).max() <= 1.0
+    ref_emb = np.stack([rec.get_feat(face_align.norm_crop(img, k))[0] for k in ref_kps[idx]])
+    ref_emb /= np.linalg.norm(ref_emb, axis=1, keepdims=True)
+    cos = (ours.embeddings * ref_emb).sum(axis=1)
+    assert cos.min() >= 0.99
+
+
+def test_alignment_recovers_a_known_similarity_transform():
+    rng = np.random.default_rng(1)
+    angle, scale, t = 0.3, 2.5, np.array([40.0, -12.0])
+    rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    # src = inverse-map the template, so the transform src->template is known exactly.
+    src = (np.linalg.inv(rot) @ (ARCFACE_TEMPLATE - t).T).T
+    mats = similarity_transforms(np.stack([src, src + rng.normal(0, 1e-9, src.shape)]))
+    assert np.allclose(mats[0][:, :2], rot, atol=1e-6)
+    assert np.allclose(mats[0][:, 2], t, atol=1e-6)
+    mapped = (mats[0][:, :2] @ src.T).T + mats[0][:, 2]
+    assert np.abs(mapped - ARCFACE_TEMPLATE).max() < 1e-6
+
+
+def test_aligned_crop_puts_eyes_on_template(engine, yaoming):
+    faces = engine.detector.detect(yaoming)
+    crops = align_faces(yaoming, faces.kps)
+    assert crops.shape == (1, 112, 112, 3)
+    again = engine.detector.detect(cv2.copyMakeBorder(crops[0], 64, 64, 64, 64, cv2.BORDER_CONSTANT))
+    assert len(again) == 1
+    eyes = again.kps[0, :2] - 64
+    assert np.abs(eyes - ARCFACE_TEMPLATE[:2]).max() < 4.0
+
+
+@pytest.mark.parametrize("fill", [0.6, 0.85, 1.0])
+def test_close_up_face_filling_the_frame_is_found_and_recognised(engine, yaoming, fill):
+    ref = engine.analyze_one(yaoming).faces
+    x1, y1, x2, y2 = ref.boxes[0]
+    side = (x2 - x1) / fill
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    padded = cv2.copyMakeBorder(yaoming, 300, 300, 300, 300, cv2.BORDER_REPLICATE)
+    x0, y0 = int(cx - side / 2) + 300, int(cy - side / 2) + 300
+    frame = cv2.resize(padded[y0:y0 + int(side), x0:x0 + int(side)], (640, 640))
+    faces = engine.analyze_one(frame).faces
+    assert len(faces) == 1
+    assert faces.widths[0] / 640 == pytest.approx(fill, abs=0.12)
+    assert float(faces.embeddings[0] @ ref.embeddings[0]) > 0.7
+    # Without the close-up pass SCRFD finds nothing this large.
+    main_only = engine.detector.close_up_pass
+    engine.detector.close_up_pass = False
+    try:
+        if fill >= 0.85:
+            assert len(engine.detector.detect(frame)) == 0
+    finally:
+        engine.detector.close_up_pass = main_only
+
+
+def test_small_face_30px_is_found(engine, yaoming):
+    ref = engine.analyze_one(yaoming).faces
+    face_w = ref.widths[0]
+    frame = place_face(yaoming, (480, 640), width=round(yaoming.shape[1] * 30 / face_w))
+    faces = engine.detector.detect(frame)
+    assert len(faces) == 1
+    assert 22 <= faces.widths[0] <= 40
+
+
+def test_batch_detection_matches_single(engine, photos):
+    imgs = [cv2.imread(str(photos[n])) for n in ("yaoming.jpg", "gdp.jpg", "players.jpg")]
+    imgs.append(cv2.flip(imgs[1], 1))  # same shape as gdp: shares its batch
+    batch = engine.detector.detect_batch(imgs)
+    for img, faces in zip(imgs, batch):
+        single = engine.detector.detect(img)
+        assert len(single) == len(faces)
+        assert np.abs(single.boxes - faces.boxes).max() < 1e-3
+
+
+def test_embeddings_are_unit_length_and_identify_the_same_person(engine, photos, yaoming):
+    ref = engine.analyze_one(yaoming).faces
+    assert np.allclose(np.linalg.norm(ref.embeddings, axis=1), 1.0, atol=1e-5)
+    players = engine.analyze_one(cv2.imread(str(photos["players.jpg"]))).faces
+    gdp = engine.analyze_one(cv2.imread(str(photos["gdp.jpg"]))).faces
+    assert len(players) >= 15
+    scores = players.embeddings @ ref.embeddings[0]
+    from kiosk.config import PolicyConfig
+
+    threshold = PolicyConfig().accept_threshold
+    assert int((scores >= threshold).sum()) == 1  # Yao Ming is one of the players
+    assert float((gdp.embeddings @ ref.embeddings[0]).max()) < threshold
+
+
+def test_batched_recognizer_output_is_not_fixed_to_one(engine):
+    shape = engine.recognizer.session.get_outputs()[0].shape
+    assert isinstance(shape[0], str)  # symbolic: the graph file says 1
+    crops = np.random.default_rng(0).integers(0, 255, (5, 112, 112, 3), dtype=np.uint8)
+    emb = engine.recognizer.embed(crops)
+    single = np.concatenate([engine.recognizer.embed(crops[i:i + 1]) for i in range(5)])
+    assert emb.shape == (5, 512)
+    assert np.abs(emb - single).max() < 1e-4

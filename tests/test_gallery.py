@@ -1,0 +1,111 @@
+"""The SQLite gallery and its search matrix."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+from kiosk.errors import UsageError
+from kiosk.gallery import Gallery
+
+MODEL = "rec:abc"
+OTHER = "rec:other"
+
+
+def unit(rng: np.random.Generator, n: int, d: int = 8) -> np.ndarray:
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_wal_mode_and_schema(tmp_path):
+    with Gallery(tmp_path / "g.db") as g:
+        assert g.revision() == 0
+    db = sqlite3.connect(tmp_path / "g.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_enroll_list_remove_and_revision(tmp_path):
+    rng = np.random.default_rng(0)
+    with Gallery(tmp_path / "g.db") as g:
+        assert g.enroll("p1", "Ann", unit(rng, 2), MODEL) == 2
+        assert g.enroll("p1", "", unit(rng, 1), MODEL) == 3  # more templates, name kept
+        g.enroll("p2", "Bob", unit(rng, 1), MODEL, expires=time.time() + 3600)
+        subjects = {s.id: s for s in g.subjects()}
+        assert subjects["p1"].name == "Ann" and subjects["p1"].templates == {MODEL: 3}
+        assert subjects["p2"].expires is not None
+        assert g.revision() == 3
+        assert g.remove("p1") is True
+        assert g.remove("p1") is False
+        assert [s.id for s in g.subjects()] == ["p2"]
+        assert g.revision() == 4
+        (count,) = g._db.execute("SELECT COUNT(*) FROM templates WHERE subject_id='p1'").fetchone()
+        assert count == 0  # cascade
+
+
+def test_failed_enrollment_writes_nothing(tmp_path):
+    with Gallery(tmp_path / "g.db") as g:
+        g.enroll("p1", "Ann", unit(np.random.default_rng(0), 1), MODEL)
+        before = g.revision()
+        with pytest.raises(sqlite3.Error):
+            # A NULL subject id fails inside the transaction, after nothing else was written.
+            g.enroll(None, "x", unit(np.random.default_rng(1), 1), MODEL)  # type: ignore[arg-type]
+        assert g.revision() == before and [s.id for s in g.subjects()] == ["p1"]
+
+
+def test_search_best_second_and_multi_template_grouping(tmp_path):
+    rng = np.random.default_rng(1)
+    a, b, c = unit(rng, 3), unit(rng, 1), unit(rng, 2)
+    with Gallery(tmp_path / "g.db") as g:
+        g.enroll("b", "B", b, MODEL)
+        g.enroll("a", "A", a, MODEL)
+        g.enroll("c", "C", c, MODEL)
+        m = g.matrix(MODEL, 8)
+    assert len(m) == 3 and m.template_count == 6
+    queries = np.stack([a[2], b[0], c[1]])
+    per = m.subject_scores(queries)
+    brute = {sid: (queries @ t.T).max(axis=1) for sid, t in (("a", a), ("b", b), ("c", c))}
+    for j, sid in enumerate(m.subject_ids):
+        assert np.allclose(per[:, j], brute[sid], atol=1e-6)
+    matches = m.search(queries)
+    assert [x.subject_id for x in matches] == ["a", "b", "c"]
+    assert all(x.score == pytest.approx(1.0, abs=1e-5) for x in matches)
+    for x, row in zip(matches, per):
+        assert x.second_id != x.subject_id
+        assert x.second_score == pytest.approx(np.sort(row)[-2], abs=1e-6)
+    only = m.search(queries[:1], only="b")[0]
+    assert only.subject_id == "b" and only.second_id is None
+
+
+def test_other_model_templates_and_expired_subjects_are_not_compared(tmp_path, caplog):
+    rng = np.random.default_rng(2)
+    with Gallery(tmp_path / "g.db") as g:
+        g.enroll("mine", "", unit(rng, 1), MODEL)
+        g.enroll("foreign", "", unit(rng, 1), OTHER)
+        g.enroll("gone", "", unit(rng, 1), MODEL, expires=time.time() - 1)
+        with caplog.at_level(logging.WARNING):
+            m = g.matrix(MODEL, 8)
+    assert m.subject_ids == ["mine"]
+    assert "1 templates were made by another model" in caplog.text
+
+
+def test_a_second_connection_sees_changes_by_revision(tmp_path):
+    rng = np.random.default_rng(3)
+    reader = Gallery(tmp_path / "g.db")
+    writer = Gallery(tmp_path / "g.db")
+    m0 = reader.matrix(MODEL, 8)
+    writer.enroll("p", "", unit(rng, 1), MODEL)
+    assert reader.revision() > m0.revision
+    assert reader.matrix(MODEL, 8).subject_ids == ["p"]
+    reader.close()
+    writer.close()
+
+
+def test_not_a_database(tmp_path):
+    bad = tmp_path / "g.db"
+    bad.write_text("hello, not sqlite" * 100)
+    with pytest.raises(UsageError, match="not a usable SQLite database"):
+        Gallery(bad)
