@@ -8,25 +8,136 @@ from pathlib import Path
 
 from kiosk.cli_support import Parser, add_common, run_command
 from kiosk.config import load_config
-from kiosk.errors import EXIT_OK, EXIT_RUNTIME
+from kiosk.errors import EXIT_OK, EXIT_RUNTIME, ConfigError, UsageError
 
 PROG = "kiosk"
+
+
+def _config_required(args: argparse.Namespace):  # noqa: ANN202 - KioskConfig
+    if not args.config:
+        raise UsageError(f"{args.command} needs -c CONFIG (a config file with the cameras)")
+    return load_config(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kiosk.supervisor import run_supervisor
+
+    cfg = _config_required(args)
+    if not cfg.cameras:
+        raise ConfigError(f"{cfg.source}: cameras: expected at least one camera, found none")
+    verbosity = ["-v"] * args.verbose + ["-q"] * args.quiet
+    return run_supervisor(cfg, Path(args.config).resolve(), exit_on_eof=args.exit_on_eof, verbosity=verbosity)
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from kiosk.capture import run_capture
+
+    return run_capture(_config_required(args), args.camera)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from kiosk.verifier import run_verifier
+
+    return run_verifier(_config_required(args))
+
+
+def cmd_claim(args: argparse.Namespace) -> int:
+    import json
+
+    from kiosk.transport import Transport, control_request
+
+    cfg = load_config(args.config)
+    request = {"cmd": "claim", "gate_id": args.gate, "subject_id": args.subject}
+    if args.ttl is not None:
+        request["ttl_s"] = args.ttl
+    transport = Transport(cfg, role="claim")
+    try:
+        reply = control_request(transport, request)
+    finally:
+        transport.close()
+    if reply is None:
+        print(f"{PROG}: error: the verifier at {cfg.transport.control} did not answer", file=sys.stderr)
+        return EXIT_RUNTIME
+    if not reply.get("ok"):
+        raise UsageError(f"claim refused: {reply.get('error')}")
+    print(json.dumps(reply) if args.json else f"claim: next transaction at gate {args.gate} is checked against "
+                                              f"{args.subject} only")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from kiosk.transport import Transport, control_request
+
+    cfg = load_config(args.config)
+    transport = Transport(cfg, role="status")
+    try:
+        reply = control_request(transport, {"cmd": "status"})
+    finally:
+        transport.close()
+    if reply is None:
+        print(f"{PROG}: error: the verifier at {cfg.transport.control} did not answer", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(json.dumps(reply, indent=None if args.json else 2))
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from kiosk.transport import init_keys
+
+    made = init_keys(Path(args.dir), client_name=args.client)
+    for path in made:
+        print(f"wrote {path}")
+    if not made:
+        print(f"keys already present in {args.dir}")
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from kiosk.demo import run_demo
 
     cfg = load_config(args.config)
-    accepted = run_demo(cfg, Path(args.out))
-    return EXIT_OK if accepted == 1 else EXIT_RUNTIME
+    ok = run_demo(cfg, Path(args.out))
+    return EXIT_OK if ok else EXIT_RUNTIME
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="Face verification for camera-driven boarding gates.")
     add_common(parser)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    p = sub.add_parser("demo", help="enroll a sample portrait and find that person in sample photos")
-    p.add_argument("--out", default="var/demo", help="folder for the demo gallery and annotated photos")
+    p = sub.add_parser("run", help="supervise the verifier and one capture per camera")
+    p.add_argument("--exit-on-eof", action="store_true",
+                   help="stop once every file source is read and its decisions are published")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("capture", help="send one camera's frames to the verifier")
+    p.add_argument("--camera", required=True, metavar="ID")
+    p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser("verify", help="detect, match and decide; publish events")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("claim", help="make the next transaction at a gate a 1:1 check against one subject")
+    p.add_argument("--gate", required=True, metavar="GATE")
+    p.add_argument("--subject", required=True, metavar="ID")
+    p.add_argument("--ttl", type=float, help="seconds the claim stays valid (default policy.claim_ttl_s)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_claim)
+
+    p = sub.add_parser("status", help="the running verifier's status")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("keys", help="CurveZMQ keys")
+    keys = p.add_subparsers(dest="keys_command", required=True, parser_class=Parser)
+    k = keys.add_parser("init", help="make the server and a client key pair (client allow-listed)")
+    k.add_argument("dir", metavar="DIR")
+    k.add_argument("--client", default="client", help="name of the client key pair")
+    k.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a video made from the shipped sample photos")
+    p.add_argument("--out", default="var/demo", help="folder for the demo gallery, video and preview")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -53,6 +53,8 @@ class CameraConfig:
     source: Union[int, str] = 0
     realtime: bool = True
     loop: bool = False
+    fps: Optional[float] = None
+    encoding: Literal["bgr8", "jpeg"] = "bgr8"
 
 
 @dataclass
@@ -81,6 +83,13 @@ class PolicyConfig:
     accept_frames: int = 3
     reject_after_frames: int = 8
     min_face_px: int = 48
+    min_det_score: float = 0.6
+    min_sharpness: float = 15.0
+    max_yaw: float = 0.6
+    decision_timeout_s: float = 10.0
+    repeat_accept_s: float = 10.0
+    track_max_age_s: float = 1.0
+    claim_ttl_s: float = 60.0
 
 
 @dataclass
@@ -141,6 +150,13 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("policy", "accept_frames"): (1, 1000),
     ("policy", "reject_after_frames"): (1, 10000),
     ("policy", "min_face_px"): (0, 10000),
+    ("policy", "min_det_score"): (0.0, 1.0),
+    ("policy", "min_sharpness"): (0.0, 1e9),
+    ("policy", "max_yaw"): (0.0, 10.0),
+    ("policy", "decision_timeout_s"): (0.1, 3600.0),
+    ("policy", "repeat_accept_s"): (0.0, 86400.0),
+    ("policy", "track_max_age_s"): (0.05, 60.0),
+    ("policy", "claim_ttl_s"): (1.0, 86400.0),
     ("enrollment", "min_face_px"): (0, 10000),
     ("enrollment", "min_sharpness"): (0.0, 1e9),
     ("enrollment", "max_yaw"): (0.0, 10.0),
@@ -204,6 +220,10 @@ def _convert(value: Any, tp: Any, keypath: str) -> Any:
         return [_convert(v, item_tp, f"{keypath}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, keypath)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Invalid(keypath, _type_name(tp), value)
     if tp is bool:
         if isinstance(value, bool):
             return value

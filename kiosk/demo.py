@@ -1,87 +1,169 @@
-"""`kiosk demo`: the engine and gallery on what the installed packages ship.
+"""`kiosk demo`: the whole pipeline on what the installed packages ship.
 
-Enrolls Yao Ming from the sample portrait into a fresh gallery, then
-searches every face of the two sample group photos against it (one of the
-players in `players.jpg` is Yao Ming; nobody in `gdp.jpg` is), prints each
-decision and writes annotated copies of the photos.
+1. Enrolls Yao Ming from the sample portrait into a fresh demo gallery.
+2. Makes a gate video: Yao Ming walks up to the camera and leaves, then a
+   person who is not enrolled (a player cut out of `gdp.jpg`) walks up.
+3. Runs the real system on it (`kiosk run --exit-on-eof`: capture and
+   verifier processes, ZeroMQ with CurveZMQ), prints each event as it
+   arrives, and ends by itself.
+4. Writes a preview image: each passenger at the moment of the decision.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+import yaml
+import zmq
 
 from enrollment.photos import reference_template
-from kiosk.config import KioskConfig
+from kiosk.config import KioskConfig, load_config
 from kiosk.engine import FaceEngine
 from kiosk.gallery import Gallery
 from kiosk.images import read_image
+from kiosk.messages import BadMessage, Event, decode_event
 from kiosk.models.pack import sample_photo
+from kiosk.scenes import Walk, person_crop, render, write_video
+from kiosk.transport import Transport, init_keys
 
 log = logging.getLogger(__name__)
 
-DEMO_SUBJECT = ("yao-ming", "Yao Ming", "yaoming.jpg")
-SCENES = ("players.jpg", "gdp.jpg")
-# The group photos are stills, not a gate camera: search every face big enough
-# to recognise rather than apply the gate's policy.min_face_px.
-DEMO_MIN_FACE_PX = 32
+FPS = 30.0
+SUBJECT = ("yao-ming", "Yao Ming")
 
 
-def annotate(image: np.ndarray, boxes: np.ndarray, labels: list[str], accepted: list[bool]) -> np.ndarray:
-    out = image.copy()
-    for box, label, ok in zip(boxes.astype(int), labels, accepted):
-        colour = (0, 200, 0) if ok else (0, 0, 230)
-        cv2.rectangle(out, (box[0], box[1]), (box[2], box[3]), colour, 2)
-        cv2.putText(out, label, (box[0], max(12, box[1] - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1,
-                    cv2.LINE_AA)
-    return out
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-def run_demo(cfg: KioskConfig, out_dir: Path) -> int:
-    """Returns the number of accepted faces (1 when all is well)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def demo_scene(engine: FaceEngine) -> tuple[list[Walk], int]:
+    yao = read_image(sample_photo("yaoming.jpg"))
+    gdp = read_image(sample_photo("gdp.jpg"))
+    yao_face = engine.detector.detect(yao).largest()
+    gdp_faces = engine.detector.detect(gdp)
+    stranger = gdp_faces[int(np.argmax(gdp_faces.boxes[:, 0]))]  # the right-most player, looking at the camera
+    s = int(FPS)
+    walks = [
+        Walk(person_crop(yao, yao_face.boxes[0]), start=s, frames=4 * s, w0=30, w1=190),
+        Walk(person_crop(gdp, stranger.boxes[0]), start=6 * s, frames=4 * s, w0=30, w1=170),
+    ]
+    return walks, 11 * s
+
+
+def write_demo_config(out: Path) -> Path:
+    cfg = {
+        "gallery": {"path": "gallery.db"},
+        "cameras": [{"id": "cam-a1", "gate": "A1", "source": "gate-a1.avi", "realtime": True}],
+        "transport": {k: f"tcp://127.0.0.1:{free_port()}" for k in ("frames", "events", "control")},
+        "security": {"curve": True, "keys_dir": "keys"},
+        "audit": {"path": "events.jsonl"},
+        "metrics": {"port": 0},
+    }
+    path = out / "kiosk.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def describe(event: Event) -> str:
+    if event.type == "accept":
+        return (f"ACCEPT  gate {event.gate_id}: {event.subject_id} ({event.display_name}) score {event.score:.3f} "
+                f"after {event.frames} frames, {event.latency_ms:.0f} ms after capture")
+    if event.type == "reject":
+        return (f"REJECT  gate {event.gate_id}: {event.reason} (best score {event.score if event.score is None else round(event.score, 3)}) "
+                f"after {event.frames} frames, {event.latency_ms:.0f} ms after capture")
+    return f"{event.type.upper()} gate {event.gate_id}"
+
+
+def preview(frames: list[np.ndarray], events: list[Event], out: Path) -> Path | None:
+    """Side by side: the frame each decision was taken on, with the verdict."""
+    panels = []
+    for ev in events:
+        if ev.seq is None or not 0 <= ev.seq < len(frames):
+            continue
+        panel = frames[ev.seq].copy()
+        ok = ev.type == "accept"
+        colour = (0, 170, 0) if ok else (0, 0, 220)
+        text = f"ACCEPT {ev.subject_id} {ev.score:.2f}" if ok else f"REJECT {ev.reason}"
+        cv2.rectangle(panel, (0, 0), (panel.shape[1] - 1, panel.shape[0] - 1), colour, 8)
+        cv2.putText(panel, text, (16, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.0, colour, 2, cv2.LINE_AA)
+        panels.append(panel)
+    if not panels:
+        return None
+    path = out / "preview.jpg"
+    cv2.imwrite(str(path), np.hstack(panels))
+    return path
+
+
+def run_demo(base: KioskConfig, out: Path) -> bool:
+    """True when the run ended with exactly the expected decisions."""
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("gallery.db", "gallery.db-wal", "gallery.db-shm", "events.jsonl"):
+        (out / stale).unlink(missing_ok=True)
+    config_path = write_demo_config(out)
+    cfg = load_config(config_path)
+    cfg.models = base.models
     engine = FaceEngine.from_config(cfg)
-    print(f"engine: {engine.pack.detector.path.name} + {engine.pack.recognizer.path.name}, {engine.provider_note}")
-    gallery_path = out_dir / "demo-gallery.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(gallery_path) + suffix).unlink(missing_ok=True)
-    subject_id, name, photo = DEMO_SUBJECT
-    t0 = time.perf_counter()
-    template = reference_template(engine, sample_photo(photo), cfg.enrollment)
-    with Gallery(gallery_path) as gallery:
-        gallery.enroll(subject_id, name, template.embedding[None, :], engine.model_id, qualities=[template.quality])
-        matrix = gallery.matrix(engine.model_id, engine.dim)
-    print(f"enrolled {subject_id} ({name}) from {photo} in {(time.perf_counter() - t0) * 1000:.0f} ms "
-          f"into {gallery_path}")
-    threshold = cfg.policy.accept_threshold
-    accepted_total = 0
-    for scene in SCENES:
-        image = read_image(sample_photo(scene))
-        t0 = time.perf_counter()
-        analysis = engine.analyze_one(image)
-        faces = analysis.faces
-        matches = matrix.search(faces.embeddings) if len(faces) else []
-        ms = (time.perf_counter() - t0) * 1000
-        big = faces.widths >= DEMO_MIN_FACE_PX
-        print(f"{scene}: {len(faces)} faces in {ms:.0f} ms ({int(big.sum())} at least "
-              f"{DEMO_MIN_FACE_PX} px wide are searched)")
-        labels, accepted = [], []
-        for i, m in enumerate(matches):
-            ok = bool(big[i]) and m.score >= threshold
-            accepted_total += ok
-            labels.append(f"{m.subject_id} {m.score:.2f}" if ok else f"{m.score:.2f}")
-            accepted.append(ok)
-            if big[i]:
-                x1, y1, x2, y2 = faces.boxes[i].astype(int)
-                verdict = f"ACCEPT {m.subject_id} ({m.name})" if ok else "reject no_match"
-                print(f"  face at ({x1},{y1})-({x2},{y2}): {verdict}, score {m.score:.3f} "
-                      f"(threshold {threshold:.2f})")
-        preview = out_dir / f"{Path(scene).stem}-annotated.jpg"
-        cv2.imwrite(str(preview), annotate(image, faces.boxes, labels, accepted))
-        print(f"  annotated: {preview}")
-    print(f"demo done: {accepted_total} face(s) accepted as {subject_id}")
-    return accepted_total
+    template = reference_template(engine, sample_photo("yaoming.jpg"), cfg.enrollment)
+    with Gallery(cfg.resolve(cfg.gallery.path)) as gallery:
+        gallery.enroll(SUBJECT[0], SUBJECT[1], template.embedding[None, :], engine.model_id,
+                       qualities=[template.quality])
+    print(f"enrolled {SUBJECT[0]} ({SUBJECT[1]}) from the sample portrait yaoming.jpg")
+    walks, total = demo_scene(engine)
+    frames = render(walks, total)
+    video = write_video(out / "gate-a1.avi", frames, FPS)
+    print(f"made {video.name}: {total / FPS:.0f} s at {FPS:.0f} fps; Yao Ming walks up, then a passenger "
+          "who is not enrolled")
+    print(f"running the pipeline (kiosk run --exit-on-eof, CurveZMQ on) with config {config_path}")
+
+    init_keys(cfg.resolve(cfg.security.keys_dir))
+    transport = Transport(cfg, role="demo")
+    sub = transport.event_subscriber(["event."])
+    proc = subprocess.Popen([sys.executable, "-m", "kiosk.cli", "-q", "-c", str(config_path), "run",
+                             "--exit-on-eof"])
+    events: list[Event] = []
+    t_start = time.time()
+    try:
+        while True:
+            if sub.poll(200):
+                try:
+                    ev = decode_event(sub.recv_multipart())
+                except BadMessage as exc:
+                    log.warning("ignored a malformed event: %s", exc)
+                    continue
+                events.append(ev)
+                print("  " + describe(ev), flush=True)
+            elif proc.poll() is not None:
+                break
+            if time.time() - t_start > 120:
+                proc.terminate()
+                print("demo: the run did not end in 120 s; stopped it", file=sys.stderr)
+                break
+        proc.wait(10)
+    finally:
+        sub.close()
+        transport.close()
+    audit = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if line.strip()] \
+        if (out / "events.jsonl").exists() else []
+    image = preview(frames, events, out)
+    accepts = [e for e in events if e.type == "accept"]
+    rejects = [e for e in events if e.type == "reject"]
+    print(f"{len(events)} events ({len(accepts)} accept, {len(rejects)} reject); audit log {out / 'events.jsonl'} "
+          f"({len(audit)} lines)")
+    if image:
+        print(f"preview: {image}")
+    good = (proc.returncode == 0 and len(accepts) == 1 and accepts[0].subject_id == SUBJECT[0]
+            and len(rejects) >= 1 and all(e.subject_id != SUBJECT[0] for e in rejects))
+    print("demo " + ("done: the enrolled passenger was accepted once, the other one rejected" if good
+                     else "ended with unexpected decisions"))
+    return good

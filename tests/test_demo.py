@@ -7,14 +7,19 @@ import cv2
 from tests.conftest import run_cli
 
 
-def test_demo_finds_the_enrolled_player_once(tmp_path):
-    res = run_cli("kiosk", "demo", "--out", str(tmp_path / "demo"))
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.count("ACCEPT yao-ming") == 1
-    assert "reject no_match" in res.stdout
-    assert "demo done: 1 face(s) accepted" in res.stdout
-    preview = cv2.imread(str(tmp_path / "demo" / "players-annotated.jpg"))
-    assert preview is not None and preview.shape[:2] == (800, 1237)
+def test_demo_runs_the_pipeline_and_ends_by_itself(tmp_path):
+    out = tmp_path / "demo"
+    res = run_cli("kiosk", "-q", "demo", "--out", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("ACCEPT  gate A1: yao-ming") == 1
+    assert "REJECT  gate A1: no_match" in res.stdout
+    assert "demo done: the enrolled passenger was accepted once" in res.stdout
+    assert "Traceback" not in res.stderr
+    preview = cv2.imread(str(out / "preview.jpg"))
+    assert preview is not None and preview.shape[0] == 480 and preview.shape[1] >= 1280  # one panel per decision
+    cap = cv2.VideoCapture(str(out / "gate-a1.avi"))
+    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 330
+    assert len((out / "events.jsonl").read_text().splitlines()) >= 2
 
 
 def test_unknown_subcommand_and_bad_config_exit_2(tmp_path):

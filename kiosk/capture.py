@@ -1,0 +1,273 @@
+"""`kiosk capture`: one camera's frames onto the frame socket.
+
+Sources: a device index, an RTSP/HTTP URL or a video file (all through
+`cv2.VideoCapture`), or a folder of images. A camera that cannot be opened
+or stops delivering is reopened with exponential backoff and reported on
+the health topic; the process does not exit on a camera fault. A file
+source ends with an `eof.<camera>` message (or starts over with `loop`).
+
+Real time: a live source, or a file with `realtime: true`, sends without
+blocking; when the verifier's queue is full the frame is dropped and
+counted, so the verifier always gets a recent frame. With `realtime:
+false` a file is sent as fast as the verifier takes it, and nothing is
+dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import zmq
+
+from kiosk.config import CameraConfig, KioskConfig
+from kiosk.errors import ConfigError
+from kiosk.messages import EOF_TOPIC, HEALTH_TOPIC, FrameHeader, encode_frame, encode_json
+from kiosk.transport import Transport
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+BACKOFF_MAX_S = 30.0
+HEALTH_EVERY_S = 1.0
+
+
+class FrameSource:
+    """What capture reads from; `read()` returns None at the end or on a fault."""
+
+    live: bool = True
+    fps: float = 30.0
+    description: str = ""
+
+    def open(self) -> bool:
+        raise NotImplementedError
+
+    def read(self) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class VideoSource(FrameSource):
+    """Device index, URL or video file through cv2.VideoCapture."""
+
+    def __init__(self, source: int | str, live: bool, fps: float | None) -> None:
+        self.source = source
+        self.live = live
+        self.description = f"device {source}" if isinstance(source, int) else str(source)
+        self._fps_override = fps
+        self._cap: cv2.VideoCapture | None = None
+
+    def open(self) -> bool:
+        self.close()
+        cap = cv2.VideoCapture(self.source)
+        if not cap.isOpened():
+            cap.release()
+            return False
+        self._cap = cap
+        native = cap.get(cv2.CAP_PROP_FPS)
+        self.fps = self._fps_override or (native if 1.0 <= native <= 240.0 else 30.0)
+        return True
+
+    def read(self) -> np.ndarray | None:
+        if self._cap is None:
+            return None
+        ok, frame = self._cap.read()
+        return frame if ok and frame is not None else None
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class ImageFolderSource(FrameSource):
+    """A folder of images, in name order, as frames at `fps` (default 10)."""
+
+    live = False
+
+    def __init__(self, folder: Path, fps: float | None) -> None:
+        self.folder = folder
+        self.fps = fps or 10.0
+        self.description = str(folder)
+        self._files: list[Path] = []
+        self._next = 0
+
+    def open(self) -> bool:
+        if not self.folder.is_dir():
+            return False
+        self._files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        self._next = 0
+        return bool(self._files)
+
+    def read(self) -> np.ndarray | None:
+        while self._next < len(self._files):
+            path = self._files[self._next]
+            self._next += 1
+            img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if img is not None:
+                return img
+            log.warning("%s: not a readable image, skipped", path)
+        return None
+
+
+def open_source(cam: CameraConfig, cfg: KioskConfig) -> FrameSource:
+    src = cam.source
+    if isinstance(src, int):
+        return VideoSource(src, live=True, fps=cam.fps)
+    if re.match(r"^[a-z][a-z0-9+.-]*://", src, re.I):
+        return VideoSource(src, live=True, fps=cam.fps)
+    path = cfg.resolve(Path(src))
+    if path.is_dir():
+        return ImageFolderSource(path, cam.fps)
+    return VideoSource(str(path), live=False, fps=cam.fps)
+
+
+@dataclass
+class CaptureStats:
+    sent: int = 0
+    dropped: int = 0
+    faults: int = 0
+
+
+class Capture:
+    """The capture loop of one camera; `run()` returns when the source ends or `stop()` is called."""
+
+    def __init__(self, cfg: KioskConfig, camera_id: str) -> None:
+        cams = {c.id: c for c in cfg.cameras}
+        if camera_id not in cams:
+            raise ConfigError(f"--camera {camera_id}: no such camera in {cfg.source or 'the config'} "
+                              f"(cameras: {', '.join(cams) or 'none'})")
+        self.cfg = cfg
+        self.cam = cams[camera_id]
+        self.source = open_source(self.cam, cfg)
+        self.transport = Transport(cfg, role=f"capture {camera_id}")
+        self.sock = self.transport.frame_sender()
+        self.stats = CaptureStats()
+        self._stop = threading.Event()
+        self._status = "starting"
+        self._last_error = ""
+        self._last_health = 0.0
+        self._window: list[float] = []
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _send(self, parts: list, *, block: bool) -> bool:
+        """Send a message; without `block` a full queue drops it (False)."""
+        if not block:
+            try:
+                self.sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                return True
+            except zmq.Again:
+                return False
+        while not self._stop.is_set():
+            if self.sock.poll(200, zmq.POLLOUT):
+                self.sock.send_multipart(parts, copy=False)
+                return True
+        return False
+
+    def _health(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last_health < HEALTH_EVERY_S:
+            return
+        self._last_health = now
+        self._window = [t for t in self._window if now - t <= 5.0]
+        fps = len(self._window) / 5.0
+        body = {"component": f"capture.{self.cam.id}", "camera_id": self.cam.id, "gate_id": self.cam.gate,
+                "status": self._status, "fps": round(fps, 2), "sent": self.stats.sent, "drops": self.stats.dropped,
+                "faults": self.stats.faults, "last_error": self._last_error, "source": self.source.description}
+        self._send(encode_json(f"{HEALTH_TOPIC}capture.{self.cam.id}", body), block=False)
+
+    def _fault(self, message: str) -> None:
+        self.stats.faults += 1
+        self._status = "reconnecting"
+        self._last_error = message
+        log.warning("camera %s: %s", self.cam.id, message)
+        self._health(force=True)
+
+    def run(self) -> int:
+        cam, source = self.cam, self.source
+        realtime = cam.realtime or source.live
+        backoff = 0.5
+        seq = 0
+        opened = False
+        t0 = 0.0
+        seq_at_open = 0
+        pts_offset = 0.0
+        log.info("capture %s (gate %s): %s, %s", cam.id, cam.gate, source.description,
+                 "real time" if realtime else "replay, no drops")
+        while not self._stop.is_set():
+            if not opened:
+                if source.open():
+                    opened, backoff = True, 0.5
+                    # A looped or reopened file continues the media clock (plus a gap).
+                    pts_offset += (seq - seq_at_open) / source.fps + (1.0 if seq else 0.0)
+                    t0, seq_at_open = time.monotonic(), seq
+                    self._status = "ok"
+                    log.info("camera %s opened (%.1f fps)", cam.id, source.fps)
+                    self._health(force=True)
+                else:
+                    self._fault(f"cannot open {source.description}; retrying in {backoff:.1f}s")
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    continue
+            frame = source.read()
+            if frame is None:
+                if not source.live:
+                    if cam.loop:
+                        opened = False
+                        continue
+                    break
+                opened = False
+                source.close()
+                self._fault(f"{source.description} stopped delivering frames; reopening")
+                continue
+            captured_at = time.time()
+            pts = None if source.live else (seq - seq_at_open) / source.fps + pts_offset
+            header = FrameHeader(cam.id, cam.gate, seq, captured_at, frame.shape[1], frame.shape[0], cam.encoding,
+                                 pts)
+            seq += 1
+            if self._send(encode_frame(header, frame), block=not realtime):
+                self.stats.sent += 1
+                self._window.append(captured_at)
+            else:
+                self.stats.dropped += 1
+            self._health()
+            if not source.live and realtime:  # pace a file at its own frame rate
+                due = t0 + (seq - seq_at_open) / source.fps
+                delay = due - time.monotonic()
+                if delay > 0:
+                    self._stop.wait(delay)
+        source.close()
+        if not self._stop.is_set():
+            self._status = "eof"
+            self._health(force=True)
+            body = {"camera_id": cam.id, "gate_id": cam.gate, "frames": seq, "sent": self.stats.sent,
+                    "dropped": self.stats.dropped}
+            self._send(encode_json(EOF_TOPIC + cam.id, body), block=True)
+            log.info("camera %s: end of %s after %d frames (%d sent, %d dropped)", cam.id, source.description,
+                     seq, self.stats.sent, self.stats.dropped)
+        return 0
+
+    def close(self) -> None:
+        self.sock.close(linger=2000 if not self._stop.is_set() else 0)
+        self.transport.close()
+
+
+def run_capture(cfg: KioskConfig, camera_id: str) -> int:
+    capture = Capture(cfg, camera_id)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: capture.stop())
+    try:
+        return capture.run()
+    finally:
+        capture.close()

@@ -1,0 +1,182 @@
+"""Wire schema (version 1): frame headers, decision events, health, control.
+
+Every message is JSON UTF-8; frames carry a second part with the pixels.
+`decode_*` validate everything they receive and raise `BadMessage` with
+what was wrong; the receiving loop counts and drops such messages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+VERSION = 1
+FRAME_TOPIC = "frame."
+EOF_TOPIC = "eof."
+EVENT_TOPIC = "event."
+HEALTH_TOPIC = "health."
+ENCODINGS = ("bgr8", "jpeg")
+EVENT_TYPES = ("accept", "reject", "verifier_down", "verifier_up")
+MAX_SIDE = 8192
+
+
+class BadMessage(ValueError):
+    """A received message that does not follow the schema."""
+
+
+@dataclass
+class FrameHeader:
+    camera_id: str
+    gate_id: str
+    seq: int
+    captured_at: float
+    width: int
+    height: int
+    encoding: str = "bgr8"
+    pts: float | None = None  # media time of a file source (s); None for live sources
+    v: int = VERSION
+
+    def topic(self) -> bytes:
+        return (FRAME_TOPIC + self.camera_id).encode()
+
+    @property
+    def clock(self) -> float:
+        """The time base tracks age on: media time for a file, capture time for a live camera."""
+        return self.captured_at if self.pts is None else self.pts
+
+
+@dataclass
+class Event:
+    """A gate decision (or a verifier state change for subscribers)."""
+
+    type: str
+    gate_id: str
+    camera_id: str = ""
+    track_id: int = -1
+    subject_id: str | None = None
+    display_name: str | None = None
+    score: float | None = None
+    threshold: float | None = None
+    reason: str | None = None
+    frames: int = 0
+    captured_at: float | None = None
+    decided_at: float = field(default_factory=time.time)
+    latency_ms: float | None = None
+    seq: int | None = None  # frame sequence number of the deciding frame
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    v: int = VERSION
+
+    def topic(self) -> bytes:
+        return (EVENT_TOPIC + self.gate_id).encode()
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+
+def _require(data: dict[str, Any], key: str, kinds: type | tuple[type, ...], where: str) -> Any:
+    if key not in data:
+        raise BadMessage(f"{where}: missing '{key}'")
+    value = data[key]
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise BadMessage(f"{where}: '{key}' has the wrong type")
+    if not isinstance(value, kinds):
+        raise BadMessage(f"{where}: '{key}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _json(part: bytes, where: str) -> dict[str, Any]:
+    try:
+        data = json.loads(part.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadMessage(f"{where}: not JSON ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise BadMessage(f"{where}: not a JSON object")
+    if data.get("v") != VERSION:
+        raise BadMessage(f"{where}: unsupported schema version {data.get('v')!r}")
+    return data
+
+
+def encode_frame(header: FrameHeader, image: np.ndarray, jpeg_quality: int = 90) -> list[bytes | memoryview]:
+    """[topic, header JSON, pixels]; bgr8 pixels go out without a copy."""
+    if header.encoding == "jpeg":
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+        if not ok:
+            raise ValueError("JPEG encoding failed")
+        payload: bytes | memoryview = buf.tobytes()
+    else:
+        payload = memoryview(np.ascontiguousarray(image)).cast("B")
+    return [header.topic(), json.dumps(asdict(header), separators=(",", ":")).encode(), payload]
+
+
+def decode_frame(parts: list[bytes]) -> tuple[FrameHeader, np.ndarray]:
+    """Validate a frame message and return its header and BGR image."""
+    if len(parts) != 3:
+        raise BadMessage(f"frame: expected 3 parts, got {len(parts)}")
+    topic = bytes(parts[0]).decode("utf-8", "replace")
+    data = _json(parts[1], "frame header")
+    try:
+        header = FrameHeader(
+            camera_id=_require(data, "camera_id", str, "frame header"),
+            gate_id=_require(data, "gate_id", str, "frame header"),
+            seq=_require(data, "seq", int, "frame header"),
+            captured_at=float(_require(data, "captured_at", (int, float), "frame header")),
+            width=_require(data, "width", int, "frame header"),
+            height=_require(data, "height", int, "frame header"),
+            encoding=_require(data, "encoding", str, "frame header"),
+            pts=float(data["pts"]) if isinstance(data.get("pts"), (int, float)) else None,
+        )
+    except TypeError as exc:
+        raise BadMessage(f"frame header: {exc}") from None
+    if topic != FRAME_TOPIC + header.camera_id:
+        raise BadMessage(f"frame: topic {topic!r} does not match camera_id {header.camera_id!r}")
+    if not (0 < header.width <= MAX_SIDE and 0 < header.height <= MAX_SIDE):
+        raise BadMessage(f"frame: bad size {header.width}x{header.height}")
+    if not math.isfinite(header.captured_at):
+        raise BadMessage("frame: captured_at is not a finite number")
+    payload = parts[2]
+    if header.encoding == "bgr8":
+        expected = header.width * header.height * 3
+        if len(payload) != expected:
+            raise BadMessage(f"frame: bgr8 payload of {len(payload)} bytes, {header.width}x{header.height}x3 "
+                             f"needs {expected}")
+        image = np.frombuffer(payload, np.uint8).reshape(header.height, header.width, 3)
+    elif header.encoding == "jpeg":
+        image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+        if image is None or image.shape[:2] != (header.height, header.width):
+            raise BadMessage("frame: JPEG payload does not decode to the header's size")
+    else:
+        raise BadMessage(f"frame: unknown encoding {header.encoding!r}")
+    return header, image
+
+
+def encode_json(topic: str, body: dict[str, Any]) -> list[bytes]:
+    body = {"v": VERSION, **body}
+    return [topic.encode(), json.dumps(body, separators=(",", ":")).encode()]
+
+
+def decode_json(parts: list[bytes], where: str) -> tuple[str, dict[str, Any]]:
+    if len(parts) != 2:
+        raise BadMessage(f"{where}: expected 2 parts, got {len(parts)}")
+    return bytes(parts[0]).decode("utf-8", "replace"), _json(parts[1], where)
+
+
+def decode_event(parts: list[bytes]) -> Event:
+    topic, data = decode_json(parts, "event")
+    etype = _require(data, "type", str, "event")
+    if etype not in EVENT_TYPES:
+        raise BadMessage(f"event: unknown type {etype!r}")
+    gate = _require(data, "gate_id", str, "event")
+    if topic != EVENT_TOPIC + gate:
+        raise BadMessage(f"event: topic {topic!r} does not match gate_id {gate!r}")
+    known = {k: data[k] for k in Event.__dataclass_fields__ if k in data}
+    try:
+        return Event(**known)
+    except TypeError as exc:
+        raise BadMessage(f"event: {exc}") from None

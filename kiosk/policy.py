@@ -1,0 +1,193 @@
+"""The decision policy: quality frames of one track -> at most one accept, or a reject.
+
+Plain objects, fed one observation at a time; no sockets, no models.
+
+- accept: `accept_frames` quality frames among the track's last
+  `reject_after_frames` whose best subject is the same, each with score >=
+  `accept_threshold` and a margin >= `min_margin` over the second-best
+  subject (1:N), or with score >= threshold against the claimed subject (1:1).
+- reject `no_match` (1:N) or `claim_mismatch` (1:1): `reject_after_frames`
+  quality frames without an accept.
+- reject `timeout`: a track with quality frames but no decision after
+  `decision_timeout_s`, or one that leaves undecided after at least
+  `accept_frames` quality frames.
+- a subject accepted at a gate is not accepted again there for
+  `repeat_accept_s` (a person lost and found again by the tracker is
+  still one passenger).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiosk.config import PolicyConfig
+from kiosk.gallery import Match
+from kiosk.quality import Quality
+from kiosk.tracking import Track
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Claim:
+    """A 1:1 claim: the next transaction at `gate_id` is checked against `subject_id` only."""
+
+    subject_id: str
+    gate_id: str
+    expires_at: float
+
+
+@dataclass
+class Decision:
+    type: str  # "accept" or "reject"
+    reason: str | None
+    subject_id: str | None
+    display_name: str | None
+    score: float | None
+    frames: int
+    captured_at: float
+    seq: int | None = None
+
+
+@dataclass
+class Vote:
+    subject_id: str | None
+    name: str
+    score: float
+    ok: bool
+    captured_at: float
+    seq: int | None = None
+
+
+@dataclass
+class TrackState:
+    """What the policy keeps per track."""
+
+    window: deque = field(default_factory=deque)
+    quality_frames: int = 0
+    first_quality_at: float | None = None
+    decided: bool = False
+    claim: Claim | None = None
+
+
+class DecisionPolicy:
+    """Decides per track; holds the claims and the recent accepts per gate."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        self.cfg = cfg
+        self.claims: dict[str, Claim] = {}
+        self._recent: dict[tuple[str, str], float] = {}
+
+    # -- quality ---------------------------------------------------------------
+    def quality_ok(self, q: Quality) -> np.ndarray:
+        """Which faces count as quality frames."""
+        c = self.cfg
+        return ((q.width >= c.min_face_px) & (q.score >= c.min_det_score) & (q.sharpness >= c.min_sharpness)
+                & (np.abs(q.yaw) <= c.max_yaw))
+
+    # -- claims ----------------------------------------------------------------
+    def add_claim(self, gate_id: str, subject_id: str, ttl_s: float, now: float) -> Claim:
+        claim = Claim(subject_id, gate_id, now + ttl_s)
+        self.claims[gate_id] = claim
+        log.info("claim: next transaction at gate %s is checked against %s only (for %.0fs)", gate_id,
+                 subject_id, ttl_s)
+        return claim
+
+    def claim_for(self, track: Track, gate_id: str, now: float) -> Claim | None:
+        """The claim this track is checked against, bound at its first quality frame."""
+        state = self.state(track)
+        if state.claim is None and state.quality_frames == 0:
+            claim = self.claims.get(gate_id)
+            if claim is not None and claim.expires_at < now:
+                del self.claims[gate_id]
+                claim = None
+            if claim is not None:
+                del self.claims[gate_id]  # one transaction per claim
+                state.claim = claim
+        return state.claim
+
+    # -- decisions -------------------------------------------------------------
+    @staticmethod
+    def state(track: Track) -> TrackState:
+        if track.state is None:
+            track.state = TrackState()
+        return track.state  # type: ignore[return-value]
+
+    def needs_frames(self, track: Track) -> bool:
+        return not self.state(track).decided
+
+    def observe(self, track: Track, gate_id: str, match: Match, captured_at: float,
+                seq: int | None = None) -> Decision | None:
+        """One quality frame of `track`, matched 1:N (or 1:1 under a claim)."""
+        c = self.cfg
+        state = self.state(track)
+        if state.decided:
+            return None
+        state.quality_frames += 1
+        if state.first_quality_at is None:
+            state.first_quality_at = captured_at
+        if state.claim is not None:
+            ok = match.subject_id == state.claim.subject_id and match.score >= c.accept_threshold
+        else:
+            ok = match.subject_id is not None and match.score >= c.accept_threshold and match.margin >= c.min_margin
+        state.window.append(Vote(match.subject_id, match.name, match.score, ok, captured_at, seq))
+        while len(state.window) > c.reject_after_frames:
+            state.window.popleft()
+        votes = Counter(v.subject_id for v in state.window if v.ok)
+        if votes:
+            subject, count = votes.most_common(1)[0]
+            if count >= c.accept_frames:
+                chosen = [v for v in state.window if v.ok and v.subject_id == subject]
+                return self._accept(track, gate_id, chosen, captured_at)
+        if state.quality_frames >= c.reject_after_frames:
+            reason = "claim_mismatch" if state.claim is not None else "no_match"
+            return self._reject(track, reason, captured_at)
+        return None
+
+    def _accept(self, track: Track, gate_id: str, votes: list[Vote], captured_at: float) -> Decision | None:
+        state = self.state(track)
+        state.decided = True
+        subject = votes[-1].subject_id
+        assert subject is not None
+        last = self._recent.get((gate_id, subject))
+        self._recent[(gate_id, subject)] = captured_at
+        if last is not None and captured_at - last < self.cfg.repeat_accept_s:
+            log.info("track %d at gate %s: %s again within %.0fs of the last accept; not repeated", track.track_id,
+                     gate_id, subject, self.cfg.repeat_accept_s)
+            return None
+        return Decision("accept", None, subject, votes[-1].name, max(v.score for v in votes), len(votes), captured_at,
+                        votes[-1].seq)
+
+    def _reject(self, track: Track, reason: str, captured_at: float) -> Decision:
+        state = self.state(track)
+        state.decided = True
+        best = max(state.window, key=lambda v: v.score) if state.window else None
+        subject = state.claim.subject_id if state.claim is not None else None
+        last = state.window[-1] if state.window else None
+        return Decision("reject", reason, subject, None, best.score if best else None, state.quality_frames,
+                        captured_at, last.seq if last else None)
+
+    def check_timeout(self, track: Track, now: float) -> Decision | None:
+        state = self.state(track)
+        if state.decided or state.first_quality_at is None:
+            return None
+        if now - state.first_quality_at >= self.cfg.decision_timeout_s:
+            return self._reject(track, "timeout", state.window[-1].captured_at)
+        return None
+
+    def track_ended(self, track: Track) -> Decision | None:
+        """A track left the frame undecided: reject `timeout` if it was a transaction.
+
+        A face seen in fewer than `accept_frames` quality frames (someone
+        passing the edge of the view) is not a transaction: no event.
+        """
+        state = self.state(track)
+        if state.decided or state.quality_frames < self.cfg.accept_frames:
+            if state.claim is not None and not state.decided:
+                self.claims.setdefault(state.claim.gate_id, state.claim)  # unused claim goes back
+            return None
+        return self._reject(track, "timeout", state.window[-1].captured_at)

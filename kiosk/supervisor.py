@@ -1,0 +1,168 @@
+"""`kiosk run`: start and watch the verifier and one capture per camera.
+
+A child that dies is restarted with exponential backoff (a capture that
+finished its file is not). SIGINT/SIGTERM stop every child (SIGTERM, then
+SIGKILL after a grace period); children also get SIGTERM from the kernel if
+the supervisor itself dies, so no orphan keeps a camera or a port.
+`--exit-on-eof` ends the run when every file source has been read and the
+verifier has processed and published everything from them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiosk.capture import open_source
+from kiosk.config import KioskConfig
+from kiosk.transport import Transport, control_request, init_keys
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 30.0
+GRACE_S = 5.0
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    restart_on_success: bool
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    restarts: int = 0
+    backoff: float = BACKOFF_START_S
+    next_start: float = 0.0
+    finished: bool = False
+    exit_codes: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, cfg: KioskConfig, config_path: Path, *, exit_on_eof: bool = False,
+                 verbosity: list[str] | None = None) -> None:
+        self.cfg = cfg
+        self.exit_on_eof = exit_on_eof
+        self._stop = threading.Event()
+        base = [sys.executable, "-m", "kiosk.cli", *(verbosity or []), "-c", str(config_path)]
+        self.verifier = Child("verifier", base + ["verify"], restart_on_success=True)
+        self.captures = [Child(f"capture {c.id}", base + ["capture", "--camera", c.id],
+                               restart_on_success=open_source(c, cfg).live or c.loop)
+                         for c in cfg.cameras]
+        self.file_cameras = [c.id for c in cfg.cameras if not (open_source(c, cfg).live or c.loop)]
+
+    @property
+    def children(self) -> list[Child]:
+        return [self.verifier, *self.captures]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _start(self, child: Child) -> None:
+        child.proc = subprocess.Popen(child.argv, preexec_fn=_die_with_parent)
+        child.started = time.monotonic()
+        log.info("started %s (pid %d)", child.name, child.proc.pid)
+
+    def _check(self, child: Child, now: float) -> None:
+        if child.finished:
+            return
+        if child.proc is None:
+            if now >= child.next_start:
+                self._start(child)
+            return
+        code = child.proc.poll()
+        if code is None:
+            if now - child.started > STABLE_AFTER_S:
+                child.backoff = BACKOFF_START_S
+            return
+        child.exit_codes.append(code)
+        child.proc = None
+        if code == 0 and not child.restart_on_success:
+            child.finished = True
+            log.info("%s finished", child.name)
+            return
+        child.restarts += 1
+        child.next_start = now + child.backoff
+        log.warning("%s exited with %s; restart %d in %.1fs", child.name,
+                    f"signal {-code}" if code < 0 else f"code {code}", child.restarts, child.backoff)
+        child.backoff = min(child.backoff * 2, BACKOFF_MAX_S)
+
+    def _all_sources_done(self) -> bool:
+        captures = {c.name: c for c in self.captures}
+        if not self.file_cameras or not all(captures[f"capture {cid}"].finished for cid in self.file_cameras):
+            return False
+        if self.verifier.proc is None:
+            return False
+        transport = Transport(self.cfg, role="supervisor")
+        try:
+            status = control_request(transport, {"cmd": "status"}, timeout_ms=2000)
+        finally:
+            transport.close()
+        if not status or not status.get("ok"):
+            return False
+        cams = status.get("cameras", {})
+        return all(cams.get(cid, {}).get("eof") for cid in self.file_cameras) and status.get("queue_depth") == 0
+
+    def run(self) -> int:
+        if self.cfg.security.curve:
+            made = init_keys(self.cfg.resolve(self.cfg.security.keys_dir))
+            if made:
+                log.info("made CurveZMQ keys in %s", self.cfg.resolve(self.cfg.security.keys_dir))
+        self._start(self.verifier)
+        time.sleep(0.2)  # let the verifier bind before the captures connect (they retry anyway)
+        for child in self.captures:
+            self._start(child)
+        last_eof_check = 0.0
+        code = 0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                for child in self.children:
+                    self._check(child, now)
+                if self.exit_on_eof and now - last_eof_check > 0.5:
+                    last_eof_check = now
+                    if self._all_sources_done():
+                        log.info("every file source read and decided; stopping")
+                        break
+                self._stop.wait(0.1)
+        finally:
+            self._shutdown()
+        return code
+
+    def _shutdown(self) -> None:
+        running = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for child in running:
+            child.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        deadline = time.monotonic() + GRACE_S
+        for child in running:
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", child.name, GRACE_S)
+                child.proc.kill()  # type: ignore[union-attr]
+                child.proc.wait()  # type: ignore[union-attr]
+        log.info("all children stopped")
+
+
+def run_supervisor(cfg: KioskConfig, config_path: Path, *, exit_on_eof: bool, verbosity: list[str]) -> int:
+    sup = Supervisor(cfg, config_path, exit_on_eof=exit_on_eof, verbosity=verbosity)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sup.stop())
+    return sup.run()

@@ -1,0 +1,104 @@
+"""Per-camera face tracking: a person walking up is one transaction, not thirty.
+
+Greedy IoU matching of this frame's faces to the camera's live tracks, with
+a centre-distance fallback for fast approach (boxes grow quickly as a
+person walks up). Plain objects, no sockets: fed frame by frame in tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiosk.faces import Faces
+
+
+@dataclass
+class Track:
+    """One face over time. `state` belongs to the decision policy."""
+
+    track_id: int
+    camera_id: str
+    box: np.ndarray
+    first_seen: float
+    last_seen: float
+    hits: int = 1
+    state: object = None
+    ended: bool = False
+    embedding: np.ndarray | None = None  # the face's latest embedding, for the identity check
+
+    @property
+    def width(self) -> float:
+        return float(self.box[2] - self.box[0])
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ix1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    iy1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    ix2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    iy2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
+    area_a = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))[:, None]
+    area_b = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None, :]
+    return inter / np.maximum(area_a + area_b - inter, 1e-6)
+
+
+@dataclass
+class Tracker:
+    """Tracks of one camera. `update(faces, t)` -> the track of each face, and the tracks that ended."""
+
+    camera_id: str
+    min_iou: float = 0.2
+    max_age_s: float = 1.0
+    tracks: list[Track] = field(default_factory=list)
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    def update(self, faces: Faces, t: float) -> tuple[list[Track], list[Track]]:
+        live = self.tracks
+        assigned: list[Track | None] = [None] * len(faces)
+        if live and len(faces):
+            prev = np.stack([tr.box for tr in live])
+            iou = iou_matrix(faces.boxes, prev)
+            # Centre distance relative to the track's size: catches a fast-growing face.
+            c_new = (faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2
+            c_old = (prev[:, :2] + prev[:, 2:]) / 2
+            size = np.maximum(prev[:, 2] - prev[:, 0], 1.0)
+            near = np.linalg.norm(c_new[:, None] - c_old[None], axis=2) / size[None, :]
+            score = np.where(iou >= self.min_iou, 1.0 + iou, np.where(near < 0.5, 1.0 - near, 0.0))
+            while True:
+                i, j = np.unravel_index(np.argmax(score), score.shape)
+                if score[i, j] <= 0:
+                    break
+                track = live[j]
+                track.box = faces.boxes[i].copy()
+                track.last_seen = t
+                track.hits += 1
+                assigned[i] = track
+                score[i, :] = 0
+                score[:, j] = 0
+        for i in range(len(faces)):
+            if assigned[i] is None:
+                track = Track(next(self._ids), self.camera_id, faces.boxes[i].copy(), t, t)
+                self.tracks.append(track)
+                assigned[i] = track
+        ended = [tr for tr in self.tracks if t - tr.last_seen > self.max_age_s]
+        for tr in ended:
+            tr.ended = True
+        self.tracks = [tr for tr in self.tracks if not tr.ended]
+        return assigned, ended  # type: ignore[return-value]
+
+    def split(self, track: Track, t: float) -> Track:
+        """End `track` (another person now stands where it was) and start a new one in its place."""
+        track.ended = True
+        self.tracks = [tr for tr in self.tracks if tr is not track]
+        new = Track(next(self._ids), self.camera_id, track.box.copy(), t, t)
+        self.tracks.append(new)
+        return new
+
+    def end_all(self) -> list[Track]:
+        ended, self.tracks = self.tracks, []
+        for tr in ended:
+            tr.ended = True
+        return ended

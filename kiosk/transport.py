@@ -1,0 +1,188 @@
+"""Every ZeroMQ socket of the system is built here: endpoints, CurveZMQ, high-water marks.
+
+Frames travel PUSH (each capture) -> PULL (the verifier), not PUB/SUB:
+PUSH gives back-pressure, so a replay (`realtime: false`) loses no frame,
+and a live camera sends with NOBLOCK and drops (and counts) a frame when
+the verifier's small queue is full. The verifier then keeps only the
+newest frame of each camera among those waiting (latest frame wins).
+Events and health go out on one PUB socket; control is REQ/REP.
+
+With `security.curve: true` (the default) every socket is CurveZMQ: the
+binding side (the verifier) is the server, every connecting process a
+client whose public key must be in `keys_dir/authorized_clients/` (checked
+by ZAP). The processes never see key files; they receive ready sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from kiosk.config import KioskConfig
+from kiosk.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FRAME_HWM = 4
+AUTHORIZED = "authorized_clients"
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    public: bytes
+    secret: bytes | None
+
+
+def init_keys(keys_dir: Path, *, client_name: str = "client") -> list[Path]:
+    """Create the server key pair and one client pair (allow-listed); keep existing ones."""
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    (keys_dir / AUTHORIZED).mkdir(exist_ok=True)
+    made = []
+    for name in ("server", client_name):
+        if not (keys_dir / f"{name}.key_secret").exists():
+            pub, sec = zmq.auth.create_certificates(str(keys_dir), name)
+            Path(sec).chmod(0o600)
+            made += [Path(pub), Path(sec)]
+    allowed = keys_dir / AUTHORIZED / f"{client_name}.key"
+    if not allowed.exists():
+        shutil.copy(keys_dir / f"{client_name}.key", allowed)
+        made.append(allowed)
+    return made
+
+
+def _load(path: Path) -> KeyPair:
+    try:
+        pub, sec = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"security.keys_dir: cannot load key {path}: {exc}; "
+                          "run `kiosk keys init DIR` to make the keys") from None
+    return KeyPair(pub, sec)
+
+
+class Transport:
+    """Builds the sockets of one process from the config."""
+
+    def __init__(self, cfg: KioskConfig, *, role: str, client_key: str = "client") -> None:
+        self.cfg = cfg
+        self.role = role
+        self.ctx = zmq.Context()
+        self.curve = cfg.security.curve
+        self.keys_dir = cfg.resolve(cfg.security.keys_dir)
+        self._auth: ThreadAuthenticator | None = None
+        self._server: KeyPair | None = None
+        self._client: KeyPair | None = None
+        self._client_key = client_key
+        if not self.curve:
+            log.warning("%s: CurveZMQ is OFF (security.curve: false): frames and decisions travel unencrypted "
+                        "and any process can connect", role)
+
+    # -- keys ----------------------------------------------------------------
+    def _server_keys(self) -> KeyPair:
+        if self._server is None:
+            self._server = _load(self.keys_dir / "server.key_secret")
+        return self._server
+
+    def _client_keys(self) -> tuple[KeyPair, bytes]:
+        if self._client is None:
+            self._client = _load(self.keys_dir / f"{self._client_key}.key_secret")
+        server = _load(self.keys_dir / "server.key")
+        return self._client, server.public
+
+    def _as_server(self, sock: zmq.Socket) -> None:
+        if not self.curve:
+            return
+        if self._auth is None:
+            allowed = self.keys_dir / AUTHORIZED
+            if not allowed.is_dir():
+                raise ConfigError(f"security.keys_dir: {allowed} is missing; run `kiosk keys init {self.keys_dir}`")
+            self._auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("kiosk.zap"))
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(allowed))
+        keys = self._server_keys()
+        sock.curve_secretkey = keys.secret
+        sock.curve_publickey = keys.public
+        sock.curve_server = True
+
+    def _as_client(self, sock: zmq.Socket) -> None:
+        if not self.curve:
+            return
+        keys, server_public = self._client_keys()
+        sock.curve_secretkey = keys.secret
+        sock.curve_publickey = keys.public
+        sock.curve_serverkey = server_public
+
+    def _socket(self, kind: int, **opts: Any) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        for name, value in opts.items():
+            sock.setsockopt(getattr(zmq, name), value)
+        return sock
+
+    def _bind(self, sock: zmq.Socket, endpoint: str, key: str) -> zmq.Socket:
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise ConfigError(f"transport.{key}: cannot bind {endpoint}: {exc}") from None
+        return sock
+
+    # -- sockets -------------------------------------------------------------
+    def frame_receiver(self) -> zmq.Socket:
+        sock = self._socket(zmq.PULL, RCVHWM=FRAME_HWM)
+        self._as_server(sock)
+        return self._bind(sock, self.cfg.transport.frames, "frames")
+
+    def frame_sender(self) -> zmq.Socket:
+        sock = self._socket(zmq.PUSH, SNDHWM=FRAME_HWM, IMMEDIATE=1)
+        self._as_client(sock)
+        sock.connect(self.cfg.transport.frames)
+        return sock
+
+    def event_publisher(self) -> zmq.Socket:
+        sock = self._socket(zmq.PUB, SNDHWM=1000)
+        self._as_server(sock)
+        return self._bind(sock, self.cfg.transport.events, "events")
+
+    def event_subscriber(self, topics: list[str]) -> zmq.Socket:
+        sock = self._socket(zmq.SUB, RCVHWM=10000)
+        self._as_client(sock)
+        for topic in topics:
+            sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        sock.connect(self.cfg.transport.events)
+        return sock
+
+    def control_server(self) -> zmq.Socket:
+        sock = self._socket(zmq.REP)
+        self._as_server(sock)
+        return self._bind(sock, self.cfg.transport.control, "control")
+
+    def control_client(self, timeout_ms: int = 3000) -> zmq.Socket:
+        sock = self._socket(zmq.REQ, RCVTIMEO=timeout_ms, SNDTIMEO=timeout_ms)
+        self._as_client(sock)
+        sock.connect(self.cfg.transport.control)
+        return sock
+
+    def close(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self.ctx.destroy(linger=0)
+
+
+def control_request(transport: Transport, request: dict[str, Any], timeout_ms: int = 3000) -> dict[str, Any] | None:
+    """One request on a fresh REQ socket; None when the verifier does not answer in time."""
+    sock = transport.control_client(timeout_ms)
+    try:
+        sock.send_json({"v": 1, **request})
+        return sock.recv_json()  # type: ignore[no-any-return]
+    except zmq.Again:
+        return None
+    finally:
+        sock.close(linger=0)

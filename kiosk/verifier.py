@@ -1,0 +1,394 @@
+"""`kiosk verify`: frames in, gate decisions out.
+
+Each step takes at most one frame per camera (the newest for a real-time
+camera, the next one for a replay), detects faces in one batch across
+cameras, tracks them per camera, embeds only faces of undecided tracks
+that pass the quality gate (one batch), matches them against the gallery
+and lets the policy decide. Decisions go out on `event.<gate>` and into the
+audit JSONL; heartbeats on `health.verifier`; claims arrive on the control
+socket; gallery changes are picked up by polling its revision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import zmq
+
+from kiosk.config import KioskConfig
+from kiosk.engine import FaceEngine
+from kiosk.errors import ConfigError
+from kiosk.faces import Faces
+from kiosk.gallery import Gallery
+from kiosk.messages import (EOF_TOPIC, FRAME_TOPIC, HEALTH_TOPIC, BadMessage, Event, FrameHeader, decode_frame,
+                            decode_json, encode_json)
+from kiosk.metrics import Metrics
+from kiosk.models.recognizer import align_faces
+from kiosk.policy import Decision, DecisionPolicy
+from kiosk.quality import measure
+from kiosk.tracking import Track, Tracker
+from kiosk.transport import FRAME_HWM, Transport
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+GALLERY_POLL_S = 1.0
+REPLAY_BACKLOG = 8
+RECHECK_EVERY = 10  # frames of a decided track between identity checks
+SAME_PERSON = 0.25  # a track whose new face scores below this against its last one is someone else
+BAD_LOG_EVERY_S = 10.0
+
+
+@dataclass
+class CameraState:
+    camera_id: str
+    gate_id: str
+    realtime: bool
+    tracker: Tracker
+    pending: deque = field(default_factory=deque)
+    frames_in: int = 0
+    processed: int = 0
+    stale: int = 0
+    eof: bool = False
+    last_clock: float = 0.0  # frame clock (media or capture time) of the last frame
+    last_wall: float = 0.0  # when that frame was processed
+
+
+@dataclass
+class StageTimes:
+    """Milliseconds per stage of the last step (for bench and metrics)."""
+
+    values: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, ms: float) -> None:
+        self.values[stage] = self.values.get(stage, 0.0) + ms
+
+
+class Verifier:
+    def __init__(self, cfg: KioskConfig, engine: FaceEngine | None = None) -> None:
+        if not cfg.cameras:
+            raise ConfigError(f"{cfg.source or 'config'}: cameras: the verifier needs at least one camera")
+        self.cfg = cfg
+        self.engine = engine or FaceEngine.from_config(cfg)
+        self.gallery = Gallery(cfg.resolve(cfg.gallery.path))
+        self.matrix = self.gallery.matrix(self.engine.model_id, self.engine.dim)
+        self.policy = DecisionPolicy(cfg.policy)
+        self.cameras = {c.id: CameraState(c.id, c.gate, c.realtime,
+                                          Tracker(c.id, max_age_s=cfg.policy.track_max_age_s))
+                        for c in cfg.cameras}
+        self.metrics = Metrics()
+        self.transport = Transport(cfg, role="verifier")
+        self.frames = self.transport.frame_receiver()
+        self.events = self.transport.event_publisher()
+        self.control = self.transport.control_server()
+        audit_path = cfg.resolve(cfg.audit.path)
+        audit_path.parent.mkdir(parents=True, exist_ok=True)
+        self.audit: TextIO = open(audit_path, "a", encoding="utf-8")
+        self._stop = threading.Event()
+        self._bad = 0
+        self._last_bad_log = 0.0
+        self._last_error = ""
+        self._last_heartbeat = 0.0
+        self._last_gallery_poll = time.monotonic()
+        self._fps_window: deque = deque(maxlen=300)
+        self._metrics_server = self.metrics.serve(cfg.metrics.port) if cfg.metrics.port else None
+        self.metrics.set("kiosk_gallery_subjects", len(self.matrix), "enrolled subjects in the search matrix")
+        for prov in self.engine.providers:
+            self.metrics.set("kiosk_provider_info", 1, "ONNX Runtime providers in use", provider=prov)
+        log.info("verifier ready: %d camera(s), gallery %d subjects / %d templates, %s", len(self.cameras),
+                 len(self.matrix), self.matrix.template_count, self.engine.provider_note)
+
+    # -- lifecycle -------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        self._heartbeat(force=True)
+        while not self._stop.is_set():
+            self.step(timeout_ms=50)
+        return 0
+
+    def close(self) -> None:
+        for cam in self.cameras.values():
+            self._end_tracks(cam, cam.tracker.end_all(), time.time())
+        self._heartbeat(force=True, status="stopping")
+        self.audit.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        self.gallery.close()
+        self.transport.close()
+
+    # -- the loop --------------------------------------------------------------
+    def step(self, timeout_ms: int = 50) -> None:
+        poller = zmq.Poller()
+        poller.register(self.frames, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        ready = dict(poller.poll(0 if self._has_pending() else timeout_ms))
+        if self.control in ready:
+            self._handle_control()
+        if self.frames in ready or self._has_pending():
+            self._drain()
+        batch = self._take_batch()
+        if batch:
+            self._process(batch)
+        now = time.time()
+        self._housekeeping(now)
+
+    def _has_pending(self) -> bool:
+        return any(cam.pending for cam in self.cameras.values())
+
+    def _drain(self) -> None:
+        """Read waiting messages; real-time cameras keep only their newest frame."""
+        budget = FRAME_HWM + 2 * len(self.cameras)
+        while budget > 0:
+            if any(len(c.pending) >= REPLAY_BACKLOG for c in self.cameras.values() if not c.realtime):
+                break  # back-pressure: leave the rest in the socket, the capture waits
+            try:
+                parts = self.frames.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            budget -= 1
+            self._receive([p.bytes if i < 2 else p.buffer for i, p in enumerate(parts)])
+
+    def _bad_message(self, why: str) -> None:
+        self._bad += 1
+        self._last_error = why
+        self.metrics.inc("kiosk_bad_messages_total", help="malformed messages dropped")
+        now = time.monotonic()
+        if now - self._last_bad_log >= BAD_LOG_EVERY_S:
+            self._last_bad_log = now
+            log.warning("dropped a malformed message (%d so far): %s", self._bad, why)
+
+    def _receive(self, parts: list[Any]) -> None:
+        topic = bytes(parts[0]).decode("utf-8", "replace") if parts else ""
+        try:
+            if topic.startswith(FRAME_TOPIC):
+                header, image = decode_frame(parts)
+                cam = self.cameras.get(header.camera_id)
+                if cam is None:
+                    raise BadMessage(f"frame from unknown camera {header.camera_id!r}")
+                cam.frames_in += 1
+                self.metrics.inc("kiosk_frames_in_total", help="frames received", camera=cam.camera_id)
+                if cam.realtime and cam.pending:
+                    cam.stale += len(cam.pending)
+                    self.metrics.inc("kiosk_frames_dropped_total", len(cam.pending),
+                                     help="stale frames dropped (newer frame arrived)", camera=cam.camera_id)
+                    cam.pending.clear()
+                cam.pending.append((header, image, time.time()))
+            elif topic.startswith(HEALTH_TOPIC):
+                _, body = decode_json(parts, "health")
+                self.events.send_multipart(encode_json(topic, body))  # relay capture health
+            elif topic.startswith(EOF_TOPIC):
+                _, body = decode_json(parts, "eof")
+                cam = self.cameras.get(str(body.get("camera_id")))
+                if cam is None:
+                    raise BadMessage(f"eof from unknown camera {body.get('camera_id')!r}")
+                cam.pending.append(("eof", None, time.time()))
+            else:
+                raise BadMessage(f"unknown topic {topic[:40]!r}")
+        except BadMessage as exc:
+            self._bad_message(str(exc))
+
+    def _take_batch(self) -> list[tuple[CameraState, FrameHeader, np.ndarray, float]]:
+        batch = []
+        for cam in self.cameras.values():
+            while cam.pending:
+                header, image, received = cam.pending.popleft()
+                if header == "eof":
+                    cam.eof = True
+                    self._end_tracks(cam, cam.tracker.end_all(), time.time())
+                    log.info("camera %s: end of source; %d frames processed", cam.camera_id, cam.processed)
+                    continue
+                batch.append((cam, header, image, received))
+                break
+        return batch
+
+    def _process(self, batch: list[tuple[CameraState, FrameHeader, np.ndarray, float]]) -> StageTimes:
+        times = StageTimes()
+        now = time.time()
+        for cam, header, _img, received in batch:
+            times.add("transport", max(0.0, (received - header.captured_at) * 1000))
+        t0 = time.perf_counter()
+        images = [img for _, _, img, _ in batch]
+        found = self.engine.detector.detect_batch(images)
+        t1 = time.perf_counter()
+        times.add("detect", (t1 - t0) * 1000)
+        todo: list[tuple[CameraState, FrameHeader, Track, int]] = []
+        crops_all, faces_all = [], []
+        for (cam, header, image, _), faces in zip(batch, found):
+            cam.processed += 1
+            self._fps_window.append(now)
+            cam.last_clock, cam.last_wall = header.clock, now
+            faces = faces[faces.widths >= self.cfg.policy.min_face_px]
+            tracks, ended = cam.tracker.update(faces, header.clock)
+            self._end_tracks(cam, ended, now)
+            # Undecided tracks every frame; decided ones now and then, to notice a new person in their place.
+            want = [i for i, tr in enumerate(tracks)
+                    if self.policy.needs_frames(tr) or tr.hits % RECHECK_EVERY == 0]
+            if not want:
+                continue
+            sel = faces[np.asarray(want)]
+            crops = align_faces(image, sel.kps)
+            ok = self.policy.quality_ok(measure(sel, crops))
+            for k, i in enumerate(want):
+                if ok[k]:
+                    todo.append((cam, header, tracks[i], len(crops_all)))
+                    crops_all.append(crops[k])
+            faces_all.append(sel)
+        t2 = time.perf_counter()
+        times.add("align", (t2 - t1) * 1000)
+        if todo:
+            emb = self.engine.recognizer.embed(np.stack(crops_all))
+            t3 = time.perf_counter()
+            times.add("embed", (t3 - t2) * 1000)
+            for cam, header, track, idx in todo:
+                if track.embedding is not None and float(emb[idx] @ track.embedding) < SAME_PERSON:
+                    log.info("camera %s: track %d changed person; starting a new transaction", cam.camera_id,
+                             track.track_id)
+                    new = cam.tracker.split(track, header.clock)
+                    self._end_tracks(cam, [track], now)
+                    track = new
+                track.embedding = emb[idx]
+                if not self.policy.needs_frames(track):
+                    continue
+                claim = self.policy.claim_for(track, cam.gate_id, now)
+                match = self.matrix.search(emb[idx:idx + 1], only=claim.subject_id if claim else None)[0]
+                decision = self.policy.observe(track, cam.gate_id, match, header.captured_at, header.seq)
+                if decision is not None:
+                    self._publish(cam, track, decision)
+            times.add("match+decide", (time.perf_counter() - t3) * 1000)
+        for stage, ms in times.values.items():
+            self.metrics.observe("kiosk_stage_ms", ms, "per-frame stage latency (ms)", stage=stage)
+        return times
+
+    def _end_tracks(self, cam: CameraState, tracks: list[Track], now: float) -> None:
+        for track in tracks:
+            decision = self.policy.track_ended(track)
+            if decision is not None:
+                self._publish(cam, track, decision)
+
+    def _publish(self, cam: CameraState, track: Track, d: Decision) -> Event:
+        decided_at = time.time()
+        event = Event(type=d.type, gate_id=cam.gate_id, camera_id=cam.camera_id, track_id=track.track_id,
+                      subject_id=d.subject_id, display_name=d.display_name,
+                      score=None if d.score is None else round(d.score, 4),
+                      threshold=self.cfg.policy.accept_threshold, reason=d.reason, frames=d.frames,
+                      captured_at=d.captured_at, decided_at=decided_at,
+                      latency_ms=round((decided_at - d.captured_at) * 1000, 1), seq=d.seq)
+        self.events.send_multipart([event.topic(), event.to_json()])
+        self.audit.write(event.to_json().decode() + "\n")
+        self.audit.flush()
+        self.metrics.inc("kiosk_decisions_total", help="decisions published", type=d.type, reason=d.reason or "")
+        self.metrics.observe("kiosk_decision_latency_ms", event.latency_ms or 0.0,
+                             "capture-to-decision latency (ms)")
+        log.info("%s gate=%s camera=%s track=%d subject=%s score=%s reason=%s frames=%d latency=%.0fms",
+                 d.type.upper(), cam.gate_id, cam.camera_id, track.track_id, d.subject_id, event.score, d.reason,
+                 d.frames, event.latency_ms or 0.0)
+        return event
+
+    # -- periodic --------------------------------------------------------------
+    def _housekeeping(self, now: float) -> None:
+        for cam in self.cameras.values():
+            for track in cam.tracker.tracks:
+                decision = self.policy.check_timeout(track, now)
+                if decision is not None:
+                    self._publish(cam, track, decision)
+            if cam.realtime and not cam.pending and cam.tracker.tracks and cam.last_wall:
+                # No frames (camera gone or stalled): let tracks age out as the frame clock would.
+                _, ended = cam.tracker.update(Faces.empty(), cam.last_clock + (now - cam.last_wall))
+                self._end_tracks(cam, ended, now)
+        mono = time.monotonic()
+        if mono - self._last_gallery_poll >= GALLERY_POLL_S:
+            self._last_gallery_poll = mono
+            self._reload_gallery()
+        self._heartbeat()
+
+    def _reload_gallery(self) -> None:
+        try:
+            revision = self.gallery.revision()
+        except Exception as exc:  # noqa: BLE001 - a locked or broken DB must not stop the gate
+            self._last_error = f"gallery: {exc}"
+            log.warning("gallery revision check failed: %s", exc)
+            return
+        if revision != self.matrix.revision:
+            self.matrix = self.gallery.matrix(self.engine.model_id, self.engine.dim)
+            self.metrics.set("kiosk_gallery_subjects", len(self.matrix))
+            log.info("gallery reloaded: revision %d, %d subjects, %d templates", revision, len(self.matrix),
+                     self.matrix.template_count)
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        fps = sum(1 for t in self._fps_window if now - t <= 5.0) / 5.0
+        return {
+            "component": "verifier", "status": "ok", "pid": os.getpid(), "providers": self.engine.providers,
+            "fps": round(fps, 2), "drops": sum(c.stale for c in self.cameras.values()),
+            "queue_depth": sum(len(c.pending) for c in self.cameras.values()),
+            "bad_messages": self._bad, "last_error": self._last_error,
+            "gallery": {"subjects": len(self.matrix), "templates": self.matrix.template_count,
+                        "revision": self.matrix.revision},
+            "cameras": {c.camera_id: {"gate_id": c.gate_id, "frames_in": c.frames_in, "processed": c.processed,
+                                      "dropped": c.stale, "eof": c.eof, "tracks": len(c.tracker.tracks)}
+                        for c in self.cameras.values()},
+            "claims": {g: c.subject_id for g, c in self.policy.claims.items()},
+        }
+
+    def _heartbeat(self, force: bool = False, status: str = "ok") -> None:
+        mono = time.monotonic()
+        if not force and mono - self._last_heartbeat < HEARTBEAT_S:
+            return
+        self._last_heartbeat = mono
+        body = self.status()
+        body["status"] = status
+        body["sent_at"] = time.time()
+        self.events.send_multipart(encode_json(HEALTH_TOPIC + "verifier", body))
+
+    def _handle_control(self) -> None:
+        try:
+            request = json.loads(self.control.recv())
+            if not isinstance(request, dict):
+                raise ValueError("not a JSON object")
+            reply = self._control(request)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._bad_message(f"control: {exc}")
+            reply = {"ok": False, "error": f"bad request: {exc}"}
+        self.control.send_json(reply)
+
+    def _control(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "claim":
+            gate, subject = req.get("gate_id"), req.get("subject_id")
+            ttl = req.get("ttl_s", self.cfg.policy.claim_ttl_s)
+            gates = {c.gate_id for c in self.cameras.values()}
+            if not isinstance(gate, str) or gate not in gates:
+                return {"ok": False, "error": f"unknown gate {gate!r} (gates: {sorted(gates)})"}
+            if not isinstance(subject, str) or subject not in self.matrix.subject_ids:
+                self._reload_gallery()
+                if subject not in self.matrix.subject_ids:
+                    return {"ok": False, "error": f"subject {subject!r} is not enrolled"}
+            if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= 86400:
+                return {"ok": False, "error": "ttl_s must be a number of seconds from 0 to 86400"}
+            claim = self.policy.add_claim(gate, subject, float(ttl), time.time())
+            return {"ok": True, "gate_id": gate, "subject_id": subject, "expires_at": claim.expires_at}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def run_verifier(cfg: KioskConfig) -> int:
+    verifier = Verifier(cfg)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: verifier.stop())
+    try:
+        return verifier.run()
+    finally:
+        verifier.close()

@@ -1,0 +1,110 @@
+"""Helpers for the pipeline tests: scenes, configs with free ports, real processes, event readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from kiosk.config import load_config
+from kiosk.demo import free_port
+from kiosk.messages import decode_event, decode_json
+from kiosk.scenes import Walk, person_crop, render, write_video
+from kiosk.transport import Transport, init_keys
+
+
+def people(engine, photos) -> dict[str, np.ndarray]:
+    """Person crops: 'yao' (portrait), and gdp.jpg's players 'duncan' (left) and 'parker' (right)."""
+    yao = cv2.imread(str(photos["yaoming.jpg"]))
+    gdp = cv2.imread(str(photos["gdp.jpg"]))
+    faces = engine.detector.detect(gdp)
+    faces = faces[faces.widths >= 48]
+    order = np.argsort(faces.boxes[:, 0])
+    return {"yao": person_crop(yao, engine.detector.detect(yao).largest().boxes[0]),
+            "duncan": person_crop(gdp, faces.boxes[order[0]]),
+            "parker": person_crop(gdp, faces.boxes[order[-1]])}
+
+
+def make_video(path: Path, walks: list[Walk], seconds: float, fps: float = 30.0,
+               size: tuple[int, int] = (640, 480)) -> Path:
+    return write_video(path, render(walks, int(seconds * fps), size), fps)
+
+
+def write_config(folder: Path, cameras: list[dict], **extra) -> Path:
+    cfg = {
+        "gallery": {"path": "gallery.db"},
+        "cameras": cameras,
+        "transport": {k: f"tcp://127.0.0.1:{free_port()}" for k in ("frames", "events", "control")},
+        "security": {"curve": True, "keys_dir": "keys"},
+        "audit": {"path": "events.jsonl"},
+        "metrics": {"port": 0},
+    }
+    cfg.update(extra)
+    path = folder / "kiosk.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    init_keys(folder / "keys")
+    return path
+
+
+def kiosk(config: Path, *args: str, quiet: bool = True) -> subprocess.Popen:
+    """Start `kiosk -c CONFIG ARGS...` as a real process (own process group for cleanup)."""
+    cmd = [sys.executable, "-m", "kiosk.cli", *(["-q"] if quiet else []), "-c", str(config), *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10) -> tuple[str, str]:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()
+
+
+def audit(config: Path) -> list[dict]:
+    path = config.parent / "events.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Events:
+    """A real CurveZMQ subscriber on the events socket."""
+
+    def __init__(self, config: Path, topics: tuple[str, ...] = ("event.", "health.")) -> None:
+        self.cfg = load_config(config)
+        self.transport = Transport(self.cfg, role="test")
+        self.sock = self.transport.event_subscriber(list(topics))
+        self.events: list = []
+        self.health: list[dict] = []
+
+    def poll(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self.sock.poll(50):
+                parts = self.sock.recv_multipart()
+                if parts[0].startswith(b"event."):
+                    self.events.append(decode_event(parts))
+                else:
+                    self.health.append(decode_json(parts, "health")[1])
+
+    def wait_for(self, predicate, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if predicate(self):
+                return True
+            self.poll(0.1)
+        return predicate(self)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.transport.close()

@@ -1,0 +1,180 @@
+"""The real-time pipeline with real processes and sockets: capture -> ZeroMQ -> verifier -> events."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import pytest
+import zmq
+
+from kiosk.config import load_config
+from kiosk.scenes import Walk
+from kiosk.transport import Transport, control_request
+from tests.conftest import run_cli
+from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, stop, write_config
+
+FPS = 30
+
+
+@pytest.fixture(scope="module")
+def crops(engine, photos):
+    return people(engine, photos)
+
+
+def enroll(config, subject, photo) -> None:
+    res = run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", subject, str(photo))
+    assert res.returncode == 0, res.stderr
+
+
+def test_replay_two_cameras_accept_reject_small_face_and_close_up(tmp_path, crops, photos):
+    """Gate A1: a far face (below min_face_px), Yao walks up, Parker walks up. Gate B1: Yao at 85% of the frame."""
+    s = FPS
+    make_video(tmp_path / "a1.avi", [
+        Walk(crops["duncan"], start=0, frames=2 * s, w0=28, w1=32, cx=0.3),  # far away: never decided
+        Walk(crops["yao"], start=3 * s, frames=3 * s, w0=40, w1=180),
+        Walk(crops["parker"], start=7 * s, frames=3 * s, w0=40, w1=170),
+    ], seconds=10.5)
+    make_video(tmp_path / "b1.avi", [Walk(crops["yao"], start=0, frames=2 * s, w0=544, w1=544, cy=0.55)],
+               seconds=2.0)
+    config = write_config(tmp_path, [
+        {"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False},
+        {"id": "cam-b1", "gate": "B1", "source": "b1.avi", "realtime": False},
+    ])
+    enroll(config, "YAO", photos["yaoming.jpg"])
+    events = Events(config, ("event.",))
+    proc = kiosk(config, "run", "--exit-on-eof")
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        stop(proc)
+    events.poll(0.5)
+    events.close()
+    assert proc.returncode == 0, err
+    log = audit(config)
+    a1 = [e for e in log if e["gate_id"] == "A1"]
+    b1 = [e for e in log if e["gate_id"] == "B1"]
+    accepts = [e for e in a1 if e["type"] == "accept"]
+    assert [e["subject_id"] for e in accepts] == ["YAO"]
+    assert 3 * s <= accepts[0]["seq"] < 6 * s
+    rejects = [e for e in a1 if e["type"] == "reject"]
+    assert rejects and all(7 * s <= e["seq"] < 10 * s and e["reason"] == "no_match" for e in rejects)
+    assert not [e for e in a1 if e["seq"] is not None and e["seq"] < 3 * s]  # the far face got nothing
+    assert [(e["type"], e["subject_id"]) for e in b1] == [("accept", "YAO")]  # the close-up
+    for e in accepts + b1:
+        assert e["frames"] >= 3 and e["score"] >= e["threshold"] and e["latency_ms"] >= 0
+        assert e["decided_at"] >= e["captured_at"]
+    # What went out on the socket is what the audit log holds.
+    assert sorted(e.event_id for e in events.events) == sorted(e["event_id"] for e in log)
+
+
+def test_claims_bad_messages_and_live_enrollment(tmp_path, crops, photos, engine):
+    """A claim for YAO, Parker walks up: claim_mismatch; a claim for PARKER: accepted."""
+    s = FPS
+    make_video(tmp_path / "parker.avi", [Walk(crops["parker"], start=5, frames=3 * s, w0=60, w1=170)], seconds=3.5)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "parker.avi", "realtime": False}])
+    enroll(config, "YAO", photos["yaoming.jpg"])
+    parker_photo = tmp_path / "parker.jpg"
+    cv2.imwrite(str(parker_photo), cv2.resize(crops["parker"], None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC))
+    verifier = kiosk(config, "verify")
+    events = Events(config)
+    try:
+        assert events.wait_for(lambda ev: any(h.get("component") == "verifier" for h in ev.health), 30)
+        # Malformed input on the frame socket is dropped and counted; the verifier keeps going.
+        cfg = load_config(config)
+        transport = Transport(cfg, role="test-bad")
+        push = transport.frame_sender()
+        push.send_multipart([b"frame.cam-a1", b"{not json", b"xx"])
+        push.send_multipart([b"frame.cam-a1", b'{"v":1,"camera_id":"cam-a1"}', b""])
+        push.send(b"garbage")
+        time.sleep(0.5)
+        status = control_request(transport, {"cmd": "status"})
+        assert status["ok"] and status["bad_messages"] == 3
+        push.close()
+        # Claim for a subject who is not enrolled, or at an unknown gate: refused.
+        res = run_cli("kiosk", "-c", str(config), "claim", "--gate", "A1", "--subject", "PARKER")
+        assert res.returncode == 2 and "not enrolled" in res.stderr
+        res = run_cli("kiosk", "-c", str(config), "claim", "--gate", "Z9", "--subject", "YAO")
+        assert res.returncode == 2 and "unknown gate" in res.stderr
+
+        res = run_cli("kiosk", "-c", str(config), "claim", "--gate", "A1", "--subject", "YAO")
+        assert res.returncode == 0, res.stderr
+        enroll(config, "PARKER", parker_photo)  # enrolled while the verifier runs
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        assert capture.wait(60) == 0
+        assert events.wait_for(lambda ev: any(e.type == "reject" for e in ev.events), 20)
+        first = [e for e in events.events]
+        assert [(e.type, e.reason, e.subject_id) for e in first] == [("reject", "claim_mismatch", "YAO")]
+
+        res = run_cli("kiosk", "-c", str(config), "claim", "--gate", "A1", "--subject", "PARKER")
+        assert res.returncode == 0, res.stderr
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        assert capture.wait(60) == 0
+        assert events.wait_for(lambda ev: len(ev.events) >= 2, 20)
+        second = events.events[1]
+        assert (second.type, second.subject_id, second.gate_id) == ("accept", "PARKER", "A1")
+        # Without a claim, Parker is now found 1:N too (the gallery change reached the verifier).
+        time.sleep(0.2)
+    finally:
+        events.close()
+        out, err = stop(verifier)
+    assert "Traceback" not in err
+
+
+def test_supervisor_restarts_a_killed_verifier_and_live_enrollment(tmp_path, crops, photos):
+    """kiosk run, real time. Parker walks up (not enrolled: reject); the verifier is SIGKILLed and comes back;
+    Parker is enrolled while everything runs; Parker's next walk is accepted; Yao (enrolled) is accepted."""
+    s = FPS
+    make_video(tmp_path / "gate.avi", [
+        Walk(crops["parker"], start=int(0.5 * s), frames=2 * s, w0=60, w1=160),
+        Walk(crops["parker"], start=int(9.0 * s), frames=2 * s, w0=60, w1=160),
+        Walk(crops["yao"], start=int(11.5 * s), frames=2 * s, w0=60, w1=160),
+    ], seconds=14.0)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "gate.avi", "realtime": True}])
+    enroll(config, "YAO", photos["yaoming.jpg"])
+    parker_photo = tmp_path / "parker.jpg"
+    cv2.imwrite(str(parker_photo), cv2.resize(crops["parker"], None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC))
+    events = Events(config)
+    run = kiosk(config, "run", "--exit-on-eof", quiet=False)
+    try:
+        assert events.wait_for(lambda ev: any(e.type == "reject" for e in ev.events), 30)
+        cfg = load_config(config)
+        transport = Transport(cfg, role="test")
+        pid = control_request(transport, {"cmd": "status"})["pid"]
+        transport.close()
+        os.kill(pid, signal.SIGKILL)
+        enroll(config, "PARKER", parker_photo)
+        # A new verifier (another pid) reports within a few seconds.
+        assert events.wait_for(lambda ev: any(h.get("component") == "verifier" and h.get("pid") not in (None, pid)
+                                              for h in ev.health), 20)
+        out, err = run.communicate(timeout=60)
+    finally:
+        events.poll(0.3)
+        events.close()
+        stop(run)
+    assert run.returncode == 0
+    assert "verifier exited with signal 9" in err
+    decisions = [(e["type"], e["subject_id"], e["reason"]) for e in audit(config)]
+    assert decisions == [("reject", None, "no_match"), ("accept", "PARKER", None), ("accept", "YAO", None)]
+
+
+def test_run_shuts_down_cleanly_on_sigterm(tmp_path, crops):
+    make_video(tmp_path / "loop.avi", [Walk(crops["parker"], start=0, frames=30, w0=60, w1=90)], seconds=1.0)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "loop.avi", "loop": True}])
+    events = Events(config)
+    run = kiosk(config, "run")
+    try:
+        assert events.wait_for(lambda ev: any(h.get("component") == "verifier" for h in ev.health), 30)
+        children = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 2
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(15) == 0
+        for pid in children:
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    finally:
+        events.close()
+        stop(run)
