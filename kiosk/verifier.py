@@ -121,6 +121,13 @@ class Verifier:
     def close(self) -> None:
         for cam in self.cameras.values():
             self._end_tracks(cam, cam.tracker.end_all(), time.time())
+        lat = self.metrics.quantiles("kiosk_frame_latency_ms")
+        dec = self.metrics.quantiles("kiosk_decision_latency_ms")
+        log.info("verifier stopping: %d frames processed (%d stale dropped), %d bad messages; frame latency "
+                 "p50 %.0f ms p99 %.0f ms; decision latency p50 %.0f ms p99 %.0f ms over %d decisions",
+                 sum(c.processed for c in self.cameras.values()), sum(c.stale for c in self.cameras.values()),
+                 self._bad, lat.get("p50", 0), lat.get("p99", 0), dec.get("p50", 0), dec.get("p99", 0),
+                 int(dec.get("n", 0)))
         self._heartbeat(force=True, status="stopping")
         self.audit.close()
         if self._metrics_server is not None:
@@ -188,6 +195,12 @@ class Verifier:
             elif topic.startswith(HEALTH_TOPIC):
                 _, body = decode_json(parts, "health")
                 self.events.send_multipart(encode_json(topic, body))  # relay capture health
+                cam_id = str(body.get("camera_id", ""))
+                if cam_id in self.cameras and isinstance(body.get("drops"), int):
+                    self.metrics.set("kiosk_capture_dropped_frames", body["drops"],
+                                     "frames the capture dropped because the verifier was busy", camera=cam_id)
+                    self.metrics.set("kiosk_camera_up", 1.0 if body.get("status") in ("ok", "eof") else 0.0,
+                                     "1 while the camera delivers frames", camera=cam_id)
             elif topic.startswith(EOF_TOPIC):
                 _, body = decode_json(parts, "eof")
                 cam = self.cameras.get(str(body.get("camera_id")))
@@ -267,6 +280,10 @@ class Verifier:
                 if decision is not None:
                     self._publish(cam, track, decision)
             times.add("match+decide", (time.perf_counter() - t3) * 1000)
+        done = time.time()
+        for cam, header, _img, _r in batch:
+            self.metrics.observe("kiosk_frame_latency_ms", (done - header.captured_at) * 1000,
+                                 "capture to end of processing, per frame (ms)")
         for stage, ms in times.values.items():
             self.metrics.observe("kiosk_stage_ms", ms, "per-frame stage latency (ms)", stage=stage)
         return times
@@ -334,6 +351,8 @@ class Verifier:
             "fps": round(fps, 2), "drops": sum(c.stale for c in self.cameras.values()),
             "queue_depth": sum(len(c.pending) for c in self.cameras.values()),
             "bad_messages": self._bad, "last_error": self._last_error,
+            "frame_latency_ms": self.metrics.quantiles("kiosk_frame_latency_ms"),
+            "decision_latency_ms": self.metrics.quantiles("kiosk_decision_latency_ms"),
             "gallery": {"subjects": len(self.matrix), "templates": self.matrix.template_count,
                         "revision": self.matrix.revision},
             "cameras": {c.camera_id: {"gate_id": c.gate_id, "frames_in": c.frames_in, "processed": c.processed,

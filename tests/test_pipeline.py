@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import cv2
 import pytest
@@ -16,6 +17,7 @@ from kiosk.config import load_config
 from kiosk.scenes import Walk
 from kiosk.transport import Transport, control_request
 from tests.conftest import run_cli
+from kiosk.demo import free_port
 from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, stop, write_config
 
 FPS = 30
@@ -76,14 +78,22 @@ def test_claims_bad_messages_and_live_enrollment(tmp_path, crops, photos, engine
     """A claim for YAO, Parker walks up: claim_mismatch; a claim for PARKER: accepted."""
     s = FPS
     make_video(tmp_path / "parker.avi", [Walk(crops["parker"], start=5, frames=3 * s, w0=60, w1=170)], seconds=3.5)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "parker.avi", "realtime": False}])
+    metrics_port = free_port()
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "parker.avi", "realtime": False},
+                                     {"id": "cam-gone", "gate": "A2", "source": 9}],  # no such camera device
+                          metrics={"port": metrics_port})
     enroll(config, "YAO", photos["yaoming.jpg"])
     parker_photo = tmp_path / "parker.jpg"
     cv2.imwrite(str(parker_photo), cv2.resize(crops["parker"], None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC))
     verifier = kiosk(config, "verify")
+    gone = kiosk(config, "capture", "--camera", "cam-gone")
     events = Events(config)
     try:
         assert events.wait_for(lambda ev: any(h.get("component") == "verifier" for h in ev.health), 30)
+        # A camera that cannot be opened is retried with backoff and reported, never a crash.
+        assert events.wait_for(lambda ev: sum(h.get("component") == "capture.cam-gone"
+                                              and h.get("status") == "reconnecting" for h in ev.health) >= 2, 20)
+        assert gone.poll() is None
         # Malformed input on the frame socket is dropped and counted; the verifier keeps going.
         cfg = load_config(config)
         transport = Transport(cfg, role="test-bad")
@@ -117,10 +127,16 @@ def test_claims_bad_messages_and_live_enrollment(tmp_path, crops, photos, engine
         assert events.wait_for(lambda ev: len(ev.events) >= 2, 20)
         second = events.events[1]
         assert (second.type, second.subject_id, second.gate_id) == ("accept", "PARKER", "A1")
-        # Without a claim, Parker is now found 1:N too (the gallery change reached the verifier).
-        time.sleep(0.2)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        for needle in ('kiosk_frames_in_total{camera="cam-a1"}', 'kiosk_stage_ms{stage="detect",quantile="0.99"}',
+                       'kiosk_decisions_total{reason="claim_mismatch",type="reject"} 1',
+                       'kiosk_decisions_total{reason="",type="accept"} 1', "kiosk_gallery_subjects 2",
+                       'kiosk_provider_info{provider="CPUExecutionProvider"} 1', "kiosk_bad_messages_total 3",
+                       'kiosk_camera_up{camera="cam-gone"} 0'):
+            assert needle in metrics, needle
     finally:
         events.close()
+        stop(gone)
         out, err = stop(verifier)
     assert "Traceback" not in err
 
@@ -178,3 +194,28 @@ def test_run_shuts_down_cleanly_on_sigterm(tmp_path, crops):
     finally:
         events.close()
         stop(run)
+
+
+def test_image_folder_and_video_sources(tmp_path, crops):
+    from kiosk.capture import ImageFolderSource, VideoSource, open_source
+    from kiosk.config import CameraConfig
+
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i:03d}.jpg"), crops["parker"])
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "004.jpg").write_text("corrupt")  # skipped with a warning, not a crash
+    cfg = load_config(write_config(tmp_path, [{"id": "c", "gate": "G", "source": "shots"}]))
+    src = open_source(cfg.cameras[0], cfg)
+    assert isinstance(src, ImageFolderSource) and not src.live and src.fps == 10.0
+    assert src.open()
+    got = [src.read() for _ in range(5)]
+    assert [g is not None for g in got] == [True, True, True, False, False]
+    make_video(tmp_path / "v.avi", [Walk(crops["parker"], start=0, frames=5, w0=60, w1=60)], seconds=5 / FPS)
+    video = open_source(CameraConfig(id="v", gate="G", source=str(tmp_path / "v.avi")), cfg)
+    assert isinstance(video, VideoSource) and not video.live and video.open()
+    assert video.fps == pytest.approx(30.0)
+    assert sum(video.read() is not None for _ in range(7)) == 5
+    assert open_source(CameraConfig(id="d", gate="G", source=0), cfg).live
+    assert open_source(CameraConfig(id="u", gate="G", source="rtsp://cam.local/stream"), cfg).live
