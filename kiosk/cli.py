@@ -41,6 +41,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return run_verifier(_config_required(args))
 
 
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    from kiosk.subscriber import build_hooks, run_subscriber
+
+    cfg = load_config(args.config)
+    hooks = build_hooks(cfg, jsonl=args.jsonl, execs=args.exec, webhooks=args.webhook,
+                        python=args.python or None)
+    return run_subscriber(cfg, args.gate, hooks)
+
+
 def cmd_claim(args: argparse.Namespace) -> int:
     import json
 
@@ -117,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="detect, match and decide; publish events")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("subscribe", help="run hooks on the events of one gate (or all)")
+    p.add_argument("--gate", metavar="ID", help="only this gate's events")
+    p.add_argument("--jsonl", action="append", default=[], metavar="FILE", help="append each event to FILE")
+    p.add_argument("--exec", action="append", default=[], metavar="CMD",
+                   help="run CMD per event: event JSON on stdin, KIOSK_* environment variables")
+    p.add_argument("--webhook", action="append", default=[], metavar="URL", help="POST each event as JSON")
+    p.add_argument("--python", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="call a Python function with each event (default: hooks.python in the config)")
+    p.set_defaults(func=cmd_subscribe)
 
     p = sub.add_parser("claim", help="make the next transaction at a gate a 1:1 check against one subject")
     p.add_argument("--gate", required=True, metavar="GATE")

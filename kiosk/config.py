@@ -72,6 +72,37 @@ class SecurityConfig:
 
     curve: bool = True
     keys_dir: Path = Path("var/keys")
+    client_key: str = "client"
+
+
+@dataclass
+class HooksConfig:
+    """How `kiosk subscribe` runs its hooks."""
+
+    python: list[str] = field(default_factory=list)
+    exec_timeout_s: float = 10.0
+    webhook_timeout_s: float = 5.0
+    webhook_retries: int = 3
+    queue_size: int = 1000
+
+
+@dataclass
+class HeartbeatConfig:
+    """Verifier heartbeats and how many missed ones mean `verifier_down`."""
+
+    interval_s: float = 1.0
+    misses: int = 3
+
+
+@dataclass
+class SubscriberConfig:
+    """A subscriber `kiosk run` starts: hooks for one gate (or all)."""
+
+    name: str
+    gate: Optional[str] = None
+    exec: Optional[str] = None
+    webhook: Optional[str] = None
+    jsonl: Optional[Path] = None
 
 
 @dataclass
@@ -130,6 +161,9 @@ class KioskConfig:
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    subscribers: list[SubscriberConfig] = field(default_factory=list)
     source: Path | None = field(default=None, metadata={"internal": True})
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
 
@@ -162,6 +196,12 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("enrollment", "max_yaw"): (0.0, 10.0),
     ("enrollment", "min_det_score"): (0.0, 1.0),
     ("metrics", "port"): (0, 65535),
+    ("hooks", "exec_timeout_s"): (0.1, 3600.0),
+    ("hooks", "webhook_timeout_s"): (0.1, 600.0),
+    ("hooks", "webhook_retries"): (0, 100),
+    ("hooks", "queue_size"): (1, 1_000_000),
+    ("heartbeat", "interval_s"): (0.05, 60.0),
+    ("heartbeat", "misses"): (1, 1000),
 }
 
 _PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")
@@ -288,6 +328,12 @@ def _check(cfg: KioskConfig) -> None:
         if cam.id in seen:
             raise _Invalid(f"cameras[{i}].id", "a camera id used once", cam.id)
         seen.add(cam.id)
+    for i, hook in enumerate(cfg.hooks.python):
+        if ":" not in hook:
+            raise _Invalid(f"hooks.python[{i}]", "module:function", hook)
+    for i, sub in enumerate(cfg.subscribers):
+        if not (sub.exec or sub.webhook or sub.jsonl):
+            raise _Invalid(f"subscribers[{i}]", "at least one of exec, webhook, jsonl", "none")
     if cfg.policy.reject_after_frames < cfg.policy.accept_frames:
         raise _Invalid("policy.reject_after_frames", f"at least policy.accept_frames ({cfg.policy.accept_frames})",
                        cfg.policy.reject_after_frames)

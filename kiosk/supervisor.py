@@ -67,10 +67,16 @@ class Supervisor:
                                restart_on_success=open_source(c, cfg).live or c.loop)
                          for c in cfg.cameras]
         self.file_cameras = [c.id for c in cfg.cameras if not (open_source(c, cfg).live or c.loop)]
+        self.subscribers = []
+        for sub in cfg.subscribers:
+            argv = base + ["subscribe"] + (["--gate", sub.gate] if sub.gate else [])
+            argv += (["--exec", sub.exec] if sub.exec else []) + (["--webhook", sub.webhook] if sub.webhook else [])
+            argv += ["--jsonl", str(cfg.resolve(sub.jsonl))] if sub.jsonl else []
+            self.subscribers.append(Child(f"subscriber {sub.name}", argv, restart_on_success=True))
 
     @property
     def children(self) -> list[Child]:
-        return [self.verifier, *self.captures]
+        return [self.verifier, *self.captures, *self.subscribers]
 
     def stop(self) -> None:
         self._stop.set()
@@ -125,6 +131,8 @@ class Supervisor:
             made = init_keys(self.cfg.resolve(self.cfg.security.keys_dir))
             if made:
                 log.info("made CurveZMQ keys in %s", self.cfg.resolve(self.cfg.security.keys_dir))
+        for child in self.subscribers:  # first, so they see the verifier's first heartbeat
+            self._start(child)
         self._start(self.verifier)
         time.sleep(0.2)  # let the verifier bind before the captures connect (they retry anyway)
         for child in self.captures:
@@ -140,6 +148,8 @@ class Supervisor:
                     last_eof_check = now
                     if self._all_sources_done():
                         log.info("every file source read and decided; stopping")
+                        if self.subscribers:
+                            time.sleep(1.0)  # let the subscribers receive the last events
                         break
                 self._stop.wait(0.1)
         finally:

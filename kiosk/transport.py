@@ -69,7 +69,7 @@ def _load(path: Path) -> KeyPair:
 class Transport:
     """Builds the sockets of one process from the config."""
 
-    def __init__(self, cfg: KioskConfig, *, role: str, client_key: str = "client") -> None:
+    def __init__(self, cfg: KioskConfig, *, role: str, client_key: str | None = None) -> None:
         self.cfg = cfg
         self.role = role
         self.ctx = zmq.Context()
@@ -78,7 +78,7 @@ class Transport:
         self._auth: ThreadAuthenticator | None = None
         self._server: KeyPair | None = None
         self._client: KeyPair | None = None
-        self._client_key = client_key
+        self._client_key = client_key or cfg.security.client_key
         if not self.curve:
             log.warning("%s: CurveZMQ is OFF (security.curve: false): frames and decisions travel unencrypted "
                         "and any process can connect", role)

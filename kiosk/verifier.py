@@ -41,7 +41,6 @@ from kiosk.transport import FRAME_HWM, Transport
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 1.0
 GALLERY_POLL_S = 1.0
 REPLAY_BACKLOG = 8
 RECHECK_EVERY = 10  # frames of a decided track between identity checks
@@ -363,7 +362,7 @@ class Verifier:
 
     def _heartbeat(self, force: bool = False, status: str = "ok") -> None:
         mono = time.monotonic()
-        if not force and mono - self._last_heartbeat < HEARTBEAT_S:
+        if not force and mono - self._last_heartbeat < self.cfg.heartbeat.interval_s:
             return
         self._last_heartbeat = mono
         body = self.status()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -46,7 +47,7 @@ def test_replay_two_cameras_accept_reject_small_face_and_close_up(tmp_path, crop
     config = write_config(tmp_path, [
         {"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False},
         {"id": "cam-b1", "gate": "B1", "source": "b1.avi", "realtime": False},
-    ])
+    ], subscribers=[{"name": "gate-b1", "gate": "B1", "jsonl": "b1-hook.jsonl"}])
     enroll(config, "YAO", photos["yaoming.jpg"])
     events = Events(config, ("event.",))
     proc = kiosk(config, "run", "--exit-on-eof")
@@ -67,6 +68,9 @@ def test_replay_two_cameras_accept_reject_small_face_and_close_up(tmp_path, crop
     assert rejects and all(7 * s <= e["seq"] < 10 * s and e["reason"] == "no_match" for e in rejects)
     assert not [e for e in a1 if e["seq"] is not None and e["seq"] < 3 * s]  # the far face got nothing
     assert [(e["type"], e["subject_id"]) for e in b1] == [("accept", "YAO")]  # the close-up
+    # The subscriber `kiosk run` started for gate B1 got exactly B1's event.
+    hooked = [json.loads(line) for line in (tmp_path / "b1-hook.jsonl").read_text().splitlines()]
+    assert [e["event_id"] for e in hooked] == [e["event_id"] for e in b1]
     for e in accepts + b1:
         assert e["frames"] >= 3 and e["score"] >= e["threshold"] and e["latency_ms"] >= 0
         assert e["decided_at"] >= e["captured_at"]

@@ -1,0 +1,247 @@
+"""`kiosk subscribe`: deliver decisions to hooks, and fail closed when the verifier is gone.
+
+Each hook has its own worker thread and bounded queue: a slow or hanging
+hook delays no other hook; when its queue is full, new events for it are
+dropped, counted and logged. Hooks:
+- exec: a shell command, event JSON on stdin, main fields as KIOSK_*
+  environment variables, killed after `hooks.exec_timeout_s`;
+- webhook: HTTP POST of the event JSON, retried with backoff;
+- jsonl: one JSON object a line, flushed per event;
+- python: `module:function`, called with the event as a dict.
+
+Heartbeat watch: `heartbeat.misses` missed verifier heartbeats deliver a
+`verifier_down` event to every hook (also at start if none arrives);
+`verifier_up` follows when they return.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from kiosk.config import KioskConfig
+from kiosk.errors import ConfigError
+from kiosk.messages import EVENT_TOPIC, HEALTH_TOPIC, BadMessage, Event, decode_event, decode_json
+from kiosk.transport import Transport
+
+log = logging.getLogger(__name__)
+
+ENV_FIELDS = ("type", "gate_id", "camera_id", "subject_id", "display_name", "score", "reason", "event_id",
+              "decided_at", "latency_ms")
+
+
+class Hook:
+    """A worker thread with a bounded queue around one `deliver(event)` function."""
+
+    def __init__(self, name: str, deliver: Callable[[dict[str, Any]], None], queue_size: int) -> None:
+        self.name = name
+        self._deliver = deliver
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.delivered = 0
+        self.failed = 0
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._work, name=f"hook {name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, event: dict[str, Any]) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.warning("hook %s is behind: %d events dropped so far", self.name, self.dropped)
+
+    def _work(self) -> None:
+        while True:
+            event = self._queue.get()
+            if event is None:
+                return
+            try:
+                self._deliver(event)
+                self.delivered += 1
+            except Exception as exc:  # noqa: BLE001 - a hook's failure must not stop the others
+                self.failed += 1
+                log.warning("hook %s failed on event %s: %s", self.name, event.get("event_id"), exc)
+
+    def close(self, timeout: float = 5.0) -> None:
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
+
+
+def exec_hook(command: str, timeout_s: float) -> Callable[[dict[str, Any]], None]:
+    def deliver(event: dict[str, Any]) -> None:
+        env = dict(os.environ)
+        for key in ENV_FIELDS:
+            value = event.get(key)
+            env[f"KIOSK_{key.upper()}"] = "" if value is None else str(value)
+        try:
+            res = subprocess.run(command, shell=True, input=json.dumps(event) + "\n", text=True, env=env,
+                                 capture_output=True, timeout=timeout_s, start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"command timed out after {timeout_s:g}s and was killed: {command}") from None
+        if res.returncode != 0:
+            raise RuntimeError(f"command exited {res.returncode}: {command}: {res.stderr.strip()[-300:]}")
+    return deliver
+
+
+def webhook_hook(url: str, timeout_s: float, retries: int) -> Callable[[dict[str, Any]], None]:
+    def deliver(event: dict[str, Any]) -> None:
+        body = json.dumps(event).encode()
+        delay = 0.5
+        for attempt in range(retries + 1):
+            req = urllib.request.Request(url, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                    if 200 <= resp.status < 300:
+                        return
+                    error = f"HTTP {resp.status}"
+            except urllib.error.HTTPError as exc:
+                error = f"HTTP {exc.code}"
+                if 400 <= exc.code < 500 and exc.code != 429:
+                    raise RuntimeError(f"{url}: {error} (not retried)") from None
+            except (urllib.error.URLError, OSError) as exc:
+                error = str(getattr(exc, "reason", exc))
+            if attempt < retries:
+                log.info("webhook %s: %s; retry %d in %.1fs", url, error, attempt + 1, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        raise RuntimeError(f"{url}: {error} after {retries + 1} attempts")
+    return deliver
+
+
+def jsonl_hook(path: Path) -> Callable[[dict[str, Any]], None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a", encoding="utf-8")
+
+    def deliver(event: dict[str, Any]) -> None:
+        handle.write(json.dumps(event) + "\n")
+        handle.flush()
+    return deliver
+
+
+def python_hook(spec: str) -> Callable[[dict[str, Any]], None]:
+    module_name, _, func_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        func = getattr(module, func_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"hooks.python: cannot load {spec!r}: {exc}") from None
+    if not callable(func):
+        raise ConfigError(f"hooks.python: {spec!r} is not callable")
+    return func  # type: ignore[no-any-return]
+
+
+class Subscriber:
+    """Receives events (optionally of one gate) and the verifier's heartbeat; feeds the hooks."""
+
+    def __init__(self, cfg: KioskConfig, hooks: list[Hook], gate: str | None = None) -> None:
+        if not hooks:
+            raise ConfigError("kiosk subscribe: no hooks (give --jsonl, --exec, --webhook or hooks.python)")
+        self.cfg = cfg
+        self.hooks = hooks
+        self.gate = gate
+        self.transport = Transport(cfg, role="subscriber")
+        topic = EVENT_TOPIC + gate if gate else EVENT_TOPIC
+        self.sock = self.transport.event_subscriber([topic, HEALTH_TOPIC + "verifier"])
+        self._stop = threading.Event()
+        self.verifier_up: bool | None = None  # None: not heard from yet
+        self._last_beat = time.monotonic()
+        self.bad = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _dispatch(self, event: dict[str, Any]) -> None:
+        for hook in self.hooks:
+            hook.submit(event)
+
+    def _state_event(self, kind: str, reason: str) -> None:
+        event = Event(type=kind, gate_id=self.gate or "*", reason=reason, frames=0)
+        log.log(logging.WARNING if kind == "verifier_down" else logging.INFO, "%s: %s", kind, reason)
+        self._dispatch(asdict(event))
+
+    def _watch(self) -> None:
+        window = self.cfg.heartbeat.interval_s * self.cfg.heartbeat.misses
+        silent = time.monotonic() - self._last_beat
+        if silent > window and self.verifier_up is not False:
+            self.verifier_up = False
+            self._state_event("verifier_down", f"no verifier heartbeat for {silent:.1f}s")
+
+    def _receive(self, parts: list[bytes]) -> None:
+        topic = parts[0].decode("utf-8", "replace") if parts else ""
+        try:
+            if topic == HEALTH_TOPIC + "verifier":
+                _, body = decode_json(parts, "health")
+                self._last_beat = time.monotonic()
+                if body.get("status") == "stopping":
+                    return
+                if self.verifier_up is not True:
+                    was_down = self.verifier_up is False
+                    self.verifier_up = True
+                    if was_down:
+                        self._state_event("verifier_up", "verifier heartbeat is back")
+                return
+            event = decode_event(parts)
+            if self.gate and event.gate_id != self.gate:  # topic filters are prefixes: A1 also matches A10
+                return
+            self._dispatch(asdict(event))
+        except BadMessage as exc:
+            self.bad += 1
+            log.warning("dropped a malformed message: %s", exc)
+
+    def run(self) -> int:
+        log.info("subscribed to %s on %s with %d hook(s): %s", f"gate {self.gate}" if self.gate else "all gates",
+                 self.cfg.transport.events, len(self.hooks), ", ".join(h.name for h in self.hooks))
+        while not self._stop.is_set():
+            if self.sock.poll(100):
+                self._receive(self.sock.recv_multipart())
+            self._watch()
+        return 0
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.close()
+        self.sock.close()
+        self.transport.close()
+
+
+def build_hooks(cfg: KioskConfig, *, jsonl: list[str], execs: list[str], webhooks: list[str],
+                python: list[str] | None = None) -> list[Hook]:
+    h = cfg.hooks
+    hooks = [Hook(f"jsonl {p}", jsonl_hook(Path(p)), h.queue_size) for p in jsonl]
+    hooks += [Hook(f"exec {c}", exec_hook(c, h.exec_timeout_s), h.queue_size) for c in execs]
+    for url in webhooks:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"--webhook {url}: expected an http:// or https:// URL")
+        hooks.append(Hook(f"webhook {url}", webhook_hook(url, h.webhook_timeout_s, h.webhook_retries), h.queue_size))
+    hooks += [Hook(f"python {spec}", python_hook(spec), h.queue_size) for spec in (python if python is not None
+                                                                                   else h.python)]
+    return hooks
+
+
+def run_subscriber(cfg: KioskConfig, gate: str | None, hooks: list[Hook]) -> int:
+    sub = Subscriber(cfg, hooks, gate)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sub.stop())
+    try:
+        return sub.run()
+    finally:
+        sub.close()

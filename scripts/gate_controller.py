@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Reference gate controller: the state machine a gate vendor implements.
+
+    python3 scripts/gate_controller.py --gate A1 --events tcp://VERIFIER:5551 \\
+        --server-key keys/server.key --client-key keys/gate-a1.key_secret
+
+Needs only pyzmq. The gate is CLOSED by default and:
+- opens for --open-seconds on an `accept` for its own gate that is fresh
+  (decided less than --max-age seconds ago, by this machine's clock);
+- stays (or goes) closed on `reject`, on an event for another gate, on a
+  stale event, on `verifier_down`, and whenever no verifier heartbeat has
+  been seen for --heartbeat-timeout seconds (fail closed);
+- re-arms after `verifier_up`.
+Each state change is printed as one JSON line (wire your relay there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GateController:
+    """Closed unless a fresh accept for this gate arrived in the last `open_seconds`."""
+
+    gate_id: str
+    open_seconds: float = 5.0
+    max_age_s: float = 2.0
+    heartbeat_timeout_s: float = 3.0
+    open_until: float = 0.0
+    verifier_ok: bool = False
+    last_heartbeat: float = -1e18
+    log: list[dict] = field(default_factory=list)
+
+    def is_open(self, now: float) -> bool:
+        return self.verifier_ok and now - self.last_heartbeat <= self.heartbeat_timeout_s and now < self.open_until
+
+    def _note(self, now: float, what: str, event: dict) -> None:
+        self.log.append({"at": now, "action": what, "event_id": event.get("event_id"), "type": event.get("type")})
+
+    def heartbeat(self, now: float) -> None:
+        self.last_heartbeat = now
+        self.verifier_ok = True
+
+    def handle(self, event: dict, now: float) -> str:
+        """Apply one event; returns what the gate did: open, close or ignore."""
+        kind = event.get("type")
+        if kind == "verifier_down":
+            self.verifier_ok = False
+            self.open_until = 0.0
+            self._note(now, "close", event)
+            return "close"
+        if kind == "verifier_up":
+            self.heartbeat(now)
+            return "ignore"
+        if event.get("gate_id") != self.gate_id:
+            return "ignore"
+        if kind == "reject":
+            self.open_until = 0.0
+            self._note(now, "close", event)
+            return "close"
+        if kind != "accept":
+            return "ignore"
+        decided = event.get("decided_at")
+        if not isinstance(decided, (int, float)) or now - decided > self.max_age_s or decided - now > 1.0:
+            self._note(now, "ignore-stale", event)
+            return "ignore"
+        if not self.verifier_ok or now - self.last_heartbeat > self.heartbeat_timeout_s:
+            self._note(now, "ignore-verifier-down", event)
+            return "ignore"
+        self.open_until = now + self.open_seconds
+        self._note(now, "open", event)
+        return "open"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Reference gate controller (fail-closed).")
+    ap.add_argument("--gate", required=True)
+    ap.add_argument("--events", required=True, help="the verifier's events endpoint, e.g. tcp://10.0.0.5:5551")
+    ap.add_argument("--server-key", help="the verifier's public key file (server.key); omit only with curve off")
+    ap.add_argument("--client-key", help="this gate's secret key file (NAME.key_secret)")
+    ap.add_argument("--open-seconds", type=float, default=5.0)
+    ap.add_argument("--max-age", type=float, default=2.0, help="ignore accepts older than this (s)")
+    ap.add_argument("--heartbeat-timeout", type=float, default=3.0)
+    ap.add_argument("--run-seconds", type=float, default=0.0, help="stop after this long (0: run until killed)")
+    args = ap.parse_args(argv)
+
+    import zmq
+    import zmq.auth
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.SUB)
+    sock.linger = 0
+    if args.server_key:
+        server_public, _ = zmq.auth.load_certificate(args.server_key)
+        public, secret = zmq.auth.load_certificate(args.client_key)
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_public, public, secret
+    for topic in (f"event.{args.gate}", "health.verifier"):
+        sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    sock.connect(args.events)
+    gate = GateController(args.gate, args.open_seconds, args.max_age, args.heartbeat_timeout)
+    was_open = False
+    end = time.time() + args.run_seconds if args.run_seconds else float("inf")
+    while time.time() < end:
+        if sock.poll(100):
+            topic, body = sock.recv_multipart()[:2]
+            now = time.time()
+            try:
+                message = json.loads(body)
+            except ValueError:
+                continue
+            if topic == b"health.verifier":
+                gate.heartbeat(now)
+            elif topic == f"event.{args.gate}".encode():  # exact match: event.A1 must not take event.A10
+                gate.handle(message, now)
+        now = time.time()
+        state = gate.is_open(now)
+        if state != was_open:
+            print(json.dumps({"gate": args.gate, "state": "open" if state else "closed", "at": now}), flush=True)
+            was_open = state
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Gate side: hooks, heartbeat fail-closed, CurveZMQ allow-list, the reference gate controller."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import cv2
+import pytest
+import yaml
+import zmq.auth
+
+from kiosk.config import load_config
+from kiosk.scenes import Walk
+from kiosk.transport import Transport, control_request
+from tests.conftest import run_cli
+from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, stop, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_gate_controller():
+    spec = importlib.util.spec_from_file_location("gate_controller", REPO / "scripts" / "gate_controller.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_gate_controller_state_machine():
+    gc = load_gate_controller().GateController("A1", open_seconds=5, max_age_s=2, heartbeat_timeout_s=3)
+    t = 1000.0
+    accept = {"type": "accept", "gate_id": "A1", "decided_at": t, "event_id": "e1"}
+    assert gc.handle(accept, t) == "ignore" and not gc.is_open(t)  # closed until the verifier is heard
+    gc.heartbeat(t)
+    assert gc.handle({**accept, "gate_id": "A2"}, t) == "ignore" and not gc.is_open(t)  # another gate
+    assert gc.handle(accept, t + 0.1) == "open" and gc.is_open(t + 0.2)
+    assert not gc.is_open(t + 5.2)  # open for open_seconds only
+    gc.heartbeat(t + 6)
+    assert gc.handle({**accept, "decided_at": t + 6 - 2.5}, t + 6) == "ignore" and not gc.is_open(t + 6)  # stale
+    assert gc.handle({**accept, "decided_at": t + 6}, t + 6) == "open"
+    assert gc.handle({"type": "reject", "gate_id": "A1", "reason": "no_match"}, t + 6.5) == "close"
+    assert not gc.is_open(t + 6.6)
+    assert gc.handle({**accept, "decided_at": t + 7}, t + 7) == "open"
+    assert gc.handle({"type": "verifier_down", "gate_id": "*"}, t + 7.1) == "close" and not gc.is_open(t + 7.2)
+    assert gc.handle({**accept, "decided_at": t + 7.3}, t + 7.3) == "ignore"  # stays closed while down
+    gc.handle({"type": "verifier_up", "gate_id": "*"}, t + 8)
+    assert gc.handle({**accept, "decided_at": t + 8}, t + 8) == "open"
+    assert not gc.is_open(t + 8 + 3.5)  # heartbeats stopped: fail closed even inside open_seconds
+
+
+def test_keys_init_and_curve_off_warning(tmp_path):
+    res = run_cli("kiosk", "keys", "init", str(tmp_path / "keys"), "--client", "gate-a1")
+    assert res.returncode == 0
+    for name in ("server.key", "server.key_secret", "gate-a1.key", "gate-a1.key_secret",
+                 "authorized_clients/gate-a1.key"):
+        assert (tmp_path / "keys" / name).is_file(), name
+    assert stat.S_IMODE((tmp_path / "keys" / "server.key_secret").stat().st_mode) == 0o600
+    again = run_cli("kiosk", "keys", "init", str(tmp_path / "keys"), "--client", "gate-a1")
+    assert "already present" in again.stdout
+    config = write_config(tmp_path, [{"id": "c", "gate": "A1", "source": 0}], security={"curve": False})
+    verify = kiosk(config, "verify", quiet=False)
+    time.sleep(4)
+    out, err = stop(verify)
+    assert "CurveZMQ is OFF" in err
+
+
+class Hooked(BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Hooked.received.append((time.monotonic(), json.loads(body)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
+    crops = people(engine, photos)
+    make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=5, frames=60, w0=60, w1=160),
+                                     Walk(crops["parker"], start=100, frames=60, w0=60, w1=160)], seconds=6)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False},
+                                     {"id": "cam-x", "gate": "X1", "source": "a1.avi", "realtime": True}],
+                          heartbeat={"interval_s": 0.25, "misses": 3}, hooks={"exec_timeout_s": 20})
+    res = run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"]))
+    assert res.returncode == 0
+    # An intruder: a key pair that is not in authorized_clients/.
+    zmq.auth.create_certificates(str(tmp_path / "keys"), "intruder")
+    intruder_cfg = tmp_path / "intruder.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["security"]["client_key"] = "intruder"
+    intruder_cfg.write_text(yaml.safe_dump(data))
+
+    Hooked.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hooked)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/gate"
+
+    verifier = kiosk(config, "verify")
+    watcher = Events(config)
+    spy = Events(intruder_cfg)
+    sub = None
+    try:
+        assert watcher.wait_for(lambda ev: ev.health, 30)
+        sub = kiosk(config, "subscribe", "--gate", "A1", "--webhook", url, "--jsonl", str(tmp_path / "hook.jsonl"),
+                    "--exec", f"cat >> {tmp_path / 'stdin.jsonl'}",
+                    "--exec", f'echo "$KIOSK_TYPE $KIOSK_SUBJECT_ID $KIOSK_GATE_ID" >> {tmp_path / "env.txt"}',
+                    "--exec", "sleep 15", quiet=False)
+        time.sleep(2.0)
+        # The intruder's capture gets no frame in; the intruder's subscriber hears nothing.
+        rogue = kiosk(intruder_cfg, "capture", "--camera", "cam-x")
+        time.sleep(3.0)
+        stop(rogue)
+        transport = Transport(load_config(config), role="test")
+        status = control_request(transport, {"cmd": "status"})
+        assert status["cameras"]["cam-x"]["frames_in"] == 0
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        assert capture.wait(60) == 0
+        t_published = time.monotonic()
+        decisions = lambda: [e for _, e in Hooked.received if e["type"] in ("accept", "reject")]  # noqa: E731
+        deadline = time.monotonic() + 20
+        while len(decisions()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        logged = [e for e in audit(config) if e["gate_id"] == "A1"]
+        assert [e["event_id"] for e in decisions()] == [e["event_id"] for e in logged]  # every event, in order
+        assert [e["type"] for e in logged] == ["accept", "reject"]
+        # The hanging `sleep 15` hook did not hold up the others.
+        assert time.monotonic() - t_published < 10
+        assert len((tmp_path / "hook.jsonl").read_text().splitlines()) == 2
+        stdin_events = [json.loads(line) for line in (tmp_path / "stdin.jsonl").read_text().splitlines()]
+        assert [e["event_id"] for e in stdin_events] == [e["event_id"] for e in logged]
+        assert (tmp_path / "env.txt").read_text().splitlines()[0] == "accept YAO A1"
+        spy.poll(0.5)
+        assert spy.events == [] and spy.health == []
+
+        # Heartbeat watch: kill the verifier; verifier_down within the window; restart; verifier_up.
+        pid = status["pid"]
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        deadline = killed + 10
+        while not any(e["type"] == "verifier_down" for _, e in Hooked.received) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        down = [t for t, e in Hooked.received if e["type"] == "verifier_down"]
+        assert down and down[0] - killed < 0.25 * 3 + 1.0
+        verifier.wait(5)
+        verifier = kiosk(config, "verify")
+        deadline = time.monotonic() + 30
+        while not any(e["type"] == "verifier_up" for _, e in Hooked.received) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [e["type"] for _, e in Hooked.received][-2:] == ["verifier_down", "verifier_up"]
+        transport.close()
+    finally:
+        watcher.close()
+        spy.close()
+        if sub is not None:
+            stop(sub)
+        stop(verifier)
+        server.shutdown()
+
+
+def test_subscribe_needs_a_hook_and_a_valid_webhook(tmp_path):
+    config = write_config(tmp_path, [{"id": "c", "gate": "A1", "source": 0}])
+    res = run_cli("kiosk", "-c", str(config), "subscribe")
+    assert res.returncode == 2 and "no hooks" in res.stderr
+    res = run_cli("kiosk", "-c", str(config), "subscribe", "--webhook", "ftp://x")
+    assert res.returncode == 2 and "expected an http" in res.stderr
+    res = run_cli("kiosk", "-c", str(config), "subscribe", "--python", "no_such_module:fn")
+    assert res.returncode == 2 and "cannot load 'no_such_module:fn'" in res.stderr
+
+
+RECORDED: list = []
+
+
+def record(event: dict) -> None:
+    RECORDED.append(event)
+
+
+def test_python_hook_and_bounded_queue(tmp_path):
+    from kiosk.config import config_from_mapping
+    from kiosk.subscriber import Hook, build_hooks
+
+    cfg = config_from_mapping({"hooks": {"python": ["tests.test_gate_side:record"], "queue_size": 5}})
+    (hook,) = build_hooks(cfg, jsonl=[], execs=[], webhooks=[])
+    hook.submit({"type": "accept", "event_id": "x"})
+    hook.close()
+    assert RECORDED == [{"type": "accept", "event_id": "x"}] and hook.delivered == 1
+
+    gate = threading.Event()
+    slow = Hook("slow", lambda e: gate.wait(5), queue_size=2)
+    for i in range(6):
+        slow.submit({"event_id": str(i)})
+    time.sleep(0.1)
+    assert slow.dropped >= 3  # one in delivery, two queued, the rest dropped and counted
+    gate.set()
+    slow.close()
+    failing = Hook("failing", lambda e: 1 / 0, queue_size=2)
+    failing.submit({"event_id": "y"})
+    failing.close()
+    assert failing.failed == 1
