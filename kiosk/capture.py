@@ -20,6 +20,7 @@ import re
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +158,7 @@ class Capture:
         self._last_error = ""
         self._last_health = 0.0
         self._window: list[float] = []
+        self._decode_ms: deque = deque(maxlen=2000)
 
     def stop(self) -> None:
         self._stop.set()
@@ -185,6 +187,9 @@ class Capture:
         body = {"component": f"capture.{self.cam.id}", "camera_id": self.cam.id, "gate_id": self.cam.gate,
                 "status": self._status, "fps": round(fps, 2), "sent": self.stats.sent, "drops": self.stats.dropped,
                 "faults": self.stats.faults, "last_error": self._last_error, "source": self.source.description}
+        if self._decode_ms:
+            p50, p99 = np.percentile(np.asarray(self._decode_ms), [50, 99])
+            body["decode_ms"] = {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
         self._send(encode_json(f"{HEALTH_TOPIC}capture.{self.cam.id}", body), block=False)
 
     def _fault(self, message: str) -> None:
@@ -220,7 +225,10 @@ class Capture:
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
                     continue
+            t_read = time.perf_counter()
             frame = source.read()
+            if frame is not None:
+                self._decode_ms.append((time.perf_counter() - t_read) * 1000)
             if frame is None:
                 if not source.live:
                     if cam.loop:

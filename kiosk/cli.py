@@ -50,6 +50,31 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     return run_subscriber(cfg, args.gate, hooks)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from kiosk.bench import main_bench, run_search_scale
+
+    if args.search_scale:
+        try:
+            sizes = [int(v) for v in args.search_scale.split(",")]
+        except ValueError:
+            raise UsageError(f"--search-scale: expected sizes like 1000,10000,100000, found {args.search_scale!r}")
+        result = run_search_scale(sizes)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print("templates  p50 ms  p99 ms  full-scan ms  prefilter  top-1 correct")
+            for r in result["search_scale"]:
+                print(f"{r['templates']:>9}  {r['p50_ms']:>6.2f}  {r['p99_ms']:>6.2f}  {r['full_scan_ms']:>12.2f}  "
+                      f"{str(r['prefilter']):>9}  {r['top1_correct']:>13.3f}")
+        if not args.video:
+            return EXIT_OK
+    if not args.video:
+        raise UsageError("bench needs --video PATH (or --search-scale SIZES)")
+    return main_bench(_config_required(args), Path(args.video), args.compare, args.json, args.realtime)
+
+
 def cmd_claim(args: argparse.Namespace) -> int:
     import json
 
@@ -136,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="call a Python function with each event (default: hooks.python in the config)")
     p.set_defaults(func=cmd_subscribe)
+
+    p = sub.add_parser("bench", help="time the real pipeline on a video (and the obvious insightface loop)")
+    p.add_argument("--video", metavar="PATH", help="video to run the pipeline on")
+    p.add_argument("--search-scale", metavar="SIZES", help="also time 1:N search on synthetic galleries, "
+                   "e.g. 1000,10000,100000")
+    p.add_argument("--compare", choices=["insightface"], help="also run the obvious per-face insightface loop")
+    p.add_argument("--realtime", action="store_true",
+                   help="pace the video at its frame rate like a live camera (latency run; drops allowed)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("claim", help="make the next transaction at a gate a 1:1 check against one subject")
     p.add_argument("--gate", required=True, metavar="GATE")

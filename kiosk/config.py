@@ -121,6 +121,7 @@ class PolicyConfig:
     repeat_accept_s: float = 10.0
     track_max_age_s: float = 1.0
     claim_ttl_s: float = 60.0
+    max_embeddings_per_frame: int = 4
 
 
 @dataclass
@@ -191,6 +192,7 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("policy", "repeat_accept_s"): (0.0, 86400.0),
     ("policy", "track_max_age_s"): (0.05, 60.0),
     ("policy", "claim_ttl_s"): (1.0, 86400.0),
+    ("policy", "max_embeddings_per_frame"): (0, 1000),
     ("enrollment", "min_face_px"): (0, 10000),
     ("enrollment", "min_sharpness"): (0.0, 1e9),
     ("enrollment", "max_yaw"): (0.0, 10.0),

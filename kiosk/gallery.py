@@ -74,8 +74,23 @@ class Match:
         return self.score - self.second_score
 
 
+PREFILTER_MIN = 20_000  # templates from which search prefilters in a reduced space
+PREFILTER_DIM = 128
+PREFILTER_K = 256
+
+
 class GalleryMatrix:
-    """Templates of one model as a (N, D) matrix, grouped by subject, for 1:N search."""
+    """Templates of one model as a (N, D) matrix, grouped by subject, for 1:N search.
+
+    Up to PREFILTER_MIN templates every query is scored exactly against all.
+    Beyond that a full scan is memory-bound (100k x 512 floats is 205 MB per
+    query), so the templates are also kept projected on their top
+    PREFILTER_DIM principal axes: the reduced scores pick PREFILTER_K
+    candidate templates, which are then scored exactly. A subject that could
+    matter for a decision (score near or above the threshold) scores far
+    above the impostor crowd in the reduced space too, so it is always among
+    the candidates; the scores reported are the exact ones.
+    """
 
     def __init__(self, model_id: str, dim: int, subject_ids: list[str], names: list[str],
                  embeddings: np.ndarray, owners: np.ndarray, revision: int) -> None:
@@ -87,6 +102,15 @@ class GalleryMatrix:
         self.owners = owners  # (N,) subject index of each template, non-decreasing
         self.revision = revision
         self._starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]) if len(owners) else owners
+        self._basis: np.ndarray | None = None
+        self._reduced: np.ndarray | None = None
+        if len(self.embeddings) >= PREFILTER_MIN:
+            rng = np.random.default_rng(0)
+            sample = self.embeddings[rng.choice(len(self.embeddings), min(20_000, len(self.embeddings)),
+                                                replace=False)]
+            _, _, vt = np.linalg.svd(sample, full_matrices=False)
+            self._basis = np.ascontiguousarray(vt[:PREFILTER_DIM].T)  # (D, k)
+            self._reduced = np.ascontiguousarray(self.embeddings @ self._basis)
 
     def __len__(self) -> int:
         return len(self.subject_ids)
@@ -96,7 +120,7 @@ class GalleryMatrix:
         return int(self.embeddings.shape[0])
 
     def subject_scores(self, queries: np.ndarray) -> np.ndarray:
-        """(Q, S) best template score of each subject for each query."""
+        """(Q, S) best template score of each subject for each query (exact, full scan)."""
         q = np.asarray(queries, np.float32).reshape(-1, self.dim)
         if not len(self.subject_ids):
             return np.zeros((len(q), 0), np.float32)
@@ -105,28 +129,46 @@ class GalleryMatrix:
             return scores
         return np.maximum.reduceat(scores, self._starts, axis=1)
 
+    def _candidates(self, q: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query: (subject indices, exact best scores) of the prefiltered candidates."""
+        approx = (q @ self._basis) @ self._reduced.T  # type: ignore[operator]
+        k = min(PREFILTER_K, approx.shape[1] - 1)
+        out = []
+        for row, query in zip(approx, q):
+            cand = np.argpartition(-row, k)[:k]
+            exact = self.embeddings[cand] @ query
+            owners = self.owners[cand]
+            order = np.lexsort((-exact, owners))  # per subject, best template first
+            first = np.r_[True, owners[order][1:] != owners[order][:-1]]
+            out.append((owners[order][first], exact[order][first]))
+        return out
+
     def search(self, queries: np.ndarray, *, only: str | None = None) -> list[Match]:
         """Best and second-best subject per query; `only` restricts to one subject (1:1)."""
-        per_subject = self.subject_scores(queries)
+        q = np.asarray(queries, np.float32).reshape(-1, self.dim)
         if only is not None:
-            keep = [i for i, s in enumerate(self.subject_ids) if s == only]
-            per_subject = per_subject[:, keep]
-            ids = [self.subject_ids[i] for i in keep]
-            names = [self.names[i] for i in keep]
-        else:
-            ids, names = self.subject_ids, self.names
-        out = []
-        for row in per_subject:
-            if row.size == 0:
-                out.append(Match(None, "", -1.0, None, -1.0))
-                continue
-            if row.size == 1:
-                out.append(Match(ids[0], names[0], float(row[0]), None, -1.0))
-                continue
-            top2 = np.argpartition(-row, 1)[:2]
-            best, second = (top2 if row[top2[0]] >= row[top2[1]] else top2[::-1])
-            out.append(Match(ids[best], names[best], float(row[best]), ids[second], float(row[second])))
-        return out
+            if only not in self.subject_ids:
+                return [Match(None, "", -1.0, None, -1.0) for _ in q]
+            j = self.subject_ids.index(only)
+            rows = self.embeddings[self.owners == j]
+            best = (q @ rows.T).max(axis=1)
+            return [Match(only, self.names[j], float(b), None, -1.0) for b in best]
+        if self._reduced is not None:
+            return [self._match(subjects, scores) for subjects, scores in self._candidates(q)]
+        per_subject = self.subject_scores(q)
+        index = np.arange(per_subject.shape[1])
+        return [self._match(index, row) for row in per_subject]
+
+    def _match(self, subjects: np.ndarray, scores: np.ndarray) -> Match:
+        if scores.size == 0:
+            return Match(None, "", -1.0, None, -1.0)
+        if scores.size == 1:
+            j = int(subjects[0])
+            return Match(self.subject_ids[j], self.names[j], float(scores[0]), None, -1.0)
+        top2 = np.argpartition(-scores, 1)[:2]
+        b, s2 = (top2 if scores[top2[0]] >= scores[top2[1]] else top2[::-1])
+        jb, js = int(subjects[b]), int(subjects[s2])
+        return Match(self.subject_ids[jb], self.names[jb], float(scores[b]), self.subject_ids[js], float(scores[s2]))
 
 
 class Gallery:

@@ -28,6 +28,7 @@ class Track:
     state: object = None
     ended: bool = False
     embedding: np.ndarray | None = None  # the face's latest embedding, for the identity check
+    last_embedded: int = -1  # verifier step of the last embedding (fair rationing)
 
     @property
     def width(self) -> float:

@@ -100,6 +100,10 @@ class Verifier:
         self._last_heartbeat = 0.0
         self._last_gallery_poll = time.monotonic()
         self._fps_window: deque = deque(maxlen=300)
+        self.faces_total = 0
+        self._step_count = 0
+        self.first_captured_at: float | None = None
+        self.last_done_at: float | None = None
         self._metrics_server = self.metrics.serve(cfg.metrics.port) if cfg.metrics.port else None
         self.metrics.set("kiosk_gallery_subjects", len(self.matrix), "enrolled subjects in the search matrix")
         for prov in self.engine.providers:
@@ -236,7 +240,8 @@ class Verifier:
         t1 = time.perf_counter()
         times.add("detect", (t1 - t0) * 1000)
         todo: list[tuple[CameraState, FrameHeader, Track, int]] = []
-        crops_all, faces_all = [], []
+        crops_all: list[np.ndarray] = []
+        widths: list[float] = []
         for (cam, header, image, _), faces in zip(batch, found):
             cam.processed += 1
             self._fps_window.append(now)
@@ -256,7 +261,13 @@ class Verifier:
                 if ok[k]:
                     todo.append((cam, header, tracks[i], len(crops_all)))
                     crops_all.append(crops[k])
-            faces_all.append(sel)
+                    widths.append(float(sel.widths[k]))
+        cap = self.cfg.policy.max_embeddings_per_frame
+        if cap and len(todo) > cap:
+            todo, crops_all = self._ration(todo, crops_all, widths, cap)
+        for _, _, track, _ in todo:
+            track.last_embedded = self._step_count
+        self._step_count += 1
         t2 = time.perf_counter()
         times.add("align", (t2 - t1) * 1000)
         if todo:
@@ -273,19 +284,41 @@ class Verifier:
                 track.embedding = emb[idx]
                 if not self.policy.needs_frames(track):
                     continue
+                t_match = time.perf_counter()
                 claim = self.policy.claim_for(track, cam.gate_id, now)
                 match = self.matrix.search(emb[idx:idx + 1], only=claim.subject_id if claim else None)[0]
+                t_decide = time.perf_counter()
                 decision = self.policy.observe(track, cam.gate_id, match, header.captured_at, header.seq)
+                t_publish = time.perf_counter()
+                times.add("match", (t_decide - t_match) * 1000)
+                times.add("decide", (t_publish - t_decide) * 1000)
                 if decision is not None:
                     self._publish(cam, track, decision)
-            times.add("match+decide", (time.perf_counter() - t3) * 1000)
+                    times.add("publish", (time.perf_counter() - t_publish) * 1000)
         done = time.time()
+        self.faces_total += sum(len(f) for f in found)
+        if self.first_captured_at is None:
+            self.first_captured_at = min(h.captured_at for _, h, _, _ in batch)
+        self.last_done_at = done
         for cam, header, _img, _r in batch:
             self.metrics.observe("kiosk_frame_latency_ms", (done - header.captured_at) * 1000,
                                  "capture to end of processing, per frame (ms)")
         for stage, ms in times.values.items():
             self.metrics.observe("kiosk_stage_ms", ms, "per-frame stage latency (ms)", stage=stage)
         return times
+
+    def _ration(self, todo: list, crops: list[np.ndarray], widths: list[float], cap: int) -> tuple[list, list]:
+        """Keep `cap` faces to embed this step: undecided tracks first, the longest-waiting first, then the
+        largest face (the passenger at the front). Bounds a step's time when a crowd walks in."""
+        def priority(k: int) -> tuple:
+            track = todo[k][2]
+            return (not self.policy.needs_frames(track), track.last_embedded, -widths[k])
+
+        keep = sorted(range(len(todo)), key=priority)[:cap]
+        self.metrics.inc("kiosk_embeddings_deferred_total", len(todo) - cap,
+                         help="faces whose embedding waited for a later frame (max_embeddings_per_frame)")
+        new_todo = [(c, h, t, j) for j, (c, h, t, _) in enumerate(todo[k] for k in keep)]
+        return new_todo, [crops[k] for k in keep]
 
     def _end_tracks(self, cam: CameraState, tracks: list[Track], now: float) -> None:
         for track in tracks:
@@ -351,6 +384,11 @@ class Verifier:
             "queue_depth": sum(len(c.pending) for c in self.cameras.values()),
             "bad_messages": self._bad, "last_error": self._last_error,
             "frame_latency_ms": self.metrics.quantiles("kiosk_frame_latency_ms"),
+            "stages_ms": {stage: self.metrics.quantiles("kiosk_stage_ms", stage=stage)
+                          for stage in ("transport", "detect", "align", "embed", "match", "decide", "publish")},
+            "frames_processed": sum(c.processed for c in self.cameras.values()),
+            "faces_detected": self.faces_total,
+            "first_captured_at": self.first_captured_at, "last_done_at": self.last_done_at,
             "decision_latency_ms": self.metrics.quantiles("kiosk_decision_latency_ms"),
             "gallery": {"subjects": len(self.matrix), "templates": self.matrix.template_count,
                         "revision": self.matrix.revision},

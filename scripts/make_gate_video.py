@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-face", type=float, default=40.0)
     ap.add_argument("--max-face", type=float, default=180.0)
     ap.add_argument("--size", default="640x480", help="frame size WxH")
+    ap.add_argument("--crowd", type=int, default=1,
+                    help="people in view at once (side by side); >1 makes a multi-face video")
     args = ap.parse_args(argv)
     try:
         w, h = (int(v) for v in args.size.lower().split("x"))
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     engine = FaceEngine.from_config(config_from_mapping({}))
     walks, t = [], args.gap
+    crops = []
     for photo in args.photos:
         try:
             image = read_image(photo)
@@ -50,9 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         if len(faces) == 0:
             print(f"error: {photo}: no face found", file=sys.stderr)
             return 2
+        crops.append((photo, person_crop(image, faces.largest().boxes[0])))
+    for k in range(0, len(crops), args.crowd):
+        group = crops[k:k + args.crowd]
         start, frames = int(t * args.fps), int(args.seconds * args.fps)
-        walks.append(Walk(person_crop(image, faces.largest().boxes[0]), start, frames, args.min_face, args.max_face))
-        print(f"{photo}: frames {start}-{start + frames - 1}")
+        for j, (photo, crop) in enumerate(group):
+            cx = (j + 0.5) / len(group)
+            walks.append(Walk(crop, start + 3 * j, frames, args.min_face, args.max_face, cx=cx))
+            print(f"{photo}: frames {start + 3 * j}-{start + 3 * j + frames - 1}")
         t += args.seconds + args.gap
     total = int(t * args.fps)
     write_video(args.out, render(walks, total, (w, h)), args.fps)

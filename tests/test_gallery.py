@@ -109,3 +109,45 @@ def test_not_a_database(tmp_path):
     bad.write_text("hello, not sqlite" * 100)
     with pytest.raises(UsageError, match="not a usable SQLite database"):
         Gallery(bad)
+
+
+def test_large_gallery_prefilter_matches_exact_search():
+    from kiosk.gallery import PREFILTER_MIN, GalleryMatrix
+
+    rng = np.random.default_rng(5)
+    n, d = PREFILTER_MIN + 500, 512
+    emb = unit(rng, n, d)
+    owners = np.repeat(np.arange(n // 2), 2)[:n]  # two templates per subject
+    ids = [f"s{i}" for i in range(owners[-1] + 1)]
+    m = GalleryMatrix("x", d, ids, ids, emb, owners, 0)
+    assert m._reduced is not None
+    picks = rng.choice(n, 40, replace=False)
+    noisy = emb[picks] + rng.normal(0, 1.0 / np.sqrt(d), (40, d)).astype(np.float32)
+    queries = np.concatenate([noisy / np.linalg.norm(noisy, axis=1, keepdims=True), unit(rng, 10, d)])
+    exact = m.subject_scores(queries)
+    for match, row in zip(m.search(queries), exact):
+        # Scores reported are exact; an impostor-only query may get a lesser impostor, never a higher score.
+        assert match.score == pytest.approx(row[ids.index(match.subject_id)], abs=1e-5)
+        assert match.score <= row.max() + 1e-6
+    for match, row, pick in zip(m.search(queries[:40]), exact, picks):
+        assert match.subject_id == ids[int(np.argmax(row))]
+        assert match.subject_id == ids[owners[pick]] and match.score > 0.6
+        # The runner-up is an impostor here; its reported score is exact, at most the true runner-up's.
+        assert match.second_score == pytest.approx(row[ids.index(match.second_id)], abs=1e-5)
+        assert match.second_score <= np.sort(row)[-2] + 1e-6
+
+
+def test_prefilter_keeps_a_close_runner_up():
+    """The margin rule needs the real second-best when it is close to the best: it is never missed."""
+    from kiosk.gallery import PREFILTER_MIN, GalleryMatrix
+
+    rng = np.random.default_rng(6)
+    n, d = PREFILTER_MIN + 10, 512
+    emb = unit(rng, n, d)
+    twin = emb[7] * 0.8 + unit(rng, 1, d)[0] * 0.6  # a look-alike of subject 7 (cos ~0.8)
+    emb[12345] = twin / np.linalg.norm(twin)
+    ids = [f"s{i}" for i in range(n)]
+    m = GalleryMatrix("x", d, ids, ids, emb, np.arange(n), 0)
+    (match,) = m.search(emb[7:8])
+    assert (match.subject_id, match.second_id) == ("s7", "s12345")
+    assert match.second_score == pytest.approx(float(emb[7] @ emb[12345]), abs=1e-5)

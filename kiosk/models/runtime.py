@@ -114,6 +114,9 @@ def create_session(model: bytes, name: str, plan: ProviderPlan, *, threads: int 
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    # Idle ONNX Runtime threads spinning between calls steal the cores that
+    # decoding, alignment and the other processes need (measured on 2 cores).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [(p, _provider_options(p, cache_dir)) for p in plan.providers]
     try:
         session = ort.InferenceSession(model, sess_options=opts, providers=providers)

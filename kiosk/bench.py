@@ -1,0 +1,283 @@
+"""`kiosk bench`: the real pipeline on a video, timed; optionally against the obvious insightface loop.
+
+The pipeline run is real: a verifier process and a capture process
+(`realtime: false`, so no frame is dropped) talking over ZeroMQ with the
+config's security, decisions published. Model loading and process start
+are excluded: the clock runs from the first frame's capture to the end of
+processing of the last one.
+
+`--compare insightface` runs what a user would write with the insightface
+package on the same video and model files: per frame SCRFD at 640x640,
+`norm_crop` and ArcFace per face, a gallery match per face. Its per-frame
+matches go through the same tracker and decision policy, so the two runs'
+accepted subjects can be compared (`decisions_agree`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import yaml
+
+from kiosk.config import KioskConfig, load_config
+from kiosk.errors import RuntimeFailure, UsageError
+from kiosk.messages import EVENT_TOPIC, HEALTH_TOPIC, decode_event, decode_json
+from kiosk.transport import Transport, control_request, init_keys
+
+log = logging.getLogger(__name__)
+
+CAMERA, GATE = "bench", "BENCH"
+
+
+def _bench_config(cfg: KioskConfig, video: Path, folder: Path, realtime: bool) -> Path:
+    from kiosk.demo import free_port
+
+    data = {
+        "gallery": {"path": str(cfg.resolve(cfg.gallery.path))},
+        "models": {k: (str(cfg.resolve(v)) if k == "cache_dir" else v) for k, v in asdict(cfg.models).items()},
+        "cameras": [{"id": CAMERA, "gate": GATE, "source": str(video.resolve()), "realtime": realtime}],
+        "transport": {k: f"tcp://127.0.0.1:{free_port()}" for k in ("frames", "events", "control")},
+        "security": {"curve": cfg.security.curve, "keys_dir": str(folder / "keys")},
+        "policy": asdict(cfg.policy),
+        "audit": {"path": str(folder / "events.jsonl")},
+        "metrics": {"port": 0},
+    }
+    if cfg.models.pack != "default":
+        data["models"]["pack"] = str(cfg.resolve(Path(cfg.models.pack)))
+    path = folder / "bench.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    if cfg.security.curve:
+        init_keys(folder / "keys")
+    return path
+
+
+def run_pipeline(cfg: KioskConfig, video: Path, timeout_s: float = 1800, realtime: bool = False) -> dict[str, Any]:
+    """Time the real pipeline on `video`; returns the bench figures.
+
+    With `realtime` the video is paced at its frame rate like a live camera
+    (frames the verifier cannot take are dropped): the run measures latency.
+    """
+    import subprocess
+    import sys
+
+    folder = Path(tempfile.mkdtemp(prefix="kiosk-bench-"))
+    bench_cfg_path = _bench_config(cfg, video, folder, realtime)
+    bench_cfg = load_config(bench_cfg_path)
+    base = [sys.executable, "-m", "kiosk.cli", "-q", "-c", str(bench_cfg_path)]
+    transport = Transport(bench_cfg, role="bench")
+    sub = transport.event_subscriber([EVENT_TOPIC, HEALTH_TOPIC])
+    verifier = subprocess.Popen(base + ["verify"])
+    capture = None
+    events, capture_health, status = [], {}, None
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # model load: not timed
+            if sub.poll(100) and sub.recv_multipart()[0] == b"health.verifier":
+                break
+            if verifier.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeFailure("bench: the verifier did not start")
+        capture = subprocess.Popen(base + ["capture", "--camera", CAMERA])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            while sub.poll(0):
+                parts = sub.recv_multipart()
+                if parts[0].startswith(b"event."):
+                    events.append(decode_event(parts))
+                elif parts[0] == f"health.capture.{CAMERA}".encode():
+                    capture_health = decode_json(parts, "health")[1]
+            if capture.poll() is not None:
+                status = control_request(transport, {"cmd": "status"})
+                if status and status["cameras"][CAMERA]["eof"] and status["queue_depth"] == 0:
+                    break
+            time.sleep(0.05)
+        else:
+            raise RuntimeFailure(f"bench: not done after {timeout_s:.0f}s")
+        time.sleep(0.3)
+        while sub.poll(100):
+            parts = sub.recv_multipart()
+            if parts[0].startswith(b"event."):
+                events.append(decode_event(parts))
+            elif parts[0] == f"health.capture.{CAMERA}".encode():
+                capture_health = decode_json(parts, "health")[1]
+    finally:
+        for proc in (capture, verifier):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+        sub.close()
+        transport.close()
+    assert status is not None
+    frames = int(status["frames_processed"])
+    seconds = float(status["last_done_at"] - status["first_captured_at"]) if frames else 0.0
+    stages = {"decode": capture_health.get("decode_ms", {})}
+    stages.update({k: {q: round(v[q], 3) for q in ("p50", "p99")} for k, v in status["stages_ms"].items() if v})
+    latency = [e.latency_ms for e in events if e.latency_ms is not None]
+    return {
+        "mode": "realtime" if realtime else "replay",
+        "frames": frames,
+        "dropped": {"capture": capture_health.get("drops", 0),
+                    "verifier_stale": status["cameras"][CAMERA]["dropped"]},
+        "seconds": round(seconds, 3),
+        "fps": round(frames / seconds, 2) if seconds else 0.0,
+        "faces_per_frame": round(status["faces_detected"] / frames, 3) if frames else 0.0,
+        "providers": status["providers"],
+        "stages_ms": stages,
+        "frame_latency_ms": {q: round(v, 1) for q, v in status["frame_latency_ms"].items() if q != "n"},
+        "decisions": [{"type": e.type, "subject_id": e.subject_id, "reason": e.reason, "seq": e.seq,
+                       "score": e.score, "latency_ms": e.latency_ms} for e in events],
+        "accepted": sorted({e.subject_id for e in events if e.type == "accept" and e.subject_id}),
+        "decision_latency_ms": {"p50": round(float(np.percentile(latency, 50)), 1),
+                                "p99": round(float(np.percentile(latency, 99)), 1)} if latency else {},
+        "gallery": status["gallery"],
+    }
+
+
+def run_obvious_loop(cfg: KioskConfig, video: Path) -> dict[str, Any]:
+    """The loop a user writes with insightface: detect 640x640, norm_crop + embed per face, match."""
+    try:
+        from insightface.model_zoo import get_model
+        from insightface.utils.face_align import norm_crop
+    except ImportError:
+        raise UsageError("--compare insightface needs the insightface package (uv sync installs it with the dev "
+                         "group; pip: pip install --no-deps insightface)") from None
+    from kiosk.engine import FaceEngine
+    from kiosk.gallery import Gallery
+    from kiosk.models import runtime
+    from kiosk.policy import DecisionPolicy
+    from kiosk.tracking import Tracker
+
+    engine = FaceEngine.from_config(cfg)  # for the pack's file paths and the gallery's model id
+    providers = runtime.plan_providers(cfg.models.providers).providers
+    det = get_model(str(engine.pack.detector.path), providers=providers)
+    det.prepare(-1, input_size=(640, 640), det_thresh=cfg.models.det_threshold)
+    rec = get_model(str(engine.pack.recognizer.path), providers=providers)
+    rec.prepare(-1)
+    with Gallery(cfg.resolve(cfg.gallery.path)) as gallery:
+        matrix = gallery.matrix(engine.model_id, engine.dim)
+    cap = cv2.VideoCapture(str(video))
+    if not cap.isOpened():
+        raise UsageError(f"--video {video}: cannot open")
+    policy, tracker = DecisionPolicy(cfg.policy), Tracker(CAMERA, max_age_s=cfg.policy.track_max_age_s)
+    fps_src = cap.get(cv2.CAP_PROP_FPS) or 30.0
+    frames = faces_total = 0
+    accepted: set[str] = set()
+    t0 = time.perf_counter()
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        boxes, kpss = det.detect(frame, input_size=(640, 640))
+        feats = [rec.get_feat(norm_crop(frame, kps))[0] for kps in kpss]
+        matches = []
+        for feat in feats:
+            feat = feat / np.linalg.norm(feat)
+            matches.append(matrix.search(feat[None, :])[0])
+        frames += 1
+        faces_total += len(boxes)
+        # The same tracking and decision rules, on every face of every frame.
+        from kiosk.faces import Faces
+
+        faces = Faces(boxes[:, :4].astype(np.float32), boxes[:, 4].astype(np.float32),
+                      np.asarray(kpss, np.float32).reshape(-1, 5, 2))
+        keep = faces.widths >= cfg.policy.min_face_px
+        tracks, _ = tracker.update(faces[keep], frames / fps_src)
+        for track, match in zip(tracks, [m for m, k in zip(matches, keep) if k]):
+            d = policy.observe(track, GATE, match, time.time(), frames)
+            if d is not None and d.type == "accept" and d.subject_id:
+                accepted.add(d.subject_id)
+    seconds = time.perf_counter() - t0
+    return {"frames": frames, "seconds": round(seconds, 3), "fps": round(frames / seconds, 2) if seconds else 0.0,
+            "faces_per_frame": round(faces_total / frames, 3) if frames else 0.0, "accepted": sorted(accepted)}
+
+
+def run_bench(cfg: KioskConfig, video: Path, compare: str | None, realtime: bool = False) -> dict[str, Any]:
+    if not video.is_file():
+        raise UsageError(f"--video {video}: no such file")
+    probe = cv2.VideoCapture(str(video))
+    ok = probe.isOpened() and probe.read()[0]
+    probe.release()
+    if not ok:
+        raise UsageError(f"--video {video}: not a video OpenCV can read")
+    result = run_pipeline(cfg, video, realtime=realtime)
+    result["video"] = str(video)
+    if compare == "insightface":
+        ref = run_obvious_loop(cfg, video)
+        result["compare"] = {"insightface": ref,
+                             "ratio": round(result["fps"] / ref["fps"], 2) if ref["fps"] else None,
+                             "decisions_agree": set(result["accepted"]) >= set(ref["accepted"]),
+                             "accepts_lost": sorted(set(ref["accepted"]) - set(result["accepted"]))}
+    return result
+
+
+def format_text(r: dict[str, Any]) -> str:
+    lines = [f"video {r['video']} ({r['mode']}): {r['frames']} frames processed in {r['seconds']:.2f} s = "
+             f"{r['fps']:.1f} fps ({r['faces_per_frame']:.2f} faces/frame), providers {', '.join(r['providers'])}",
+             f"dropped: {r['dropped']['capture']} at the capture, {r['dropped']['verifier_stale']} stale at the "
+             "verifier",
+             "stage          p50 ms    p99 ms"]
+    for stage, q in r["stages_ms"].items():
+        if q:
+            lines.append(f"  {stage:<12}{q['p50']:>8.2f}  {q['p99']:>8.2f}")
+    fl = r["frame_latency_ms"]
+    if fl:
+        lines.append(f"capture-to-processed per frame: p50 {fl['p50']:.0f} ms, p99 {fl['p99']:.0f} ms")
+    dl = r["decision_latency_ms"]
+    lines.append(f"decisions: {len(r['decisions'])} "
+                 f"({sum(d['type'] == 'accept' for d in r['decisions'])} accept), accepted {r['accepted']}"
+                 + (f"; capture-to-decision p50 {dl['p50']:.0f} ms, p99 {dl['p99']:.0f} ms" if dl else ""))
+    if "compare" in r:
+        c = r["compare"]
+        ref = c["insightface"]
+        lines.append(f"insightface loop: {ref['frames']} frames in {ref['seconds']:.2f} s = {ref['fps']:.1f} fps; "
+                     f"accepted {ref['accepted']}")
+        lines.append(f"ratio: {c['ratio']}x; decisions agree: {c['decisions_agree']}"
+                     + (f" (lost: {c['accepts_lost']})" if c["accepts_lost"] else ""))
+    return "\n".join(lines)
+
+
+def main_bench(cfg: KioskConfig, video: Path, compare: str | None, as_json: bool, realtime: bool = False) -> int:
+    result = run_bench(cfg, video, compare, realtime)
+    print(json.dumps(result) if as_json else format_text(result))
+    return 0
+
+
+def run_search_scale(sizes: list[int], dim: int = 512, queries: int = 200) -> dict[str, Any]:
+    """1:N search time per query against synthetic galleries of each size (one template per subject)."""
+    from kiosk.gallery import GalleryMatrix
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in sizes:
+        emb = rng.standard_normal((n, dim)).astype(np.float32)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        ids = [f"s{i}" for i in range(n)]
+        t0 = time.perf_counter()
+        matrix = GalleryMatrix("synthetic", dim, ids, ids, emb, np.arange(n), 0)
+        build_s = time.perf_counter() - t0
+        picks = rng.choice(n, queries)
+        q = emb[picks] + rng.standard_normal((queries, dim)).astype(np.float32) / np.float32(np.sqrt(dim))
+        q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+        matrix.search(q[:1])
+        times, hits = [], 0
+        for i in range(queries):
+            t = time.perf_counter()
+            (m,) = matrix.search(q[i:i + 1])
+            times.append((time.perf_counter() - t) * 1000)
+            hits += m.subject_id == ids[picks[i]]
+        t = time.perf_counter()
+        for i in range(min(queries, 50)):
+            (q[i:i + 1] @ emb.T).argmax()
+        full_ms = (time.perf_counter() - t) / min(queries, 50) * 1000
+        rows.append({"templates": n, "p50_ms": round(float(np.percentile(times, 50)), 3),
+                     "p99_ms": round(float(np.percentile(times, 99)), 3), "full_scan_ms": round(full_ms, 3),
+                     "prefilter": matrix._reduced is not None, "build_s": round(build_s, 3),
+                     "top1_correct": hits / queries})
+    return {"search_scale": rows, "dim": dim, "queries": queries}
