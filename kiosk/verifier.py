@@ -29,7 +29,7 @@ from kiosk.config import KioskConfig
 from kiosk.engine import FaceEngine
 from kiosk.errors import ConfigError
 from kiosk.faces import Faces
-from kiosk.gallery import Gallery
+from kiosk.gallery import Gallery, GalleryMatrix
 from kiosk.messages import (EOF_TOPIC, FRAME_TOPIC, HEALTH_TOPIC, BadMessage, Event, FrameHeader, decode_frame,
                             decode_json, encode_json)
 from kiosk.metrics import Metrics
@@ -81,6 +81,8 @@ class Verifier:
         self.engine = engine or FaceEngine.from_config(cfg)
         self.gallery = Gallery(cfg.resolve(cfg.gallery.path))
         self.matrix = self.gallery.matrix(self.engine.model_id, self.engine.dim)
+        self._loader: threading.Thread | None = None
+        self._loaded: GalleryMatrix | None = None
         self.policy = DecisionPolicy(cfg.policy)
         self.cameras = {c.id: CameraState(c.id, c.gate, c.realtime,
                                           Tracker(c.id, max_age_s=cfg.policy.track_max_age_s))
@@ -356,24 +358,54 @@ class Verifier:
                 # No frames (camera gone or stalled): let tracks age out as the frame clock would.
                 _, ended = cam.tracker.update(Faces.empty(), cam.last_clock + (now - cam.last_wall))
                 self._end_tracks(cam, ended, now)
+        if self._loader is not None and not self._loader.is_alive():
+            self._loader.join()
+            self._adopt()
         mono = time.monotonic()
         if mono - self._last_gallery_poll >= GALLERY_POLL_S:
             self._last_gallery_poll = mono
             self._reload_gallery()
         self._heartbeat()
 
-    def _reload_gallery(self) -> None:
+    def _reload_gallery(self, wait: bool = False) -> None:
+        """Pick up gallery changes. The new matrix is built in a thread (a large one takes a second) and
+        swapped in when ready, so frames keep flowing; `wait` blocks until it is in."""
+        loader = self._loader
+        if loader is not None:
+            if loader.is_alive() and not wait:
+                return
+            loader.join()
+            self._adopt()
         try:
             revision = self.gallery.revision()
         except Exception as exc:  # noqa: BLE001 - a locked or broken DB must not stop the gate
             self._last_error = f"gallery: {exc}"
             log.warning("gallery revision check failed: %s", exc)
             return
-        if revision != self.matrix.revision:
-            self.matrix = self.gallery.matrix(self.engine.model_id, self.engine.dim)
-            self.metrics.set("kiosk_gallery_subjects", len(self.matrix))
-            log.info("gallery reloaded: revision %d, %d subjects, %d templates", revision, len(self.matrix),
-                     self.matrix.template_count)
+        if revision == self.matrix.revision:
+            return
+        self._loader = threading.Thread(target=self._load_matrix, name="gallery-loader", daemon=True)
+        self._loader.start()
+        if wait:
+            self._loader.join()
+            self._adopt()
+
+    def _load_matrix(self) -> None:
+        try:
+            with Gallery(self.gallery.path) as gallery:  # its own connection: this runs in a thread
+                self._loaded = gallery.matrix(self.engine.model_id, self.engine.dim)
+        except Exception as exc:  # noqa: BLE001 - keep serving the old matrix
+            self._last_error = f"gallery reload: {exc}"
+            log.warning("gallery reload failed, keeping revision %d: %s", self.matrix.revision, exc)
+
+    def _adopt(self) -> None:
+        loaded, self._loaded, self._loader = self._loaded, None, None
+        if loaded is None:
+            return
+        self.matrix = loaded
+        self.metrics.set("kiosk_gallery_subjects", len(loaded))
+        log.info("gallery reloaded: revision %d, %d subjects, %d templates", loaded.revision, len(loaded),
+                 loaded.template_count)
 
     def status(self) -> dict[str, Any]:
         now = time.time()
@@ -430,7 +462,7 @@ class Verifier:
             if not isinstance(gate, str) or gate not in gates:
                 return {"ok": False, "error": f"unknown gate {gate!r} (gates: {sorted(gates)})"}
             if not isinstance(subject, str) or subject not in self.matrix.subject_ids:
-                self._reload_gallery()
+                self._reload_gallery(wait=True)
                 if subject not in self.matrix.subject_ids:
                     return {"ok": False, "error": f"subject {subject!r} is not enrolled"}
             if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= 86400:

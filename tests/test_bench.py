@@ -1,0 +1,46 @@
+"""`kiosk bench` as a command: it runs and reports what it promises (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from kiosk.scenes import Walk
+from tests.conftest import run_cli
+from tests.pipeline_helpers import make_video, people, write_config
+
+
+def test_bench_json_with_compare(tmp_path, engine, photos):
+    crops = people(engine, photos)
+    make_video(tmp_path / "v.avi", [Walk(crops["yao"], start=0, frames=45, w0=70, w1=150, cx=0.3),
+                                    Walk(crops["parker"], start=0, frames=45, w0=70, w1=150, cx=0.7)],
+               seconds=1.5, size=(640, 360))
+    config = write_config(tmp_path, [])
+    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
+                   str(photos["yaoming.jpg"])).returncode == 0
+    res = run_cli("kiosk", "-q", "-c", str(config), "bench", "--video", str(tmp_path / "v.avi"),
+                  "--compare", "insightface", "--json", timeout=300)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["frames"] == 45 and r["seconds"] > 0 and r["fps"] > 0 and r["providers"]
+    assert r["faces_per_frame"] > 1.5 and r["dropped"] == {"capture": 0, "verifier_stale": 0}
+    for stage in ("decode", "transport", "detect", "align", "embed", "match", "decide", "publish"):
+        assert {"p50", "p99"} <= set(r["stages_ms"][stage]), stage
+    assert r["accepted"] == ["YAO"]
+    c = r["compare"]
+    assert c["insightface"]["frames"] == 45 and c["insightface"]["accepted"] == ["YAO"]
+    assert c["decisions_agree"] is True and c["ratio"] > 0
+
+
+def test_bench_search_scale_and_usage_errors(tmp_path):
+    res = run_cli("kiosk", "bench", "--search-scale", "500,2000", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)["search_scale"]
+    assert [r["templates"] for r in rows] == [500, 2000] and all(r["top1_correct"] == 1.0 for r in rows)
+    config = write_config(tmp_path, [])
+    res = run_cli("kiosk", "-c", str(config), "bench", "--video", str(tmp_path / "none.avi"))
+    assert res.returncode == 2 and "no such file" in res.stderr
+    (tmp_path / "bad.avi").write_text("not a video")
+    res = run_cli("kiosk", "-c", str(config), "bench", "--video", str(tmp_path / "bad.avi"))
+    assert res.returncode == 2 and "not a video" in res.stderr
+    res = run_cli("kiosk", "bench")
+    assert res.returncode == 2
