@@ -8,7 +8,6 @@ enrolls the rest.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from enrollment.csvfile import read_rows
 from enrollment.evaluate import Report, read_pairs
 from enrollment.photos import Refused, Template, largest_face_embedding, reference_template
 from kiosk.config import KioskConfig, load_config
@@ -126,21 +126,8 @@ class ManifestRow:
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read: {exc}") from None
-    reader = csv.DictReader(text.splitlines())
-    if not reader.fieldnames or not {"id", "photo"} <= {f.strip() for f in reader.fieldnames}:
-        raise UsageError(f"{path}: the header must name the columns id,name,photo; found {reader.fieldnames}")
-    rows = []
-    for row in reader:
-        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-        rows.append(ManifestRow(reader.line_num, row.get("id", ""), row.get("name", ""),
-                                path.parent / row.get("photo", "")))
-    return rows
+    return [ManifestRow(line, row.get("id", ""), row.get("name", ""), path.parent / row.get("photo", ""))
+            for line, row in read_rows(path, {"id", "photo"}, "id,name,photo")]
 
 
 def cmd_import(args: argparse.Namespace) -> int:

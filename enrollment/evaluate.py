@@ -5,12 +5,12 @@ Pure numpy over two score arrays, so the arithmetic is tested without models.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from enrollment.csvfile import read_rows
 from kiosk.errors import UsageError
 
 TRUE_WORDS = {"1", "yes", "true", "y", "same"}
@@ -101,24 +101,13 @@ def parse_same(value: str, where: str) -> bool:
 
 def read_pairs(path: Path) -> list[Pair]:
     """Rows of PAIRS.csv (image_a,image_b,same); image paths relative to the CSV's folder."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read: {exc}") from None
-    reader = csv.DictReader(text.splitlines())
-    need = {"image_a", "image_b", "same"}
-    if not reader.fieldnames or not need <= {f.strip() for f in reader.fieldnames}:
-        raise UsageError(f"{path}: the header must name the columns image_a,image_b,same; found {reader.fieldnames}")
     pairs = []
-    for row in reader:
-        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-        where = f"{path}:{reader.line_num}"
+    for line, row in read_rows(path, {"image_a", "image_b", "same"}, "image_a,image_b,same"):
+        where = f"{path}:{line}"
         if not row["image_a"] or not row["image_b"]:
             raise UsageError(f"{where}: image_a and image_b must both be given")
-        pairs.append(Pair(path.parent / row["image_a"], path.parent / row["image_b"],
-                          parse_same(row["same"], where), reader.line_num))
+        pairs.append(Pair(path.parent / row["image_a"], path.parent / row["image_b"], parse_same(row["same"], where),
+                          line))
     if not pairs:
         raise UsageError(f"{path}: no pairs in the file")
     return pairs

@@ -85,14 +85,23 @@ def run_pipeline(cfg: KioskConfig, video: Path, timeout_s: float = 1800, realtim
             if verifier.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeFailure("bench: the verifier did not start")
         capture = subprocess.Popen(base + ["capture", "--camera", CAMERA])
+
+        def absorb(wait_ms: int) -> bool:
+            """Take one waiting message (events and the capture's health); False when none came."""
+            nonlocal capture_health
+            if not sub.poll(wait_ms):
+                return False
+            parts = sub.recv_multipart()
+            if parts[0].startswith(b"event."):
+                events.append(decode_event(parts))
+            elif parts[0] == f"health.capture.{CAMERA}".encode():
+                capture_health = decode_json(parts, "health")[1]
+            return True
+
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            while sub.poll(0):
-                parts = sub.recv_multipart()
-                if parts[0].startswith(b"event."):
-                    events.append(decode_event(parts))
-                elif parts[0] == f"health.capture.{CAMERA}".encode():
-                    capture_health = decode_json(parts, "health")[1]
+            while absorb(0):
+                pass
             if capture.poll() is not None:
                 status = control_request(transport, {"cmd": "status"})
                 if status and status["cameras"][CAMERA]["eof"] and status["queue_depth"] == 0:
@@ -101,12 +110,8 @@ def run_pipeline(cfg: KioskConfig, video: Path, timeout_s: float = 1800, realtim
         else:
             raise RuntimeFailure(f"bench: not done after {timeout_s:.0f}s")
         time.sleep(0.3)
-        while sub.poll(100):
-            parts = sub.recv_multipart()
-            if parts[0].startswith(b"event."):
-                events.append(decode_event(parts))
-            elif parts[0] == f"health.capture.{CAMERA}".encode():
-                capture_health = decode_json(parts, "health")[1]
+        while absorb(100):
+            pass
     finally:
         for proc in (capture, verifier):
             if proc is not None and proc.poll() is None:

@@ -58,8 +58,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.search_scale:
         try:
             sizes = [int(v) for v in args.search_scale.split(",")]
+            if min(sizes) < 2:
+                raise ValueError
         except ValueError:
-            raise UsageError(f"--search-scale: expected sizes like 1000,10000,100000, found {args.search_scale!r}")
+            raise UsageError(f"--search-scale: expected sizes like 1000,10000,100000, "
+                             f"found {args.search_scale!r}") from None
         result = run_search_scale(sizes)
         if args.json:
             print(json.dumps(result))

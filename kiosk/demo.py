@@ -22,7 +22,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import yaml
-import zmq
 
 from enrollment.photos import reference_template
 from kiosk.config import KioskConfig, load_config

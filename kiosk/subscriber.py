@@ -31,7 +31,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-import zmq
 
 from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError

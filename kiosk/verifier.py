@@ -19,7 +19,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
@@ -234,8 +233,8 @@ class Verifier:
     def _process(self, batch: list[tuple[CameraState, FrameHeader, np.ndarray, float]]) -> StageTimes:
         times = StageTimes()
         now = time.time()
-        for cam, header, _img, received in batch:
-            times.add("transport", max(0.0, (received - header.captured_at) * 1000))
+        times.add("transport", max(max(0.0, (received - header.captured_at) * 1000)
+                                    for _, header, _, received in batch))
         t0 = time.perf_counter()
         images = [img for _, _, img, _ in batch]
         found = self.engine.detector.detect_batch(images)
@@ -302,7 +301,7 @@ class Verifier:
         if self.first_captured_at is None:
             self.first_captured_at = min(h.captured_at for _, h, _, _ in batch)
         self.last_done_at = done
-        for cam, header, _img, _r in batch:
+        for _, header, _, _ in batch:
             self.metrics.observe("kiosk_frame_latency_ms", (done - header.captured_at) * 1000,
                                  "capture to end of processing, per frame (ms)")
         for stage, ms in times.values.items():

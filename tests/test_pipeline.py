@@ -6,13 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 
 import cv2
 import pytest
-import zmq
 
 from kiosk.config import load_config
 from kiosk.scenes import Walk
