@@ -82,6 +82,11 @@ class DecisionPolicy:
         self.claims: dict[str, Claim] = {}
         self._recent: dict[tuple[str, str], float] = {}
 
+    def remember_accept(self, gate_id: str, subject_id: str, captured_at: float) -> None:
+        """Seed the repeat-accept memory (e.g. from the audit log after a restart)."""
+        if captured_at > self._recent.get((gate_id, subject_id), float("-inf")):
+            self._recent[(gate_id, subject_id)] = captured_at
+
     # -- quality ---------------------------------------------------------------
     def quality_ok(self, q: Quality) -> np.ndarray:
         """Which faces count as quality frames."""

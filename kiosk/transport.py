@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError
@@ -79,6 +82,8 @@ class Transport:
         self._server: KeyPair | None = None
         self._client: KeyPair | None = None
         self._client_key = client_key or cfg.security.client_key
+        self._monitors: list[tuple[zmq.Socket, threading.Thread]] = []
+        self._closing = threading.Event()
         if not self.curve:
             log.warning("%s: CurveZMQ is OFF (security.curve: false): frames and decisions travel unencrypted "
                         "and any process can connect", role)
@@ -110,13 +115,43 @@ class Transport:
         sock.curve_publickey = keys.public
         sock.curve_server = True
 
-    def _as_client(self, sock: zmq.Socket) -> None:
+    def _as_client(self, sock: zmq.Socket, what: str) -> None:
         if not self.curve:
             return
         keys, server_public = self._client_keys()
         sock.curve_secretkey = keys.secret
         sock.curve_publickey = keys.public
         sock.curve_serverkey = server_public
+        self._watch_handshake(sock, what)
+
+    def _watch_handshake(self, sock: zmq.Socket, what: str) -> None:
+        """Log when the server refuses this client's key: ZeroMQ itself just retries in silence."""
+        failed = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        monitor = sock.get_monitor_socket(failed | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        endpoint = getattr(self.cfg.transport, what)
+
+        def watch() -> None:
+            last = 0.0
+            while not self._closing.is_set() and not sock.closed:
+                try:
+                    if not monitor.poll(200):
+                        continue
+                    event = recv_monitor_message(monitor)
+                except zmq.ZMQError:
+                    break
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:  # the watched socket was closed
+                    break
+                if event["event"] & failed and time.monotonic() - last > 30:
+                    last = time.monotonic()
+                    log.error("%s: %s refused this machine's key %r (CurveZMQ handshake failed); it must be in the "
+                              "verifier's %s/", self.role, endpoint, self._client_key, AUTHORIZED)
+                elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    log.debug("%s: CurveZMQ handshake with %s succeeded", self.role, endpoint)
+            monitor.close(linger=0)
+
+        thread = threading.Thread(target=watch, name=f"zmq-monitor {what}", daemon=True)
+        thread.start()
+        self._monitors = [(s, t) for s, t in self._monitors if t.is_alive()] + [(sock, thread)]
 
     def _socket(self, kind: int, **opts: Any) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -141,7 +176,7 @@ class Transport:
 
     def frame_sender(self) -> zmq.Socket:
         sock = self._socket(zmq.PUSH, SNDHWM=FRAME_HWM, IMMEDIATE=1)
-        self._as_client(sock)
+        self._as_client(sock, "frames")
         sock.connect(self.cfg.transport.frames)
         return sock
 
@@ -152,7 +187,7 @@ class Transport:
 
     def event_subscriber(self, topics: list[str]) -> zmq.Socket:
         sock = self._socket(zmq.SUB, RCVHWM=10000)
-        self._as_client(sock)
+        self._as_client(sock, "events")
         for topic in topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         sock.connect(self.cfg.transport.events)
@@ -165,11 +200,16 @@ class Transport:
 
     def control_client(self, timeout_ms: int = 3000) -> zmq.Socket:
         sock = self._socket(zmq.REQ, RCVTIMEO=timeout_ms, SNDTIMEO=timeout_ms)
-        self._as_client(sock)
+        self._as_client(sock, "control")
         sock.connect(self.cfg.transport.control)
         return sock
 
     def close(self) -> None:
+        # Stop the handshake monitors first: their sockets must not be destroyed under a blocked poll.
+        self._closing.set()
+        for _, thread in self._monitors:
+            thread.join(2.0)
+        self._monitors.clear()
         if self._auth is not None:
             self._auth.stop()
             self._auth = None

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
@@ -93,6 +94,7 @@ class Verifier:
         self.control = self.transport.control_server()
         audit_path = cfg.resolve(cfg.audit.path)
         audit_path.parent.mkdir(parents=True, exist_ok=True)
+        self._recall_accepts(audit_path)
         self.audit: TextIO = open(audit_path, "a", encoding="utf-8")
         self._stop = threading.Event()
         self._bad = 0
@@ -111,6 +113,29 @@ class Verifier:
             self.metrics.set("kiosk_provider_info", 1, "ONNX Runtime providers in use", provider=prov)
         log.info("verifier ready: %d camera(s), gallery %d subjects / %d templates, %s", len(self.cameras),
                  len(self.matrix), self.matrix.template_count, self.engine.provider_note)
+
+    def _recall_accepts(self, audit_path: Path, tail_bytes: int = 1 << 20) -> None:
+        """Remember the recent accepts of a previous run (the audit log's tail), so a verifier restarted
+        while a passenger is still in view does not open the gate for them twice."""
+        if not audit_path.exists():
+            return
+        horizon = time.time() - self.cfg.policy.repeat_accept_s
+        with open(audit_path, "rb") as fh:
+            fh.seek(max(0, audit_path.stat().st_size - tail_bytes))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+        recalled = 0
+        for line in lines:
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the tail window or a crash mid-write
+            if (isinstance(e, dict) and e.get("type") == "accept" and isinstance(e.get("captured_at"), (int, float))
+                    and e["captured_at"] >= horizon and e.get("subject_id")):
+                self.policy.remember_accept(str(e.get("gate_id")), str(e["subject_id"]), float(e["captured_at"]))
+                recalled += 1
+        if recalled:
+            log.info("recalled %d accept(s) of the last %.0fs from %s", recalled, self.cfg.policy.repeat_accept_s,
+                     audit_path)
 
     # -- lifecycle -------------------------------------------------------------
     def stop(self) -> None:

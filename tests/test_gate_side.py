@@ -119,7 +119,8 @@ def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
         # The intruder's capture gets no frame in; the intruder's subscriber hears nothing.
         rogue = kiosk(intruder_cfg, "capture", "--camera", "cam-x")
         time.sleep(3.0)
-        stop(rogue)
+        _, rogue_err = stop(rogue)
+        assert "refused this machine's key 'intruder'" in rogue_err  # the operator is told why
         transport = Transport(load_config(config), role="test")
         status = control_request(transport, {"cmd": "status"})
         assert status["cameras"]["cam-x"]["frames_in"] == 0

@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import cv2
+import numpy as np
 import pytest
 
 from kiosk.config import load_config
@@ -221,3 +222,27 @@ def test_image_folder_and_video_sources(tmp_path, crops):
     assert sum(video.read() is not None for _ in range(7)) == 5
     assert open_source(CameraConfig(id="d", gate="G", source=0), cfg).live
     assert open_source(CameraConfig(id="u", gate="G", source="rtsp://cam.local/stream"), cfg).live
+
+
+def test_restarted_verifier_recalls_recent_accepts(tmp_path, engine):
+    """A verifier restarted while a passenger is still in view must not open the gate for them twice."""
+    from kiosk.gallery import Match
+    from kiosk.tracking import Track
+    from kiosk.verifier import Verifier
+
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": 0}])
+    now = time.time()
+    lines = [{"type": "accept", "gate_id": "A1", "subject_id": "YAO", "captured_at": now - 2},
+             {"type": "accept", "gate_id": "A1", "subject_id": "OLD", "captured_at": now - 3600}]
+    (tmp_path / "events.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{truncated")
+    verifier = Verifier(load_config(config), engine=engine)
+    try:
+        def walk(subject: str, tid: int):
+            track = Track(tid, "cam-a1", np.zeros(4, np.float32), now, now)
+            return [verifier.policy.observe(track, "A1", Match(subject, subject, 0.9, None, -1.0), now + i * 0.1)
+                    for i in range(3)][-1]
+
+        assert walk("YAO", 1) is None  # accepted 2 s ago by the previous process
+        assert walk("OLD", 2).type == "accept"  # an hour ago: a new transaction
+    finally:
+        verifier.close()
