@@ -55,8 +55,12 @@ def _parse_expiry(value: str | None) -> float | None:
     except ValueError:
         raise UsageError(f"--expires: expected an ISO date or date-time (2026-12-01 or 2026-12-01T18:00), "
                          f"found {value!r}") from None
+    if len(value.strip()) <= 10:  # a bare date: valid through that whole day
+        dt = dt.replace(hour=23, minute=59, second=59)
     if dt.tzinfo is None:
         dt = dt.astimezone()  # local time, as an operator types it
+    if dt.timestamp() <= time.time():
+        raise UsageError(f"--expires {value}: that is already in the past")
     return dt.timestamp()
 
 
@@ -78,7 +82,7 @@ def check_enrollment(subject_id: str, templates: list[Template], matrix: Gallery
             raise Refused("inconsistent", f"{templates[i].source} and {templates[j].source} do not look like the "
                                           f"same person (score {sims[i, j]:.3f} < {threshold:.2f}); "
                                           "pass --force if they are")
-    if not cfg.enrollment.duplicate_check or len(matrix) == 0:
+    if len(matrix) == 0:
         return
     scores = matrix.subject_scores(emb)  # (T, S)
     ids = matrix.subject_ids
@@ -90,7 +94,7 @@ def check_enrollment(subject_id: str, templates: list[Template], matrix: Gallery
                                           f"enrolled for {subject_id} (score {own[worst]:.3f} < {threshold:.2f}); "
                                           "pass --force if it is the same person")
     others = [k for k, s in enumerate(ids) if s != subject_id]
-    if not others or force:
+    if not others or force or not cfg.enrollment.duplicate_check:
         return
     sub = scores[:, others]
     t, k = np.unravel_index(np.argmax(sub), sub.shape)
@@ -164,7 +168,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    with _gallery(cfg) as gallery:
+    with _gallery(cfg, create=False) as gallery:
         subjects = gallery.subjects()
     if args.json:
         print(json.dumps({"subjects": [
@@ -182,7 +186,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_remove(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    with _gallery(cfg) as gallery:
+    with _gallery(cfg, create=False) as gallery:
         if not gallery.remove(args.id):
             raise UsageError(f"no subject {args.id!r} in gallery {gallery.path}")
     print(f"removed {args.id}")

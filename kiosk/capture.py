@@ -213,7 +213,7 @@ class Capture:
         while not self._stop.is_set():
             if not opened:
                 if source.open():
-                    opened, backoff = True, 0.5
+                    opened = True
                     # A looped or reopened file continues the media clock (plus a gap).
                     pts_offset += (seq - seq_at_open) / source.fps + (1.0 if seq else 0.0)
                     t0, seq_at_open = time.monotonic(), seq
@@ -230,15 +230,19 @@ class Capture:
             if frame is not None:
                 self._decode_ms.append((time.perf_counter() - t_read) * 1000)
             if frame is None:
-                if not source.live:
+                if not source.live and (not cam.loop or seq > seq_at_open):
                     if cam.loop:
                         opened = False
                         continue
                     break
+                # A camera that stopped delivering, or a looped file with no readable frame: back off.
                 opened = False
                 source.close()
-                self._fault(f"{source.description} stopped delivering frames; reopening")
+                self._fault(f"{source.description} delivers no frames; reopening in {backoff:.1f}s")
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
+            backoff = 0.5  # a frame came: the camera is healthy again
             captured_at = time.time()
             pts = None if source.live else (seq - seq_at_open) / source.fps + pts_offset
             header = FrameHeader(cam.id, cam.gate, seq, captured_at, frame.shape[1], frame.shape[0], cam.encoding,

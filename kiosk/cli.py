@@ -123,7 +123,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from kiosk.transport import init_keys
 
-    made = init_keys(Path(args.dir), client_name=args.client)
+    made = init_keys(Path(args.dir), client_name=args.client, role=args.role)
     for path in made:
         print(f"wrote {path}")
     if not made:
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = keys.add_parser("init", help="make the server and a client key pair (client allow-listed)")
     k.add_argument("dir", metavar="DIR")
     k.add_argument("--client", default="client", help="name of the client key pair")
+    k.add_argument("--role", choices=["all", "subscriber"], default="all",
+                   help="all: frames, control and events (cameras, tools); subscriber: events only (gates)")
     k.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("demo", help="the whole pipeline on a video made from the shipped sample photos")

@@ -327,11 +327,14 @@ def _check(cfg: KioskConfig) -> None:
         raise _Invalid("models.providers", "'auto' alone or a list of explicit providers", providers)
     seen: set[str] = set()
     for i, cam in enumerate(cfg.cameras):
+        if cam.fps is not None and not 0 < cam.fps <= 1000:
+            raise _Invalid(f"cameras[{i}].fps", "a frame rate above 0 and at most 1000 (or null)", cam.fps)
         if cam.id in seen:
             raise _Invalid(f"cameras[{i}].id", "a camera id used once", cam.id)
         seen.add(cam.id)
     for i, hook in enumerate(cfg.hooks.python):
-        if ":" not in hook:
+        module, _, func = hook.partition(":")
+        if not module or not func:
             raise _Invalid(f"hooks.python[{i}]", "module:function", hook)
     for i, sub in enumerate(cfg.subscribers):
         if not (sub.exec or sub.webhook or sub.jsonl):

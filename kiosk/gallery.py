@@ -61,7 +61,7 @@ class Subject:
 
 @dataclass(frozen=True)
 class Match:
-    """Best and second-best subject for one query (subject index -1: empty gallery)."""
+    """Best and second-best subject for one query (subject_id None: nothing to match against)."""
 
     subject_id: str | None
     name: str
@@ -93,8 +93,9 @@ class GalleryMatrix:
     """
 
     def __init__(self, model_id: str, dim: int, subject_ids: list[str], names: list[str],
-                 embeddings: np.ndarray, owners: np.ndarray, revision: int) -> None:
+                 embeddings: np.ndarray, owners: np.ndarray, revision: int, next_expiry: float | None = None) -> None:
         self.model_id = model_id
+        self.next_expiry = next_expiry  # when the earliest subject in here expires: rebuild then
         self.dim = dim
         self.subject_ids = subject_ids
         self.names = names
@@ -277,6 +278,7 @@ class Gallery:
                 "WHERE t.model_id = ? AND (s.expires IS NULL OR s.expires > ?) ORDER BY t.subject_id, t.id",
                 (model_id, now)).fetchall()
             (foreign,) = db.execute("SELECT COUNT(*) FROM templates WHERE model_id != ?", (model_id,)).fetchone()
+            (next_expiry,) = db.execute("SELECT MIN(expires) FROM subjects WHERE expires > ?", (now,)).fetchone()
         if foreign:
             log.warning("gallery %s: %d templates were made by another model and are not used; "
                         "re-enroll those subjects with this model (%s)", self.path, foreign, model_id.split(":")[0])
@@ -289,7 +291,7 @@ class Gallery:
         owners = np.cumsum(first) - 1
         ids = [str(r[0]) for r, f in zip(rows, first) if f]
         names = [str(r[1]) for r, f in zip(rows, first) if f]
-        return GalleryMatrix(model_id, dim, ids, names, emb, owners, revision)
+        return GalleryMatrix(model_id, dim, ids, names, emb, owners, revision, next_expiry)
 
 
 class _Transaction:

@@ -93,8 +93,8 @@ def _require(data: dict[str, Any], key: str, kinds: type | tuple[type, ...], whe
 
 def _json(part: bytes, where: str) -> dict[str, Any]:
     try:
-        data = json.loads(part.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(bytes(part).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, huge numbers, absurd nesting
         raise BadMessage(f"{where}: not JSON ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise BadMessage(f"{where}: not a JSON object")
@@ -132,14 +132,14 @@ def decode_frame(parts: list[bytes]) -> tuple[FrameHeader, np.ndarray]:
             encoding=_require(data, "encoding", str, "frame header"),
             pts=float(data["pts"]) if isinstance(data.get("pts"), (int, float)) else None,
         )
-    except TypeError as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise BadMessage(f"frame header: {exc}") from None
     if topic != FRAME_TOPIC + header.camera_id:
         raise BadMessage(f"frame: topic {topic!r} does not match camera_id {header.camera_id!r}")
     if not (0 < header.width <= MAX_SIDE and 0 < header.height <= MAX_SIDE):
         raise BadMessage(f"frame: bad size {header.width}x{header.height}")
-    if not math.isfinite(header.captured_at):
-        raise BadMessage("frame: captured_at is not a finite number")
+    if not math.isfinite(header.captured_at) or (header.pts is not None and not math.isfinite(header.pts)):
+        raise BadMessage("frame: captured_at or pts is not a finite number")
     payload = parts[2]
     if header.encoding == "bgr8":
         expected = header.width * header.height * 3

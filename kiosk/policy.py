@@ -69,7 +69,7 @@ class TrackState:
 
     window: deque = field(default_factory=deque)
     quality_frames: int = 0
-    first_quality_at: float | None = None
+    first_quality_at: float | None = None  # frame clock (media time of a replay, capture time of a camera)
     decided: bool = False
     claim: Claim | None = None
 
@@ -126,15 +126,19 @@ class DecisionPolicy:
         return not self.state(track).decided
 
     def observe(self, track: Track, gate_id: str, match: Match, captured_at: float,
-                seq: int | None = None) -> Decision | None:
-        """One quality frame of `track`, matched 1:N (or 1:1 under a claim)."""
+                seq: int | None = None, clock: float | None = None) -> Decision | None:
+        """One quality frame of `track`, matched 1:N (or 1:1 under a claim).
+
+        `captured_at` (wall clock) goes into the decision for its latency; `clock` (the frame clock,
+        default `captured_at`) is what `decision_timeout_s` is measured on.
+        """
         c = self.cfg
         state = self.state(track)
         if state.decided:
             return None
         state.quality_frames += 1
         if state.first_quality_at is None:
-            state.first_quality_at = captured_at
+            state.first_quality_at = captured_at if clock is None else clock
         if state.claim is not None:
             ok = match.subject_id == state.claim.subject_id and match.score >= c.accept_threshold
         else:
@@ -176,11 +180,12 @@ class DecisionPolicy:
         return Decision("reject", reason, subject, None, best.score if best else None, state.quality_frames,
                         captured_at, last.seq if last else None)
 
-    def check_timeout(self, track: Track, now: float) -> Decision | None:
+    def check_timeout(self, track: Track, clock: float) -> Decision | None:
+        """Reject `timeout` once `clock` (the frame clock of the track's camera) passes the deadline."""
         state = self.state(track)
         if state.decided or state.first_quality_at is None:
             return None
-        if now - state.first_quality_at >= self.cfg.decision_timeout_s:
+        if clock - state.first_quality_at >= self.cfg.decision_timeout_s:
             return self._reject(track, "timeout", state.window[-1].captured_at)
         return None
 

@@ -90,13 +90,16 @@ def exec_hook(command: str, timeout_s: float) -> Callable[[dict[str, Any]], None
         for key in ENV_FIELDS:
             value = event.get(key)
             env[f"KIOSK_{key.upper()}"] = "" if value is None else str(value)
+        proc = subprocess.Popen(command, shell=True, text=True, env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
-            res = subprocess.run(command, shell=True, input=json.dumps(event) + "\n", text=True, env=env,
-                                 capture_output=True, timeout=timeout_s, start_new_session=True)
+            _, err = proc.communicate(json.dumps(event) + "\n", timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the shell and everything it started
+            proc.communicate()
             raise RuntimeError(f"command timed out after {timeout_s:g}s and was killed: {command}") from None
-        if res.returncode != 0:
-            raise RuntimeError(f"command exited {res.returncode}: {command}: {res.stderr.strip()[-300:]}")
+        if proc.returncode != 0:
+            raise RuntimeError(f"command exited {proc.returncode}: {command}: {(err or '').strip()[-300:]}")
     return deliver
 
 
@@ -138,10 +141,12 @@ def jsonl_hook(path: Path) -> Callable[[dict[str, Any]], None]:
 
 def python_hook(spec: str) -> Callable[[dict[str, Any]], None]:
     module_name, _, func_name = spec.partition(":")
+    if not module_name or not func_name:
+        raise ConfigError(f"hooks.python: expected module:function, found {spec!r}")
     try:
         module = importlib.import_module(module_name)
         func = getattr(module, func_name)
-    except (ImportError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any import failure is the operator's hook spec
         raise ConfigError(f"hooks.python: cannot load {spec!r}: {exc}") from None
     if not callable(func):
         raise ConfigError(f"hooks.python: {spec!r} is not callable")
@@ -202,9 +207,9 @@ class Subscriber:
             if self.gate and event.gate_id != self.gate:  # topic filters are prefixes: A1 also matches A10
                 return
             self._dispatch(asdict(event))
-        except BadMessage as exc:
+        except (BadMessage, ValueError, TypeError, RecursionError) as exc:
             self.bad += 1
-            log.warning("dropped a malformed message: %s", exc)
+            log.warning("dropped a malformed message: %s", str(exc)[:300])
 
     def run(self) -> int:
         log.info("subscribed to %s on %s with %d hook(s): %s", f"gate {self.gate}" if self.gate else "all gates",

@@ -59,6 +59,7 @@ class Supervisor:
                  verbosity: list[str] | None = None) -> None:
         self.cfg = cfg
         self.exit_on_eof = exit_on_eof
+        self.failed = False
         self._stop = threading.Event()
         base = [sys.executable, "-m", "kiosk.cli", *(verbosity or []), "-c", str(config_path)]
         self.verifier = Child("verifier", base + ["verify"], restart_on_success=True)
@@ -99,6 +100,11 @@ class Supervisor:
             return
         child.exit_codes.append(code)
         child.proc = None
+        if code == 2:  # a usage/config error: restarting cannot fix it
+            log.error("%s stopped with a configuration or usage error (exit 2); stopping the run", child.name)
+            self.failed = True
+            self._stop.set()
+            return
         if code == 0 and not child.restart_on_success:
             child.finished = True
             log.info("%s finished", child.name)
@@ -127,7 +133,7 @@ class Supervisor:
 
     def run(self) -> int:
         if self.cfg.security.curve:
-            made = init_keys(self.cfg.resolve(self.cfg.security.keys_dir))
+            made = init_keys(self.cfg.resolve(self.cfg.security.keys_dir), client_name=self.cfg.security.client_key)
             if made:
                 log.info("made CurveZMQ keys in %s", self.cfg.resolve(self.cfg.security.keys_dir))
         for child in self.subscribers:  # first, so they see the verifier's first heartbeat
@@ -153,7 +159,7 @@ class Supervisor:
                 self._stop.wait(0.1)
         finally:
             self._shutdown()
-        return code
+        return 2 if self.failed else code
 
     def _shutdown(self) -> None:
         running = [c for c in self.children if c.proc is not None and c.proc.poll() is None]

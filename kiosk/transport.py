@@ -9,14 +9,18 @@ Events and health go out on one PUB socket; control is REQ/REP.
 
 With `security.curve: true` (the default) every socket is CurveZMQ: the
 binding side (the verifier) is the server, every connecting process a
-client whose public key must be in `keys_dir/authorized_clients/` (checked
-by ZAP). The processes never see key files; they receive ready sockets.
+client whose public key ZAP checks against an allow-list per socket:
+`keys_dir/authorized_clients/` for frames and control (cameras, operator
+tools), `keys_dir/authorized_subscribers/` (plus the former) for events, so
+a gate controller's key can listen but cannot inject frames or claims. Key
+files are read here only; the other modules receive ready sockets.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -34,7 +38,9 @@ from kiosk.errors import ConfigError
 log = logging.getLogger(__name__)
 
 FRAME_HWM = 4
-AUTHORIZED = "authorized_clients"
+AUTHORIZED = "authorized_clients"  # may send frames and control requests (and subscribe)
+SUBSCRIBERS = "authorized_subscribers"  # may only subscribe to events and health (gate controllers)
+ROLES = ("all", "subscriber")
 
 
 @dataclass(frozen=True)
@@ -43,20 +49,31 @@ class KeyPair:
     secret: bytes | None
 
 
-def init_keys(keys_dir: Path, *, client_name: str = "client") -> list[Path]:
-    """Create the server key pair and one client pair (allow-listed); keep existing ones."""
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    (keys_dir / AUTHORIZED).mkdir(exist_ok=True)
+def init_keys(keys_dir: Path, *, client_name: str = "client", role: str = "all") -> list[Path]:
+    """Create the server key pair and one client pair, allow-listed for `role`; keep existing ones.
+
+    role "all": frames, control and events (cameras, operators' tools);
+    "subscriber": events only (a gate controller cannot inject frames or claims).
+    """
+    if role not in ROLES:
+        raise ConfigError(f"keys: role must be one of {', '.join(ROLES)}, found {role!r}")
+    try:
+        keys_dir.mkdir(parents=True, exist_ok=True)
+        (keys_dir / AUTHORIZED).mkdir(exist_ok=True)
+        (keys_dir / SUBSCRIBERS).mkdir(exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"keys: cannot use {keys_dir} as the keys folder: {exc}") from None
     made = []
     for name in ("server", client_name):
         if not (keys_dir / f"{name}.key_secret").exists():
             pub, sec = zmq.auth.create_certificates(str(keys_dir), name)
             Path(sec).chmod(0o600)
             made += [Path(pub), Path(sec)]
-    allowed = keys_dir / AUTHORIZED / f"{client_name}.key"
-    if not allowed.exists():
-        shutil.copy(keys_dir / f"{client_name}.key", allowed)
-        made.append(allowed)
+    for folder in ((AUTHORIZED, SUBSCRIBERS) if role == "all" else (SUBSCRIBERS,)):
+        allowed = keys_dir / folder / f"{client_name}.key"
+        if not allowed.exists():
+            shutil.copy(keys_dir / f"{client_name}.key", allowed)
+            made.append(allowed)
     return made
 
 
@@ -84,6 +101,7 @@ class Transport:
         self._client_key = client_key or cfg.security.client_key
         self._monitors: list[tuple[zmq.Socket, threading.Thread]] = []
         self._closing = threading.Event()
+        self._merged: Path | None = None
         if not self.curve:
             log.warning("%s: CurveZMQ is OFF (security.curve: false): frames and decisions travel unencrypted "
                         "and any process can connect", role)
@@ -100,20 +118,35 @@ class Transport:
         server = _load(self.keys_dir / "server.key")
         return self._client, server.public
 
-    def _as_server(self, sock: zmq.Socket) -> None:
+    def _as_server(self, sock: zmq.Socket, domain: str) -> None:
+        """CurveZMQ server; `domain` picks the allow-list: "ingest" (frames, control) or "events"."""
         if not self.curve:
             return
         if self._auth is None:
-            allowed = self.keys_dir / AUTHORIZED
-            if not allowed.is_dir():
-                raise ConfigError(f"security.keys_dir: {allowed} is missing; run `kiosk keys init {self.keys_dir}`")
+            for folder in (AUTHORIZED, SUBSCRIBERS):
+                if not (self.keys_dir / folder).is_dir():
+                    raise ConfigError(f"security.keys_dir: {self.keys_dir / folder} is missing; "
+                                      f"run `kiosk keys init {self.keys_dir}`")
             self._auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("kiosk.zap"))
             self._auth.start()
-            self._auth.configure_curve(domain="*", location=str(allowed))
+            self._auth.configure_curve(domain="ingest", location=str(self.keys_dir / AUTHORIZED))
+            # Events: gate controllers, and every fully authorised client too (a dir per domain in ZAP).
+            self._auth.configure_curve(domain="events", location=str(self._event_allow_list()))
+        sock.zap_domain = domain.encode()
         keys = self._server_keys()
         sock.curve_secretkey = keys.secret
         sock.curve_publickey = keys.public
         sock.curve_server = True
+
+    def _event_allow_list(self) -> Path:
+        """The events domain's allow-list: the keys of authorized_subscribers/ and authorized_clients/,
+        merged into a private folder (ZAP takes one folder per domain; the operator's are not touched)."""
+        merged = Path(tempfile.mkdtemp(prefix="kiosk-zap-"))
+        for folder in (SUBSCRIBERS, AUTHORIZED):
+            for key in (self.keys_dir / folder).glob("*.key"):
+                shutil.copy(key, merged / f"{folder}-{key.name}")
+        self._merged = merged
+        return merged
 
     def _as_client(self, sock: zmq.Socket, what: str) -> None:
         if not self.curve:
@@ -160,6 +193,14 @@ class Transport:
             sock.setsockopt(getattr(zmq, name), value)
         return sock
 
+    def _connect(self, sock: zmq.Socket, endpoint: str, key: str) -> zmq.Socket:
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise ConfigError(f"transport.{key}: cannot connect to {endpoint!r}: {exc}") from None
+        return sock
+
     def _bind(self, sock: zmq.Socket, endpoint: str, key: str) -> zmq.Socket:
         try:
             sock.bind(endpoint)
@@ -171,18 +212,17 @@ class Transport:
     # -- sockets -------------------------------------------------------------
     def frame_receiver(self) -> zmq.Socket:
         sock = self._socket(zmq.PULL, RCVHWM=FRAME_HWM)
-        self._as_server(sock)
+        self._as_server(sock, "ingest")
         return self._bind(sock, self.cfg.transport.frames, "frames")
 
     def frame_sender(self) -> zmq.Socket:
         sock = self._socket(zmq.PUSH, SNDHWM=FRAME_HWM, IMMEDIATE=1)
         self._as_client(sock, "frames")
-        sock.connect(self.cfg.transport.frames)
-        return sock
+        return self._connect(sock, self.cfg.transport.frames, "frames")
 
     def event_publisher(self) -> zmq.Socket:
         sock = self._socket(zmq.PUB, SNDHWM=1000)
-        self._as_server(sock)
+        self._as_server(sock, "events")
         return self._bind(sock, self.cfg.transport.events, "events")
 
     def event_subscriber(self, topics: list[str]) -> zmq.Socket:
@@ -190,19 +230,17 @@ class Transport:
         self._as_client(sock, "events")
         for topic in topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        sock.connect(self.cfg.transport.events)
-        return sock
+        return self._connect(sock, self.cfg.transport.events, "events")
 
     def control_server(self) -> zmq.Socket:
         sock = self._socket(zmq.REP)
-        self._as_server(sock)
+        self._as_server(sock, "ingest")
         return self._bind(sock, self.cfg.transport.control, "control")
 
     def control_client(self, timeout_ms: int = 3000) -> zmq.Socket:
         sock = self._socket(zmq.REQ, RCVTIMEO=timeout_ms, SNDTIMEO=timeout_ms)
         self._as_client(sock, "control")
-        sock.connect(self.cfg.transport.control)
-        return sock
+        return self._connect(sock, self.cfg.transport.control, "control")
 
     def close(self) -> None:
         # Stop the handshake monitors first: their sockets must not be destroyed under a blocked poll.
@@ -213,6 +251,9 @@ class Transport:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+        if self._merged is not None:
+            shutil.rmtree(self._merged, ignore_errors=True)
+            self._merged = None
         self.ctx.destroy(linger=0)
 
 

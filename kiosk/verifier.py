@@ -102,7 +102,7 @@ class Verifier:
         self._last_error = ""
         self._last_heartbeat = 0.0
         self._last_gallery_poll = time.monotonic()
-        self._fps_window: deque = deque(maxlen=300)
+        self._fps_window: deque = deque(maxlen=20000)
         self.faces_total = 0
         self._step_count = 0
         self.first_captured_at: float | None = None
@@ -113,6 +113,9 @@ class Verifier:
             self.metrics.set("kiosk_provider_info", 1, "ONNX Runtime providers in use", provider=prov)
         log.info("verifier ready: %d camera(s), gallery %d subjects / %d templates, %s", len(self.cameras),
                  len(self.matrix), self.matrix.template_count, self.engine.provider_note)
+        if not len(self.matrix):
+            log.warning("gallery %s has no subject for this model: every passenger will be rejected until "
+                        "someone is enrolled", self.gallery.path)
 
     def _recall_accepts(self, audit_path: Path, tail_bytes: int = 1 << 20) -> None:
         """Remember the recent accepts of a previous run (the audit log's tail), so a verifier restarted
@@ -223,9 +226,11 @@ class Verifier:
                 cam.pending.append((header, image, time.time()))
             elif topic.startswith(HEALTH_TOPIC):
                 _, body = decode_json(parts, "health")
-                self.events.send_multipart(encode_json(topic, body))  # relay capture health
                 cam_id = str(body.get("camera_id", ""))
-                if cam_id in self.cameras and isinstance(body.get("drops"), int):
+                if cam_id not in self.cameras or topic != f"{HEALTH_TOPIC}capture.{cam_id}":
+                    raise BadMessage(f"health message {topic[:60]!r} is not from a configured camera")
+                self.events.send_multipart(encode_json(topic, body))  # relay capture health
+                if isinstance(body.get("drops"), int):
                     self.metrics.set("kiosk_capture_dropped_frames", body["drops"],
                                      "frames the capture dropped because the verifier was busy", camera=cam_id)
                     self.metrics.set("kiosk_camera_up", 1.0 if body.get("status") in ("ok", "eof") else 0.0,
@@ -238,8 +243,8 @@ class Verifier:
                 cam.pending.append(("eof", None, time.time()))
             else:
                 raise BadMessage(f"unknown topic {topic[:40]!r}")
-        except BadMessage as exc:
-            self._bad_message(str(exc))
+        except (BadMessage, ValueError, TypeError, OverflowError, RecursionError) as exc:
+            self._bad_message(f"{exc.__class__.__name__}: {exc}"[:300])
 
     def _take_batch(self) -> list[tuple[CameraState, FrameHeader, np.ndarray, float]]:
         batch = []
@@ -314,7 +319,8 @@ class Verifier:
                 claim = self.policy.claim_for(track, cam.gate_id, now)
                 match = self.matrix.search(emb[idx:idx + 1], only=claim.subject_id if claim else None)[0]
                 t_decide = time.perf_counter()
-                decision = self.policy.observe(track, cam.gate_id, match, header.captured_at, header.seq)
+                decision = self.policy.observe(track, cam.gate_id, match, header.captured_at, header.seq,
+                                               clock=header.clock)
                 t_publish = time.perf_counter()
                 times.add("match", (t_decide - t_match) * 1000)
                 times.add("decide", (t_publish - t_decide) * 1000)
@@ -374,8 +380,10 @@ class Verifier:
     # -- periodic --------------------------------------------------------------
     def _housekeeping(self, now: float) -> None:
         for cam in self.cameras.values():
+            # The frame clock now: a live camera's runs with the wall clock, a replay's only with its frames.
+            clock = cam.last_clock + (now - cam.last_wall if cam.realtime and cam.last_wall else 0.0)
             for track in cam.tracker.tracks:
-                decision = self.policy.check_timeout(track, now)
+                decision = self.policy.check_timeout(track, clock)
                 if decision is not None:
                     self._publish(cam, track, decision)
             if cam.realtime and not cam.pending and cam.tracker.tracks and cam.last_wall:
@@ -406,7 +414,8 @@ class Verifier:
             self._last_error = f"gallery: {exc}"
             log.warning("gallery revision check failed: %s", exc)
             return
-        if revision == self.matrix.revision:
+        expired = self.matrix.next_expiry is not None and time.time() >= self.matrix.next_expiry
+        if revision == self.matrix.revision and not expired:
             return
         self._loader = threading.Thread(target=self._load_matrix, name="gallery-loader", daemon=True)
         self._loader.start()
@@ -470,8 +479,8 @@ class Verifier:
             if not isinstance(request, dict):
                 raise ValueError("not a JSON object")
             reply = self._control(request)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self._bad_message(f"control: {exc}")
+        except (ValueError, RecursionError) as exc:
+            self._bad_message(f"control: {exc}"[:300])
             reply = {"ok": False, "error": f"bad request: {exc}"}
         self.control.send_json(reply)
 

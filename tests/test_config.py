@@ -73,6 +73,8 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
         ("cameras: [{id: a, source: 0}]\n", "cameras[0].gate", "required", "no value"),
         ("cameras: {id: a}\n", "cameras", "a list", "a mapping"),
         ("bogus: 1\n", "bogus", "one of the keys", "unknown key"),
+        ("cameras: [{id: a, gate: A, fps: -5}]\n", "cameras[0].fps", "above 0", "-5"),
+        ("hooks: {python: [':f']}\n", "hooks.python[0]", "module:function", "':f'"),
     ],
 )
 def test_errors_name_file_key_expected_and_found(tmp_path, text, keypath, expected, found):

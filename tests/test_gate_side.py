@@ -18,7 +18,7 @@ import zmq.auth
 
 from kiosk.config import load_config
 from kiosk.scenes import Walk
-from kiosk.transport import Transport, control_request
+from kiosk.transport import Transport, control_request, init_keys
 from tests.conftest import run_cli
 from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, stop, write_config
 
@@ -59,8 +59,14 @@ def test_keys_init_and_curve_off_warning(tmp_path):
     res = run_cli("kiosk", "keys", "init", str(tmp_path / "keys"), "--client", "gate-a1")
     assert res.returncode == 0
     for name in ("server.key", "server.key_secret", "gate-a1.key", "gate-a1.key_secret",
-                 "authorized_clients/gate-a1.key"):
+                 "authorized_clients/gate-a1.key", "authorized_subscribers/gate-a1.key"):
         assert (tmp_path / "keys" / name).is_file(), name
+    res = run_cli("kiosk", "keys", "init", str(tmp_path / "keys"), "--client", "gate-b1", "--role", "subscriber")
+    assert res.returncode == 0
+    assert (tmp_path / "keys" / "authorized_subscribers" / "gate-b1.key").is_file()
+    assert not (tmp_path / "keys" / "authorized_clients" / "gate-b1.key").exists()
+    res = run_cli("kiosk", "keys", "init", str(tmp_path / "keys" / "server.key"))
+    assert res.returncode == 2 and "cannot use" in res.stderr and "Traceback" not in res.stderr
     assert stat.S_IMODE((tmp_path / "keys" / "server.key_secret").stat().st_mode) == 0o600
     again = run_cli("kiosk", "keys", "init", str(tmp_path / "keys"), "--client", "gate-a1")
     assert "already present" in again.stdout
@@ -93,12 +99,18 @@ def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
                           heartbeat={"interval_s": 0.25, "misses": 3}, hooks={"exec_timeout_s": 20})
     res = run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"]))
     assert res.returncode == 0
-    # An intruder: a key pair that is not in authorized_clients/.
+    # An intruder: a key pair that is in no allow-list. A gate: allowed to subscribe only.
     zmq.auth.create_certificates(str(tmp_path / "keys"), "intruder")
-    intruder_cfg = tmp_path / "intruder.yaml"
-    data = yaml.safe_load(config.read_text())
-    data["security"]["client_key"] = "intruder"
-    intruder_cfg.write_text(yaml.safe_dump(data))
+    init_keys(tmp_path / "keys", client_name="gate-b2", role="subscriber")
+
+    def config_with_key(name: str) -> Path:
+        data = yaml.safe_load(config.read_text())
+        data["security"]["client_key"] = name
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    intruder_cfg, gate_cfg = config_with_key("intruder"), config_with_key("gate-b2")
 
     Hooked.received = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hooked)
@@ -108,6 +120,7 @@ def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
     verifier = kiosk(config, "verify")
     watcher = Events(config)
     spy = Events(intruder_cfg)
+    gate_listener = Events(gate_cfg)
     sub = None
     try:
         assert watcher.wait_for(lambda ev: ev.health, 30)
@@ -121,9 +134,17 @@ def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
         time.sleep(3.0)
         _, rogue_err = stop(rogue)
         assert "refused this machine's key 'intruder'" in rogue_err  # the operator is told why
+        # A gate's key (subscriber role) cannot push frames either.
+        gate_capture = kiosk(gate_cfg, "capture", "--camera", "cam-x")
+        time.sleep(2.0)
+        _, gate_err = stop(gate_capture)
+        assert "refused this machine's key 'gate-b2'" in gate_err
         transport = Transport(load_config(config), role="test")
         status = control_request(transport, {"cmd": "status"})
         assert status["cameras"]["cam-x"]["frames_in"] == 0
+        gate_transport = Transport(load_config(gate_cfg), role="test-gate")
+        assert control_request(gate_transport, {"cmd": "status"}, timeout_ms=1500) is None  # no claims either
+        gate_transport.close()
         capture = kiosk(config, "capture", "--camera", "cam-a1")
         assert capture.wait(60) == 0
         t_published = time.monotonic()
@@ -142,6 +163,8 @@ def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
         assert (tmp_path / "env.txt").read_text().splitlines()[0] == "accept YAO A1"
         spy.poll(0.5)
         assert spy.events == [] and spy.health == []
+        gate_listener.poll(0.5)
+        assert gate_listener.health and [e.type for e in gate_listener.events] == ["accept", "reject"]
 
         # Heartbeat watch: kill the verifier; verifier_down within the window; restart; verifier_up.
         pid = status["pid"]
@@ -162,6 +185,7 @@ def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
     finally:
         watcher.close()
         spy.close()
+        gate_listener.close()
         if sub is not None:
             stop(sub)
         stop(verifier)
