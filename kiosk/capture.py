@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
 import threading
 import time
 from collections import deque
@@ -28,6 +27,7 @@ import cv2
 import numpy as np
 import zmq
 
+from kiosk.cli_support import serve
 from kiosk.config import CameraConfig, KioskConfig
 from kiosk.errors import ConfigError
 from kiosk.messages import EOF_TOPIC, HEALTH_TOPIC, FrameHeader, encode_frame, encode_json
@@ -276,10 +276,4 @@ class Capture:
 
 
 def run_capture(cfg: KioskConfig, camera_id: str) -> int:
-    capture = Capture(cfg, camera_id)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: capture.stop())
-    try:
-        return capture.run()
-    finally:
-        capture.close()
+    return serve(Capture(cfg, camera_id))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kiosk.cli_support import Parser, add_common, run_command
 from kiosk.config import load_config
-from kiosk.errors import EXIT_OK, EXIT_RUNTIME, ConfigError, UsageError
+from kiosk.errors import EXIT_OK, EXIT_RUNTIME, ConfigError, RuntimeFailure, UsageError
 
 PROG = "kiosk"
 
@@ -78,23 +78,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return main_bench(_config_required(args), Path(args.video), args.compare, args.json, args.realtime)
 
 
+def _ask(cfg, request: dict, role: str) -> dict:  # noqa: ANN001 - KioskConfig
+    """The verifier's reply to one control request; RuntimeFailure (exit 1) when it does not answer."""
+    from kiosk.transport import ask_verifier
+
+    reply = ask_verifier(cfg, request, role=role)
+    if reply is None:
+        raise RuntimeFailure(f"the verifier at {cfg.transport.control} did not answer")
+    return reply
+
+
 def cmd_claim(args: argparse.Namespace) -> int:
     import json
-
-    from kiosk.transport import Transport, control_request
 
     cfg = load_config(args.config)
     request = {"cmd": "claim", "gate_id": args.gate, "subject_id": args.subject}
     if args.ttl is not None:
         request["ttl_s"] = args.ttl
-    transport = Transport(cfg, role="claim")
-    try:
-        reply = control_request(transport, request)
-    finally:
-        transport.close()
-    if reply is None:
-        print(f"{PROG}: error: the verifier at {cfg.transport.control} did not answer", file=sys.stderr)
-        return EXIT_RUNTIME
+    reply = _ask(cfg, request, "claim")
     if not reply.get("ok"):
         raise UsageError(f"claim refused: {reply.get('error')}")
     print(json.dumps(reply) if args.json else f"claim: next transaction at gate {args.gate} is checked against "
@@ -105,17 +106,7 @@ def cmd_claim(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from kiosk.transport import Transport, control_request
-
-    cfg = load_config(args.config)
-    transport = Transport(cfg, role="status")
-    try:
-        reply = control_request(transport, {"cmd": "status"})
-    finally:
-        transport.close()
-    if reply is None:
-        print(f"{PROG}: error: the verifier at {cfg.transport.control} did not answer", file=sys.stderr)
-        return EXIT_RUNTIME
+    reply = _ask(load_config(args.config), {"cmd": "status"}, "status")
     print(json.dumps(reply, indent=None if args.json else 2))
     return EXIT_OK
 

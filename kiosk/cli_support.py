@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from typing import Callable
+from typing import Callable, Protocol
 
 from kiosk.errors import EXIT_RUNTIME, EXIT_USAGE, KioskError
 
@@ -40,6 +41,22 @@ def run_command(prog: str, func: Callable[[argparse.Namespace], int], args: argp
     except Exception:  # a bug, not an operator mistake: keep the traceback in the log
         logging.getLogger(prog).exception("unexpected failure")
         return EXIT_RUNTIME
+
+
+class Service(Protocol):
+    def run(self) -> int: ...
+    def stop(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def serve(service: Service) -> int:
+    """Run a long-lived process role until it ends or SIGINT/SIGTERM asks it to stop; always close it."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: service.stop())
+    try:
+        return service.run()
+    finally:
+        service.close()
 
 
 class Parser(argparse.ArgumentParser):

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+from kiosk.cli_support import serve
 from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError
 from kiosk.messages import EVENT_TOPIC, HEALTH_TOPIC, BadMessage, Event, decode_event, decode_json
@@ -242,10 +243,4 @@ def build_hooks(cfg: KioskConfig, *, jsonl: list[str], execs: list[str], webhook
 
 
 def run_subscriber(cfg: KioskConfig, gate: str | None, hooks: list[Hook]) -> int:
-    sub = Subscriber(cfg, hooks, gate)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: sub.stop())
-    try:
-        return sub.run()
-    finally:
-        sub.close()
+    return serve(Subscriber(cfg, hooks, gate))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kiosk.capture import open_source
 from kiosk.config import KioskConfig
-from kiosk.transport import Transport, control_request, init_keys
+from kiosk.transport import ask_verifier, init_keys
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,7 @@ class Supervisor:
             return False
         if self.verifier.proc is None:
             return False
-        transport = Transport(self.cfg, role="supervisor")
-        try:
-            status = control_request(transport, {"cmd": "status"}, timeout_ms=2000)
-        finally:
-            transport.close()
+        status = ask_verifier(self.cfg, {"cmd": "status"}, role="supervisor", timeout_ms=2000)
         if not status or not status.get("ok"):
             return False
         cams = status.get("cameras", {})

@@ -257,6 +257,16 @@ class Transport:
         self.ctx.destroy(linger=0)
 
 
+def ask_verifier(cfg: KioskConfig, request: dict[str, Any], *, role: str, timeout_ms: int = 3000
+                 ) -> dict[str, Any] | None:
+    """One control request with a transport of its own; None when the verifier does not answer."""
+    transport = Transport(cfg, role=role)
+    try:
+        return control_request(transport, request, timeout_ms)
+    finally:
+        transport.close()
+
+
 def control_request(transport: Transport, request: dict[str, Any], timeout_ms: int = 3000) -> dict[str, Any] | None:
     """One request on a fresh REQ socket; None when the verifier does not answer in time."""
     sock = transport.control_client(timeout_ms)

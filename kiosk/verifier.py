@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from collections import deque
@@ -25,6 +24,7 @@ from typing import Any, TextIO
 import numpy as np
 import zmq
 
+from kiosk.cli_support import serve
 from kiosk.config import KioskConfig
 from kiosk.engine import FaceEngine
 from kiosk.errors import ConfigError
@@ -506,10 +506,4 @@ class Verifier:
 
 
 def run_verifier(cfg: KioskConfig) -> int:
-    verifier = Verifier(cfg)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: verifier.stop())
-    try:
-        return verifier.run()
-    finally:
-        verifier.close()
+    return serve(Verifier(cfg))
