@@ -78,6 +78,9 @@ def init_keys(keys_dir: Path, *, client_name: str = "client", role: str = "all")
 
 
 def _load(path: Path) -> KeyPair:
+    if not path.is_file():
+        raise ConfigError(f"security.keys_dir: key file {path} not found; "
+                          f"run `kiosk keys init {path.parent}` to make the keys")
     try:
         pub, sec = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
