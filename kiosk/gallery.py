@@ -105,13 +105,22 @@ class GalleryMatrix:
         self._starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]) if len(owners) else owners
         self._basis: np.ndarray | None = None
         self._reduced: np.ndarray | None = None
-        if len(self.embeddings) >= PREFILTER_MIN:
+
+    def prepare(self) -> GalleryMatrix:
+        """Build the search prefilter of a large gallery now (about 1 s at 100k templates) rather than on
+        the first search; a no-op for small galleries. Enrollment checks never need it."""
+        if self._reduced is None and len(self.embeddings) >= PREFILTER_MIN:
             rng = np.random.default_rng(0)
             sample = self.embeddings[rng.choice(len(self.embeddings), min(20_000, len(self.embeddings)),
                                                 replace=False)]
             _, _, vt = np.linalg.svd(sample, full_matrices=False)
             self._basis = np.ascontiguousarray(vt[:PREFILTER_DIM].T)  # (D, k)
             self._reduced = np.ascontiguousarray(self.embeddings @ self._basis)
+        return self
+
+    @property
+    def prefiltered(self) -> bool:
+        return self._reduced is not None
 
     def __len__(self) -> int:
         return len(self.subject_ids)
@@ -154,7 +163,7 @@ class GalleryMatrix:
             rows = self.embeddings[self.owners == j]
             best = (q @ rows.T).max(axis=1)
             return [Match(only, self.names[j], float(b), None, -1.0) for b in best]
-        if self._reduced is not None:
+        if self.prepare().prefiltered:
             return [self._match(subjects, scores) for subjects, scores in self._candidates(q)]
         per_subject = self.subject_scores(q)
         index = np.arange(per_subject.shape[1])

@@ -80,7 +80,7 @@ class Verifier:
         self.cfg = cfg
         self.engine = engine or FaceEngine.from_config(cfg)
         self.gallery = Gallery(cfg.resolve(cfg.gallery.path))
-        self.matrix = self.gallery.matrix(self.engine.model_id, self.engine.dim)
+        self.matrix = self.gallery.matrix(self.engine.model_id, self.engine.dim).prepare()
         self._loader: threading.Thread | None = None
         self._loaded: GalleryMatrix | None = None
         self.policy = DecisionPolicy(cfg.policy)
@@ -426,7 +426,7 @@ class Verifier:
     def _load_matrix(self) -> None:
         try:
             with Gallery(self.gallery.path) as gallery:  # its own connection: this runs in a thread
-                self._loaded = gallery.matrix(self.engine.model_id, self.engine.dim)
+                self._loaded = gallery.matrix(self.engine.model_id, self.engine.dim).prepare()
         except Exception as exc:  # noqa: BLE001 - keep serving the old matrix
             self._last_error = f"gallery reload: {exc}"
             log.warning("gallery reload failed, keeping revision %d: %s", self.matrix.revision, exc)

@@ -120,7 +120,8 @@ def test_large_gallery_prefilter_matches_exact_search():
     owners = np.repeat(np.arange(n // 2), 2)[:n]  # two templates per subject
     ids = [f"s{i}" for i in range(owners[-1] + 1)]
     m = GalleryMatrix("x", d, ids, ids, emb, owners, 0)
-    assert m._reduced is not None
+    assert not m.prefiltered  # built on first need, not for enrollment's full-scan checks
+    assert m.prepare().prefiltered
     picks = rng.choice(n, 40, replace=False)
     noisy = emb[picks] + rng.normal(0, 1.0 / np.sqrt(d), (40, d)).astype(np.float32)
     queries = np.concatenate([noisy / np.linalg.norm(noisy, axis=1, keepdims=True), unit(rng, 10, d)])
