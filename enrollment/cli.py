@@ -64,7 +64,7 @@ def _parse_expiry(value: str | None) -> float | None:
     return dt.timestamp()
 
 
-def check_enrollment(subject_id: str, templates: list[Template], matrix: GalleryMatrix,
+def check_enrollment(subject_id: str, templates: list[Template], matrices: list[GalleryMatrix],
                      cfg: KioskConfig, *, force: bool) -> None:
     """Refuse an enrollment that would make a gate open for the wrong booking.
 
@@ -82,12 +82,14 @@ def check_enrollment(subject_id: str, templates: list[Template], matrix: Gallery
             raise Refused("inconsistent", f"{templates[i].source} and {templates[j].source} do not look like the "
                                           f"same person (score {sims[i, j]:.3f} < {threshold:.2f}); "
                                           "pass --force if they are")
-    if len(matrix) == 0:
+    matrices = [m for m in matrices if len(m)]
+    if not matrices:
         return
-    scores = matrix.subject_scores(emb)  # (T, S)
-    ids = matrix.subject_ids
-    if subject_id in ids and not force:
-        own = scores[:, ids.index(subject_id)]
+    scores = np.hstack([m.subject_scores(emb) for m in matrices])  # (T, S), a subject may have a column in each
+    ids = [sid for m in matrices for sid in m.subject_ids]
+    own_cols = [k for k, sid in enumerate(ids) if sid == subject_id]
+    if own_cols and not force:
+        own = scores[:, own_cols].max(axis=1)  # each photo against the subject's best template
         worst = int(np.argmin(own))
         if own[worst] < threshold:
             raise Refused("inconsistent", f"{templates[worst].source} does not match the templates already "
@@ -112,7 +114,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     templates = [reference_template(ctx.engine, p, ctx.cfg.enrollment, largest=args.largest) for p in args.images]
     with _gallery(ctx.cfg) as gallery:
         matrix = gallery.matrix(ctx.engine.model_id, ctx.engine.dim)
-        check_enrollment(args.id, templates, matrix, ctx.cfg, force=args.force)
+        check_enrollment(args.id, templates, [matrix], ctx.cfg, force=args.force)
         count = gallery.enroll(args.id, args.name or "", np.stack([t.embedding for t in templates]),
                                ctx.engine.model_id, expires=expires, qualities=[t.quality for t in templates])
     log.info("enrollment of %s took %.0f ms for %d photo(s)", args.id, (time.perf_counter() - t0) * 1000,
@@ -142,6 +144,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     enrolled = 0
     t0 = time.perf_counter()
     with _gallery(ctx.cfg) as gallery:
+        # The gallery as it was, plus what this import adds: no reload of the whole gallery per row.
+        before = gallery.matrix(ctx.engine.model_id, ctx.engine.dim)
+        added: list[tuple[str, str, np.ndarray]] = []
         for row in tqdm(rows, desc="enrolling", unit="photo", file=sys.stderr, disable=args.no_progress):
             if not row.subject_id:
                 refused.append((row, "bad_row", "empty id"))
@@ -151,10 +156,11 @@ def cmd_import(args: argparse.Namespace) -> int:
                 continue
             try:
                 template = reference_template(ctx.engine, row.photo, ctx.cfg.enrollment, largest=args.largest)
-                matrix = gallery.matrix(ctx.engine.model_id, ctx.engine.dim)
-                check_enrollment(row.subject_id, [template], matrix, ctx.cfg, force=args.force)
+                so_far = GalleryMatrix.from_templates(ctx.engine.model_id, ctx.engine.dim, added)
+                check_enrollment(row.subject_id, [template], [before, so_far], ctx.cfg, force=args.force)
                 gallery.enroll(row.subject_id, row.name, template.embedding[None, :], ctx.engine.model_id,
                                qualities=[template.quality])
+                added.append((row.subject_id, row.name, template.embedding))
                 enrolled += 1
             except Refused as exc:
                 refused.append((row, exc.reason, str(exc)))

@@ -106,6 +106,22 @@ class GalleryMatrix:
         self._basis: np.ndarray | None = None
         self._reduced: np.ndarray | None = None
 
+    @classmethod
+    def from_templates(cls, model_id: str, dim: int, templates: list[tuple[str, str, np.ndarray]],
+                       revision: int = -1) -> GalleryMatrix:
+        """A matrix from (subject id, name, embedding) tuples, e.g. the rows an import has added so far."""
+        rows = sorted(templates, key=lambda t: t[0])
+        ids: list[str] = []
+        names: list[str] = []
+        owners = np.empty(len(rows), np.int64)
+        for i, (sid, name, _) in enumerate(rows):
+            if not ids or ids[-1] != sid:
+                ids.append(sid)
+                names.append(name)
+            owners[i] = len(ids) - 1
+        emb = np.stack([t[2] for t in rows]).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
+        return cls(model_id, dim, ids, names, emb, owners, revision)
+
     def prepare(self) -> GalleryMatrix:
         """Build the search prefilter of a large gallery now (about 1 s at 100k templates) rather than on
         the first search; a no-op for small galleries. Enrollment checks never need it."""
