@@ -30,7 +30,7 @@ import yaml
 from kiosk.config import KioskConfig, load_config
 from kiosk.errors import RuntimeFailure, UsageError
 from kiosk.messages import EVENT_TOPIC, HEALTH_TOPIC, decode_event, decode_json
-from kiosk.transport import Transport, control_request, init_keys
+from kiosk.transport import Transport, control_request, init_keys, loopback_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,11 @@ CAMERA, GATE = "bench", "BENCH"
 
 
 def _bench_config(cfg: KioskConfig, video: Path, folder: Path, realtime: bool) -> Path:
-    from kiosk.demo import free_port
-
     data = {
         "gallery": {"path": str(cfg.resolve(cfg.gallery.path))},
         "models": {k: (str(cfg.resolve(v)) if k == "cache_dir" else v) for k, v in asdict(cfg.models).items()},
         "cameras": [{"id": CAMERA, "gate": GATE, "source": str(video.resolve()), "realtime": realtime}],
-        "transport": {k: f"tcp://127.0.0.1:{free_port()}" for k in ("frames", "events", "control")},
+        "transport": loopback_endpoints(),
         "security": {"curve": cfg.security.curve, "keys_dir": str(folder / "keys")},
         "policy": asdict(cfg.policy),
         "audit": {"path": str(folder / "events.jsonl")},

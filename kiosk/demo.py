@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 import time
@@ -31,18 +30,12 @@ from kiosk.images import read_image
 from kiosk.messages import BadMessage, Event, decode_event
 from kiosk.models.pack import sample_photo
 from kiosk.scenes import Walk, person_crop, render, write_video
-from kiosk.transport import Transport, init_keys
+from kiosk.transport import Transport, init_keys, loopback_endpoints
 
 log = logging.getLogger(__name__)
 
 FPS = 30.0
 SUBJECT = ("yao-ming", "Yao Ming")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def demo_scene(engine: FaceEngine) -> tuple[list[Walk], int]:
@@ -63,7 +56,7 @@ def write_demo_config(out: Path) -> Path:
     cfg = {
         "gallery": {"path": "gallery.db"},
         "cameras": [{"id": "cam-a1", "gate": "A1", "source": "gate-a1.avi", "realtime": True}],
-        "transport": {k: f"tcp://127.0.0.1:{free_port()}" for k in ("frames", "events", "control")},
+        "transport": loopback_endpoints(),
         "security": {"curve": True, "keys_dir": "keys"},
         "audit": {"path": "events.jsonl"},
         "metrics": {"port": 0},

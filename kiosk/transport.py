@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -196,54 +197,49 @@ class Transport:
             sock.setsockopt(getattr(zmq, name), value)
         return sock
 
-    def _connect(self, sock: zmq.Socket, endpoint: str, key: str) -> zmq.Socket:
+    def _attach(self, sock: zmq.Socket, key: str, *, bind: bool) -> zmq.Socket:
+        """Bind or connect `sock` to `transport.<key>`; a bad or busy endpoint is a ConfigError."""
+        endpoint = getattr(self.cfg.transport, key)
         try:
-            sock.connect(endpoint)
+            sock.bind(endpoint) if bind else sock.connect(endpoint)
         except zmq.ZMQError as exc:
             sock.close()
-            raise ConfigError(f"transport.{key}: cannot connect to {endpoint!r}: {exc}") from None
-        return sock
-
-    def _bind(self, sock: zmq.Socket, endpoint: str, key: str) -> zmq.Socket:
-        try:
-            sock.bind(endpoint)
-        except zmq.ZMQError as exc:
-            sock.close()
-            raise ConfigError(f"transport.{key}: cannot bind {endpoint}: {exc}") from None
+            raise ConfigError(f"transport.{key}: cannot {'bind' if bind else 'connect to'} {endpoint!r}: "
+                              f"{exc}") from None
         return sock
 
     # -- sockets -------------------------------------------------------------
     def frame_receiver(self) -> zmq.Socket:
         sock = self._socket(zmq.PULL, RCVHWM=FRAME_HWM)
         self._as_server(sock, "ingest")
-        return self._bind(sock, self.cfg.transport.frames, "frames")
+        return self._attach(sock, "frames", bind=True)
 
     def frame_sender(self) -> zmq.Socket:
         sock = self._socket(zmq.PUSH, SNDHWM=FRAME_HWM, IMMEDIATE=1)
         self._as_client(sock, "frames")
-        return self._connect(sock, self.cfg.transport.frames, "frames")
+        return self._attach(sock, "frames", bind=False)
 
     def event_publisher(self) -> zmq.Socket:
         sock = self._socket(zmq.PUB, SNDHWM=1000)
         self._as_server(sock, "events")
-        return self._bind(sock, self.cfg.transport.events, "events")
+        return self._attach(sock, "events", bind=True)
 
     def event_subscriber(self, topics: list[str]) -> zmq.Socket:
         sock = self._socket(zmq.SUB, RCVHWM=10000)
         self._as_client(sock, "events")
         for topic in topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        return self._connect(sock, self.cfg.transport.events, "events")
+        return self._attach(sock, "events", bind=False)
 
     def control_server(self) -> zmq.Socket:
         sock = self._socket(zmq.REP)
         self._as_server(sock, "ingest")
-        return self._bind(sock, self.cfg.transport.control, "control")
+        return self._attach(sock, "control", bind=True)
 
     def control_client(self, timeout_ms: int = 3000) -> zmq.Socket:
         sock = self._socket(zmq.REQ, RCVTIMEO=timeout_ms, SNDTIMEO=timeout_ms)
         self._as_client(sock, "control")
-        return self._connect(sock, self.cfg.transport.control, "control")
+        return self._attach(sock, "control", bind=False)
 
     def close(self) -> None:
         # Stop the handshake monitors first: their sockets must not be destroyed under a blocked poll.
@@ -258,6 +254,18 @@ class Transport:
             shutil.rmtree(self._merged, ignore_errors=True)
             self._merged = None
         self.ctx.destroy(linger=0)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for demos, benchmarks and tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def loopback_endpoints() -> dict[str, str]:
+    """`transport:` endpoints on free loopback ports, for a self-contained run."""
+    return {key: f"tcp://127.0.0.1:{free_port()}" for key in ("frames", "events", "control")}
 
 
 def ask_verifier(cfg: KioskConfig, request: dict[str, Any], *, role: str, timeout_ms: int = 3000

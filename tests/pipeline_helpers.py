@@ -15,10 +15,9 @@ import numpy as np
 import yaml
 
 from kiosk.config import load_config
-from kiosk.demo import free_port
 from kiosk.messages import decode_event, decode_json
 from kiosk.scenes import Walk, person_crop, render, write_video
-from kiosk.transport import Transport, init_keys
+from kiosk.transport import Transport, init_keys, loopback_endpoints
 
 
 def people(engine, photos) -> dict[str, np.ndarray]:
@@ -42,7 +41,7 @@ def write_config(folder: Path, cameras: list[dict], **extra) -> Path:
     cfg = {
         "gallery": {"path": "gallery.db"},
         "cameras": cameras,
-        "transport": {k: f"tcp://127.0.0.1:{free_port()}" for k in ("frames", "events", "control")},
+        "transport": loopback_endpoints(),
         "security": {"curve": True, "keys_dir": "keys"},
         "audit": {"path": "events.jsonl"},
         "metrics": {"port": 0},

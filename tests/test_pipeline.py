@@ -17,7 +17,7 @@ from kiosk.config import load_config
 from kiosk.scenes import Walk
 from kiosk.transport import Transport, control_request
 from tests.conftest import run_cli
-from kiosk.demo import free_port
+from kiosk.transport import free_port
 from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, stop, write_config
 
 FPS = 30
