@@ -21,12 +21,13 @@ from tqdm import tqdm
 
 from enrollment.csvfile import read_rows
 from enrollment.evaluate import Report, read_pairs
-from enrollment.photos import Refused, Template, largest_face_embedding, reference_template
+from enrollment.photos import (Refused, Template, largest_face_embedding, photo_digest, read_reference,
+                              reference_template)
 from kiosk.config import KioskConfig, load_config
 from kiosk.engine import FaceEngine
 from kiosk.errors import EXIT_OK, EXIT_USAGE, UsageError
 from kiosk.gallery import Gallery, GalleryMatrix
-from kiosk.cli_support import Parser, add_common, run_command
+from kiosk.cli_support import Parser, add_commands, add_common, config_path, run_command
 
 log = logging.getLogger("kiosk-enroll")
 PROG = "kiosk-enroll"
@@ -39,7 +40,7 @@ class Context:
 
 
 def _context(args: argparse.Namespace) -> Context:
-    cfg = load_config(args.config)
+    cfg = load_config(config_path(args))
     return Context(cfg, FaceEngine.from_config(cfg))
 
 
@@ -113,10 +114,16 @@ def cmd_add(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     templates = [reference_template(ctx.engine, p, ctx.cfg.enrollment, largest=args.largest) for p in args.images]
     with _gallery(ctx.cfg) as gallery:
+        known = [t for t in templates if gallery.has_photo(args.id, ctx.engine.model_id, t.photo_sha256 or "")]
+        if len(known) == len(templates) and expires is None and not args.name:
+            print(f"{args.id} is already enrolled from {'this photo' if len(known) == 1 else 'these photos'}; "
+                  "nothing changed")
+            return EXIT_OK
         matrix = gallery.matrix(ctx.engine.model_id, ctx.engine.dim)
         check_enrollment(args.id, templates, [matrix], ctx.cfg, force=args.force)
         count = gallery.enroll(args.id, args.name or "", np.stack([t.embedding for t in templates]),
-                               ctx.engine.model_id, expires=expires, qualities=[t.quality for t in templates])
+                               ctx.engine.model_id, expires=expires, qualities=[t.quality for t in templates],
+                               photo_hashes=[t.photo_sha256 for t in templates])
     log.info("enrollment of %s took %.0f ms for %d photo(s)", args.id, (time.perf_counter() - t0) * 1000,
              len(templates))
     print(f"enrolled {args.id}" + (f" ({args.name})" if args.name else "") + f": {count} template(s)")
@@ -141,7 +148,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     rows = read_manifest(manifest)
     ctx = _context(args)
     refused: list[tuple[ManifestRow, str, str]] = []
-    enrolled = 0
+    enrolled = unchanged = 0
     t0 = time.perf_counter()
     with _gallery(ctx.cfg) as gallery:
         # The gallery as it was, plus what this import adds: no reload of the whole gallery per row.
@@ -155,25 +162,30 @@ def cmd_import(args: argparse.Namespace) -> int:
                 refused.append((row, "bad_row", "empty photo path"))
                 continue
             try:
-                template = reference_template(ctx.engine, row.photo, ctx.cfg.enrollment, largest=args.largest)
+                data = read_reference(row.photo)
+                if gallery.has_photo(row.subject_id, ctx.engine.model_id, photo_digest(data)):
+                    unchanged += 1  # the same import run again: this photo is enrolled for this subject
+                    continue
+                template = reference_template(ctx.engine, row.photo, ctx.cfg.enrollment, largest=args.largest,
+                                              data=data)
                 so_far = GalleryMatrix.from_templates(ctx.engine.model_id, ctx.engine.dim, added)
                 check_enrollment(row.subject_id, [template], [before, so_far], ctx.cfg, force=args.force)
                 gallery.enroll(row.subject_id, row.name, template.embedding[None, :], ctx.engine.model_id,
-                               qualities=[template.quality])
+                               qualities=[template.quality], photo_hashes=[template.photo_sha256])
                 added.append((row.subject_id, row.name, template.embedding))
                 enrolled += 1
             except Refused as exc:
                 refused.append((row, exc.reason, str(exc)))
     seconds = time.perf_counter() - t0
-    print(f"import {manifest}: {len(rows)} row(s), {enrolled} enrolled, {len(refused)} refused "
-          f"({seconds:.1f} s)")
+    print(f"import {manifest}: {len(rows)} row(s), {enrolled} enrolled, {unchanged} already enrolled from the "
+          f"same photo, {len(refused)} refused ({seconds:.1f} s)")
     for row, reason, message in refused:
         print(f"  line {row.line} id={row.subject_id or '?'}: refused ({reason}): {message}")
     return EXIT_USAGE if refused else EXIT_OK
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = load_config(config_path(args))
     with _gallery(cfg, create=False) as gallery:
         subjects = gallery.subjects()
     if args.json:
@@ -191,7 +203,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = load_config(config_path(args))
     with _gallery(cfg, create=False) as gallery:
         if not gallery.remove(args.id):
             raise UsageError(f"no subject {args.id!r} in gallery {gallery.path}")
@@ -266,7 +278,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="Enroll passengers into the gate gallery and inspect it.")
     add_common(parser)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = add_commands(parser, "command")
 
     p = sub.add_parser("add", help="enroll one subject from one or more photos")
     p.add_argument("--id", required=True, help="subject id (e.g. booking reference)")

@@ -8,6 +8,7 @@ turned too far or detected with low confidence.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 from kiosk.config import EnrollmentConfig
 from kiosk.engine import FaceEngine
 from kiosk.errors import UsageError
-from kiosk.images import read_image
+from kiosk.images import decode_image, read_image, read_photo_bytes
 from kiosk.quality import measure
 
 # Faces narrower than this are background noise, not a second person to worry about.
@@ -38,13 +39,29 @@ class Template:
     source: str
     embedding: np.ndarray
     quality: dict[str, float]
+    photo_sha256: str | None = None  # of the photo file: the same photo is never enrolled twice for a subject
+
+
+def photo_digest(data: bytes) -> str:
+    """The identity of a reference photo file (SHA-256 of its bytes)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_reference(path: str | Path) -> bytes:
+    """A reference photo's bytes, or `Refused` ("unreadable")."""
+    try:
+        return read_photo_bytes(path)
+    except UsageError as exc:
+        raise Refused("unreadable", str(exc)) from None
 
 
 def reference_template(engine: FaceEngine, path: str | Path, rules: EnrollmentConfig, *,
-                       largest: bool = False) -> Template:
-    """The template of the one face in the photo at `path`, or `Refused`."""
+                       largest: bool = False, data: bytes | None = None) -> Template:
+    """The template of the one face in the photo at `path` (its bytes `data` if already read), or `Refused`."""
+    if data is None:
+        data = read_reference(path)
     try:
-        image = read_image(path)
+        image = decode_image(data, str(path))
     except UsageError as exc:
         raise Refused("unreadable", str(exc)) from None
     faces = engine.detector.detect(image)
@@ -73,7 +90,8 @@ def reference_template(engine: FaceEngine, path: str | Path, rules: EnrollmentCo
     quality = {"width": round(width, 1), "inter_eye": round(float(q.inter_eye[0]), 1),
                "sharpness": round(sharp, 1), "yaw": round(yaw, 3), "roll": round(float(q.roll[0]), 1),
                "det_score": round(score, 3)}
-    return Template(source=str(path), embedding=faces.embeddings[0], quality=quality)  # type: ignore[index]
+    return Template(source=str(path), embedding=faces.embeddings[0], quality=quality,  # type: ignore[index]
+                    photo_sha256=photo_digest(data))
 
 
 def largest_face_embedding(engine: FaceEngine, path: str | Path) -> np.ndarray:

@@ -10,7 +10,7 @@ processing of the last one.
 package on the same video and model files: per frame SCRFD at 640x640,
 `norm_crop` and ArcFace per face, a gallery match per face. Its per-frame
 matches go through the same tracker and decision policy, so the two runs'
-accepted subjects can be compared (`decisions_agree`).
+accepted subjects can be compared both ways.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import yaml
 
-from kiosk.config import KioskConfig, load_config
+from kiosk.config import KioskConfig, load_config, models_section
 from kiosk.errors import RuntimeFailure, UsageError
 from kiosk.messages import EVENT_TOPIC, HEALTH_TOPIC, decode_event, decode_json
 from kiosk.transport import Transport, control_request, init_keys, loopback_endpoints
@@ -40,7 +40,7 @@ CAMERA, GATE = "bench", "BENCH"
 def _bench_config(cfg: KioskConfig, video: Path, folder: Path, realtime: bool) -> Path:
     data = {
         "gallery": {"path": str(cfg.resolve(cfg.gallery.path))},
-        "models": {k: (str(cfg.resolve(v)) if k == "cache_dir" else v) for k, v in asdict(cfg.models).items()},
+        "models": models_section(cfg),
         "cameras": [{"id": CAMERA, "gate": GATE, "source": str(video.resolve()), "realtime": realtime}],
         "transport": loopback_endpoints(),
         "security": {"curve": cfg.security.curve, "keys_dir": str(folder / "keys")},
@@ -48,8 +48,6 @@ def _bench_config(cfg: KioskConfig, video: Path, folder: Path, realtime: bool) -
         "audit": {"path": str(folder / "events.jsonl")},
         "metrics": {"port": 0},
     }
-    if cfg.models.pack != "default":
-        data["models"]["pack"] = str(cfg.resolve(Path(cfg.models.pack)))
     path = folder / "bench.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     if cfg.security.curve:
@@ -215,9 +213,18 @@ def run_bench(cfg: KioskConfig, video: Path, compare: str | None, realtime: bool
         ref = run_obvious_loop(cfg, video)
         result["compare"] = {"insightface": ref,
                              "ratio": round(result["fps"] / ref["fps"], 2) if ref["fps"] else None,
-                             "decisions_agree": set(result["accepted"]) >= set(ref["accepted"]),
-                             "accepts_lost": sorted(set(ref["accepted"]) - set(result["accepted"]))}
+                             **compare_accepts(result["accepted"], ref["accepted"])}
     return result
+
+
+def compare_accepts(pipeline: list[str], reference: list[str]) -> dict[str, Any]:
+    """The two runs' accepted subjects compared both ways: an extra accept of ours is as much a difference
+    as a lost one, and two runs that accepted nobody agree on nothing worth reporting as agreement."""
+    ours, theirs = set(pipeline), set(reference)
+    return {"same_accepted_subjects": ours == theirs and bool(ours),
+            "accepted_by_both": sorted(ours & theirs),
+            "accepted_only_by_pipeline": sorted(ours - theirs),
+            "accepted_only_by_reference": sorted(theirs - ours)}
 
 
 def format_text(r: dict[str, Any]) -> str:
@@ -241,8 +248,9 @@ def format_text(r: dict[str, Any]) -> str:
         ref = c["insightface"]
         lines.append(f"insightface loop: {ref['frames']} frames in {ref['seconds']:.2f} s = {ref['fps']:.1f} fps; "
                      f"accepted {ref['accepted']}")
-        lines.append(f"ratio: {c['ratio']}x; decisions agree: {c['decisions_agree']}"
-                     + (f" (lost: {c['accepts_lost']})" if c["accepts_lost"] else ""))
+        lines.append(f"ratio: {c['ratio']}x; same accepted subjects: {c['same_accepted_subjects']} "
+                     f"(both {c['accepted_by_both']}, only the pipeline {c['accepted_only_by_pipeline']}, "
+                     f"only the reference {c['accepted_only_by_reference']})")
     return "\n".join(lines)
 
 

@@ -6,27 +6,37 @@ import argparse
 import sys
 from pathlib import Path
 
-from kiosk.cli_support import Parser, add_common, run_command
-from kiosk.config import load_config
+from kiosk.cli_support import Parser, add_commands, add_common, config_path, run_command
+from kiosk.config import KioskConfig, load_config
 from kiosk.errors import EXIT_OK, EXIT_RUNTIME, ConfigError, RuntimeFailure, UsageError
 
 PROG = "kiosk"
 
 
-def _config_required(args: argparse.Namespace):  # noqa: ANN202 - KioskConfig
-    if not args.config:
-        raise UsageError(f"{args.command} needs -c CONFIG (a config file with the cameras)")
-    return load_config(args.config)
+def _config(args: argparse.Namespace) -> KioskConfig:
+    """-c CONFIG, else $KIOSK_CONFIG, else the built-in defaults."""
+    return load_config(config_path(args))
+
+
+def _config_required(args: argparse.Namespace) -> KioskConfig:
+    """The config of a command that needs cameras: from -c CONFIG or $KIOSK_CONFIG, never the defaults."""
+    path = config_path(args)
+    if not path:
+        raise UsageError(f"{args.command} needs a config file with the cameras: -c CONFIG or $KIOSK_CONFIG")
+    cfg = load_config(path)
+    if not cfg.cameras:
+        raise ConfigError(f"{cfg.source}: cameras: expected at least one camera, found none "
+                          "(add one, e.g. {id: cam-a1, gate: A1, source: 0})")
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from kiosk.supervisor import run_supervisor
 
     cfg = _config_required(args)
-    if not cfg.cameras:
-        raise ConfigError(f"{cfg.source}: cameras: expected at least one camera, found none")
     verbosity = ["-v"] * args.verbose + ["-q"] * args.quiet
-    return run_supervisor(cfg, Path(args.config).resolve(), exit_on_eof=args.exit_on_eof, verbosity=verbosity)
+    assert cfg.source is not None
+    return run_supervisor(cfg, cfg.source.resolve(), exit_on_eof=args.exit_on_eof, verbosity=verbosity)
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
@@ -44,10 +54,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_subscribe(args: argparse.Namespace) -> int:
     from kiosk.subscriber import build_hooks, run_subscriber
 
-    cfg = load_config(args.config)
-    hooks = build_hooks(cfg, jsonl=args.jsonl, execs=args.exec, webhooks=args.webhook,
-                        python=args.python or None)
-    return run_subscriber(cfg, args.gate, hooks)
+    cfg = _config(args)
+    if not 0 <= args.metrics_port <= 65535:
+        raise UsageError(f"--metrics-port: expected a port from 0 to 65535, found {args.metrics_port}")
+    python = args.python or ([] if args.no_config_hooks else None)  # None: hooks.python of the config
+    hooks = build_hooks(cfg, jsonl=args.jsonl, execs=args.exec, webhooks=args.webhook, python=python)
+    return run_subscriber(cfg, args.gate, hooks, args.metrics_port)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -75,23 +87,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return EXIT_OK
     if not args.video:
         raise UsageError("bench needs --video PATH (or --search-scale SIZES)")
-    return main_bench(_config_required(args), Path(args.video), args.compare, args.json, args.realtime)
+    return main_bench(_config(args), Path(args.video), args.compare, args.json, args.realtime)
 
 
-def _ask(cfg, request: dict, role: str) -> dict:  # noqa: ANN001 - KioskConfig
-    """The verifier's reply to one control request; RuntimeFailure (exit 1) when it does not answer."""
-    from kiosk.transport import ask_verifier
+def _ask(cfg: KioskConfig, request: dict, role: str) -> dict:
+    """The verifier's reply to one control request; RuntimeFailure (exit 1) that says what to check when
+    it does not answer."""
+    from kiosk.transport import ask_verifier, nothing_listens
 
+    endpoint = cfg.transport.control
+    if nothing_listens(endpoint):
+        raise RuntimeFailure(f"no verifier is listening on {endpoint} (transport.control of "
+                             f"{cfg.source or 'the built-in defaults'}): is `kiosk run` or `kiosk verify` running "
+                             "with this config?")
     reply = ask_verifier(cfg, request, role=role)
     if reply is None:
-        raise RuntimeFailure(f"the verifier at {cfg.transport.control} did not answer")
+        hint = (f"check that this machine's key {cfg.security.client_key!r} "
+                f"({cfg.resolve(cfg.security.keys_dir)}/{cfg.security.client_key}.key) is in the verifier's "
+                "authorized_clients/ and that both use the same server key" if cfg.security.curve
+                else "check that the verifier also runs with security.curve: false")
+        raise RuntimeFailure(f"the verifier at {endpoint} did not answer within 3 s: {hint}, or the verifier is "
+                             "stuck (see its log)")
     return reply
 
 
 def cmd_claim(args: argparse.Namespace) -> int:
     import json
 
-    cfg = load_config(args.config)
+    cfg = _config(args)
     request = {"cmd": "claim", "gate_id": args.gate, "subject_id": args.subject}
     if args.ttl is not None:
         request["ttl_s"] = args.ttl
@@ -106,8 +129,10 @@ def cmd_claim(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    reply = _ask(load_config(args.config), {"cmd": "status"}, "status")
-    print(json.dumps(reply, indent=None if args.json else 2))
+    from kiosk.status_text import format_status
+
+    reply = _ask(_config(args), {"cmd": "status"}, "status")
+    print(json.dumps(reply) if args.json else format_status(reply))
     return EXIT_OK
 
 
@@ -125,7 +150,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from kiosk.demo import run_demo
 
-    cfg = load_config(args.config)
+    cfg = _config(args)
     ok = run_demo(cfg, Path(args.out))
     return EXIT_OK if ok else EXIT_RUNTIME
 
@@ -133,7 +158,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="Face verification for camera-driven boarding gates.")
     add_common(parser)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = add_commands(parser, "command")
     p = sub.add_parser("run", help="supervise the verifier and one capture per camera")
     p.add_argument("--exit-on-eof", action="store_true",
                    help="stop once every file source is read and its decisions are published")
@@ -154,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook", action="append", default=[], metavar="URL", help="POST each event as JSON")
     p.add_argument("--python", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="call a Python function with each event (default: hooks.python in the config)")
+    p.add_argument("--no-config-hooks", action="store_true", help=argparse.SUPPRESS)  # kiosk run's subscribers
+    p.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                   help="serve this subscriber's Prometheus metrics on 127.0.0.1:PORT (default 0: off)")
     p.set_defaults(func=cmd_subscribe)
 
     p = sub.add_parser("bench", help="time the real pipeline on a video (and the obvious insightface loop)")
@@ -173,12 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_claim)
 
-    p = sub.add_parser("status", help="the running verifier's status")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("status", help="the running verifier's status: cameras, latencies, gallery, claims")
+    p.add_argument("--json", action="store_true", help="the whole status as one JSON object")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("keys", help="CurveZMQ keys")
-    keys = p.add_subparsers(dest="keys_command", required=True, parser_class=Parser)
+    keys = add_commands(p, "keys_command")
     k = keys.add_parser("init", help="make the server and a client key pair (client allow-listed)")
     k.add_argument("dir", metavar="DIR")
     k.add_argument("--client", default="client", help="name of the client key pair")

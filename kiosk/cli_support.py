@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import Callable, Protocol
 
+from kiosk.config import ENV_CONFIG
 from kiosk.errors import EXIT_RUNTIME, EXIT_USAGE, KioskError
 
 
@@ -18,11 +20,25 @@ def setup_logging(verbosity: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
-def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", metavar="CONFIG",
+def add_common(parser: argparse.ArgumentParser, *, sub: bool = False) -> None:
+    """-c/-v/-q. A sub-command's parser takes them too (`sub`), so `kiosk run -c CONFIG` and `kiosk -c CONFIG
+    run` are the same: there they default to SUPPRESS and leave what was given before the sub-command."""
+    keep = argparse.SUPPRESS
+    parser.add_argument("-c", "--config", metavar="CONFIG", default=keep if sub else None,
                         help="YAML config file (default: $KIOSK_CONFIG, else the built-in defaults)")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="only warnings and errors")
+    parser.add_argument("-v", "--verbose", action="count", default=keep if sub else 0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="count", default=keep if sub else 0,
+                        help="only warnings and errors")
+
+
+def add_commands(parser: argparse.ArgumentParser, dest: str) -> argparse._SubParsersAction:
+    """Sub-commands whose parsers all accept the common options (see `add_common`)."""
+    return parser.add_subparsers(dest=dest, required=True, parser_class=CommandParser)
+
+
+def config_path(args: argparse.Namespace) -> str | None:
+    """-c CONFIG, else $KIOSK_CONFIG, else None (the built-in defaults)."""
+    return getattr(args, "config", None) or os.environ.get(ENV_CONFIG) or None
 
 
 def run_command(prog: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -66,3 +82,11 @@ class Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+class CommandParser(Parser):
+    """A sub-command's parser: takes -c/-v/-q itself as well."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        add_common(self, sub=True)

@@ -84,6 +84,8 @@ class HooksConfig:
     webhook_timeout_s: float = 5.0
     webhook_retries: int = 3
     queue_size: int = 1000
+    sign_webhooks: bool = True
+    webhook_secret_file: Optional[Path] = None  # default: <security.keys_dir>/webhook.secret
 
 
 @dataclass
@@ -103,6 +105,7 @@ class SubscriberConfig:
     exec: Optional[str] = None
     webhook: Optional[str] = None
     jsonl: Optional[Path] = None
+    metrics_port: int = 0  # its Prometheus metrics on 127.0.0.1:PORT; 0: off
 
 
 @dataclass
@@ -172,6 +175,16 @@ class KioskConfig:
         """A path from the config, made absolute against the config's folder."""
         path = Path(os.path.expanduser(str(path)))
         return Path(os.path.normpath(path if path.is_absolute() else self.base_dir / path))
+
+
+def models_section(cfg: KioskConfig) -> dict[str, Any]:
+    """`cfg.models` as a config mapping with absolute paths, for a config written elsewhere (demo, bench)
+    that must run the same models."""
+    data = dataclasses.asdict(cfg.models)
+    data["cache_dir"] = str(cfg.resolve(cfg.models.cache_dir))
+    if cfg.models.pack != "default":
+        data["pack"] = str(cfg.resolve(Path(cfg.models.pack)))
+    return data
 
 
 # Numeric bounds checked after types: (section, key) -> (low, high), inclusive.
@@ -337,6 +350,8 @@ def _check(cfg: KioskConfig) -> None:
         if not module or not func:
             raise _Invalid(f"hooks.python[{i}]", "module:function", hook)
     for i, sub in enumerate(cfg.subscribers):
+        if not 0 <= sub.metrics_port <= 65535:
+            raise _Invalid(f"subscribers[{i}].metrics_port", "a port from 0 to 65535", sub.metrics_port)
         if not (sub.exec or sub.webhook or sub.jsonl):
             raise _Invalid(f"subscribers[{i}]", "at least one of exec, webhook, jsonl", "none")
     if cfg.policy.reject_after_frames < cfg.policy.accept_frames:
@@ -359,6 +374,28 @@ def config_from_mapping(data: Any, *, source: Path | None = None, base_dir: Path
     return cfg
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key written twice in one mapping (PyYAML keeps the last one silently,
+    so a second `accept_threshold:` further down would quietly win)."""
+
+
+def _mapping_once(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden key by key
+            continue
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            first = seen[key].start_mark.line + 1
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is written twice (first on line {first})", key_node.start_mark)
+        seen[key] = key_node
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)  # type: ignore[arg-type]
+
+
 def load_config(path: str | os.PathLike[str] | None) -> KioskConfig:
     """Load and validate CONFIG; with no path, $KIOSK_CONFIG or the built-in defaults.
 
@@ -378,7 +415,7 @@ def load_config(path: str | os.PathLike[str] | None) -> KioskConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read config file: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

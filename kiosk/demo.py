@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from enrollment.photos import reference_template
-from kiosk.config import KioskConfig, load_config
+from kiosk.config import KioskConfig, load_config, models_section
 from kiosk.engine import FaceEngine
 from kiosk.gallery import Gallery
 from kiosk.images import read_image
@@ -52,9 +52,10 @@ def demo_scene(engine: FaceEngine) -> tuple[list[Walk], int]:
     return walks, 11 * s
 
 
-def write_demo_config(out: Path) -> Path:
+def write_demo_config(out: Path, base: KioskConfig) -> Path:
     cfg = {
         "gallery": {"path": "gallery.db"},
+        "models": models_section(base),  # the demo's processes run the models the operator configured
         "cameras": [{"id": "cam-a1", "gate": "A1", "source": "gate-a1.avi", "realtime": True}],
         "transport": loopback_endpoints(),
         "security": {"curve": True, "keys_dir": "keys"},
@@ -102,9 +103,8 @@ def run_demo(base: KioskConfig, out: Path) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("gallery.db", "gallery.db-wal", "gallery.db-shm", "events.jsonl"):
         (out / stale).unlink(missing_ok=True)
-    config_path = write_demo_config(out)
+    config_path = write_demo_config(out, base)
     cfg = load_config(config_path)
-    cfg.models = base.models
     engine = FaceEngine.from_config(cfg)
     template = reference_template(engine, sample_photo("yaoming.jpg"), cfg.enrollment)
     with Gallery(cfg.resolve(cfg.gallery.path)) as gallery:

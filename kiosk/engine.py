@@ -1,9 +1,10 @@
 """The face engine: detect -> align -> embed, on ONNX Runtime.
 
 `FaceEngine.from_config(cfg)` loads the model pack, chooses providers and
-builds one session per model; `analyze(images)` returns `Faces` with
-embeddings for every image, batching detection per canvas shape and
-embedding all faces of all images in one call.
+builds one session per model. The verifier drives the detector and the
+recognizer itself (detection batched per canvas shape, all faces of a step
+embedded in one call); `describe(image, faces)` aligns and embeds the given
+faces of one photo (enrollment, compare).
 """
 
 from __future__ import annotations
@@ -74,25 +75,7 @@ class FaceEngine:
                  pack.recognizer.sha256[:12], note)
         return cls(pack, detector, recognizer, chosen, note)
 
-    def analyze(self, images: list[np.ndarray], *, min_width: float = 0.0) -> list[Analysis]:
-        """Detect, align and embed every face (wider than `min_width`) in each image."""
-        found = self.detector.detect_batch(images)
-        if min_width > 0:
-            found = [f[f.widths >= min_width] for f in found]
-        crops = [align_faces(img, f.kps) for img, f in zip(images, found)]
-        counts = [len(f) for f in found]
-        all_crops = np.concatenate(crops) if sum(counts) else np.zeros((0, 112, 112, 3), np.uint8)
-        emb = self.recognizer.embed(all_crops)
-        out, start = [], 0
-        for f, c, n in zip(found, crops, counts):
-            out.append(Analysis(f.with_embeddings(emb[start:start + n]), c))
-            start += n
-        return out
-
     def describe(self, image: np.ndarray, faces: Faces) -> Analysis:
         """Align and embed the given faces of one image (detection already done)."""
         crops = align_faces(image, faces.kps)
         return Analysis(faces.with_embeddings(self.recognizer.embed(crops)), crops)
-
-    def analyze_one(self, image: np.ndarray, *, min_width: float = 0.0) -> Analysis:
-        return self.analyze([image], min_width=min_width)[0]

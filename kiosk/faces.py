@@ -67,6 +67,3 @@ class Faces:
         if len(self) == 0:
             return self
         return self[int(np.argmax(self.widths * self.heights))]
-
-    def order_by_size(self) -> Faces:
-        return self[np.argsort(-(self.widths * self.heights), kind="stable")]

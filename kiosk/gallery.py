@@ -23,7 +23,9 @@ from kiosk.errors import RuntimeFailure, UsageError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 2: templates.photo_sha256 (the photo a template came from), unique per subject and model, so
+# re-running the same import or add enrolls nothing new.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS subjects (
@@ -40,11 +42,19 @@ CREATE TABLE IF NOT EXISTS templates (
     dim INTEGER NOT NULL,
     embedding BLOB NOT NULL,
     quality TEXT NOT NULL DEFAULT '{}',
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    photo_sha256 TEXT
 );
 CREATE INDEX IF NOT EXISTS templates_subject ON templates(subject_id);
 CREATE INDEX IF NOT EXISTS templates_model ON templates(model_id);
 """
+# Run once the schema is at the current version (the column does not exist in version 1).
+INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS templates_photo ON templates(subject_id, model_id, photo_sha256);
+"""
+MIGRATIONS = {  # from version -> statements that bring it to version + 1
+    1: ["ALTER TABLE templates ADD COLUMN photo_sha256 TEXT"],
+}
 
 
 @dataclass(frozen=True)
@@ -212,16 +222,37 @@ class Gallery:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
-            version = self._meta("schema_version")
-            if version is None:
-                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('revision', '0')")
-            elif int(version) != SCHEMA_VERSION:
-                raise UsageError(f"gallery {self.path}: schema version {version}, this program reads {SCHEMA_VERSION}")
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('revision', '0')")
+            self._migrate()
+            self._db.executescript(INDEXES)
         except sqlite3.DatabaseError as exc:
             raise UsageError(f"gallery {self.path}: not a usable SQLite database: {exc}") from None
         except OSError as exc:
             raise UsageError(f"gallery {self.path}: cannot open: {exc}") from None
+
+    def _migrate(self) -> None:
+        """Bring an older gallery file to SCHEMA_VERSION in one transaction (a new one is stamped)."""
+        with self._transaction() as db:  # the write lock: two processes opening an old file migrate it once
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                fresh = db.execute("SELECT COUNT(*) FROM templates").fetchone()[0] == 0 and \
+                    "photo_sha256" in {r[1] for r in db.execute("PRAGMA table_info(templates)")}
+                if not fresh:
+                    raise UsageError(f"gallery {self.path}: has templates but no schema version")
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                return
+            version = int(row[0])
+            if version > SCHEMA_VERSION:
+                raise UsageError(f"gallery {self.path}: schema version {version} is newer than this program "
+                                 f"reads ({SCHEMA_VERSION}); upgrade gate-kiosk")
+            start = version
+            while version < SCHEMA_VERSION:
+                for statement in MIGRATIONS[version]:
+                    db.execute(statement)
+                version += 1
+            if version != start:
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+                log.info("gallery %s: schema upgraded from version %d to %d", self.path, start, version)
 
     def close(self) -> None:
         self._db.close()
@@ -246,13 +277,18 @@ class Gallery:
     # -- writes ------------------------------------------------------------------
     def enroll(self, subject_id: str, name: str, embeddings: np.ndarray, model_id: str, *,
                expires: float | None = None, metadata: dict[str, Any] | None = None,
-               qualities: list[dict[str, float]] | None = None) -> int:
-        """Add a subject (or more templates to one) in one transaction; returns its template count."""
+               qualities: list[dict[str, float]] | None = None,
+               photo_hashes: list[str | None] | None = None) -> int:
+        """Add a subject (or more templates to one) in one transaction; returns its template count.
+
+        A template whose photo (`photo_hashes`) the subject already has for this model is not added again.
+        """
         emb = np.asarray(embeddings, np.float32)
         if emb.ndim != 2 or len(emb) == 0:
             raise ValueError("embeddings must be a non-empty (N, D) array")
         now = time.time()
         qualities = qualities or [{} for _ in range(len(emb))]
+        hashes = photo_hashes or [None] * len(emb)
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO subjects (id, name, created, expires, metadata) VALUES (?, ?, ?, ?, ?) "
@@ -261,8 +297,10 @@ class Gallery:
                 (subject_id, name or "", now, expires, json.dumps(metadata or {})),
             )
             db.executemany(
-                "INSERT INTO templates (subject_id, model_id, dim, embedding, quality, created) VALUES (?, ?, ?, ?, ?, ?)",
-                [(subject_id, model_id, emb.shape[1], e.tobytes(), json.dumps(q), now) for e, q in zip(emb, qualities)],
+                "INSERT INTO templates (subject_id, model_id, dim, embedding, quality, created, photo_sha256)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subject_id, model_id, photo_sha256) DO NOTHING",
+                [(subject_id, model_id, emb.shape[1], e.tobytes(), json.dumps(q), now, h)
+                 for e, q, h in zip(emb, qualities, hashes)],
             )
             db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
             (count,) = db.execute("SELECT COUNT(*) FROM templates WHERE subject_id = ? AND model_id = ?",
@@ -290,8 +328,10 @@ class Gallery:
                 for sid, name, created, expires, meta in
                 self._db.execute("SELECT id, name, created, expires, metadata FROM subjects ORDER BY id")]
 
-    def has_subject(self, subject_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM subjects WHERE id = ?", (subject_id,)).fetchone() is not None
+    def has_photo(self, subject_id: str, model_id: str, photo_sha256: str) -> bool:
+        """Whether the subject already has a template of this model from this very photo."""
+        return self._db.execute("SELECT 1 FROM templates WHERE subject_id = ? AND model_id = ? AND photo_sha256 = ?",
+                                (subject_id, model_id, photo_sha256)).fetchone() is not None
 
     def matrix(self, model_id: str, dim: int, *, now: float | None = None) -> GalleryMatrix:
         """The templates of `model_id` of unexpired subjects, as a search matrix."""

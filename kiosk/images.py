@@ -36,15 +36,19 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
     return img
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Load a photo from disk as BGR uint8; ImageError with the path if it cannot be read."""
+def read_photo_bytes(path: str | Path) -> bytes:
+    """A photo file's bytes; ImageError with the path if it cannot be read."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        return p.read_bytes()
     except FileNotFoundError:
         raise ImageError(f"{p}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{p}: is a directory, not an image") from None
     except OSError as exc:
         raise ImageError(f"{p}: cannot read: {exc.strerror or exc}") from None
-    return decode_image(data, str(p))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Load a photo from disk as BGR uint8; ImageError with the path if it cannot be read."""
+    return decode_image(read_photo_bytes(path), str(path))

@@ -22,7 +22,6 @@ FRAME_TOPIC = "frame."
 EOF_TOPIC = "eof."
 EVENT_TOPIC = "event."
 HEALTH_TOPIC = "health."
-ENCODINGS = ("bgr8", "jpeg")
 EVENT_TYPES = ("accept", "reject", "verifier_down", "verifier_up")
 MAX_SIDE = 8192
 

@@ -1,117 +1,194 @@
-"""Prometheus text-format metrics: counters, gauges and latency summaries, served over HTTP.
+"""Prometheus metrics of the verifier and the subscribers, with `prometheus_client`, by the book.
 
-Small on purpose (no client library): the verifier updates plain numbers
-under a lock, a daemon thread serves `/metrics`.
+Counters are cumulative and end in `_total`; latencies are histograms in
+seconds (`_seconds`), so `rate()` and `histogram_quantile()` work; every
+labelled series a dashboard expects (each camera, each stage, each
+decision outcome) exists from zero at start. Capture processes report
+their counts in their health messages; the verifier exports them as
+counters of the camera (`kiosk_capture_*`), so one scrape of the verifier
+covers its cameras, wherever they run. `kiosk status` needs recent p50/p99
+figures, which histograms cannot give exactly: `LatencyWindow` keeps the
+last samples for that.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict, deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections import deque
+from typing import Any, Callable, Iterable
 
 import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
-Labels = tuple[tuple[str, str], ...]
+# From half a millisecond (a search) to ten seconds (a decision held by a stall).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)
+STAGES = ("transport", "detect", "track", "align", "quality", "select", "embed", "match", "decide", "publish")
+# Decision outcomes that exist from the start (type, reason).
+OUTCOMES = (("accept", ""), ("reject", "no_match"), ("reject", "claim_mismatch"), ("reject", "timeout"))
 
 
-def _labels(labels: dict[str, str]) -> Labels:
-    return tuple(sorted(labels.items()))
+class LatencyWindow:
+    """The last `size` samples of one latency, for `kiosk status` and bench (p50/p99 in ms)."""
 
-
-def _fmt(labels: Labels) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}"
-
-
-class Metrics:
-    """The verifier's metrics; `render()` gives the exposition text."""
-
-    def __init__(self, window: int = 2000) -> None:
+    def __init__(self, size: int = 20000) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
         self._lock = threading.Lock()
-        self._counters: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
-        self._gauges: dict[str, dict[Labels, float]] = defaultdict(dict)
-        self._samples: dict[str, dict[Labels, deque]] = defaultdict(lambda: defaultdict(lambda: deque(maxlen=window)))
-        self._help: dict[str, tuple[str, str]] = {}
 
-    def inc(self, name: str, value: float = 1.0, help: str = "", **labels: str) -> None:
+    def add(self, ms: float) -> None:
         with self._lock:
-            self._help.setdefault(name, ("counter", help))
-            self._counters[name][_labels(labels)] += value
+            self._samples.append(ms)
 
-    def set(self, name: str, value: float, help: str = "", **labels: str) -> None:
+    def quantiles(self) -> dict[str, float]:
         with self._lock:
-            self._help.setdefault(name, ("gauge", help))
-            self._gauges[name][_labels(labels)] = value
-
-    def observe(self, name: str, value: float, help: str = "", **labels: str) -> None:
-        with self._lock:
-            self._help.setdefault(name, ("summary", help))
-            self._samples[name][_labels(labels)].append(value)
-
-    def quantiles(self, name: str, **labels: str) -> dict[str, float]:
-        with self._lock:
-            data = list(self._samples.get(name, {}).get(_labels(labels), ()))
+            data = list(self._samples)
         if not data:
             return {}
         p50, p99 = np.percentile(data, [50, 99])
         return {"p50": float(p50), "p99": float(p99), "n": float(len(data))}
 
-    def counter(self, name: str, **labels: str) -> float:
+
+def serve(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> Any | None:
+    """Serve /metrics of `registry` on host:port in a daemon thread; None (and a warning) if the port is taken.
+    The returned server has `shutdown()`."""
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        log.warning("metrics: cannot listen on %s:%d (%s); metrics are off", host, port, exc)
+        return None
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return server
+
+
+class _CaptureCounts(Collector):
+    """The counts each capture process reports in its health messages, exported as the camera's counters.
+    A capture that restarts starts again from zero, which Prometheus reads as a counter reset."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_camera: dict[str, dict[str, float]] = {}
+
+    def set_cameras(self, cameras: Iterable[str]) -> None:
         with self._lock:
-            return self._counters.get(name, {}).get(_labels(labels), 0.0)
+            for cam in cameras:
+                self._by_camera.setdefault(cam, {"sent": 0.0, "drops": 0.0, "faults": 0.0, "fps": 0.0})
 
-    def render(self) -> str:
-        lines: list[str] = []
+    def update(self, camera: str, body: dict[str, Any]) -> None:
+        values = {k: float(body[k]) for k in ("sent", "drops", "faults", "fps")
+                  if isinstance(body.get(k), (int, float)) and not isinstance(body.get(k), bool)
+                  and 0 <= body[k] < 1e15}
         with self._lock:
-            for name, (kind, help) in sorted(self._help.items()):
-                lines.append(f"# HELP {name} {help or name}")
-                lines.append(f"# TYPE {name} {kind}")
-                if kind == "counter":
-                    for labels, v in self._counters[name].items():
-                        lines.append(f"{name}{_fmt(labels)} {v:g}")
-                elif kind == "gauge":
-                    for labels, v in self._gauges[name].items():
-                        lines.append(f"{name}{_fmt(labels)} {v:g}")
-                else:
-                    for labels, samples in self._samples[name].items():
-                        data = np.asarray(samples)
-                        for q in (0.5, 0.9, 0.99):
-                            ql = labels + (("quantile", str(q)),)
-                            lines.append(f"{name}{_fmt(ql)} {float(np.quantile(data, q)):.6g}")
-                        lines.append(f"{name}_sum{_fmt(labels)} {float(data.sum()):.6g}")
-                        lines.append(f"{name}_count{_fmt(labels)} {len(data)}")
-        return "\n".join(lines) + "\n"
+            self._by_camera.setdefault(camera, {"sent": 0.0, "drops": 0.0, "faults": 0.0, "fps": 0.0}).update(values)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer | None:
-        """Serve /metrics on host:port in a daemon thread; None (and a warning) if the port is taken."""
-        metrics = self
+    def collect(self) -> Iterable[Any]:
+        sent = CounterMetricFamily("kiosk_capture_frames_sent", "frames the capture sent to the verifier",
+                                   labels=["camera"])
+        drops = CounterMetricFamily("kiosk_capture_frames_dropped",
+                                    "frames the capture dropped because the verifier's queue was full",
+                                    labels=["camera"])
+        faults = CounterMetricFamily("kiosk_capture_faults", "camera faults (cannot open, no frames)",
+                                     labels=["camera"])
+        fps = GaugeMetricFamily("kiosk_capture_fps", "frames per second the capture sends (last 5 s)",
+                                labels=["camera"])
+        with self._lock:
+            for cam, v in sorted(self._by_camera.items()):
+                sent.add_metric([cam], v["sent"])
+                drops.add_metric([cam], v["drops"])
+                faults.add_metric([cam], v["faults"])
+                fps.add_metric([cam], v["fps"])
+        return [sent, drops, faults, fps]
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404)
-                    return
-                body = metrics.render().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
 
-            def log_message(self, *args: object) -> None:
-                pass
+class VerifierMetrics:
+    """Everything the verifier exports, in its own registry (no process-global state)."""
 
-        try:
-            server = ThreadingHTTPServer((host, port), Handler)
-        except OSError as exc:
-            log.warning("metrics: cannot listen on %s:%d (%s); metrics are off", host, port, exc)
-            return None
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-        log.info("metrics on http://%s:%d/metrics", host, port)
-        return server
+    def __init__(self, cameras: dict[str, str], stages: Iterable[str] = STAGES) -> None:
+        r = self.registry = CollectorRegistry()
+        cams = sorted(cameras)
+        self.frames_in = Counter("kiosk_frames_in", "frames received from the captures", ["camera"], registry=r)
+        self.frames_processed = Counter("kiosk_frames_processed", "frames run through the pipeline", ["camera"],
+                                        registry=r)
+        self.frames_stale = Counter("kiosk_frames_dropped", "stale frames dropped (a newer frame of the camera "
+                                    "arrived first)", ["camera"], registry=r)
+        self.faces = Counter("kiosk_faces_detected", "faces detected", ["camera"], registry=r)
+        self.bad_messages = Counter("kiosk_bad_messages", "malformed messages dropped", registry=r)
+        self.decisions = Counter("kiosk_decisions", "decisions published", ["gate", "type", "reason"], registry=r)
+        self.embeddings_deferred = Counter("kiosk_embeddings_deferred", "faces whose embedding waited for a later "
+                                           "frame (policy.max_embeddings_per_frame)", registry=r)
+        self.stage_seconds = Histogram("kiosk_stage_seconds", "time per pipeline stage per step", ["stage"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.frame_latency = Histogram("kiosk_frame_latency_seconds", "capture to end of processing, per frame",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.decision_latency = Histogram("kiosk_decision_latency_seconds", "capture of the deciding frame to "
+                                          "the decision's publication", ["gate"], buckets=LATENCY_BUCKETS,
+                                          registry=r)
+        self.gallery_subjects = Gauge("kiosk_gallery_subjects", "enrolled subjects in the search matrix",
+                                      registry=r)
+        self.gallery_templates = Gauge("kiosk_gallery_templates", "templates in the search matrix", registry=r)
+        self.provider_info = Gauge("kiosk_provider_info", "ONNX Runtime providers in use (1)", ["provider"],
+                                   registry=r)
+        self.camera_up = Gauge("kiosk_camera_up", "1 while the camera delivers frames (or its file has ended)",
+                               ["camera"], registry=r)
+        self.captures = _CaptureCounts()
+        r.register(self.captures)
+        self.captures.set_cameras(cams)
+        for cam in cams:
+            for counter in (self.frames_in, self.frames_processed, self.frames_stale, self.faces):
+                counter.labels(camera=cam)
+        for stage in stages:
+            self.stage_seconds.labels(stage=stage)
+        for gate in sorted(set(cameras.values())):
+            self.decision_latency.labels(gate=gate)
+            for etype, reason in OUTCOMES:
+                self.decisions.labels(gate=gate, type=etype, reason=reason)
+        # Recent figures for `kiosk status` and bench.
+        self.recent_stage = {stage: LatencyWindow() for stage in stages}
+        self.recent_frame = LatencyWindow()
+        self.recent_decision = LatencyWindow()
+
+    def watch_cameras(self, up: Callable[[str], bool], cameras: Iterable[str]) -> None:
+        """`kiosk_camera_up` is read from `up(camera)` at each scrape."""
+        for cam in cameras:
+            self.camera_up.labels(camera=cam).set_function(lambda cam=cam: 1.0 if up(cam) else 0.0)
+
+    def observe_stage(self, stage: str, ms: float) -> None:
+        self.stage_seconds.labels(stage=stage).observe(ms / 1000.0)
+        window = self.recent_stage.get(stage)
+        if window is not None:
+            window.add(ms)
+
+    def observe_frame(self, ms: float) -> None:
+        self.frame_latency.observe(max(0.0, ms) / 1000.0)
+        self.recent_frame.add(ms)
+
+    def observe_decision(self, gate: str, ms: float) -> None:
+        self.decision_latency.labels(gate=gate).observe(max(0.0, ms) / 1000.0)
+        self.recent_decision.add(ms)
+
+
+class SubscriberMetrics:
+    """What a `kiosk subscribe` process exports: events in, deliveries per hook, the verifier's liveness."""
+
+    def __init__(self, hooks: Iterable[str]) -> None:
+        r = self.registry = CollectorRegistry()
+        self.events = Counter("kiosk_subscriber_events", "events received from the verifier (and made here: "
+                              "verifier_down/up)", ["type"], registry=r)
+        self.bad_messages = Counter("kiosk_subscriber_bad_messages", "malformed messages dropped", registry=r)
+        self.deliveries = Counter("kiosk_hook_deliveries", "events handed to a hook, by outcome",
+                                  ["hook", "outcome"], registry=r)
+        self.delivery_seconds = Histogram("kiosk_hook_delivery_seconds", "time a hook took per event", ["hook"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("kiosk_hook_queue_depth", "events waiting for a hook", ["hook"], registry=r)
+        self.verifier_up = Gauge("kiosk_subscriber_verifier_up", "1 while the verifier's heartbeat is heard",
+                                 registry=r)
+        for etype in ("accept", "reject", "verifier_down", "verifier_up"):
+            self.events.labels(type=etype)
+        for hook in hooks:
+            for outcome in ("delivered", "failed", "dropped"):
+                self.deliveries.labels(hook=hook, outcome=outcome)
+            self.delivery_seconds.labels(hook=hook)

@@ -5,7 +5,7 @@ hook delays no other hook; when its queue is full, new events for it are
 dropped, counted and logged. Hooks:
 - exec: a shell command, event JSON on stdin, main fields as KIOSK_*
   environment variables, killed after `hooks.exec_timeout_s`;
-- webhook: HTTP POST of the event JSON, retried with backoff;
+- webhook: HTTP POST of the event JSON, signed (HMAC-SHA256), retried with backoff;
 - jsonl: one JSON object a line, flushed per event;
 - python: `module:function`, called with the event as a dict.
 
@@ -35,8 +35,11 @@ from typing import Any, Callable
 from kiosk.cli_support import serve
 from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError
+from kiosk.metrics import SubscriberMetrics
+from kiosk.metrics import serve as serve_metrics
 from kiosk.messages import EVENT_TOPIC, HEALTH_TOPIC, BadMessage, Event, decode_event, decode_json
 from kiosk.transport import Transport
+from kiosk.webhook_signing import SECRET_NAME, load_secret, sign
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +57,25 @@ class Hook:
         self.delivered = 0
         self.failed = 0
         self.dropped = 0
+        self._metrics: SubscriberMetrics | None = None
         self._thread = threading.Thread(target=self._work, name=f"hook {name}", daemon=True)
         self._thread.start()
+
+    def attach(self, metrics: SubscriberMetrics) -> None:
+        """Count this hook's deliveries in `metrics` from now on."""
+        self._metrics = metrics
+        metrics.queue_depth.labels(hook=self.name).set_function(self._queue.qsize)
+
+    def _count(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.deliveries.labels(hook=self.name, outcome=outcome).inc()
 
     def submit(self, event: dict[str, Any]) -> None:
         try:
             self._queue.put_nowait(event)
         except queue.Full:
             self.dropped += 1
+            self._count("dropped")
             if self.dropped == 1 or self.dropped % 100 == 0:
                 log.warning("hook %s is behind: %d events dropped so far", self.name, self.dropped)
 
@@ -70,12 +84,17 @@ class Hook:
             event = self._queue.get()
             if event is None:
                 return
+            t0 = time.perf_counter()
             try:
                 self._deliver(event)
                 self.delivered += 1
+                self._count("delivered")
             except Exception as exc:  # noqa: BLE001 - a hook's failure must not stop the others
                 self.failed += 1
+                self._count("failed")
                 log.warning("hook %s failed on event %s: %s", self.name, event.get("event_id"), exc)
+            if self._metrics is not None:
+                self._metrics.delivery_seconds.labels(hook=self.name).observe(time.perf_counter() - t0)
 
     def close(self, timeout: float = 5.0) -> None:
         try:
@@ -104,20 +123,27 @@ def exec_hook(command: str, timeout_s: float) -> Callable[[dict[str, Any]], None
     return deliver
 
 
-def webhook_hook(url: str, timeout_s: float, retries: int) -> Callable[[dict[str, Any]], None]:
+def webhook_hook(url: str, timeout_s: float, retries: int, secret: bytes | None) -> Callable[[dict[str, Any]], None]:
+    """POST each event as JSON; with `secret`, each attempt is signed afresh (see kiosk.webhook_signing)."""
     def deliver(event: dict[str, Any]) -> None:
         body = json.dumps(event).encode()
         delay = 0.5
         for attempt in range(retries + 1):
-            req = urllib.request.Request(url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+            headers = {"Content-Type": "application/json"}
+            if secret is not None:
+                headers.update(sign(secret, body, int(time.time())))
+            req = urllib.request.Request(url, data=body, method="POST", headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=timeout_s) as resp:
                     if 200 <= resp.status < 300:
                         return
                     error = f"HTTP {resp.status}"
             except urllib.error.HTTPError as exc:
-                error = f"HTTP {exc.code}"
+                try:  # the receiver's one-line reason (e.g. why a signature was refused)
+                    said = exc.read(300).decode("utf-8", "replace").strip().splitlines()
+                except Exception:  # noqa: BLE001 - the status alone is enough
+                    said = []
+                error = f"HTTP {exc.code}" + (f" {said[0]}" if said else "")
                 if 400 <= exc.code < 500 and exc.code != 429:
                     raise RuntimeError(f"{url}: {error} (not retried)") from None
             except (urllib.error.URLError, OSError) as exc:
@@ -157,12 +183,16 @@ def python_hook(spec: str) -> Callable[[dict[str, Any]], None]:
 class Subscriber:
     """Receives events (optionally of one gate) and the verifier's heartbeat; feeds the hooks."""
 
-    def __init__(self, cfg: KioskConfig, hooks: list[Hook], gate: str | None = None) -> None:
+    def __init__(self, cfg: KioskConfig, hooks: list[Hook], gate: str | None = None, metrics_port: int = 0) -> None:
         if not hooks:
             raise ConfigError("kiosk subscribe: no hooks (give --jsonl, --exec, --webhook or hooks.python)")
         self.cfg = cfg
         self.hooks = hooks
         self.gate = gate
+        self.metrics = SubscriberMetrics([h.name for h in hooks])
+        for hook in hooks:
+            hook.attach(self.metrics)
+        self._metrics_server = serve_metrics(self.metrics.registry, metrics_port) if metrics_port else None
         self.transport = Transport(cfg, role="subscriber")
         topic = EVENT_TOPIC + gate if gate else EVENT_TOPIC
         self.sock = self.transport.event_subscriber([topic, HEALTH_TOPIC + "verifier"])
@@ -175,6 +205,7 @@ class Subscriber:
         self._stop.set()
 
     def _dispatch(self, event: dict[str, Any]) -> None:
+        self.metrics.events.labels(type=str(event.get("type"))).inc()
         for hook in self.hooks:
             hook.submit(event)
 
@@ -188,6 +219,7 @@ class Subscriber:
         silent = time.monotonic() - self._last_beat
         if silent > window and self.verifier_up is not False:
             self.verifier_up = False
+            self.metrics.verifier_up.set(0)
             self._state_event("verifier_down", f"no verifier heartbeat for {silent:.1f}s")
 
     def _receive(self, parts: list[bytes]) -> None:
@@ -201,6 +233,7 @@ class Subscriber:
                 if self.verifier_up is not True:
                     was_down = self.verifier_up is False
                     self.verifier_up = True
+                    self.metrics.verifier_up.set(1)
                     if was_down:
                         self._state_event("verifier_up", "verifier heartbeat is back")
                 return
@@ -210,6 +243,7 @@ class Subscriber:
             self._dispatch(asdict(event))
         except (BadMessage, ValueError, TypeError, RecursionError) as exc:
             self.bad += 1
+            self.metrics.bad_messages.inc()
             log.warning("dropped a malformed message: %s", str(exc)[:300])
 
     def run(self) -> int:
@@ -224,6 +258,8 @@ class Subscriber:
     def close(self) -> None:
         for hook in self.hooks:
             hook.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         self.sock.close()
         self.transport.close()
 
@@ -231,16 +267,24 @@ class Subscriber:
 def build_hooks(cfg: KioskConfig, *, jsonl: list[str], execs: list[str], webhooks: list[str],
                 python: list[str] | None = None) -> list[Hook]:
     h = cfg.hooks
-    hooks = [Hook(f"jsonl {p}", jsonl_hook(Path(p)), h.queue_size) for p in jsonl]
-    hooks += [Hook(f"exec {c}", exec_hook(c, h.exec_timeout_s), h.queue_size) for c in execs]
     for url in webhooks:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"--webhook {url}: expected an http:// or https:// URL")
-        hooks.append(Hook(f"webhook {url}", webhook_hook(url, h.webhook_timeout_s, h.webhook_retries), h.queue_size))
+    secret = None
+    if webhooks and h.sign_webhooks:  # before any hook starts: a missing secret stops the subscriber (exit 2)
+        secret = load_secret(cfg.resolve(h.webhook_secret_file or cfg.security.keys_dir / SECRET_NAME))
+    elif webhooks:
+        log.warning("webhooks are sent UNSIGNED (hooks.sign_webhooks: false): a receiver cannot tell these POSTs "
+                    "from forged ones, and an accept opens a door")
+    hooks = [Hook(f"jsonl {p}", jsonl_hook(Path(p)), h.queue_size) for p in jsonl]
+    hooks += [Hook(f"exec {c}", exec_hook(c, h.exec_timeout_s), h.queue_size) for c in execs]
+    for url in webhooks:
+        hooks.append(Hook(f"webhook {url}", webhook_hook(url, h.webhook_timeout_s, h.webhook_retries, secret),
+                          h.queue_size))
     hooks += [Hook(f"python {spec}", python_hook(spec), h.queue_size) for spec in (python if python is not None
                                                                                    else h.python)]
     return hooks
 
 
-def run_subscriber(cfg: KioskConfig, gate: str | None, hooks: list[Hook]) -> int:
-    return serve(Subscriber(cfg, hooks, gate))
+def run_subscriber(cfg: KioskConfig, gate: str | None, hooks: list[Hook], metrics_port: int = 0) -> int:
+    return serve(Subscriber(cfg, hooks, gate, metrics_port))

@@ -23,6 +23,7 @@ from pathlib import Path
 from kiosk.capture import open_source
 from kiosk.config import KioskConfig
 from kiosk.transport import ask_verifier, init_keys
+from kiosk.webhook_signing import SECRET_NAME, make_secret
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,14 @@ class Supervisor:
         self.file_cameras = [c.id for c in cfg.cameras if not (open_source(c, cfg).live or c.loop)]
         self.subscribers = []
         for sub in cfg.subscribers:
-            argv = base + ["subscribe"] + (["--gate", sub.gate] if sub.gate else [])
+            # hooks.python runs in one subscriber of its own (below), not once per subscriber.
+            argv = base + ["subscribe", "--no-config-hooks"] + (["--gate", sub.gate] if sub.gate else [])
             argv += (["--exec", sub.exec] if sub.exec else []) + (["--webhook", sub.webhook] if sub.webhook else [])
             argv += ["--jsonl", str(cfg.resolve(sub.jsonl))] if sub.jsonl else []
+            argv += ["--metrics-port", str(sub.metrics_port)] if sub.metrics_port else []
             self.subscribers.append(Child(f"subscriber {sub.name}", argv, restart_on_success=True))
+        if cfg.hooks.python:  # all gates, every event once
+            self.subscribers.append(Child("subscriber hooks.python", base + ["subscribe"], restart_on_success=True))
 
     @property
     def children(self) -> list[Child]:
@@ -128,10 +133,15 @@ class Supervisor:
         return all(cams.get(cid, {}).get("eof") for cid in self.file_cameras) and status.get("queue_depth") == 0
 
     def run(self) -> int:
+        keys_dir = self.cfg.resolve(self.cfg.security.keys_dir)
         if self.cfg.security.curve:
-            made = init_keys(self.cfg.resolve(self.cfg.security.keys_dir), client_name=self.cfg.security.client_key)
+            made = init_keys(keys_dir, client_name=self.cfg.security.client_key)
             if made:
-                log.info("made CurveZMQ keys in %s", self.cfg.resolve(self.cfg.security.keys_dir))
+                log.info("made CurveZMQ keys and the webhook secret in %s", keys_dir)
+        elif self.cfg.hooks.sign_webhooks and not self.cfg.hooks.webhook_secret_file and \
+                any(sub.webhook for sub in self.cfg.subscribers):
+            if make_secret(keys_dir / SECRET_NAME):
+                log.info("made the webhook secret %s", keys_dir / SECRET_NAME)
         for child in self.subscribers:  # first, so they see the verifier's first heartbeat
             self._start(child)
         self._start(self.verifier)

@@ -22,7 +22,6 @@ class Track:
     track_id: int
     camera_id: str
     box: np.ndarray
-    first_seen: float
     last_seen: float
     hits: int = 1
     state: object = None
@@ -75,7 +74,7 @@ class Tracker:
                 score[:, j] = 0
         for i in range(len(faces)):
             if assigned[i] is None:
-                track = Track(next(self._ids), self.camera_id, faces.boxes[i].copy(), t, t)
+                track = Track(next(self._ids), self.camera_id, faces.boxes[i].copy(), t)
                 self.tracks.append(track)
                 assigned[i] = track
         ended = [tr for tr in self.tracks if t - tr.last_seen > self.max_age_s]
@@ -88,7 +87,7 @@ class Tracker:
         """End `track` (another person now stands where it was) and start a new one in its place."""
         track.ended = True
         self.tracks = [tr for tr in self.tracks if tr is not track]
-        new = Track(next(self._ids), self.camera_id, track.box.copy(), t, t)
+        new = Track(next(self._ids), self.camera_id, track.box.copy(), t)
         self.tracks.append(new)
         return new
 

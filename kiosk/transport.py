@@ -35,6 +35,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError
+from kiosk.webhook_signing import SECRET_NAME, make_secret
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class KeyPair:
 
 
 def init_keys(keys_dir: Path, *, client_name: str = "client", role: str = "all") -> list[Path]:
-    """Create the server key pair and one client pair, allow-listed for `role`; keep existing ones.
+    """Create the server key pair, one client pair allow-listed for `role`, and the webhook secret
+    (`webhook.secret`); keep existing ones.
 
     role "all": frames, control and events (cameras, operators' tools);
     "subscriber": events only (a gate controller cannot inject frames or claims).
@@ -75,6 +77,8 @@ def init_keys(keys_dir: Path, *, client_name: str = "client", role: str = "all")
         if not allowed.exists():
             shutil.copy(keys_dir / f"{client_name}.key", allowed)
             made.append(allowed)
+    if make_secret(keys_dir / SECRET_NAME):  # the shared secret that signs webhooks
+        made.append(keys_dir / SECRET_NAME)
     return made
 
 
@@ -266,6 +270,24 @@ def free_port() -> int:
 def loopback_endpoints() -> dict[str, str]:
     """`transport:` endpoints on free loopback ports, for a self-contained run."""
     return {key: f"tcp://127.0.0.1:{free_port()}" for key in ("frames", "events", "control")}
+
+
+def nothing_listens(endpoint: str, timeout_s: float = 0.5) -> bool:
+    """True when a tcp:// endpoint refuses connections outright (no verifier running there), so a tool can
+    say so at once instead of waiting for a reply that cannot come. Other transports: False (unknown)."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    host = host.strip("[]")
+    if host == "*":
+        host = "127.0.0.1"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except (OSError, ValueError):
+        return False  # unreachable or slow: let the request itself time out and say more
 
 
 def ask_verifier(cfg: KioskConfig, request: dict[str, Any], *, role: str, timeout_ms: int = 3000

@@ -32,7 +32,8 @@ from kiosk.faces import Faces
 from kiosk.gallery import Gallery, GalleryMatrix
 from kiosk.messages import (EOF_TOPIC, FRAME_TOPIC, HEALTH_TOPIC, BadMessage, Event, FrameHeader, decode_frame,
                             decode_json, encode_json)
-from kiosk.metrics import Metrics
+from kiosk.metrics import VerifierMetrics
+from kiosk.metrics import serve as serve_metrics
 from kiosk.models.recognizer import align_faces
 from kiosk.policy import Decision, DecisionPolicy
 from kiosk.quality import measure
@@ -46,6 +47,7 @@ REPLAY_BACKLOG = 8
 RECHECK_EVERY = 10  # frames of a decided track between identity checks
 SAME_PERSON = 0.25  # a track whose new face scores below this against its last one is someone else
 BAD_LOG_EVERY_S = 10.0
+CAMERA_SILENT_S = 3.0  # a camera with no frame for this long is reported down
 
 
 @dataclass
@@ -61,6 +63,23 @@ class CameraState:
     eof: bool = False
     last_clock: float = 0.0  # frame clock (media or capture time) of the last frame
     last_wall: float = 0.0  # when that frame was processed
+    last_frame_at: float = 0.0  # wall time the last frame arrived
+    capture_status: str = ""  # what the capture's last health message said ("ok", "reconnecting", "eof")
+    capture_error: str = ""
+
+    def state(self, now: float) -> tuple[str, str]:
+        """("up" | "down" | "ended", why): what an operator needs to know about this camera now."""
+        if self.eof:
+            return "ended", "end of the file source"
+        if self.capture_status == "reconnecting":
+            return "down", self.capture_error or "the capture is reconnecting to the camera"
+        if not self.last_frame_at:
+            return "down", "no frame received yet (is its capture running?)"
+        silent = now - self.last_frame_at
+        if silent > CAMERA_SILENT_S:
+            return "down", f"no frame for {silent:.0f} s" + (f" (last error: {self.capture_error})"
+                                                           if self.capture_error else "")
+        return "up", ""
 
 
 @dataclass
@@ -87,7 +106,9 @@ class Verifier:
         self.cameras = {c.id: CameraState(c.id, c.gate, c.realtime,
                                           Tracker(c.id, max_age_s=cfg.policy.track_max_age_s))
                         for c in cfg.cameras}
-        self.metrics = Metrics()
+        self.metrics = VerifierMetrics({c.id: c.gate for c in cfg.cameras})
+        self.metrics.watch_cameras(lambda cam_id: self.cameras[cam_id].state(time.time())[0] != "down",
+                                   self.cameras)
         self.transport = Transport(cfg, role="verifier")
         self.frames = self.transport.frame_receiver()
         self.events = self.transport.event_publisher()
@@ -107,10 +128,11 @@ class Verifier:
         self._step_count = 0
         self.first_captured_at: float | None = None
         self.last_done_at: float | None = None
-        self._metrics_server = self.metrics.serve(cfg.metrics.port) if cfg.metrics.port else None
-        self.metrics.set("kiosk_gallery_subjects", len(self.matrix), "enrolled subjects in the search matrix")
+        self._metrics_server = serve_metrics(self.metrics.registry, cfg.metrics.port) if cfg.metrics.port else None
+        self.metrics.gallery_subjects.set(len(self.matrix))
+        self.metrics.gallery_templates.set(self.matrix.template_count)
         for prov in self.engine.providers:
-            self.metrics.set("kiosk_provider_info", 1, "ONNX Runtime providers in use", provider=prov)
+            self.metrics.provider_info.labels(provider=prov).set(1)
         log.info("verifier ready: %d camera(s), gallery %d subjects / %d templates, %s", len(self.cameras),
                  len(self.matrix), self.matrix.template_count, self.engine.provider_note)
         if not len(self.matrix):
@@ -153,8 +175,8 @@ class Verifier:
     def close(self) -> None:
         for cam in self.cameras.values():
             self._end_tracks(cam, cam.tracker.end_all(), time.time())
-        lat = self.metrics.quantiles("kiosk_frame_latency_ms")
-        dec = self.metrics.quantiles("kiosk_decision_latency_ms")
+        lat = self.metrics.recent_frame.quantiles()
+        dec = self.metrics.recent_decision.quantiles()
         log.info("verifier stopping: %d frames processed (%d stale dropped), %d bad messages; frame latency "
                  "p50 %.0f ms p99 %.0f ms; decision latency p50 %.0f ms p99 %.0f ms over %d decisions",
                  sum(c.processed for c in self.cameras.values()), sum(c.stale for c in self.cameras.values()),
@@ -202,7 +224,7 @@ class Verifier:
     def _bad_message(self, why: str) -> None:
         self._bad += 1
         self._last_error = why
-        self.metrics.inc("kiosk_bad_messages_total", help="malformed messages dropped")
+        self.metrics.bad_messages.inc()
         now = time.monotonic()
         if now - self._last_bad_log >= BAD_LOG_EVERY_S:
             self._last_bad_log = now
@@ -217,11 +239,11 @@ class Verifier:
                 if cam is None:
                     raise BadMessage(f"frame from unknown camera {header.camera_id!r}")
                 cam.frames_in += 1
-                self.metrics.inc("kiosk_frames_in_total", help="frames received", camera=cam.camera_id)
+                cam.last_frame_at = time.time()
+                self.metrics.frames_in.labels(camera=cam.camera_id).inc()
                 if cam.realtime and cam.pending:
                     cam.stale += len(cam.pending)
-                    self.metrics.inc("kiosk_frames_dropped_total", len(cam.pending),
-                                     help="stale frames dropped (newer frame arrived)", camera=cam.camera_id)
+                    self.metrics.frames_stale.labels(camera=cam.camera_id).inc(len(cam.pending))
                     cam.pending.clear()
                 cam.pending.append((header, image, time.time()))
             elif topic.startswith(HEALTH_TOPIC):
@@ -230,11 +252,10 @@ class Verifier:
                 if cam_id not in self.cameras or topic != f"{HEALTH_TOPIC}capture.{cam_id}":
                     raise BadMessage(f"health message {topic[:60]!r} is not from a configured camera")
                 self.events.send_multipart(encode_json(topic, body))  # relay capture health
-                if isinstance(body.get("drops"), int):
-                    self.metrics.set("kiosk_capture_dropped_frames", body["drops"],
-                                     "frames the capture dropped because the verifier was busy", camera=cam_id)
-                    self.metrics.set("kiosk_camera_up", 1.0 if body.get("status") in ("ok", "eof") else 0.0,
-                                     "1 while the camera delivers frames", camera=cam_id)
+                cam = self.cameras[cam_id]
+                cam.capture_status = str(body.get("status", ""))[:40]
+                cam.capture_error = str(body.get("last_error", ""))[:300]
+                self.metrics.captures.update(cam_id, body)
             elif topic.startswith(EOF_TOPIC):
                 _, body = decode_json(parts, "eof")
                 cam = self.cameras.get(str(body.get("camera_id")))
@@ -273,34 +294,46 @@ class Verifier:
         todo: list[tuple[CameraState, FrameHeader, Track, int]] = []
         crops_all: list[np.ndarray] = []
         widths: list[float] = []
+        clock = time.perf_counter
         for (cam, header, image, _), faces in zip(batch, found):
             cam.processed += 1
+            self.metrics.frames_processed.labels(camera=cam.camera_id).inc()
+            self.metrics.faces.labels(camera=cam.camera_id).inc(len(faces))
             self._fps_window.append(now)
             cam.last_clock, cam.last_wall = header.clock, now
+            t = clock()
             faces = faces[faces.widths >= self.cfg.policy.min_face_px]
             tracks, ended = cam.tracker.update(faces, header.clock)
+            times.add("track", (clock() - t) * 1000)
+            t = clock()
             self._end_tracks(cam, ended, now)
+            times.add("publish", (clock() - t) * 1000)
             # Undecided tracks every frame; decided ones now and then, to notice a new person in their place.
             want = [i for i, tr in enumerate(tracks)
                     if self.policy.needs_frames(tr) or tr.hits % RECHECK_EVERY == 0]
             if not want:
                 continue
+            t = clock()
             sel = faces[np.asarray(want)]
             crops = align_faces(image, sel.kps)
+            t_quality = clock()
             ok = self.policy.quality_ok(measure(sel, crops))
+            times.add("align", (t_quality - t) * 1000)
+            times.add("quality", (clock() - t_quality) * 1000)
             for k, i in enumerate(want):
                 if ok[k]:
                     todo.append((cam, header, tracks[i], len(crops_all)))
                     crops_all.append(crops[k])
                     widths.append(float(sel.widths[k]))
+        t = clock()
         cap = self.cfg.policy.max_embeddings_per_frame
         if cap and len(todo) > cap:
             todo, crops_all = self._ration(todo, crops_all, widths, cap)
         for _, _, track, _ in todo:
             track.last_embedded = self._step_count
         self._step_count += 1
-        t2 = time.perf_counter()
-        times.add("align", (t2 - t1) * 1000)
+        t2 = clock()
+        times.add("select", (t2 - t) * 1000)
         if todo:
             emb = self.engine.recognizer.embed(np.stack(crops_all))
             t3 = time.perf_counter()
@@ -333,10 +366,9 @@ class Verifier:
             self.first_captured_at = min(h.captured_at for _, h, _, _ in batch)
         self.last_done_at = done
         for _, header, _, _ in batch:
-            self.metrics.observe("kiosk_frame_latency_ms", (done - header.captured_at) * 1000,
-                                 "capture to end of processing, per frame (ms)")
+            self.metrics.observe_frame((done - header.captured_at) * 1000)
         for stage, ms in times.values.items():
-            self.metrics.observe("kiosk_stage_ms", ms, "per-frame stage latency (ms)", stage=stage)
+            self.metrics.observe_stage(stage, ms)
         return times
 
     def _ration(self, todo: list, crops: list[np.ndarray], widths: list[float], cap: int) -> tuple[list, list]:
@@ -347,8 +379,7 @@ class Verifier:
             return (not self.policy.needs_frames(track), track.last_embedded, -widths[k])
 
         keep = sorted(range(len(todo)), key=priority)[:cap]
-        self.metrics.inc("kiosk_embeddings_deferred_total", len(todo) - cap,
-                         help="faces whose embedding waited for a later frame (max_embeddings_per_frame)")
+        self.metrics.embeddings_deferred.inc(len(todo) - cap)
         new_todo = [(c, h, t, j) for j, (c, h, t, _) in enumerate(todo[k] for k in keep)]
         return new_todo, [crops[k] for k in keep]
 
@@ -369,9 +400,8 @@ class Verifier:
         self.events.send_multipart([event.topic(), event.to_json()])
         self.audit.write(event.to_json().decode() + "\n")
         self.audit.flush()
-        self.metrics.inc("kiosk_decisions_total", help="decisions published", type=d.type, reason=d.reason or "")
-        self.metrics.observe("kiosk_decision_latency_ms", event.latency_ms or 0.0,
-                             "capture-to-decision latency (ms)")
+        self.metrics.decisions.labels(gate=cam.gate_id, type=d.type, reason=d.reason or "").inc()
+        self.metrics.observe_decision(cam.gate_id, event.latency_ms or 0.0)
         log.info("%s gate=%s camera=%s track=%d subject=%s score=%s reason=%s frames=%d latency=%.0fms",
                  d.type.upper(), cam.gate_id, cam.camera_id, track.track_id, d.subject_id, event.score, d.reason,
                  d.frames, event.latency_ms or 0.0)
@@ -436,40 +466,48 @@ class Verifier:
         if loaded is None:
             return
         self.matrix = loaded
-        self.metrics.set("kiosk_gallery_subjects", len(loaded))
+        self.metrics.gallery_subjects.set(len(loaded))
+        self.metrics.gallery_templates.set(loaded.template_count)
         log.info("gallery reloaded: revision %d, %d subjects, %d templates", loaded.revision, len(loaded),
                  loaded.template_count)
 
     def status(self) -> dict[str, Any]:
         now = time.time()
         fps = sum(1 for t in self._fps_window if now - t <= 5.0) / 5.0
+        states = {c.camera_id: c.state(now) for c in self.cameras.values()}
+        down = sorted(cid for cid, (state, _) in states.items() if state == "down")
         return {
-            "component": "verifier", "status": "ok", "pid": os.getpid(), "providers": self.engine.providers,
+            "component": "verifier", "status": "degraded" if down else "ok", "cameras_down": down,
+            "pid": os.getpid(), "providers": self.engine.providers,
             "fps": round(fps, 2), "drops": sum(c.stale for c in self.cameras.values()),
             "queue_depth": sum(len(c.pending) for c in self.cameras.values()),
             "bad_messages": self._bad, "last_error": self._last_error,
-            "frame_latency_ms": self.metrics.quantiles("kiosk_frame_latency_ms"),
-            "stages_ms": {stage: self.metrics.quantiles("kiosk_stage_ms", stage=stage)
-                          for stage in ("transport", "detect", "align", "embed", "match", "decide", "publish")},
+            "frame_latency_ms": self.metrics.recent_frame.quantiles(),
+            "stages_ms": {stage: window.quantiles() for stage, window in self.metrics.recent_stage.items()},
             "frames_processed": sum(c.processed for c in self.cameras.values()),
             "faces_detected": self.faces_total,
             "first_captured_at": self.first_captured_at, "last_done_at": self.last_done_at,
-            "decision_latency_ms": self.metrics.quantiles("kiosk_decision_latency_ms"),
+            "decision_latency_ms": self.metrics.recent_decision.quantiles(),
             "gallery": {"subjects": len(self.matrix), "templates": self.matrix.template_count,
                         "revision": self.matrix.revision},
-            "cameras": {c.camera_id: {"gate_id": c.gate_id, "frames_in": c.frames_in, "processed": c.processed,
-                                      "dropped": c.stale, "eof": c.eof, "tracks": len(c.tracker.tracks)}
+            "cameras": {c.camera_id: {"gate_id": c.gate_id, "state": states[c.camera_id][0],
+                                      "last_error": states[c.camera_id][1], "frames_in": c.frames_in,
+                                      "processed": c.processed, "dropped": c.stale, "eof": c.eof,
+                                      "tracks": len(c.tracker.tracks),
+                                      "last_frame_age_s": round(now - c.last_frame_at, 1) if c.last_frame_at
+                                      else None}
                         for c in self.cameras.values()},
             "claims": {g: c.subject_id for g, c in self.policy.claims.items()},
         }
 
-    def _heartbeat(self, force: bool = False, status: str = "ok") -> None:
+    def _heartbeat(self, force: bool = False, status: str | None = None) -> None:
         mono = time.monotonic()
         if not force and mono - self._last_heartbeat < self.cfg.heartbeat.interval_s:
             return
         self._last_heartbeat = mono
         body = self.status()
-        body["status"] = status
+        if status is not None:
+            body["status"] = status
         body["sent_at"] = time.time()
         self.events.send_multipart(encode_json(HEALTH_TOPIC + "verifier", body))
 

@@ -57,14 +57,16 @@ def cfg(config_file: Path) -> KioskConfig:
     return load_config(config_file)
 
 
-def run_cli(tool: str, *args: str, timeout: float = 120, stdin: str | None = None) -> subprocess.CompletedProcess:
-    """Run an installed console script as a real process."""
+def run_cli(tool: str, *args: str, timeout: float = 120, stdin: str | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run an installed console script as a real process ($KIOSK_CONFIG unset unless `env` sets it)."""
     exe = BIN / tool
     cmd = [str(exe), *args] if exe.exists() else [sys.executable, "-m",
                                                    "kiosk.cli" if tool == "kiosk" else "enrollment.cli", *args]
-    env = dict(os.environ)
-    env.pop("KIOSK_CONFIG", None)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=stdin, env=env)
+    full_env = dict(os.environ)
+    full_env.pop("KIOSK_CONFIG", None)
+    full_env.update(env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=stdin, env=full_env)
 
 
 def place_face(face: np.ndarray, frame_hw: tuple[int, int], width: int, center: tuple[float, float] = (0.5, 0.5),

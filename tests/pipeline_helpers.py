@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import cv2
@@ -53,10 +54,11 @@ def write_config(folder: Path, cameras: list[dict], **extra) -> Path:
     return path
 
 
-def kiosk(config: Path, *args: str, quiet: bool = True) -> subprocess.Popen:
+def kiosk(config: Path, *args: str, quiet: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `kiosk -c CONFIG ARGS...` as a real process (own process group for cleanup)."""
     cmd = [sys.executable, "-m", "kiosk.cli", *(["-q"] if quiet else []), "-c", str(config), *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **(env or {})})
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10) -> tuple[str, str]:
@@ -67,6 +69,16 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         return proc.communicate()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], tuple[str, float]]:
+    """One scrape of a /metrics endpoint, parsed with prometheus_client's own parser:
+    (sample name, sorted labels) -> (family type, value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): (family.type, sample.value)
+            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def audit(config: Path) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from kiosk.bench import compare_accepts
 from kiosk.scenes import Walk
 from tests.conftest import run_cli
 from tests.pipeline_helpers import make_video, people, write_config
@@ -28,7 +29,18 @@ def test_bench_json_with_compare(tmp_path, engine, photos):
     assert r["accepted"] == ["YAO"]
     c = r["compare"]
     assert c["insightface"]["frames"] == 45 and c["insightface"]["accepted"] == ["YAO"]
-    assert c["decisions_agree"] is True and c["ratio"] > 0
+    assert c["same_accepted_subjects"] is True and c["ratio"] > 0
+    assert c["accepted_by_both"] == ["YAO"] and c["accepted_only_by_pipeline"] == c["accepted_only_by_reference"] == []
+
+
+def test_compare_reports_differences_both_ways():
+    assert compare_accepts(["A", "B"], []) == {"same_accepted_subjects": False, "accepted_by_both": [],
+                                               "accepted_only_by_pipeline": ["A", "B"],
+                                               "accepted_only_by_reference": []}
+    assert compare_accepts(["A", "B"], ["A"])["accepted_only_by_pipeline"] == ["B"]
+    assert compare_accepts(["A"], ["A", "C"])["accepted_only_by_reference"] == ["C"]
+    assert compare_accepts([], [])["same_accepted_subjects"] is False  # nobody accepted: nothing compared
+    assert compare_accepts(["A"], ["A"])["same_accepted_subjects"] is True
 
 
 def test_bench_search_scale_and_usage_errors(tmp_path):

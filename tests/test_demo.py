@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import cv2
 
+from kiosk.config import load_config
+from kiosk.demo import write_demo_config
 from tests.conftest import run_cli
 
 
@@ -20,6 +22,18 @@ def test_demo_runs_the_pipeline_and_ends_by_itself(tmp_path):
     cap = cv2.VideoCapture(str(out / "gate-a1.avi"))
     assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 330
     assert len((out / "events.jsonl").read_text().splitlines()) >= 2
+
+
+def test_demo_processes_run_the_configured_model_pack(tmp_path):
+    """The demo's own config (what its capture and verifier processes load) names the operator's pack."""
+    pack = tmp_path / "mypack"
+    pack.mkdir()
+    operator = tmp_path / "site.yaml"
+    operator.write_text("models: {pack: mypack, det_size: 480, cache_dir: cache}\n")
+    (tmp_path / "out").mkdir()
+    child = load_config(write_demo_config(tmp_path / "out", load_config(operator)))
+    assert child.models.pack == str(pack) and child.models.det_size == 480
+    assert child.resolve(child.models.cache_dir) == tmp_path / "cache"
 
 
 def test_unknown_subcommand_and_bad_config_exit_2(tmp_path):

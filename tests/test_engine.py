@@ -10,6 +10,11 @@ from kiosk.models.recognizer import ARCFACE_TEMPLATE, align_faces, similarity_tr
 from tests.conftest import place_face
 
 
+def describe(engine, image: np.ndarray):
+    """Every face of `image`, detected, aligned and embedded (Faces with embeddings)."""
+    return engine.describe(image, engine.detector.detect(image)).faces
+
+
 def _pair_up(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Index into b of the nearest box centre for each box of a."""
     ca = (a[:, :2] + a[:, 2:4]) / 2
@@ -27,7 +32,7 @@ def test_parity_with_insightface(engine, photos, name):
     rec = model_zoo.get_model(str(engine.pack.recognizer.path), providers=["CPUExecutionProvider"])
     rec.prepare(-1)
     ref_boxes, ref_kps = det.detect(img, input_size=(640, 640))
-    ours = engine.analyze_one(img).faces
+    ours = describe(engine, img)
     assert len(ours) == len(ref_boxes) > 0
     idx = _pair_up(ours.boxes, ref_boxes[:, :4])
     assert len(set(idx.tolist())) == len(ours)
@@ -64,14 +69,14 @@ def test_aligned_crop_puts_eyes_on_template(engine, yaoming):
 
 @pytest.mark.parametrize("fill", [0.6, 0.85, 1.0])
 def test_close_up_face_filling_the_frame_is_found_and_recognised(engine, yaoming, fill):
-    ref = engine.analyze_one(yaoming).faces
+    ref = describe(engine, yaoming)
     x1, y1, x2, y2 = ref.boxes[0]
     side = (x2 - x1) / fill
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     padded = cv2.copyMakeBorder(yaoming, 300, 300, 300, 300, cv2.BORDER_REPLICATE)
     x0, y0 = int(cx - side / 2) + 300, int(cy - side / 2) + 300
     frame = cv2.resize(padded[y0:y0 + int(side), x0:x0 + int(side)], (640, 640))
-    faces = engine.analyze_one(frame).faces
+    faces = describe(engine, frame)
     assert len(faces) == 1
     assert faces.widths[0] / 640 == pytest.approx(fill, abs=0.12)
     assert float(faces.embeddings[0] @ ref.embeddings[0]) > 0.7
@@ -86,7 +91,7 @@ def test_close_up_face_filling_the_frame_is_found_and_recognised(engine, yaoming
 
 
 def test_small_face_30px_is_found(engine, yaoming):
-    ref = engine.analyze_one(yaoming).faces
+    ref = describe(engine, yaoming)
     face_w = ref.widths[0]
     frame = place_face(yaoming, (480, 640), width=round(yaoming.shape[1] * 30 / face_w))
     faces = engine.detector.detect(frame)
@@ -105,10 +110,10 @@ def test_batch_detection_matches_single(engine, photos):
 
 
 def test_embeddings_are_unit_length_and_identify_the_same_person(engine, photos, yaoming):
-    ref = engine.analyze_one(yaoming).faces
+    ref = describe(engine, yaoming)
     assert np.allclose(np.linalg.norm(ref.embeddings, axis=1), 1.0, atol=1e-5)
-    players = engine.analyze_one(cv2.imread(str(photos["players.jpg"]))).faces
-    gdp = engine.analyze_one(cv2.imread(str(photos["gdp.jpg"]))).faces
+    players = describe(engine, cv2.imread(str(photos["players.jpg"])))
+    gdp = describe(engine, cv2.imread(str(photos["gdp.jpg"])))
     assert len(players) >= 15
     scores = players.embeddings @ ref.embeddings[0]
     from kiosk.config import PolicyConfig

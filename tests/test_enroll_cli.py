@@ -160,12 +160,51 @@ def test_import_refuses_bad_rows_only(config_file, people, photos, tmp_path, cap
     )
     assert enroll(config_file, "import", "--no-progress", str(manifest)) == 2
     out = capsys.readouterr().out
-    assert "6 row(s), 2 enrolled, 4 refused" in out
+    assert "6 row(s), 2 enrolled, 0 already enrolled from the same photo, 4 refused" in out
     assert "line 3 id=PAX2: refused (unreadable)" in out
     assert "line 4 id=PAX3: refused (multiple_faces)" in out
     assert "line 6 id=PAX5: refused (duplicate)" in out
     assert "line 7 id=?: refused (bad_row)" in out
-    assert [s[0] for s in gallery_state(config_file)[0][:-1]] == ["PAX1", "PAX4"]
+    state = gallery_state(config_file)
+    assert [s[0] for s in state[0][:-1]] == ["PAX1", "PAX4"] and state[0][-1] == 2
+    # The same import again: idempotent, no second identical template, nothing written.
+    assert enroll(config_file, "import", "--no-progress", str(manifest)) == 2
+    assert "6 row(s), 0 enrolled, 2 already enrolled from the same photo, 4 refused" in capsys.readouterr().out
+    assert gallery_state(config_file) == state
+    # `add` of an enrolled photo for the same subject likewise.
+    assert enroll(config_file, "add", "--id", "PAX1", str(people["yao"])) == 0
+    assert "already enrolled from this photo; nothing changed" in capsys.readouterr().out
+    assert gallery_state(config_file) == state
+
+
+def test_version_1_gallery_is_upgraded_in_place(tmp_path, people, capsys):
+    """A gallery file written by the first release (schema 1) opens, keeps its rows and gains photo hashes."""
+    db = tmp_path / "gallery.db"
+    con = sqlite3.connect(db)
+    con.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE subjects (id TEXT PRIMARY KEY, name TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
+                               expires REAL, metadata TEXT NOT NULL DEFAULT '{}');
+        CREATE TABLE templates (id INTEGER PRIMARY KEY AUTOINCREMENT, subject_id TEXT NOT NULL REFERENCES
+                                subjects(id) ON DELETE CASCADE, model_id TEXT NOT NULL, dim INTEGER NOT NULL,
+                                embedding BLOB NOT NULL, quality TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1'), ('revision', '7');
+        INSERT INTO subjects VALUES ('OLD', 'Old Timer', 1.0, NULL, '{}');
+    """)
+    con.execute("INSERT INTO templates (subject_id, model_id, dim, embedding, created) VALUES (?, ?, ?, ?, ?)",
+                ("OLD", "other-model:abc", 4, np.ones(4, np.float32).tobytes(), 1.0))
+    con.commit()
+    con.close()
+    config = write_config(tmp_path)
+    assert enroll(config, "add", "--id", "NEW", str(people["gdp0"])) == 0
+    assert enroll(config, "add", "--id", "NEW", str(people["gdp0"])) == 0  # same photo: nothing new
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    assert con.execute("SELECT subject_id, photo_sha256 IS NULL FROM templates ORDER BY id").fetchall() == [
+        ("OLD", 1), ("NEW", 0)]
+    assert int(con.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0]) == 8
+    con.close()
+    capsys.readouterr()
 
 
 def test_evaluate_json(config_file, people, tmp_path, capsys):

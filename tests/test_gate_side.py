@@ -18,9 +18,9 @@ import zmq.auth
 
 from kiosk.config import load_config
 from kiosk.scenes import Walk
-from kiosk.transport import Transport, control_request, init_keys
+from kiosk.transport import Transport, control_request, free_port, init_keys
 from tests.conftest import run_cli
-from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, stop, write_config
+from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, scrape, stop, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
         sub = kiosk(config, "subscribe", "--gate", "A1", "--webhook", url, "--jsonl", str(tmp_path / "hook.jsonl"),
                     "--exec", f"cat >> {tmp_path / 'stdin.jsonl'}",
                     "--exec", f'echo "$KIOSK_TYPE $KIOSK_SUBJECT_ID $KIOSK_GATE_ID" >> {tmp_path / "env.txt"}',
-                    "--exec", "sleep 15", quiet=False)
+                    "--exec", "sleep 15", "--metrics-port", str(sub_metrics := free_port()), quiet=False)
         time.sleep(2.0)
         # The intruder's capture gets no frame in; the intruder's subscriber hears nothing.
         rogue = kiosk(intruder_cfg, "capture", "--camera", "cam-x")
@@ -161,6 +161,16 @@ def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
         stdin_events = [json.loads(line) for line in (tmp_path / "stdin.jsonl").read_text().splitlines()]
         assert [e["event_id"] for e in stdin_events] == [e["event_id"] for e in logged]
         assert (tmp_path / "env.txt").read_text().splitlines()[0] == "accept YAO A1"
+        # The subscriber's own metrics: events in, deliveries per hook, the stuck hook's queue.
+        m = scrape(sub_metrics)
+        hook = lambda name, outcome: m[("kiosk_hook_deliveries_total", (("hook", name), ("outcome", outcome)))][1]  # noqa: E731
+        assert hook(f"webhook {url}", "delivered") == 2 and hook(f"webhook {url}", "failed") == 0
+        assert hook("exec sleep 15", "delivered") == 0
+        assert m[("kiosk_hook_queue_depth", (("hook", "exec sleep 15"),))][1] == 1  # one running, one waiting
+        assert m[("kiosk_subscriber_events_total", (("type", "accept"),))][1] == 1
+        assert m[("kiosk_subscriber_events_total", (("type", "verifier_down"),))][1] == 0
+        assert m[("kiosk_subscriber_verifier_up", ())][1] == 1
+        assert m[("kiosk_hook_delivery_seconds_count", (("hook", f"webhook {url}"),))][1] == 2
         spy.poll(0.5)
         assert spy.events == [] and spy.health == []
         gate_listener.poll(0.5)

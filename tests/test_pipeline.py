@@ -18,7 +18,7 @@ from kiosk.scenes import Walk
 from kiosk.transport import Transport, control_request
 from tests.conftest import run_cli
 from kiosk.transport import free_port
-from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, stop, write_config
+from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, scrape, stop, write_config
 
 FPS = 30
 
@@ -43,13 +43,21 @@ def test_replay_two_cameras_accept_reject_small_face_and_close_up(tmp_path, crop
     ], seconds=10.5)
     make_video(tmp_path / "b1.avi", [Walk(crops["yao"], start=0, frames=2 * s, w0=544, w1=544, cy=0.55)],
                seconds=2.0)
+    # hooks.python: a module of the operator's, on PYTHONPATH.
+    (tmp_path / "gatehook.py").write_text(
+        "import json, pathlib\n"
+        "def on_event(event):\n"
+        "    with open(pathlib.Path(__file__).with_name('python-hook.jsonl'), 'a') as out:\n"
+        "        out.write(json.dumps(event) + '\\n')\n")
     config = write_config(tmp_path, [
         {"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False},
         {"id": "cam-b1", "gate": "B1", "source": "b1.avi", "realtime": False},
-    ], subscribers=[{"name": "gate-b1", "gate": "B1", "jsonl": "b1-hook.jsonl"}])
+    ], subscribers=[{"name": "gate-b1", "gate": "B1", "jsonl": "b1-hook.jsonl"},
+                    {"name": "gate-a1", "gate": "A1", "jsonl": "a1-hook.jsonl"}],
+        hooks={"python": ["gatehook:on_event"]})
     enroll(config, "YAO", photos["yaoming.jpg"])
     events = Events(config, ("event.",))
-    proc = kiosk(config, "run", "--exit-on-eof")
+    proc = kiosk(config, "run", "--exit-on-eof", env={"PYTHONPATH": str(tmp_path)})
     try:
         out, err = proc.communicate(timeout=120)
     finally:
@@ -70,6 +78,9 @@ def test_replay_two_cameras_accept_reject_small_face_and_close_up(tmp_path, crop
     # The subscriber `kiosk run` started for gate B1 got exactly B1's event.
     hooked = [json.loads(line) for line in (tmp_path / "b1-hook.jsonl").read_text().splitlines()]
     assert [e["event_id"] for e in hooked] == [e["event_id"] for e in b1]
+    # hooks.python ran once for every decision of every gate: not once per subscriber, not never.
+    py = [json.loads(line) for line in (tmp_path / "python-hook.jsonl").read_text().splitlines()]
+    assert sorted(e["event_id"] for e in py if e["type"] in ("accept", "reject")) == sorted(e["event_id"] for e in log)
     for e in accepts + b1:
         assert e["frames"] >= 3 and e["score"] >= e["threshold"] and e["latency_ms"] >= 0
         assert e["decided_at"] >= e["captured_at"]
@@ -97,6 +108,15 @@ def test_claims_bad_messages_and_live_enrollment(tmp_path, crops, photos, engine
         assert events.wait_for(lambda ev: sum(h.get("component") == "capture.cam-gone"
                                               and h.get("status") == "reconnecting" for h in ev.health) >= 2, 20)
         assert gone.poll() is None
+        # `kiosk status` does not say ok while a camera is down: each camera's state and last error.
+        res = run_cli("kiosk", "status", "-c", str(config), "--json")
+        assert res.returncode == 0, res.stderr
+        st = json.loads(res.stdout)
+        assert st["status"] == "degraded" and "cam-gone" in st["cameras_down"]
+        assert st["cameras"]["cam-gone"]["state"] == "down" and "cannot open" in st["cameras"]["cam-gone"]["last_error"]
+        res = run_cli("kiosk", "status", "-c", str(config))
+        assert res.returncode == 0 and res.stdout.startswith("verifier DEGRADED: ")
+        assert "camera cam-gone (gate A2): DOWN" in res.stdout and "cannot open device 9" in res.stdout
         # Malformed input on the frame socket is dropped and counted; the verifier keeps going.
         cfg = load_config(config)
         transport = Transport(cfg, role="test-bad")
@@ -122,6 +142,7 @@ def test_claims_bad_messages_and_live_enrollment(tmp_path, crops, photos, engine
         assert events.wait_for(lambda ev: any(e.type == "reject" for e in ev.events), 20)
         first = [e for e in events.events]
         assert [(e.type, e.reason, e.subject_id) for e in first] == [("reject", "claim_mismatch", "YAO")]
+        before = scrape(metrics_port)
 
         res = run_cli("kiosk", "-c", str(config), "claim", "--gate", "A1", "--subject", "PARKER")
         assert res.returncode == 0, res.stderr
@@ -130,13 +151,28 @@ def test_claims_bad_messages_and_live_enrollment(tmp_path, crops, photos, engine
         assert events.wait_for(lambda ev: len(ev.events) >= 2, 20)
         second = events.events[1]
         assert (second.type, second.subject_id, second.gate_id) == ("accept", "PARKER", "A1")
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        for needle in ('kiosk_frames_in_total{camera="cam-a1"}', 'kiosk_stage_ms{stage="detect",quantile="0.99"}',
-                       'kiosk_decisions_total{reason="claim_mismatch",type="reject"} 1',
-                       'kiosk_decisions_total{reason="",type="accept"} 1', "kiosk_gallery_subjects 2",
-                       'kiosk_provider_info{provider="CPUExecutionProvider"} 1', "kiosk_bad_messages_total 3",
-                       'kiosk_camera_up{camera="cam-gone"} 0'):
-            assert needle in metrics, needle
+        after = scrape(metrics_port)
+        # Counters only grow between scrapes (the old rolling-window summaries made _count freeze and _sum fall).
+        counters = [k for k, (kind, _) in before.items() if kind == "counter" or k[0].endswith(("_count", "_sum",
+                                                                                                  "_bucket"))]
+        assert len(counters) > 50
+        assert all(after[k][1] >= before[k][1] for k in counters), [k for k in counters if after[k][1] < before[k][1]]
+        a1 = (("camera", "cam-a1"),)
+        assert after[("kiosk_frames_in_total", a1)][1] > before[("kiosk_frames_in_total", a1)][1] > 0
+        assert after[("kiosk_capture_frames_sent_total", a1)][1] > 0
+        decisions = {k[1]: v for k, (_, v) in after.items() if k[0] == "kiosk_decisions_total"}
+        assert decisions[(("gate", "A1"), ("reason", "claim_mismatch"), ("type", "reject"))] == 1
+        assert decisions[(("gate", "A1"), ("reason", ""), ("type", "accept"))] == 1
+        assert before[("kiosk_decisions_total", (("gate", "A1"), ("reason", "timeout"), ("type", "reject")))][1] == 0
+        # Latencies are histograms in seconds: buckets, and a detect step averages well under a second.
+        detect = (("stage", "detect"),)
+        assert after[("kiosk_stage_seconds_bucket", (("le", "0.05"),) + detect)][0] == "histogram"
+        assert 0 < after[("kiosk_stage_seconds_sum", detect)][1] / after[("kiosk_stage_seconds_count", detect)][1] < 1
+        assert after[("kiosk_decision_latency_seconds_count", (("gate", "A1"),))][1] == 2
+        assert after[("kiosk_gallery_subjects", ())][1] == 2 and after[("kiosk_bad_messages_total", ())][1] == 3
+        assert after[("kiosk_provider_info", (("provider", "CPUExecutionProvider"),))][1] == 1
+        gone_cam = (("camera", "cam-gone"),)
+        assert after[("kiosk_camera_up", gone_cam)][1] == 0 and after[("kiosk_capture_faults_total", gone_cam)][1] >= 2
     finally:
         events.close()
         stop(gone)
@@ -238,7 +274,7 @@ def test_restarted_verifier_recalls_recent_accepts(tmp_path, engine):
     verifier = Verifier(load_config(config), engine=engine)
     try:
         def walk(subject: str, tid: int):
-            track = Track(tid, "cam-a1", np.zeros(4, np.float32), now, now)
+            track = Track(tid, "cam-a1", np.zeros(4, np.float32), now)
             return [verifier.policy.observe(track, "A1", Match(subject, subject, 0.9, None, -1.0), now + i * 0.1)
                     for i in range(3)][-1]
 

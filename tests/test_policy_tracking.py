@@ -14,7 +14,7 @@ from kiosk.tracking import Track, Tracker
 
 
 def track(tid: int = 1) -> Track:
-    return Track(tid, "cam", np.array([0, 0, 100, 100], np.float32), 0.0, 0.0)
+    return Track(tid, "cam", np.array([0, 0, 100, 100], np.float32), 0.0)
 
 
 def m(subject: str | None, score: float, second: float = 0.0) -> Match:

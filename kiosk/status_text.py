@@ -1,0 +1,45 @@
+"""`kiosk status` for a person: the verifier's status reply as a few readable lines.
+
+`kiosk status --json` prints the reply itself, for tools.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ms(q: Any) -> str:
+    if not isinstance(q, dict) or "p50" not in q:
+        return "n/a"
+    return f"p50 {q['p50']:.0f} ms, p99 {q['p99']:.0f} ms"
+
+
+def format_status(s: dict[str, Any]) -> str:
+    """Overall state first (what an operator looks for), then one line per camera, then the figures."""
+    down = s.get("cameras_down") or []
+    head = "OK" if s.get("status") == "ok" else str(s.get("status", "?")).upper()
+    if down:
+        head += f": {len(down)} of {len(s.get('cameras', {}))} camera(s) down ({', '.join(down)})"
+    lines = [f"verifier {head}  (pid {s.get('pid')}, providers {', '.join(s.get('providers', []))})"]
+    for cam_id, c in sorted(s.get("cameras", {}).items()):
+        age = c.get("last_frame_age_s")
+        seen = f"last frame {age:.1f} s ago" if isinstance(age, (int, float)) else "no frame yet"
+        line = (f"  camera {cam_id} (gate {c.get('gate_id')}): {str(c.get('state', '?')).upper():<5} "
+                f"{seen}; {c.get('processed', 0)} frames processed, {c.get('dropped', 0)} stale dropped, "
+                f"{c.get('tracks', 0)} track(s)")
+        if c.get("last_error"):
+            line += f"\n      {c['last_error']}"
+        lines.append(line)
+    g = s.get("gallery", {})
+    lines.append(f"  gallery: {g.get('subjects', 0)} subject(s), {g.get('templates', 0)} template(s), "
+                 f"revision {g.get('revision')}")
+    lines.append(f"  throughput: {s.get('fps', 0):.1f} frames/s, queue {s.get('queue_depth', 0)}, "
+                 f"{s.get('bad_messages', 0)} bad message(s) dropped")
+    lines.append(f"  latency: capture to processed {_ms(s.get('frame_latency_ms'))}; "
+                 f"capture to decision {_ms(s.get('decision_latency_ms'))}")
+    claims = s.get("claims") or {}
+    lines.append("  claims: " + (", ".join(f"gate {g} -> {sid}" for g, sid in sorted(claims.items()))
+                                 if claims else "none"))
+    if s.get("last_error"):
+        lines.append(f"  last error: {s['last_error']}")
+    return "\n".join(lines)
