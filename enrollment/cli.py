@@ -119,11 +119,12 @@ def cmd_add(args: argparse.Namespace) -> int:
             print(f"{args.id} is already enrolled from {'this photo' if len(known) == 1 else 'these photos'}; "
                   "nothing changed")
             return EXIT_OK
-        matrix = gallery.matrix(ctx.engine.model_id, ctx.engine.dim)
-        check_enrollment(args.id, templates, [matrix], ctx.cfg, force=args.force)
-        count = gallery.enroll(args.id, args.name or "", np.stack([t.embedding for t in templates]),
-                               ctx.engine.model_id, expires=expires, qualities=[t.quality for t in templates],
-                               photo_hashes=[t.photo_sha256 for t in templates])
+        with gallery.writing():  # the check and the insert see the same gallery: no enrollment in between
+            matrix = gallery.matrix(ctx.engine.model_id, ctx.engine.dim)
+            check_enrollment(args.id, templates, [matrix], ctx.cfg, force=args.force)
+            count = gallery.enroll(args.id, args.name or "", np.stack([t.embedding for t in templates]),
+                                   ctx.engine.model_id, expires=expires, qualities=[t.quality for t in templates],
+                                   photo_hashes=[t.photo_sha256 for t in templates])
     log.info("enrollment of %s took %.0f ms for %d photo(s)", args.id, (time.perf_counter() - t0) * 1000,
              len(templates))
     print(f"enrolled {args.id}" + (f" ({args.name})" if args.name else "") + f": {count} template(s)")
@@ -153,6 +154,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     with _gallery(ctx.cfg) as gallery:
         # The gallery as it was, plus what this import adds: no reload of the whole gallery per row.
         before = gallery.matrix(ctx.engine.model_id, ctx.engine.dim)
+        ours = before.revision  # the gallery's revision after our last write: nobody else wrote since
         added: list[tuple[str, str, np.ndarray]] = []
         for row in tqdm(rows, desc="enrolling", unit="photo", file=sys.stderr, disable=args.no_progress):
             if not row.subject_id:
@@ -168,10 +170,14 @@ def cmd_import(args: argparse.Namespace) -> int:
                     continue
                 template = reference_template(ctx.engine, row.photo, ctx.cfg.enrollment, largest=args.largest,
                                               data=data)
-                so_far = GalleryMatrix.from_templates(ctx.engine.model_id, ctx.engine.dim, added)
-                check_enrollment(row.subject_id, [template], [before, so_far], ctx.cfg, force=args.force)
-                gallery.enroll(row.subject_id, row.name, template.embedding[None, :], ctx.engine.model_id,
-                               qualities=[template.quality], photo_hashes=[template.photo_sha256])
+                with gallery.writing():  # check and insert in one write transaction
+                    if gallery.revision() != ours:  # someone else enrolled meanwhile: check against that too
+                        before, added = gallery.matrix(ctx.engine.model_id, ctx.engine.dim), []
+                    so_far = GalleryMatrix.from_templates(ctx.engine.model_id, ctx.engine.dim, added)
+                    check_enrollment(row.subject_id, [template], [before, so_far], ctx.cfg, force=args.force)
+                    gallery.enroll(row.subject_id, row.name, template.embedding[None, :], ctx.engine.model_id,
+                                   qualities=[template.quality], photo_hashes=[template.photo_sha256])
+                    ours = gallery.revision()
                 added.append((row.subject_id, row.name, template.embedding))
                 enrolled += 1
             except Refused as exc:

@@ -15,7 +15,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -210,49 +210,67 @@ class GalleryMatrix:
 class Gallery:
     """The SQLite gallery. One connection per process; writes are one transaction each."""
 
-    def __init__(self, path: Path, *, create: bool = True) -> None:
+    def __init__(self, path: Path, *, create: bool = True, timeout: float = 10.0) -> None:
         self.path = Path(path)
         if not create and not self.path.exists():
             raise UsageError(f"gallery {self.path} does not exist (enroll someone first)")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), timeout=10.0, isolation_level=None,
+            self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('revision', '0')")
-            self._migrate()
-            self._db.executescript(INDEXES)
+            if not self._current():  # a current gallery is opened without taking the write lock
+                self._migrate()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):  # another process holds it: not a config error
+                raise RuntimeFailure(f"gallery {self.path}: still locked by another process after "
+                                     f"{timeout:g}s ({exc}); try again") from None
+            raise UsageError(f"gallery {self.path}: not a usable SQLite database: {exc}") from None
         except sqlite3.DatabaseError as exc:
             raise UsageError(f"gallery {self.path}: not a usable SQLite database: {exc}") from None
         except OSError as exc:
             raise UsageError(f"gallery {self.path}: cannot open: {exc}") from None
 
+    def _current(self) -> bool:
+        try:
+            return self._meta("schema_version") == str(SCHEMA_VERSION)
+        except sqlite3.OperationalError:  # no meta table yet: a new file
+            return False
+
     def _migrate(self) -> None:
-        """Bring an older gallery file to SCHEMA_VERSION in one transaction (a new one is stamped)."""
+        """Create a new gallery, or bring an older file to SCHEMA_VERSION, in one transaction."""
         with self._transaction() as db:  # the write lock: two processes opening an old file migrate it once
-            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                fresh = db.execute("SELECT COUNT(*) FROM templates").fetchone()[0] == 0 and \
-                    "photo_sha256" in {r[1] for r in db.execute("PRAGMA table_info(templates)")}
-                if not fresh:
-                    raise UsageError(f"gallery {self.path}: has templates but no schema version")
-                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                return
-            version = int(row[0])
-            if version > SCHEMA_VERSION:
-                raise UsageError(f"gallery {self.path}: schema version {version} is newer than this program "
-                                 f"reads ({SCHEMA_VERSION}); upgrade gate-kiosk")
-            start = version
-            while version < SCHEMA_VERSION:
-                for statement in MIGRATIONS[version]:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
                     db.execute(statement)
-                version += 1
-            if version != start:
-                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
-                log.info("gallery %s: schema upgraded from version %d to %d", self.path, start, version)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('revision', '0')")
+            self._upgrade(db)
+            db.execute(INDEXES)  # after the upgrade: its column is new in version 2
+
+    def _upgrade(self, db: sqlite3.Connection) -> None:
+        """Stamp a new file, or run the migrations from its version to SCHEMA_VERSION (inside `_migrate`)."""
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            fresh = db.execute("SELECT COUNT(*) FROM templates").fetchone()[0] == 0 and \
+                "photo_sha256" in {r[1] for r in db.execute("PRAGMA table_info(templates)")}
+            if not fresh:
+                raise UsageError(f"gallery {self.path}: has templates but no schema version")
+            db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            return
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise UsageError(f"gallery {self.path}: schema version {version} is newer than this program "
+                             f"reads ({SCHEMA_VERSION}); upgrade gate-kiosk")
+        start = version
+        while version < SCHEMA_VERSION:
+            for statement in MIGRATIONS[version]:
+                db.execute(statement)
+            version += 1
+        if version != start:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+            log.info("gallery %s: schema upgraded from version %d to %d", self.path, start, version)
 
     def close(self) -> None:
         self._db.close()
@@ -267,12 +285,25 @@ class Gallery:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        return _Transaction(self._db)  # type: ignore[return-value]
+    def _transaction(self, write: bool = True) -> _Transaction:
+        return _Transaction(self._db, write)
+
+    def writing(self) -> _Transaction:
+        """One write transaction (the write lock) around several calls, e.g. an enrollment's duplicate
+        check (`matrix`) and its insert (`enroll`): no other process can enroll in between, so two
+        enrollments of one face at once cannot both pass the check."""
+        return self._transaction(write=True)
 
     def revision(self) -> int:
         """Bumped by every change; cheap to poll."""
         return int(self._meta("revision") or 0)
+
+    def enrolled(self, subject_id: str, now: float | None = None) -> bool:
+        """Whether `subject_id` is enrolled and unexpired right now (one indexed read): the verifier asks
+        before every accept, so a removal or expiry counts even while its search matrix is stale."""
+        now = time.time() if now is None else now
+        row = self._db.execute("SELECT expires FROM subjects WHERE id = ?", (subject_id,)).fetchone()
+        return row is not None and (row[0] is None or row[0] > now)
 
     # -- writes ------------------------------------------------------------------
     def enroll(self, subject_id: str, name: str, embeddings: np.ndarray, model_id: str, *,
@@ -336,7 +367,7 @@ class Gallery:
     def matrix(self, model_id: str, dim: int, *, now: float | None = None) -> GalleryMatrix:
         """The templates of `model_id` of unexpired subjects, as a search matrix."""
         now = time.time() if now is None else now
-        with self._transaction() as db:  # one snapshot: revision and rows agree
+        with self._transaction(write=False) as db:  # one snapshot: revision and rows agree, writers not blocked
             revision = int(db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
             rows = db.execute(
                 "SELECT t.subject_id, s.name, t.dim, t.embedding FROM templates t JOIN subjects s ON s.id = t.subject_id "
@@ -360,14 +391,21 @@ class Gallery:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+    """BEGIN IMMEDIATE (write: takes the write lock now) or BEGIN DEFERRED (read: a snapshot that never
+    blocks a writer, in WAL mode) ... COMMIT, rolled back on any exception. Inside a transaction already
+    open on the connection, it joins that one."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, write: bool) -> None:
         self.db = db
+        self.write = write
+        self.outer = False
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
+        self.outer = not self.db.in_transaction
+        if self.outer:
+            self.db.execute("BEGIN IMMEDIATE" if self.write else "BEGIN DEFERRED")
         return self.db
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if self.outer:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -23,7 +23,13 @@ EOF_TOPIC = "eof."
 EVENT_TOPIC = "event."
 HEALTH_TOPIC = "health."
 EVENT_TYPES = ("accept", "reject", "verifier_down", "verifier_up")
-MAX_SIDE = 8192
+# The largest frame accepted: 4096 px a side and 4096x2304 pixels (4K UHD fits). Every receiving socket
+# refuses a message part larger than the largest such frame (transport.py), and a JPEG's own size is read
+# from its header before anything is decoded, so no peer can make a process allocate more than that.
+MAX_SIDE = 4096
+MAX_FRAME_PIXELS = 4096 * 2304
+MAX_FRAME_BYTES = MAX_FRAME_PIXELS * 3
+MAX_HEADER_BYTES = 16 * 1024
 
 
 class BadMessage(ValueError):
@@ -119,6 +125,8 @@ def decode_frame(parts: list[bytes]) -> tuple[FrameHeader, np.ndarray]:
     if len(parts) != 3:
         raise BadMessage(f"frame: expected 3 parts, got {len(parts)}")
     topic = bytes(parts[0]).decode("utf-8", "replace")
+    if len(parts[1]) > MAX_HEADER_BYTES:
+        raise BadMessage(f"frame: header of {len(parts[1])} bytes (at most {MAX_HEADER_BYTES})")
     data = _json(parts[1], "frame header")
     try:
         header = FrameHeader(
@@ -135,8 +143,10 @@ def decode_frame(parts: list[bytes]) -> tuple[FrameHeader, np.ndarray]:
         raise BadMessage(f"frame header: {exc}") from None
     if topic != FRAME_TOPIC + header.camera_id:
         raise BadMessage(f"frame: topic {topic!r} does not match camera_id {header.camera_id!r}")
-    if not (0 < header.width <= MAX_SIDE and 0 < header.height <= MAX_SIDE):
-        raise BadMessage(f"frame: bad size {header.width}x{header.height}")
+    if not (0 < header.width <= MAX_SIDE and 0 < header.height <= MAX_SIDE
+            and header.width * header.height <= MAX_FRAME_PIXELS):
+        raise BadMessage(f"frame: bad size {header.width}x{header.height} (at most {MAX_SIDE} px a side and "
+                         f"{MAX_FRAME_PIXELS} pixels)")
     if not math.isfinite(header.captured_at) or (header.pts is not None and not math.isfinite(header.pts)):
         raise BadMessage("frame: captured_at or pts is not a finite number")
     payload = parts[2]
@@ -147,12 +157,48 @@ def decode_frame(parts: list[bytes]) -> tuple[FrameHeader, np.ndarray]:
                              f"needs {expected}")
         image = np.frombuffer(payload, np.uint8).reshape(header.height, header.width, 3)
     elif header.encoding == "jpeg":
+        size = jpeg_size(bytes(payload[:MAX_JPEG_SCAN]))
+        if size != (header.width, header.height):  # checked before decoding: a JPEG bomb allocates nothing
+            raise BadMessage(f"frame: JPEG of size {size} does not match the header's "
+                             f"{header.width}x{header.height}")
         image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
         if image is None or image.shape[:2] != (header.height, header.width):
             raise BadMessage("frame: JPEG payload does not decode to the header's size")
     else:
         raise BadMessage(f"frame: unknown encoding {header.encoding!r}")
     return header, image
+
+
+MAX_JPEG_SCAN = 256 * 1024  # the frame header (SOF) comes after at most this much metadata
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame header, without decoding; None if there is none."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _SOF:
+            if i + 9 > len(data):
+                return None
+            height = int.from_bytes(data[i + 5:i + 7], "big")
+            width = int.from_bytes(data[i + 7:i + 9], "big")
+            return width, height
+        if marker == 0xDA or length < 2:  # image data before any frame header: not a JPEG we take
+            return None
+        i += 2 + length
+    return None
 
 
 def encode_json(topic: str, body: dict[str, Any]) -> list[bytes]:

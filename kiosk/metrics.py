@@ -30,7 +30,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.075
                    2.5, 5.0, 10.0)
 STAGES = ("transport", "detect", "track", "align", "quality", "select", "embed", "match", "decide", "publish")
 # Decision outcomes that exist from the start (type, reason).
-OUTCOMES = (("accept", ""), ("reject", "no_match"), ("reject", "claim_mismatch"), ("reject", "timeout"))
+OUTCOMES = (("accept", ""), ("reject", "no_match"), ("reject", "claim_mismatch"), ("reject", "timeout"),
+            ("reject", "not_enrolled"), ("reject", "gallery_unavailable"))
 
 
 class LatencyWindow:
@@ -130,6 +131,9 @@ class VerifierMetrics:
         self.gallery_subjects = Gauge("kiosk_gallery_subjects", "enrolled subjects in the search matrix",
                                       registry=r)
         self.gallery_templates = Gauge("kiosk_gallery_templates", "templates in the search matrix", registry=r)
+        self.gallery_stale = Gauge("kiosk_gallery_stale", "1 while the last gallery reload failed (the search "
+                                   "matrix may be behind; accepts are still confirmed against the gallery)",
+                                   registry=r)
         self.provider_info = Gauge("kiosk_provider_info", "ONNX Runtime providers in use (1)", ["provider"],
                                    registry=r)
         self.camera_up = Gauge("kiosk_camera_up", "1 while the camera delivers frames (or its file has ended)",

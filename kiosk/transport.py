@@ -35,11 +35,17 @@ from zmq.utils.monitor import recv_monitor_message
 
 from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError
+from kiosk.messages import MAX_FRAME_BYTES
 from kiosk.webhook_signing import SECRET_NAME, make_secret
 
 log = logging.getLogger(__name__)
 
 FRAME_HWM = 4
+# Largest message part each receiving socket takes; a peer that sends more is disconnected by ZeroMQ
+# before the part is read into memory.
+FRAME_PART_MAX = MAX_FRAME_BYTES + 64 * 1024
+CONTROL_PART_MAX = 64 * 1024
+EVENT_PART_MAX = 1024 * 1024
 AUTHORIZED = "authorized_clients"  # may send frames and control requests (and subscribe)
 SUBSCRIBERS = "authorized_subscribers"  # may only subscribe to events and health (gate controllers)
 ROLES = ("all", "subscriber")
@@ -214,7 +220,7 @@ class Transport:
 
     # -- sockets -------------------------------------------------------------
     def frame_receiver(self) -> zmq.Socket:
-        sock = self._socket(zmq.PULL, RCVHWM=FRAME_HWM)
+        sock = self._socket(zmq.PULL, RCVHWM=FRAME_HWM, MAXMSGSIZE=FRAME_PART_MAX)
         self._as_server(sock, "ingest")
         return self._attach(sock, "frames", bind=True)
 
@@ -229,14 +235,14 @@ class Transport:
         return self._attach(sock, "events", bind=True)
 
     def event_subscriber(self, topics: list[str]) -> zmq.Socket:
-        sock = self._socket(zmq.SUB, RCVHWM=10000)
+        sock = self._socket(zmq.SUB, RCVHWM=10000, MAXMSGSIZE=EVENT_PART_MAX)
         self._as_client(sock, "events")
         for topic in topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         return self._attach(sock, "events", bind=False)
 
     def control_server(self) -> zmq.Socket:
-        sock = self._socket(zmq.REP)
+        sock = self._socket(zmq.REP, MAXMSGSIZE=CONTROL_PART_MAX)
         self._as_server(sock, "ingest")
         return self._attach(sock, "control", bind=True)
 

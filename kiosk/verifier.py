@@ -11,6 +11,7 @@ socket; gallery changes are picked up by polling its revision.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -107,6 +108,7 @@ class Verifier:
                                           Tracker(c.id, max_age_s=cfg.policy.track_max_age_s))
                         for c in cfg.cameras}
         self.metrics = VerifierMetrics({c.id: c.gate for c in cfg.cameras})
+        self.metrics.gallery_stale.set_function(lambda: 1.0 if self._gallery_error else 0.0)
         self.metrics.watch_cameras(lambda cam_id: self.cameras[cam_id].state(time.time())[0] != "down",
                                    self.cameras)
         self.transport = Transport(cfg, role="verifier")
@@ -118,6 +120,7 @@ class Verifier:
         self._recall_accepts(audit_path)
         self.audit: TextIO = open(audit_path, "a", encoding="utf-8")
         self._stop = threading.Event()
+        self._gallery_error = ""  # why the search matrix may be behind the gallery (a failed reload)
         self._bad = 0
         self._last_bad_log = 0.0
         self._last_error = ""
@@ -389,7 +392,25 @@ class Verifier:
             if decision is not None:
                 self._publish(cam, track, decision)
 
+    def _confirm(self, d: Decision) -> Decision:
+        """An accept only for a subject enrolled and unexpired right now, asked of the gallery itself (one
+        indexed read): a removal or expiry counts even while the search matrix is stale (a failed reload).
+        Fail closed: a gallery that cannot answer turns the accept into a reject."""
+        if d.type != "accept" or d.subject_id is None:
+            return d
+        try:
+            if self.gallery.enrolled(d.subject_id):
+                return d
+            reason = "not_enrolled"
+            log.warning("track matched %s, who is no longer enrolled (or expired): rejected", d.subject_id)
+        except Exception as exc:  # noqa: BLE001 - any gallery failure must reject, never accept
+            reason = "gallery_unavailable"
+            self._last_error = f"gallery: {exc}"
+            log.error("cannot confirm %s in the gallery (%s): rejected", d.subject_id, exc)
+        return dataclasses.replace(d, type="reject", reason=reason)
+
     def _publish(self, cam: CameraState, track: Track, d: Decision) -> Event:
+        d = self._confirm(d)
         decided_at = time.time()
         event = Event(type=d.type, gate_id=cam.gate_id, camera_id=cam.camera_id, track_id=track.track_id,
                       subject_id=d.subject_id, display_name=d.display_name,
@@ -441,7 +462,7 @@ class Verifier:
         try:
             revision = self.gallery.revision()
         except Exception as exc:  # noqa: BLE001 - a locked or broken DB must not stop the gate
-            self._last_error = f"gallery: {exc}"
+            self._last_error = self._gallery_error = f"gallery: {exc}"
             log.warning("gallery revision check failed: %s", exc)
             return
         expired = self.matrix.next_expiry is not None and time.time() >= self.matrix.next_expiry
@@ -458,7 +479,7 @@ class Verifier:
             with Gallery(self.gallery.path) as gallery:  # its own connection: this runs in a thread
                 self._loaded = gallery.matrix(self.engine.model_id, self.engine.dim).prepare()
         except Exception as exc:  # noqa: BLE001 - keep serving the old matrix
-            self._last_error = f"gallery reload: {exc}"
+            self._last_error = self._gallery_error = f"gallery reload: {exc}"
             log.warning("gallery reload failed, keeping revision %d: %s", self.matrix.revision, exc)
 
     def _adopt(self) -> None:
@@ -466,6 +487,7 @@ class Verifier:
         if loaded is None:
             return
         self.matrix = loaded
+        self._gallery_error = ""
         self.metrics.gallery_subjects.set(len(loaded))
         self.metrics.gallery_templates.set(loaded.template_count)
         log.info("gallery reloaded: revision %d, %d subjects, %d templates", loaded.revision, len(loaded),
@@ -489,6 +511,7 @@ class Verifier:
             "first_captured_at": self.first_captured_at, "last_done_at": self.last_done_at,
             "decision_latency_ms": self.metrics.recent_decision.quantiles(),
             "gallery": {"subjects": len(self.matrix), "templates": self.matrix.template_count,
+                        "stale": bool(self._gallery_error), "error": self._gallery_error,
                         "revision": self.matrix.revision},
             "cameras": {c.camera_id: {"gate_id": c.gate_id, "state": states[c.camera_id][0],
                                       "last_error": states[c.camera_id][1], "frames_in": c.frames_in,

@@ -24,7 +24,7 @@ def test_bench_json_with_compare(tmp_path, engine, photos):
     r = json.loads(res.stdout)
     assert r["frames"] == 45 and r["seconds"] > 0 and r["fps"] > 0 and r["providers"]
     assert r["faces_per_frame"] > 1.5 and r["dropped"] == {"capture": 0, "verifier_stale": 0}
-    for stage in ("decode", "transport", "detect", "align", "embed", "match", "decide", "publish"):
+    for stage in ("decode", "transport", "detect", "track", "align", "quality", "select", "embed", "match", "decide"):
         assert {"p50", "p99"} <= set(r["stages_ms"][stage]), stage
     assert r["accepted"] == ["YAO"]
     c = r["compare"]

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import yaml
 
-from kiosk.scenes import Walk
+from kiosk.scenes import Walk, person_crop
 from kiosk.transport import free_port
 from tests.pipeline_helpers import make_video, people
 
@@ -137,9 +138,14 @@ def site(tmp_path_factory, engine, photos) -> Path:
     (work / "mypkg").mkdir()
     (work / "mypkg" / "__init__.py").write_text("")
     (work / "mypkg" / "gates.py").write_text("def on_event(event):\n    print(event['type'], flush=True)\n")
-    # Yao walks up, then someone not enrolled (a decision every loop of the file), 640x360.
+    # Yao walks up, then the middle player of gdp.jpg, who is never enrolled: a reject every loop of the file
+    # (a repeated accept of one subject at one gate is held back for policy.repeat_accept_s), 640x360.
+    gdp = cv2.imread(str(photos["gdp.jpg"]))
+    faces = engine.detector.detect(gdp)
+    faces = faces[faces.widths >= 48]
+    middle = person_crop(gdp, faces.boxes[np.argsort(faces.boxes[:, 0])[1]])
     make_video(work / "gate-a1.avi", [Walk(crops["yao"], start=0, frames=40, w0=70, w1=160),
-                                      Walk(crops["duncan"], start=45, frames=40, w0=70, w1=160)],
+                                      Walk(middle, start=45, frames=40, w0=70, w1=160)],
                seconds=3.0, size=(640, 360))
     make_video(work / "gate.avi", [Walk(crops["yao"], start=0, frames=30, w0=70, w1=160)], seconds=1.0,
                size=(640, 360))

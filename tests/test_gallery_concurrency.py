@@ -1,0 +1,110 @@
+"""One owner for gallery concurrency: reads never wait for the write lock, an enrollment's check and insert
+are one transaction, a locked gallery is a runtime failure (retried), and a verifier whose gallery reload
+fails still never accepts a subject who was removed."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from kiosk.errors import RuntimeFailure
+from kiosk.gallery import Gallery
+from kiosk.scenes import Walk
+from tests.conftest import BIN, run_cli, write_config
+from tests.pipeline_helpers import Events, kiosk, make_video, people, stop
+from tests.pipeline_helpers import write_config as write_pipeline_config
+
+MODEL = "m:1"
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int = 8) -> np.ndarray:
+    e = rng.standard_normal((n, dim)).astype(np.float32)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def test_reads_do_not_wait_for_a_writer_and_a_locked_gallery_is_a_runtime_failure(tmp_path):
+    path = tmp_path / "g.db"
+    with Gallery(path) as g:
+        g.enroll("a", "A", _unit(np.random.default_rng(0), 1), MODEL)
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # a long import holding the write lock
+    writer.execute("INSERT INTO subjects (id, name, created) VALUES ('b', 'B', 0)")
+    try:
+        t0 = time.monotonic()
+        with Gallery(path, timeout=5.0) as reader:  # opening a current gallery takes no write lock
+            m = reader.matrix(MODEL, 8)
+        assert time.monotonic() - t0 < 1.0 and m.subject_ids == ["a"]  # the committed snapshot, at once
+        writer.execute("COMMIT")
+    finally:
+        writer.close()
+    # A gallery that must be created (or upgraded) while another process holds the write lock: after the busy
+    # timeout it is a runtime failure (exit 1: `kiosk run` restarts the verifier), not a config error (exit 2).
+    fresh = tmp_path / "new.db"
+    holder = sqlite3.connect(fresh, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("CREATE TABLE other (x)")
+    try:
+        with pytest.raises(RuntimeFailure, match="still locked by another process") as err:
+            Gallery(fresh, timeout=0.3)
+        assert err.value.exit_code == 1
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    with Gallery(fresh) as g:  # and once the lock is gone it opens
+        assert g.revision() == 0
+
+
+def test_two_processes_enrolling_one_face_under_two_ids_never_both_succeed(tmp_path, photos):
+    """The same photo under two ids at the same moment, five times over: exactly one is enrolled each time."""
+    for attempt in range(5):
+        folder = tmp_path / f"round{attempt}"
+        folder.mkdir()
+        config = write_config(folder)
+        procs = [subprocess.Popen([str(BIN / "kiosk-enroll"), "-q", "-c", str(config), "add", "--id", sid,
+                                   str(photos["yaoming.jpg"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for sid in ("FIRST", "SECOND")]
+        results = [(p.wait(120), p.communicate()) for p in procs]
+        codes = sorted(code for code, _ in results)
+        assert codes == [0, 2], results
+        assert any("duplicate" in err or "already enrolled subject" in err for _, (_, err) in results)
+        listed = json.loads(run_cli("kiosk-enroll", "-c", str(config), "list", "--json").stdout)
+        assert len(listed["subjects"]) == 1
+
+
+def test_removed_subject_not_accepted_while_reloads_fail(tmp_path, engine, photos):
+    crops = people(engine, photos)
+    make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=40, w0=80, w1=170)], seconds=1.5)
+    config = write_pipeline_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi",
+                                               "realtime": False}])
+    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
+                   str(photos["yaoming.jpg"])).returncode == 0
+    verifier = kiosk(config, "verify")
+    events = Events(config, ("event.", "health.verifier"))
+    try:
+        assert events.wait_for(lambda ev: ev.health, 30)
+        # Break every reload: a template of the wrong size for another subject (the verifier refuses it).
+        db = sqlite3.connect(tmp_path / "gallery.db", isolation_level=None)
+        db.execute("INSERT INTO subjects (id, name, created) VALUES ('BROKEN', '', 0)")
+        db.execute("INSERT INTO templates (subject_id, model_id, dim, embedding, created) "
+                   "SELECT 'BROKEN', model_id, 7, zeroblob(28), 0 FROM templates LIMIT 1")
+        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
+        db.close()
+        assert events.wait_for(lambda ev: ev.health[-1]["gallery"]["stale"], 10)
+        assert "does not have the model's 512 dims" in events.health[-1]["gallery"]["error"]
+        assert run_cli("kiosk-enroll", "-q", "-c", str(config), "remove", "YAO").returncode == 0
+        time.sleep(1.5)
+        assert events.health[-1]["gallery"]["subjects"] == 1  # the search matrix still holds YAO...
+        assert kiosk(config, "capture", "--camera", "cam-a1").wait(60) == 0
+        assert events.wait_for(lambda ev: ev.events, 20)
+        # ...but the accept is confirmed against the gallery itself: YAO is gone, so no door opens.
+        assert [(e.type, e.reason, e.subject_id) for e in events.events] == [("reject", "not_enrolled", "YAO")]
+    finally:
+        events.close()
+        _, err = stop(verifier)
+    assert "Traceback" not in err

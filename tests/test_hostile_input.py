@@ -1,0 +1,108 @@
+"""Broken and hostile input: photos of every kind get the same checks, frame messages are bounded before
+anything is decoded, and the verifier stays up with bounded memory whatever an allowed peer sends."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import zlib
+from dataclasses import asdict
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from kiosk.config import load_config
+from kiosk.errors import ImageError
+from kiosk.images import decode_image
+from kiosk.messages import FrameHeader, jpeg_size
+from kiosk.scenes import Walk
+from kiosk.transport import Transport, control_request
+from tests.conftest import run_cli
+from tests.pipeline_helpers import Events, kiosk, make_video, people, stop, write_config
+
+
+def _png_with_orientation(bgra: np.ndarray, orientation: int) -> bytes:
+    """A PNG with an eXIf chunk holding one EXIF Orientation tag (6: turn 90 degrees clockwise to view)."""
+    data = cv2.imencode(".png", bgra)[1].tobytes()
+    tiff = (b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1)
+            + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0))
+    chunk = struct.pack(">I", len(tiff)) + b"eXIf" + tiff + struct.pack(">I", zlib.crc32(b"eXIf" + tiff))
+    return data[:33] + chunk + data[33:]  # right after the signature and IHDR
+
+
+def test_rgba_photo_gets_exif_orientation_and_size_check():
+    bgra = np.zeros((40, 80, 4), np.uint8)
+    bgra[:, :40] = (0, 0, 255, 255)  # left half opaque red, right half transparent
+    upright = decode_image(_png_with_orientation(bgra, 6), "turned.png")
+    assert upright.shape == (80, 40, 3)  # turned like the colour image, not left as stored
+    assert upright[0, 0].tolist() == [0, 0, 255] and upright[-1, -1].tolist() == [255, 255, 255]
+    plain = decode_image(cv2.imencode(".png", bgra)[1].tobytes(), "plain.png")
+    assert plain.shape == (40, 80, 3) and plain[0, -1].tolist() == [255, 255, 255]  # composited over white
+    with pytest.raises(ImageError, match="too small"):
+        decode_image(cv2.imencode(".png", np.zeros((8, 200, 4), np.uint8))[1].tobytes(), "strip.png")
+
+
+def _jpeg_bomb(width: int = 16000, height: int = 16000) -> bytes:
+    """A small JPEG whose header says width x height: decoding it allocates width*height*3 bytes."""
+    data = bytearray(cv2.imencode(".jpg", np.full((360, 640, 3), 128, np.uint8))[1].tobytes())
+    i = 2
+    while data[i + 1] not in (0xC0, 0xC2):
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    data[i + 5:i + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_jpeg_bomb_and_huge_message_from_an_allowed_key(tmp_path, engine, photos):
+    """An allowed capture key sends a JPEG bomb (640x360 header, 16000x16000 inside) and a 200 MB message:
+    the verifier stays up, its peak memory stays where it was, and real frames before and after are decided."""
+    assert jpeg_size(_jpeg_bomb()) == (16000, 16000)
+    crops = people(engine, photos)
+    make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=40, w0=80, w1=170)], seconds=1.5)
+    make_video(tmp_path / "parker.avi", [Walk(crops["parker"], start=0, frames=40, w0=80, w1=170)], seconds=1.5)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": False,
+                                      "encoding": "jpeg"}])
+    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
+                   str(photos["yaoming.jpg"])).returncode == 0
+    verifier = kiosk(config, "verify")
+    events = Events(config, ("event.", "health.verifier"))
+    transport = Transport(load_config(config), role="test-hostile")
+    try:
+        assert events.wait_for(lambda ev: ev.health, 30)
+        pid = events.health[-1]["pid"]
+        assert kiosk(config, "capture", "--camera", "cam-a1").wait(60) == 0
+        assert events.wait_for(lambda ev: [e.type for e in ev.events] == ["accept"], 20)
+        baseline = _peak_rss_mb(pid)
+        push = transport.frame_sender()
+        header = FrameHeader("cam-a1", "A1", 10_000, time.time(), 640, 360, "jpeg")
+        head = json.dumps(asdict(header)).encode()
+        push.send_multipart([header.topic(), head, _jpeg_bomb()])
+        huge = np.zeros(200 * 1024 * 1024, np.uint8)
+        push.send_multipart([header.topic(), head, memoryview(huge)], copy=False)
+        time.sleep(3.0)
+        del huge
+        status = control_request(transport, {"cmd": "status"})
+        assert status is not None and status["pid"] == pid and status["bad_messages"] >= 1
+        assert _peak_rss_mb(pid) < baseline + 60, (baseline, _peak_rss_mb(pid))
+        # Real frames after the attack still get their decision.
+        cfg2 = tmp_path / "after.yaml"
+        data = yaml.safe_load(config.read_text())
+        data["cameras"][0]["source"] = "parker.avi"
+        cfg2.write_text(yaml.safe_dump(data))
+        assert kiosk(cfg2, "capture", "--camera", "cam-a1").wait(60) == 0
+        assert events.wait_for(lambda ev: [e.type for e in ev.events] == ["accept", "reject"], 20)
+        assert verifier.poll() is None
+    finally:
+        events.close()
+        transport.close()
+        _, err = stop(verifier)
+    assert "Traceback" not in err
