@@ -27,7 +27,7 @@ from kiosk.config import KioskConfig, load_config
 from kiosk.engine import FaceEngine
 from kiosk.errors import EXIT_OK, EXIT_USAGE, UsageError
 from kiosk.gallery import Gallery, GalleryMatrix
-from kiosk.cli_support import Parser, add_commands, add_common, config_path, run_command
+from kiosk.cli_support import Parser, add_commands, add_common, run_command
 
 log = logging.getLogger("kiosk-enroll")
 PROG = "kiosk-enroll"
@@ -40,7 +40,7 @@ class Context:
 
 
 def _context(args: argparse.Namespace) -> Context:
-    cfg = load_config(config_path(args))
+    cfg = load_config(args.config)
     return Context(cfg, FaceEngine.from_config(cfg))
 
 
@@ -114,7 +114,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     templates = [reference_template(ctx.engine, p, ctx.cfg.enrollment, largest=args.largest) for p in args.images]
     with _gallery(ctx.cfg) as gallery:
-        known = [t for t in templates if gallery.has_photo(args.id, ctx.engine.model_id, t.photo_sha256 or "")]
+        known = [t for t in templates if gallery.has_photo(args.id, ctx.engine.model_id, t.photo_sha256)]
         if len(known) == len(templates) and expires is None and not args.name:
             print(f"{args.id} is already enrolled from {'this photo' if len(known) == 1 else 'these photos'}; "
                   "nothing changed")
@@ -191,7 +191,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    cfg = load_config(config_path(args))
+    cfg = load_config(args.config)
     with _gallery(cfg, create=False) as gallery:
         subjects = gallery.subjects()
     if args.json:
@@ -209,7 +209,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    cfg = load_config(config_path(args))
+    cfg = load_config(args.config)
     with _gallery(cfg, create=False) as gallery:
         if not gallery.remove(args.id):
             raise UsageError(f"no subject {args.id!r} in gallery {gallery.path}")

@@ -39,7 +39,7 @@ class Template:
     source: str
     embedding: np.ndarray
     quality: dict[str, float]
-    photo_sha256: str | None = None  # of the photo file: the same photo is never enrolled twice for a subject
+    photo_sha256: str  # of the photo file: the same photo is never enrolled twice for a subject
 
 
 def photo_digest(data: bytes) -> str:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kiosk.cli_support import Parser, add_commands, add_common, config_path, run_command
+from kiosk.cli_support import Parser, add_commands, add_common, run_command
 from kiosk.config import KioskConfig, load_config
 from kiosk.errors import EXIT_OK, EXIT_RUNTIME, ConfigError, RuntimeFailure, UsageError
 
@@ -15,15 +15,14 @@ PROG = "kiosk"
 
 def _config(args: argparse.Namespace) -> KioskConfig:
     """-c CONFIG, else $KIOSK_CONFIG, else the built-in defaults."""
-    return load_config(config_path(args))
+    return load_config(args.config)
 
 
 def _config_required(args: argparse.Namespace) -> KioskConfig:
     """The config of a command that needs cameras: from -c CONFIG or $KIOSK_CONFIG, never the defaults."""
-    path = config_path(args)
-    if not path:
+    cfg = _config(args)
+    if cfg.source is None:
         raise UsageError(f"{args.command} needs a config file with the cameras: -c CONFIG or $KIOSK_CONFIG")
-    cfg = load_config(path)
     if not cfg.cameras:
         raise ConfigError(f"{cfg.source}: cameras: expected at least one camera, found none "
                           "(add one, e.g. {id: cam-a1, gate: A1, source: 0})")

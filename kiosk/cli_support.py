@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from typing import Callable, Protocol
 
-from kiosk.config import ENV_CONFIG
 from kiosk.errors import EXIT_RUNTIME, EXIT_USAGE, KioskError
 
 
@@ -34,11 +32,6 @@ def add_common(parser: argparse.ArgumentParser, *, sub: bool = False) -> None:
 def add_commands(parser: argparse.ArgumentParser, dest: str) -> argparse._SubParsersAction:
     """Sub-commands whose parsers all accept the common options (see `add_common`)."""
     return parser.add_subparsers(dest=dest, required=True, parser_class=CommandParser)
-
-
-def config_path(args: argparse.Namespace) -> str | None:
-    """-c CONFIG, else $KIOSK_CONFIG, else None (the built-in defaults)."""
-    return getattr(args, "config", None) or os.environ.get(ENV_CONFIG) or None
 
 
 def run_command(prog: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

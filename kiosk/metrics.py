@@ -70,21 +70,22 @@ class _CaptureCounts(Collector):
     """The counts each capture process reports in its health messages, exported as the camera's counters.
     A capture that restarts starts again from zero, which Prometheus reads as a counter reset."""
 
+    FIELDS = ("sent", "drops", "faults", "fps")  # of a capture's health message
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_camera: dict[str, dict[str, float]] = {}
 
     def set_cameras(self, cameras: Iterable[str]) -> None:
-        with self._lock:
-            for cam in cameras:
-                self._by_camera.setdefault(cam, {"sent": 0.0, "drops": 0.0, "faults": 0.0, "fps": 0.0})
+        for cam in cameras:
+            self.update(cam, {})
 
     def update(self, camera: str, body: dict[str, Any]) -> None:
-        values = {k: float(body[k]) for k in ("sent", "drops", "faults", "fps")
+        values = {k: float(body[k]) for k in self.FIELDS
                   if isinstance(body.get(k), (int, float)) and not isinstance(body.get(k), bool)
                   and 0 <= body[k] < 1e15}
         with self._lock:
-            self._by_camera.setdefault(camera, {"sent": 0.0, "drops": 0.0, "faults": 0.0, "fps": 0.0}).update(values)
+            self._by_camera.setdefault(camera, dict.fromkeys(self.FIELDS, 0.0)).update(values)
 
     def collect(self) -> Iterable[Any]:
         sent = CounterMetricFamily("kiosk_capture_frames_sent", "frames the capture sent to the verifier",

@@ -39,7 +39,7 @@ from kiosk.metrics import SubscriberMetrics
 from kiosk.metrics import serve as serve_metrics
 from kiosk.messages import EVENT_TOPIC, HEALTH_TOPIC, BadMessage, Event, decode_event, decode_json
 from kiosk.transport import Transport
-from kiosk.webhook_signing import SECRET_NAME, load_secret, sign
+from kiosk.webhook_signing import load_secret, secret_path, sign
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def build_hooks(cfg: KioskConfig, *, jsonl: list[str], execs: list[str], webhook
             raise ConfigError(f"--webhook {url}: expected an http:// or https:// URL")
     secret = None
     if webhooks and h.sign_webhooks:  # before any hook starts: a missing secret stops the subscriber (exit 2)
-        secret = load_secret(cfg.resolve(h.webhook_secret_file or cfg.security.keys_dir / SECRET_NAME))
+        secret = load_secret(secret_path(cfg))
     elif webhooks:
         log.warning("webhooks are sent UNSIGNED (hooks.sign_webhooks: false): a receiver cannot tell these POSTs "
                     "from forged ones, and an accept opens a door")

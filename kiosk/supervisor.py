@@ -23,7 +23,7 @@ from pathlib import Path
 from kiosk.capture import open_source
 from kiosk.config import KioskConfig
 from kiosk.transport import ask_verifier, init_keys
-from kiosk.webhook_signing import SECRET_NAME, make_secret
+from kiosk.webhook_signing import make_secret, secret_path
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,9 @@ class Supervisor:
             if made:
                 log.info("made CurveZMQ keys and the webhook secret in %s", keys_dir)
         elif self.cfg.hooks.sign_webhooks and not self.cfg.hooks.webhook_secret_file and \
-                any(sub.webhook for sub in self.cfg.subscribers):
-            if make_secret(keys_dir / SECRET_NAME):
-                log.info("made the webhook secret %s", keys_dir / SECRET_NAME)
+                any(sub.webhook for sub in self.cfg.subscribers):  # only the default place is ours to fill
+            if make_secret(secret_path(self.cfg)):
+                log.info("made the webhook secret %s", secret_path(self.cfg))
         for child in self.subscribers:  # first, so they see the verifier's first heartbeat
             self._start(child)
         self._start(self.verifier)

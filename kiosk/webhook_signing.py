@@ -10,7 +10,7 @@ and sends two headers:
 The receiver recomputes the HMAC over the raw body, compares in constant
 time and refuses a timestamp further than `tolerance_s` from its own clock
 (a captured request cannot be replayed later); within that window it should
-also refuse an `event_id` it has already seen. `scripts/webhook_receiver.py`
+act on each `event_id` once (a repeat is a retry or a replay). `scripts/webhook_receiver.py`
 is the reference receiver.
 """
 
@@ -23,12 +23,18 @@ import secrets
 from pathlib import Path
 from typing import Mapping
 
+from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError
 
 TIMESTAMP_HEADER = "X-Kiosk-Timestamp"
 SIGNATURE_HEADER = "X-Kiosk-Signature"
 SECRET_NAME = "webhook.secret"  # in security.keys_dir, made by `kiosk keys init`
 MIN_SECRET_BYTES = 16
+
+
+def secret_path(cfg: KioskConfig) -> Path:
+    """Where the webhook secret is: hooks.webhook_secret_file, else <security.keys_dir>/webhook.secret."""
+    return cfg.resolve(cfg.hooks.webhook_secret_file or cfg.security.keys_dir / SECRET_NAME)
 
 
 class BadSignature(ValueError):
