@@ -154,6 +154,7 @@ class Capture:
         self.sock = self.transport.frame_sender()
         self.stats = CaptureStats()
         self._stop = threading.Event()
+        self._started_at = time.time()  # tells the verifier's counters that a restarted capture counts anew
         self._status = "starting"
         self._last_error = ""
         self._last_health = 0.0
@@ -185,6 +186,7 @@ class Capture:
         self._window = [t for t in self._window if now - t <= 5.0]
         fps = len(self._window) / 5.0
         body = {"component": f"capture.{self.cam.id}", "camera_id": self.cam.id, "gate_id": self.cam.gate,
+                "started_at": self._started_at,
                 "status": self._status, "fps": round(fps, 2), "sent": self.stats.sent, "drops": self.stats.dropped,
                 "faults": self.stats.faults, "last_error": self._last_error, "source": self.source.description}
         if self._decode_ms:

@@ -68,24 +68,42 @@ def serve(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> An
 
 class _CaptureCounts(Collector):
     """The counts each capture process reports in its health messages, exported as the camera's counters.
-    A capture that restarts starts again from zero, which Prometheus reads as a counter reset."""
+    A restarted capture counts from zero again; a report lower than the last one starts a new run, whose
+    counts add to the earlier runs', so the exported counters never go down."""
 
-    FIELDS = ("sent", "drops", "faults", "fps")  # of a capture's health message
+    COUNTS = ("sent", "drops", "faults")  # cumulative in a capture's health message; "fps" is a gauge
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_camera: dict[str, dict[str, float]] = {}
+        self._by_camera: dict[str, dict[str, float]] = {}  # exported values, and "fps"
+        self._last: dict[str, dict[str, Any]] = {}  # the capture's own last report, and its run
 
     def set_cameras(self, cameras: Iterable[str]) -> None:
         for cam in cameras:
             self.update(cam, {})
 
     def update(self, camera: str, body: dict[str, Any]) -> None:
-        values = {k: float(body[k]) for k in self.FIELDS
+        values = {k: float(body[k]) for k in (*self.COUNTS, "fps")
                   if isinstance(body.get(k), (int, float)) and not isinstance(body.get(k), bool)
                   and 0 <= body[k] < 1e15}
         with self._lock:
-            self._by_camera.setdefault(camera, dict.fromkeys(self.FIELDS, 0.0)).update(values)
+            row = self._by_camera.setdefault(camera, dict.fromkeys((*self.COUNTS, "fps"), 0.0))
+            last = self._last.setdefault(camera, {**dict.fromkeys(self.COUNTS, 0.0), "run": None})
+            run = body.get("started_at")
+            # A new capture run (restarted process: another start time, or any count lower than before)
+            # counts from zero again.
+            if (run is not None and last["run"] is not None and run != last["run"]) or \
+                    any(values.get(k, last[k]) < last[k] for k in self.COUNTS):
+                for key in self.COUNTS:
+                    last[key] = 0.0
+            if run is not None:
+                last["run"] = run
+            for key in self.COUNTS:
+                if key in values:
+                    row[key] += values[key] - last[key]
+                    last[key] = values[key]
+            if "fps" in values:
+                row["fps"] = values["fps"]
 
     def collect(self) -> Iterable[Any]:
         sent = CounterMetricFamily("kiosk_capture_frames_sent", "frames the capture sent to the verifier",

@@ -28,6 +28,8 @@ class Track:
     ended: bool = False
     embedding: np.ndarray | None = None  # the face's latest embedding, for the identity check
     last_embedded: int = -1  # verifier step of the last embedding (fair rationing)
+    embedded_hits: int = 0  # `hits` at the last embedding (when the next identity check is due)
+    times_embedded: int = 0  # embeddings so far (fair rationing: the fewest go first among equals)
 
     @property
     def width(self) -> float:

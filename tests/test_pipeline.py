@@ -275,7 +275,7 @@ def test_restarted_verifier_recalls_recent_accepts(tmp_path, engine):
     try:
         def walk(subject: str, tid: int):
             track = Track(tid, "cam-a1", np.zeros(4, np.float32), now)
-            return [verifier.policy.observe(track, "A1", Match(subject, subject, 0.9, None, -1.0), now + i * 0.1)
+            return [verifier.core.policy.observe(track, "A1", Match(subject, subject, 0.9, None, -1.0), now + i * 0.1)
                     for i in range(3)][-1]
 
         assert walk("YAO", 1) is None  # accepted 2 s ago by the previous process

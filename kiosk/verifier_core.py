@@ -1,0 +1,391 @@
+"""The verifier's core: frames in, decisions out, with no sockets, files or threads.
+
+`offer()` queues what arrived per camera (a real-time camera keeps only its
+newest frame; an end-of-source marker is never dropped with stale frames),
+`step(now)` takes at most one frame per camera and runs the named stages on
+all of them at once, `tick(now)` applies the clock (decision timeouts,
+tracks ageing out when a camera stalls), `control()` takes claims. Each
+returns the `Verdict`s to publish; the service around it (`verifier.py`)
+owns the sockets, the audit log, the gallery file and the heartbeat.
+
+Stages of a step, each over all faces of all cameras as arrays:
+detect -> track -> select (which faces need an embedding) -> align ->
+quality -> ration (at most `max_embeddings_per_frame`) -> embed (one
+batch) -> identity check -> match (one batched 1:N search) -> decide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import numpy as np
+
+from kiosk.config import KioskConfig
+from kiosk.engine import FaceEngine
+from kiosk.faces import Faces
+from kiosk.gallery import GalleryMatrix, Match
+from kiosk.messages import FrameHeader
+from kiosk.metrics import VerifierMetrics
+from kiosk.models.recognizer import align_faces
+from kiosk.policy import Decision, DecisionPolicy
+from kiosk.quality import measure
+from kiosk.tracking import Track, Tracker
+
+log = logging.getLogger(__name__)
+
+REPLAY_BACKLOG = 8  # frames a replay camera may have waiting before the shell stops reading (back-pressure)
+RECHECK_EVERY = 10  # frames of a decided track between identity checks
+RECHECK_OVERDUE = 2 * RECHECK_EVERY  # a check this late goes before undecided faces (no starvation)
+SAME_PERSON = 0.25  # a track whose new face scores below this against its last one is someone else
+CAMERA_SILENT_S = 3.0  # a camera with no frame for this long is reported down
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame as it arrived."""
+
+    header: FrameHeader
+    image: np.ndarray
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Eof:
+    """A file source's end: decide what is left of its tracks."""
+
+    camera_id: str
+
+
+Arrival = Union[Frame, Eof]
+
+
+@dataclass
+class CameraState:
+    camera_id: str
+    gate_id: str
+    realtime: bool
+    tracker: Tracker
+    pending: deque = field(default_factory=deque)  # Frame | Eof, oldest first
+    frames_in: int = 0
+    processed: int = 0
+    stale: int = 0
+    eof: bool = False
+    last_clock: float = 0.0  # frame clock (media or capture time) of the last frame
+    last_wall: float = 0.0  # when that frame was processed
+    last_frame_at: float = 0.0  # wall time the last frame arrived
+    capture_status: str = ""  # what the capture's last health message said ("ok", "reconnecting", "eof")
+    capture_error: str = ""
+
+    def state(self, now: float) -> tuple[str, str]:
+        """("up" | "down" | "ended", why): what an operator needs to know about this camera now."""
+        if self.eof:
+            return "ended", "end of the file source"
+        if self.capture_status == "reconnecting":
+            return "down", self.capture_error or "the capture is reconnecting to the camera"
+        if not self.last_frame_at:
+            return "down", "no frame received yet (is its capture running?)"
+        silent = now - self.last_frame_at
+        if silent > CAMERA_SILENT_S:
+            return "down", f"no frame for {silent:.0f} s" + (f" (last error: {self.capture_error})"
+                                                           if self.capture_error else "")
+        return "up", ""
+
+    def frames_waiting(self) -> int:
+        return sum(isinstance(item, Frame) for item in self.pending)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A decision to publish, with the camera and track it is about."""
+
+    camera: CameraState
+    track_id: int
+    decision: Decision
+
+
+@dataclass
+class StepFaces:
+    """All faces of one step, as parallel arrays over faces (the frames' faces concatenated)."""
+
+    faces: Faces
+    frame: np.ndarray  # (N,) index of the face's frame in the step
+    tracks: list[Track]
+
+    @classmethod
+    def join(cls, per_frame: list[Faces], tracks: list[list[Track]]) -> StepFaces:
+        counts = [len(f) for f in per_frame]
+        if sum(counts):
+            faces = Faces(np.concatenate([f.boxes for f in per_frame]), np.concatenate([f.scores for f in per_frame]),
+                          np.concatenate([f.kps for f in per_frame]))
+        else:
+            faces = Faces.empty()
+        return cls(faces, np.repeat(np.arange(len(per_frame)), counts), [t for ts in tracks for t in ts])
+
+
+def _accept_all(subject_id: str) -> bool:
+    return True
+
+
+class VerifierCore:
+    """The verifier's rules, fed arrivals and a clock; see the module docstring."""
+
+    def __init__(self, cfg: KioskConfig, engine: FaceEngine, matrix: GalleryMatrix, *,
+                 metrics: VerifierMetrics | None = None, confirm: Callable[[str], bool] = _accept_all) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.matrix = matrix
+        self.metrics = metrics or VerifierMetrics({c.id: c.gate for c in cfg.cameras})
+        self.confirm = confirm  # is this subject enrolled right now? (raises: cannot tell)
+        self.policy = DecisionPolicy(cfg.policy)
+        self.cameras = {c.id: CameraState(c.id, c.gate, c.realtime,
+                                          Tracker(c.id, max_age_s=cfg.policy.track_max_age_s))
+                        for c in cfg.cameras}
+        self.steps = 0
+        self.faces_total = 0
+        self.first_captured_at: float | None = None
+        self.last_done_at: float | None = None
+        self.last_times: dict[str, float] = {}  # ms per stage of the last step
+        self.last_error = ""
+        self._fps_window: deque = deque(maxlen=20000)
+
+    # -- input -----------------------------------------------------------------
+    def offer(self, item: Arrival, now: float) -> None:
+        """Queue an arrival. A real-time camera keeps only its newest frame (the stale ones are counted);
+        an end-of-source marker always stays queued."""
+        if isinstance(item, Eof):
+            self.cameras[item.camera_id].pending.append(item)
+            return
+        cam = self.cameras[item.header.camera_id]
+        cam.frames_in += 1
+        cam.last_frame_at = now
+        self.metrics.frames_in.labels(camera=cam.camera_id).inc()
+        if cam.realtime:
+            stale = cam.frames_waiting()
+            if stale:
+                cam.stale += stale
+                self.metrics.frames_stale.labels(camera=cam.camera_id).inc(stale)
+                cam.pending = deque(p for p in cam.pending if isinstance(p, Eof))
+        cam.pending.append(item)
+
+    def backlog_full(self) -> bool:
+        """A replay camera has enough waiting: read no more until it is processed (the capture waits)."""
+        return any(len(c.pending) >= REPLAY_BACKLOG for c in self.cameras.values() if not c.realtime)
+
+    def has_pending(self) -> bool:
+        return any(cam.pending for cam in self.cameras.values())
+
+    # -- work ------------------------------------------------------------------
+    def step(self, now: float) -> list[Verdict]:
+        """Take at most one frame per camera (end-of-source markers on the way are handled) and process them."""
+        verdicts: list[Verdict] = []
+        batch: list[Frame] = []
+        for cam in self.cameras.values():
+            while cam.pending:
+                item = cam.pending.popleft()
+                if isinstance(item, Eof):
+                    cam.eof = True
+                    verdicts += self._ended(cam, cam.tracker.end_all())
+                    log.info("camera %s: end of source; %d frames processed", cam.camera_id, cam.processed)
+                    continue
+                batch.append(item)
+                break
+        if batch:
+            verdicts += self.process(batch, now)
+        return verdicts
+
+    def process(self, frames: list[Frame], now: float) -> list[Verdict]:
+        """One frame of each of several cameras through every stage."""
+        clock = time.perf_counter
+        times: dict[str, float] = {}
+
+        def add(stage: str, since: float) -> float:
+            t = clock()
+            times[stage] = times.get(stage, 0.0) + (t - since) * 1000
+            return t
+
+        verdicts: list[Verdict] = []
+        times["transport"] = max(max(0.0, (f.received_at - f.header.captured_at) * 1000) for f in frames)
+        t = clock()
+        found = self.engine.detector.detect_batch([f.image for f in frames])
+        t = add("detect", t)
+        cams = [self.cameras[f.header.camera_id] for f in frames]
+        kept: list[Faces] = []
+        tracks: list[list[Track]] = []
+        for frame, cam, faces in zip(frames, cams, found):
+            cam.processed += 1
+            cam.last_clock, cam.last_wall = frame.header.clock, now
+            self._fps_window.append(now)
+            self.metrics.frames_processed.labels(camera=cam.camera_id).inc()
+            self.metrics.faces.labels(camera=cam.camera_id).inc(len(faces))
+            faces = faces[faces.widths >= self.cfg.policy.min_face_px]
+            assigned, ended = cam.tracker.update(faces, frame.header.clock)
+            verdicts += self._ended(cam, ended)
+            kept.append(faces)
+            tracks.append(assigned)
+        step = StepFaces.join(kept, tracks)
+        self.faces_total += sum(len(f) for f in found)
+        t = add("track", t)
+
+        # select: undecided tracks every frame, decided ones every RECHECK_EVERY frames (a new person in
+        # their place?)
+        undecided = np.array([self.policy.needs_frames(tr) for tr in step.tracks], bool)
+        since = np.array([tr.hits - tr.embedded_hits for tr in step.tracks], np.int64)
+        want = np.flatnonzero(undecided | (since >= RECHECK_EVERY))
+        t = add("select", t)
+        crops = np.zeros((0, 112, 112, 3), np.uint8)
+        if len(want):
+            sel = step.faces[want]
+            # `want` is ascending and faces are concatenated frame by frame, so the crops line up with `sel`.
+            crops = np.concatenate([align_faces(frames[i].image, sel.kps[step.frame[want] == i])
+                                    for i in range(len(frames))])
+            t = add("align", t)
+            ok = self.policy.quality_ok(measure(sel, crops))
+            want, crops = want[ok], crops[ok]
+            t = add("quality", t)
+            want, crops = self._ration(step, want, crops, undecided, since)
+            t = add("select", t)
+        for k in want:
+            step.tracks[k].last_embedded = self.steps
+            step.tracks[k].embedded_hits = step.tracks[k].hits
+            step.tracks[k].times_embedded += 1
+        self.steps += 1
+        if len(want):
+            emb = self.engine.recognizer.embed(crops)
+            t = add("embed", t)
+            verdicts += self._match_and_decide(frames, cams, step, want, emb, now, add, t)
+        self.last_times = times
+        done = time.time()
+        if self.first_captured_at is None:
+            self.first_captured_at = min(f.header.captured_at for f in frames)
+        self.last_done_at = done
+        for f in frames:
+            self.metrics.observe_frame((done - f.header.captured_at) * 1000)
+        for stage, ms in times.items():
+            self.metrics.observe_stage(stage, ms)
+        return verdicts
+
+    def _ration(self, step: StepFaces, want: np.ndarray, crops: np.ndarray, undecided: np.ndarray,
+                since: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """At most `max_embeddings_per_frame` faces: an overdue identity check first, then undecided tracks,
+        the longest-waiting first, then the one embedded least often (turns go round a crowd), then the
+        largest face (the passenger at the front)."""
+        cap = self.cfg.policy.max_embeddings_per_frame
+        if not cap or len(want) <= cap:
+            return want, crops
+        overdue = ~undecided[want] & (since[want] >= RECHECK_OVERDUE)
+        waited = np.array([step.tracks[k].last_embedded for k in want])
+        turns = np.array([step.tracks[k].times_embedded for k in want])
+        width = step.faces.widths[want]
+        keep = np.lexsort((-width, turns, waited, ~undecided[want], ~overdue))[:cap]  # last key sorts first
+        self.metrics.embeddings_deferred.inc(len(want) - cap)
+        keep.sort()
+        return want[keep], crops[keep]
+
+    def _match_and_decide(self, frames: list[Frame], cams: list[CameraState], step: StepFaces, want: np.ndarray,
+                          emb: np.ndarray, now: float, add: Callable[[str, float], float],
+                          t: float) -> list[Verdict]:
+        verdicts: list[Verdict] = []
+        deciding: list[tuple[int, Track]] = []  # (row of emb, track) that need a match
+        for row, k in enumerate(want):
+            track = step.tracks[k]
+            cam, header = cams[step.frame[k]], frames[step.frame[k]].header
+            if track.embedding is not None and float(emb[row] @ track.embedding) < SAME_PERSON:
+                log.info("camera %s: track %d changed person; starting a new transaction", cam.camera_id,
+                         track.track_id)
+                new = cam.tracker.split(track, header.clock)
+                verdicts += self._ended(cam, [track])
+                track = step.tracks[k] = new
+            track.embedding = emb[row]
+            if self.policy.needs_frames(track):
+                deciding.append((row, track))
+        if not deciding:
+            return verdicts
+        # match: claims (1:1) bound at a track's first quality frame; everyone else in one 1:N search
+        claims = [self.policy.claim_for(tr, cams[step.frame[want[row]]].gate_id, now) for row, tr in deciding]
+        matches: list[Match | None] = [None] * len(deciding)
+        open_rows = [i for i, c in enumerate(claims) if c is None]
+        if open_rows:
+            for i, m in zip(open_rows, self.matrix.search(emb[[deciding[i][0] for i in open_rows]])):
+                matches[i] = m
+        for i, claim in enumerate(claims):
+            if claim is not None:
+                matches[i] = self.matrix.search(emb[deciding[i][0]:deciding[i][0] + 1], only=claim.subject_id)[0]
+        t = add("match", t)
+        for (row, track), match in zip(deciding, matches):
+            k = want[row]
+            cam, header = cams[step.frame[k]], frames[step.frame[k]].header
+            assert match is not None
+            decision = self.policy.observe(track, cam.gate_id, match, header.captured_at, header.seq,
+                                           clock=header.clock)
+            if decision is not None:
+                verdicts.append(self._verdict(cam, track, decision))
+        add("decide", t)
+        return verdicts
+
+    def tick(self, now: float) -> list[Verdict]:
+        """What the clock decides: transactions past `decision_timeout_s`, and the tracks of a live camera that
+        stalled (no frame) ageing out as its frame clock would."""
+        verdicts: list[Verdict] = []
+        for cam in self.cameras.values():
+            # The frame clock now: a live camera's runs with the wall clock, a replay's only with its frames.
+            clock = cam.last_clock + (now - cam.last_wall if cam.realtime and cam.last_wall else 0.0)
+            for track in cam.tracker.tracks:
+                decision = self.policy.check_timeout(track, clock)
+                if decision is not None:
+                    verdicts.append(self._verdict(cam, track, decision))
+            if cam.realtime and not cam.pending and cam.tracker.tracks and cam.last_wall:
+                _, ended = cam.tracker.update(Faces.empty(), clock)
+                verdicts += self._ended(cam, ended)
+        return verdicts
+
+    def end_all(self) -> list[Verdict]:
+        """Decide what is left of every track (the service is stopping)."""
+        return [v for cam in self.cameras.values() for v in self._ended(cam, cam.tracker.end_all())]
+
+    def control(self, request: dict[str, Any], now: float) -> dict[str, Any]:
+        """A claim: the next transaction at a gate is a 1:1 check against one enrolled subject."""
+        cmd = request.get("cmd")
+        if cmd != "claim":
+            return {"ok": False, "error": f"unknown command {cmd!r}"}
+        gate, subject = request.get("gate_id"), request.get("subject_id")
+        ttl = request.get("ttl_s", self.cfg.policy.claim_ttl_s)
+        gates = {c.gate_id for c in self.cameras.values()}
+        if not isinstance(gate, str) or gate not in gates:
+            return {"ok": False, "error": f"unknown gate {gate!r} (gates: {sorted(gates)})"}
+        if not isinstance(subject, str) or subject not in self.matrix.subject_ids:
+            return {"ok": False, "error": f"subject {subject!r} is not enrolled"}
+        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= 86400:
+            return {"ok": False, "error": "ttl_s must be a number of seconds from 0 to 86400"}
+        claim = self.policy.add_claim(gate, subject, float(ttl), now)
+        return {"ok": True, "gate_id": gate, "subject_id": subject, "expires_at": claim.expires_at}
+
+    def fps(self, now: float, window_s: float = 5.0) -> float:
+        return sum(1 for t in self._fps_window if now - t <= window_s) / window_s
+
+    # -- decisions -------------------------------------------------------------
+    def _ended(self, cam: CameraState, tracks: list[Track]) -> list[Verdict]:
+        out = []
+        for track in tracks:
+            decision = self.policy.track_ended(track)
+            if decision is not None:
+                out.append(self._verdict(cam, track, decision))
+        return out
+
+    def _verdict(self, cam: CameraState, track: Track, d: Decision) -> Verdict:
+        """An accept only for a subject enrolled right now (`confirm`): a removal or expiry counts even while
+        the search matrix is stale. Fail closed: if that cannot be told, the accept becomes a reject."""
+        if d.type == "accept" and d.subject_id is not None:
+            try:
+                if not self.confirm(d.subject_id):
+                    log.warning("track matched %s, who is no longer enrolled (or expired): rejected", d.subject_id)
+                    d = dataclasses.replace(d, type="reject", reason="not_enrolled")
+            except Exception as exc:  # noqa: BLE001 - any failure to confirm must reject, never accept
+                self.last_error = f"gallery: {exc}"
+                log.error("cannot confirm %s in the gallery (%s): rejected", d.subject_id, exc)
+                d = dataclasses.replace(d, type="reject", reason="gallery_unavailable")
+        return Verdict(cam, track.track_id, d)

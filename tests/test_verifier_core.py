@@ -1,0 +1,157 @@
+"""The verifier core, frame by frame, with the real models and no sockets: rationing, the identity re-check
+(no starvation), one batched search per step, stale-frame drops, an end-of-source marker never lost, tracks
+ageing out when a camera stalls, claims, and accepts confirmed against the gallery."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from kiosk.config import config_from_mapping
+from kiosk.gallery import GalleryMatrix
+from kiosk.messages import FrameHeader
+from kiosk.scenes import person_crop
+from kiosk.verifier_core import RECHECK_OVERDUE, Eof, Frame, VerifierCore
+
+FPS = 30.0
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture(scope="module")
+def crops(engine, photos) -> list[np.ndarray]:
+    """Yao Ming, then five other people (the largest faces of players.jpg that are not Yao Ming, who is in
+    that photo too), as person crops."""
+    yao = cv2.imread(str(photos["yaoming.jpg"]))
+    yao_faces = engine.describe(yao, engine.detector.detect(yao).largest()).faces
+    out = [person_crop(yao, yao_faces.boxes[0])]
+    players = cv2.imread(str(photos["players.jpg"]))
+    faces = engine.describe(players, engine.detector.detect(players)).faces
+    others = [i for i in np.argsort(-faces.widths) if faces.embeddings[i] @ yao_faces.embeddings[0] < 0.3]
+    out += [person_crop(players, faces.boxes[i]) for i in others[:5]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def yao_matrix(engine, photos) -> GalleryMatrix:
+    yao = cv2.imread(str(photos["yaoming.jpg"]))
+    emb = engine.describe(yao, engine.detector.detect(yao).largest()).faces.embeddings[0]
+    return GalleryMatrix.from_templates(engine.model_id, engine.dim, [("YAO", "Yao Ming", emb)], revision=1)
+
+
+def scene(crops: list[np.ndarray], people: list[int], width: int = 120) -> np.ndarray:
+    """A 1280x720 frame with the given people side by side, each `width` px wide."""
+    frame = np.full((720, 1280, 3), 90, np.uint8)
+    for slot, who in enumerate(people):
+        crop = crops[who]
+        small = cv2.resize(crop, (width, round(crop.shape[0] * width / crop.shape[1])), interpolation=cv2.INTER_AREA)
+        h = min(small.shape[0], 500)
+        x = 30 + slot * 205
+        frame[100:100 + h, x:x + width] = small[:h]
+    return frame
+
+
+def core_for(engine, matrix, *, realtime: bool = False, **policy) -> VerifierCore:
+    cfg = config_from_mapping({"cameras": [{"id": "cam", "gate": "A1", "source": 0, "realtime": realtime}],
+                               "policy": policy, "metrics": {"port": 0}})
+    return VerifierCore(cfg, engine, matrix)
+
+
+def frame(image: np.ndarray, seq: int, *, live: bool = False) -> Frame:
+    at = T0 + seq / FPS
+    header = FrameHeader("cam", "A1", seq, at, image.shape[1], image.shape[0], "bgr8", None if live else seq / FPS)
+    return Frame(header, image, at)
+
+
+def feed(core: VerifierCore, image: np.ndarray, seq: int, **kw) -> list:
+    core.offer(frame(image, seq, **kw), T0 + seq / FPS)
+    return core.step(T0 + seq / FPS)
+
+
+def test_rationing_is_fair_and_a_decided_track_is_rechecked_despite_a_crowd(engine, crops, yao_matrix):
+    # Undecided faces never decide here (nobody else is enrolled, no reject for a long time): a crowd that
+    # keeps four or more faces undecided, which used to starve the decided track's identity check forever.
+    core = core_for(engine, yao_matrix, max_embeddings_per_frame=4, reject_after_frames=1000,
+                    decision_timeout_s=3600)
+    alone = scene(crops, [0])
+    verdicts = [v for seq in range(4) for v in feed(core, alone, seq)]
+    assert [(v.decision.type, v.decision.subject_id) for v in verdicts] == [("accept", "YAO")]
+    (yao,) = core.cameras["cam"].tracker.tracks
+    crowd = scene(crops, [0, 1, 2, 3, 4, 5])
+    embedded_at = {}
+    for seq in range(4, 4 + 3 * RECHECK_OVERDUE):
+        before = {tr.track_id: tr.last_embedded for tr in core.cameras["cam"].tracker.tracks}
+        assert feed(core, crowd, seq) == []
+        tracks = core.cameras["cam"].tracker.tracks
+        assert len(tracks) == 6
+        now_embedded = [tr for tr in tracks if tr.last_embedded == core.steps - 1]
+        assert len(now_embedded) <= 4  # the cap holds every step
+        for tr in now_embedded:
+            if before.get(tr.track_id, -1) != tr.last_embedded:
+                embedded_at.setdefault(tr.track_id, []).append(seq)
+    others = [tr for tr in core.cameras["cam"].tracker.tracks if tr is not yao]
+    counts = {tr.track_id: len(embedded_at.get(tr.track_id, [])) for tr in others}
+    assert min(counts.values()) >= 3 * RECHECK_OVERDUE * 4 // 6 - 2, counts  # fair share
+    checks = embedded_at.get(yao.track_id, [])
+    assert checks, "the decided track was never re-checked"
+    gaps = np.diff([3] + checks)  # its last embedding before the crowd came was on frame 3 at the latest
+    assert gaps.max() <= RECHECK_OVERDUE + 1
+    assert core.metrics.embeddings_deferred._value.get() > 0
+
+
+def test_all_faces_of_a_step_are_matched_in_one_search(engine, crops, yao_matrix):
+    core = core_for(engine, yao_matrix, max_embeddings_per_frame=0)
+    calls = []
+    search = core.matrix.search
+    core.matrix.search = lambda q, **kw: calls.append((len(q), kw)) or search(q, **kw)  # type: ignore[method-assign]
+    feed(core, scene(crops, [0, 1, 2, 3]), 0)
+    assert calls == [(4, {})]
+
+
+def test_stale_frames_dropped_but_never_an_end_of_source_marker(engine, crops, yao_matrix):
+    core = core_for(engine, yao_matrix, realtime=True)
+    cam = core.cameras["cam"]
+    empty = np.full((360, 640, 3), 90, np.uint8)
+    for seq in range(3):
+        core.offer(frame(empty, seq, live=True), T0)
+    assert cam.frames_waiting() == 1 and cam.stale == 2 and cam.pending[0].header.seq == 2
+    core.offer(Eof("cam"), T0)
+    core.offer(frame(empty, 3, live=True), T0)  # a newer frame clears stale frames, not the marker
+    assert [type(p).__name__ for p in cam.pending] == ["Eof", "Frame"] and cam.stale == 3
+    core.step(T0)
+    assert cam.eof and cam.processed == 1 and not cam.pending
+
+
+def test_tracks_age_out_when_a_live_camera_stalls(engine, crops):
+    empty_gallery = GalleryMatrix.from_templates(engine.model_id, engine.dim, [])
+    core = core_for(engine, empty_gallery, realtime=True, reject_after_frames=50, decision_timeout_s=60,
+                    track_max_age_s=1.0)
+    image = scene(crops, [1])
+    for seq in range(5):
+        assert feed(core, image, seq, live=True) == []
+    assert len(core.cameras["cam"].tracker.tracks) == 1
+    last = T0 + 4 / FPS
+    assert core.tick(last + 0.5) == []  # not gone yet
+    (verdict,) = core.tick(last + 1.5)  # no frame for 1.5 s: the person left, the transaction ends
+    assert (verdict.decision.type, verdict.decision.reason) == ("reject", "timeout")
+    assert core.cameras["cam"].tracker.tracks == []
+
+
+def test_claim_and_confirmed_accepts(engine, crops, yao_matrix):
+    core = core_for(engine, yao_matrix)
+    assert core.control({"cmd": "claim", "gate_id": "A1", "subject_id": "NOBODY"}, T0)["ok"] is False
+    assert core.control({"cmd": "claim", "gate_id": "Z9", "subject_id": "YAO"}, T0)["ok"] is False
+    assert core.control({"cmd": "claim", "gate_id": "A1", "subject_id": "YAO", "ttl_s": 30}, T0)["ok"] is True
+    enrolled = {"YAO": False}
+    core.confirm = lambda sid: enrolled[sid]  # removed from the gallery meanwhile
+    image = scene(crops, [0])
+    verdicts = [v for seq in range(4) for v in feed(core, image, seq)]
+    assert [(v.decision.type, v.decision.reason) for v in verdicts] == [("reject", "not_enrolled")]
+
+    def broken(_sid: str) -> bool:
+        raise OSError("disk I/O error")
+
+    core = core_for(engine, yao_matrix)
+    core.confirm = broken
+    verdicts = [v for seq in range(4) for v in feed(core, image, seq)]
+    assert [(v.decision.type, v.decision.reason) for v in verdicts] == [("reject", "gallery_unavailable")]
