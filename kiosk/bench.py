@@ -29,7 +29,8 @@ import yaml
 
 from kiosk.config import KioskConfig, load_config, models_section
 from kiosk.errors import RuntimeFailure, UsageError
-from kiosk.messages import EVENT_TOPIC, HEALTH_TOPIC, decode_event, decode_json
+from kiosk.channels import EventChannel, wait_until_eof
+from kiosk.messages import EVENT_TOPIC, HEALTH_TOPIC, CaptureHealth, Event, Heartbeat
 from kiosk.transport import Transport, control_request, init_keys, loopback_endpoints
 
 log = logging.getLogger(__name__)
@@ -61,59 +62,58 @@ def run_pipeline(cfg: KioskConfig, video: Path, timeout_s: float = 1800, realtim
     With `realtime` the video is paced at its frame rate like a live camera
     (frames the verifier cannot take are dropped): the run measures latency.
     """
+    with tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp:  # keys and audit: gone afterwards
+        return _run_pipeline(cfg, video, Path(tmp), timeout_s, realtime)
+
+
+def _run_pipeline(cfg: KioskConfig, video: Path, folder: Path, timeout_s: float, realtime: bool) -> dict[str, Any]:
     import subprocess
     import sys
 
-    folder = Path(tempfile.mkdtemp(prefix="kiosk-bench-"))
     bench_cfg_path = _bench_config(cfg, video, folder, realtime)
     bench_cfg = load_config(bench_cfg_path)
     base = [sys.executable, "-m", "kiosk.cli", "-q", "-c", str(bench_cfg_path)]
     transport = Transport(bench_cfg, role="bench")
-    sub = transport.event_subscriber([EVENT_TOPIC, HEALTH_TOPIC])
+    inbox = EventChannel(transport.event_subscriber([EVENT_TOPIC, HEALTH_TOPIC]),
+                         lambda why: log.warning("bench: malformed message: %s", why))
     verifier = subprocess.Popen(base + ["verify"])
     capture = None
-    events, capture_health, status = [], {}, None
+    events: list[Event] = []
+    capture_health: dict[str, Any] = {}
+    status: dict[str, Any] | None = None
     try:
         deadline = time.monotonic() + 120
-        while True:  # model load: not timed
-            if sub.poll(100) and sub.recv_multipart()[0] == b"health.verifier":
-                break
+        while not isinstance(inbox.recv(100), Heartbeat):  # model load: not timed
             if verifier.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeFailure("bench: the verifier did not start")
         capture = subprocess.Popen(base + ["capture", "--camera", CAMERA])
 
-        def absorb(wait_ms: int) -> bool:
-            """Take one waiting message (events and the capture's health); False when none came."""
+        def absorb(wait_ms: int = 0) -> None:
+            """Take the waiting messages: events and the capture's health."""
             nonlocal capture_health
-            if not sub.poll(wait_ms):
-                return False
-            parts = sub.recv_multipart()
-            if parts[0].startswith(b"event."):
-                events.append(decode_event(parts))
-            elif parts[0] == f"health.capture.{CAMERA}".encode():
-                capture_health = decode_json(parts, "health")[1]
-            return True
+            while (message := inbox.recv(wait_ms)) is not None:
+                if isinstance(message, Event):
+                    events.append(message)
+                elif isinstance(message, CaptureHealth) and message.camera_id == CAMERA:
+                    capture_health = message.body
 
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            while absorb(0):
-                pass
-            if capture.poll() is not None:
-                status = control_request(transport, {"cmd": "status"})
-                if status and status["cameras"][CAMERA]["eof"] and status["queue_depth"] == 0:
-                    break
-            time.sleep(0.05)
-        else:
+        def ask() -> dict[str, Any] | None:
+            nonlocal status
+            if capture.poll() is None:  # type: ignore[union-attr]
+                return None
+            status = control_request(transport, {"cmd": "status"})
+            return status
+
+        if not wait_until_eof(ask, [CAMERA], timeout_s=timeout_s, every_s=0.05, while_waiting=absorb):
             raise RuntimeFailure(f"bench: not done after {timeout_s:.0f}s")
         time.sleep(0.3)
-        while absorb(100):
-            pass
+        absorb(100)
     finally:
         for proc in (capture, verifier):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 proc.wait(10)
-        sub.close()
+        inbox.sock.close()
         transport.close()
     assert status is not None
     frames = int(status["frames_processed"])

@@ -27,7 +27,8 @@ from kiosk.config import KioskConfig, load_config, models_section
 from kiosk.engine import FaceEngine
 from kiosk.gallery import Gallery
 from kiosk.images import read_image
-from kiosk.messages import BadMessage, Event, decode_event
+from kiosk.channels import EventChannel
+from kiosk.messages import Event
 from kiosk.models.pack import sample_photo
 from kiosk.scenes import Walk, person_crop, render, write_video
 from kiosk.transport import Transport, init_keys, loopback_endpoints
@@ -120,19 +121,16 @@ def run_demo(base: KioskConfig, out: Path) -> bool:
 
     init_keys(cfg.resolve(cfg.security.keys_dir))
     transport = Transport(cfg, role="demo")
-    sub = transport.event_subscriber(["event."])
+    inbox = EventChannel(transport.event_subscriber(["event."]),
+                         lambda why: log.warning("ignored a malformed event: %s", why))
     proc = subprocess.Popen([sys.executable, "-m", "kiosk.cli", "-q", "-c", str(config_path), "run",
                              "--exit-on-eof"])
     events: list[Event] = []
     t_start = time.time()
     try:
         while True:
-            if sub.poll(200):
-                try:
-                    ev = decode_event(sub.recv_multipart())
-                except BadMessage as exc:
-                    log.warning("ignored a malformed event: %s", exc)
-                    continue
+            ev = inbox.recv(200)
+            if isinstance(ev, Event):
                 events.append(ev)
                 print("  " + describe(ev), flush=True)
             elif proc.poll() is not None:
@@ -143,7 +141,7 @@ def run_demo(base: KioskConfig, out: Path) -> bool:
                 break
         proc.wait(10)
     finally:
-        sub.close()
+        inbox.sock.close()
         transport.close()
     audit = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if line.strip()] \
         if (out / "events.jsonl").exists() else []

@@ -57,6 +57,37 @@ class FrameHeader:
         return self.captured_at if self.pts is None else self.pts
 
 
+@dataclass(frozen=True)
+class Frame:
+    """A decoded frame message as it arrived (`received_at`: wall clock)."""
+
+    header: FrameHeader
+    image: np.ndarray
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Eof:
+    """A file source's end (topic `eof.<camera>`)."""
+
+    camera_id: str
+
+
+@dataclass(frozen=True)
+class CaptureHealth:
+    """A capture's health (topic `health.capture.<camera>`), relayed by the verifier to subscribers."""
+
+    camera_id: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The verifier's status (topic `health.verifier`), every `heartbeat.interval_s`."""
+
+    body: dict[str, Any]
+
+
 @dataclass
 class Event:
     """A gate decision (or a verifier state change for subscribers)."""

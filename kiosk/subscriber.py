@@ -37,7 +37,8 @@ from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError
 from kiosk.metrics import SubscriberMetrics
 from kiosk.metrics import serve as serve_metrics
-from kiosk.messages import EVENT_TOPIC, HEALTH_TOPIC, BadMessage, Event, decode_event, decode_json
+from kiosk.channels import VERIFIER_HEALTH, EventChannel, EventMessage
+from kiosk.messages import EVENT_TOPIC, Event, Heartbeat
 from kiosk.transport import Transport
 from kiosk.webhook_signing import load_secret, secret_path, sign
 
@@ -195,7 +196,8 @@ class Subscriber:
         self._metrics_server = serve_metrics(self.metrics.registry, metrics_port) if metrics_port else None
         self.transport = Transport(cfg, role="subscriber")
         topic = EVENT_TOPIC + gate if gate else EVENT_TOPIC
-        self.sock = self.transport.event_subscriber([topic, HEALTH_TOPIC + "verifier"])
+        self.sock = self.transport.event_subscriber([topic, VERIFIER_HEALTH])
+        self.inbox = EventChannel(self.sock, self._bad_message)
         self._stop = threading.Event()
         self.verifier_up: bool | None = None  # None: not heard from yet
         self._last_beat = time.monotonic()
@@ -222,36 +224,34 @@ class Subscriber:
             self.metrics.verifier_up.set(0)
             self._state_event("verifier_down", f"no verifier heartbeat for {silent:.1f}s")
 
-    def _receive(self, parts: list[bytes]) -> None:
-        topic = parts[0].decode("utf-8", "replace") if parts else ""
-        try:
-            if topic == HEALTH_TOPIC + "verifier":
-                _, body = decode_json(parts, "health")
-                self._last_beat = time.monotonic()
-                if body.get("status") == "stopping":
-                    return
-                if self.verifier_up is not True:
-                    was_down = self.verifier_up is False
-                    self.verifier_up = True
-                    self.metrics.verifier_up.set(1)
-                    if was_down:
-                        self._state_event("verifier_up", "verifier heartbeat is back")
+    def _bad_message(self, why: str) -> None:
+        self.bad += 1
+        self.metrics.bad_messages.inc()
+        log.warning("dropped a malformed message: %s", why)
+
+    def _receive(self, message: EventMessage) -> None:
+        if isinstance(message, Heartbeat):
+            self._last_beat = time.monotonic()
+            if message.body.get("status") == "stopping":
                 return
-            event = decode_event(parts)
-            if self.gate and event.gate_id != self.gate:  # topic filters are prefixes: A1 also matches A10
+            if self.verifier_up is not True:
+                was_down = self.verifier_up is False
+                self.verifier_up = True
+                self.metrics.verifier_up.set(1)
+                if was_down:
+                    self._state_event("verifier_up", "verifier heartbeat is back")
+        elif isinstance(message, Event):
+            if self.gate and message.gate_id != self.gate:  # topic filters are prefixes: A1 also matches A10
                 return
-            self._dispatch(asdict(event))
-        except (BadMessage, ValueError, TypeError, RecursionError) as exc:
-            self.bad += 1
-            self.metrics.bad_messages.inc()
-            log.warning("dropped a malformed message: %s", str(exc)[:300])
+            self._dispatch(asdict(message))
 
     def run(self) -> int:
         log.info("subscribed to %s on %s with %d hook(s): %s", f"gate {self.gate}" if self.gate else "all gates",
                  self.cfg.transport.events, len(self.hooks), ", ".join(h.name for h in self.hooks))
         while not self._stop.is_set():
-            if self.sock.poll(100):
-                self._receive(self.sock.recv_multipart())
+            message = self.inbox.recv(100)
+            if message is not None:
+                self._receive(message)
             self._watch()
         return 0
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kiosk.capture import open_source
 from kiosk.config import KioskConfig
+from kiosk.channels import sources_done
 from kiosk.transport import ask_verifier, init_keys
 from kiosk.webhook_signing import make_secret, secret_path
 
@@ -127,10 +128,7 @@ class Supervisor:
         if self.verifier.proc is None:
             return False
         status = ask_verifier(self.cfg, {"cmd": "status"}, role="supervisor", timeout_ms=2000)
-        if not status or not status.get("ok"):
-            return False
-        cams = status.get("cameras", {})
-        return all(cams.get(cid, {}).get("eof") for cid in self.file_cameras) and status.get("queue_depth") == 0
+        return sources_done(status, self.file_cameras)
 
     def run(self) -> int:
         keys_dir = self.cfg.resolve(self.cfg.security.keys_dir)

@@ -12,8 +12,11 @@ binding side (the verifier) is the server, every connecting process a
 client whose public key ZAP checks against an allow-list per socket:
 `keys_dir/authorized_clients/` for frames and control (cameras, operator
 tools), `keys_dir/authorized_subscribers/` (plus the former) for events, so
-a gate controller's key can listen but cannot inject frames or claims. Key
-files are read here only; the other modules receive ready sockets.
+a gate controller's key can listen but cannot inject frames or claims. The
+allow-list folders are read at each connection's handshake (`AllowList`):
+a key removed from one is refused from the next connection on, without a
+restart. Key files are read here only; the other modules receive ready
+sockets.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -100,6 +102,29 @@ def _load(path: Path) -> KeyPair:
     return KeyPair(pub, sec)
 
 
+class AllowList:
+    """ZAP's check of a client's CurveZMQ key: is its public key in one of `folders` right now?
+
+    The folders are read at each handshake (they hold a few keys, and handshakes happen once per
+    connection), so a key added to or removed from an allow-list counts for the next connection without
+    a restart, and no copy of the key files is made anywhere.
+    """
+
+    def __init__(self, folders: list[Path]) -> None:
+        self.folders = folders
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        for folder in self.folders:
+            try:
+                if client_key in zmq.auth.load_certificates(str(folder)):
+                    return True
+            except (OSError, ValueError) as exc:  # a folder gone or a broken key file: not this key
+                log.warning("allow-list %s unreadable: %s", folder, exc)
+        log.info("refused a client key in ZAP domain %s (not in %s)", domain,
+                 " or ".join(str(f) for f in self.folders))
+        return False
+
+
 class Transport:
     """Builds the sockets of one process from the config."""
 
@@ -115,7 +140,6 @@ class Transport:
         self._client_key = client_key or cfg.security.client_key
         self._monitors: list[tuple[zmq.Socket, threading.Thread]] = []
         self._closing = threading.Event()
-        self._merged: Path | None = None
         if not self.curve:
             log.warning("%s: CurveZMQ is OFF (security.curve: false): frames and decisions travel unencrypted "
                         "and any process can connect", role)
@@ -143,24 +167,15 @@ class Transport:
                                       f"run `kiosk keys init {self.keys_dir}`")
             self._auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("kiosk.zap"))
             self._auth.start()
-            self._auth.configure_curve(domain="ingest", location=str(self.keys_dir / AUTHORIZED))
-            # Events: gate controllers, and every fully authorised client too (a dir per domain in ZAP).
-            self._auth.configure_curve(domain="events", location=str(self._event_allow_list()))
+            self._auth.configure_curve_callback("ingest", AllowList([self.keys_dir / AUTHORIZED]))
+            # Events: gate controllers, and every fully authorised client too.
+            self._auth.configure_curve_callback("events", AllowList([self.keys_dir / SUBSCRIBERS,
+                                                                     self.keys_dir / AUTHORIZED]))
         sock.zap_domain = domain.encode()
         keys = self._server_keys()
         sock.curve_secretkey = keys.secret
         sock.curve_publickey = keys.public
         sock.curve_server = True
-
-    def _event_allow_list(self) -> Path:
-        """The events domain's allow-list: the keys of authorized_subscribers/ and authorized_clients/,
-        merged into a private folder (ZAP takes one folder per domain; the operator's are not touched)."""
-        merged = Path(tempfile.mkdtemp(prefix="kiosk-zap-"))
-        for folder in (SUBSCRIBERS, AUTHORIZED):
-            for key in (self.keys_dir / folder).glob("*.key"):
-                shutil.copy(key, merged / f"{folder}-{key.name}")
-        self._merged = merged
-        return merged
 
     def _as_client(self, sock: zmq.Socket, what: str) -> None:
         if not self.curve:
@@ -260,9 +275,6 @@ class Transport:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
-        if self._merged is not None:
-            shutil.rmtree(self._merged, ignore_errors=True)
-            self._merged = None
         self.ctx.destroy(linger=0)
 
 

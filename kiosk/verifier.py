@@ -26,12 +26,12 @@ from kiosk.config import KioskConfig
 from kiosk.engine import FaceEngine
 from kiosk.errors import ConfigError
 from kiosk.gallery import Gallery, GalleryMatrix
-from kiosk.messages import (EOF_TOPIC, FRAME_TOPIC, HEALTH_TOPIC, BadMessage, Event, decode_frame, decode_json,
-                            encode_json)
+from kiosk.channels import CAPTURE_HEALTH, VERIFIER_HEALTH, FrameChannel
+from kiosk.messages import CaptureHealth, Event, encode_json
 from kiosk.metrics import VerifierMetrics
 from kiosk.metrics import serve as serve_metrics
 from kiosk.transport import FRAME_HWM, Transport
-from kiosk.verifier_core import CameraState, Eof, Frame, Verdict, VerifierCore
+from kiosk.verifier_core import CameraState, Verdict, VerifierCore
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class Verifier:
                                    self.cameras)
         self.transport = Transport(cfg, role="verifier")
         self.frames = self.transport.frame_receiver()
+        self.inbox = FrameChannel(self.frames, self.cameras, self._bad_message)
         self.events = self.transport.event_publisher()
         self.control = self.transport.control_server()
         audit_path = cfg.resolve(cfg.audit.path)
@@ -153,12 +154,14 @@ class Verifier:
         """Read waiting messages into the core, until a replay camera's backlog is full (back-pressure)."""
         budget = FRAME_HWM + 2 * len(self.cameras)
         while budget > 0 and not self.core.backlog_full():
-            try:
-                parts = self.frames.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            message = self.inbox.recv()
+            if message is None:
                 break
             budget -= 1
-            self._receive([p.bytes if i < 2 else p.buffer for i, p in enumerate(parts)])
+            if isinstance(message, CaptureHealth):
+                self._capture_health(message)
+            else:
+                self.core.offer(message, time.time())
 
     def _bad_message(self, why: str) -> None:
         self._bad += 1
@@ -169,35 +172,13 @@ class Verifier:
             self._last_bad_log = now
             log.warning("dropped a malformed message (%d so far): %s", self._bad, why)
 
-    def _receive(self, parts: list[Any]) -> None:
-        topic = bytes(parts[0]).decode("utf-8", "replace") if parts else ""
-        now = time.time()
-        try:
-            if topic.startswith(FRAME_TOPIC):
-                header, image = decode_frame(parts)
-                if header.camera_id not in self.cameras:
-                    raise BadMessage(f"frame from unknown camera {header.camera_id!r}")
-                self.core.offer(Frame(header, image, now), now)
-            elif topic.startswith(HEALTH_TOPIC):
-                _, body = decode_json(parts, "health")
-                cam_id = str(body.get("camera_id", ""))
-                if cam_id not in self.cameras or topic != f"{HEALTH_TOPIC}capture.{cam_id}":
-                    raise BadMessage(f"health message {topic[:60]!r} is not from a configured camera")
-                self.events.send_multipart(encode_json(topic, body))  # relay capture health
-                cam = self.cameras[cam_id]
-                cam.capture_status = str(body.get("status", ""))[:40]
-                cam.capture_error = str(body.get("last_error", ""))[:300]
-                self.metrics.captures.update(cam_id, body)
-            elif topic.startswith(EOF_TOPIC):
-                _, body = decode_json(parts, "eof")
-                cam_id = str(body.get("camera_id"))
-                if cam_id not in self.cameras:
-                    raise BadMessage(f"eof from unknown camera {body.get('camera_id')!r}")
-                self.core.offer(Eof(cam_id), now)
-            else:
-                raise BadMessage(f"unknown topic {topic[:40]!r}")
-        except (BadMessage, ValueError, TypeError, OverflowError, RecursionError) as exc:
-            self._bad_message(f"{exc.__class__.__name__}: {exc}"[:300])
+    def _capture_health(self, health: CaptureHealth) -> None:
+        """Relay a capture's health to the subscribers and keep what `kiosk status` and metrics show."""
+        self.events.send_multipart(encode_json(CAPTURE_HEALTH + health.camera_id, health.body))
+        cam = self.cameras[health.camera_id]
+        cam.capture_status = str(health.body.get("status", ""))[:40]
+        cam.capture_error = str(health.body.get("last_error", ""))[:300]
+        self.metrics.captures.update(health.camera_id, health.body)
 
     def _publish_all(self, verdicts: list[Verdict]) -> None:
         for verdict in verdicts:
@@ -317,7 +298,7 @@ class Verifier:
         if status is not None:
             body["status"] = status
         body["sent_at"] = time.time()
-        self.events.send_multipart(encode_json(HEALTH_TOPIC + "verifier", body))
+        self.events.send_multipart(encode_json(VERIFIER_HEALTH, body))
 
     def _handle_control(self) -> None:
         """One request, one reply, whatever arrived: a malformed request (several parts, not JSON) gets an

@@ -29,7 +29,7 @@ from kiosk.config import KioskConfig
 from kiosk.engine import FaceEngine
 from kiosk.faces import Faces
 from kiosk.gallery import GalleryMatrix, Match
-from kiosk.messages import FrameHeader
+from kiosk.messages import Eof, Frame
 from kiosk.metrics import VerifierMetrics
 from kiosk.models.recognizer import align_faces
 from kiosk.policy import Decision, DecisionPolicy
@@ -43,22 +43,6 @@ RECHECK_EVERY = 10  # frames of a decided track between identity checks
 RECHECK_OVERDUE = 2 * RECHECK_EVERY  # a check this late goes before undecided faces (no starvation)
 SAME_PERSON = 0.25  # a track whose new face scores below this against its last one is someone else
 CAMERA_SILENT_S = 3.0  # a camera with no frame for this long is reported down
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One decoded frame as it arrived."""
-
-    header: FrameHeader
-    image: np.ndarray
-    received_at: float
-
-
-@dataclass(frozen=True)
-class Eof:
-    """A file source's end: decide what is left of its tracks."""
-
-    camera_id: str
 
 
 Arrival = Union[Frame, Eof]

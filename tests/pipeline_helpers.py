@@ -16,7 +16,8 @@ import numpy as np
 import yaml
 
 from kiosk.config import load_config
-from kiosk.messages import decode_event, decode_json
+from kiosk.channels import EventChannel
+from kiosk.messages import Event
 from kiosk.scenes import Walk, person_crop, render, write_video
 from kiosk.transport import Transport, init_keys, loopback_endpoints
 
@@ -95,18 +96,19 @@ class Events:
         self.cfg = load_config(config)
         self.transport = Transport(self.cfg, role="test")
         self.sock = self.transport.event_subscriber(list(topics))
-        self.events: list = []
-        self.health: list[dict] = []
+        self.bad: list[str] = []
+        self.inbox = EventChannel(self.sock, self.bad.append)
+        self.events: list[Event] = []
+        self.health: list[dict] = []  # heartbeats and relayed capture health, as sent
 
     def poll(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            if self.sock.poll(50):
-                parts = self.sock.recv_multipart()
-                if parts[0].startswith(b"event."):
-                    self.events.append(decode_event(parts))
-                else:
-                    self.health.append(decode_json(parts, "health")[1])
+            message = self.inbox.recv(50)
+            if isinstance(message, Event):
+                self.events.append(message)
+            elif message is not None:
+                self.health.append(message.body)
 
     def wait_for(self, predicate, timeout: float) -> bool:
         end = time.monotonic() + timeout
