@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import time
 
+import cv2
 import numpy as np
 import pytest
 
@@ -108,3 +109,49 @@ def test_removed_subject_not_accepted_while_reloads_fail(tmp_path, engine, photo
         events.close()
         _, err = stop(verifier)
     assert "Traceback" not in err
+
+
+def test_reloads_during_a_long_write_transaction_keep_deciding_and_pick_up_the_import(tmp_path, engine, photos):
+    """An import holds the gallery's write lock for seconds while the verifier reloads every second: no reload
+    error, decisions keep coming, and the new subject is matched once the import commits."""
+    crops = people(engine, photos)
+    # Parker walks up, then 1.5 s of nobody (his track ends), over and over: a decision every 2.8 s.
+    make_video(tmp_path / "parker.avi", [Walk(crops["parker"], start=0, frames=40, w0=80, w1=170)], seconds=2.8)
+    config = write_pipeline_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "parker.avi",
+                                               "realtime": True, "loop": True}],
+                                   policy={"repeat_accept_s": 0.0})
+    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
+                   str(photos["yaoming.jpg"])).returncode == 0
+    parker = cv2.resize(crops["parker"], None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    parker_emb = engine.describe(parker, engine.detector.detect(parker).largest()).faces.embeddings[0]
+    verifier = kiosk(config, "verify")
+    capture = None
+    events = Events(config, ("event.", "health.verifier"))
+    try:
+        assert events.wait_for(lambda ev: ev.health, 30)
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        assert events.wait_for(lambda ev: any(e.reason == "no_match" for e in ev.events), 20)
+        db = sqlite3.connect(tmp_path / "gallery.db", isolation_level=None, timeout=10)
+        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")  # a reload is due
+        (bumped,) = db.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'revision'").fetchone()
+        db.execute("BEGIN IMMEDIATE")  # ...and the import holds the write lock meanwhile
+        db.execute("INSERT INTO subjects (id, name, created) VALUES ('PARKER', 'Tony Parker', 0)")
+        db.execute("INSERT INTO templates (subject_id, model_id, dim, embedding, created) VALUES (?, ?, ?, ?, 0)",
+                   ("PARKER", engine.model_id, engine.dim, parker_emb.astype(np.float32).tobytes()))
+        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
+        held_from = len(events.events)
+        events.poll(6.0)  # six reload periods under the lock
+        during = events.events[held_from:]
+        assert during and all(e.reason == "no_match" for e in during)  # decisions kept coming
+        assert not any(h["gallery"]["stale"] for h in events.health)  # no reload failed
+        assert events.health[-1]["gallery"]["revision"] == bumped  # the reload did not wait for the lock
+        db.execute("COMMIT")
+        db.close()
+        assert events.wait_for(lambda ev: any(e.type == "accept" and e.subject_id == "PARKER"
+                                              for e in ev.events), 20)
+    finally:
+        events.close()
+        if capture is not None:
+            stop(capture)
+        _, err = stop(verifier)
+    assert "gallery reload failed" not in err and "Traceback" not in err
