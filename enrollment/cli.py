@@ -24,9 +24,9 @@ from enrollment.evaluate import Report, read_pairs
 from enrollment.photos import (Refused, Template, largest_face_embedding, photo_digest, read_reference,
                               reference_template)
 from kiosk.config import KioskConfig, load_config
-from kiosk.engine import FaceEngine
+from kiosk.vision.engine import FaceEngine
 from kiosk.errors import EXIT_OK, EXIT_USAGE, UsageError
-from kiosk.gallery import Gallery, GalleryMatrix
+from kiosk.store.gallery import Gallery, GalleryMatrix
 from kiosk.cli_support import Parser, add_commands, add_common, run_command
 
 log = logging.getLogger("kiosk-enroll")

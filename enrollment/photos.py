@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from kiosk.config import EnrollmentConfig
-from kiosk.engine import FaceEngine
+from kiosk.vision.engine import FaceEngine
 from kiosk.errors import UsageError
-from kiosk.images import decode_image, read_image, read_photo_bytes
-from kiosk.quality import measure
+from kiosk.vision.images import decode_image, read_image, read_photo_bytes
+from kiosk.vision.quality import measure
 
 # Faces narrower than this are background noise, not a second person to worry about.
 MIN_COUNTED_FACE_PX = 20

@@ -30,7 +30,7 @@ def _config_required(args: argparse.Namespace) -> KioskConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kiosk.supervisor import run_supervisor
+    from kiosk.services.supervisor import run_supervisor
 
     cfg = _config_required(args)
     verbosity = ["-v"] * args.verbose + ["-q"] * args.quiet
@@ -39,19 +39,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
-    from kiosk.capture import run_capture
+    from kiosk.services.capture import run_capture
 
     return run_capture(_config_required(args), args.camera)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from kiosk.verifier import run_verifier
+    from kiosk.services.verifier import run_verifier
 
     return run_verifier(_config_required(args))
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
-    from kiosk.subscriber import build_hooks, run_subscriber
+    from kiosk.services.subscriber import build_hooks, run_subscriber
 
     cfg = _config(args)
     if not 0 <= args.metrics_port <= 65535:
@@ -64,7 +64,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from kiosk.bench import main_bench, run_search_scale
+    from kiosk.tools.bench import main_bench, run_search_scale
 
     if args.search_scale:
         try:
@@ -92,7 +92,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _ask(cfg: KioskConfig, request: dict, role: str) -> dict:
     """The verifier's reply to one control request; RuntimeFailure (exit 1) that says what to check when
     it does not answer."""
-    from kiosk.transport import ask_verifier, nothing_listens
+    from kiosk.messaging.transport import ask_verifier, nothing_listens
 
     endpoint = cfg.transport.control
     if nothing_listens(endpoint):
@@ -128,7 +128,7 @@ def cmd_claim(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from kiosk.status_text import format_status
+    from kiosk.tools.status_text import format_status
 
     reply = _ask(_config(args), {"cmd": "status"}, "status")
     print(json.dumps(reply) if args.json else format_status(reply))
@@ -136,7 +136,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from kiosk.transport import init_keys
+    from kiosk.messaging.transport import init_keys
 
     made = init_keys(Path(args.dir), client_name=args.client, role=args.role)
     for path in made:
@@ -147,7 +147,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kiosk.demo import run_demo
+    from kiosk.tools.demo import run_demo
 
     cfg = _config(args)
     ok = run_demo(cfg, Path(args.out))

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 from kiosk.config import config_from_mapping
-from kiosk.engine import FaceEngine
+from kiosk.vision.engine import FaceEngine
 from kiosk.errors import UsageError
-from kiosk.images import read_image
-from kiosk.scenes import Walk, person_crop, render, write_video
+from kiosk.vision.images import read_image
+from kiosk.tools.scenes import Walk, person_crop, render, write_video
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from kiosk.config import KioskConfig, config_from_mapping
-from kiosk.engine import FaceEngine
-from kiosk.models.pack import sample_photo
+from kiosk.vision.engine import FaceEngine
+from kiosk.vision.models.pack import sample_photo
 
 SHARED_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
 BIN = Path(sys.executable).parent

@@ -16,10 +16,10 @@ import numpy as np
 import yaml
 
 from kiosk.config import load_config
-from kiosk.channels import EventChannel
-from kiosk.messages import Event
-from kiosk.scenes import Walk, person_crop, render, write_video
-from kiosk.transport import Transport, init_keys, loopback_endpoints
+from kiosk.messaging.channels import EventChannel
+from kiosk.messaging.messages import Event
+from kiosk.tools.scenes import Walk, person_crop, render, write_video
+from kiosk.messaging.transport import Transport, init_keys, loopback_endpoints
 
 
 def people(engine, photos) -> dict[str, np.ndarray]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from kiosk.bench import compare_accepts
-from kiosk.scenes import Walk
+from kiosk.tools.bench import compare_accepts
+from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
 from tests.pipeline_helpers import make_video, people, write_config
 

@@ -9,7 +9,7 @@ import pytest
 
 from enrollment.cli import build_parser as enroll_parser
 from kiosk.cli import build_parser as kiosk_parser
-from kiosk.transport import free_port
+from kiosk.messaging.transport import free_port
 from tests.conftest import run_cli, write_config
 
 # Every sub-command with its required arguments, as DESIGN.md and the README write them.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 
 from kiosk.config import load_config
-from kiosk.demo import write_demo_config
+from kiosk.tools.demo import write_demo_config
 from tests.conftest import run_cli
 
 

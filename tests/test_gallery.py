@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kiosk.errors import UsageError
-from kiosk.gallery import Gallery
+from kiosk.store.gallery import Gallery
 
 MODEL = "rec:abc"
 OTHER = "rec:other"
@@ -112,7 +112,7 @@ def test_not_a_database(tmp_path):
 
 
 def test_large_gallery_prefilter_matches_exact_search():
-    from kiosk.gallery import PREFILTER_MIN, GalleryMatrix
+    from kiosk.store.gallery import PREFILTER_MIN, GalleryMatrix
 
     rng = np.random.default_rng(5)
     n, d = PREFILTER_MIN + 500, 512
@@ -140,7 +140,7 @@ def test_large_gallery_prefilter_matches_exact_search():
 
 def test_prefilter_keeps_a_close_runner_up():
     """The margin rule needs the real second-best when it is close to the best: it is never missed."""
-    from kiosk.gallery import PREFILTER_MIN, GalleryMatrix
+    from kiosk.store.gallery import PREFILTER_MIN, GalleryMatrix
 
     rng = np.random.default_rng(6)
     n, d = PREFILTER_MIN + 10, 512

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from kiosk.errors import RuntimeFailure
-from kiosk.gallery import Gallery
-from kiosk.scenes import Walk
+from kiosk.store.gallery import Gallery
+from kiosk.tools.scenes import Walk
 from tests.conftest import BIN, run_cli, write_config
 from tests.pipeline_helpers import Events, kiosk, make_video, people, stop
 from tests.pipeline_helpers import write_config as write_pipeline_config

@@ -17,8 +17,8 @@ import yaml
 import zmq.auth
 
 from kiosk.config import load_config
-from kiosk.scenes import Walk
-from kiosk.transport import Transport, control_request, free_port, init_keys
+from kiosk.tools.scenes import Walk
+from kiosk.messaging.transport import Transport, control_request, free_port, init_keys
 from tests.conftest import run_cli
 from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, scrape, stop, write_config
 
@@ -221,7 +221,7 @@ def record(event: dict) -> None:
 
 def test_python_hook_and_bounded_queue(tmp_path):
     from kiosk.config import config_from_mapping
-    from kiosk.subscriber import Hook, build_hooks
+    from kiosk.services.subscriber import Hook, build_hooks
 
     cfg = config_from_mapping({"hooks": {"python": ["tests.test_gate_side:record"], "queue_size": 5}})
     (hook,) = build_hooks(cfg, jsonl=[], execs=[], webhooks=[])

@@ -16,10 +16,10 @@ import yaml
 
 from kiosk.config import load_config
 from kiosk.errors import ImageError
-from kiosk.images import decode_image
-from kiosk.messages import FrameHeader, jpeg_size
-from kiosk.scenes import Walk
-from kiosk.transport import Transport, control_request
+from kiosk.vision.images import decode_image
+from kiosk.messaging.messages import FrameHeader, jpeg_size
+from kiosk.tools.scenes import Walk
+from kiosk.messaging.transport import Transport, control_request
 from tests.conftest import run_cli
 from tests.pipeline_helpers import Events, kiosk, make_video, people, stop, write_config
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kiosk.metrics import VerifierMetrics
+from kiosk.services.metrics import VerifierMetrics
 
 
 def _value(metrics: VerifierMetrics, name: str, camera: str) -> float:

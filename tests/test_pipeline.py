@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from kiosk.config import load_config
-from kiosk.scenes import Walk
-from kiosk.transport import Transport, control_request
+from kiosk.tools.scenes import Walk
+from kiosk.messaging.transport import Transport, control_request
 from tests.conftest import run_cli
-from kiosk.transport import free_port
+from kiosk.messaging.transport import free_port
 from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, scrape, stop, write_config
 
 FPS = 30
@@ -236,7 +236,7 @@ def test_run_shuts_down_cleanly_on_sigterm(tmp_path, crops):
 
 
 def test_image_folder_and_video_sources(tmp_path, crops):
-    from kiosk.capture import ImageFolderSource, VideoSource, open_source
+    from kiosk.services.capture import ImageFolderSource, VideoSource, open_source
     from kiosk.config import CameraConfig
 
     folder = tmp_path / "shots"
@@ -262,9 +262,9 @@ def test_image_folder_and_video_sources(tmp_path, crops):
 
 def test_restarted_verifier_recalls_recent_accepts(tmp_path, engine):
     """A verifier restarted while a passenger is still in view must not open the gate for them twice."""
-    from kiosk.gallery import Match
-    from kiosk.tracking import Track
-    from kiosk.verifier import Verifier
+    from kiosk.store.gallery import Match
+    from kiosk.pipeline.tracking import Track
+    from kiosk.services.verifier import Verifier
 
     config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": 0}])
     now = time.time()

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from kiosk.config import PolicyConfig
-from kiosk.faces import Faces
-from kiosk.gallery import Match
-from kiosk.policy import DecisionPolicy
-from kiosk.quality import Quality
-from kiosk.tracking import Track, Tracker
+from kiosk.vision.faces import Faces
+from kiosk.store.gallery import Match
+from kiosk.pipeline.policy import DecisionPolicy
+from kiosk.vision.quality import Quality
+from kiosk.pipeline.tracking import Track, Tracker
 
 
 def track(tid: int = 1) -> Track:

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import yaml
 
-from kiosk.scenes import Walk, person_crop
-from kiosk.transport import free_port
+from kiosk.tools.scenes import Walk, person_crop
+from kiosk.messaging.transport import free_port
 from tests.pipeline_helpers import make_video, people
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,10 +65,12 @@ def readme_commands() -> list[str]:
 
 def test_readme_layout_names_every_module():
     layout = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("## ", 1)[0]
-    modules = [p for d in ("kiosk", "kiosk/models", "enrollment", "scripts") for p in (REPO / d).glob("*.py")
+    modules = [p for d in ("kiosk", "enrollment", "scripts") for p in (REPO / d).rglob("*.py")
                if p.name != "__init__.py"]
     assert len(modules) > 30
     assert [str(p.relative_to(REPO)) for p in modules if p.name not in layout] == []
+    packages = [p.parent.name for p in (REPO / "kiosk").rglob("__init__.py") if p.parent != REPO / "kiosk"]
+    assert [name for name in packages if f"{name}/" not in layout] == []
 
 
 class Shell:

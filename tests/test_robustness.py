@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from kiosk.gallery import Gallery
-from kiosk.messages import BadMessage, decode_event, decode_frame
+from kiosk.store.gallery import Gallery
+from kiosk.messaging.messages import BadMessage, decode_event, decode_frame
 from tests.conftest import run_cli
 from tests.pipeline_helpers import kiosk, stop, write_config
 
@@ -39,7 +39,7 @@ def test_event_validation():
 
 
 def test_hung_exec_hook_is_killed_with_its_children():
-    from kiosk.subscriber import exec_hook
+    from kiosk.services.subscriber import exec_hook
 
     marker = f"sleep {37 + time.time() % 1:.4f}"
     deliver = exec_hook(f"{marker}; true", timeout_s=0.5)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from kiosk.config import config_from_mapping
-from kiosk.gallery import GalleryMatrix
-from kiosk.messages import FrameHeader
-from kiosk.scenes import person_crop
-from kiosk.verifier_core import RECHECK_OVERDUE, Eof, Frame, VerifierCore
+from kiosk.store.gallery import GalleryMatrix
+from kiosk.messaging.messages import FrameHeader
+from kiosk.tools.scenes import person_crop
+from kiosk.pipeline.core import RECHECK_OVERDUE, Eof, Frame, VerifierCore
 
 FPS = 30.0
 T0 = 1_800_000_000.0

@@ -21,9 +21,9 @@ import pytest
 
 from kiosk.config import config_from_mapping
 from kiosk.errors import ConfigError
-from kiosk.subscriber import build_hooks, webhook_hook
-from kiosk.transport import free_port, init_keys
-from kiosk.webhook_signing import BadSignature, load_secret, make_secret, sign, verify
+from kiosk.services.subscriber import build_hooks, webhook_hook
+from kiosk.messaging.transport import free_port, init_keys
+from kiosk.services.webhook_signing import BadSignature, load_secret, make_secret, sign, verify
 from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_build_hooks_needs_the_secret_for_a_webhook(tmp_path, caplog):
     hook.close()
     assert "UNSIGNED" not in caplog.text
 
-    with caplog.at_level(logging.WARNING, logger="kiosk.subscriber"):
+    with caplog.at_level(logging.WARNING, logger="kiosk.services.subscriber"):
         (hook,) = build_hooks(_cfg(tmp_path, sign_webhooks=False), jsonl=[], execs=[],
                               webhooks=["http://127.0.0.1:9/gate"])
     hook.close()

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from kiosk.config import KioskConfig
-from kiosk.faces import Faces
-from kiosk.models import runtime
-from kiosk.models.detector import ScrfdDetector
-from kiosk.models.pack import ModelPack, load_pack
-from kiosk.models.recognizer import ArcFaceRecognizer, align_faces, batch_free_model, input_normalisation
+from kiosk.vision.faces import Faces
+from kiosk.vision.models import runtime
+from kiosk.vision.models.detector import ScrfdDetector
+from kiosk.vision.models.pack import ModelPack, load_pack
+from kiosk.vision.models.recognizer import ArcFaceRecognizer, align_faces, batch_free_model, input_normalisation
 
 log = logging.getLogger(__name__)
 

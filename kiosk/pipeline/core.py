@@ -5,7 +5,7 @@ newest frame; an end-of-source marker is never dropped with stale frames),
 `step(now)` takes at most one frame per camera and runs the named stages on
 all of them at once, `tick(now)` applies the clock (decision timeouts,
 tracks ageing out when a camera stalls), `control()` takes claims. Each
-returns the `Verdict`s to publish; the service around it (`verifier.py`)
+returns the `Verdict`s to publish; the service around it (`kiosk.services.verifier`)
 owns the sockets, the audit log, the gallery file and the heartbeat.
 
 Stages of a step, each over all faces of all cameras as arrays:
@@ -26,15 +26,15 @@ from typing import Any, Callable, Union
 import numpy as np
 
 from kiosk.config import KioskConfig
-from kiosk.engine import FaceEngine
-from kiosk.faces import Faces
-from kiosk.gallery import GalleryMatrix, Match
-from kiosk.messages import Eof, Frame
-from kiosk.metrics import VerifierMetrics
-from kiosk.models.recognizer import align_faces
-from kiosk.policy import Decision, DecisionPolicy
-from kiosk.quality import measure
-from kiosk.tracking import Track, Tracker
+from kiosk.vision.engine import FaceEngine
+from kiosk.vision.faces import Faces
+from kiosk.store.gallery import GalleryMatrix, Match
+from kiosk.messaging.messages import Eof, Frame
+from kiosk.services.metrics import VerifierMetrics
+from kiosk.vision.models.recognizer import align_faces
+from kiosk.pipeline.policy import Decision, DecisionPolicy
+from kiosk.vision.quality import measure
+from kiosk.pipeline.tracking import Track, Tracker
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kiosk.config import PolicyConfig
-from kiosk.gallery import Match
-from kiosk.quality import Quality
-from kiosk.tracking import Track
+from kiosk.store.gallery import Match
+from kiosk.vision.quality import Quality
+from kiosk.pipeline.tracking import Track
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiosk.capture import open_source
+from kiosk.services.capture import open_source
 from kiosk.config import KioskConfig
-from kiosk.channels import sources_done
-from kiosk.transport import ask_verifier, init_keys
-from kiosk.webhook_signing import make_secret, secret_path
+from kiosk.messaging.channels import sources_done
+from kiosk.messaging.transport import ask_verifier, init_keys
+from kiosk.services.webhook_signing import make_secret, secret_path
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`kiosk verify`: the service around the verifier core (`verifier_core.py`).
+"""`kiosk verify`: the service around the verifier core (`kiosk.pipeline.core`).
 
 The core decides; this shell owns what it must not: the frame, event and
 control sockets, the audit log, the gallery file (reloaded in a thread when
@@ -23,15 +23,15 @@ import zmq
 
 from kiosk.cli_support import serve
 from kiosk.config import KioskConfig
-from kiosk.engine import FaceEngine
+from kiosk.vision.engine import FaceEngine
 from kiosk.errors import ConfigError
-from kiosk.gallery import Gallery, GalleryMatrix
-from kiosk.channels import CAPTURE_HEALTH, VERIFIER_HEALTH, FrameChannel
-from kiosk.messages import CaptureHealth, Event, encode_json
-from kiosk.metrics import VerifierMetrics
-from kiosk.metrics import serve as serve_metrics
-from kiosk.transport import FRAME_HWM, Transport
-from kiosk.verifier_core import CameraState, Verdict, VerifierCore
+from kiosk.store.gallery import Gallery, GalleryMatrix
+from kiosk.messaging.channels import CAPTURE_HEALTH, VERIFIER_HEALTH, FrameChannel
+from kiosk.messaging.messages import CaptureHealth, Event, encode_json
+from kiosk.services.metrics import VerifierMetrics
+from kiosk.services.metrics import serve as serve_metrics
+from kiosk.messaging.transport import FRAME_HWM, Transport
+from kiosk.pipeline.core import CameraState, Verdict, VerifierCore
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kiosk.faces import Faces, box_intersections
+from kiosk.vision.faces import Faces, box_intersections
 
 
 @dataclass

@@ -35,12 +35,12 @@ from typing import Any, Callable
 from kiosk.cli_support import serve
 from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError
-from kiosk.metrics import SubscriberMetrics
-from kiosk.metrics import serve as serve_metrics
-from kiosk.channels import VERIFIER_HEALTH, EventChannel, EventMessage
-from kiosk.messages import EVENT_TOPIC, Event, Heartbeat
-from kiosk.transport import Transport
-from kiosk.webhook_signing import load_secret, secret_path, sign
+from kiosk.services.metrics import SubscriberMetrics
+from kiosk.services.metrics import serve as serve_metrics
+from kiosk.messaging.channels import VERIFIER_HEALTH, EventChannel, EventMessage
+from kiosk.messaging.messages import EVENT_TOPIC, Event, Heartbeat
+from kiosk.messaging.transport import Transport
+from kiosk.services.webhook_signing import load_secret, secret_path, sign
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def exec_hook(command: str, timeout_s: float) -> Callable[[dict[str, Any]], None
 
 
 def webhook_hook(url: str, timeout_s: float, retries: int, secret: bytes | None) -> Callable[[dict[str, Any]], None]:
-    """POST each event as JSON; with `secret`, each attempt is signed afresh (see kiosk.webhook_signing)."""
+    """POST each event as JSON; with `secret`, each attempt is signed afresh (see kiosk.services.webhook_signing)."""
     def deliver(event: dict[str, Any]) -> None:
         body = json.dumps(event).encode()
         delay = 0.5

@@ -30,8 +30,8 @@ import zmq
 from kiosk.cli_support import serve
 from kiosk.config import CameraConfig, KioskConfig
 from kiosk.errors import ConfigError
-from kiosk.messages import EOF_TOPIC, HEALTH_TOPIC, FrameHeader, encode_frame, encode_json
-from kiosk.transport import Transport
+from kiosk.messaging.messages import EOF_TOPIC, HEALTH_TOPIC, FrameHeader, encode_frame, encode_json
+from kiosk.messaging.transport import Transport
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ import yaml
 
 from kiosk.config import KioskConfig, load_config, models_section
 from kiosk.errors import RuntimeFailure, UsageError
-from kiosk.channels import EventChannel, wait_until_eof
-from kiosk.messages import EVENT_TOPIC, HEALTH_TOPIC, CaptureHealth, Event, Heartbeat
-from kiosk.transport import Transport, control_request, init_keys, loopback_endpoints
+from kiosk.messaging.channels import EventChannel, wait_until_eof
+from kiosk.messaging.messages import EVENT_TOPIC, HEALTH_TOPIC, CaptureHealth, Event, Heartbeat
+from kiosk.messaging.transport import Transport, control_request, init_keys, loopback_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,11 @@ def run_obvious_loop(cfg: KioskConfig, video: Path) -> dict[str, Any]:
     except ImportError:
         raise UsageError("--compare insightface needs the insightface package (uv sync installs it with the dev "
                          "group; pip: pip install --no-deps insightface)") from None
-    from kiosk.engine import FaceEngine
-    from kiosk.gallery import Gallery
-    from kiosk.models import runtime
-    from kiosk.policy import DecisionPolicy
-    from kiosk.tracking import Tracker
+    from kiosk.vision.engine import FaceEngine
+    from kiosk.store.gallery import Gallery
+    from kiosk.vision.models import runtime
+    from kiosk.pipeline.policy import DecisionPolicy
+    from kiosk.pipeline.tracking import Tracker
 
     engine = FaceEngine.from_config(cfg)  # for the pack's file paths and the gallery's model id
     providers = runtime.plan_providers(cfg.models.providers).providers
@@ -184,7 +184,7 @@ def run_obvious_loop(cfg: KioskConfig, video: Path) -> dict[str, Any]:
         frames += 1
         faces_total += len(boxes)
         # The same tracking and decision rules, on every face of every frame.
-        from kiosk.faces import Faces
+        from kiosk.vision.faces import Faces
 
         faces = Faces(boxes[:, :4].astype(np.float32), boxes[:, 4].astype(np.float32),
                       np.asarray(kpss, np.float32).reshape(-1, 5, 2))
@@ -262,7 +262,7 @@ def main_bench(cfg: KioskConfig, video: Path, compare: str | None, as_json: bool
 
 def run_search_scale(sizes: list[int], dim: int = 512, queries: int = 200) -> dict[str, Any]:
     """1:N search time per query against synthetic galleries of each size (one template per subject)."""
-    from kiosk.gallery import GalleryMatrix
+    from kiosk.store.gallery import GalleryMatrix
 
     rng = np.random.default_rng(0)
     rows = []

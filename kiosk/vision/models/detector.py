@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from kiosk.faces import Faces, box_intersections
+from kiosk.vision.faces import Faces, box_intersections
 
 log = logging.getLogger(__name__)
 

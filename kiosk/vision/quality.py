@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from kiosk.faces import Faces
+from kiosk.vision.faces import Faces
 
 
 @dataclass(frozen=True)

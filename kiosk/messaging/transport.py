@@ -37,8 +37,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError
-from kiosk.messages import MAX_FRAME_BYTES
-from kiosk.webhook_signing import SECRET_NAME, make_secret
+from kiosk.messaging.messages import MAX_FRAME_BYTES
+from kiosk.services.webhook_signing import SECRET_NAME, make_secret
 
 log = logging.getLogger(__name__)
 

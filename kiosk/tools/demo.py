@@ -24,14 +24,14 @@ import yaml
 
 from enrollment.photos import reference_template
 from kiosk.config import KioskConfig, load_config, models_section
-from kiosk.engine import FaceEngine
-from kiosk.gallery import Gallery
-from kiosk.images import read_image
-from kiosk.channels import EventChannel
-from kiosk.messages import Event
-from kiosk.models.pack import sample_photo
-from kiosk.scenes import Walk, person_crop, render, write_video
-from kiosk.transport import Transport, init_keys, loopback_endpoints
+from kiosk.vision.engine import FaceEngine
+from kiosk.store.gallery import Gallery
+from kiosk.vision.images import read_image
+from kiosk.messaging.channels import EventChannel
+from kiosk.messaging.messages import Event
+from kiosk.vision.models.pack import sample_photo
+from kiosk.tools.scenes import Walk, person_crop, render, write_video
+from kiosk.messaging.transport import Transport, init_keys, loopback_endpoints
 
 log = logging.getLogger(__name__)
 

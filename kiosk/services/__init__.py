@@ -1,0 +1,1 @@
+"""The long-running processes: capture, verifier, subscriber, the supervisor (kiosk run) and what they serve."""

@@ -1,0 +1,1 @@
+"""The gallery store: enrolled subjects and templates, and 1:N search over them."""

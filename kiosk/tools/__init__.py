@@ -1,0 +1,1 @@
+"""Operator tools on top of the services: kiosk bench, kiosk demo, walk-up videos, status text."""

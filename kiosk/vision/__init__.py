@@ -1,0 +1,1 @@
+"""The vision pipeline and its models: photos in, faces (boxes, keypoints, quality, embeddings) out."""
