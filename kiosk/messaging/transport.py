@@ -110,8 +110,11 @@ class AllowList:
     a restart, and no copy of the key files is made anywhere.
     """
 
+    LOG_EVERY_S = 30.0  # a refused client retries its handshake every few hundred ms: log it now and then
+
     def __init__(self, folders: list[Path]) -> None:
         self.folders = folders
+        self._logged: dict[bytes, float] = {}
 
     def callback(self, domain: str, client_key: bytes) -> bool:
         for folder in self.folders:
@@ -120,8 +123,13 @@ class AllowList:
                     return True
             except (OSError, ValueError) as exc:  # a folder gone or a broken key file: not this key
                 log.warning("allow-list %s unreadable: %s", folder, exc)
-        log.info("refused a client key in ZAP domain %s (not in %s)", domain,
-                 " or ".join(str(f) for f in self.folders))
+        now = time.monotonic()
+        if now - self._logged.get(client_key, -self.LOG_EVERY_S) >= self.LOG_EVERY_S:
+            if len(self._logged) > 1000:  # bounded whatever keys are tried
+                self._logged.clear()
+            self._logged[client_key] = now
+            log.warning("refused client key %s in ZAP domain %s: not in %s", client_key[:8].decode(errors="replace"),
+                        domain, " or ".join(str(f) for f in self.folders))
         return False
 
 
