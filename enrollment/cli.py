@@ -22,7 +22,7 @@ from tqdm import tqdm
 from enrollment.csvfile import read_rows
 from enrollment.evaluate import Report, read_pairs
 from enrollment.photos import (Refused, Template, largest_face_embedding, photo_digest, read_reference,
-                              reference_template)
+                               reference_template)
 from kiosk.config import KioskConfig, load_config
 from kiosk.vision.engine import FaceEngine
 from kiosk.errors import EXIT_OK, EXIT_USAGE, UsageError

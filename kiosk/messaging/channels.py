@@ -17,8 +17,9 @@ from typing import Any, Callable, Iterable, Union
 
 import zmq
 
-from kiosk.messaging.messages import (EOF_TOPIC, EVENT_TOPIC, FRAME_TOPIC, HEALTH_TOPIC, BadMessage, CaptureHealth, Eof,
-                            Event, Frame, Heartbeat, decode_event, decode_frame, decode_json)
+from kiosk.messaging.messages import (EOF_TOPIC, EVENT_TOPIC, FRAME_TOPIC, HEALTH_TOPIC, BadMessage,
+                                      CaptureHealth, Eof, Event, Frame, Heartbeat, decode_event, decode_frame,
+                                      decode_json)
 
 FrameMessage = Union[Frame, Eof, CaptureHealth]
 EventMessage = Union[Event, Heartbeat, CaptureHealth]
