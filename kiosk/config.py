@@ -125,6 +125,7 @@ class PolicyConfig:
     track_max_age_s: float = 1.0
     claim_ttl_s: float = 60.0
     max_embeddings_per_frame: int = 4
+    max_frame_age_ms: float = 500.0
 
 
 @dataclass
@@ -206,6 +207,7 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("policy", "track_max_age_s"): (0.05, 60.0),
     ("policy", "claim_ttl_s"): (1.0, 86400.0),
     ("policy", "max_embeddings_per_frame"): (0, 1000),
+    ("policy", "max_frame_age_ms"): (50.0, 60000.0),
     ("enrollment", "min_face_px"): (0, 10000),
     ("enrollment", "min_sharpness"): (0.0, 1e9),
     ("enrollment", "max_yaw"): (0.0, 10.0),

@@ -5,8 +5,10 @@
         --server-key keys/server.key --client-key keys/gate-a1.key_secret
 
 Needs only pyzmq. The gate is CLOSED by default and:
-- opens for --open-seconds on an `accept` for its own gate that is fresh
-  (decided less than --max-age seconds ago, by this machine's clock);
+- opens for --open-seconds on an `accept` for its own gate that is fresh:
+  decided less than --max-age seconds ago and of a frame captured less than
+  --max-age seconds ago, by this machine's clock (a decision published late,
+  or made late from an old frame, may be about someone who has left);
 - stays (or goes) closed on `reject`, on an event for another gate, on a
   stale event, on `verifier_down`, and whenever no verifier heartbeat has
   been seen for --heartbeat-timeout seconds (fail closed);
@@ -65,8 +67,9 @@ class GateController:
             return "close"
         if kind != "accept":
             return "ignore"
-        decided = event.get("decided_at")
-        if not isinstance(decided, (int, float)) or now - decided > self.max_age_s or decided - now > 1.0:
+        decided, captured = event.get("decided_at"), event.get("captured_at")
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and now - t <= self.max_age_s
+                   and t - now <= 1.0 for t in (decided, captured)):
             self._note(now, "ignore-stale", event)
             return "ignore"
         if not self.verifier_ok or now - self.last_heartbeat > self.heartbeat_timeout_s:

@@ -36,7 +36,7 @@ def load_gate_controller():
 def test_gate_controller_state_machine():
     gc = load_gate_controller().GateController("A1", open_seconds=5, max_age_s=2, heartbeat_timeout_s=3)
     t = 1000.0
-    accept = {"type": "accept", "gate_id": "A1", "decided_at": t, "event_id": "e1"}
+    accept = {"type": "accept", "gate_id": "A1", "decided_at": t, "captured_at": t - 0.05, "event_id": "e1"}
     assert gc.handle(accept, t) == "ignore" and not gc.is_open(t)  # closed until the verifier is heard
     gc.heartbeat(t)
     assert gc.handle({**accept, "gate_id": "A2"}, t) == "ignore" and not gc.is_open(t)  # another gate
@@ -44,14 +44,18 @@ def test_gate_controller_state_machine():
     assert not gc.is_open(t + 5.2)  # open for open_seconds only
     gc.heartbeat(t + 6)
     assert gc.handle({**accept, "decided_at": t + 6 - 2.5}, t + 6) == "ignore" and not gc.is_open(t + 6)  # stale
-    assert gc.handle({**accept, "decided_at": t + 6}, t + 6) == "open"
+    # Decided just now, but from a frame captured 4.8 s ago (a stalled verifier): not opened.
+    assert gc.handle({**accept, "decided_at": t + 6, "captured_at": t + 6 - 4.8}, t + 6) == "ignore"
+    assert gc.handle({k: v for k, v in accept.items() if k != "captured_at"} | {"decided_at": t + 6}, t + 6) \
+        == "ignore"  # no capture time: cannot tell, stays closed
+    assert gc.handle({**accept, "decided_at": t + 6, "captured_at": t + 6 - 0.1}, t + 6) == "open"
     assert gc.handle({"type": "reject", "gate_id": "A1", "reason": "no_match"}, t + 6.5) == "close"
     assert not gc.is_open(t + 6.6)
-    assert gc.handle({**accept, "decided_at": t + 7}, t + 7) == "open"
+    assert gc.handle({**accept, "decided_at": t + 7, "captured_at": t + 7}, t + 7) == "open"
     assert gc.handle({"type": "verifier_down", "gate_id": "*"}, t + 7.1) == "close" and not gc.is_open(t + 7.2)
-    assert gc.handle({**accept, "decided_at": t + 7.3}, t + 7.3) == "ignore"  # stays closed while down
+    assert gc.handle({**accept, "decided_at": t + 7.3, "captured_at": t + 7.3}, t + 7.3) == "ignore"  # while down
     gc.handle({"type": "verifier_up", "gate_id": "*"}, t + 8)
-    assert gc.handle({**accept, "decided_at": t + 8}, t + 8) == "open"
+    assert gc.handle({**accept, "decided_at": t + 8, "captured_at": t + 8}, t + 8) == "open"
     assert not gc.is_open(t + 8 + 3.5)  # heartbeats stopped: fail closed even inside open_seconds
 
 

@@ -136,6 +136,9 @@ def test_claims_bad_messages_and_live_enrollment(tmp_path, crops, photos, engine
 
         res = run_cli("kiosk", "-c", str(config), "claim", "--gate", "A1", "--subject", "YAO")
         assert res.returncode == 0, res.stderr
+        assert control_request(transport, {"cmd": "status"})["claims"] == {"A1": "YAO"}  # operators see it...
+        events.poll(1.5)
+        assert events.health and not any("claims" in h or "YAO" in json.dumps(h) for h in events.health)  # ...gates not
         enroll(config, "PARKER", parker_photo)  # enrolled while the verifier runs
         capture = kiosk(config, "capture", "--camera", "cam-a1")
         assert capture.wait(60) == 0

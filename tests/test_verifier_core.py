@@ -155,3 +155,21 @@ def test_claim_and_confirmed_accepts(engine, crops, yao_matrix):
     core.confirm = broken
     verdicts = [v for seq in range(4) for v in feed(core, image, seq)]
     assert [(v.decision.type, v.decision.reason) for v in verdicts] == [("reject", "gallery_unavailable")]
+
+
+def test_live_frames_from_before_a_stall_are_dropped_and_never_accepted(engine, crops, yao_matrix):
+    core = core_for(engine, yao_matrix, realtime=True, max_frame_age_ms=500)
+    image = scene(crops, [0])
+    # Captured 2 s before the verifier got to it (it was paused): dropped, not processed late.
+    core.offer(frame(image, 0, live=True), T0 + 2.0)
+    assert core.step(T0 + 2.0) == []
+    cam = core.cameras["cam"]
+    assert cam.too_old == 1 and cam.processed == 0 and core.metrics.frames_too_old.labels(camera="cam")._value.get() == 1
+    # Even if old frames reach the decision (a stall inside processing), no accept comes from them.
+    verdicts = [v for seq in range(1, 5) for v in core.process([frame(image, seq, live=True)], T0 + seq / FPS + 0.8)]
+    assert [(v.decision.type, v.decision.reason, v.decision.subject_id) for v in verdicts] == [
+        ("reject", "stale_frame", "YAO")]
+    # Fresh frames of the same person: accepted.
+    fresh = core_for(engine, yao_matrix, realtime=True, max_frame_age_ms=500)
+    verdicts = [v for seq in range(4) for v in feed(fresh, image, seq, live=True)]
+    assert [(v.decision.type, v.decision.subject_id) for v in verdicts] == [("accept", "YAO")]

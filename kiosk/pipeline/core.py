@@ -57,7 +57,8 @@ class CameraState:
     pending: deque = field(default_factory=deque)  # Frame | Eof, oldest first
     frames_in: int = 0
     processed: int = 0
-    stale: int = 0
+    stale: int = 0  # dropped because a newer frame of the camera came
+    too_old: int = 0  # dropped because it was older than policy.max_frame_age_ms
     eof: bool = False
     last_clock: float = 0.0  # frame clock (media or capture time) of the last frame
     last_wall: float = 0.0  # when that frame was processed
@@ -164,8 +165,13 @@ class VerifierCore:
         return any(cam.pending for cam in self.cameras.values())
 
     # -- work ------------------------------------------------------------------
+    def _too_old(self, cam: CameraState, captured_at: float, now: float) -> bool:
+        """A live camera's frame from before a stall: what it shows may no longer be who stands there."""
+        return cam.realtime and (now - captured_at) * 1000 > self.cfg.policy.max_frame_age_ms
+
     def step(self, now: float) -> list[Verdict]:
-        """Take at most one frame per camera (end-of-source markers on the way are handled) and process them."""
+        """Take at most one frame per camera (end-of-source markers on the way are handled; a live camera's
+        frame too old to act on is dropped and counted) and process them."""
         verdicts: list[Verdict] = []
         batch: list[Frame] = []
         for cam in self.cameras.values():
@@ -173,8 +179,16 @@ class VerifierCore:
                 item = cam.pending.popleft()
                 if isinstance(item, Eof):
                     cam.eof = True
-                    verdicts += self._ended(cam, cam.tracker.end_all())
+                    verdicts += self._ended(cam, cam.tracker.end_all(), now)
                     log.info("camera %s: end of source; %d frames processed", cam.camera_id, cam.processed)
+                    continue
+                if self._too_old(cam, item.header.captured_at, now):
+                    cam.too_old += 1
+                    self.metrics.frames_too_old.labels(camera=cam.camera_id).inc()
+                    if cam.too_old == 1 or cam.too_old % 100 == 0:
+                        log.warning("camera %s: dropped a frame captured %.0f ms ago (policy.max_frame_age_ms "
+                                    "%.0f; %d so far)", cam.camera_id, (now - item.header.captured_at) * 1000,
+                                    self.cfg.policy.max_frame_age_ms, cam.too_old)
                     continue
                 batch.append(item)
                 break
@@ -208,7 +222,7 @@ class VerifierCore:
             self.metrics.faces.labels(camera=cam.camera_id).inc(len(faces))
             faces = faces[faces.widths >= self.cfg.policy.min_face_px]
             assigned, ended = cam.tracker.update(faces, frame.header.clock)
-            verdicts += self._ended(cam, ended)
+            verdicts += self._ended(cam, ended, now)
             kept.append(faces)
             tracks.append(assigned)
         step = StepFaces.join(kept, tracks)
@@ -282,7 +296,7 @@ class VerifierCore:
                 log.info("camera %s: track %d changed person; starting a new transaction", cam.camera_id,
                          track.track_id)
                 new = cam.tracker.split(track, header.clock)
-                verdicts += self._ended(cam, [track])
+                verdicts += self._ended(cam, [track], now)
                 track = step.tracks[k] = new
             track.embedding = emb[row]
             if self.policy.needs_frames(track):
@@ -307,7 +321,7 @@ class VerifierCore:
             decision = self.policy.observe(track, cam.gate_id, match, header.captured_at, header.seq,
                                            clock=header.clock)
             if decision is not None:
-                verdicts.append(self._verdict(cam, track, decision))
+                verdicts.append(self._verdict(cam, track, decision, now))
         add("decide", t)
         return verdicts
 
@@ -321,15 +335,15 @@ class VerifierCore:
             for track in cam.tracker.tracks:
                 decision = self.policy.check_timeout(track, clock)
                 if decision is not None:
-                    verdicts.append(self._verdict(cam, track, decision))
+                    verdicts.append(self._verdict(cam, track, decision, now))
             if cam.realtime and not cam.pending and cam.tracker.tracks and cam.last_wall:
                 _, ended = cam.tracker.update(Faces.empty(), clock)
-                verdicts += self._ended(cam, ended)
+                verdicts += self._ended(cam, ended, now)
         return verdicts
 
-    def end_all(self) -> list[Verdict]:
+    def end_all(self, now: float) -> list[Verdict]:
         """Decide what is left of every track (the service is stopping)."""
-        return [v for cam in self.cameras.values() for v in self._ended(cam, cam.tracker.end_all())]
+        return [v for cam in self.cameras.values() for v in self._ended(cam, cam.tracker.end_all(), now)]
 
     def control(self, request: dict[str, Any], now: float) -> dict[str, Any]:
         """A claim: the next transaction at a gate is a 1:1 check against one enrolled subject."""
@@ -352,17 +366,22 @@ class VerifierCore:
         return sum(1 for t in self._fps_window if now - t <= window_s) / window_s
 
     # -- decisions -------------------------------------------------------------
-    def _ended(self, cam: CameraState, tracks: list[Track]) -> list[Verdict]:
+    def _ended(self, cam: CameraState, tracks: list[Track], now: float) -> list[Verdict]:
         out = []
         for track in tracks:
             decision = self.policy.track_ended(track)
             if decision is not None:
-                out.append(self._verdict(cam, track, decision))
+                out.append(self._verdict(cam, track, decision, now))
         return out
 
-    def _verdict(self, cam: CameraState, track: Track, d: Decision) -> Verdict:
-        """An accept only for a subject enrolled right now (`confirm`): a removal or expiry counts even while
-        the search matrix is stale. Fail closed: if that cannot be told, the accept becomes a reject."""
+    def _verdict(self, cam: CameraState, track: Track, d: Decision, now: float) -> Verdict:
+        """An accept only from a fresh frame of a live camera (`policy.max_frame_age_ms`), and only for a
+        subject enrolled right now (`confirm`): a removal or expiry counts even while the search matrix is
+        stale. Fail closed: if that cannot be told, the accept becomes a reject."""
+        if d.type == "accept" and self._too_old(cam, d.captured_at, now):
+            log.warning("camera %s: accept of %s from a frame captured %.0f ms ago withheld (stale_frame)",
+                        cam.camera_id, d.subject_id, (now - d.captured_at) * 1000)
+            d = dataclasses.replace(d, type="reject", reason="stale_frame")
         if d.type == "accept" and d.subject_id is not None:
             try:
                 if not self.confirm(d.subject_id):

@@ -31,7 +31,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.075
 STAGES = ("transport", "detect", "track", "align", "quality", "select", "embed", "match", "decide", "publish")
 # Decision outcomes that exist from the start (type, reason).
 OUTCOMES = (("accept", ""), ("reject", "no_match"), ("reject", "claim_mismatch"), ("reject", "timeout"),
-            ("reject", "not_enrolled"), ("reject", "gallery_unavailable"))
+            ("reject", "not_enrolled"), ("reject", "gallery_unavailable"), ("reject", "stale_frame"))
 
 
 class LatencyWindow:
@@ -135,6 +135,9 @@ class VerifierMetrics:
                                         registry=r)
         self.frames_stale = Counter("kiosk_frames_dropped", "stale frames dropped (a newer frame of the camera "
                                     "arrived first)", ["camera"], registry=r)
+        self.frames_too_old = Counter("kiosk_frames_too_old", "live frames dropped because they were older than "
+                                      "policy.max_frame_age_ms when their turn came (a stall)", ["camera"],
+                                      registry=r)
         self.faces = Counter("kiosk_faces_detected", "faces detected", ["camera"], registry=r)
         self.bad_messages = Counter("kiosk_bad_messages", "malformed messages dropped", registry=r)
         self.decisions = Counter("kiosk_decisions", "decisions published", ["gate", "type", "reason"], registry=r)
@@ -161,7 +164,8 @@ class VerifierMetrics:
         r.register(self.captures)
         self.captures.set_cameras(cams)
         for cam in cams:
-            for counter in (self.frames_in, self.frames_processed, self.frames_stale, self.faces):
+            for counter in (self.frames_in, self.frames_processed, self.frames_stale, self.frames_too_old,
+                            self.faces):
                 counter.labels(camera=cam)
         for stage in stages:
             self.stage_seconds.labels(stage=stage)

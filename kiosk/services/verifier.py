@@ -121,7 +121,7 @@ class Verifier:
         return 0
 
     def close(self) -> None:
-        self._publish_all(self.core.end_all())
+        self._publish_all(self.core.end_all(time.time()))
         lat = self.metrics.recent_frame.quantiles()
         dec = self.metrics.recent_decision.quantiles()
         log.info("verifier stopping: %d frames processed (%d stale dropped), %d bad messages; frame latency "
@@ -281,7 +281,8 @@ class Verifier:
                         "revision": self.matrix.revision},
             "cameras": {c.camera_id: {"gate_id": c.gate_id, "state": states[c.camera_id][0],
                                       "last_error": states[c.camera_id][1], "frames_in": c.frames_in,
-                                      "processed": c.processed, "dropped": c.stale, "eof": c.eof,
+                                      "processed": c.processed, "dropped": c.stale, "too_old": c.too_old,
+                                      "eof": c.eof,
                                       "tracks": len(c.tracker.tracks),
                                       "last_frame_age_s": round(now - c.last_frame_at, 1) if c.last_frame_at
                                       else None}
@@ -295,6 +296,7 @@ class Verifier:
             return
         self._last_heartbeat = mono
         body = self.status()
+        del body["claims"]  # passenger ids stay off the health topic: every subscriber key hears it
         if status is not None:
             body["status"] = status
         body["sent_at"] = time.time()
