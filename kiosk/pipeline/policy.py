@@ -87,6 +87,10 @@ class DecisionPolicy:
         if captured_at > self._recent.get((gate_id, subject_id), float("-inf")):
             self._recent[(gate_id, subject_id)] = captured_at
 
+    def forget_accept(self, gate_id: str, subject_id: str) -> None:
+        """An accept that was not published after all (e.g. the audit log could not hold it)."""
+        self._recent.pop((gate_id, subject_id), None)
+
     # -- quality ---------------------------------------------------------------
     def quality_ok(self, q: Quality) -> np.ndarray:
         """Which faces count as quality frames."""

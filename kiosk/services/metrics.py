@@ -31,7 +31,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.075
 STAGES = ("transport", "detect", "track", "align", "quality", "select", "embed", "match", "decide", "publish")
 # Decision outcomes that exist from the start (type, reason).
 OUTCOMES = (("accept", ""), ("reject", "no_match"), ("reject", "claim_mismatch"), ("reject", "timeout"),
-            ("reject", "not_enrolled"), ("reject", "gallery_unavailable"), ("reject", "stale_frame"))
+            ("reject", "not_enrolled"), ("reject", "gallery_unavailable"), ("reject", "stale_frame"),
+            ("reject", "audit_unavailable"))
 
 
 class LatencyWindow:
@@ -153,6 +154,9 @@ class VerifierMetrics:
         self.gallery_subjects = Gauge("kiosk_gallery_subjects", "enrolled subjects in the search matrix",
                                       registry=r)
         self.gallery_templates = Gauge("kiosk_gallery_templates", "templates in the search matrix", registry=r)
+        self.audit_failures = Counter("kiosk_audit_failures", "decisions the audit log could not hold (an accept "
+                                      "among them was published as reject audit_unavailable)", registry=r)
+        self.audit_ok = Gauge("kiosk_audit_ok", "1 while the audit log is writable", registry=r)
         self.gallery_stale = Gauge("kiosk_gallery_stale", "1 while the last gallery reload failed (the search "
                                    "matrix may be behind; accepts are still confirmed against the gallery)",
                                    registry=r)

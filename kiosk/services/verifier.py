@@ -11,13 +11,14 @@ reached a gate is in the audit log.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import zmq
 
@@ -28,6 +29,8 @@ from kiosk.errors import ConfigError
 from kiosk.store.gallery import Gallery, GalleryMatrix
 from kiosk.messaging.channels import CAPTURE_HEALTH, VERIFIER_HEALTH, FrameChannel
 from kiosk.messaging.messages import CaptureHealth, Event, encode_json
+from kiosk.pipeline.policy import Decision
+from kiosk.services.audit import AuditLog, read_tail
 from kiosk.services.metrics import VerifierMetrics
 from kiosk.services.metrics import serve as serve_metrics
 from kiosk.messaging.transport import FRAME_HWM, Transport
@@ -62,9 +65,9 @@ class Verifier:
         self.events = self.transport.event_publisher()
         self.control = self.transport.control_server()
         audit_path = cfg.resolve(cfg.audit.path)
-        audit_path.parent.mkdir(parents=True, exist_ok=True)
         self._recall_accepts(audit_path)
-        self.audit: TextIO = open(audit_path, "a", encoding="utf-8")
+        self.audit = AuditLog(audit_path)
+        self.metrics.audit_ok.set_function(lambda: 0.0 if self.audit.error else 1.0)
         self._stop = threading.Event()
         self._bad = 0
         self._last_bad_log = 0.0
@@ -86,22 +89,13 @@ class Verifier:
     def matrix(self) -> GalleryMatrix:
         return self.core.matrix
 
-    def _recall_accepts(self, audit_path: Path, tail_bytes: int = 1 << 20) -> None:
+    def _recall_accepts(self, audit_path: Path) -> None:
         """Remember the recent accepts of a previous run (the audit log's tail), so a verifier restarted
         while a passenger is still in view does not open the gate for them twice."""
-        if not audit_path.exists():
-            return
         horizon = time.time() - self.cfg.policy.repeat_accept_s
-        with open(audit_path, "rb") as fh:
-            fh.seek(max(0, audit_path.stat().st_size - tail_bytes))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
         recalled = 0
-        for line in lines:
-            try:
-                e = json.loads(line)
-            except ValueError:
-                continue  # a line cut by the tail window or a crash mid-write
-            if (isinstance(e, dict) and e.get("type") == "accept" and isinstance(e.get("captured_at"), (int, float))
+        for e in read_tail(audit_path):
+            if (e.get("type") == "accept" and isinstance(e.get("captured_at"), (int, float))
                     and e["captured_at"] >= horizon and e.get("subject_id")):
                 self.core.policy.remember_accept(str(e.get("gate_id")), str(e["subject_id"]),
                                                  float(e["captured_at"]))
@@ -184,20 +178,32 @@ class Verifier:
         for verdict in verdicts:
             self._publish(verdict.camera, verdict)
 
-    def _publish(self, cam: CameraState, verdict: Verdict) -> Event:
-        d = verdict.decision
+    def _event(self, cam: CameraState, verdict: Verdict, d: Decision) -> Event:
         decided_at = time.time()
-        event = Event(type=d.type, gate_id=cam.gate_id, camera_id=cam.camera_id, track_id=verdict.track_id,
-                      subject_id=d.subject_id, display_name=d.display_name,
-                      score=None if d.score is None else round(d.score, 4),
-                      threshold=self.cfg.policy.accept_threshold, reason=d.reason, frames=d.frames,
-                      captured_at=d.captured_at, decided_at=decided_at,
-                      latency_ms=round((decided_at - d.captured_at) * 1000, 1), seq=d.seq)
+        return Event(type=d.type, gate_id=cam.gate_id, camera_id=cam.camera_id, track_id=verdict.track_id,
+                     subject_id=d.subject_id, display_name=d.display_name,
+                     score=None if d.score is None else round(d.score, 4),
+                     threshold=self.cfg.policy.accept_threshold, reason=d.reason, frames=d.frames,
+                     captured_at=d.captured_at, decided_at=decided_at,
+                     latency_ms=round((decided_at - d.captured_at) * 1000, 1), seq=d.seq)
+
+    def _publish(self, cam: CameraState, verdict: Verdict) -> Event:
+        """Audit first, then publish. An accept that cannot be audited is published as a reject
+        (`audit_unavailable`): nothing opens a door that the audit log does not hold. A reject is published
+        either way: it opens nothing and tells the gate to stay closed."""
+        d = verdict.decision
         t0 = time.perf_counter()
-        body = event.to_json()
-        self.audit.write(body.decode() + "\n")  # audit before publish: what reached a gate is in the log
-        self.audit.flush()
-        self.events.send_multipart([event.topic(), body])
+        event = self._event(cam, verdict, d)
+        if not self.audit.write(event.to_json()):
+            self.metrics.audit_failures.inc()
+            if d.type == "accept":
+                log.error("accept of %s at gate %s withheld: the audit log cannot be written", d.subject_id,
+                          cam.gate_id)
+                if d.subject_id:
+                    self.core.policy.forget_accept(cam.gate_id, d.subject_id)  # not accepted after all
+                d = dataclasses.replace(d, type="reject", reason="audit_unavailable")
+                event = self._event(cam, verdict, d)
+        self.events.send_multipart([event.topic(), event.to_json()])
         self.metrics.observe_stage("publish", (time.perf_counter() - t0) * 1000)
         self.metrics.decisions.labels(gate=cam.gate_id, type=d.type, reason=d.reason or "").inc()
         self.metrics.observe_decision(cam.gate_id, event.latency_ms or 0.0)
@@ -265,11 +271,13 @@ class Verifier:
         states = {c.camera_id: c.state(now) for c in self.cameras.values()}
         down = sorted(cid for cid, (state, _) in states.items() if state == "down")
         return {
-            "component": "verifier", "status": "degraded" if down else "ok", "cameras_down": down,
+            "component": "verifier", "status": "degraded" if down or self.audit.error else "ok",
+            "cameras_down": down,
             "pid": os.getpid(), "providers": self.engine.providers,
             "fps": round(self.core.fps(now), 2), "drops": sum(c.stale for c in self.cameras.values()),
             "queue_depth": sum(len(c.pending) for c in self.cameras.values()),
             "bad_messages": self._bad, "last_error": self.core.last_error or self._last_error,
+            "audit": {"ok": not self.audit.error, "error": self.audit.error, "failures": self.audit.failures},
             "frame_latency_ms": self.metrics.recent_frame.quantiles(),
             "stages_ms": {stage: window.quantiles() for stage, window in self.metrics.recent_stage.items()},
             "frames_processed": sum(c.processed for c in self.cameras.values()),

@@ -1,0 +1,106 @@
+"""The audit log: every decision, one JSON object a line, written before the decision leaves the verifier.
+
+A line is written, flushed and fsynced before the event is published, so
+an event a gate received is on disk even if the machine loses power a
+moment later (decisions are a few a minute per gate; an fsync each costs
+about a millisecond). When the log cannot be written (disk full, the path
+replaced by a folder, a read-only mount) `write` says so instead of
+raising: the verifier then lets nothing through that opens a door, reports
+why, and tries again with the next decision, so it recovers by itself once
+the log is writable. A line cut short by a crash or a full disk is ended
+before the next one is appended, and readers skip lines that do not parse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
+
+RETRY_EVERY_S = 1.0  # after a failure, reopen at most this often
+
+
+class AuditLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.error = ""  # why the last write failed; "" while the log is writable
+        self.failures = 0
+        self._fh: BinaryIO | None = None
+        self._last_try = float("-inf")
+        self._open()
+
+    def _open(self) -> bool:
+        self._last_try = time.monotonic()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "ab")
+            if fh.tell() > 0:  # end a line torn by a crash or a full disk, so the next one stands alone
+                with open(self.path, "rb") as tail:
+                    tail.seek(-1, os.SEEK_END)
+                    if tail.read(1) != b"\n":
+                        fh.write(b"\n")
+                        log.warning("audit log %s ended in a partial line; it is kept on a line of its own",
+                                    self.path)
+        except OSError as exc:
+            self._failed(f"cannot open the audit log {self.path}: {exc.strerror or exc}")
+            return False
+        self._fh = fh
+        if self.error:
+            log.warning("audit log %s is writable again", self.path)
+        self.error = ""
+        return True
+
+    def _failed(self, why: str) -> None:
+        self.failures += 1
+        if why != self.error:
+            log.error("%s: nothing that opens a door is published until it can be written", why)
+        self.error = why
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            self._fh = None
+
+    def write(self, line: bytes) -> bool:
+        """Append one line durably; False (and `error` says why) when it could not be written."""
+        if self._fh is None and (time.monotonic() - self._last_try < RETRY_EVERY_S or not self._open()):
+            return False
+        assert self._fh is not None
+        try:
+            self._fh.write(line.rstrip(b"\n") + b"\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            self._failed(f"cannot write the audit log {self.path}: {exc.strerror or exc}")
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def read_tail(path: Path, tail_bytes: int = 1 << 20) -> list[dict[str, Any]]:
+    """The audit log's last records (objects only; a torn or foreign line is skipped)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - tail_bytes))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the tail window or by a crash mid-write
+        if isinstance(record, dict):
+            records.append(record)
+    return records
