@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import Callable, Protocol
 
 from kiosk.errors import EXIT_RUNTIME, EXIT_USAGE, KioskError
+
+log = logging.getLogger("kiosk")
 
 
 def setup_logging(verbosity: int) -> None:
@@ -35,7 +39,11 @@ def add_commands(parser: argparse.ArgumentParser, dest: str) -> argparse._SubPar
 
 
 def run_command(prog: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a sub-command: KioskError -> its exit code and one line, never a traceback."""
+    """Run a sub-command: KioskError -> its exit code and one line, never a traceback.
+
+    Files are private from the start (umask 077): galleries, audit logs, hook output and keys hold
+    biometric data or secrets, so they are created 0600 in 0700 folders, and children inherit that."""
+    os.umask(0o077)
     setup_logging(args.verbose - args.quiet)
     try:
         return func(args)
@@ -50,6 +58,19 @@ def run_command(prog: str, func: Callable[[argparse.Namespace], int], args: argp
     except Exception:  # a bug, not an operator mistake: keep the traceback in the log
         logging.getLogger(prog).exception("unexpected failure")
         return EXIT_RUNTIME
+
+
+def warn_if_readable_by_others(*paths: Path) -> None:
+    """A warning for each existing file or folder that users other than its owner can read (made before
+    umask 077, or copied in): biometric templates and keys should not be."""
+    for path in paths:
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue
+        if mode & 0o077:
+            log.warning("%s is readable by other users (mode %o): it holds biometric data or secrets; "
+                        "chmod go-rwx %s", path, mode & 0o777, path)
 
 
 class Service(Protocol):

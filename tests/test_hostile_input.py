@@ -106,3 +106,26 @@ def test_jpeg_bomb_and_huge_message_from_an_allowed_key(tmp_path, engine, photos
         transport.close()
         _, err = stop(verifier)
     assert "Traceback" not in err
+
+
+def test_files_are_private_and_a_readable_gallery_is_reported(tmp_path, photos):
+    (tmp_path / "site").mkdir()
+    config = write_config(tmp_path / "site", [{"id": "cam-a1", "gate": "A1", "source": 0}])
+    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
+                   str(photos["yaoming.jpg"])).returncode == 0
+    gallery = tmp_path / "site" / "gallery.db"
+    assert gallery.stat().st_mode & 0o777 == 0o600
+    res = run_cli("kiosk", "keys", "init", str(tmp_path / "newkeys"))
+    assert res.returncode == 0
+    assert (tmp_path / "newkeys").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "newkeys" / "webhook.secret").stat().st_mode & 0o777 == 0o600
+    gallery.chmod(0o644)  # copied in by hand, say
+    verifier = kiosk(config, "verify", quiet=False)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "site" / "events.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (tmp_path / "site" / "events.jsonl").stat().st_mode & 0o777 == 0o600
+    finally:
+        _, err = stop(verifier)
+    assert f"{gallery} is readable by other users (mode 644)" in err

@@ -21,6 +21,7 @@ import pytest
 
 from kiosk.config import config_from_mapping
 from kiosk.errors import ConfigError
+from kiosk.services import subscriber
 from kiosk.services.subscriber import build_hooks, webhook_hook
 from kiosk.messaging.transport import free_port, init_keys
 from kiosk.services.webhook_signing import BadSignature, load_secret, make_secret, sign, verify
@@ -207,14 +208,14 @@ def test_reference_receiver_end_to_end(tmp_path, monkeypatch):
                 time.sleep(0.05)
 
         # Our own webhook hook as `kiosk subscribe` builds it, signed: accepted. Keep the request to replay it.
-        sent: list[urllib.request.Request] = []
-        real_urlopen = urllib.request.urlopen
+        sent: list[tuple[bytes, dict[str, str]]] = []
+        real_post = subscriber._post
 
-        def recording(req, *args, **kwargs):  # noqa: ANN001, ANN202
-            sent.append(req)
-            return real_urlopen(req, *args, **kwargs)
+        def recording(url, body, headers, deadline_s):  # noqa: ANN001, ANN202
+            sent.append((body, headers))
+            return real_post(url, body, headers, deadline_s)
 
-        monkeypatch.setattr(urllib.request, "urlopen", recording)
+        monkeypatch.setattr(subscriber, "_post", recording)
         event = {"type": "accept", "gate_id": "A1", "subject_id": "YAO", "event_id": "ev-1", "decided_at": time.time()}
         (hook,) = build_hooks(config_from_mapping({"security": {"keys_dir": str(keys)}}), jsonl=[], execs=[],
                               webhooks=[url])
@@ -230,8 +231,8 @@ def test_reference_receiver_end_to_end(tmp_path, monkeypatch):
         stale = json.dumps({**event, "event_id": "ev-3"}).encode()
         code, reason = _post(url, stale, sign(secret, stale, int(time.time()) - 120))
         assert code == 401 and "tolerance" in reason
-        (first,) = sent
-        code, reason = _post(url, first.data, dict(first.header_items()))
+        ((first_body, first_headers),) = sent
+        code, reason = _post(url, first_body, first_headers)
         assert code == 200 and "event_id ev-1 already handled; ignored" in reason  # not acted on twice
         unsigned = json.dumps({**event, "event_id": "ev-4"}).encode()
         assert _post(url, unsigned, {})[0] == 401

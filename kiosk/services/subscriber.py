@@ -16,17 +16,18 @@ Heartbeat watch: `heartbeat.misses` missed verifier heartbeats deliver a
 
 from __future__ import annotations
 
+import http.client
 import importlib
 import json
 import logging
 import os
 import queue
 import signal
+import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -98,6 +99,9 @@ class Hook:
                 self._metrics.delivery_seconds.labels(hook=self.name).observe(time.perf_counter() - t0)
 
     def close(self, timeout: float = 5.0) -> None:
+        stop_running = getattr(self._deliver, "close", None)
+        if stop_running is not None:
+            stop_running()  # e.g. the exec hook's commands still running
         try:
             self._queue.put(None, timeout=timeout)
         except queue.Full:
@@ -105,27 +109,125 @@ class Hook:
         self._thread.join(timeout)
 
 
-def exec_hook(command: str, timeout_s: float) -> Callable[[dict[str, Any]], None]:
-    def deliver(event: dict[str, Any]) -> None:
+STDERR_KEPT = 4096  # bytes of a command's stderr kept for the log line; the rest is read and dropped
+
+
+class ExecHook:
+    """Run a shell command per event: event JSON on stdin, KIOSK_* variables; killed (with everything it
+    started) after `timeout_s`, and when the subscriber stops. Only the last few KB of its stderr are kept,
+    whatever it writes."""
+
+    def __init__(self, command: str, timeout_s: float) -> None:
+        self.command = command
+        self.timeout_s = timeout_s
+        self._running: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self._closed:
+            raise RuntimeError(f"subscriber stopping; not started: {self.command}")
         env = dict(os.environ)
         for key in ENV_FIELDS:
             value = event.get(key)
             env[f"KIOSK_{key.upper()}"] = "" if value is None else str(value)
-        proc = subprocess.Popen(command, shell=True, text=True, env=env, stdin=subprocess.PIPE,
+        proc = subprocess.Popen(self.command, shell=True, env=env, stdin=subprocess.PIPE,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        with self._lock:
+            self._running.add(proc)
+        tail = bytearray()
+        reader = threading.Thread(target=self._drain, args=(proc, tail), daemon=True)
+        reader.start()
         try:
-            _, err = proc.communicate(json.dumps(event) + "\n", timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write((json.dumps(event) + "\n").encode())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the command did not read its stdin: its exit status says how it went
+            try:
+                code = proc.wait(self.timeout_s)
+            except subprocess.TimeoutExpired:
+                self._kill(proc)
+                raise RuntimeError(f"command timed out after {self.timeout_s:g}s and was killed: "
+                                   f"{self.command}") from None
+        finally:
+            reader.join(1.0)
+            with self._lock:
+                self._running.discard(proc)
+        if code != 0:
+            said = bytes(tail).decode("utf-8", "replace").strip()[-300:]
+            raise RuntimeError(f"command exited {code}: {self.command}: {said}")
+
+    @staticmethod
+    def _drain(proc: subprocess.Popen, tail: bytearray) -> None:
+        assert proc.stderr is not None
+        while chunk := proc.stderr.read(65536):
+            tail.extend(chunk)
+            del tail[:-STDERR_KEPT]
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        try:
             os.killpg(proc.pid, signal.SIGKILL)  # the shell and everything it started
-            proc.communicate()
-            raise RuntimeError(f"command timed out after {timeout_s:g}s and was killed: {command}") from None
-        if proc.returncode != 0:
-            raise RuntimeError(f"command exited {proc.returncode}: {command}: {(err or '').strip()[-300:]}")
-    return deliver
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def close(self) -> None:
+        """The subscriber stops: no command of ours outlives it, and none starts any more."""
+        with self._lock:
+            self._closed = True
+            running = list(self._running)
+        for proc in running:
+            self._kill(proc)
+
+
+def exec_hook(command: str, timeout_s: float) -> ExecHook:
+    return ExecHook(command, timeout_s)
+
+
+def _post(url: str, body: bytes, headers: dict[str, str], deadline_s: float) -> tuple[int, str]:
+    """One POST with a total deadline: the connection is cut when it passes, however slowly the receiver
+    trickles its answer (a per-read timeout would let one byte a second hold the worker for ever).
+    Redirects are not followed. Returns (status, the first line of the answer)."""
+    parts = urllib.parse.urlsplit(url)
+    conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = conn_cls(parts.hostname or "", parts.port, timeout=deadline_s)
+    expired = threading.Event()
+
+    def cut() -> None:
+        expired.set()
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(deadline_s, cut)
+    timer.start()
+    try:
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+        said = resp.read(300).decode("utf-8", "replace").strip().splitlines()
+        return resp.status, said[0] if said else ""
+    except (OSError, http.client.HTTPException) as exc:
+        if expired.is_set():
+            raise TimeoutError(f"no complete answer within {deadline_s:g}s") from None
+        raise ConnectionError(str(exc) or exc.__class__.__name__) from None
+    finally:
+        timer.cancel()
+        conn.close()
 
 
 def webhook_hook(url: str, timeout_s: float, retries: int, secret: bytes | None) -> Callable[[dict[str, Any]], None]:
-    """POST each event as JSON; with `secret`, each attempt is signed afresh (see kiosk.services.webhook_signing)."""
+    """POST each event as JSON; with `secret`, each attempt is signed afresh (see kiosk.services.webhook_signing).
+
+    Each attempt has a total deadline of `timeout_s`; a 2xx answer is delivery, a 3xx or 4xx is a failure
+    that is not retried (a redirect is never followed: it could send an accept anywhere), 429, 5xx and
+    network errors are retried `retries` times with backoff."""
     def deliver(event: dict[str, Any]) -> None:
         body = json.dumps(event).encode()
         delay = 0.5
@@ -133,22 +235,15 @@ def webhook_hook(url: str, timeout_s: float, retries: int, secret: bytes | None)
             headers = {"Content-Type": "application/json"}
             if secret is not None:
                 headers.update(sign(secret, body, int(time.time())))
-            req = urllib.request.Request(url, data=body, method="POST", headers=headers)
             try:
-                with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                    if 200 <= resp.status < 300:
-                        return
-                    error = f"HTTP {resp.status}"
-            except urllib.error.HTTPError as exc:
-                try:  # the receiver's one-line reason (e.g. why a signature was refused)
-                    said = exc.read(300).decode("utf-8", "replace").strip().splitlines()
-                except Exception:  # noqa: BLE001 - the status alone is enough
-                    said = []
-                error = f"HTTP {exc.code}" + (f" {said[0]}" if said else "")
-                if 400 <= exc.code < 500 and exc.code != 429:
-                    raise RuntimeError(f"{url}: {error} (not retried)") from None
-            except (urllib.error.URLError, OSError) as exc:
-                error = str(getattr(exc, "reason", exc))
+                status, said = _post(url, body, headers, timeout_s)
+                if 200 <= status < 300:
+                    return
+                error = f"HTTP {status}" + (f" {said}" if said else "")
+                if 300 <= status < 500 and status != 429:
+                    raise RuntimeError(f"{url}: {error} (not retried)")
+            except (TimeoutError, ConnectionError) as exc:
+                error = str(exc)
             if attempt < retries:
                 log.info("webhook %s: %s; retry %d in %.1fs", url, error, attempt + 1, delay)
                 time.sleep(delay)

@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from kiosk.cli_support import serve
+from kiosk.cli_support import serve, warn_if_readable_by_others
 from kiosk.config import KioskConfig
 from kiosk.vision.engine import FaceEngine
 from kiosk.errors import ConfigError
@@ -49,6 +49,9 @@ class Verifier:
         self.cfg = cfg
         self.engine = engine or FaceEngine.from_config(cfg)
         self.gallery = Gallery(cfg.resolve(cfg.gallery.path))
+        keys = cfg.resolve(cfg.security.keys_dir)
+        warn_if_readable_by_others(self.gallery.path, cfg.resolve(cfg.audit.path), *keys.glob("*.key_secret"),
+                                   keys / "webhook.secret")
         matrix = self.gallery.matrix(self.engine.model_id, self.engine.dim).prepare()
         self._loader: threading.Thread | None = None
         self._loaded: GalleryMatrix | None = None
