@@ -17,7 +17,8 @@ import yaml
 from kiosk.config import load_config
 from kiosk.errors import ImageError
 from kiosk.vision.images import decode_image
-from kiosk.messaging.messages import FrameHeader, jpeg_size
+from kiosk.messaging.messages import FrameHeader
+from kiosk.vision.images import image_size
 from kiosk.tools.scenes import Walk
 from kiosk.messaging.transport import Transport, control_request
 from tests.conftest import run_cli
@@ -65,7 +66,7 @@ def _peak_rss_mb(pid: int) -> float:
 def test_jpeg_bomb_and_huge_message_from_an_allowed_key(tmp_path, engine, photos):
     """An allowed capture key sends a JPEG bomb (640x360 header, 16000x16000 inside) and a 200 MB message:
     the verifier stays up, its peak memory stays where it was, and real frames before and after are decided."""
-    assert jpeg_size(_jpeg_bomb()) == (16000, 16000)
+    assert image_size(_jpeg_bomb()) == (16000, 16000)
     crops = people(engine, photos)
     make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=40, w0=80, w1=170)], seconds=1.5)
     make_video(tmp_path / "parker.avi", [Walk(crops["parker"], start=0, frames=40, w0=80, w1=170)], seconds=1.5)
@@ -129,3 +130,47 @@ def test_files_are_private_and_a_readable_gallery_is_reported(tmp_path, photos):
     finally:
         _, err = stop(verifier)
     assert f"{gallery} is readable by other users (mode 644)" in err
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid small PNG whose header (IHDR, CRC fixed) says width x height, 16-bit: decoding it would
+    allocate width*height*6 bytes."""
+    data = bytearray(cv2.imencode(".png", np.zeros((20, 20, 3), np.uint16))[1].tobytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_enrollment_input_is_bounded(tmp_path, photos):
+    """A manifest naming a device, a FIFO, a huge-dimension PNG and a folder: each row refused with its line,
+    at once, and the rest enrolled; a name with U+2028 and a quoted newline stays one row."""
+    import os
+
+    config = write_config(tmp_path, [])
+    fifo = tmp_path / "photo.fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "huge.png").write_bytes(_png_claiming(6000, 6000))
+    (tmp_path / "folder.jpg").mkdir()
+    manifest = tmp_path / "flight.csv"
+    manifest.write_text(
+        "id,name,photo\n"
+        "P1,/dev/zero,/dev/zero\n"
+        f"P2,a FIFO,{fifo}\n"
+        "P3,huge,huge.png\n"
+        "P4,folder,folder.jpg\n"
+        f'P5,"Line\u2028Separator and a\nnewline",{photos["yaoming.jpg"]}\n', encoding="utf-8")
+    t0 = time.monotonic()
+    res = run_cli("kiosk-enroll", "-c", str(config), "import", "--no-progress", str(manifest), timeout=120)
+    assert time.monotonic() - t0 < 60 and "Traceback" not in res.stderr
+    assert res.returncode == 2, res.stdout + res.stderr
+    out = res.stdout
+    assert "5 row(s), 1 enrolled, 0 already enrolled from the same photo, 4 refused" in out
+    assert "line 2 id=P1: refused (unreadable): /dev/zero: not a regular file" in out
+    assert f"line 3 id=P2: refused (unreadable): {fifo}: not a regular file" in out
+    assert "line 4 id=P3: refused (unreadable)" in out and "6000x6000 px, more than 25 megapixels" in out
+    assert "line 5 id=P4: refused (unreadable)" in out and "is a directory" in out
+    listed = json.loads(run_cli("kiosk-enroll", "-c", str(config), "list", "--json").stdout)["subjects"]
+    assert [(s["id"], s["name"]) for s in listed] == [("P5", "Line\u2028Separator and a\nnewline")]
+    # The manifest itself is bounded too.
+    res = run_cli("kiosk-enroll", "-c", str(config), "import", "/dev/zero", timeout=30)
+    assert res.returncode == 2 and "not a regular file" in res.stderr

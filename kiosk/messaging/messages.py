@@ -17,6 +17,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from kiosk.vision.images import image_size
+
 VERSION = 1
 FRAME_TOPIC = "frame."
 EOF_TOPIC = "eof."
@@ -188,7 +190,7 @@ def decode_frame(parts: list[bytes]) -> tuple[FrameHeader, np.ndarray]:
                              f"needs {expected}")
         image = np.frombuffer(payload, np.uint8).reshape(header.height, header.width, 3)
     elif header.encoding == "jpeg":
-        size = jpeg_size(bytes(payload[:MAX_JPEG_SCAN]))
+        size = image_size(payload[:256 * 1024])
         if size != (header.width, header.height):  # checked before decoding: a JPEG bomb allocates nothing
             raise BadMessage(f"frame: JPEG of size {size} does not match the header's "
                              f"{header.width}x{header.height}")
@@ -198,38 +200,6 @@ def decode_frame(parts: list[bytes]) -> tuple[FrameHeader, np.ndarray]:
     else:
         raise BadMessage(f"frame: unknown encoding {header.encoding!r}")
     return header, image
-
-
-MAX_JPEG_SCAN = 256 * 1024  # the frame header (SOF) comes after at most this much metadata
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's start-of-frame header, without decoding; None if there is none."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2:i + 4], "big")
-        if marker in _SOF:
-            if i + 9 > len(data):
-                return None
-            height = int.from_bytes(data[i + 5:i + 7], "big")
-            width = int.from_bytes(data[i + 7:i + 9], "big")
-            return width, height
-        if marker == 0xDA or length < 2:  # image data before any frame header: not a JPEG we take
-            return None
-        i += 2 + length
-    return None
 
 
 def encode_json(topic: str, body: dict[str, Any]) -> list[bytes]:
