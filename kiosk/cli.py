@@ -58,7 +58,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
         raise UsageError(f"--metrics-port: expected a port from 0 to 65535, found {args.metrics_port}")
     python = args.python or ([] if args.no_config_hooks else None)  # None: hooks.python of the config
     hooks = build_hooks(cfg, jsonl=args.jsonl, execs=args.exec, webhooks=args.webhook, python=python)
-    return run_subscriber(cfg, args.gate, hooks, args.metrics_port)
+    return run_subscriber(cfg, args.gate, hooks, args.metrics_port, args.name)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook", action="append", default=[], metavar="URL", help="POST each event as JSON")
     p.add_argument("--python", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="call a Python function with each event (default: hooks.python in the config)")
+    p.add_argument("--name", help="this subscriber's name: where it keeps its position (hooks.state_dir/NAME.json; "
+                   "default gate-GATE or all-gates); give two subscribers of one gate different names")
     p.add_argument("--no-config-hooks", action="store_true", help=argparse.SUPPRESS)  # kiosk run's subscribers
     p.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
                    help="serve this subscriber's Prometheus metrics on 127.0.0.1:PORT (default 0: off)")

@@ -64,6 +64,7 @@ class TransportConfig:
     frames: str = "tcp://127.0.0.1:5550"
     events: str = "tcp://127.0.0.1:5551"
     control: str = "tcp://127.0.0.1:5552"
+    history: str = "tcp://127.0.0.1:5553"
 
 
 @dataclass
@@ -84,6 +85,8 @@ class HooksConfig:
     webhook_timeout_s: float = 5.0
     webhook_retries: int = 3
     queue_size: int = 1000
+    max_accept_age_s: float = 5.0
+    state_dir: Path = Path("var/subscribers")
     sign_webhooks: bool = True
     webhook_secret_file: Optional[Path] = None  # default: <security.keys_dir>/webhook.secret
 
@@ -217,6 +220,7 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("hooks", "webhook_timeout_s"): (0.1, 600.0),
     ("hooks", "webhook_retries"): (0, 100),
     ("hooks", "queue_size"): (1, 1_000_000),
+    ("hooks", "max_accept_age_s"): (0.5, 3600.0),
     ("heartbeat", "interval_s"): (0.05, 60.0),
     ("heartbeat", "misses"): (1, 1000),
 }

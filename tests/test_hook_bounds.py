@@ -97,3 +97,26 @@ def test_no_command_outlives_the_subscriber(tmp_path):
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not pidfile.exists()  # the queued event started nothing
+
+
+def test_state_events_go_first_the_oldest_is_dropped_and_stale_accepts_never_reach_a_gate():
+    release = threading.Event()
+    got: list[str] = []
+
+    def deliver(event: dict) -> None:
+        release.wait(5)
+        got.append(event["event_id"])
+
+    hook = Hook("gate", deliver, queue_size=3, max_accept_age_s=5.0)
+    now = time.time()
+    hook.submit({"type": "reject", "event_id": "r0", "captured_at": now})  # in delivery, held
+    time.sleep(0.1)
+    for i in range(1, 4):
+        hook.submit({"type": "reject", "event_id": f"r{i}", "captured_at": now})
+    hook.submit({"type": "accept", "event_id": "a-new", "captured_at": now})  # full: r1 (the oldest) goes
+    hook.submit({"type": "verifier_down", "event_id": "down"})  # full again: r2 goes, and "down" jumps the queue
+    hook.submit({"type": "verifier_up", "event_id": "up"})  # r3 goes; "up" stays behind "down"
+    hook.submit({"type": "accept", "event_id": "a-old", "captured_at": now - 60})  # a-new goes
+    release.set()
+    hook.close()
+    assert got == ["r0", "down", "up"] and hook.dropped == 4 and hook.stale == 1  # a-old: never delivered

@@ -121,7 +121,7 @@ def site(tmp_path_factory, engine, photos) -> Path:
     work = tmp_path_factory.mktemp("site")
     (work / "config").mkdir()
     data = yaml.safe_load((REPO / "config" / "kiosk.yaml").read_text())
-    data["transport"] = {k: f"tcp://127.0.0.1:{free_port()}" for k in ("frames", "events", "control")}
+    data["transport"] = {k: f"tcp://127.0.0.1:{free_port()}" for k in ("frames", "events", "control", "history")}
     data["metrics"]["port"] = free_port()
     data["cameras"][0].update(source="../gate-a1.avi", loop=True)  # instead of camera device 0
     (work / "config" / "kiosk.yaml").write_text(yaml.safe_dump(data, sort_keys=False))

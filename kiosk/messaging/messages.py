@@ -24,7 +24,7 @@ FRAME_TOPIC = "frame."
 EOF_TOPIC = "eof."
 EVENT_TOPIC = "event."
 HEALTH_TOPIC = "health."
-EVENT_TYPES = ("accept", "reject", "verifier_down", "verifier_up")
+EVENT_TYPES = ("accept", "reject", "verifier_down", "verifier_up", "events_missed")
 # The largest frame accepted: 4096 px a side and 4096x2304 pixels (4K UHD fits). Every receiving socket
 # refuses a message part larger than the largest such frame (transport.py), and a JPEG's own size is read
 # from its header before anything is decoded, so no peer can make a process allocate more than that.
@@ -109,6 +109,8 @@ class Event:
     latency_ms: float | None = None
     seq: int | None = None  # frame sequence number of the deciding frame
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    boot_id: str | None = None  # the publishing verifier process (new at each start)
+    event_seq: int | None = None  # 1, 2, 3... per boot_id: a subscriber sees a gap and fetches what it missed
     v: int = VERSION
 
     def topic(self) -> bytes:
@@ -215,12 +217,22 @@ def decode_json(parts: list[bytes], where: str) -> tuple[str, dict[str, Any]]:
 
 def decode_event(parts: list[bytes]) -> Event:
     topic, data = decode_json(parts, "event")
+    return event_from_dict(data, topic)
+
+
+def event_from_dict(data: dict[str, Any], topic: str | None = None) -> Event:
+    """An event from its JSON object (checked like a received one; `topic` too when given)."""
     etype = _require(data, "type", str, "event")
     if etype not in EVENT_TYPES:
         raise BadMessage(f"event: unknown type {etype!r}")
     gate = _require(data, "gate_id", str, "event")
-    if topic != EVENT_TOPIC + gate:
+    if topic is not None and topic != EVENT_TOPIC + gate:
         raise BadMessage(f"event: topic {topic!r} does not match gate_id {gate!r}")
+    seq = data.get("event_seq")
+    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
+        raise BadMessage("event: event_seq must be a positive integer")
+    if data.get("boot_id") is not None and not isinstance(data["boot_id"], str):
+        raise BadMessage("event: boot_id must be a string")
     known = {k: data[k] for k in Event.__dataclass_fields__ if k in data}
     try:
         return Event(**known)

@@ -48,6 +48,7 @@ FRAME_HWM = 4
 FRAME_PART_MAX = MAX_FRAME_BYTES + 64 * 1024
 CONTROL_PART_MAX = 64 * 1024
 EVENT_PART_MAX = 1024 * 1024
+HISTORY_REPLY_MAX = 16 * 1024 * 1024
 AUTHORIZED = "authorized_clients"  # may send frames and control requests (and subscribe)
 SUBSCRIBERS = "authorized_subscribers"  # may only subscribe to events and health (gate controllers)
 ROLES = ("all", "subscriber")
@@ -269,6 +270,17 @@ class Transport:
         self._as_server(sock, "ingest")
         return self._attach(sock, "control", bind=True)
 
+    def history_server(self) -> zmq.Socket:
+        """Recent events on request, for subscribers: the events' allow-list (gates may ask)."""
+        sock = self._socket(zmq.REP, MAXMSGSIZE=CONTROL_PART_MAX)
+        self._as_server(sock, "events")
+        return self._attach(sock, "history", bind=True)
+
+    def history_client(self, timeout_ms: int = 3000) -> zmq.Socket:
+        sock = self._socket(zmq.REQ, RCVTIMEO=timeout_ms, SNDTIMEO=timeout_ms, MAXMSGSIZE=HISTORY_REPLY_MAX)
+        self._as_client(sock, "history")
+        return self._attach(sock, "history", bind=False)
+
     def control_client(self, timeout_ms: int = 3000) -> zmq.Socket:
         sock = self._socket(zmq.REQ, RCVTIMEO=timeout_ms, SNDTIMEO=timeout_ms)
         self._as_client(sock, "control")
@@ -295,7 +307,7 @@ def free_port() -> int:
 
 def loopback_endpoints() -> dict[str, str]:
     """`transport:` endpoints on free loopback ports, for a self-contained run."""
-    return {key: f"tcp://127.0.0.1:{free_port()}" for key in ("frames", "events", "control")}
+    return {key: f"tcp://127.0.0.1:{free_port()}" for key in ("frames", "events", "control", "history")}
 
 
 def nothing_listens(endpoint: str, timeout_s: float = 0.5) -> bool:

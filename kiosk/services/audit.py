@@ -13,10 +13,12 @@ before the next one is appended, and readers skip lines that do not parse.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -104,3 +106,41 @@ def read_tail(path: Path, tail_bytes: int = 1 << 20) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+class RecentEvents:
+    """The last events published (seeded from the audit log's tail at start, so a restarted verifier can still
+    serve what its previous run published), for subscribers that missed some."""
+
+    def __init__(self, seed: list[dict[str, Any]], size: int = 2000) -> None:
+        self._events: deque[dict[str, Any]] = deque(
+            (e for e in seed if isinstance(e.get("boot_id"), str) and isinstance(e.get("event_seq"), int)),
+            maxlen=size)
+
+    def add(self, event: Any) -> None:
+        self._events.append(dataclasses.asdict(event))
+
+    def since(self, cursors: dict[str, tuple[str, int]], gate: str | None) -> tuple[list[dict[str, Any]], bool]:
+        """For each gate with a cursor (boot_id, event_seq) (only `gate` if given): the events published after
+        it, in order. `complete` is False when some may be missing: the cursor's event is no longer held and
+        what follows does not continue it (same boot, next number; or a new boot starting at 1)."""
+        held = list(self._events)
+        out: list[dict[str, Any]] = []
+        complete = True
+        for gate_id, (boot, seq) in cursors.items():
+            if gate is not None and gate_id != gate:
+                continue
+            mine = [e for e in held if e.get("gate_id") == gate_id]
+            at = next((i for i, e in enumerate(mine) if e["boot_id"] == boot and e["event_seq"] == seq), None)
+            if at is not None:
+                new = mine[at + 1:]
+            else:
+                new = [e for e in mine if not (e["boot_id"] == boot and e["event_seq"] <= seq)]
+            prev = (boot, seq)
+            for e in new:
+                if not ((e["boot_id"] == prev[0] and e["event_seq"] == prev[1] + 1)
+                        or (e["boot_id"] != prev[0] and e["event_seq"] == 1)):
+                    complete = False
+                prev = (e["boot_id"], e["event_seq"])
+            out += new
+        return out, complete

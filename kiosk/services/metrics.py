@@ -215,11 +215,13 @@ class SubscriberMetrics:
         self.delivery_seconds = Histogram("kiosk_hook_delivery_seconds", "time a hook took per event", ["hook"],
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("kiosk_hook_queue_depth", "events waiting for a hook", ["hook"], registry=r)
+        self.fetched = Counter("kiosk_subscriber_fetched_events", "events fetched from the verifier's history "
+                               "after a gap, a restart or a start", registry=r)
         self.verifier_up = Gauge("kiosk_subscriber_verifier_up", "1 while the verifier's heartbeat is heard",
                                  registry=r)
-        for etype in ("accept", "reject", "verifier_down", "verifier_up"):
+        for etype in ("accept", "reject", "verifier_down", "verifier_up", "events_missed"):
             self.events.labels(type=etype)
         for hook in hooks:
-            for outcome in ("delivered", "failed", "dropped"):
+            for outcome in ("delivered", "failed", "dropped", "stale"):
                 self.deliveries.labels(hook=hook, outcome=outcome)
             self.delivery_seconds.labels(hook=hook)

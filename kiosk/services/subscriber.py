@@ -21,16 +21,18 @@ import importlib
 import json
 import logging
 import os
-import queue
 import signal
 import socket
 import subprocess
 import threading
 import time
 import urllib.parse
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
+
+import zmq
 
 
 from kiosk.cli_support import serve
@@ -38,8 +40,8 @@ from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError
 from kiosk.services.metrics import SubscriberMetrics
 from kiosk.services.metrics import serve as serve_metrics
-from kiosk.messaging.channels import VERIFIER_HEALTH, EventChannel, EventMessage
-from kiosk.messaging.messages import EVENT_TOPIC, Event, Heartbeat
+from kiosk.messaging.channels import VERIFIER_HEALTH, EventChannel
+from kiosk.messaging.messages import EVENT_TOPIC, BadMessage, Event, Heartbeat, event_from_dict
 from kiosk.messaging.transport import Transport
 from kiosk.services.webhook_signing import load_secret, secret_path, sign
 
@@ -49,16 +51,29 @@ ENV_FIELDS = ("type", "gate_id", "camera_id", "subject_id", "display_name", "sco
               "decided_at", "latency_ms")
 
 
-class Hook:
-    """A worker thread with a bounded queue around one `deliver(event)` function."""
+STATE_EVENTS = ("verifier_down", "verifier_up", "events_missed")
 
-    def __init__(self, name: str, deliver: Callable[[dict[str, Any]], None], queue_size: int) -> None:
+
+class Hook:
+    """A worker thread with a bounded queue around one `deliver(event)` function.
+
+    State events (`verifier_down`, ...) go to the front of the queue: a gate must hear that the verifier is
+    gone before it works through older decisions. When the queue is full the oldest event is dropped, not
+    the newest. An accept older than `max_accept_age_s` (since its capture) is never delivered: whoever it
+    was about has long walked on (counted as "stale")."""
+
+    def __init__(self, name: str, deliver: Callable[[dict[str, Any]], None], queue_size: int,
+                 max_accept_age_s: float = 5.0) -> None:
         self.name = name
         self._deliver = deliver
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._size = queue_size
+        self._max_age = max_accept_age_s
+        self._queue: deque[dict[str, Any] | None] = deque()
+        self._ready = threading.Condition()
         self.delivered = 0
         self.failed = 0
         self.dropped = 0
+        self.stale = 0
         self._metrics: SubscriberMetrics | None = None
         self._thread = threading.Thread(target=self._work, name=f"hook {name}", daemon=True)
         self._thread.start()
@@ -66,26 +81,52 @@ class Hook:
     def attach(self, metrics: SubscriberMetrics) -> None:
         """Count this hook's deliveries in `metrics` from now on."""
         self._metrics = metrics
-        metrics.queue_depth.labels(hook=self.name).set_function(self._queue.qsize)
+        metrics.queue_depth.labels(hook=self.name).set_function(lambda: len(self._queue))
 
     def _count(self, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.deliveries.labels(hook=self.name, outcome=outcome).inc()
 
     def submit(self, event: dict[str, Any]) -> None:
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
-            self.dropped += 1
-            self._count("dropped")
-            if self.dropped == 1 or self.dropped % 100 == 0:
-                log.warning("hook %s is behind: %d events dropped so far", self.name, self.dropped)
+        with self._ready:
+            if len(self._queue) >= self._size:
+                # The oldest decision goes (the least useful to a gate); a state event stays.
+                oldest = next((e for e in self._queue if e is not None and e.get("type") not in STATE_EVENTS),
+                              self._queue[0])
+                self._queue.remove(oldest)
+                self.dropped += 1
+                self._count("dropped")
+                if self.dropped == 1 or self.dropped % 100 == 0:
+                    log.warning("hook %s is behind: %d events dropped so far (oldest first)", self.name,
+                                self.dropped)
+            if event.get("type") in STATE_EVENTS:  # ahead of the decisions, behind earlier state events
+                at = next((i for i, e in enumerate(self._queue)
+                           if e is None or e.get("type") not in STATE_EVENTS), len(self._queue))
+                self._queue.insert(at, event)
+            else:
+                self._queue.append(event)
+            self._ready.notify()
+
+    def _too_old(self, event: dict[str, Any]) -> bool:
+        captured = event.get("captured_at")
+        return (event.get("type") == "accept" and isinstance(captured, (int, float))
+                and time.time() - captured > self._max_age)
 
     def _work(self) -> None:
         while True:
-            event = self._queue.get()
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                event = self._queue.popleft()
             if event is None:
                 return
+            if self._too_old(event):
+                self.stale += 1
+                self._count("stale")
+                log.warning("hook %s: accept %s of %s not delivered: captured %.1f s ago (hooks.max_accept_age_s "
+                            "%g)", self.name, event.get("event_id"), event.get("subject_id"),
+                            time.time() - float(event["captured_at"]), self._max_age)
+                continue
             t0 = time.perf_counter()
             try:
                 self._deliver(event)
@@ -102,10 +143,9 @@ class Hook:
         stop_running = getattr(self._deliver, "close", None)
         if stop_running is not None:
             stop_running()  # e.g. the exec hook's commands still running
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            return
+        with self._ready:
+            self._queue.append(None)
+            self._ready.notify()
         self._thread.join(timeout)
 
 
@@ -277,14 +317,25 @@ def python_hook(spec: str) -> Callable[[dict[str, Any]], None]:
 
 
 class Subscriber:
-    """Receives events (optionally of one gate) and the verifier's heartbeat; feeds the hooks."""
+    """Receives events (optionally of one gate) and the verifier's heartbeat; feeds the hooks, each event once.
 
-    def __init__(self, cfg: KioskConfig, hooks: list[Hook], gate: str | None = None, metrics_port: int = 0) -> None:
+    At-least-once towards the gate: every event carries its verifier's boot id and a number per gate; the
+    subscriber keeps, per gate, the last one it handed on (in `hooks.state_dir/NAME.json`, so a restarted
+    subscriber knows too). A gap in the numbers, a heartbeat that counts further than what arrived, a new
+    boot id or a start with a saved position makes it fetch the missed events from the verifier's history
+    socket; anything already handed on (same event id) is skipped. A verifier restart, however quick, is
+    passed on as `verifier_down` then `verifier_up`; events that could not be fetched any more as
+    `events_missed`.
+    """
+
+    def __init__(self, cfg: KioskConfig, hooks: list[Hook], gate: str | None = None, metrics_port: int = 0,
+                 name: str | None = None) -> None:
         if not hooks:
             raise ConfigError("kiosk subscribe: no hooks (give --jsonl, --exec, --webhook or hooks.python)")
         self.cfg = cfg
         self.hooks = hooks
         self.gate = gate
+        self.name = name or (f"gate-{gate}" if gate else "all-gates")
         self.metrics = SubscriberMetrics([h.name for h in hooks])
         for hook in hooks:
             hook.attach(self.metrics)
@@ -297,7 +348,33 @@ class Subscriber:
         self.verifier_up: bool | None = None  # None: not heard from yet
         self._last_beat = time.monotonic()
         self.bad = 0
+        self.state_path = cfg.resolve(cfg.hooks.state_dir) / f"{self.name}.json"
+        self.cursors: dict[str, tuple[str, int]] = self._load_cursors()  # gate -> (boot_id, event_seq)
+        self.boot_id: str | None = None  # the verifier's, from its heartbeat
+        self._handed: deque[str] = deque(maxlen=10_000)  # recent event ids, to skip one fetched twice
+        self._catch_up_due = bool(self.cursors)
 
+    # -- position ------------------------------------------------------------
+    def _load_cursors(self) -> dict[str, tuple[str, int]]:
+        try:
+            data = json.loads(self.state_path.read_text())
+            return {str(g): (str(c[0]), int(c[1])) for g, c in data["cursors"].items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            log.warning("subscriber state %s unreadable (%s); starting from the next event", self.state_path, exc)
+            return {}
+
+    def _save_cursors(self) -> None:
+        try:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"cursors": {g: list(c) for g, c in self.cursors.items()}}))
+            os.replace(tmp, self.state_path)
+        except OSError as exc:
+            log.warning("cannot save the subscriber position to %s: %s", self.state_path, exc)
+
+    # -- delivery ------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
 
@@ -308,8 +385,95 @@ class Subscriber:
 
     def _state_event(self, kind: str, reason: str) -> None:
         event = Event(type=kind, gate_id=self.gate or "*", reason=reason, frames=0)
-        log.log(logging.WARNING if kind == "verifier_down" else logging.INFO, "%s: %s", kind, reason)
+        log.log(logging.INFO if kind == "verifier_up" else logging.WARNING, "%s: %s", kind, reason)
         self._dispatch(asdict(event))
+
+    def _hand_on(self, event: Event) -> None:
+        """Deliver a decision once, and move its gate's position."""
+        if self.gate and event.gate_id != self.gate:  # topic filters are prefixes: A1 also matches A10
+            return
+        if event.event_id in self._handed:
+            return
+        self._handed.append(event.event_id)
+        self._dispatch(asdict(event))
+        if event.boot_id is not None and event.event_seq is not None:
+            self.cursors[event.gate_id] = (event.boot_id, event.event_seq)
+            self._save_cursors()
+
+    def _on_event(self, event: Event) -> None:
+        if self.gate and event.gate_id != self.gate:
+            return
+        cur = self.cursors.get(event.gate_id)
+        if event.boot_id is not None and event.event_seq is not None and cur is not None:
+            if event.boot_id == cur[0] and event.event_seq <= cur[1]:
+                return  # already handed on
+            continues = (event.boot_id == cur[0] and event.event_seq == cur[1] + 1) or \
+                (event.boot_id != cur[0] and event.event_seq == 1 and event.boot_id == self.boot_id)
+            if not continues:
+                self._catch_up(f"gap before event {event.event_seq} of gate {event.gate_id}")
+        self._hand_on(event)
+
+    def _on_heartbeat(self, body: dict[str, Any]) -> None:
+        self._last_beat = time.monotonic()
+        if body.get("status") == "stopping":
+            return
+        boot = body.get("boot_id")
+        if isinstance(boot, str) and self.boot_id is not None and boot != self.boot_id:
+            self._catch_up_due = True
+            if self.verifier_up:  # restarted inside the heartbeat window: the gate must hear it all the same
+                self._state_event("verifier_down", "the verifier restarted (new boot id)")
+                self._state_event("verifier_up", "the verifier is back after a restart")
+        if isinstance(boot, str):
+            self.boot_id = boot
+        counts = body.get("event_seq")
+        if isinstance(counts, dict) and isinstance(boot, str):
+            for gate, n in counts.items():
+                cur = self.cursors.get(gate)
+                if (self.gate is None or gate == self.gate) and isinstance(n, int) and cur is not None \
+                        and cur[0] == boot and n > cur[1]:
+                    self._catch_up_due = True  # published, but not arrived here
+        if self.verifier_up is not True:
+            was_down = self.verifier_up is False
+            self.verifier_up = True
+            self.metrics.verifier_up.set(1)
+            if was_down:
+                self._state_event("verifier_up", "verifier heartbeat is back")
+
+    def _catch_up(self, why: str) -> None:
+        """Fetch and hand on what was missed since each gate's position."""
+        self._catch_up_due = False
+        cursors = {g: c for g, c in self.cursors.items() if self.gate is None or g == self.gate}
+        if not cursors:
+            return
+        sock = self.transport.history_client()
+        try:
+            sock.send_json({"v": 1, "cmd": "events", "cursors": {g: list(c) for g, c in cursors.items()},
+                            "gate_id": self.gate})
+            reply = sock.recv_json()
+        except zmq.ZMQError as exc:
+            log.warning("cannot fetch missed events (%s): %s; will try again", why, exc)
+            self._catch_up_due = True
+            return
+        finally:
+            sock.close(linger=0)
+        if not isinstance(reply, dict) or not reply.get("ok") or not isinstance(reply.get("events"), list):
+            log.warning("the verifier refused the history request: %s", str(reply)[:200])
+            return
+        for data in reply["events"]:
+            try:
+                self._hand_on(event_from_dict(data))
+            except (BadMessage, ValueError, TypeError) as exc:
+                self._bad_message(f"history: {exc}")
+        log.info("fetched %d missed event(s) (%s)", len(reply["events"]), why)
+        self.metrics.fetched.inc(len(reply["events"]))
+        if not reply.get("complete", True):
+            self._state_event("events_missed", "some events could not be fetched any more (verifier history "
+                                               "window passed); check the audit log")
+
+    def _bad_message(self, why: str) -> None:
+        self.bad += 1
+        self.metrics.bad_messages.inc()
+        log.warning("dropped a malformed message: %s", why)
 
     def _watch(self) -> None:
         window = self.cfg.heartbeat.interval_s * self.cfg.heartbeat.misses
@@ -319,34 +483,18 @@ class Subscriber:
             self.metrics.verifier_up.set(0)
             self._state_event("verifier_down", f"no verifier heartbeat for {silent:.1f}s")
 
-    def _bad_message(self, why: str) -> None:
-        self.bad += 1
-        self.metrics.bad_messages.inc()
-        log.warning("dropped a malformed message: %s", why)
-
-    def _receive(self, message: EventMessage) -> None:
-        if isinstance(message, Heartbeat):
-            self._last_beat = time.monotonic()
-            if message.body.get("status") == "stopping":
-                return
-            if self.verifier_up is not True:
-                was_down = self.verifier_up is False
-                self.verifier_up = True
-                self.metrics.verifier_up.set(1)
-                if was_down:
-                    self._state_event("verifier_up", "verifier heartbeat is back")
-        elif isinstance(message, Event):
-            if self.gate and message.gate_id != self.gate:  # topic filters are prefixes: A1 also matches A10
-                return
-            self._dispatch(asdict(message))
-
     def run(self) -> int:
-        log.info("subscribed to %s on %s with %d hook(s): %s", f"gate {self.gate}" if self.gate else "all gates",
-                 self.cfg.transport.events, len(self.hooks), ", ".join(h.name for h in self.hooks))
+        log.info("subscriber %s: %s on %s with %d hook(s): %s", self.name,
+                 f"gate {self.gate}" if self.gate else "all gates", self.cfg.transport.events, len(self.hooks),
+                 ", ".join(h.name for h in self.hooks))
         while not self._stop.is_set():
             message = self.inbox.recv(100)
-            if message is not None:
-                self._receive(message)
+            if isinstance(message, Heartbeat):
+                self._on_heartbeat(message.body)
+            elif isinstance(message, Event):
+                self._on_event(message)
+            if self._catch_up_due and self.verifier_up:
+                self._catch_up("after a start, a restart or a heartbeat ahead of the events")
             self._watch()
         return 0
 
@@ -371,15 +519,14 @@ def build_hooks(cfg: KioskConfig, *, jsonl: list[str], execs: list[str], webhook
     elif webhooks:
         log.warning("webhooks are sent UNSIGNED (hooks.sign_webhooks: false): a receiver cannot tell these POSTs "
                     "from forged ones, and an accept opens a door")
-    hooks = [Hook(f"jsonl {p}", jsonl_hook(Path(p)), h.queue_size) for p in jsonl]
-    hooks += [Hook(f"exec {c}", exec_hook(c, h.exec_timeout_s), h.queue_size) for c in execs]
-    for url in webhooks:
-        hooks.append(Hook(f"webhook {url}", webhook_hook(url, h.webhook_timeout_s, h.webhook_retries, secret),
-                          h.queue_size))
-    hooks += [Hook(f"python {spec}", python_hook(spec), h.queue_size) for spec in (python if python is not None
-                                                                                   else h.python)]
-    return hooks
+    delivers = [(f"jsonl {p}", jsonl_hook(Path(p))) for p in jsonl]
+    delivers += [(f"exec {c}", exec_hook(c, h.exec_timeout_s)) for c in execs]
+    delivers += [(f"webhook {url}", webhook_hook(url, h.webhook_timeout_s, h.webhook_retries, secret))
+                 for url in webhooks]
+    delivers += [(f"python {spec}", python_hook(spec)) for spec in (python if python is not None else h.python)]
+    return [Hook(name, deliver, h.queue_size, h.max_accept_age_s) for name, deliver in delivers]
 
 
-def run_subscriber(cfg: KioskConfig, gate: str | None, hooks: list[Hook], metrics_port: int = 0) -> int:
-    return serve(Subscriber(cfg, hooks, gate, metrics_port))
+def run_subscriber(cfg: KioskConfig, gate: str | None, hooks: list[Hook], metrics_port: int = 0,
+                   name: str | None = None) -> int:
+    return serve(Subscriber(cfg, hooks, gate, metrics_port, name))

@@ -72,13 +72,15 @@ class Supervisor:
         self.subscribers = []
         for sub in cfg.subscribers:
             # hooks.python runs in one subscriber of its own (below), not once per subscriber.
-            argv = base + ["subscribe", "--no-config-hooks"] + (["--gate", sub.gate] if sub.gate else [])
+            argv = base + ["subscribe", "--no-config-hooks", "--name", sub.name] + \
+                (["--gate", sub.gate] if sub.gate else [])
             argv += (["--exec", sub.exec] if sub.exec else []) + (["--webhook", sub.webhook] if sub.webhook else [])
             argv += ["--jsonl", str(cfg.resolve(sub.jsonl))] if sub.jsonl else []
             argv += ["--metrics-port", str(sub.metrics_port)] if sub.metrics_port else []
             self.subscribers.append(Child(f"subscriber {sub.name}", argv, restart_on_success=True))
         if cfg.hooks.python:  # all gates, every event once
-            self.subscribers.append(Child("subscriber hooks.python", base + ["subscribe"], restart_on_success=True))
+            self.subscribers.append(Child("subscriber hooks.python", base + ["subscribe", "--name", "hooks-python"],
+                                          restart_on_success=True))
 
     @property
     def children(self) -> list[Child]:

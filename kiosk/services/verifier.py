@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+import uuid
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from kiosk.store.gallery import Gallery, GalleryMatrix
 from kiosk.messaging.channels import CAPTURE_HEALTH, VERIFIER_HEALTH, FrameChannel
 from kiosk.messaging.messages import CaptureHealth, Event, encode_json
 from kiosk.pipeline.policy import Decision
-from kiosk.services.audit import AuditLog, read_tail
+from kiosk.services.audit import AuditLog, RecentEvents, read_tail
 from kiosk.services.metrics import VerifierMetrics
 from kiosk.services.metrics import serve as serve_metrics
 from kiosk.messaging.transport import FRAME_HWM, Transport
@@ -67,9 +68,13 @@ class Verifier:
         self.inbox = FrameChannel(self.frames, self.cameras, self._bad_message)
         self.events = self.transport.event_publisher()
         self.control = self.transport.control_server()
+        self.history = self.transport.history_server()
         audit_path = cfg.resolve(cfg.audit.path)
         self._recall_accepts(audit_path)
         self.audit = AuditLog(audit_path)
+        self.boot_id = uuid.uuid4().hex  # with event_seq, lets a subscriber see a restart and any gap
+        self._event_seq: dict[str, int] = {}  # per gate: a gate's subscriber sees 1, 2, 3... and any gap
+        self.recent = RecentEvents(read_tail(audit_path))  # what a subscriber that missed some can fetch
         self.metrics.audit_ok.set_function(lambda: 0.0 if self.audit.error else 1.0)
         self._stop = threading.Event()
         self._bad = 0
@@ -138,9 +143,12 @@ class Verifier:
         poller = zmq.Poller()
         poller.register(self.frames, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
+        poller.register(self.history, zmq.POLLIN)
         ready = dict(poller.poll(0 if self.core.has_pending() else timeout_ms))
         if self.control in ready:
             self._handle_control()
+        if self.history in ready:
+            self._handle_history()
         if self.frames in ready:
             self._drain()
         self._publish_all(self.core.step(time.time()))
@@ -183,7 +191,7 @@ class Verifier:
 
     def _event(self, cam: CameraState, verdict: Verdict, d: Decision) -> Event:
         decided_at = time.time()
-        return Event(type=d.type, gate_id=cam.gate_id, camera_id=cam.camera_id, track_id=verdict.track_id,
+        return Event(boot_id=self.boot_id, event_seq=self._event_seq.get(cam.gate_id, 0) + 1,type=d.type, gate_id=cam.gate_id, camera_id=cam.camera_id, track_id=verdict.track_id,
                      subject_id=d.subject_id, display_name=d.display_name,
                      score=None if d.score is None else round(d.score, 4),
                      threshold=self.cfg.policy.accept_threshold, reason=d.reason, frames=d.frames,
@@ -206,6 +214,8 @@ class Verifier:
                     self.core.policy.forget_accept(cam.gate_id, d.subject_id)  # not accepted after all
                 d = dataclasses.replace(d, type="reject", reason="audit_unavailable")
                 event = self._event(cam, verdict, d)
+        self._event_seq[cam.gate_id] = event.event_seq or 0
+        self.recent.add(event)
         self.events.send_multipart([event.topic(), event.to_json()])
         self.metrics.observe_stage("publish", (time.perf_counter() - t0) * 1000)
         self.metrics.decisions.labels(gate=cam.gate_id, type=d.type, reason=d.reason or "").inc()
@@ -307,11 +317,38 @@ class Verifier:
             return
         self._last_heartbeat = mono
         body = self.status()
+        body["boot_id"], body["event_seq"] = self.boot_id, dict(self._event_seq)
         del body["claims"]  # passenger ids stay off the health topic: every subscriber key hears it
         if status is not None:
             body["status"] = status
         body["sent_at"] = time.time()
         self.events.send_multipart(encode_json(VERIFIER_HEALTH, body))
+
+    def _handle_history(self) -> None:
+        """`{"cmd": "events", "cursors": {gate: [boot_id, event_seq]}, "gate_id": G or null}`: the events each
+        gate's subscriber missed since its cursor (see RecentEvents.since)."""
+        try:
+            parts = self.history.recv_multipart()
+            if len(parts) != 1:
+                raise ValueError(f"expected one message part, got {len(parts)}")
+            request = json.loads(parts[0])
+            if not isinstance(request, dict) or request.get("cmd") != "events":
+                raise ValueError('expected {"cmd": "events", "cursors": {...}}')
+            cursors, gate = request.get("cursors"), request.get("gate_id")
+            if not isinstance(cursors, dict) or len(cursors) > 10_000 or (gate is not None and not isinstance(gate, str)):
+                raise ValueError("cursors must be a mapping gate -> [boot_id, event_seq]")
+            parsed = {}
+            for g, cur in cursors.items():
+                if not (isinstance(cur, list) and len(cur) == 2 and isinstance(cur[0], str)
+                        and isinstance(cur[1], int) and not isinstance(cur[1], bool)):
+                    raise ValueError(f"cursor of gate {str(g)[:40]!r} must be [boot_id, event_seq]")
+                parsed[str(g)] = (cur[0], cur[1])
+            events, complete = self.recent.since(parsed, gate)
+            reply = {"ok": True, "boot_id": self.boot_id, "complete": complete, "events": events}
+        except (ValueError, RecursionError) as exc:
+            self._bad_message(f"history: {exc}"[:300])
+            reply = {"ok": False, "error": f"bad request: {exc}"}
+        self.history.send_json(reply)
 
     def _handle_control(self) -> None:
         """One request, one reply, whatever arrived: a malformed request (several parts, not JSON) gets an
