@@ -55,6 +55,7 @@ class CameraConfig:
     loop: bool = False
     fps: Optional[float] = None
     encoding: Literal["bgr8", "jpeg"] = "bgr8"
+    key: Optional[str] = None  # the client key its capture uses (default: security.client_key)
 
 
 @dataclass

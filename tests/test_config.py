@@ -47,7 +47,8 @@ def test_shipped_config_documents_every_key_with_its_default():
     assert set(shipped) == set(defaults)
     # The one documented exception: it ships with one camera to edit (the default is none).
     assert defaults.pop("cameras") == [] and shipped["cameras"] == [
-        {"id": "cam-a1", "gate": "A1", "source": 0, "realtime": True, "loop": False, "fps": None, "encoding": "bgr8"}]
+        {"id": "cam-a1", "gate": "A1", "source": 0, "realtime": True, "loop": False, "fps": None, "encoding": "bgr8",
+         "key": None}]
     for key, default in defaults.items():
         if isinstance(default, Path):  # shipped paths point at the repo's var/ folder
             assert Path(str(shipped[key])).name == default.name, key

@@ -98,3 +98,103 @@ def test_a_torn_last_line_stays_on_its_own(tmp_path):
     log.close()
     assert path.read_bytes().splitlines()[-2:] == [b'{"type": "acc', b'{"type": "reject", "event_id": "b"}']
     assert [r["event_id"] for r in read_tail(path)] == ["a", "b"]
+
+
+def test_a_capture_key_sends_for_its_own_camera_only(tmp_path, engine, photos):
+    import yaml
+
+    from kiosk.messaging.transport import init_keys
+
+    crops = people(engine, photos)
+    make_video(tmp_path / "v.avi", [Walk(crops["yao"], start=0, frames=20, w0=80, w1=120)], seconds=1.0)
+    cameras = [{"id": "cam-a1", "gate": "A1", "source": "v.avi", "realtime": True, "loop": True},
+               {"id": "cam-b1", "gate": "B1", "source": "v.avi", "realtime": True, "loop": True, "key": "cam-host-2"}]
+    config = write_config(tmp_path, cameras)
+    init_keys(tmp_path / "keys", client_name="cam-host-2")
+    # A config in which the host of cam-b1 claims gate A1's camera too.
+    data = yaml.safe_load(config.read_text())
+    data["cameras"][0]["key"] = "cam-host-2"
+    rogue_config = tmp_path / "rogue.yaml"
+    rogue_config.write_text(yaml.safe_dump(data))
+    verifier = kiosk(config, "verify")
+    transport = Transport(load_config(config), role="test-keys")
+    try:
+        deadline = time.monotonic() + 30
+        while control_request(transport, {"cmd": "status"}, timeout_ms=1000) is None:
+            assert time.monotonic() < deadline
+        rogue = kiosk(rogue_config, "capture", "--camera", "cam-a1")  # cam-host-2's key, gate A1's camera
+        own = kiosk(config, "capture", "--camera", "cam-b1")  # cam-host-2's key, its own camera
+        time.sleep(3.0)
+        stop(rogue)
+        stop(own)
+        status = control_request(transport, {"cmd": "status"})
+        assert status["cameras"]["cam-a1"]["frames_in"] == 0  # every message for cam-a1 from the wrong key dropped
+        assert status["cameras"]["cam-b1"]["frames_in"] > 10
+        assert status["bad_messages"] > 10 and "not its capture's" in status["last_error"]
+    finally:
+        transport.close()
+        stop(verifier)
+
+
+def test_fuzzed_messages_on_every_socket_leave_the_verifier_up_with_bounded_memory(tmp_path):
+    """Random parts, broken JSON, wrong types and shapes from an allowed key on the frame, control and history
+    sockets: every one dropped or answered with an error, the verifier stays up and its memory bounded."""
+    import json as _json
+    import random
+
+    import zmq
+
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": 0}])
+    verifier = kiosk(config, "verify")
+    transport = Transport(load_config(config), role="test-fuzz")
+    rng = random.Random(7)
+
+    def junk() -> bytes:
+        choice = rng.random()
+        if choice < 0.3:
+            return rng.randbytes(rng.randint(0, 3000))
+        if choice < 0.6:
+            return _json.dumps({"v": rng.choice([1, 2, None, "1"]), "camera_id": rng.choice(["cam-a1", 7, None]),
+                                "width": rng.choice([640, -1, 1 << 40, "x"]), "height": rng.choice([480, 0, 1.5]),
+                                "seq": rng.choice([1, None]), "captured_at": rng.choice([1.0, "now", 1e308]),
+                                "encoding": rng.choice(["bgr8", "jpeg", "png"]), "gate_id": "A1",
+                                "cmd": rng.choice(["status", "claim", "events", "rm -rf"]),
+                                "cursors": rng.choice([{}, {"A1": ["b", 1]}, [], {"A1": [1, "x"]}])}).encode()
+        return rng.choice([b"{", b"[]", b"null", b'{"v":1}', b"\xff\xfe", b"1e999999", b"[" * 5000])
+
+    def rss_mb(pid: int) -> float:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    try:
+        deadline = time.monotonic() + 30
+        while (status := control_request(transport, {"cmd": "status"}, timeout_ms=1000)) is None:
+            assert time.monotonic() < deadline
+        pid, baseline = status["pid"], rss_mb(status["pid"])
+        push = transport.frame_sender()
+        for _ in range(400):
+            topic = rng.choice([b"frame.cam-a1", b"frame.cam-zz", b"eof.cam-a1", b"health.capture.cam-a1", b"x"])
+            push.send_multipart([topic] + [junk() for _ in range(rng.randint(0, 4))])
+        replies = 0
+        for kind in ("control", "history"):
+            for _ in range(60):
+                sock = transport.control_client(2000) if kind == "control" else transport.history_client(2000)
+                try:
+                    sock.send_multipart([junk() for _ in range(rng.randint(1, 3))])
+                    reply = sock.recv_json()
+                    replies += isinstance(reply, dict)
+                except (zmq.Again, ValueError):
+                    pass
+                finally:
+                    sock.close(linger=0)
+        status = control_request(transport, {"cmd": "status"}, timeout_ms=5000)
+        assert status is not None and status["pid"] == pid and status["bad_messages"] > 300
+        assert replies >= 100  # nearly every request got an answer, most of them an error
+        assert rss_mb(pid) < baseline + 60
+        assert verifier.poll() is None
+    finally:
+        transport.close()
+        _, err = stop(verifier)
+    assert "Traceback" not in err

@@ -19,7 +19,7 @@ def test_a_removed_key_is_refused_without_a_restart(tmp_path, engine, photos):
     crops = people(engine, photos)
     make_video(tmp_path / "loop.avi", [Walk(crops["yao"], start=0, frames=20, w0=80, w1=120)], seconds=1.0)
     config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "loop.avi", "realtime": True,
-                                      "loop": True}])
+                                      "loop": True, "key": "cam-host"}])
     init_keys(tmp_path / "keys", client_name="cam-host", role="all")
     data = yaml.safe_load(config.read_text())
     data["security"]["client_key"] = "cam-host"

@@ -44,10 +44,13 @@ def _capture_health(topic: str, parts: list[Any], cameras: Iterable[str] | None)
 class FrameChannel:
     """What the captures send: frames, end-of-source markers and their health, for known cameras only."""
 
-    def __init__(self, sock: zmq.Socket, cameras: Iterable[str], on_bad: OnBad = _ignore) -> None:
+    def __init__(self, sock: zmq.Socket, cameras: Iterable[str], on_bad: OnBad = _ignore,
+                 owners: dict[str, str] | None = None) -> None:
+        """`owners`: camera id -> the z85 public key allowed to speak for it (None: CurveZMQ is off)."""
         self.sock = sock
         self.cameras = frozenset(cameras)
         self.on_bad = on_bad
+        self.owners = owners
 
     def recv(self, max_reads: int = 16) -> FrameMessage | None:
         """The next valid message waiting, or None when nothing is (never blocks; reads at most `max_reads`
@@ -58,9 +61,24 @@ class FrameChannel:
             except zmq.Again:
                 return None
             message = self.decode([p.bytes if i < 2 else p.buffer for i, p in enumerate(raw)], time.time())
-            if message is not None:
+            if message is not None and self._from_owner(message, raw[0]):
                 return message
         return None
+
+    def _from_owner(self, message: FrameMessage, first: zmq.Frame) -> bool:
+        """A camera's messages come from its own capture key only (ZAP's User-Id: the sender's public key)."""
+        if self.owners is None:
+            return True
+        camera = message.header.camera_id if isinstance(message, Frame) else message.camera_id
+        try:
+            sender = first.get("User-Id")
+        except zmq.ZMQError:
+            sender = None
+        if sender != self.owners.get(camera):
+            self.on_bad(f"a message for camera {camera!r} from a key that is not its capture's "
+                        f"(cameras[].key); dropped")
+            return False
+        return True
 
     def decode(self, parts: list[Any], now: float) -> FrameMessage | None:
         topic = bytes(parts[0]).decode("utf-8", "replace") if parts else ""

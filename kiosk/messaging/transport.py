@@ -103,6 +103,16 @@ def _load(path: Path) -> KeyPair:
     return KeyPair(pub, sec)
 
 
+def client_public_key(keys_dir: Path, name: str) -> str:
+    """The z85 public key of the allow-listed client `name` (keys_dir/authorized_clients/NAME.key), as ZAP
+    reports it for that client's messages."""
+    path = keys_dir / AUTHORIZED / f"{name}.key"
+    if not path.is_file():
+        raise ConfigError(f"cameras[].key: no client key {name!r} in {keys_dir / AUTHORIZED}/ (make it with "
+                          f"`kiosk keys init {keys_dir} --client {name}`)")
+    return _load(path).public.decode("ascii")
+
+
 class AllowList:
     """ZAP's check of a client's CurveZMQ key: is its public key in one of `folders` right now?
 

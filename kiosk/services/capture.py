@@ -150,7 +150,7 @@ class Capture:
         self.cfg = cfg
         self.cam = cams[camera_id]
         self.source = open_source(self.cam, cfg)
-        self.transport = Transport(cfg, role=f"capture {camera_id}")
+        self.transport = Transport(cfg, role=f"capture {camera_id}", client_key=self.cam.key)
         self.sock = self.transport.frame_sender()
         self.stats = CaptureStats()
         self._stop = threading.Event()

@@ -34,7 +34,7 @@ from kiosk.pipeline.policy import Decision
 from kiosk.services.audit import AuditLog, RecentEvents, read_tail
 from kiosk.services.metrics import VerifierMetrics
 from kiosk.services.metrics import serve as serve_metrics
-from kiosk.messaging.transport import FRAME_HWM, Transport
+from kiosk.messaging.transport import FRAME_HWM, Transport, client_public_key
 from kiosk.pipeline.core import CameraState, Verdict, VerifierCore
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,11 @@ class Verifier:
                                    self.cameras)
         self.transport = Transport(cfg, role="verifier")
         self.frames = self.transport.frame_receiver()
-        self.inbox = FrameChannel(self.frames, self.cameras, self._bad_message)
+        owners = None
+        if cfg.security.curve:  # each camera's messages from its own capture's key only
+            keys = cfg.resolve(cfg.security.keys_dir)
+            owners = {c.id: client_public_key(keys, c.key or cfg.security.client_key) for c in cfg.cameras}
+        self.inbox = FrameChannel(self.frames, self.cameras, self._bad_message, owners)
         self.events = self.transport.event_publisher()
         self.control = self.transport.control_server()
         self.history = self.transport.history_server()
