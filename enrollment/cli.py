@@ -217,6 +217,34 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    path = cfg.resolve(cfg.gallery.path)
+    existed = path.exists()
+    with Gallery(path) as gallery:
+        revision = gallery.revision()
+    print(f"gallery {path} " + (f"already exists (revision {revision})" if existed else "created, empty"))
+    return EXIT_OK
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    with _gallery(cfg, create=False) as gallery:
+        revision = gallery.backup(Path(args.file))
+    print(f"backed up {gallery.path} (revision {revision}) to {args.file}")
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if not Path(args.file).is_file():
+        raise UsageError(f"{args.file}: no such backup file")
+    with _gallery(cfg) as gallery:
+        revision = gallery.restore(Path(args.file))
+    print(f"restored {gallery.path} from {args.file} (revision {revision}); running verifiers reload it")
+    return EXIT_OK
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     ctx = _context(args)
     t0 = time.perf_counter()
@@ -310,6 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("remove", help="remove a subject and its templates")
     p.add_argument("id", metavar="ID")
     p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("init", help="create the configured gallery, empty (a verifier never creates one)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("backup", help="a consistent copy of the gallery in a new FILE (while verifiers run)")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("restore", help="replace the gallery's content with a backup; running verifiers reload it")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("compare", help="score the largest faces of two photos")
     p.add_argument("image_a", metavar="IMAGE_A")

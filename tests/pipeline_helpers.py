@@ -20,6 +20,7 @@ from kiosk.messaging.channels import EventChannel
 from kiosk.messaging.messages import Event
 from kiosk.tools.scenes import Walk, person_crop, render, write_video
 from kiosk.messaging.transport import Transport, init_keys, loopback_endpoints
+from kiosk.store.gallery import Gallery
 
 
 def people(engine, photos) -> dict[str, np.ndarray]:
@@ -52,6 +53,8 @@ def write_config(folder: Path, cameras: list[dict], **extra) -> Path:
     path = folder / "kiosk.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     init_keys(folder / "keys")
+    if cameras:  # a site that runs a verifier: its gallery, as `kiosk-enroll init` makes it (a verifier never does)
+        Gallery(folder / "gallery.db").close()
     return path
 
 

@@ -155,3 +155,41 @@ def test_reloads_during_a_long_write_transaction_keep_deciding_and_pick_up_the_i
             stop(capture)
         _, err = stop(verifier)
     assert "gallery reload failed" not in err and "Traceback" not in err
+
+
+def test_backup_restore_under_a_running_verifier_and_no_silent_empty_gallery(tmp_path, engine, photos):
+    crops = people(engine, photos)
+    make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
+    config = write_pipeline_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi",
+                                               "realtime": True, "loop": True}], policy={"repeat_accept_s": 0.0})
+    enroll = lambda *a: run_cli("kiosk-enroll", "-q", "-c", str(config), *a)  # noqa: E731
+    assert enroll("add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode == 0
+    res = enroll("backup", str(tmp_path / "before.db"))
+    assert res.returncode == 0 and "revision" in res.stdout
+    assert (tmp_path / "before.db").stat().st_mode & 0o777 == 0o600
+    assert enroll("remove", "YAO").returncode == 0
+    verifier = kiosk(config, "verify")
+    capture = None
+    events = Events(config, ("event.", "health.verifier"))
+    try:
+        assert events.wait_for(lambda ev: ev.health, 30)
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        assert events.wait_for(lambda ev: any(e.reason == "no_match" for e in ev.events), 20)
+        res = enroll("restore", str(tmp_path / "before.db"))  # while the verifier runs (cp would be ignored)
+        assert res.returncode == 0, res.stderr
+        assert events.wait_for(lambda ev: any(e.type == "accept" and e.subject_id == "YAO" for e in ev.events), 20)
+    finally:
+        events.close()
+        if capture is not None:
+            stop(capture)
+        stop(verifier)
+    # A configured gallery that is missing: the verifier says how to make one and creates nothing.
+    (tmp_path / "gallery.db").unlink()
+    for extra in ("gallery.db-wal", "gallery.db-shm"):
+        (tmp_path / extra).unlink(missing_ok=True)
+    res = run_cli("kiosk", "-c", str(config), "verify", timeout=60)
+    assert res.returncode == 2 and "kiosk-enroll -c CONFIG init" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "gallery.db").exists()
+    res = enroll("init")
+    assert res.returncode == 0 and (tmp_path / "gallery.db").exists()
+    assert enroll("restore", str(tmp_path / "missing.db")).returncode == 2

@@ -173,6 +173,9 @@ def test_every_readme_command_runs_as_written(site):
     assert "1 enrolled" in sh.run(f"kiosk-enroll {cfg} import flight-LH123.csv").stdout
     listed = json.loads(sh.run(f"kiosk-enroll {cfg} list --json").stdout)
     assert [s["id"] for s in listed["subjects"]] == ["PNR123", "PNR200", "PNR300"]
+    assert "already exists" in sh.run(f"kiosk-enroll {cfg} init").stdout
+    assert "backed up" in sh.run(f"kiosk-enroll {cfg} backup var/gallery-backup.db").stdout
+    assert "restored" in sh.run(f"kiosk-enroll {cfg} restore var/gallery-backup.db").stdout
     assert json.loads(sh.run(f"kiosk-enroll {cfg} compare a.jpg b.jpg --json").stdout)["match"] is False
     report = json.loads(sh.run(f"kiosk-enroll {cfg} evaluate pairs.csv --json").stdout)
     assert report["genuine_pairs"] == 1 and report["impostor_pairs"] == 1 and report["fnmr"] == 0.0

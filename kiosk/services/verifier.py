@@ -49,7 +49,7 @@ class Verifier:
             raise ConfigError(f"{cfg.source or 'config'}: cameras: the verifier needs at least one camera")
         self.cfg = cfg
         self.engine = engine or FaceEngine.from_config(cfg)
-        self.gallery = Gallery(cfg.resolve(cfg.gallery.path))
+        self.gallery = Gallery(cfg.resolve(cfg.gallery.path), create=False)
         keys = cfg.resolve(cfg.security.keys_dir)
         warn_if_readable_by_others(self.gallery.path, cfg.resolve(cfg.audit.path), *keys.glob("*.key_secret"),
                                    keys / "webhook.secret")
@@ -266,7 +266,9 @@ class Verifier:
 
     def _load_matrix(self) -> None:
         try:
-            with Gallery(self.gallery.path) as gallery:  # its own connection: this runs in a thread
+            # Its own connection (this runs in a thread); a gallery file that vanished is an error here,
+            # never a new empty gallery: the verifier keeps deciding from the matrix it has and says so.
+            with Gallery(self.gallery.path, create=False) as gallery:
                 self._loaded = gallery.matrix(self.engine.model_id, self.engine.dim).prepare()
         except Exception as exc:  # noqa: BLE001 - keep serving the old matrix
             self._last_error = self._gallery_error = f"gallery reload: {exc}"

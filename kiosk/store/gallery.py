@@ -213,7 +213,8 @@ class Gallery:
     def __init__(self, path: Path, *, create: bool = True, timeout: float = 10.0) -> None:
         self.path = Path(path)
         if not create and not self.path.exists():
-            raise UsageError(f"gallery {self.path} does not exist (enroll someone first)")
+            raise UsageError(f"gallery {self.path} does not exist: create it with `kiosk-enroll -c CONFIG init` "
+                             "(or enroll someone); it is never created empty behind your back")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
@@ -274,6 +275,40 @@ class Gallery:
 
     def close(self) -> None:
         self._db.close()
+
+    # -- backup and restore ----------------------------------------------------------
+    def backup(self, dest: Path) -> int:
+        """A consistent copy of the whole gallery in `dest` (SQLite's online backup: writers may go on);
+        returns the revision it holds."""
+        if dest.exists():
+            raise UsageError(f"{dest} exists; backup writes a new file only")
+        try:
+            target = sqlite3.connect(str(dest))
+            try:
+                self._db.backup(target)
+            finally:
+                target.close()
+            dest.chmod(0o600)
+        except (sqlite3.Error, OSError) as exc:
+            dest.unlink(missing_ok=True)
+            raise RuntimeFailure(f"backup of {self.path} to {dest} failed: {exc}") from None
+        with Gallery(dest, create=False) as copy:
+            return copy.revision()
+
+    def restore(self, source: Path) -> int:
+        """Replace the gallery's content with the backup `source`, in place, and move the revision past both,
+        so running verifiers reload it within a second. Returns the new revision."""
+        with Gallery(source, create=False) as backup:  # checked (and upgraded) like any gallery file
+            before = self.revision()
+            try:
+                backup._db.backup(self._db)  # the whole database, under the write lock
+            except sqlite3.Error as exc:
+                raise RuntimeFailure(f"restore of {self.path} from {source} failed: {exc}") from None
+        with self._transaction() as db:
+            revision = max(before, self.revision()) + 1
+            db.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (str(revision),))
+        log.info("gallery %s restored from %s (revision %d)", self.path, source, revision)
+        return revision
 
     def __enter__(self) -> Gallery:
         return self

@@ -31,6 +31,7 @@ from kiosk.config import KioskConfig, load_config, models_section
 from kiosk.errors import RuntimeFailure, UsageError
 from kiosk.messaging.channels import EventChannel, wait_until_eof
 from kiosk.messaging.messages import EVENT_TOPIC, HEALTH_TOPIC, CaptureHealth, Event, Heartbeat
+from kiosk.store.gallery import Gallery
 from kiosk.messaging.transport import Transport, control_request, init_keys, loopback_endpoints
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,6 @@ def run_obvious_loop(cfg: KioskConfig, video: Path) -> dict[str, Any]:
         raise UsageError("--compare insightface needs the insightface package (uv sync installs it with the dev "
                          "group; pip: pip install --no-deps insightface)") from None
     from kiosk.vision.engine import FaceEngine
-    from kiosk.store.gallery import Gallery
     from kiosk.vision.models import runtime
     from kiosk.pipeline.policy import DecisionPolicy
     from kiosk.pipeline.tracking import Tracker
@@ -207,6 +207,7 @@ def run_bench(cfg: KioskConfig, video: Path, compare: str | None, realtime: bool
     probe.release()
     if not ok:
         raise UsageError(f"--video {video}: not a video OpenCV can read")
+    Gallery(cfg.resolve(cfg.gallery.path), create=False).close()  # the gallery to match against must exist
     result = run_pipeline(cfg, video, realtime=realtime)
     result["video"] = str(video)
     if compare == "insightface":
