@@ -415,7 +415,11 @@ class Subscriber:
 
     def _on_heartbeat(self, body: dict[str, Any]) -> None:
         self._last_beat = time.monotonic()
-        if body.get("status") == "stopping":
+        if body.get("status") == "stopping":  # its last heartbeat: tell the gates now, not 3 s later
+            if self.verifier_up is not False:
+                self.verifier_up = False
+                self.metrics.verifier_up.set(0)
+                self._state_event("verifier_down", "the verifier is stopping")
             return
         boot = body.get("boot_id")
         if isinstance(boot, str) and self.boot_id is not None and boot != self.boot_id:

@@ -168,7 +168,19 @@ class Supervisor:
         return 2 if self.failed else code
 
     def _shutdown(self) -> None:
-        running = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
+        """Stop the captures and the verifier first, and the subscribers last, once they have told the gates:
+        a clean stop sends a last heartbeat (`stopping`) that they pass on as `verifier_down` at once; after a
+        failure they need the heartbeat window to notice."""
+        self._stop_children([self.verifier, *self.captures])
+        if any(c.proc is not None for c in self.subscribers):
+            hb = self.cfg.heartbeat
+            time.sleep(hb.interval_s * hb.misses + 0.5 if self.failed else 1.0)
+        self._stop_children(self.subscribers)
+        log.info("all children stopped")
+
+    @staticmethod
+    def _stop_children(children: list[Child]) -> None:
+        running = [c for c in children if c.proc is not None and c.proc.poll() is None]
         for child in running:
             child.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         deadline = time.monotonic() + GRACE_S
@@ -179,7 +191,6 @@ class Supervisor:
                 log.warning("%s did not stop in %.0fs; killing it", child.name, GRACE_S)
                 child.proc.kill()  # type: ignore[union-attr]
                 child.proc.wait()  # type: ignore[union-attr]
-        log.info("all children stopped")
 
 
 def run_supervisor(cfg: KioskConfig, config_path: Path, *, exit_on_eof: bool, verbosity: list[str]) -> int:
