@@ -112,6 +112,7 @@ def test_jpeg_bomb_and_huge_message_from_an_allowed_key(tmp_path, engine, photos
 def test_files_are_private_and_a_readable_gallery_is_reported(tmp_path, photos):
     (tmp_path / "site").mkdir()
     config = write_config(tmp_path / "site", [{"id": "cam-a1", "gate": "A1", "source": 0}])
+    (tmp_path / "site" / "gallery.db").unlink()  # made by the test's helper; here kiosk-enroll makes it
     assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
                    str(photos["yaoming.jpg"])).returncode == 0
     gallery = tmp_path / "site" / "gallery.db"

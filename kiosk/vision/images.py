@@ -93,6 +93,8 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
         raise ImageError(f"{name}: not a readable image (unknown format or corrupt file)")
     if min(img.shape[:2]) < 16:
         raise ImageError(f"{name}: image is too small ({img.shape[1]}x{img.shape[0]} px)")
+    if data[:2] == b"\xff\xd8":  # a JPEG has no alpha: no second decode
+        return img
     raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if raw is None or raw.ndim != 3 or raw.shape[2] != 4:
         return img
