@@ -54,10 +54,12 @@ def test_a_restarted_subscriber_misses_no_event_and_a_quick_verifier_restart_is_
         _, verifier_err = stop(verifier)
     handed = _jsonl(out)
     decisions = [e["event_id"] for e in handed if e["type"] in ("accept", "reject")]
-    assert len(decisions) == len(set(decisions))  # each event once
+    # At least once: the one event a hook had written when the subscriber was killed, before its position
+    # was saved, may come twice; nothing else does.
+    assert len(decisions) - len(set(decisions)) <= 1
     logged = [e["event_id"] for e in audit(config) if e["gate_id"] == "A1"]
     missing = [i for i in logged if i not in decisions]
-    assert not missing or missing == logged[-len(missing):] and len(missing) <= 1  # at most the very last one
+    assert not missing or missing == logged[-len(missing):] and len(missing) <= 1, missing  # at most the last one
     assert set(logged[:-1]) <= set(decisions) and len(logged) >= 4
     states = [(e["type"], e["reason"]) for e in handed if e["type"].startswith("verifier_")]
     assert ("verifier_down", "the verifier restarted (new boot id)") in states

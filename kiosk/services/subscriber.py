@@ -75,6 +75,7 @@ class Hook:
         self.dropped = 0
         self.stale = 0
         self._metrics: SubscriberMetrics | None = None
+        self.on_done: Callable[[dict[str, Any]], None] | None = None  # called once per event it is done with
         self._thread = threading.Thread(target=self._work, name=f"hook {name}", daemon=True)
         self._thread.start()
 
@@ -87,6 +88,10 @@ class Hook:
         if self._metrics is not None:
             self._metrics.deliveries.labels(hook=self.name, outcome=outcome).inc()
 
+    def _done(self, event: dict[str, Any]) -> None:
+        if self.on_done is not None:
+            self.on_done(event)
+
     def submit(self, event: dict[str, Any]) -> None:
         with self._ready:
             if len(self._queue) >= self._size:
@@ -96,6 +101,8 @@ class Hook:
                 self._queue.remove(oldest)
                 self.dropped += 1
                 self._count("dropped")
+                if oldest is not None:
+                    self._done(oldest)
                 if self.dropped == 1 or self.dropped % 100 == 0:
                     log.warning("hook %s is behind: %d events dropped so far (oldest first)", self.name,
                                 self.dropped)
@@ -126,6 +133,7 @@ class Hook:
                 log.warning("hook %s: accept %s of %s not delivered: captured %.1f s ago (hooks.max_accept_age_s "
                             "%g)", self.name, event.get("event_id"), event.get("subject_id"),
                             time.time() - float(event["captured_at"]), self._max_age)
+                self._done(event)
                 continue
             t0 = time.perf_counter()
             try:
@@ -138,6 +146,7 @@ class Hook:
                 log.warning("hook %s failed on event %s: %s", self.name, event.get("event_id"), exc)
             if self._metrics is not None:
                 self._metrics.delivery_seconds.labels(hook=self.name).observe(time.perf_counter() - t0)
+            self._done(event)
 
     def close(self, timeout: float = 5.0) -> None:
         stop_running = getattr(self._deliver, "close", None)
@@ -339,6 +348,7 @@ class Subscriber:
         self.metrics = SubscriberMetrics([h.name for h in hooks])
         for hook in hooks:
             hook.attach(self.metrics)
+            hook.on_done = self._hook_done
         self._metrics_server = serve_metrics(self.metrics.registry, metrics_port) if metrics_port else None
         self.transport = Transport(cfg, role="subscriber")
         topic = EVENT_TOPIC + gate if gate else EVENT_TOPIC
@@ -349,7 +359,13 @@ class Subscriber:
         self._last_beat = time.monotonic()
         self.bad = 0
         self.state_path = cfg.resolve(cfg.hooks.state_dir) / f"{self.name}.json"
-        self.cursors: dict[str, tuple[str, int]] = self._load_cursors()  # gate -> (boot_id, event_seq)
+        # Per gate (boot_id, event_seq): `cursors` is the last event handed to the hooks (gaps are seen
+        # against it); `saved`, kept on disk, the last one every hook is done with, so a subscriber killed with
+        # events still in its queues fetches them again after a restart (at least once).
+        self.cursors: dict[str, tuple[str, int]] = self._load_cursors()
+        self.saved = dict(self.cursors)
+        self._in_hooks: dict[str, deque[list[Any]]] = {}  # gate -> [event_id, boot, seq, hooks not done yet]
+        self._saving = threading.Lock()
         self.boot_id: str | None = None  # the verifier's, from its heartbeat
         self._handed: deque[str] = deque(maxlen=10_000)  # recent event ids, to skip one fetched twice
         self._catch_up_due = bool(self.cursors)
@@ -369,7 +385,7 @@ class Subscriber:
         try:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"cursors": {g: list(c) for g, c in self.cursors.items()}}))
+            tmp.write_text(json.dumps({"cursors": {g: list(c) for g, c in self.saved.items()}}))
             os.replace(tmp, self.state_path)
         except OSError as exc:
             log.warning("cannot save the subscriber position to %s: %s", self.state_path, exc)
@@ -395,10 +411,31 @@ class Subscriber:
         if event.event_id in self._handed:
             return
         self._handed.append(event.event_id)
-        self._dispatch(asdict(event))
         if event.boot_id is not None and event.event_seq is not None:
             self.cursors[event.gate_id] = (event.boot_id, event.event_seq)
-            self._save_cursors()
+            with self._saving:  # before the hooks can be done with it
+                self._in_hooks.setdefault(event.gate_id, deque()).append(
+                    [event.event_id, event.boot_id, event.event_seq, len(self.hooks)])
+        self._dispatch(asdict(event))
+
+    def _hook_done(self, event: dict[str, Any]) -> None:
+        """A hook is done with `event` (delivered, failed, dropped or too old): once all are, in order, the
+        saved position moves past it. Called from the hooks' threads."""
+        waiting = self._in_hooks.get(str(event.get("gate_id")))
+        if waiting is None or event.get("event_seq") is None:
+            return
+        with self._saving:
+            for entry in waiting:
+                if entry[0] == event.get("event_id"):
+                    entry[3] -= 1
+                    break
+            moved = False
+            while waiting and waiting[0][3] <= 0:
+                _, boot, seq, _ = waiting.popleft()
+                self.saved[str(event.get("gate_id"))] = (boot, seq)
+                moved = True
+            if moved:
+                self._save_cursors()
 
     def _on_event(self, event: Event) -> None:
         if self.gate and event.gate_id != self.gate:
