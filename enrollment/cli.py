@@ -21,11 +21,13 @@ from tqdm import tqdm
 
 from enrollment.csvfile import read_rows
 from enrollment.evaluate import Report, read_pairs
+from enrollment.flight_commands import add_flight_commands, flight_arg, prepare_flight
 from enrollment.photos import (Refused, Template, largest_face_embedding, photo_digest, read_reference,
                                reference_template)
 from kiosk.config import KioskConfig, load_config
 from kiosk.vision.engine import FaceEngine
 from kiosk.errors import EXIT_OK, EXIT_USAGE, UsageError
+from kiosk.store.flights import SqliteBoardingStore
 from kiosk.store.gallery import Gallery, GalleryMatrix
 from kiosk.cli_support import Parser, add_commands, add_common, run_command
 
@@ -108,10 +110,29 @@ def check_enrollment(subject_id: str, templates: list[Template], matrices: list[
                                    "open a gate for the wrong booking. Pass --force if they really are two people")
 
 
+def _flight_of(args: argparse.Namespace, cfg: KioskConfig) -> str | None:
+    """The checked `--flight` (None without one); `--departs` alone is a usage error."""
+    if args.flight is None:
+        if args.departs is not None:
+            raise UsageError("--departs needs --flight")
+        return None
+    return flight_arg(args.flight)
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     ctx = _context(args)
     expires = _parse_expiry(args.expires)
+    flight = _flight_of(args, ctx.cfg)
     t0 = time.perf_counter()
+    if flight is not None:
+        with _gallery(ctx.cfg) as gallery:
+            store = SqliteBoardingStore(gallery)
+            prepare_flight(store, flight, args.departs, ctx.cfg)
+            if gallery.has_templates(args.id, ctx.engine.model_id):  # enrolled once, listed on each flight
+                added = store.add_passengers(flight, [args.id])
+                print(f"{args.id} is already enrolled; " + (f"added to flight {flight}" if added else
+                                                            f"already on flight {flight}"))
+                return EXIT_OK
     templates = [reference_template(ctx.engine, p, ctx.cfg.enrollment, largest=args.largest) for p in args.images]
     with _gallery(ctx.cfg) as gallery:
         known = [t for t in templates if gallery.has_photo(args.id, ctx.engine.model_id, t.photo_sha256)]
@@ -125,9 +146,12 @@ def cmd_add(args: argparse.Namespace) -> int:
             count = gallery.enroll(args.id, args.name or "", np.stack([t.embedding for t in templates]),
                                    ctx.engine.model_id, expires=expires, qualities=[t.quality for t in templates],
                                    photo_hashes=[t.photo_sha256 for t in templates])
+            if flight is not None:
+                SqliteBoardingStore(gallery).add_passengers(flight, [args.id])
     log.info("enrollment of %s took %.0f ms for %d photo(s)", args.id, (time.perf_counter() - t0) * 1000,
              len(templates))
-    print(f"enrolled {args.id}" + (f" ({args.name})" if args.name else "") + f": {count} template(s)")
+    print(f"enrolled {args.id}" + (f" ({args.name})" if args.name else "") + f": {count} template(s)"
+          + (f", on flight {flight}" if flight else ""))
     return EXIT_OK
 
 
@@ -148,10 +172,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     manifest = Path(args.manifest)
     rows = read_manifest(manifest)
     ctx = _context(args)
+    flight = _flight_of(args, ctx.cfg)
     refused: list[tuple[ManifestRow, str, str]] = []
-    enrolled = unchanged = 0
+    enrolled = unchanged = listed = known = 0
     t0 = time.perf_counter()
     with _gallery(ctx.cfg) as gallery:
+        store = SqliteBoardingStore(gallery)
+        if flight is not None:
+            prepare_flight(store, flight, args.departs, ctx.cfg)
         # The gallery as it was, plus what this import adds: no reload of the whole gallery per row.
         before = gallery.matrix(ctx.engine.model_id, ctx.engine.dim)
         ours = before.revision  # the gallery's revision after our last write: nobody else wrote since
@@ -162,6 +190,10 @@ def cmd_import(args: argparse.Namespace) -> int:
                 continue
             if not row.photo.name:
                 refused.append((row, "bad_row", "empty photo path"))
+                continue
+            if flight is not None and gallery.has_templates(row.subject_id, ctx.engine.model_id):
+                listed += store.add_passengers(flight, [row.subject_id])  # enrolled once, listed on each flight
+                known += 1
                 continue
             try:
                 data = read_reference(row.photo)
@@ -177,6 +209,8 @@ def cmd_import(args: argparse.Namespace) -> int:
                     check_enrollment(row.subject_id, [template], [before, so_far], ctx.cfg, force=args.force)
                     gallery.enroll(row.subject_id, row.name, template.embedding[None, :], ctx.engine.model_id,
                                    qualities=[template.quality], photo_hashes=[template.photo_sha256])
+                    if flight is not None:
+                        listed += store.add_passengers(flight, [row.subject_id])
                     ours = gallery.revision()
                 added.append((row.subject_id, row.name, template.embedding))
                 enrolled += 1
@@ -184,7 +218,8 @@ def cmd_import(args: argparse.Namespace) -> int:
                 refused.append((row, exc.reason, str(exc)))
     seconds = time.perf_counter() - t0
     print(f"import {manifest}: {len(rows)} row(s), {enrolled} enrolled, {unchanged} already enrolled from the "
-          f"same photo, {len(refused)} refused ({seconds:.1f} s)")
+          f"same photo, {len(refused)} refused ({seconds:.1f} s)"
+          + (f"; {known} enrolled before (photo not used); {listed} added to flight {flight}" if flight else ""))
     for row, reason, message in refused:
         print(f"  line {row.line} id={row.subject_id or '?'}: refused ({reason}): {message}")
     return EXIT_USAGE if refused else EXIT_OK
@@ -239,9 +274,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if not Path(args.file).is_file():
         raise UsageError(f"{args.file}: no such backup file")
-    with _gallery(cfg) as gallery:
-        revision = gallery.restore(Path(args.file))
-    print(f"restored {gallery.path} from {args.file} (revision {revision}); running verifiers reload it")
+    path = cfg.resolve(cfg.gallery.path)
+    revision, moved = Gallery.restore_file(path, Path(args.file))
+    if moved is not None:
+        print(f"{path} was not a usable database; moved it aside to {moved}")
+    print(f"restored {path} from {args.file} (revision {revision}); running verifiers reload it")
     return EXIT_OK
 
 
@@ -321,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--largest", action="store_true", help="take the largest face when a photo shows several")
     p.add_argument("--force", action="store_true",
                    help="enroll even if the face matches another subject or the photos disagree")
+    p.add_argument("--flight", help="also list the subject on this flight's manifest (e.g. LH123)")
+    p.add_argument("--departs", metavar="ISO_TIME", help="the flight's scheduled departure (needed for a new flight)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=cmd_add)
 
@@ -329,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--largest", action="store_true", help="take the largest face when a photo shows several")
     p.add_argument("--force", action="store_true", help="skip the duplicate-identity check")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--flight", help="the flight this manifest lists (e.g. LH123): every row enrolled, or already "
+                                    "enrolled, is put on its manifest")
+    p.add_argument("--departs", metavar="ISO_TIME", help="the flight's scheduled departure (needed for a new flight)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("list", help="list enrolled subjects")
@@ -361,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    add_flight_commands(sub, add_commands)
     return parser
 
 

@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on a video made from the shipped sample photos")
     p.add_argument("--out", default="var/demo", help="folder for the demo gallery, video and preview")
     p.set_defaults(func=cmd_demo)
+
+    from kiosk.boarding.commands import add_board_commands
+
+    add_board_commands(sub, add_commands)
     return parser
 
 

@@ -151,6 +151,23 @@ class AuditConfig:
 
 
 @dataclass
+class BoardingConfig:
+    """Boarding by flight. require_flight: a gate with no open flight processes nobody and decides nothing;
+    false (sites without flights): such a gate matches against the whole gallery (1:N)."""
+
+    require_flight: bool = False
+
+
+@dataclass
+class RetentionConfig:
+    """How long personal data is kept: audit log days, and hours after a flight's departure until its
+    passengers' templates are purged (unless they are on a later flight)."""
+
+    audit_days: int = 30
+    purge_after_departure_h: float = 12.0
+
+
+@dataclass
 class MetricsConfig:
     """Prometheus text endpoint; port 0 turns it off."""
 
@@ -170,6 +187,8 @@ class KioskConfig:
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    boarding: BoardingConfig = field(default_factory=BoardingConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     subscribers: list[SubscriberConfig] = field(default_factory=list)
@@ -224,6 +243,8 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("hooks", "max_accept_age_s"): (0.5, 3600.0),
     ("heartbeat", "interval_s"): (0.05, 60.0),
     ("heartbeat", "misses"): (1, 1000),
+    ("retention", "audit_days"): (1, 3650),
+    ("retention", "purge_after_departure_h"): (0.0, 8760.0),
 }
 
 _PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")

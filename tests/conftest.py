@@ -58,7 +58,7 @@ def cfg(config_file: Path) -> KioskConfig:
 
 
 def run_cli(tool: str, *args: str, timeout: float = 120, stdin: str | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+            env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run an installed console script as a real process ($KIOSK_CONFIG unset unless `env` sets it)."""
     exe = BIN / tool
     cmd = [str(exe), *args] if exe.exists() else [sys.executable, "-m",
@@ -66,7 +66,7 @@ def run_cli(tool: str, *args: str, timeout: float = 120, stdin: str | None = Non
     full_env = dict(os.environ)
     full_env.pop("KIOSK_CONFIG", None)
     full_env.update(env or {})
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=stdin, env=full_env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=stdin, env=full_env, cwd=cwd)
 
 
 def place_face(face: np.ndarray, frame_hw: tuple[int, int], width: int, center: tuple[float, float] = (0.5, 0.5),

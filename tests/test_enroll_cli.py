@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from enrollment.cli import main
+from kiosk.store.gallery import SCHEMA_VERSION
 from tests.conftest import SHARED_FACES, run_cli, write_config
 
 
@@ -199,9 +200,10 @@ def test_version_1_gallery_is_upgraded_in_place(tmp_path, people, capsys):
     assert enroll(config, "add", "--id", "NEW", str(people["gdp0"])) == 0
     assert enroll(config, "add", "--id", "NEW", str(people["gdp0"])) == 0  # same photo: nothing new
     con = sqlite3.connect(db)
-    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     assert con.execute("SELECT subject_id, photo_sha256 IS NULL FROM templates ORDER BY id").fetchall() == [
         ("OLD", 1), ("NEW", 0)]
+    assert con.execute("SELECT COUNT(*) FROM flights").fetchone() == (0,)  # version 3's tables, empty
     assert int(con.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0]) == 8
     con.close()
     capsys.readouterr()

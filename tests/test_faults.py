@@ -198,3 +198,49 @@ def test_fuzzed_messages_on_every_socket_leave_the_verifier_up_with_bounded_memo
         transport.close()
         _, err = stop(verifier)
     assert "Traceback" not in err
+
+
+def test_a_gallery_corrupt_at_a_verifier_restart_keeps_the_run_up_and_a_restore_brings_it_back(
+        tmp_path, engine, photos):
+    """The verifier dies and its gallery is corrupt when it restarts: `kiosk run` does not stop (the gates
+    hear verifier_down from their subscriber), and `kiosk-enroll restore` over the corrupt file (moved
+    aside) brings the verifier back to accepting."""
+    import json
+
+    crops = people(engine, photos)
+    make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True,
+                                      "loop": True}], policy={"repeat_accept_s": 0.0},
+                          heartbeat={"interval_s": 0.5, "misses": 4},
+                          subscribers=[{"name": "gate-a1", "gate": "A1", "jsonl": "a1.jsonl"}])
+    enroll = lambda *a: run_cli("kiosk-enroll", "-q", "-c", str(config), *a)  # noqa: E731
+    assert enroll("add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode == 0
+    assert enroll("backup", str(tmp_path / "backup.db")).returncode == 0
+    hook = tmp_path / "a1.jsonl"
+    run = kiosk(config, "run")
+    events = Events(config, ("event.", "health.verifier"))
+    try:
+        assert events.wait_for(lambda ev: ev.health and any(e.type == "accept" for e in ev.events), 60)
+        pid = events.health[-1]["pid"]
+        gallery = tmp_path / "gallery.db"
+        gallery.write_bytes(os.urandom(8192))  # corrupt under the running verifier
+        for extra in ("gallery.db-wal", "gallery.db-shm"):
+            (tmp_path / extra).unlink(missing_ok=True)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (hook.exists() and '"verifier_down"' in hook.read_text()):
+            time.sleep(0.2)
+        assert '"verifier_down"' in hook.read_text()
+        time.sleep(6.0)  # at least one more failed restart
+        assert run.poll() is None, "kiosk run stopped on a corrupt gallery at a verifier restart"
+        res = enroll("restore", str(tmp_path / "backup.db"))
+        assert res.returncode == 0 and "moved it aside" in res.stdout, res.stdout + res.stderr
+        assert list(tmp_path.glob("gallery.db.corrupt-*"))
+        assert events.wait_for(lambda ev: any(e.type == "accept" and e.boot_id != events.events[0].boot_id
+                                              for e in ev.events), 40)
+    finally:
+        events.close()
+        _, err = stop(run, timeout=30)
+    assert run.returncode == 0 and "Traceback" not in err
+    handed = [json.loads(line)["type"] for line in hook.read_text().splitlines()]
+    assert "verifier_down" in handed and handed.index("verifier_down") < len(handed) - 1

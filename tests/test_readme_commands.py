@@ -180,6 +180,16 @@ def test_every_readme_command_runs_as_written(site):
     report = json.loads(sh.run(f"kiosk-enroll {cfg} evaluate pairs.csv --json").stdout)
     assert report["genuine_pairs"] == 1 and report["impostor_pairs"] == 1 and report["fnmr"] == 0.0
 
+    # Boarding a flight: PNR300 and PNR123 (both enrolled above) listed on LH123, gate A1 boards it.
+    out = sh.run(f"kiosk-enroll {cfg} import flight-LH123.csv --flight LH123 --departs "
+                 "\"$(date -d '+3 hours' +%Y-%m-%dT%H:%M)\"").stdout
+    assert "1 enrolled before" in out and "1 added to flight LH123" in out, out
+    assert "added to flight LH123" in sh.run(f"kiosk-enroll {cfg} add --id PNR123 ann.jpg --flight LH123").stdout
+    assert "LH123" in sh.run(f"kiosk-enroll {cfg} flight list").stdout
+    shown = json.loads(sh.run(f"kiosk-enroll {cfg} flight show LH123 --json").stdout)
+    assert [p["id"] for p in shown["manifest"]] == ["PNR123", "PNR300"]
+    assert "boards flight LH123" in sh.run(f"kiosk {cfg} board open --gate A1 --flight LH123").stdout
+
     # The gate: run, status, claim, subscribers and the reference webhook receiver.
     run_line = f"kiosk run {cfg}"
     run = sh.start(run_line)
@@ -225,6 +235,12 @@ def test_every_readme_command_runs_as_written(site):
         python_out = {line: Shell.stop(proc, line) for proc, line in subs}
         subs = []
         assert re.search(r"^(accept|reject)$", python_out[lines[2]], re.M)
+        status_line = f"kiosk {cfg} board status --flight LH123 --json"
+        deadline = time.monotonic() + 40  # PNR123 (the claim above, or 1:1 on LH123) boards at A1
+        while json.loads(sh.run(status_line).stdout)["flights"][0]["boarded"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        flight = json.loads(sh.run(status_line).stdout)["flights"][0]
+        assert (flight["passengers"], flight["boarded"], flight["remaining"]) == (2, 1, 1)
     finally:
         for proc, line in subs:
             if proc.poll() is None:
@@ -233,7 +249,14 @@ def test_every_readme_command_runs_as_written(site):
             os.killpg(receiver.pid, signal.SIGTERM)
             receiver.wait(10)
         Shell.stop(run, run_line)
+    assert "boardable again" in sh.run(f"kiosk {cfg} board undo --flight LH123 --subject PNR123").stdout
+    sh.run(f"kiosk {cfg} board report --flight LH123 --csv var/LH123-report.csv")
+    assert "PNR123" in (site / "var/LH123-report.csv").read_text()
+    assert "closed" in sh.run(f"kiosk {cfg} board close --gate A1").stdout
     assert "removed PNR123" in sh.run(f"kiosk-enroll {cfg} remove PNR123").stdout
+    assert "removed PNR300 from flight LH123" in \
+        sh.run(f"kiosk-enroll {cfg} flight remove-passenger LH123 PNR300").stdout
+    assert "purged flight LH123" in sh.run(f"kiosk-enroll {cfg} flight purge LH123").stdout
 
     # Performance.
     for extra in ("", " --realtime", " --compare insightface"):

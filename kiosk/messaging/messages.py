@@ -111,6 +111,10 @@ class Event:
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     boot_id: str | None = None  # the publishing verifier process (new at each start)
     event_seq: int | None = None  # 1, 2, 3... per boot_id: a subscriber sees a gap and fetches what it missed
+    flight_id: str | None = None  # the flight the gate was boarding (None: not boarding, plain 1:N)
+    boarded_at: float | None = None  # already_boarded: when the passenger boarded ...
+    boarded_gate_id: str | None = None  # ... and at which gate
+    on_flights: list[str] | None = None  # wrong_flight: the flights the passenger is on
     v: int = VERSION
 
     def topic(self) -> bytes:
@@ -231,8 +235,13 @@ def event_from_dict(data: dict[str, Any], topic: str | None = None) -> Event:
     seq = data.get("event_seq")
     if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
         raise BadMessage("event: event_seq must be a positive integer")
-    if data.get("boot_id") is not None and not isinstance(data["boot_id"], str):
-        raise BadMessage("event: boot_id must be a string")
+    for key in ("boot_id", "flight_id", "boarded_gate_id"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise BadMessage(f"event: {key} must be a string")
+    flights = data.get("on_flights")
+    if flights is not None and not (isinstance(flights, list) and len(flights) <= 100
+                                    and all(isinstance(f, str) for f in flights)):
+        raise BadMessage("event: on_flights must be a list of flight ids")
     known = {k: data[k] for k in Event.__dataclass_fields__ if k in data}
     try:
         return Event(**known)

@@ -25,6 +25,8 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
+from kiosk.boarding.gates import GateFlights
+from kiosk.boarding.model import BoardingStore, DecisionRecord
 from kiosk.config import KioskConfig
 from kiosk.vision.engine import FaceEngine
 from kiosk.vision.faces import Faces
@@ -59,6 +61,7 @@ class CameraState:
     processed: int = 0
     stale: int = 0  # dropped because a newer frame of the camera came
     too_old: int = 0  # dropped because it was older than policy.max_frame_age_ms
+    not_boarding: int = 0  # dropped unprocessed: the gate boards no flight (boarding.require_flight)
     eof: bool = False
     last_clock: float = 0.0  # frame clock (media or capture time) of the last frame
     last_wall: float = 0.0  # when that frame was processed
@@ -119,13 +122,16 @@ def _accept_all(subject_id: str) -> bool:
 class VerifierCore:
     """The verifier's rules, fed arrivals and a clock; see the module docstring."""
 
-    def __init__(self, cfg: KioskConfig, engine: FaceEngine, matrix: GalleryMatrix, *,
-                 metrics: VerifierMetrics | None = None, confirm: Callable[[str], bool] = _accept_all) -> None:
+    def __init__(self, cfg: KioskConfig, engine: FaceEngine, matrix: GalleryMatrix | GateFlights, *,
+                 metrics: VerifierMetrics | None = None, confirm: Callable[[str], bool] = _accept_all,
+                 store: BoardingStore | None = None) -> None:
         self.cfg = cfg
         self.engine = engine
-        self.matrix = matrix
+        self.flights = matrix if isinstance(matrix, GateFlights) else \
+            GateFlights(matrix, require_flight=cfg.boarding.require_flight)
         self.metrics = metrics or VerifierMetrics({c.id: c.gate for c in cfg.cameras})
         self.confirm = confirm  # is this subject enrolled right now? (raises: cannot tell)
+        self.store = store  # boarded marks: asked in the accept's own transaction (raises: cannot tell)
         self.policy = DecisionPolicy(cfg.policy)
         self.cameras = {c.id: CameraState(c.id, c.gate, c.realtime,
                                           Tracker(c.id, max_age_s=cfg.policy.track_max_age_s))
@@ -137,6 +143,34 @@ class VerifierCore:
         self.last_times: dict[str, float] = {}  # ms per stage of the last step
         self.last_error = ""
         self._fps_window: deque = deque(maxlen=20000)
+        self._set_gate_metrics()
+
+    @property
+    def matrix(self) -> GalleryMatrix:
+        """Everyone enrolled (the 1:N search matrix)."""
+        return self.flights.full
+
+    @matrix.setter
+    def matrix(self, matrix: GalleryMatrix) -> None:
+        self.adopt(GateFlights(matrix, require_flight=self.cfg.boarding.require_flight))
+
+    def adopt(self, flights: GateFlights) -> None:
+        """A new gallery view. A gate whose flight changed (opened, closed, another flight) starts afresh:
+        its tracks end without a decision, so nobody half-decided for one flight is decided for the next."""
+        old = self.flights
+        self.flights = flights
+        for cam in self.cameras.values():
+            if old.flight_of(cam.gate_id) != flights.flight_of(cam.gate_id) and cam.tracker.tracks:
+                for track in cam.tracker.end_all():
+                    self.policy.state(track).decided = True
+                log.info("gate %s: now %s; camera %s's tracks dropped", cam.gate_id,
+                         f"boarding {flights.flight_of(cam.gate_id)}" if flights.flight_of(cam.gate_id)
+                         else "not boarding", cam.camera_id)
+        self._set_gate_metrics()
+
+    def _set_gate_metrics(self) -> None:
+        for gate in {c.gate_id for c in self.cameras.values()}:
+            self.metrics.gate_boarding.labels(gate=gate).set(1.0 if self.flights.flight_of(gate) else 0.0)
 
     # -- input -----------------------------------------------------------------
     def offer(self, item: Arrival, now: float) -> None:
@@ -181,6 +215,11 @@ class VerifierCore:
                     cam.eof = True
                     verdicts += self._ended(cam, cam.tracker.end_all(), now)
                     log.info("camera %s: end of source; %d frames processed", cam.camera_id, cam.processed)
+                    continue
+                if self.flights.idle(cam.gate_id):  # nobody's biometrics at a gate that boards nothing
+                    cam.not_boarding += 1
+                    self.metrics.frames_not_boarding.labels(camera=cam.camera_id).inc()
+                    cam.last_clock, cam.last_wall = item.header.clock, now
                     continue
                 if self._too_old(cam, item.header.captured_at, now):
                     cam.too_old += 1
@@ -303,23 +342,37 @@ class VerifierCore:
                 deciding.append((row, track))
         if not deciding:
             return verdicts
-        # match: claims (1:1) bound at a track's first quality frame; everyone else in one 1:N search
-        claims = [self.policy.claim_for(tr, cams[step.frame[want[row]]].gate_id, now) for row, tr in deciding]
+        # match: claims (1:1) bound at a track's first quality frame; everyone else in one search per gallery
+        # (a boarding gate's flight, or everyone), then the faces at boarding gates that matched nobody on
+        # their flight once more against everyone (someone at the wrong gate?)
+        gates = [cams[step.frame[want[row]]].gate_id for row, _ in deciding]
+        claims = [self.policy.claim_for(tr, gate, now) for (row, tr), gate in zip(deciding, gates)]
         matches: list[Match | None] = [None] * len(deciding)
-        open_rows = [i for i, c in enumerate(claims) if c is None]
-        if open_rows:
-            for i, m in zip(open_rows, self.matrix.search(emb[[deciding[i][0] for i in open_rows]])):
-                matches[i] = m
+        by_gallery: dict[int, tuple[GalleryMatrix, list[int]]] = {}
+        for i, (claim, gate) in enumerate(zip(claims, gates)):
+            if claim is None:
+                m = self.flights.matrix_for(gate)
+                by_gallery.setdefault(id(m), (m, []))[1].append(i)
+        for m, rows in by_gallery.values():
+            for i, found in zip(rows, m.search(emb[[deciding[i][0] for i in rows]])):
+                matches[i] = found
         for i, claim in enumerate(claims):
             if claim is not None:
                 matches[i] = self.matrix.search(emb[deciding[i][0]:deciding[i][0] + 1], only=claim.subject_id)[0]
+        outsiders: list[Match | None] = [None] * len(deciding)
+        strays = [i for i, (claim, gate, m) in enumerate(zip(claims, gates, matches))
+                  if claim is None and self.flights.flight_of(gate) and not self.policy.match_ok(m)]  # type: ignore
+        if strays:
+            for i, found in zip(strays, self.matrix.search(emb[[deciding[i][0] for i in strays]])):
+                if self.policy.match_ok(found) and not self.flights.on_flight(gates[i], found.subject_id):
+                    outsiders[i] = found
         t = add("match", t)
-        for (row, track), match in zip(deciding, matches):
+        for (row, track), match, outsider in zip(deciding, matches, outsiders):
             k = want[row]
             cam, header = cams[step.frame[k]], frames[step.frame[k]].header
             assert match is not None
             decision = self.policy.observe(track, cam.gate_id, match, header.captured_at, header.seq,
-                                           clock=header.clock)
+                                           clock=header.clock, outsider=outsider)
             if decision is not None:
                 verdicts.append(self._verdict(cam, track, decision, now))
         add("decide", t)
@@ -377,11 +430,17 @@ class VerifierCore:
     def _verdict(self, cam: CameraState, track: Track, d: Decision, now: float) -> Verdict:
         """An accept only from a fresh frame of a live camera (`policy.max_frame_age_ms`), and only for a
         subject enrolled right now (`confirm`): a removal or expiry counts even while the search matrix is
-        stale. Fail closed: if that cannot be told, the accept becomes a reject."""
+        stale. At a gate boarding a flight, the accept is also the passenger's boarded mark, taken in one
+        store transaction: a passenger already boarded (at any door) is rejected `already_boarded`. Fail
+        closed: if any of that cannot be told, the accept becomes a reject."""
+        flight = self.flights.flight_of(cam.gate_id)
+        d = dataclasses.replace(d, flight_id=flight)
         if d.type == "accept" and self._too_old(cam, d.captured_at, now):
             log.warning("camera %s: accept of %s from a frame captured %.0f ms ago withheld (stale_frame)",
                         cam.camera_id, d.subject_id, (now - d.captured_at) * 1000)
             d = dataclasses.replace(d, type="reject", reason="stale_frame")
+        if flight is not None and d.subject_id is not None and self.store is not None:
+            return Verdict(cam, track.track_id, self._boarding(cam, flight, d, now))
         if d.type == "accept" and d.subject_id is not None:
             try:
                 if not self.confirm(d.subject_id):
@@ -392,3 +451,33 @@ class VerifierCore:
                 log.error("cannot confirm %s in the gallery (%s): rejected", d.subject_id, exc)
                 d = dataclasses.replace(d, type="reject", reason="gallery_unavailable")
         return Verdict(cam, track.track_id, d)
+
+    def _boarding(self, cam: CameraState, flight: str, d: Decision, now: float) -> Decision:
+        """An accept at a gate boarding `flight` marks the passenger boarded, or becomes the reject that
+        says why not; a wrong_flight reject learns the flights the passenger is on."""
+        assert self.store is not None and d.subject_id is not None
+        try:
+            if d.reason == "wrong_flight":
+                return dataclasses.replace(d, on_flights=self.store.flights_of(d.subject_id))
+            if d.type != "accept":
+                return d
+            outcome = self.store.board(DecisionRecord(d.event_id, flight, cam.gate_id, "accept", None, d.subject_id,
+                                                      None, d.score, now), camera_id=cam.camera_id)
+        except Exception as exc:  # noqa: BLE001 - a boarded mark that cannot be taken must reject, never accept
+            self.last_error = f"boarding store: {exc}"
+            self.metrics.store_failures.inc()
+            log.error("cannot record the boarding of %s on %s (%s): rejected", d.subject_id, flight, exc)
+            return dataclasses.replace(d, type="reject", reason="gallery_unavailable") if d.type == "accept" else d
+        if outcome.first:
+            return d
+        if outcome.reason == "already_boarded" and outcome.previous is not None:
+            log.info("%s already boarded %s at gate %s: rejected", d.subject_id, flight, outcome.previous.gate_id)
+            return dataclasses.replace(d, type="reject", reason="already_boarded",
+                                       boarded_at=outcome.previous.boarded_at,
+                                       boarded_gate_id=outcome.previous.gate_id)
+        if outcome.reason == "not_on_flight":  # taken off the manifest since the view was loaded
+            log.warning("%s is no longer on flight %s: rejected wrong_flight", d.subject_id, flight)
+            d = dataclasses.replace(d, type="reject", reason="wrong_flight")
+            return self._boarding(cam, flight, d, now)
+        log.warning("track matched %s, who is no longer enrolled (or expired): rejected", d.subject_id)
+        return dataclasses.replace(d, type="reject", reason=outcome.reason or "not_enrolled")

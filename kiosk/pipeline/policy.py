@@ -8,6 +8,9 @@ Plain objects, fed one observation at a time; no sockets, no models.
   subject (1:N), or with score >= threshold against the claimed subject (1:1).
 - reject `no_match` (1:N) or `claim_mismatch` (1:1): `reject_after_frames`
   quality frames without an accept.
+- reject `wrong_flight` (a gate boarding a flight): `accept_frames` quality
+  frames in which the face matched nobody on the flight but, by the same
+  rule as an accept, someone enrolled who is not on it.
 - reject `timeout`: a track with quality frames but no decision after
   `decision_timeout_s`, or one that leaves undecided after at least
   `accept_frames` quality frames.
@@ -19,6 +22,7 @@ Plain objects, fed one observation at a time; no sockets, no models.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -51,6 +55,12 @@ class Decision:
     frames: int
     captured_at: float
     seq: int | None = None
+    candidate_id: str | None = None  # a reject's best-scoring subject (below the bar): for the boarding report
+    flight_id: str | None = None  # the flight the gate was boarding
+    boarded_at: float | None = None  # already_boarded: when and where the passenger boarded
+    boarded_gate_id: str | None = None
+    on_flights: list[str] | None = None  # wrong_flight: the flights the passenger is on
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass
@@ -61,6 +71,7 @@ class Vote:
     ok: bool
     captured_at: float
     seq: int | None = None
+    wrong_flight: bool = False  # matched someone enrolled who is not on the gate's flight
 
 
 @dataclass
@@ -90,6 +101,11 @@ class DecisionPolicy:
     def forget_accept(self, gate_id: str, subject_id: str) -> None:
         """An accept that was not published after all (e.g. the audit log could not hold it)."""
         self._recent.pop((gate_id, subject_id), None)
+
+    def match_ok(self, match: Match) -> bool:
+        """The 1:N accept rule for one frame: score over the threshold and a margin over the second best."""
+        c = self.cfg
+        return match.subject_id is not None and match.score >= c.accept_threshold and match.margin >= c.min_margin
 
     # -- quality ---------------------------------------------------------------
     def quality_ok(self, q: Quality) -> np.ndarray:
@@ -130,11 +146,14 @@ class DecisionPolicy:
         return not self.state(track).decided
 
     def observe(self, track: Track, gate_id: str, match: Match, captured_at: float,
-                seq: int | None = None, clock: float | None = None) -> Decision | None:
-        """One quality frame of `track`, matched 1:N (or 1:1 under a claim).
+                seq: int | None = None, clock: float | None = None,
+                outsider: Match | None = None) -> Decision | None:
+        """One quality frame of `track`, matched 1:N (or 1:1 under a claim, or against a flight's passengers).
 
         `captured_at` (wall clock) goes into the decision for its latency; `clock` (the frame clock,
-        default `captured_at`) is what `decision_timeout_s` is measured on.
+        default `captured_at`) is what `decision_timeout_s` is measured on. `outsider`: at a gate boarding a
+        flight, the face's match among everyone enrolled when it matched nobody on the flight and that match
+        passes the accept rule for someone not on the flight.
         """
         c = self.cfg
         state = self.state(track)
@@ -146,8 +165,12 @@ class DecisionPolicy:
         if state.claim is not None:
             ok = match.subject_id == state.claim.subject_id and match.score >= c.accept_threshold
         else:
-            ok = match.subject_id is not None and match.score >= c.accept_threshold and match.margin >= c.min_margin
-        state.window.append(Vote(match.subject_id, match.name, match.score, ok, captured_at, seq))
+            ok = self.match_ok(match)
+        if outsider is not None and not ok:
+            state.window.append(Vote(outsider.subject_id, outsider.name, outsider.score, False, captured_at, seq,
+                                     wrong_flight=True))
+        else:
+            state.window.append(Vote(match.subject_id, match.name, match.score, ok, captured_at, seq))
         while len(state.window) > c.reject_after_frames:
             state.window.popleft()
         votes = Counter(v.subject_id for v in state.window if v.ok)
@@ -156,6 +179,14 @@ class DecisionPolicy:
             if count >= c.accept_frames:
                 chosen = [v for v in state.window if v.ok and v.subject_id == subject]
                 return self._accept(track, gate_id, chosen, captured_at)
+        wrong = Counter(v.subject_id for v in state.window if v.wrong_flight)
+        if wrong:
+            subject, count = wrong.most_common(1)[0]
+            if count >= c.accept_frames:
+                chosen = [v for v in state.window if v.wrong_flight and v.subject_id == subject]
+                state.decided = True
+                return Decision("reject", "wrong_flight", subject, chosen[-1].name, max(v.score for v in chosen),
+                                len(chosen), captured_at, chosen[-1].seq)
         if state.quality_frames >= c.reject_after_frames:
             reason = "claim_mismatch" if state.claim is not None else "no_match"
             return self._reject(track, reason, captured_at)
@@ -182,7 +213,7 @@ class DecisionPolicy:
         subject = state.claim.subject_id if state.claim is not None else None
         last = state.window[-1] if state.window else None
         return Decision("reject", reason, subject, None, best.score if best else None, state.quality_frames,
-                        captured_at, last.seq if last else None)
+                        captured_at, last.seq if last else None, candidate_id=best.subject_id if best else None)
 
     def check_timeout(self, track: Track, clock: float) -> Decision | None:
         """Reject `timeout` once `clock` (the frame clock of the track's camera) passes the deadline."""

@@ -9,6 +9,7 @@ raising: the verifier then lets nothing through that opens a door, reports
 why, and tries again with the next decision, so it recovers by itself once
 the log is writable. A line cut short by a crash or a full disk is ended
 before the next one is appended, and readers skip lines that do not parse.
+The log is rotated daily and kept `retention.audit_days` (kiosk.boarding.retention).
 """
 
 from __future__ import annotations
@@ -22,22 +23,28 @@ from collections import deque
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from kiosk.boarding.retention import rotate_daily, rotated, today
+
 log = logging.getLogger(__name__)
 
 RETRY_EVERY_S = 1.0  # after a failure, reopen at most this often
 
 
 class AuditLog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep_days: int = 30) -> None:
         self.path = path
+        self.keep_days = keep_days
         self.error = ""  # why the last write failed; "" while the log is writable
         self.failures = 0
         self._fh: BinaryIO | None = None
+        self._day = today()
         self._last_try = float("-inf")
         self._open()
 
     def _open(self) -> bool:
         self._last_try = time.monotonic()
+        rotate_daily(self.path, self.keep_days)
+        self._day = today()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fh = open(self.path, "ab")
@@ -71,6 +78,10 @@ class AuditLog:
 
     def write(self, line: bytes) -> bool:
         """Append one line durably; False (and `error` says why) when it could not be written."""
+        if self._fh is not None and today() != self._day:  # a new day: rotate first
+            self._fh.close()
+            self._fh = None
+            self._last_try = float("-inf")
         if self._fh is None and (time.monotonic() - self._last_try < RETRY_EVERY_S or not self._open()):
             return False
         assert self._fh is not None
@@ -89,14 +100,23 @@ class AuditLog:
             self._fh = None
 
 
-def read_tail(path: Path, tail_bytes: int = 1 << 20) -> list[dict[str, Any]]:
-    """The audit log's last records (objects only; a torn or foreign line is skipped)."""
+def _tail_lines(path: Path, tail_bytes: int) -> list[str]:
     try:
         with open(path, "rb") as fh:
             fh.seek(max(0, path.stat().st_size - tail_bytes))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
+            return fh.read().decode("utf-8", "replace").splitlines()
     except OSError:
         return []
+
+
+def read_tail(path: Path, tail_bytes: int = 1 << 20) -> list[dict[str, Any]]:
+    """The audit log's last records (objects only; a torn or foreign line is skipped), reaching into the
+    last rotated file when today's is short (a restart just after midnight still knows the last accepts)."""
+    lines = _tail_lines(path, tail_bytes)
+    size = sum(len(line) + 1 for line in lines)
+    older = rotated(path)
+    if size < tail_bytes and older:
+        lines = _tail_lines(older[-1][1], tail_bytes - size) + lines
     records = []
     for line in lines:
         try:

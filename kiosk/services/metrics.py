@@ -32,7 +32,7 @@ STAGES = ("transport", "detect", "track", "align", "quality", "select", "embed",
 # Decision outcomes that exist from the start (type, reason).
 OUTCOMES = (("accept", ""), ("reject", "no_match"), ("reject", "claim_mismatch"), ("reject", "timeout"),
             ("reject", "not_enrolled"), ("reject", "gallery_unavailable"), ("reject", "stale_frame"),
-            ("reject", "audit_unavailable"))
+            ("reject", "audit_unavailable"), ("reject", "already_boarded"), ("reject", "wrong_flight"))
 
 
 class LatencyWindow:
@@ -140,6 +140,15 @@ class VerifierMetrics:
                                       "policy.max_frame_age_ms when their turn came (a stall)", ["camera"],
                                       registry=r)
         self.faces = Counter("kiosk_faces_detected", "faces detected", ["camera"], registry=r)
+        self.frames_not_boarding = Counter("kiosk_frames_not_boarding", "frames dropped unprocessed because the "
+                                           "camera's gate boards no flight (boarding.require_flight)", ["camera"],
+                                           registry=r)
+        self.gate_boarding = Gauge("kiosk_gate_boarding", "1 while a flight is open on the gate", ["gate"],
+                                   registry=r)
+        self.store_failures = Counter("kiosk_boarding_store_failures", "boarding marks or decision records the "
+                                      "store could not take (an accept among them was rejected)", registry=r)
+        self.purges = Counter("kiosk_flights_purged", "flights whose passengers' templates were purged after "
+                              "departure", registry=r)
         self.bad_messages = Counter("kiosk_bad_messages", "malformed messages dropped", registry=r)
         self.decisions = Counter("kiosk_decisions", "decisions published", ["gate", "type", "reason"], registry=r)
         self.embeddings_deferred = Counter("kiosk_embeddings_deferred", "faces whose embedding waited for a later "
@@ -169,11 +178,12 @@ class VerifierMetrics:
         self.captures.set_cameras(cams)
         for cam in cams:
             for counter in (self.frames_in, self.frames_processed, self.frames_stale, self.frames_too_old,
-                            self.faces):
+                            self.faces, self.frames_not_boarding):
                 counter.labels(camera=cam)
         for stage in stages:
             self.stage_seconds.labels(stage=stage)
         for gate in sorted(set(cameras.values())):
+            self.gate_boarding.labels(gate=gate)
             self.decision_latency.labels(gate=gate)
             for etype, reason in OUTCOMES:
                 self.decisions.labels(gate=gate, type=etype, reason=reason)

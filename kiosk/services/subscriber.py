@@ -36,6 +36,7 @@ import zmq
 
 
 from kiosk.cli_support import serve
+from kiosk.boarding.retention import rotate_daily, today
 from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError
 from kiosk.services.metrics import SubscriberMetrics
@@ -301,13 +302,20 @@ def webhook_hook(url: str, timeout_s: float, retries: int, secret: bytes | None)
     return deliver
 
 
-def jsonl_hook(path: Path) -> Callable[[dict[str, Any]], None]:
+def jsonl_hook(path: Path, keep_days: int = 30) -> Callable[[dict[str, Any]], None]:
+    """One JSON object a line, flushed per event; rotated daily and kept `keep_days` (retention.audit_days):
+    the lines hold passenger ids and names."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a", encoding="utf-8")
+    rotate_daily(path, keep_days)
+    state = {"day": today(), "handle": open(path, "a", encoding="utf-8")}
 
     def deliver(event: dict[str, Any]) -> None:
-        handle.write(json.dumps(event) + "\n")
-        handle.flush()
+        if today() != state["day"]:
+            state["handle"].close()
+            rotate_daily(path, keep_days)
+            state["day"], state["handle"] = today(), open(path, "a", encoding="utf-8")
+        state["handle"].write(json.dumps(event) + "\n")
+        state["handle"].flush()
     return deliver
 
 
@@ -560,7 +568,7 @@ def build_hooks(cfg: KioskConfig, *, jsonl: list[str], execs: list[str], webhook
     elif webhooks:
         log.warning("webhooks are sent UNSIGNED (hooks.sign_webhooks: false): a receiver cannot tell these POSTs "
                     "from forged ones, and an accept opens a door")
-    delivers = [(f"jsonl {p}", jsonl_hook(Path(p))) for p in jsonl]
+    delivers = [(f"jsonl {p}", jsonl_hook(Path(p), cfg.retention.audit_days)) for p in jsonl]
     delivers += [(f"exec {c}", exec_hook(c, h.exec_timeout_s)) for c in execs]
     delivers += [(f"webhook {url}", webhook_hook(url, h.webhook_timeout_s, h.webhook_retries, secret))
                  for url in webhooks]

@@ -4,6 +4,10 @@ A child that dies is restarted with exponential backoff (a capture that
 finished its file is not). SIGINT/SIGTERM stop every child (SIGTERM, then
 SIGKILL after a grace period); children also get SIGTERM from the kernel if
 the supervisor itself dies, so no orphan keeps a camera or a port.
+A child that exits 2 (usage or config error) at its first start stops the
+run; one that ran before and then exits 2 (its gallery went corrupt under
+it) is retried every few seconds instead, while the subscribers tell the
+gates `verifier_down`, so fixing it (`kiosk-enroll restore`) brings it back.
 `--exit-on-eof` ends the run when every file source has been read and the
 verifier has processed and published everything from them.
 """
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
+BROKEN_RETRY_S = 5.0  # a child that ran before and now exits 2 (e.g. its gallery went corrupt) is retried this often
 STABLE_AFTER_S = 30.0
 GRACE_S = 5.0
 PR_SET_PDEATHSIG = 1
@@ -108,10 +113,17 @@ class Supervisor:
             return
         child.exit_codes.append(code)
         child.proc = None
-        if code == 2:  # a usage/config error: restarting cannot fix it
+        if code == 2 and len(child.exit_codes) == 1:  # a usage/config error at first start: restarting cannot fix it
             log.error("%s stopped with a configuration or usage error (exit 2); stopping the run", child.name)
             self.failed = True
             self._stop.set()
+            return
+        if code == 2:  # it ran before: something under it broke (a corrupt gallery); the other gates stay up
+            child.restarts += 1
+            child.next_start = now + BROKEN_RETRY_S
+            log.error("%s cannot start again (exit 2: see its error above); the gates hear verifier_down from the "
+                      "subscribers; retrying every %.0fs until it is fixed (e.g. kiosk-enroll restore)", child.name,
+                      BROKEN_RETRY_S)
             return
         if code == 0 and not child.restart_on_success:
             child.finished = True

@@ -27,6 +27,9 @@ from kiosk.cli_support import serve, warn_if_readable_by_others
 from kiosk.config import KioskConfig
 from kiosk.vision.engine import FaceEngine
 from kiosk.errors import ConfigError
+from kiosk.boarding.gates import GateFlights
+from kiosk.boarding.model import DecisionRecord
+from kiosk.store.flights import SqliteBoardingStore, load_gate_flights
 from kiosk.store.gallery import Gallery, GalleryMatrix
 from kiosk.messaging.channels import CAPTURE_HEALTH, VERIFIER_HEALTH, FrameChannel
 from kiosk.messaging.messages import CaptureHealth, Event, encode_json
@@ -40,6 +43,7 @@ from kiosk.pipeline.core import CameraState, Verdict, VerifierCore
 log = logging.getLogger(__name__)
 
 GALLERY_POLL_S = 1.0
+PURGE_EVERY_S = 60.0
 BAD_LOG_EVERY_S = 10.0
 
 
@@ -53,12 +57,16 @@ class Verifier:
         keys = cfg.resolve(cfg.security.keys_dir)
         warn_if_readable_by_others(self.gallery.path, cfg.resolve(cfg.audit.path), *keys.glob("*.key_secret"),
                                    keys / "webhook.secret")
-        matrix = self.gallery.matrix(self.engine.model_id, self.engine.dim).prepare()
+        self._gates = {c.gate for c in cfg.cameras}
+        view = self._view(self.gallery)
+        matrix = view.full
+        self.store = SqliteBoardingStore(self.gallery)
         self._loader: threading.Thread | None = None
-        self._loaded: GalleryMatrix | None = None
+        self._loaded: GateFlights | None = None
         self._gallery_error = ""  # why the search matrix may be behind the gallery (a failed reload)
         self.metrics = VerifierMetrics({c.id: c.gate for c in cfg.cameras})
-        self.core = VerifierCore(cfg, self.engine, matrix, metrics=self.metrics, confirm=self.gallery.enrolled)
+        self.core = VerifierCore(cfg, self.engine, view, metrics=self.metrics, confirm=self.gallery.enrolled,
+                                 store=self.store)
         self.cameras = self.core.cameras
         self.metrics.gallery_stale.set_function(lambda: 1.0 if self._gallery_error else 0.0)
         self.metrics.watch_cameras(lambda cam_id: self.cameras[cam_id].state(time.time())[0] != "down",
@@ -75,12 +83,13 @@ class Verifier:
         self.history = self.transport.history_server()
         audit_path = cfg.resolve(cfg.audit.path)
         self._recall_accepts(audit_path)
-        self.audit = AuditLog(audit_path)
+        self.audit = AuditLog(audit_path, cfg.retention.audit_days)
         self.boot_id = uuid.uuid4().hex  # with event_seq, lets a subscriber see a restart and any gap
         self._event_seq: dict[str, int] = {}  # per gate: a gate's subscriber sees 1, 2, 3... and any gap
         self.recent = RecentEvents(read_tail(audit_path))  # what a subscriber that missed some can fetch
         self.metrics.audit_ok.set_function(lambda: 0.0 if self.audit.error else 1.0)
         self._stop = threading.Event()
+        self._purged_once = False
         self._bad = 0
         self._last_bad_log = 0.0
         self._last_error = ""
@@ -96,6 +105,39 @@ class Verifier:
         if not len(matrix):
             log.warning("gallery %s has no subject for this model: every passenger will be rejected until "
                         "someone is enrolled", self.gallery.path)
+        self._log_gates(None, view)
+        self._purger = threading.Thread(target=self._purge_loop, name="retention", daemon=True)
+        self._purger.start()
+
+    def _view(self, gallery: Gallery) -> GateFlights:
+        return load_gate_flights(gallery, self.engine.model_id, self.engine.dim,
+                                 require_flight=self.cfg.boarding.require_flight, gates=self._gates)
+
+    def _log_gates(self, old: GateFlights | None, new: GateFlights) -> None:
+        for gate in sorted(self._gates):
+            flight = new.flight_of(gate)
+            if old is None or old.flight_of(gate) != flight:
+                log.info("gate %s: %s", gate, f"boarding flight {flight} ({len(new.manifests[flight])} passengers)"
+                         if flight else "not boarding; processes nobody" if new.require_flight
+                         else "not boarding; matches against everyone enrolled (1:N)")
+
+    def _purge_loop(self) -> None:
+        """Purge, on schedule, the templates of flights past `retention.purge_after_departure_h` (its own
+        connection; a failure is logged and tried again next round)."""
+        while not self._stop.wait(0 if not self._purged_once else PURGE_EVERY_S):
+            self._purged_once = True
+            try:
+                with Gallery(self.gallery.path, create=False) as gallery:
+                    store = SqliteBoardingStore(gallery)
+                    for flight in store.due_for_purge(time.time(), self.cfg.retention.purge_after_departure_h):
+                        result = store.purge(flight)
+                        self.metrics.purges.inc()
+                        log.info("retention: flight %s departed more than %g h ago; templates of %d passenger(s) "
+                                 "deleted, %d kept for a later flight", flight,
+                                 self.cfg.retention.purge_after_departure_h, len(result.subjects_purged),
+                                 len(result.kept))
+            except Exception as exc:  # noqa: BLE001 - retry next round
+                log.warning("retention purge failed (next try in %.0fs): %s", PURGE_EVERY_S, exc)
 
     @property
     def matrix(self) -> GalleryMatrix:
@@ -127,6 +169,7 @@ class Verifier:
         return 0
 
     def close(self) -> None:
+        self._stop.set()
         self._publish_all(self.core.end_all(time.time()))
         lat = self.metrics.recent_frame.quantiles()
         dec = self.metrics.recent_decision.quantiles()
@@ -195,12 +238,15 @@ class Verifier:
 
     def _event(self, cam: CameraState, verdict: Verdict, d: Decision) -> Event:
         decided_at = time.time()
-        return Event(boot_id=self.boot_id, event_seq=self._event_seq.get(cam.gate_id, 0) + 1,type=d.type, gate_id=cam.gate_id, camera_id=cam.camera_id, track_id=verdict.track_id,
+        return Event(boot_id=self.boot_id, event_seq=self._event_seq.get(cam.gate_id, 0) + 1, type=d.type,
+                     gate_id=cam.gate_id, camera_id=cam.camera_id, track_id=verdict.track_id,
                      subject_id=d.subject_id, display_name=d.display_name,
                      score=None if d.score is None else round(d.score, 4),
                      threshold=self.cfg.policy.accept_threshold, reason=d.reason, frames=d.frames,
                      captured_at=d.captured_at, decided_at=decided_at,
-                     latency_ms=round((decided_at - d.captured_at) * 1000, 1), seq=d.seq)
+                     latency_ms=round((decided_at - d.captured_at) * 1000, 1), seq=d.seq, event_id=d.event_id,
+                     flight_id=d.flight_id, boarded_at=d.boarded_at, boarded_gate_id=d.boarded_gate_id,
+                     on_flights=d.on_flights)
 
     def _publish(self, cam: CameraState, verdict: Verdict) -> Event:
         """Audit first, then publish. An accept that cannot be audited is published as a reject
@@ -216,8 +262,12 @@ class Verifier:
                           cam.gate_id)
                 if d.subject_id:
                     self.core.policy.forget_accept(cam.gate_id, d.subject_id)  # not accepted after all
+                    if d.flight_id:
+                        self._unboard(d)
                 d = dataclasses.replace(d, type="reject", reason="audit_unavailable")
                 event = self._event(cam, verdict, d)
+        if d.flight_id and d.type != "accept":  # an accept was recorded with its boarded mark
+            self._record(cam, d)
         self._event_seq[cam.gate_id] = event.event_seq or 0
         self.recent.add(event)
         self.events.send_multipart([event.topic(), event.to_json()])
@@ -228,6 +278,24 @@ class Verifier:
                  d.type.upper(), cam.gate_id, cam.camera_id, verdict.track_id, d.subject_id, event.score, d.reason,
                  d.frames, event.latency_ms or 0.0)
         return event
+
+    def _unboard(self, d: Decision) -> None:
+        """The boarded mark of an accept that never reached the gate comes off again."""
+        try:
+            self.store.undo(str(d.flight_id), str(d.subject_id), why="accept withheld: audit log unwritable")
+        except Exception as exc:  # noqa: BLE001
+            self.metrics.store_failures.inc()
+            log.error("the boarded mark of %s on %s could not be taken off (%s): `kiosk board undo` it",
+                      d.subject_id, d.flight_id, exc)
+
+    def _record(self, cam: CameraState, d: Decision) -> None:
+        """Keep a reject at a boarding gate for the flight's report (best effort: the gate is told anyway)."""
+        try:
+            self.store.record(DecisionRecord(d.event_id, str(d.flight_id), cam.gate_id, d.type, d.reason,
+                                             d.subject_id, d.candidate_id, d.score, time.time()))
+        except Exception as exc:  # noqa: BLE001
+            self.metrics.store_failures.inc()
+            log.warning("decision %s not kept for the report of %s: %s", d.event_id, d.flight_id, exc)
 
     # -- periodic --------------------------------------------------------------
     def _housekeeping(self) -> None:
@@ -269,7 +337,7 @@ class Verifier:
             # Its own connection (this runs in a thread); a gallery file that vanished is an error here,
             # never a new empty gallery: the verifier keeps deciding from the matrix it has and says so.
             with Gallery(self.gallery.path, create=False) as gallery:
-                self._loaded = gallery.matrix(self.engine.model_id, self.engine.dim).prepare()
+                self._loaded = self._view(gallery)
         except Exception as exc:  # noqa: BLE001 - keep serving the old matrix
             self._last_error = self._gallery_error = f"gallery reload: {exc}"
             log.warning("gallery reload failed, keeping revision %d: %s", self.matrix.revision, exc)
@@ -278,12 +346,13 @@ class Verifier:
         loaded, self._loaded, self._loader = self._loaded, None, None
         if loaded is None:
             return
-        self.core.matrix = loaded
+        self._log_gates(self.core.flights, loaded)
+        self.core.adopt(loaded)
         self._gallery_error = ""
-        self.metrics.gallery_subjects.set(len(loaded))
-        self.metrics.gallery_templates.set(loaded.template_count)
-        log.info("gallery reloaded: revision %d, %d subjects, %d templates", loaded.revision, len(loaded),
-                 loaded.template_count)
+        self.metrics.gallery_subjects.set(len(loaded.full))
+        self.metrics.gallery_templates.set(loaded.full.template_count)
+        log.info("gallery reloaded: revision %d, %d subjects, %d templates", loaded.revision, len(loaded.full),
+                 loaded.full.template_count)
 
     def status(self) -> dict[str, Any]:
         now = time.time()
@@ -309,12 +378,14 @@ class Verifier:
             "cameras": {c.camera_id: {"gate_id": c.gate_id, "state": states[c.camera_id][0],
                                       "last_error": states[c.camera_id][1], "frames_in": c.frames_in,
                                       "processed": c.processed, "dropped": c.stale, "too_old": c.too_old,
-                                      "eof": c.eof,
+                                      "eof": c.eof, "not_boarding": c.not_boarding,
                                       "tracks": len(c.tracker.tracks),
                                       "last_frame_age_s": round(now - c.last_frame_at, 1) if c.last_frame_at
                                       else None}
                         for c in self.cameras.values()},
             "claims": {g: c.subject_id for g, c in self.core.policy.claims.items()},
+            "gates": {g: {"flight_id": self.core.flights.flight_of(g),
+                          "processing": not self.core.flights.idle(g)} for g in sorted(self._gates)},
         }
 
     def _heartbeat(self, force: bool = False, status: str | None = None) -> None:

@@ -23,9 +23,12 @@ from kiosk.errors import RuntimeFailure, UsageError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Version 2: templates.photo_sha256 (the photo a template came from), unique per subject and model, so
 # re-running the same import or add enrolls nothing new.
+# Version 3: flights, their manifests, gate assignments, boarded marks (one per flight and subject: the
+# primary key is the guarantee that nobody boards twice), decisions at boarding gates and the log of
+# boarding actions (undo, purge). See kiosk.store.flights.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS subjects (
@@ -47,6 +50,55 @@ CREATE TABLE IF NOT EXISTS templates (
 );
 CREATE INDEX IF NOT EXISTS templates_subject ON templates(subject_id);
 CREATE INDEX IF NOT EXISTS templates_model ON templates(model_id);
+CREATE TABLE IF NOT EXISTS flights (
+    id TEXT PRIMARY KEY,
+    departs REAL NOT NULL,
+    created REAL NOT NULL,
+    purged_at REAL
+);
+CREATE TABLE IF NOT EXISTS manifest (
+    flight_id TEXT NOT NULL REFERENCES flights(id) ON DELETE CASCADE,
+    subject_id TEXT NOT NULL,
+    added REAL NOT NULL,
+    PRIMARY KEY (flight_id, subject_id)
+);
+CREATE INDEX IF NOT EXISTS manifest_subject ON manifest(subject_id);
+CREATE TABLE IF NOT EXISTS gates (
+    gate_id TEXT PRIMARY KEY,
+    flight_id TEXT NOT NULL REFERENCES flights(id),
+    opened REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS boardings (
+    flight_id TEXT NOT NULL,
+    subject_id TEXT NOT NULL,
+    gate_id TEXT NOT NULL,
+    camera_id TEXT,
+    boarded_at REAL NOT NULL,
+    score REAL,
+    event_id TEXT,
+    PRIMARY KEY (flight_id, subject_id)
+);
+CREATE TABLE IF NOT EXISTS flight_decisions (
+    event_id TEXT PRIMARY KEY,
+    flight_id TEXT NOT NULL,
+    gate_id TEXT,
+    type TEXT NOT NULL,
+    reason TEXT,
+    subject_id TEXT,
+    candidate_id TEXT,
+    score REAL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flight_decisions_flight ON flight_decisions(flight_id);
+CREATE TABLE IF NOT EXISTS boarding_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    action TEXT NOT NULL,
+    flight_id TEXT,
+    subject_id TEXT,
+    gate_id TEXT,
+    detail TEXT NOT NULL DEFAULT ''
+);
 """
 # Run once the schema is at the current version (the column does not exist in version 1).
 INDEXES = """
@@ -54,6 +106,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS templates_photo ON templates(subject_id, model
 """
 MIGRATIONS = {  # from version -> statements that bring it to version + 1
     1: ["ALTER TABLE templates ADD COLUMN photo_sha256 TEXT"],
+    2: [],  # version 3's tables are all new: SCHEMA creates them
 }
 
 
@@ -131,6 +184,16 @@ class GalleryMatrix:
             owners[i] = len(ids) - 1
         emb = np.stack([t[2] for t in rows]).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
         return cls(model_id, dim, ids, names, emb, owners, revision)
+
+    def subset(self, subject_ids: set[str]) -> GalleryMatrix:
+        """The templates of these subjects only (a flight's passengers), as a matrix of its own."""
+        keep = np.array([sid in subject_ids for sid in self.subject_ids], bool)
+        rows = keep[self.owners] if len(self.owners) else np.zeros(0, bool)
+        index = np.cumsum(keep) - 1
+        ids = [sid for sid, k in zip(self.subject_ids, keep) if k]
+        names = [n for n, k in zip(self.names, keep) if k]
+        return GalleryMatrix(self.model_id, self.dim, ids, names, self.embeddings[rows], index[self.owners[rows]],
+                             self.revision, self.next_expiry)
 
     def prepare(self) -> GalleryMatrix:
         """Build the search prefilter of a large gallery now (about 1 s at 100k templates) rather than on
@@ -310,6 +373,30 @@ class Gallery:
         log.info("gallery %s restored from %s (revision %d)", self.path, source, revision)
         return revision
 
+    @classmethod
+    def restore_file(cls, path: Path, source: Path) -> tuple[int, Path | None]:
+        """`restore` into the gallery at `path`; a gallery there that is not a usable database (corrupt) is
+        first moved aside, with its WAL, to `NAME.corrupt-TIMESTAMP` (kept for inspection, never deleted).
+        Returns the new revision and where the corrupt file went (None if it was usable)."""
+        path = Path(path)
+        moved: Path | None = None
+        try:
+            gallery = cls(path)
+        except UsageError:
+            if not path.exists():
+                raise
+            with cls(source, create=False):  # a bad backup is refused before anything is moved
+                pass
+            moved = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            for suffix in ("", "-wal", "-shm"):
+                part = Path(str(path) + suffix)
+                if part.exists():
+                    part.rename(Path(str(moved) + suffix))
+            log.warning("gallery %s is not usable; moved it aside to %s before restoring", path, moved)
+            gallery = cls(path)
+        with gallery:
+            return gallery.restore(source), moved
+
     def __enter__(self) -> Gallery:
         return self
 
@@ -393,6 +480,11 @@ class Gallery:
         return [Subject(sid, name, created, expires, json.loads(meta or "{}"), counts.get(sid, {}))
                 for sid, name, created, expires, meta in
                 self._db.execute("SELECT id, name, created, expires, metadata FROM subjects ORDER BY id")]
+
+    def has_templates(self, subject_id: str, model_id: str) -> bool:
+        """Whether the subject is enrolled with at least one template of this model."""
+        return self._db.execute("SELECT 1 FROM templates WHERE subject_id = ? AND model_id = ? LIMIT 1",
+                                (subject_id, model_id)).fetchone() is not None
 
     def has_photo(self, subject_id: str, model_id: str, photo_sha256: str) -> bool:
         """Whether the subject already has a template of this model from this very photo."""

@@ -1,12 +1,18 @@
-"""`kiosk demo`: the whole pipeline on what the installed packages ship.
+"""`kiosk demo`: the whole pipeline boarding a flight, on what the installed packages ship.
 
-1. Enrolls Yao Ming from the sample portrait into a fresh demo gallery.
-2. Makes a gate video: Yao Ming walks up to the camera and leaves, then a
-   person who is not enrolled (a player cut out of `gdp.jpg`) walks up.
+1. Enrolls Yao Ming from the sample portrait on flight LH123, and a player
+   cut out of `gdp.jpg` on flight BA456, into a fresh demo gallery; gate A1
+   boards LH123 (`boarding.require_flight: true`, as at an airport).
+2. Makes a gate video: Yao Ming walks up and leaves, then the BA456
+   passenger walks up (at the wrong gate), then Yao Ming comes back.
 3. Runs the real system on it (`kiosk run --exit-on-eof`: capture and
    verifier processes, ZeroMQ with CurveZMQ), prints each event as it
-   arrives, and ends by itself.
+   arrives, and ends by itself: Yao Ming boards, the other passenger is
+   turned away as `wrong_flight`, Yao Ming again as `already_boarded`.
 4. Writes a preview image: each passenger at the moment of the decision.
+
+The video is made by moving photos: for presentation attack detection
+(liveness) that is a print attack, not a live passenger.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import yaml
 from enrollment.photos import reference_template
 from kiosk.config import KioskConfig, load_config, models_section
 from kiosk.vision.engine import FaceEngine
+from kiosk.store.flights import SqliteBoardingStore
 from kiosk.store.gallery import Gallery
 from kiosk.vision.images import read_image
 from kiosk.messaging.channels import EventChannel
@@ -37,20 +44,29 @@ log = logging.getLogger(__name__)
 
 FPS = 30.0
 SUBJECT = ("yao-ming", "Yao Ming")
+OTHER = ("pax-ba456", "BA456 passenger")
+FLIGHT, OTHER_FLIGHT = "LH123", "BA456"
 
 
-def demo_scene(engine: FaceEngine) -> tuple[list[Walk], int]:
+def demo_people(engine: FaceEngine) -> tuple[np.ndarray, np.ndarray]:
+    """Person crops: Yao Ming, and the right-most player of gdp.jpg (looking at the camera)."""
     yao = read_image(sample_photo("yaoming.jpg"))
     gdp = read_image(sample_photo("gdp.jpg"))
     yao_face = engine.detector.detect(yao).largest()
     gdp_faces = engine.detector.detect(gdp)
-    stranger = gdp_faces[int(np.argmax(gdp_faces.boxes[:, 0]))]  # the right-most player, looking at the camera
+    other = gdp_faces[int(np.argmax(gdp_faces.boxes[:, 0]))]
+    return person_crop(yao, yao_face.boxes[0]), person_crop(gdp, other.boxes[0])
+
+
+def demo_scene(engine: FaceEngine) -> tuple[list[Walk], int]:
+    yao, other = demo_people(engine)
     s = int(FPS)
     walks = [
-        Walk(person_crop(yao, yao_face.boxes[0]), start=s, frames=4 * s, w0=30, w1=190),
-        Walk(person_crop(gdp, stranger.boxes[0]), start=6 * s, frames=4 * s, w0=30, w1=170),
+        Walk(yao, start=s, frames=4 * s, w0=30, w1=190),
+        Walk(other, start=6 * s, frames=4 * s, w0=30, w1=170),
+        Walk(yao, start=11 * s, frames=4 * s, w0=30, w1=190),
     ]
-    return walks, 11 * s
+    return walks, 16 * s
 
 
 def write_demo_config(out: Path, base: KioskConfig) -> Path:
@@ -62,6 +78,9 @@ def write_demo_config(out: Path, base: KioskConfig) -> Path:
         "security": {"curve": True, "keys_dir": "keys"},
         "audit": {"path": "events.jsonl"},
         "metrics": {"port": 0},
+        "boarding": {"require_flight": True},
+        # Yao Ming comes back 6 s after boarding: inside the default 10 s a re-found passenger is not decided again.
+        "policy": {"repeat_accept_s": 3.0},
     }
     path = out / "kiosk.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -70,11 +89,15 @@ def write_demo_config(out: Path, base: KioskConfig) -> Path:
 
 def describe(event: Event) -> str:
     if event.type == "accept":
-        return (f"ACCEPT  gate {event.gate_id}: {event.subject_id} ({event.display_name}) score {event.score:.3f} "
+        return (f"ACCEPT  gate {event.gate_id} ({event.flight_id}): {event.subject_id} ({event.display_name}) score {event.score:.3f} "
                 f"after {event.frames} frames, {event.latency_ms:.0f} ms after capture")
     if event.type == "reject":
-        return (f"REJECT  gate {event.gate_id}: {event.reason} (best score {event.score if event.score is None else round(event.score, 3)}) "
-                f"after {event.frames} frames, {event.latency_ms:.0f} ms after capture")
+        score = event.score if event.score is None else round(event.score, 3)
+        why = {"wrong_flight": f" {event.subject_id} is on {', '.join(event.on_flights or []) or 'another flight'}",
+               "already_boarded": f" {event.subject_id} boarded at gate {event.boarded_gate_id} "
+                                  f"{time.strftime('%H:%M:%S', time.localtime(event.boarded_at or 0))}"}
+        return (f"REJECT  gate {event.gate_id} ({event.flight_id}): {event.reason}{why.get(event.reason or '', '')} "
+                f"(score {score}) after {event.frames} frames, {event.latency_ms:.0f} ms after capture")
     return f"{event.type.upper()} gate {event.gate_id}"
 
 
@@ -107,16 +130,26 @@ def run_demo(base: KioskConfig, out: Path) -> bool:
     config_path = write_demo_config(out, base)
     cfg = load_config(config_path)
     engine = FaceEngine.from_config(cfg)
-    template = reference_template(engine, sample_photo("yaoming.jpg"), cfg.enrollment)
+    _, other = demo_people(engine)
+    other_photo = out / "pax-ba456.jpg"  # their "passport photo": the crop, enlarged
+    cv2.imwrite(str(other_photo), cv2.resize(other, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_CUBIC))
+    departs = time.time() + 3 * 3600
     with Gallery(cfg.resolve(cfg.gallery.path)) as gallery:
-        gallery.enroll(SUBJECT[0], SUBJECT[1], template.embedding[None, :], engine.model_id,
-                       qualities=[template.quality])
-    print(f"enrolled {SUBJECT[0]} ({SUBJECT[1]}) from the sample portrait yaoming.jpg")
+        store = SqliteBoardingStore(gallery)
+        for (sid, name), photo, flight in ((SUBJECT, sample_photo("yaoming.jpg"), FLIGHT),
+                                           (OTHER, other_photo, OTHER_FLIGHT)):
+            template = reference_template(engine, photo, cfg.enrollment)
+            gallery.enroll(sid, name, template.embedding[None, :], engine.model_id, qualities=[template.quality])
+            store.add_flight(flight, departs)
+            store.add_passengers(flight, [sid])
+            print(f"enrolled {sid} ({name}) on flight {flight} from {photo.name}")
+        store.open_gate("A1", FLIGHT)
+    print(f"gate A1 boards flight {FLIGHT} (boarding.require_flight: true)")
     walks, total = demo_scene(engine)
     frames = render(walks, total)
     video = write_video(out / "gate-a1.avi", frames, FPS)
-    print(f"made {video.name}: {total / FPS:.0f} s at {FPS:.0f} fps; Yao Ming walks up, then a passenger "
-          "who is not enrolled")
+    print(f"made {video.name}: {total / FPS:.0f} s at {FPS:.0f} fps; Yao Ming walks up, then a passenger of "
+          f"{OTHER_FLIGHT}, then Yao Ming again")
     print(f"running the pipeline (kiosk run --exit-on-eof, CurveZMQ on) with config {config_path}")
 
     init_keys(cfg.resolve(cfg.security.keys_dir))
@@ -152,8 +185,10 @@ def run_demo(base: KioskConfig, out: Path) -> bool:
           f"({len(audit)} lines)")
     if image:
         print(f"preview: {image}")
-    good = (proc.returncode == 0 and len(accepts) == 1 and accepts[0].subject_id == SUBJECT[0]
-            and len(rejects) >= 1 and all(e.subject_id != SUBJECT[0] for e in rejects))
-    print("demo " + ("done: the enrolled passenger was accepted once, the other one rejected" if good
+    got = [(e.type, e.reason, e.subject_id) for e in events if e.type in ("accept", "reject")]
+    good = proc.returncode == 0 and got == [("accept", None, SUBJECT[0]), ("reject", "wrong_flight", OTHER[0]),
+                                            ("reject", "already_boarded", SUBJECT[0])]
+    print("demo " + (f"done: {SUBJECT[1]} boarded {FLIGHT} once, the {OTHER_FLIGHT} passenger was turned away "
+                     "(wrong_flight), and so was the boarded passenger coming back (already_boarded)" if good
                      else "ended with unexpected decisions"))
     return good

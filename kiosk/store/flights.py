@@ -1,0 +1,246 @@
+"""`BoardingStore` on the SQLite gallery: flights, manifests, gate assignments and boarded marks.
+
+It shares the gallery's connection and file, so a subject's templates and their flights change together.
+Changes that alter what a verifier matches against (flights, manifests, gate assignments, purges) bump the
+gallery's revision, so running verifiers reload within a second; boarded marks do not (they are read in the
+transaction that decides an accept, never cached).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+
+from kiosk.boarding.gates import GateFlights
+from kiosk.boarding.model import Boarding, BoardOutcome, DecisionRecord, Flight, Passenger, PurgeResult
+from kiosk.errors import UsageError
+from kiosk.store.gallery import Gallery
+
+log = logging.getLogger(__name__)
+
+_BUMP = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'"
+
+
+class SqliteBoardingStore:
+    """Boarding state in the gallery file (see the module docstring)."""
+
+    def __init__(self, gallery: Gallery) -> None:
+        self.gallery = gallery
+        self._db = gallery._db
+
+    def _write(self):  # noqa: ANN202 - the gallery's transaction context
+        return self.gallery.writing()
+
+    def _log(self, db: sqlite3.Connection, action: str, flight: str | None, subject: str | None = None,
+             gate: str | None = None, **detail: object) -> None:
+        db.execute("INSERT INTO boarding_log (at, action, flight_id, subject_id, gate_id, detail) "
+                   "VALUES (?, ?, ?, ?, ?, ?)", (time.time(), action, flight, subject, gate, json.dumps(detail)))
+
+    # -- flights and manifests ---------------------------------------------------------
+    def add_flight(self, flight_id: str, departs: float) -> None:
+        """Create the flight, or move its departure; a purged flight is never reopened."""
+        with self._write() as db:
+            row = db.execute("SELECT purged_at FROM flights WHERE id = ?", (flight_id,)).fetchone()
+            if row is not None and row[0] is not None:
+                raise UsageError(f"flight {flight_id} was purged after departure; use a new flight id")
+            db.execute("INSERT INTO flights (id, departs, created) VALUES (?, ?, ?) "
+                       "ON CONFLICT(id) DO UPDATE SET departs = excluded.departs", (flight_id, departs, time.time()))
+            db.execute(_BUMP)
+
+    def add_passengers(self, flight_id: str, subject_ids: list[str]) -> int:
+        """Put enrolled subjects on the flight's manifest; returns how many were new on it."""
+        with self._write() as db:
+            self._usable(db, flight_id)
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO manifest (flight_id, subject_id, added) VALUES (?, ?, ?)",
+                           [(flight_id, s, time.time()) for s in subject_ids])
+            added = db.total_changes - before
+            if added:
+                db.execute(_BUMP)
+        return added
+
+    def remove_passenger(self, flight_id: str, subject_id: str) -> bool:
+        with self._write() as db:
+            self._known(db, flight_id)
+            cur = db.execute("DELETE FROM manifest WHERE flight_id = ? AND subject_id = ?", (flight_id, subject_id))
+            if cur.rowcount:
+                self._log(db, "remove_passenger", flight_id, subject_id)
+                db.execute(_BUMP)
+        return bool(cur.rowcount)
+
+    @staticmethod
+    def _known(db: sqlite3.Connection, flight_id: str) -> tuple:
+        row = db.execute("SELECT id, departs, purged_at FROM flights WHERE id = ?", (flight_id,)).fetchone()
+        if row is None:
+            raise UsageError(f"no flight {flight_id} (see `kiosk-enroll flight list`)")
+        return row
+
+    def _usable(self, db: sqlite3.Connection, flight_id: str) -> None:
+        if self._known(db, flight_id)[2] is not None:
+            raise UsageError(f"flight {flight_id} was purged after departure; nothing can be added to it")
+
+    def flights(self) -> list[Flight]:
+        gates: dict[str, list[str]] = {}
+        for gate, flight in self._db.execute("SELECT gate_id, flight_id FROM gates ORDER BY gate_id"):
+            gates.setdefault(flight, []).append(gate)
+        rows = self._db.execute(
+            "SELECT f.id, f.departs, f.purged_at, "
+            " (SELECT COUNT(*) FROM manifest m WHERE m.flight_id = f.id),"
+            " (SELECT COUNT(*) FROM boardings b JOIN manifest m ON m.flight_id = b.flight_id"
+            "  AND m.subject_id = b.subject_id WHERE b.flight_id = f.id) "
+            "FROM flights f ORDER BY f.departs, f.id").fetchall()
+        return [Flight(fid, departs, n, boarded, tuple(gates.get(fid, ())), purged)
+                for fid, departs, purged, n, boarded in rows]
+
+    def flight(self, flight_id: str) -> Flight | None:
+        return next((f for f in self.flights() if f.id == flight_id), None)
+
+    def passengers(self, flight_id: str) -> list[Passenger]:
+        rows = self._db.execute(
+            "SELECT m.subject_id, COALESCE(s.name, ''), "
+            " EXISTS (SELECT 1 FROM templates t WHERE t.subject_id = m.subject_id),"
+            " b.gate_id, b.boarded_at, b.score, b.event_id, b.camera_id "
+            "FROM manifest m LEFT JOIN subjects s ON s.id = m.subject_id "
+            "LEFT JOIN boardings b ON b.flight_id = m.flight_id AND b.subject_id = m.subject_id "
+            "WHERE m.flight_id = ? ORDER BY m.subject_id", (flight_id,)).fetchall()
+        return [Passenger(sid, name, bool(enrolled),
+                          Boarding(flight_id, sid, gate, at, score, event, cam) if gate is not None else None)
+                for sid, name, enrolled, gate, at, score, event, cam in rows]
+
+    def manifest(self, flight_id: str) -> set[str]:
+        return {r[0] for r in self._db.execute("SELECT subject_id FROM manifest WHERE flight_id = ?", (flight_id,))}
+
+    def manifests(self, flight_ids: set[str]) -> dict[str, set[str]]:
+        """Several flights' manifests in one snapshot."""
+        with self.gallery._transaction(write=False) as db:
+            return {f: {r[0] for r in db.execute("SELECT subject_id FROM manifest WHERE flight_id = ?", (f,))}
+                    for f in flight_ids}
+
+    def flights_of(self, subject_id: str) -> list[str]:
+        """The flights not yet purged a subject is on, earliest departure first."""
+        return [r[0] for r in self._db.execute(
+            "SELECT f.id FROM manifest m JOIN flights f ON f.id = m.flight_id "
+            "WHERE m.subject_id = ? AND f.purged_at IS NULL ORDER BY f.departs", (subject_id,))]
+
+    # -- gates -------------------------------------------------------------------------
+    def open_gate(self, gate_id: str, flight_id: str) -> None:
+        with self._write() as db:
+            self._usable(db, flight_id)
+            db.execute("INSERT INTO gates (gate_id, flight_id, opened) VALUES (?, ?, ?) ON CONFLICT(gate_id) "
+                       "DO UPDATE SET flight_id = excluded.flight_id, opened = excluded.opened",
+                       (gate_id, flight_id, time.time()))
+            self._log(db, "open", flight_id, gate=gate_id)
+            db.execute(_BUMP)
+
+    def close_gate(self, gate_id: str) -> str | None:
+        """Close the gate; returns the flight it was boarding (None: it was not boarding)."""
+        with self._write() as db:
+            row = db.execute("SELECT flight_id FROM gates WHERE gate_id = ?", (gate_id,)).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM gates WHERE gate_id = ?", (gate_id,))
+            self._log(db, "close", row[0], gate=gate_id)
+            db.execute(_BUMP)
+        return str(row[0])
+
+    def assignments(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT gate_id, flight_id FROM gates").fetchall())
+
+    # -- boarding ------------------------------------------------------------------------
+    def board(self, record: DecisionRecord, camera_id: str | None = None) -> BoardOutcome:
+        """Mark the passenger boarded, in the transaction that checks they are enrolled, on the flight and
+        not boarded yet; the accept is recorded with it. Two doors at once: one wins the primary key."""
+        flight, subject = record.flight_id, str(record.subject_id)
+        with self._write() as db:
+            row = db.execute("SELECT expires FROM subjects WHERE id = ?", (subject,)).fetchone()
+            if row is None or (row[0] is not None and row[0] <= record.at):
+                return BoardOutcome(False, "not_enrolled")
+            if db.execute("SELECT 1 FROM manifest m JOIN flights f ON f.id = m.flight_id WHERE m.flight_id = ? "
+                          "AND m.subject_id = ? AND f.purged_at IS NULL", (flight, subject)).fetchone() is None:
+                return BoardOutcome(False, "not_on_flight")
+            prev = db.execute("SELECT gate_id, boarded_at, score, event_id, camera_id FROM boardings "
+                              "WHERE flight_id = ? AND subject_id = ?", (flight, subject)).fetchone()
+            if prev is not None:
+                return BoardOutcome(False, "already_boarded", Boarding(flight, subject, prev[0], prev[1], prev[2],
+                                                                       prev[3], prev[4]))
+            db.execute("INSERT INTO boardings (flight_id, subject_id, gate_id, camera_id, boarded_at, score, event_id)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (flight, subject, record.gate_id, camera_id, record.at, record.score, record.event_id))
+            self._insert_record(db, record)
+        return BoardOutcome(True)
+
+    def undo(self, flight_id: str, subject_id: str, why: str) -> Boarding | None:
+        """Make a boarded passenger boardable again (they left the aircraft, or the accept never reached the
+        gate); logged with `why`. Returns the mark removed, None if there was none."""
+        with self._write() as db:
+            self._known(db, flight_id)
+            prev = db.execute("SELECT gate_id, boarded_at, score, event_id, camera_id FROM boardings "
+                              "WHERE flight_id = ? AND subject_id = ?", (flight_id, subject_id)).fetchone()
+            if prev is None:
+                return None
+            db.execute("DELETE FROM boardings WHERE flight_id = ? AND subject_id = ?", (flight_id, subject_id))
+            self._log(db, "undo", flight_id, subject_id, prev[0], why=why, event_id=prev[3])
+        log.info("boarding of %s on %s undone (%s)", subject_id, flight_id, why)
+        return Boarding(flight_id, subject_id, prev[0], prev[1], prev[2], prev[3], prev[4])
+
+    @staticmethod
+    def _insert_record(db: sqlite3.Connection, r: DecisionRecord) -> None:
+        db.execute("INSERT OR IGNORE INTO flight_decisions (event_id, flight_id, gate_id, type, reason, subject_id, "
+                   "candidate_id, score, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (r.event_id, r.flight_id, r.gate_id, r.type, r.reason, r.subject_id, r.candidate_id, r.score,
+                    r.at))
+
+    def record(self, record: DecisionRecord) -> None:
+        """Keep a decision at a boarding gate for the flight's report."""
+        with self._write() as db:
+            self._insert_record(db, record)
+
+    def decisions(self, flight_id: str) -> list[DecisionRecord]:
+        return [DecisionRecord(*row) for row in self._db.execute(
+            "SELECT event_id, flight_id, gate_id, type, reason, subject_id, candidate_id, score, at "
+            "FROM flight_decisions WHERE flight_id = ? ORDER BY at", (flight_id,))]
+
+    # -- retention ---------------------------------------------------------------------
+    def purge(self, flight_id: str) -> PurgeResult:
+        """Delete the biometric templates (and names) of the flight's passengers who are on no other flight
+        not yet purged; the manifest, boarded marks and decisions stay for the report (ids only). The flight
+        is closed on every gate and cannot be reopened."""
+        with self._write() as db:
+            self._known(db, flight_id)
+            ids = [r[0] for r in db.execute("SELECT subject_id FROM manifest WHERE flight_id = ? ORDER BY subject_id",
+                                            (flight_id,))]
+            kept = [r[0] for r in db.execute(
+                "SELECT DISTINCT m.subject_id FROM manifest m JOIN manifest o ON o.subject_id = m.subject_id "
+                "JOIN flights f ON f.id = o.flight_id WHERE m.flight_id = ? AND o.flight_id != ? "
+                "AND f.purged_at IS NULL ORDER BY m.subject_id", (flight_id, flight_id))]
+            gone = [s for s in ids if s not in set(kept)]
+            deleted = 0
+            for sid in gone:
+                deleted += db.execute("DELETE FROM templates WHERE subject_id = ?", (sid,)).rowcount
+                db.execute("DELETE FROM subjects WHERE id = ?", (sid,))
+            db.execute("UPDATE flights SET purged_at = ? WHERE id = ?", (time.time(), flight_id))
+            db.execute("DELETE FROM gates WHERE flight_id = ?", (flight_id,))
+            self._log(db, "purge", flight_id, subjects=len(gone), kept=len(kept), templates=deleted)
+            db.execute(_BUMP)
+        log.info("purged flight %s: templates of %d passenger(s) deleted (%d templates), %d kept for a later "
+                 "flight", flight_id, len(gone), deleted, len(kept))
+        return PurgeResult(flight_id, gone, kept, deleted)
+
+    def due_for_purge(self, now: float, after_h: float) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT id FROM flights WHERE purged_at IS NULL AND departs + ? <= ? ORDER BY departs",
+            (after_h * 3600.0, now))]
+
+
+def load_gate_flights(gallery: Gallery, model_id: str, dim: int, *, require_flight: bool,
+                      gates: set[str]) -> GateFlights:
+    """The verifier's view of the gallery, from one snapshot: everyone's templates, which of `gates` board
+    which flight, and those flights' manifests."""
+    store = SqliteBoardingStore(gallery)
+    with gallery._transaction(write=False):
+        full = gallery.matrix(model_id, dim)
+        assignments = {g: f for g, f in store.assignments().items() if g in gates}
+        manifests = {f: store.manifest(f) for f in set(assignments.values())}
+    return GateFlights.build(full.prepare(), assignments, manifests, require_flight, gates)

@@ -1,0 +1,183 @@
+"""Boarding by flight through real processes and sockets on a SQLite gallery on disk, on videos the tests
+make (moving photos: for liveness these would be print attacks; here they stand in for passengers)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import cv2
+import pytest
+
+from kiosk.messaging.transport import free_port
+from kiosk.store.flights import SqliteBoardingStore
+from kiosk.store.gallery import Gallery
+from kiosk.tools.scenes import Walk
+from tests.conftest import run_cli
+from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, scrape, stop, write_config
+
+FPS = 30
+
+
+@pytest.fixture(scope="module")
+def crops(engine, photos):
+    return people(engine, photos)
+
+
+def _enroll(config, crops, photos, rows: dict[str, tuple[str, str]]) -> None:
+    """rows: flight -> (subject, crop name); each flight departs in a few hours."""
+    folder = config.parent
+    for name in {crop for flight_rows in rows.values() for _, crop in flight_rows}:
+        img = cv2.imread(str(photos["yaoming.jpg"])) if name == "yao" else \
+            cv2.resize(crops[name], None, fx=2.0, fy=2.0, interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(folder / f"{name}.png"), img)
+    departs = time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() + 3 * 3600))
+    for flight, people_on in rows.items():
+        manifest = folder / f"{flight}.csv"
+        manifest.write_text("id,name,photo\n" + "".join(f"{sid},{sid.title()},{crop}.png\n"
+                                                         for sid, crop in people_on))
+        res = run_cli("kiosk-enroll", "-q", "-c", str(config), "import", "--no-progress", str(manifest),
+                      "--flight", flight, "--departs", departs)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _board(config, *args: str) -> str:
+    res = run_cli("kiosk", "-q", "-c", str(config), "board", *args)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def _decisions(config, gate: str) -> list[tuple]:
+    return [(e["type"], e["reason"], e["subject_id"]) for e in audit(config)
+            if e["gate_id"] == gate and e["type"] in ("accept", "reject")]
+
+
+def test_a_gate_boards_its_flight_once_and_turns_away_the_wrong_flight_also_after_a_restart(tmp_path, crops,
+                                                                                            photos):
+    s = FPS
+    make_video(tmp_path / "a1.avi", [
+        Walk(crops["yao"], start=0, frames=3 * s, w0=60, w1=180),  # on LH123: boards
+        Walk(crops["parker"], start=4 * s, frames=3 * s, w0=60, w1=170),  # on BA456: wrong gate
+        Walk(crops["yao"], start=8 * s, frames=3 * s, w0=60, w1=180),  # again: already boarded
+    ], seconds=11.5)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False}],
+                          policy={"repeat_accept_s": 0.0}, boarding={"require_flight": True})
+    _enroll(config, crops, photos, {"LH123": [("YAO", "yao")], "BA456": [("PARKER", "parker")]})
+    _board(config, "open", "--gate", "A1", "--flight", "LH123")
+    for run in range(2):  # the second run is a verifier restart: the boarded mark is in the gallery
+        proc = kiosk(config, "run", "--exit-on-eof")
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            stop(proc)
+        assert proc.returncode == 0, err
+    log = [e for e in audit(config) if e["type"] in ("accept", "reject")]
+    expected_once = [("accept", None, "YAO"), ("reject", "wrong_flight", "PARKER"),
+                     ("reject", "already_boarded", "YAO")]
+    expected_again = [("reject", "already_boarded", "YAO"), ("reject", "wrong_flight", "PARKER"),
+                      ("reject", "already_boarded", "YAO")]
+    assert _decisions(config, "A1") == expected_once + expected_again
+    assert all(e["flight_id"] == "LH123" for e in log)
+    wrong = [e for e in log if e["reason"] == "wrong_flight"]
+    assert all(e["on_flights"] == ["BA456"] and e["display_name"] == "Parker" for e in wrong)
+    accept = log[0]
+    again = [e for e in log if e["reason"] == "already_boarded"]
+    assert all(e["boarded_gate_id"] == "A1" and e["boarded_at"] == pytest.approx(accept["decided_at"], abs=0.5)
+               for e in again)
+    status = json.loads(_board(config, "status", "--flight", "LH123", "--json"))
+    assert [(f["id"], f["passengers"], f["boarded"], f["remaining"]) for f in status["flights"]] == [
+        ("LH123", 1, 1, 0)]
+    report = json.loads(_board(config, "report", "--flight", "LH123", "--json"))
+    assert report["manifest"][0]["event_id"] == accept["event_id"] and report["accepts"] == 1
+    assert report["rejects"] == {"already_boarded": 3, "wrong_flight": 2}
+
+
+def test_a_gate_with_no_flight_processes_nobody_until_a_flight_opens_on_it(tmp_path, crops, photos):
+    make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
+    make_video(tmp_path / "b1.avi", [Walk(crops["parker"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
+    metrics_port = free_port()
+    config = write_config(tmp_path, [
+        {"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": True, "loop": True},
+        {"id": "cam-b1", "gate": "B1", "source": "b1.avi", "realtime": True, "loop": True},
+    ], policy={"repeat_accept_s": 0.0}, boarding={"require_flight": True}, metrics={"port": metrics_port})
+    _enroll(config, crops, photos, {"LH123": [("YAO", "yao"), ("PARKER", "parker")]})
+    _board(config, "open", "--gate", "A1", "--flight", "LH123")
+    verifier = kiosk(config, "verify")
+    captures = []
+    events = Events(config, ("event.", "health.verifier"))
+    try:
+        assert events.wait_for(lambda ev: ev.health, 30)
+        captures = [kiosk(config, "capture", "--camera", cam) for cam in ("cam-a1", "cam-b1")]
+        assert events.wait_for(lambda ev: len([e for e in ev.events if e.gate_id == "A1"]) >= 2, 30)
+        assert not [e for e in events.events if e.gate_id == "B1"]
+        m = scrape(metrics_port)
+        assert m[("kiosk_frames_not_boarding_total", (("camera", "cam-b1"),))][1] > 10
+        assert m[("kiosk_faces_detected_total", (("camera", "cam-b1"),))][1] == 0  # no biometric processing
+        assert m[("kiosk_frames_not_boarding_total", (("camera", "cam-a1"),))][1] == 0
+        assert m[("kiosk_gate_boarding", (("gate", "B1"),))][1] == 0
+        assert events.health[-1]["gates"]["B1"] == {"flight_id": None, "processing": False}
+        _board(config, "open", "--gate", "B1", "--flight", "LH123")  # while it runs
+        assert events.wait_for(lambda ev: any(e.gate_id == "B1" and e.type == "accept" for e in ev.events), 20)
+        b1 = [e for e in events.events if e.gate_id == "B1"]
+        assert (b1[0].type, b1[0].subject_id, b1[0].flight_id) == ("accept", "PARKER", "LH123")
+        assert scrape(metrics_port)[("kiosk_gate_boarding", (("gate", "B1"),))][1] == 1
+    finally:
+        events.close()
+        for cap in captures:
+            stop(cap)
+        _, err = stop(verifier)
+    assert "Traceback" not in err
+    a1 = [e for e in events.events if e.gate_id == "A1"]
+    assert [e.type for e in a1][0] == "accept" and {e.reason for e in a1[1:]} <= {"already_boarded"}
+
+
+def test_two_doors_on_two_verifiers_board_one_passenger_once(tmp_path, crops, photos):
+    """Two verifier processes (two doors, one gallery file) see the same passenger at the same moment, round
+    after round (the test undoes the boarding after each round): never two accepts in one round."""
+    make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
+    door1 = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True,
+                                     "loop": True}], policy={"repeat_accept_s": 0.0})
+    folder2 = tmp_path / "door2"
+    folder2.mkdir()
+    door2 = write_config(folder2, [{"id": "cam-a2", "gate": "A2", "source": str(tmp_path / "yao.avi"),
+                                    "realtime": True, "loop": True}], policy={"repeat_accept_s": 0.0},
+                         gallery={"path": str(tmp_path / "gallery.db")})
+    _enroll(door1, crops, photos, {"LH123": [("YAO", "yao")]})
+    _board(door1, "open", "--gate", "A1", "--flight", "LH123")
+    _board(door2, "open", "--gate", "A2", "--flight", "LH123")
+    procs = [kiosk(door1, "verify"), kiosk(door2, "verify")]
+    listeners = [Events(door1, ("event.", "health.verifier")), Events(door2, ("event.", "health.verifier"))]
+    undone_at: list[float] = []
+    try:
+        for ev in listeners:
+            assert ev.wait_for(lambda e: e.health, 40)
+        procs += [kiosk(door1, "capture", "--camera", "cam-a1"), kiosk(door2, "capture", "--camera", "cam-a2")]
+        rounds = 0
+        deadline = time.monotonic() + 60
+        while rounds < 4 and time.monotonic() < deadline:
+            for ev in listeners:
+                ev.poll(0.1)
+            accepts = [e for ev in listeners for e in ev.events if e.type == "accept"]
+            if len(accepts) > rounds:
+                time.sleep(1.0)  # the other door decides too
+                with Gallery(tmp_path / "gallery.db") as g:
+                    assert SqliteBoardingStore(g).undo("LH123", "YAO", why="test round") is not None
+                undone_at.append(time.time())
+                rounds += 1
+        assert rounds == 4
+        for ev in listeners:
+            ev.poll(0.5)
+    finally:
+        for ev in listeners:
+            ev.close()
+        for proc in procs[::-1]:
+            stop(proc)
+    decisions = sorted((e for ev in listeners for e in ev.events if e.type in ("accept", "reject")),
+                       key=lambda e: e.decided_at)
+    bounds = [0.0] + undone_at + [float("inf")]
+    for lo, hi in zip(bounds, bounds[1:]):
+        assert len([e for e in decisions if e.type == "accept" and lo < e.decided_at <= hi]) <= 1
+    assert len([e for e in decisions if e.type == "accept"]) >= 4
+    already = [e for e in decisions if e.reason == "already_boarded"]
+    assert already and {e.gate_id for e in decisions if e.type == "accept"} | {e.gate_id for e in already} == {
+        "A1", "A2"}

@@ -1,0 +1,167 @@
+"""Boarding state in the SQLite gallery: one boarded mark per passenger and flight (raced by real processes),
+purge after departure, the per-gate search views, and the upgrade of older gallery files."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+from kiosk.boarding.model import DecisionRecord, check_flight_id
+from kiosk.errors import UsageError
+from kiosk.store.flights import SqliteBoardingStore, load_gate_flights
+from kiosk.store.gallery import SCHEMA_VERSION, Gallery
+
+MODEL = "m:1"
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int = 8) -> np.ndarray:
+    e = rng.standard_normal((n, dim)).astype(np.float32)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def _site(path) -> dict[str, np.ndarray]:
+    """ANN and BOB on LH123, BOB (connecting) and CAT on BA456, DAN on no flight."""
+    rng = np.random.default_rng(0)
+    emb = {sid: _unit(rng, 1)[0] for sid in ("ANN", "BOB", "CAT", "DAN")}
+    with Gallery(path) as g:
+        for sid, e in emb.items():
+            g.enroll(sid, sid.title(), e[None, :], MODEL)
+        store = SqliteBoardingStore(g)
+        store.add_flight("LH123", time.time() + 3600)
+        store.add_flight("BA456", time.time() + 7200)
+        assert store.add_passengers("LH123", ["ANN", "BOB"]) == 2
+        assert store.add_passengers("BA456", ["BOB", "CAT"]) == 2
+        assert store.add_passengers("LH123", ["ANN"]) == 0  # listed once
+    return emb
+
+
+def _accept(flight: str, subject: str, gate: str, event: str) -> DecisionRecord:
+    return DecisionRecord(event, flight, gate, "accept", None, subject, None, 0.7, time.time())
+
+
+def test_flight_ids_are_checked():
+    assert check_flight_id(" lh123 ") == "LH123" and check_flight_id("U21234") == "U21234"
+    for bad in ("", "LH", "123", "LH-123", "LH123456789", "x" * 40):
+        with pytest.raises(ValueError):
+            check_flight_id(bad)
+
+
+def test_board_once_undo_and_the_gate_views(tmp_path):
+    path = tmp_path / "g.db"
+    emb = _site(path)
+    with Gallery(path) as g:
+        store = SqliteBoardingStore(g)
+        store.open_gate("A1", "LH123")
+        store.open_gate("A2", "LH123")  # two doors, one flight
+        view = load_gate_flights(g, MODEL, 8, require_flight=True, gates={"A1", "B1"})
+        assert view.assignments == {"A1": "LH123"}  # only this verifier's gates
+        assert view.matrix_for("A1").subject_ids == ["ANN", "BOB"] and len(view.full) == 4
+        assert view.idle("B1") and not view.idle("A1")
+        m = view.matrix_for("A1").search(emb["CAT"][None, :])[0]
+        assert m.subject_id in ("ANN", "BOB") and m.score < 0.9  # CAT is not searched at A1 ...
+        assert view.full.search(emb["CAT"][None, :])[0].subject_id == "CAT"  # ... but is known to everyone
+        assert not view.on_flight("A1", "CAT") and view.on_flight("A1", "BOB")
+
+        first = store.board(_accept("LH123", "ANN", "A1", "e1"), camera_id="cam-a1")
+        again = store.board(_accept("LH123", "ANN", "A2", "e2"))
+        assert first.first and not again.first and again.reason == "already_boarded"
+        assert again.previous is not None and again.previous.gate_id == "A1" and again.previous.event_id == "e1"
+        assert store.board(_accept("LH123", "CAT", "A1", "e3")).reason == "not_on_flight"
+        assert store.board(_accept("LH123", "ZED", "A1", "e4")).reason == "not_enrolled"
+        assert store.flight("LH123").boarded == 1 and store.flight("LH123").status(time.time()) == "boarding"
+        removed = store.undo("LH123", "ANN", why="left the aircraft")
+        assert removed is not None and removed.gate_id == "A1"
+        assert store.board(_accept("LH123", "ANN", "A2", "e5")).first
+        log = g._db.execute("SELECT action, subject_id, detail FROM boarding_log WHERE action = 'undo'").fetchall()
+        assert log and log[0][1] == "ANN" and "left the aircraft" in log[0][2]
+        assert [d.event_id for d in store.decisions("LH123")] == ["e1", "e5"]
+        assert store.close_gate("A1") == "LH123" and store.close_gate("A1") is None
+        assert store.assignments() == {"A2": "LH123"}
+        with pytest.raises(UsageError, match="no flight"):
+            store.open_gate("A1", "XX999")
+
+
+def _race(path: str, gate: str, rounds: int, barrier, out) -> None:
+    with Gallery(path, timeout=30) as g:
+        store = SqliteBoardingStore(g)
+        wins = []
+        for r in range(rounds):
+            barrier.wait()
+            wins.append(store.board(_accept("LH123", f"P{r}", gate, f"{gate}-{r}")).first)
+        out.put((gate, wins))
+
+
+def test_two_processes_boarding_the_same_passengers_at_once_give_one_accept_each(tmp_path):
+    """Two doors (two processes) mark the same passenger boarded at the same moment, 150 times over:
+    exactly one of them wins every time."""
+    rounds = 150
+    path = tmp_path / "g.db"
+    rng = np.random.default_rng(1)
+    with Gallery(path) as g:
+        for r in range(rounds):
+            g.enroll(f"P{r}", "", _unit(rng, 1), MODEL)
+        store = SqliteBoardingStore(g)
+        store.add_flight("LH123", time.time() + 3600)
+        store.add_passengers("LH123", [f"P{r}" for r in range(rounds)])
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(str(path), gate, rounds, barrier, out)) for gate in ("A1", "A2")]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    wins = np.array([results["A1"], results["A2"]])
+    assert (wins.sum(axis=0) == 1).all(), "a passenger boarded twice, or not at all"
+    with Gallery(path) as g:
+        assert g._db.execute("SELECT COUNT(*) FROM boardings").fetchone()[0] == rounds
+
+
+def test_purge_deletes_only_passengers_on_no_later_flight(tmp_path):
+    path = tmp_path / "g.db"
+    _site(path)
+    with Gallery(path) as g:
+        store = SqliteBoardingStore(g)
+        store.open_gate("A1", "LH123")
+        store.board(_accept("LH123", "ANN", "A1", "e1"))
+        assert store.due_for_purge(time.time(), 12) == []
+        assert store.due_for_purge(time.time() + 3600 + 12 * 3600, 12) == ["LH123"]
+        revision = g.revision()
+        result = store.purge("LH123")
+        assert result.subjects_purged == ["ANN"] and result.kept == ["BOB"] and result.templates_deleted == 1
+        assert g.revision() > revision  # running verifiers reload: ANN is matched no more
+        assert g.matrix(MODEL, 8).subject_ids == ["BOB", "CAT", "DAN"]
+        assert store.assignments() == {}  # no gate boards a purged flight
+        assert store.flight("LH123").status(time.time()) == "purged"
+        passengers = {p.subject_id: p for p in store.passengers("LH123")}
+        assert not passengers["ANN"].enrolled and passengers["ANN"].boarding is not None  # report keeps ids
+        with pytest.raises(UsageError, match="purged"):
+            store.add_passengers("LH123", ["DAN"])
+        with pytest.raises(UsageError, match="purged"):
+            store.add_flight("LH123", time.time() + 60)
+        with pytest.raises(UsageError, match="purged"):
+            store.open_gate("A1", "LH123")
+        # BA456 departs later: its purge takes BOB now (LH123 is purged already) and CAT.
+        assert store.purge("BA456").subjects_purged == ["BOB", "CAT"]
+        assert g.matrix(MODEL, 8).subject_ids == ["DAN"]  # on no flight: untouched
+
+
+def test_a_version_2_gallery_gains_the_flight_tables_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "g.db"
+    with Gallery(path) as g:
+        g.enroll("OLD", "Old", _unit(np.random.default_rng(2), 2), MODEL)
+        for table in ("boarding_log", "flight_decisions", "boardings", "gates", "manifest", "flights"):
+            g._db.execute(f"DROP TABLE {table}")
+        g._db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    with Gallery(path) as g:
+        assert g._meta("schema_version") == str(SCHEMA_VERSION)
+        assert g.subjects()[0].templates == {MODEL: 2}
+        store = SqliteBoardingStore(g)
+        store.add_flight("LH123", time.time() + 60)
+        assert store.add_passengers("LH123", ["OLD"]) == 1
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT COUNT(*) FROM manifest").fetchone() == (1,)
