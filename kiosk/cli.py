@@ -64,8 +64,30 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from kiosk.tools.bench import main_bench, run_search_scale
+    from kiosk.tools.bench import main_bench, run_flight_scale, run_search_scale
 
+    if args.flight_scale:
+        try:
+            passengers, enrolled = (int(v) for v in args.flight_scale.split(","))
+            if not 2 <= passengers <= enrolled:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"--flight-scale: expected PASSENGERS,ENROLLED such as 300,100000 (2 <= passengers <= "
+                             f"enrolled), found {args.flight_scale!r}") from None
+        flight = run_flight_scale(passengers, enrolled)
+        if args.json:
+            print(json.dumps(flight))
+        else:
+            f = flight["flight_scale"]
+            print(f"flight of {passengers} passengers in a gallery of {enrolled} (synthetic, {f['dim']} dims, "
+                  f"{f['queries']} queries each); flight view built in {f['flight_view_build_ms']:.1f} ms")
+            print("case                            p50 ms  p99 ms  identified  false match")
+            for name, r in f["cases"].items():
+                print(f"{name:<30}  {r['p50_ms']:>6.2f}  {r['p99_ms']:>6.2f}  "
+                      f"{'-' if r['identified'] is None else format(r['identified'], '.3f'):>10}  "
+                      f"{'-' if r['false_match'] is None else format(r['false_match'], '.3f'):>11}")
+        if not args.video and not args.search_scale:
+            return EXIT_OK
     if args.search_scale:
         try:
             sizes = [int(v) for v in args.search_scale.split(",")]
@@ -189,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", metavar="PATH", help="video to run the pipeline on")
     p.add_argument("--search-scale", metavar="SIZES", help="also time 1:N search on synthetic galleries, "
                    "e.g. 1000,10000,100000")
+    p.add_argument("--flight-scale", metavar="PASSENGERS,ENROLLED", help="also time matching at a gate boarding "
+                   "a flight of PASSENGERS within a gallery of ENROLLED (synthetic), e.g. 300,100000")
     p.add_argument("--compare", choices=["insightface"], help="also run the obvious per-face insightface loop")
     p.add_argument("--realtime", action="store_true",
                    help="pace the video at its frame rate like a live camera (latency run; drops allowed)")

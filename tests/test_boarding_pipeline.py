@@ -181,3 +181,37 @@ def test_two_doors_on_two_verifiers_board_one_passenger_once(tmp_path, crops, ph
     already = [e for e in decisions if e.reason == "already_boarded"]
     assert already and {e.gate_id for e in decisions if e.type == "accept"} | {e.gate_id for e in already} == {
         "A1", "A2"}
+
+
+def test_the_verifier_purges_a_departed_flight_and_its_passenger_is_matched_no_more(tmp_path, crops, photos):
+    """retention.purge_after_departure_h after departure the running verifier deletes the templates of the
+    flight's passengers (a rescheduled departure is looked at at once), the gate stops boarding it, and the
+    passenger walking up again is not accepted (here the gate falls back to 1:N and finds nobody)."""
+    make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True,
+                                      "loop": True}], policy={"repeat_accept_s": 0.0},
+                          retention={"purge_after_departure_h": 2.0})
+    _enroll(config, crops, photos, {"LH123": [("YAO", "yao")]})
+    _board(config, "open", "--gate", "A1", "--flight", "LH123")
+    verifier = kiosk(config, "verify", quiet=False)
+    capture = None
+    events = Events(config, ("event.", "health.verifier"))
+    try:
+        assert events.wait_for(lambda ev: ev.health, 30)
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        assert events.wait_for(lambda ev: any(e.type == "accept" for e in ev.events), 30)
+        with Gallery(tmp_path / "gallery.db") as g:  # the flight left three hours ago after all
+            SqliteBoardingStore(g).add_flight("LH123", time.time() - 3 * 3600)
+        purged_by = time.time() + 5
+        assert events.wait_for(lambda ev: any(e.decided_at > purged_by for e in ev.events), 30)
+    finally:
+        events.close()
+        if capture is not None:
+            stop(capture)
+        _, err = stop(verifier)
+    assert "retention: flight LH123 departed more than 2 h ago; templates of 1 passenger(s) deleted" in err
+    late = [e for e in events.events if e.decided_at > purged_by]
+    assert late and all(e.type == "reject" and e.reason == "no_match" and e.flight_id is None for e in late)
+    with Gallery(tmp_path / "gallery.db") as g:
+        store = SqliteBoardingStore(g)
+        assert store.flight("LH123").purged_at is not None and g.subjects() == [] and store.assignments() == {}

@@ -89,7 +89,8 @@ class Verifier:
         self.recent = RecentEvents(read_tail(audit_path))  # what a subscriber that missed some can fetch
         self.metrics.audit_ok.set_function(lambda: 0.0 if self.audit.error else 1.0)
         self._stop = threading.Event()
-        self._purged_once = False
+        self._purge_now = threading.Event()  # set: look for flights due for purging now
+        self._purge_now.set()
         self._bad = 0
         self._last_bad_log = 0.0
         self._last_error = ""
@@ -124,8 +125,11 @@ class Verifier:
     def _purge_loop(self) -> None:
         """Purge, on schedule, the templates of flights past `retention.purge_after_departure_h` (its own
         connection; a failure is logged and tried again next round)."""
-        while not self._stop.wait(0 if not self._purged_once else PURGE_EVERY_S):
-            self._purged_once = True
+        while not self._stop.is_set():
+            self._purge_now.wait(PURGE_EVERY_S)  # every minute, and at once when the gallery changed
+            self._purge_now.clear()
+            if self._stop.is_set():
+                return
             try:
                 with Gallery(self.gallery.path, create=False) as gallery:
                     store = SqliteBoardingStore(gallery)
@@ -170,6 +174,7 @@ class Verifier:
 
     def close(self) -> None:
         self._stop.set()
+        self._purge_now.set()
         self._publish_all(self.core.end_all(time.time()))
         lat = self.metrics.recent_frame.quantiles()
         dec = self.metrics.recent_decision.quantiles()
@@ -326,6 +331,7 @@ class Verifier:
         expired = self.matrix.next_expiry is not None and time.time() >= self.matrix.next_expiry
         if revision == self.matrix.revision and not expired:
             return
+        self._purge_now.set()  # a flight rescheduled (or added) may be due now
         self._loader = threading.Thread(target=self._load_matrix, name="gallery-loader", daemon=True)
         self._loader.start()
         if wait:

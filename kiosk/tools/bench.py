@@ -293,3 +293,65 @@ def run_search_scale(sizes: list[int], dim: int = 512, queries: int = 200) -> di
                      "prefilter": matrix.prefiltered, "build_s": round(build_s, 3),
                      "top1_correct": hits / queries})
     return {"search_scale": rows, "dim": dim, "queries": queries}
+
+
+def run_flight_scale(passengers: int, enrolled: int, dim: int = 512, queries: int = 200,
+                     threshold: float = 0.40, margin: float = 0.06) -> dict[str, Any]:
+    """Matching at a gate boarding a flight of `passengers` inside an airport gallery of `enrolled`
+    (synthetic templates, one per subject), next to plain 1:N against everyone: per query, the flight's
+    passenger (1:few), someone enrolled for another flight (1:few finds nobody, then the whole gallery is
+    searched for the wrong-flight check) and a stranger (both searches, nobody found)."""
+    from kiosk.boarding.gates import GateFlights
+    from kiosk.store.gallery import GalleryMatrix
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((enrolled, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ids = [f"s{i}" for i in range(enrolled)]
+    full = GalleryMatrix("synthetic", dim, ids, ids, emb, np.arange(enrolled), 0).prepare()
+    t0 = time.perf_counter()
+    view = GateFlights.build(full, {"A1": "F1"}, {"F1": set(ids[:passengers])}, False)
+    build_ms = (time.perf_counter() - t0) * 1000
+
+    def probe(picks: np.ndarray | None) -> np.ndarray:
+        base = emb[picks] if picks is not None else rng.standard_normal((queries, dim)).astype(np.float32)
+        q = base + rng.standard_normal((queries, dim)).astype(np.float32) / np.float32(np.sqrt(dim)) * \
+            (1.0 if picks is not None else 0.0)
+        return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+    def ok(m: Any) -> bool:
+        return m.subject_id is not None and m.score >= threshold and m.margin >= margin
+
+    def timed(queries_: np.ndarray, flight: bool) -> tuple[list[float], list[Any]]:
+        times, found = [], []
+        for i in range(len(queries_)):
+            t = time.perf_counter()
+            if flight:
+                (m,) = view.matrix_for("A1").search(queries_[i:i + 1])
+                if not ok(m):  # what the verifier does next: is it someone on another flight?
+                    (m,) = full.search(queries_[i:i + 1])
+            else:
+                (m,) = full.search(queries_[i:i + 1])
+            times.append((time.perf_counter() - t) * 1000)
+            found.append(m)
+        return times, found
+
+    on_flight = rng.choice(passengers, queries)
+    elsewhere = rng.choice(np.arange(passengers, enrolled), queries) if enrolled > passengers else None
+    rows: dict[str, Any] = {}
+    full.search(probe(on_flight)[:1])
+    cases = [("passenger_at_their_gate", probe(on_flight), True, on_flight),
+             ("passenger_at_their_gate_1toN", probe(on_flight), False, on_flight),
+             ("stranger", probe(None), True, None)]
+    if elsewhere is not None:
+        cases.insert(2, ("other_flight_passenger", probe(elsewhere), True, elsewhere))
+    for name, q, flight, truth in cases:
+        times, found = timed(q, flight)
+        right = [ok(m) and truth is not None and m.subject_id == ids[t] for m, t in
+                 zip(found, truth if truth is not None else [0] * len(found))]
+        rows[name] = {"p50_ms": round(float(np.percentile(times, 50)), 3),
+                      "p99_ms": round(float(np.percentile(times, 99)), 3),
+                      "identified": round(sum(right) / len(found), 3) if truth is not None else None,
+                      "false_match": round(sum(ok(m) for m in found) / len(found), 3) if truth is None else None}
+    return {"flight_scale": {"passengers": passengers, "enrolled": enrolled, "dim": dim, "queries": queries,
+                             "flight_view_build_ms": round(build_ms, 2), "cases": rows}}

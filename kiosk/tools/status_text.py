@@ -30,6 +30,11 @@ def format_status(s: dict[str, Any]) -> str:
         if c.get("last_error"):
             line += f"\n      {c['last_error']}"
         lines.append(line)
+    for gate, info in sorted((s.get("gates") or {}).items()):
+        flight = info.get("flight_id") if isinstance(info, dict) else None
+        lines.append(f"  gate {gate}: " + (f"boarding flight {flight}" if flight else
+                                           "not boarding" + ("" if info.get("processing") else
+                                                             " (processes nobody: boarding.require_flight)")))
     g = s.get("gallery", {})
     lines.append(f"  gallery: {g.get('subjects', 0)} subject(s), {g.get('templates', 0)} template(s), "
                  f"revision {g.get('revision')}")
