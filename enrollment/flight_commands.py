@@ -43,13 +43,14 @@ def prepare_flight(store: SqliteBoardingStore, flight: str, departs: str | None,
     """Check (and create or reschedule) the flight an add or import lists its passengers on, before any
     enrollment: a bad flight writes nothing."""
     known = store.flight(flight)
-    if known is not None and known.purged_at is not None:
-        raise UsageError(f"flight {flight} was purged after departure; nothing can be added to it")
     if departs is None:
         if known is None:
             raise UsageError(f"no flight {flight} yet: give its scheduled departure with --departs ISO_TIME")
+        if known.purged_at is not None:
+            raise UsageError(f"flight {flight} was purged after departure; nothing can be added to it (the same "
+                             "flight number on another day: give its --departs)")
         return
-    store.add_flight(flight, parse_departs(departs, cfg))
+    store.add_flight(flight, parse_departs(departs, cfg))  # the next day's flight of a purged number is new
 
 
 def _iso(ts: float | None) -> str | None:

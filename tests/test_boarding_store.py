@@ -141,13 +141,23 @@ def test_purge_deletes_only_passengers_on_no_later_flight(tmp_path):
         assert not passengers["ANN"].enrolled and passengers["ANN"].boarding is not None  # report keeps ids
         with pytest.raises(UsageError, match="purged"):
             store.add_passengers("LH123", ["DAN"])
+        departs = store.flight("LH123").departs
         with pytest.raises(UsageError, match="purged"):
-            store.add_flight("LH123", time.time() + 60)
+            store.add_flight("LH123", departs + 60)  # the same day's flight
         with pytest.raises(UsageError, match="purged"):
             store.open_gate("A1", "LH123")
         # BA456 departs later: its purge takes BOB now (LH123 is purged already) and CAT.
         assert store.purge("BA456").subjects_purged == ["BOB", "CAT"]
         assert g.matrix(MODEL, 8).subject_ids == ["DAN"]  # on no flight: untouched
+        # The next day's LH123 is a new flight; the purged one stays for its report under its date.
+        store.add_flight("LH123", departs + 86400)
+        archived = f"LH123/{time.strftime('%Y-%m-%d', time.localtime(departs))}"
+        assert store.flight("LH123").passengers == 0 and store.flight("LH123").purged_at is None
+        assert store.flight(archived).purged_at is not None
+        assert [(p.subject_id, p.boarding is not None) for p in store.passengers(archived)] == [
+            ("ANN", True), ("BOB", False)]
+        assert [d.event_id for d in store.decisions(archived)] == ["e1"] and store.decisions("LH123") == []
+        assert check_flight_id(archived.lower()) == archived
 
 
 def test_a_version_2_gallery_gains_the_flight_tables_and_keeps_its_rows(tmp_path):

@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
-FLIGHT_ID = re.compile(r"^(?:[A-Z]{2,3}|[A-Z][0-9]|[0-9][A-Z])[0-9]{1,5}[A-Z]?$")  # airline code, number
+# An airline code and a number; a past, purged flight of the same number is kept as `LH123/2026-11-24`.
+FLIGHT_ID = re.compile(r"^(?:[A-Z]{2,3}|[A-Z][0-9]|[0-9][A-Z])[0-9]{1,5}[A-Z]?(?:/\d{4}-\d{2}-\d{2})?$")
 
 
 def check_flight_id(value: str) -> str:

@@ -12,6 +12,7 @@ import json
 import logging
 import sqlite3
 import time
+from datetime import datetime
 
 from kiosk.boarding.gates import GateFlights
 from kiosk.boarding.model import Boarding, BoardOutcome, DecisionRecord, Flight, Passenger, PurgeResult
@@ -40,14 +41,30 @@ class SqliteBoardingStore:
 
     # -- flights and manifests ---------------------------------------------------------
     def add_flight(self, flight_id: str, departs: float) -> None:
-        """Create the flight, or move its departure; a purged flight is never reopened."""
+        """Create the flight, or move its departure. A purged flight is never reopened; the same flight
+        number departing on another day (the next day's LH123) is a new flight, and the purged one is kept
+        for its report as `LH123/YYYY-MM-DD` (its departure date)."""
         with self._write() as db:
-            row = db.execute("SELECT purged_at FROM flights WHERE id = ?", (flight_id,)).fetchone()
-            if row is not None and row[0] is not None:
-                raise UsageError(f"flight {flight_id} was purged after departure; use a new flight id")
+            row = db.execute("SELECT departs, purged_at FROM flights WHERE id = ?", (flight_id,)).fetchone()
+            if row is not None and row[1] is not None:
+                old_day = datetime.fromtimestamp(row[0]).date()
+                if datetime.fromtimestamp(departs).date() == old_day:
+                    raise UsageError(f"flight {flight_id} of {old_day} was purged after departure; nothing can "
+                                     "be added to it")
+                self._archive(db, flight_id, f"{flight_id}/{old_day.isoformat()}")
             db.execute("INSERT INTO flights (id, departs, created) VALUES (?, ?, ?) "
                        "ON CONFLICT(id) DO UPDATE SET departs = excluded.departs", (flight_id, departs, time.time()))
             db.execute(_BUMP)
+
+    def _archive(self, db: sqlite3.Connection, flight_id: str, archived: str) -> None:
+        if db.execute("SELECT 1 FROM flights WHERE id = ?", (archived,)).fetchone() is not None:
+            raise UsageError(f"flight {flight_id}: {archived} exists already")
+        db.execute("INSERT INTO flights (id, departs, created, purged_at) SELECT ?, departs, created, purged_at "
+                   "FROM flights WHERE id = ?", (archived, flight_id))
+        for table in ("manifest", "boardings", "flight_decisions", "boarding_log"):
+            db.execute(f"UPDATE {table} SET flight_id = ? WHERE flight_id = ?", (archived, flight_id))
+        db.execute("DELETE FROM flights WHERE id = ?", (flight_id,))
+        log.info("flight %s: the purged flight of that number is kept as %s", flight_id, archived)
 
     def add_passengers(self, flight_id: str, subject_ids: list[str]) -> int:
         """Put enrolled subjects on the flight's manifest; returns how many were new on it."""
