@@ -31,6 +31,17 @@ class GalleryConfig:
 
 
 @dataclass
+class PadModelConfig:
+    """One learned presentation-attack-detection model (MiniFASNet family). scale: how far the face box is
+    enlarged around its centre before the crop (null: from the file name, `2.7_80x80_...` or MiniFASNetV2 2.7,
+    MiniFASNetV1SE 4.0); colour: the channel order the model was trained on."""
+
+    path: Path
+    scale: Optional[float] = None
+    colour: Literal["bgr", "rgb"] = "bgr"
+
+
+@dataclass
 class ModelsConfig:
     """Which ONNX models run, and on which ONNX Runtime providers."""
 
@@ -42,6 +53,7 @@ class ModelsConfig:
     close_up_pass: bool = True
     intra_op_threads: int = 0
     cache_dir: Path = Path("var/model-cache")
+    pad: list[Union[Path, PadModelConfig]] = field(default_factory=list)
 
 
 @dataclass
@@ -151,6 +163,19 @@ class AuditConfig:
 
 
 @dataclass
+class PadConfig:
+    """Presentation attack detection (liveness). A track's liveness score is the mean of its quality frames'
+    scores (the `models.pad` models averaged); at least `min_frames` of them decide: below `threshold` the
+    track is rejected `presentation_attack`; an accept waits up to `max_wait_s` for that evidence and is
+    otherwise rejected `liveness_unverified` (fail closed)."""
+
+    enabled: bool = False
+    threshold: float = 0.5
+    min_frames: int = 3
+    max_wait_s: float = 2.0
+
+
+@dataclass
 class BoardingConfig:
     """Boarding by flight. require_flight: a gate with no open flight processes nobody and decides nothing;
     false (sites without flights): such a gate matches against the whole gallery (1:N)."""
@@ -187,6 +212,7 @@ class KioskConfig:
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    pad: PadConfig = field(default_factory=PadConfig)
     boarding: BoardingConfig = field(default_factory=BoardingConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
@@ -243,6 +269,9 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("hooks", "max_accept_age_s"): (0.5, 3600.0),
     ("heartbeat", "interval_s"): (0.05, 60.0),
     ("heartbeat", "misses"): (1, 1000),
+    ("pad", "threshold"): (0.0, 1.0),
+    ("pad", "min_frames"): (1, 100),
+    ("pad", "max_wait_s"): (0.1, 60.0),
     ("retention", "audit_days"): (1, 3650),
     ("retention", "purge_after_departure_h"): (0.0, 8760.0),
 }
@@ -382,6 +411,12 @@ def _check(cfg: KioskConfig) -> None:
             raise _Invalid(f"subscribers[{i}].metrics_port", "a port from 0 to 65535", sub.metrics_port)
         if not (sub.exec or sub.webhook or sub.jsonl):
             raise _Invalid(f"subscribers[{i}]", "at least one of exec, webhook, jsonl", "none")
+    if cfg.pad.enabled and not cfg.models.pad:
+        raise _Invalid("models.pad", "at least one liveness model while pad.enabled is true (the built-in check "
+                       "is not there yet; see README \"Liveness\")", [])
+    for i, m in enumerate(cfg.models.pad):
+        if isinstance(m, PadModelConfig) and m.scale is not None and not 1.0 <= m.scale <= 8.0:
+            raise _Invalid(f"models.pad[{i}].scale", "a number from 1 to 8 (or null)", m.scale)
     if cfg.policy.reject_after_frames < cfg.policy.accept_frames:
         raise _Invalid("policy.reject_after_frames", f"at least policy.accept_frames ({cfg.policy.accept_frames})",
                        cfg.policy.reject_after_frames)

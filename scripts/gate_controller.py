@@ -25,6 +25,9 @@ import time
 from dataclasses import dataclass, field
 
 
+ALERT_REASONS = ("presentation_attack", "wrong_flight", "already_boarded")
+
+
 @dataclass
 class GateController:
     """Closed unless a fresh accept for this gate arrived in the last `open_seconds`."""
@@ -63,7 +66,8 @@ class GateController:
             return "ignore"
         if kind == "reject":
             self.open_until = 0.0
-            self._note(now, "close", event)
+            # Closed either way; an attack, a wrong gate or a second boarding is also an alert for the agent.
+            self._note(now, "alert" if event.get("reason") in ALERT_REASONS else "close", event)
             return "close"
         if kind != "accept":
             return "ignore"
@@ -120,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                 gate.heartbeat(now)
             elif topic == f"event.{args.gate}".encode():  # exact match: event.A1 must not take event.A10
                 gate.handle(message, now)
+                if gate.log and gate.log[-1]["event_id"] == message.get("event_id") and \
+                        gate.log[-1]["action"] == "alert":
+                    print(json.dumps({"gate": args.gate, "alert": message.get("reason"),
+                                      "subject_id": message.get("subject_id"), "event_id": message.get("event_id"),
+                                      "at": now}), flush=True)
         now = time.time()
         state = gate.is_open(now)
         if state != was_open:

@@ -115,6 +115,8 @@ class Event:
     boarded_at: float | None = None  # already_boarded: when the passenger boarded ...
     boarded_gate_id: str | None = None  # ... and at which gate
     on_flights: list[str] | None = None  # wrong_flight: the flights the passenger is on
+    liveness_score: float | None = None  # mean liveness of the track's frames (null: liveness off or no score)
+    liveness_frames: int = 0  # how many frames that score is over
     v: int = VERSION
 
     def topic(self) -> bytes:

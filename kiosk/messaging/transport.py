@@ -162,6 +162,9 @@ class Transport:
         if not self.curve:
             log.warning("%s: CurveZMQ is OFF (security.curve: false): frames and decisions travel unencrypted "
                         "and any process can connect", role)
+        if not cfg.pad.enabled:
+            log.warning("%s: liveness is OFF (pad.enabled: false): a printed photo or a phone screen showing an "
+                        "enrolled passenger is accepted like the passenger", role)
 
     # -- keys ----------------------------------------------------------------
     def _server_keys(self) -> KeyPair:

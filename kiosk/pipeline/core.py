@@ -132,7 +132,8 @@ class VerifierCore:
         self.metrics = metrics or VerifierMetrics({c.id: c.gate for c in cfg.cameras})
         self.confirm = confirm  # is this subject enrolled right now? (raises: cannot tell)
         self.store = store  # boarded marks: asked in the accept's own transaction (raises: cannot tell)
-        self.policy = DecisionPolicy(cfg.policy)
+        self.policy = DecisionPolicy(cfg.policy, cfg.pad)
+        self.pad_errors = 0
         self.cameras = {c.id: CameraState(c.id, c.gate, c.realtime,
                                           Tracker(c.id, max_age_s=cfg.policy.track_max_age_s))
                         for c in cfg.cameras}
@@ -367,16 +368,42 @@ class VerifierCore:
                 if self.policy.match_ok(found) and not self.flights.on_flight(gates[i], found.subject_id):
                     outsiders[i] = found
         t = add("match", t)
-        for (row, track), match, outsider in zip(deciding, matches, outsiders):
+        lives = self._liveness(frames, step, [want[row] for row, _ in deciding])
+        if self.engine.pad is not None:
+            t = add("pad", t)
+        for (row, track), match, outsider, live in zip(deciding, matches, outsiders, lives):
             k = want[row]
             cam, header = cams[step.frame[k]], frames[step.frame[k]].header
             assert match is not None
             decision = self.policy.observe(track, cam.gate_id, match, header.captured_at, header.seq,
-                                           clock=header.clock, outsider=outsider)
+                                           clock=header.clock, outsider=outsider, live=live)
             if decision is not None:
                 verdicts.append(self._verdict(cam, track, decision, now))
         add("decide", t)
         return verdicts
+
+    def _liveness(self, frames: list[Frame], step: StepFaces, faces: list[int]) -> list[float | None]:
+        """The liveness score of each of these faces (indices into the step), None with liveness off. A
+        model that fails gives no score (NaN): the track then waits for evidence and fails closed."""
+        pad = self.engine.pad
+        if pad is None:
+            return [None] * len(faces)
+        out: list[float | None] = [float("nan")] * len(faces)
+        idx = np.array(faces, np.int64)
+        for i in np.unique(step.frame[idx]) if len(idx) else []:
+            pos = np.flatnonzero(step.frame[idx] == i)
+            try:
+                scores, _ = pad.score(frames[int(i)].image, step.faces.boxes[idx[pos]])
+            except Exception as exc:  # noqa: BLE001 - a broken model must never let an accept through
+                self.pad_errors += 1
+                self.last_error = f"liveness: {exc}"
+                if self.pad_errors == 1 or self.pad_errors % 100 == 0:
+                    log.error("liveness model failed (%d so far): %s; accepts wait and fail closed",
+                              self.pad_errors, exc)
+                continue
+            for p_, score in zip(pos, scores):
+                out[int(p_)] = float(score)
+        return out
 
     def tick(self, now: float) -> list[Verdict]:
         """What the clock decides: transactions past `decision_timeout_s`, and the tracks of a live camera that

@@ -17,6 +17,12 @@ Plain objects, fed one observation at a time; no sockets, no models.
 - a subject accepted at a gate is not accepted again there for
   `repeat_accept_s` (a person lost and found again by the tracker is
   still one passenger).
+- liveness (`pad.enabled`): each quality frame brings a liveness score;
+  once `pad.min_frames` scores are in, a mean below `pad.threshold` rejects
+  the track `presentation_attack` (whoever it matched). An accept needs
+  that evidence and a mean at or above the threshold; it waits for it up to
+  `pad.max_wait_s` (frame clock) and is otherwise rejected
+  `liveness_unverified` (fail closed: an agent checks by hand).
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kiosk.config import PolicyConfig
+import math
+
+from kiosk.config import PadConfig, PolicyConfig
 from kiosk.store.gallery import Match
 from kiosk.vision.quality import Quality
 from kiosk.pipeline.tracking import Track
@@ -60,6 +68,8 @@ class Decision:
     boarded_at: float | None = None  # already_boarded: when and where the passenger boarded
     boarded_gate_id: str | None = None
     on_flights: list[str] | None = None  # wrong_flight: the flights the passenger is on
+    liveness_score: float | None = None  # mean over the track's scored frames (None: liveness off or no score)
+    liveness_frames: int = 0
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -83,13 +93,18 @@ class TrackState:
     first_quality_at: float | None = None  # frame clock (media time of a replay, capture time of a camera)
     decided: bool = False
     claim: Claim | None = None
+    live: list = field(default_factory=list)  # liveness scores of the quality frames that got one
+    ready_votes: list | None = None  # the votes of an accept waiting for liveness evidence
+    ready_at: float | None = None  # frame clock when it started waiting
+    ready_gate: str = ""
 
 
 class DecisionPolicy:
     """Decides per track; holds the claims and the recent accepts per gate."""
 
-    def __init__(self, cfg: PolicyConfig) -> None:
+    def __init__(self, cfg: PolicyConfig, pad: PadConfig | None = None) -> None:
         self.cfg = cfg
+        self.pad = pad if pad is not None and pad.enabled else None
         self.claims: dict[str, Claim] = {}
         self._recent: dict[tuple[str, str], float] = {}
 
@@ -147,7 +162,7 @@ class DecisionPolicy:
 
     def observe(self, track: Track, gate_id: str, match: Match, captured_at: float,
                 seq: int | None = None, clock: float | None = None,
-                outsider: Match | None = None) -> Decision | None:
+                outsider: Match | None = None, live: float | None = None) -> Decision | None:
         """One quality frame of `track`, matched 1:N (or 1:1 under a claim, or against a flight's passengers).
 
         `captured_at` (wall clock) goes into the decision for its latency; `clock` (the frame clock,
@@ -160,8 +175,15 @@ class DecisionPolicy:
         if state.decided:
             return None
         state.quality_frames += 1
+        now = captured_at if clock is None else clock
         if state.first_quality_at is None:
-            state.first_quality_at = captured_at if clock is None else clock
+            state.first_quality_at = now
+        if self.pad is not None:
+            if live is not None and math.isfinite(live):
+                state.live.append(float(live))
+            judged = self._liveness(track, state, captured_at, seq, now)
+            if judged is not None or state.ready_votes is not None:
+                return judged
         if state.claim is not None:
             ok = match.subject_id == state.claim.subject_id and match.score >= c.accept_threshold
         else:
@@ -178,19 +200,48 @@ class DecisionPolicy:
             subject, count = votes.most_common(1)[0]
             if count >= c.accept_frames:
                 chosen = [v for v in state.window if v.ok and v.subject_id == subject]
-                return self._accept(track, gate_id, chosen, captured_at)
+                if self.pad is not None:  # the match is there; is the face live?
+                    state.ready_votes, state.ready_at, state.ready_gate = chosen, now, gate_id
+                    return self._liveness(track, state, captured_at, seq, now)
+                return self._live(state, self._accept(track, gate_id, chosen, captured_at))
         wrong = Counter(v.subject_id for v in state.window if v.wrong_flight)
         if wrong:
             subject, count = wrong.most_common(1)[0]
             if count >= c.accept_frames:
                 chosen = [v for v in state.window if v.wrong_flight and v.subject_id == subject]
                 state.decided = True
-                return Decision("reject", "wrong_flight", subject, chosen[-1].name, max(v.score for v in chosen),
-                                len(chosen), captured_at, chosen[-1].seq)
+                return self._live(state, Decision("reject", "wrong_flight", subject, chosen[-1].name,
+                                                  max(v.score for v in chosen), len(chosen), captured_at,
+                                                  chosen[-1].seq))
         if state.quality_frames >= c.reject_after_frames:
             reason = "claim_mismatch" if state.claim is not None else "no_match"
-            return self._reject(track, reason, captured_at)
+            return self._live(state, self._reject(track, reason, captured_at))
         return None
+
+    def _liveness(self, track: Track, state: TrackState, captured_at: float, seq: int | None,
+                  now: float) -> Decision | None:
+        """With liveness on: reject an attack as soon as the evidence says so; let a waiting accept through
+        once the evidence says live, or reject it when the wait is over."""
+        pad = self.pad
+        assert pad is not None
+        if len(state.live) >= pad.min_frames:
+            mean = sum(state.live) / len(state.live)
+            if mean < pad.threshold:
+                return self._live(state, self._reject(track, "presentation_attack", captured_at))
+            if state.ready_votes is not None:
+                return self._live(state, self._accept(track, state.ready_gate, state.ready_votes,
+                                                      captured_at))
+            return None
+        if state.ready_votes is not None and state.ready_at is not None and now - state.ready_at >= pad.max_wait_s:
+            return self._live(state, self._reject(track, "liveness_unverified", captured_at))
+        return None
+
+    @staticmethod
+    def _live(state: TrackState, d: Decision | None) -> Decision | None:
+        """Stamp the track's liveness evidence on its decision."""
+        if d is not None and state.live:
+            d.liveness_score, d.liveness_frames = sum(state.live) / len(state.live), len(state.live)
+        return d
 
     def _accept(self, track: Track, gate_id: str, votes: list[Vote], captured_at: float) -> Decision | None:
         state = self.state(track)
@@ -220,8 +271,11 @@ class DecisionPolicy:
         state = self.state(track)
         if state.decided or state.first_quality_at is None:
             return None
+        if self.pad is not None and state.ready_votes is not None and state.ready_at is not None \
+                and clock - state.ready_at >= self.pad.max_wait_s:
+            return self._live(state, self._reject(track, "liveness_unverified", state.window[-1].captured_at))
         if clock - state.first_quality_at >= self.cfg.decision_timeout_s:
-            return self._reject(track, "timeout", state.window[-1].captured_at)
+            return self._live(state, self._reject(track, "timeout", state.window[-1].captured_at))
         return None
 
     def track_ended(self, track: Track) -> Decision | None:
@@ -235,4 +289,5 @@ class DecisionPolicy:
             if state.claim is not None and not state.decided:
                 self.claims.setdefault(state.claim.gate_id, state.claim)  # unused claim goes back
             return None
-        return self._reject(track, "timeout", state.window[-1].captured_at)
+        reason = "liveness_unverified" if state.ready_votes is not None else "timeout"
+        return self._live(state, self._reject(track, reason, state.window[-1].captured_at))

@@ -28,11 +28,13 @@ log = logging.getLogger(__name__)
 # From half a millisecond (a search) to ten seconds (a decision held by a stall).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0)
-STAGES = ("transport", "detect", "track", "align", "quality", "select", "embed", "match", "decide", "publish")
+STAGES = ("transport", "detect", "track", "align", "quality", "select", "embed", "match", "pad", "decide",
+          "publish")
 # Decision outcomes that exist from the start (type, reason).
 OUTCOMES = (("accept", ""), ("reject", "no_match"), ("reject", "claim_mismatch"), ("reject", "timeout"),
             ("reject", "not_enrolled"), ("reject", "gallery_unavailable"), ("reject", "stale_frame"),
-            ("reject", "audit_unavailable"), ("reject", "already_boarded"), ("reject", "wrong_flight"))
+            ("reject", "audit_unavailable"), ("reject", "already_boarded"), ("reject", "wrong_flight"),
+            ("reject", "presentation_attack"), ("reject", "liveness_unverified"))
 
 
 class LatencyWindow:

@@ -47,6 +47,9 @@ from kiosk.messaging.transport import Transport
 from kiosk.services.webhook_signing import load_secret, secret_path, sign
 
 log = logging.getLogger(__name__)
+# Rejects an agent must see to, not just a closed gate: a presentation attack (a photo or screen held up),
+# a passenger at the wrong gate, one who has boarded already.
+ALERT_REASONS = ("presentation_attack", "wrong_flight", "already_boarded")
 
 ENV_FIELDS = ("type", "gate_id", "camera_id", "subject_id", "display_name", "score", "reason", "event_id",
               "decided_at", "latency_ms")
@@ -404,6 +407,9 @@ class Subscriber:
 
     def _dispatch(self, event: dict[str, Any]) -> None:
         self.metrics.events.labels(type=str(event.get("type"))).inc()
+        if event.get("reason") in ALERT_REASONS:  # someone for an agent to see to
+            log.warning("ALERT gate %s: %s (event %s)", event.get("gate_id"), event.get("reason"),
+                        event.get("event_id"))
         for hook in self.hooks:
             hook.submit(event)
 

@@ -251,7 +251,9 @@ class Verifier:
                      captured_at=d.captured_at, decided_at=decided_at,
                      latency_ms=round((decided_at - d.captured_at) * 1000, 1), seq=d.seq, event_id=d.event_id,
                      flight_id=d.flight_id, boarded_at=d.boarded_at, boarded_gate_id=d.boarded_gate_id,
-                     on_flights=d.on_flights)
+                     on_flights=d.on_flights,
+                     liveness_score=None if d.liveness_score is None else round(d.liveness_score, 4),
+                     liveness_frames=d.liveness_frames)
 
     def _publish(self, cam: CameraState, verdict: Verdict) -> Event:
         """Audit first, then publish. An accept that cannot be audited is published as a reject

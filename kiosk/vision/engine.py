@@ -17,6 +17,7 @@ import numpy as np
 
 from kiosk.config import KioskConfig
 from kiosk.vision.faces import Faces
+from kiosk.vision.liveness import PadEngine
 from kiosk.vision.models import runtime
 from kiosk.vision.models.detector import ScrfdDetector
 from kiosk.vision.models.pack import ModelPack, load_pack
@@ -37,8 +38,9 @@ class FaceEngine:
     """Detector + recognizer, and the ids that tie templates to the recognizer."""
 
     def __init__(self, pack: ModelPack, detector: ScrfdDetector, recognizer: ArcFaceRecognizer,
-                 providers: list[str], provider_note: str) -> None:
+                 providers: list[str], provider_note: str, pad: PadEngine | None = None) -> None:
         self.pack = pack
+        self.pad = pad  # liveness models (pad.enabled), None otherwise
         self.detector = detector
         self.recognizer = recognizer
         self.providers = providers
@@ -70,10 +72,11 @@ class FaceEngine:
                                  nms_threshold=cfg.models.nms_threshold, close_up_pass=cfg.models.close_up_pass)
         mean, std = input_normalisation(pack.recognizer.model)
         recognizer = ArcFaceRecognizer(rec_session, mean=mean, std=std)
+        pad = PadEngine.from_config(cfg, plan, threads) if cfg.pad.enabled else None
         log.info("face engine ready in %.2fs: detector %s, recognizer %s (id %s), %s",
                  time.perf_counter() - t0, pack.detector.path.name, pack.recognizer.path.name,
                  pack.recognizer.sha256[:12], note)
-        return cls(pack, detector, recognizer, chosen, note)
+        return cls(pack, detector, recognizer, chosen, note, pad)
 
     def describe(self, image: np.ndarray, faces: Faces) -> Analysis:
         """Align and embed the given faces of one image (detection already done)."""

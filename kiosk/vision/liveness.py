@@ -1,0 +1,142 @@
+"""Learned presentation attack detection (liveness): the MiniFASNet family, pluggable by path.
+
+`models.pad` names one or more ONNX files; each is recognised from its graph: one image input of 1x3xSxS
+(S = 80 for Silent-Face-Anti-Spoofing's MiniFASNetV1/V2/V1SE/V2SE, 128 for the 2-class MiniFAS variants)
+and one output of 2 or 3 class scores with "real" at index 1. A face is cut out as those models were
+trained: the detector's box enlarged about its centre by the model's scale (2.7, 4.0, ...; kept inside the
+frame), resized to SxS, in the model's channel order, float 0-255 without normalisation. The scores (softmax
+probability of "real") of several files are averaged.
+
+What these models judge is image texture (print grain, a screen's pixel grid, moire): a photo pasted
+digitally into a video has none of that and is scored live. None is shipped or downloaded: an operator
+gets one and its licence (Silent-Face-Anti-Spoofing: Apache-2.0) and names its path.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from kiosk.config import KioskConfig, PadModelConfig
+from kiosk.errors import ModelError
+from kiosk.vision.models import runtime
+from kiosk.vision.models.pack import _dims, _load, _real_inputs
+
+log = logging.getLogger(__name__)
+
+REAL_INDEX = 1
+KNOWN_SCALES = {"minifasnetv2": 2.7, "minifasnetv1se": 4.0, "minifasnetv1": 2.7, "minifasnetv2se": 4.0}
+_SCALE_PREFIX = re.compile(r"^(\d+(?:\.\d+)?)_")
+
+
+def scale_from_name(path: Path) -> float | None:
+    """Silent-Face's files say their crop scale: `2.7_80x80_MiniFASNetV2.onnx`; known names otherwise."""
+    m = _SCALE_PREFIX.match(path.name)
+    if m:
+        return float(m.group(1))
+    return KNOWN_SCALES.get(path.stem.lower())
+
+
+def crop_box(box: np.ndarray, scale: float, width: int, height: int) -> tuple[int, int, int, int]:
+    """The face box (x1, y1, x2, y2) enlarged about its centre by `scale` (less where the frame is too
+    small), shifted to lie inside the frame: the crop the MiniFASNet models were trained on."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    bw, bh = max(1.0, x2 - x1), max(1.0, y2 - y1)
+    s = min(scale, (height - 1) / bh, (width - 1) / bw)
+    nw, nh = bw * s, bh * s
+    cx, cy = x1 + bw / 2, y1 + bh / 2
+    left, top = cx - nw / 2, cy - nh / 2
+    left = min(max(0.0, left), width - 1 - nw)
+    top = min(max(0.0, top), height - 1 - nh)
+    return int(left), int(top), int(left + nw), int(top + nh)
+
+
+@dataclass
+class PadModel:
+    path: Path
+    session: object
+    input_name: str
+    size: int
+    classes: int
+    scale: float
+    colour: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def crops(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        out = np.empty((len(boxes), 3, self.size, self.size), np.float32)
+        for i, box in enumerate(boxes):
+            x1, y1, x2, y2 = crop_box(box, self.scale, w, h)
+            patch = cv2.resize(image[y1:y2 + 1, x1:x2 + 1], (self.size, self.size))
+            if self.colour == "rgb":
+                patch = patch[:, :, ::-1]
+            out[i] = patch.transpose(2, 0, 1)
+        return out
+
+    def score(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """(N,) probability that each face is real."""
+        x = self.crops(image, boxes)
+        logits = np.concatenate([self.session.run(None, {self.input_name: x[i:i + 1]})[0]  # type: ignore[attr-defined]
+                                 for i in range(len(x))]) if len(x) else np.zeros((0, self.classes), np.float32)
+        logits = logits.reshape(len(x), -1).astype(np.float64)
+        if logits.shape[1] != self.classes or not np.isfinite(logits).all():
+            raise RuntimeError(f"{self.name}: unexpected output {logits.shape}")
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return (e[:, REAL_INDEX] / e.sum(axis=1)).astype(np.float32)
+
+
+def classify_pad(model: object) -> tuple[int, int] | None:
+    """(input size, classes) of a MiniFASNet-like graph, or None."""
+    inputs = _real_inputs(model)  # type: ignore[arg-type]
+    outputs = list(model.graph.output)  # type: ignore[attr-defined]
+    if len(inputs) != 1 or len(outputs) != 1:
+        return None
+    shape, out = _dims(inputs[0]), _dims(outputs[0])
+    if len(shape) != 4 or shape[1] != 3 or shape[2] != shape[3] or shape[2] not in (80, 128):
+        return None
+    if len(out) != 2 or out[1] not in (2, 3):
+        return None
+    return int(shape[2]), int(out[1])
+
+
+class PadEngine:
+    """Every configured liveness model; `score` averages them."""
+
+    def __init__(self, models: list[PadModel]) -> None:
+        self.models = models
+
+    @classmethod
+    def from_config(cls, cfg: KioskConfig, plan: runtime.ProviderPlan, threads: int = 0) -> PadEngine:
+        models = []
+        for i, entry in enumerate(cfg.models.pad):
+            spec = entry if isinstance(entry, PadModelConfig) else PadModelConfig(path=entry)
+            path = cfg.resolve(spec.path)
+            model, _digest = _load(path)
+            kind = classify_pad(model)
+            if kind is None:
+                raise ModelError(f"models.pad[{i}]: {path} does not look like a liveness model (expected one "
+                                 "1x3x80x80 or 1x3x128x128 input and one output of 2 or 3 classes)")
+            scale = spec.scale if spec.scale is not None else scale_from_name(path)
+            if scale is None:
+                raise ModelError(f"models.pad[{i}]: {path}: give its crop scale ({{path: ..., scale: 2.7}}): the "
+                                 "file name does not say it")
+            session = runtime.create_session(model.SerializeToString(), str(path), plan, threads=threads)
+            models.append(PadModel(path, session, _real_inputs(model)[0].name, kind[0], kind[1], scale,
+                                   spec.colour))
+            log.info("liveness model %s: %dx%d input, %d classes, crop scale %.1f, %s", path.name, kind[0],
+                     kind[0], kind[1], scale, spec.colour.upper())
+        return cls(models)
+
+    def score(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(N,) mean probability of "real" over the models, and each model's own."""
+        each = {m.name: m.score(image, boxes) for m in self.models}
+        mean = np.mean(np.stack(list(each.values())), axis=0) if each else np.zeros(len(boxes), np.float32)
+        return mean.astype(np.float32), each
