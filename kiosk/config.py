@@ -232,6 +232,8 @@ def models_section(cfg: KioskConfig) -> dict[str, Any]:
     that must run the same models."""
     data = dataclasses.asdict(cfg.models)
     data["cache_dir"] = str(cfg.resolve(cfg.models.cache_dir))
+    data["pad"] = [{"path": str(cfg.resolve(m.path)), "scale": m.scale, "colour": m.colour}
+                   if isinstance(m, PadModelConfig) else str(cfg.resolve(m)) for m in cfg.models.pad]
     if cfg.models.pack != "default":
         data["pack"] = str(cfg.resolve(Path(cfg.models.pack)))
     return data

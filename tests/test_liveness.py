@@ -152,3 +152,89 @@ def test_liveness_decides_in_the_running_system(tmp_path, engine, photos, pad, e
         assert "liveness is OFF" not in err
     else:
         assert score is None and "liveness is OFF" in err
+
+
+def test_the_attack_video_script_makes_prints_and_screens_a_detector_finds(tmp_path, engine, photos):
+    import subprocess
+    import sys
+
+    import cv2
+
+    from tests.conftest import REPO_ROOT
+
+    widths = {}
+    for kind, extra in (("print", []), ("screen", ["--close-up"])):
+        out = tmp_path / f"{kind}.avi"
+        res = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_attack_video.py"), "--type", kind,
+                              "--seconds", "1.5", "--seed", "7", *extra, "--out", str(out),
+                              str(photos["yaoming.jpg"])], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0 and f"{kind} attack, 45 frames" in res.stdout, res.stderr
+        cap = cv2.VideoCapture(str(out))
+        found = []
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            faces = engine.detector.detect(frame)
+            found.append(float(faces.largest().widths[0]) if len(faces) else 0.0)
+        assert len(found) == 45 and sum(w > 0 for w in found) >= 36, found
+        widths[kind] = found
+    assert widths["screen"][-1] > 0.3 * 640 > widths["print"][-1]  # the close-up ends with a face filling the view
+    res = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_attack_video.py"), "--type", "print",
+                          "--out", str(tmp_path / "x.avi"), str(tmp_path / "missing.jpg")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_evaluate_pad_counts_apcer_per_type_and_bpcer(tmp_path, engine, photos):
+    """Videos whose colour the test model reads as live (red) or attack (blue): the counts are known."""
+    import json as _json
+
+    import cv2
+
+    from kiosk.tools.scenes import Walk
+    from tests.conftest import run_cli
+    from tests.pipeline_helpers import make_video, people
+
+    crops = people(engine, photos)
+    yao = crops["yao"]
+    red, blue = yao.copy(), yao.copy()
+    red[..., 2], blue[..., 0] = 255, 255  # BGR: a red or a blue cast over the whole crop
+    rows = ["video,label"]
+    for name, crop, label in (("bf1", red, "bona_fide"), ("bf2", red, "bona_fide"), ("bf3", blue, "bona_fide"),
+                              ("p1", blue, "print"), ("p2", red, "print"), ("s1", blue, "screen")):
+        make_video(tmp_path / f"{name}.avi", [Walk(crop, start=0, frames=20, w0=120, w1=160)], seconds=0.7)
+        rows.append(f"{name}.avi,{label}")
+    make_video(tmp_path / "empty.avi", [], seconds=0.3)
+    rows.append("empty.avi,print")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    red_is_real_model(tmp_path / "1.0_80x80_Red.onnx")
+    (tmp_path / "kiosk.yaml").write_text("models: {pad: [1.0_80x80_Red.onnx]}\n")
+    res = run_cli("kiosk-enroll", "-q", "-c", str(tmp_path / "kiosk.yaml"), "evaluate-pad",
+                  str(tmp_path / "labels.csv"), "--json", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    report = _json.loads(res.stdout)
+    assert report["bona_fide"] == {"videos": 3, "rejected": 1, "bpcer": pytest.approx(1 / 3)}
+    assert report["attacks"]["print"] == {"videos": 2, "accepted": 1, "apcer": 0.5}
+    assert report["attacks"]["screen"] == {"videos": 1, "accepted": 0, "apcer": 0.0}
+    assert report["at_bpcer"] == {"0.01": None, "0.05": None}  # 3 bona fide videos cannot measure those
+    assert [item["line"] for item in report["no_face"]] == [8]
+    (tmp_path / "bad.csv").write_text("video,label\nnope.avi,print\n")
+    res = run_cli("kiosk-enroll", "-q", "-c", str(tmp_path / "kiosk.yaml"), "evaluate-pad", str(tmp_path / "bad.csv"))
+    assert res.returncode == 2 and "line 2" in res.stderr and "no such video" in res.stderr
+
+
+def test_child_configs_carry_the_liveness_models_with_absolute_paths(tmp_path):
+    """bench and demo write the operator's models: into their children's config (YAML)."""
+    import yaml
+
+    from kiosk.config import load_config, models_section
+
+    (tmp_path / "site").mkdir()
+    site = tmp_path / "site" / "kiosk.yaml"
+    site.write_text("models: {pad: [m/2.7_a.onnx, {path: m/b.onnx, scale: 4.0, colour: rgb}]}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"models": models_section(load_config(site))}))
+    pads = load_config(child).models.pad
+    assert str(pads[0]) == str(tmp_path / "site" / "m" / "2.7_a.onnx")
+    assert (str(pads[1].path), pads[1].scale, pads[1].colour) == (str(tmp_path / "site" / "m" / "b.onnx"), 4.0, "rgb")

@@ -26,6 +26,7 @@ import yaml
 
 from kiosk.tools.scenes import Walk, person_crop
 from kiosk.messaging.transport import free_port
+from tests.pad_models import red_is_real_model
 from tests.pipeline_helpers import make_video, people
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +138,9 @@ def site(tmp_path_factory, engine, photos) -> Path:
     (work / "a.jpg").symlink_to(work / "ann.jpg")
     (work / "b.jpg").symlink_to(work / "duncan.jpg")
     (work / "pairs.csv").write_text("image_a,image_b,same\nann.jpg,ann-2.jpg,1\nann.jpg,duncan.jpg,0\n")
+    red_is_real_model(work / "config" / "1.0_80x80_Test.onnx")
+    (work / "config" / "pad-eval.yaml").write_text("models: {pad: [1.0_80x80_Test.onnx]}\n")
+    (work / "pad-labels.csv").write_text("video,label\nvar/print-1.avi,print\nvar/screen-1.avi,screen\n")
     (work / "mypkg").mkdir()
     (work / "mypkg" / "__init__.py").write_text("")
     (work / "mypkg" / "gates.py").write_text("def on_event(event):\n    print(event['type'], flush=True)\n")
@@ -189,6 +193,14 @@ def test_every_readme_command_runs_as_written(site):
     shown = json.loads(sh.run(f"kiosk-enroll {cfg} flight show LH123 --json").stdout)
     assert [p["id"] for p in shown["manifest"]] == ["PNR123", "PNR300"]
     assert "boards flight LH123" in sh.run(f"kiosk {cfg} board open --gate A1 --flight LH123").stdout
+
+    # Liveness measurement: attack videos, and evaluate-pad with a config naming a (test-made) model.
+    assert "print attack" in sh.run("python3 scripts/make_attack_video.py --type print --out var/print-1.avi "
+                                    "ann.jpg").stdout
+    assert "screen attack" in sh.run("python3 scripts/make_attack_video.py --type screen --close-up --seed 2 "
+                                     "--out var/screen-1.avi ann.jpg").stdout
+    pad = json.loads(sh.run("kiosk-enroll -c config/pad-eval.yaml evaluate-pad pad-labels.csv --json").stdout)
+    assert pad["attacks"]["print"]["videos"] == 1 and pad["attacks"]["screen"]["videos"] == 1
 
     # The gate: run, status, claim, subscribers and the reference webhook receiver.
     run_line = f"kiosk run {cfg}"

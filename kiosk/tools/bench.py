@@ -47,6 +47,7 @@ def _bench_config(cfg: KioskConfig, video: Path, folder: Path, realtime: bool) -
         "transport": loopback_endpoints(),
         "security": {"curve": cfg.security.curve, "keys_dir": str(folder / "keys")},
         "policy": asdict(cfg.policy),
+        "pad": asdict(cfg.pad),  # liveness on or off as configured: its cost is part of what is measured
         "audit": {"path": str(folder / "events.jsonl")},
         "metrics": {"port": 0},
     }
