@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from enrollment.csvfile import read_rows
 from enrollment.evaluate import Report, read_pairs
-from enrollment.flight_commands import add_flight_commands, flight_arg, prepare_flight
+from enrollment.flight_commands import add_flight_commands, prepare_flight
+from kiosk.boarding.model import flight_arg
 from enrollment.photos import (Refused, Template, largest_face_embedding, photo_digest, read_reference,
                                reference_template)
 from kiosk.config import KioskConfig, load_config

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 
-from kiosk.boarding.model import Flight, check_flight_id
+from kiosk.boarding.model import Flight, flight_arg, known_flight
+from kiosk.boarding.report import iso
 from kiosk.config import KioskConfig, load_config
 from kiosk.errors import EXIT_OK, UsageError
 from kiosk.store.flights import SqliteBoardingStore
@@ -32,13 +33,6 @@ def parse_departs(value: str, cfg: KioskConfig) -> float:
     return ts
 
 
-def flight_arg(value: str) -> str:
-    try:
-        return check_flight_id(value)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def prepare_flight(store: SqliteBoardingStore, flight: str, departs: str | None, cfg: KioskConfig) -> None:
     """Check (and create or reschedule) the flight an add or import lists its passengers on, before any
     enrollment: a bad flight writes nothing."""
@@ -53,14 +47,10 @@ def prepare_flight(store: SqliteBoardingStore, flight: str, departs: str | None,
     store.add_flight(flight, parse_departs(departs, cfg))  # the next day's flight of a purged number is new
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
-
-
 def flight_json(f: Flight, now: float) -> dict:
-    return {"id": f.id, "departs": _iso(f.departs), "status": f.status(now), "passengers": f.passengers,
+    return {"id": f.id, "departs": iso(f.departs), "status": f.status(now), "passengers": f.passengers,
             "boarded": f.boarded, "remaining": f.passengers - f.boarded, "gates": list(f.gates),
-            "purged_at": _iso(f.purged_at)}
+            "purged_at": iso(f.purged_at)}
 
 
 def _store(args: argparse.Namespace) -> tuple[Gallery, SqliteBoardingStore]:
@@ -80,7 +70,7 @@ def cmd_flight_list(args: argparse.Namespace) -> int:
     if not flights:
         print("no flights")
     for f in flights:
-        print(f"{f.id}\tdeparts {_iso(f.departs)}\t{f.status(now)}\t{f.passengers} passenger(s), "
+        print(f"{f.id}\tdeparts {iso(f.departs)}\t{f.status(now)}\t{f.passengers} passenger(s), "
               f"{f.boarded} boarded" + (f"\tgates {','.join(f.gates)}" if f.gates else ""))
     return EXIT_OK
 
@@ -89,20 +79,18 @@ def cmd_flight_show(args: argparse.Namespace) -> int:
     flight_id = flight_arg(args.flight)
     gallery, store = _store(args)
     with gallery:
-        flight = store.flight(flight_id)
-        if flight is None:
-            raise UsageError(f"no flight {flight_id} (see `kiosk-enroll flight list`)")
+        flight = known_flight(store, flight_id)
         passengers = store.passengers(flight_id)
     if args.json:
         print(json.dumps({**flight_json(flight, time.time()), "manifest": [
             {"id": p.subject_id, "name": p.name, "enrolled": p.enrolled, "boarded": p.boarding is not None,
-             "boarded_at": _iso(p.boarding.boarded_at) if p.boarding else None,
+             "boarded_at": iso(p.boarding.boarded_at) if p.boarding else None,
              "gate_id": p.boarding.gate_id if p.boarding else None} for p in passengers]}))
         return EXIT_OK
-    print(f"{flight.id}: departs {_iso(flight.departs)}, {flight.status(time.time())}, {flight.passengers} "
+    print(f"{flight.id}: departs {iso(flight.departs)}, {flight.status(time.time())}, {flight.passengers} "
           f"passenger(s), {flight.boarded} boarded")
     for p in passengers:
-        state = f"boarded {_iso(p.boarding.boarded_at)} at {p.boarding.gate_id}" if p.boarding else "not boarded"
+        state = f"boarded {iso(p.boarding.boarded_at)} at {p.boarding.gate_id}" if p.boarding else "not boarded"
         print(f"  {p.subject_id}\t{p.name}\t{state}" + ("" if p.enrolled else "\t(no template)"))
     return EXIT_OK
 
@@ -122,9 +110,7 @@ def cmd_flight_purge(args: argparse.Namespace) -> int:
     flight_id = flight_arg(args.flight)
     gallery, store = _store(args)
     with gallery:
-        flight = store.flight(flight_id)
-        if flight is None:
-            raise UsageError(f"no flight {flight_id} (see `kiosk-enroll flight list`)")
+        flight = known_flight(store, flight_id)
         if flight.purged_at is not None:
             print(f"flight {flight_id} was already purged")
             return EXIT_OK

@@ -8,19 +8,12 @@ import json
 import time
 from pathlib import Path
 
-from kiosk.boarding.model import check_flight_id
+from kiosk.boarding.model import flight_arg, known_flight
 from kiosk.boarding.report import build_report, iso, report_csv, report_text
 from kiosk.config import KioskConfig, load_config
 from kiosk.errors import EXIT_OK, UsageError
 from kiosk.store.flights import SqliteBoardingStore
 from kiosk.store.gallery import Gallery
-
-
-def _flight(value: str) -> str:
-    try:
-        return check_flight_id(value)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def _gate(cfg: KioskConfig, gate: str) -> str:
@@ -36,20 +29,12 @@ def _open(args: argparse.Namespace) -> tuple[KioskConfig, Gallery, SqliteBoardin
     return cfg, gallery, SqliteBoardingStore(gallery)
 
 
-def _known_flight(store: SqliteBoardingStore, flight_id: str):  # noqa: ANN202
-    flight = store.flight(flight_id)
-    if flight is None:
-        raise UsageError(f"no flight {flight_id} (import its manifest with `kiosk-enroll import MANIFEST.csv "
-                         f"--flight {flight_id} --departs ISO_TIME`)")
-    return flight
-
-
 def cmd_open(args: argparse.Namespace) -> int:
-    flight_id = _flight(args.flight)
+    flight_id = flight_arg(args.flight)
     cfg, gallery, store = _open(args)
     gate = _gate(cfg, args.gate)
     with gallery:
-        flight = _known_flight(store, flight_id)
+        flight = known_flight(store, flight_id)
         if flight.purged_at is not None:
             raise UsageError(f"flight {flight_id} was purged after departure; it cannot board")
         store.open_gate(gate, flight_id)
@@ -69,13 +54,13 @@ def cmd_close(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     cfg, gallery, store = _open(args)
     gate_filter = _gate(cfg, args.gate) if args.gate else None
-    flight_filter = _flight(args.flight) if args.flight else None
+    flight_filter = flight_arg(args.flight) if args.flight else None
     now = time.time()
     with gallery:
+        if flight_filter is not None:
+            known_flight(store, flight_filter)  # an unknown flight: say how to make it
         assigned = store.assignments()
         flights = {f.id: f for f in store.flights()}
-    if flight_filter is not None and flight_filter not in flights:
-        raise UsageError(f"no flight {flight_filter} (see `kiosk-enroll flight list`)")
     gates = sorted({c.gate for c in cfg.cameras} | set(assigned))
     gate_rows = [{"gate_id": g, "flight_id": assigned.get(g), "boarding": g in assigned,
                   "processing": g in assigned or not cfg.boarding.require_flight}
@@ -101,10 +86,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    flight_id = _flight(args.flight)
+    flight_id = flight_arg(args.flight)
     _cfg, gallery, store = _open(args)
     with gallery:
-        flight = _known_flight(store, flight_id)
+        flight = known_flight(store, flight_id)
         report = build_report(flight, store.passengers(flight_id), store.decisions(flight_id), time.time())
     if args.csv:
         Path(args.csv).write_text(report_csv(report))
@@ -117,10 +102,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_undo(args: argparse.Namespace) -> int:
-    flight_id = _flight(args.flight)
+    flight_id = flight_arg(args.flight)
     _cfg, gallery, store = _open(args)
     with gallery:
-        _known_flight(store, flight_id)
+        known_flight(store, flight_id)
         removed = store.undo(flight_id, args.subject, why=args.reason)
     if removed is None:
         raise UsageError(f"{args.subject!r} has not boarded flight {flight_id}")

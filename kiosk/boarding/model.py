@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kiosk.errors import UsageError
+
 # An airline code and a number; a past, purged flight of the same number is kept as `LH123/2026-11-24`.
 FLIGHT_ID = re.compile(r"^(?:[A-Z]{2,3}|[A-Z][0-9]|[0-9][A-Z])[0-9]{1,5}[A-Z]?(?:/\d{4}-\d{2}-\d{2})?$")
 
@@ -19,6 +21,23 @@ def check_flight_id(value: str) -> str:
     flight = value.strip().upper()
     if not FLIGHT_ID.match(flight):
         raise ValueError(f"flight {value!r}: expected an airline code and a number, such as LH123")
+    return flight
+
+
+def flight_arg(value: str) -> str:
+    """`check_flight_id` for a command-line argument: a usage error (exit 2) when malformed."""
+    try:
+        return check_flight_id(value)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def known_flight(store: BoardingStore, flight_id: str) -> Flight:
+    """The flight, or a usage error that says how to make it."""
+    flight = store.flight(flight_id)
+    if flight is None:
+        raise UsageError(f"no flight {flight_id} (see `kiosk-enroll flight list`; a new one comes with "
+                         f"`kiosk-enroll import MANIFEST.csv --flight {flight_id} --departs ISO_TIME`)")
     return flight
 
 
