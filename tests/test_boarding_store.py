@@ -79,6 +79,9 @@ def test_board_once_undo_and_the_gate_views(tmp_path):
         log = g._db.execute("SELECT action, subject_id, detail FROM boarding_log WHERE action = 'undo'").fetchall()
         assert log and log[0][1] == "ANN" and "left the aircraft" in log[0][2]
         assert [d.event_id for d in store.decisions("LH123")] == ["e1", "e5"]
+        # An accept that never reached the gate (the audit log refused it): mark and decision both withdrawn.
+        store.undo("LH123", "ANN", why="accept withheld", withdraw_accept=True)
+        assert [d.event_id for d in store.decisions("LH123")] == ["e1"] and store.flight("LH123").boarded == 0
         assert store.close_gate("A1") == "LH123" and store.close_gate("A1") is None
         assert store.assignments() == {"A2": "LH123"}
         with pytest.raises(UsageError, match="no flight"):

@@ -28,13 +28,12 @@ Plain objects, fed one observation at a time; no sockets, no models.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
-
-import math
 
 from kiosk.config import PadConfig, PolicyConfig
 from kiosk.store.gallery import Match

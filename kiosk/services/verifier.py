@@ -289,7 +289,8 @@ class Verifier:
     def _unboard(self, d: Decision) -> None:
         """The boarded mark of an accept that never reached the gate comes off again."""
         try:
-            self.store.undo(str(d.flight_id), str(d.subject_id), why="accept withheld: audit log unwritable")
+            self.store.undo(str(d.flight_id), str(d.subject_id), why="accept withheld: audit log unwritable",
+                            withdraw_accept=True)
         except Exception as exc:  # noqa: BLE001
             self.metrics.store_failures.inc()
             log.error("the boarded mark of %s on %s could not be taken off (%s): `kiosk board undo` it",

@@ -188,9 +188,10 @@ class SqliteBoardingStore:
             self._insert_record(db, record)
         return BoardOutcome(True)
 
-    def undo(self, flight_id: str, subject_id: str, why: str) -> Boarding | None:
+    def undo(self, flight_id: str, subject_id: str, why: str, *, withdraw_accept: bool = False) -> Boarding | None:
         """Make a boarded passenger boardable again (they left the aircraft, or the accept never reached the
-        gate); logged with `why`. Returns the mark removed, None if there was none."""
+        gate: `withdraw_accept` also drops that accept from the flight's decisions); logged with `why`. Returns
+        the mark removed, None if there was none."""
         with self._write() as db:
             self._known(db, flight_id)
             prev = db.execute("SELECT gate_id, boarded_at, score, event_id, camera_id FROM boardings "
@@ -198,6 +199,8 @@ class SqliteBoardingStore:
             if prev is None:
                 return None
             db.execute("DELETE FROM boardings WHERE flight_id = ? AND subject_id = ?", (flight_id, subject_id))
+            if withdraw_accept and prev[3] is not None:
+                db.execute("DELETE FROM flight_decisions WHERE event_id = ?", (prev[3],))
             self._log(db, "undo", flight_id, subject_id, prev[0], why=why, event_id=prev[3])
         log.info("boarding of %s on %s undone (%s)", subject_id, flight_id, why)
         return Boarding(flight_id, subject_id, prev[0], prev[1], prev[2], prev[3], prev[4])
