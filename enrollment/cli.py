@@ -193,7 +193,11 @@ def cmd_import(args: argparse.Namespace) -> int:
                 refused.append((row, "bad_row", "empty photo path"))
                 continue
             if flight is not None and gallery.has_templates(row.subject_id, ctx.engine.model_id):
-                listed += store.add_passengers(flight, [row.subject_id])  # enrolled once, listed on each flight
+                with gallery.writing():  # enrolled once, listed on each flight
+                    current = gallery.revision() == ours  # nobody else wrote: our matrix stays good
+                    listed += store.add_passengers(flight, [row.subject_id])
+                    if current:
+                        ours = gallery.revision()
                 known += 1
                 continue
             try:
