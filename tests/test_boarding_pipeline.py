@@ -215,3 +215,38 @@ def test_the_verifier_purges_a_departed_flight_and_its_passenger_is_matched_no_m
     with Gallery(tmp_path / "gallery.db") as g:
         store = SqliteBoardingStore(g)
         assert store.flight("LH123").purged_at is not None and g.subjects() == [] and store.assignments() == {}
+
+
+def test_an_accept_the_audit_log_refuses_leaves_the_passenger_unboarded(tmp_path, crops, photos):
+    """At a boarding gate the accept and the boarded mark are one transaction; if the audit log then cannot
+    hold the accept, the gate gets `audit_unavailable` and the mark and the accept are withdrawn: the passenger
+    is still boardable, and boards once the log is writable again."""
+    make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True,
+                                      "loop": True}], policy={"repeat_accept_s": 0.0})
+    _enroll(config, crops, photos, {"LH123": [("YAO", "yao")]})
+    _board(config, "open", "--gate", "A1", "--flight", "LH123")
+    (tmp_path / "events.jsonl").mkdir()  # the audit log cannot be written
+    verifier = kiosk(config, "verify")
+    capture = None
+    events = Events(config, ("event.", "health.verifier"))
+    try:
+        assert events.wait_for(lambda ev: ev.health, 30)
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        assert events.wait_for(lambda ev: any(e.reason == "audit_unavailable" for e in ev.events), 30)
+        status = json.loads(_board(config, "status", "--flight", "LH123", "--json"))
+        assert status["flights"][0]["boarded"] == 0
+        report = json.loads(_board(config, "report", "--flight", "LH123", "--json"))
+        assert report["accepts"] == 0 and report["rejects"].get("audit_unavailable", 0) >= 1
+        (tmp_path / "events.jsonl").rmdir()
+        assert events.wait_for(lambda ev: any(e.type == "accept" for e in ev.events), 30)
+    finally:
+        events.close()
+        if capture is not None:
+            stop(capture)
+        stop(verifier)
+    accepts = [e for e in events.events if e.type == "accept"]
+    assert len(accepts) == 1 and accepts[0].flight_id == "LH123"
+    assert json.loads(_board(config, "status", "--flight", "LH123", "--json"))["flights"][0]["boarded"] == 1
+    assert json.loads(_board(config, "report", "--flight", "LH123", "--json"))["manifest"][0]["event_id"] == \
+        accepts[0].event_id
