@@ -7,12 +7,11 @@ import json
 import time
 from datetime import datetime
 
-from kiosk.boarding.model import Flight, flight_arg, known_flight
-from kiosk.boarding.report import iso
+from kiosk.boarding.model import flight_arg, known_flight
+from kiosk.boarding.report import flight_json, iso
 from kiosk.config import KioskConfig, load_config
 from kiosk.errors import EXIT_OK, UsageError
-from kiosk.store.flights import SqliteBoardingStore
-from kiosk.store.gallery import Gallery
+from kiosk.store.flights import SqliteBoardingStore, open_store
 
 
 def parse_departs(value: str, cfg: KioskConfig) -> float:
@@ -47,20 +46,8 @@ def prepare_flight(store: SqliteBoardingStore, flight: str, departs: str | None,
     store.add_flight(flight, parse_departs(departs, cfg))  # the next day's flight of a purged number is new
 
 
-def flight_json(f: Flight, now: float) -> dict:
-    return {"id": f.id, "departs": iso(f.departs), "status": f.status(now), "passengers": f.passengers,
-            "boarded": f.boarded, "remaining": f.passengers - f.boarded, "gates": list(f.gates),
-            "purged_at": iso(f.purged_at)}
-
-
-def _store(args: argparse.Namespace) -> tuple[Gallery, SqliteBoardingStore]:
-    cfg = load_config(args.config)
-    gallery = Gallery(cfg.resolve(cfg.gallery.path), create=False)
-    return gallery, SqliteBoardingStore(gallery)
-
-
 def cmd_flight_list(args: argparse.Namespace) -> int:
-    gallery, store = _store(args)
+    gallery, store = open_store(load_config(args.config))
     with gallery:
         flights = store.flights()
     now = time.time()
@@ -77,7 +64,7 @@ def cmd_flight_list(args: argparse.Namespace) -> int:
 
 def cmd_flight_show(args: argparse.Namespace) -> int:
     flight_id = flight_arg(args.flight)
-    gallery, store = _store(args)
+    gallery, store = open_store(load_config(args.config))
     with gallery:
         flight = known_flight(store, flight_id)
         passengers = store.passengers(flight_id)
@@ -97,7 +84,7 @@ def cmd_flight_show(args: argparse.Namespace) -> int:
 
 def cmd_flight_remove_passenger(args: argparse.Namespace) -> int:
     flight_id = flight_arg(args.flight)
-    gallery, store = _store(args)
+    gallery, store = open_store(load_config(args.config))
     with gallery:
         if not store.remove_passenger(flight_id, args.id):
             raise UsageError(f"{args.id!r} is not on flight {flight_id}")
@@ -108,7 +95,7 @@ def cmd_flight_remove_passenger(args: argparse.Namespace) -> int:
 
 def cmd_flight_purge(args: argparse.Namespace) -> int:
     flight_id = flight_arg(args.flight)
-    gallery, store = _store(args)
+    gallery, store = open_store(load_config(args.config))
     with gallery:
         flight = known_flight(store, flight_id)
         if flight.purged_at is not None:

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 from kiosk.boarding.model import flight_arg, known_flight
-from kiosk.boarding.report import build_report, iso, report_csv, report_text
+from kiosk.boarding.report import build_report, flight_json, iso, report_csv, report_text
 from kiosk.config import KioskConfig, load_config
 from kiosk.errors import EXIT_OK, UsageError
-from kiosk.store.flights import SqliteBoardingStore
+from kiosk.store.flights import SqliteBoardingStore, open_store
 from kiosk.store.gallery import Gallery
 
 
@@ -25,8 +25,7 @@ def _gate(cfg: KioskConfig, gate: str) -> str:
 
 def _open(args: argparse.Namespace) -> tuple[KioskConfig, Gallery, SqliteBoardingStore]:
     cfg = load_config(args.config)
-    gallery = Gallery(cfg.resolve(cfg.gallery.path), create=False)
-    return cfg, gallery, SqliteBoardingStore(gallery)
+    return (cfg, *open_store(cfg))
 
 
 def cmd_open(args: argparse.Namespace) -> int:
@@ -68,9 +67,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                  and (flight_filter is None or assigned.get(g) == flight_filter)]
     wanted = {flight_filter} if flight_filter else {r["flight_id"] for r in gate_rows if r["flight_id"]} \
         if gate_filter else set(flights)
-    flight_rows = [{"id": f.id, "departs": iso(f.departs), "status": f.status(now), "passengers": f.passengers,
-                    "boarded": f.boarded, "remaining": f.passengers - f.boarded, "gates": list(f.gates)}
-                   for f in flights.values() if f.id in wanted]
+    flight_rows = [flight_json(f, now) for f in flights.values() if f.id in wanted]
     if args.json:
         print(json.dumps({"require_flight": cfg.boarding.require_flight, "gates": gate_rows, "flights": flight_rows}))
         return EXIT_OK

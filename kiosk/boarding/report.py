@@ -16,6 +16,13 @@ def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
+def flight_json(f: Flight, now: float) -> dict[str, Any]:
+    """A flight as `flight list --json`, `flight show --json` and `board status --json` give it."""
+    return {"id": f.id, "departs": iso(f.departs), "status": f.status(now), "passengers": f.passengers,
+            "boarded": f.boarded, "remaining": f.passengers - f.boarded, "gates": list(f.gates),
+            "purged_at": iso(f.purged_at)}
+
+
 @dataclass(frozen=True)
 class PassengerLine:
     id: str

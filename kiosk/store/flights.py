@@ -16,6 +16,7 @@ from datetime import datetime
 
 from kiosk.boarding.gates import GateFlights
 from kiosk.boarding.model import Boarding, BoardOutcome, DecisionRecord, Flight, Passenger, PurgeResult
+from kiosk.config import KioskConfig
 from kiosk.errors import UsageError
 from kiosk.store.gallery import Gallery
 
@@ -252,6 +253,13 @@ class SqliteBoardingStore:
         return [r[0] for r in self._db.execute(
             "SELECT id FROM flights WHERE purged_at IS NULL AND departs + ? <= ? ORDER BY departs",
             (after_h * 3600.0, now))]
+
+
+def open_store(cfg: KioskConfig) -> tuple[Gallery, SqliteBoardingStore]:
+    """The configured gallery (never created here: a missing one is a usage error) and its boarding store,
+    for the commands; close the gallery when done."""
+    gallery = Gallery(cfg.resolve(cfg.gallery.path), create=False)
+    return gallery, SqliteBoardingStore(gallery)
 
 
 def load_gate_flights(gallery: Gallery, model_id: str, dim: int, *, require_flight: bool,
