@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
+from typing import Iterator
 import signal
 import subprocess
 import sys
@@ -124,3 +126,29 @@ class Events:
     def close(self) -> None:
         self.sock.close()
         self.transport.close()
+
+
+class LiveGate:
+    """What `live_gate` yields: the event listener, and the verifier's stderr once it has stopped."""
+
+    def __init__(self, events: Events) -> None:
+        self.events = events
+        self.verifier_err = ""
+
+
+@contextmanager
+def live_gate(config: Path, cameras: tuple[str, ...] = ("cam-a1",), quiet: bool = True) -> Iterator[LiveGate]:
+    """A real verifier, a listener on its events and heartbeat, and (once the verifier is up) one capture per
+    camera; all stopped on the way out, captures first."""
+    verifier = kiosk(config, "verify", quiet=quiet)
+    captures: list[subprocess.Popen] = []
+    gate = LiveGate(Events(config, ("event.", "health.verifier")))
+    try:
+        assert gate.events.wait_for(lambda ev: ev.health, 30)
+        captures = [kiosk(config, "capture", "--camera", cam) for cam in cameras]
+        yield gate
+    finally:
+        gate.events.close()
+        for capture in captures:
+            stop(capture)
+        _, gate.verifier_err = stop(verifier)

@@ -14,7 +14,7 @@ from kiosk.store.flights import SqliteBoardingStore
 from kiosk.store.gallery import Gallery
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
-from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, scrape, stop, write_config
+from tests.pipeline_helpers import Events, audit, kiosk, live_gate, make_video, people, scrape, stop, write_config
 
 FPS = 30
 
@@ -102,12 +102,8 @@ def test_a_gate_with_no_flight_processes_nobody_until_a_flight_opens_on_it(tmp_p
     ], policy={"repeat_accept_s": 0.0}, boarding={"require_flight": True}, metrics={"port": metrics_port})
     _enroll(config, crops, photos, {"LH123": [("YAO", "yao"), ("PARKER", "parker")]})
     _board(config, "open", "--gate", "A1", "--flight", "LH123")
-    verifier = kiosk(config, "verify")
-    captures = []
-    events = Events(config, ("event.", "health.verifier"))
-    try:
-        assert events.wait_for(lambda ev: ev.health, 30)
-        captures = [kiosk(config, "capture", "--camera", cam) for cam in ("cam-a1", "cam-b1")]
+    with live_gate(config, ("cam-a1", "cam-b1")) as gate:
+        events = gate.events
         assert events.wait_for(lambda ev: len([e for e in ev.events if e.gate_id == "A1"]) >= 2, 30)
         assert not [e for e in events.events if e.gate_id == "B1"]
         m = scrape(metrics_port)
@@ -121,12 +117,7 @@ def test_a_gate_with_no_flight_processes_nobody_until_a_flight_opens_on_it(tmp_p
         b1 = [e for e in events.events if e.gate_id == "B1"]
         assert (b1[0].type, b1[0].subject_id, b1[0].flight_id) == ("accept", "PARKER", "LH123")
         assert scrape(metrics_port)[("kiosk_gate_boarding", (("gate", "B1"),))][1] == 1
-    finally:
-        events.close()
-        for cap in captures:
-            stop(cap)
-        _, err = stop(verifier)
-    assert "Traceback" not in err
+    assert "Traceback" not in gate.verifier_err
     a1 = [e for e in events.events if e.gate_id == "A1"]
     assert [e.type for e in a1][0] == "accept" and {e.reason for e in a1[1:]} <= {"already_boarded"}
 
@@ -193,23 +184,15 @@ def test_the_verifier_purges_a_departed_flight_and_its_passenger_is_matched_no_m
                           retention={"purge_after_departure_h": 2.0})
     _enroll(config, crops, photos, {"LH123": [("YAO", "yao")]})
     _board(config, "open", "--gate", "A1", "--flight", "LH123")
-    verifier = kiosk(config, "verify", quiet=False)
-    capture = None
-    events = Events(config, ("event.", "health.verifier"))
-    try:
-        assert events.wait_for(lambda ev: ev.health, 30)
-        capture = kiosk(config, "capture", "--camera", "cam-a1")
+    with live_gate(config, quiet=False) as gate:
+        events = gate.events
         assert events.wait_for(lambda ev: any(e.type == "accept" for e in ev.events), 30)
         with Gallery(tmp_path / "gallery.db") as g:  # the flight left three hours ago after all
             SqliteBoardingStore(g).add_flight("LH123", time.time() - 3 * 3600)
         purged_by = time.time() + 5
         assert events.wait_for(lambda ev: any(e.decided_at > purged_by for e in ev.events), 30)
-    finally:
-        events.close()
-        if capture is not None:
-            stop(capture)
-        _, err = stop(verifier)
-    assert "retention: flight LH123 departed more than 2 h ago; templates of 1 passenger(s) deleted" in err
+    assert ("retention: flight LH123 departed more than 2 h ago; templates of 1 passenger(s) deleted"
+            in gate.verifier_err)
     late = [e for e in events.events if e.decided_at > purged_by]
     assert late and all(e.type == "reject" and e.reason == "no_match" and e.flight_id is None for e in late)
     with Gallery(tmp_path / "gallery.db") as g:
@@ -227,12 +210,8 @@ def test_an_accept_the_audit_log_refuses_leaves_the_passenger_unboarded(tmp_path
     _enroll(config, crops, photos, {"LH123": [("YAO", "yao")]})
     _board(config, "open", "--gate", "A1", "--flight", "LH123")
     (tmp_path / "events.jsonl").mkdir()  # the audit log cannot be written
-    verifier = kiosk(config, "verify")
-    capture = None
-    events = Events(config, ("event.", "health.verifier"))
-    try:
-        assert events.wait_for(lambda ev: ev.health, 30)
-        capture = kiosk(config, "capture", "--camera", "cam-a1")
+    with live_gate(config) as gate:
+        events = gate.events
         assert events.wait_for(lambda ev: any(e.reason == "audit_unavailable" for e in ev.events), 30)
         status = json.loads(_board(config, "status", "--flight", "LH123", "--json"))
         assert status["flights"][0]["boarded"] == 0
@@ -240,11 +219,6 @@ def test_an_accept_the_audit_log_refuses_leaves_the_passenger_unboarded(tmp_path
         assert report["accepts"] == 0 and report["rejects"].get("audit_unavailable", 0) >= 1
         (tmp_path / "events.jsonl").rmdir()
         assert events.wait_for(lambda ev: any(e.type == "accept" for e in ev.events), 30)
-    finally:
-        events.close()
-        if capture is not None:
-            stop(capture)
-        stop(verifier)
     accepts = [e for e in events.events if e.type == "accept"]
     assert len(accepts) == 1 and accepts[0].flight_id == "LH123"
     assert json.loads(_board(config, "status", "--flight", "LH123", "--json"))["flights"][0]["boarded"] == 1

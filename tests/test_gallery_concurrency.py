@@ -17,7 +17,7 @@ from kiosk.errors import RuntimeFailure
 from kiosk.store.gallery import Gallery
 from kiosk.tools.scenes import Walk
 from tests.conftest import BIN, run_cli, write_config
-from tests.pipeline_helpers import Events, kiosk, make_video, people, stop
+from tests.pipeline_helpers import Events, kiosk, live_gate, make_video, people, stop
 from tests.pipeline_helpers import write_config as write_pipeline_config
 
 MODEL = "m:1"
@@ -124,12 +124,8 @@ def test_reloads_during_a_long_write_transaction_keep_deciding_and_pick_up_the_i
                    str(photos["yaoming.jpg"])).returncode == 0
     parker = cv2.resize(crops["parker"], None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
     parker_emb = engine.describe(parker, engine.detector.detect(parker).largest()).faces.embeddings[0]
-    verifier = kiosk(config, "verify")
-    capture = None
-    events = Events(config, ("event.", "health.verifier"))
-    try:
-        assert events.wait_for(lambda ev: ev.health, 30)
-        capture = kiosk(config, "capture", "--camera", "cam-a1")
+    with live_gate(config) as gate:
+        events = gate.events
         assert events.wait_for(lambda ev: any(e.reason == "no_match" for e in ev.events), 20)
         db = sqlite3.connect(tmp_path / "gallery.db", isolation_level=None, timeout=10)
         db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")  # a reload is due
@@ -149,12 +145,7 @@ def test_reloads_during_a_long_write_transaction_keep_deciding_and_pick_up_the_i
         db.close()
         assert events.wait_for(lambda ev: any(e.type == "accept" and e.subject_id == "PARKER"
                                               for e in ev.events), 20)
-    finally:
-        events.close()
-        if capture is not None:
-            stop(capture)
-        _, err = stop(verifier)
-    assert "gallery reload failed" not in err and "Traceback" not in err
+    assert "gallery reload failed" not in gate.verifier_err and "Traceback" not in gate.verifier_err
 
 
 def test_backup_restore_under_a_running_verifier_and_no_silent_empty_gallery(tmp_path, engine, photos):
@@ -168,21 +159,12 @@ def test_backup_restore_under_a_running_verifier_and_no_silent_empty_gallery(tmp
     assert res.returncode == 0 and "revision" in res.stdout
     assert (tmp_path / "before.db").stat().st_mode & 0o777 == 0o600
     assert enroll("remove", "YAO").returncode == 0
-    verifier = kiosk(config, "verify")
-    capture = None
-    events = Events(config, ("event.", "health.verifier"))
-    try:
-        assert events.wait_for(lambda ev: ev.health, 30)
-        capture = kiosk(config, "capture", "--camera", "cam-a1")
+    with live_gate(config) as gate:
+        events = gate.events
         assert events.wait_for(lambda ev: any(e.reason == "no_match" for e in ev.events), 20)
         res = enroll("restore", str(tmp_path / "before.db"))  # while the verifier runs (cp would be ignored)
         assert res.returncode == 0, res.stderr
         assert events.wait_for(lambda ev: any(e.type == "accept" and e.subject_id == "YAO" for e in ev.events), 20)
-    finally:
-        events.close()
-        if capture is not None:
-            stop(capture)
-        stop(verifier)
     # A configured gallery that is missing: the verifier says how to make one and creates nothing.
     (tmp_path / "gallery.db").unlink()
     for extra in ("gallery.db-wal", "gallery.db-shm"):
