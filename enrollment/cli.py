@@ -352,27 +352,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_pad(args: argparse.Namespace) -> int:
-    from enrollment.pad_eval import PadReport, read_labels, text, video_score
+    from enrollment.pad_eval import PadReport, judge_video, read_labels, text
     from kiosk.vision.liveness import PadEngine
     from kiosk.vision.models import runtime
 
     rows = read_labels(Path(args.labels))
     ctx = _context(args)
-    if not ctx.cfg.models.pad:
-        raise UsageError(f"{ctx.cfg.source or 'config'}: models.pad names no liveness model to evaluate")
-    pad = PadEngine.from_config(ctx.cfg, runtime.plan_providers(ctx.cfg.models.providers))
-    report = PadReport(ctx.cfg.pad.threshold, {})
-    for row in tqdm(rows, desc="scoring", unit="video", file=sys.stderr, disable=args.no_progress):
+    pad = ctx.engine.pad or PadEngine.from_config(ctx.cfg, runtime.plan_providers(ctx.cfg.models.providers))
+    report = PadReport(ctx.cfg.pad.threshold, [m.name for m in pad.models])
+    for row in tqdm(rows, desc="judging", unit="video", file=sys.stderr, disable=args.no_progress):
         try:
-            score, frames = video_score(ctx.engine, pad, row.path, ctx.cfg.policy.min_face_px)
+            result = judge_video(ctx.engine, pad, ctx.cfg.pad, row.path, ctx.cfg.policy.min_face_px)
         except UsageError as exc:
             raise UsageError(f"{args.labels}: line {row.line}: {exc}") from None
-        if score is None:
+        if result is None:
             report.no_face.append({"line": row.line, "video": str(row.path), "label": row.label})
             continue
-        report.scores.setdefault(row.label, []).append(score)
-        report.videos.append({"line": row.line, "video": str(row.path), "label": row.label,
-                              "score": round(score, 4), "frames": frames})
+        report.add(row.line, row.path, row.label, result)
     data = report.as_dict()
     print(json.dumps(data) if args.json else "\n".join(text(data)))
     return EXIT_OK
@@ -436,8 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("evaluate-pad", help="APCER per attack type and BPCER of the liveness models over labelled "
-                                            "videos (columns video,label: bona_fide or an attack type)")
+    p = sub.add_parser("evaluate-pad", help="APCER per attack type and BPCER of the liveness checks (built-in and "
+                                            "models.pad) over labelled videos (columns video,label: bona_fide "
+                                            "or an attack type)")
     p.add_argument("labels", metavar="LABELS.csv")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

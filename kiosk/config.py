@@ -164,12 +164,12 @@ class AuditConfig:
 
 @dataclass
 class PadConfig:
-    """Presentation attack detection (liveness). A track's liveness score is the mean of its quality frames'
-    scores (the `models.pad` models averaged); at least `min_frames` of them decide: below `threshold` the
-    track is rejected `presentation_attack`; an accept waits up to `max_wait_s` for that evidence and is
-    otherwise rejected `liveness_unverified` (fail closed)."""
+    """Presentation attack detection (liveness), on by default. The built-in depth check needs nothing to be
+    configured; `models.pad` adds learned models, whose mean score over at least `min_frames` frames below
+    `threshold` is an attack. A track judged an attack is rejected `presentation_attack`; an accept waits up
+    to `max_wait_s` for every check to say live and is otherwise rejected `liveness_unverified` (fail closed)."""
 
-    enabled: bool = False
+    enabled: bool = True
     threshold: float = 0.5
     min_frames: int = 3
     max_wait_s: float = 2.0
@@ -413,9 +413,6 @@ def _check(cfg: KioskConfig) -> None:
             raise _Invalid(f"subscribers[{i}].metrics_port", "a port from 0 to 65535", sub.metrics_port)
         if not (sub.exec or sub.webhook or sub.jsonl):
             raise _Invalid(f"subscribers[{i}]", "at least one of exec, webhook, jsonl", "none")
-    if cfg.pad.enabled and not cfg.models.pad:
-        raise _Invalid("models.pad", "at least one liveness model while pad.enabled is true (the built-in check "
-                       "is not there yet; see README \"Liveness\")", [])
     for i, m in enumerate(cfg.models.pad):
         if isinstance(m, PadModelConfig) and m.scale is not None and not 1.0 <= m.scale <= 8.0:
             raise _Invalid(f"models.pad[{i}].scale", "a number from 1 to 8 (or null)", m.scale)

@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def engine() -> FaceEngine:
-    return FaceEngine.from_config(config_from_mapping({}))
+    return FaceEngine.from_config(config_from_mapping({"pad": {"enabled": False}}))
 
 
 @pytest.fixture(scope="session")

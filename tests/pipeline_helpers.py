@@ -37,6 +37,14 @@ def people(engine, photos) -> dict[str, np.ndarray]:
             "parker": person_crop(gdp, faces.boxes[order[-1]])}
 
 
+def head_turn_of(engine, crop: np.ndarray):
+    """The bona fide stand-in of a person crop (its head turns in 3D as it walks up: Walk(..., turn=this))."""
+    from kiosk.tools.standin import head_turn
+    from kiosk.vision.landmarks import LandmarkModel, find_landmark_model
+
+    return head_turn(crop, engine.detector, LandmarkModel.load(find_landmark_model(None)))
+
+
 def make_video(path: Path, walks: list[Walk], seconds: float, fps: float = 30.0,
                size: tuple[int, int] = (640, 480)) -> Path:
     return write_video(path, render(walks, int(seconds * fps), size), fps)
@@ -50,6 +58,9 @@ def write_config(folder: Path, cameras: list[dict], **extra) -> Path:
         "security": {"curve": True, "keys_dir": "keys"},
         "audit": {"path": "events.jsonl"},
         "metrics": {"port": 0},
+        # Liveness off unless a test is about it: these videos move a photo, a print attack by construction
+        # (tests/test_liveness.py runs the default, liveness on, with attacks and the bona fide stand-in).
+        "pad": {"enabled": False},
     }
     cfg.update(extra)
     path = folder / "kiosk.yaml"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import cv2
 
 from kiosk.config import load_config
@@ -13,16 +15,22 @@ def test_demo_runs_the_pipeline_and_ends_by_itself(tmp_path):
     out = tmp_path / "demo"
     res = run_cli("kiosk", "-q", "demo", "--out", str(out))
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("ACCEPT  gate A1 (LH123): yao-ming") == 1
-    assert "REJECT  gate A1 (LH123): wrong_flight pax-ba456 is on BA456" in res.stdout
-    assert "REJECT  gate A1 (LH123): already_boarded yao-ming boarded at gate A1" in res.stdout
-    assert "demo done: Yao Ming boarded LH123 once" in res.stdout
-    assert "Traceback" not in res.stderr
+    lines = [line for line in res.stdout.splitlines() if line.startswith(("  ACCEPT", "  REJECT"))]
+    assert len(lines) == 5, res.stdout
+    # The printed photo held up first: refused by the built-in depth check (a flat card turned), never accepted.
+    assert lines[0].startswith("  REJECT  gate A1 (LH123): presentation_attack (the depth check)"), lines
+    assert lines[1].startswith("  ACCEPT  gate A1 (LH123): yao-ming"), lines
+    assert "REJECT  gate A1 (LH123): wrong_flight pax-ba456 is on BA456" in lines[2]
+    assert "REJECT  gate A1 (LH123): no_match" in lines[3]
+    assert "REJECT  gate A1 (LH123): already_boarded yao-ming boarded at gate A1" in lines[4]
+    assert "demo done: the printed photo was refused (presentation_attack), Yao Ming boarded LH123 once" in res.stdout
+    assert "Traceback" not in res.stderr and "liveness is OFF" not in res.stderr
     preview = cv2.imread(str(out / "preview.jpg"))
-    assert preview is not None and preview.shape[0] == 480 and preview.shape[1] == 3 * 640  # a panel per decision
+    assert preview is not None and preview.shape[0] == 480 and preview.shape[1] == 5 * 640  # a panel per decision
     cap = cv2.VideoCapture(str(out / "gate-a1.avi"))
-    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 480
-    assert len((out / "events.jsonl").read_text().splitlines()) == 3
+    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 705
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["liveness_checks"]["depth"]["verdict"] for e in events[:2]] == ["attack", "live"]
 
 
 def test_demo_processes_run_the_configured_model_pack(tmp_path):

@@ -1,5 +1,8 @@
-"""Learned liveness plumbing with small models the tests build (crop, scale, colour order, averaging,
-threshold, fail closed), and the liveness rules of the decision policy."""
+"""Liveness: the built-in depth check on synthetic geometry, the learned-model plumbing with small models the
+tests build (crop, scale, colour order, averaging, threshold, fail closed), the liveness rules of the decision
+policy, and the acceptance runs with real processes (print and screen attacks made from a photo, and the bona
+fide stand-in: a photo whose head is rendered turning in 3D, which stands in for a passenger and proves the
+plumbing, not what a real camera sees)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from kiosk.errors import ModelError
 from kiosk.pipeline.policy import DecisionPolicy
 from kiosk.pipeline.tracking import Track
 from kiosk.store.gallery import Match
-from kiosk.vision.liveness import PadEngine, crop_box, scale_from_name
+from kiosk.vision.depth_check import PRIOR, DepthEvidence
+from kiosk.vision.liveness import PadEngine, PadObservation, crop_box, scale_from_name
 from kiosk.vision.models import runtime
 from tests.pad_models import constant_pad_model, red_is_real_model
 
@@ -79,37 +83,95 @@ def test_a_broken_or_foreign_model_file_is_a_clear_error(tmp_path):
         pad_engine(tmp_path, [str(default_pack_dir() / "w600k_mbf.onnx")])
 
 
-def _policy(**pad) -> DecisionPolicy:
-    cfg = config_from_mapping({"models": {"pad": ["x.onnx"]}, "pad": {"enabled": True, **pad},
-                               "policy": {"accept_frames": 3, "reject_after_frames": 8}})
-    return DecisionPolicy(cfg.policy, cfg.pad)
+def _points(kind: str, n: int = 40, turn_deg: float = 15.0, noise: float = 0.0, seed: int = 0) -> list:
+    """Synthetic landmarks of a face walking up (growing, drifting) while it turns: a 'head' (each point at
+    its generic depth), a 'card' (a flat print: every point at depth 0, seen with perspective close up), or
+    'still' (no turn at all)."""
+    rng = np.random.default_rng(seed)
+    angle = rng.uniform(0, 2 * np.pi, 106)
+    radius = np.sqrt(rng.uniform(0, 1, 106))
+    xy = np.stack([0.45 * radius * np.cos(angle), 0.55 * radius * np.sin(angle)], axis=1)
+    depth = 0.9 * PRIOR if kind == "head" else np.zeros(106)
+    out = []
+    for i in range(n):
+        t = i / 30.0
+        yaw = 0.0 if kind == "still" else np.radians(turn_deg) * np.sin(2 * np.pi * 0.6 * t)
+        pitch = 0.0 if kind == "still" else np.radians(0.4 * turn_deg) * np.sin(2 * np.pi * 0.45 * t + 1)
+        x = xy[:, 0] * np.cos(yaw) + depth * np.sin(yaw)
+        z = -xy[:, 0] * np.sin(yaw) + depth * np.cos(yaw)
+        y = xy[:, 1] * np.cos(pitch) - z * np.sin(pitch)
+        z = xy[:, 1] * np.sin(pitch) + z * np.cos(pitch)
+        scale = 120 + 3 * i
+        persp = 1.0 / (1.0 - z * 0.25) if kind == "card" else 1.0  # a close-up card: the near side looks bigger
+        pts = np.stack([x * persp, y * persp], axis=1) * scale + [320 + i, 240 - 0.5 * i]
+        out.append(pts + rng.normal(0, noise * scale, pts.shape))
+    return out
 
 
-def _feed(policy: DecisionPolicy, lives: list, score: float = 0.8, t0: float = 100.0, dt: float = 0.1):
+def test_the_depth_check_tells_a_turning_head_from_a_turned_card():
+    def verdict(points) -> tuple:
+        ev = DepthEvidence()
+        for p in points:
+            ev.add(p)
+        return ev.verdict, ev.live_frames, ev.flat_frames
+
+    assert verdict(_points("head", noise=0.002))[0] == "live"
+    assert verdict(_points("card", noise=0.002))[0] == "attack"
+    assert verdict(_points("card", turn_deg=25, noise=0.002))[0] == "attack"
+    assert verdict(_points("still", noise=0.002)) == (None, 0, 0)  # never turned: no verdict, the accept waits
+    # Landmarks that jump about (a screen's moire, blur) show neither: no verdict rather than a wrong one.
+    assert verdict(_points("head", noise=0.03))[0] is None
+    assert verdict(_points("card", noise=0.03))[0] is None
+
+
+def _policy(textured: bool = False, **pad) -> DecisionPolicy:
+    cfg = config_from_mapping({"pad": {"enabled": True, **pad},
+                               "policy": {"accept_frames": 3, "reject_after_frames": 100,
+                                          "decision_timeout_s": 60}})
+    return DecisionPolicy(cfg.policy, cfg.pad, textured=textured)
+
+
+def _feed(policy: DecisionPolicy, observations: list, score: float = 0.8, t0: float = 100.0, dt: float = 1 / 30):
     track = Track(1, "cam", np.zeros(4, np.float32), 0.0)
     match = Match("P1", "Pat", score, None, -1.0)
-    for i, live in enumerate(lives):
-        d = policy.observe(track, "A1", match, t0 + i * dt, i, live=live)
+    for i, obs in enumerate(observations):
+        d = policy.observe(track, "A1", match, t0 + i * dt, i, live=obs)
         if d is not None:
             return i, d
-    return None, policy.check_timeout(track, t0 + len(lives) * dt)
+    return None, policy.check_timeout(track, t0 + len(observations) * dt)
+
+
+def _obs(kind: str, texture: float | None = None, chroma: float = 0.0, n: int = 40) -> list:
+    return [PadObservation(p, texture, chroma) for p in _points(kind, n=n, noise=0.002)]
 
 
 def test_liveness_rules_accept_reject_wait_and_fail_closed():
-    i, d = _feed(_policy(), [0.9, 0.8, 0.95])
-    assert d.type == "accept" and i == 2 and d.liveness_score == pytest.approx(0.8833, abs=1e-3)
-    i, d = _feed(_policy(), [0.2, 0.1, 0.3])  # a print: rejected as soon as the evidence is in
-    assert (d.type, d.reason, i) == ("reject", "presentation_attack", 2) and d.liveness_frames == 3
-    # The model fails on every frame (NaN): the accept waits pad.max_wait_s on the frame clock, then fails closed.
-    i, d = _feed(_policy(max_wait_s=0.5), [float("nan")] * 12)
+    i, d = _feed(_policy(), _obs("head"))
+    assert d.type == "accept" and i > 2  # the identity is there at frame 2; the accept waits for the head's turn
+    assert d.liveness_checks["decided_by"] == ["depth"] and d.liveness_checks["depth"]["verdict"] == "live"
+    assert d.liveness_score > 0.5 and d.liveness_frames == i + 1
+    i, d = _feed(_policy(), _obs("card"))  # a print turned in front of the camera
+    assert (d.type, d.reason) == ("reject", "presentation_attack") and d.liveness_checks["decided_by"] == ["depth"]
+    i, d = _feed(_policy(), _obs("head", chroma=20.0))  # a screen's colour fringes, however it moves
+    assert (d.type, d.reason, i) == ("reject", "presentation_attack", 2)
+    assert d.liveness_checks["decided_by"] == ["screen"]
+    # With models: the head's turn is not enough when they call it an attack, and enough when they call it live.
+    i, d = _feed(_policy(textured=True), _obs("head", texture=0.1))
+    assert (d.type, d.reason, i) == ("reject", "presentation_attack", 2)
+    assert d.liveness_checks["decided_by"] == ["texture"]
+    i, d = _feed(_policy(textured=True), _obs("head", texture=0.9))
+    assert d.type == "accept" and d.liveness_checks["decided_by"] == ["depth", "texture"]
+    # No evidence (a model that fails on every frame; or a face that never turns): the accept waits
+    # pad.max_wait_s on the frame clock, then fails closed.
+    i, d = _feed(_policy(max_wait_s=0.5), [None] * 40)
     assert (d.type, d.reason) == ("reject", "liveness_unverified") and d.liveness_score is None
-    # A late score comes in time: accepted after waiting.
-    i, d = _feed(_policy(max_wait_s=0.5), [float("nan"), float("nan"), 0.9, 0.9, 0.9])
-    assert d.type == "accept" and i == 4
-    # Liveness off: the same print is accepted (it is the liveness check that refuses it).
-    cfg = config_from_mapping({"policy": {"accept_frames": 3}})
-    i, d = _feed(DecisionPolicy(cfg.policy, cfg.pad), [0.2, 0.1, 0.3])
-    assert d.type == "accept" and d.liveness_score is None
+    assert i == 2 + 15  # 0.5 s of frames at 30 fps after the identity was there
+    i, d = _feed(_policy(max_wait_s=0.5), _obs("still"))
+    assert (d.type, d.reason) == ("reject", "liveness_unverified")
+    # Liveness off: the same card is accepted (it is the liveness check that refuses it).
+    cfg = config_from_mapping({"policy": {"accept_frames": 3}, "pad": {"enabled": False}})
+    i, d = _feed(DecisionPolicy(cfg.policy, cfg.pad), _obs("card"))
+    assert d.type == "accept" and i == 2 and d.liveness_score is None and d.liveness_checks is None
 
 
 @pytest.mark.parametrize("pad,expect", [
@@ -118,18 +180,19 @@ def test_liveness_rules_accept_reject_wait_and_fail_closed():
     ({"enabled": False}, ("accept", None)),
     ({"enabled": True, "model": float("nan")}, ("reject", "liveness_unverified")),  # a model that fails: closed
 ])
-def test_liveness_decides_in_the_running_system(tmp_path, engine, photos, pad, expect):
-    """Real processes on a video of Yao walking up (made by moving a photo: a print attack). With a model that
-    calls it an attack: rejected `presentation_attack`, never accepted; with one that calls it live: accepted,
-    the event carrying the score; liveness off: accepted (so it is the liveness check that refused it)."""
+def test_learned_models_decide_in_the_running_system(tmp_path, engine, photos, pad, expect):
+    """Real processes on the bona fide stand-in (Yao's head turning as he walks up): a model that calls it an
+    attack rejects it `presentation_attack` though the depth check says live; one that calls it live: accepted,
+    the event carrying both checks; liveness off: accepted; a model that fails: `liveness_unverified`."""
     import json as _json
 
     from kiosk.tools.scenes import Walk
     from tests.conftest import run_cli
-    from tests.pipeline_helpers import audit, kiosk, make_video, people, stop, write_config
+    from tests.pipeline_helpers import audit, head_turn_of, kiosk, make_video, people, stop, write_config
 
     crops = people(engine, photos)
-    make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=0, frames=60, w0=80, w1=180)], seconds=2.5)
+    make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=0, frames=75, w0=80, w1=180,
+                                          turn=head_turn_of(engine, crops["yao"]), turn_deg=15)], seconds=2.7)
     extra: dict = {"pad": {"enabled": pad["enabled"]}}
     if pad["enabled"]:
         constant_pad_model(tmp_path / "2.7_80x80_Test.onnx", pad["model"])
@@ -146,14 +209,77 @@ def test_liveness_decides_in_the_running_system(tmp_path, engine, photos, pad, e
     assert proc.returncode == 0, err[-3000:]
     decisions = [e for e in audit(config) if e["type"] in ("accept", "reject")]
     assert [(e["type"], e["reason"]) for e in decisions] == [expect], _json.dumps(decisions)
-    score = decisions[0]["liveness_score"]
-    if pad["enabled"] and pad["model"] != pad["model"]:  # NaN: no frame got a score
-        assert score is None and "liveness model failed" in err
-    elif pad["enabled"]:
-        assert score == pytest.approx(pad["model"], abs=1e-3) and decisions[0]["liveness_frames"] >= 3
-        assert "liveness is OFF" not in err
+    checks = decisions[0]["liveness_checks"]
+    if not pad["enabled"]:
+        assert checks is None and decisions[0]["liveness_score"] is None and "liveness is OFF" in err
+    elif pad["model"] != pad["model"]:  # NaN: no frame brought evidence
+        assert "liveness model failed" in err and checks["depth"]["frames"] == 0
     else:
-        assert score is None and "liveness is OFF" in err
+        assert checks["texture"]["score"] == pytest.approx(pad["model"], abs=1e-3)
+        assert checks["decided_by"] == (["texture"] if pad["model"] < 0.5 else ["depth", "texture"])
+
+
+def test_default_config_refuses_print_and_screen_attacks_and_accepts_the_stand_in(tmp_path, engine, photos):
+    """The acceptance run, real processes and sockets, liveness as shipped (no model configured: the built-in
+    checks). Four gates: two prints of Yao's photo held up and moved (one ending in a close-up that fills most
+    of the frame), a phone screen showing it (close-up), and the bona fide stand-in. No attack is accepted;
+    the stand-in is. Then the same prints with `pad: {enabled: false}` are accepted: it is the liveness check
+    that refused them."""
+    import json as _json
+
+    import cv2
+
+    from kiosk.tools.attacks import render_attack
+    from kiosk.tools.scenes import Walk, write_video
+    from tests.conftest import run_cli
+    from tests.pipeline_helpers import audit, head_turn_of, kiosk, make_video, people, stop, write_config
+
+    yao_photo = cv2.imread(str(photos["yaoming.jpg"]))
+    box = engine.detector.detect(yao_photo).largest().boxes[0]
+    attacks = {"p1": ("print", 1, False), "p2": ("print", 6, True), "s1": ("screen", 2, True)}
+    for name, (kind, seed, close) in attacks.items():
+        write_video(tmp_path / f"{name}.avi", render_attack(kind, yao_photo, box, seed=seed, close_up=close,
+                                                            seconds=2.5), 30.0)
+    crops = people(engine, photos)
+    make_video(tmp_path / "l1.avi", [Walk(crops["yao"], start=0, frames=75, w0=80, w1=180,
+                                          turn=head_turn_of(engine, crops["yao"]), turn_deg=15)], seconds=2.7)
+
+    def run(names: list[str], **extra) -> dict[str, list[tuple]]:
+        folder = tmp_path / ("on" if not extra else "off")
+        folder.mkdir()
+        for name in names:
+            (folder / f"{name}.avi").symlink_to(tmp_path / f"{name}.avi")
+        cams = [{"id": f"cam-{n}", "gate": n.upper(), "source": f"{n}.avi", "realtime": False} for n in names]
+        config = write_config(folder, cams, **extra)
+        if not extra:
+            config.write_text(config.read_text().replace("pad:\n  enabled: false\n", ""))  # the shipped default
+        assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
+                       str(photos["yaoming.jpg"])).returncode == 0
+        proc = kiosk(config, "run", "--exit-on-eof", quiet=False)
+        try:
+            _, err = proc.communicate(timeout=240)
+        finally:
+            stop(proc)
+        assert proc.returncode == 0, err[-3000:]
+        assert ("liveness is OFF" in err) == bool(extra)
+        out: dict[str, list[tuple]] = {n.upper(): [] for n in names}
+        for e in audit(config):
+            if e["type"] in ("accept", "reject"):
+                out[e["gate_id"]].append((e["type"], e["reason"], e.get("liveness_checks")))
+        return out
+
+    on = run(["p1", "p2", "s1", "l1"])
+    report = _json.dumps(on)
+    for gate in ("P1", "P2", "S1"):
+        assert on[gate] and all(t == "reject" for t, _, _ in on[gate]), report  # never accepted
+        assert {r for _, r, _ in on[gate]} <= {"presentation_attack", "liveness_unverified"}, report
+    assert ("reject", "presentation_attack") in [(t, r) for t, r, _ in on["P1"]], report
+    assert any(c and c["decided_by"] == ["screen"] for _, _, c in on["S1"]), report
+    assert [(t, r) for t, r, _ in on["L1"]] == [("accept", None)], report
+    assert on["L1"][0][2]["depth"]["verdict"] == "live"
+    off = run(["p1", "p2"], pad={"enabled": False})
+    assert [(t, r) for t, r, _ in off["P1"]] == [("accept", None)], _json.dumps(off)
+    assert [(t, r) for t, r, _ in off["P2"]] == [("accept", None)], _json.dumps(off)
 
 
 def test_the_attack_video_script_makes_prints_and_screens_a_detector_finds(tmp_path, engine, photos):
@@ -189,23 +315,27 @@ def test_the_attack_video_script_makes_prints_and_screens_a_detector_finds(tmp_p
 
 
 def test_evaluate_pad_counts_apcer_per_type_and_bpcer(tmp_path, engine, photos):
-    """Videos whose colour the test model reads as live (red) or attack (blue): the counts are known."""
+    """Videos whose outcome is known: the stand-in turning its head with a red cast (the test model reads red as
+    live), the stand-in with a blue cast (the model: attack), and a photo that only moves, blue (both checks
+    refuse it). Judged by the same code as the verifier's tracks."""
     import json as _json
-
-    import cv2
 
     from kiosk.tools.scenes import Walk
     from tests.conftest import run_cli
-    from tests.pipeline_helpers import make_video, people
+    from tests.pipeline_helpers import head_turn_of, make_video, people
 
     crops = people(engine, photos)
     yao = crops["yao"]
     red, blue = yao.copy(), yao.copy()
     red[..., 2], blue[..., 0] = 255, 255  # BGR: a red or a blue cast over the whole crop
+    turns = {"red": head_turn_of(engine, red), "blue": head_turn_of(engine, blue)}
     rows = ["video,label"]
-    for name, crop, label in (("bf1", red, "bona_fide"), ("bf2", red, "bona_fide"), ("bf3", blue, "bona_fide"),
-                              ("p1", blue, "print"), ("p2", red, "print"), ("s1", blue, "screen")):
-        make_video(tmp_path / f"{name}.avi", [Walk(crop, start=0, frames=20, w0=120, w1=160)], seconds=0.7)
+    for name, crop, cast, turning, label in (
+            ("bf1", red, "red", True, "bona_fide"), ("bf2", red, "red", True, "bona_fide"),
+            ("bf3", blue, "blue", True, "bona_fide"), ("p1", blue, "blue", False, "print"),
+            ("p2", red, "red", True, "print"), ("s1", blue, "blue", False, "screen")):
+        walk = Walk(crop, start=0, frames=60, w0=100, w1=160, turn=turns[cast] if turning else None, turn_deg=15)
+        make_video(tmp_path / f"{name}.avi", [walk], seconds=2.0)
         rows.append(f"{name}.avi,{label}")
     make_video(tmp_path / "empty.avi", [], seconds=0.3)
     rows.append("empty.avi,print")
@@ -216,9 +346,14 @@ def test_evaluate_pad_counts_apcer_per_type_and_bpcer(tmp_path, engine, photos):
                   str(tmp_path / "labels.csv"), "--json", "--no-progress")
     assert res.returncode == 0, res.stderr
     report = _json.loads(res.stdout)
+    assert report["models"] == ["1.0_80x80_Red.onnx"]
     assert report["bona_fide"] == {"videos": 3, "rejected": 1, "bpcer": pytest.approx(1 / 3)}
-    assert report["attacks"]["print"] == {"videos": 2, "accepted": 1, "apcer": 0.5}
-    assert report["attacks"]["screen"] == {"videos": 1, "accepted": 0, "apcer": 0.0}
+    assert report["attacks"]["print"] == {"videos": 2, "accepted": 1, "apcer": 0.5, "judged_attack": 1,
+                                          "no_verdict": 0}
+    assert report["attacks"]["screen"] == {"videos": 1, "accepted": 0, "apcer": 0.0, "judged_attack": 1,
+                                           "no_verdict": 0}
+    verdicts = {v["video"].rsplit("/", 1)[-1]: (v["verdict"], v["decided_by"]) for v in report["videos"]}
+    assert verdicts["bf1.avi"] == ("live", ["depth", "texture"]) and verdicts["p1.avi"] == ("attack", ["texture"])
     assert report["at_bpcer"] == {"0.01": None, "0.05": None}  # 3 bona fide videos cannot measure those
     assert [item["line"] for item in report["no_face"]] == [8]
     (tmp_path / "bad.csv").write_text("video,label\nnope.avi,print\n")

@@ -27,7 +27,7 @@ import yaml
 from kiosk.tools.scenes import Walk, person_crop
 from kiosk.messaging.transport import free_port
 from tests.pad_models import red_is_real_model
-from tests.pipeline_helpers import make_video, people
+from tests.pipeline_helpers import head_turn_of, make_video, people
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -140,19 +140,22 @@ def site(tmp_path_factory, engine, photos) -> Path:
     (work / "pairs.csv").write_text("image_a,image_b,same\nann.jpg,ann-2.jpg,1\nann.jpg,duncan.jpg,0\n")
     red_is_real_model(work / "config" / "1.0_80x80_Test.onnx")
     (work / "config" / "pad-eval.yaml").write_text("models: {pad: [1.0_80x80_Test.onnx]}\n")
-    (work / "pad-labels.csv").write_text("video,label\nvar/print-1.avi,print\nvar/screen-1.avi,screen\n")
+    (work / "pad-labels.csv").write_text("video,label\nvar/print-1.avi,print\nvar/screen-1.avi,screen\n"
+                                         "var/standin-1.avi,bona_fide\n")
     (work / "mypkg").mkdir()
     (work / "mypkg" / "__init__.py").write_text("")
     (work / "mypkg" / "gates.py").write_text("def on_event(event):\n    print(event['type'], flush=True)\n")
-    # Yao walks up, then the middle player of gdp.jpg, who is never enrolled: a reject every loop of the file
+    # Yao walks up (the bona fide stand-in: liveness is on as shipped), then the middle player of gdp.jpg,
+    # who is never enrolled: a reject every loop of the file
     # (a repeated accept of one subject at one gate is held back for policy.repeat_accept_s), 640x360.
     gdp = cv2.imread(str(photos["gdp.jpg"]))
     faces = engine.detector.detect(gdp)
     faces = faces[faces.widths >= 48]
     middle = person_crop(gdp, faces.boxes[np.argsort(faces.boxes[:, 0])[1]])
-    make_video(work / "gate-a1.avi", [Walk(crops["yao"], start=0, frames=40, w0=70, w1=160),
-                                      Walk(middle, start=45, frames=40, w0=70, w1=160)],
-               seconds=3.0, size=(640, 360))
+    make_video(work / "gate-a1.avi", [Walk(crops["yao"], start=0, frames=60, w0=70, w1=160,
+                                           turn=head_turn_of(engine, crops["yao"]), turn_deg=15),
+                                      Walk(middle, start=65, frames=40, w0=70, w1=160)],
+               seconds=3.5, size=(640, 360))
     make_video(work / "gate.avi", [Walk(crops["yao"], start=0, frames=30, w0=70, w1=160)], seconds=1.0,
                size=(640, 360))
     return work
@@ -199,8 +202,11 @@ def test_every_readme_command_runs_as_written(site):
                                     "ann.jpg").stdout
     assert "screen attack" in sh.run("python3 scripts/make_attack_video.py --type screen --close-up --seed 2 "
                                      "--out var/screen-1.avi ann.jpg").stdout
+    assert "wrote var/standin-1.avi" in sh.run("python3 scripts/make_gate_video.py --turn 15 --out "
+                                               "var/standin-1.avi ann.jpg").stdout
     pad = json.loads(sh.run("kiosk-enroll -c config/pad-eval.yaml evaluate-pad pad-labels.csv --json").stdout)
     assert pad["attacks"]["print"]["videos"] == 1 and pad["attacks"]["screen"]["videos"] == 1
+    assert pad["bona_fide"]["videos"] == 1
 
     # The gate: run, status, claim, subscribers and the reference webhook receiver.
     run_line = f"kiosk run {cfg}"

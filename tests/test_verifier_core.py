@@ -53,7 +53,7 @@ def scene(crops: list[np.ndarray], people: list[int], width: int = 120) -> np.nd
 
 def core_for(engine, matrix, *, realtime: bool = False, **policy) -> VerifierCore:
     cfg = config_from_mapping({"cameras": [{"id": "cam", "gate": "A1", "source": 0, "realtime": realtime}],
-                               "policy": policy, "metrics": {"port": 0}})
+                               "policy": policy, "metrics": {"port": 0}, "pad": {"enabled": False}})
     return VerifierCore(cfg, engine, matrix)
 
 

@@ -115,8 +115,9 @@ class Event:
     boarded_at: float | None = None  # already_boarded: when the passenger boarded ...
     boarded_gate_id: str | None = None  # ... and at which gate
     on_flights: list[str] | None = None  # wrong_flight: the flights the passenger is on
-    liveness_score: float | None = None  # mean liveness of the track's frames (null: liveness off or no score)
-    liveness_frames: int = 0  # how many frames that score is over
+    liveness_score: float | None = None  # the weakest liveness check's score, 0-1 (null: liveness off)
+    liveness_frames: int = 0  # frames of the track the liveness checks saw
+    liveness_checks: dict | None = None  # per check (depth, texture): verdict and evidence; decided_by
     v: int = VERSION
 
     def topic(self) -> bytes:
@@ -244,6 +245,9 @@ def event_from_dict(data: dict[str, Any], topic: str | None = None) -> Event:
     if flights is not None and not (isinstance(flights, list) and len(flights) <= 100
                                     and all(isinstance(f, str) for f in flights)):
         raise BadMessage("event: on_flights must be a list of flight ids")
+    checks = data.get("liveness_checks")
+    if checks is not None and not isinstance(checks, dict):
+        raise BadMessage("event: liveness_checks must be an object")
     known = {k: data[k] for k in Event.__dataclass_fields__ if k in data}
     try:
         return Event(**known)

@@ -30,6 +30,7 @@ from kiosk.boarding.model import BoardingStore, DecisionRecord
 from kiosk.config import KioskConfig
 from kiosk.vision.engine import FaceEngine
 from kiosk.vision.faces import Faces
+from kiosk.vision.liveness import PadObservation
 from kiosk.store.gallery import GalleryMatrix, Match
 from kiosk.messaging.messages import Eof, Frame
 from kiosk.services.metrics import VerifierMetrics
@@ -132,7 +133,7 @@ class VerifierCore:
         self.metrics = metrics or VerifierMetrics({c.id: c.gate for c in cfg.cameras})
         self.confirm = confirm  # is this subject enrolled right now? (raises: cannot tell)
         self.store = store  # boarded marks: asked in the accept's own transaction (raises: cannot tell)
-        self.policy = DecisionPolicy(cfg.policy, cfg.pad)
+        self.policy = DecisionPolicy(cfg.policy, cfg.pad, textured=bool(cfg.models.pad))
         self.pad_errors = 0
         self.cameras = {c.id: CameraState(c.id, c.gate, c.realtime,
                                           Tracker(c.id, max_age_s=cfg.policy.track_max_age_s))
@@ -369,7 +370,7 @@ class VerifierCore:
                     outsiders[i] = found
         t = add("match", t)
         lives = self._liveness(frames, step, [want[row] for row, _ in deciding])
-        if self.engine.pad is not None:
+        if self.engine.pad is not None and self.policy.pad is not None:
             t = add("pad", t)
         for (row, track), match, outsider, live in zip(deciding, matches, outsiders, lives):
             k = want[row]
@@ -382,18 +383,18 @@ class VerifierCore:
         add("decide", t)
         return verdicts
 
-    def _liveness(self, frames: list[Frame], step: StepFaces, faces: list[int]) -> list[float | None]:
-        """The liveness score of each of these faces (indices into the step), None with liveness off. A
-        model that fails gives no score (NaN): the track then waits for evidence and fails closed."""
+    def _liveness(self, frames: list[Frame], step: StepFaces, faces: list[int]) -> list[PadObservation | None]:
+        """The liveness observation of each of these faces (indices into the step), None with liveness off or
+        where a model failed: the track then has no evidence from this frame, waits and fails closed."""
         pad = self.engine.pad
-        if pad is None:
-            return [None] * len(faces)
-        out: list[float | None] = [float("nan")] * len(faces)
+        out: list[PadObservation | None] = [None] * len(faces)
+        if pad is None or self.policy.pad is None:
+            return out
         idx = np.array(faces, np.int64)
         for i in np.unique(step.frame[idx]) if len(idx) else []:
             pos = np.flatnonzero(step.frame[idx] == i)
             try:
-                scores, _ = pad.score(frames[int(i)].image, step.faces.boxes[idx[pos]])
+                observed = pad.observe(frames[int(i)].image, step.faces.boxes[idx[pos]])
             except Exception as exc:  # noqa: BLE001 - a broken model must never let an accept through
                 self.pad_errors += 1
                 self.last_error = f"liveness: {exc}"
@@ -401,8 +402,8 @@ class VerifierCore:
                     log.error("liveness model failed (%d so far): %s; accepts wait and fail closed",
                               self.pad_errors, exc)
                 continue
-            for p_, score in zip(pos, scores):
-                out[int(p_)] = float(score)
+            for p_, obs in zip(pos, observed):
+                out[int(p_)] = obs
         return out
 
     def tick(self, now: float) -> list[Verdict]:

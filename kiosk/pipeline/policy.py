@@ -17,10 +17,10 @@ Plain objects, fed one observation at a time; no sockets, no models.
 - a subject accepted at a gate is not accepted again there for
   `repeat_accept_s` (a person lost and found again by the tracker is
   still one passenger).
-- liveness (`pad.enabled`): each quality frame brings a liveness score;
-  once `pad.min_frames` scores are in, a mean below `pad.threshold` rejects
-  the track `presentation_attack` (whoever it matched). An accept needs
-  that evidence and a mean at or above the threshold; it waits for it up to
+- liveness (`pad.enabled`): each quality frame brings a liveness
+  observation (kiosk.vision.liveness.TrackLiveness). A track any check
+  judges an attack is rejected `presentation_attack` (whoever it matched).
+  An accept needs every check's verdict live; it waits for it up to
   `pad.max_wait_s` (frame clock) and is otherwise rejected
   `liveness_unverified` (fail closed: an agent checks by hand).
 """
@@ -28,7 +28,6 @@ Plain objects, fed one observation at a time; no sockets, no models.
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import numpy as np
 
 from kiosk.config import PadConfig, PolicyConfig
 from kiosk.store.gallery import Match
+from kiosk.vision.liveness import PadObservation, TrackLiveness
 from kiosk.vision.quality import Quality
 from kiosk.pipeline.tracking import Track
 
@@ -69,6 +69,7 @@ class Decision:
     on_flights: list[str] | None = None  # wrong_flight: the flights the passenger is on
     liveness_score: float | None = None  # mean over the track's scored frames (None: liveness off or no score)
     liveness_frames: int = 0
+    liveness_checks: dict | None = None  # what each liveness check saw, and which decided
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -92,7 +93,7 @@ class TrackState:
     first_quality_at: float | None = None  # frame clock (media time of a replay, capture time of a camera)
     decided: bool = False
     claim: Claim | None = None
-    live: list = field(default_factory=list)  # liveness scores of the quality frames that got one
+    live: TrackLiveness | None = None  # liveness evidence (pad.enabled)
     ready_votes: list | None = None  # the votes of an accept waiting for liveness evidence
     ready_at: float | None = None  # frame clock when it started waiting
     ready_gate: str = ""
@@ -101,9 +102,10 @@ class TrackState:
 class DecisionPolicy:
     """Decides per track; holds the claims and the recent accepts per gate."""
 
-    def __init__(self, cfg: PolicyConfig, pad: PadConfig | None = None) -> None:
+    def __init__(self, cfg: PolicyConfig, pad: PadConfig | None = None, textured: bool = False) -> None:
         self.cfg = cfg
         self.pad = pad if pad is not None and pad.enabled else None
+        self.textured = textured  # models.pad names learned models: their verdict is needed too
         self.claims: dict[str, Claim] = {}
         self._recent: dict[tuple[str, str], float] = {}
 
@@ -161,7 +163,7 @@ class DecisionPolicy:
 
     def observe(self, track: Track, gate_id: str, match: Match, captured_at: float,
                 seq: int | None = None, clock: float | None = None,
-                outsider: Match | None = None, live: float | None = None) -> Decision | None:
+                outsider: Match | None = None, live: PadObservation | None = None) -> Decision | None:
         """One quality frame of `track`, matched 1:N (or 1:1 under a claim, or against a flight's passengers).
 
         `captured_at` (wall clock) goes into the decision for its latency; `clock` (the frame clock,
@@ -178,8 +180,9 @@ class DecisionPolicy:
         if state.first_quality_at is None:
             state.first_quality_at = now
         if self.pad is not None:
-            if live is not None and math.isfinite(live):
-                state.live.append(float(live))
+            if state.live is None:
+                state.live = TrackLiveness(self.pad, self.textured)
+            state.live.add(live)
             judged = self._liveness(track, state, captured_at, seq, now)
             if judged is not None or state.ready_votes is not None:
                 return judged
@@ -222,14 +225,13 @@ class DecisionPolicy:
         """With liveness on: reject an attack as soon as the evidence says so; let a waiting accept through
         once the evidence says live, or reject it when the wait is over."""
         pad = self.pad
-        assert pad is not None
-        if len(state.live) >= pad.min_frames:
-            mean = sum(state.live) / len(state.live)
-            if mean < pad.threshold:
-                return self._live(state, self._reject(track, "presentation_attack", captured_at))
+        assert pad is not None and state.live is not None
+        verdict = state.live.verdict
+        if verdict == "attack":
+            return self._live(state, self._reject(track, "presentation_attack", captured_at))
+        if verdict == "live":
             if state.ready_votes is not None:
-                return self._live(state, self._accept(track, state.ready_gate, state.ready_votes,
-                                                      captured_at))
+                return self._live(state, self._accept(track, state.ready_gate, state.ready_votes, captured_at))
             return None
         if state.ready_votes is not None and state.ready_at is not None and now - state.ready_at >= pad.max_wait_s:
             return self._live(state, self._reject(track, "liveness_unverified", captured_at))
@@ -238,8 +240,9 @@ class DecisionPolicy:
     @staticmethod
     def _live(state: TrackState, d: Decision | None) -> Decision | None:
         """Stamp the track's liveness evidence on its decision."""
-        if d is not None and state.live:
-            d.liveness_score, d.liveness_frames = sum(state.live) / len(state.live), len(state.live)
+        if d is not None and state.live is not None:
+            d.liveness_score, d.liveness_frames = state.live.score, state.live.frames
+            d.liveness_checks = state.live.checks()
         return d
 
     def _accept(self, track: Track, gate_id: str, votes: list[Vote], captured_at: float) -> Decision | None:

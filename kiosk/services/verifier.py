@@ -253,7 +253,7 @@ class Verifier:
                      flight_id=d.flight_id, boarded_at=d.boarded_at, boarded_gate_id=d.boarded_gate_id,
                      on_flights=d.on_flights,
                      liveness_score=None if d.liveness_score is None else round(d.liveness_score, 4),
-                     liveness_frames=d.liveness_frames)
+                     liveness_frames=d.liveness_frames, liveness_checks=d.liveness_checks)
 
     def _publish(self, cam: CameraState, verdict: Verdict) -> Event:
         """Audit first, then publish. An accept that cannot be audited is published as a reject

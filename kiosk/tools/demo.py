@@ -3,16 +3,20 @@
 1. Enrolls Yao Ming from the sample portrait on flight LH123, and a player
    cut out of `gdp.jpg` on flight BA456, into a fresh demo gallery; gate A1
    boards LH123 (`boarding.require_flight: true`, as at an airport).
-2. Makes a gate video: Yao Ming walks up and leaves, then the BA456
-   passenger walks up (at the wrong gate), then Yao Ming comes back.
+2. Makes a gate video: someone holds up a printed photo of Yao Ming; then
+   Yao Ming walks up, then the BA456 passenger (at the wrong gate), then a
+   stranger (the other player, not enrolled), then Yao Ming comes back.
 3. Runs the real system on it (`kiosk run --exit-on-eof`: capture and
-   verifier processes, ZeroMQ with CurveZMQ), prints each event as it
-   arrives, and ends by itself: Yao Ming boards, the other passenger is
-   turned away as `wrong_flight`, Yao Ming again as `already_boarded`.
-4. Writes a preview image: each passenger at the moment of the decision.
+   verifier processes, ZeroMQ with CurveZMQ, liveness on), prints each event
+   as it arrives, and ends by itself: the print is rejected
+   `presentation_attack`, Yao Ming boards, the other passenger is turned
+   away `wrong_flight`, the stranger `no_match`, Yao Ming again
+   `already_boarded`.
+4. Writes a preview image: each presentation at the moment of the decision.
 
-The video is made by moving photos: for presentation attack detection
-(liveness) that is a print attack, not a live passenger.
+The people walking up are bona fide stand-ins (kiosk/tools/standin.py): a
+photo whose head is rendered turning in 3D, which the built-in liveness
+check accepts. They stand in for passengers; they are not real video.
 """
 
 from __future__ import annotations
@@ -37,7 +41,10 @@ from kiosk.vision.images import read_image
 from kiosk.messaging.channels import EventChannel
 from kiosk.messaging.messages import Event
 from kiosk.vision.models.pack import sample_photo
+from kiosk.tools.attacks import render_attack
 from kiosk.tools.scenes import Walk, person_crop, render, write_video
+from kiosk.tools.standin import head_turn
+from kiosk.vision.landmarks import LandmarkModel, find_landmark_model
 from kiosk.messaging.transport import Transport, init_keys, loopback_endpoints
 
 log = logging.getLogger(__name__)
@@ -46,27 +53,39 @@ FPS = 30.0
 SUBJECT = ("yao-ming", "Yao Ming")
 OTHER = ("pax-ba456", "BA456 passenger")
 FLIGHT, OTHER_FLIGHT = "LH123", "BA456"
+EXPECTED = [("reject", "presentation_attack", None), ("accept", None, SUBJECT[0]), ("reject", "wrong_flight", OTHER[0]),
+            ("reject", "no_match", None), ("reject", "already_boarded", SUBJECT[0])]
 
 
-def demo_people(engine: FaceEngine) -> tuple[np.ndarray, np.ndarray]:
-    """Person crops: Yao Ming, and the right-most player of gdp.jpg (looking at the camera)."""
+def demo_people(engine: FaceEngine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Person crops: Yao Ming, the right-most player of gdp.jpg (looking at the camera), the left-most one."""
     yao = read_image(sample_photo("yaoming.jpg"))
     gdp = read_image(sample_photo("gdp.jpg"))
     yao_face = engine.detector.detect(yao).largest()
     gdp_faces = engine.detector.detect(gdp)
+    gdp_faces = gdp_faces[gdp_faces.widths >= 48]
     other = gdp_faces[int(np.argmax(gdp_faces.boxes[:, 0]))]
-    return person_crop(yao, yao_face.boxes[0]), person_crop(gdp, other.boxes[0])
+    stranger = gdp_faces[int(np.argmin(gdp_faces.boxes[:, 0]))]
+    return (person_crop(yao, yao_face.boxes[0]), person_crop(gdp, other.boxes[0]),
+            person_crop(gdp, stranger.boxes[0]))
 
 
-def demo_scene(engine: FaceEngine) -> tuple[list[Walk], int]:
-    yao, other = demo_people(engine)
+def demo_frames(engine: FaceEngine) -> list[np.ndarray]:
+    """The gate video: a print attack (2.5 s), then four people walking up, their heads turning."""
+    marks = engine.pad.landmarks if engine.pad is not None and engine.pad.landmarks is not None else \
+        LandmarkModel.load(find_landmark_model(None))
+    yao, other, stranger = demo_people(engine)
     s = int(FPS)
-    walks = [
-        Walk(yao, start=s, frames=4 * s, w0=30, w1=190),
-        Walk(other, start=6 * s, frames=4 * s, w0=30, w1=170),
-        Walk(yao, start=11 * s, frames=4 * s, w0=30, w1=190),
-    ]
-    return walks, 16 * s
+    attack_at, attack = s // 2, int(2.5 * s)
+    photo = read_image(sample_photo("yaoming.jpg"))
+    card = render_attack("print", photo, engine.detector.detect(photo).largest().boxes[0], seed=1,
+                         seconds=attack / FPS, fps=FPS)
+    walks = [Walk(crop, start=start * s // 2, frames=4 * s, w0=30, w1=w1, turn=head_turn(crop, engine.detector, marks),
+                  turn_deg=15)
+             for crop, start, w1 in ((yao, 8, 190), (other, 18, 170), (stranger, 28, 170), (yao, 38, 190))]
+    frames = render(walks, 47 * s // 2)
+    frames[attack_at:attack_at + attack] = card
+    return frames
 
 
 def write_demo_config(out: Path, base: KioskConfig) -> Path:
@@ -79,7 +98,7 @@ def write_demo_config(out: Path, base: KioskConfig) -> Path:
         "audit": {"path": "events.jsonl"},
         "metrics": {"port": 0},
         "boarding": {"require_flight": True},
-        # Yao Ming comes back 6 s after boarding: inside the default 10 s a re-found passenger is not decided again.
+        # Yao Ming comes back 10 s after boarding: at the default 10 s a re-found passenger might not be decided again.
         "policy": {"repeat_accept_s": 3.0},
     }
     path = out / "kiosk.yaml"
@@ -93,7 +112,10 @@ def describe(event: Event) -> str:
                 f"after {event.frames} frames, {event.latency_ms:.0f} ms after capture")
     if event.type == "reject":
         score = event.score if event.score is None else round(event.score, 3)
-        why = {"wrong_flight": f" {event.subject_id} is on {', '.join(event.on_flights or []) or 'another flight'}",
+        checks = event.liveness_checks or {}
+        why = {"presentation_attack": f" (the {' and '.join(checks.get('decided_by') or ['liveness'])} check)",
+               "liveness_unverified": " (no liveness verdict in time)",
+               "wrong_flight": f" {event.subject_id} is on {', '.join(event.on_flights or []) or 'another flight'}",
                "already_boarded": f" {event.subject_id} boarded at gate {event.boarded_gate_id} "
                                   f"{time.strftime('%H:%M:%S', time.localtime(event.boarded_at or 0))}"}
         return (f"REJECT  gate {event.gate_id} ({event.flight_id}): {event.reason}{why.get(event.reason or '', '')} "
@@ -130,7 +152,7 @@ def run_demo(base: KioskConfig, out: Path) -> bool:
     config_path = write_demo_config(out, base)
     cfg = load_config(config_path)
     engine = FaceEngine.from_config(cfg)
-    _, other = demo_people(engine)
+    _, other, _ = demo_people(engine)
     other_photo = out / "pax-ba456.jpg"  # their "passport photo": the crop, enlarged
     cv2.imwrite(str(other_photo), cv2.resize(other, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_CUBIC))
     departs = time.time() + 3 * 3600
@@ -145,12 +167,11 @@ def run_demo(base: KioskConfig, out: Path) -> bool:
             print(f"enrolled {sid} ({name}) on flight {flight} from {photo.name}")
         store.open_gate("A1", FLIGHT)
     print(f"gate A1 boards flight {FLIGHT} (boarding.require_flight: true)")
-    walks, total = demo_scene(engine)
-    frames = render(walks, total)
+    frames = demo_frames(engine)
     video = write_video(out / "gate-a1.avi", frames, FPS)
-    print(f"made {video.name}: {total / FPS:.0f} s at {FPS:.0f} fps; Yao Ming walks up, then a passenger of "
-          f"{OTHER_FLIGHT}, then Yao Ming again")
-    print(f"running the pipeline (kiosk run --exit-on-eof, CurveZMQ on) with config {config_path}")
+    print(f"made {video.name}: {len(frames) / FPS:.0f} s at {FPS:.0f} fps; a printed photo of Yao Ming held up, "
+          f"then Yao Ming walks up, a passenger of {OTHER_FLIGHT}, a stranger, and Yao Ming again")
+    print(f"running the pipeline (kiosk run --exit-on-eof, CurveZMQ on, liveness on) with config {config_path}")
 
     init_keys(cfg.resolve(cfg.security.keys_dir))
     transport = Transport(cfg, role="demo")
@@ -186,9 +207,9 @@ def run_demo(base: KioskConfig, out: Path) -> bool:
     if image:
         print(f"preview: {image}")
     got = [(e.type, e.reason, e.subject_id) for e in events if e.type in ("accept", "reject")]
-    good = proc.returncode == 0 and got == [("accept", None, SUBJECT[0]), ("reject", "wrong_flight", OTHER[0]),
-                                            ("reject", "already_boarded", SUBJECT[0])]
-    print("demo " + (f"done: {SUBJECT[1]} boarded {FLIGHT} once, the {OTHER_FLIGHT} passenger was turned away "
-                     "(wrong_flight), and so was the boarded passenger coming back (already_boarded)" if good
+    good = proc.returncode == 0 and got == EXPECTED
+    print("demo " + (f"done: the printed photo was refused (presentation_attack), {SUBJECT[1]} boarded {FLIGHT} "
+                     f"once, the {OTHER_FLIGHT} passenger was turned away (wrong_flight), the stranger too "
+                     "(no_match), and so was the boarded passenger coming back (already_boarded)" if good
                      else "ended with unexpected decisions"))
     return good

@@ -13,6 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kiosk.tools.standin import HeadTurn
+
 CROP_FACES = 2.4  # crop width in face widths: head and shoulders, not the neighbours
 
 
@@ -27,6 +29,17 @@ class Walk:
     w1: float
     cx: float = 0.5
     cy: float = 0.45
+    turn: HeadTurn | None = None  # a bona fide stand-in: the head turns (see kiosk.tools.standin)
+    turn_deg: float = 18.0  # yaw amplitude; pitch is 0.4 of it
+
+    def person_at(self, i: int, fps: float = 30.0) -> np.ndarray:
+        """The person crop for frame i: turned as a head turns for a stand-in, the flat photo otherwise."""
+        if self.turn is None:
+            return self.person
+        t = (i - self.start) / fps
+        yaw = np.deg2rad(self.turn_deg) * np.sin(2 * np.pi * 0.6 * t)
+        pitch = np.deg2rad(0.4 * self.turn_deg) * np.sin(2 * np.pi * 0.45 * t + 1.0)
+        return self.turn.render(yaw, pitch)
 
     def face_width(self, i: int) -> float:
         t = min(1.0, (i - self.start) / max(1, self.frames * 0.7))  # grows, then holds
@@ -80,7 +93,7 @@ def render(walks: list[Walk], total: int, size: tuple[int, int] = (640, 480)) ->
         frame = bg.copy()
         for walk in walks:
             if walk.start <= i < walk.start + walk.frames:
-                paste(frame, walk.person, walk.face_width(i), walk.cx, walk.cy)
+                paste(frame, walk.person_at(i), walk.face_width(i), walk.cx, walk.cy)
         frames.append(frame)
     return frames
 

@@ -1,6 +1,12 @@
-"""Learned presentation attack detection (liveness): the MiniFASNet family, pluggable by path.
+"""Presentation attack detection (liveness): the built-in depth check and learned models, per track.
 
-`models.pad` names one or more ONNX files; each is recognised from its graph: one image input of 1x3xSxS
+Every face of a transaction brings a `PadObservation`: its 106 landmarks (for the built-in depth check,
+kiosk.vision.depth_check: does it move as a head or as a flat card?), its fine-grained colour (the screen
+check: a re-captured screen's sub-pixel grid and moire) and, where `models.pad` names any, the learned
+models' probability that it is real. `TrackLiveness` gathers a track's observations and gives its verdict:
+an attack as soon as one check says so, live once the depth check (and the models) say so, else none yet.
+
+Learned models: `models.pad` names one or more ONNX files; each is recognised from its graph: one image input of 1x3xSxS
 (S = 80 for Silent-Face-Anti-Spoofing's MiniFASNetV1/V2/V1SE/V2SE, 128 for the 2-class MiniFAS variants)
 and one output of 2 or 3 class scores with "real" at index 1. A face is cut out as those models were
 trained: the detector's box enlarged about its centre by the model's scale (2.7, 4.0, ...; kept inside the
@@ -15,15 +21,18 @@ gets one and its licence (Silent-Face-Anti-Spoofing: Apache-2.0) and names its p
 from __future__ import annotations
 
 import logging
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from kiosk.config import KioskConfig, PadModelConfig
+from kiosk.config import KioskConfig, PadConfig, PadModelConfig
 from kiosk.errors import ModelError
+from kiosk.vision.depth_check import DepthEvidence
+from kiosk.vision.landmarks import LandmarkModel, find_landmark_model
 from kiosk.vision.models import runtime
 from kiosk.vision.models.pack import _dims, _load, _real_inputs
 
@@ -107,11 +116,118 @@ def classify_pad(model: object) -> tuple[int, int] | None:
     return int(shape[2]), int(out[1])
 
 
-class PadEngine:
-    """Every configured liveness model; `score` averages them."""
+SCREEN_CHROMA = 12.0  # fine-grained colour (std of high-passed Cr + Cb) of a frame with a screen's signs
+SCREEN_FRAMES = 3  # such frames that make a track a screen
 
-    def __init__(self, models: list[PadModel]) -> None:
+
+def screen_signs(image: np.ndarray, box: np.ndarray) -> float:
+    """How much fine-grained colour the face shows: the standard deviation of the high-passed chroma (Cr + Cb)
+    over the inner face box. A screen re-captured by a camera shows its sub-pixel grid and moire as coloured
+    fringes; skin seen directly has next to none (measured: bona fide stand-ins and photo walk-ups up to 9,
+    simulated screens 5-16 typical and 15-40 in their worst frames). A noisy camera in dim light adds chroma
+    noise: see README "Liveness"."""
+    x1, y1, x2, y2 = (float(v) for v in box[:4])
+    dx, dy = 0.1 * (x2 - x1), 0.1 * (y2 - y1)
+    h, w = image.shape[:2]
+    left, top = int(max(0, x1 + dx)), int(max(0, y1 + dy))
+    right, bottom = int(min(w, x2 - dx)), int(min(h, y2 - dy))
+    if right - left < 8 or bottom - top < 8:
+        return 0.0
+    ycc = cv2.cvtColor(image[top:bottom, left:right], cv2.COLOR_BGR2YCrCb).astype(np.float32)
+    return float(sum((ycc[..., c] - cv2.GaussianBlur(ycc[..., c], (0, 0), 2.0)).std() for c in (1, 2)))
+
+
+@dataclass(frozen=True)
+class PadObservation:
+    """One face in one frame, as the liveness checks see it."""
+
+    landmarks: np.ndarray | None  # (106, 2) image pixels; None if the landmark model failed
+    texture: float | None = None  # mean probability of "real" over models.pad; None without models, NaN on failure
+    chroma: float = 0.0  # screen_signs()
+
+
+@dataclass
+class TrackLiveness:
+    """A track's liveness evidence and verdict (the verifier's policy and `kiosk-enroll evaluate-pad` both use
+    it, so what is measured is what decides)."""
+
+    cfg: PadConfig
+    textured: bool  # models.pad names at least one model
+    texture: list = field(default_factory=list)
+    depth: DepthEvidence = field(default_factory=DepthEvidence)
+    screen_frames: int = 0
+    frames: int = 0
+
+    def add(self, obs: PadObservation | None) -> None:
+        if obs is None:
+            return
+        self.frames += 1
+        self.screen_frames += obs.chroma >= SCREEN_CHROMA
+        if obs.landmarks is not None:
+            self.depth.add(obs.landmarks)
+        if obs.texture is not None and math.isfinite(obs.texture):
+            self.texture.append(float(obs.texture))
+
+    @property
+    def texture_score(self) -> float | None:
+        return sum(self.texture) / len(self.texture) if self.texture else None
+
+    @property
+    def texture_verdict(self) -> str | None:
+        if len(self.texture) < self.cfg.min_frames:
+            return None
+        return "attack" if (self.texture_score or 0.0) < self.cfg.threshold else "live"
+
+    @property
+    def screen_verdict(self) -> str | None:
+        """The screen check only accuses: 'attack' or None."""
+        return "attack" if self.screen_frames >= SCREEN_FRAMES else None
+
+    def verdicts(self) -> dict[str, str | None]:
+        out = {"depth": self.depth.verdict, "screen": self.screen_verdict}
+        if self.textured:
+            out["texture"] = self.texture_verdict
+        return out
+
+    @property
+    def verdict(self) -> str | None:
+        """'attack' as soon as one check says so; 'live' once the depth check (and the models, if any) say so."""
+        v = self.verdicts()
+        if "attack" in v.values():
+            return "attack"
+        return "live" if all(x == "live" for k, x in v.items() if k != "screen") else None
+
+    @property
+    def decided_by(self) -> list[str]:
+        """The checks whose verdict is the track's (every check for 'live', the accusers for 'attack')."""
+        verdict = self.verdict
+        return [name for name, v in self.verdicts().items() if verdict is not None and v == verdict]
+
+    @property
+    def score(self) -> float | None:
+        """The weakest check's score (0-1, above 0.5 leans live): the depth check's share of 3D frames, the
+        models' mean probability of "real"; None while no frame brought any evidence."""
+        scores = ([self.depth.score] if self.depth.frames else []) + \
+            ([self.texture_score] if self.texture_score is not None else [])
+        return min(scores) if scores else None
+
+    def checks(self) -> dict[str, object]:
+        """What each check saw, for the decision event."""
+        out: dict[str, object] = {"decided_by": self.decided_by, "depth": self.depth.as_dict(),
+                                  "screen": {"verdict": self.screen_verdict, "frames": self.screen_frames}}
+        if self.textured:
+            score = self.texture_score
+            out["texture"] = {"verdict": self.texture_verdict, "frames": len(self.texture),
+                              "score": None if score is None else round(score, 4)}
+        return out
+
+
+class PadEngine:
+    """The landmark model of the built-in check and every configured liveness model (averaged)."""
+
+    def __init__(self, models: list[PadModel], landmarks: LandmarkModel | None = None) -> None:
         self.models = models
+        self.landmarks = landmarks
 
     @classmethod
     def from_config(cls, cfg: KioskConfig, plan: runtime.ProviderPlan, threads: int = 0) -> PadEngine:
@@ -133,7 +249,17 @@ class PadEngine:
                                    spec.colour))
             log.info("liveness model %s: %dx%d input, %d classes, crop scale %.1f, %s", path.name, kind[0],
                      kind[0], kind[1], scale, spec.colour.upper())
-        return cls(models)
+        root = cfg.resolve(Path(cfg.models.pack)) if cfg.models.pack != "default" else None
+        landmarks = LandmarkModel.load(find_landmark_model(root), plan, threads)
+        return cls(models, landmarks)
+
+    def observe(self, image: np.ndarray, boxes: np.ndarray) -> list[PadObservation]:
+        """Each face's landmarks and (with models) texture score. Raises if a model fails: the caller then has
+        no evidence for these faces, and their accepts wait and fail closed."""
+        points = self.landmarks.predict(image, boxes) if self.landmarks is not None else [None] * len(boxes)
+        texture = self.score(image, boxes)[0] if self.models else [None] * len(boxes)
+        return [PadObservation(p, None if t is None else float(t), screen_signs(image, box))
+                for p, t, box in zip(points, texture, boxes)]
 
     def score(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(N,) mean probability of "real" over the models, and each model's own."""
