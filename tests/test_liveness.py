@@ -148,6 +148,7 @@ def _obs(kind: str, texture: float | None = None, chroma: float = 0.0, n: int = 
 def test_liveness_rules_accept_reject_wait_and_fail_closed():
     i, d = _feed(_policy(), _obs("head"))
     assert d.type == "accept" and i > 2  # the identity is there at frame 2; the accept waits for the head's turn
+    assert d.seq == i  # ... and names the frame that decided it
     assert d.liveness_checks["decided_by"] == ["depth"] and d.liveness_checks["depth"]["verdict"] == "live"
     assert d.liveness_score > 0.5 and d.liveness_frames == i + 1
     i, d = _feed(_policy(), _obs("card"))  # a print turned in front of the camera
@@ -174,6 +175,22 @@ def test_liveness_rules_accept_reject_wait_and_fail_closed():
     assert d.type == "accept" and i == 2 and d.liveness_score is None and d.liveness_checks is None
 
 
+def _enroll_yao_and_run(config, photos, timeout: float = 120) -> str:
+    """Enroll Yao, run the site to the end of its videos (real processes); the run's stderr."""
+    from tests.conftest import run_cli
+    from tests.pipeline_helpers import kiosk, stop
+
+    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
+                   str(photos["yaoming.jpg"])).returncode == 0
+    proc = kiosk(config, "run", "--exit-on-eof", quiet=False)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
 @pytest.mark.parametrize("pad,expect", [
     ({"enabled": True, "model": 0.05}, ("reject", "presentation_attack")),
     ({"enabled": True, "model": 0.95}, ("accept", None)),
@@ -187,8 +204,7 @@ def test_learned_models_decide_in_the_running_system(tmp_path, engine, photos, p
     import json as _json
 
     from kiosk.tools.scenes import Walk
-    from tests.conftest import run_cli
-    from tests.pipeline_helpers import audit, head_turn_of, kiosk, make_video, people, stop, write_config
+    from tests.pipeline_helpers import audit, head_turn_of, make_video, people, write_config
 
     crops = people(engine, photos)
     make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=0, frames=75, w0=80, w1=180,
@@ -199,14 +215,7 @@ def test_learned_models_decide_in_the_running_system(tmp_path, engine, photos, p
         extra["models"] = {"pad": ["2.7_80x80_Test.onnx"]}
     config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False}],
                           **extra)
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                   str(photos["yaoming.jpg"])).returncode == 0
-    proc = kiosk(config, "run", "--exit-on-eof", quiet=False)
-    try:
-        _, err = proc.communicate(timeout=120)
-    finally:
-        stop(proc)
-    assert proc.returncode == 0, err[-3000:]
+    err = _enroll_yao_and_run(config, photos)
     decisions = [e for e in audit(config) if e["type"] in ("accept", "reject")]
     assert [(e["type"], e["reason"]) for e in decisions] == [expect], _json.dumps(decisions)
     checks = decisions[0]["liveness_checks"]
@@ -231,8 +240,7 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_the_stand_i
 
     from kiosk.tools.attacks import render_attack
     from kiosk.tools.scenes import Walk, write_video
-    from tests.conftest import run_cli
-    from tests.pipeline_helpers import audit, head_turn_of, kiosk, make_video, people, stop, write_config
+    from tests.pipeline_helpers import audit, head_turn_of, make_video, people, write_config
 
     yao_photo = cv2.imread(str(photos["yaoming.jpg"]))
     box = engine.detector.detect(yao_photo).largest().boxes[0]
@@ -244,31 +252,22 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_the_stand_i
     make_video(tmp_path / "l1.avi", [Walk(crops["yao"], start=0, frames=75, w0=80, w1=180,
                                           turn=head_turn_of(engine, crops["yao"]), turn_deg=15)], seconds=2.7)
 
-    def run(names: list[str], **extra) -> dict[str, list[tuple]]:
-        folder = tmp_path / ("on" if not extra else "off")
+    def run(names: list[str], pad: dict) -> dict[str, list[tuple]]:
+        folder = tmp_path / ("on" if not pad else "off")
         folder.mkdir()
         for name in names:
             (folder / f"{name}.avi").symlink_to(tmp_path / f"{name}.avi")
         cams = [{"id": f"cam-{n}", "gate": n.upper(), "source": f"{n}.avi", "realtime": False} for n in names]
-        config = write_config(folder, cams, **extra)
-        if not extra:
-            config.write_text(config.read_text().replace("pad:\n  enabled: false\n", ""))  # the shipped default
-        assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                       str(photos["yaoming.jpg"])).returncode == 0
-        proc = kiosk(config, "run", "--exit-on-eof", quiet=False)
-        try:
-            _, err = proc.communicate(timeout=240)
-        finally:
-            stop(proc)
-        assert proc.returncode == 0, err[-3000:]
-        assert ("liveness is OFF" in err) == bool(extra)
+        config = write_config(folder, cams, pad=pad)
+        err = _enroll_yao_and_run(config, photos, timeout=240)
+        assert ("liveness is OFF" in err) == bool(pad)
         out: dict[str, list[tuple]] = {n.upper(): [] for n in names}
         for e in audit(config):
             if e["type"] in ("accept", "reject"):
                 out[e["gate_id"]].append((e["type"], e["reason"], e.get("liveness_checks")))
         return out
 
-    on = run(["p1", "p2", "s1", "l1"])
+    on = run(["p1", "p2", "s1", "l1"], {})  # pad: {} is the shipped default, liveness on
     report = _json.dumps(on)
     for gate in ("P1", "P2", "S1"):
         assert on[gate] and all(t == "reject" for t, _, _ in on[gate]), report  # never accepted
@@ -277,7 +276,7 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_the_stand_i
     assert any(c and c["decided_by"] == ["screen"] for _, _, c in on["S1"]), report
     assert [(t, r) for t, r, _ in on["L1"]] == [("accept", None)], report
     assert on["L1"][0][2]["depth"]["verdict"] == "live"
-    off = run(["p1", "p2"], pad={"enabled": False})
+    off = run(["p1", "p2"], {"enabled": False})
     assert [(t, r) for t, r, _ in off["P1"]] == [("accept", None)], _json.dumps(off)
     assert [(t, r) for t, r, _ in off["P2"]] == [("accept", None)], _json.dumps(off)
 

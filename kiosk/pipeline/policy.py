@@ -20,7 +20,8 @@ Plain objects, fed one observation at a time; no sockets, no models.
 - liveness (`pad.enabled`): each quality frame brings a liveness
   observation (kiosk.vision.liveness.TrackLiveness). A track any check
   judges an attack is rejected `presentation_attack` (whoever it matched).
-  An accept needs every check's verdict live; it waits for it up to
+  An accept needs the verdict live (the depth check's, and the models'
+  where `models.pad` names any); it waits for it up to
   `pad.max_wait_s` (frame clock) and is otherwise rejected
   `liveness_unverified` (fail closed: an agent checks by hand).
 """
@@ -67,7 +68,7 @@ class Decision:
     boarded_at: float | None = None  # already_boarded: when and where the passenger boarded
     boarded_gate_id: str | None = None
     on_flights: list[str] | None = None  # wrong_flight: the flights the passenger is on
-    liveness_score: float | None = None  # mean over the track's scored frames (None: liveness off or no score)
+    liveness_score: float | None = None  # the weakest liveness check's score (None: liveness off or no evidence)
     liveness_frames: int = 0
     liveness_checks: dict | None = None  # what each liveness check saw, and which decided
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -228,13 +229,13 @@ class DecisionPolicy:
         assert pad is not None and state.live is not None
         verdict = state.live.verdict
         if verdict == "attack":
-            return self._live(state, self._reject(track, "presentation_attack", captured_at))
+            return self._live(state, self._reject(track, "presentation_attack", captured_at, seq))
         if verdict == "live":
             if state.ready_votes is not None:
-                return self._live(state, self._accept(track, state.ready_gate, state.ready_votes, captured_at))
+                return self._live(state, self._accept(track, state.ready_gate, state.ready_votes, captured_at, seq))
             return None
         if state.ready_votes is not None and state.ready_at is not None and now - state.ready_at >= pad.max_wait_s:
-            return self._live(state, self._reject(track, "liveness_unverified", captured_at))
+            return self._live(state, self._reject(track, "liveness_unverified", captured_at, seq))
         return None
 
     @staticmethod
@@ -245,7 +246,9 @@ class DecisionPolicy:
             d.liveness_checks = state.live.checks()
         return d
 
-    def _accept(self, track: Track, gate_id: str, votes: list[Vote], captured_at: float) -> Decision | None:
+    def _accept(self, track: Track, gate_id: str, votes: list[Vote], captured_at: float,
+                seq: int | None = None) -> Decision | None:
+        """`seq`: the deciding frame, when it is not the last vote's (an accept that waited for liveness)."""
         state = self.state(track)
         state.decided = True
         subject = votes[-1].subject_id
@@ -257,16 +260,18 @@ class DecisionPolicy:
                      gate_id, subject, self.cfg.repeat_accept_s)
             return None
         return Decision("accept", None, subject, votes[-1].name, max(v.score for v in votes), len(votes), captured_at,
-                        votes[-1].seq)
+                        votes[-1].seq if seq is None else seq)
 
-    def _reject(self, track: Track, reason: str, captured_at: float) -> Decision:
+    def _reject(self, track: Track, reason: str, captured_at: float, seq: int | None = None) -> Decision:
         state = self.state(track)
         state.decided = True
         best = max(state.window, key=lambda v: v.score) if state.window else None
         subject = state.claim.subject_id if state.claim is not None else None
         last = state.window[-1] if state.window else None
+        if seq is None and last is not None:
+            seq = last.seq
         return Decision("reject", reason, subject, None, best.score if best else None, state.quality_frames,
-                        captured_at, last.seq if last else None, candidate_id=best.subject_id if best else None)
+                        captured_at, seq, candidate_id=best.subject_id if best else None)
 
     def check_timeout(self, track: Track, clock: float) -> Decision | None:
         """Reject `timeout` once `clock` (the frame clock of the track's camera) passes the deadline."""

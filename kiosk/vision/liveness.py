@@ -6,9 +6,9 @@ check: a re-captured screen's sub-pixel grid and moire) and, where `models.pad` 
 models' probability that it is real. `TrackLiveness` gathers a track's observations and gives its verdict:
 an attack as soon as one check says so, live once the depth check (and the models) say so, else none yet.
 
-Learned models: `models.pad` names one or more ONNX files; each is recognised from its graph: one image input of 1x3xSxS
-(S = 80 for Silent-Face-Anti-Spoofing's MiniFASNetV1/V2/V1SE/V2SE, 128 for the 2-class MiniFAS variants)
-and one output of 2 or 3 class scores with "real" at index 1. A face is cut out as those models were
+Learned models: `models.pad` names one or more ONNX files; each is recognised from its graph: one image
+input of 1x3xSxS (S = 80 for Silent-Face-Anti-Spoofing's MiniFASNetV1/V2/V1SE/V2SE, 128 for the 2-class
+MiniFAS variants) and one output of 2 or 3 class scores with "real" at index 1. A face is cut out as those models were
 trained: the detector's box enlarged about its centre by the model's scale (2.7, 4.0, ...; kept inside the
 frame), resized to SxS, in the model's channel order, float 0-255 without normalisation. The scores (softmax
 probability of "real") of several files are averaged.
