@@ -1,0 +1,168 @@
+"""The shared store on PostgreSQL, for a site with many verifier hosts (first slice: connection, password
+handling and the versioned schema; the gallery and boarding store on it come next, see README "Airport
+scale").
+
+- The password never sits in a config's text or a log line: a URL that carries one is refused; it is read
+  from a file (`password_file`, e.g. a Kubernetes or systemd secret) or the environment (`KIOSK_PG_PASSWORD`,
+  else libpq's own `PGPASSWORD`).
+- The schema is created and migrated by the project, in one transaction, under an advisory lock: several
+  hosts starting at once migrate it once. Its version is the SQLite gallery's (the same tables, PostgreSQL
+  types), so `kiosk-enroll migrate` can copy one into the other table by table.
+- Errors are one line that names the server (host, port, database), never the password.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+
+from kiosk.errors import ConfigError, RuntimeFailure, UsageError
+from kiosk.files import read_regular_file
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 3  # kiosk.store.gallery.SCHEMA_VERSION: the same tables
+PASSWORD_ENV = "KIOSK_PG_PASSWORD"
+MIGRATION_LOCK = 0x6B696F736B  # pg_advisory_xact_lock key: b"kiosk"
+CHANGES_CHANNEL = "kiosk_changes"  # NOTIFY channel of gallery and boarding changes
+
+SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS subjects (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL DEFAULT '',
+        created DOUBLE PRECISION NOT NULL,
+        expires DOUBLE PRECISION,
+        metadata TEXT NOT NULL DEFAULT '{}')""",
+    """CREATE TABLE IF NOT EXISTS templates (
+        id BIGSERIAL PRIMARY KEY,
+        subject_id TEXT NOT NULL REFERENCES subjects(id) ON DELETE CASCADE,
+        model_id TEXT NOT NULL,
+        dim INTEGER NOT NULL,
+        embedding BYTEA NOT NULL,
+        quality TEXT NOT NULL DEFAULT '{}',
+        created DOUBLE PRECISION NOT NULL,
+        photo_sha256 TEXT)""",
+    "CREATE INDEX IF NOT EXISTS templates_subject ON templates(subject_id)",
+    "CREATE INDEX IF NOT EXISTS templates_model ON templates(model_id)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS templates_photo ON templates(subject_id, model_id, photo_sha256)",
+    """CREATE TABLE IF NOT EXISTS flights (
+        id TEXT PRIMARY KEY,
+        departs DOUBLE PRECISION NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        purged_at DOUBLE PRECISION)""",
+    """CREATE TABLE IF NOT EXISTS manifest (
+        flight_id TEXT NOT NULL REFERENCES flights(id) ON DELETE CASCADE,
+        subject_id TEXT NOT NULL,
+        added DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (flight_id, subject_id))""",
+    "CREATE INDEX IF NOT EXISTS manifest_subject ON manifest(subject_id)",
+    """CREATE TABLE IF NOT EXISTS gates (
+        gate_id TEXT PRIMARY KEY,
+        flight_id TEXT NOT NULL REFERENCES flights(id),
+        opened DOUBLE PRECISION NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS boardings (
+        flight_id TEXT NOT NULL,
+        subject_id TEXT NOT NULL,
+        gate_id TEXT NOT NULL,
+        camera_id TEXT,
+        boarded_at DOUBLE PRECISION NOT NULL,
+        score DOUBLE PRECISION,
+        event_id TEXT,
+        PRIMARY KEY (flight_id, subject_id))""",
+    """CREATE TABLE IF NOT EXISTS flight_decisions (
+        event_id TEXT PRIMARY KEY,
+        flight_id TEXT NOT NULL,
+        gate_id TEXT,
+        type TEXT NOT NULL,
+        reason TEXT,
+        subject_id TEXT,
+        candidate_id TEXT,
+        score DOUBLE PRECISION,
+        at DOUBLE PRECISION NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS flight_decisions_flight ON flight_decisions(flight_id)",
+    """CREATE TABLE IF NOT EXISTS boarding_log (
+        id BIGSERIAL PRIMARY KEY,
+        at DOUBLE PRECISION NOT NULL,
+        action TEXT NOT NULL,
+        flight_id TEXT,
+        subject_id TEXT,
+        gate_id TEXT,
+        detail TEXT NOT NULL DEFAULT '')""",
+]
+
+
+@dataclass(frozen=True)
+class PgTarget:
+    """Where the shared store is: a libpq URL without a password, and the password from its secret."""
+
+    url: str
+    password: str | None = None
+
+    @property
+    def where(self) -> str:
+        """host:port/database, for messages."""
+        parts = urlsplit(self.url)
+        return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or '/'}"
+
+
+def target(url: str, password_file: Path | None = None, *, key: str = "gallery.url") -> PgTarget:
+    """The target of `url`, its password from `password_file`, else $KIOSK_PG_PASSWORD (else libpq's
+    PGPASSWORD or .pgpass). A URL with a password in it is refused: config files get copied and logged."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{key}: expected postgresql://USER@HOST:PORT/DATABASE, found scheme {parts.scheme!r}")
+    if parts.password is not None:
+        raise ConfigError(f"{key}: the URL carries a password; put it in a file named by password_file or in "
+                          f"${PASSWORD_ENV}, never in the config")
+    password = None
+    if password_file is not None:
+        data = read_regular_file(password_file, 4096, "password file", error=UsageError)
+        password = data.decode("utf-8", "replace").strip() or None
+        if password is None:
+            raise UsageError(f"{password_file}: the password file is empty")
+    elif os.environ.get(PASSWORD_ENV):
+        password = os.environ[PASSWORD_ENV]
+    return PgTarget(url, password)
+
+
+def connect(where: PgTarget, *, timeout_s: float = 5.0, autocommit: bool = True) -> psycopg.Connection:
+    """A connection, or RuntimeFailure with one line naming the server (never the password)."""
+    try:
+        return psycopg.connect(where.url, password=where.password, connect_timeout=max(1, int(timeout_s)),
+                               autocommit=autocommit, application_name="gate-kiosk")
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
+        if where.password:
+            first = first.replace(where.password, "***")
+        raise RuntimeFailure(f"database {where.where} unreachable: {first}") from None
+
+
+def migrate(conn: psycopg.Connection) -> int:
+    """Create the schema or bring it to SCHEMA_VERSION, in one transaction under an advisory lock (hosts that
+    start together migrate once). Returns the version found before (0: a new database)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        exists = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]  # type: ignore[index]
+        found = 0
+        if exists:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            found = int(row[0]) if row else 0
+        if found > SCHEMA_VERSION:
+            raise UsageError(f"database schema version {found} is newer than this program reads "
+                             f"({SCHEMA_VERSION}); upgrade gate-kiosk")
+        if found == SCHEMA_VERSION:
+            return found
+        for statement in SCHEMA:
+            conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute("INSERT INTO meta VALUES ('revision', '0') ON CONFLICT (key) DO NOTHING")
+        conn.execute("INSERT INTO meta VALUES ('schema_version', %s) ON CONFLICT (key) DO UPDATE SET value = "
+                     "EXCLUDED.value", (str(SCHEMA_VERSION),))
+        log.info("database: schema %s to version %d", "created" if found == 0 else f"upgraded from {found}",
+                 SCHEMA_VERSION)
+    return found
