@@ -29,7 +29,7 @@ from kiosk.config import KioskConfig, load_config
 from kiosk.vision.engine import FaceEngine
 from kiosk.errors import EXIT_OK, EXIT_USAGE, UsageError
 from kiosk.store.flights import SqliteBoardingStore
-from kiosk.store.gallery import Gallery, GalleryMatrix
+from kiosk.store.gallery import Gallery, GalleryMatrix, GalleryQueries, open_gallery
 from kiosk.cli_support import Parser, add_commands, add_common, run_command
 
 log = logging.getLogger("kiosk-enroll")
@@ -47,8 +47,8 @@ def _context(args: argparse.Namespace) -> Context:
     return Context(cfg, FaceEngine.from_config(cfg))
 
 
-def _gallery(cfg: KioskConfig, *, create: bool = True) -> Gallery:
-    return Gallery(cfg.resolve(cfg.gallery.path), create=create)
+def _gallery(cfg: KioskConfig, *, create: bool = True) -> GalleryQueries:
+    return open_gallery(cfg, create=create)
 
 
 def _parse_expiry(value: str | None) -> float | None:
@@ -252,13 +252,18 @@ def cmd_remove(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     with _gallery(cfg, create=False) as gallery:
         if not gallery.remove(args.id):
-            raise UsageError(f"no subject {args.id!r} in gallery {gallery.path}")
+            raise UsageError(f"no subject {args.id!r} in gallery {gallery.name}")
     print(f"removed {args.id}")
     return EXIT_OK
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    if cfg.gallery.url:  # the database exists already; its schema is created or migrated
+        with open_gallery(cfg, create=True) as gallery:
+            revision = gallery.revision()
+        print(f"gallery {gallery.name} ready (revision {revision})")
+        return EXIT_OK
     path = cfg.resolve(cfg.gallery.path)
     existed = path.exists()
     with Gallery(path) as gallery:
@@ -271,7 +276,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     with _gallery(cfg, create=False) as gallery:
         revision = gallery.backup(Path(args.file))
-    print(f"backed up {gallery.path} (revision {revision}) to {args.file}")
+    print(f"backed up {gallery.name} (revision {revision}) to {args.file}")
     return EXIT_OK
 
 
@@ -279,11 +284,32 @@ def cmd_restore(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if not Path(args.file).is_file():
         raise UsageError(f"{args.file}: no such backup file")
+    if cfg.gallery.url:
+        raise UsageError("gallery.url: restore a PostgreSQL gallery with the server's own tools (pg_restore)")
     path = cfg.resolve(cfg.gallery.path)
     revision, moved = Gallery.restore_file(path, Path(args.file))
     if moved is not None:
         print(f"{path} was not a usable database; moved it aside to {moved}")
     print(f"restored {path} from {args.file} (revision {revision}); running verifiers reload it")
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from kiosk.store.gallery import copy_gallery
+    from kiosk.store.postgres import PgGallery, target
+
+    cfg = load_config(args.config)
+    url = args.to or cfg.gallery.url
+    if not url:
+        raise UsageError("migrate: name the database with --to postgresql://USER@HOST:PORT/DATABASE (or gallery.url)")
+    password_file = Path(args.password_file) if args.password_file else (
+        cfg.resolve(cfg.gallery.password_file) if cfg.gallery.password_file and not args.to else None)
+    where = target(url, password_file, key="--to")
+    with Gallery(Path(args.source), create=False) as source, PgGallery(where, create=True) as dest:
+        counts = copy_gallery(source, dest)
+        revision = dest.revision()
+    print(f"copied {args.source} into {dest.name}: {counts['subjects']} subjects, {counts['templates']} templates, "
+          f"{counts['flights']} flights, {counts['boardings']} boarded marks (revision {revision})")
     return EXIT_OK
 
 
@@ -419,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore", help="replace the gallery's content with a backup; running verifiers reload it")
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("migrate", help="copy a SQLite gallery (templates, flights, boarding state) into an empty "
+                                       "PostgreSQL gallery")
+    p.add_argument("--from", dest="source", required=True, metavar="FILE", help="the SQLite gallery file")
+    p.add_argument("--to", metavar="URL", help="postgresql://USER@HOST:PORT/DATABASE (default: gallery.url)")
+    p.add_argument("--password-file", metavar="FILE", help="the database password (default: gallery.password_file "
+                                                            "with gallery.url, else $KIOSK_PG_PASSWORD)")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("compare", help="score the largest faces of two photos")
     p.add_argument("image_a", metavar="IMAGE_A")

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -25,9 +26,13 @@ ENV_CONFIG = "KIOSK_CONFIG"
 
 @dataclass
 class GalleryConfig:
-    """Where the enrolled templates live (SQLite, WAL mode)."""
+    """Where the enrolled templates and boarding state live: a SQLite file (WAL mode; the embedded default),
+    or, with `url`, a PostgreSQL database shared by many verifier hosts. The database password is never in
+    the config: `password_file`, else $KIOSK_PG_PASSWORD (else libpq's PGPASSWORD or ~/.pgpass)."""
 
     path: Path = Path("var/gallery.db")
+    url: Optional[str] = None  # postgresql://USER@HOST:PORT/DATABASE (no password)
+    password_file: Optional[Path] = None
 
 
 @dataclass
@@ -383,6 +388,13 @@ def _build(cls: type, data: Any, keypath: str) -> Any:
 
 
 def _check(cfg: KioskConfig) -> None:
+    if cfg.gallery.url is not None:
+        parts = urlsplit(cfg.gallery.url)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+            raise _Invalid("gallery.url", "postgresql://USER@HOST:PORT/DATABASE", cfg.gallery.url)
+        if parts.password is not None:
+            raise _Invalid("gallery.url", "a URL without a password (put it in gallery.password_file or "
+                           "$KIOSK_PG_PASSWORD)", "a URL with a password")
     for (section, key), (low, high) in _BOUNDS.items():
         value = getattr(getattr(cfg, section), key)
         if not low <= value <= high:

@@ -71,10 +71,20 @@ class PgServer:
     def start(self) -> None:
         self._run("pg_ctl", "-D", "data", "-l", "server.log", "-w", "-t", "60", "-o",
                   f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
-                  "-c synchronous_commit=off -c full_page_writes=off", "start")
+                  "-c full_page_writes=off", "start")
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", "data", "-m", mode, "-w", "stop", check=False)
+
+    def new_database(self) -> str:
+        """A fresh, empty database on this server (each test its own); its URL."""
+        import psycopg
+
+        self.databases = getattr(self, "databases", 0) + 1
+        name = f"kiosk_{os.getpid()}_{self.databases}"
+        with psycopg.connect(self.url, password=PASSWORD, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"postgresql://kiosk@127.0.0.1:{self.port}/{name}"
 
     def log(self) -> str:
         path = self.folder / "data" / "server.log"
@@ -101,3 +111,27 @@ def pg_server():
     finally:
         server.stop("immediate")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass
+class GallerySite:
+    """Where a test's gallery lives, on either backend: the `gallery:` config section (plain data, so a
+    child process can open it too) and an opener."""
+
+    backend: str
+    section: dict
+
+    def open(self, *, create: bool = True):  # noqa: ANN201 - a GalleryQueries
+        from kiosk.config import config_from_mapping
+        from kiosk.store.gallery import open_gallery
+
+        return open_gallery(config_from_mapping({"gallery": self.section}), create=create)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def gallery_site(request, tmp_path) -> GallerySite:
+    """The same behavioural test on both backends: a SQLite file, and a fresh database on the real server."""
+    if request.param == "sqlite":
+        return GallerySite("sqlite", {"path": str(tmp_path / "g.db")})
+    server = request.getfixturevalue("pg_server")
+    return GallerySite("postgresql", {"url": server.new_database(), "password_file": str(server.password_file)})

@@ -1,5 +1,6 @@
-"""Boarding state in the SQLite gallery: one boarded mark per passenger and flight (raced by real processes),
-purge after departure, the per-gate search views, and the upgrade of older gallery files."""
+"""Boarding state in the gallery, on both backends (a SQLite file and a real PostgreSQL server): one boarded
+mark per passenger and flight (raced by real processes), purge after departure, the per-gate search views;
+and the upgrade of older SQLite gallery files."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from kiosk.boarding.model import DecisionRecord, check_flight_id
 from kiosk.errors import UsageError
 from kiosk.store.flights import SqliteBoardingStore, load_gate_flights
 from kiosk.store.gallery import SCHEMA_VERSION, Gallery
+from tests.pg_server import GallerySite, gallery_site, pg_server  # noqa: F401 - fixtures
 
 MODEL = "m:1"
 
@@ -23,11 +25,11 @@ def _unit(rng: np.random.Generator, n: int, dim: int = 8) -> np.ndarray:
     return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
-def _site(path) -> dict[str, np.ndarray]:
+def _site(site: GallerySite) -> dict[str, np.ndarray]:
     """ANN and BOB on LH123, BOB (connecting) and CAT on BA456, DAN on no flight."""
     rng = np.random.default_rng(0)
     emb = {sid: _unit(rng, 1)[0] for sid in ("ANN", "BOB", "CAT", "DAN")}
-    with Gallery(path) as g:
+    with site.open() as g:
         for sid, e in emb.items():
             g.enroll(sid, sid.title(), e[None, :], MODEL)
         store = SqliteBoardingStore(g)
@@ -50,10 +52,9 @@ def test_flight_ids_are_checked():
             check_flight_id(bad)
 
 
-def test_board_once_undo_and_the_gate_views(tmp_path):
-    path = tmp_path / "g.db"
-    emb = _site(path)
-    with Gallery(path) as g:
+def test_board_once_undo_and_the_gate_views(gallery_site):
+    emb = _site(gallery_site)
+    with gallery_site.open() as g:
         store = SqliteBoardingStore(g)
         store.open_gate("A1", "LH123")
         store.open_gate("A2", "LH123")  # two doors, one flight
@@ -88,8 +89,8 @@ def test_board_once_undo_and_the_gate_views(tmp_path):
             store.open_gate("A1", "XX999")
 
 
-def _race(path: str, gate: str, rounds: int, barrier, out) -> None:
-    with Gallery(path, timeout=30) as g:
+def _race(site: GallerySite, gate: str, rounds: int, barrier, out) -> None:
+    with site.open(create=False) as g:
         store = SqliteBoardingStore(g)
         wins = []
         for r in range(rounds):
@@ -98,13 +99,12 @@ def _race(path: str, gate: str, rounds: int, barrier, out) -> None:
         out.put((gate, wins))
 
 
-def test_two_processes_boarding_the_same_passengers_at_once_give_one_accept_each(tmp_path):
-    """Two doors (two processes) mark the same passenger boarded at the same moment, 150 times over:
-    exactly one of them wins every time."""
+def test_two_processes_boarding_the_same_passengers_at_once_give_one_accept_each(gallery_site):
+    """Two doors (two processes; on PostgreSQL, two hosts' connections) mark the same passenger boarded at the
+    same moment, 150 times over: exactly one of them wins every time."""
     rounds = 150
-    path = tmp_path / "g.db"
     rng = np.random.default_rng(1)
-    with Gallery(path) as g:
+    with gallery_site.open() as g:
         for r in range(rounds):
             g.enroll(f"P{r}", "", _unit(rng, 1), MODEL)
         store = SqliteBoardingStore(g)
@@ -112,7 +112,7 @@ def test_two_processes_boarding_the_same_passengers_at_once_give_one_accept_each
         store.add_passengers("LH123", [f"P{r}" for r in range(rounds)])
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_race, args=(str(path), gate, rounds, barrier, out)) for gate in ("A1", "A2")]
+    procs = [ctx.Process(target=_race, args=(gallery_site, gate, rounds, barrier, out)) for gate in ("A1", "A2")]
     for p in procs:
         p.start()
     results = dict(out.get(timeout=120) for _ in procs)
@@ -120,14 +120,13 @@ def test_two_processes_boarding_the_same_passengers_at_once_give_one_accept_each
         p.join(30)
     wins = np.array([results["A1"], results["A2"]])
     assert (wins.sum(axis=0) == 1).all(), "a passenger boarded twice, or not at all"
-    with Gallery(path) as g:
+    with gallery_site.open() as g:
         assert g._db.execute("SELECT COUNT(*) FROM boardings").fetchone()[0] == rounds
 
 
-def test_purge_deletes_only_passengers_on_no_later_flight(tmp_path):
-    path = tmp_path / "g.db"
-    _site(path)
-    with Gallery(path) as g:
+def test_purge_deletes_only_passengers_on_no_later_flight(gallery_site):
+    _site(gallery_site)
+    with gallery_site.open() as g:
         store = SqliteBoardingStore(g)
         store.open_gate("A1", "LH123")
         store.board(_accept("LH123", "ANN", "A1", "e1"))

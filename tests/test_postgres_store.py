@@ -73,3 +73,179 @@ def test_several_processes_starting_together_create_the_schema_once(pg_server):
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(UsageError, match="newer than this program"):
         postgres.migrate(conn)
+
+
+def test_an_enrollment_on_one_host_is_matched_by_a_verifier_on_another(pg_server, tmp_path, engine, photos):
+    """Two sites' configs naming one PostgreSQL gallery: `kiosk-enroll` on host A, the verifier on host B
+    (real processes, CurveZMQ) accepts the passenger; B's config has no gallery file at all."""
+    from kiosk.tools.scenes import Walk
+    from tests.conftest import run_cli
+    from tests.pipeline_helpers import audit, kiosk, make_video, people, stop, write_config
+
+    shared = {"url": pg_server.new_database(), "password_file": str(pg_server.password_file)}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    host_a = write_config(tmp_path / "a", [], gallery=shared)
+    make_video(tmp_path / "b" / "b1.avi", [Walk(people(engine, photos)["yao"], start=0, frames=40, w0=80, w1=170)],
+               seconds=1.6)
+    host_b = write_config(tmp_path / "b", [{"id": "cam-b1", "gate": "B1", "source": "b1.avi", "realtime": False}],
+                          gallery=shared)
+    (tmp_path / "b" / "gallery.db").unlink()  # host B has no gallery of its own
+    res = run_cli("kiosk-enroll", "-c", str(host_b), "list")
+    assert res.returncode == 2 and "holds no gallery" in res.stderr and "kiosk-enroll" in res.stderr
+    assert "ready (revision 0)" in run_cli("kiosk-enroll", "-q", "-c", str(host_a), "init").stdout
+    res = run_cli("kiosk-enroll", "-q", "-c", str(host_a), "add", "--id", "YAO", str(photos["yaoming.jpg"]))
+    assert res.returncode == 0, res.stderr
+    proc = kiosk(host_b, "run", "--exit-on-eof", quiet=False)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, err[-3000:]
+    decisions = [(e["type"], e["subject_id"]) for e in audit(host_b) if e["type"] in ("accept", "reject")]
+    assert decisions == [("accept", "YAO")]
+    assert PASSWORD not in err  # nothing logs the password
+
+
+def test_a_server_restart_fails_calls_closed_then_the_store_reconnects_by_itself(pg_server):
+    """The database stops under a running store: boarding and the enrollment check raise at once (the
+    verifier turns that into `store_unavailable` / `gallery_unavailable` rejects), nothing half-written; once
+    the server is back, the same store object works again without being reopened."""
+    import time
+
+    import numpy as np
+
+    from kiosk.boarding.model import DecisionRecord
+    from kiosk.store.flights import SqliteBoardingStore
+    from tests.pg_server import GallerySite
+
+    site = GallerySite("postgresql", {"url": pg_server.new_database(), "password_file": str(pg_server.password_file)})
+    with site.open() as g:
+        emb = np.eye(8, dtype=np.float32)[:2]
+        g.enroll("ANN", "Ann", emb[:1], "m:1")
+        g.enroll("BOB", "Bob", emb[1:], "m:1")
+        store = SqliteBoardingStore(g)
+        store.add_flight("LH123", time.time() + 3600)
+        store.add_passengers("LH123", ["ANN", "BOB"])
+
+        def accept(subject: str, event: str) -> DecisionRecord:
+            return DecisionRecord(event, "LH123", "A1", "accept", None, subject, None, 0.8, time.time())
+
+        assert store.board(accept("ANN", "e1")).first
+        pg_server.stop("immediate")
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(Exception):
+                store.board(accept("BOB", "e2"))
+            with pytest.raises(Exception):
+                g.enrolled("BOB")
+            assert time.monotonic() - t0 < 5  # fails at once: a gate is not kept waiting
+        finally:
+            pg_server.start()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                outcome = store.board(accept("BOB", "e3"))
+                break
+            except Exception:  # noqa: BLE001 - reconnecting, at most once a second
+                assert time.monotonic() < deadline, "the store did not reconnect"
+                time.sleep(0.3)
+        assert outcome.first and g.enrolled("ANN")
+        assert [p.boarding.event_id for p in store.passengers("LH123")] == ["e1", "e3"]  # e2 never half-written
+
+
+def test_migrate_copies_a_sqlite_gallery_into_postgresql_once(pg_server, tmp_path):
+    """`kiosk-enroll migrate --from FILE --to URL`: subjects, templates, flights, manifests and boarded marks
+    arrive whole; the same search matrix comes out; a second copy into the now full database is refused; an
+    unreachable database is one line and exit 1."""
+    import time
+
+    import numpy as np
+
+    from kiosk.boarding.model import DecisionRecord
+    from kiosk.messaging.transport import free_port
+    from kiosk.store.flights import SqliteBoardingStore
+    from kiosk.store.gallery import Gallery
+    from tests.conftest import run_cli
+    from tests.pg_server import GallerySite
+
+    rng = np.random.default_rng(5)
+    with Gallery(tmp_path / "g.db") as g:
+        for sid in ("ANN", "BOB", "CAT"):
+            g.enroll(sid, sid.title(), rng.standard_normal((2, 8)).astype(np.float32), "m:1",
+                     photo_hashes=[f"{sid}-1", f"{sid}-2"])
+        store = SqliteBoardingStore(g)
+        store.add_flight("LH123", time.time() + 3600)
+        store.add_passengers("LH123", ["ANN", "BOB"])
+        store.open_gate("A1", "LH123")
+        store.board(DecisionRecord("e1", "LH123", "A1", "accept", None, "ANN", None, 0.8, time.time()))
+        before = g.matrix("m:1", 8)
+    url = pg_server.new_database()
+    args = ["kiosk-enroll", "migrate", "--from", str(tmp_path / "g.db"), "--to", url,
+            "--password-file", str(pg_server.password_file)]
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert "3 subjects, 6 templates, 1 flights, 1 boarded marks" in res.stdout
+    with GallerySite("postgresql", {"url": url, "password_file": str(pg_server.password_file)}).open() as pg:
+        after = pg.matrix("m:1", 8)
+        assert after.subject_ids == before.subject_ids and np.array_equal(after.embeddings, before.embeddings)
+        store = SqliteBoardingStore(pg)
+        assert store.assignments() == {"A1": "LH123"}
+        assert [(p.subject_id, p.boarding.event_id if p.boarding else None) for p in store.passengers("LH123")] == [
+            ("ANN", "e1"), ("BOB", None)]
+        assert pg.has_photo("CAT", "m:1", "CAT-2")
+    res = run_cli(*args)
+    assert res.returncode == 2 and "not empty" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("kiosk-enroll", "migrate", "--from", str(tmp_path / "g.db"), "--to",
+                  f"postgresql://kiosk@127.0.0.1:{free_port()}/kiosk", "--password-file", str(pg_server.password_file))
+    assert res.returncode == 1 and "unreachable" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_the_database_down_for_5_s_under_a_running_gate_never_opens_it_and_the_gate_recovers(
+        pg_server, tmp_path, engine, photos):
+    """A real verifier boarding LH123 from PostgreSQL, Yao walking up again and again (a looping live camera).
+    The server stops for 5 s as the capture starts: Yao's accepts then are rejected `store_unavailable` (no
+    boarded mark, no open door) and the heartbeat says the gallery is unreachable; when it is back, the
+    verifier reconnects by itself and boards him once; every event the gate saw is in the audit log, and the
+    accept is the boarded mark's event."""
+    import time
+
+    from kiosk.store.flights import SqliteBoardingStore
+    from kiosk.tools.scenes import Walk
+    from tests.conftest import run_cli
+    from tests.pg_server import GallerySite
+    from tests.pipeline_helpers import audit, live_gate, make_video, people, write_config
+
+    section = {"url": pg_server.new_database(), "password_file": str(pg_server.password_file)}
+    make_video(tmp_path / "a1.avi", [Walk(people(engine, photos)["yao"], start=45, frames=60, w0=90, w1=170)],
+               seconds=3.5)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": True,
+                                      "loop": True}], gallery=section, boarding={"require_flight": True})
+    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"]),
+                   "--flight", "LH123", "--departs", time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() + 7200))
+                   ).returncode == 0
+    assert run_cli("kiosk", "-q", "-c", str(config), "board", "open", "--gate", "A1", "--flight", "LH123"
+                   ).returncode == 0
+    with live_gate(config, quiet=False) as gate:
+        pg_server.stop("immediate")
+        try:
+            gate.events.poll(5.0)
+        finally:
+            pg_server.start()
+        down = [h for h in gate.events.health if h.get("gallery", {}).get("stale")]
+        assert down and "unreachable" in down[-1]["gallery"]["error"] and down[-1]["status"] == "degraded"
+        assert gate.events.wait_for(lambda ev: any(e.type == "accept" for e in ev.events), 30), \
+            [(e.type, e.reason) for e in gate.events.events]
+        gate.events.poll(1.5)
+        assert not gate.events.health[-1]["gallery"]["stale"]  # the health topic says it is back
+    seen = [(e.type, e.reason) for e in gate.events.events if e.type in ("accept", "reject")]
+    first_accept = seen.index(("accept", None))
+    assert ("reject", "store_unavailable") in seen[:first_accept], seen
+    assert seen.count(("accept", None)) == 1 and set(seen[first_accept + 1:]) <= {("reject", "already_boarded")}
+    logged = {e["event_id"] for e in audit(config)}
+    assert {e.event_id for e in gate.events.events if e.type in ("accept", "reject")} <= logged  # nothing lost
+    accept = next(e for e in gate.events.events if e.type == "accept")
+    with GallerySite("postgresql", section).open() as g:
+        (yao,) = SqliteBoardingStore(g).passengers("LH123")
+        assert yao.boarding is not None and yao.boarding.event_id == accept.event_id
+    assert "reconnected" in gate.verifier_err and "Traceback" not in gate.verifier_err

@@ -120,6 +120,11 @@ def _accept_all(subject_id: str) -> bool:
     return True
 
 
+# Rejects that withhold an accept for the system's own state (not the passenger's): the repeat-accept memory
+# forgets them, so the passenger's next try is decided afresh.
+WITHHELD = ("stale_frame", "gallery_unavailable", "store_unavailable")
+
+
 class VerifierCore:
     """The verifier's rules, fed arrivals and a clock; see the module docstring."""
 
@@ -463,12 +468,19 @@ class VerifierCore:
         closed: if any of that cannot be told, the accept becomes a reject."""
         flight = self.flights.flight_of(cam.gate_id)
         d = dataclasses.replace(d, flight_id=flight)
+        checked = self._checked(cam, d, flight, now)
+        if d.type == "accept" and checked.reason in WITHHELD and d.subject_id is not None:
+            # Withheld, not given: the passenger's next presentation is a fresh accept, not a "repeat" of this.
+            self.policy.forget_accept(cam.gate_id, d.subject_id)
+        return Verdict(cam, track.track_id, checked)
+
+    def _checked(self, cam: CameraState, d: Decision, flight: str | None, now: float) -> Decision:
         if d.type == "accept" and self._too_old(cam, d.captured_at, now):
             log.warning("camera %s: accept of %s from a frame captured %.0f ms ago withheld (stale_frame)",
                         cam.camera_id, d.subject_id, (now - d.captured_at) * 1000)
             d = dataclasses.replace(d, type="reject", reason="stale_frame")
         if flight is not None and d.subject_id is not None and self.store is not None:
-            return Verdict(cam, track.track_id, self._boarding(cam, flight, d, now))
+            return self._boarding(cam, flight, d, now)
         if d.type == "accept" and d.subject_id is not None:
             try:
                 if not self.confirm(d.subject_id):
@@ -478,7 +490,7 @@ class VerifierCore:
                 self.last_error = f"gallery: {exc}"
                 log.error("cannot confirm %s in the gallery (%s): rejected", d.subject_id, exc)
                 d = dataclasses.replace(d, type="reject", reason="gallery_unavailable")
-        return Verdict(cam, track.track_id, d)
+        return d
 
     def _boarding(self, cam: CameraState, flight: str, d: Decision, now: float) -> Decision:
         """An accept at a gate boarding `flight` marks the passenger boarded, or becomes the reject that
@@ -495,7 +507,7 @@ class VerifierCore:
             self.last_error = f"boarding store: {exc}"
             self.metrics.store_failures.inc()
             log.error("cannot record the boarding of %s on %s (%s): rejected", d.subject_id, flight, exc)
-            return dataclasses.replace(d, type="reject", reason="gallery_unavailable") if d.type == "accept" else d
+            return dataclasses.replace(d, type="reject", reason="store_unavailable") if d.type == "accept" else d
         if outcome.first:
             return d
         if outcome.reason == "already_boarded" and outcome.previous is not None:

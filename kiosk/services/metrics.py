@@ -32,8 +32,8 @@ STAGES = ("transport", "detect", "track", "align", "quality", "select", "embed",
           "publish")
 # Decision outcomes that exist from the start (type, reason).
 OUTCOMES = (("accept", ""), ("reject", "no_match"), ("reject", "claim_mismatch"), ("reject", "timeout"),
-            ("reject", "not_enrolled"), ("reject", "gallery_unavailable"), ("reject", "stale_frame"),
-            ("reject", "audit_unavailable"), ("reject", "already_boarded"), ("reject", "wrong_flight"),
+            ("reject", "not_enrolled"), ("reject", "gallery_unavailable"), ("reject", "store_unavailable"),
+            ("reject", "stale_frame"), ("reject", "audit_unavailable"), ("reject", "already_boarded"), ("reject", "wrong_flight"),
             ("reject", "presentation_attack"), ("reject", "liveness_unverified"))
 
 

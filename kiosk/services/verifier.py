@@ -30,7 +30,7 @@ from kiosk.errors import ConfigError
 from kiosk.boarding.gates import GateFlights
 from kiosk.boarding.model import DecisionRecord
 from kiosk.store.flights import SqliteBoardingStore, load_gate_flights
-from kiosk.store.gallery import Gallery, GalleryMatrix
+from kiosk.store.gallery import Gallery, GalleryMatrix, GalleryQueries, open_gallery
 from kiosk.messaging.channels import CAPTURE_HEALTH, VERIFIER_HEALTH, FrameChannel
 from kiosk.messaging.messages import CaptureHealth, Event, encode_json
 from kiosk.pipeline.policy import Decision
@@ -53,9 +53,10 @@ class Verifier:
             raise ConfigError(f"{cfg.source or 'config'}: cameras: the verifier needs at least one camera")
         self.cfg = cfg
         self.engine = engine or FaceEngine.from_config(cfg)
-        self.gallery = Gallery(cfg.resolve(cfg.gallery.path), create=False)
+        self.gallery = open_gallery(cfg, create=False)
         keys = cfg.resolve(cfg.security.keys_dir)
-        warn_if_readable_by_others(self.gallery.path, cfg.resolve(cfg.audit.path), *keys.glob("*.key_secret"),
+        files = [self.gallery.path] if isinstance(self.gallery, Gallery) else []
+        warn_if_readable_by_others(*files, cfg.resolve(cfg.audit.path), *keys.glob("*.key_secret"),
                                    keys / "webhook.secret")
         self._gates = {c.gate for c in cfg.cameras}
         view = self._view(self.gallery)
@@ -105,12 +106,17 @@ class Verifier:
                  len(matrix), matrix.template_count, self.engine.provider_note)
         if not len(matrix):
             log.warning("gallery %s has no subject for this model: every passenger will be rejected until "
-                        "someone is enrolled", self.gallery.path)
+                        "someone is enrolled", self.gallery.name)
         self._log_gates(None, view)
         self._purger = threading.Thread(target=self._purge_loop, name="retention", daemon=True)
         self._purger.start()
+        self._changed = threading.Event()  # a shared (PostgreSQL) gallery announced a change: reload now
+        listen = getattr(self.gallery, "listen", None)
+        if listen is not None:
+            threading.Thread(target=listen, args=(self._changed, self._stop), name="gallery-listener",
+                             daemon=True).start()
 
-    def _view(self, gallery: Gallery) -> GateFlights:
+    def _view(self, gallery: GalleryQueries) -> GateFlights:
         return load_gate_flights(gallery, self.engine.model_id, self.engine.dim,
                                  require_flight=self.cfg.boarding.require_flight, gates=self._gates)
 
@@ -131,7 +137,7 @@ class Verifier:
             if self._stop.is_set():
                 return
             try:
-                with Gallery(self.gallery.path, create=False) as gallery:
+                with self.gallery.reopen() as gallery:
                     store = SqliteBoardingStore(gallery)
                     for flight in store.due_for_purge(time.time(), self.cfg.retention.purge_after_departure_h):
                         result = store.purge(flight)
@@ -311,8 +317,9 @@ class Verifier:
             self._loader.join()
             self._adopt()
         mono = time.monotonic()
-        if mono - self._last_gallery_poll >= GALLERY_POLL_S:
+        if mono - self._last_gallery_poll >= GALLERY_POLL_S or self._changed.is_set():
             self._last_gallery_poll = mono
+            self._changed.clear()
             self._reload_gallery()
         self._heartbeat()
 
@@ -333,6 +340,9 @@ class Verifier:
             return
         expired = self.matrix.next_expiry is not None and time.time() >= self.matrix.next_expiry
         if revision == self.matrix.revision and not expired:
+            if self._gallery_error:  # the gallery answers again and nothing changed meanwhile
+                log.info("gallery %s answers again (revision %d)", self.gallery.name, revision)
+                self._gallery_error = ""
             return
         self._purge_now.set()  # a flight rescheduled (or added) may be due now
         self._loader = threading.Thread(target=self._load_matrix, name="gallery-loader", daemon=True)
@@ -345,7 +355,7 @@ class Verifier:
         try:
             # Its own connection (this runs in a thread); a gallery file that vanished is an error here,
             # never a new empty gallery: the verifier keeps deciding from the matrix it has and says so.
-            with Gallery(self.gallery.path, create=False) as gallery:
+            with self.gallery.reopen() as gallery:
                 self._loaded = self._view(gallery)
         except Exception as exc:  # noqa: BLE001 - keep serving the old matrix
             self._last_error = self._gallery_error = f"gallery reload: {exc}"
@@ -368,7 +378,8 @@ class Verifier:
         states = {c.camera_id: c.state(now) for c in self.cameras.values()}
         down = sorted(cid for cid, (state, _) in states.items() if state == "down")
         return {
-            "component": "verifier", "status": "degraded" if down or self.audit.error else "ok",
+            "component": "verifier",
+            "status": "degraded" if down or self.audit.error or self._gallery_error else "ok",
             "cameras_down": down,
             "pid": os.getpid(), "providers": self.engine.providers,
             "fps": round(self.core.fps(now), 2), "drops": sum(c.stale for c in self.cameras.values()),

@@ -1,6 +1,7 @@
-"""`BoardingStore` on the SQLite gallery: flights, manifests, gate assignments and boarded marks.
+"""`BoardingStore` on the gallery (SQLite or PostgreSQL): flights, manifests, gate assignments, boarded marks.
 
-It shares the gallery's connection and file, so a subject's templates and their flights change together.
+It shares the gallery's connection and transactions, so a subject's templates and their flights change
+together; its SQL runs on both backends (kiosk.store.gallery.GalleryQueries).
 Changes that alter what a verifier matches against (flights, manifests, gate assignments, purges) bump the
 gallery's revision, so running verifiers reload within a second; boarded marks do not (they are read in the
 transaction that decides an accept, never cached).
@@ -10,15 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from datetime import datetime
+from typing import Any
 
 from kiosk.boarding.gates import GateFlights
 from kiosk.boarding.model import Boarding, BoardOutcome, DecisionRecord, Flight, Passenger, PurgeResult
 from kiosk.config import KioskConfig
 from kiosk.errors import UsageError
-from kiosk.store.gallery import Gallery
+from kiosk.store.gallery import GalleryQueries, open_gallery
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +27,16 @@ _BUMP = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revisio
 
 
 class SqliteBoardingStore:
-    """Boarding state in the gallery file (see the module docstring)."""
+    """Boarding state in the gallery (see the module docstring; the name is historical: PostgreSQL too)."""
 
-    def __init__(self, gallery: Gallery) -> None:
+    def __init__(self, gallery: GalleryQueries) -> None:
         self.gallery = gallery
         self._db = gallery._db
 
     def _write(self):  # noqa: ANN202 - the gallery's transaction context
         return self.gallery.writing()
 
-    def _log(self, db: sqlite3.Connection, action: str, flight: str | None, subject: str | None = None,
+    def _log(self, db: Any, action: str, flight: str | None, subject: str | None = None,
              gate: str | None = None, **detail: object) -> None:
         db.execute("INSERT INTO boarding_log (at, action, flight_id, subject_id, gate_id, detail) "
                    "VALUES (?, ?, ?, ?, ?, ?)", (time.time(), action, flight, subject, gate, json.dumps(detail)))
@@ -57,7 +58,7 @@ class SqliteBoardingStore:
                        "ON CONFLICT(id) DO UPDATE SET departs = excluded.departs", (flight_id, departs, time.time()))
             db.execute(_BUMP)
 
-    def _archive(self, db: sqlite3.Connection, flight_id: str, archived: str) -> None:
+    def _archive(self, db: Any, flight_id: str, archived: str) -> None:
         if db.execute("SELECT 1 FROM flights WHERE id = ?", (archived,)).fetchone() is not None:
             raise UsageError(f"flight {flight_id}: {archived} exists already")
         db.execute("INSERT INTO flights (id, departs, created, purged_at) SELECT ?, departs, created, purged_at "
@@ -71,10 +72,9 @@ class SqliteBoardingStore:
         """Put enrolled subjects on the flight's manifest; returns how many were new on it."""
         with self._write() as db:
             self._usable(db, flight_id)
-            before = db.total_changes
-            db.executemany("INSERT OR IGNORE INTO manifest (flight_id, subject_id, added) VALUES (?, ?, ?)",
-                           [(flight_id, s, time.time()) for s in subject_ids])
-            added = db.total_changes - before
+            added = sum(db.execute("INSERT INTO manifest (flight_id, subject_id, added) VALUES (?, ?, ?) "
+                                   "ON CONFLICT DO NOTHING", (flight_id, s, time.time())).rowcount
+                        for s in dict.fromkeys(subject_ids))
             if added:
                 db.execute(_BUMP)
         return added
@@ -89,13 +89,13 @@ class SqliteBoardingStore:
         return bool(cur.rowcount)
 
     @staticmethod
-    def _known(db: sqlite3.Connection, flight_id: str) -> tuple:
+    def _known(db: Any, flight_id: str) -> tuple:
         row = db.execute("SELECT id, departs, purged_at FROM flights WHERE id = ?", (flight_id,)).fetchone()
         if row is None:
             raise UsageError(f"no flight {flight_id} (see `kiosk-enroll flight list`)")
         return row
 
-    def _usable(self, db: sqlite3.Connection, flight_id: str) -> None:
+    def _usable(self, db: Any, flight_id: str) -> None:
         if self._known(db, flight_id)[2] is not None:
             raise UsageError(f"flight {flight_id} was purged after departure; nothing can be added to it")
 
@@ -207,9 +207,9 @@ class SqliteBoardingStore:
         return Boarding(flight_id, subject_id, prev[0], prev[1], prev[2], prev[3], prev[4])
 
     @staticmethod
-    def _insert_record(db: sqlite3.Connection, r: DecisionRecord) -> None:
-        db.execute("INSERT OR IGNORE INTO flight_decisions (event_id, flight_id, gate_id, type, reason, subject_id, "
-                   "candidate_id, score, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    def _insert_record(db: Any, r: DecisionRecord) -> None:
+        db.execute("INSERT INTO flight_decisions (event_id, flight_id, gate_id, type, reason, subject_id, "
+                   "candidate_id, score, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                    (r.event_id, r.flight_id, r.gate_id, r.type, r.reason, r.subject_id, r.candidate_id, r.score,
                     r.at))
 
@@ -255,14 +255,14 @@ class SqliteBoardingStore:
             (after_h * 3600.0, now))]
 
 
-def open_store(cfg: KioskConfig) -> tuple[Gallery, SqliteBoardingStore]:
+def open_store(cfg: KioskConfig) -> tuple[GalleryQueries, SqliteBoardingStore]:
     """The configured gallery (never created here: a missing one is a usage error) and its boarding store,
     for the commands; close the gallery when done."""
-    gallery = Gallery(cfg.resolve(cfg.gallery.path), create=False)
+    gallery = open_gallery(cfg, create=False)
     return gallery, SqliteBoardingStore(gallery)
 
 
-def load_gate_flights(gallery: Gallery, model_id: str, dim: int, *, require_flight: bool,
+def load_gate_flights(gallery: GalleryQueries, model_id: str, dim: int, *, require_flight: bool,
                       gates: set[str]) -> GateFlights:
     """The verifier's view of the gallery, from one snapshot: everyone's templates, which of `gates` board
     which flight, and those flights' manifests."""

@@ -1,4 +1,8 @@
-"""The enrolled gallery: SQLite in WAL mode, and an in-memory matrix for 1:N search.
+"""The enrolled gallery, and an in-memory matrix for 1:N search.
+
+`GalleryQueries` is the gallery in SQL that both backends run: `Gallery`, a SQLite file in WAL mode (the
+embedded default), and `kiosk.store.postgres.PgGallery`, one PostgreSQL database shared by many hosts;
+`open_gallery(cfg)` picks the configured one.
 
 Only templates are stored, never photos. Every template carries the id of
 the recognizer that made it; `matrix(model_id)` loads only those of that
@@ -19,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kiosk.config import KioskConfig
 from kiosk.errors import RuntimeFailure, UsageError
 
 log = logging.getLogger(__name__)
@@ -270,8 +275,144 @@ class GalleryMatrix:
         return Match(self.subject_ids[jb], self.names[jb], float(scores[b]), self.subject_ids[js], float(scores[s2]))
 
 
-class Gallery:
-    """The SQLite gallery. One connection per process; writes are one transaction each."""
+class GalleryQueries:
+    """What every gallery backend answers, in SQL both SQLite and PostgreSQL run (`?` placeholders; the
+    PostgreSQL connection adapter rewrites them). A backend provides `_db` (execute, executemany,
+    in_transaction), `_transaction(write)` and `name` (for messages)."""
+
+    _db: Any
+    name: str
+
+    def _transaction(self, write: bool = True) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._db.close()
+
+    def reopen(self) -> GalleryQueries:
+        """Another connection to the same gallery (for a thread of its own)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> GalleryQueries:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def writing(self) -> Any:
+        """One write transaction (the write lock) around several calls, e.g. an enrollment's duplicate
+        check (`matrix`) and its insert (`enroll`): no other process can enroll in between, so two
+        enrollments of one face at once cannot both pass the check."""
+        return self._transaction(write=True)
+
+    def revision(self) -> int:
+        """Bumped by every change; cheap to poll."""
+        return int(self._meta("revision") or 0)
+
+    def enrolled(self, subject_id: str, now: float | None = None) -> bool:
+        """Whether `subject_id` is enrolled and unexpired right now (one indexed read): the verifier asks
+        before every accept, so a removal or expiry counts even while its search matrix is stale."""
+        now = time.time() if now is None else now
+        row = self._db.execute("SELECT expires FROM subjects WHERE id = ?", (subject_id,)).fetchone()
+        return row is not None and (row[0] is None or row[0] > now)
+
+    # -- writes ------------------------------------------------------------------
+    def enroll(self, subject_id: str, name: str, embeddings: np.ndarray, model_id: str, *,
+               expires: float | None = None, metadata: dict[str, Any] | None = None,
+               qualities: list[dict[str, float]] | None = None,
+               photo_hashes: list[str | None] | None = None) -> int:
+        """Add a subject (or more templates to one) in one transaction; returns its template count.
+
+        A template whose photo (`photo_hashes`) the subject already has for this model is not added again.
+        """
+        emb = np.asarray(embeddings, np.float32)
+        if emb.ndim != 2 or len(emb) == 0:
+            raise ValueError("embeddings must be a non-empty (N, D) array")
+        now = time.time()
+        qualities = qualities or [{} for _ in range(len(emb))]
+        hashes = photo_hashes or [None] * len(emb)
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO subjects (id, name, created, expires, metadata) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET name = CASE WHEN excluded.name != '' THEN excluded.name "
+                "ELSE subjects.name END, expires = COALESCE(excluded.expires, subjects.expires)",
+                (subject_id, name or "", now, expires, json.dumps(metadata or {})),
+            )
+            db.executemany(
+                "INSERT INTO templates (subject_id, model_id, dim, embedding, quality, created, photo_sha256)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subject_id, model_id, photo_sha256) DO NOTHING",
+                [(subject_id, model_id, emb.shape[1], e.tobytes(), json.dumps(q), now, h)
+                 for e, q, h in zip(emb, qualities, hashes)],
+            )
+            db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
+            (count,) = db.execute("SELECT COUNT(*) FROM templates WHERE subject_id = ? AND model_id = ?",
+                                  (subject_id, model_id)).fetchone()
+        log.info("enrolled %s (%d new templates, %d for this model)", subject_id, len(emb), count)
+        return int(count)
+
+    def remove(self, subject_id: str) -> bool:
+        """Delete a subject and its templates; False if there was none."""
+        with self._transaction() as db:
+            cur = db.execute("DELETE FROM subjects WHERE id = ?", (subject_id,))
+            if cur.rowcount:
+                db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
+        if cur.rowcount:
+            log.info("removed %s", subject_id)
+        return bool(cur.rowcount)
+
+    # -- reads -------------------------------------------------------------------
+    def subjects(self) -> list[Subject]:
+        counts: dict[str, dict[str, int]] = {}
+        for sid, model_id, n in self._db.execute(
+                "SELECT subject_id, model_id, COUNT(*) FROM templates GROUP BY subject_id, model_id"):
+            counts.setdefault(sid, {})[model_id] = n
+        return [Subject(sid, name, created, expires, json.loads(meta or "{}"), counts.get(sid, {}))
+                for sid, name, created, expires, meta in
+                self._db.execute("SELECT id, name, created, expires, metadata FROM subjects ORDER BY id")]
+
+    def has_templates(self, subject_id: str, model_id: str) -> bool:
+        """Whether the subject is enrolled with at least one template of this model."""
+        return self._db.execute("SELECT 1 FROM templates WHERE subject_id = ? AND model_id = ? LIMIT 1",
+                                (subject_id, model_id)).fetchone() is not None
+
+    def has_photo(self, subject_id: str, model_id: str, photo_sha256: str) -> bool:
+        """Whether the subject already has a template of this model from this very photo."""
+        return self._db.execute("SELECT 1 FROM templates WHERE subject_id = ? AND model_id = ? AND photo_sha256 = ?",
+                                (subject_id, model_id, photo_sha256)).fetchone() is not None
+
+    def matrix(self, model_id: str, dim: int, *, now: float | None = None) -> GalleryMatrix:
+        """The templates of `model_id` of unexpired subjects, as a search matrix."""
+        now = time.time() if now is None else now
+        with self._transaction(write=False) as db:  # one snapshot: revision and rows agree, writers not blocked
+            revision = int(db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
+            rows = db.execute(
+                "SELECT t.subject_id, s.name, t.dim, t.embedding FROM templates t JOIN subjects s ON s.id = t.subject_id "
+                "WHERE t.model_id = ? AND (s.expires IS NULL OR s.expires > ?) ORDER BY t.subject_id, t.id",
+                (model_id, now)).fetchall()
+            (foreign,) = db.execute("SELECT COUNT(*) FROM templates WHERE model_id != ?", (model_id,)).fetchone()
+            (next_expiry,) = db.execute("SELECT MIN(expires) FROM subjects WHERE expires > ?", (now,)).fetchone()
+        if foreign:
+            log.warning("gallery %s: %d templates were made by another model and are not used; "
+                        "re-enroll those subjects with this model (%s)", self.name, foreign, model_id.split(":")[0])
+        bad = next((sid for sid, _n, d, blob in rows if d != dim or len(blob) != 4 * dim), None)
+        if bad is not None:
+            raise RuntimeFailure(f"gallery {self.name}: a template of {bad} does not have the model's {dim} dims")
+        emb = np.frombuffer(b"".join(r[3] for r in rows), np.float32).reshape(len(rows), dim)
+        sids = np.array([r[0] for r in rows], dtype=object)
+        first = np.r_[True, sids[1:] != sids[:-1]] if len(rows) else np.zeros(0, bool)
+        owners = np.cumsum(first) - 1
+        ids = [str(r[0]) for r, f in zip(rows, first) if f]
+        names = [str(r[1]) for r, f in zip(rows, first) if f]
+        return GalleryMatrix(model_id, dim, ids, names, emb, owners, revision, next_expiry)
+
+
+class Gallery(GalleryQueries):
+    """The SQLite gallery (the embedded default). One connection per process; writes are one transaction
+    each."""
 
     def __init__(self, path: Path, *, create: bool = True, timeout: float = 10.0) -> None:
         self.path = Path(path)
@@ -336,8 +477,14 @@ class Gallery:
             db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
             log.info("gallery %s: schema upgraded from version %d to %d", self.path, start, version)
 
-    def close(self) -> None:
-        self._db.close()
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """For messages: the file."""
+        return str(self.path)
+
+    def reopen(self) -> Gallery:
+        """Another connection to the same file (for a thread of its own)."""
+        return Gallery(self.path, create=False)
 
     # -- backup and restore ----------------------------------------------------------
     def backup(self, dest: Path) -> int:
@@ -400,139 +547,76 @@ class Gallery:
     def __enter__(self) -> Gallery:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
-
     def _transaction(self, write: bool = True) -> _Transaction:
-        return _Transaction(self._db, write)
-
-    def writing(self) -> _Transaction:
-        """One write transaction (the write lock) around several calls, e.g. an enrollment's duplicate
-        check (`matrix`) and its insert (`enroll`): no other process can enroll in between, so two
-        enrollments of one face at once cannot both pass the check."""
-        return self._transaction(write=True)
-
-    def revision(self) -> int:
-        """Bumped by every change; cheap to poll."""
-        return int(self._meta("revision") or 0)
-
-    def enrolled(self, subject_id: str, now: float | None = None) -> bool:
-        """Whether `subject_id` is enrolled and unexpired right now (one indexed read): the verifier asks
-        before every accept, so a removal or expiry counts even while its search matrix is stale."""
-        now = time.time() if now is None else now
-        row = self._db.execute("SELECT expires FROM subjects WHERE id = ?", (subject_id,)).fetchone()
-        return row is not None and (row[0] is None or row[0] > now)
-
-    # -- writes ------------------------------------------------------------------
-    def enroll(self, subject_id: str, name: str, embeddings: np.ndarray, model_id: str, *,
-               expires: float | None = None, metadata: dict[str, Any] | None = None,
-               qualities: list[dict[str, float]] | None = None,
-               photo_hashes: list[str | None] | None = None) -> int:
-        """Add a subject (or more templates to one) in one transaction; returns its template count.
-
-        A template whose photo (`photo_hashes`) the subject already has for this model is not added again.
-        """
-        emb = np.asarray(embeddings, np.float32)
-        if emb.ndim != 2 or len(emb) == 0:
-            raise ValueError("embeddings must be a non-empty (N, D) array")
-        now = time.time()
-        qualities = qualities or [{} for _ in range(len(emb))]
-        hashes = photo_hashes or [None] * len(emb)
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO subjects (id, name, created, expires, metadata) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET name = CASE WHEN excluded.name != '' THEN excluded.name ELSE name END,"
-                " expires = COALESCE(excluded.expires, expires)",
-                (subject_id, name or "", now, expires, json.dumps(metadata or {})),
-            )
-            db.executemany(
-                "INSERT INTO templates (subject_id, model_id, dim, embedding, quality, created, photo_sha256)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subject_id, model_id, photo_sha256) DO NOTHING",
-                [(subject_id, model_id, emb.shape[1], e.tobytes(), json.dumps(q), now, h)
-                 for e, q, h in zip(emb, qualities, hashes)],
-            )
-            db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
-            (count,) = db.execute("SELECT COUNT(*) FROM templates WHERE subject_id = ? AND model_id = ?",
-                                  (subject_id, model_id)).fetchone()
-        log.info("enrolled %s (%d new templates, %d for this model)", subject_id, len(emb), count)
-        return int(count)
-
-    def remove(self, subject_id: str) -> bool:
-        """Delete a subject and its templates; False if there was none."""
-        with self._transaction() as db:
-            cur = db.execute("DELETE FROM subjects WHERE id = ?", (subject_id,))
-            if cur.rowcount:
-                db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
-        if cur.rowcount:
-            log.info("removed %s", subject_id)
-        return bool(cur.rowcount)
-
-    # -- reads -------------------------------------------------------------------
-    def subjects(self) -> list[Subject]:
-        counts: dict[str, dict[str, int]] = {}
-        for sid, model_id, n in self._db.execute(
-                "SELECT subject_id, model_id, COUNT(*) FROM templates GROUP BY subject_id, model_id"):
-            counts.setdefault(sid, {})[model_id] = n
-        return [Subject(sid, name, created, expires, json.loads(meta or "{}"), counts.get(sid, {}))
-                for sid, name, created, expires, meta in
-                self._db.execute("SELECT id, name, created, expires, metadata FROM subjects ORDER BY id")]
-
-    def has_templates(self, subject_id: str, model_id: str) -> bool:
-        """Whether the subject is enrolled with at least one template of this model."""
-        return self._db.execute("SELECT 1 FROM templates WHERE subject_id = ? AND model_id = ? LIMIT 1",
-                                (subject_id, model_id)).fetchone() is not None
-
-    def has_photo(self, subject_id: str, model_id: str, photo_sha256: str) -> bool:
-        """Whether the subject already has a template of this model from this very photo."""
-        return self._db.execute("SELECT 1 FROM templates WHERE subject_id = ? AND model_id = ? AND photo_sha256 = ?",
-                                (subject_id, model_id, photo_sha256)).fetchone() is not None
-
-    def matrix(self, model_id: str, dim: int, *, now: float | None = None) -> GalleryMatrix:
-        """The templates of `model_id` of unexpired subjects, as a search matrix."""
-        now = time.time() if now is None else now
-        with self._transaction(write=False) as db:  # one snapshot: revision and rows agree, writers not blocked
-            revision = int(db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
-            rows = db.execute(
-                "SELECT t.subject_id, s.name, t.dim, t.embedding FROM templates t JOIN subjects s ON s.id = t.subject_id "
-                "WHERE t.model_id = ? AND (s.expires IS NULL OR s.expires > ?) ORDER BY t.subject_id, t.id",
-                (model_id, now)).fetchall()
-            (foreign,) = db.execute("SELECT COUNT(*) FROM templates WHERE model_id != ?", (model_id,)).fetchone()
-            (next_expiry,) = db.execute("SELECT MIN(expires) FROM subjects WHERE expires > ?", (now,)).fetchone()
-        if foreign:
-            log.warning("gallery %s: %d templates were made by another model and are not used; "
-                        "re-enroll those subjects with this model (%s)", self.path, foreign, model_id.split(":")[0])
-        bad = next((sid for sid, _n, d, blob in rows if d != dim or len(blob) != 4 * dim), None)
-        if bad is not None:
-            raise RuntimeFailure(f"gallery {self.path}: a template of {bad} does not have the model's {dim} dims")
-        emb = np.frombuffer(b"".join(r[3] for r in rows), np.float32).reshape(len(rows), dim)
-        sids = np.array([r[0] for r in rows], dtype=object)
-        first = np.r_[True, sids[1:] != sids[:-1]] if len(rows) else np.zeros(0, bool)
-        owners = np.cumsum(first) - 1
-        ids = [str(r[0]) for r, f in zip(rows, first) if f]
-        names = [str(r[1]) for r, f in zip(rows, first) if f]
-        return GalleryMatrix(model_id, dim, ids, names, emb, owners, revision, next_expiry)
+        return _Transaction(self._db, ("BEGIN IMMEDIATE",) if write else ("BEGIN DEFERRED",))
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE (write: takes the write lock now) or BEGIN DEFERRED (read: a snapshot that never
-    blocks a writer, in WAL mode) ... COMMIT, rolled back on any exception. Inside a transaction already
-    open on the connection, it joins that one."""
+    """BEGIN ... COMMIT, rolled back on any exception; inside a transaction already open on the connection, it
+    joins that one. SQLite: BEGIN IMMEDIATE (write: takes the write lock now) or BEGIN DEFERRED (read: a
+    snapshot that never blocks a writer, in WAL mode). PostgreSQL: see kiosk.store.postgres."""
 
-    def __init__(self, db: sqlite3.Connection, write: bool) -> None:
+    def __init__(self, db: Any, begin: tuple[str, ...]) -> None:
         self.db = db
-        self.write = write
+        self.begin = begin
         self.outer = False
 
-    def __enter__(self) -> sqlite3.Connection:
+    def __enter__(self) -> Any:
         self.outer = not self.db.in_transaction
         if self.outer:
-            self.db.execute("BEGIN IMMEDIATE" if self.write else "BEGIN DEFERRED")
+            for statement in self.begin:
+                self.db.execute(statement)
         return self.db
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        if self.outer:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if not self.outer:
+            return
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        elif self.db.in_transaction:  # (a connection that died took its transaction with it)
+            self.db.execute("ROLLBACK")
+
+
+# Every table and the columns a copy carries over (row ids are the target's own).
+COPIED = (
+    ("subjects", "id, name, created, expires, metadata"),
+    ("templates", "subject_id, model_id, dim, embedding, quality, created, photo_sha256"),
+    ("flights", "id, departs, created, purged_at"),
+    ("manifest", "flight_id, subject_id, added"),
+    ("gates", "gate_id, flight_id, opened"),
+    ("boardings", "flight_id, subject_id, gate_id, camera_id, boarded_at, score, event_id"),
+    ("flight_decisions", "event_id, flight_id, gate_id, type, reason, subject_id, candidate_id, score, at"),
+    ("boarding_log", "at, action, flight_id, subject_id, gate_id, detail"),
+)
+
+
+def copy_gallery(source: GalleryQueries, target: GalleryQueries) -> dict[str, int]:
+    """Copy every row of `source` into the empty gallery `target` (e.g. a SQLite file into PostgreSQL), from
+    one snapshot of the source, in one transaction of the target: all of it or nothing. Returns the rows
+    copied per table."""
+    counts: dict[str, int] = {}
+    with target._transaction() as dst, source._transaction(write=False) as src:
+        (held,) = dst.execute("SELECT (SELECT COUNT(*) FROM subjects) + (SELECT COUNT(*) FROM flights)").fetchone()
+        if held:
+            raise UsageError(f"{target.name} is not empty ({held} subjects and flights); copy into an empty gallery")
+        for table, columns in COPIED:
+            order = "id" if table in ("templates", "boarding_log") else "1"
+            rows = src.execute(f"SELECT {columns} FROM {table} ORDER BY {order}").fetchall()
+            marks = ", ".join("?" * (columns.count(",") + 1))
+            if rows:
+                dst.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", [tuple(r) for r in rows])
+            counts[table] = len(rows)
+        dst.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
+    log.info("copied gallery %s into %s: %s", source.name, target.name, counts)
+    return counts
+
+
+def open_gallery(cfg: KioskConfig, *, create: bool = False) -> GalleryQueries:
+    """The configured gallery: `gallery.url` (PostgreSQL) if set, else the SQLite file `gallery.path`.
+    `create`: make it (or its schema) if missing; otherwise a missing gallery is a usage error."""
+    if cfg.gallery.url:
+        from kiosk.store.postgres import PgGallery, target
+
+        password = cfg.resolve(cfg.gallery.password_file) if cfg.gallery.password_file else None
+        return PgGallery(target(cfg.gallery.url, password), create=create)
+    return Gallery(cfg.resolve(cfg.gallery.path), create=create)

@@ -1,6 +1,6 @@
-"""The shared store on PostgreSQL, for a site with many verifier hosts (first slice: connection, password
-handling and the versioned schema; the gallery and boarding store on it come next, see README "Airport
-scale").
+"""The gallery and boarding state on PostgreSQL, for a site with many verifier hosts (README "Airport
+scale"). `PgGallery` runs the gallery's own SQL (kiosk.store.gallery.GalleryQueries) and so the boarding
+store's, through a connection adapter.
 
 - The password never sits in a config's text or a log line: a URL that carries one is refused; it is read
   from a file (`password_file`, e.g. a Kubernetes or systemd secret) or the environment (`KIOSK_PG_PASSWORD`,
@@ -13,8 +13,11 @@ scale").
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,12 +26,14 @@ import psycopg
 
 from kiosk.errors import ConfigError, RuntimeFailure, UsageError
 from kiosk.files import read_regular_file
+from kiosk.store.gallery import GalleryQueries, _Transaction
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3  # kiosk.store.gallery.SCHEMA_VERSION: the same tables
 PASSWORD_ENV = "KIOSK_PG_PASSWORD"
 MIGRATION_LOCK = 0x6B696F736B  # pg_advisory_xact_lock key: b"kiosk"
+WRITE_LOCK = 0x6B696F736B01  # every write transaction holds it: writers take turns, as on SQLite's write lock
 CHANGES_CHANNEL = "kiosk_changes"  # NOTIFY channel of gallery and boarding changes
 
 SCHEMA = [
@@ -94,6 +99,12 @@ SCHEMA = [
         subject_id TEXT,
         gate_id TEXT,
         detail TEXT NOT NULL DEFAULT '')""",
+    # Every revision bump is announced to the verifier hosts that LISTEN (delivered at commit).
+    f"""CREATE OR REPLACE FUNCTION kiosk_announce() RETURNS trigger AS $$
+        BEGIN PERFORM pg_notify('{CHANGES_CHANNEL}', NEW.value); RETURN NEW; END $$ LANGUAGE plpgsql""",
+    "DROP TRIGGER IF EXISTS kiosk_revision ON meta",
+    """CREATE TRIGGER kiosk_revision AFTER UPDATE ON meta FOR EACH ROW WHEN (NEW.key = 'revision')
+        EXECUTE FUNCTION kiosk_announce()""",
 ]
 
 
@@ -148,11 +159,7 @@ def migrate(conn: psycopg.Connection) -> int:
     start together migrate once). Returns the version found before (0: a new database)."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        exists = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]  # type: ignore[index]
-        found = 0
-        if exists:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            found = int(row[0]) if row else 0
+        found = schema_version(conn)
         if found > SCHEMA_VERSION:
             raise UsageError(f"database schema version {found} is newer than this program reads "
                              f"({SCHEMA_VERSION}); upgrade gate-kiosk")
@@ -166,3 +173,134 @@ def migrate(conn: psycopg.Connection) -> int:
         log.info("database: schema %s to version %d", "created" if found == 0 else f"upgraded from {found}",
                  SCHEMA_VERSION)
     return found
+
+
+@functools.lru_cache(maxsize=512)
+def _pg_sql(statement: str) -> str:
+    """The gallery's SQL (sqlite3 style, `?` placeholders) for psycopg (`%s`)."""
+    return statement.replace("%", "%%").replace("?", "%s")
+
+
+class PgDb:
+    """A psycopg connection (autocommit; transactions are explicit BEGIN ... COMMIT) answering the sqlite3 calls
+    the gallery code makes: execute, executemany, in_transaction, close. A connection the server dropped (a
+    restart, a network cut) is replaced by a background thread, trying once a second; until it is back every
+    call fails at once, so a verifier deciding an accept fails closed and its frame loop never waits on a
+    connect to an unreachable host."""
+
+    RETRY_S = 1.0
+
+    def __init__(self, conn: psycopg.Connection, where: PgTarget) -> None:
+        self.conn = conn
+        self.where = where
+        self._closed = False
+        self._reconnecting: threading.Thread | None = None
+
+    def _usable(self) -> psycopg.Connection:
+        conn = self.conn
+        if not (conn.closed or conn.broken):
+            return conn
+        if self._reconnecting is None or not self._reconnecting.is_alive():
+            self._reconnecting = threading.Thread(target=self._reconnect, name="db-reconnect", daemon=True)
+            self._reconnecting.start()
+        raise RuntimeFailure(f"database {self.where.where} unreachable (reconnecting)")
+
+    def _reconnect(self) -> None:
+        while not self._closed:
+            try:
+                conn = connect(self.where, timeout_s=2.0)
+            except RuntimeFailure as exc:
+                log.debug("%s", exc)
+                time.sleep(self.RETRY_S)
+                continue
+            if self._closed:
+                conn.close()
+                return
+            self.conn = conn
+            log.warning("database %s: reconnected", self.where.where)
+            return
+
+    def execute(self, sql: str, params: tuple | list = ()) -> psycopg.Cursor:
+        cur = self._usable().cursor()
+        cur.execute(_pg_sql(sql), params)  # type: ignore[arg-type]
+        return cur
+
+    def executemany(self, sql: str, rows: list) -> psycopg.Cursor:
+        cur = self._usable().cursor()
+        cur.executemany(_pg_sql(sql), list(rows))  # type: ignore[arg-type]
+        return cur
+
+    @property
+    def in_transaction(self) -> bool:
+        if self.conn.closed or self.conn.broken:  # whatever was open died with the connection
+            return False
+        return self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+    def close(self) -> None:
+        self._closed = True
+        self.conn.close()
+
+
+def schema_version(conn: psycopg.Connection) -> int:
+    """The database's gallery schema version; 0 where there is none."""
+    if not conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]:  # type: ignore[index]
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+class PgGallery(GalleryQueries):
+    """The gallery in a PostgreSQL database, shared by every host that names it. Write transactions hold one
+    advisory lock (writers take turns, as on SQLite: an enrollment's duplicate check and insert, a boarded
+    mark's checks and insert, are never interleaved with another host's); reads are REPEATABLE READ snapshots
+    that never wait for a writer."""
+
+    def __init__(self, where: PgTarget, *, create: bool = False, timeout_s: float = 5.0) -> None:
+        self.where = where
+        conn = connect(where, timeout_s=timeout_s)
+        try:
+            version = schema_version(conn)
+            if version == 0 and not create:
+                raise UsageError(f"database {where.where} holds no gallery: create it with `kiosk-enroll -c CONFIG "
+                                 "init` (or `kiosk-enroll migrate`)")
+            if version != SCHEMA_VERSION:
+                migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._db = PgDb(conn, where)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """For messages: the server and database (never the password)."""
+        return f"postgresql://{self.where.where}"
+
+    def reopen(self) -> PgGallery:
+        return PgGallery(self.where)
+
+    def _transaction(self, write: bool = True) -> _Transaction:
+        if write:
+            return _Transaction(self._db, ("BEGIN", f"SELECT pg_advisory_xact_lock({WRITE_LOCK})"))
+        return _Transaction(self._db, ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",))
+
+    def listen(self, changed: threading.Event, stop: threading.Event) -> None:
+        """Until `stop`: LISTEN for the database's change announcements and set `changed` at each (a thread's
+        body; its own connection, re-made after a drop). A verifier so reloads within milliseconds of another
+        host's enrollment instead of at its next one-second revision poll."""
+        while not stop.is_set():
+            try:
+                with connect(self.where, timeout_s=2.0) as conn:
+                    conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+                    changed.set()  # (re)connected: whatever changed meanwhile is picked up
+                    while not stop.is_set():
+                        for _note in conn.notifies(timeout=0.5, stop_after=1):
+                            changed.set()
+            except Exception as exc:  # noqa: BLE001 - keep listening; the one-second poll covers the gap
+                log.debug("database %s: change listener: %s", self.where.where, exc)
+                stop.wait(1.0)
+
+    def backup(self, dest: Path) -> int:
+        raise UsageError(f"{self.name}: back up a PostgreSQL gallery with the server's own tools (pg_dump)")
+
+    def restore(self, source: Path) -> int:
+        raise UsageError(f"{self.name}: restore a PostgreSQL gallery with the server's own tools (pg_restore)")

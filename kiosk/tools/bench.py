@@ -31,7 +31,7 @@ from kiosk.config import KioskConfig, load_config, models_section
 from kiosk.errors import RuntimeFailure, UsageError
 from kiosk.messaging.channels import EventChannel, wait_until_eof
 from kiosk.messaging.messages import EVENT_TOPIC, HEALTH_TOPIC, CaptureHealth, Event, Heartbeat
-from kiosk.store.gallery import Gallery
+from kiosk.store.gallery import open_gallery
 from kiosk.messaging.transport import Transport, control_request, init_keys, loopback_endpoints
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,9 @@ CAMERA, GATE = "bench", "BENCH"
 
 def _bench_config(cfg: KioskConfig, video: Path, folder: Path, realtime: bool) -> Path:
     data = {
-        "gallery": {"path": str(cfg.resolve(cfg.gallery.path))},
+        "gallery": {"path": str(cfg.resolve(cfg.gallery.path)), "url": cfg.gallery.url,
+                    "password_file": str(cfg.resolve(cfg.gallery.password_file)) if cfg.gallery.password_file
+                    else None},
         "models": models_section(cfg),
         "cameras": [{"id": CAMERA, "gate": GATE, "source": str(video.resolve()), "realtime": realtime}],
         "transport": loopback_endpoints(),
@@ -162,7 +164,7 @@ def run_obvious_loop(cfg: KioskConfig, video: Path) -> dict[str, Any]:
     det.prepare(-1, input_size=(640, 640), det_thresh=cfg.models.det_threshold)
     rec = get_model(str(engine.pack.recognizer.path), providers=providers)
     rec.prepare(-1)
-    with Gallery(cfg.resolve(cfg.gallery.path)) as gallery:
+    with open_gallery(cfg) as gallery:
         matrix = gallery.matrix(engine.model_id, engine.dim)
     cap = cv2.VideoCapture(str(video))
     if not cap.isOpened():
@@ -208,7 +210,7 @@ def run_bench(cfg: KioskConfig, video: Path, compare: str | None, realtime: bool
     probe.release()
     if not ok:
         raise UsageError(f"--video {video}: not a video OpenCV can read")
-    Gallery(cfg.resolve(cfg.gallery.path), create=False).close()  # the gallery to match against must exist
+    open_gallery(cfg, create=False).close()  # the gallery to match against must exist
     result = run_pipeline(cfg, video, realtime=realtime)
     result["video"] = str(video)
     if compare == "insightface":
