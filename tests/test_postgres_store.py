@@ -249,3 +249,57 @@ def test_the_database_down_for_5_s_under_a_running_gate_never_opens_it_and_the_g
         (yao,) = SqliteBoardingStore(g).passengers("LH123")
         assert yao.boarding is not None and yao.boarding.event_id == accept.event_id
     assert "reconnected" in gate.verifier_err and "Traceback" not in gate.verifier_err
+
+
+def test_two_verifier_hosts_boarding_one_flight_never_accept_one_passenger_twice(pg_server, tmp_path, engine,
+                                                                                photos):
+    """Two verifier processes (two hosts' configs, gates A1 and A2, one PostgreSQL gallery) board LH123 from
+    the same video at the same time: three passengers walk up at both doors at once. Each passenger gets
+    exactly one accept across the two hosts, and the other door says already_boarded."""
+    import time
+
+    import cv2
+
+    from kiosk.tools.scenes import Walk
+    from tests.conftest import run_cli
+    from tests.pipeline_helpers import audit, kiosk, make_video, people, stop, write_config
+
+    crops = people(engine, photos)
+    for name in ("parker", "duncan"):  # their "passport photos": the crops, enlarged
+        cv2.imwrite(str(tmp_path / f"{name}.jpg"), cv2.resize(crops[name], None, fx=2, fy=2,
+                                                              interpolation=cv2.INTER_CUBIC))
+    walks = [Walk(crops[name], start=10 + 50 * i, frames=40, w0=90, w1=170) for i, name in
+             enumerate(("yao", "parker", "duncan"))]
+    shared = {"url": pg_server.new_database(), "password_file": str(pg_server.password_file)}
+    configs = []
+    for gate in ("A1", "A2"):
+        folder = tmp_path / gate.lower()
+        folder.mkdir()
+        make_video(folder / "door.avi", walks, seconds=5.5)
+        configs.append(write_config(folder, [{"id": f"cam-{gate.lower()}", "gate": gate, "source": "door.avi",
+                                              "realtime": False}], gallery=shared,
+                                    boarding={"require_flight": True}))
+    departs = time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() + 7200))
+    for sid, photo in (("YAO", photos["yaoming.jpg"]), ("PARKER", tmp_path / "parker.jpg"),
+                       ("DUNCAN", tmp_path / "duncan.jpg")):
+        res = run_cli("kiosk-enroll", "-q", "-c", str(configs[0]), "add", "--id", sid, str(photo),
+                      "--flight", "LH123", "--departs", departs)
+        assert res.returncode == 0, res.stderr
+    for config, gate in zip(configs, ("A1", "A2")):
+        assert run_cli("kiosk", "-q", "-c", str(config), "board", "open", "--gate", gate, "--flight", "LH123"
+                       ).returncode == 0
+    procs = [kiosk(config, "run", "--exit-on-eof", quiet=False) for config in configs]
+    try:
+        errs = [p.communicate(timeout=180)[1] for p in procs]
+    finally:
+        for p in procs:
+            stop(p)
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for e in errs]
+    decided: dict[str, list[tuple]] = {}
+    for config in configs:
+        for e in audit(config):
+            if e["type"] in ("accept", "reject"):
+                decided.setdefault(e["subject_id"], []).append((e["type"], e["reason"], e["gate_id"]))
+    for sid in ("YAO", "PARKER", "DUNCAN"):
+        kinds = sorted((t, r) for t, r, _ in decided.get(sid, []))
+        assert kinds == [("accept", None), ("reject", "already_boarded")], (sid, decided)
