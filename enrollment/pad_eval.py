@@ -73,7 +73,6 @@ def judge_video(engine: FaceEngine, pad: PadEngine, cfg: PadConfig, path: Path,
     if not cap.isOpened():
         raise UsageError(f"{path}: cannot be opened as a video")
     live = TrackLiveness(cfg, bool(pad.models))
-    builtin = TrackLiveness(cfg, False)
     first: tuple[str | None, list[str]] = (None, [])
     first_builtin: str | None = None
     errors = 0
@@ -92,11 +91,10 @@ def judge_video(engine: FaceEngine, pad: PadEngine, cfg: PadConfig, path: Path,
                 errors += 1
                 continue
             live.add(obs)
-            builtin.add(obs)
             if first[0] is None and live.verdict is not None:
                 first = (live.verdict, live.decided_by)
             if first_builtin is None:
-                first_builtin = builtin.verdict
+                first_builtin = live.builtin_verdict
     finally:
         cap.release()
     if live.frames == 0 and not errors:

@@ -189,13 +189,21 @@ class TrackLiveness:
             out["texture"] = self.texture_verdict
         return out
 
-    @property
-    def verdict(self) -> str | None:
-        """'attack' as soon as one check says so; 'live' once the depth check (and the models, if any) say so."""
-        v = self.verdicts()
+    @staticmethod
+    def _combined(v: dict[str, str | None]) -> str | None:
         if "attack" in v.values():
             return "attack"
         return "live" if all(x == "live" for k, x in v.items() if k != "screen") else None
+
+    @property
+    def verdict(self) -> str | None:
+        """'attack' as soon as one check says so; 'live' once the depth check (and the models, if any) say so."""
+        return self._combined(self.verdicts())
+
+    @property
+    def builtin_verdict(self) -> str | None:
+        """The same, from the built-in checks alone (depth, screen): what the models are measured against."""
+        return self._combined({"depth": self.depth.verdict, "screen": self.screen_verdict})
 
     @property
     def decided_by(self) -> list[str]:
