@@ -287,11 +287,12 @@ _PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")
 
 
 class _Invalid(Exception):
-    def __init__(self, keypath: str, expected: str, found: Any) -> None:
+    def __init__(self, keypath: str, expected: str, found: Any, *, message: str | None = None) -> None:
         super().__init__(keypath)
         self.keypath = keypath
         self.expected = expected
         self.found = found
+        self.message = message  # the whole explanation, where "expected ..., found ..." does not fit
 
 
 def _describe(value: Any) -> str:
@@ -387,14 +388,24 @@ def _build(cls: type, data: Any, keypath: str) -> Any:
     return cls(**kwargs)
 
 
+def pg_url_problem(url: str) -> str | None:
+    """What is wrong with a PostgreSQL gallery URL, None if nothing: the one check behind `gallery.url` and
+    `kiosk-enroll migrate --to`. A password in it is refused: config files get copied and logged."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        return f"expected postgresql://USER@HOST:PORT/DATABASE, found scheme {parts.scheme!r}"
+    if not parts.hostname:
+        return "expected postgresql://USER@HOST:PORT/DATABASE, found no host"
+    if parts.password is not None:
+        return ("the URL carries a password; put it in a file named by password_file or in $KIOSK_PG_PASSWORD, "
+                "never in the config")
+    return None
+
+
 def _check(cfg: KioskConfig) -> None:
-    if cfg.gallery.url is not None:
-        parts = urlsplit(cfg.gallery.url)
-        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
-            raise _Invalid("gallery.url", "postgresql://USER@HOST:PORT/DATABASE", cfg.gallery.url)
-        if parts.password is not None:
-            raise _Invalid("gallery.url", "a URL without a password (put it in gallery.password_file or "
-                           "$KIOSK_PG_PASSWORD)", "a URL with a password")
+    problem = pg_url_problem(cfg.gallery.url) if cfg.gallery.url is not None else None
+    if problem:
+        raise _Invalid("gallery.url", "", "", message=problem)
     for (section, key), (low, high) in _BOUNDS.items():
         value = getattr(getattr(cfg, section), key)
         if not low <= value <= high:
@@ -442,7 +453,8 @@ def config_from_mapping(data: Any, *, source: Path | None = None, base_dir: Path
     except _Invalid as exc:
         found = exc.found if isinstance(exc.found, str) and exc.found.startswith(("unknown key", "no value")) \
             else _describe(exc.found)
-        raise ConfigError(f"{where}: {exc.keypath}: expected {exc.expected}, found {found}") from None
+        raise ConfigError(f"{where}: {exc.keypath}: {exc.message or f'expected {exc.expected}, found {found}'}") \
+            from None
     cfg.source = source
     cfg.base_dir = (base_dir or (source.parent if source else Path.cwd())).resolve()
     return cfg

@@ -26,6 +26,13 @@ def test_the_password_comes_from_a_file_or_the_environment_never_the_config(pg_s
         postgres.target(f"postgresql://kiosk:{PASSWORD}@127.0.0.1:{pg_server.port}/kiosk")
     with pytest.raises(ConfigError, match="scheme 'mysql'"):
         postgres.target("mysql://kiosk@127.0.0.1/kiosk")
+    with pytest.raises(ConfigError, match="found no host"):
+        postgres.target("postgresql:///kiosk")
+    from kiosk.config import config_from_mapping
+
+    with pytest.raises(ConfigError, match="gallery.url: the URL carries a password") as info:  # the same check
+        config_from_mapping({"gallery": {"url": f"postgresql://kiosk:{PASSWORD}@127.0.0.1/kiosk"}})
+    assert PASSWORD not in str(info.value)
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(UsageError, match="empty"):
         postgres.target(pg_server.url, tmp_path / "empty")

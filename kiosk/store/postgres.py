@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 
+from kiosk.config import pg_url_problem
 from kiosk.errors import ConfigError, RuntimeFailure, UsageError
 from kiosk.files import read_regular_file
 from kiosk.store.gallery import GalleryQueries, _Transaction
@@ -124,13 +125,10 @@ class PgTarget:
 
 def target(url: str, password_file: Path | None = None, *, key: str = "gallery.url") -> PgTarget:
     """The target of `url`, its password from `password_file`, else $KIOSK_PG_PASSWORD (else libpq's
-    PGPASSWORD or .pgpass). A URL with a password in it is refused: config files get copied and logged."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise ConfigError(f"{key}: expected postgresql://USER@HOST:PORT/DATABASE, found scheme {parts.scheme!r}")
-    if parts.password is not None:
-        raise ConfigError(f"{key}: the URL carries a password; put it in a file named by password_file or in "
-                          f"${PASSWORD_ENV}, never in the config")
+    PGPASSWORD or .pgpass). A URL with a password in it is refused (kiosk.config.pg_url_problem)."""
+    problem = pg_url_problem(url)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
     password = None
     if password_file is not None:
         data = read_regular_file(password_file, 4096, "password file", error=UsageError)
