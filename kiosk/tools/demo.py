@@ -80,9 +80,10 @@ def demo_frames(engine: FaceEngine) -> list[np.ndarray]:
     photo = read_image(sample_photo("yaoming.jpg"))
     card = render_attack("print", photo, engine.detector.detect(photo).largest().boxes[0], seed=1,
                          seconds=attack / FPS, fps=FPS)
-    walks = [Walk(crop, start=start * s // 2, frames=4 * s, w0=30, w1=w1, turn=head_turn(crop, engine.detector, marks),
-                  turn_deg=15)
-             for crop, start, w1 in ((yao, 8, 190), (other, 18, 170), (stranger, 28, 170), (yao, 38, 190))]
+    turns = {name: (crop, head_turn(crop, engine.detector, marks))
+             for name, crop in (("yao", yao), ("other", other), ("stranger", stranger))}  # Yao walks up twice
+    walks = [Walk(turns[name][0], start=start * s // 2, frames=4 * s, w0=30, w1=w1, turn=turns[name][1], turn_deg=15)
+             for name, start, w1 in (("yao", 8, 190), ("other", 18, 170), ("stranger", 28, 170), ("yao", 38, 190))]
     frames = render(walks, 47 * s // 2)
     frames[attack_at:attack_at + attack] = card
     return frames
