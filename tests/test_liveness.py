@@ -374,3 +374,25 @@ def test_child_configs_carry_the_liveness_models_with_absolute_paths(tmp_path):
     pads = load_config(child).models.pad
     assert str(pads[0]) == str(tmp_path / "site" / "m" / "2.7_a.onnx")
     assert (str(pads[1].path), pads[1].scale, pads[1].colour) == (str(tmp_path / "site" / "m" / "b.onnx"), 4.0, "rgb")
+
+
+def test_liveness_on_with_a_pack_that_lacks_the_landmark_model_is_a_clear_error(tmp_path):
+    """The built-in check needs the pack's 106-point landmark model: a pack without it is refused at start
+    (exit 2 from the CLI), naming what is missing, not a traceback at the first face."""
+    import shutil
+
+    from kiosk.vision.models.pack import default_pack_dir
+    from tests.conftest import run_cli
+
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    for name in ("scrfd_500m_bnkps.onnx", "w600k_mbf.onnx"):
+        shutil.copy(default_pack_dir() / name, pack / name)
+    (tmp_path / "kiosk.yaml").write_text("models: {pack: pack}\n")
+    (tmp_path / "labels.csv").write_text("video,label\nx.avi,print\n")
+    res = run_cli("kiosk-enroll", "-c", str(tmp_path / "kiosk.yaml"), "evaluate-pad", str(tmp_path / "labels.csv"))
+    assert res.returncode == 2 and "106-point landmark model" in res.stderr and "Traceback" not in res.stderr
+    from kiosk.vision.engine import FaceEngine
+
+    off = config_from_mapping({"models": {"pack": str(pack)}, "pad": {"enabled": False}})
+    assert FaceEngine.from_config(off).pad is None  # liveness off: the pack serves without it
