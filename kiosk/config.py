@@ -33,6 +33,9 @@ class GalleryConfig:
     path: Path = Path("var/gallery.db")
     url: Optional[str] = None  # postgresql://USER@HOST:PORT/DATABASE (no password)
     password_file: Optional[Path] = None
+    # What a verifier holds in memory: "all" (everyone enrolled) or "gate_flights" (the passengers of the
+    # flights its gates board: a host of a 100k-subject airport gallery loads its gates' flights only).
+    load: Literal["all", "gate_flights"] = "all"
 
 
 @dataclass

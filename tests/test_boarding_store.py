@@ -89,6 +89,79 @@ def test_board_once_undo_and_the_gate_views(gallery_site):
             store.open_gate("A1", "XX999")
 
 
+def _templates(view) -> dict[str, list[bytes]]:  # noqa: ANN001 - a GateFlights
+    m = view.full
+    return {sid: [e.tobytes() for e in m.embeddings[m.owners == j]] for j, sid in enumerate(m.subject_ids)}
+
+
+@pytest.mark.parametrize("load", ["all", "gate_flights"])
+def test_a_verifier_view_follows_each_change_reading_only_what_changed(gallery_site, load):
+    """After each kind of change the view updated from the previous one equals a view read afresh, and the
+    update read the templates of the changed subjects only."""
+    emb = _site(gallery_site)
+    rng = np.random.default_rng(5)
+    with gallery_site.open() as g:
+        store = SqliteBoardingStore(g)
+        store.open_gate("A1", "LH123")
+        read: list[frozenset[str] | None] = []
+        rows_of = g._template_rows
+        g._template_rows = lambda db, model, now, subjects: read.append(subjects) or rows_of(db, model, now, subjects)
+
+        def follow(view, expect_read):  # noqa: ANN001, ANN202
+            read.clear()
+            new = load_gate_flights(g, MODEL, 8, require_flight=True, gates={"A1"}, load=load, previous=view)
+            assert (read or [frozenset()]) == [expect_read]  # (nothing read: no query at all)
+            fresh = load_gate_flights(g, MODEL, 8, require_flight=True, gates={"A1"}, load=load)
+            assert _templates(new) == _templates(fresh) and new.full.names == fresh.full.names
+            assert new.revision == fresh.revision == g.revision()
+            for gate in ("A1",):
+                assert new.matrix_for(gate).subject_ids == fresh.matrix_for(gate).subject_ids
+            return new
+
+        view = load_gate_flights(g, MODEL, 8, require_flight=True, gates={"A1"}, load=load)
+        mine = load == "gate_flights"
+        assert view.full.subject_ids == (["ANN", "BOB"] if mine else ["ANN", "BOB", "CAT", "DAN"])
+        view = follow(view, frozenset())  # nothing changed: nothing read
+        g.enroll("EVE", "Eve", _unit(rng, 2), MODEL)  # on no flight yet
+        view = follow(view, frozenset() if mine else frozenset({"EVE"}))
+        store.add_passengers("LH123", ["EVE"])  # the manifest brings her into this host's flight
+        view = follow(view, frozenset({"EVE"}) if mine else frozenset())
+        assert "EVE" in view.matrix_for("A1").subject_ids
+        g.enroll("ANN", "", _unit(rng, 1), MODEL)  # a template more
+        view = follow(view, frozenset({"ANN"}))
+        assert g.remove("BOB")
+        view = follow(view, frozenset({"BOB"}))  # (asked for by id: none left)
+        assert "BOB" not in view.full.subject_ids
+        # SQL run by hand is logged too (by the database's triggers), not only the project's own writes.
+        g._db.execute("UPDATE templates SET embedding = ? WHERE subject_id = 'EVE'", (emb["ANN"].tobytes(),))
+        g._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
+        view = follow(view, frozenset({"EVE"}))
+        g.enroll("ANN", "", _unit(rng, 1), MODEL, expires=time.time() + 0.5)
+        view = follow(view, frozenset({"ANN"}))
+        time.sleep(0.6)  # ANN expires: dropped, with no write at all
+        view = follow(view, frozenset({"ANN"}))
+        assert "ANN" not in view.full.subject_ids
+        store.open_gate("A1", "BA456")  # the gate boards another flight: its passengers come in
+        view = follow(view, frozenset({"CAT"}) if mine else frozenset())  # (BOB: on LH123 too, removed)
+        assert view.matrix_for("A1").subject_ids == ["CAT"]
+        g._db.execute("UPDATE meta SET value = ? WHERE key = 'baseline'", (str(g.revision() + 1),))
+        g.enroll("DAN", "", _unit(rng, 1), MODEL)  # the change log no longer reaches back: everything is read
+        follow(view, frozenset({"BOB", "CAT"}) if mine else None)
+
+
+def test_a_host_holding_its_gates_flights_searches_everyone_for_a_gate_boarding_none(gallery_site):
+    _site(gallery_site)
+    with gallery_site.open() as g:
+        SqliteBoardingStore(g).open_gate("A1", "LH123")
+        some = load_gate_flights(g, MODEL, 8, require_flight=False, gates={"A1"}, load="gate_flights")
+        assert some.full.subject_ids == ["ANN", "BOB"] and some.full.scope == {"ANN", "BOB"}
+        # B1 boards no flight and, as flights are not required, searches everyone enrolled.
+        every = load_gate_flights(g, MODEL, 8, require_flight=False, gates={"A1", "B1"}, load="gate_flights",
+                                  previous=some)
+        assert every.full.subject_ids == ["ANN", "BOB", "CAT", "DAN"] and every.full.scope is None
+        assert every.matrix_for("B1").subject_ids == every.full.subject_ids
+
+
 def _race(site: GallerySite, gate: str, rounds: int, barrier, out) -> None:
     with site.open(create=False) as g:
         store = SqliteBoardingStore(g)

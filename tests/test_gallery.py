@@ -154,3 +154,30 @@ def test_prefilter_keeps_a_close_runner_up():
     (match,) = m.search(emb[7:8])
     assert (match.subject_id, match.second_id) == ("s7", "s12345")
     assert match.second_score == pytest.approx(float(emb[7] @ emb[12345]), abs=1e-5)
+
+
+def test_a_patched_large_gallery_keeps_its_prefilter_and_finds_the_newcomers():
+    """An update of a prefiltered gallery projects only the new templates on the kept axes; the result
+    equals the matrix built afresh, and a newcomer is found through the prefilter."""
+    from kiosk.store.gallery import PREFILTER_MIN, GalleryMatrix
+
+    rng = np.random.default_rng(8)
+    n, d = PREFILTER_MIN + 100, 512
+    emb = unit(rng, n, d)
+    ids = np.array([f"s{i:06d}" for i in range(n)], object)
+    m = GalleryMatrix.from_rows("x", d, ids, ids, emb, 1).prepare()
+    new_ids = np.array(["s000003", "t000001", "t000002"], object)  # s000003 re-enrolled, two newcomers
+    new = unit(rng, 3, d)
+    drop = {"s000003", "s000010"}  # s000010 removed
+    p = m.patched(drop, new_ids, new_ids, new, 2, None, scope=None, as_of=0.0)
+    assert p.prefiltered and p._basis is m._basis
+    keep = ~np.isin(ids, list(drop))
+    all_ids = np.concatenate([ids[keep], new_ids])
+    order = np.argsort(all_ids, kind="stable")
+    fresh = GalleryMatrix.from_rows("x", d, all_ids[order], all_ids[order],
+                                    np.concatenate([emb[keep], new])[order], 2)
+    assert p.subject_ids == fresh.subject_ids and np.array_equal(p.embeddings, fresh.embeddings)
+    assert np.allclose(p._reduced, p.embeddings @ p._basis, atol=1e-4)
+    found = p.search(new)
+    assert [f.subject_id for f in found] == list(new_ids) and all(f.score > 0.99 for f in found)
+    assert p.search(emb[10:11])[0].subject_id != "s000010" and p.revision == 2

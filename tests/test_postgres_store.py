@@ -63,9 +63,10 @@ def test_several_processes_starting_together_create_the_schema_once(pg_server):
     results = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in results]
     found = sorted(int(out) for out, _ in results)
-    assert found == [0, 3, 3, 3]  # one created it; the others, serialised by the lock, found it done
+    v = postgres.SCHEMA_VERSION
+    assert found == [0, v, v, v]  # one created it; the others, serialised by the lock, found it done
     rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    assert rows == {"schema_version": "3", "revision": "0"}
+    assert rows == {"schema_version": str(v), "revision": "0", "baseline": "0"}
     tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     assert {"subjects", "templates", "flights", "manifest", "gates", "boardings", "flight_decisions",
             "boarding_log"} <= tables

@@ -64,6 +64,7 @@ class Verifier:
         self.store = SqliteBoardingStore(self.gallery)
         self._loader: threading.Thread | None = None
         self._loaded: GateFlights | None = None
+        self._load_ms = 0.0
         self._gallery_error = ""  # why the search matrix may be behind the gallery (a failed reload)
         self.metrics = VerifierMetrics({c.id: c.gate for c in cfg.cameras})
         self.core = VerifierCore(cfg, self.engine, view, metrics=self.metrics, confirm=self.gallery.enrolled,
@@ -116,9 +117,10 @@ class Verifier:
             threading.Thread(target=listen, args=(self._changed, self._stop), name="gallery-listener",
                              daemon=True).start()
 
-    def _view(self, gallery: GalleryQueries) -> GateFlights:
+    def _view(self, gallery: GalleryQueries, previous: GateFlights | None = None) -> GateFlights:
         return load_gate_flights(gallery, self.engine.model_id, self.engine.dim,
-                                 require_flight=self.cfg.boarding.require_flight, gates=self._gates)
+                                 require_flight=self.cfg.boarding.require_flight, gates=self._gates,
+                                 load=self.cfg.gallery.load, previous=previous)
 
     def _log_gates(self, old: GateFlights | None, new: GateFlights) -> None:
         for gate in sorted(self._gates):
@@ -355,8 +357,10 @@ class Verifier:
         try:
             # Its own connection (this runs in a thread); a gallery file that vanished is an error here,
             # never a new empty gallery: the verifier keeps deciding from the matrix it has and says so.
+            started = time.perf_counter()
             with self.gallery.reopen() as gallery:
-                self._loaded = self._view(gallery)
+                self._loaded = self._view(gallery, self.core.flights)
+            self._load_ms = (time.perf_counter() - started) * 1000
         except Exception as exc:  # noqa: BLE001 - keep serving the old matrix
             self._last_error = self._gallery_error = f"gallery reload: {exc}"
             log.warning("gallery reload failed, keeping revision %d: %s", self.matrix.revision, exc)
@@ -370,8 +374,9 @@ class Verifier:
         self._gallery_error = ""
         self.metrics.gallery_subjects.set(len(loaded.full))
         self.metrics.gallery_templates.set(loaded.full.template_count)
-        log.info("gallery reloaded: revision %d, %d subjects, %d templates", loaded.revision, len(loaded.full),
-                 loaded.full.template_count)
+        log.info("gallery reloaded: revision %d, %d subjects, %d templates%s (%.0f ms)", loaded.revision,
+                 len(loaded.full), loaded.full.template_count,
+                 "" if loaded.full.scope is None else " of its gates' flights", self._load_ms)
 
     def status(self) -> dict[str, Any]:
         now = time.time()

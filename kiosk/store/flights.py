@@ -19,11 +19,10 @@ from kiosk.boarding.gates import GateFlights
 from kiosk.boarding.model import Boarding, BoardOutcome, DecisionRecord, Flight, Passenger, PurgeResult
 from kiosk.config import KioskConfig
 from kiosk.errors import UsageError
-from kiosk.store.gallery import GalleryQueries, open_gallery
+from kiosk.store.gallery import BUMP as _BUMP, GalleryQueries, open_gallery, prune_changes
 
 log = logging.getLogger(__name__)
 
-_BUMP = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'"
 
 
 class SqliteBoardingStore:
@@ -245,6 +244,7 @@ class SqliteBoardingStore:
             db.execute("DELETE FROM gates WHERE flight_id = ?", (flight_id,))
             self._log(db, "purge", flight_id, subjects=len(gone), kept=len(kept), templates=deleted)
             db.execute(_BUMP)
+            prune_changes(db)
         log.info("purged flight %s: templates of %d passenger(s) deleted (%d templates), %d kept for a later "
                  "flight", flight_id, len(gone), deleted, len(kept))
         return PurgeResult(flight_id, gone, kept, deleted)
@@ -263,12 +263,18 @@ def open_store(cfg: KioskConfig) -> tuple[GalleryQueries, SqliteBoardingStore]:
 
 
 def load_gate_flights(gallery: GalleryQueries, model_id: str, dim: int, *, require_flight: bool,
-                      gates: set[str]) -> GateFlights:
-    """The verifier's view of the gallery, from one snapshot: everyone's templates, which of `gates` board
-    which flight, and those flights' manifests."""
+                      gates: set[str], load: str = "all", previous: GateFlights | None = None) -> GateFlights:
+    """The verifier's view of the gallery, from one snapshot: the templates it searches, which of `gates`
+    board which flight, and those flights' manifests. `load`: "all" holds everyone enrolled (a passenger of
+    any flight at the wrong gate is told `wrong_flight`); "gate_flights" holds only the passengers of the
+    flights `gates` board (unless a gate boards none and so searches everyone), and a passenger of another
+    host's flight is rejected `no_match`. Given the `previous` view, only what changed is read."""
     store = SqliteBoardingStore(gallery)
     with gallery._transaction(write=False):
-        full = gallery.matrix(model_id, dim)
         assignments = {g: f for g, f in store.assignments().items() if g in gates}
         manifests = {f: store.manifest(f) for f in set(assignments.values())}
+        scope = None
+        if load == "gate_flights" and (require_flight or set(assignments) >= gates):
+            scope = frozenset(sid for ids in manifests.values() for sid in ids)
+        full = gallery.refresh(model_id, dim, previous.full if previous is not None else None, scope=scope)
     return GateFlights.build(full.prepare(), assignments, manifests, require_flight, gates)

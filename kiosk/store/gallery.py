@@ -28,12 +28,14 @@ from kiosk.errors import RuntimeFailure, UsageError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Version 2: templates.photo_sha256 (the photo a template came from), unique per subject and model, so
 # re-running the same import or add enrolls nothing new.
 # Version 3: flights, their manifests, gate assignments, boarded marks (one per flight and subject: the
 # primary key is the guarantee that nobody boards twice), decisions at boarding gates and the log of
 # boarding actions (undo, purge). See kiosk.store.flights.
+# Version 4: subject_changes, the subjects each revision changed (logged by triggers), so a verifier reloads
+# only those; meta 'baseline' is the revision from which that log is complete (older: reload everything).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS subjects (
@@ -54,7 +56,7 @@ CREATE TABLE IF NOT EXISTS templates (
     photo_sha256 TEXT
 );
 CREATE INDEX IF NOT EXISTS templates_subject ON templates(subject_id);
-CREATE INDEX IF NOT EXISTS templates_model ON templates(model_id);
+CREATE INDEX IF NOT EXISTS subjects_expires ON subjects(expires);
 CREATE TABLE IF NOT EXISTS flights (
     id TEXT PRIMARY KEY,
     departs REAL NOT NULL,
@@ -95,6 +97,11 @@ CREATE TABLE IF NOT EXISTS flight_decisions (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS flight_decisions_flight ON flight_decisions(flight_id);
+CREATE TABLE IF NOT EXISTS subject_changes (
+    revision INTEGER NOT NULL,
+    subject_id TEXT NOT NULL,
+    PRIMARY KEY (revision, subject_id)
+);
 CREATE TABLE IF NOT EXISTS boarding_log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -112,7 +119,46 @@ CREATE UNIQUE INDEX IF NOT EXISTS templates_photo ON templates(subject_id, model
 MIGRATIONS = {  # from version -> statements that bring it to version + 1
     1: ["ALTER TABLE templates ADD COLUMN photo_sha256 TEXT"],
     2: [],  # version 3's tables are all new: SCHEMA creates them
+    # subject_changes is new (SCHEMA; its baseline: BASELINE). The index on templates(model_id) goes: nearly every
+    # template has the one model, and SQLite's planner preferred it over the subject index to read a few
+    # subjects' templates (a scan of all of them).
+    3: ["DROP INDEX IF EXISTS templates_model"],
 }
+# The change log starts at the revision a gallery has when it gets the table (0 for a new one).
+BASELINE = "INSERT INTO meta (key, value) SELECT 'baseline', value FROM meta WHERE key = 'revision' " \
+           "ON CONFLICT (key) DO NOTHING"
+BUMP = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'"
+CHANGES_KEPT = 50_000  # revisions of change log kept; a verifier further behind reloads everything
+# Every change to a subject or its templates, whoever writes it (the project, or SQL run by hand), logs the
+# subject under the revision its transaction is about to commit: the one after the current (writers take
+# turns under the write lock, so no verifier's snapshot holds that revision without the change).
+# (NOT EXISTS, not OR IGNORE: a trigger's conflict clause yields to its statement's, e.g. an upsert's.)
+_LOG_ROW = ("INSERT INTO subject_changes (revision, subject_id) SELECT CAST(m.value AS INTEGER) + 1, {row} "
+            "FROM meta m WHERE m.key = 'revision' AND NOT EXISTS (SELECT 1 FROM subject_changes c "
+            "WHERE c.revision = CAST(m.value AS INTEGER) + 1 AND c.subject_id = {row})")
+TRIGGERS = [
+    f"CREATE TRIGGER IF NOT EXISTS {table}_{what.lower()}_logged AFTER {what} ON {table} BEGIN "
+    + "; ".join(_LOG_ROW.format(row=f"{version}.{column}") for version in versions) + "; END"
+    for table, column in (("subjects", "id"), ("templates", "subject_id"))
+    for what, versions in (("INSERT", ("NEW",)), ("DELETE", ("OLD",)), ("UPDATE", ("OLD", "NEW")))
+]
+
+
+def prune_changes(db: Any) -> None:
+    """Forget the change log's revisions beyond the last CHANGES_KEPT (a verifier that far behind reloads
+    everything)."""
+    (revision,) = db.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'revision'").fetchone()
+    if revision > CHANGES_KEPT:
+        db.execute("DELETE FROM subject_changes WHERE revision <= ?", (revision - CHANGES_KEPT,))
+        db.execute("UPDATE meta SET value = ? WHERE key = 'baseline' AND CAST(value AS INTEGER) < ?",
+                   (str(revision - CHANGES_KEPT), revision - CHANGES_KEPT))
+
+
+def rebase(db: Any) -> None:
+    """The gallery's content was replaced wholesale (restore, copy): the change log leads nowhere now; every
+    verifier behind the current revision reloads everything."""
+    db.execute("DELETE FROM subject_changes")
+    db.execute("UPDATE meta SET value = (SELECT value FROM meta WHERE key = 'revision') WHERE key = 'baseline'")
 
 
 @dataclass(frozen=True)
@@ -161,9 +207,12 @@ class GalleryMatrix:
     """
 
     def __init__(self, model_id: str, dim: int, subject_ids: list[str], names: list[str],
-                 embeddings: np.ndarray, owners: np.ndarray, revision: int, next_expiry: float | None = None) -> None:
+                 embeddings: np.ndarray, owners: np.ndarray, revision: int, next_expiry: float | None = None, *,
+                 scope: frozenset[str] | None = None, as_of: float = 0.0) -> None:
         self.model_id = model_id
         self.next_expiry = next_expiry  # when the earliest subject in here expires: rebuild then
+        self.scope = scope  # the subjects it was loaded for (None: everyone enrolled)
+        self.as_of = as_of  # the time expiry was judged at
         self.dim = dim
         self.subject_ids = subject_ids
         self.names = names
@@ -173,6 +222,7 @@ class GalleryMatrix:
         self._starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]) if len(owners) else owners
         self._basis: np.ndarray | None = None
         self._reduced: np.ndarray | None = None
+        self._sorted_ids: np.ndarray | None = None  # subject_ids as an object array, when in code point order
 
     @classmethod
     def from_templates(cls, model_id: str, dim: int, templates: list[tuple[str, str, np.ndarray]],
@@ -199,6 +249,50 @@ class GalleryMatrix:
         names = [n for n, k in zip(self.names, keep) if k]
         return GalleryMatrix(self.model_id, self.dim, ids, names, self.embeddings[rows], index[self.owners[rows]],
                              self.revision, self.next_expiry)
+
+    @classmethod
+    def from_rows(cls, model_id: str, dim: int, sids: np.ndarray, names: np.ndarray, embeddings: np.ndarray,
+                  revision: int, next_expiry: float | None = None, *, scope: frozenset[str] | None = None,
+                  as_of: float = 0.0) -> GalleryMatrix:
+        """A matrix from per-template subject ids and names (object arrays, sorted by subject id)."""
+        first = np.r_[True, sids[1:] != sids[:-1]] if len(sids) else np.zeros(0, bool)
+        out = cls(model_id, dim, [str(x) for x in sids[first]], [str(x) for x in names[first]], embeddings,
+                  np.cumsum(first) - 1, revision, next_expiry, scope=scope, as_of=as_of)
+        out._sorted_ids = sids[first]
+        return out
+
+    def patched(self, drop: set[str], sids: np.ndarray, names: np.ndarray, embeddings: np.ndarray, revision: int,
+                next_expiry: float | None, *, scope: frozenset[str] | None, as_of: float) -> GalleryMatrix:
+        """This matrix without the subjects in `drop`, plus the templates given (per-template subject ids and
+        names, sorted by subject id; none of a subject kept): what a full load would give, for about the cost
+        of copying the arrays. The search prefilter's axes are kept; only the new rows are projected on them."""
+        ids = self._sorted_ids
+        if ids is None:  # not built sorted (from_rows): put it in order first
+            order = np.argsort(np.array(self.subject_ids, object)[self.owners], kind="stable")
+            return GalleryMatrix.from_rows(self.model_id, self.dim, np.array(self.subject_ids, object)[self.owners][
+                order], np.array(self.names, object)[self.owners][order], self.embeddings[order], self.revision,
+                self.next_expiry, scope=self.scope, as_of=self.as_of).patched(
+                drop, sids, names, embeddings, revision, next_expiry, scope=scope, as_of=as_of)
+        keep = np.ones(len(ids), bool)
+        if drop and len(ids):
+            gone = np.array(sorted(drop), object)
+            at = np.minimum(np.searchsorted(ids, gone), len(ids) - 1)
+            keep[at[ids[at] == gone]] = False
+        rows = keep[self.owners] if len(self.owners) else np.zeros(0, bool)
+        everyone = bool(rows.all())  # (the usual change, a newcomer: the big arrays are copied once, not twice)
+        own = self.owners if everyone else self.owners[rows]
+        kept_sids = ids[own]
+        at = np.searchsorted(kept_sids, sids) if len(sids) else np.zeros(0, np.int64)  # where the new rows go
+        new = np.asarray(embeddings, np.float32).reshape(-1, self.dim)
+        out = GalleryMatrix.from_rows(self.model_id, self.dim, np.insert(kept_sids, at, sids),
+                                      np.insert(np.array(self.names, object)[own], at, names),
+                                      np.insert(self.embeddings if everyone else self.embeddings[rows], at, new, axis=0),
+                                      revision, next_expiry, scope=scope, as_of=as_of)
+        if self._basis is not None and self._reduced is not None and len(out.embeddings) >= PREFILTER_MIN // 2:
+            out._basis = self._basis
+            out._reduced = np.insert(self._reduced if everyone else self._reduced[rows], at, new @ self._basis,
+                                     axis=0)
+        return out
 
     def prepare(self) -> GalleryMatrix:
         """Build the search prefilter of a large gallery now (about 1 s at 100k templates) rather than on
@@ -348,7 +442,7 @@ class GalleryQueries:
                 [(subject_id, model_id, emb.shape[1], e.tobytes(), json.dumps(q), now, h)
                  for e, q, h in zip(emb, qualities, hashes)],
             )
-            db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
+            db.execute(BUMP)
             (count,) = db.execute("SELECT COUNT(*) FROM templates WHERE subject_id = ? AND model_id = ?",
                                   (subject_id, model_id)).fetchone()
         log.info("enrolled %s (%d new templates, %d for this model)", subject_id, len(emb), count)
@@ -359,7 +453,7 @@ class GalleryQueries:
         with self._transaction() as db:
             cur = db.execute("DELETE FROM subjects WHERE id = ?", (subject_id,))
             if cur.rowcount:
-                db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
+                db.execute(BUMP)
         if cur.rowcount:
             log.info("removed %s", subject_id)
         return bool(cur.rowcount)
@@ -386,28 +480,79 @@ class GalleryQueries:
 
     def matrix(self, model_id: str, dim: int, *, now: float | None = None) -> GalleryMatrix:
         """The templates of `model_id` of unexpired subjects, as a search matrix."""
+        return self.refresh(model_id, dim, now=now)
+
+    def changed_since(self, revision: int) -> set[str] | None:
+        """The subjects changed after `revision` (enrolled, given templates, removed, purged); None where the
+        change log does not reach back that far (the caller reloads everything)."""
+        baseline = int(self._meta("baseline") or 0)
+        if revision < baseline:
+            return None
+        return {str(r[0]) for r in self._db.execute(
+            "SELECT DISTINCT subject_id FROM subject_changes WHERE revision > ?", (revision,))}
+
+    def refresh(self, model_id: str, dim: int, previous: GalleryMatrix | None = None, *,
+                scope: frozenset[str] | None = None, now: float | None = None) -> GalleryMatrix:
+        """The search matrix of `model_id`'s templates of unexpired subjects (only those in `scope` where one is
+        given), from one snapshot. Given the `previous` matrix, only what changed since it is read: the subjects
+        the change log names, those that expired since, and those the new scope adds; the rest is kept. That is
+        what lets a verifier host follow a shared 100k-subject gallery without reading it all at each change."""
         now = time.time() if now is None else now
         with self._transaction(write=False) as db:  # one snapshot: revision and rows agree, writers not blocked
             revision = int(db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
-            rows = db.execute(
-                "SELECT t.subject_id, s.name, t.dim, t.embedding FROM templates t JOIN subjects s ON s.id = t.subject_id "
-                "WHERE t.model_id = ? AND (s.expires IS NULL OR s.expires > ?) ORDER BY t.subject_id, t.id",
-                (model_id, now)).fetchall()
-            (foreign,) = db.execute("SELECT COUNT(*) FROM templates WHERE model_id != ?", (model_id,)).fetchone()
             (next_expiry,) = db.execute("SELECT MIN(expires) FROM subjects WHERE expires > ?", (now,)).fetchone()
-        if foreign:
-            log.warning("gallery %s: %d templates were made by another model and are not used; "
-                        "re-enroll those subjects with this model (%s)", self.name, foreign, model_id.split(":")[0])
+            changed = None
+            if previous is not None and previous.model_id == model_id and previous.dim == dim and \
+                    not (previous.scope is not None and scope is None):
+                changed = self.changed_since(previous.revision)
+            if changed is None or previous is None:
+                rows = self._template_rows(db, model_id, now, scope)
+                (foreign,) = db.execute("SELECT COUNT(*) FROM templates WHERE model_id != ?", (model_id,)).fetchone()
+                if foreign:
+                    log.warning("gallery %s: %d templates were made by another model and are not used; re-enroll "
+                                "those subjects with this model (%s)", self.name, foreign, model_id.split(":")[0])
+                sids, names, emb = self._arrays(rows, dim)
+                return GalleryMatrix.from_rows(model_id, dim, sids, names, emb, revision, next_expiry, scope=scope,
+                                               as_of=now)
+            changed |= {str(r[0]) for r in db.execute(
+                "SELECT id FROM subjects WHERE expires > ? AND expires <= ?", (previous.as_of, now))}
+            held = set(previous.subject_ids)
+            if scope is not None:
+                changed |= scope - (previous.scope if previous.scope is not None else held)
+                drop = changed | (held - scope)
+                wanted = changed & scope
+            else:
+                drop = wanted = changed
+            rows = self._template_rows(db, model_id, now, frozenset(wanted)) if wanted else []
+        sids, names, emb = self._arrays(rows, dim)
+        return previous.patched(drop, sids, names, emb, revision, next_expiry, scope=scope, as_of=now)
+
+    def _template_rows(self, db: Any, model_id: str, now: float, subjects: frozenset[str] | None) -> list[Any]:
+        """(subject id, name, dim, embedding) of unexpired subjects' templates of `model_id`, by subject id and
+        template id; only `subjects` where given (read in chunks: one statement has a bounded parameter count)."""
+        query = ("SELECT t.subject_id, s.name, t.dim, t.embedding FROM templates t JOIN subjects s ON s.id = "
+                 "t.subject_id WHERE t.model_id = ? AND (s.expires IS NULL OR s.expires > ?)")
+        if subjects is None:
+            return db.execute(query + " ORDER BY t.subject_id, t.id", (model_id, now)).fetchall()
+        ids = sorted(subjects)
+        rows: list[Any] = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows += db.execute(query + f" AND t.subject_id IN ({', '.join('?' * len(chunk))}) "
+                               "ORDER BY t.subject_id, t.id", (model_id, now, *chunk)).fetchall()
+        return rows
+
+    def _arrays(self, rows: list[Any], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         bad = next((sid for sid, _n, d, blob in rows if d != dim or len(blob) != 4 * dim), None)
         if bad is not None:
             raise RuntimeFailure(f"gallery {self.name}: a template of {bad} does not have the model's {dim} dims")
-        emb = np.frombuffer(b"".join(r[3] for r in rows), np.float32).reshape(len(rows), dim)
-        sids = np.array([r[0] for r in rows], dtype=object)
-        first = np.r_[True, sids[1:] != sids[:-1]] if len(rows) else np.zeros(0, bool)
-        owners = np.cumsum(first) - 1
-        ids = [str(r[0]) for r, f in zip(rows, first) if f]
-        names = [str(r[1]) for r, f in zip(rows, first) if f]
-        return GalleryMatrix(model_id, dim, ids, names, emb, owners, revision, next_expiry)
+        emb = np.frombuffer(b"".join(bytes(r[3]) for r in rows), np.float32).reshape(len(rows), dim)
+        sids = np.array([str(r[0]) for r in rows], dtype=object)
+        names = np.array([str(r[1]) for r in rows], dtype=object)
+        # By subject id in code point order (a server's collation may order otherwise), each subject's
+        # templates in the order they were read (by template id).
+        order = np.argsort(sids, kind="stable") if len(sids) else np.zeros(0, np.int64)
+        return sids[order], names[order], emb[order]
 
 
 class Gallery(GalleryQueries):
@@ -451,8 +596,11 @@ class Gallery(GalleryQueries):
                 if statement.strip():
                     db.execute(statement)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('revision', '0')")
+            db.execute(BASELINE)
             self._upgrade(db)
             db.execute(INDEXES)  # after the upgrade: its column is new in version 2
+            for trigger in TRIGGERS:
+                db.execute(trigger)
 
     def _upgrade(self, db: sqlite3.Connection) -> None:
         """Stamp a new file, or run the migrations from its version to SCHEMA_VERSION (inside `_migrate`)."""
@@ -517,6 +665,7 @@ class Gallery(GalleryQueries):
         with self._transaction() as db:
             revision = max(before, self.revision()) + 1
             db.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (str(revision),))
+            rebase(db)  # the backup's change log does not lead from any running verifier's revision
         log.info("gallery %s restored from %s (revision %d)", self.path, source, revision)
         return revision
 
@@ -606,7 +755,8 @@ def copy_gallery(source: GalleryQueries, target: GalleryQueries) -> dict[str, in
             if rows:
                 dst.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", [tuple(r) for r in rows])
             counts[table] = len(rows)
-        dst.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
+        dst.execute(BUMP)
+        rebase(dst)
     log.info("copied gallery %s into %s: %s", source.name, target.name, counts)
     return counts
 

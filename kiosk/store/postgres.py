@@ -27,11 +27,11 @@ import psycopg
 from kiosk.config import pg_url_problem
 from kiosk.errors import ConfigError, RuntimeFailure, UsageError
 from kiosk.files import read_regular_file
-from kiosk.store.gallery import GalleryQueries, _Transaction
+from kiosk.store.gallery import BASELINE, GalleryQueries, _Transaction
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # kiosk.store.gallery.SCHEMA_VERSION: the same tables
+SCHEMA_VERSION = 4  # kiosk.store.gallery.SCHEMA_VERSION: the same tables
 PASSWORD_ENV = "KIOSK_PG_PASSWORD"
 MIGRATION_LOCK = 0x6B696F736B  # pg_advisory_xact_lock key: b"kiosk"
 WRITE_LOCK = 0x6B696F736B01  # every write transaction holds it: writers take turns, as on SQLite's write lock
@@ -55,7 +55,8 @@ SCHEMA = [
         created DOUBLE PRECISION NOT NULL,
         photo_sha256 TEXT)""",
     "CREATE INDEX IF NOT EXISTS templates_subject ON templates(subject_id)",
-    "CREATE INDEX IF NOT EXISTS templates_model ON templates(model_id)",
+    "DROP INDEX IF EXISTS templates_model",  # (version 4: see kiosk.store.gallery.MIGRATIONS)
+    "CREATE INDEX IF NOT EXISTS subjects_expires ON subjects(expires)",
     "CREATE UNIQUE INDEX IF NOT EXISTS templates_photo ON templates(subject_id, model_id, photo_sha256)",
     """CREATE TABLE IF NOT EXISTS flights (
         id TEXT PRIMARY KEY,
@@ -92,6 +93,10 @@ SCHEMA = [
         score DOUBLE PRECISION,
         at DOUBLE PRECISION NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS flight_decisions_flight ON flight_decisions(flight_id)",
+    """CREATE TABLE IF NOT EXISTS subject_changes (
+        revision BIGINT NOT NULL,
+        subject_id TEXT NOT NULL,
+        PRIMARY KEY (revision, subject_id))""",
     """CREATE TABLE IF NOT EXISTS boarding_log (
         id BIGSERIAL PRIMARY KEY,
         at DOUBLE PRECISION NOT NULL,
@@ -100,6 +105,27 @@ SCHEMA = [
         subject_id TEXT,
         gate_id TEXT,
         detail TEXT NOT NULL DEFAULT '')""",
+    # Every change to a subject or its templates is logged for the verifiers (see kiosk.store.gallery.TRIGGERS).
+    """CREATE OR REPLACE FUNCTION kiosk_log_change() RETURNS trigger AS $$
+        BEGIN  -- TG_ARGV[0]: the column holding the subject id
+            IF TG_OP != 'INSERT' THEN
+                INSERT INTO subject_changes (revision, subject_id)
+                SELECT CAST(value AS BIGINT) + 1, to_jsonb(OLD) ->> TG_ARGV[0] FROM meta WHERE key = 'revision'
+                ON CONFLICT DO NOTHING;
+            END IF;
+            IF TG_OP != 'DELETE' THEN
+                INSERT INTO subject_changes (revision, subject_id)
+                SELECT CAST(value AS BIGINT) + 1, to_jsonb(NEW) ->> TG_ARGV[0] FROM meta WHERE key = 'revision'
+                ON CONFLICT DO NOTHING;
+            END IF;
+            RETURN NULL;
+        END $$ LANGUAGE plpgsql""",
+    "DROP TRIGGER IF EXISTS kiosk_subject_changed ON subjects",
+    """CREATE TRIGGER kiosk_subject_changed AFTER INSERT OR UPDATE OR DELETE ON subjects FOR EACH ROW
+        EXECUTE FUNCTION kiosk_log_change('id')""",
+    "DROP TRIGGER IF EXISTS kiosk_template_changed ON templates",
+    """CREATE TRIGGER kiosk_template_changed AFTER INSERT OR UPDATE OR DELETE ON templates FOR EACH ROW
+        EXECUTE FUNCTION kiosk_log_change('subject_id')""",
     # Every revision bump is announced to the verifier hosts that LISTEN (delivered at commit).
     f"""CREATE OR REPLACE FUNCTION kiosk_announce() RETURNS trigger AS $$
         BEGIN PERFORM pg_notify('{CHANGES_CHANNEL}', NEW.value); RETURN NEW; END $$ LANGUAGE plpgsql""",
@@ -166,6 +192,7 @@ def migrate(conn: psycopg.Connection) -> int:
         for statement in SCHEMA:
             conn.execute(statement)  # type: ignore[arg-type]
         conn.execute("INSERT INTO meta VALUES ('revision', '0') ON CONFLICT (key) DO NOTHING")
+        conn.execute(BASELINE)
         conn.execute("INSERT INTO meta VALUES ('schema_version', %s) ON CONFLICT (key) DO UPDATE SET value = "
                      "EXCLUDED.value", (str(SCHEMA_VERSION),))
         log.info("database: schema %s to version %d", "created" if found == 0 else f"upgraded from {found}",
