@@ -176,6 +176,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_RUNTIME
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    if args.hash_password:
+        import getpass
+
+        from kiosk.console.auth import MIN_PASSWORD_CHARS, hash_password
+
+        password = getpass.getpass("console password: ") if sys.stdin.isatty() else sys.stdin.readline().strip()
+        if len(password) < MIN_PASSWORD_CHARS:
+            raise UsageError(f"--hash-password: the password must have at least {MIN_PASSWORD_CHARS} characters")
+        print(hash_password(password))
+        return EXIT_OK
+    from kiosk.console.app import run_console
+
+    cfg = _config(args)
+    if not cfg.cameras:
+        raise ConfigError(f"{cfg.source or '(built-in defaults)'}: cameras: the console shows the configured "
+                          "cameras' gates; found none")
+    return run_console(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="Face verification for camera-driven boarding gates.")
     add_common(parser)
@@ -238,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--role", choices=["all", "subscriber"], default="all",
                    help="all: frames, control and events (cameras, tools); subscriber: events only (gates)")
     k.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("console", help="the operator console: a web page of every gate (console.listen)")
+    p.add_argument("--hash-password", action="store_true",
+                   help="print the hash line of a password read from stdin, for console.password_file, and exit")
+    p.set_defaults(func=cmd_console)
 
     p = sub.add_parser("demo", help="the whole pipeline on a video made from the shipped sample photos")
     p.add_argument("--out", default="var/demo", help="folder for the demo gallery, video and preview")

@@ -86,6 +86,7 @@ class TransportConfig:
     events: str = "tcp://127.0.0.1:5551"
     control: str = "tcp://127.0.0.1:5552"
     history: str = "tcp://127.0.0.1:5553"
+    preview: str = "tcp://127.0.0.1:5554"  # the console's preview frames and decision crops (only while watched)
 
 
 @dataclass
@@ -208,6 +209,26 @@ class MetricsConfig:
 
 
 @dataclass
+class ConsoleConfig:
+    """The operator console (`kiosk console`, or with `kiosk run` when enabled): a web page of every gate,
+    behind a login. Loopback by default; another address needs TLS (tls_cert and tls_key) or, behind a
+    TLS-terminating proxy, insecure_http: true. password_file: one line, the password or a hash from
+    `kiosk console --hash-password`. crops: the decision face crops kept in memory (never on disk unless
+    crops_dir names a folder). key: the console's CurveZMQ client key (a subscriber: it cannot send frames)."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:8088"
+    password_file: Optional[Path] = None
+    preview_fps: float = 5.0
+    tls_cert: Optional[Path] = None
+    tls_key: Optional[Path] = None
+    insecure_http: bool = False
+    crops: int = 50
+    crops_dir: Optional[Path] = None
+    key: str = "console"
+
+
+@dataclass
 class KioskConfig:
     """The whole configuration; `source` is the file it came from, if any."""
 
@@ -226,6 +247,7 @@ class KioskConfig:
     hooks: HooksConfig = field(default_factory=HooksConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     subscribers: list[SubscriberConfig] = field(default_factory=list)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     source: Path | None = field(default=None, metadata={"internal": True})
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
 
@@ -284,6 +306,8 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("pad", "max_wait_s"): (0.1, 60.0),
     ("retention", "audit_days"): (1, 3650),
     ("retention", "purge_after_departure_h"): (0.0, 8760.0),
+    ("console", "preview_fps"): (0.2, 30.0),
+    ("console", "crops"): (1, 10000),
 }
 
 _PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")
@@ -442,6 +466,12 @@ def _check(cfg: KioskConfig) -> None:
     for i, m in enumerate(cfg.models.pad):
         if isinstance(m, PadModelConfig) and m.scale is not None and not 1.0 <= m.scale <= 8.0:
             raise _Invalid(f"models.pad[{i}].scale", "a number from 1 to 8 (or null)", m.scale)
+    host, sep, port = cfg.console.listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise _Invalid("console.listen", "HOST:PORT (e.g. 127.0.0.1:8088)", cfg.console.listen)
+    if (cfg.console.tls_cert is None) != (cfg.console.tls_key is None):
+        raise _Invalid("console.tls_key" if cfg.console.tls_key is None else "console.tls_cert", "",
+                       "", message="tls_cert and tls_key go together: give both (or neither)")
     if cfg.policy.reject_after_frames < cfg.policy.accept_frames:
         raise _Invalid("policy.reject_after_frames", f"at least policy.accept_frames ({cfg.policy.accept_frames})",
                        cfg.policy.reject_after_frames)

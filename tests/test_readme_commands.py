@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import cv2
@@ -122,8 +123,11 @@ def site(tmp_path_factory, engine, photos) -> Path:
     work = tmp_path_factory.mktemp("site")
     (work / "config").mkdir()
     data = yaml.safe_load((REPO / "config" / "kiosk.yaml").read_text())
-    data["transport"] = {k: f"tcp://127.0.0.1:{free_port()}" for k in ("frames", "events", "control", "history")}
+    data["transport"] = {k: f"tcp://127.0.0.1:{free_port()}" for k in ("frames", "events", "control", "history",
+                                                                        "preview")}
     data["metrics"]["port"] = free_port()
+    # The operator's step "Set console: {password_file: ...}" (README "Operator console"), on a free port.
+    data["console"].update(password_file="../var/console-password", listen=f"127.0.0.1:{free_port()}")
     data["cameras"][0].update(source="../gate-a1.avi", loop=True)  # instead of camera device 0
     (work / "config" / "kiosk.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     (work / "scripts").symlink_to(REPO / "scripts")
@@ -137,6 +141,7 @@ def site(tmp_path_factory, engine, photos) -> Path:
     (work / "flight-LH123.csv").write_text("id,name,photo\nPNR300,Tony Parker,parker.jpg\n")
     (work / "a.jpg").symlink_to(work / "ann.jpg")
     (work / "b.jpg").symlink_to(work / "duncan.jpg")
+    (work / "console-password.txt").write_text("correct horse battery\n")
     (work / "pairs.csv").write_text("image_a,image_b,same\nann.jpg,ann-2.jpg,1\nann.jpg,duncan.jpg,0\n")
     red_is_real_model(work / "config" / "1.0_80x80_Test.onnx")
     (work / "config" / "pad-eval.yaml").write_text("models: {pad: [1.0_80x80_Test.onnx]}\n")
@@ -227,6 +232,28 @@ def test_every_readme_command_runs_as_written(site):
         assert status["ok"] is True and status["gallery"]["subjects"] == 3
         assert "next transaction at gate A1 is checked against PNR123" in \
             sh.run(f"kiosk claim {cfg} --gate A1 --subject PNR123").stdout
+        # The console, beside the running gate: a hash of the password stored, the gate listed after login.
+        sh.run("kiosk console --hash-password < console-password.txt > var/console-password")
+        assert (site / "var/console-password").read_text().startswith("scrypt$")
+        console_line = "kiosk -c config/kiosk.yaml console"
+        console = sh.start(console_line)
+        try:
+            port = int(yaml.safe_load((site / "config/kiosk.yaml").read_text())["console"]["listen"].split(":")[1])
+            deadline = time.monotonic() + 30
+            while _port_free(port) and time.monotonic() < deadline:  # until the console listens
+                time.sleep(0.3)
+            login = urllib.request.Request(f"http://127.0.0.1:{port}/login", data=b"password=correct+horse+battery")
+            opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+            opener.open(login, timeout=10)
+            deadline = time.monotonic() + 20
+            while True:
+                gates = json.loads(opener.open(f"http://127.0.0.1:{port}/api/status", timeout=10).read())["gates"]
+                if gates[0]["verifier_state"] == "up" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert [(g["gate_id"], g["verifier_state"]) for g in gates] == [("A1", "up")]
+        finally:
+            Shell.stop(console, console_line)
         webhook_line = f"kiosk subscribe {cfg} --gate A1 --webhook http://127.0.0.1:8080/gate"
         receiver_line = ("python3 scripts/webhook_receiver.py --secret-file var/keys/webhook.secret --port 8080 "
                          "--jsonl var/gate-a1.jsonl")

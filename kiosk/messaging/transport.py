@@ -49,6 +49,7 @@ FRAME_PART_MAX = MAX_FRAME_BYTES + 64 * 1024
 CONTROL_PART_MAX = 64 * 1024
 EVENT_PART_MAX = 1024 * 1024
 HISTORY_REPLY_MAX = 16 * 1024 * 1024
+PREVIEW_PART_MAX = 4 * 1024 * 1024  # one preview JPEG (or its JSON header)
 AUTHORIZED = "authorized_clients"  # may send frames and control requests (and subscribe)
 SUBSCRIBERS = "authorized_subscribers"  # may only subscribe to events and health (gate controllers)
 ROLES = ("all", "subscriber")
@@ -278,6 +279,18 @@ class Transport:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         return self._attach(sock, "events", bind=False)
 
+    def preview_publisher(self) -> zmq.Socket:
+        """XPUB: the verifier sees each subscription (b"\\x01" + topic) and cancellation (b"\\x00" + topic), so
+        it renders previews only for gates someone watches. Small send queue: a slow viewer drops frames."""
+        sock = self._socket(zmq.XPUB, SNDHWM=8, MAXMSGSIZE=CONTROL_PART_MAX)
+        self._as_server(sock, "events")
+        return self._attach(sock, "preview", bind=True)
+
+    def preview_subscriber(self) -> zmq.Socket:
+        sock = self._socket(zmq.SUB, RCVHWM=16, MAXMSGSIZE=PREVIEW_PART_MAX)
+        self._as_client(sock, "preview")
+        return self._attach(sock, "preview", bind=False)
+
     def control_server(self) -> zmq.Socket:
         sock = self._socket(zmq.REP, MAXMSGSIZE=CONTROL_PART_MAX)
         self._as_server(sock, "ingest")
@@ -320,7 +333,7 @@ def free_port() -> int:
 
 def loopback_endpoints() -> dict[str, str]:
     """`transport:` endpoints on free loopback ports, for a self-contained run."""
-    return {key: f"tcp://127.0.0.1:{free_port()}" for key in ("frames", "events", "control", "history")}
+    return {key: f"tcp://127.0.0.1:{free_port()}" for key in ("frames", "events", "control", "history", "preview")}
 
 
 def nothing_listens(endpoint: str, timeout_s: float = 0.5) -> bool:

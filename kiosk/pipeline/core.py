@@ -69,6 +69,7 @@ class CameraState:
     last_frame_at: float = 0.0  # wall time the last frame arrived
     capture_status: str = ""  # what the capture's last health message said ("ok", "reconnecting", "eof")
     capture_error: str = ""
+    view: tuple | None = None  # (frame, face boxes, tracks) of the last frame of a watched gate (console)
 
     def state(self, now: float) -> tuple[str, str]:
         """("up" | "down" | "ended", why): what an operator needs to know about this camera now."""
@@ -95,6 +96,7 @@ class Verdict:
     camera: CameraState
     track_id: int
     decision: Decision
+    crop: np.ndarray | None = None  # the aligned face the decision was last matched on, if any
 
 
 @dataclass
@@ -145,6 +147,7 @@ class VerifierCore:
                         for c in cfg.cameras}
         self.steps = 0
         self.faces_total = 0
+        self.preview_gates: set[str] = set()  # gates a console watches: their last frame is kept (cam.view)
         self.first_captured_at: float | None = None
         self.last_done_at: float | None = None
         self.last_times: dict[str, float] = {}  # ms per stage of the last step
@@ -269,6 +272,8 @@ class VerifierCore:
             faces = faces[faces.widths >= self.cfg.policy.min_face_px]
             assigned, ended = cam.tracker.update(faces, frame.header.clock)
             verdicts += self._ended(cam, ended, now)
+            if cam.gate_id in self.preview_gates:  # someone watches this gate: keep the frame for a preview
+                cam.view = (frame, faces.boxes, assigned)
             kept.append(faces)
             tracks.append(assigned)
         step = StepFaces.join(kept, tracks)
@@ -293,7 +298,8 @@ class VerifierCore:
             t = add("quality", t)
             want, crops = self._ration(step, want, crops, undecided, since)
             t = add("select", t)
-        for k in want:
+        for row, k in enumerate(want):
+            step.tracks[k].face_crop = crops[row].copy()
             step.tracks[k].last_embedded = self.steps
             step.tracks[k].embedded_hits = step.tracks[k].hits
             step.tracks[k].times_embedded += 1
@@ -472,7 +478,8 @@ class VerifierCore:
         if d.type == "accept" and checked.reason in WITHHELD and d.subject_id is not None:
             # Withheld, not given: the passenger's next presentation is a fresh accept, not a "repeat" of this.
             self.policy.forget_accept(cam.gate_id, d.subject_id)
-        return Verdict(cam, track.track_id, checked)
+        track.outcome = (checked.type, checked.subject_id, checked.reason, checked.score)
+        return Verdict(cam, track.track_id, checked, track.face_crop)
 
     def _checked(self, cam: CameraState, d: Decision, flight: str | None, now: float) -> Decision:
         if d.type == "accept" and self._too_old(cam, d.captured_at, now):

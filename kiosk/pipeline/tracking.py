@@ -30,6 +30,8 @@ class Track:
     last_embedded: int = -1  # verifier step of the last embedding (fair rationing)
     embedded_hits: int = 0  # `hits` at the last embedding (when the next identity check is due)
     times_embedded: int = 0  # embeddings so far (fair rationing: the fewest go first among equals)
+    face_crop: np.ndarray | None = None  # the aligned face last embedded (the console shows it per decision)
+    outcome: tuple[str, str | None, str | None, float | None] | None = None  # decided: type, subject, reason, score
 
     @property
     def width(self) -> float:

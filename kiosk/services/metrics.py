@@ -152,6 +152,8 @@ class VerifierMetrics:
         self.purges = Counter("kiosk_flights_purged", "flights whose passengers' templates were purged after "
                               "departure", registry=r)
         self.bad_messages = Counter("kiosk_bad_messages", "malformed messages dropped", registry=r)
+        self.previews = Counter("kiosk_preview_frames", "preview frames sent to a watching console", ["gate"],
+                                registry=r)
         self.decisions = Counter("kiosk_decisions", "decisions published", ["gate", "type", "reason"], registry=r)
         self.embeddings_deferred = Counter("kiosk_embeddings_deferred", "faces whose embedding waited for a later "
                                            "frame (policy.max_embeddings_per_frame)", registry=r)

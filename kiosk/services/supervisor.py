@@ -83,13 +83,14 @@ class Supervisor:
             argv += ["--jsonl", str(cfg.resolve(sub.jsonl))] if sub.jsonl else []
             argv += ["--metrics-port", str(sub.metrics_port)] if sub.metrics_port else []
             self.subscribers.append(Child(f"subscriber {sub.name}", argv, restart_on_success=True))
+        self.console = Child("console", base + ["console"], restart_on_success=True) if cfg.console.enabled else None
         if cfg.hooks.python:  # all gates, every event once
             self.subscribers.append(Child("subscriber hooks.python", base + ["subscribe", "--name", "hooks-python"],
                                           restart_on_success=True))
 
     @property
     def children(self) -> list[Child]:
-        return [self.verifier, *self.captures, *self.subscribers]
+        return [self.verifier, *self.captures, *self.subscribers, *([self.console] if self.console else [])]
 
     def stop(self) -> None:
         self._stop.set()
@@ -148,13 +149,15 @@ class Supervisor:
         keys_dir = self.cfg.resolve(self.cfg.security.keys_dir)
         if self.cfg.security.curve:
             made = init_keys(keys_dir, client_name=self.cfg.security.client_key)
+            if self.console is not None:  # the console's own key: it may listen, never send frames or claims
+                made += init_keys(keys_dir, client_name=self.cfg.console.key, role="subscriber")
             if made:
                 log.info("made CurveZMQ keys and the webhook secret in %s", keys_dir)
         elif self.cfg.hooks.sign_webhooks and not self.cfg.hooks.webhook_secret_file and \
                 any(sub.webhook for sub in self.cfg.subscribers):  # only the default place is ours to fill
             if make_secret(secret_path(self.cfg)):
                 log.info("made the webhook secret %s", secret_path(self.cfg))
-        for child in self.subscribers:  # first, so they see the verifier's first heartbeat
+        for child in self.subscribers + ([self.console] if self.console else []):  # first: they hear the first heartbeat
             self._start(child)
         self._start(self.verifier)
         time.sleep(0.2)  # let the verifier bind before the captures connect (they retry anyway)
@@ -183,7 +186,7 @@ class Supervisor:
         """Stop the captures and the verifier first, and the subscribers last, once they have told the gates:
         a clean stop sends a last heartbeat (`stopping`) that they pass on as `verifier_down` at once; after a
         failure they need the heartbeat window to notice."""
-        self._stop_children([self.verifier, *self.captures])
+        self._stop_children([self.verifier, *self.captures, *([self.console] if self.console else [])])
         if any(c.proc is not None for c in self.subscribers):
             hb = self.cfg.heartbeat
             time.sleep(hb.interval_s * hb.misses + 0.5 if self.failed else 1.0)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import zmq
 
 from kiosk.cli_support import serve, warn_if_readable_by_others
@@ -36,6 +37,7 @@ from kiosk.messaging.messages import CaptureHealth, Event, encode_json
 from kiosk.pipeline.policy import Decision
 from kiosk.services.audit import AuditLog, RecentEvents, read_tail
 from kiosk.services.metrics import VerifierMetrics
+from kiosk.services.preview import PreviewFace, PreviewPublisher
 from kiosk.services.metrics import serve as serve_metrics
 from kiosk.messaging.transport import FRAME_HWM, Transport, client_public_key
 from kiosk.pipeline.core import CameraState, Verdict, VerifierCore
@@ -83,6 +85,7 @@ class Verifier:
         self.events = self.transport.event_publisher()
         self.control = self.transport.control_server()
         self.history = self.transport.history_server()
+        self.previews = PreviewPublisher(self.transport.preview_publisher(), cfg.console.preview_fps)
         audit_path = cfg.resolve(cfg.audit.path)
         self._recall_accepts(audit_path)
         self.audit = AuditLog(audit_path, cfg.retention.audit_days)
@@ -204,7 +207,11 @@ class Verifier:
         poller.register(self.frames, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.history, zmq.POLLIN)
+        poller.register(self.previews.sock, zmq.POLLIN)
         ready = dict(poller.poll(0 if self.core.has_pending() else timeout_ms))
+        if self.previews.sock in ready:
+            self.previews.poll()
+            self.core.preview_gates = {g for g in self._gates if self.previews.watched(g)}
         if self.control in ready:
             self._handle_control()
         if self.history in ready:
@@ -213,7 +220,34 @@ class Verifier:
             self._drain()
         self._publish_all(self.core.step(time.time()))
         self._publish_all(self.core.tick(time.time()))
+        if self.core.preview_gates:
+            self._send_previews()
         self._housekeeping()
+
+    def _send_previews(self) -> None:
+        """The last frame of each watched gate, with its faces' boxes, tracks and decisions, at the console's
+        rate (one camera's frame per gate and interval)."""
+        for cam in self.cameras.values():
+            view, cam.view = cam.view, None
+            if view is None or not self.previews.due(cam.gate_id):
+                continue
+            frame, boxes, tracks = view
+            faces = []
+            for track in tracks:
+                outcome = track.outcome
+                if outcome is None:
+                    faces.append(PreviewFace([], track.track_id, "collecting"))
+                else:
+                    kind, subject, reason, score = outcome
+                    faces.append(PreviewFace([], track.track_id, "accepted" if kind == "accept" else "rejected",
+                                             subject, reason, None if score is None else round(score, 3)))
+            try:
+                self.previews.send_frame(cam.gate_id, cam.camera_id, frame.image, boxes, faces,
+                                         seq=frame.header.seq, captured_at=frame.header.captured_at)
+            except (ValueError, cv2.error) as exc:  # never a reason to stop deciding
+                log.warning("preview of gate %s not sent: %s", cam.gate_id, exc)
+                continue
+            self.metrics.previews.labels(gate=cam.gate_id).inc()
 
     def _drain(self) -> None:
         """Read waiting messages into the core, until a replay camera's backlog is full (back-pressure)."""
@@ -286,6 +320,11 @@ class Verifier:
         self._event_seq[cam.gate_id] = event.event_seq or 0
         self.recent.add(event)
         self.events.send_multipart([event.topic(), event.to_json()])
+        if verdict.crop is not None and self.previews.wants_crops(cam.gate_id):
+            try:
+                self.previews.send_crop(cam.gate_id, dataclasses.asdict(event), verdict.crop)
+            except (ValueError, cv2.error) as exc:
+                log.warning("decision crop of %s not sent: %s", event.event_id, exc)
         self.metrics.observe_stage("publish", (time.perf_counter() - t0) * 1000)
         self.metrics.decisions.labels(gate=cam.gate_id, type=d.type, reason=d.reason or "").inc()
         self.metrics.observe_decision(cam.gate_id, event.latency_ms or 0.0)
@@ -409,6 +448,7 @@ class Verifier:
                                       else None}
                         for c in self.cameras.values()},
             "claims": {g: c.subject_id for g, c in self.core.policy.claims.items()},
+            "previews": self.previews.status(),
             "gates": {g: {"flight_id": self.core.flights.flight_of(g),
                           "processing": not self.core.flights.idle(g)} for g in sorted(self._gates)},
         }

@@ -1,0 +1,317 @@
+"""`kiosk console`: the operator console, a Starlette app served by uvicorn.
+
+Pages (plain HTML/CSS/JS from kiosk/console/static, nothing fetched from elsewhere): `/` every gate at a
+glance and the decision feed; `/gate/{gate}` one gate's live view (frames with face boxes, track states) and its
+decisions with the face crop each was made on. JSON for other tools: `/api/status`, `/api/events`,
+`/api/crops/{event_id}`; `/api/gates/{gate}/live` is the live view's server-sent event stream.
+
+Every path but the login page needs a session: a page without one is redirected to `/login`, anything else
+answers 401. The session cookie is HttpOnly and SameSite=Strict (Secure under TLS). Responses are never cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+from http.cookies import SimpleCookie
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from kiosk.config import KioskConfig
+from kiosk.console.auth import PasswordCheck, Sessions
+from kiosk.console.state import ConsoleState
+from kiosk.errors import ConfigError
+from kiosk.messaging.transport import init_keys
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+COOKIE = "kiosk_session"
+PUBLIC = {("GET", "/login"), ("POST", "/login")}
+HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+           (b"referrer-policy", b"no-referrer"),
+           (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+                                        b"script-src 'self'; connect-src 'self'; frame-ancestors 'none'")]
+STATIC_FILES = {"console.css": "text/css", "console.js": "text/javascript"}
+FLIGHTS_EVERY_S = 2.0
+
+
+class Guard:
+    """ASGI middleware: the session check in front of every path but the login page, and the headers every
+    response carries."""
+
+    def __init__(self, app: ASGIApp, sessions: Sessions) -> None:
+        self.app = app
+        self.sessions = sessions
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + HEADERS
+            await send(message)
+
+        if (scope["method"], scope["path"]) not in PUBLIC and not self.sessions.valid(session_of(scope)):
+            if scope["method"] == "GET" and not scope["path"].startswith(("/api/", "/static/")):
+                response: Response = RedirectResponse("/login", status_code=303)
+            else:
+                response = JSONResponse({"error": "login required"}, status_code=401)
+            await response(scope, receive, send_with_headers)
+            return
+        await self.app(scope, receive, send_with_headers)
+
+
+def session_of(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"cookie":
+            cookie: SimpleCookie = SimpleCookie()
+            try:
+                cookie.load(value.decode("latin-1"))
+            except Exception:  # noqa: BLE001 - a malformed cookie header is no session
+                return None
+            if COOKIE in cookie:
+                return cookie[COOKIE].value
+    return None
+
+
+def build_app(state: ConsoleState, check: PasswordCheck, sessions: Sessions, *, secure: bool,
+              preview_fps: float) -> ASGIApp:
+    login_page = (STATIC / "login.html").read_text()
+
+    def login_form(error: str = "", status: int = 200) -> Response:
+        note = f'<p class="error" id="login-error">{error}</p>' if error else ""
+        return Response(login_page.replace("<!--error-->", note), status_code=status, media_type="text/html")
+
+    async def get_login(request: Request) -> Response:
+        return login_form()
+
+    async def post_login(request: Request) -> Response:
+        client = request.client.host if request.client else "?"
+        if sessions.throttled(client):
+            log.warning("console: login from %s refused: too many wrong passwords, wait a minute", client)
+            return login_form("Too many wrong passwords; wait a minute.", 429)
+        try:
+            form = await request.form(max_files=0, max_fields=4, max_part_size=4096)
+            password = str(form.get("password") or "")
+        except Exception:  # noqa: BLE001 - a malformed form is a wrong password
+            password = ""
+        ok = await asyncio.get_running_loop().run_in_executor(None, check.matches, password)
+        if not ok:
+            sessions.failed(client)
+            log.warning("console: wrong password from %s", client)
+            await asyncio.sleep(0.5)
+            return login_form("Wrong password.", 401)
+        log.info("console: login from %s", client)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(COOKIE, sessions.create(), httponly=True, samesite="strict", secure=secure, path="/")
+        return response
+
+    async def post_logout(request: Request) -> Response:
+        sessions.drop(request.cookies.get(COOKIE))
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    async def overview(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    async def gate_page(request: Request) -> Response:
+        if request.path_params["gate"] not in state.gates:
+            return JSONResponse({"error": "no such gate"}, status_code=404)
+        return FileResponse(STATIC / "gate.html", media_type="text/html")
+
+    async def static(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in STATIC_FILES:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        return FileResponse(STATIC / name, media_type=STATIC_FILES[name])
+
+    async def api_status(request: Request) -> Response:
+        return JSONResponse(state.status())
+
+    async def api_events(request: Request) -> Response:
+        gate = request.query_params.get("gate")
+        try:
+            limit = max(1, min(200, int(request.query_params.get("limit", "50"))))
+        except ValueError:
+            return JSONResponse({"error": "limit must be a number"}, status_code=400)
+        return JSONResponse({"events": state.events(gate, limit)})
+
+    async def api_crop(request: Request) -> Response:
+        jpeg = state.crop(request.path_params["event_id"])
+        if jpeg is None:
+            return JSONResponse({"error": "no crop kept for this decision"}, status_code=404)
+        return Response(jpeg, media_type="image/jpeg")
+
+    async def api_live(request: Request) -> Response:
+        gate = request.path_params["gate"]
+        if gate not in state.gates:
+            return JSONResponse({"error": "no such gate"}, status_code=404)
+
+        async def stream():  # noqa: ANN202 - server-sent events: one preview per message
+            state.watch(gate)
+            seen, quiet_since = 0, time.monotonic()
+            try:
+                yield "retry: 2000\n\n"
+                while True:
+                    found = state.preview(gate)
+                    if found is not None and found[0] != seen:
+                        seen, header, jpeg = found
+                        body = json.dumps({"header": header, "jpeg": base64.b64encode(jpeg).decode()})
+                        yield f"event: frame\ndata: {body}\n\n"
+                        quiet_since = time.monotonic()
+                    elif time.monotonic() - quiet_since > 10:
+                        yield ": waiting for frames\n\n"  # keeps proxies from closing a quiet stream
+                        quiet_since = time.monotonic()
+                    await asyncio.sleep(min(0.05, 0.5 / preview_fps))
+            finally:
+                state.unwatch(gate)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    routes = [
+        Route("/login", get_login, methods=["GET"]),
+        Route("/login", post_login, methods=["POST"]),
+        Route("/logout", post_logout, methods=["POST"]),
+        Route("/", overview, methods=["GET"]),
+        Route("/gate/{gate}", gate_page, methods=["GET"]),
+        Route("/static/{name}", static, methods=["GET"]),
+        Route("/api/status", api_status, methods=["GET"]),
+        Route("/api/events", api_events, methods=["GET"]),
+        Route("/api/crops/{event_id}", api_crop, methods=["GET"]),
+        Route("/api/gates/{gate}/live", api_live, methods=["GET"]),
+    ]
+    return Guard(Starlette(routes=routes), sessions)
+
+
+def _listen(cfg: KioskConfig) -> tuple[str, int, bool]:
+    """Host, port and whether TLS is on; a non-loopback address without TLS is refused unless overridden."""
+    host, _, port = cfg.console.listen.rpartition(":")
+    host = host.strip("[]")
+    tls = cfg.console.tls_cert is not None
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not tls and not cfg.console.insecure_http:
+        raise ConfigError(f"console.listen: {cfg.console.listen} is not a loopback address and the console has no TLS: "
+                          "frames are biometric data and the password would cross the network in clear. Set "
+                          "console.tls_cert and console.tls_key, or (behind a TLS-terminating proxy) "
+                          "console.insecure_http: true")
+    for key in ("tls_cert", "tls_key"):
+        path = getattr(cfg.console, key)
+        if path is not None and not cfg.resolve(path).is_file():
+            raise ConfigError(f"console.{key}: {cfg.resolve(path)}: no such file")
+    return host, int(port), tls
+
+
+def _bind(host: str, port: int, listen: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"console.listen: cannot listen on {listen}: {exc.strerror or exc}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _follow_flights(cfg: KioskConfig, state: ConsoleState, stop: threading.Event) -> None:
+    """Boarded and remaining counts of the flights the gates board, from the store, if this host can reach it
+    (else the overview shows the gallery size only)."""
+    from kiosk.store.flights import open_store
+
+    store = gallery = None
+    warned = False
+    while not stop.wait(FLIGHTS_EVERY_S):
+        with state.lock:
+            flights = {str((g or {}).get("flight_id")) for g in ((state.verifier or {}).get("gates") or {}).values()
+                       if (g or {}).get("flight_id")}
+        if not flights:
+            continue
+        try:
+            if store is None:
+                gallery, store = open_store(cfg)
+            counts = {}
+            for flight_id in flights:
+                flight = store.flight(flight_id)
+                if flight is not None:
+                    counts[flight_id] = {"passengers": flight.passengers, "boarded": flight.boarded}
+            with state.lock:
+                state.flights = counts
+            warned = False
+        except Exception as exc:  # noqa: BLE001 - the counts are a nicety; the console goes on without them
+            if not warned:
+                log.warning("console: boarding counts unavailable (%s); showing gates without them", exc)
+                warned = True
+            if gallery is not None:
+                gallery.close()
+            gallery = store = None
+    if gallery is not None:
+        gallery.close()
+
+
+def run_console(cfg: KioskConfig) -> int:
+    """Serve the console until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from kiosk.console.feed import ConsoleFeed
+
+    if cfg.console.password_file is None:
+        raise ConfigError("console.password_file: the console needs a password file (one line: the password, or "
+                          "a hash from `kiosk console --hash-password`)")
+    check = PasswordCheck.from_file(cfg.resolve(cfg.console.password_file))
+    host, port, tls = _listen(cfg)
+    gates: dict[str, list[str]] = {}
+    for cam in cfg.cameras:
+        gates.setdefault(cam.gate, []).append(cam.id)
+    hb = cfg.heartbeat
+    state = ConsoleState(gates, crops=cfg.console.crops, heartbeat_timeout_s=hb.interval_s * hb.misses,
+                         crops_dir=cfg.resolve(cfg.console.crops_dir) if cfg.console.crops_dir else None)
+    keys = cfg.resolve(cfg.security.keys_dir)
+    if cfg.security.curve and (keys / "server.key_secret").is_file() and \
+            not (keys / f"{cfg.console.key}.key_secret").exists():  # the verifier's host: make the console's key
+        init_keys(keys, client_name=cfg.console.key, role="subscriber")
+        log.info("made the console's CurveZMQ key %s (subscriber allow-list)", keys / f"{cfg.console.key}.key_secret")
+    feed = ConsoleFeed(cfg, state)
+    sock = _bind(host, port, cfg.console.listen)
+    stop = threading.Event()
+    app = build_app(state, check, Sessions(), secure=tls, preview_fps=cfg.console.preview_fps)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
+                            ssl_certfile=str(cfg.resolve(cfg.console.tls_cert)) if tls else None,
+                            ssl_keyfile=str(cfg.resolve(cfg.console.tls_key)) if tls else None)
+    server = uvicorn.Server(config)
+    feed.start()
+    threading.Thread(target=_follow_flights, args=(cfg, state, stop), name="console-flights", daemon=True).start()
+    log.info("console on %s://%s (%d gate(s)); log in with the password in %s", "https" if tls else "http",
+             cfg.console.listen, len(gates), cfg.resolve(cfg.console.password_file))
+    started = time.monotonic()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it stopped on: end with 0 here
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        stop.set()
+        feed.stop()
+        sock.close()
+    log.info("console stopped after %.0f s", time.monotonic() - started)
+    return 0
+

@@ -1,0 +1,126 @@
+"""The console's ZeroMQ side: one thread that hears the verifier's events and heartbeat, its decision crops,
+and (only for the gates someone has open in a browser) its preview frames.
+
+It connects with the console's own CurveZMQ key (`console.key`, a subscriber: it can listen, never send
+frames or claims). Every message is validated and a bad one is dropped and counted; subscriptions change only
+in this thread (ZeroMQ sockets are not thread-safe), on the viewers' requests queued in ConsoleState.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from kiosk.config import KioskConfig
+from kiosk.console.state import ConsoleState
+from kiosk.messaging.channels import EventChannel
+from kiosk.messaging.messages import CaptureHealth, Event, Heartbeat
+from kiosk.messaging.transport import Transport
+from kiosk.services.preview import crop_topic, preview_topic
+
+log = logging.getLogger(__name__)
+
+HEADER_MAX = 64 * 1024
+BAD_LOG_EVERY_S = 30.0
+
+
+class ConsoleFeed:
+    def __init__(self, cfg: KioskConfig, state: ConsoleState) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.transport = Transport(cfg, role="console", client_key=cfg.console.key)
+        self.events = EventChannel(self.transport.event_subscriber(["event.", "health."]), self._bad)
+        self.previews = self.transport.preview_subscriber()
+        for gate in state.gates:
+            self.previews.setsockopt(zmq.SUBSCRIBE, crop_topic(gate))
+        self._stop = threading.Event()
+        self._last_bad_log = 0.0
+        self.thread = threading.Thread(target=self._run, name="console-feed", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.transport.close()
+
+    def _bad(self, why: str) -> None:
+        self.state.bad_messages += 1
+        now = time.monotonic()
+        if now - self._last_bad_log >= BAD_LOG_EVERY_S:
+            self._last_bad_log = now
+            log.warning("dropped a malformed message (%d so far): %s", self.state.bad_messages, why)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.events.sock, zmq.POLLIN)
+        poller.register(self.previews, zmq.POLLIN)
+        while not self._stop.is_set():
+            self._apply_watchers()
+            ready = dict(poller.poll(100))
+            for _ in range(64):  # bounded per round: the watcher changes and the clock are looked at too
+                message = self.events.recv(0) if self.events.sock in ready else None
+                if message is None:
+                    break
+                self._on_event(message)
+            if self.previews in ready:
+                for _ in range(16):
+                    try:
+                        parts = self.previews.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_preview(parts)
+            self.state.check_verifier()
+
+    def _apply_watchers(self) -> None:
+        while True:
+            with self.state.lock:
+                if not self.state.changes:
+                    return
+                what, gate = self.state.changes.popleft()
+            option = zmq.SUBSCRIBE if what == "watch" else zmq.UNSUBSCRIBE
+            self.previews.setsockopt(option, preview_topic(gate))
+            log.info("console: %s gate %s's preview", "watching" if what == "watch" else "stopped watching", gate)
+
+    def _on_event(self, message: Event | Heartbeat | CaptureHealth) -> None:
+        if isinstance(message, Heartbeat):
+            self.state.add_heartbeat(message.body)
+        elif isinstance(message, CaptureHealth):
+            self.state.add_capture_health(message.camera_id, message.body)
+        else:
+            from dataclasses import asdict
+
+            self.state.add_event(asdict(message))
+
+    def _on_preview(self, parts: list[bytes]) -> None:
+        try:
+            if len(parts) != 3:
+                raise ValueError(f"expected 3 parts, got {len(parts)}")
+            topic, raw, jpeg = parts
+            if len(raw) > HEADER_MAX:
+                raise ValueError("header too large")
+            header: Any = json.loads(raw)
+            if not isinstance(header, dict) or header.get("v") != 1:
+                raise ValueError("header is not a version 1 object")
+            if not jpeg.startswith(b"\xff\xd8"):
+                raise ValueError("not a JPEG")
+            gate = str(header.get("gate_id"))
+            if gate not in self.state.gates:
+                raise ValueError(f"gate {gate[:40]!r} is not configured")
+            if topic == preview_topic(gate):
+                faces = header.get("faces")
+                if not isinstance(faces, list) or len(faces) > 100:
+                    raise ValueError("faces must be a list (at most 100)")
+                self.state.add_preview(gate, header, jpeg)
+            elif topic == crop_topic(gate):
+                self.state.add_crop(header, jpeg)
+            else:
+                raise ValueError(f"topic {topic[:40]!r} does not match gate {gate[:40]!r}")
+        except (ValueError, TypeError, RecursionError) as exc:
+            self._bad(f"preview: {exc}"[:300])

@@ -1,0 +1,188 @@
+"""What the console knows, fed by its ZeroMQ listener and read by the web handlers (thread-safe, bounded).
+
+Everything is in memory and bounded: the last FEED_SIZE events, the face crops of the last `console.crops`
+decisions, one preview frame per gate. Nothing biometric is written anywhere unless `console.crops_dir` names
+a folder for the crops.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FEED_SIZE = 200
+ALERT_TYPES = {"verifier_down", "camera_down"}
+ALERT_REASONS = {"wrong_flight", "already_boarded", "presentation_attack", "store_unavailable",
+                 "gallery_unavailable", "audit_unavailable", "liveness_unverified"}
+
+
+def is_alert(event: dict[str, Any]) -> bool:
+    return event.get("type") in ALERT_TYPES or event.get("reason") in ALERT_REASONS
+
+
+class ConsoleState:
+    def __init__(self, gates: dict[str, list[str]], *, crops: int, heartbeat_timeout_s: float,
+                 crops_dir: Path | None = None) -> None:
+        self.gates = gates  # gate -> its cameras (from the config)
+        self.max_crops = crops
+        self.crops_dir = crops_dir
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.lock = threading.Lock()
+        self.verifier: dict[str, Any] | None = None
+        self.verifier_at = 0.0
+        self.verifier_state = "unknown"  # up | down | unknown (never heard)
+        self.captures: dict[str, dict[str, Any]] = {}
+        self.feed: deque[dict[str, Any]] = deque(maxlen=FEED_SIZE)
+        self.last: dict[str, dict[str, Any]] = {}  # gate -> its last decision
+        self.crops: OrderedDict[str, tuple[bytes, dict[str, Any]]] = OrderedDict()
+        self.previews: dict[str, tuple[int, dict[str, Any], bytes]] = {}  # gate -> (counter, header, jpeg)
+        self.flights: dict[str, dict[str, int]] = {}  # flight -> passengers, boarded (from the store, if reachable)
+        self.viewers: dict[str, int] = {}
+        self.changes: deque[tuple[str, str]] = deque()  # ("watch" | "unwatch", gate) for the listener
+        self._counter = 0
+        self.bad_messages = 0
+
+    # -- fed by the listener ---------------------------------------------------
+    def add_event(self, event: dict[str, Any]) -> None:
+        event = {**event, "alert": is_alert(event)}
+        with self.lock:
+            self.feed.appendleft(event)
+            if event.get("gate_id") in self.gates:
+                self.last[str(event["gate_id"])] = event
+
+    def add_heartbeat(self, body: dict[str, Any]) -> None:
+        """The verifier's heartbeat; a camera that went down (or came back) since the last one is an event in
+        the feed (down: an alert)."""
+        now = time.time()
+        changes = []
+        with self.lock:
+            before = (self.verifier or {}).get("cameras") or {}
+            for cid, cam in (body.get("cameras") or {}).items():
+                if not isinstance(cam, dict) or cid not in before:
+                    continue
+                was, state = (before.get(cid) or {}).get("state"), cam.get("state")
+                if state != was and "down" in (state, was):
+                    changes.append({"type": "camera_down" if state == "down" else "camera_up",
+                                    "gate_id": cam.get("gate_id"), "camera_id": cid, "decided_at": now,
+                                    "reason": cam.get("last_error") or None})
+            self.verifier, self.verifier_at = body, now
+            self.verifier_state = "down" if body.get("status") == "stopping" else "up"
+        for change in changes:
+            self.add_event(change)
+
+    def add_capture_health(self, camera_id: str, body: dict[str, Any]) -> None:
+        with self.lock:
+            self.captures[camera_id] = {**body, "received_at": time.time()}
+
+    def add_preview(self, gate: str, header: dict[str, Any], jpeg: bytes) -> None:
+        with self.lock:
+            self._counter += 1
+            self.previews[gate] = (self._counter, header, jpeg)
+
+    def add_crop(self, header: dict[str, Any], jpeg: bytes) -> None:
+        event_id = str(header.get("event_id") or "")
+        if not event_id:
+            return
+        with self.lock:
+            self.crops[event_id] = (jpeg, header)
+            while len(self.crops) > self.max_crops:
+                self.crops.popitem(last=False)
+        if self.crops_dir is not None:
+            try:
+                self.crops_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                path = self.crops_dir / f"{event_id[:64]}.jpg"
+                path.write_bytes(jpeg)
+                path.chmod(0o600)
+            except OSError as exc:
+                log.warning("decision crop not kept in %s: %s", self.crops_dir, exc)
+
+    def check_verifier(self) -> None:
+        """A heartbeat missing for longer than the timeout: the verifier is down (an alert in the feed)."""
+        with self.lock:
+            silent = self.verifier_state == "up" and time.time() - self.verifier_at > self.heartbeat_timeout_s
+        if silent:
+            with self.lock:
+                self.verifier_state = "down"
+            for gate in self.gates:
+                self.add_event({"type": "verifier_down", "gate_id": gate, "decided_at": time.time(),
+                                "reason": f"no heartbeat for {self.heartbeat_timeout_s:g} s"})
+            log.warning("verifier heartbeat missing for %.0f s", self.heartbeat_timeout_s)
+
+    # -- viewers (the web handlers) ----------------------------------------------
+    def watch(self, gate: str) -> None:
+        with self.lock:
+            self.viewers[gate] = self.viewers.get(gate, 0) + 1
+            if self.viewers[gate] == 1:
+                self.changes.append(("watch", gate))
+
+    def unwatch(self, gate: str) -> None:
+        with self.lock:
+            self.viewers[gate] = max(0, self.viewers.get(gate, 0) - 1)
+            if self.viewers[gate] == 0:
+                self.changes.append(("unwatch", gate))
+                self.previews.pop(gate, None)  # an old frame is never shown to the next viewer
+
+    def preview(self, gate: str) -> tuple[int, dict[str, Any], bytes] | None:
+        with self.lock:
+            return self.previews.get(gate)
+
+    def crop(self, event_id: str) -> bytes | None:
+        with self.lock:
+            found = self.crops.get(event_id)
+        return found[0] if found else None
+
+    # -- views -----------------------------------------------------------------
+    def events(self, gate: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        with self.lock:
+            chosen = [e for e in self.feed if gate is None or e.get("gate_id") == gate][:limit]
+            return [{**e, "has_crop": str(e.get("event_id")) in self.crops} for e in chosen]
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        with self.lock:
+            hb = self.verifier or {}
+            cams = hb.get("cameras") or {}
+            gates_hb = hb.get("gates") or {}
+            gallery = hb.get("gallery") or {}
+            verifier = {"state": self.verifier_state,
+                        "heartbeat_age_s": round(now - self.verifier_at, 1) if self.verifier_at else None,
+                        "status": hb.get("status"), "fps": hb.get("fps"),
+                        "frame_latency_ms": hb.get("frame_latency_ms"),
+                        "decision_latency_ms": hb.get("decision_latency_ms"),
+                        "gallery": {"subjects": gallery.get("subjects"), "stale": gallery.get("stale")},
+                        "providers": hb.get("providers"), "last_error": hb.get("last_error")}
+            gates = []
+            for gate, cameras in sorted(self.gates.items()):
+                camera_states = []
+                for cid in cameras:
+                    c = cams.get(cid) or {}
+                    state = c.get("state", "unknown") if self.verifier_state == "up" else "unknown"
+                    camera_states.append({"camera_id": cid, "state": state, "last_error": c.get("last_error"),
+                                          "last_frame_age_s": c.get("last_frame_age_s")})
+                states = {c["state"] for c in camera_states}
+                flight_id = (gates_hb.get(gate) or {}).get("flight_id")
+                flight = self.flights.get(flight_id) if flight_id else None
+                last = self.last.get(gate)
+                gates.append({
+                    "gate_id": gate,
+                    "camera_state": "down" if "down" in states else "up" if states <= {"up", "ended"} and states
+                    else "unknown",
+                    "cameras": camera_states,
+                    "verifier_state": self.verifier_state,
+                    "flight_id": flight_id,
+                    "flight": None if flight is None else {**flight,
+                                                           "remaining": flight["passengers"] - flight["boarded"]},
+                    "gallery_subjects": gallery.get("subjects"),
+                    "last_decision": None if last is None else
+                    {k: last.get(k) for k in ("event_id", "type", "subject_id", "display_name", "score", "reason",
+                                              "latency_ms", "decided_at", "alert")},
+                    "watched": self.viewers.get(gate, 0) > 0,
+                })
+            alerts = [e for e in self.feed if e.get("alert")][:10]
+        return {"verifier": verifier, "gates": gates, "alerts": alerts, "time": now}

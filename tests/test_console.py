@@ -1,0 +1,315 @@
+"""The operator console: its login, the verifier's previews (sent only while watched, at the console's rate),
+and the whole page in a real headless Chromium against `kiosk run` on a video the test makes."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import time
+import urllib.parse
+from pathlib import Path
+
+import cv2
+import pytest
+import zmq
+
+from kiosk.config import load_config
+from kiosk.console.auth import PasswordCheck, Sessions, hash_password
+from kiosk.console.state import ConsoleState
+from kiosk.errors import ConfigError
+from kiosk.messaging.transport import Transport, free_port
+from kiosk.services.preview import preview_topic
+from kiosk.tools.scenes import Walk
+from tests.conftest import run_cli
+from tests.pipeline_helpers import kiosk, live_gate, make_video, people, stop, write_config
+
+PASSWORD = "correct horse battery"
+
+
+def test_password_file_plain_or_hashed_and_sessions(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_text(PASSWORD + "\n")
+    check = PasswordCheck.from_file(plain)
+    assert check.matches(PASSWORD) and not check.matches(PASSWORD + "x") and not check.matches("")
+    hashed = tmp_path / "hashed"
+    hashed.write_text(hash_password(PASSWORD, n=2**10) + "\n")
+    assert PasswordCheck.from_file(hashed).matches(PASSWORD)
+    for text, why in (("", "is empty"), ("short", "shorter than 8"), ("scrypt$1$2$3$!!$!!", "scrypt\\$N\\$r")):
+        bad = tmp_path / "bad"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=why):
+            PasswordCheck.from_file(bad)
+    sessions = Sessions(ttl_s=0.2)
+    token = sessions.create()
+    assert sessions.valid(token) and not sessions.valid("made-up") and not sessions.valid(None)
+    time.sleep(0.25)
+    assert not sessions.valid(token)  # expired
+    for _ in range(5):
+        sessions.failed("10.0.0.9")
+    assert sessions.throttled("10.0.0.9") and not sessions.throttled("10.0.0.8")
+
+
+def test_console_state_alerts_bounds_and_viewers():
+    state = ConsoleState({"A1": ["cam-a1"], "B2": ["cam-b2"]}, crops=3, heartbeat_timeout_s=0.2)
+    cams = {"cam-a1": {"gate_id": "A1", "state": "up"}, "cam-b2": {"gate_id": "B2", "state": "up"}}
+    state.add_heartbeat({"status": "ok", "cameras": cams, "gates": {"A1": {"flight_id": "LH123"}}})
+    state.add_heartbeat({"status": "degraded", "cameras": {**cams, "cam-b2": {"gate_id": "B2", "state": "down",
+                                                                               "last_error": "no frame for 6 s"}}})
+    status = state.status()
+    assert [(g["gate_id"], g["camera_state"]) for g in status["gates"]] == [("A1", "up"), ("B2", "down")]
+    assert [(a["type"], a["gate_id"], a["reason"]) for a in status["alerts"]] == [
+        ("camera_down", "B2", "no frame for 6 s")]
+    state.add_event({"type": "reject", "reason": "already_boarded", "gate_id": "A1", "event_id": "e1"})
+    state.add_event({"type": "accept", "gate_id": "A1", "event_id": "e2", "subject_id": "PARKER"})
+    assert state.status()["gates"][0]["last_decision"]["subject_id"] == "PARKER"
+    assert [e["event_id"] for e in state.events("A1") if e["alert"]] == ["e1"]
+    for i in range(5):
+        state.add_crop({"event_id": f"c{i}", "gate_id": "A1"}, b"\xff\xd8jpeg")
+    assert list(state.crops) == ["c2", "c3", "c4"] and state.crop("c0") is None  # the last `crops` only
+    time.sleep(0.25)
+    state.check_verifier()  # no heartbeat for longer than the timeout
+    assert state.status()["verifier"]["state"] == "down"
+    assert {(e["type"], e["gate_id"]) for e in state.events() if e["alert"]} >= {("verifier_down", "A1"),
+                                                                                 ("verifier_down", "B2")}
+    state.watch("A1")
+    state.watch("A1")  # a second viewer of the same gate: no second subscription
+    state.add_preview("A1", {"faces": []}, b"\xff\xd8")
+    state.unwatch("A1")
+    assert list(state.changes) == [("watch", "A1")] and state.preview("A1") is not None
+    state.unwatch("A1")
+    assert list(state.changes) == [("watch", "A1"), ("unwatch", "A1")] and state.preview("A1") is None
+
+
+def test_hash_password_command_and_a_console_refused_off_loopback_without_tls(tmp_path):
+    out = run_cli("kiosk", "console", "--hash-password", stdin=PASSWORD + "\n")
+    assert out.returncode == 0 and PasswordCheck(out.stdout.strip()).matches(PASSWORD)
+    (tmp_path / "pw").write_text(PASSWORD)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "none.avi"}],
+                          console={"listen": "0.0.0.0:8088", "password_file": "pw"})
+    result = run_cli("kiosk", "-c", str(config), "console", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "not a loopback address and the console has no TLS" in result.stderr
+    config.write_text(config.read_text().replace("password_file: pw", "password_file: missing"))
+    result = run_cli("kiosk", "-c", str(config), "console", timeout=60)
+    assert result.returncode == 2 and "missing: no such file" in result.stderr
+
+
+def test_the_console_over_tls_on_another_address(tmp_path):
+    """Off loopback with a certificate: it serves HTTPS, and the session cookie is Secure."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl command to make a test certificate")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "tls.key"),
+                    "-out", str(tmp_path / "tls.crt"), "-days", "1", "-subj", "/CN=localhost"], check=True,
+                   capture_output=True, timeout=60)
+    (tmp_path / "pw").write_text(PASSWORD)
+    port = free_port()
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "none.avi"}],
+                          console={"listen": f"0.0.0.0:{port}", "password_file": "pw", "tls_cert": "tls.crt",
+                                   "tls_key": "tls.key"})
+    console = kiosk(config, "console")
+    context = ssl.create_default_context(cafile=str(tmp_path / "tls.crt"))
+    context.check_hostname = False
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+                conn.request("POST", "/login", "password=" + urllib.parse.quote(PASSWORD),
+                             {"Content-Type": "application/x-www-form-urlencoded"})
+                answer = conn.getresponse()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and console.poll() is None, "the console did not start"
+                time.sleep(0.3)
+        cookie = answer.getheader("Set-Cookie") or ""
+        assert answer.status == 303 and "Secure" in cookie and "HttpOnly" in cookie
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        conn.request("GET", "/api/status", headers={"Cookie": cookie.split(";")[0]})
+        status = json.loads(conn.getresponse().read())
+        assert [(g["gate_id"], g["verifier_state"]) for g in status["gates"]] == [("A1", "unknown")]
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=5)  # no plain HTTP on the TLS port
+        try:
+            plain.request("GET", "/login")
+            code = plain.getresponse().status
+        except (OSError, http.client.HTTPException):
+            code = None
+        assert code != 200
+    finally:
+        _, err = stop(console)
+    assert "Traceback" not in err
+
+
+def _parker_video(tmp_path: Path, engine, photos) -> None:  # noqa: ANN001
+    """Parker walks up, then Yao (not enrolled), over and over; Parker enrolled from a crop of his photo."""
+    crops = people(engine, photos)
+    make_video(tmp_path / "gate.avi", [Walk(crops["parker"], start=0, frames=40, w0=80, w1=170),
+                                       Walk(crops["yao"], start=60, frames=40, w0=80, w1=170)], seconds=4.0)
+    cv2.imwrite(str(tmp_path / "parker.jpg"),
+                cv2.resize(crops["parker"], None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC))
+
+
+def test_the_verifier_sends_previews_only_while_watched_and_at_the_configured_rate(tmp_path, engine, photos):
+    _parker_video(tmp_path, engine, photos)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "gate.avi", "realtime": True,
+                                      "loop": True}], console={"preview_fps": 4})
+    with live_gate(config) as gate:
+        events = gate.events
+        assert events.wait_for(lambda ev: len([h for h in ev.health if h.get("component") == "verifier"
+                                               and h["frames_processed"] > 40]) > 0, 30)
+        events.poll(2.0)
+        before = [h for h in events.health if h.get("component") == "verifier"][-1]
+        assert before["frames_processed"] > 60
+        assert before["previews"] == {"watched": [], "frames_sent": 0, "crops_sent": 0, "dropped": 0}
+        transport = Transport(load_config(config), role="test")
+        sock = transport.preview_subscriber()
+        sock.setsockopt(zmq.SUBSCRIBE, preview_topic("A1"))
+        got = []
+        try:
+            end = time.monotonic() + 20
+            while time.monotonic() < end and len(got) < 1:  # the subscription reaches the verifier
+                if sock.poll(100):
+                    got.append((time.monotonic(), sock.recv_multipart()))
+            start = time.monotonic()
+            while time.monotonic() - start < 5.0:
+                if sock.poll(100):
+                    got.append((time.monotonic(), sock.recv_multipart()))
+            rate = (len(got) - 1) / 5.0
+            assert 3.0 <= rate <= 4.6, rate  # 4 a second asked; the video itself runs at 30
+            topic, header, jpeg = got[-1][1]
+            header = json.loads(header)
+            assert topic == preview_topic("A1") and header["gate_id"] == "A1" and header["width"] == 640
+            image = cv2.imdecode(__import__("numpy").frombuffer(jpeg, "uint8"), cv2.IMREAD_COLOR)
+            assert image.shape == (header["height"], header["width"], 3)
+            with_faces = [json.loads(p[1]) for _, p in got if json.loads(p[1])["faces"]]
+            assert with_faces and all(len(f["box"]) == 4 and f["state"] in ("collecting", "accepted", "rejected")
+                                      for h in with_faces for f in h["faces"])
+        finally:
+            sock.close()
+            transport.close()
+        events.poll(2.5)  # the verifier hears the subscriber leave
+        sent = [h for h in events.health if h.get("component") == "verifier"][-1]["previews"]["frames_sent"]
+        assert sent >= len(got)
+        events.poll(2.0)
+        after = [h for h in events.health if h.get("component") == "verifier"][-1]["previews"]
+        assert after["frames_sent"] == sent and after["watched"] == []  # nobody watches: nothing sent
+
+
+# -- the page in a real browser ------------------------------------------------------------------------------
+
+
+def _browser() -> tuple[str, str] | None:
+    chromium = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
+                                 shutil.which("google-chrome")) if p), None)
+    driver = shutil.which("chromedriver")
+    return (chromium, driver) if chromium and driver else None
+
+
+def _get(port: int, path: str, *, cookie: str | None = None, body: dict | None = None) -> http.client.HTTPResponse:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Cookie": cookie} if cookie else {}
+    if body is None:
+        conn.request("GET", path, headers=headers)
+    else:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        conn.request("POST", path, urllib.parse.urlencode(body), headers)
+    response = conn.getresponse()
+    response.body = response.read(200_000)  # type: ignore[attr-defined]
+    conn.close()
+    return response
+
+
+def test_the_console_in_a_real_browser(tmp_path, engine, photos):
+    found = _browser()
+    if found is None:
+        pytest.skip("no headless Chromium and chromedriver (Debian: apt-get install chromium chromium-driver; "
+                    ".ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _parker_video(tmp_path, engine, photos)
+    (tmp_path / "console-password").write_text(PASSWORD + "\n")
+    port = free_port()
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "gate.avi", "realtime": True,
+                                      "loop": True}], policy={"repeat_accept_s": 0.0},
+                          console={"enabled": True, "listen": f"127.0.0.1:{port}",
+                                   "password_file": "console-password"})
+    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "PARKER", "--name", "Tony Parker",
+                   str(tmp_path / "parker.jpg")).returncode == 0
+    run = kiosk(config, "run")
+    driver = None
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if _get(port, "/login").status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and run.poll() is None, "the console did not start"
+            time.sleep(0.3)
+        # Without a session: a redirect to the login page, or 401; never a frame.
+        page = _get(port, "/gate/A1")
+        assert page.status == 303 and page.getheader("Location") == "/login"
+        for path in ("/api/status", "/api/gates/A1/live", "/api/events", "/api/crops/x", "/static/console.js"):
+            answer = _get(port, path)
+            assert answer.status == 401 and b"jpeg" not in answer.body, path
+        assert _get(port, "/api/status", cookie="kiosk_session=forged").status == 401
+        wrong = _get(port, "/login", body={"password": "not the password"})
+        assert wrong.status == 401 and wrong.getheader("Set-Cookie") is None
+        right = _get(port, "/login", body={"password": PASSWORD})
+        cookie = right.getheader("Set-Cookie") or ""
+        assert right.status == 303 and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        status = json.loads(_get(port, "/api/status", cookie=cookie.split(";")[0]).body)
+        assert [g["gate_id"] for g in status["gates"]] == ["A1"]
+
+        options = Options()
+        options.binary_location = found[0]
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--window-size=1280,800"):
+            options.add_argument(arg)
+        driver = webdriver.Chrome(service=Service(found[1]), options=options)
+        wait = WebDriverWait(driver, 45, poll_frequency=0.2)
+        base = f"http://127.0.0.1:{port}"
+        driver.get(base + "/")
+        assert driver.current_url == base + "/login"
+        driver.find_element(By.ID, "password").send_keys("wrong password")
+        driver.find_element(By.ID, "login-button").click()
+        assert "Wrong password" in wait.until(lambda d: d.find_element(By.ID, "login-error")).text
+        driver.find_element(By.ID, "password").send_keys(PASSWORD)
+        driver.find_element(By.ID, "login-button").click()
+        wait.until(lambda d: d.current_url == base + "/")
+        card = '.gate-card[data-gate="A1"]'  # (re-drawn every second: looked up afresh each time)
+        wait.until(lambda d: "camera up" in "".join(c.text for c in d.find_elements(By.CSS_SELECTOR, card)))
+        assert driver.find_element(By.CSS_SELECTOR, card).get_attribute("href") == base + "/gate/A1"
+        driver.get(base + "/gate/A1")
+        driver.execute_script("window.kioskMarker = 'same page'")  # gone if the page reloads
+        first = wait.until(lambda d: (d.find_element(By.ID, "frame").get_attribute("src") or "").startswith(
+            "data:image/jpeg") and d.find_element(By.ID, "frame").get_attribute("src"))
+        wait.until(lambda d: d.find_element(By.ID, "frame").get_attribute("src") != first)  # it moves
+        assert wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#boxes .face-box"))
+        accept = wait.until(lambda d: [li for li in d.find_elements(By.CSS_SELECTOR, "#feed li.type-accept")
+                                       if "PARKER" in li.text])
+        assert "ACCEPT PARKER" in accept[0].text and "score" in accept[0].text
+        assert driver.execute_script("return window.kioskMarker") == "same page"  # shown without a reload
+        crop = accept[0].find_element(By.TAG_NAME, "img")
+        assert wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", crop)) >= 100
+        # A moment with Parker in view and his box marked accepted, for the screenshot.
+        wait.until(lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "#boxes .face-box.accepted")
+                              if "PARKER" in b.text])
+        shot = Path(os.environ.get("KIOSK_SCREENSHOT_DIR", tmp_path)) / "console-live.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+    finally:
+        if driver is not None:
+            driver.quit()
+        _, err = stop(run, timeout=20)
+    assert "Traceback" not in err and PASSWORD not in err
