@@ -55,12 +55,17 @@ def test_password_file_plain_or_hashed_and_sessions(tmp_path):
 
 def test_console_state_alerts_bounds_and_viewers():
     state = ConsoleState({"A1": ["cam-a1"], "B2": ["cam-b2"]}, crops=3, heartbeat_timeout_s=0.2)
-    cams = {"cam-a1": {"gate_id": "A1", "state": "up"}, "cam-b2": {"gate_id": "B2", "state": "up"}}
-    state.add_heartbeat({"status": "ok", "cameras": cams, "gates": {"A1": {"flight_id": "LH123"}}})
-    state.add_heartbeat({"status": "degraded", "cameras": {**cams, "cam-b2": {"gate_id": "B2", "state": "down",
-                                                                               "last_error": "no frame for 6 s"}}})
+    cams = {"cam-a1": {"gate_id": "A1", "state": "up", "processed": 100},
+            "cam-b2": {"gate_id": "B2", "state": "up", "processed": 100}}
+    state.add_heartbeat({"status": "ok", "cameras": dict(cams), "gates": {"A1": {"flight_id": "LH123"}}})
+    time.sleep(0.5)
+    cams["cam-a1"] = {**cams["cam-a1"], "processed": 115}
+    cams["cam-b2"] = {**cams["cam-b2"], "processed": 100}
+    state.add_heartbeat({"status": "degraded", "cameras": {**cams, "cam-b2": {
+        "gate_id": "B2", "state": "down", "last_error": "no frame for 6 s", "processed": 100}}})
     status = state.status()
     assert [(g["gate_id"], g["camera_state"]) for g in status["gates"]] == [("A1", "up"), ("B2", "down")]
+    assert 20 <= status["gates"][0]["fps"] <= 31 and status["gates"][1]["fps"] == 0  # 15 frames in ~0.5 s
     assert [(a["type"], a["gate_id"], a["reason"]) for a in status["alerts"]] == [
         ("camera_down", "B2", "no frame for 6 s")]
     state.add_event({"type": "reject", "reason": "already_boarded", "gate_id": "A1", "event_id": "e1"})
@@ -269,6 +274,9 @@ def test_the_console_in_a_real_browser(tmp_path, engine, photos):
         assert right.status == 303 and "HttpOnly" in cookie and "SameSite=strict" in cookie
         status = json.loads(_get(port, "/api/status", cookie=cookie.split(";")[0]).body)
         assert [g["gate_id"] for g in status["gates"]] == ["A1"]
+        keys = tmp_path / "keys"  # the console's key (made by kiosk run) may listen, never send frames or claims
+        assert (keys / "authorized_subscribers/console.key").is_file()
+        assert not (keys / "authorized_clients/console.key").exists()
 
         options = Options()
         options.binary_location = found[0]

@@ -44,6 +44,7 @@ class ConsoleState:
         self.previews: dict[str, tuple[int, dict[str, Any], bytes]] = {}  # gate -> (counter, header, jpeg)
         self.flights: dict[str, dict[str, int]] = {}  # flight -> passengers, boarded (from the store, if reachable)
         self.viewers: dict[str, int] = {}
+        self.camera_fps: dict[str, float] = {}  # from the processed counts of consecutive heartbeats
         self.changes: deque[tuple[str, str]] = deque()  # ("watch" | "unwatch", gate) for the listener
         self._counter = 0
         self.bad_messages = 0
@@ -71,6 +72,12 @@ class ConsoleState:
                     changes.append({"type": "camera_down" if state == "down" else "camera_up",
                                     "gate_id": cam.get("gate_id"), "camera_id": cid, "decided_at": now,
                                     "reason": cam.get("last_error") or None})
+            for cid, cam in (body.get("cameras") or {}).items():  # frames processed a second, per camera
+                was = before.get(cid) or {}
+                if isinstance(cam, dict) and self.verifier_at and now > self.verifier_at:
+                    done = cam.get("processed", 0) - was.get("processed", 0)
+                    if isinstance(done, (int, float)) and done >= 0:
+                        self.camera_fps[cid] = round(done / (now - self.verifier_at), 1)
             self.verifier, self.verifier_at = body, now
             self.verifier_state = "down" if body.get("status") == "stopping" else "up"
         for change in changes:
@@ -164,7 +171,8 @@ class ConsoleState:
                     c = cams.get(cid) or {}
                     state = c.get("state", "unknown") if self.verifier_state == "up" else "unknown"
                     camera_states.append({"camera_id": cid, "state": state, "last_error": c.get("last_error"),
-                                          "last_frame_age_s": c.get("last_frame_age_s")})
+                                          "last_frame_age_s": c.get("last_frame_age_s"),
+                                          "fps": self.camera_fps.get(cid)})
                 states = {c["state"] for c in camera_states}
                 flight_id = (gates_hb.get(gate) or {}).get("flight_id")
                 flight = self.flights.get(flight_id) if flight_id else None
@@ -174,6 +182,7 @@ class ConsoleState:
                     "camera_state": "down" if "down" in states else "up" if states <= {"up", "ended"} and states
                     else "unknown",
                     "cameras": camera_states,
+                    "fps": round(sum(c["fps"] or 0 for c in camera_states), 1),
                     "verifier_state": self.verifier_state,
                     "flight_id": flight_id,
                     "flight": None if flight is None else {**flight,

@@ -67,6 +67,7 @@ function gateCard(g) {
   return el("a", { class: "gate-card", href: `/gate/${encodeURIComponent(g.gate_id)}`, "data-gate": g.gate_id },
     el("h3", {}, el("span", {}, g.gate_id), el("span", { class: `pill ${g.camera_state}` }, `camera ${g.camera_state}`)),
     el("div", { class: "row" }, el("span", { class: "muted" }, "boarding"), el("span", {}, flight || "–")),
+    el("div", { class: "row" }, el("span", { class: "muted" }, "processing"), el("span", {}, `${g.fps} fps`)),
     el("div", { class: "decision" + (last && last.alert ? " alert" : "") },
       last ? `${describe(last)} · ${clock(last.decided_at)}` : "no decision yet"));
 }
