@@ -255,8 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     k = keys.add_parser("init", help="make the server and a client key pair (client allow-listed)")
     k.add_argument("dir", metavar="DIR")
     k.add_argument("--client", default="client", help="name of the client key pair")
-    k.add_argument("--role", choices=["all", "subscriber"], default="all",
-                   help="all: frames, control and events (cameras, tools); subscriber: events only (gates)")
+    k.add_argument("--role", choices=["all", "subscriber", "console"], default="all",
+                   help="all: frames, control and events (cameras, tools); subscriber: events only (gates); "
+                   "console: events and the preview frames and crops (operator consoles)")
     k.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("console", help="the operator console: a web page of every gate (console.listen)")

@@ -214,7 +214,8 @@ class ConsoleConfig:
     behind a login. Loopback by default; another address needs TLS (tls_cert and tls_key) or, behind a
     TLS-terminating proxy, insecure_http: true. password_file: one line, the password or a hash from
     `kiosk console --hash-password`. crops: the decision face crops kept in memory (never on disk unless
-    crops_dir names a folder). key: the console's CurveZMQ client key (a subscriber: it cannot send frames)."""
+    crops_dir names a folder). key: the console's CurveZMQ client key (role console: events and previews, never
+    frames or claims)."""
 
     enabled: bool = False
     listen: str = "127.0.0.1:8088"

@@ -21,7 +21,7 @@ from kiosk.config import load_config
 from kiosk.console.auth import PasswordCheck, Sessions, hash_password
 from kiosk.console.state import ConsoleState
 from kiosk.errors import ConfigError
-from kiosk.messaging.transport import Transport, free_port
+from kiosk.messaging.transport import Transport, free_port, init_keys
 from kiosk.services.preview import preview_topic
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
@@ -170,7 +170,13 @@ def test_the_verifier_sends_previews_only_while_watched_and_at_the_configured_ra
         before = [h for h in events.health if h.get("component") == "verifier"][-1]
         assert before["frames_processed"] > 60
         assert before["previews"] == {"watched": [], "frames_sent": 0, "crops_sent": 0, "dropped": 0}
-        transport = Transport(load_config(config), role="test")
+        init_keys(tmp_path / "keys", client_name="console", role="console")
+        init_keys(tmp_path / "keys", client_name="gate-a1", role="subscriber")
+        # A gate controller's key hears the decisions but is not let in to the frames.
+        outsider = Transport(load_config(config), role="test", client_key="gate-a1")
+        peeker = outsider.preview_subscriber()
+        peeker.setsockopt(zmq.SUBSCRIBE, b"")
+        transport = Transport(load_config(config), role="test", client_key="console")
         sock = transport.preview_subscriber()
         sock.setsockopt(zmq.SUBSCRIBE, preview_topic("A1"))
         got = []
@@ -193,9 +199,12 @@ def test_the_verifier_sends_previews_only_while_watched_and_at_the_configured_ra
             with_faces = [json.loads(p[1]) for _, p in got if json.loads(p[1])["faces"]]
             assert with_faces and all(len(f["box"]) == 4 and f["state"] in ("collecting", "accepted", "rejected")
                                       for h in with_faces for f in h["faces"])
+            assert not peeker.poll(0)  # nothing reached the subscriber key all along
         finally:
             sock.close()
             transport.close()
+            peeker.close()
+            outsider.close()
         events.poll(2.5)  # the verifier hears the subscriber leave
         sent = [h for h in events.health if h.get("component") == "verifier"][-1]["previews"]["frames_sent"]
         assert sent >= len(got)
@@ -236,6 +245,7 @@ def test_the_console_in_a_real_browser(tmp_path, engine, photos):
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -276,6 +286,7 @@ def test_the_console_in_a_real_browser(tmp_path, engine, photos):
         assert [g["gate_id"] for g in status["gates"]] == ["A1"]
         keys = tmp_path / "keys"  # the console's key (made by kiosk run) may listen, never send frames or claims
         assert (keys / "authorized_subscribers/console.key").is_file()
+        assert (keys / "authorized_consoles/console.key").is_file()
         assert not (keys / "authorized_clients/console.key").exists()
 
         options = Options()
@@ -284,7 +295,14 @@ def test_the_console_in_a_real_browser(tmp_path, engine, photos):
                     "--window-size=1280,800"):
             options.add_argument(arg)
         driver = webdriver.Chrome(service=Service(found[1]), options=options)
-        wait = WebDriverWait(driver, 45, poll_frequency=0.2)
+        # The page redraws its lists and boxes every second or frame: an element found a moment ago may be gone,
+        # so the checks read the page in one script each (and a stale element is just looked up again).
+        wait = WebDriverWait(driver, 45, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
+
+        def texts(css: str) -> list[str]:
+            return driver.execute_script("return [...document.querySelectorAll(arguments[0])].map(e => "
+                                         "e.textContent)", css)
+
         base = f"http://127.0.0.1:{port}"
         driver.get(base + "/")
         assert driver.current_url == base + "/login"
@@ -294,24 +312,27 @@ def test_the_console_in_a_real_browser(tmp_path, engine, photos):
         driver.find_element(By.ID, "password").send_keys(PASSWORD)
         driver.find_element(By.ID, "login-button").click()
         wait.until(lambda d: d.current_url == base + "/")
-        card = '.gate-card[data-gate="A1"]'  # (re-drawn every second: looked up afresh each time)
-        wait.until(lambda d: "camera up" in "".join(c.text for c in d.find_elements(By.CSS_SELECTOR, card)))
-        assert driver.find_element(By.CSS_SELECTOR, card).get_attribute("href") == base + "/gate/A1"
+        card = '.gate-card[data-gate="A1"]'
+        wait.until(lambda d: "camera up" in "".join(texts(card)))
+        assert driver.execute_script("return document.querySelector(arguments[0]).href", card) == base + "/gate/A1"
         driver.get(base + "/gate/A1")
         driver.execute_script("window.kioskMarker = 'same page'")  # gone if the page reloads
-        first = wait.until(lambda d: (d.find_element(By.ID, "frame").get_attribute("src") or "").startswith(
-            "data:image/jpeg") and d.find_element(By.ID, "frame").get_attribute("src"))
-        wait.until(lambda d: d.find_element(By.ID, "frame").get_attribute("src") != first)  # it moves
-        assert wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#boxes .face-box"))
-        accept = wait.until(lambda d: [li for li in d.find_elements(By.CSS_SELECTOR, "#feed li.type-accept")
-                                       if "PARKER" in li.text])
-        assert "ACCEPT PARKER" in accept[0].text and "score" in accept[0].text
+
+        def frame() -> str:
+            return driver.execute_script("return document.getElementById('frame').getAttribute('src') || ''")
+
+        first = wait.until(lambda d: frame().startswith("data:image/jpeg") and frame())
+        wait.until(lambda d: frame() not in ("", first))  # it moves
+        assert wait.until(lambda d: texts("#boxes .face-box"))
+        accept = wait.until(lambda d: [t for t in texts("#feed li.type-accept") if "PARKER" in t])
+        assert "ACCEPT PARKER" in accept[0] and "score" in accept[0]
         assert driver.execute_script("return window.kioskMarker") == "same page"  # shown without a reload
-        crop = accept[0].find_element(By.TAG_NAME, "img")
-        assert wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", crop)) >= 100
+        crop_width = ("const li = [...document.querySelectorAll('#feed li.type-accept')]"
+                      ".find(l => l.textContent.includes('PARKER')); const img = li && li.querySelector('img');"
+                      "return img ? img.naturalWidth : 0")
+        assert wait.until(lambda d: d.execute_script(crop_width)) >= 100  # the decision's face crop, loaded
         # A moment with Parker in view and his box marked accepted, for the screenshot.
-        wait.until(lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "#boxes .face-box.accepted")
-                              if "PARKER" in b.text])
+        wait.until(lambda d: [t for t in texts("#boxes .face-box.accepted") if "PARKER" in t])
         shot = Path(os.environ.get("KIOSK_SCREENSHOT_DIR", tmp_path)) / "console-live.png"
         shot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(shot))

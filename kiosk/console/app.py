@@ -289,8 +289,9 @@ def run_console(cfg: KioskConfig) -> int:
     keys = cfg.resolve(cfg.security.keys_dir)
     if cfg.security.curve and (keys / "server.key_secret").is_file() and \
             not (keys / f"{cfg.console.key}.key_secret").exists():  # the verifier's host: make the console's key
-        init_keys(keys, client_name=cfg.console.key, role="subscriber")
-        log.info("made the console's CurveZMQ key %s (subscriber allow-list)", keys / f"{cfg.console.key}.key_secret")
+        init_keys(keys, client_name=cfg.console.key, role="console")
+        log.info("made the console's CurveZMQ key %s (role console: events and previews, no frames or claims)",
+                 keys / f"{cfg.console.key}.key_secret")
     feed = ConsoleFeed(cfg, state)
     sock = _bind(host, port, cfg.console.listen)
     stop = threading.Event()

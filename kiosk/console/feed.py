@@ -1,8 +1,8 @@
 """The console's ZeroMQ side: one thread that hears the verifier's events and heartbeat, its decision crops,
 and (only for the gates someone has open in a browser) its preview frames.
 
-It connects with the console's own CurveZMQ key (`console.key`, a subscriber: it can listen, never send
-frames or claims). Every message is validated and a bad one is dropped and counted; subscriptions change only
+It connects with the console's own CurveZMQ key (`console.key`, role console: it can listen to the events and,
+alone with other consoles, to the previews; it can never send frames or claims). Every message is validated and a bad one is dropped and counted; subscriptions change only
 in this thread (ZeroMQ sockets are not thread-safe), on the viewers' requests queued in ConsoleState.
 """
 

@@ -12,7 +12,8 @@ binding side (the verifier) is the server, every connecting process a
 client whose public key ZAP checks against an allow-list per socket:
 `keys_dir/authorized_clients/` for frames and control (cameras, operator
 tools), `keys_dir/authorized_subscribers/` (plus the former) for events, so
-a gate controller's key can listen but cannot inject frames or claims. The
+a gate controller's key can listen but cannot inject frames or claims, and
+`keys_dir/authorized_consoles/` alone for the preview frames and crops. The
 allow-list folders are read at each connection's handshake (`AllowList`):
 a key removed from one is refused from the next connection on, without a
 restart. Key files are read here only; the other modules receive ready
@@ -52,7 +53,9 @@ HISTORY_REPLY_MAX = 16 * 1024 * 1024
 PREVIEW_PART_MAX = 4 * 1024 * 1024  # one preview JPEG (or its JSON header)
 AUTHORIZED = "authorized_clients"  # may send frames and control requests (and subscribe)
 SUBSCRIBERS = "authorized_subscribers"  # may only subscribe to events and health (gate controllers)
-ROLES = ("all", "subscriber")
+CONSOLES = "authorized_consoles"  # may also watch preview frames and decision crops (operator consoles)
+ROLES = ("all", "subscriber", "console")
+ROLE_FOLDERS = {"all": (AUTHORIZED, SUBSCRIBERS), "subscriber": (SUBSCRIBERS,), "console": (SUBSCRIBERS, CONSOLES)}
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ def init_keys(keys_dir: Path, *, client_name: str = "client", role: str = "all")
     (`webhook.secret`); keep existing ones.
 
     role "all": frames, control and events (cameras, operators' tools);
-    "subscriber": events only (a gate controller cannot inject frames or claims).
+    "subscriber": events only (a gate controller cannot inject frames or claims);
+    "console": events, and the preview frames and decision crops (biometric data) that only consoles see.
     """
     if role not in ROLES:
         raise ConfigError(f"keys: role must be one of {', '.join(ROLES)}, found {role!r}")
@@ -74,6 +78,7 @@ def init_keys(keys_dir: Path, *, client_name: str = "client", role: str = "all")
         keys_dir.mkdir(parents=True, exist_ok=True)
         (keys_dir / AUTHORIZED).mkdir(exist_ok=True)
         (keys_dir / SUBSCRIBERS).mkdir(exist_ok=True)
+        (keys_dir / CONSOLES).mkdir(exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"keys: cannot use {keys_dir} as the keys folder: {exc}") from None
     made = []
@@ -82,7 +87,7 @@ def init_keys(keys_dir: Path, *, client_name: str = "client", role: str = "all")
             pub, sec = zmq.auth.create_certificates(str(keys_dir), name)
             Path(sec).chmod(0o600)
             made += [Path(pub), Path(sec)]
-    for folder in ((AUTHORIZED, SUBSCRIBERS) if role == "all" else (SUBSCRIBERS,)):
+    for folder in ROLE_FOLDERS[role]:
         allowed = keys_dir / folder / f"{client_name}.key"
         if not allowed.exists():
             shutil.copy(keys_dir / f"{client_name}.key", allowed)
@@ -180,7 +185,7 @@ class Transport:
         return self._client, server.public
 
     def _as_server(self, sock: zmq.Socket, domain: str) -> None:
-        """CurveZMQ server; `domain` picks the allow-list: "ingest" (frames, control) or "events"."""
+        """CurveZMQ server; `domain` picks the allow-list: "ingest" (frames, control), "events" or "preview"."""
         if not self.curve:
             return
         if self._auth is None:
@@ -194,6 +199,10 @@ class Transport:
             # Events: gate controllers, and every fully authorised client too.
             self._auth.configure_curve_callback("events", AllowList([self.keys_dir / SUBSCRIBERS,
                                                                      self.keys_dir / AUTHORIZED]))
+            # Preview frames and decision crops (biometric data): operator consoles only. (A folder made before
+            # consoles existed is added empty.)
+            (self.keys_dir / CONSOLES).mkdir(exist_ok=True)
+            self._auth.configure_curve_callback("preview", AllowList([self.keys_dir / CONSOLES]))
         sock.zap_domain = domain.encode()
         keys = self._server_keys()
         sock.curve_secretkey = keys.secret
@@ -283,7 +292,7 @@ class Transport:
         """XPUB: the verifier sees each subscription (b"\\x01" + topic) and cancellation (b"\\x00" + topic), so
         it renders previews only for gates someone watches. Small send queue: a slow viewer drops frames."""
         sock = self._socket(zmq.XPUB, SNDHWM=8, MAXMSGSIZE=CONTROL_PART_MAX)
-        self._as_server(sock, "events")
+        self._as_server(sock, "preview")
         return self._attach(sock, "preview", bind=True)
 
     def preview_subscriber(self) -> zmq.Socket:

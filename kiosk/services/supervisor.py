@@ -150,7 +150,7 @@ class Supervisor:
         if self.cfg.security.curve:
             made = init_keys(keys_dir, client_name=self.cfg.security.client_key)
             if self.console is not None:  # the console's own key: it may listen, never send frames or claims
-                made += init_keys(keys_dir, client_name=self.cfg.console.key, role="subscriber")
+                made += init_keys(keys_dir, client_name=self.cfg.console.key, role="console")
             if made:
                 log.info("made CurveZMQ keys and the webhook secret in %s", keys_dir)
         elif self.cfg.hooks.sign_webhooks and not self.cfg.hooks.webhook_secret_file and \
