@@ -112,10 +112,15 @@ def test_the_console_over_tls_on_another_address(tmp_path):
                     "-out", str(tmp_path / "tls.crt"), "-days", "1", "-subj", "/CN=localhost"], check=True,
                    capture_output=True, timeout=60)
     (tmp_path / "pw").write_text(PASSWORD)
+    (tmp_path / "junk.crt").write_text("not a certificate\n")
     port = free_port()
     config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "none.avi"}],
-                          console={"listen": f"0.0.0.0:{port}", "password_file": "pw", "tls_cert": "tls.crt",
+                          console={"listen": f"0.0.0.0:{port}", "password_file": "pw", "tls_cert": "junk.crt",
                                    "tls_key": "tls.key"})
+    refused = run_cli("kiosk", "-c", str(config), "console", timeout=60)
+    assert refused.returncode == 2 and "not a usable PEM certificate and key" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    config.write_text(config.read_text().replace("junk.crt", "tls.crt"))
     console = kiosk(config, "console")
     context = ssl.create_default_context(cafile=str(tmp_path / "tls.crt"))
     context.check_hostname = False

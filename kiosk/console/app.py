@@ -18,6 +18,7 @@ import json
 import logging
 import signal
 import socket
+import ssl
 import threading
 import time
 from http.cookies import SimpleCookie
@@ -217,6 +218,13 @@ def _listen(cfg: KioskConfig) -> tuple[str, int, bool]:
         path = getattr(cfg.console, key)
         if path is not None and not cfg.resolve(path).is_file():
             raise ConfigError(f"console.{key}: {cfg.resolve(path)}: no such file")
+    if cfg.console.tls_cert is not None and cfg.console.tls_key is not None:
+        cert, key = cfg.resolve(cfg.console.tls_cert), cfg.resolve(cfg.console.tls_key)
+        try:  # a certificate and key that do not load: one line now, not a traceback from the server later
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"console.tls_cert/tls_key: {cert} and {key} are not a usable PEM certificate and "
+                              f"key: {exc}") from None
     return host, int(port), tls
 
 
