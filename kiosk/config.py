@@ -228,6 +228,13 @@ class ConsoleConfig:
     crops_dir: Optional[Path] = None
     key: str = "console"
 
+    def host_port(self) -> tuple[str, int]:
+        """`listen` split, brackets off an IPv6 host; ValueError if it is not HOST:PORT."""
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(self.listen)
+        return host.strip("[]"), int(port)
+
 
 @dataclass
 class KioskConfig:
@@ -467,9 +474,10 @@ def _check(cfg: KioskConfig) -> None:
     for i, m in enumerate(cfg.models.pad):
         if isinstance(m, PadModelConfig) and m.scale is not None and not 1.0 <= m.scale <= 8.0:
             raise _Invalid(f"models.pad[{i}].scale", "a number from 1 to 8 (or null)", m.scale)
-    host, sep, port = cfg.console.listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise _Invalid("console.listen", "HOST:PORT (e.g. 127.0.0.1:8088)", cfg.console.listen)
+    try:
+        cfg.console.host_port()
+    except ValueError:
+        raise _Invalid("console.listen", "HOST:PORT (e.g. 127.0.0.1:8088)", cfg.console.listen) from None
     if (cfg.console.tls_cert is None) != (cfg.console.tls_key is None):
         raise _Invalid("console.tls_key" if cfg.console.tls_key is None else "console.tls_cert", "",
                        "", message="tls_cert and tls_key go together: give both (or neither)")

@@ -202,8 +202,7 @@ def build_app(state: ConsoleState, check: PasswordCheck, sessions: Sessions, *, 
 
 def _listen(cfg: KioskConfig) -> tuple[str, int, bool]:
     """Host, port and whether TLS is on; a non-loopback address without TLS is refused unless overridden."""
-    host, _, port = cfg.console.listen.rpartition(":")
-    host = host.strip("[]")
+    host, port = cfg.console.host_port()  # (checked when the config was loaded)
     tls = cfg.console.tls_cert is not None
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -225,7 +224,7 @@ def _listen(cfg: KioskConfig) -> tuple[str, int, bool]:
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"console.tls_cert/tls_key: {cert} and {key} are not a usable PEM certificate and "
                               f"key: {exc}") from None
-    return host, int(port), tls
+    return host, port, tls
 
 
 def _bind(host: str, port: int, listen: str) -> socket.socket:

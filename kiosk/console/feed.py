@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from dataclasses import asdict
 from typing import Any
 
 import zmq
@@ -94,8 +95,6 @@ class ConsoleFeed:
         elif isinstance(message, CaptureHealth):
             self.state.add_capture_health(message.camera_id, message.body)
         else:
-            from dataclasses import asdict
-
             self.state.add_event(asdict(message))
 
     def _on_preview(self, parts: list[bytes]) -> None:

@@ -37,7 +37,7 @@ def crop_topic(gate_id: str) -> bytes:
 
 @dataclass
 class PreviewFace:
-    """One face in a preview frame: its box in the JPEG's pixels, its track and what was decided for it."""
+    """One face in a preview frame: its box (x1, y1, x2, y2), its track and what was decided for it."""
 
     box: list[float]
     track_id: int
@@ -112,13 +112,14 @@ class PreviewPublisher:
             self.dropped += 1
             return False
 
-    def send_frame(self, gate_id: str, camera_id: str, image: np.ndarray, boxes: np.ndarray,
-                   faces: list[PreviewFace], *, seq: int, captured_at: float) -> None:
-        """One preview of `gate_id`: the frame as JPEG with its faces (boxes given in the frame's pixels)."""
+    def send_frame(self, gate_id: str, camera_id: str, image: np.ndarray, faces: list[PreviewFace], *, seq: int,
+                   captured_at: float) -> None:
+        """One preview of `gate_id`: the frame as JPEG with its faces (boxes given in the frame's pixels, sent in
+        the JPEG's)."""
         self._last[gate_id] = time.monotonic()
         jpeg, scale = encode_jpeg(image)
-        for face, box in zip(faces, boxes):
-            face.box = [round(float(v) * scale, 1) for v in box[:4]]
+        for face in faces:
+            face.box = [round(float(v) * scale, 1) for v in face.box[:4]]
         header = {"v": 1, "gate_id": gate_id, "camera_id": camera_id, "seq": seq, "captured_at": captured_at,
                   "width": round(image.shape[1] * scale), "height": round(image.shape[0] * scale),
                   "faces": [asdict(f) for f in faces]}

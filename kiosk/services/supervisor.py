@@ -83,14 +83,15 @@ class Supervisor:
             argv += ["--jsonl", str(cfg.resolve(sub.jsonl))] if sub.jsonl else []
             argv += ["--metrics-port", str(sub.metrics_port)] if sub.metrics_port else []
             self.subscribers.append(Child(f"subscriber {sub.name}", argv, restart_on_success=True))
-        self.console = Child("console", base + ["console"], restart_on_success=True) if cfg.console.enabled else None
+        # The console (0 or 1): started with the subscribers, stopped with the verifier.
+        self.consoles = [Child("console", base + ["console"], restart_on_success=True)] if cfg.console.enabled else []
         if cfg.hooks.python:  # all gates, every event once
             self.subscribers.append(Child("subscriber hooks.python", base + ["subscribe", "--name", "hooks-python"],
                                           restart_on_success=True))
 
     @property
     def children(self) -> list[Child]:
-        return [self.verifier, *self.captures, *self.subscribers, *([self.console] if self.console else [])]
+        return [self.verifier, *self.captures, *self.subscribers, *self.consoles]
 
     def stop(self) -> None:
         self._stop.set()
@@ -149,7 +150,7 @@ class Supervisor:
         keys_dir = self.cfg.resolve(self.cfg.security.keys_dir)
         if self.cfg.security.curve:
             made = init_keys(keys_dir, client_name=self.cfg.security.client_key)
-            if self.console is not None:  # the console's own key: it may listen, never send frames or claims
+            if self.consoles:  # the console's own key: it may listen, never send frames or claims
                 made += init_keys(keys_dir, client_name=self.cfg.console.key, role="console")
             if made:
                 log.info("made CurveZMQ keys and the webhook secret in %s", keys_dir)
@@ -157,7 +158,7 @@ class Supervisor:
                 any(sub.webhook for sub in self.cfg.subscribers):  # only the default place is ours to fill
             if make_secret(secret_path(self.cfg)):
                 log.info("made the webhook secret %s", secret_path(self.cfg))
-        for child in self.subscribers + ([self.console] if self.console else []):  # first: they hear the first heartbeat
+        for child in self.subscribers + self.consoles:  # first, so they hear the verifier's first heartbeat
             self._start(child)
         self._start(self.verifier)
         time.sleep(0.2)  # let the verifier bind before the captures connect (they retry anyway)
@@ -186,7 +187,7 @@ class Supervisor:
         """Stop the captures and the verifier first, and the subscribers last, once they have told the gates:
         a clean stop sends a last heartbeat (`stopping`) that they pass on as `verifier_down` at once; after a
         failure they need the heartbeat window to notice."""
-        self._stop_children([self.verifier, *self.captures, *([self.console] if self.console else [])])
+        self._stop_children([self.verifier, *self.captures, *self.consoles])
         if any(c.proc is not None for c in self.subscribers):
             hb = self.cfg.heartbeat
             time.sleep(hb.interval_s * hb.misses + 0.5 if self.failed else 1.0)

@@ -233,17 +233,17 @@ class Verifier:
                 continue
             frame, boxes, tracks = view
             faces = []
-            for track in tracks:
+            for box, track in zip(boxes, tracks):
                 outcome = track.outcome
                 if outcome is None:
-                    faces.append(PreviewFace([], track.track_id, "collecting"))
+                    faces.append(PreviewFace(list(box), track.track_id, "collecting"))
                 else:
                     kind, subject, reason, score = outcome
-                    faces.append(PreviewFace([], track.track_id, "accepted" if kind == "accept" else "rejected",
-                                             subject, reason, None if score is None else round(score, 3)))
+                    faces.append(PreviewFace(list(box), track.track_id, "accepted" if kind == "accept" else
+                                             "rejected", subject, reason, None if score is None else round(score, 3)))
             try:
-                self.previews.send_frame(cam.gate_id, cam.camera_id, frame.image, boxes, faces,
-                                         seq=frame.header.seq, captured_at=frame.header.captured_at)
+                self.previews.send_frame(cam.gate_id, cam.camera_id, frame.image, faces, seq=frame.header.seq,
+                                         captured_at=frame.header.captured_at)
             except (ValueError, cv2.error) as exc:  # never a reason to stop deciding
                 log.warning("preview of gate %s not sent: %s", cam.gate_id, exc)
                 continue

@@ -19,10 +19,9 @@ from kiosk.boarding.gates import GateFlights
 from kiosk.boarding.model import Boarding, BoardOutcome, DecisionRecord, Flight, Passenger, PurgeResult
 from kiosk.config import KioskConfig
 from kiosk.errors import UsageError
-from kiosk.store.gallery import BUMP as _BUMP, GalleryQueries, open_gallery, prune_changes
+from kiosk.store.gallery import BUMP, GalleryQueries, open_gallery, prune_changes
 
 log = logging.getLogger(__name__)
-
 
 
 class SqliteBoardingStore:
@@ -55,7 +54,7 @@ class SqliteBoardingStore:
                 self._archive(db, flight_id, f"{flight_id}/{old_day.isoformat()}")
             db.execute("INSERT INTO flights (id, departs, created) VALUES (?, ?, ?) "
                        "ON CONFLICT(id) DO UPDATE SET departs = excluded.departs", (flight_id, departs, time.time()))
-            db.execute(_BUMP)
+            db.execute(BUMP)
 
     def _archive(self, db: Any, flight_id: str, archived: str) -> None:
         if db.execute("SELECT 1 FROM flights WHERE id = ?", (archived,)).fetchone() is not None:
@@ -75,7 +74,7 @@ class SqliteBoardingStore:
                                    "ON CONFLICT DO NOTHING", (flight_id, s, time.time())).rowcount
                         for s in dict.fromkeys(subject_ids))
             if added:
-                db.execute(_BUMP)
+                db.execute(BUMP)
         return added
 
     def remove_passenger(self, flight_id: str, subject_id: str) -> bool:
@@ -84,7 +83,7 @@ class SqliteBoardingStore:
             cur = db.execute("DELETE FROM manifest WHERE flight_id = ? AND subject_id = ?", (flight_id, subject_id))
             if cur.rowcount:
                 self._log(db, "remove_passenger", flight_id, subject_id)
-                db.execute(_BUMP)
+                db.execute(BUMP)
         return bool(cur.rowcount)
 
     @staticmethod
@@ -149,7 +148,7 @@ class SqliteBoardingStore:
                        "DO UPDATE SET flight_id = excluded.flight_id, opened = excluded.opened",
                        (gate_id, flight_id, time.time()))
             self._log(db, "open", flight_id, gate=gate_id)
-            db.execute(_BUMP)
+            db.execute(BUMP)
 
     def close_gate(self, gate_id: str) -> str | None:
         """Close the gate; returns the flight it was boarding (None: it was not boarding)."""
@@ -159,7 +158,7 @@ class SqliteBoardingStore:
                 return None
             db.execute("DELETE FROM gates WHERE gate_id = ?", (gate_id,))
             self._log(db, "close", row[0], gate=gate_id)
-            db.execute(_BUMP)
+            db.execute(BUMP)
         return str(row[0])
 
     def assignments(self) -> dict[str, str]:
@@ -243,7 +242,7 @@ class SqliteBoardingStore:
             db.execute("UPDATE flights SET purged_at = ? WHERE id = ?", (time.time(), flight_id))
             db.execute("DELETE FROM gates WHERE flight_id = ?", (flight_id,))
             self._log(db, "purge", flight_id, subjects=len(gone), kept=len(kept), templates=deleted)
-            db.execute(_BUMP)
+            db.execute(BUMP)
             prune_changes(db)
         log.info("purged flight %s: templates of %d passenger(s) deleted (%d templates), %d kept for a later "
                  "flight", flight_id, len(gone), deleted, len(kept))
