@@ -89,6 +89,28 @@ def test_console_state_alerts_bounds_and_viewers():
     assert list(state.changes) == [("watch", "A1"), ("unwatch", "A1")] and state.preview("A1") is None
 
 
+def test_a_malformed_preview_message_is_dropped_and_counted():
+    """What the console takes from the preview socket is checked before it is kept or shown."""
+    from kiosk.console.feed import ConsoleFeed
+    from kiosk.services.preview import crop_topic
+
+    state = ConsoleState({"A1": ["cam-a1"]}, crops=3, heartbeat_timeout_s=3.0)
+    feed = ConsoleFeed.__new__(ConsoleFeed)  # the decoding only: no sockets
+    feed.state, feed._last_bad_log = state, 0.0
+    good = json.dumps({"v": 1, "gate_id": "A1", "faces": []}).encode()
+    for parts in ([preview_topic("A1"), good], [preview_topic("A1"), b"{not json", b"\xff\xd8"],
+                  [preview_topic("A1"), good, b"GIF89a"], [preview_topic("A1"), b"[1, 2]", b"\xff\xd8"],
+                  [preview_topic("B9"), json.dumps({"v": 1, "gate_id": "B9", "faces": []}).encode(), b"\xff\xd8"],
+                  [preview_topic("A1"), json.dumps({"v": 1, "gate_id": "A1", "faces": [{}] * 101}).encode(),
+                   b"\xff\xd8"],
+                  [crop_topic("A1"), json.dumps({"v": 1, "gate_id": "A10", "event_id": "e"}).encode(), b"\xff\xd8"],
+                  [preview_topic("A1"), b"{" * 70_000, b"\xff\xd8"]):
+        feed._on_preview(parts)
+    assert state.bad_messages == 8 and state.preview("A1") is None and not state.crops
+    feed._on_preview([preview_topic("A1"), good, b"\xff\xd8jpeg"])
+    assert state.bad_messages == 8 and state.preview("A1")[2] == b"\xff\xd8jpeg"
+
+
 def test_hash_password_command_and_a_console_refused_off_loopback_without_tls(tmp_path):
     out = run_cli("kiosk", "console", "--hash-password", stdin=PASSWORD + "\n")
     assert out.returncode == 0 and PasswordCheck(out.stdout.strip()).matches(PASSWORD)
