@@ -385,17 +385,17 @@ def cmd_evaluate_pad(args: argparse.Namespace) -> int:
     rows = read_labels(Path(args.labels))
     ctx = _context(args)
     pad = ctx.engine.pad or PadEngine.from_config(ctx.cfg, runtime.plan_providers(ctx.cfg.models.providers))
-    report = PadReport(ctx.cfg.pad.threshold, [m.name for m in pad.models])
+    report = PadReport(ctx.cfg, [m.name for m in pad.models], list(pad.checks))
     for row in tqdm(rows, desc="judging", unit="video", file=sys.stderr, disable=args.no_progress):
         try:
-            result = judge_video(ctx.engine, pad, ctx.cfg.pad, row.path, ctx.cfg.policy.min_face_px)
+            presentations = judge_video(ctx.engine, pad, ctx.cfg, row.path)
         except UsageError as exc:
             raise UsageError(f"{args.labels}: line {row.line}: {exc}") from None
-        if result is None:
+        if not presentations:
             report.no_face.append({"line": row.line, "video": str(row.path), "label": row.label})
             continue
-        report.add(row.line, row.path, row.label, result)
-    data = report.as_dict()
+        report.add(row.line, row.path, row.label, presentations)
+    data = report.as_dict(sweep=args.sweep)
     print(json.dumps(data) if args.json else "\n".join(text(data)))
     return EXIT_OK
 
@@ -466,11 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("evaluate-pad", help="APCER per attack type and BPCER of the liveness checks (built-in and "
-                                            "models.pad) over labelled videos (columns video,label: bona_fide "
-                                            "or an attack type)")
+    p = sub.add_parser("evaluate-pad", help="APCER per attack type and BPCER of the liveness checks, each face track "
+                                            "of labelled videos judged as the gate would (columns video,label: "
+                                            "bona_fide or an attack type)")
     p.add_argument("labels", metavar="LABELS.csv")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="also replay every presentation at texture thresholds "
+                   "0.05-0.95 and fit the thresholds for BPCER 1%% and 5%% where the data allows")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate_pad)
 

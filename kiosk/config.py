@@ -38,6 +38,9 @@ class GalleryConfig:
     load: Literal["all", "gate_flights"] = "all"
 
 
+DEFAULT_PAD_MODELS = "default"  # the models.pad entry that names the shipped texture models
+
+
 @dataclass
 class PadModelConfig:
     """One learned presentation-attack-detection model (MiniFASNet family). scale: how far the face box is
@@ -61,7 +64,8 @@ class ModelsConfig:
     close_up_pass: bool = True
     intra_op_threads: int = 0
     cache_dir: Path = Path("var/model-cache")
-    pad: list[Union[Path, PadModelConfig]] = field(default_factory=list)
+    # Texture (liveness) models: "default" is the MiniFASNet pair shipped in the package.
+    pad: list[Union[Path, PadModelConfig]] = field(default_factory=lambda: [Path(DEFAULT_PAD_MODELS)])
 
 
 @dataclass
@@ -173,14 +177,18 @@ class AuditConfig:
 
 @dataclass
 class PadConfig:
-    """Presentation attack detection (liveness), on by default. The built-in depth check needs nothing to be
-    configured; `models.pad` adds learned models, whose mean score over at least `min_frames` frames below
-    `threshold` is an attack. A track judged an attack is rejected `presentation_attack`; an accept waits up
-    to `max_wait_s` for every check to say live and is otherwise rejected `liveness_unverified` (fail closed)."""
+    """Presentation attack detection (liveness), on by default. `checks` names the cues (kiosk.vision.
+    liveness_checks.CHECKS, or a site's own `module:Class`); the texture check runs where `models.pad` names models
+    (by default the shipped pair). A track any check accuses is rejected `presentation_attack`. Live: the texture
+    models' mean probability of "real" at `threshold` or more (or a head's parallax), no accusation, and at least
+    `min_frames` frames observed; a mean below `attack_below` accuses. An accept waits up to `max_wait_s` for live
+    and is otherwise rejected `liveness_unverified` (fail closed)."""
 
     enabled: bool = True
-    threshold: float = 0.5
-    min_frames: int = 3
+    checks: list[str] = field(default_factory=lambda: ["texture", "depth", "screen", "border"])
+    threshold: float = 0.3
+    attack_below: float = 0.1
+    min_frames: int = 8
     max_wait_s: float = 2.0
 
 
@@ -271,7 +279,8 @@ def models_section(cfg: KioskConfig) -> dict[str, Any]:
     data = dataclasses.asdict(cfg.models)
     data["cache_dir"] = str(cfg.resolve(cfg.models.cache_dir))
     data["pad"] = [{"path": str(cfg.resolve(m.path)), "scale": m.scale, "colour": m.colour}
-                   if isinstance(m, PadModelConfig) else str(cfg.resolve(m)) for m in cfg.models.pad]
+                   if isinstance(m, PadModelConfig) else DEFAULT_PAD_MODELS if str(m) == DEFAULT_PAD_MODELS
+                   else str(cfg.resolve(m)) for m in cfg.models.pad]
     if cfg.models.pack != "default":
         data["pack"] = str(cfg.resolve(Path(cfg.models.pack)))
     return data
@@ -310,6 +319,7 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("heartbeat", "interval_s"): (0.05, 60.0),
     ("heartbeat", "misses"): (1, 1000),
     ("pad", "threshold"): (0.0, 1.0),
+    ("pad", "attack_below"): (0.0, 1.0),
     ("pad", "min_frames"): (1, 100),
     ("pad", "max_wait_s"): (0.1, 60.0),
     ("retention", "audit_days"): (1, 3650),
@@ -481,6 +491,8 @@ def _check(cfg: KioskConfig) -> None:
     if (cfg.console.tls_cert is None) != (cfg.console.tls_key is None):
         raise _Invalid("console.tls_key" if cfg.console.tls_key is None else "console.tls_cert", "",
                        "", message="tls_cert and tls_key go together: give both (or neither)")
+    if cfg.pad.attack_below > cfg.pad.threshold:
+        raise _Invalid("pad.attack_below", f"at most pad.threshold ({cfg.pad.threshold:g})", cfg.pad.attack_below)
     if cfg.policy.reject_after_frames < cfg.policy.accept_frames:
         raise _Invalid("policy.reject_after_frames", f"at least policy.accept_frames ({cfg.policy.accept_frames})",
                        cfg.policy.reject_after_frames)

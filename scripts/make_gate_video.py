@@ -9,10 +9,13 @@ footage is at hand. Each person appears for --seconds (face growing from
 --min-face to --max-face pixels), with --gap seconds of empty frames
 between people. Prints the frame range of each person.
 
-A photo that only moves is, for liveness, a print attack: with liveness on
-(the default) it is not accepted. --turn renders the head turning in 3D
-from its landmarks (kiosk/tools/standin.py): a bona fide stand-in that the
-built-in liveness check accepts. It is not a real person.
+Each person is a photo blended into the frame (no card edge, no print or
+screen texture): the shipped texture models score it live, as they score any
+clean photo pasted into video, so the gate accepts it with liveness on. That
+is a digital injection, not a presentation to a camera: liveness does not
+claim to stop it (README "Liveness"). --turn renders the head turning in 3D
+from its landmarks (kiosk/tools/standin.py). Neither is a real person: never
+measure BPCER on these videos.
 """
 
 from __future__ import annotations

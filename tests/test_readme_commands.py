@@ -210,8 +210,8 @@ def test_every_readme_command_runs_as_written(site):
     assert "wrote var/standin-1.avi" in sh.run("python3 scripts/make_gate_video.py --turn 15 --out "
                                                "var/standin-1.avi ann.jpg").stdout
     pad = json.loads(sh.run("kiosk-enroll -c config/pad-eval.yaml evaluate-pad pad-labels.csv --json").stdout)
-    assert pad["attacks"]["print"]["videos"] == 1 and pad["attacks"]["screen"]["videos"] == 1
-    assert pad["bona_fide"]["videos"] == 1
+    assert pad["attacks"]["print"]["presentations"] == 1 and pad["attacks"]["screen"]["presentations"] == 1
+    assert pad["bona_fide"]["videos"] == 1 and pad["bona_fide"]["presentations"] == 1
 
     # The gate: run, status, claim, subscribers and the reference webhook receiver.
     run_line = f"kiosk run {cfg}"

@@ -19,9 +19,9 @@ Plain objects, fed one observation at a time; no sockets, no models.
   still one passenger).
 - liveness (`pad.enabled`): each quality frame brings a liveness
   observation (kiosk.vision.liveness.TrackLiveness). A track any check
-  judges an attack is rejected `presentation_attack` (whoever it matched).
-  An accept needs the verdict live (the depth check's, and the models'
-  where `models.pad` names any); it waits for it up to
+  accuses is rejected `presentation_attack` (whoever it matched). An
+  accept needs the fused verdict live (the texture models' in the default
+  install; kiosk.vision.liveness_checks); it waits for it up to
   `pad.max_wait_s` (frame clock) and is otherwise rejected
   `liveness_unverified` (fail closed: an agent checks by hand).
 """
@@ -32,6 +32,7 @@ import logging
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -103,10 +104,13 @@ class TrackState:
 class DecisionPolicy:
     """Decides per track; holds the claims and the recent accepts per gate."""
 
-    def __init__(self, cfg: PolicyConfig, pad: PadConfig | None = None, textured: bool = False) -> None:
+    def __init__(self, cfg: PolicyConfig, pad: PadConfig | None = None, textured: bool = False,
+                 liveness: Callable[[Track], TrackLiveness] | None = None) -> None:
         self.cfg = cfg
         self.pad = pad if pad is not None and pad.enabled else None
-        self.textured = textured  # models.pad names learned models: their verdict is needed too
+        self.textured = textured  # models.pad names texture models: their verdict is needed
+        # A track's liveness evidence (evaluate-pad replays recorded checks through this)
+        self.new_liveness = liveness or (lambda track: TrackLiveness(self.pad, self.textured))  # type: ignore
         self.claims: dict[str, Claim] = {}
         self._recent: dict[tuple[str, str], float] = {}
 
@@ -182,7 +186,7 @@ class DecisionPolicy:
             state.first_quality_at = now
         if self.pad is not None:
             if state.live is None:
-                state.live = TrackLiveness(self.pad, self.textured)
+                state.live = self.new_liveness(track)
             state.live.add(live)
             judged = self._liveness(track, state, captured_at, seq, now)
             if judged is not None or state.ready_votes is not None:
@@ -243,7 +247,7 @@ class DecisionPolicy:
         """Stamp the track's liveness evidence on its decision."""
         if d is not None and state.live is not None:
             d.liveness_score, d.liveness_frames = state.live.score, state.live.frames
-            d.liveness_checks = state.live.checks()
+            d.liveness_checks = state.live.report()
         return d
 
     def _accept(self, track: Track, gate_id: str, votes: list[Vote], captured_at: float,

@@ -15,8 +15,11 @@
 4. Writes a preview image: each presentation at the moment of the decision.
 
 The people walking up are bona fide stand-ins (kiosk/tools/standin.py): a
-photo whose head is rendered turning in 3D, which the built-in liveness
-check accepts. They stand in for passengers; they are not real video.
+photo whose head is rendered turning in 3D, blended into the frame with no
+card edge, which the shipped texture models score live (as they score any
+clean photo pasted into video). The print held up is refused because its
+edges move with the face (the border check). The stand-ins are not real
+video: README "Liveness" has what real passengers and real replays give.
 """
 
 from __future__ import annotations

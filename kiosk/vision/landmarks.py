@@ -1,4 +1,4 @@
-"""The 106-point face landmarks (InsightFace's 2d106det, in the default pack): the built-in liveness check
+"""The 106-point face landmarks (InsightFace's 2d106det, in the default pack): the depth liveness check
 reads a face's shape from them, frame by frame.
 
 The model takes a 192x192 RGB crop (0-255, its own normalisation inside) of the detector's box enlarged
@@ -49,7 +49,7 @@ def find_landmark_model(pack_dir: Path | None) -> Path:
                 return path
         except ModelError:
             continue
-    raise ModelError(f"models.pack: {root}: the built-in liveness check (pad.enabled) needs InsightFace's 106-point "
+    raise ModelError(f"models.pack: {root}: the depth liveness check (pad.checks: depth) needs InsightFace's 106-point "
                      f"landmark model ({DEFAULT_FILE}); none found in the pack")
 
 

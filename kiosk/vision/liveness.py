@@ -1,46 +1,57 @@
-"""Presentation attack detection (liveness): the built-in depth check and learned models, per track.
+"""Presentation attack detection (liveness): the texture models, the image measures, and a track's verdict.
 
-Every face of a transaction brings a `PadObservation`: its 106 landmarks (for the built-in depth check,
-kiosk.vision.depth_check: does it move as a head or as a flat card?), its fine-grained colour (the screen
-check: a re-captured screen's sub-pixel grid and moire) and, where `models.pad` names any, the learned
-models' probability that it is real. `TrackLiveness` gathers a track's observations and gives its verdict:
-an attack as soon as one check says so, live once the depth check (and the models) say so, else none yet.
+Every face of a transaction brings a `PadObservation` (kiosk.vision.liveness_checks): the texture models'
+probability that it is real, its 106 landmarks (the depth check: does it move as a head or as a flat card?), its
+fine-grained colour (the screen check) and the long straight edges around it (the border check: a card's or a
+phone's edge moving with the face). `TrackLiveness` runs the checks `pad.checks` names over a track's observations
+and fuses their verdicts (liveness_checks says how).
 
-Learned models: `models.pad` names one or more ONNX files; each is recognised from its graph: one image
-input of 1x3xSxS (S = 80 for Silent-Face-Anti-Spoofing's MiniFASNetV1/V2/V1SE/V2SE, 128 for the 2-class
-MiniFAS variants) and one output of 2 or 3 class scores with "real" at index 1. A face is cut out as those models were
-trained: the detector's box enlarged about its centre by the model's scale (2.7, 4.0, ...; kept inside the
-frame), resized to SxS, in the model's channel order, float 0-255 without normalisation. The scores (softmax
-probability of "real") of several files are averaged.
+Texture models: the default install ships MiniFASNetV2 (crop scale 2.7) and MiniFASNetV1SE (4.0) from
+Silent-Face-Anti-Spoofing (minivision-ai, Apache-2.0; ONNX export of the yakhyo/face-anti-spoofing project) in
+kiosk/vision/models/minifasnet/ with their LICENSE and NOTICE; `models.pad: [default]` names them, other files
+replace or join them. Each file is recognised from its graph: one image input of 1x3xSxS (S = 80 for
+MiniFASNetV1/V2/V1SE/V2SE, 128 for the 2-class MiniFAS variants) and one output of 2 or 3 class scores with "real"
+at index 1. A face is cut out as those models were trained: the detector's box enlarged about its centre by the
+model's scale (kept inside the frame), resized to SxS, in the model's channel order, float 0-255 without
+normalisation. The probabilities of "real" of several files are averaged.
 
-What these models judge is image texture (print grain, a screen's pixel grid, moire): a photo pasted
-digitally into a video has none of that and is scored live. None is shipped or downloaded: an operator
-gets one and its licence (Silent-Face-Anti-Spoofing: Apache-2.0) and names its path.
+What these models judge is image texture (print grain, a screen's pixel grid, moire): a photo pasted digitally
+into a video has none of that and is scored live; the border and depth checks are there for a card held up.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from kiosk.config import KioskConfig, PadConfig, PadModelConfig
-from kiosk.errors import ModelError
-from kiosk.vision.depth_check import DepthEvidence
+from kiosk.config import DEFAULT_PAD_MODELS, KioskConfig, PadConfig, PadModelConfig
+from kiosk.errors import ConfigError, ModelError
 from kiosk.vision.landmarks import LandmarkModel, find_landmark_model
+from kiosk.vision.liveness_checks import LivenessCheck, PadObservation, border_lines, check_class
 from kiosk.vision.models import runtime
 from kiosk.vision.models.pack import _dims, _load, _real_inputs
+from kiosk.vision.models.recognizer import batch_free_model
 
 log = logging.getLogger(__name__)
+
+__all__ = ["PadEngine", "PadModel", "PadObservation", "TrackLiveness", "crop_box", "fuse", "scale_from_name",
+           "screen_signs", "shipped_pad_models"]
 
 REAL_INDEX = 1
 KNOWN_SCALES = {"minifasnetv2": 2.7, "minifasnetv1se": 4.0, "minifasnetv1": 2.7, "minifasnetv2se": 4.0}
 _SCALE_PREFIX = re.compile(r"^(\d+(?:\.\d+)?)_")
+SHIPPED_DIR = Path(__file__).parent / "models" / "minifasnet"
+SHIPPED_FILES = ("MiniFASNetV2.onnx", "MiniFASNetV1SE.onnx")
+
+
+def shipped_pad_models() -> list[Path]:
+    """The texture models inside the package (`models.pad: [default]`)."""
+    return [SHIPPED_DIR / name for name in SHIPPED_FILES]
 
 
 def scale_from_name(path: Path) -> float | None:
@@ -74,6 +85,7 @@ class PadModel:
     classes: int
     scale: float
     colour: str
+    batched: bool = False  # the session takes a batch of faces (its graph's batch dimension was freed)
 
     @property
     def name(self) -> str:
@@ -93,9 +105,14 @@ class PadModel:
     def score(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """(N,) probability that each face is real."""
         x = self.crops(image, boxes)
-        logits = np.concatenate([self.session.run(None, {self.input_name: x[i:i + 1]})[0]  # type: ignore[attr-defined]
-                                 for i in range(len(x))]) if len(x) else np.zeros((0, self.classes), np.float32)
-        logits = logits.reshape(len(x), -1).astype(np.float64)
+        if not len(x):
+            return np.zeros(0, np.float32)
+        if self.batched:  # all faces of the frame in one run
+            logits = self.session.run(None, {self.input_name: x})[0]  # type: ignore[attr-defined]
+        else:
+            logits = np.concatenate([self.session.run(None, {self.input_name: x[i:i + 1]})[0]  # type: ignore
+                                     for i in range(len(x))])
+        logits = np.asarray(logits).reshape(len(x), -1).astype(np.float64)
         if logits.shape[1] != self.classes or not np.isfinite(logits).all():
             raise RuntimeError(f"{self.name}: unexpected output {logits.shape}")
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -116,16 +133,11 @@ def classify_pad(model: object) -> tuple[int, int] | None:
     return int(shape[2]), int(out[1])
 
 
-SCREEN_CHROMA = 12.0  # fine-grained colour (std of high-passed Cr + Cb) of a frame with a screen's signs
-SCREEN_FRAMES = 3  # such frames that make a track a screen
-
-
 def screen_signs(image: np.ndarray, box: np.ndarray) -> float:
     """How much fine-grained colour the face shows: the standard deviation of the high-passed chroma (Cr + Cb)
     over the inner face box. A screen re-captured by a camera shows its sub-pixel grid and moire as coloured
-    fringes; skin seen directly has next to none (measured: bona fide stand-ins and photo walk-ups up to 9,
-    simulated screens 5-16 typical and 15-40 in their worst frames). A noisy camera in dim light adds chroma
-    noise: see README "Liveness"."""
+    fringes; skin seen directly has next to none (measured: real people on real camera video 0.8-3.8, a webcam in
+    a dark room included; simulated screens 5-16 typical and 15-40 in their worst frames)."""
     x1, y1, x2, y2 = (float(v) for v in box[:4])
     dx, dy = 0.1 * (x2 - x1), 0.1 * (y2 - y1)
     h, w = image.shape[:2]
@@ -137,140 +149,152 @@ def screen_signs(image: np.ndarray, box: np.ndarray) -> float:
     return float(sum((ycc[..., c] - cv2.GaussianBlur(ycc[..., c], (0, 0), 2.0)).std() for c in (1, 2)))
 
 
-@dataclass(frozen=True)
-class PadObservation:
-    """One face in one frame, as the liveness checks see it."""
-
-    landmarks: np.ndarray | None  # (106, 2) image pixels; None if the landmark model failed
-    texture: float | None = None  # mean probability of "real" over models.pad; None without models, NaN on failure
-    chroma: float = 0.0  # screen_signs()
-
-
-@dataclass
 class TrackLiveness:
-    """A track's liveness evidence and verdict (the verifier's policy and `kiosk-enroll evaluate-pad` both use
-    it, so what is measured is what decides)."""
+    """A track's liveness checks (`pad.checks`) and their fused verdict; the verifier's policy and `kiosk-enroll
+    evaluate-pad` both use it, so what is measured is what decides. See kiosk.vision.liveness_checks."""
 
-    cfg: PadConfig
-    textured: bool  # models.pad names at least one model
-    texture: list = field(default_factory=list)
-    depth: DepthEvidence = field(default_factory=DepthEvidence)
-    screen_frames: int = 0
-    frames: int = 0
+    def __init__(self, cfg: PadConfig, textured: bool, checks: list[LivenessCheck] | None = None) -> None:
+        self.cfg = cfg
+        self.textured = textured  # texture models are configured
+        self.checks = checks if checks is not None else \
+            [cls(cfg) for cls in check_classes(cfg, textured)]
+        self.frames = 0
 
     def add(self, obs: PadObservation | None) -> None:
         if obs is None:
             return
         self.frames += 1
-        self.screen_frames += obs.chroma >= SCREEN_CHROMA
-        if obs.landmarks is not None:
-            self.depth.add(obs.landmarks)
-        if obs.texture is not None and math.isfinite(obs.texture):
-            self.texture.append(float(obs.texture))
-
-    @property
-    def texture_score(self) -> float | None:
-        return sum(self.texture) / len(self.texture) if self.texture else None
-
-    @property
-    def texture_verdict(self) -> str | None:
-        if len(self.texture) < self.cfg.min_frames:
-            return None
-        return "attack" if (self.texture_score or 0.0) < self.cfg.threshold else "live"
-
-    @property
-    def screen_verdict(self) -> str | None:
-        """The screen check only accuses: 'attack' or None."""
-        return "attack" if self.screen_frames >= SCREEN_FRAMES else None
+        for check in self.checks:
+            check.add(obs)
 
     def verdicts(self) -> dict[str, str | None]:
-        out = {"depth": self.depth.verdict, "screen": self.screen_verdict}
-        if self.textured:
-            out["texture"] = self.texture_verdict
-        return out
-
-    @staticmethod
-    def _combined(v: dict[str, str | None]) -> str | None:
-        if "attack" in v.values():
-            return "attack"
-        return "live" if all(x == "live" for k, x in v.items() if k != "screen") else None
+        return {c.name: c.verdict for c in self.checks}
 
     @property
     def verdict(self) -> str | None:
-        """'attack' as soon as one check says so; 'live' once the depth check (and the models, if any) say so."""
-        return self._combined(self.verdicts())
+        """'attack' as soon as one check accuses; 'live' once a vouching check says live, every required check has
+        its evidence and `pad.min_frames` frames are in (the accusers have had their say); else None."""
+        return fuse(self.checks, self.frames, self.cfg.min_frames)
 
     @property
-    def builtin_verdict(self) -> str | None:
-        """The same, from the built-in checks alone (depth, screen): what the models are measured against."""
-        return self._combined({"depth": self.depth.verdict, "screen": self.screen_verdict})
+    def texture_score(self) -> float | None:
+        return next((c.score for c in self.checks if c.name == "texture"), None)
 
     @property
     def decided_by(self) -> list[str]:
-        """The checks whose verdict is the track's (every check for 'live', the accusers for 'attack')."""
+        """The checks whose verdict is the track's: the accusers of an attack, the vouchers of a live."""
         verdict = self.verdict
-        return [name for name, v in self.verdicts().items() if verdict is not None and v == verdict]
+        return [c.name for c in self.checks if verdict is not None and c.verdict == verdict
+                and (verdict == "attack" or c.vouches)]
 
     @property
     def score(self) -> float | None:
-        """The weakest check's score (0-1, above 0.5 leans live): the depth check's share of 3D frames, the
-        models' mean probability of "real"; None while no frame brought any evidence."""
-        scores = ([self.depth.score] if self.depth.frames else []) + \
-            ([self.texture_score] if self.texture_score is not None else [])
+        """The weakest check's score (0-1, above 0.5 leans live); None while no check has a graded score."""
+        scores = [s for s in (c.score for c in self.checks) if s is not None]
         return min(scores) if scores else None
 
-    def checks(self) -> dict[str, object]:
+    def report(self) -> dict[str, object]:
         """What each check saw, for the decision event."""
-        out: dict[str, object] = {"decided_by": self.decided_by, "depth": self.depth.as_dict(),
-                                  "screen": {"verdict": self.screen_verdict, "frames": self.screen_frames}}
-        if self.textured:
-            score = self.texture_score
-            out["texture"] = {"verdict": self.texture_verdict, "frames": len(self.texture),
-                              "score": None if score is None else round(score, 4)}
-        return out
+        return {"decided_by": self.decided_by, **{c.name: c.as_dict() for c in self.checks}}
+
+
+def fuse(checks: list[LivenessCheck], frames: int, min_frames: int) -> str | None:
+    """The fusion rule of TrackLiveness.verdict, over any checks (evaluate-pad replays recorded ones)."""
+    verdicts = [c.verdict for c in checks]
+    if "attack" in verdicts:
+        return "attack"
+    if frames < min_frames or not all(c.has_evidence for c in checks if c.required):
+        return None
+    return "live" if any(c.vouches and v == "live" for c, v in zip(checks, verdicts)) else None
 
 
 class PadEngine:
-    """The landmark model of the built-in check and every configured liveness model (averaged)."""
+    """The texture models (averaged), the landmark model of the depth check, and the image measures: what every
+    observation of a face carries."""
 
-    def __init__(self, models: list[PadModel], landmarks: LandmarkModel | None = None) -> None:
+    def __init__(self, models: list[PadModel], landmarks: LandmarkModel | None = None,
+                 checks: tuple[str, ...] = ()) -> None:
         self.models = models
         self.landmarks = landmarks
+        self.checks = checks  # pad.checks: which measures are needed
 
     @classmethod
     def from_config(cls, cfg: KioskConfig, plan: runtime.ProviderPlan, threads: int = 0) -> PadEngine:
+        checks = tuple(c.name for c in check_classes(cfg.pad, bool(cfg.models.pad)))
         models = []
-        for i, entry in enumerate(cfg.models.pad):
-            spec = entry if isinstance(entry, PadModelConfig) else PadModelConfig(path=entry)
-            path = cfg.resolve(spec.path)
-            model, _digest = _load(path)
+        for i, path, spec in pad_model_files(cfg):
+            where = f"models.pad[{i}]" + (" (default: the shipped MiniFASNet files)" if spec is None else "")
+            try:
+                model, _digest = _load(path)
+            except ModelError as exc:
+                raise ModelError(f"{where}: {exc}") from None
             kind = classify_pad(model)
             if kind is None:
-                raise ModelError(f"models.pad[{i}]: {path} does not look like a liveness model (expected one "
+                raise ModelError(f"{where}: {path} does not look like a liveness model (expected one "
                                  "1x3x80x80 or 1x3x128x128 input and one output of 2 or 3 classes)")
-            scale = spec.scale if spec.scale is not None else scale_from_name(path)
+            scale = spec.scale if spec is not None and spec.scale is not None else scale_from_name(path)
             if scale is None:
-                raise ModelError(f"models.pad[{i}]: {path}: give its crop scale ({{path: ..., scale: 2.7}}): the "
+                raise ModelError(f"{where}: {path}: give its crop scale ({{path: ..., scale: 2.7}}): the "
                                  "file name does not say it")
-            session = runtime.create_session(model.SerializeToString(), str(path), plan, threads=threads)
-            models.append(PadModel(path, session, _real_inputs(model)[0].name, kind[0], kind[1], scale,
-                                   spec.colour))
+            try:
+                session = runtime.create_session(batch_free_model(model), str(path), plan, threads=threads)
+                batched = True
+            except Exception:  # noqa: BLE001 - a graph whose batch cannot be freed runs one face at a time
+                session = runtime.create_session(model.SerializeToString(), str(path), plan, threads=threads)
+                batched = False
+            colour = spec.colour if spec is not None else "bgr"
+            models.append(PadModel(path, session, _real_inputs(model)[0].name, kind[0], kind[1], scale, colour,
+                                   batched))
             log.info("liveness model %s: %dx%d input, %d classes, crop scale %.1f, %s", path.name, kind[0],
-                     kind[0], kind[1], scale, spec.colour.upper())
-        root = cfg.resolve(Path(cfg.models.pack)) if cfg.models.pack != "default" else None
-        landmarks = LandmarkModel.load(find_landmark_model(root), plan, threads)
-        return cls(models, landmarks)
+                     kind[0], kind[1], scale, colour.upper())
+        landmarks = None
+        if "depth" in checks:
+            root = cfg.resolve(Path(cfg.models.pack)) if cfg.models.pack != "default" else None
+            landmarks = LandmarkModel.load(find_landmark_model(root), plan, threads)
+        log.info("liveness checks: %s", ", ".join(checks))
+        return cls(models, landmarks, checks)
 
     def observe(self, image: np.ndarray, boxes: np.ndarray) -> list[PadObservation]:
-        """Each face's landmarks and (with models) texture score. Raises if a model fails: the caller then has
-        no evidence for these faces, and their accepts wait and fail closed."""
-        points = self.landmarks.predict(image, boxes) if self.landmarks is not None else [None] * len(boxes)
-        texture = self.score(image, boxes)[0] if self.models else [None] * len(boxes)
-        return [PadObservation(p, None if t is None else float(t), screen_signs(image, box))
-                for p, t, box in zip(points, texture, boxes)]
+        """What the checks need of each face. Raises if a model fails: the caller then has no evidence for these
+        faces, and their accepts wait and fail closed."""
+        n = len(boxes)
+        points = self.landmarks.predict(image, boxes) if self.landmarks is not None else [None] * n
+        texture = self.score(image, boxes)[0] if self.models else [None] * n
+        chroma = [screen_signs(image, box) for box in boxes] if "screen" in self.checks else [0.0] * n
+        border = [border_lines(image, box) for box in boxes] if "border" in self.checks else [None] * n
+        return [PadObservation(p, None if t is None else float(t), c, float(box[2] - box[0]), b)
+                for p, t, c, box, b in zip(points, texture, chroma, boxes, border)]
 
     def score(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(N,) mean probability of "real" over the models, and each model's own."""
         each = {m.name: m.score(image, boxes) for m in self.models}
         mean = np.mean(np.stack(list(each.values())), axis=0) if each else np.zeros(len(boxes), np.float32)
         return mean.astype(np.float32), each
+
+
+def pad_model_files(cfg: KioskConfig) -> list[tuple[int, Path, PadModelConfig | None]]:
+    """The texture model files `models.pad` names: (index of the entry, file, its settings; None: a shipped file)."""
+    out: list[tuple[int, Path, PadModelConfig | None]] = []
+    for i, entry in enumerate(cfg.models.pad):
+        if not isinstance(entry, PadModelConfig) and str(entry) == DEFAULT_PAD_MODELS:
+            out += [(i, path, None) for path in shipped_pad_models()]
+            continue
+        spec = entry if isinstance(entry, PadModelConfig) else PadModelConfig(path=entry)
+        out.append((i, cfg.resolve(spec.path), spec))
+    return out
+
+
+def check_classes(cfg: PadConfig, textured: bool) -> list[type[LivenessCheck]]:
+    """The checks that run (`pad.checks`, less the texture check where no model is configured); a config error
+    where a name is unknown or no check could ever say live."""
+    classes = []
+    for i, name in enumerate(cfg.checks):
+        try:
+            classes.append(check_class(name))
+        except ValueError as exc:
+            raise ConfigError(f"pad.checks[{i}]: {exc}") from None
+    active = [c for c in classes if c.active(textured)]
+    if not any(c.vouches for c in active):
+        raise ConfigError("pad.checks: no check here can say live (" + (", ".join(cfg.checks) or "none") + "): "
+                          "name texture (with models.pad) or depth, or turn liveness off with pad.enabled: false")
+    return active
