@@ -15,7 +15,7 @@ from kiosk.pipeline.tracking import Track
 from kiosk.store.gallery import Match
 from kiosk.vision.depth_check import PRIOR, DepthEvidence
 from kiosk.vision.liveness import PadEngine, PadObservation, crop_box, scale_from_name
-from kiosk.vision.liveness_checks import TEXTURE_FRAMES, LivenessCheck
+from kiosk.vision.liveness_checks import TEXTURE_FRAMES, BorderView, LivenessCheck
 from kiosk.vision.models import runtime
 from tests.pad_models import constant_pad_model, red_is_real_model
 
@@ -127,10 +127,8 @@ def test_the_depth_check_tells_a_turning_head_from_a_card_turned_far_and_never_a
     assert verdict(_points("card", turn_deg=35, noise=0.03))[0] is None
 
 
-def _border_view(face: tuple[float, float, float], lines: list[tuple[float, float]]) -> "BorderView":
+def _border_view(face: tuple[float, float, float], lines: list[tuple[float, float]]) -> BorderView:
     """Lines given in image terms (angle, signed distance from the image origin, px) seen around `face`."""
-    from kiosk.vision.liveness_checks import BorderView
-
     cx, cy, w = face
     out = []
     for theta, dist in lines:
