@@ -16,8 +16,8 @@ Fusion (kiosk.vision.liveness.TrackLiveness): attack if any check accuses; live 
 every required check has its evidence and the track has `pad.min_frames` frames (so the accusers have had theirs);
 else no verdict yet. A passenger standing still passes on the texture evidence alone: no check needs a head turn.
 
-A new cue is one class here (subclass `LivenessCheck`, give it a `name`) plus its name in `pad.checks`; a site's
-own class is named there as `module:Class`.
+A new cue is one class (subclass `LivenessCheck`, give it a `name`) plus its name in `pad.checks`: a built-in one
+here, listed in CHECKS; a site's own anywhere on the import path, named there as `module:Class`.
 """
 
 from __future__ import annotations
