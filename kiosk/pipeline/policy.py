@@ -38,7 +38,7 @@ import numpy as np
 
 from kiosk.config import PadConfig, PolicyConfig
 from kiosk.store.gallery import Match
-from kiosk.vision.liveness import PadObservation, TrackLiveness
+from kiosk.vision.liveness import PadObservation, TrackLiveness, check_classes
 from kiosk.vision.quality import Quality
 from kiosk.pipeline.tracking import Track
 
@@ -109,8 +109,11 @@ class DecisionPolicy:
         self.cfg = cfg
         self.pad = pad if pad is not None and pad.enabled else None
         self.textured = textured  # models.pad names texture models: their verdict is needed
-        # A track's liveness evidence (evaluate-pad replays recorded checks through this)
-        self.new_liveness = liveness or (lambda track: TrackLiveness(self.pad, self.textured))  # type: ignore
+        # A track's liveness evidence (evaluate-pad replays recorded checks through this). The check classes are
+        # resolved once here (a bad pad.checks fails now), not for every new track.
+        classes = check_classes(self.pad, textured) if self.pad is not None else []
+        self.new_liveness = liveness or (lambda track: TrackLiveness(
+            self.pad, textured, [cls(self.pad) for cls in classes]))  # type: ignore[arg-type]
         self.claims: dict[str, Claim] = {}
         self._recent: dict[tuple[str, str], float] = {}
 

@@ -154,10 +154,10 @@ class TrackLiveness:
     evaluate-pad` both use it, so what is measured is what decides. See kiosk.vision.liveness_checks."""
 
     def __init__(self, cfg: PadConfig, textured: bool, checks: list[LivenessCheck] | None = None) -> None:
+        """`textured`: texture models are configured; `checks`: the track's check objects (default: a new one of
+        each class `pad.checks` names)."""
         self.cfg = cfg
-        self.textured = textured  # texture models are configured
-        self.checks = checks if checks is not None else \
-            [cls(cfg) for cls in check_classes(cfg, textured)]
+        self.checks = checks if checks is not None else [cls(cfg) for cls in check_classes(cfg, textured)]
         self.frames = 0
 
     def add(self, obs: PadObservation | None) -> None:
@@ -166,9 +166,6 @@ class TrackLiveness:
         self.frames += 1
         for check in self.checks:
             check.add(obs)
-
-    def verdicts(self) -> dict[str, str | None]:
-        return {c.name: c.verdict for c in self.checks}
 
     @property
     def verdict(self) -> str | None:
