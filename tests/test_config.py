@@ -81,6 +81,8 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
         ("bogus: 1\n", "bogus", "one of the keys", "unknown key"),
         ("cameras: [{id: a, gate: A, fps: -5}]\n", "cameras[0].fps", "above 0", "-5"),
         ("hooks: {python: [':f']}\n", "hooks.python[0]", "module:function", "':f'"),
+        ("pad: {threshold: 0.2, attack_below: 0.4}\n", "pad.attack_below", "at most pad.threshold (0.2)", "0.4"),
+        ("pad: {checks: texture}\n", "pad.checks", "a list", "'texture'"),
     ],
 )
 def test_errors_name_file_key_expected_and_found(tmp_path, text, keypath, expected, found):
