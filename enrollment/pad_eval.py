@@ -85,7 +85,7 @@ class Presentation:
     observed: list[bool] = field(default_factory=list, repr=False)
     textures: list[float | None] = field(default_factory=list, repr=False)
     widths: list[float] = field(default_factory=list, repr=False)
-    others: list[list[tuple[str, str | None, bool]]] = field(default_factory=list, repr=False)
+    others: list[list[tuple[str, str | None, bool, bool]]] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"track": self.track_id, "outcome": self.outcome, "decided_by": self.decided_by,
@@ -96,13 +96,19 @@ class Presentation:
 class _Recorded(LivenessCheck):
     """A check replayed from what it said frame by frame (the sweep varies the texture check only)."""
 
-    def __init__(self, cfg: Any, name: str, vouches: bool, verdicts: list[str | None]) -> None:
+    required = True  # what it said of its evidence is replayed too (True for a check that is not required)
+
+    def __init__(self, cfg: Any, name: str, vouches: bool, verdicts: list[str | None], evidence: list[bool]) -> None:
         super().__init__(cfg)
-        self.name, self.vouches, self.said = name, vouches, verdicts  # type: ignore[misc]
+        self.name, self.vouches, self.said, self.evidence = name, vouches, verdicts, evidence  # type: ignore[misc]
 
     @property
     def verdict(self) -> str | None:
         return self.said[self.frames - 1] if self.frames else None
+
+    @property
+    def has_evidence(self) -> bool:
+        return self.evidence[self.frames - 1] if self.frames else True
 
 
 def _policy(cfg: KioskConfig, textured: bool, liveness: Any = None) -> DecisionPolicy:
@@ -135,7 +141,8 @@ class _Judge:
         decision = self.policy.observe(track, GATE, MATCH, clock, seq, clock=clock, live=obs)
         live = self.policy.state(track).live
         if live is not None and obs is not None:
-            rec.others.append([(c.name, c.verdict, c.vouches) for c in live.checks if c.name != "texture"])
+            rec.others.append([(c.name, c.verdict, c.vouches, c.has_evidence or not c.required)
+                               for c in live.checks if c.name != "texture"])
         self._decided(track, decision, clock)
 
     def _decided(self, track: Track, decision: Any, clock: float) -> None:
@@ -213,11 +220,11 @@ def replay(cfg: KioskConfig, p: Presentation, threshold: float) -> str:
     """The presentation's outcome had the texture threshold been `threshold` (the other checks as recorded)."""
     pad = dataclasses.replace(cfg.pad, threshold=threshold, attack_below=min(cfg.pad.attack_below, threshold))
     trial = dataclasses.replace(cfg, pad=pad)
-    names = [(n, v) for n, _, v in p.others[0]] if p.others else []
+    names = [(n, v) for n, _, v, _ in p.others[0]] if p.others else []
 
     def liveness(track: Track) -> TrackLiveness:
-        recorded = [_Recorded(pad, name, vouches, [frame[i][1] for frame in p.others])
-                    for i, (name, vouches) in enumerate(names)]
+        recorded = [_Recorded(pad, name, vouches, [frame[i][1] for frame in p.others],
+                              [frame[i][3] for frame in p.others]) for i, (name, vouches) in enumerate(names)]
         return TrackLiveness(pad, True, [TextureCheck(pad), *recorded])
 
     policy = _policy(trial, True, liveness)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kiosk.tools.bench import compare_accepts
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
 from tests.pipeline_helpers import make_video, people, write_config
 
 
+@pytest.mark.slow  # the obvious loop beside the pipeline: a minute on 2 cores; run by .ci/run's second step
 def test_bench_json_with_compare(tmp_path, engine, photos):
     crops = people(engine, photos)
     make_video(tmp_path / "v.avi", [Walk(crops["yao"], start=0, frames=45, w0=70, w1=150, cx=0.3),

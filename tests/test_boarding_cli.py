@@ -60,6 +60,7 @@ def dump(db: Path) -> list:
         con.close()
 
 
+@pytest.mark.slow  # a day of CLI commands, each a process; run by .ci/run's second step
 def test_an_operators_day_on_the_command_line(site):
     folder = site.parent
     departs = time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() + 3 * 3600))

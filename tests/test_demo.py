@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import cv2
+import pytest
 
 from kiosk.config import load_config
 from kiosk.tools.demo import write_demo_config
 from tests.conftest import run_cli
 
 
+@pytest.mark.slow  # the whole 24 s demo; run by .ci/run's second step
 def test_demo_runs_the_pipeline_and_ends_by_itself(tmp_path):
     out = tmp_path / "demo"
     res = run_cli("kiosk", "-q", "demo", "--out", str(out))

@@ -162,6 +162,41 @@ def test_the_border_check_accuses_edges_that_move_with_the_face_not_the_scene_s(
     assert judged(door) == (None, 0) and judged(still_card) == (None, 0)
 
 
+def test_a_track_that_showed_a_few_attached_edges_waits_for_the_border_check_before_it_can_be_live():
+    """A card whose edge has moved with the face in fewer than BORDER_FRAMES frames is not yet an attack, but a
+    texture score that says live must not accept it meanwhile: the border check holds the track until the edge is
+    confirmed or has gone unseen for BORDER_CLEAR frames. A track that never showed such an edge never waits."""
+    from kiosk.config import PadConfig
+    from kiosk.vision.liveness import fuse
+    from kiosk.vision.liveness_checks import BORDER_CLEAR, BorderCheck, PadObservation, TextureCheck
+
+    faces = [(300 + 6 * i, 240, 100 + 2 * i) for i in range(40)]
+    card = [_border_view(f, [(np.pi / 2, -(f[0] + 1.2 * f[2]))]) for f in faces]
+    bare = [_border_view(f, []) for f in faces]
+    cfg = PadConfig()
+
+    def run(views) -> list:
+        texture, border = TextureCheck(cfg), BorderCheck(cfg)
+        out = []
+        for i, v in enumerate(views):
+            obs = PadObservation(None, texture=0.99, width=120.0, border=v)
+            texture.add(obs)
+            border.add(obs)
+            out.append((fuse([texture, border], i + 1, cfg.min_frames), border.attached_frames, border.has_evidence))
+        return out
+
+    # the card's edge is in view for 11 frames (10 of them attached: enough to accuse), then leaves the patch
+    assert run(card[:11] + bare[11:])[10][0] == "attack"
+    # in view for only 4 frames (a few attached ones, not enough): the texture's "live" waits, then counts
+    brief = run(card[:4] + bare[4:])
+    seen = min(i for i, (_, attached, _) in enumerate(brief) if attached == brief[-1][1])
+    assert 0 < brief[-1][1] < 4
+    assert all(v is None and not ev for v, _, ev in brief[seen:seen + BORDER_CLEAR])
+    assert brief[seen + BORDER_CLEAR][0] == "live"
+    # no edge ever: live as soon as the texture and pad.min_frames allow
+    assert [v for v, _, _ in run(bare)].index("live") == cfg.min_frames - 1
+
+
 def _policy(textured: bool = True, **pad) -> DecisionPolicy:
     cfg = config_from_mapping({"pad": {"enabled": True, **pad},
                                "policy": {"accept_frames": 3, "reject_after_frames": 100,

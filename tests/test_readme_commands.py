@@ -166,6 +166,7 @@ def site(tmp_path_factory, engine, photos) -> Path:
     return work
 
 
+@pytest.mark.slow  # every README command, a few minutes; run by .ci/run's second step
 def test_every_readme_command_runs_as_written(site):
     ran: list[str] = []
     sh = Shell(site, ran)
