@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -84,8 +85,65 @@ def test_an_unwritable_audit_log_lets_no_accept_through_and_recovers_by_itself(t
             stop(capture)
         _, err = stop(verifier)
     assert "Traceback" not in err
-    logged = {e["event_id"] for e in audit(config)}
+    records = audit(config)
+    logged = {e["event_id"] for e in records}
     assert all(e.event_id in logged for e in events.events if e.type == "accept")
+    # the rejects the gate heard while the log was unwritable are in it now, in order, marked late
+    withheld = [e.event_id for e in events.events if e.reason == "audit_unavailable"]
+    late = [r["event_id"] for r in records if r.get("late")]
+    assert withheld and late[:len(withheld)] == withheld
+    assert all(r["reason"] == "audit_unavailable" for r in records if r.get("late"))
+
+
+def test_an_audit_log_moved_away_or_replaced_by_a_folder_under_a_live_gate_holds_every_published_accept(
+        tmp_path, engine, photos):
+    """Under a live gate the audit file is renamed away (an operator's mv, a rotation by hand), and later
+    moved away again with a folder put in its place: status says so within a second, and every accept
+    published is in the file that was at the configured path when it was decided, never only in a file
+    moved away."""
+    crops = people(engine, photos)
+    make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True,
+                                      "loop": True}], policy={"repeat_accept_s": 0.0})
+    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
+                   str(photos["yaoming.jpg"])).returncode == 0
+    audit_path = tmp_path / "events.jsonl"
+    verifier = kiosk(config, "verify")
+    capture = None
+    events = Events(config, ("event.", "health.verifier"))
+    accepts = lambda ev: [e for e in ev.events if e.type == "accept"]  # noqa: E731
+    try:
+        assert events.wait_for(lambda ev: ev.health, 30)
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        assert events.wait_for(lambda ev: accepts(ev), 20)
+        audit_path.rename(tmp_path / "moved-1.jsonl")
+        renamed_at = time.time()
+        assert events.wait_for(lambda ev: sum(e.decided_at > renamed_at for e in accepts(ev)) >= 2, 20)
+        audit_path.rename(tmp_path / "moved-2.jsonl")
+        audit_path.mkdir()  # the fault table's probe: the log gone and a folder in its place
+        folder_at = time.time()
+        assert events.wait_for(lambda ev: ev.health[-1]["audit"]["ok"] is False, 5)
+        assert events.wait_for(lambda ev: any(e.reason == "audit_unavailable" for e in ev.events), 20)
+        assert not any(e.decided_at > folder_at + 0.01 for e in accepts(events))
+        audit_path.rmdir()
+        restored_at = time.time()
+        assert events.wait_for(lambda ev: ev.health[-1]["audit"]["ok"] is True, 5)
+        assert events.wait_for(lambda ev: any(e.decided_at > restored_at for e in accepts(ev)), 20)
+    finally:
+        events.close()
+        if capture is not None:
+            stop(capture)
+        _, err = stop(verifier)
+    assert "Traceback" not in err
+    ids = lambda name: {json.loads(line)["event_id"]  # noqa: E731
+                        for line in (tmp_path / name).read_text().splitlines()}
+    first, second, final = ids("moved-1.jsonl"), ids("moved-2.jsonl"), {e["event_id"] for e in audit(config)}
+    for e in accepts(events):
+        if e.decided_at > renamed_at:
+            assert e.event_id in second | final, f"accept {e.event_id} only in the file moved away"
+        else:
+            assert e.event_id in first | second
+    assert final & {e.event_id for e in events.events if e.reason == "audit_unavailable"}  # written late
 
 
 def test_a_torn_last_line_stays_on_its_own(tmp_path):
@@ -98,6 +156,40 @@ def test_a_torn_last_line_stays_on_its_own(tmp_path):
     log.close()
     assert path.read_bytes().splitlines()[-2:] == [b'{"type": "acc', b'{"type": "reject", "event_id": "b"}']
     assert [r["event_id"] for r in read_tail(path)] == ["a", "b"]
+
+
+def test_an_audit_log_deleted_renamed_or_replaced_is_reopened_at_its_path_or_fails(tmp_path):
+    """The file at the configured path is the one written: a deleted log is made again, a renamed one is
+    left behind (the next line goes to the path), a folder in its place is a failure; what was published
+    meanwhile is written first once it can be, in order and marked late."""
+    from kiosk.services.audit import AuditLog, read_tail
+
+    path = tmp_path / "events.jsonl"
+    log = AuditLog(path)
+    assert log.write(b'{"event_id": "a"}')
+    path.unlink()  # deleted under the writer
+    assert log.write(b'{"event_id": "b"}')
+    assert [r["event_id"] for r in read_tail(path)] == ["b"]
+    path.rename(tmp_path / "moved.jsonl")  # renamed away
+    assert log.write(b'{"event_id": "c"}')
+    assert [r["event_id"] for r in read_tail(path)] == ["c"]
+    path.unlink()
+    path.mkdir()  # replaced by a folder
+    assert not log.check() and log.error
+    assert not log.write(b'{"event_id": "d"}') and "audit log" in log.error
+    log.defer(b'{"event_id": "d2"}')  # what the gate was told instead
+    log.defer(b'{"event_id": "e"}')
+    assert log.pending == 2
+    path.rmdir()
+    log._last_try = float("-inf")  # the retry interval (1 s) has passed
+    assert log.check() and log.pending == 0 and not log.error
+    assert log.write(b'{"event_id": "f"}')
+    log.close()
+    records = read_tail(path)
+    assert [r["event_id"] for r in records] == ["d2", "e", "f"]
+    assert [r.get("late") for r in records] == [True, True, None]
+    assert all(isinstance(r["audited_at"], float) for r in records[:2])
+    assert "d" not in {r["event_id"] for r in read_tail(tmp_path / "moved.jsonl")}
 
 
 def test_a_capture_key_sends_for_its_own_camera_only(tmp_path, engine, photos):

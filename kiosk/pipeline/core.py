@@ -490,7 +490,9 @@ class VerifierCore:
             return self._boarding(cam, flight, d, now)
         if d.type == "accept" and d.subject_id is not None:
             try:
-                if not self.confirm(d.subject_id):
+                confirmed = self.confirm(d.subject_id)
+                self.recovered("gallery")
+                if not confirmed:
                     log.warning("track matched %s, who is no longer enrolled (or expired): rejected", d.subject_id)
                     d = dataclasses.replace(d, type="reject", reason="not_enrolled")
             except Exception as exc:  # noqa: BLE001 - any failure to confirm must reject, never accept
@@ -498,6 +500,12 @@ class VerifierCore:
                 log.error("cannot confirm %s in the gallery (%s): rejected", d.subject_id, exc)
                 d = dataclasses.replace(d, type="reject", reason="gallery_unavailable")
         return d
+
+    def recovered(self, component: str) -> None:
+        """`component` answered again: its error is no longer the last one to show."""
+        if self.last_error.startswith(component + ":"):
+            log.info("%s answers again (was: %s)", component, self.last_error)
+            self.last_error = ""
 
     def _boarding(self, cam: CameraState, flight: str, d: Decision, now: float) -> Decision:
         """An accept at a gate boarding `flight` marks the passenger boarded, or becomes the reject that
@@ -510,6 +518,7 @@ class VerifierCore:
                 return d
             outcome = self.store.board(DecisionRecord(d.event_id, flight, cam.gate_id, "accept", None, d.subject_id,
                                                       None, d.score, now), camera_id=cam.camera_id)
+            self.recovered("boarding store")
         except Exception as exc:  # noqa: BLE001 - a boarded mark that cannot be taken must reject, never accept
             self.last_error = f"boarding store: {exc}"
             self.metrics.store_failures.inc()

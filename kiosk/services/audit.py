@@ -7,8 +7,16 @@ about a millisecond). When the log cannot be written (disk full, the path
 replaced by a folder, a read-only mount) `write` says so instead of
 raising: the verifier then lets nothing through that opens a door, reports
 why, and tries again with the next decision, so it recovers by itself once
-the log is writable. A line cut short by a crash or a full disk is ended
-before the next one is appended, and readers skip lines that do not parse.
+the log is writable. A log that is no longer at its path (deleted,
+renamed away, replaced) counts as unwritable: every write checks that the
+open file is still the one at the path (device and inode, before and after
+the fsync) and reopens at the path, so no line goes only into a file
+nobody will read. What was published while the log could not be written
+(the rejects of a fail-closed gate) is kept in memory, bounded, and
+written first when the log is writable again, in order, each marked
+`"late": true` with the time it was written (`audited_at`). A line cut
+short by a crash or a full disk is ended before the next one is appended,
+and readers skip lines that do not parse.
 The log is rotated daily and kept `retention.audit_days` (kiosk.boarding.retention).
 """
 
@@ -28,6 +36,7 @@ from kiosk.boarding.retention import rotate_daily, rotated, today
 log = logging.getLogger(__name__)
 
 RETRY_EVERY_S = 1.0  # after a failure, reopen at most this often
+MISSED_MAX = 10_000  # published lines waiting for a writable log; beyond it the oldest go, counted in a gap line
 
 
 class AuditLog:
@@ -37,9 +46,17 @@ class AuditLog:
         self.error = ""  # why the last write failed; "" while the log is writable
         self.failures = 0
         self._fh: BinaryIO | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._day = today()
         self._last_try = float("-inf")
+        self._missed: deque[bytes] = deque()
+        self._lost = 0  # missed lines dropped because the backlog was full
         self._open()
+
+    @property
+    def pending(self) -> int:
+        """Published lines not yet in the log (written as soon as it can be)."""
+        return len(self._missed) + (1 if self._lost else 0)
 
     def _open(self) -> bool:
         self._last_try = time.monotonic()
@@ -59,6 +76,8 @@ class AuditLog:
             self._failed(f"cannot open the audit log {self.path}: {exc.strerror or exc}")
             return False
         self._fh = fh
+        st = os.fstat(fh.fileno())
+        self._identity = (st.st_dev, st.st_ino)
         if self.error:
             log.warning("audit log %s is writable again", self.path)
         self.error = ""
@@ -69,6 +88,9 @@ class AuditLog:
         if why != self.error:
             log.error("%s: nothing that opens a door is published until it can be written", why)
         self.error = why
+        self._close()
+
+    def _close(self) -> None:
         if self._fh is not None:
             try:
                 self._fh.close()
@@ -76,17 +98,97 @@ class AuditLog:
                 pass
             self._fh = None
 
+    def _at_path(self) -> bool:
+        """Is the open file still the one at the configured path (not deleted, renamed away or replaced)?"""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
+
+    def _reopen_if_moved(self) -> bool:
+        """The file at the path is not the open one: reopen at the path (False: it cannot be, and why is
+        recorded)."""
+        if self._fh is None or self._at_path():
+            return self._fh is not None
+        log.error("audit log %s is no longer the file being written (deleted, renamed or replaced): "
+                  "reopening at the path", self.path)
+        self._close()
+        return self._open()
+
+    def defer(self, line: bytes) -> None:
+        """A line that was published while the log could not be written: written, marked late, before the
+        next line once the log is writable (held in memory, at most MISSED_MAX; a gap line counts the rest)."""
+        if len(self._missed) >= MISSED_MAX:
+            self._missed.popleft()
+            self._lost += 1
+        self._missed.append(line.rstrip(b"\n"))
+
     def write(self, line: bytes) -> bool:
-        """Append one line durably; False (and `error` says why) when it could not be written."""
+        """Append one line durably (after any late ones); False (and `error` says why) when it could not be
+        written."""
+        return self._write(line.rstrip(b"\n") + b"\n")
+
+    def check(self) -> bool:
+        """Between decisions (about once a second): notice a log moved away or deleted without waiting for
+        the next decision (status says so at once), retry an unwritable one, and write the late lines as
+        soon as it can be, so a gate that stays quiet after an outage still gets its record."""
+        if self._fh is not None:
+            self._reopen_if_moved()
+        elif time.monotonic() - self._last_try >= RETRY_EVERY_S:
+            self._open()
+        if self._fh is not None and self.pending:
+            return self._write(b"")
+        return self._fh is not None
+
+    def _write(self, line: bytes) -> bool:
         if self._fh is not None and today() != self._day:  # a new day: rotate first
             self._fh.close()
             self._fh = None
             self._last_try = float("-inf")
         if self._fh is None and (time.monotonic() - self._last_try < RETRY_EVERY_S or not self._open()):
             return False
+        if not self._reopen_if_moved():
+            return False
+        for _ in range(2):  # a second time when the path changed under the write
+            if not self._append(self._late_lines() + line):
+                return False
+            if self._at_path():
+                self._missed.clear()
+                self._lost = 0
+                return True
+            if not self._reopen_if_moved():
+                return False
+        self._failed(f"the audit log {self.path} keeps changing under the writer")
+        return False
+
+    def _late_lines(self) -> bytes:
+        if not self._missed and not self._lost:
+            return b""
+        now = time.time()
+        out = []
+        if self._lost:
+            out.append(json.dumps({"type": "audit_gap", "lost": self._lost, "late": True, "audited_at": now,
+                                   "why": "more published lines than the backlog holds while the log was "
+                                          "unwritable"}).encode())
+        for raw in self._missed:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                record["late"], record["audited_at"] = True, now
+                out.append(json.dumps(record, separators=(",", ":")).encode())
+            else:
+                out.append(raw)
+        log.warning("audit log %s: writing %d line(s) published while it was unwritable, marked late",
+                    self.path, len(self._missed))
+        return b"\n".join(out) + b"\n"
+
+    def _append(self, data: bytes) -> bool:
         assert self._fh is not None
         try:
-            self._fh.write(line.rstrip(b"\n") + b"\n")
+            self._fh.write(data)
             self._fh.flush()
             os.fsync(self._fh.fileno())
         except OSError as exc:
@@ -95,9 +197,10 @@ class AuditLog:
         return True
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._missed or self._lost:
+            log.error("audit log %s: %d published line(s) could not be written before stopping", self.path,
+                      self.pending)
+        self._close()
 
 
 def _tail_lines(path: Path, tail_bytes: int) -> list[str]:

@@ -18,6 +18,7 @@ import os
 import threading
 import uuid
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 GALLERY_POLL_S = 1.0
 PURGE_EVERY_S = 60.0
 BAD_LOG_EVERY_S = 10.0
+UNRECORDED_MAX = 100_000  # boarding-gate decisions waiting for the store in an outage (oldest dropped beyond)
 
 
 class Verifier:
@@ -93,6 +95,8 @@ class Verifier:
         self._event_seq: dict[str, int] = {}  # per gate: a gate's subscriber sees 1, 2, 3... and any gap
         self.recent = RecentEvents(read_tail(audit_path))  # what a subscriber that missed some can fetch
         self.metrics.audit_ok.set_function(lambda: 0.0 if self.audit.error else 1.0)
+        self._unrecorded: deque[DecisionRecord] = deque(maxlen=UNRECORDED_MAX)  # decisions the store missed
+        self._record_failing = False
         self._stop = threading.Event()
         self._purge_now = threading.Event()  # set: look for flights due for purging now
         self._purge_now.set()
@@ -315,6 +319,7 @@ class Verifier:
                         self._unboard(d)
                 d = dataclasses.replace(d, type="reject", reason="audit_unavailable")
                 event = self._event(cam, verdict, d)
+            self.audit.defer(event.to_json())  # what the gate is told goes into the log once it can be written
         if d.flight_id and d.type != "accept":  # an accept was recorded with its boarded mark
             self._record(cam, d)
         self._event_seq[cam.gate_id] = event.event_seq or 0
@@ -344,13 +349,35 @@ class Verifier:
                       d.subject_id, d.flight_id, exc)
 
     def _record(self, cam: CameraState, d: Decision) -> None:
-        """Keep a reject at a boarding gate for the flight's report (best effort: the gate is told anyway)."""
-        try:
-            self.store.record(DecisionRecord(d.event_id, str(d.flight_id), cam.gate_id, d.type, d.reason,
-                                             d.subject_id, d.candidate_id, d.score, time.time()))
-        except Exception as exc:  # noqa: BLE001
-            self.metrics.store_failures.inc()
-            log.warning("decision %s not kept for the report of %s: %s", d.event_id, d.flight_id, exc)
+        """Keep a reject at a boarding gate for the flight's report. The gate is told either way; one the
+        store cannot take now (an outage: the store_unavailable rejects themselves) waits, in order and
+        bounded, and is written when the store answers again, with the time it was decided."""
+        self._unrecorded.append(DecisionRecord(d.event_id, str(d.flight_id), cam.gate_id, d.type, d.reason,
+                                               d.subject_id, d.candidate_id, d.score, time.time()))
+        self._record_unrecorded()
+
+    def _record_unrecorded(self) -> None:
+        """Write the decisions waiting for the store, oldest first; stop at the first failure (next try with
+        the next decision or within a second)."""
+        while self._unrecorded:
+            record = self._unrecorded[0]
+            try:
+                self.store.record(record)
+            except Exception as exc:  # noqa: BLE001
+                self.metrics.store_failures.inc()
+                if not self._record_failing:
+                    log.warning("decision %s not yet kept for the report of %s (kept for later, %d waiting): %s",
+                                record.event_id, record.flight_id, len(self._unrecorded), exc)
+                self._record_failing = True
+                self._last_error = f"boarding store: {exc}"
+                return
+            self._unrecorded.popleft()
+            if self._record_failing and not self._unrecorded:
+                log.info("boarding store answers again: the decisions it missed are kept for the report")
+                self._record_failing = False
+                if self._last_error.startswith("boarding store:"):
+                    self._last_error = ""
+                self.core.recovered("boarding store")
 
     # -- periodic --------------------------------------------------------------
     def _housekeeping(self) -> None:
@@ -362,6 +389,9 @@ class Verifier:
             self._last_gallery_poll = mono
             self._changed.clear()
             self._reload_gallery()
+            self.audit.check()
+            if self._unrecorded:
+                self._record_unrecorded()
         self._heartbeat()
 
     def _reload_gallery(self, wait: bool = False) -> None:
@@ -384,6 +414,8 @@ class Verifier:
             if self._gallery_error:  # the gallery answers again and nothing changed meanwhile
                 log.info("gallery %s answers again (revision %d)", self.gallery.name, revision)
                 self._gallery_error = ""
+                if self._last_error.startswith("gallery"):
+                    self._last_error = ""
             return
         self._purge_now.set()  # a flight rescheduled (or added) may be due now
         self._loader = threading.Thread(target=self._load_matrix, name="gallery-loader", daemon=True)
@@ -411,6 +443,8 @@ class Verifier:
         self._log_gates(self.core.flights, loaded)
         self.core.adopt(loaded)
         self._gallery_error = ""
+        if self._last_error.startswith("gallery"):
+            self._last_error = ""
         self.metrics.gallery_subjects.set(len(loaded.full))
         self.metrics.gallery_templates.set(loaded.full.template_count)
         log.info("gallery reloaded: revision %d, %d subjects, %d templates%s (%.0f ms)", loaded.revision,
@@ -423,13 +457,16 @@ class Verifier:
         down = sorted(cid for cid, (state, _) in states.items() if state == "down")
         return {
             "component": "verifier",
-            "status": "degraded" if down or self.audit.error or self._gallery_error else "ok",
+            "status": ("degraded" if down or self.audit.error or self._gallery_error or self._record_failing
+                       else "ok"),
             "cameras_down": down,
             "pid": os.getpid(), "providers": self.engine.providers,
             "fps": round(self.core.fps(now), 2), "drops": sum(c.stale for c in self.cameras.values()),
             "queue_depth": sum(len(c.pending) for c in self.cameras.values()),
             "bad_messages": self._bad, "last_error": self.core.last_error or self._last_error,
-            "audit": {"ok": not self.audit.error, "error": self.audit.error, "failures": self.audit.failures},
+            "audit": {"ok": not self.audit.error, "error": self.audit.error, "failures": self.audit.failures,
+                      "pending": self.audit.pending},
+            "boarding_store": {"ok": not self._record_failing, "decisions_waiting": len(self._unrecorded)},
             "frame_latency_ms": self.metrics.recent_frame.quantiles(),
             "stages_ms": {stage: window.quantiles() for stage, window in self.metrics.recent_stage.items()},
             "frames_processed": sum(c.processed for c in self.cameras.values()),
