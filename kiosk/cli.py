@@ -111,6 +111,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return main_bench(_config(args), Path(args.video), args.compare, args.json, args.realtime)
 
 
+def _gallery_hint(cfg: KioskConfig) -> str:
+    """Why a verifier may be down: its SQLite gallery missing or corrupt (a verifier never starts on either;
+    under `kiosk run` it is retried until the gallery is back)."""
+    if cfg.gallery.url is not None:
+        return ""
+    from kiosk.store.gallery import SQLITE_MAGIC
+
+    path = cfg.resolve(cfg.gallery.path)
+    config = f"-c {cfg.source} " if cfg.source else ""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except FileNotFoundError:
+        return (f" The gallery {path} does not exist, so no verifier can start: run `kiosk-enroll {config}restore "
+                f"BACKUP` (or `kiosk-enroll {config}init` for a new, empty one).")
+    except OSError as exc:
+        return f" The gallery {path} cannot be read ({exc.strerror or exc})."
+    if head != SQLITE_MAGIC:
+        return (f" The gallery {path} is corrupt, so no verifier can start: run `kiosk-enroll {config}restore "
+                "BACKUP` (it moves the corrupt file aside first).")
+    return ""
+
+
 def _ask(cfg: KioskConfig, request: dict, role: str) -> dict:
     """The verifier's reply to one control request; RuntimeFailure (exit 1) that says what to check when
     it does not answer."""
@@ -120,7 +143,7 @@ def _ask(cfg: KioskConfig, request: dict, role: str) -> dict:
     if nothing_listens(endpoint):
         raise RuntimeFailure(f"no verifier is listening on {endpoint} (transport.control of "
                              f"{cfg.source or 'the built-in defaults'}): is `kiosk run` or `kiosk verify` running "
-                             "with this config?")
+                             "with this config?" + _gallery_hint(cfg))
     reply = ask_verifier(cfg, request, role=role)
     if reply is None:
         hint = (f"check that this machine's key {cfg.security.client_key!r} "

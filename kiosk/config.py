@@ -36,6 +36,11 @@ class GalleryConfig:
     # What a verifier holds in memory: "all" (everyone enrolled) or "gate_flights" (the passengers of the
     # flights its gates board: a host of a 100k-subject airport gallery loads its gates' flights only).
     load: Literal["all", "gate_flights"] = "all"
+    # How long a verifier whose gallery went stale (the file deleted, replaced or corrupt; the database
+    # unreachable; a reload failing) goes on accepting from the templates in memory before every accept is
+    # refused (`gallery_unavailable`). A boarding gate whose SQLite file is gone refuses at once: a boarded
+    # mark written into a deleted file is no mark.
+    stale_grace_s: float = 300.0
 
 
 DEFAULT_PAD_MODELS = "default"  # the models.pad entry that names the shipped texture models
@@ -288,6 +293,7 @@ def models_section(cfg: KioskConfig) -> dict[str, Any]:
 
 # Numeric bounds checked after types: (section, key) -> (low, high), inclusive.
 _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
+    ("gallery", "stale_grace_s"): (0.0, 86400.0),
     ("models", "det_size"): (64, 4096),
     ("models", "det_threshold"): (0.01, 1.0),
     ("models", "nms_threshold"): (0.01, 1.0),

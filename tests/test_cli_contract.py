@@ -3,6 +3,7 @@ $KIOSK_CONFIG for every command, duplicate YAML keys refused, and tools that say
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -56,6 +57,13 @@ def test_status_and_claim_without_a_verifier_say_what_to_check(tmp_path):
         assert f"no verifier is listening on tcp://127.0.0.1:{port}" in res.stderr
         assert "is `kiosk run` or `kiosk verify` running with this config?" in res.stderr
         assert time.monotonic() - t0 < 2.9  # said at once, not after the 3 s request timeout
+    # the gallery is why no verifier can start: status says what to run
+    gallery = tmp_path / "gallery.db"
+    res = run_cli("kiosk", "status", "-c", str(config))
+    assert f"The gallery {gallery} does not exist" in res.stderr and f"kiosk-enroll -c {config} restore" in res.stderr
+    gallery.write_bytes(os.urandom(100))
+    res = run_cli("kiosk", "status", "-c", str(config))
+    assert res.returncode == 1 and f"The gallery {gallery} is corrupt" in res.stderr and "restore" in res.stderr
 
 
 def test_a_key_written_twice_is_refused(tmp_path):

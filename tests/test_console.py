@@ -64,10 +64,17 @@ def test_console_state_alerts_bounds_and_viewers():
     state.add_heartbeat({"status": "degraded", "cameras": {**cams, "cam-b2": {
         "gate_id": "B2", "state": "down", "last_error": "no frame for 6 s", "processed": 100}}})
     status = state.status()
+    assert status["verifier"]["gallery"]["stale"] is None  # a heartbeat that says nothing of it
     assert [(g["gate_id"], g["camera_state"]) for g in status["gates"]] == [("A1", "up"), ("B2", "down")]
     assert 20 <= status["gates"][0]["fps"] <= 31 and status["gates"][1]["fps"] == 0  # 15 frames in ~0.5 s
     assert [(a["type"], a["gate_id"], a["reason"]) for a in status["alerts"]] == [
         ("camera_down", "B2", "no frame for 6 s")]
+    state.add_heartbeat({"status": "degraded", "cameras": cams, "gallery": {
+        "subjects": 3, "stale": True, "error": "gallery file var/gallery.db is gone", "refusing": "nothing yet",
+        "accepts_from_memory_s": 120.0, "action": "run `kiosk-enroll restore BACKUP`", "revision": 7}})
+    assert state.status()["verifier"]["gallery"] == {  # the overview's alert line says what and what to run
+        "subjects": 3, "stale": True, "error": "gallery file var/gallery.db is gone", "refusing": "nothing yet",
+        "accepts_from_memory_s": 120.0, "action": "run `kiosk-enroll restore BACKUP`"}
     state.add_event({"type": "reject", "reason": "already_boarded", "gate_id": "A1", "event_id": "e1"})
     state.add_event({"type": "accept", "gate_id": "A1", "event_id": "e2", "subject_id": "PARKER"})
     assert state.status()["gates"][0]["last_decision"]["subject_id"] == "PARKER"
@@ -364,6 +371,11 @@ def test_the_console_in_a_real_browser(tmp_path, engine, photos):
         shot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
+        for name in ("gallery.db", "gallery.db-wal", "gallery.db-shm"):  # deleted under the running gate
+            (tmp_path / name).unlink(missing_ok=True)
+        driver.get(base + "/")
+        alert = wait.until(lambda d: texts("#alerts #gallery-stale"))[0]
+        assert "gallery stale" in alert and "is gone" in alert and "kiosk-enroll" in alert and "restore" in alert
     finally:
         if driver is not None:
             driver.quit()

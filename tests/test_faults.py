@@ -146,6 +146,84 @@ def test_an_audit_log_moved_away_or_replaced_by_a_folder_under_a_live_gate_holds
     assert final & {e.event_id for e in events.events if e.reason == "audit_unavailable"}  # written late
 
 
+def test_a_gallery_file_deleted_replaced_or_corrupted_is_seen_by_its_open_connection(tmp_path):
+    """The checks the verifier runs each second and each minute, on a real SQLite gallery."""
+    from kiosk.store.gallery import Gallery
+
+    path = tmp_path / "gallery.db"
+    g = Gallery(path)
+    assert g.file_problem() == "" and g.integrity_problem() == ""
+    with open(path, "r+b") as fh:  # 100 corrupt bytes over the header
+        fh.write(os.urandom(100))
+    assert "corrupt" in g.file_problem()
+    path.unlink()
+    assert "gone" in g.file_problem()
+    Gallery(path).close()  # another file at the path
+    assert "replaced" in g.file_problem()
+    g.close()
+    import sqlite3
+
+    with sqlite3.connect(path) as db:  # pages enough that one can break while the file still opens
+        db.executemany("INSERT INTO meta VALUES (?, ?)", [(f"filler-{i}", "x" * 500) for i in range(200)])
+    fresh = Gallery(path, create=False)
+    with open(path, "r+b") as fh:  # a page of the filler, far past the header and the schema
+        page = int.from_bytes(fh.read(18)[16:18], "big")
+        fh.seek(path.stat().st_size - 3 * page)
+        fh.write(b"\xff" * 100)
+    assert fresh.file_problem() == ""
+    assert "corrupt" in Gallery(path, create=False).integrity_problem()
+    fresh.close()
+
+
+def test_a_gallery_deleted_under_a_live_verifier_is_stale_at_once_refused_after_its_grace_and_restored(
+        tmp_path, engine, photos):
+    """`rm gallery.db` under a live gate: the heartbeat says stale within two seconds, with what to run; accepts
+    go on from memory for gallery.stale_grace_s, then every accept is refused (gallery_unavailable);
+    `kiosk-enroll restore` puts a gallery back at the path and the verifier switches to it and accepts again."""
+    crops = people(engine, photos)
+    make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True,
+                                      "loop": True}], policy={"repeat_accept_s": 0.0},
+                          gallery={"path": "gallery.db", "stale_grace_s": 4.0})
+    enroll = lambda *a: run_cli("kiosk-enroll", "-q", "-c", str(config), *a)  # noqa: E731
+    assert enroll("add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode == 0
+    assert enroll("backup", str(tmp_path / "backup.db")).returncode == 0
+    verifier = kiosk(config, "verify")
+    capture = None
+    events = Events(config, ("event.", "health.verifier"))
+    accepted_after = lambda t: lambda ev: any(e.type == "accept" and e.decided_at > t for e in ev.events)  # noqa
+    try:
+        assert events.wait_for(lambda ev: ev.health, 30)
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        assert events.wait_for(accepted_after(0), 20)
+        for name in ("gallery.db", "gallery.db-wal", "gallery.db-shm"):
+            (tmp_path / name).unlink(missing_ok=True)
+        deleted = time.monotonic()
+        assert events.wait_for(lambda ev: ev.health[-1]["gallery"]["stale"], 5)
+        seen = time.monotonic() - deleted
+        hb = events.health[-1]
+        assert seen < 2.5 and hb["status"] == "degraded" and "gone" in hb["gallery"]["error"], (seen, hb)
+        assert "kiosk-enroll" in hb["gallery"]["action"] and "restore" in hb["gallery"]["action"]
+        assert hb["gallery"]["refusing"] == "nothing yet" and hb["gallery"]["accepts_from_memory_s"] > 0
+        assert events.wait_for(accepted_after(time.time()), 20)  # from memory, within the grace
+        assert events.wait_for(lambda ev: ev.health[-1]["gallery"]["refusing"] == "every accept", 10)
+        refused_at = time.time()
+        assert events.wait_for(lambda ev: any(e.reason == "gallery_unavailable" and e.decided_at > refused_at
+                                              for e in ev.events), 20)
+        assert not any(e.type == "accept" and e.decided_at > refused_at for e in events.events)
+        res = enroll("restore", str(tmp_path / "backup.db"))
+        assert res.returncode == 0, res.stdout + res.stderr
+        restored_at = time.time()
+        assert events.wait_for(lambda ev: not ev.health[-1]["gallery"]["stale"], 10), events.health[-1]
+        assert events.wait_for(accepted_after(restored_at), 20)
+    finally:
+        events.close()
+        if capture is not None:
+            stop(capture)
+        _, err = stop(verifier)
+    assert "Traceback" not in err and "is gone" in err and "switching to the gallery" in err
+
+
 def test_a_torn_last_line_stays_on_its_own(tmp_path):
     from kiosk.services.audit import AuditLog, read_tail
 

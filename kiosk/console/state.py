@@ -162,7 +162,8 @@ class ConsoleState:
                         "status": hb.get("status"), "fps": hb.get("fps"),
                         "frame_latency_ms": hb.get("frame_latency_ms"),
                         "decision_latency_ms": hb.get("decision_latency_ms"),
-                        "gallery": {"subjects": gallery.get("subjects"), "stale": gallery.get("stale")},
+                        "gallery": {k: gallery.get(k) for k in ("subjects", "stale", "error", "refusing",
+                                                                 "accepts_from_memory_s", "action")},
                         "providers": hb.get("providers"), "last_error": hb.get("last_error")}
             gates = []
             for gate, cameras in sorted(self.gates.items()):

@@ -152,6 +152,10 @@ class VerifierCore:
         self.last_done_at: float | None = None
         self.last_times: dict[str, float] = {}  # ms per stage of the last step
         self.last_error = ""
+        # Set by the service: a reason every accept is refused with (the gallery stale past its grace), and
+        # one an accept at a boarding gate is refused with (the boarded marks cannot be kept durably).
+        self.refuse_accepts = ""
+        self.refuse_boarding = ""
         self._fps_window: deque = deque(maxlen=20000)
         self._set_gate_metrics()
 
@@ -486,6 +490,11 @@ class VerifierCore:
             log.warning("camera %s: accept of %s from a frame captured %.0f ms ago withheld (stale_frame)",
                         cam.camera_id, d.subject_id, (now - d.captured_at) * 1000)
             d = dataclasses.replace(d, type="reject", reason="stale_frame")
+        refuse = self.refuse_accepts or (self.refuse_boarding if flight is not None else "")
+        if d.type == "accept" and refuse:
+            log.warning("camera %s: accept of %s withheld (%s): the gallery is stale", cam.camera_id,
+                        d.subject_id, refuse)
+            d = dataclasses.replace(d, type="reject", reason=refuse)
         if flight is not None and d.subject_id is not None and self.store is not None:
             return self._boarding(cam, flight, d, now)
         if d.type == "accept" and d.subject_id is not None:

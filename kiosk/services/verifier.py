@@ -28,7 +28,7 @@ import zmq
 from kiosk.cli_support import serve, warn_if_readable_by_others
 from kiosk.config import KioskConfig
 from kiosk.vision.engine import FaceEngine
-from kiosk.errors import ConfigError
+from kiosk.errors import ConfigError, UsageError
 from kiosk.boarding.gates import GateFlights
 from kiosk.boarding.model import DecisionRecord
 from kiosk.store.flights import SqliteBoardingStore, load_gate_flights
@@ -70,11 +70,16 @@ class Verifier:
         self._loaded: GateFlights | None = None
         self._load_ms = 0.0
         self._gallery_error = ""  # why the search matrix may be behind the gallery (a failed reload)
+        self._file_error = ""  # the gallery file deleted, replaced or corrupt under this process
+        self._integrity_error = ""  # the background quick check found a corrupt page
+        self._stale_since: float | None = None  # monotonic: when the gallery first went stale
+        self._force_reload = False
+        self._last_integrity = float("-inf")
         self.metrics = VerifierMetrics({c.id: c.gate for c in cfg.cameras})
         self.core = VerifierCore(cfg, self.engine, view, metrics=self.metrics, confirm=self.gallery.enrolled,
                                  store=self.store)
         self.cameras = self.core.cameras
-        self.metrics.gallery_stale.set_function(lambda: 1.0 if self._gallery_error else 0.0)
+        self.metrics.gallery_stale.set_function(lambda: 1.0 if self._stale_reason() else 0.0)
         self.metrics.watch_cameras(lambda cam_id: self.cameras[cam_id].state(time.time())[0] != "down",
                                    self.cameras)
         self.transport = Transport(cfg, role="verifier")
@@ -146,7 +151,18 @@ class Verifier:
             if self._stop.is_set():
                 return
             try:
-                with self.gallery.reopen() as gallery:
+                try:
+                    gallery = self.gallery.reopen()
+                except UsageError as exc:  # not a usable database any more (or gone: the file check says so)
+                    self._integrity(str(exc))
+                    raise
+                with gallery:
+                    check = getattr(gallery, "integrity_problem", None)
+                    # a page corrupt inside the file, which the header check cannot see (a full read of the
+                    # file: at most once a round, not at each purge a gallery change brings forward)
+                    if check is not None and time.monotonic() - self._last_integrity >= PURGE_EVERY_S:
+                        self._last_integrity = time.monotonic()
+                        self._integrity(check())
                     store = SqliteBoardingStore(gallery)
                     for flight in store.due_for_purge(time.time(), self.cfg.retention.purge_after_departure_h):
                         result = store.purge(flight)
@@ -157,6 +173,14 @@ class Verifier:
                                  len(result.kept))
             except Exception as exc:  # noqa: BLE001 - retry next round
                 log.warning("retention purge failed (next try in %.0fs): %s", PURGE_EVERY_S, exc)
+
+    def _integrity(self, problem: str) -> None:
+        if problem != self._integrity_error:
+            if problem:
+                log.error("%s", problem)
+            else:
+                log.info("gallery %s passes its integrity check again", self.gallery.name)
+        self._integrity_error = problem
 
     @property
     def matrix(self) -> GalleryMatrix:
@@ -354,7 +378,8 @@ class Verifier:
         bounded, and is written when the store answers again, with the time it was decided."""
         self._unrecorded.append(DecisionRecord(d.event_id, str(d.flight_id), cam.gate_id, d.type, d.reason,
                                                d.subject_id, d.candidate_id, d.score, time.time()))
-        self._record_unrecorded()
+        if not self._file_error:  # never into a gallery file that is no longer at its path
+            self._record_unrecorded()
 
     def _record_unrecorded(self) -> None:
         """Write the decisions waiting for the store, oldest first; stop at the first failure (next try with
@@ -388,11 +413,72 @@ class Verifier:
         if mono - self._last_gallery_poll >= GALLERY_POLL_S or self._changed.is_set():
             self._last_gallery_poll = mono
             self._changed.clear()
+            self._check_gallery_file()
             self._reload_gallery()
+            self._update_stale()
             self.audit.check()
-            if self._unrecorded:
+            if self._unrecorded and not self._file_error:
                 self._record_unrecorded()
         self._heartbeat()
+
+    def _stale_reason(self) -> str:
+        return self._file_error or self._integrity_error or self._gallery_error
+
+    def _check_gallery_file(self) -> None:
+        """Is the gallery file still there and still the one open? A file put back at the path (`kiosk-enroll
+        restore`, a copy) that opens as a gallery is switched to and loaded; anything else is stale."""
+        problem = self.gallery.file_problem()
+        if problem and isinstance(self.gallery, Gallery):
+            try:
+                fresh = Gallery(self.gallery.path, create=False)
+            except Exception:  # noqa: BLE001 - nothing usable at the path yet
+                fresh = None
+            if fresh is not None and not fresh.file_problem():
+                log.warning("%s; switching to the gallery now at %s", problem, fresh.path)
+                old, self.gallery = self.gallery, fresh
+                self.store = SqliteBoardingStore(fresh)
+                self.core.confirm, self.core.store = fresh.enrolled, self.store
+                old.close()
+                self._force_reload = True
+                self._integrity_error = ""
+                problem = ""
+            elif fresh is not None:
+                fresh.close()
+        if problem != self._file_error:
+            if problem:
+                log.error("%s", problem)
+            else:
+                log.info("gallery file %s is in place again", self.gallery.name)
+        self._file_error = problem
+
+    def _update_stale(self) -> None:
+        """Stale: say so at once (heartbeat, status, metrics, console); go on accepting from memory for
+        `gallery.stale_grace_s`, then refuse every accept until the gallery is back. A boarding gate whose
+        file is gone refuses at once (its boarded marks would go into a deleted file)."""
+        reason = self._stale_reason()
+        mono = time.monotonic()
+        grace = self.cfg.gallery.stale_grace_s
+        if reason and self._stale_since is None:
+            self._stale_since = mono
+            log.error("gallery stale (%s): deciding from the %d subject(s) in memory for %.0f s more, then every "
+                      "accept is refused", reason, len(self.matrix), grace)
+            self._last_heartbeat = 0.0  # heartbeat now
+        elif not reason and self._stale_since is not None:
+            log.info("gallery %s is current again (stale for %.0f s)", self.gallery.name, mono - self._stale_since)
+            self._stale_since = None
+            self._last_heartbeat = 0.0
+        expired = self._stale_since is not None and mono - self._stale_since >= grace
+        if expired and not self.core.refuse_accepts:
+            log.error("gallery stale for %.0f s (gallery.stale_grace_s): every accept is refused until it is back "
+                      "(%s)", grace, self._restore_hint())
+        self.core.refuse_accepts = "gallery_unavailable" if expired else ""
+        self.core.refuse_boarding = "store_unavailable" if self._file_error else ""
+
+    def _restore_hint(self) -> str:
+        config = f"-c {self.cfg.source} " if self.cfg.source else ""
+        if self._file_error or self._integrity_error:
+            return f"run `kiosk-enroll {config}restore BACKUP` (a corrupt file is moved aside first)"
+        return "check the gallery's database (see the error)"
 
     def _reload_gallery(self, wait: bool = False) -> None:
         """Pick up gallery changes. The new matrix is built in a thread (a large one takes a second) and
@@ -410,6 +496,8 @@ class Verifier:
             log.warning("gallery revision check failed: %s", exc)
             return
         expired = self.matrix.next_expiry is not None and time.time() >= self.matrix.next_expiry
+        if self._force_reload:
+            self._force_reload, expired = False, True
         if revision == self.matrix.revision and not expired:
             if self._gallery_error:  # the gallery answers again and nothing changed meanwhile
                 log.info("gallery %s answers again (revision %d)", self.gallery.name, revision)
@@ -457,7 +545,7 @@ class Verifier:
         down = sorted(cid for cid, (state, _) in states.items() if state == "down")
         return {
             "component": "verifier",
-            "status": ("degraded" if down or self.audit.error or self._gallery_error or self._record_failing
+            "status": ("degraded" if down or self.audit.error or self._stale_reason() or self._record_failing
                        else "ok"),
             "cameras_down": down,
             "pid": os.getpid(), "providers": self.engine.providers,
@@ -473,9 +561,7 @@ class Verifier:
             "faces_detected": self.core.faces_total,
             "first_captured_at": self.core.first_captured_at, "last_done_at": self.core.last_done_at,
             "decision_latency_ms": self.metrics.recent_decision.quantiles(),
-            "gallery": {"subjects": len(self.matrix), "templates": self.matrix.template_count,
-                        "stale": bool(self._gallery_error), "error": self._gallery_error,
-                        "revision": self.matrix.revision},
+            "gallery": self._gallery_status(),
             "cameras": {c.camera_id: {"gate_id": c.gate_id, "state": states[c.camera_id][0],
                                       "last_error": states[c.camera_id][1], "frames_in": c.frames_in,
                                       "processed": c.processed, "dropped": c.stale, "too_old": c.too_old,
@@ -489,6 +575,20 @@ class Verifier:
             "gates": {g: {"flight_id": self.core.flights.flight_of(g),
                           "processing": not self.core.flights.idle(g)} for g in sorted(self._gates)},
         }
+
+    def _gallery_status(self) -> dict[str, Any]:
+        reason = self._stale_reason()
+        status: dict[str, Any] = {"subjects": len(self.matrix), "templates": self.matrix.template_count,
+                                  "stale": bool(reason), "error": reason, "revision": self.matrix.revision}
+        if reason and self._stale_since is not None:
+            left = max(0.0, self.cfg.gallery.stale_grace_s - (time.monotonic() - self._stale_since))
+            status["stale_for_s"] = round(time.monotonic() - self._stale_since, 1)
+            status["accepts_from_memory_s"] = round(left, 1)
+            status["refusing"] = ("every accept" if self.core.refuse_accepts else
+                                  "boarding accepts" if self.core.refuse_boarding and any(
+                                      self.core.flights.flight_of(g) for g in self._gates) else "nothing yet")
+            status["action"] = self._restore_hint()
+        return status
 
     def _heartbeat(self, force: bool = False, status: str | None = None) -> None:
         mono = time.monotonic()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -375,6 +376,11 @@ class GalleryQueries:
     in_transaction), `_transaction(write)` and `name` (for messages)."""
 
     _db: Any
+
+    def file_problem(self) -> str:
+        """What is wrong with the store under this connection ('' when nothing is seen): a file backend
+        checks that its file is still the one it opened and still reads as a database."""
+        return ""
     name: str
 
     def _transaction(self, write: bool = True) -> Any:
@@ -555,6 +561,9 @@ class GalleryQueries:
         return sids[order], names[order], emb[order]
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
 class Gallery(GalleryQueries):
     """The SQLite gallery (the embedded default). One connection per process; writes are one transaction
     each."""
@@ -582,6 +591,37 @@ class Gallery(GalleryQueries):
             raise UsageError(f"gallery {self.path}: not a usable SQLite database: {exc}") from None
         except OSError as exc:
             raise UsageError(f"gallery {self.path}: cannot open: {exc}") from None
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def file_problem(self) -> str:
+        """'' while the file at the path is the one this connection opened and starts like a SQLite database;
+        else what happened to it. A deleted or replaced file is otherwise invisible: the open connection
+        goes on reading (and writing) the old inode."""
+        try:
+            st = os.stat(self.path)
+            with open(self.path, "rb") as fh:
+                head = fh.read(100)
+        except FileNotFoundError:
+            return f"gallery file {self.path} is gone (deleted or moved away)"
+        except OSError as exc:
+            return f"gallery file {self.path} cannot be read: {exc.strerror or exc}"
+        if (st.st_dev, st.st_ino) != self._identity:
+            return f"gallery file {self.path} was replaced (it is not the file this verifier opened)"
+        if head[:16] != SQLITE_MAGIC or len(head) < 100:
+            return f"gallery file {self.path} is corrupt (it does not start as a SQLite database)"
+        return ""
+
+    def integrity_problem(self) -> str:
+        """SQLite's quick check of every page ('' when it passes): corruption inside the file, which the
+        header check cannot see. Costs a read of the whole file: run it in a background thread."""
+        try:
+            rows = self._db.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as exc:
+            return f"gallery file {self.path} is corrupt: {exc}"
+        if rows != [("ok",)]:
+            return f"gallery file {self.path} is corrupt: {'; '.join(str(r[0]) for r in rows[:3])}"
+        return ""
 
     def _current(self) -> bool:
         try:

@@ -78,8 +78,14 @@ async function refreshOverview() {
   document.getElementById("verifier-detail").textContent =
     `${s.verifier.fps ?? "–"} fps · frame ${ms(s.verifier.frame_latency_ms)} · decision ${ms(s.verifier.decision_latency_ms)}`;
   document.getElementById("gates").replaceChildren(...s.gates.map(gateCard));
-  document.getElementById("alerts").replaceChildren(...(s.alerts.length ? s.alerts.map(
-    (a) => el("li", {}, `${clock(a.decided_at)} · gate ${a.gate_id} · ${describe(a)}`)) : [el("li", { class: "muted" }, "none")]));
+  const g = s.verifier.gallery || {};
+  const system = g.stale ? [el("li", { class: "alert", id: "gallery-stale" },
+    `gallery stale: ${g.error || "?"} · refusing ${g.refusing || "?"}` +
+    (g.accepts_from_memory_s ? ` (accepts from memory for ${Math.round(g.accepts_from_memory_s)} s more)` : "") +
+    (g.action ? ` · ${g.action}` : ""))] : [];
+  const items = s.alerts.map((a) => el("li", {}, `${clock(a.decided_at)} · gate ${a.gate_id} · ${describe(a)}`));
+  document.getElementById("alerts").replaceChildren(...(system.length + items.length ? [...system, ...items]
+    : [el("li", { class: "muted" }, "none")]));
 }
 
 function drawFaces(header) {
