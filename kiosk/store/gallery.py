@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -561,7 +562,7 @@ class GalleryQueries:
         return sids[order], names[order], emb[order]
 
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
+SQLITE_MAGIC = b"SQLite format 3\x00"  # a database file's first 16 bytes
 
 
 class Gallery(GalleryQueries):
@@ -593,24 +594,69 @@ class Gallery(GalleryQueries):
             raise UsageError(f"gallery {self.path}: cannot open: {exc}") from None
         st = os.stat(self.path)
         self._identity = (st.st_dev, st.st_ino)
+        self._fd: int | None = None  # SQLite's descriptor of the file, once looked up
 
     def file_problem(self) -> str:
-        """'' while the file at the path is the one this connection opened and starts like a SQLite database;
+        """'' while the file at the path is the one this connection opened and opens as a SQLite database;
         else what happened to it. A deleted or replaced file is otherwise invisible: the open connection
-        goes on reading (and writing) the old inode."""
+        goes on reading (and writing) the old inode. The file is never opened here with open(): closing any
+        descriptor of it would drop the POSIX locks this process's connection holds (SQLite's documented
+        pitfall; two verifiers sharing the file could then both write). A second SQLite connection is safe:
+        SQLite shares one inode's locks among the connections of a process."""
         try:
             st = os.stat(self.path)
-            with open(self.path, "rb") as fh:
-                head = fh.read(100)
         except FileNotFoundError:
             return f"gallery file {self.path} is gone (deleted or moved away)"
         except OSError as exc:
             return f"gallery file {self.path} cannot be read: {exc.strerror or exc}"
         if (st.st_dev, st.st_ino) != self._identity:
             return f"gallery file {self.path} was replaced (it is not the file this verifier opened)"
-        if head[:16] != SQLITE_MAGIC or len(head) < 100:
-            return f"gallery file {self.path} is corrupt (it does not start as a SQLite database)"
+        fd = self._own_fd()
+        if fd is not None:  # the header on disk, read through SQLite's own descriptor (pread closes nothing)
+            try:
+                head = os.pread(fd, 100, 0)
+            except OSError as exc:
+                return f"gallery file {self.path} cannot be read: {exc.strerror or exc}"
+            if head[:16] != SQLITE_MAGIC:
+                return f"gallery file {self.path} is corrupt (it does not start as a SQLite database)"
+        try:
+            probe = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=1.0)
+            try:
+                probe.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            finally:
+                probe.close()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):  # a writer at work: nothing wrong with the file
+                return ""
+            return f"gallery file {self.path} is corrupt: {exc}"
+        except sqlite3.DatabaseError as exc:
+            return f"gallery file {self.path} is corrupt: {exc}"
         return ""
+
+    def _own_fd(self) -> int | None:
+        """The descriptor SQLite holds on this gallery's file (Linux: found in /proc/self/fd by its inode;
+        None elsewhere). Only read with pread, never closed."""
+        if self._fd is not None:
+            try:
+                st = os.fstat(self._fd)
+                if (st.st_dev, st.st_ino) == self._identity:
+                    return self._fd
+            except OSError:
+                pass
+            self._fd = None
+        try:
+            names = os.listdir("/proc/self/fd")
+        except OSError:
+            return None
+        for name in names:
+            try:
+                st = os.fstat(int(name))
+            except (OSError, ValueError):
+                continue
+            if (st.st_dev, st.st_ino) == self._identity and stat.S_ISREG(st.st_mode):
+                self._fd = int(name)
+                return self._fd
+        return None
 
     def integrity_problem(self) -> str:
         """SQLite's quick check of every page ('' when it passes): corruption inside the file, which the
