@@ -9,6 +9,7 @@ file's folder. `config/kiosk.yaml` documents every key and its default.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import types
 import typing
@@ -240,6 +241,9 @@ class ConsoleConfig:
     crops: int = 50
     crops_dir: Optional[Path] = None
     key: str = "console"
+    # Addresses (or networks) of reverse proxies whose X-Forwarded-For names the real client; none by default,
+    # so a forged header changes nothing and the login throttle counts the TCP peer.
+    trusted_proxies: list[str] = field(default_factory=list)
 
     def host_port(self) -> tuple[str, int]:
         """`listen` split, brackets off an IPv6 host; ValueError if it is not HOST:PORT."""
@@ -490,6 +494,12 @@ def _check(cfg: KioskConfig) -> None:
     for i, m in enumerate(cfg.models.pad):
         if isinstance(m, PadModelConfig) and m.scale is not None and not 1.0 <= m.scale <= 8.0:
             raise _Invalid(f"models.pad[{i}].scale", "a number from 1 to 8 (or null)", m.scale)
+    for i, proxy in enumerate(cfg.console.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise _Invalid(f"console.trusted_proxies[{i}]", "an IP address or network (e.g. 10.0.0.5, 10.0.0.0/24)",
+                           proxy) from None
     try:
         cfg.console.host_port()
     except ValueError:

@@ -49,8 +49,30 @@ def test_password_file_plain_or_hashed_and_sessions(tmp_path):
     time.sleep(0.25)
     assert not sessions.valid(token)  # expired
     for _ in range(5):
-        sessions.failed("10.0.0.9")
+        assert sessions.begin_check("10.0.0.9") is not None
     assert sessions.throttled("10.0.0.9") and not sessions.throttled("10.0.0.8")
+    assert sessions.begin_check("10.0.0.9") is None  # the sixth check this minute is refused
+    slot = sessions.begin_check("10.0.0.8")
+    sessions.succeeded("10.0.0.8", slot)  # a right password: no failure left behind
+    assert sessions.begin_check("10.0.0.8") is not None
+    for i in range(30 - 6):  # every address together: at most 30 checks a minute
+        assert sessions.begin_check(f"10.1.{i // 200}.{i % 200}") is not None, i
+    assert sessions.begin_check("10.9.9.9") is None and sessions.throttled("10.9.9.9")
+
+
+def test_the_failure_table_forgets_its_quietest_addresses_first_never_everyone(monkeypatch):
+    import kiosk.console.auth as auth
+
+    monkeypatch.setattr(auth, "MAX_TRACKED", 3)
+    monkeypatch.setattr(auth, "MAX_GLOBAL_FAILURES", 1000)
+    sessions = Sessions()
+    for other in ("a", "b"):
+        sessions.begin_check(other)
+    for _ in range(5):
+        sessions.begin_check("attacker")
+    sessions.begin_check("c")  # the table is full (3): "a", the least recently active, is forgotten...
+    assert sessions.throttled("attacker") and sessions.begin_check("attacker") is None  # ...never everyone
+    assert list(sessions._failures) == ["b", "attacker", "c"]
 
 
 def test_console_state_alerts_bounds_and_viewers():
@@ -130,6 +152,75 @@ def test_hash_password_command_and_a_console_refused_off_loopback_without_tls(tm
     config.write_text(config.read_text().replace("password_file: pw", "password_file: missing"))
     result = run_cli("kiosk", "-c", str(config), "console", timeout=60)
     assert result.returncode == 2 and "missing: no such file" in result.stderr
+
+
+def _post_login(port: int, password: str, headers: dict | None = None) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/login", "password=" + urllib.parse.quote(password),
+                     {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def _console(tmp_path: Path, **console: object) -> tuple[subprocess.Popen, int]:
+    (tmp_path / "pw").write_text(PASSWORD)
+    port = free_port()
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "none.avi"}],
+                          console={"listen": f"127.0.0.1:{port}", "password_file": "pw", **console})
+    proc = kiosk(config, "console")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if _get(port, "/login").status == 200:
+                return proc, port
+        except OSError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "the console did not start"
+        time.sleep(0.2)
+
+
+def test_forged_forwarded_headers_and_100_concurrent_wrong_passwords_get_five_checks(tmp_path):
+    """A real console: 100 wrong passwords at once from one address, each claiming another X-Forwarded-For:
+    at most 5 are checked (401), the rest refused unchecked (429), and so is the right password then. A
+    cross-site POST (another Origin) is refused before anything is checked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    console, port = _console(tmp_path)
+    try:
+        assert _post_login(port, PASSWORD, {"Origin": "http://evil.example"}) == 403
+        assert _post_login(port, PASSWORD, {"Origin": "null"}) == 403
+        assert _post_login(port, PASSWORD, {"Sec-Fetch-Site": "cross-site"}) == 403
+        assert _post_login(port, PASSWORD, {"Origin": f"http://127.0.0.1:{port}",
+                                            "Sec-Fetch-Site": "same-origin"}) == 303  # our own page
+        with ThreadPoolExecutor(100) as pool:
+            codes = list(pool.map(lambda i: _post_login(port, f"guess {i}", {"X-Forwarded-For": f"10.0.{i}.1"}),
+                                  range(100)))
+        assert codes.count(401) <= 5 and codes.count(401) + codes.count(429) == 100, codes
+        assert _post_login(port, PASSWORD, {"X-Forwarded-For": "10.9.9.9"}) == 429
+    finally:
+        _, err = stop(console)
+    assert "Traceback" not in err and err.count("wrong password from 127.0.0.1") == codes.count(401)
+    assert "10.0." not in err  # the forged addresses were never believed
+
+
+def test_behind_a_trusted_proxy_each_client_is_counted_and_all_of_them_together_too(tmp_path):
+    """With console.trusted_proxies naming the proxy (here loopback), X-Forwarded-For is the client: one
+    client's wrong passwords do not lock out another, and 100 clients together get at most 30 checks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    console, port = _console(tmp_path, trusted_proxies=["127.0.0.1"])
+    try:
+        assert [_post_login(port, "wrong", {"X-Forwarded-For": "10.0.0.1"}) for _ in range(6)][-1] == 429
+        assert _post_login(port, PASSWORD, {"X-Forwarded-For": "10.0.0.2"}) == 303  # another client
+        with ThreadPoolExecutor(100) as pool:
+            codes = list(pool.map(lambda i: _post_login(port, f"guess {i}", {"X-Forwarded-For": f"10.1.{i}.1"}),
+                                  range(100)))
+        assert codes.count(401) <= 30 - 5 and codes.count(401) + codes.count(429) == 100, codes
+    finally:
+        _, err = stop(console)
+    assert "Traceback" not in err and "wrong password from 10.0.0.1" in err
 
 
 def test_the_console_over_tls_on_another_address(tmp_path):
@@ -376,6 +467,13 @@ def test_the_console_in_a_real_browser(tmp_path, engine, photos):
         driver.get(base + "/")
         alert = wait.until(lambda d: texts("#alerts #gallery-stale"))[0]
         assert "gallery stale" in alert and "is gone" in alert and "kiosk-enroll" in alert and "restore" in alert
+        # A page from elsewhere posts a form to the console (cross-site request forgery): refused, still logged in
+        driver.get("data:text/html,<form id=f method=post action='" + base + "/logout'></form>"
+                   "<script>document.getElementById('f').submit()</script>")
+        wait.until(lambda d: "cross-site request refused" in d.page_source)
+        driver.get(base + "/")
+        wait.until(lambda d: texts("#alerts #gallery-stale"))
+        assert driver.current_url == base + "/"
     finally:
         if driver is not None:
             driver.quit()

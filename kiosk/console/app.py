@@ -41,8 +41,11 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 COOKIE = "kiosk_session"
 PUBLIC = {("GET", "/login"), ("POST", "/login")}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}  # every other method changes state: it must come from our own pages
+# Referrer-Policy same-origin, not no-referrer: under no-referrer a browser sends `Origin: null` with the login
+# form's own POST, and the Origin check could not tell it from a forgery.
 HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-           (b"referrer-policy", b"no-referrer"),
+           (b"referrer-policy", b"same-origin"),
            (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
                                         b"script-src 'self'; connect-src 'self'; frame-ancestors 'none'")]
 STATIC_FILES = {"console.css": "text/css", "console.js": "text/javascript"}
@@ -67,6 +70,12 @@ class Guard:
                 message["headers"] = list(message.get("headers", [])) + HEADERS
             await send(message)
 
+        if scope["method"] not in SAFE_METHODS and not same_origin(scope):
+            log.warning("console: %s %s refused: cross-site request (Origin %s)", scope["method"], scope["path"],
+                        _header(scope, b"origin") or "-")
+            await JSONResponse({"error": "cross-site request refused"}, status_code=403)(scope, receive,
+                                                                                        send_with_headers)
+            return
         if (scope["method"], scope["path"]) not in PUBLIC and not self.sessions.valid(session_of(scope)):
             if scope["method"] == "GET" and not scope["path"].startswith(("/api/", "/static/")):
                 response: Response = RedirectResponse("/login", status_code=303)
@@ -75,6 +84,28 @@ class Guard:
             await response(scope, receive, send_with_headers)
             return
         await self.app(scope, receive, send_with_headers)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def same_origin(scope: Scope) -> bool:
+    """A state-changing request comes from the console's own pages: a browser's `Origin` (sent with every POST)
+    names this host, and `Sec-Fetch-Site` (where sent) is same-origin; a request with neither (curl, a script)
+    is no cross-site forgery. `Origin: null` (a sandboxed frame, a redirect) is refused."""
+    origin = _header(scope, b"origin")
+    site = _header(scope, b"sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
+    if origin is None:
+        return True
+    host = _header(scope, b"host")
+    scheme = "https" if scope.get("scheme") == "https" else "http"
+    return host is not None and origin.lower() == f"{scheme}://{host}".lower()
 
 
 def session_of(scope: Scope) -> str | None:
@@ -102,8 +133,10 @@ def build_app(state: ConsoleState, check: PasswordCheck, sessions: Sessions, *, 
         return login_form()
 
     async def post_login(request: Request) -> Response:
+        # The TCP peer (uvicorn takes X-Forwarded-For only from console.trusted_proxies; none by default).
         client = request.client.host if request.client else "?"
-        if sessions.throttled(client):
+        slot = sessions.begin_check(client)  # taken before the check: concurrent tries cannot all get one
+        if slot is None:
             log.warning("console: login from %s refused: too many wrong passwords, wait a minute", client)
             return login_form("Too many wrong passwords; wait a minute.", 429)
         try:
@@ -113,10 +146,10 @@ def build_app(state: ConsoleState, check: PasswordCheck, sessions: Sessions, *, 
             password = ""
         ok = await asyncio.get_running_loop().run_in_executor(None, check.matches, password)
         if not ok:
-            sessions.failed(client)
             log.warning("console: wrong password from %s", client)
             await asyncio.sleep(0.5)
             return login_form("Wrong password.", 401)
+        sessions.succeeded(client, slot)
         log.info("console: login from %s", client)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(COOKIE, sessions.create(), httponly=True, samesite="strict", secure=secure, path="/")
@@ -303,7 +336,9 @@ def run_console(cfg: KioskConfig) -> int:
     sock = _bind(host, port, cfg.console.listen)
     stop = threading.Event()
     app = build_app(state, check, Sessions(), secure=tls, preview_fps=cfg.console.preview_fps)
+    proxies = cfg.console.trusted_proxies  # X-Forwarded-For/-Proto believed only from these
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
+                            proxy_headers=bool(proxies), forwarded_allow_ips=",".join(proxies) if proxies else "",
                             ssl_certfile=str(cfg.resolve(cfg.console.tls_cert)) if tls else None,
                             ssl_keyfile=str(cfg.resolve(cfg.console.tls_key)) if tls else None)
     server = uvicorn.Server(config)

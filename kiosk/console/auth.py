@@ -3,8 +3,11 @@
 The file holds either the password itself (hashed as it is read; the plain text is not kept) or a line made by
 `kiosk console --hash-password` (`scrypt$N$r$p$SALT$HASH`), so the secret need not sit in clear on disk. A login
 compares hashes in constant time. Sessions are random tokens held in memory (a restart logs everyone out),
-expire after SESSION_TTL_S, and are bounded in number; repeated wrong passwords from one address are slowed
-down.
+expire after SESSION_TTL_S, and are bounded in number. Password checks are rationed: at most MAX_FAILURES a
+minute from one peer address and MAX_GLOBAL_FAILURES a minute from all of them together (a botnet or a
+forged-address flood gets no more checks than that). The peer is the TCP peer unless the config names trusted
+proxies (`console.trusted_proxies`), and a check's slot is taken before the password is checked, in one locked
+step, so concurrent tries cannot all slip in between a check and its record.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import hmac
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 
 from kiosk.errors import ConfigError
@@ -26,7 +29,9 @@ MIN_PASSWORD_CHARS = 8
 SESSION_TTL_S = 12 * 3600.0
 MAX_SESSIONS = 1000
 MAX_FAILURES = 5  # wrong passwords from one address within FAILURE_WINDOW_S before it must wait
+MAX_GLOBAL_FAILURES = 30  # wrong passwords from all addresses together within FAILURE_WINDOW_S
 FAILURE_WINDOW_S = 60.0
+MAX_TRACKED = 10_000  # addresses remembered; a full table forgets the longest quiet ones first
 
 
 def _b64(data: bytes) -> str:
@@ -83,7 +88,8 @@ class Sessions:
     def __init__(self, ttl_s: float = SESSION_TTL_S) -> None:
         self.ttl_s = ttl_s
         self._tokens: OrderedDict[str, float] = OrderedDict()  # token -> expiry
-        self._failures: dict[str, list[float]] = {}
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()  # per address, least recently active first
+        self._all: deque[float] = deque()  # every failure's time, all addresses
         self._lock = threading.Lock()
 
     def create(self) -> str:
@@ -110,19 +116,52 @@ class Sessions:
         with self._lock:
             self._tokens.pop(token or "", None)
 
-    def throttled(self, client: str) -> bool:
-        """Too many wrong passwords from `client` lately: refuse without checking."""
+    def begin_check(self, client: str) -> float | None:
+        """Take a password check's slot for `client` (counted as a failure until `succeeded` gives it back), or
+        None when `client` or everyone together has used up this minute's checks. One locked step: a hundred
+        concurrent tries from one address get MAX_FAILURES checks, not a hundred."""
         now = time.time()
         with self._lock:
-            recent = [t for t in self._failures.get(client, []) if now - t < FAILURE_WINDOW_S]
-            if recent:
-                self._failures[client] = recent
-            else:
-                self._failures.pop(client, None)
-            return len(recent) >= MAX_FAILURES
+            self._expire(now)
+            if self._recent(client, now) >= MAX_FAILURES or len(self._all) >= MAX_GLOBAL_FAILURES:
+                return None
+            mine = self._failures.get(client)
+            if mine is None:
+                mine = self._failures[client] = deque()
+                while len(self._failures) > MAX_TRACKED:  # bounded whatever addresses try: the quietest go
+                    self._failures.popitem(last=False)
+            self._failures.move_to_end(client)
+            mine.append(now)
+            self._all.append(now)
+            return now
 
-    def failed(self, client: str) -> None:
+    def succeeded(self, client: str, stamp: float) -> None:
+        """The right password: the slot taken for it is no failure."""
         with self._lock:
-            if len(self._failures) > 10_000:  # bounded whatever addresses try
-                self._failures.clear()
-            self._failures.setdefault(client, []).append(time.time())
+            for window in (self._failures.get(client), self._all):
+                if window is not None and stamp in window:
+                    window.remove(stamp)
+
+    def _recent(self, client: str, now: float) -> int:
+        stamps = self._failures.get(client)
+        while stamps and now - stamps[0] >= FAILURE_WINDOW_S:
+            stamps.popleft()
+        return len(stamps) if stamps else 0
+
+    def _expire(self, now: float) -> None:
+        while self._all and now - self._all[0] >= FAILURE_WINDOW_S:
+            self._all.popleft()
+        while self._failures:  # oldest activity first: stop at the first address still within the window
+            client, stamps = next(iter(self._failures.items()))
+            while stamps and now - stamps[0] >= FAILURE_WINDOW_S:
+                stamps.popleft()
+            if stamps:
+                break
+            del self._failures[client]
+
+    def throttled(self, client: str) -> bool:
+        """Would a check from `client` be refused now (its own or the global ration used up)?"""
+        now = time.time()
+        with self._lock:
+            self._expire(now)
+            return self._recent(client, now) >= MAX_FAILURES or len(self._all) >= MAX_GLOBAL_FAILURES
