@@ -9,6 +9,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -22,7 +23,7 @@ from kiosk.console.auth import PasswordCheck, Sessions, hash_password
 from kiosk.console.state import ConsoleState
 from kiosk.errors import ConfigError
 from kiosk.messaging.transport import Transport, free_port, init_keys
-from kiosk.services.preview import preview_topic
+from kiosk.services.preview import preview_topic, watch_request
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
 from tests.pipeline_helpers import kiosk, live_gate, make_video, people, stop, write_config
@@ -293,27 +294,21 @@ def test_the_verifier_sends_previews_only_while_watched_and_at_the_configured_ra
                                                and h["frames_processed"] > 40]) > 0, 30)
         events.poll(2.0)
         before = [h for h in events.health if h.get("component") == "verifier"][-1]
-        assert before["frames_processed"] > 60
-        assert before["previews"] == {"watched": [], "frames_sent": 0, "crops_sent": 0, "dropped": 0}
+        assert before["frames_processed"] > 40
+        assert before["previews"] == {"watched": [], "frames_sent": 0, "crops_sent": 0, "dropped": 0,
+                                      "consoles": 0, "refused": 0}
         init_keys(tmp_path / "keys", client_name="console", role="console")
         init_keys(tmp_path / "keys", client_name="gate-a1", role="subscriber")
         # A gate controller's key hears the decisions but is not let in to the frames.
         outsider = Transport(load_config(config), role="test", client_key="gate-a1")
         peeker = outsider.preview_subscriber()
-        peeker.setsockopt(zmq.SUBSCRIBE, b"")
+        peeker.send(watch_request(["A1"], ["A1"]), zmq.NOBLOCK)
         transport = Transport(load_config(config), role="test", client_key="console")
         sock = transport.preview_subscriber()
-        sock.setsockopt(zmq.SUBSCRIBE, preview_topic("A1"))
         got = []
         try:
-            end = time.monotonic() + 20
-            while time.monotonic() < end and len(got) < 1:  # the subscription reaches the verifier
-                if sock.poll(100):
-                    got.append((time.monotonic(), sock.recv_multipart()))
-            start = time.monotonic()
-            while time.monotonic() - start < 5.0:
-                if sock.poll(100):
-                    got.append((time.monotonic(), sock.recv_multipart()))
+            got += _receive(sock, ["A1"], until=bool, seconds=20)  # the lease reaches the verifier
+            got += _receive(sock, ["A1"], until=lambda _: False, seconds=5.0)
             rate = (len(got) - 1) / 5.0
             assert 3.0 <= rate <= 4.6, rate  # 4 a second asked; the video itself runs at 30
             topic, header, jpeg = got[-1][1]
@@ -330,12 +325,104 @@ def test_the_verifier_sends_previews_only_while_watched_and_at_the_configured_ra
             transport.close()
             peeker.close()
             outsider.close()
-        events.poll(2.5)  # the verifier hears the subscriber leave
-        sent = [h for h in events.health if h.get("component") == "verifier"][-1]["previews"]["frames_sent"]
+        # the lease runs out (nobody renews it): nobody watches, nothing is sent
+        closed_at = time.time()
+        last = lambda: [h for h in events.health if h.get("component") == "verifier"][-1]  # noqa: E731
+        previews = lambda: last()["previews"]  # noqa: E731
+        assert events.wait_for(lambda ev: last()["sent_at"] > closed_at and previews()["watched"] == [], 10)
+        sent = previews()["frames_sent"]
         assert sent >= len(got)
         events.poll(2.0)
-        after = [h for h in events.health if h.get("component") == "verifier"][-1]["previews"]
-        assert after["frames_sent"] == sent and after["watched"] == []  # nobody watches: nothing sent
+        assert previews()["frames_sent"] == sent and previews()["watched"] == []
+
+
+def _receive(sock, gates: list[str], *, until, seconds: float) -> list:
+    """Frames from a preview connection for `seconds` (or until `until(frames so far)`), renewing its lease as a
+    console does."""
+    from kiosk.services.preview import LEASE_RENEW_S
+
+    got: list = []
+    end, renewed = time.monotonic() + seconds, float("-inf")
+    while time.monotonic() < end and not until(got):
+        if time.monotonic() - renewed >= LEASE_RENEW_S:
+            try:
+                sock.send(watch_request(gates, []), zmq.NOBLOCK)
+            except zmq.Again:  # not connected yet: the next renewal
+                pass
+            renewed = time.monotonic()
+        if sock.poll(100):
+            got.append((time.monotonic(), sock.recv_multipart()))
+    return got
+
+
+@pytest.mark.slow
+def test_a_preview_flood_from_one_console_key_leaves_another_console_its_frames(tmp_path, engine, photos):
+    """One console key floods the preview socket over 20 connections, as fast as they take it (made-up gates,
+    malformed JSON, whole lists of gates, and leases of gate A1); a second console, with its own key, still
+    gets A1's frames at the configured rate meanwhile; the verifier keeps no more than 16 leases for the
+    flooding key, none of its junk, and its memory stays put."""
+    _parker_video(tmp_path, engine, photos)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "gate.avi", "realtime": True,
+                                      "loop": True}], console={"preview_fps": 4})
+    init_keys(tmp_path / "keys", client_name="flooder", role="console")
+    init_keys(tmp_path / "keys", client_name="console", role="console")
+    with live_gate(config) as gate:
+        events = gate.events
+        previews = lambda: [h for h in events.health if h.get("component") == "verifier"][-1]["previews"]  # noqa
+        assert events.wait_for(lambda ev: any(h.get("component") == "verifier" for h in ev.health), 30)
+        pid = [h for h in events.health if h.get("component") == "verifier"][-1]["pid"]
+        rss = lambda: int(open(f"/proc/{pid}/status").read().split("VmRSS:")[1].split()[0])  # noqa: E731 (kB)
+        good = Transport(load_config(config), role="test", client_key="console")
+        sock = good.preview_subscriber()
+        assert _receive(sock, ["A1"], until=lambda got: len(got) >= 8, seconds=40)  # the gate at work, watched
+        events.poll(1.0)
+        before = rss()
+        flood = Transport(load_config(config), role="test", client_key="flooder")
+        bad = [flood._socket(zmq.DEALER, SNDHWM=0) for _ in range(20)]  # it queues all it wants on its side
+        for sock in bad:
+            flood._as_client(sock, "preview")
+            flood._attach(sock, "preview", bind=False)
+        try:
+            junk = [watch_request(["X1", "A1-not"], []), b"{not json", watch_request([f"G{i}" for i in range(999)], []),
+                    json.dumps({"v": 1, "cmd": "watch", "previews": "A1"}).encode(), watch_request(["A1"], ["A1"])]
+            sent = [0]
+            flooding = threading.Event()
+            flooding.set()
+
+            def flood_loop() -> None:  # as fast as its connections take it, for as long as the test reads
+                n = 0
+                while flooding.is_set():
+                    try:
+                        bad[n % 20].send(junk[n % 5], zmq.NOBLOCK)
+                        sent[0] += 1
+                    except zmq.Again:
+                        time.sleep(0.001)
+                    n += 1
+
+            flooder = threading.Thread(target=flood_loop, daemon=True)
+            flooder.start()
+            try:
+                time.sleep(1.0)  # the flood under way
+                got = _receive(sock, ["A1"], until=lambda _: False, seconds=4.0)
+                events.poll(0.5)
+                during = previews()
+            finally:
+                flooding.clear()
+                flooder.join(5)
+            assert len(got) >= 8, (len(got), during)  # 4 a second asked, while the flood goes on
+            assert during["refused"] >= 1000 and during["watched"] == ["A1"], during
+            assert during["consoles"] <= 16 + 1, during  # the flooding key's leases are capped
+            assert rss() - before < 30_000, (before, rss())  # kB: nothing of the junk is kept
+        finally:
+            sock.close()
+            for b in bad:
+                b.close()
+            flood.close()
+            good.close()
+        closed_at = time.time()
+        assert events.wait_for(lambda ev: ev.health[-1]["sent_at"] > closed_at and previews()["watched"] == [],
+                               10)  # the leases run out
+    assert "refused" in gate.verifier_err and "Traceback" not in gate.verifier_err
 
 
 # -- the page in a real browser ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import signal
 import time
 
 from kiosk.config import load_config
-from kiosk.messaging.transport import Transport, control_request
+from kiosk.messaging.transport import Transport, control_request, init_keys
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
 from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, stop, write_config
@@ -307,8 +307,9 @@ def test_a_capture_key_sends_for_its_own_camera_only(tmp_path, engine, photos):
 
 
 def test_fuzzed_messages_on_every_socket_leave_the_verifier_up_with_bounded_memory(tmp_path):
-    """Random parts, broken JSON, wrong types and shapes from an allowed key on the frame, control and history
-    sockets: every one dropped or answered with an error, the verifier stays up and its memory bounded."""
+    """Random parts, broken JSON, wrong types and shapes from an allowed key on the frame, control, history and
+    preview sockets: every one dropped or answered with an error, the verifier stays up and its memory
+    bounded."""
     import json as _json
     import random
 
@@ -359,6 +360,20 @@ def test_fuzzed_messages_on_every_socket_leave_the_verifier_up_with_bounded_memo
                     pass
                 finally:
                     sock.close(linger=0)
+        init_keys(tmp_path / "keys", client_name="console", role="console")  # a console key on the previews
+        viewer = Transport(load_config(config), role="test-fuzz", client_key="console")
+        try:
+            preview = viewer.preview_subscriber()
+            for _ in range(400):
+                preview.send_multipart([junk() for _ in range(rng.randint(1, 3))])
+            deadline = time.monotonic() + 20
+            while (status := control_request(transport, {"cmd": "status"}, timeout_ms=5000)) is not None and \
+                    status["previews"]["refused"] < 390 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert status is not None and status["previews"]["refused"] >= 390, status and status["previews"]
+            assert status["previews"]["consoles"] == 0  # no junk taken as a lease
+        finally:
+            viewer.close()
         status = control_request(transport, {"cmd": "status"}, timeout_ms=5000)
         assert status is not None and status["pid"] == pid and status["bad_messages"] > 300
         assert replies >= 100  # nearly every request got an answer, most of them an error

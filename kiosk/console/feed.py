@@ -2,8 +2,10 @@
 and (only for the gates someone has open in a browser) its preview frames.
 
 It connects with the console's own CurveZMQ key (`console.key`, role console: it can listen to the events and,
-alone with other consoles, to the previews; it can never send frames or claims). Every message is validated and a bad one is dropped and counted; subscriptions change only
-in this thread (ZeroMQ sockets are not thread-safe), on the viewers' requests queued in ConsoleState.
+alone with other consoles, to the previews; it can never send frames or claims). Every message is validated
+and a bad one is dropped and counted. The previews it wants are a lease it renews every second (see
+kiosk.services.preview), changed only in this thread (ZeroMQ sockets are not thread-safe), on the viewers'
+requests queued in ConsoleState.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from kiosk.console.state import ConsoleState
 from kiosk.messaging.channels import EventChannel
 from kiosk.messaging.messages import CaptureHealth, Event, Heartbeat
 from kiosk.messaging.transport import Transport
-from kiosk.services.preview import crop_topic, preview_topic
+from kiosk.services.preview import LEASE_RENEW_S, crop_topic, preview_topic, watch_request
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,8 @@ class ConsoleFeed:
         self.transport = Transport(cfg, role="console", client_key=cfg.console.key)
         self.events = EventChannel(self.transport.event_subscriber(["event.", "health."]), self._bad)
         self.previews = self.transport.preview_subscriber()
-        for gate in state.gates:
-            self.previews.setsockopt(zmq.SUBSCRIBE, crop_topic(gate))
+        self._watching: set[str] = set()  # gates whose frames a browser here has open
+        self._renewed = float("-inf")
         self._stop = threading.Event()
         self._last_bad_log = 0.0
         self.thread = threading.Thread(target=self._run, name="console-feed", daemon=True)
@@ -49,6 +51,10 @@ class ConsoleFeed:
     def stop(self) -> None:
         self._stop.set()
         self.thread.join(5)
+        try:  # the verifier stops sending at once instead of when the lease runs out
+            self.previews.send(watch_request([], []), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
         self.transport.close()
 
     def _bad(self, why: str) -> None:
@@ -80,14 +86,24 @@ class ConsoleFeed:
             self.state.check_verifier()
 
     def _apply_watchers(self) -> None:
+        """Renew the lease (kiosk.services.preview): at once when a gate is opened or closed, else every
+        LEASE_RENEW_S. Crops of every gate are always wanted (the feed shows them)."""
+        changed = False
         while True:
             with self.state.lock:
                 if not self.state.changes:
-                    return
+                    break
                 what, gate = self.state.changes.popleft()
-            option = zmq.SUBSCRIBE if what == "watch" else zmq.UNSUBSCRIBE
-            self.previews.setsockopt(option, preview_topic(gate))
+            (self._watching.add if what == "watch" else self._watching.discard)(gate)
+            changed = True
             log.info("console: %s gate %s's preview", "watching" if what == "watch" else "stopped watching", gate)
+        now = time.monotonic()
+        if changed or now - self._renewed >= LEASE_RENEW_S:
+            self._renewed = now
+            try:
+                self.previews.send(watch_request(self._watching, self.state.gates), zmq.NOBLOCK)
+            except zmq.Again:  # not connected yet, or the verifier is slow: the next renewal says it again
+                pass
 
     def _on_event(self, message: Event | Heartbeat | CaptureHealth) -> None:
         if isinstance(message, Heartbeat):

@@ -48,6 +48,7 @@ FRAME_HWM = 4
 # before the part is read into memory.
 FRAME_PART_MAX = MAX_FRAME_BYTES + 64 * 1024
 CONTROL_PART_MAX = 64 * 1024
+LEASE_PART_MAX = 16 * 1024  # a console's preview lease (kiosk.services.preview)
 EVENT_PART_MAX = 1024 * 1024
 HISTORY_REPLY_MAX = 16 * 1024 * 1024
 PREVIEW_PART_MAX = 4 * 1024 * 1024  # one preview JPEG (or its JSON header)
@@ -289,14 +290,16 @@ class Transport:
         return self._attach(sock, "events", bind=False)
 
     def preview_publisher(self) -> zmq.Socket:
-        """XPUB: the verifier sees each subscription (b"\\x01" + topic) and cancellation (b"\\x00" + topic), so
-        it renders previews only for gates someone watches. Small send queue: a slow viewer drops frames."""
-        sock = self._socket(zmq.XPUB, SNDHWM=8, MAXMSGSIZE=CONTROL_PART_MAX)
+        """ROUTER: each console connection says which gates it watches (a lease it renews), with its key known
+        from ZAP on every message, and gets the frames of those gates addressed to it alone
+        (kiosk.services.preview). Small send queue per connection: a slow viewer drops frames."""
+        sock = self._socket(zmq.ROUTER, SNDHWM=8, RCVHWM=10, MAXMSGSIZE=LEASE_PART_MAX)  # little held per peer
         self._as_server(sock, "preview")
         return self._attach(sock, "preview", bind=True)
 
     def preview_subscriber(self) -> zmq.Socket:
-        sock = self._socket(zmq.SUB, RCVHWM=16, MAXMSGSIZE=PREVIEW_PART_MAX)
+        """DEALER: sends its watch lease (kiosk.services.preview.watch_request), receives [topic, header, JPEG]."""
+        sock = self._socket(zmq.DEALER, RCVHWM=16, SNDHWM=4, MAXMSGSIZE=PREVIEW_PART_MAX)
         self._as_client(sock, "preview")
         return self._attach(sock, "preview", bind=False)
 

@@ -1,12 +1,18 @@
 """Preview frames and decision face crops for the operator console, sent only while someone watches.
 
-The verifier's preview socket is an XPUB: ZeroMQ hands it every new subscription (b"\\x01" + prefix) and the
-end of the last one of a prefix (b"\\x00" + prefix, also when the subscriber goes away). A gate's frames are
-encoded (downscaled JPEG) and sent only while a subscription covers `preview.<gate>`, at most
-`console.preview_fps` a second; a decision's face crop only while one covers `crop.<gate>`. With no console
-connected the verifier encodes and sends nothing: an unwatched system pays one non-blocking read per loop.
+The verifier's preview socket is a ROUTER: it knows each console connection (its routing id) and the key it
+authenticated with (the ZAP User-Id on every message). A console's connection says which gates it watches in a
+lease, `{"v": 1, "cmd": "watch", "previews": [gates], "crops": [gates]}`, renewed every LEASE_RENEW_S; a lease
+not renewed within LEASE_S ends (a console that died stops costing anything), an empty one ends at once. Only
+the verifier's own gates are taken; a key holds at most MAX_CONNECTIONS_PER_KEY leases (a new one pushes out
+that key's oldest, never another key's), and the table holds at most MAX_LEASES: so one key cannot take the
+others' share, and memory stays bounded whatever a peer sends (nothing it sends is kept but a lease of known
+gates). A gate's frames are encoded (downscaled JPEG) once, only while some lease holds it, at most
+`console.preview_fps` a second, and sent to each connection that holds it; a decision's face crop likewise
+for `crops`. With no console connected the verifier encodes and sends nothing: an unwatched system pays one
+non-blocking read per loop.
 
-Messages: [topic, JSON header, JPEG]. Topics end in NUL so that watching gate A1 is not watching A10.
+Messages to a console: [topic, JSON header, JPEG], the topic `preview.<gate>` or `crop.<gate>` ending in NUL.
 """
 
 from __future__ import annotations
@@ -24,7 +30,13 @@ log = logging.getLogger(__name__)
 
 PREVIEW_MAX_WIDTH = 640
 JPEG_QUALITY = 75
-MAX_SUBSCRIPTIONS = 1000  # prefixes remembered; a subscriber sending more is ignored beyond (bounded memory)
+LEASE_S = 3.0  # a watch not renewed for this long ends
+LEASE_RENEW_S = 1.0  # how often a console renews its watch
+MAX_CONNECTIONS_PER_KEY = 16  # leases one console key holds at once (its connections)
+MAX_LEASES = 1000  # leases in all
+MAX_GATES_PER_LEASE = 1000
+REFUSED_LOG_EVERY_S = 60.0
+POLL_BUDGET_S = 0.005  # time a verifier step gives the consoles' requests
 
 
 def preview_topic(gate_id: str) -> bytes:
@@ -59,58 +71,142 @@ def encode_jpeg(image: np.ndarray, max_width: int = PREVIEW_MAX_WIDTH) -> tuple[
     return buf.tobytes(), scale
 
 
-class PreviewPublisher:
-    """Owns the verifier's XPUB preview socket: which gates are watched, and the rate per gate."""
+def watch_request(previews: list[str] | set[str], crops: list[str] | set[str]) -> bytes:
+    """A console's lease: the gates whose frames and whose decision crops it wants (empty lists: none)."""
+    return json.dumps({"v": 1, "cmd": "watch", "previews": sorted(previews), "crops": sorted(crops)}).encode()
 
-    def __init__(self, sock: zmq.Socket, fps: float) -> None:
+
+@dataclass
+class Lease:
+    """What one console connection watches, and until when."""
+
+    key: str
+    previews: frozenset[str]
+    crops: frozenset[str]
+    until: float
+
+
+class PreviewPublisher:
+    """Owns the verifier's ROUTER preview socket: the consoles' leases, and the rate per gate."""
+
+    def __init__(self, sock: zmq.Socket, fps: float, gates: set[str] | None = None) -> None:
         self.sock = sock
         self.interval = 1.0 / fps
-        self.subscriptions: set[bytes] = set()
+        self.gates = set(gates or ())
+        self.leases: dict[bytes, Lease] = {}  # routing id -> lease (insertion order: oldest renewal first)
+        self._watched: dict[str, list[bytes]] = {}  # gate -> connections that want its frames
+        self._cropped: dict[str, list[bytes]] = {}
+        self.refused: dict[str, int] = {}  # key -> requests refused (at most MAX_LEASES keys)
+        self._refused_logged: dict[str, float] = {}
         self._last: dict[str, float] = {}
         self.frames_sent = 0
         self.crops_sent = 0
         self.dropped = 0  # a viewer's queue was full
 
-    def poll(self) -> None:
-        """Take the subscription changes waiting (never blocks)."""
-        while True:
+    def poll(self, budget_s: float = POLL_BUDGET_S, now: float | None = None) -> None:
+        """Take the leases waiting and end the expired ones. Never blocks, and stops after `budget_s` (a
+        request costs ~60 us): a flood waits in its own connection's queue (10 messages, then TCP pushes back
+        on the sender) and cannot hold the frame loop; ROUTER reads the connections in turn, so another
+        console's renewal is read within a few messages."""
+        now = time.monotonic() if now is None else now
+        changed = False
+        stop_at = time.perf_counter() + budget_s
+        while time.perf_counter() < stop_at:
             try:
-                msg = self.sock.recv(zmq.NOBLOCK)
+                parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
-            if not msg or msg[0] not in (0, 1):
-                continue  # (XPUB passes other messages from subscribers through: none is expected)
-            prefix = bytes(msg[1:])
-            if msg[0] == 1:
-                if prefix not in self.subscriptions:
-                    if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
-                        log.warning("preview: more than %d subscriptions; ignoring %r", MAX_SUBSCRIPTIONS,
-                                    prefix[:40])
-                        continue
-                    self.subscriptions.add(prefix)
-                    log.info("preview: a console subscribed to %r", prefix.rstrip(b"\x00").decode(errors="replace"))
-            elif prefix in self.subscriptions:
-                self.subscriptions.discard(prefix)
-                log.info("preview: no console watches %r any more", prefix.rstrip(b"\x00").decode(errors="replace"))
+                break
+            changed |= self._take(parts, now)
+        expired = [rid for rid, lease in self.leases.items() if lease.until < now]
+        for rid in expired:
+            del self.leases[rid]
+        if changed or expired:
+            self._index()
 
-    def _covered(self, topic: bytes) -> bool:
-        return any(topic.startswith(prefix) for prefix in self.subscriptions)
+    def _take(self, parts: list[zmq.Frame], now: float) -> bool:
+        rid = bytes(parts[0].bytes)
+        try:
+            key = parts[-1].get("User-Id") or "-"
+        except zmq.ZMQError:  # no ZAP (security.curve off): every peer is one
+            key = "-"
+        try:
+            if len(parts) != 2:
+                raise ValueError(f"expected one message part, got {len(parts) - 1}")
+            request = json.loads(parts[1].bytes)
+            if not isinstance(request, dict) or request.get("v") != 1 or request.get("cmd") != "watch":
+                raise ValueError('not a {"v": 1, "cmd": "watch", ...} request')
+            wanted = []
+            for field_name in ("previews", "crops"):
+                gates = request.get(field_name, [])
+                if not isinstance(gates, list) or len(gates) > MAX_GATES_PER_LEASE:
+                    raise ValueError(f"{field_name} must be a list of at most {MAX_GATES_PER_LEASE} gate ids")
+                wanted.append(frozenset(g for g in gates if isinstance(g, str) and g in self.gates))
+                if len(wanted[-1]) < len(gates):
+                    self._refuse(key, f"{len(gates) - len(wanted[-1])} gate(s) this verifier does not serve")
+        except (ValueError, RecursionError) as exc:
+            self._refuse(key, str(exc)[:120])
+            return False
+        previews, crops = wanted
+        old = self.leases.pop(rid, None)
+        if not previews and not crops:
+            return old is not None  # an empty lease: nothing watched any more
+        if old is None:
+            mine = [r for r, lease in self.leases.items() if lease.key == key]
+            if len(mine) >= MAX_CONNECTIONS_PER_KEY:  # this key's oldest goes, never another key's
+                del self.leases[mine[0]]
+            elif len(self.leases) >= MAX_LEASES:
+                self._refuse(key, f"{MAX_LEASES} leases are held already")
+                return False
+        self.leases[rid] = Lease(key, previews, crops, now + LEASE_S)  # re-inserted: the newest renewal last
+        return old is None or (old.previews, old.crops) != (previews, crops)
+
+    def _index(self) -> None:
+        watched: dict[str, list[bytes]] = {}
+        cropped: dict[str, list[bytes]] = {}
+        for rid, lease in self.leases.items():
+            for gate in lease.previews:
+                watched.setdefault(gate, []).append(rid)
+            for gate in lease.crops:
+                cropped.setdefault(gate, []).append(rid)
+        for gate in set(watched) - set(self._watched):
+            log.info("preview: a console watches gate %s", gate)
+        for gate in set(self._watched) - set(watched):
+            log.info("preview: no console watches gate %s any more", gate)
+        self._watched, self._cropped = watched, cropped
+
+    def _refuse(self, key: str, why: str) -> None:
+        if key not in self.refused and len(self.refused) >= MAX_LEASES:
+            self.refused.pop(next(iter(self.refused)))
+        self.refused[key] = self.refused.get(key, 0) + 1
+        now = time.monotonic()
+        if now - self._refused_logged.get(key, -1e9) >= REFUSED_LOG_EVERY_S:
+            if len(self._refused_logged) >= MAX_LEASES:
+                self._refused_logged.clear()
+            self._refused_logged[key] = now
+            log.warning("preview: a request from console key %s refused (%s; %d refused from it so far)", key[:12],
+                        why, self.refused[key])
 
     def watched(self, gate_id: str) -> bool:
-        return self._covered(preview_topic(gate_id))
+        return gate_id in self._watched
 
     def due(self, gate_id: str, now: float | None = None) -> bool:
         """Watched, and its last preview is at least one interval old."""
         now = time.monotonic() if now is None else now
         return self.watched(gate_id) and now - self._last.get(gate_id, -1e9) >= self.interval
 
-    def _send(self, parts: list[bytes]) -> bool:
-        try:
-            self.sock.send_multipart(parts, zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            self.dropped += 1
-            return False
+    def _send(self, to: list[bytes], parts: list[bytes]) -> int:
+        """To each connection in `to`; a full queue (a slow viewer) drops that one's copy. Returns how many
+        were sent."""
+        sent = 0
+        for rid in to:
+            try:
+                self.sock.send_multipart([rid, *parts], zmq.NOBLOCK)
+                sent += 1
+            except zmq.Again:
+                self.dropped += 1
+            except zmq.ZMQError:  # the connection is gone: its lease runs out
+                self.dropped += 1
+        return sent
 
     def send_frame(self, gate_id: str, camera_id: str, image: np.ndarray, faces: list[PreviewFace], *, seq: int,
                    captured_at: float) -> None:
@@ -123,22 +219,20 @@ class PreviewPublisher:
         header = {"v": 1, "gate_id": gate_id, "camera_id": camera_id, "seq": seq, "captured_at": captured_at,
                   "width": round(image.shape[1] * scale), "height": round(image.shape[0] * scale),
                   "faces": [asdict(f) for f in faces]}
-        if self._send([preview_topic(gate_id), json.dumps(header).encode(), jpeg]):
+        if self._send(self._watched.get(gate_id, []), [preview_topic(gate_id), json.dumps(header).encode(), jpeg]):
             self.frames_sent += 1
 
     def wants_crops(self, gate_id: str) -> bool:
-        return self._covered(crop_topic(gate_id))
+        return gate_id in self._cropped
 
     def send_crop(self, gate_id: str, event: dict, crop: np.ndarray) -> None:
         """The face crop a decision was made on, with the event's id and outcome (for the console's feed)."""
         jpeg, _ = encode_jpeg(crop)
         header = {"v": 1, **{k: event.get(k) for k in ("event_id", "gate_id", "camera_id", "type", "reason",
                                                         "subject_id", "score", "track_id", "decided_at")}}
-        if self._send([crop_topic(gate_id), json.dumps(header).encode(), jpeg]):
+        if self._send(self._cropped.get(gate_id, []), [crop_topic(gate_id), json.dumps(header).encode(), jpeg]):
             self.crops_sent += 1
 
     def status(self) -> dict:
-        watched = sorted({p[len(b"preview."):].rstrip(b"\x00").decode(errors="replace")
-                          for p in self.subscriptions if p.startswith(b"preview.")})
-        return {"watched": watched, "frames_sent": self.frames_sent, "crops_sent": self.crops_sent,
-                "dropped": self.dropped}
+        return {"watched": sorted(self._watched), "frames_sent": self.frames_sent, "crops_sent": self.crops_sent,
+                "dropped": self.dropped, "consoles": len(self.leases), "refused": sum(self.refused.values())}

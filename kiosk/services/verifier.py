@@ -92,7 +92,7 @@ class Verifier:
         self.events = self.transport.event_publisher()
         self.control = self.transport.control_server()
         self.history = self.transport.history_server()
-        self.previews = PreviewPublisher(self.transport.preview_publisher(), cfg.console.preview_fps)
+        self.previews = PreviewPublisher(self.transport.preview_publisher(), cfg.console.preview_fps, self._gates)
         audit_path = cfg.resolve(cfg.audit.path)
         self._recall_accepts(audit_path)
         self.audit = AuditLog(audit_path, cfg.retention.audit_days)
@@ -237,7 +237,7 @@ class Verifier:
         poller.register(self.history, zmq.POLLIN)
         poller.register(self.previews.sock, zmq.POLLIN)
         ready = dict(poller.poll(0 if self.core.has_pending() else timeout_ms))
-        if self.previews.sock in ready:
+        if self.previews.sock in ready or self.previews.leases:  # new leases; old ones run out
             self.previews.poll()
             self.core.preview_gates = {g for g in self._gates if self.previews.watched(g)}
         if self.control in ready:
