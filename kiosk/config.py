@@ -161,6 +161,11 @@ class PolicyConfig:
     claim_ttl_s: float = 60.0
     max_embeddings_per_frame: int = 4
     max_frame_age_ms: float = 500.0
+    # An empty, unchanged scene is not run through the detector: a camera with no open track whose frame
+    # differs from the last detected one by less than idle_change (grey levels, in any cell of a 32x24
+    # thumbnail) is skipped, except once every idle_detect_every_s (a safety net). 0 detects every frame.
+    idle_change: float = 12.0
+    idle_detect_every_s: float = 1.0
 
 
 @dataclass
@@ -307,6 +312,8 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("policy", "accept_frames"): (1, 1000),
     ("policy", "reject_after_frames"): (1, 10000),
     ("policy", "min_face_px"): (0, 10000),
+    ("policy", "idle_change"): (0.0, 255.0),
+    ("policy", "idle_detect_every_s"): (0.05, 60.0),
     ("policy", "min_det_score"): (0.0, 1.0),
     ("policy", "min_sharpness"): (0.0, 1e9),
     ("policy", "max_yaw"): (0.0, 10.0),

@@ -173,3 +173,38 @@ def test_live_frames_from_before_a_stall_are_dropped_and_never_accepted(engine, 
     fresh = core_for(engine, yao_matrix, realtime=True, max_frame_age_ms=500)
     verdicts = [v for seq in range(4) for v in feed(fresh, image, seq, live=True)]
     assert [(v.decision.type, v.decision.subject_id) for v in verdicts] == [("accept", "YAO")]
+
+
+def test_an_idle_gate_skips_the_detector_on_an_unchanged_scene_and_detects_a_face_that_appears(engine, crops,
+                                                                                              yao_matrix):
+    """An empty scene with sensor noise: detected once, then skipped (counted) until the safety-net second
+    has passed on the frame clock; a person stepping in is detected on the very frame they appear (33 ms at
+    30 fps), and nothing is skipped while their track is open."""
+    core = core_for(engine, yao_matrix, realtime=True)
+    cam = core.cameras["cam"]
+    rng = np.random.default_rng(1)
+    empty = scene(crops, [])
+
+    def noisy(image: np.ndarray) -> np.ndarray:
+        return np.clip(image.astype(np.int16) + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+
+    skipped = lambda: core.metrics.frames_idle.labels(camera="cam")._value.get()  # noqa: E731
+    for seq in range(20):  # 0.67 s of frame clock: the first detected, the rest skipped
+        feed(core, noisy(empty), seq, live=True)
+    assert cam.idle_skipped == 19 == skipped() and cam.processed == 20 and core.faces_total == 0
+    for seq in range(20, 40):  # past 1 s since the last detection: one safety-net detection, then skipped again
+        feed(core, noisy(empty), seq, live=True)
+    assert cam.idle_skipped == 38 and core.faces_total == 0
+    walked_in = scene(crops, [0], width=160)
+    feed(core, noisy(walked_in), 40, live=True)  # the first frame with a person
+    assert core.faces_total == 1 and cam.idle_skipped == 38 and len(cam.tracker.tracks) == 1
+    for seq in range(41, 45):
+        feed(core, noisy(walked_in), seq, live=True)
+    assert cam.idle_skipped == 38 and core.faces_total == 5  # every frame detected while a track is open
+
+
+def test_idle_skipping_is_off_with_idle_change_0(engine, crops, yao_matrix):
+    core = core_for(engine, yao_matrix, realtime=True, idle_change=0)
+    for seq in range(10):
+        feed(core, scene(crops, []), seq, live=True)
+    assert core.cameras["cam"].idle_skipped == 0 and core.cameras["cam"].processed == 10

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
+import cv2
 import numpy as np
 
 from kiosk.boarding.gates import GateFlights
@@ -70,6 +71,9 @@ class CameraState:
     capture_status: str = ""  # what the capture's last health message said ("ok", "reconnecting", "eof")
     capture_error: str = ""
     view: tuple | None = None  # (frame, face boxes, tracks) of the last frame of a watched gate (console)
+    idle_skipped: int = 0  # frames not detected: empty scene, unchanged (policy.idle_change)
+    idle_ref: np.ndarray | None = None  # thumbnail of the last frame detected with no face in it
+    idle_ref_clock: float = 0.0  # its frame clock
 
     def state(self, now: float) -> tuple[str, str]:
         """("up" | "down" | "ended", why): what an operator needs to know about this camera now."""
@@ -116,6 +120,18 @@ class StepFaces:
         else:
             faces = Faces.empty()
         return cls(faces, np.repeat(np.arange(len(per_frame)), counts), [t for ts in tracks for t in ts])
+
+
+IDLE_THUMB = (32, 24)  # the change measure's grey thumbnail (cells of 20x20 px of a 640x480 frame)
+
+
+def thumbnail(image: np.ndarray) -> np.ndarray:
+    """The frame as a small grey image (int16, for differences): cheap (~0.2 ms for 640x480) and averaging
+    away sensor noise."""
+    small = cv2.resize(image, IDLE_THUMB, interpolation=cv2.INTER_AREA)
+    if small.ndim == 3:
+        small = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+    return small.astype(np.int16)
 
 
 def _accept_all(subject_id: str) -> bool:
@@ -243,11 +259,36 @@ class VerifierCore:
                                     "%.0f; %d so far)", cam.camera_id, (now - item.header.captured_at) * 1000,
                                     self.cfg.policy.max_frame_age_ms, cam.too_old)
                     continue
+                if self._idle(cam, item):  # judged (an empty scene, unchanged): counted as processed
+                    cam.idle_skipped += 1
+                    cam.processed += 1
+                    self._fps_window.append(now)
+                    self.metrics.frames_idle.labels(camera=cam.camera_id).inc()
+                    self.metrics.frames_processed.labels(camera=cam.camera_id).inc()
+                    cam.last_clock, cam.last_wall = item.header.clock, now
+                    if cam.gate_id in self.preview_gates:  # a watched gate's live view goes on moving
+                        cam.view = (item, np.zeros((0, 4), np.float32), [])
+                    break
                 batch.append(item)
                 break
         if batch:
             verdicts += self.process(batch, now)
         return verdicts
+
+    def _idle(self, cam: CameraState, frame: Frame) -> bool:
+        """Skip the detector for this frame? Only with no open track, within idle_detect_every_s of the last
+        empty detection, and when no cell of a 32x24 grey thumbnail moved by idle_change grey levels since
+        (a person stepping in moves many cells by tens at once; sensor noise, averaged over a cell, by less
+        than 2). A frame that is detected keeps its thumbnail for the next comparison."""
+        threshold = self.cfg.policy.idle_change
+        if threshold <= 0 or cam.tracker.tracks or cam.idle_ref is None:
+            cam.idle_ref = None
+            return False
+        if frame.header.clock - cam.idle_ref_clock >= self.cfg.policy.idle_detect_every_s:
+            return False
+        thumb = thumbnail(frame.image)
+        return thumb.shape == cam.idle_ref.shape and \
+            int(np.abs(thumb - cam.idle_ref).max()) < threshold
 
     def process(self, frames: list[Frame], now: float) -> list[Verdict]:
         """One frame of each of several cameras through every stage."""
@@ -274,6 +315,10 @@ class VerifierCore:
             self.metrics.frames_processed.labels(camera=cam.camera_id).inc()
             self.metrics.faces.labels(camera=cam.camera_id).inc(len(faces))
             faces = faces[faces.widths >= self.cfg.policy.min_face_px]
+            if self.cfg.policy.idle_change > 0:  # what the next frames of an empty scene are compared with
+                empty = not len(faces) and not cam.tracker.tracks
+                cam.idle_ref = thumbnail(frame.image) if empty else None
+                cam.idle_ref_clock = frame.header.clock
             assigned, ended = cam.tracker.update(faces, frame.header.clock)
             verdicts += self._ended(cam, ended, now)
             if cam.gate_id in self.preview_gates:  # someone watches this gate: keep the frame for a preview

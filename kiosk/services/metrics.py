@@ -142,6 +142,9 @@ class VerifierMetrics:
                                       "policy.max_frame_age_ms when their turn came (a stall)", ["camera"],
                                       registry=r)
         self.faces = Counter("kiosk_faces_detected", "faces detected", ["camera"], registry=r)
+        self.frames_idle = Counter("kiosk_frames_idle_skipped", "frames not run through the detector: no open "
+                                   "track and the scene unchanged since the last detection (policy.idle_change)",
+                                   ["camera"], registry=r)
         self.frames_not_boarding = Counter("kiosk_frames_not_boarding", "frames dropped unprocessed because the "
                                            "camera's gate boards no flight (boarding.require_flight)", ["camera"],
                                            registry=r)
@@ -182,7 +185,7 @@ class VerifierMetrics:
         self.captures.set_cameras(cams)
         for cam in cams:
             for counter in (self.frames_in, self.frames_processed, self.frames_stale, self.frames_too_old,
-                            self.faces, self.frames_not_boarding):
+                            self.faces, self.frames_not_boarding, self.frames_idle):
                 counter.labels(camera=cam)
         for stage in stages:
             self.stage_seconds.labels(stage=stage)

@@ -564,7 +564,8 @@ class Verifier:
             "gallery": self._gallery_status(),
             "cameras": {c.camera_id: {"gate_id": c.gate_id, "state": states[c.camera_id][0],
                                       "last_error": states[c.camera_id][1], "frames_in": c.frames_in,
-                                      "processed": c.processed, "dropped": c.stale, "too_old": c.too_old,
+                                      "processed": c.processed, "idle_skipped": c.idle_skipped,
+                                      "dropped": c.stale, "too_old": c.too_old,
                                       "eof": c.eof, "not_boarding": c.not_boarding,
                                       "tracks": len(c.tracker.tracks),
                                       "last_frame_age_s": round(now - c.last_frame_at, 1) if c.last_frame_at
