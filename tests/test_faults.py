@@ -7,6 +7,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from kiosk.config import load_config
 from kiosk.messaging.transport import Transport, control_request, init_keys
 from kiosk.tools.scenes import Walk
@@ -95,6 +97,7 @@ def test_an_unwritable_audit_log_lets_no_accept_through_and_recovers_by_itself(t
     assert all(r["reason"] == "audit_unavailable" for r in records if r.get("late"))
 
 
+@pytest.mark.slow
 def test_an_audit_log_moved_away_or_replaced_by_a_folder_under_a_live_gate_holds_every_published_accept(
         tmp_path, engine, photos):
     """Under a live gate the audit file is renamed away (an operator's mv, a rotation by hand), and later
@@ -175,6 +178,7 @@ def test_a_gallery_file_deleted_replaced_or_corrupted_is_seen_by_its_open_connec
     fresh.close()
 
 
+@pytest.mark.slow
 def test_a_gallery_deleted_under_a_live_verifier_is_stale_at_once_refused_after_its_grace_and_restored(
         tmp_path, engine, photos):
     """`rm gallery.db` under a live gate: the heartbeat says stale within two seconds, with what to run; accepts
@@ -385,6 +389,7 @@ def test_fuzzed_messages_on_every_socket_leave_the_verifier_up_with_bounded_memo
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_gallery_corrupt_at_a_verifier_restart_keeps_the_run_up_and_a_restore_brings_it_back(
         tmp_path, engine, photos):
     """The verifier dies and its gallery is corrupt when it restarts: `kiosk run` does not stop (the gates

@@ -13,6 +13,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 import yaml
 import zmq.auth
 
@@ -94,6 +95,7 @@ class Hooked(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
     crops = people(engine, photos)
     make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=5, frames=60, w0=60, w1=160),

@@ -340,6 +340,7 @@ def test_learned_models_decide_in_the_running_system(tmp_path, engine, photos, p
         assert checks["decided_by"][0] == "texture" and set(checks) >= {"depth", "screen", "border"}
 
 
+@pytest.mark.slow
 def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_passenger(tmp_path, engine, photos):
     """The acceptance run, real processes and sockets, liveness as shipped: no `models.pad` in the config, so the
     MiniFASNet texture models inside the package are loaded. Five gates: two prints of Yao's photo held up and
@@ -458,6 +459,7 @@ def test_the_attack_video_script_makes_prints_and_screens_a_detector_finds(tmp_p
     assert res.returncode == 2 and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_pad_judges_every_track_and_counts_apcer_per_type_and_bpcer(tmp_path, engine, photos):
     """Videos whose outcome is known, judged by the gate's own rules (a test model that reads red as live replaces
     the shipped ones): Yao with a red cast, turning or still (live), with a blue cast (the model: attack), a clip
