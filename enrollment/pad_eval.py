@@ -193,7 +193,7 @@ def judge_video(engine: FaceEngine, pad: PadEngine, cfg: KioskConfig, path: Path
             if not ok:
                 break
             clock = seq / fps
-            faces = engine.detector.detect(frame)
+            faces = engine.detector.detect(frame, cfg.policy.min_face_px)  # at the scale the gate detects
             faces = faces[faces.widths >= cfg.policy.min_face_px]
             assigned, ended = tracker.update(faces, clock)
             for track in ended:

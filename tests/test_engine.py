@@ -131,3 +131,34 @@ def test_batched_recognizer_output_is_not_fixed_to_one(engine):
     single = np.concatenate([engine.recognizer.embed(crops[i:i + 1]) for i in range(5)])
     assert emb.shape == (5, 512)
     assert np.abs(emb - single).max() < 1e-4
+
+
+@pytest.mark.parametrize("width", [48, 90, 250, 560])
+def test_gate_scale_detection_finds_faces_from_min_face_px_to_the_full_frame(engine, yaoming, width):
+    """At the verifier's scale (policy.min_face_px 48: a 640x480 frame is detected at 320x240, no close-up
+    pass) a face from 48 px to nearly the frame's width is found where the full-size detector finds it, with
+    keypoints close enough that its embedding barely moves."""
+    ref = describe(engine, yaoming)
+    face = yaoming
+    if width > 300:  # a close-up: the face itself cropped to fill the frame
+        x1, y1, x2, y2 = ref.boxes[0].astype(int)
+        face = yaoming[max(0, y1 - 20):y2 + 20, max(0, x1 - 20):x2 + 20]
+        frame = place_face(face, (480, 640), width=round(width * face.shape[1] / (x2 - x1)))
+    else:
+        frame = place_face(face, (480, 640), width=round(yaoming.shape[1] * width / ref.widths[0]))
+    assert engine.detector.main_geometry(480, 640, min_face_px=48)[:2] == (320, 240)
+    full = engine.detector.detect(frame)
+    gate = engine.detector.detect(frame, min_face_px=48)
+    assert len(full) == len(gate) == 1
+    assert gate.widths[0] == pytest.approx(full.widths[0], rel=0.1)
+    assert gate.widths[0] == pytest.approx(width, rel=0.2)
+    close_up = engine.detector.close_up_pass
+    engine.detector.close_up_pass = False
+    try:  # the main pass alone found it: the close-up pass is not needed at this scale
+        alone = engine.detector.detect(frame, min_face_px=48)
+    finally:
+        engine.detector.close_up_pass = close_up
+    assert np.abs(alone.boxes - gate.boxes).max() < 1e-3
+    a = engine.describe(frame, full).faces.embeddings[0]
+    b = engine.describe(frame, gate).faces.embeddings[0]
+    assert float(a @ b) > 0.9

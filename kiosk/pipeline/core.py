@@ -303,7 +303,7 @@ class VerifierCore:
         verdicts: list[Verdict] = []
         times["transport"] = max(max(0.0, (f.received_at - f.header.captured_at) * 1000) for f in frames)
         t = clock()
-        found = self.engine.detector.detect_batch([f.image for f in frames])
+        found = self.engine.detector.detect_batch([f.image for f in frames], self.cfg.policy.min_face_px)
         t = add("detect", t)
         cams = [self.cameras[f.header.camera_id] for f in frames]
         kept: list[Faces] = []

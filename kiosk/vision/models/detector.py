@@ -3,11 +3,24 @@
 Two passes over each image:
 - the main pass scales the image so its long side is `det_size` and pads
   each side only up to a multiple of 32 (a 640x360 frame costs 640x384, not
-  640x640); it finds faces from about 16 px up to ~40% of the input;
+  640x640); it finds faces from about 16 px up to about 330 px of its input.
+  Given `min_face_px` (the gate's smallest face worth a track) it scales the
+  image further down, so that such a face is FACE_INPUT_PX at the input: a
+  kiosk's faces are large, and detecting them at full size is wasted work
+  (a 368x656 frame with 48 px faces costs 192x352, a sixth of the pixels);
 - the close-up pass shrinks the whole image to 40% of a small square canvas,
-  so a face that fills the frame becomes a face SCRFD can see (it misses
-  faces larger than ~40% of its input). Its detections count only where the
-  main pass found nothing that overlaps them.
+  so a face that fills the frame becomes a face SCRFD can see. It runs only
+  where it pays: when the main input's short side is over LARGEST_FACE_PX, so
+  a face in the frame can be too large for the main pass. Its detections
+  count only where the main pass found nothing that overlaps them.
+
+Both sizes were measured on real camera video (246 frames of the 21 clips of
+the team's liveness set, faces 73-461 px): at FACE_INPUT_PX 24 every face the
+full-size pass finds is found, keypoints move by 2.7% of the eye distance
+(median) and the embedding of the aligned face keeps a cosine of 0.986
+(median; 0.941 at the 1st percentile) with the full-size one. A face scaled to
+fill 20-100% of a 640x480 frame is found by a main pass of 320 px or less
+every time, and missed by a 640 px one from 60% on.
 """
 
 from __future__ import annotations
@@ -26,6 +39,8 @@ log = logging.getLogger(__name__)
 STRIDES = (8, 16, 32)
 MEAN, STD = 127.5, 128.0
 CLOSE_UP_FILL = 0.4
+FACE_INPUT_PX = 24  # a face of `min_face_px` is this wide at the main pass's input
+LARGEST_FACE_PX = 320  # the main pass finds faces up to about this size at its input
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -69,17 +84,21 @@ class ScrfdDetector:
         self._centers: dict[tuple[int, int, int], np.ndarray] = {}
 
     # -- geometry -----------------------------------------------------------------
-    def main_geometry(self, h: int, w: int) -> tuple[int, int, float, int, int]:
+    def main_geometry(self, h: int, w: int, min_face_px: int = 0) -> tuple[int, int, float, int, int]:
         """(new_w, new_h, scale, canvas_w, canvas_h) of the main pass.
 
         The resize matches InsightFace's (long side to det_size, int-truncated
         short side, scale from the heights) so boxes agree with it; the canvas
-        is only padded up to a multiple of 32.
+        is only padded up to a multiple of 32. With `min_face_px` the long side
+        is at most what makes such a face FACE_INPUT_PX wide (at least 64).
         """
+        long = self.det_size
+        if min_face_px > 0:
+            long = max(64, min(long, int(round(max(h, w) * FACE_INPUT_PX / min_face_px))))
         if h > w:
-            new_h, new_w = self.det_size, int(self.det_size * w / h)
+            new_h, new_w = long, int(long * w / h)
         else:
-            new_w, new_h = self.det_size, int(self.det_size * h / w)
+            new_w, new_h = long, int(long * h / w)
         new_w, new_h = max(new_w, 1), max(new_h, 1)
         scale = new_h / h
         return new_w, new_h, scale, int(math.ceil(new_w / 32) * 32), int(math.ceil(new_h / 32) * 32)
@@ -157,26 +176,35 @@ class ScrfdDetector:
                 results[i] = self._nms_faces(*self._decode(out, ch, cw, scale, (ox, oy)))
         return results  # type: ignore[return-value]
 
-    def detect_batch(self, images: list[np.ndarray]) -> list[Faces]:
-        """Faces of each BGR image, sorted by detector score."""
+    def detect_batch(self, images: list[np.ndarray], min_face_px: int = 0) -> list[Faces]:
+        """Faces of each BGR image, sorted by detector score. With `min_face_px` (the verifier's
+        `policy.min_face_px`) faces narrower than it may be missed, and the detection is that much cheaper;
+        0 (enrollment photos) looks at the full `det_size`."""
         if not images:
             return []
         main_geo = []
         for img in images:
-            nw, nh, scale, cw, ch = self.main_geometry(*img.shape[:2])
+            nw, nh, scale, cw, ch = self.main_geometry(*img.shape[:2], min_face_px=min_face_px)
             main_geo.append((nw, nh, scale, cw, ch, 0, 0))
         found = self._pass(images, main_geo)
         if not self.close_up_pass:
             return found
+        # A face too large for the main pass is possible only where its input's short side is over the size
+        # the main pass sees (a face taller than the frame has no eyes and mouth to align in it).
+        close_idx = [i for i, g in enumerate(main_geo) if min(g[0], g[1]) > LARGEST_FACE_PX]
+        if not close_idx:
+            return found
         size = self.close_up_size
         close_geo = []
-        for img in images:
+        for img in (images[i] for i in close_idx):
             h, w = img.shape[:2]
             scale = CLOSE_UP_FILL * size / max(h, w)
             nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
             close_geo.append((nw, nh, scale, size, size, (size - nw) // 2, (size - nh) // 2))
-        close = self._pass(images, close_geo)
-        return [self._merge(f, c) for f, c in zip(found, close)]
+        close = self._pass([images[i] for i in close_idx], close_geo)
+        for i, c in zip(close_idx, close):
+            found[i] = self._merge(found[i], c)
+        return found
 
     def _merge(self, main: Faces, close: Faces) -> Faces:
         """Add the close-up faces that the main pass did not see whole.
@@ -209,5 +237,5 @@ class ScrfdDetector:
                        np.concatenate([kept.kps, close.kps[add_close]]))
         return merged[np.argsort(-merged.scores, kind="stable")]
 
-    def detect(self, image: np.ndarray) -> Faces:
-        return self.detect_batch([image])[0]
+    def detect(self, image: np.ndarray, min_face_px: int = 0) -> Faces:
+        return self.detect_batch([image], min_face_px)[0]
