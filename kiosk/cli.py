@@ -108,6 +108,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return EXIT_OK
     if not args.video:
         raise UsageError("bench needs --video PATH (or --search-scale SIZES)")
+    if args.busy is not None and args.cameras is None:
+        raise UsageError("--busy needs --cameras N")
+    if args.cameras is not None:
+        busy = args.cameras if args.busy is None else args.busy
+        if not 1 <= args.cameras <= 64 or not 0 <= busy <= args.cameras:
+            raise UsageError(f"--cameras {args.cameras} --busy {busy}: expected 1 to 64 cameras, of which 0 to all "
+                             "busy")
+        if args.compare:
+            raise UsageError("--compare runs on one camera: leave out --cameras")
+        return main_bench(_config(args), Path(args.video), None, args.json, cameras=args.cameras, busy=busy)
     return main_bench(_config(args), Path(args.video), args.compare, args.json, args.realtime)
 
 
@@ -259,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=["insightface"], help="also run the obvious per-face insightface loop")
     p.add_argument("--realtime", action="store_true",
                    help="pace the video at its frame rate like a live camera (latency run; drops allowed)")
+    p.add_argument("--cameras", type=int, metavar="N", help="N live cameras on one verifier, in real time, with "
+                   "per-camera figures (stale drops, decision latency, accepts) and each process's CPU")
+    p.add_argument("--busy", type=int, metavar="M", help="with --cameras: M of them play --video, the others an "
+                   "empty gate area (default: all play it)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_bench)
 

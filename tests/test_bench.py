@@ -59,3 +59,41 @@ def test_bench_search_scale_and_usage_errors(tmp_path):
     assert res.returncode == 2 and "not a video" in res.stderr
     res = run_cli("kiosk", "bench")
     assert res.returncode == 2
+
+
+def test_bench_cameras_usage_errors(tmp_path):
+    config = write_config(tmp_path, [])
+    video = tmp_path / "v.avi"
+    make_video(video, [], seconds=0.2, size=(160, 120))
+    for args, says in ((["--cameras", "0"], "expected 1 to 64 cameras"),
+                       (["--cameras", "2", "--busy", "3"], "expected 1 to 64 cameras"),
+                       (["--busy", "1"], "--busy needs --cameras"),
+                       (["--cameras", "2", "--compare", "insightface"], "--compare runs on one camera")):
+        res = run_cli("kiosk", "-c", str(config), "bench", "--video", str(video), *args)
+        assert res.returncode == 2 and says in res.stderr, (args, res.stderr)
+        assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow  # three real-time captures and a verifier for the clip's length
+def test_bench_cameras_reports_each_camera(tmp_path, engine, photos):
+    """--cameras 3 --busy 1: the busy camera accepts the enrolled person, the two idle ones (an empty scene made
+    by the bench) decide nothing and skip most frames unchanged; every process's CPU share is reported."""
+    crops = people(engine, photos)
+    make_video(tmp_path / "v.avi", [Walk(crops["yao"], start=10, frames=80, w0=90, w1=160, cx=0.5)],
+               seconds=4.0, size=(640, 360))
+    config = write_config(tmp_path, [])
+    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
+                   str(photos["yaoming.jpg"])).returncode == 0
+    res = run_cli("kiosk", "-q", "-c", str(config), "bench", "--video", str(tmp_path / "v.avi"),
+                  "--cameras", "3", "--busy", "1", "--json", timeout=300)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    cams = {c["camera"]: c for c in r["per_camera"]}
+    assert [c["busy"] for c in r["per_camera"]] == [True, False, False]
+    assert cams["cam1"]["accepted"] == ["YAO"]
+    for cid in ("cam2", "cam3"):
+        c = cams[cid]
+        assert c["decisions"] == 0 and c["frames_in"] > 60
+        assert c["idle_skipped"] > c["frames_in"] / 2  # the empty scene is unchanged: most frames not detected
+    assert {"verifier", "capture cam1", "capture cam2", "capture cam3"} <= set(r["cpu"])
+    assert all(0 < v["core_share"] < 2.5 for v in r["cpu"].values())

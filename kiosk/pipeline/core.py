@@ -126,9 +126,11 @@ IDLE_THUMB = (32, 24)  # the change measure's grey thumbnail (cells of 20x20 px 
 
 
 def thumbnail(image: np.ndarray) -> np.ndarray:
-    """The frame as a small grey image (int16, for differences): cheap (~0.2 ms for 640x480) and averaging
-    away sensor noise."""
-    small = cv2.resize(image, IDLE_THUMB, interpolation=cv2.INTER_AREA)
+    """The frame as a small grey image (int16, for differences), averaging away sensor noise. A 4x-size
+    nearest-neighbour sample first (16 samples a cell), then the area average: 0.04 ms for a 368x656 frame
+    where INTER_AREA over the whole frame takes 1 ms (30 of them a second is 3% of a core per camera)."""
+    sample = cv2.resize(image, (IDLE_THUMB[0] * 4, IDLE_THUMB[1] * 4), interpolation=cv2.INTER_NEAREST)
+    small = cv2.resize(sample, IDLE_THUMB, interpolation=cv2.INTER_AREA)
     if small.ndim == 3:
         small = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
     return small.astype(np.int16)

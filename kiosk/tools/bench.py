@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from dataclasses import asdict
@@ -39,13 +40,16 @@ log = logging.getLogger(__name__)
 CAMERA, GATE = "bench", "BENCH"
 
 
-def _bench_config(cfg: KioskConfig, video: Path, folder: Path, realtime: bool) -> Path:
+def _bench_config(cfg: KioskConfig, cameras: list[tuple[str, str, Path]], folder: Path, realtime: bool) -> Path:
+    """A config for the bench's own verifier and captures: the user's gallery, models, policy and liveness;
+    its own loopback endpoints, keys and audit file. `cameras`: (camera id, gate id, video) each."""
     data = {
         "gallery": {"path": str(cfg.resolve(cfg.gallery.path)), "url": cfg.gallery.url,
                     "password_file": str(cfg.resolve(cfg.gallery.password_file)) if cfg.gallery.password_file
                     else None},
         "models": models_section(cfg),
-        "cameras": [{"id": CAMERA, "gate": GATE, "source": str(video.resolve()), "realtime": realtime}],
+        "cameras": [{"id": cid, "gate": gate, "source": str(video.resolve()), "realtime": realtime}
+                    for cid, gate, video in cameras],
         "transport": loopback_endpoints(),
         "security": {"curve": cfg.security.curve, "keys_dir": str(folder / "keys")},
         "policy": asdict(cfg.policy),
@@ -67,68 +71,16 @@ def run_pipeline(cfg: KioskConfig, video: Path, timeout_s: float = 1800, realtim
     (frames the verifier cannot take are dropped): the run measures latency.
     """
     with tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp:  # keys and audit: gone afterwards
-        return _run_pipeline(cfg, video, Path(tmp), timeout_s, realtime)
-
-
-def _run_pipeline(cfg: KioskConfig, video: Path, folder: Path, timeout_s: float, realtime: bool) -> dict[str, Any]:
-    import subprocess
-    import sys
-
-    bench_cfg_path = _bench_config(cfg, video, folder, realtime)
-    bench_cfg = load_config(bench_cfg_path)
-    base = [sys.executable, "-m", "kiosk.cli", "-q", "-c", str(bench_cfg_path)]
-    transport = Transport(bench_cfg, role="bench")
-    inbox = EventChannel(transport.event_subscriber([EVENT_TOPIC, HEALTH_TOPIC]),
-                         lambda why: log.warning("bench: malformed message: %s", why))
-    verifier = subprocess.Popen(base + ["verify"])
-    capture = None
-    events: list[Event] = []
-    capture_health: dict[str, Any] = {}
-    status: dict[str, Any] | None = None
-    try:
-        deadline = time.monotonic() + 120
-        while not isinstance(inbox.recv(100), Heartbeat):  # model load: not timed
-            if verifier.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeFailure("bench: the verifier did not start")
-        capture = subprocess.Popen(base + ["capture", "--camera", CAMERA])
-
-        def absorb(wait_ms: int = 0) -> None:
-            """Take the waiting messages: events and the capture's health."""
-            nonlocal capture_health
-            while (message := inbox.recv(wait_ms)) is not None:
-                if isinstance(message, Event):
-                    events.append(message)
-                elif isinstance(message, CaptureHealth) and message.camera_id == CAMERA:
-                    capture_health = message.body
-
-        def ask() -> dict[str, Any] | None:
-            nonlocal status
-            if capture.poll() is None:  # type: ignore[union-attr]
-                return None
-            status = control_request(transport, {"cmd": "status"})
-            return status
-
-        if not wait_until_eof(ask, [CAMERA], timeout_s=timeout_s, every_s=0.05, while_waiting=absorb):
-            raise RuntimeFailure(f"bench: not done after {timeout_s:.0f}s")
-        time.sleep(0.3)
-        absorb(100)
-    finally:
-        for proc in (capture, verifier):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                proc.wait(10)
-        inbox.sock.close()
-        transport.close()
-    assert status is not None
+        run = _run_cameras(cfg, [(CAMERA, GATE, video)], Path(tmp), timeout_s, realtime)
+    status, events, health = run["status"], run["events"], run["capture_health"].get(CAMERA, {})
     frames = int(status["frames_processed"])
     seconds = float(status["last_done_at"] - status["first_captured_at"]) if frames else 0.0
-    stages = {"decode": capture_health.get("decode_ms", {})}
-    stages.update({k: {q: round(v[q], 3) for q in ("p50", "p99")} for k, v in status["stages_ms"].items() if v})
-    latency = [e.latency_ms for e in events if e.latency_ms is not None]
+    stages = {"decode": health.get("decode_ms", {})}
+    stages.update(_stages(status))
     return {
         "mode": "realtime" if realtime else "replay",
         "frames": frames,
-        "dropped": {"capture": capture_health.get("drops", 0),
+        "dropped": {"capture": health.get("drops", 0),
                     "verifier_stale": status["cameras"][CAMERA]["dropped"]},
         "seconds": round(seconds, 3),
         "fps": round(frames / seconds, 2) if seconds else 0.0,
@@ -139,10 +91,193 @@ def _run_pipeline(cfg: KioskConfig, video: Path, folder: Path, timeout_s: float,
         "decisions": [{"type": e.type, "subject_id": e.subject_id, "reason": e.reason, "seq": e.seq,
                        "score": e.score, "latency_ms": e.latency_ms} for e in events],
         "accepted": sorted({e.subject_id for e in events if e.type == "accept" and e.subject_id}),
-        "decision_latency_ms": {"p50": round(float(np.percentile(latency, 50)), 1),
-                                "p99": round(float(np.percentile(latency, 99)), 1)} if latency else {},
+        "decision_latency_ms": _quantiles([e.latency_ms for e in events if e.latency_ms is not None]),
+        "cpu": run["cpu"],
         "gallery": status["gallery"],
     }
+
+
+def _stages(status: dict[str, Any]) -> dict[str, dict[str, float]]:
+    return {k: {q: round(v[q], 3) for q in ("p50", "p99")} for k, v in status["stages_ms"].items() if v}
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {"p50": round(float(np.percentile(values, 50)), 1), "p99": round(float(np.percentile(values, 99)), 1)}
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a live process, from /proc (None where it is gone or there is no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run_cameras(cfg: KioskConfig, cameras: list[tuple[str, str, Path]], folder: Path, timeout_s: float,
+                 realtime: bool, warm_up_s: float = 2.0) -> dict[str, Any]:
+    """A verifier and one capture per camera, run until every file source ended and was processed. Returns the
+    verifier's last status, the events, each capture's last health message, and the CPU share of a core each
+    process used from `warm_up_s` after the captures started until the first source ended (steady state:
+    neither process start nor the end of a file)."""
+    import subprocess
+    import sys
+
+    bench_cfg_path = _bench_config(cfg, cameras, folder, realtime)
+    bench_cfg = load_config(bench_cfg_path)
+    base = [sys.executable, "-m", "kiosk.cli", "-q", "-c", str(bench_cfg_path)]
+    transport = Transport(bench_cfg, role="bench")
+    inbox = EventChannel(transport.event_subscriber([EVENT_TOPIC, HEALTH_TOPIC]),
+                         lambda why: log.warning("bench: malformed message: %s", why))
+    ids = [cid for cid, _gate, _video in cameras]
+    verifier = subprocess.Popen(base + ["verify"])
+    captures: dict[str, subprocess.Popen] = {}
+    events: list[Event] = []
+    health: dict[str, dict[str, Any]] = {}
+    status: dict[str, Any] | None = None
+    cpu_from: dict[str, float] = {}  # process -> CPU seconds at the start of the window
+    cpu_last: dict[str, tuple[float, float]] = {}  # process -> (CPU seconds, monotonic) at its last reading
+    window: list[float] = []  # [start, end] monotonic
+    try:
+        deadline = time.monotonic() + 120
+        while not isinstance(inbox.recv(100), Heartbeat):  # model load: not timed
+            if verifier.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeFailure("bench: the verifier did not start")
+        for cid in ids:
+            captures[cid] = subprocess.Popen(base + ["capture", "--camera", cid])
+        started = time.monotonic()
+        procs = {"verifier": verifier, **{f"capture {cid}": p for cid, p in captures.items()}}
+
+        def absorb(wait_ms: int = 0) -> None:
+            """Take the waiting messages (events, the captures' health) and read the processes' CPU time."""
+            while (message := inbox.recv(wait_ms)) is not None:
+                if isinstance(message, Event):
+                    events.append(message)
+                elif isinstance(message, CaptureHealth) and message.camera_id in captures:
+                    health[message.camera_id] = message.body
+            now = time.monotonic()
+            ended = any(h.get("status") == "eof" for h in health.values())
+            if not window and now - started >= warm_up_s:
+                window.append(now)
+                for name, proc in procs.items():
+                    if (cpu := _cpu_seconds(proc.pid)) is not None:
+                        cpu_from[name] = cpu
+            if window and len(window) == 1 and not ended:
+                for name, proc in procs.items():
+                    if name in cpu_from and (cpu := _cpu_seconds(proc.pid)) is not None:
+                        cpu_last[name] = (cpu, now)
+
+        def ask() -> dict[str, Any] | None:
+            nonlocal status
+            if any(p.poll() is None for p in captures.values()):
+                return None
+            status = control_request(transport, {"cmd": "status"})
+            return status
+
+        if not wait_until_eof(ask, ids, timeout_s=timeout_s, every_s=0.05, while_waiting=absorb):
+            raise RuntimeFailure(f"bench: not done after {timeout_s:.0f}s")
+        time.sleep(0.3)
+        absorb(100)
+    finally:
+        for proc in [*captures.values(), verifier]:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+        inbox.sock.close()
+        transport.close()
+    assert status is not None
+    cpu = {}
+    for name, (seconds, at) in cpu_last.items():
+        span = at - window[0]
+        if span >= 1.0:
+            cpu[name] = {"core_share": round((seconds - cpu_from[name]) / span, 3), "over_s": round(span, 1)}
+    return {"status": status, "events": events, "capture_health": health, "cpu": cpu}
+
+
+def idle_video(like: Path, path: Path) -> Path:
+    """An empty gate area as long as `like`, at its size and frame rate: a still scene (floor, wall, a barrier)
+    with sensor noise (sigma 2 grey levels) on every frame, as an MJPG file like a USB camera's stream. No face
+    is ever in it."""
+    probe = cv2.VideoCapture(str(like))
+    w, h = int(probe.get(cv2.CAP_PROP_FRAME_WIDTH)), int(probe.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    fps = probe.get(cv2.CAP_PROP_FPS) or 30.0
+    fps = fps if 1.0 <= fps <= 240.0 else 30.0
+    frames = int(probe.get(cv2.CAP_PROP_FRAME_COUNT)) or int(fps * 10)
+    probe.release()
+    scene = np.empty((h, w, 3), np.uint8)
+    scene[:] = (150, 160, 170)  # wall
+    scene[int(h * 0.7):] = (90, 95, 100)  # floor
+    cv2.rectangle(scene, (int(w * 0.1), int(h * 0.45)), (int(w * 0.3), int(h * 0.95)), (60, 60, 200), -1)
+    cv2.rectangle(scene, (int(w * 0.7), int(h * 0.45)), (int(w * 0.9), int(h * 0.95)), (60, 60, 200), -1)
+    scene = cv2.GaussianBlur(scene, (0, 0), 3)
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    if not out.isOpened():
+        raise RuntimeFailure(f"bench: cannot write {path}")
+    rng = np.random.default_rng(0)
+    noise = [rng.normal(0, 2, (h, w, 3)).astype(np.int16) for _ in range(8)]
+    for i in range(frames):
+        out.write(np.clip(scene + noise[i % len(noise)], 0, 255).astype(np.uint8))
+    out.release()
+    return path
+
+
+def run_cameras(cfg: KioskConfig, video: Path, cameras: int, busy: int, timeout_s: float = 1800) -> dict[str, Any]:
+    """`cameras` live cameras on one verifier, in real time: `busy` of them play `video` (people at the gate),
+    the others an empty gate area of the same size and length. Per camera: frames offered, processed,
+    skipped as idle, dropped as stale (a newer frame came before the verifier could take it), decisions and
+    their latency, who was accepted; and the CPU share of a core each process used."""
+    with tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp:
+        folder = Path(tmp)
+        empty = idle_video(video, folder / "idle.avi") if busy < cameras else video
+        specs = [(f"cam{i + 1}", f"G{i + 1}", video if i < busy else empty) for i in range(cameras)]
+        run = _run_cameras(cfg, specs, folder, timeout_s, realtime=True)
+    status, events = run["status"], run["events"]
+    per_camera = []
+    for cid, gate, source in specs:
+        cam = status["cameras"][cid]
+        mine = [e for e in events if e.camera_id == cid]
+        h = run["capture_health"].get(cid, {})
+        offered = int(cam["frames_in"])
+        per_camera.append({
+            "camera": cid, "gate": gate, "busy": source == video,
+            "sent": h.get("sent", offered), "capture_dropped": h.get("drops", 0),
+            "frames_in": offered, "processed": cam["processed"], "idle_skipped": cam["idle_skipped"],
+            "stale": cam["dropped"], "too_old": cam["too_old"],
+            "stale_share": round((cam["dropped"] + cam["too_old"]) / offered, 4) if offered else 0.0,
+            "decisions": len(mine), "accepts": sum(e.type == "accept" for e in mine),
+            "accepted": sorted({e.subject_id for e in mine if e.type == "accept" and e.subject_id}),
+            "decision_latency_ms": _quantiles([e.latency_ms for e in mine if e.latency_ms is not None]),
+        })
+    latency = [e.latency_ms for e in events if e.latency_ms is not None]
+    return {"mode": "cameras", "video": str(video), "cameras": cameras, "busy": busy,
+            "providers": status["providers"], "per_camera": per_camera,
+            "frame_latency_ms": {q: round(v, 1) for q, v in status["frame_latency_ms"].items() if q != "n"},
+            "decision_latency_ms": _quantiles(latency), "stages_ms": _stages(status), "cpu": run["cpu"]}
+
+
+def format_cameras(r: dict[str, Any]) -> str:
+    lines = [f"{r['cameras']} live cameras, {r['busy']} playing {r['video']}, the others an empty gate area; "
+             f"providers {', '.join(r['providers'])}",
+             "camera  gate  busy   sent  stale  share  idle-skipped  decisions  accepts  decision p50/p99 ms  accepted"]
+    for c in r["per_camera"]:
+        dl = c["decision_latency_ms"]
+        lines.append(f"{c['camera']:<7} {c['gate']:<5} {'yes' if c['busy'] else 'no':<4} {c['sent']:>6} "
+                     f"{c['stale'] + c['too_old']:>6} {c['stale_share']:>6.1%} {c['idle_skipped']:>13} "
+                     f"{c['decisions']:>10} {c['accepts']:>8}  "
+                     f"{(str(dl['p50']) + ' / ' + str(dl['p99'])) if dl else '-':>19}  {c['accepted']}")
+    fl, dl = r["frame_latency_ms"], r["decision_latency_ms"]
+    if fl:
+        lines.append(f"capture-to-processed per frame: p50 {fl['p50']:.0f} ms, p99 {fl['p99']:.0f} ms")
+    if dl:
+        lines.append(f"capture-to-decision, all cameras: p50 {dl['p50']:.0f} ms, p99 {dl['p99']:.0f} ms")
+    lines.append("stage          p50 ms    p99 ms")
+    for stage, q in r["stages_ms"].items():
+        lines.append(f"  {stage:<12}{q['p50']:>8.2f}  {q['p99']:>8.2f}")
+    for name, c in r["cpu"].items():
+        lines.append(f"cpu {name}: {c['core_share']:.1%} of a core (over {c['over_s']:.0f} s)")
+    return "\n".join(lines)
 
 
 def run_obvious_loop(cfg: KioskConfig, video: Path) -> dict[str, Any]:
@@ -202,7 +337,7 @@ def run_obvious_loop(cfg: KioskConfig, video: Path) -> dict[str, Any]:
             "faces_per_frame": round(faces_total / frames, 3) if frames else 0.0, "accepted": sorted(accepted)}
 
 
-def run_bench(cfg: KioskConfig, video: Path, compare: str | None, realtime: bool = False) -> dict[str, Any]:
+def _check_video(cfg: KioskConfig, video: Path) -> None:
     if not video.is_file():
         raise UsageError(f"--video {video}: no such file")
     probe = cv2.VideoCapture(str(video))
@@ -211,6 +346,10 @@ def run_bench(cfg: KioskConfig, video: Path, compare: str | None, realtime: bool
     if not ok:
         raise UsageError(f"--video {video}: not a video OpenCV can read")
     open_gallery(cfg, create=False).close()  # the gallery to match against must exist
+
+
+def run_bench(cfg: KioskConfig, video: Path, compare: str | None, realtime: bool = False) -> dict[str, Any]:
+    _check_video(cfg, video)
     result = run_pipeline(cfg, video, realtime=realtime)
     result["video"] = str(video)
     if compare == "insightface":
@@ -247,6 +386,8 @@ def format_text(r: dict[str, Any]) -> str:
     lines.append(f"decisions: {len(r['decisions'])} "
                  f"({sum(d['type'] == 'accept' for d in r['decisions'])} accept), accepted {r['accepted']}"
                  + (f"; capture-to-decision p50 {dl['p50']:.0f} ms, p99 {dl['p99']:.0f} ms" if dl else ""))
+    for name, c in r.get("cpu", {}).items():
+        lines.append(f"cpu {name}: {c['core_share']:.1%} of a core (over {c['over_s']:.0f} s)")
     if "compare" in r:
         c = r["compare"]
         ref = c["insightface"]
@@ -258,7 +399,13 @@ def format_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main_bench(cfg: KioskConfig, video: Path, compare: str | None, as_json: bool, realtime: bool = False) -> int:
+def main_bench(cfg: KioskConfig, video: Path, compare: str | None, as_json: bool, realtime: bool = False,
+               cameras: int = 0, busy: int = 0) -> int:
+    if cameras:
+        _check_video(cfg, video)
+        result = run_cameras(cfg, video, cameras, busy)
+        print(json.dumps(result) if as_json else format_cameras(result))
+        return 0
     result = run_bench(cfg, video, compare, realtime)
     print(json.dumps(result) if as_json else format_text(result))
     return 0
