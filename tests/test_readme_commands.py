@@ -308,6 +308,8 @@ def test_every_readme_command_runs_as_written(site):
     for extra in ("", " --realtime", " --compare insightface"):
         out = sh.run(f"kiosk bench {cfg} --video gate.avi{extra}").stdout
         assert "30 frames processed" in out or "realtime" in extra, out
+    out = sh.run(f"kiosk bench {cfg} --video gate.avi --cameras 8 --busy 2").stdout
+    assert "8 live cameras, 2 playing gate.avi" in out and "cpu verifier" in out, out
     assert "100000" in sh.run("kiosk bench --search-scale 1000,10000,100000").stdout
     out = sh.run("kiosk bench --flight-scale 300,100000").stdout
     assert "flight of 300 passengers in a gallery of 100000" in out and "other_flight_passenger" in out
