@@ -429,16 +429,17 @@ def test_a_gallery_corrupt_at_a_verifier_restart_keeps_the_run_up_and_a_restore_
         assert events.wait_for(lambda ev: any(e.type == "accept" and e.boot_id != events.events[0].boot_id
                                               for e in ev.events), 40)
 
-        def handed() -> list[str]:
+        def handed_types() -> list[str]:
             return [json.loads(line)["type"] for line in hook.read_text().splitlines() if line.strip()]
 
         # The gate's subscriber hands the new accept on after this test's own socket saw it: wait for it there.
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and "accept" not in handed()[handed().index("verifier_down") + 1:]:
+        while time.monotonic() < deadline and \
+                "accept" not in (types := handed_types())[types.index("verifier_down") + 1:]:
             time.sleep(0.2)
     finally:
         events.close()
         _, err = stop(run, timeout=30)
     assert run.returncode == 0 and "Traceback" not in err
-    handed = handed()
+    handed = handed_types()
     assert "verifier_down" in handed and handed.index("verifier_down") < len(handed) - 1

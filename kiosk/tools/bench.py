@@ -139,7 +139,7 @@ def _run_cameras(cfg: KioskConfig, cameras: list[tuple[str, str, Path]], folder:
     status: dict[str, Any] | None = None
     cpu_from: dict[str, float] = {}  # process -> CPU seconds at the start of the window
     cpu_last: dict[str, tuple[float, float]] = {}  # process -> (CPU seconds, monotonic) at its last reading
-    window: list[float] = []  # [start, end] monotonic
+    window_start: float | None = None  # monotonic start of the CPU window
     try:
         deadline = time.monotonic() + 120
         while not isinstance(inbox.recv(100), Heartbeat):  # model load: not timed
@@ -152,6 +152,7 @@ def _run_cameras(cfg: KioskConfig, cameras: list[tuple[str, str, Path]], folder:
 
         def absorb(wait_ms: int = 0) -> None:
             """Take the waiting messages (events, the captures' health) and read the processes' CPU time."""
+            nonlocal window_start
             while (message := inbox.recv(wait_ms)) is not None:
                 if isinstance(message, Event):
                     events.append(message)
@@ -159,12 +160,12 @@ def _run_cameras(cfg: KioskConfig, cameras: list[tuple[str, str, Path]], folder:
                     health[message.camera_id] = message.body
             now = time.monotonic()
             ended = any(h.get("status") == "eof" for h in health.values())
-            if not window and now - started >= warm_up_s:
-                window.append(now)
+            if window_start is None and now - started >= warm_up_s:
+                window_start = now
                 for name, proc in procs.items():
                     if (cpu := _cpu_seconds(proc.pid)) is not None:
                         cpu_from[name] = cpu
-            if window and len(window) == 1 and not ended:
+            if window_start is not None and not ended:
                 for name, proc in procs.items():
                     if name in cpu_from and (cpu := _cpu_seconds(proc.pid)) is not None:
                         cpu_last[name] = (cpu, now)
@@ -190,7 +191,7 @@ def _run_cameras(cfg: KioskConfig, cameras: list[tuple[str, str, Path]], folder:
     assert status is not None
     cpu = {}
     for name, (seconds, at) in cpu_last.items():
-        span = at - window[0]
+        span = at - window_start  # type: ignore[operator]  # set before any reading
         if span >= 1.0:
             cpu[name] = {"core_share": round((seconds - cpu_from[name]) / span, 3), "over_s": round(span, 1)}
     return {"status": status, "events": events, "capture_health": health, "cpu": cpu}
@@ -272,12 +273,16 @@ def format_cameras(r: dict[str, Any]) -> str:
         lines.append(f"capture-to-processed per frame: p50 {fl['p50']:.0f} ms, p99 {fl['p99']:.0f} ms")
     if dl:
         lines.append(f"capture-to-decision, all cameras: p50 {dl['p50']:.0f} ms, p99 {dl['p99']:.0f} ms")
-    lines.append("stage          p50 ms    p99 ms")
-    for stage, q in r["stages_ms"].items():
-        lines.append(f"  {stage:<12}{q['p50']:>8.2f}  {q['p99']:>8.2f}")
-    for name, c in r["cpu"].items():
-        lines.append(f"cpu {name}: {c['core_share']:.1%} of a core (over {c['over_s']:.0f} s)")
-    return "\n".join(lines)
+    return "\n".join(lines + _stage_lines(r["stages_ms"]) + _cpu_lines(r["cpu"]))
+
+
+def _stage_lines(stages: dict[str, dict[str, float]]) -> list[str]:
+    return ["stage          p50 ms    p99 ms"] + [f"  {stage:<12}{q['p50']:>8.2f}  {q['p99']:>8.2f}"
+                                                 for stage, q in stages.items() if q]
+
+
+def _cpu_lines(cpu: dict[str, dict[str, float]]) -> list[str]:
+    return [f"cpu {name}: {c['core_share']:.1%} of a core (over {c['over_s']:.0f} s)" for name, c in cpu.items()]
 
 
 def run_obvious_loop(cfg: KioskConfig, video: Path) -> dict[str, Any]:
@@ -374,11 +379,7 @@ def format_text(r: dict[str, Any]) -> str:
     lines = [f"video {r['video']} ({r['mode']}): {r['frames']} frames processed in {r['seconds']:.2f} s = "
              f"{r['fps']:.1f} fps ({r['faces_per_frame']:.2f} faces/frame), providers {', '.join(r['providers'])}",
              f"dropped: {r['dropped']['capture']} at the capture, {r['dropped']['verifier_stale']} stale at the "
-             "verifier",
-             "stage          p50 ms    p99 ms"]
-    for stage, q in r["stages_ms"].items():
-        if q:
-            lines.append(f"  {stage:<12}{q['p50']:>8.2f}  {q['p99']:>8.2f}")
+             "verifier"] + _stage_lines(r["stages_ms"])
     fl = r["frame_latency_ms"]
     if fl:
         lines.append(f"capture-to-processed per frame: p50 {fl['p50']:.0f} ms, p99 {fl['p99']:.0f} ms")
@@ -386,8 +387,7 @@ def format_text(r: dict[str, Any]) -> str:
     lines.append(f"decisions: {len(r['decisions'])} "
                  f"({sum(d['type'] == 'accept' for d in r['decisions'])} accept), accepted {r['accepted']}"
                  + (f"; capture-to-decision p50 {dl['p50']:.0f} ms, p99 {dl['p99']:.0f} ms" if dl else ""))
-    for name, c in r.get("cpu", {}).items():
-        lines.append(f"cpu {name}: {c['core_share']:.1%} of a core (over {c['over_s']:.0f} s)")
+    lines += _cpu_lines(r.get("cpu", {}))
     if "compare" in r:
         c = r["compare"]
         ref = c["insightface"]

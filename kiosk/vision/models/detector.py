@@ -7,7 +7,8 @@ Two passes over each image:
   Given `min_face_px` (the gate's smallest face worth a track) it scales the
   image further down, so that such a face is FACE_INPUT_PX at the input: a
   kiosk's faces are large, and detecting them at full size is wasted work
-  (a 368x656 frame with 48 px faces costs 192x352, a sixth of the pixels);
+  (a 368x656 frame with 48 px faces costs 192x352 and no close-up pass: a
+  fifth of the pixels of 384x640 plus the 320x320 close-up);
 - the close-up pass shrinks the whole image to 40% of a small square canvas,
   so a face that fills the frame becomes a face SCRFD can see. It runs only
   where it pays: when the main input's short side is over LARGEST_FACE_PX, so
