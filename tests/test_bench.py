@@ -77,7 +77,8 @@ def test_bench_cameras_usage_errors(tmp_path):
 @pytest.mark.slow  # three real-time captures and a verifier for the clip's length
 def test_bench_cameras_reports_each_camera(tmp_path, engine, photos):
     """--cameras 3 --busy 1: the busy camera accepts the enrolled person, the two idle ones (an empty scene made
-    by the bench) decide nothing and skip most frames unchanged; every process's CPU share is reported."""
+    by the bench) decide nothing and their captures, told the scene is empty, hold most frames back; every
+    process's CPU share is reported."""
     crops = people(engine, photos)
     make_video(tmp_path / "v.avi", [Walk(crops["yao"], start=10, frames=80, w0=90, w1=160, cx=0.5)],
                seconds=4.0, size=(640, 360))
@@ -93,7 +94,8 @@ def test_bench_cameras_reports_each_camera(tmp_path, engine, photos):
     assert cams["cam1"]["accepted"] == ["YAO"]
     for cid in ("cam2", "cam3"):
         c = cams[cid]
-        assert c["decisions"] == 0 and c["frames_in"] > 60
-        assert c["idle_skipped"] > c["frames_in"] / 2  # the empty scene is unchanged: most frames not detected
+        assert c["decisions"] == 0 and c["frames_in"] >= 3  # the safety net: one a second at least
+        assert c["held"] > 2 * c["sent"]  # the empty scene is unchanged: most frames are not even sent
+    assert cams["cam1"]["sent"] >= 70  # the 80 frames with a person in them go (at most a few lost to a full queue)
     assert {"verifier", "capture cam1", "capture cam2", "capture cam3"} <= set(r["cpu"])
     assert all(0 < v["core_share"] < 2.5 for v in r["cpu"].values())

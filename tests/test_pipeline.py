@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 
 import cv2
 import numpy as np

@@ -189,18 +189,49 @@ def test_an_idle_gate_skips_the_detector_on_an_unchanged_scene_and_detects_a_fac
         return np.clip(image.astype(np.int16) + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
 
     skipped = lambda: core.metrics.frames_idle.labels(camera="cam")._value.get()  # noqa: E731
+
+    def hints() -> list[tuple[bool, int]]:  # what the capture is told, taken off the core as the service does
+        told, core.hints[:] = [(h.idle, h.seq) for h in core.hints], []
+        return told
+
     for seq in range(20):  # 0.67 s of frame clock: the first detected, the rest skipped
         feed(core, noisy(empty), seq, live=True)
     assert cam.idle_skipped == 19 == skipped() and cam.processed == 20 and core.faces_total == 0
+    assert hints() == [(True, 0)]  # the capture may hold back frames like frame 0
     for seq in range(20, 40):  # past 1 s since the last detection: one safety-net detection, then skipped again
         feed(core, noisy(empty), seq, live=True)
     assert cam.idle_skipped == 38 and core.faces_total == 0
+    assert hints() == [(True, 30)]  # renewed by the safety-net detection, with its frame
     walked_in = scene(crops, [0], width=160)
     feed(core, noisy(walked_in), 40, live=True)  # the first frame with a person
     assert core.faces_total == 1 and cam.idle_skipped == 38 and len(cam.tracker.tracks) == 1
+    assert hints() == [(False, 40)]  # every frame counts now
     for seq in range(41, 45):
         feed(core, noisy(walked_in), seq, live=True)
     assert cam.idle_skipped == 38 and core.faces_total == 5  # every frame detected while a track is open
+    assert hints() == []  # said once
+
+
+def test_no_idle_hint_for_a_watched_gate_or_a_replay_and_a_new_watcher_wakes_the_capture(engine, crops,
+                                                                                         yao_matrix):
+    """A console watching a gate sees it live, so its capture is never told to hold frames back, and one that
+    was is told to stop when the watching starts; a replay (realtime false) always sends every frame."""
+    empty = scene(crops, [])
+    live = core_for(engine, yao_matrix, realtime=True)
+    feed(live, empty, 0, live=True)
+    assert [(h.camera_id, h.idle) for h in live.hints] == [("cam", True)]
+    live.hints.clear()
+    live.wake({"A1"})
+    assert [(h.camera_id, h.idle) for h in live.hints] == [("cam", False)]
+    live.hints.clear()
+    live.preview_gates = {"A1"}
+    for seq in range(1, 40):
+        feed(live, empty, seq, live=True)
+    assert live.hints == []
+    replay = core_for(engine, yao_matrix, realtime=False)
+    for seq in range(40):
+        feed(replay, empty, seq)
+    assert replay.hints == [] and replay.cameras["cam"].idle_skipped > 30
 
 
 def test_idle_skipping_is_off_with_idle_change_0(engine, crops, yao_matrix):

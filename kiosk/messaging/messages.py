@@ -24,6 +24,7 @@ FRAME_TOPIC = "frame."
 EOF_TOPIC = "eof."
 EVENT_TOPIC = "event."
 HEALTH_TOPIC = "health."
+IDLE_TOPIC = "idle."  # the verifier to a live capture: its scene is empty (IdleHint)
 EVENT_TYPES = ("accept", "reject", "verifier_down", "verifier_up", "events_missed")
 # The largest frame accepted: 4096 px a side and 4096x2304 pixels (4K UHD fits). Every receiving socket
 # refuses a message part larger than the largest such frame (transport.py), and a JPEG's own size is read
@@ -88,6 +89,39 @@ class Heartbeat:
     """The verifier's status (topic `health.verifier`), every `heartbeat.interval_s`."""
 
     body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class IdleHint:
+    """The verifier to one camera's capture (topic `idle.<camera>` on the event socket): its scene is empty
+    and unchanged as of frame `seq` (captured at `clock`), so the capture may hold back frames that do not
+    differ from that one by `change` grey levels, sending one at least every `every_s`; or (`idle` false) a
+    face or a track is there, or a console watches, so every frame counts. A capture that hears nothing sends
+    every frame: the hint only ever saves work."""
+
+    camera_id: str
+    idle: bool
+    seq: int
+    clock: float
+    change: float
+    every_s: float
+
+    def encode(self) -> list[bytes]:
+        return encode_json(IDLE_TOPIC + self.camera_id, asdict(self))
+
+
+def decode_idle(parts: list[bytes]) -> IdleHint:
+    topic, data = decode_json(parts, "idle")
+    camera = _require(data, "camera_id", str, "idle")
+    if topic != IDLE_TOPIC + camera:
+        raise BadMessage(f"idle: topic {topic[:60]!r} does not match camera_id {camera!r}")
+    idle = _require(data, "idle", bool, "idle")
+    seq = _require(data, "seq", int, "idle")
+    numbers = [_require(data, key, (int, float), "idle") for key in ("clock", "change", "every_s")]
+    if isinstance(seq, bool) or seq < 0 or any(isinstance(n, bool) or not math.isfinite(n) or n < 0
+                                               for n in numbers):
+        raise BadMessage("idle: seq, clock, change and every_s must be non-negative numbers")
+    return IdleHint(camera, idle, seq, float(numbers[0]), float(numbers[1]), float(numbers[2]))
 
 
 @dataclass

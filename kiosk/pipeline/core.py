@@ -23,7 +23,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
-import cv2
 import numpy as np
 
 from kiosk.boarding.gates import GateFlights
@@ -33,11 +32,12 @@ from kiosk.vision.engine import FaceEngine
 from kiosk.vision.faces import Faces
 from kiosk.vision.liveness import PadObservation
 from kiosk.store.gallery import GalleryMatrix, Match
-from kiosk.messaging.messages import Eof, Frame
+from kiosk.messaging.messages import Eof, Frame, IdleHint
 from kiosk.services.metrics import VerifierMetrics
 from kiosk.vision.models.recognizer import align_faces
 from kiosk.pipeline.policy import Decision, DecisionPolicy
 from kiosk.vision.quality import measure
+from kiosk.vision.scene_change import thumbnail, unchanged
 from kiosk.pipeline.tracking import Track, Tracker
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class CameraState:
     idle_skipped: int = 0  # frames not detected: empty scene, unchanged (policy.idle_change)
     idle_ref: np.ndarray | None = None  # thumbnail of the last frame detected with no face in it
     idle_ref_clock: float = 0.0  # its frame clock
+    hinted_idle: bool = False  # the capture was last told its scene is empty (IdleHint)
 
     def state(self, now: float) -> tuple[str, str]:
         """("up" | "down" | "ended", why): what an operator needs to know about this camera now."""
@@ -122,20 +123,6 @@ class StepFaces:
         return cls(faces, np.repeat(np.arange(len(per_frame)), counts), [t for ts in tracks for t in ts])
 
 
-IDLE_THUMB = (32, 24)  # the change measure's grey thumbnail (cells of 20x20 px of a 640x480 frame)
-
-
-def thumbnail(image: np.ndarray) -> np.ndarray:
-    """The frame as a small grey image (int16, for differences), averaging away sensor noise. A 4x-size
-    nearest-neighbour sample first (16 samples a cell), then the area average: 0.04 ms for a 368x656 frame
-    where INTER_AREA over the whole frame takes 1 ms (30 of them a second is 3% of a core per camera)."""
-    sample = cv2.resize(image, (IDLE_THUMB[0] * 4, IDLE_THUMB[1] * 4), interpolation=cv2.INTER_NEAREST)
-    small = cv2.resize(sample, IDLE_THUMB, interpolation=cv2.INTER_AREA)
-    if small.ndim == 3:
-        small = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
-    return small.astype(np.int16)
-
-
 def _accept_all(subject_id: str) -> bool:
     return True
 
@@ -166,6 +153,7 @@ class VerifierCore:
         self.steps = 0
         self.faces_total = 0
         self.preview_gates: set[str] = set()  # gates a console watches: their last frame is kept (cam.view)
+        self.hints: list[IdleHint] = []  # for the captures, published and cleared by the service
         self.first_captured_at: float | None = None
         self.last_done_at: float | None = None
         self.last_times: dict[str, float] = {}  # ms per stage of the last step
@@ -288,9 +276,26 @@ class VerifierCore:
             return False
         if frame.header.clock - cam.idle_ref_clock >= self.cfg.policy.idle_detect_every_s:
             return False
-        thumb = thumbnail(frame.image)
-        return thumb.shape == cam.idle_ref.shape and \
-            int(np.abs(thumb - cam.idle_ref).max()) < threshold
+        return unchanged(thumbnail(frame.image), cam.idle_ref, threshold)
+
+    def _hint(self, cam: CameraState, frame: Frame, empty: bool) -> None:
+        """Tell a live camera's capture after each detection of an empty scene that it may hold back the
+        frames that look like this one (each such detection renews the hint; a capture lets it lapse after
+        a few safety-net intervals), and once that it may not when a face or a track is there. A watched gate
+        stays at the full rate (its live view moves)."""
+        idle = empty and cam.realtime and cam.gate_id not in self.preview_gates
+        if idle or cam.hinted_idle:
+            self.hints.append(IdleHint(cam.camera_id, idle, frame.header.seq, frame.header.clock,
+                                       self.cfg.policy.idle_change, self.cfg.policy.idle_detect_every_s))
+            cam.hinted_idle = idle
+
+    def wake(self, gates: set[str]) -> None:
+        """The cameras of `gates` (a console started watching) send every frame again."""
+        for cam in self.cameras.values():
+            if cam.hinted_idle and cam.gate_id in gates:
+                cam.hinted_idle = False
+                self.hints.append(IdleHint(cam.camera_id, False, 0, 0.0, self.cfg.policy.idle_change,
+                                           self.cfg.policy.idle_detect_every_s))
 
     def process(self, frames: list[Frame], now: float) -> list[Verdict]:
         """One frame of each of several cameras through every stage."""
@@ -321,6 +326,7 @@ class VerifierCore:
                 empty = not len(faces) and not cam.tracker.tracks
                 cam.idle_ref = thumbnail(frame.image) if empty else None
                 cam.idle_ref_clock = frame.header.clock
+                self._hint(cam, frame, empty)
             assigned, ended = cam.tracker.update(faces, frame.header.clock)
             verdicts += self._ended(cam, ended, now)
             if cam.gate_id in self.preview_gates:  # someone watches this gate: keep the frame for a preview

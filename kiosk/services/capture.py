@@ -11,6 +11,14 @@ blocking; when the verifier's queue is full the frame is dropped and
 counted, so the verifier always gets a recent frame. With `realtime:
 false` a file is sent as fast as the verifier takes it, and nothing is
 dropped.
+
+Idle: a live camera's capture also listens for the verifier's idle hints
+(topic `idle.<camera>` on the event socket). While the verifier says the
+scene is empty as of a frame this capture sent, frames that do not differ
+from that one (the verifier's own change measure, kiosk.vision.scene_change)
+are held back, not sent: one still goes every `policy.idle_detect_every_s`
+as a safety net, and the first frame that differs goes at once. A hint
+lapses unless renewed, so a capture that hears nothing sends every frame.
 """
 
 from __future__ import annotations
@@ -30,8 +38,10 @@ import zmq
 from kiosk.cli_support import serve
 from kiosk.config import CameraConfig, KioskConfig
 from kiosk.errors import ConfigError
-from kiosk.messaging.messages import EOF_TOPIC, HEALTH_TOPIC, FrameHeader, encode_frame, encode_json
+from kiosk.messaging.messages import (EOF_TOPIC, HEALTH_TOPIC, IDLE_TOPIC, BadMessage, FrameHeader, IdleHint,
+                                      decode_idle, encode_frame, encode_json)
 from kiosk.messaging.transport import Transport
+from kiosk.vision.scene_change import thumbnail, unchanged
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +147,70 @@ class CaptureStats:
     sent: int = 0
     dropped: int = 0
     faults: int = 0
+    held: int = 0  # not sent: the verifier said the scene is empty and the frame had not changed
+
+
+class IdleHold:
+    """Which of a live camera's frames to hold back while the verifier says its scene is empty.
+
+    Keeps the thumbnails of the last frames sent; a hint names one of them (seq and clock must both match, so
+    a hint meant for an earlier run of this capture matches nothing). A frame is held while the hint is
+    fresh (renewed within LAPSE_INTERVALS safety-net intervals), less than `every_s` after the last frame
+    sent, and unchanged from the hinted one; a changed frame ends the hold until the verifier hints again.
+    """
+
+    KEEP = 64  # thumbnails of frames sent (two seconds at 30 fps: a hint arrives well within that)
+    LAPSE_INTERVALS = 3.0
+    MAX_READS = 8  # hints read per frame (a flood cannot hold the loop)
+
+    def __init__(self, sock: zmq.Socket | None, camera_id: str) -> None:
+        self.sock = sock
+        self.camera_id = camera_id
+        self.bad = 0
+        self._sent: deque = deque(maxlen=self.KEEP)  # (seq, clock, thumbnail)
+        self._ref: np.ndarray | None = None
+        self._hint: IdleHint | None = None
+        self._hint_at = 0.0
+        self._last_sent_clock = -1e18
+
+    def _listen(self, now: float) -> None:
+        for _ in range(self.MAX_READS):
+            try:
+                parts = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                hint = decode_idle(parts)
+            except (BadMessage, ValueError, TypeError, OverflowError, RecursionError):
+                self.bad += 1
+                continue
+            if hint.camera_id != self.camera_id:  # the subscription is a prefix: "cam1" also hears "cam10"
+                continue
+            if not hint.idle:
+                self._ref, self._hint = None, None
+                continue
+            for seq, clock, thumb in self._sent:
+                if seq == hint.seq and clock == hint.clock:
+                    self._ref, self._hint, self._hint_at = thumb, hint, now
+                    break
+
+    def hold(self, seq: int, clock: float, image: np.ndarray, now: float) -> bool:
+        """Hold this frame back (True), or send it (False; remembered as sent)."""
+        if self.sock is None:
+            return False
+        self._listen(now)
+        thumb = thumbnail(image)
+        hint = self._hint
+        if hint is not None and self._ref is not None:
+            if now - self._hint_at > self.LAPSE_INTERVALS * hint.every_s + 0.5:
+                self._ref, self._hint = None, None
+            elif clock - self._last_sent_clock < hint.every_s:
+                if unchanged(thumb, self._ref, hint.change):
+                    return True
+                self._ref, self._hint = None, None  # something moved: every frame again until told
+        self._sent.append((seq, clock, thumb))
+        self._last_sent_clock = clock
+        return False
 
 
 class Capture:
@@ -152,6 +226,9 @@ class Capture:
         self.source = open_source(self.cam, cfg)
         self.transport = Transport(cfg, role=f"capture {camera_id}", client_key=self.cam.key)
         self.sock = self.transport.frame_sender()
+        # Idle hints only for a camera that sends in real time (a replay sends every frame, as it always did).
+        self.idle = IdleHold(self.transport.event_subscriber([IDLE_TOPIC + camera_id])
+                             if self.cam.realtime or self.source.live else None, camera_id)
         self.stats = CaptureStats()
         self._stop = threading.Event()
         self._started_at = time.time()  # tells the verifier's counters that a restarted capture counts anew
@@ -188,7 +265,8 @@ class Capture:
         body = {"component": f"capture.{self.cam.id}", "camera_id": self.cam.id, "gate_id": self.cam.gate,
                 "started_at": self._started_at,
                 "status": self._status, "fps": round(fps, 2), "sent": self.stats.sent, "drops": self.stats.dropped,
-                "faults": self.stats.faults, "last_error": self._last_error, "source": self.source.description}
+                "held": self.stats.held, "faults": self.stats.faults, "last_error": self._last_error,
+                "source": self.source.description}
         if self._decode_ms:
             p50, p99 = np.percentile(np.asarray(self._decode_ms), [50, 99])
             body["decode_ms"] = {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
@@ -250,9 +328,11 @@ class Capture:
             header = FrameHeader(cam.id, cam.gate, seq, captured_at, frame.shape[1], frame.shape[0], cam.encoding,
                                  pts)
             seq += 1
-            if self._send(encode_frame(header, frame), block=not realtime):
+            self._window.append(captured_at)  # fps: what the camera delivers, sent or not
+            if realtime and self.idle.hold(header.seq, header.clock, frame, time.monotonic()):
+                self.stats.held += 1
+            elif self._send(encode_frame(header, frame), block=not realtime):
                 self.stats.sent += 1
-                self._window.append(captured_at)
             else:
                 self.stats.dropped += 1
             self._health()

@@ -74,7 +74,7 @@ class _CaptureCounts(Collector):
     A restarted capture counts from zero again; a report lower than the last one starts a new run, whose
     counts add to the earlier runs', so the exported counters never go down."""
 
-    COUNTS = ("sent", "drops", "faults")  # cumulative in a capture's health message; "fps" is a gauge
+    COUNTS = ("sent", "drops", "held", "faults")  # cumulative in a capture's health message; "fps" is a gauge
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -114,17 +114,21 @@ class _CaptureCounts(Collector):
         drops = CounterMetricFamily("kiosk_capture_frames_dropped",
                                     "frames the capture dropped because the verifier's queue was full",
                                     labels=["camera"])
+        held = CounterMetricFamily("kiosk_capture_frames_held",
+                                   "frames the capture held back: the verifier said the scene was empty and they "
+                                   "had not changed", labels=["camera"])
         faults = CounterMetricFamily("kiosk_capture_faults", "camera faults (cannot open, no frames)",
                                      labels=["camera"])
-        fps = GaugeMetricFamily("kiosk_capture_fps", "frames per second the capture sends (last 5 s)",
+        fps = GaugeMetricFamily("kiosk_capture_fps", "frames per second the camera delivers to the capture (last 5 s)",
                                 labels=["camera"])
         with self._lock:
             for cam, v in sorted(self._by_camera.items()):
                 sent.add_metric([cam], v["sent"])
                 drops.add_metric([cam], v["drops"])
+                held.add_metric([cam], v["held"])
                 faults.add_metric([cam], v["faults"])
                 fps.add_metric([cam], v["fps"])
-        return [sent, drops, faults, fps]
+        return [sent, drops, held, faults, fps]
 
 
 class VerifierMetrics:

@@ -239,7 +239,9 @@ class Verifier:
         ready = dict(poller.poll(0 if self.core.has_pending() else timeout_ms))
         if self.previews.sock in ready or self.previews.leases:  # new leases; old ones run out
             self.previews.poll()
-            self.core.preview_gates = {g for g in self._gates if self.previews.watched(g)}
+            watched = {g for g in self._gates if self.previews.watched(g)}
+            self.core.wake(watched - self.core.preview_gates)
+            self.core.preview_gates = watched
         if self.control in ready:
             self._handle_control()
         if self.history in ready:
@@ -250,7 +252,15 @@ class Verifier:
         self._publish_all(self.core.tick(time.time()))
         if self.core.preview_gates:
             self._send_previews()
+        self._send_hints()
         self._housekeeping()
+
+    def _send_hints(self) -> None:
+        """The core's idle hints to the captures (topic idle.<camera>, on the event socket that the captures'
+        keys may subscribe to; the gates' subscribers do not take that topic)."""
+        for hint in self.core.hints:
+            self.events.send_multipart(hint.encode())
+        self.core.hints.clear()
 
     def _send_previews(self) -> None:
         """The last frame of each watched gate, with its faces' boxes, tracks and decisions, at the console's

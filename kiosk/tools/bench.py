@@ -241,12 +241,14 @@ def run_cameras(cfg: KioskConfig, video: Path, cameras: int, busy: int, timeout_
         mine = [e for e in events if e.camera_id == cid]
         h = run["capture_health"].get(cid, {})
         offered = int(cam["frames_in"])
+        delivered = int(h.get("sent", offered)) + int(h.get("held", 0)) + int(h.get("drops", 0))
         per_camera.append({
             "camera": cid, "gate": gate, "busy": source == video,
-            "sent": h.get("sent", offered), "capture_dropped": h.get("drops", 0),
+            "sent": h.get("sent", offered), "held": h.get("held", 0), "capture_dropped": h.get("drops", 0),
             "frames_in": offered, "processed": cam["processed"], "idle_skipped": cam["idle_skipped"],
             "stale": cam["dropped"], "too_old": cam["too_old"],
-            "stale_share": round((cam["dropped"] + cam["too_old"]) / offered, 4) if offered else 0.0,
+            # Of the frames the camera delivered (sent, held back as idle, or dropped at the capture).
+            "stale_share": round((cam["dropped"] + cam["too_old"]) / delivered, 4) if delivered else 0.0,
             "decisions": len(mine), "accepts": sum(e.type == "accept" for e in mine),
             "accepted": sorted({e.subject_id for e in mine if e.type == "accept" and e.subject_id}),
             "decision_latency_ms": _quantiles([e.latency_ms for e in mine if e.latency_ms is not None]),
@@ -261,10 +263,12 @@ def run_cameras(cfg: KioskConfig, video: Path, cameras: int, busy: int, timeout_
 def format_cameras(r: dict[str, Any]) -> str:
     lines = [f"{r['cameras']} live cameras, {r['busy']} playing {r['video']}, the others an empty gate area; "
              f"providers {', '.join(r['providers'])}",
-             "camera  gate  busy   sent  stale  share  idle-skipped  decisions  accepts  decision p50/p99 ms  accepted"]
+             "camera  gate  busy   sent   held  stale  share  idle-skipped  decisions  accepts  decision p50/p99 ms  "
+             "accepted"]
     for c in r["per_camera"]:
         dl = c["decision_latency_ms"]
         lines.append(f"{c['camera']:<7} {c['gate']:<5} {'yes' if c['busy'] else 'no':<4} {c['sent']:>6} "
+                     f"{c['held']:>6} "
                      f"{c['stale'] + c['too_old']:>6} {c['stale_share']:>6.1%} {c['idle_skipped']:>13} "
                      f"{c['decisions']:>10} {c['accepts']:>8}  "
                      f"{(str(dl['p50']) + ' / ' + str(dl['p99'])) if dl else '-':>19}  {c['accepted']}")
