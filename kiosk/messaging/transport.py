@@ -44,6 +44,10 @@ from kiosk.services.webhook_signing import SECRET_NAME, make_secret
 log = logging.getLogger(__name__)
 
 FRAME_HWM = 4
+# The kernel's socket buffers for frames, each way (the kernel doubles it). Left to itself loopback TCP grows them
+# to megabytes, which hold several 724 KB frames that no high-water mark counts: frames then reach the verifier a
+# third of a second late while it is busy, and the newest-frame-wins rule cannot see them.
+FRAME_SOCKET_BUF = 1 << 20
 # Largest message part each receiving socket takes; a peer that sends more is disconnected by ZeroMQ
 # before the part is read into memory.
 FRAME_PART_MAX = MAX_FRAME_BYTES + 64 * 1024
@@ -268,12 +272,12 @@ class Transport:
 
     # -- sockets -------------------------------------------------------------
     def frame_receiver(self) -> zmq.Socket:
-        sock = self._socket(zmq.PULL, RCVHWM=FRAME_HWM, MAXMSGSIZE=FRAME_PART_MAX)
+        sock = self._socket(zmq.PULL, RCVHWM=FRAME_HWM, MAXMSGSIZE=FRAME_PART_MAX, RCVBUF=FRAME_SOCKET_BUF)
         self._as_server(sock, "ingest")
         return self._attach(sock, "frames", bind=True)
 
     def frame_sender(self) -> zmq.Socket:
-        sock = self._socket(zmq.PUSH, SNDHWM=FRAME_HWM, IMMEDIATE=1)
+        sock = self._socket(zmq.PUSH, SNDHWM=FRAME_HWM, IMMEDIATE=1, SNDBUF=FRAME_SOCKET_BUF)
         self._as_client(sock, "frames")
         return self._attach(sock, "frames", bind=False)
 
