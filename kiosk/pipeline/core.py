@@ -285,17 +285,18 @@ class VerifierCore:
         stays at the full rate (its live view moves)."""
         idle = empty and cam.realtime and cam.gate_id not in self.preview_gates
         if idle or cam.hinted_idle:
-            self.hints.append(IdleHint(cam.camera_id, idle, frame.header.seq, frame.header.clock,
-                                       self.cfg.policy.idle_change, self.cfg.policy.idle_detect_every_s))
-            cam.hinted_idle = idle
+            self._tell(cam, idle, frame.header.seq, frame.header.clock)
 
     def wake(self, gates: set[str]) -> None:
         """The cameras of `gates` (a console started watching) send every frame again."""
         for cam in self.cameras.values():
             if cam.hinted_idle and cam.gate_id in gates:
-                cam.hinted_idle = False
-                self.hints.append(IdleHint(cam.camera_id, False, 0, 0.0, self.cfg.policy.idle_change,
-                                           self.cfg.policy.idle_detect_every_s))
+                self._tell(cam, False, 0, 0.0)
+
+    def _tell(self, cam: CameraState, idle: bool, seq: int, clock: float) -> None:
+        self.hints.append(IdleHint(cam.camera_id, idle, seq, clock, self.cfg.policy.idle_change,
+                                   self.cfg.policy.idle_detect_every_s))
+        cam.hinted_idle = idle
 
     def process(self, frames: list[Frame], now: float) -> list[Verdict]:
         """One frame of each of several cameras through every stage."""

@@ -38,8 +38,9 @@ import zmq
 from kiosk.cli_support import serve
 from kiosk.config import CameraConfig, KioskConfig
 from kiosk.errors import ConfigError
-from kiosk.messaging.messages import (EOF_TOPIC, HEALTH_TOPIC, IDLE_TOPIC, BadMessage, FrameHeader, IdleHint,
-                                      decode_idle, encode_frame, encode_json)
+from kiosk.messaging.channels import DECODE_ERRORS
+from kiosk.messaging.messages import (EOF_TOPIC, HEALTH_TOPIC, IDLE_TOPIC, FrameHeader, IdleHint, decode_idle,
+                                      encode_frame, encode_json)
 from kiosk.messaging.transport import Transport
 from kiosk.vision.scene_change import thumbnail, unchanged
 
@@ -181,7 +182,7 @@ class IdleHold:
                 return
             try:
                 hint = decode_idle(parts)
-            except (BadMessage, ValueError, TypeError, OverflowError, RecursionError):
+            except DECODE_ERRORS:
                 self.bad += 1
                 continue
             if hint.camera_id != self.camera_id:  # the subscription is a prefix: "cam1" also hears "cam10"

@@ -241,10 +241,11 @@ def run_cameras(cfg: KioskConfig, video: Path, cameras: int, busy: int, timeout_
         mine = [e for e in events if e.camera_id == cid]
         h = run["capture_health"].get(cid, {})
         offered = int(cam["frames_in"])
-        delivered = int(h.get("sent", offered)) + int(h.get("held", 0)) + int(h.get("drops", 0))
+        sent, held, capture_dropped = int(h.get("sent", offered)), int(h.get("held", 0)), int(h.get("drops", 0))
+        delivered = sent + held + capture_dropped
         per_camera.append({
             "camera": cid, "gate": gate, "busy": source == video,
-            "sent": h.get("sent", offered), "held": h.get("held", 0), "capture_dropped": h.get("drops", 0),
+            "sent": sent, "held": held, "capture_dropped": capture_dropped,
             "frames_in": offered, "processed": cam["processed"], "idle_skipped": cam["idle_skipped"],
             "stale": cam["dropped"], "too_old": cam["too_old"],
             # Of the frames the camera delivered (sent, held back as idle, or dropped at the capture).
