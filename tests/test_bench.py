@@ -97,5 +97,9 @@ def test_bench_cameras_reports_each_camera(tmp_path, engine, photos):
         assert c["decisions"] == 0 and c["frames_in"] >= 3  # the safety net: one a second at least
         assert c["held"] > 2 * c["sent"]  # the empty scene is unchanged: most frames are not even sent
     assert cams["cam1"]["sent"] >= 70  # the 80 frames with a person in them go (at most a few lost to a full queue)
+    # Yao stepped into the empty gate: found no earlier than a face could be (the bench's own every-frame
+    # detection of the file), and the delay is reported (a frame or two lost to a busy machine can add to it).
+    wake = cams["cam1"]["wake"]
+    assert r["first_face_frame"] is not None and wake is not None and wake["frames_late"] >= 0 and wake["ms"] > 0
     assert {"verifier", "capture cam1", "capture cam2", "capture cam3"} <= set(r["cpu"])
     assert all(0 < v["core_share"] < 2.5 for v in r["cpu"].values())

@@ -8,6 +8,7 @@ import zmq
 
 from kiosk.messaging.messages import IDLE_TOPIC, IdleHint
 from kiosk.services.capture import IdleHold
+from kiosk.vision.scene_change import thumbnail
 
 FPS = 30.0
 
@@ -54,7 +55,7 @@ def moved() -> np.ndarray:
 
 
 def held(hold: IdleHold, seq: int, image: np.ndarray, now: float = 0.0) -> bool:
-    return hold.hold(seq, seq / FPS, image, now)
+    return hold.hold(seq, seq / FPS, thumbnail(image), now)
 
 
 def test_without_a_hint_every_frame_goes(link):
@@ -104,4 +105,4 @@ def test_busy_ends_the_hold_and_a_malformed_hint_is_counted_not_raised(link):
 
 def test_no_socket_no_hold():
     hold = IdleHold(None, "cam1")
-    assert not any(hold.hold(seq, seq / FPS, still(), 0.0) for seq in range(10))
+    assert not any(hold.hold(seq, seq / FPS, thumbnail(still()), 0.0) for seq in range(10))

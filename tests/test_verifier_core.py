@@ -206,10 +206,12 @@ def test_an_idle_gate_skips_the_detector_on_an_unchanged_scene_and_detects_a_fac
     feed(core, noisy(walked_in), 40, live=True)  # the first frame with a person
     assert core.faces_total == 1 and cam.idle_skipped == 38 and len(cam.tracker.tracks) == 1
     assert hints() == [(False, 40)]  # every frame counts now
+    woken = core.metrics.wake_latency.collect()[0].samples
+    assert [seq for seq, _ in cam.wakes] == [40] and next(s.value for s in woken if s.name.endswith("_count")) == 1
     for seq in range(41, 45):
         feed(core, noisy(walked_in), seq, live=True)
     assert cam.idle_skipped == 38 and core.faces_total == 5  # every frame detected while a track is open
-    assert hints() == []  # said once
+    assert hints() == [] and len(cam.wakes) == 1  # said once; a face on an open track wakes nothing
 
 
 def test_no_idle_hint_for_a_watched_gate_or_a_replay_and_a_new_watcher_wakes_the_capture(engine, crops,

@@ -184,13 +184,20 @@ def _json(part: bytes, where: str) -> dict[str, Any]:
     return data
 
 
-def encode_frame(header: FrameHeader, image: np.ndarray, jpeg_quality: int = 90) -> list[bytes | memoryview]:
-    """[topic, header JSON, pixels]; bgr8 pixels go out without a copy."""
-    if header.encoding == "jpeg":
+def encode_frame(header: FrameHeader, image: np.ndarray | None = None, jpeg_quality: int = 90, *,
+                 packet: np.ndarray | bytes | None = None) -> list[bytes | memoryview]:
+    """[topic, header JSON, pixels]; bgr8 pixels go out without a copy, and so does a `packet` (a jpeg frame
+    already encoded, e.g. by the camera)."""
+    if packet is not None:
+        if header.encoding != "jpeg":
+            raise ValueError("an encoded packet needs encoding jpeg")
+        payload: bytes | memoryview = memoryview(np.ascontiguousarray(packet)).cast("B") \
+            if isinstance(packet, np.ndarray) else packet
+    elif header.encoding == "jpeg":
         ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
         if not ok:
             raise ValueError("JPEG encoding failed")
-        payload: bytes | memoryview = buf.tobytes()
+        payload = buf.tobytes()
     else:
         payload = memoryview(np.ascontiguousarray(image)).cast("B")
     return [header.topic(), json.dumps(asdict(header), separators=(",", ":")).encode(), payload]

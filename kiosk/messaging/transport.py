@@ -43,7 +43,12 @@ from kiosk.services.webhook_signing import SECRET_NAME, make_secret
 
 log = logging.getLogger(__name__)
 
-FRAME_HWM = 4
+FRAME_HWM = 4  # frames a capture queues to send
+# Frames the verifier takes off each capture's connection before it reads them. Deep enough that its I/O thread
+# keeps reading (and decrypting) while a step runs: with 4, a 100 ms step left the pipe full, the connection
+# stalled behind it, and the newest frame a step could read was a third of a second old (two cameras at 30
+# fps, CurveZMQ). The cost is memory while the verifier is busy: at most this many frames per capture.
+FRAME_RCVHWM = 16
 # The kernel's socket buffers for frames, each way (the kernel doubles it). Left to itself loopback TCP grows them
 # to megabytes, which hold several 724 KB frames that no high-water mark counts: frames then reach the verifier a
 # third of a second late while it is busy, and the newest-frame-wins rule cannot see them.
@@ -272,7 +277,7 @@ class Transport:
 
     # -- sockets -------------------------------------------------------------
     def frame_receiver(self) -> zmq.Socket:
-        sock = self._socket(zmq.PULL, RCVHWM=FRAME_HWM, MAXMSGSIZE=FRAME_PART_MAX, RCVBUF=FRAME_SOCKET_BUF)
+        sock = self._socket(zmq.PULL, RCVHWM=FRAME_RCVHWM, MAXMSGSIZE=FRAME_PART_MAX, RCVBUF=FRAME_SOCKET_BUF)
         self._as_server(sock, "ingest")
         return self._attach(sock, "frames", bind=True)
 

@@ -75,6 +75,7 @@ class CameraState:
     idle_ref: np.ndarray | None = None  # thumbnail of the last frame detected with no face in it
     idle_ref_clock: float = 0.0  # its frame clock
     hinted_idle: bool = False  # the capture was last told its scene is empty (IdleHint)
+    wakes: deque = field(default_factory=lambda: deque(maxlen=64))  # (seq, ms): a face found at an empty gate
 
     def state(self, now: float) -> tuple[str, str]:
         """("up" | "down" | "ended", why): what an operator needs to know about this camera now."""
@@ -154,6 +155,7 @@ class VerifierCore:
         self.faces_total = 0
         self.preview_gates: set[str] = set()  # gates a console watches: their last frame is kept (cam.view)
         self.hints: list[IdleHint] = []  # for the captures, published and cleared by the service
+        self._deciding_frames: set[int] = set()  # frames of the step in process() with a face being decided
         self.first_captured_at: float | None = None
         self.last_done_at: float | None = None
         self.last_times: dict[str, float] = {}  # ms per stage of the last step
@@ -309,6 +311,7 @@ class VerifierCore:
             return t
 
         verdicts: list[Verdict] = []
+        self._deciding_frames = set()
         times["transport"] = max(max(0.0, (f.received_at - f.header.captured_at) * 1000) for f in frames)
         t = clock()
         found = self.engine.detector.detect_batch([f.image for f in frames], self.cfg.policy.min_face_px)
@@ -323,6 +326,10 @@ class VerifierCore:
             self.metrics.frames_processed.labels(camera=cam.camera_id).inc()
             self.metrics.faces.labels(camera=cam.camera_id).inc(len(faces))
             faces = faces[faces.widths >= self.cfg.policy.min_face_px]
+            if cam.idle_ref is not None and len(faces):  # the gate was empty at the last detection: woken
+                ms = (now - frame.header.captured_at) * 1000 + times["detect"]
+                cam.wakes.append((frame.header.seq, round(ms, 1)))
+                self.metrics.wake_latency.observe(ms / 1000)
             if self.cfg.policy.idle_change > 0:  # what the next frames of an empty scene are compared with
                 empty = not len(faces) and not cam.tracker.tracks
                 cam.idle_ref = thumbnail(frame.image) if empty else None
@@ -371,8 +378,10 @@ class VerifierCore:
         if self.first_captured_at is None:
             self.first_captured_at = min(f.header.captured_at for f in frames)
         self.last_done_at = done
-        for f in frames:
+        for i, f in enumerate(frames):
             self.metrics.observe_frame((done - f.header.captured_at) * 1000)
+            if i in self._deciding_frames:  # the latency a decision on this frame would have had
+                self.metrics.observe_deciding_frame((done - f.header.captured_at) * 1000)
         for stage, ms in times.items():
             self.metrics.observe_stage(stage, ms)
         return verdicts
@@ -413,6 +422,7 @@ class VerifierCore:
                 deciding.append((row, track))
         if not deciding:
             return verdicts
+        self._deciding_frames = {int(step.frame[want[row]]) for row, _ in deciding}
         # match: claims (1:1) bound at a track's first quality frame; everyone else in one search per gallery
         # (a boarding gate's flight, or everyone), then the faces at boarding gates that matched nobody on
         # their flight once more against everyone (someone at the wrong gate?)

@@ -19,6 +19,13 @@ from that one (the verifier's own change measure, kiosk.vision.scene_change)
 are held back, not sent: one still goes every `policy.idle_detect_every_s`
 as a safety net, and the first frame that differs goes at once. A hint
 lapses unless renewed, so a capture that hears nothing sends every frame.
+
+Decoding: a video file or stream in Motion JPEG is read as the camera's own
+JPEG packets (the FFmpeg backend's raw mode). Each is decoded to a quarter-
+size grey image for the change measure (0.2 ms where a full decode takes
+1 ms); the full decode happens only for a frame that is sent as `bgr8`, and
+with `encoding: jpeg` the packet goes out as it came, never decoded in full
+here. Other codecs, and camera devices, are decoded as always.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from kiosk.messaging.channels import DECODE_ERRORS
 from kiosk.messaging.messages import (EOF_TOPIC, HEALTH_TOPIC, IDLE_TOPIC, FrameHeader, IdleHint, decode_idle,
                                       encode_frame, encode_json)
 from kiosk.messaging.transport import Transport
+from kiosk.vision.images import image_size
 from kiosk.vision.scene_change import thumbnail, unchanged
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,39 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 BACKOFF_MAX_S = 30.0
 HEALTH_EVERY_S = 1.0
+
+
+class Captured:
+    """One frame as the source gave it: decoded pixels, or a Motion JPEG camera's own JPEG packet, decoded only
+    as far as what is done with it needs (`thumb()` for the change measure, `image()` for a bgr8 send)."""
+
+    __slots__ = ("jpeg", "width", "height", "_image")
+
+    def __init__(self, image: np.ndarray | None = None, jpeg: np.ndarray | None = None) -> None:
+        self.jpeg = jpeg  # the packet's bytes as a uint8 array, or None
+        self._image = image
+        if image is not None:
+            self.height, self.width = image.shape[:2]
+        else:  # the size from the JPEG's header; 0x0 for a broken one, which decodes to nothing
+            self.width, self.height = (image_size(memoryview(jpeg)) if jpeg is not None else None) or (0, 0)
+
+    def image(self) -> np.ndarray | None:
+        """The BGR pixels (None: a packet that does not decode)."""
+        if self._image is None and self.jpeg is not None and self.width:
+            image = cv2.imdecode(self.jpeg, cv2.IMREAD_COLOR)
+            if image is not None and image.shape[:2] == (self.height, self.width):
+                self._image = image
+        return self._image
+
+    def thumb(self) -> np.ndarray | None:
+        """The change measure's thumbnail; from a packet, via a quarter-size grey decode (None: it does not
+        decode). Always made the same way for one source, so two thumbnails of one camera compare fairly."""
+        if self.jpeg is None:
+            return thumbnail(self._image)
+        if not self.width:
+            return None
+        grey = cv2.imdecode(self.jpeg, cv2.IMREAD_REDUCED_GRAYSCALE_4)
+        return None if grey is None else thumbnail(grey)
 
 
 class FrameSource:
@@ -61,7 +102,7 @@ class FrameSource:
     def open(self) -> bool:
         raise NotImplementedError
 
-    def read(self) -> np.ndarray | None:
+    def read(self) -> Captured | None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -77,6 +118,8 @@ class VideoSource(FrameSource):
         self.description = f"device {source}" if isinstance(source, int) else str(source)
         self._fps_override = fps
         self._cap: cv2.VideoCapture | None = None
+        self.packets = False  # reading Motion JPEG packets, not decoded frames
+        self._packets_seen = False
 
     def open(self) -> bool:
         self.close()
@@ -87,13 +130,31 @@ class VideoSource(FrameSource):
         self._cap = cap
         native = cap.get(cv2.CAP_PROP_FPS)
         self.fps = self._fps_override or (native if 1.0 <= native <= 240.0 else 30.0)
+        # A Motion JPEG file or stream: take the packets and decode only what is needed (a device would need
+        # CAP_PROP_CONVERT_RGB off instead, untried without one, so devices decode as before).
+        fourcc = int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little")
+        self._packets_seen = False
+        self.packets = (not isinstance(self.source, int) and fourcc in (b"MJPG", b"mjpg")
+                        and cap.get(cv2.CAP_PROP_BACKEND) == cv2.CAP_FFMPEG and cap.set(cv2.CAP_PROP_FORMAT, -1))
         return True
 
-    def read(self) -> np.ndarray | None:
+    def read(self) -> Captured | None:
         if self._cap is None:
             return None
         ok, frame = self._cap.read()
-        return frame if ok and frame is not None else None
+        if not ok or frame is None:
+            return None
+        if self.packets and frame.ndim == 2 and frame.shape[0] == 1 and frame.dtype == np.uint8:
+            got = Captured(jpeg=frame.reshape(-1))
+            if got.width or self._packets_seen:
+                self._packets_seen = True
+                return got  # (a broken packet later on is counted and skipped by the capture)
+            # The first packet is no JPEG (a Motion JPEG variant): decode frames as for any other codec.
+            log.warning("%s: its Motion JPEG packets are not plain JPEG; decoding frames instead", self.description)
+            self.packets = False
+            self._cap.set(cv2.CAP_PROP_FORMAT, 0)
+            return self.read()
+        return Captured(image=frame) if frame.ndim == 3 else None
 
     def close(self) -> None:
         if self._cap is not None:
@@ -120,13 +181,13 @@ class ImageFolderSource(FrameSource):
         self._next = 0
         return bool(self._files)
 
-    def read(self) -> np.ndarray | None:
+    def read(self) -> Captured | None:
         while self._next < len(self._files):
             path = self._files[self._next]
             self._next += 1
             img = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if img is not None:
-                return img
+                return Captured(image=img)
             log.warning("%s: not a readable image, skipped", path)
         return None
 
@@ -195,12 +256,12 @@ class IdleHold:
                     self._ref, self._hint, self._hint_at = thumb, hint, now
                     break
 
-    def hold(self, seq: int, clock: float, image: np.ndarray, now: float) -> bool:
-        """Hold this frame back (True), or send it (False; remembered as sent)."""
+    def hold(self, seq: int, clock: float, thumb: np.ndarray, now: float) -> bool:
+        """Hold the frame with this thumbnail (scene_change.thumbnail) back (True), or send it (False;
+        remembered as sent)."""
         if self.sock is None:
             return False
         self._listen(now)
-        thumb = thumbnail(image)
         hint = self._hint
         if hint is not None and self._ref is not None:
             if now - self._hint_at > self.LAPSE_INTERVALS * hint.every_s + 0.5:
@@ -280,6 +341,12 @@ class Capture:
         log.warning("camera %s: %s", self.cam.id, message)
         self._health(force=True)
 
+    def _broken(self, header: FrameHeader) -> None:
+        """One packet that does not decode: counted and skipped, the stream goes on."""
+        self.stats.faults += 1
+        self._last_error = f"frame {header.seq} of {self.source.description} does not decode; skipped"
+        log.debug("camera %s: %s", self.cam.id, self._last_error)
+
     def run(self) -> int:
         cam, source = self.cam, self.source
         realtime = cam.realtime or source.live
@@ -308,8 +375,6 @@ class Capture:
                     continue
             t_read = time.perf_counter()
             frame = source.read()
-            if frame is not None:
-                self._decode_ms.append((time.perf_counter() - t_read) * 1000)
             if frame is None:
                 if not source.live and (not cam.loop or seq > seq_at_open):
                     if cam.loop:
@@ -326,16 +391,32 @@ class Capture:
             backoff = 0.5  # a frame came: the camera is healthy again
             captured_at = time.time()
             pts = None if source.live else (seq - seq_at_open) / source.fps + pts_offset
-            header = FrameHeader(cam.id, cam.gate, seq, captured_at, frame.shape[1], frame.shape[0], cam.encoding,
-                                 pts)
+            header = FrameHeader(cam.id, cam.gate, seq, captured_at, frame.width, frame.height, cam.encoding, pts)
             seq += 1
             self._window.append(captured_at)  # fps: what the camera delivers, sent or not
-            if realtime and self.idle.hold(header.seq, header.clock, frame, time.monotonic()):
+            thumb = None
+            if realtime and self.idle.sock is not None or frame.jpeg is not None and cam.encoding == "jpeg":
+                thumb = frame.thumb()  # for a packet sent as it came, also the check that it decodes
+                if thumb is None:
+                    self._broken(header)
+                    continue
+            if thumb is not None and self.idle.hold(header.seq, header.clock, thumb, time.monotonic()):
                 self.stats.held += 1
-            elif self._send(encode_frame(header, frame), block=not realtime):
-                self.stats.sent += 1
+                self._decode_ms.append((time.perf_counter() - t_read) * 1000)
             else:
-                self.stats.dropped += 1
+                if frame.jpeg is not None and cam.encoding == "jpeg":
+                    parts = encode_frame(header, packet=frame.jpeg)
+                else:
+                    image = frame.image()
+                    if image is None:
+                        self._broken(header)
+                        continue
+                    parts = encode_frame(header, image)
+                self._decode_ms.append((time.perf_counter() - t_read) * 1000)
+                if self._send(parts, block=not realtime):
+                    self.stats.sent += 1
+                else:
+                    self.stats.dropped += 1
             self._health()
             if not source.live and realtime:  # pace a file at its own frame rate
                 due = t0 + (seq - seq_at_open) / source.fps

@@ -171,6 +171,9 @@ class VerifierMetrics:
         self.decision_latency = Histogram("kiosk_decision_latency_seconds", "capture of the deciding frame to "
                                           "the decision's publication", ["gate"], buckets=LATENCY_BUCKETS,
                                           registry=r)
+        self.wake_latency = Histogram("kiosk_wake_latency_seconds", "capture of the frame a face was first found "
+                                      "in at an empty gate to the end of its detection (policy.idle_change)",
+                                      buckets=LATENCY_BUCKETS, registry=r)
         self.gallery_subjects = Gauge("kiosk_gallery_subjects", "enrolled subjects in the search matrix",
                                       registry=r)
         self.gallery_templates = Gauge("kiosk_gallery_templates", "templates in the search matrix", registry=r)
@@ -202,6 +205,7 @@ class VerifierMetrics:
         self.recent_stage = {stage: LatencyWindow() for stage in stages}
         self.recent_frame = LatencyWindow()
         self.recent_decision = LatencyWindow()
+        self.recent_deciding = LatencyWindow()  # frames with a face being decided: any could have been deciding
 
     def watch_cameras(self, up: Callable[[str], bool], cameras: Iterable[str]) -> None:
         """`kiosk_camera_up` is read from `up(camera)` at each scrape."""
@@ -217,6 +221,9 @@ class VerifierMetrics:
     def observe_frame(self, ms: float) -> None:
         self.frame_latency.observe(max(0.0, ms) / 1000.0)
         self.recent_frame.add(ms)
+
+    def observe_deciding_frame(self, ms: float) -> None:
+        self.recent_deciding.add(ms)
 
     def observe_decision(self, gate: str, ms: float) -> None:
         self.decision_latency.labels(gate=gate).observe(max(0.0, ms) / 1000.0)

@@ -40,7 +40,7 @@ from kiosk.services.audit import AuditLog, RecentEvents, read_tail
 from kiosk.services.metrics import VerifierMetrics
 from kiosk.services.preview import PreviewFace, PreviewPublisher
 from kiosk.services.metrics import serve as serve_metrics
-from kiosk.messaging.transport import FRAME_HWM, Transport, client_public_key
+from kiosk.messaging.transport import FRAME_HWM, FRAME_RCVHWM, Transport, client_public_key
 from kiosk.pipeline.core import CameraState, Verdict, VerifierCore
 
 log = logging.getLogger(__name__)
@@ -288,8 +288,11 @@ class Verifier:
             self.metrics.previews.labels(gate=cam.gate_id).inc()
 
     def _drain(self) -> None:
-        """Read waiting messages into the core, until a replay camera's backlog is full (back-pressure)."""
-        budget = FRAME_HWM + 2 * len(self.cameras)
+        """Read waiting messages into the core, until a replay camera's backlog is full (back-pressure). Up to
+        what every capture's queues can hold (its send and our receive high-water marks, a few more in kernel
+        buffers, health): after a long step a live camera's newest frame is then among those read, not behind
+        its older ones. The bound keeps a step's reading finite while captures keep sending."""
+        budget = (FRAME_HWM + FRAME_RCVHWM + 4) * len(self.cameras)
         while budget > 0 and not self.core.backlog_full():
             message = self.inbox.recv()
             if message is None:
@@ -571,6 +574,7 @@ class Verifier:
             "faces_detected": self.core.faces_total,
             "first_captured_at": self.core.first_captured_at, "last_done_at": self.core.last_done_at,
             "decision_latency_ms": self.metrics.recent_decision.quantiles(),
+            "deciding_frame_latency_ms": self.metrics.recent_deciding.quantiles(),
             "gallery": self._gallery_status(),
             "cameras": {c.camera_id: {"gate_id": c.gate_id, "state": states[c.camera_id][0],
                                       "last_error": states[c.camera_id][1], "frames_in": c.frames_in,
@@ -578,6 +582,7 @@ class Verifier:
                                       "dropped": c.stale, "too_old": c.too_old,
                                       "eof": c.eof, "not_boarding": c.not_boarding,
                                       "tracks": len(c.tracker.tracks),
+                                      "wakes": [list(w) for w in c.wakes],
                                       "last_frame_age_s": round(now - c.last_frame_at, 1) if c.last_frame_at
                                       else None}
                         for c in self.cameras.values()},

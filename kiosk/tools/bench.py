@@ -197,43 +197,122 @@ def _run_cameras(cfg: KioskConfig, cameras: list[tuple[str, str, Path]], folder:
     return {"status": status, "events": events, "capture_health": health, "cpu": cpu}
 
 
-def idle_video(like: Path, path: Path) -> Path:
-    """An empty gate area as long as `like`, at its size and frame rate: a still scene (floor, wall, a barrier)
-    with sensor noise (sigma 2 grey levels) on every frame, as an MJPG file like a USB camera's stream. No face
-    is ever in it."""
-    probe = cv2.VideoCapture(str(like))
+def _probe(video: Path) -> tuple[int, int, float, int]:
+    """(width, height, fps, frames) of a video, with a sane frame rate."""
+    probe = cv2.VideoCapture(str(video))
     w, h = int(probe.get(cv2.CAP_PROP_FRAME_WIDTH)), int(probe.get(cv2.CAP_PROP_FRAME_HEIGHT))
     fps = probe.get(cv2.CAP_PROP_FPS) or 30.0
-    fps = fps if 1.0 <= fps <= 240.0 else 30.0
     frames = int(probe.get(cv2.CAP_PROP_FRAME_COUNT)) or int(fps * 10)
     probe.release()
-    scene = np.empty((h, w, 3), np.uint8)
-    scene[:] = (150, 160, 170)  # wall
-    scene[int(h * 0.7):] = (90, 95, 100)  # floor
-    cv2.rectangle(scene, (int(w * 0.1), int(h * 0.45)), (int(w * 0.3), int(h * 0.95)), (60, 60, 200), -1)
-    cv2.rectangle(scene, (int(w * 0.7), int(h * 0.45)), (int(w * 0.9), int(h * 0.95)), (60, 60, 200), -1)
-    scene = cv2.GaussianBlur(scene, (0, 0), 3)
+    return w, h, (fps if 1.0 <= fps <= 240.0 else 30.0), frames
+
+
+class _EmptyGate:
+    """An empty gate area at a size: a still scene (floor, wall, a barrier each side) with fresh sensor noise
+    (sigma 2 grey levels) on every frame."""
+
+    def __init__(self, w: int, h: int) -> None:
+        scene = np.empty((h, w, 3), np.uint8)
+        scene[:] = (150, 160, 170)  # wall
+        scene[int(h * 0.7):] = (90, 95, 100)  # floor
+        cv2.rectangle(scene, (int(w * 0.1), int(h * 0.45)), (int(w * 0.3), int(h * 0.95)), (60, 60, 200), -1)
+        cv2.rectangle(scene, (int(w * 0.7), int(h * 0.45)), (int(w * 0.9), int(h * 0.95)), (60, 60, 200), -1)
+        self.scene = cv2.GaussianBlur(scene, (0, 0), 3).astype(np.int16)
+        rng = np.random.default_rng(0)
+        self._noise = [rng.normal(0, 2, (h, w, 3)).astype(np.int16) for _ in range(8)]
+
+    def frame(self, i: int, over: np.ndarray | None = None) -> np.ndarray:
+        base = self.scene if over is None else over.astype(np.int16)
+        return np.clip(base + self._noise[i % len(self._noise)], 0, 255).astype(np.uint8)
+
+
+def _writer(path: Path, fps: float, w: int, h: int) -> cv2.VideoWriter:
     out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
     if not out.isOpened():
         raise RuntimeFailure(f"bench: cannot write {path}")
-    rng = np.random.default_rng(0)
-    noise = [rng.normal(0, 2, (h, w, 3)).astype(np.int16) for _ in range(8)]
+    return out
+
+
+def idle_video(like: Path, path: Path) -> Path:
+    """An empty gate area as long as `like`, at its size and frame rate, as an MJPG file like a USB camera's
+    stream. No face is ever in it."""
+    w, h, fps, frames = _probe(like)
+    gate, out = _EmptyGate(w, h), _writer(path, fps, w, h)
     for i in range(frames):
-        out.write(np.clip(scene + noise[i % len(noise)], 0, 255).astype(np.uint8))
+        out.write(gate.frame(i))
     out.release()
     return path
 
 
+ENTER_LEAD_S = 2.0  # the busy cameras' gate is empty this long ...
+ENTER_SLIDE_S = 0.4  # ... then the video's frames slide in from the right edge over this long
+
+
+def enter_video(video: Path, path: Path) -> tuple[Path, int, int]:
+    """A busy camera's file: the empty gate area for ENTER_LEAD_S, then `video` slides in from the side over
+    ENTER_SLIDE_S (its person steps into view), then plays to its end; MJPG. Returns the file, the index of
+    the first frame of the slide, and the number of frames."""
+    w, h, fps, _ = _probe(video)
+    gate, out = _EmptyGate(w, h), _writer(path, fps, w, h)
+    lead, slide = round(ENTER_LEAD_S * fps), max(1, round(ENTER_SLIDE_S * fps))
+    for i in range(lead):
+        out.write(gate.frame(i))
+    cap = cv2.VideoCapture(str(video))
+    k = 0
+    while True:
+        ok, image = cap.read()
+        if not ok:
+            break
+        if image.shape[:2] != (h, w):
+            image = cv2.resize(image, (w, h))
+        if k < slide:  # the video's left part shows at the right edge, then more of it, over the empty gate
+            shift = int(round(w * (1 - (k + 1) / slide)))
+            over = gate.scene.astype(np.uint8).copy()
+            over[:, shift:] = image[:, :w - shift]
+            image = over
+        out.write(image)
+        k += 1
+    cap.release()
+    out.release()
+    return path, lead, lead + k
+
+
+def first_face(cfg: KioskConfig, video: Path, start: int, frames: int) -> int | None:
+    """The index of the first frame from `start` (within `frames` of it) in which the detector finds a face at
+    least policy.min_face_px wide: when a face could first be found, had every frame been detected."""
+    from kiosk.vision.engine import FaceEngine
+
+    detector = FaceEngine.from_config(cfg).detector
+    cap = cv2.VideoCapture(str(video))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, start)
+    try:
+        for i in range(start, start + frames):
+            ok, image = cap.read()
+            if not ok:
+                return None
+            (faces,) = detector.detect_batch([image], cfg.policy.min_face_px)
+            if len(faces) and (faces.widths >= cfg.policy.min_face_px).any():
+                return i
+    finally:
+        cap.release()
+    return None
+
+
 def run_cameras(cfg: KioskConfig, video: Path, cameras: int, busy: int, timeout_s: float = 1800) -> dict[str, Any]:
-    """`cameras` live cameras on one verifier, in real time: `busy` of them play `video` (people at the gate),
-    the others an empty gate area of the same size and length. Per camera: frames offered, processed,
-    skipped as idle, dropped as stale (a newer frame came before the verifier could take it), decisions and
-    their latency, who was accepted; and the CPU share of a core each process used."""
+    """`cameras` live cameras on one verifier, in real time: `busy` of them show an empty gate area and then
+    `video` stepping in (enter_video), the others the empty gate area throughout. Per camera: frames offered,
+    processed, skipped as idle, dropped as stale (a newer frame came before the verifier could take it),
+    decisions and their latency, who was accepted, how late the stepping-in face was found; and the CPU share
+    of a core each process used."""
     with tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp:
         folder = Path(tmp)
-        empty = idle_video(video, folder / "idle.avi") if busy < cameras else video
-        specs = [(f"cam{i + 1}", f"G{i + 1}", video if i < busy else empty) for i in range(cameras)]
+        entering, lead, _ = enter_video(video, folder / "enter.avi") if busy else (video, 0, 0)
+        empty = idle_video(entering, folder / "idle.avi") if busy < cameras else video
+        # When the person's face could first be found (every frame detected): what a wake is measured from.
+        truth = first_face(cfg, entering, lead, 4 * round(ENTER_SLIDE_S * _probe(video)[2])) if busy else None
+        specs = [(f"cam{i + 1}", f"G{i + 1}", entering if i < busy else empty) for i in range(cameras)]
         run = _run_cameras(cfg, specs, folder, timeout_s, realtime=True)
+    fps = _probe(video)[2]
     status, events = run["status"], run["events"]
     per_camera = []
     for cid, gate, source in specs:
@@ -243,8 +322,10 @@ def run_cameras(cfg: KioskConfig, video: Path, cameras: int, busy: int, timeout_
         offered = int(cam["frames_in"])
         sent, held, capture_dropped = int(h.get("sent", offered)), int(h.get("held", 0)), int(h.get("drops", 0))
         delivered = sent + held + capture_dropped
+        wake = next(((seq, ms) for seq, ms in cam.get("wakes", []) if seq >= lead), None) \
+            if source == entering and truth is not None else None
         per_camera.append({
-            "camera": cid, "gate": gate, "busy": source == video,
+            "camera": cid, "gate": gate, "busy": source == entering,
             "sent": sent, "held": held, "capture_dropped": capture_dropped,
             "frames_in": offered, "processed": cam["processed"], "idle_skipped": cam["idle_skipped"],
             "stale": cam["dropped"], "too_old": cam["too_old"],
@@ -253,31 +334,43 @@ def run_cameras(cfg: KioskConfig, video: Path, cameras: int, busy: int, timeout_
             "decisions": len(mine), "accepts": sum(e.type == "accept" for e in mine),
             "accepted": sorted({e.subject_id for e in mine if e.type == "accept" and e.subject_id}),
             "decision_latency_ms": _quantiles([e.latency_ms for e in mine if e.latency_ms is not None]),
+            # The person stepping in: frames between the first one a face could be found in and the one it was
+            # found in, and the time from the capture of the former to the end of the detection of the latter.
+            "wake": {"frames_late": wake[0] - truth, "ms": round((wake[0] - truth) * 1000 / fps + wake[1], 1)}
+            if wake else None,
         })
     latency = [e.latency_ms for e in events if e.latency_ms is not None]
-    return {"mode": "cameras", "video": str(video), "cameras": cameras, "busy": busy,
+    return {"mode": "cameras", "video": str(video), "cameras": cameras, "busy": busy, "first_face_frame": truth,
             "providers": status["providers"], "per_camera": per_camera,
             "frame_latency_ms": {q: round(v, 1) for q, v in status["frame_latency_ms"].items() if q != "n"},
-            "decision_latency_ms": _quantiles(latency), "stages_ms": _stages(status), "cpu": run["cpu"]}
+            "decision_latency_ms": _quantiles(latency),
+            "deciding_frame_latency_ms": {q: round(v, 1) for q, v in status.get("deciding_frame_latency_ms", {}).items()},
+            "stages_ms": _stages(status), "cpu": run["cpu"]}
 
 
 def format_cameras(r: dict[str, Any]) -> str:
-    lines = [f"{r['cameras']} live cameras, {r['busy']} playing {r['video']}, the others an empty gate area; "
+    lines = [f"{r['cameras']} live cameras, {r['busy']} playing {r['video']} (after {ENTER_LEAD_S:.0f} s of an empty "
+             f"gate area, stepping in from the side), the others an empty gate area; "
              f"providers {', '.join(r['providers'])}",
              "camera  gate  busy   sent   held  stale  share  idle-skipped  decisions  accepts  decision p50/p99 ms  "
-             "accepted"]
+             "wake ms  accepted"]
     for c in r["per_camera"]:
         dl = c["decision_latency_ms"]
         lines.append(f"{c['camera']:<7} {c['gate']:<5} {'yes' if c['busy'] else 'no':<4} {c['sent']:>6} "
                      f"{c['held']:>6} "
                      f"{c['stale'] + c['too_old']:>6} {c['stale_share']:>6.1%} {c['idle_skipped']:>13} "
                      f"{c['decisions']:>10} {c['accepts']:>8}  "
-                     f"{(str(dl['p50']) + ' / ' + str(dl['p99'])) if dl else '-':>19}  {c['accepted']}")
+                     f"{(str(dl['p50']) + ' / ' + str(dl['p99'])) if dl else '-':>19}  "
+                     f"{c['wake']['ms'] if c['wake'] else '-':>7}  {c['accepted']}")
     fl, dl = r["frame_latency_ms"], r["decision_latency_ms"]
     if fl:
         lines.append(f"capture-to-processed per frame: p50 {fl['p50']:.0f} ms, p99 {fl['p99']:.0f} ms")
     if dl:
         lines.append(f"capture-to-decision, all cameras: p50 {dl['p50']:.0f} ms, p99 {dl['p99']:.0f} ms")
+    df = r["deciding_frame_latency_ms"]
+    if df:  # every frame a decision could have come from: many more samples than the decisions themselves
+        lines.append(f"capture-to-processed, frames with a face being decided: p50 {df['p50']:.0f} ms, "
+                     f"p99 {df['p99']:.0f} ms over {df['n']:.0f} frames")
     return "\n".join(lines + _stage_lines(r["stages_ms"]) + _cpu_lines(r["cpu"]))
 
 
