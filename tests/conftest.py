@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import os
 import subprocess
 import sys
@@ -21,9 +23,15 @@ BIN = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@functools.lru_cache(maxsize=1)
+def real_engine() -> FaceEngine:
+    """The shipped models, liveness off, loaded once per test run (for modules that shadow `engine`)."""
+    return FaceEngine.from_config(config_from_mapping({"pad": {"enabled": False}}))
+
+
 @pytest.fixture(scope="session")
 def engine() -> FaceEngine:
-    return FaceEngine.from_config(config_from_mapping({"pad": {"enabled": False}}))
+    return real_engine()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,10 @@
-"""The verifier core, frame by frame, with the real models and no sockets: rationing, the identity re-check
-(no starvation), one batched search per step, stale-frame drops, an end-of-source marker never lost, tracks
-ageing out when a camera stalls, claims, and accepts confirmed against the gallery."""
+"""The verifier core, frame by frame and with no sockets: rationing, the identity re-check (no starvation), one
+batched search per step, stale-frame drops, an end-of-source marker never lost, tracks ageing out when a camera
+stalls, claims, accepts confirmed against the gallery, idle skipping and the captures' idle hints.
+
+The rules run on fast fake models (tests/fake_models.py: people are coloured patches); the idle gate's test runs
+on the real models as well, since what it checks (sensor noise is no face, a person stepping in is found on the
+frame they appear) depends on the detector."""
 
 from __future__ import annotations
 
@@ -13,30 +17,41 @@ from kiosk.store.gallery import GalleryMatrix
 from kiosk.messaging.messages import FrameHeader
 from kiosk.tools.scenes import person_crop
 from kiosk.pipeline.core import RECHECK_OVERDUE, Eof, Frame, VerifierCore
+from tests.conftest import real_engine
+from tests.fake_models import FakeEngine, person
 
 FPS = 30.0
 T0 = 1_800_000_000.0
 
 
 @pytest.fixture(scope="module")
-def crops(engine, photos) -> list[np.ndarray]:
-    """Yao Ming, then five other people (the largest faces of players.jpg that are not Yao Ming, who is in
-    that photo too), as person crops."""
-    yao = cv2.imread(str(photos["yaoming.jpg"]))
-    yao_faces = engine.describe(yao, engine.detector.detect(yao).largest()).faces
-    out = [person_crop(yao, yao_faces.boxes[0])]
-    players = cv2.imread(str(photos["players.jpg"]))
-    faces = engine.describe(players, engine.detector.detect(players)).faces
-    others = [i for i in np.argsort(-faces.widths) if faces.embeddings[i] @ yao_faces.embeddings[0] < 0.3]
-    out += [person_crop(players, faces.boxes[i]) for i in others[:5]]
-    return out
+def engine() -> FakeEngine:
+    return FakeEngine()
 
 
 @pytest.fixture(scope="module")
-def yao_matrix(engine, photos) -> GalleryMatrix:
+def crops() -> list[np.ndarray]:
+    """Six people (Yao first) as the fake models see them."""
+    return [person(i) for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def yao_matrix(engine) -> GalleryMatrix:
+    return engine.gallery({"YAO": 0})
+
+
+@pytest.fixture(scope="module", params=["fake", "real"])
+def kit(request, engine, crops, yao_matrix):
+    """(models, people, gallery with Yao): the fakes, and the shipped models with Yao Ming's photo."""
+    if request.param == "fake":
+        return engine, crops, yao_matrix
+    photos = request.getfixturevalue("photos")
+    real = real_engine()
     yao = cv2.imread(str(photos["yaoming.jpg"]))
-    emb = engine.describe(yao, engine.detector.detect(yao).largest()).faces.embeddings[0]
-    return GalleryMatrix.from_templates(engine.model_id, engine.dim, [("YAO", "Yao Ming", emb)], revision=1)
+    face = real.describe(yao, real.detector.detect(yao).largest()).faces
+    matrix = GalleryMatrix.from_templates(real.model_id, real.dim, [("YAO", "Yao Ming", face.embeddings[0])],
+                                          revision=1)
+    return real, [person_crop(yao, face.boxes[0])], matrix
 
 
 def scene(crops: list[np.ndarray], people: list[int], width: int = 120) -> np.ndarray:
@@ -175,18 +190,21 @@ def test_live_frames_from_before_a_stall_are_dropped_and_never_accepted(engine, 
     assert [(v.decision.type, v.decision.subject_id) for v in verdicts] == [("accept", "YAO")]
 
 
-def test_an_idle_gate_skips_the_detector_on_an_unchanged_scene_and_detects_a_face_that_appears(engine, crops,
-                                                                                              yao_matrix):
+def test_an_idle_gate_skips_the_detector_on_an_unchanged_scene_and_detects_a_face_that_appears(kit):
     """An empty scene with sensor noise: detected once, then skipped (counted) until the safety-net second
     has passed on the frame clock; a person stepping in is detected on the very frame they appear (33 ms at
     30 fps), and nothing is skipped while their track is open."""
+    engine, crops, yao_matrix = kit
     core = core_for(engine, yao_matrix, realtime=True)
     cam = core.cameras["cam"]
     rng = np.random.default_rng(1)
     empty = scene(crops, [])
 
+    fields = [rng.normal(0, 3, empty.shape).astype(np.int16) for _ in range(5)]  # sensor noise, a field a frame
+    shown = iter(range(10**6))
+
     def noisy(image: np.ndarray) -> np.ndarray:
-        return np.clip(image.astype(np.int16) + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+        return np.clip(image + fields[next(shown) % len(fields)], 0, 255).astype(np.uint8)
 
     skipped = lambda: core.metrics.frames_idle.labels(camera="cam")._value.get()  # noqa: E731
 

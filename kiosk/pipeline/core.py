@@ -28,7 +28,7 @@ import numpy as np
 from kiosk.boarding.gates import GateFlights
 from kiosk.boarding.model import BoardingStore, DecisionRecord
 from kiosk.config import KioskConfig
-from kiosk.vision.engine import FaceEngine
+from kiosk.vision.engine import FaceModels
 from kiosk.vision.faces import Faces
 from kiosk.vision.liveness import PadObservation
 from kiosk.store.gallery import GalleryMatrix, Match
@@ -136,7 +136,7 @@ WITHHELD = ("stale_frame", "gallery_unavailable", "store_unavailable")
 class VerifierCore:
     """The verifier's rules, fed arrivals and a clock; see the module docstring."""
 
-    def __init__(self, cfg: KioskConfig, engine: FaceEngine, matrix: GalleryMatrix | GateFlights, *,
+    def __init__(self, cfg: KioskConfig, engine: FaceModels, matrix: GalleryMatrix | GateFlights, *,
                  metrics: VerifierMetrics | None = None, confirm: Callable[[str], bool] = _accept_all,
                  store: BoardingStore | None = None) -> None:
         self.cfg = cfg

@@ -5,6 +5,13 @@ builds one session per model. The verifier drives the detector and the
 recognizer itself (detection batched per canvas shape, all faces of a step
 embedded in one call); `describe(image, faces)` aligns and embeds the given
 faces of one photo (enrollment, compare).
+
+`FaceModels` is all the verifier core asks of its models: detect a batch
+of frames, embed a batch of aligned crops, and (liveness on) observe the
+faces of a frame. The ONNX engine here is one implementation; the core's
+frame-by-frame tests run on a fast fake (tests/fake_models.py), and an
+implementation that batches across the cameras of a host on a GPU would
+plug in the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -24,6 +32,40 @@ from kiosk.vision.models.pack import ModelPack, load_pack
 from kiosk.vision.models.recognizer import ArcFaceRecognizer, align_faces, batch_free_model, input_normalisation
 
 log = logging.getLogger(__name__)
+
+
+class Detector(Protocol):
+    def detect_batch(self, images: list[np.ndarray], min_face_px: int = 0) -> list[Faces]:
+        """The faces of each image (boxes, scores, five keypoints), one call for the frames of a step."""
+        ...
+
+
+class Recognizer(Protocol):
+    dim: int
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        """(N, dim) unit embeddings of (N, 112, 112, 3) aligned crops."""
+        ...
+
+
+class LivenessModels(Protocol):
+    def observe(self, image: np.ndarray, boxes: np.ndarray) -> list:
+        """A PadObservation per face box of one frame; raises when a model fails (the caller fails closed)."""
+        ...
+
+
+class FaceModels(Protocol):
+    """What the verifier core uses of its models (see the module docstring)."""
+
+    detector: Detector
+    recognizer: Recognizer
+    pad: LivenessModels | None
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
 
 
 @dataclass
