@@ -160,6 +160,9 @@ class PolicyConfig:
     track_max_age_s: float = 1.0
     claim_ttl_s: float = 60.0
     max_embeddings_per_frame: int = 4
+    # Cameras with a person being decided whose frames go into one step (0: all); the others take their newest
+    # frame in a later step. 1 suits a CPU, where a step's cost grows with its faces; 0 a GPU that batches.
+    deciding_cameras_per_step: int = 1
     max_frame_age_ms: float = 500.0
     # An empty, unchanged scene is not run through the detector: a camera with no open track whose frame
     # differs from the last detected one by less than idle_change (grey levels, in any cell of a 32x24
@@ -322,6 +325,7 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("policy", "track_max_age_s"): (0.05, 60.0),
     ("policy", "claim_ttl_s"): (1.0, 86400.0),
     ("policy", "max_embeddings_per_frame"): (0, 1000),
+    ("policy", "deciding_cameras_per_step"): (0, 1000),
     ("policy", "max_frame_age_ms"): (50.0, 60000.0),
     ("enrollment", "min_face_px"): (0, 10000),
     ("enrollment", "min_sharpness"): (0.0, 1e9),

@@ -8,6 +8,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from kiosk.tools.scenes import Walk
 from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, stop, write_config
 
@@ -16,6 +18,7 @@ def _jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.slow  # two restarts under a running gate
 def test_a_restarted_subscriber_misses_no_event_and_a_quick_verifier_restart_is_seen(tmp_path, engine, photos):
     crops = people(engine, photos)
     # Someone not enrolled walks up, then nobody for a second, over and over: a reject every 2.4 s.

@@ -148,6 +148,7 @@ def test_reloads_during_a_long_write_transaction_keep_deciding_and_pick_up_the_i
     assert "gallery reload failed" not in gate.verifier_err and "Traceback" not in gate.verifier_err
 
 
+@pytest.mark.slow  # backups and restores under a running verifier
 def test_backup_restore_under_a_running_verifier_and_no_silent_empty_gallery(tmp_path, engine, photos):
     crops = people(engine, photos)
     make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)

@@ -184,6 +184,7 @@ def test_claims_bad_messages_and_live_enrollment(tmp_path, crops, photos, engine
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # a supervisor, its children killed and restarted
 def test_supervisor_restarts_a_killed_verifier_and_live_enrollment(tmp_path, crops, photos):
     """kiosk run, real time. Parker walks up (not enrolled: reject); the verifier is SIGKILLed and comes back;
     Parker is enrolled while everything runs; Parker's next walk is accepted; Yao (enrolled) is accepted."""

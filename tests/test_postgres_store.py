@@ -209,6 +209,7 @@ def test_migrate_copies_a_sqlite_gallery_into_postgresql_once(pg_server, tmp_pat
     assert res.returncode == 1 and "unreachable" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a 5 s database outage under a running gate
 def test_the_database_down_for_5_s_under_a_running_gate_never_opens_it_and_the_gate_recovers(
         pg_server, tmp_path, engine, photos):
     """A real verifier boarding LH123 from PostgreSQL, Yao walking up again and again (a looping live camera).

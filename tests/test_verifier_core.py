@@ -259,3 +259,34 @@ def test_idle_skipping_is_off_with_idle_change_0(engine, crops, yao_matrix):
     for seq in range(10):
         feed(core, scene(crops, []), seq, live=True)
     assert core.cameras["cam"].idle_skipped == 0 and core.cameras["cam"].processed == 10
+
+
+@pytest.mark.parametrize("per_step", [1, 0])
+def test_two_gates_deciding_at_once_take_turns_and_neither_starves(engine, crops, yao_matrix, per_step):
+    """policy.deciding_cameras_per_step 1 (the default): while people are being decided at two gates, a step
+    takes one of them, the one processed longest ago, and the other keeps its newest frame for the next
+    step; 0 takes both every step."""
+    cfg = config_from_mapping({"cameras": [{"id": c, "gate": g, "source": i, "realtime": True}
+                                           for i, (c, g) in enumerate((("cam", "A1"), ("cam2", "A2")))],
+                               "policy": {"reject_after_frames": 1000, "decision_timeout_s": 3600,
+                                          "deciding_cameras_per_step": per_step},
+                               "metrics": {"port": 0}, "pad": {"enabled": False}})
+    core = VerifierCore(cfg, engine, yao_matrix)
+    stranger = scene(crops, [1])  # not enrolled: undecided for as long as the test runs
+    taken = []
+    for seq in range(9):
+        at = T0 + seq / FPS
+        for cid, gate in (("cam", "A1"), ("cam2", "A2")):
+            header = FrameHeader(cid, gate, seq, at, stranger.shape[1], stranger.shape[0], "bgr8", None)
+            core.offer(Frame(header, stranger, at), at)
+        before = {cid: cam.processed for cid, cam in core.cameras.items()}
+        assert core.step(at) == []
+        taken.append(sorted(cid for cid, cam in core.cameras.items() if cam.processed > before[cid]))
+    if per_step:
+        # The first step: nobody is being decided yet, both go; then one at a time, in turn.
+        assert taken == [["cam", "cam2"]] + [["cam"], ["cam2"]] * 4
+        # Each frame that sat a step out was replaced by its camera's next one (cam's last still waits).
+        assert core.cameras["cam2"].stale == 4 and core.cameras["cam"].stale == 3
+        assert core.cameras["cam"].frames_waiting() == 1 and core.cameras["cam2"].frames_waiting() == 0
+    else:
+        assert taken == [["cam", "cam2"]] * 9

@@ -230,7 +230,10 @@ class VerifierCore:
         frame too old to act on is dropped and counted) and process them."""
         verdicts: list[Verdict] = []
         batch: list[Frame] = []
+        wait = self._deciding_wait()
         for cam in self.cameras.values():
+            if cam.camera_id in wait:
+                continue
             while cam.pending:
                 item = cam.pending.popleft()
                 if isinstance(item, Eof):
@@ -266,6 +269,22 @@ class VerifierCore:
         if batch:
             verdicts += self.process(batch, now)
         return verdicts
+
+    def _deciding_wait(self) -> set[str]:
+        """The cameras that sit this step out: of those with a frame waiting and a person being decided (their
+        frames cost an embedding and the liveness models), all but the `policy.deciding_cameras_per_step`
+        processed longest ago. On a CPU a step's cost grows with its faces, so two gates deciding in one step
+        make both wait for both; one at a time, each waits for at most the other's step and then takes its
+        newest frame. A camera that sits out keeps only its newest frame meanwhile, as always."""
+        limit = self.cfg.policy.deciding_cameras_per_step
+        if not limit:
+            return set()
+        deciding = [cam for cam in self.cameras.values() if cam.frames_waiting() and any(
+            self.policy.needs_frames(tr) for tr in cam.tracker.tracks)]
+        if len(deciding) <= limit:
+            return set()
+        deciding.sort(key=lambda cam: cam.last_wall)
+        return {cam.camera_id for cam in deciding[limit:]}
 
     def _idle(self, cam: CameraState, frame: Frame) -> bool:
         """Skip the detector for this frame? Only with no open track, within idle_detect_every_s of the last
