@@ -22,6 +22,7 @@ sockets.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import socket
@@ -160,6 +161,9 @@ class AllowList:
         return False
 
 
+_MONITOR_IDS = itertools.count()
+
+
 class Transport:
     """Builds the sockets of one process from the config."""
 
@@ -231,7 +235,11 @@ class Transport:
     def _watch_handshake(self, sock: zmq.Socket, what: str) -> None:
         """Log when the server refuses this client's key: ZeroMQ itself just retries in silence."""
         failed = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-        monitor = sock.get_monitor_socket(failed | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        # A name of its own: pyzmq's default is named after the socket's file descriptor, which a socket opened
+        # just after another closed can reuse while libzmq still holds the old name ("Address already in use",
+        # seen with the suite run twice at once).
+        monitor = sock.get_monitor_socket(failed | zmq.EVENT_HANDSHAKE_SUCCEEDED,
+                                          addr=f"inproc://kiosk-monitor-{next(_MONITOR_IDS)}")
         endpoint = getattr(self.cfg.transport, what)
 
         def watch() -> None:
