@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -38,12 +39,22 @@ def add_commands(parser: argparse.ArgumentParser, dest: str) -> argparse._SubPar
     return parser.add_subparsers(dest=dest, required=True, parser_class=CommandParser)
 
 
+def no_core_dumps() -> None:
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError) as exc:  # not on this platform: say so, go on
+        logging.getLogger(__name__).warning("cannot turn core dumps off (%s): a crash may write memory to disk", exc)
+
+
 def run_command(prog: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a sub-command: KioskError -> its exit code and one line, never a traceback.
 
     Files are private from the start (umask 077): galleries, audit logs, hook output and keys hold
-    biometric data or secrets, so they are created 0600 in 0700 folders, and children inherit that."""
+    biometric data or secrets, so they are created 0600 in 0700 folders, and children inherit that. No
+    core dumps either (RLIMIT_CORE 0, inherited too): a crashed verifier's memory holds every template and
+    the frames of the moment, and a core file would put them on disk in the clear."""
     os.umask(0o077)
+    no_core_dumps()
     setup_logging(args.verbose - args.quiet)
     try:
         return func(args)

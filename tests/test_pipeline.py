@@ -231,6 +231,9 @@ def test_run_shuts_down_cleanly_on_sigterm(tmp_path, crops):
         assert events.wait_for(lambda ev: any(h.get("component") == "verifier" for h in ev.health), 30)
         children = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) == 2
+        for pid in [str(run.pid), *children]:  # no core dump of a process that holds templates and frames
+            limits = [line for line in open(f"/proc/{pid}/limits") if line.startswith("Max core file size")]
+            assert limits and limits[0].split()[4:6] == ["0", "0"], limits
         run.send_signal(signal.SIGTERM)
         assert run.wait(15) == 0
         for pid in children:
