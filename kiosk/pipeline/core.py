@@ -155,7 +155,6 @@ class VerifierCore:
         self.faces_total = 0
         self.preview_gates: set[str] = set()  # gates a console watches: their last frame is kept (cam.view)
         self.hints: list[IdleHint] = []  # for the captures, published and cleared by the service
-        self._deciding_frames: set[int] = set()  # frames of the step in process() with a face being decided
         self.first_captured_at: float | None = None
         self.last_done_at: float | None = None
         self.last_times: dict[str, float] = {}  # ms per stage of the last step
@@ -330,7 +329,7 @@ class VerifierCore:
             return t
 
         verdicts: list[Verdict] = []
-        self._deciding_frames = set()
+        deciding_frames: set[int] = set()  # frames of this step with a face being decided
         times["transport"] = max(max(0.0, (f.received_at - f.header.captured_at) * 1000) for f in frames)
         t = clock()
         found = self.engine.detector.detect_batch([f.image for f in frames], self.cfg.policy.min_face_px)
@@ -391,7 +390,8 @@ class VerifierCore:
         if len(want):
             emb = self.engine.recognizer.embed(crops)
             t = add("embed", t)
-            verdicts += self._match_and_decide(frames, cams, step, want, emb, now, add, t)
+            decided, deciding_frames = self._match_and_decide(frames, cams, step, want, emb, now, add, t)
+            verdicts += decided
         self.last_times = times
         done = time.time()
         if self.first_captured_at is None:
@@ -399,7 +399,7 @@ class VerifierCore:
         self.last_done_at = done
         for i, f in enumerate(frames):
             self.metrics.observe_frame((done - f.header.captured_at) * 1000)
-            if i in self._deciding_frames:  # the latency a decision on this frame would have had
+            if i in deciding_frames:  # the latency a decision on this frame would have had
                 self.metrics.observe_deciding_frame((done - f.header.captured_at) * 1000)
         for stage, ms in times.items():
             self.metrics.observe_stage(stage, ms)
@@ -424,7 +424,8 @@ class VerifierCore:
 
     def _match_and_decide(self, frames: list[Frame], cams: list[CameraState], step: StepFaces, want: np.ndarray,
                           emb: np.ndarray, now: float, add: Callable[[str, float], float],
-                          t: float) -> list[Verdict]:
+                          t: float) -> tuple[list[Verdict], set[int]]:
+        """Match and decide the embedded faces; also which of the step's frames had a face being decided."""
         verdicts: list[Verdict] = []
         deciding: list[tuple[int, Track]] = []  # (row of emb, track) that need a match
         for row, k in enumerate(want):
@@ -440,8 +441,7 @@ class VerifierCore:
             if self.policy.needs_frames(track):
                 deciding.append((row, track))
         if not deciding:
-            return verdicts
-        self._deciding_frames = {int(step.frame[want[row]]) for row, _ in deciding}
+            return verdicts, set()
         # match: claims (1:1) bound at a track's first quality frame; everyone else in one search per gallery
         # (a boarding gate's flight, or everyone), then the faces at boarding gates that matched nobody on
         # their flight once more against everyone (someone at the wrong gate?)
@@ -479,7 +479,7 @@ class VerifierCore:
             if decision is not None:
                 verdicts.append(self._verdict(cam, track, decision, now))
         add("decide", t)
-        return verdicts
+        return verdicts, {int(step.frame[want[row]]) for row, _ in deciding}
 
     def _liveness(self, frames: list[Frame], step: StepFaces, faces: list[int]) -> list[PadObservation | None]:
         """The liveness observation of each of these faces (indices into the step), None with liveness off or

@@ -221,9 +221,8 @@ class _EmptyGate:
         rng = np.random.default_rng(0)
         self._noise = [rng.normal(0, 2, (h, w, 3)).astype(np.int16) for _ in range(8)]
 
-    def frame(self, i: int, over: np.ndarray | None = None) -> np.ndarray:
-        base = self.scene if over is None else over.astype(np.int16)
-        return np.clip(base + self._noise[i % len(self._noise)], 0, 255).astype(np.uint8)
+    def frame(self, i: int) -> np.ndarray:
+        return np.clip(self.scene + self._noise[i % len(self._noise)], 0, 255).astype(np.uint8)
 
 
 def _writer(path: Path, fps: float, w: int, h: int) -> cv2.VideoWriter:
