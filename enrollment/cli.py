@@ -30,6 +30,7 @@ from kiosk.vision.engine import FaceEngine
 from kiosk.errors import EXIT_OK, EXIT_USAGE, UsageError
 from kiosk.store.flights import SqliteBoardingStore
 from kiosk.store.gallery import Gallery, GalleryMatrix, GalleryQueries, open_gallery
+from kiosk.store.sealing import key_source
 from kiosk.cli_support import Parser, add_commands, add_common, run_command
 
 log = logging.getLogger("kiosk-enroll")
@@ -47,8 +48,8 @@ def _context(args: argparse.Namespace) -> Context:
     return Context(cfg, FaceEngine.from_config(cfg))
 
 
-def _gallery(cfg: KioskConfig, *, create: bool = True) -> GalleryQueries:
-    return open_gallery(cfg, create=create)
+def _gallery(cfg: KioskConfig, *, create: bool = True, keys: bool = True) -> GalleryQueries:
+    return open_gallery(cfg, create=create, keys=keys)
 
 
 def _parse_expiry(value: str | None) -> float | None:
@@ -232,7 +233,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    with _gallery(cfg, create=False) as gallery:
+    with _gallery(cfg, create=False, keys=False) as gallery:
         subjects = gallery.subjects()
     if args.json:
         print(json.dumps({"subjects": [
@@ -250,7 +251,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_remove(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    with _gallery(cfg, create=False) as gallery:
+    with _gallery(cfg, create=False, keys=False) as gallery:
         if not gallery.remove(args.id):
             raise UsageError(f"no subject {args.id!r} in gallery {gallery.name}")
     print(f"removed {args.id}")
@@ -266,15 +267,57 @@ def cmd_init(args: argparse.Namespace) -> int:
         return EXIT_OK
     path = cfg.resolve(cfg.gallery.path)
     existed = path.exists()
-    with Gallery(path) as gallery:
+    with open_gallery(cfg, create=True) as gallery:
         revision = gallery.revision()
     print(f"gallery {path} " + (f"already exists (revision {revision})" if existed else "created, empty"))
     return EXIT_OK
 
 
+def cmd_seal(args: argparse.Namespace) -> int:
+    """Seal in place the clear templates of a gallery from before schema version 5 (the only way it is
+    upgraded: opening it otherwise is refused), under the configured template key."""
+    cfg = load_config(args.config)
+    path = Path(args.file) if args.file else None
+    if path is not None and not path.is_file():
+        raise UsageError(f"{args.file}: no such gallery file")
+    with open_gallery(cfg, seal=True, path=path) as gallery:
+        keys = gallery.key_ids()
+    held = sum(keys.values())
+    print(f"gallery {gallery.name}: {held} template(s), all sealed" +
+          (f" (key {', '.join(keys)})" if keys else ""))
+    return EXIT_OK
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    """Re-seal every template under a new key while verifiers keep deciding (kiosk.store.queries.rotate_key)."""
+    from kiosk.store.sealing import read_key_file, write_key_file
+
+    cfg = load_config(args.config)
+    if args.batch < 1:
+        raise UsageError(f"--batch: expected at least 1, found {args.batch}")
+    if not 0 <= args.settle_s <= 3600:
+        raise UsageError(f"--settle-s: expected 0 to 3600 seconds, found {args.settle_s}")
+    new_file = Path(args.new)
+    with _gallery(cfg, create=False) as gallery:
+        old = gallery.codec.where if gallery.codec else "?"
+        if new_file.exists():
+            new = read_key_file(new_file)
+        else:
+            new = write_key_file(new_file)
+            print(f"wrote a new template key to {new_file}")
+        done = gallery.rotate_key(new, batch=args.batch, settle_s=args.settle_s)
+        dropped = gallery.rotation_dropped
+    print(f"gallery {gallery.name}: {done} template(s) re-sealed under key {new.key_id.hex()}" +
+          (f"; {dropped} that did not open (tampered or damaged) deleted: re-enroll their subjects" if dropped
+           else ""))
+    print(f"running verifiers hold the new key already. Before any process restarts, put {new_file} in place of "
+          f"{old} (or name it in security.template_key_file) on every host: the old key opens nothing here now")
+    return EXIT_OK
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    with _gallery(cfg, create=False) as gallery:
+    with _gallery(cfg, create=False, keys=False) as gallery:
         revision = gallery.backup(Path(args.file))
     print(f"backed up {gallery.name} (revision {revision}) to {args.file}")
     return EXIT_OK
@@ -287,7 +330,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if cfg.gallery.url:
         raise UsageError("gallery.url: restore a PostgreSQL gallery with the server's own tools (pg_restore)")
     path = cfg.resolve(cfg.gallery.path)
-    revision, moved = Gallery.restore_file(path, Path(args.file))
+    revision, moved = Gallery.restore_file(path, Path(args.file), key_source(cfg).load())
     if moved is not None:
         print(f"{path} was not a usable database; moved it aside to {moved}")
     print(f"restored {path} from {args.file} (revision {revision}); running verifiers reload it")
@@ -305,7 +348,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     password_file = Path(args.password_file) if args.password_file else (
         cfg.resolve(cfg.gallery.password_file) if cfg.gallery.password_file and not args.to else None)
     where = target(url, password_file, key="--to")
-    with Gallery(Path(args.source), create=False) as source, PgGallery(where, create=True) as dest:
+    codec = key_source(cfg).load()  # the source's templates stay sealed under it: copied as they are
+    with Gallery(Path(args.source), create=False, codec=codec) as source, \
+            PgGallery(where, create=True, codec=codec) as dest:
         counts = copy_gallery(source, dest)
         revision = dest.revision()
     print(f"copied {args.source} into {dest.name}: {counts['subjects']} subjects, {counts['templates']} templates, "
@@ -437,6 +482,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="create the configured gallery, empty (a verifier never creates one)")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("seal", help="seal in place the clear templates of a gallery from before schema version 5, "
+                                    "under the template key (back it up first)")
+    p.add_argument("file", metavar="FILE", nargs="?", help="a SQLite gallery file (default: the configured gallery)")
+    p.set_defaults(func=cmd_seal)
+
+    p = sub.add_parser("rotate-key", help="re-seal every template under a new template key, in batches, while "
+                                          "verifiers keep deciding (they follow it); then the old key opens nothing")
+    p.add_argument("--new", required=True, metavar="FILE", help="the new key file (made 0600 if missing)")
+    p.add_argument("--batch", type=int, default=500, metavar="N", help="templates per transaction (default 500)")
+    p.add_argument("--settle-s", type=float, default=5.0, metavar="S",
+                   help="seconds for running verifiers to take the new key before any template is sealed under it "
+                   "(each looks at the gallery every second; default 5)")
+    p.set_defaults(func=cmd_rotate_key)
 
     p = sub.add_parser("backup", help="a consistent copy of the gallery in a new FILE (while verifiers run)")
     p.add_argument("file", metavar="FILE")

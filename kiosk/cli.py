@@ -192,8 +192,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from kiosk.messaging.transport import init_keys
+    from kiosk.store.sealing import KEY_FILE_NAME, write_key_file
 
     made = init_keys(Path(args.dir), client_name=args.client, role=args.role)
+    template_key = Path(args.dir) / KEY_FILE_NAME
+    if args.role == "all" and not template_key.exists():  # the key the gallery's templates are sealed with
+        write_key_file(template_key)
+        made.append(template_key)
     for path in made:
         print(f"wrote {path}")
     if not made:
@@ -219,6 +224,21 @@ def cmd_console(args: argparse.Namespace) -> int:
         if len(password) < MIN_PASSWORD_CHARS:
             raise UsageError(f"--hash-password: the password must have at least {MIN_PASSWORD_CHARS} characters")
         print(hash_password(password))
+        return EXIT_OK
+    if args.open_crop:
+        from kiosk.console.state import open_crop
+        from kiosk.store.sealing import TemplateUnreadable, key_source
+
+        path = Path(args.open_crop)
+        if not path.is_file():
+            raise UsageError(f"--open-crop: {path}: no such file")
+        try:
+            jpeg = open_crop(path, key_source(_config(args)).load())
+        except TemplateUnreadable as exc:
+            raise UsageError(f"--open-crop: {exc}") from None
+        if sys.stdout.isatty():
+            raise UsageError("--open-crop writes the JPEG to standard output: redirect it to a file")
+        sys.stdout.buffer.write(jpeg)
         return EXIT_OK
     from kiosk.console.app import run_console
 
@@ -287,9 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the whole status as one JSON object")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("keys", help="CurveZMQ keys")
+    p = sub.add_parser("keys", help="CurveZMQ keys and the template key")
     keys = add_commands(p, "keys_command")
-    k = keys.add_parser("init", help="make the server and a client key pair (client allow-listed)")
+    k = keys.add_parser("init", help="make the server and a client key pair (client allow-listed), the webhook "
+                        "secret and (--role all) the template key DIR/template.key; existing ones are kept")
     k.add_argument("dir", metavar="DIR")
     k.add_argument("--client", default="client", help="name of the client key pair")
     k.add_argument("--role", choices=["all", "subscriber", "console"], default="all",
@@ -298,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("console", help="the operator console: a web page of every gate (console.listen)")
+    p.add_argument("--open-crop", metavar="FILE", help="write the JPEG in a sealed decision crop of "
+                   "console.crops_dir to standard output (needs the template key)")
     p.add_argument("--hash-password", action="store_true",
                    help="print the hash line of a password read from stdin, for console.password_file, and exit")
     p.set_defaults(func=cmd_console)

@@ -106,6 +106,7 @@ class SecurityConfig:
     curve: bool = True
     keys_dir: Path = Path("var/keys")
     client_key: str = "client"
+    template_key_file: Optional[Path] = None  # default: $KIOSK_TEMPLATE_KEY, else <keys_dir>/template.key
 
 
 @dataclass

@@ -124,8 +124,9 @@ class GallerySite:
     def open(self, *, create: bool = True):  # noqa: ANN201 - a GalleryQueries
         from kiosk.config import config_from_mapping
         from kiosk.store.gallery import open_gallery
+        from tests.sealing_helpers import CODEC
 
-        return open_gallery(config_from_mapping({"gallery": self.section}), create=create)
+        return open_gallery(config_from_mapping({"gallery": self.section}), create=create, codec=CODEC)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
-from typing import Iterator
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -20,9 +20,9 @@ import yaml
 from kiosk.config import load_config
 from kiosk.messaging.channels import EventChannel
 from kiosk.messaging.messages import Event
-from kiosk.tools.scenes import Walk, person_crop, render, write_video
 from kiosk.messaging.transport import Transport, init_keys, loopback_endpoints
-from kiosk.store.gallery import Gallery
+from kiosk.tools.scenes import Walk, person_crop, render, write_video
+from tests.sealing_helpers import sealed_gallery, write_test_key
 
 
 def people(engine, photos) -> dict[str, np.ndarray]:
@@ -63,11 +63,14 @@ def write_config(folder: Path, cameras: list[dict], **extra) -> Path:
         "pad": {"enabled": False},
     }
     cfg.update(extra)
+    # The tests' template key (tests/sealing_helpers.py), in keys/ whatever the security section says.
+    cfg["security"] = {"template_key_file": "keys/template.key", **cfg["security"]}
     path = folder / "kiosk.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     init_keys(folder / "keys")
+    write_test_key(folder / "keys")
     if cameras:  # a site that runs a verifier: its gallery, as `kiosk-enroll init` makes it (a verifier never does)
-        Gallery(folder / "gallery.db").close()
+        sealed_gallery(folder / "gallery.db").close()
     return path
 
 

@@ -11,10 +11,20 @@ import pytest
 
 from kiosk.messaging.transport import free_port
 from kiosk.store.flights import SqliteBoardingStore
-from kiosk.store.gallery import Gallery
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
-from tests.pipeline_helpers import Events, audit, kiosk, live_gate, make_video, people, scrape, stop, write_config
+from tests.pipeline_helpers import (
+    Events,
+    audit,
+    kiosk,
+    live_gate,
+    make_video,
+    people,
+    scrape,
+    stop,
+    write_config,
+)
+from tests.sealing_helpers import sealed_gallery
 
 FPS = 30
 
@@ -155,7 +165,7 @@ def test_two_doors_on_two_verifiers_board_one_passenger_once(tmp_path, crops, ph
             accepts = [e for ev in listeners for e in ev.events if e.type == "accept"]
             if len(accepts) > rounds:
                 time.sleep(1.0)  # the other door decides too
-                with Gallery(tmp_path / "gallery.db") as g:
+                with sealed_gallery(tmp_path / "gallery.db") as g:
                     assert SqliteBoardingStore(g).undo("LH123", "YAO", why="test round") is not None
                 undone_at.append(time.time())
                 rounds += 1
@@ -191,7 +201,7 @@ def test_the_verifier_purges_a_departed_flight_and_its_passenger_is_matched_no_m
     with live_gate(config, quiet=False) as gate:
         events = gate.events
         assert events.wait_for(lambda ev: any(e.type == "accept" for e in ev.events), 30)
-        with Gallery(tmp_path / "gallery.db") as g:  # the flight left three hours ago after all
+        with sealed_gallery(tmp_path / "gallery.db") as g:  # the flight left three hours ago after all
             SqliteBoardingStore(g).add_flight("LH123", time.time() - 3 * 3600)
         purged_by = time.time() + 5
         assert events.wait_for(lambda ev: any(e.decided_at > purged_by for e in ev.events), 30)
@@ -199,7 +209,7 @@ def test_the_verifier_purges_a_departed_flight_and_its_passenger_is_matched_no_m
             in gate.verifier_err)
     late = [e for e in events.events if e.decided_at > purged_by]
     assert late and all(e.type == "reject" and e.reason == "no_match" and e.flight_id is None for e in late)
-    with Gallery(tmp_path / "gallery.db") as g:
+    with sealed_gallery(tmp_path / "gallery.db") as g:
         store = SqliteBoardingStore(g)
         assert store.flight("LH123").purged_at is not None and g.subjects() == [] and store.assignments() == {}
 

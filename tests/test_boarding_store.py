@@ -14,8 +14,9 @@ import pytest
 from kiosk.boarding.model import DecisionRecord, check_flight_id
 from kiosk.errors import UsageError
 from kiosk.store.flights import SqliteBoardingStore, load_gate_flights
-from kiosk.store.gallery import SCHEMA_VERSION, Gallery
+from kiosk.store.gallery import SCHEMA_VERSION
 from tests.pg_server import GallerySite, gallery_site, pg_server  # noqa: F401 - fixtures
+from tests.sealing_helpers import clear_gallery, sealed_gallery
 
 MODEL = "m:1"
 
@@ -237,14 +238,19 @@ def test_purge_deletes_only_passengers_on_no_later_flight(gallery_site):
 
 def test_a_version_2_gallery_gains_the_flight_tables_and_keeps_its_rows(tmp_path):
     path = tmp_path / "g.db"
-    with Gallery(path) as g:
-        g.enroll("OLD", "Old", _unit(np.random.default_rng(2), 2), MODEL)
-        for table in ("boarding_log", "flight_decisions", "boardings", "gates", "manifest", "flights"):
-            g._db.execute(f"DROP TABLE {table}")
-        g._db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    with Gallery(path) as g:
+    emb = _unit(np.random.default_rng(2), 2)
+    clear_gallery(path, {"OLD": emb}, MODEL, version=4)
+    con = sqlite3.connect(path, isolation_level=None)
+    for table in ("boarding_log", "flight_decisions", "boardings", "gates", "manifest", "flights"):
+        con.execute(f"DROP TABLE {table}")
+    con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    con.close()
+    with pytest.raises(UsageError, match="in the clear; seal them"):  # never upgraded by merely opening it
+        sealed_gallery(path)
+    with sealed_gallery(path, seal=True) as g:
         assert g._meta("schema_version") == str(SCHEMA_VERSION)
         assert g.subjects()[0].templates == {MODEL: 2}
+        assert np.allclose(g.matrix(MODEL, 8).embeddings, emb)  # sealed in place, and they open
         store = SqliteBoardingStore(g)
         store.add_flight("LH123", time.time() + 60)
         assert store.add_passengers("LH123", ["OLD"]) == 1

@@ -9,7 +9,16 @@ import numpy as np
 import zmq
 
 from kiosk.messaging.channels import EventChannel, FrameChannel, sources_done
-from kiosk.messaging.messages import CaptureHealth, Eof, Event, Frame, FrameHeader, Heartbeat, encode_frame, encode_json
+from kiosk.messaging.messages import (
+    CaptureHealth,
+    Eof,
+    Event,
+    Frame,
+    FrameHeader,
+    Heartbeat,
+    encode_frame,
+    encode_json,
+)
 
 
 def _pair(ctx: zmq.Context, kind_out: int, kind_in: int) -> tuple[zmq.Socket, zmq.Socket]:

@@ -26,7 +26,14 @@ from kiosk.messaging.transport import Transport, free_port, init_keys
 from kiosk.services.preview import preview_topic, watch_request
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
-from tests.pipeline_helpers import kiosk, live_gate, make_video, people, stop, write_config
+from tests.pipeline_helpers import (
+    kiosk,
+    live_gate,
+    make_video,
+    people,
+    stop,
+    write_config,
+)
 
 PASSWORD = "correct horse battery"
 
@@ -455,9 +462,9 @@ def test_the_console_in_a_real_browser(tmp_path, engine, photos):
         pytest.skip("no headless Chromium and chromedriver (Debian: apt-get install chromium chromium-driver; "
                     ".ci/run installs them)")
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
-    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

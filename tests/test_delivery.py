@@ -11,7 +11,15 @@ import time
 import pytest
 
 from kiosk.tools.scenes import Walk
-from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, stop, write_config
+from tests.pipeline_helpers import (
+    Events,
+    audit,
+    kiosk,
+    make_video,
+    people,
+    stop,
+    write_config,
+)
 
 
 def _jsonl(path) -> list[dict]:

@@ -6,7 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
-from kiosk.vision.models.recognizer import ARCFACE_TEMPLATE, align_faces, similarity_transforms
+from kiosk.vision.models.recognizer import (
+    ARCFACE_TEMPLATE,
+    align_faces,
+    similarity_transforms,
+)
 from tests.conftest import place_face
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from enrollment.cli import main
+from kiosk.cli import main as kiosk_main
 from kiosk.store.gallery import SCHEMA_VERSION
 from tests.conftest import SHARED_FACES, run_cli, write_config
 
@@ -179,7 +180,8 @@ def test_import_refuses_bad_rows_only(config_file, people, photos, tmp_path, cap
 
 
 def test_version_1_gallery_is_upgraded_in_place(tmp_path, people, capsys):
-    """A gallery file written by the first release (schema 1) opens, keeps its rows and gains photo hashes."""
+    """A gallery file written by the first release (schema 1) is refused until `kiosk-enroll seal` seals its
+    templates in place (which needs the key), then keeps its rows and gains photo hashes."""
     db = tmp_path / "gallery.db"
     con = sqlite3.connect(db)
     con.executescript("""
@@ -197,6 +199,27 @@ def test_version_1_gallery_is_upgraded_in_place(tmp_path, people, capsys):
     con.commit()
     con.close()
     config = write_config(tmp_path)
+    def dump() -> list[str]:
+        con = sqlite3.connect(db)
+        try:
+            return list(con.iterdump())
+        finally:
+            con.close()
+
+    before = dump()
+    # Its templates are in the clear: nothing opens it but `seal`, and `seal` only with a key.
+    assert enroll(config, "add", "--id", "NEW", str(people["gdp0"])) == 2
+    assert "in the clear; seal them in place with `kiosk-enroll -c CONFIG seal`" in capsys.readouterr().err
+    assert enroll(config, "seal") == 2
+    assert "no template key there" in capsys.readouterr().err
+    assert dump() == before  # nothing written
+    assert kiosk_main(["keys", "init", str(tmp_path / "var" / "keys")]) == 0
+    assert enroll(config, "seal") == 0
+    assert "1 template(s), all sealed" in capsys.readouterr().out
+    con = sqlite3.connect(db)
+    (blob,) = con.execute("SELECT embedding FROM templates WHERE subject_id = 'OLD'").fetchone()
+    con.close()
+    assert blob[:3] == b"KT1" and np.ones(4, np.float32).tobytes() not in db.read_bytes()
     assert enroll(config, "add", "--id", "NEW", str(people["gdp0"])) == 0
     assert enroll(config, "add", "--id", "NEW", str(people["gdp0"])) == 0  # same photo: nothing new
     con = sqlite3.connect(db)

@@ -13,7 +13,16 @@ from kiosk.config import load_config
 from kiosk.messaging.transport import Transport, control_request, init_keys
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
-from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, stop, write_config
+from tests.pipeline_helpers import (
+    Events,
+    audit,
+    kiosk,
+    make_video,
+    people,
+    stop,
+    write_config,
+)
+from tests.sealing_helpers import sealed_gallery
 
 
 def test_a_paused_verifier_publishes_no_accept_from_frames_older_than_the_bound(tmp_path, engine, photos):
@@ -156,30 +165,29 @@ def test_an_audit_log_moved_away_or_replaced_by_a_folder_under_a_live_gate_holds
 
 def test_a_gallery_file_deleted_replaced_or_corrupted_is_seen_by_its_open_connection(tmp_path):
     """The checks the verifier runs each second and each minute, on a real SQLite gallery."""
-    from kiosk.store.gallery import Gallery
 
     path = tmp_path / "gallery.db"
-    g = Gallery(path)
+    g = sealed_gallery(path)
     assert g.file_problem() == "" and g.integrity_problem() == ""
     with open(path, "r+b") as fh:  # 100 corrupt bytes over the header
         fh.write(os.urandom(100))
     assert "corrupt" in g.file_problem()
     path.unlink()
     assert "gone" in g.file_problem()
-    Gallery(path).close()  # another file at the path
+    sealed_gallery(path).close()  # another file at the path
     assert "replaced" in g.file_problem()
     g.close()
     import sqlite3
 
     with sqlite3.connect(path) as db:  # pages enough that one can break while the file still opens
         db.executemany("INSERT INTO meta VALUES (?, ?)", [(f"filler-{i}", "x" * 500) for i in range(200)])
-    fresh = Gallery(path, create=False)
+    fresh = sealed_gallery(path, create=False)
     with open(path, "r+b") as fh:  # a page of the filler, far past the header and the schema
         page = int.from_bytes(fh.read(18)[16:18], "big")
         fh.seek(path.stat().st_size - 3 * page)
         fh.write(b"\xff" * 100)
     assert fresh.file_problem() == ""
-    assert "corrupt" in Gallery(path, create=False).integrity_problem()
+    assert "corrupt" in sealed_gallery(path, create=False).integrity_problem()
     fresh.close()
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from kiosk.errors import UsageError
-from kiosk.store.gallery import Gallery
 from tests.pg_server import gallery_site, pg_server  # noqa: F401 - fixtures
+from tests.sealing_helpers import sealed_gallery
 
 MODEL = "rec:abc"
 OTHER = "rec:other"
@@ -23,7 +23,7 @@ def unit(rng: np.random.Generator, n: int, d: int = 8) -> np.ndarray:
 
 
 def test_wal_mode_and_schema(tmp_path):
-    with Gallery(tmp_path / "g.db") as g:
+    with sealed_gallery(tmp_path / "g.db") as g:
         assert g.revision() == 0
     db = sqlite3.connect(tmp_path / "g.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -110,7 +110,7 @@ def test_not_a_database(tmp_path):
     bad = tmp_path / "g.db"
     bad.write_text("hello, not sqlite" * 100)
     with pytest.raises(UsageError, match="not a usable SQLite database"):
-        Gallery(bad)
+        sealed_gallery(bad)
 
 
 def test_large_gallery_prefilter_matches_exact_search():

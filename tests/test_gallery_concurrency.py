@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from kiosk.errors import RuntimeFailure
-from kiosk.store.gallery import Gallery
 from kiosk.tools.scenes import Walk
 from tests.conftest import BIN, run_cli, write_config
 from tests.pipeline_helpers import Events, kiosk, live_gate, make_video, people, stop
 from tests.pipeline_helpers import write_config as write_pipeline_config
+from tests.sealing_helpers import CODEC, sealed_gallery
 
 MODEL = "m:1"
 
@@ -30,14 +30,14 @@ def _unit(rng: np.random.Generator, n: int, dim: int = 8) -> np.ndarray:
 
 def test_reads_do_not_wait_for_a_writer_and_a_locked_gallery_is_a_runtime_failure(tmp_path):
     path = tmp_path / "g.db"
-    with Gallery(path) as g:
+    with sealed_gallery(path) as g:
         g.enroll("a", "A", _unit(np.random.default_rng(0), 1), MODEL)
     writer = sqlite3.connect(path, isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")  # a long import holding the write lock
     writer.execute("INSERT INTO subjects (id, name, created) VALUES ('b', 'B', 0)")
     try:
         t0 = time.monotonic()
-        with Gallery(path, timeout=5.0) as reader:  # opening a current gallery takes no write lock
+        with sealed_gallery(path, timeout=5.0) as reader:  # opening a current gallery takes no write lock
             m = reader.matrix(MODEL, 8)
         assert time.monotonic() - t0 < 1.0 and m.subject_ids == ["a"]  # the committed snapshot, at once
         writer.execute("COMMIT")
@@ -52,12 +52,12 @@ def test_reads_do_not_wait_for_a_writer_and_a_locked_gallery_is_a_runtime_failur
     holder.execute("CREATE TABLE other (x)")
     try:
         with pytest.raises(RuntimeFailure, match="still locked by another process") as err:
-            Gallery(fresh, timeout=0.3)
+            sealed_gallery(fresh, timeout=0.3)
         assert err.value.exit_code == 1
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    with Gallery(fresh) as g:  # and once the lock is gone it opens
+    with sealed_gallery(fresh) as g:  # and once the lock is gone it opens
         assert g.revision() == 0
 
 
@@ -132,8 +132,11 @@ def test_reloads_during_a_long_write_transaction_keep_deciding_and_pick_up_the_i
         (bumped,) = db.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'revision'").fetchone()
         db.execute("BEGIN IMMEDIATE")  # ...and the import holds the write lock meanwhile
         db.execute("INSERT INTO subjects (id, name, created) VALUES ('PARKER', 'Tony Parker', 0)")
-        db.execute("INSERT INTO templates (subject_id, model_id, dim, embedding, created) VALUES (?, ?, ?, ?, 0)",
-                   ("PARKER", engine.model_id, engine.dim, parker_emb.astype(np.float32).tobytes()))
+        (tid,) = db.execute("INSERT INTO templates (subject_id, model_id, dim, embedding, created, key_id) VALUES "
+                            "(?, ?, ?, x'', 0, ?) RETURNING id", ("PARKER", engine.model_id, engine.dim,
+                                                                  CODEC.current_id())).fetchone()
+        db.execute("UPDATE templates SET embedding = ? WHERE id = ?",
+                   (CODEC.seal("PARKER", engine.model_id, tid, parker_emb), tid))
         db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
         held_from = len(events.events)
         events.poll(6.0)  # six reload periods under the lock

@@ -18,10 +18,19 @@ import yaml
 import zmq.auth
 
 from kiosk.config import load_config
-from kiosk.tools.scenes import Walk
 from kiosk.messaging.transport import Transport, control_request, free_port, init_keys
+from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
-from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, scrape, stop, write_config
+from tests.pipeline_helpers import (
+    Events,
+    audit,
+    kiosk,
+    make_video,
+    people,
+    scrape,
+    stop,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,11 +16,10 @@ import yaml
 
 from kiosk.config import load_config
 from kiosk.errors import ImageError
-from kiosk.vision.images import decode_image
 from kiosk.messaging.messages import FrameHeader
-from kiosk.vision.images import image_size
-from kiosk.tools.scenes import Walk
 from kiosk.messaging.transport import Transport, control_request
+from kiosk.tools.scenes import Walk
+from kiosk.vision.images import decode_image, image_size
 from tests.conftest import run_cli
 from tests.pipeline_helpers import Events, kiosk, make_video, people, stop, write_config
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import yaml
 
 from kiosk.config import load_config
-from kiosk.tools.scenes import Walk
 from kiosk.messaging.transport import Transport, control_request, init_keys
+from kiosk.tools.scenes import Walk
 from tests.pipeline_helpers import kiosk, make_video, people, stop, write_config
 
 

@@ -168,7 +168,12 @@ def test_a_track_that_showed_a_few_attached_edges_waits_for_the_border_check_bef
     confirmed or has gone unseen for BORDER_CLEAR frames. A track that never showed such an edge never waits."""
     from kiosk.config import PadConfig
     from kiosk.vision.liveness import fuse
-    from kiosk.vision.liveness_checks import BORDER_CLEAR, BorderCheck, PadObservation, TextureCheck
+    from kiosk.vision.liveness_checks import (
+        BORDER_CLEAR,
+        BorderCheck,
+        PadObservation,
+        TextureCheck,
+    )
 
     faces = [(300 + 6 * i, 240, 100 + 2 * i) for i in range(40)]
     card = [_border_view(f, [(np.pi / 2, -(f[0] + 1.2 * f[2]))]) for f in faces]
@@ -316,7 +321,13 @@ def test_learned_models_decide_in_the_running_system(tmp_path, engine, photos, p
     import json as _json
 
     from kiosk.tools.scenes import Walk
-    from tests.pipeline_helpers import audit, head_turn_of, make_video, people, write_config
+    from tests.pipeline_helpers import (
+        audit,
+        head_turn_of,
+        make_video,
+        people,
+        write_config,
+    )
 
     crops = people(engine, photos)
     make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=0, frames=75, w0=80, w1=180,
@@ -360,7 +371,13 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
 
     from kiosk.tools.attacks import render_attack
     from kiosk.tools.scenes import Walk, write_video
-    from tests.pipeline_helpers import audit, head_turn_of, make_video, people, write_config
+    from tests.pipeline_helpers import (
+        audit,
+        head_turn_of,
+        make_video,
+        people,
+        write_config,
+    )
 
     yao_photo = cv2.imread(str(photos["yaoming.jpg"]))
     box = engine.detector.detect(yao_photo).largest().boxes[0]

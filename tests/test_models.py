@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from kiosk.config import config_from_mapping
-from kiosk.vision.engine import FaceEngine
 from kiosk.errors import ModelError, ProviderError
+from kiosk.vision.engine import FaceEngine
 from kiosk.vision.models import runtime
 from kiosk.vision.models.pack import default_pack_dir, load_pack
 

@@ -13,11 +13,19 @@ import numpy as np
 import pytest
 
 from kiosk.config import load_config
+from kiosk.messaging.transport import Transport, control_request, free_port
 from kiosk.tools.scenes import Walk
-from kiosk.messaging.transport import Transport, control_request
 from tests.conftest import run_cli
-from kiosk.messaging.transport import free_port
-from tests.pipeline_helpers import Events, audit, kiosk, make_video, people, scrape, stop, write_config
+from tests.pipeline_helpers import (
+    Events,
+    audit,
+    kiosk,
+    make_video,
+    people,
+    scrape,
+    stop,
+    write_config,
+)
 
 FPS = 30
 
@@ -244,8 +252,8 @@ def test_run_shuts_down_cleanly_on_sigterm(tmp_path, crops):
 
 
 def test_image_folder_and_video_sources(tmp_path, crops):
-    from kiosk.services.capture import ImageFolderSource, VideoSource, open_source
     from kiosk.config import CameraConfig
+    from kiosk.services.capture import ImageFolderSource, VideoSource, open_source
 
     folder = tmp_path / "shots"
     folder.mkdir()
@@ -270,9 +278,9 @@ def test_image_folder_and_video_sources(tmp_path, crops):
 
 def test_restarted_verifier_recalls_recent_accepts(tmp_path, engine):
     """A verifier restarted while a passenger is still in view must not open the gate for them twice."""
-    from kiosk.store.gallery import Match
     from kiosk.pipeline.tracking import Track
     from kiosk.services.verifier import Verifier
+    from kiosk.store.gallery import Match
 
     config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": 0}])
     now = time.time()

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from kiosk.config import PolicyConfig
-from kiosk.vision.faces import Faces
-from kiosk.store.gallery import Match
 from kiosk.pipeline.policy import DecisionPolicy
-from kiosk.vision.quality import Quality
 from kiosk.pipeline.tracking import Track, Tracker
+from kiosk.store.gallery import Match
+from kiosk.vision.faces import Faces
+from kiosk.vision.quality import Quality
 
 
 def track(tid: int = 1) -> Track:

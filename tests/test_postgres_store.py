@@ -11,13 +11,14 @@ import pytest
 from kiosk.errors import ConfigError, RuntimeFailure, UsageError
 from kiosk.store import postgres
 from tests.pg_server import PASSWORD, pg_server  # noqa: F401 - the fixture
+from tests.sealing_helpers import TEST_KEY, sealed_gallery
 
 MIGRATE = """
 import sys
 from pathlib import Path
 from kiosk.store import postgres
-conn = postgres.connect(postgres.target(sys.argv[1], Path(sys.argv[2])))
-print(postgres.migrate(conn))
+where = postgres.target(sys.argv[1], Path(sys.argv[2]))
+print(postgres.migrate(postgres.connect(where), where))
 """
 
 
@@ -55,7 +56,8 @@ def test_the_password_comes_from_a_file_or_the_environment_never_the_config(pg_s
 
 
 def test_several_processes_starting_together_create_the_schema_once(pg_server):
-    conn = postgres.connect(postgres.target(pg_server.url, pg_server.password_file))
+    where = postgres.target(pg_server.url, pg_server.password_file)
+    conn = postgres.connect(where)
     conn.execute("DROP SCHEMA public CASCADE")
     conn.execute("CREATE SCHEMA public")
     procs = [subprocess.Popen([sys.executable, "-c", MIGRATE, pg_server.url, str(pg_server.password_file)],
@@ -80,7 +82,7 @@ def test_several_processes_starting_together_create_the_schema_once(pg_server):
     # A database from a newer program is refused, not downgraded.
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(UsageError, match="newer than this program"):
-        postgres.migrate(conn)
+        postgres.migrate(conn, where)
 
 
 def test_an_enrollment_on_one_host_is_matched_by_a_verifier_on_another(pg_server, tmp_path, engine, photos):
@@ -88,7 +90,14 @@ def test_an_enrollment_on_one_host_is_matched_by_a_verifier_on_another(pg_server
     (real processes, CurveZMQ) accepts the passenger; B's config has no gallery file at all."""
     from kiosk.tools.scenes import Walk
     from tests.conftest import run_cli
-    from tests.pipeline_helpers import audit, kiosk, make_video, people, stop, write_config
+    from tests.pipeline_helpers import (
+        audit,
+        kiosk,
+        make_video,
+        people,
+        stop,
+        write_config,
+    )
 
     shared = {"url": pg_server.new_database(), "password_file": str(pg_server.password_file)}
     (tmp_path / "a").mkdir()
@@ -173,12 +182,11 @@ def test_migrate_copies_a_sqlite_gallery_into_postgresql_once(pg_server, tmp_pat
     from kiosk.boarding.model import DecisionRecord
     from kiosk.messaging.transport import free_port
     from kiosk.store.flights import SqliteBoardingStore
-    from kiosk.store.gallery import Gallery
     from tests.conftest import run_cli
     from tests.pg_server import GallerySite
 
     rng = np.random.default_rng(5)
-    with Gallery(tmp_path / "g.db") as g:
+    with sealed_gallery(tmp_path / "g.db") as g:
         for sid in ("ANN", "BOB", "CAT"):
             g.enroll(sid, sid.title(), rng.standard_normal((2, 8)).astype(np.float32), "m:1",
                      photo_hashes=[f"{sid}-1", f"{sid}-2"])
@@ -191,7 +199,8 @@ def test_migrate_copies_a_sqlite_gallery_into_postgresql_once(pg_server, tmp_pat
     url = pg_server.new_database()
     args = ["kiosk-enroll", "migrate", "--from", str(tmp_path / "g.db"), "--to", url,
             "--password-file", str(pg_server.password_file)]
-    res = run_cli(*args)
+    key = {"KIOSK_TEMPLATE_KEY": TEST_KEY.line()}  # the key the file's templates are sealed with
+    res = run_cli(*args, env=key)
     assert res.returncode == 0, res.stderr
     assert "3 subjects, 6 templates, 1 flights, 1 boarded marks" in res.stdout
     with GallerySite("postgresql", {"url": url, "password_file": str(pg_server.password_file)}).open() as pg:
@@ -202,10 +211,15 @@ def test_migrate_copies_a_sqlite_gallery_into_postgresql_once(pg_server, tmp_pat
         assert [(p.subject_id, p.boarding.event_id if p.boarding else None) for p in store.passengers("LH123")] == [
             ("ANN", "e1"), ("BOB", None)]
         assert pg.has_photo("CAT", "m:1", "CAT-2")
-    res = run_cli(*args)
+        blobs = pg.execute("SELECT id, embedding FROM templates ORDER BY id").fetchall()
+    with sealed_gallery(tmp_path / "g.db") as g:  # the sealed blobs carried unchanged, under their own ids
+        assert [(i, bytes(b)) for i, b in blobs] == [(i, bytes(b)) for i, b in g.execute(
+            "SELECT id, embedding FROM templates ORDER BY id").fetchall()]
+    res = run_cli(*args, env=key)
     assert res.returncode == 2 and "not empty" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("kiosk-enroll", "migrate", "--from", str(tmp_path / "g.db"), "--to",
-                  f"postgresql://kiosk@127.0.0.1:{free_port()}/kiosk", "--password-file", str(pg_server.password_file))
+                  f"postgresql://kiosk@127.0.0.1:{free_port()}/kiosk", "--password-file", str(pg_server.password_file),
+                  env=key)
     assert res.returncode == 1 and "unreachable" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
@@ -223,7 +237,13 @@ def test_the_database_down_for_5_s_under_a_running_gate_never_opens_it_and_the_g
     from kiosk.tools.scenes import Walk
     from tests.conftest import run_cli
     from tests.pg_server import GallerySite
-    from tests.pipeline_helpers import audit, live_gate, make_video, people, write_config
+    from tests.pipeline_helpers import (
+        audit,
+        live_gate,
+        make_video,
+        people,
+        write_config,
+    )
 
     section = {"url": pg_server.new_database(), "password_file": str(pg_server.password_file)}
     make_video(tmp_path / "a1.avi", [Walk(people(engine, photos)["yao"], start=45, frames=60, w0=90, w1=170)],
@@ -279,7 +299,14 @@ def test_two_verifier_hosts_boarding_one_flight_never_accept_one_passenger_twice
 
     from kiosk.tools.scenes import Walk
     from tests.conftest import run_cli
-    from tests.pipeline_helpers import audit, kiosk, make_video, people, stop, write_config
+    from tests.pipeline_helpers import (
+        audit,
+        kiosk,
+        make_video,
+        people,
+        stop,
+        write_config,
+    )
 
     crops = people(engine, photos)
     for name in ("parker", "duncan"):  # their "passport photos": the crops, enlarged

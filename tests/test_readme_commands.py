@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import yaml
 
-from kiosk.tools.scenes import Walk, person_crop
 from kiosk.messaging.transport import free_port
+from kiosk.tools.scenes import Walk, person_crop
 from tests.pad_models import red_is_real_model
 from tests.pipeline_helpers import head_turn_of, make_video, people
 
@@ -175,6 +175,7 @@ def test_every_readme_command_runs_as_written(site):
     # Keys and enrollment.
     sh.run("kiosk keys init var/keys")
     assert (site / "var/keys/server.key").is_file() and (site / "var/keys/webhook.secret").is_file()
+    assert (site / "var/keys/template.key").stat().st_mode & 0o777 == 0o600
     sh.run("kiosk keys init var/keys --client gate-a1 --role subscriber")
     assert (site / "var/keys/authorized_subscribers/gate-a1.key").is_file()
     assert not (site / "var/keys/authorized_clients/gate-a1.key").exists()
@@ -189,6 +190,10 @@ def test_every_readme_command_runs_as_written(site):
     assert "already exists" in sh.run(f"kiosk-enroll {cfg} init").stdout
     assert "backed up" in sh.run(f"kiosk-enroll {cfg} backup var/gallery-backup.db").stdout
     assert "restored" in sh.run(f"kiosk-enroll {cfg} restore var/gallery-backup.db").stdout
+    assert "template(s), all sealed" in sh.run(f"kiosk-enroll {cfg} seal").stdout  # (sealed from the start)
+    out = sh.run(f"kiosk-enroll {cfg} rotate-key --new var/keys/template-2027.key").stdout
+    assert "4 template(s) re-sealed" in out and "the old key opens nothing" in out
+    (site / "var/keys/template-2027.key").replace(site / "var/keys/template.key")  # "in place of the old"
     assert json.loads(sh.run(f"kiosk-enroll {cfg} compare a.jpg b.jpg --json").stdout)["match"] is False
     report = json.loads(sh.run(f"kiosk-enroll {cfg} evaluate pairs.csv --json").stdout)
     assert report["genuine_pairs"] == 1 and report["impostor_pairs"] == 1 and report["fnmr"] == 0.0

@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from kiosk.store.gallery import Gallery
 from kiosk.messaging.messages import BadMessage, decode_event, decode_frame
 from tests.conftest import run_cli
 from tests.pipeline_helpers import kiosk, stop, write_config
+from tests.sealing_helpers import sealed_gallery
 
 
 @pytest.mark.parametrize("header", [
@@ -66,7 +66,7 @@ def test_expiry_dates(tmp_path, photos):
 def test_matrix_knows_when_to_rebuild_for_expiry(tmp_path):
     rng = np.random.default_rng(0)
     e = rng.normal(size=(2, 8)).astype(np.float32)
-    with Gallery(tmp_path / "g.db") as g:
+    with sealed_gallery(tmp_path / "g.db") as g:
         g.enroll("soon", "", e[:1], "m", expires=time.time() + 5)
         g.enroll("later", "", e[1:], "m", expires=time.time() + 500)
         m = g.matrix("m", 8)

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from kiosk.errors import ConfigError
-from kiosk.store.sealing import (KEY_ENV, StaticKeys, TemplateCodec, TemplateKey, TemplateUnreadable, key_from_env,
-                                 read_key_file, write_key_file)
+from kiosk.store.sealing import (
+    KEY_ENV,
+    KeyRing,
+    TemplateCodec,
+    TemplateKey,
+    TemplateUnreadable,
+    key_from_env,
+    read_key_file,
+    write_key_file,
+)
 
 
 def template(seed: int) -> np.ndarray:
@@ -19,7 +27,7 @@ def template(seed: int) -> np.ndarray:
 
 
 def test_a_sealed_template_opens_only_on_its_own_row_and_holds_none_of_its_bytes(tmp_path):
-    codec = TemplateCodec(StaticKeys(write_key_file(tmp_path / "template.key")))
+    codec = TemplateCodec(KeyRing(write_key_file(tmp_path / "template.key")))
     yao, ann = template(1), template(2)
     blob = codec.seal("YAO", "model-a", 7, yao)
     assert np.array_equal(codec.open("YAO", "model-a", 7, blob), yao)
@@ -40,10 +48,10 @@ def test_a_sealed_template_opens_only_on_its_own_row_and_holds_none_of_its_bytes
 
 def test_a_blob_sealed_under_another_key_says_which_and_a_rotation_holds_both(tmp_path):
     old, new = TemplateKey.new(), TemplateKey.new()
-    blob = TemplateCodec(StaticKeys(old)).seal("YAO", "m", 1, template(1))
+    blob = TemplateCodec(KeyRing(old)).seal("YAO", "m", 1, template(1))
     with pytest.raises(TemplateUnreadable, match=old.key_id.hex()):
-        TemplateCodec(StaticKeys(new)).open("YAO", "m", 1, blob)
-    rotating = TemplateCodec(StaticKeys(new, old))  # new seals, old still opens
+        TemplateCodec(KeyRing(new)).open("YAO", "m", 1, blob)
+    rotating = TemplateCodec(KeyRing(new, old))  # new seals, old still opens
     assert np.array_equal(rotating.open("YAO", "m", 1, blob), template(1))
     assert rotating.key_id(rotating.seal("YAO", "m", 1, template(1))) == new.key_id
     assert old.secret.hex() not in repr(old) and old.key_id.hex() in repr(old)  # never the secret in a log

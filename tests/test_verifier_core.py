@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from kiosk.config import config_from_mapping
-from kiosk.store.gallery import GalleryMatrix
 from kiosk.messaging.messages import FrameHeader
-from kiosk.tools.scenes import person_crop
 from kiosk.pipeline.core import RECHECK_OVERDUE, Eof, Frame, VerifierCore
+from kiosk.store.gallery import GalleryMatrix
+from kiosk.tools.scenes import person_crop
 from tests.conftest import real_engine
 from tests.fake_models import FakeEngine, person
 

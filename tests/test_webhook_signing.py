@@ -21,10 +21,16 @@ import pytest
 
 from kiosk.config import config_from_mapping
 from kiosk.errors import ConfigError
+from kiosk.messaging.transport import free_port, init_keys
 from kiosk.services import subscriber
 from kiosk.services.subscriber import build_hooks, webhook_hook
-from kiosk.messaging.transport import free_port, init_keys
-from kiosk.services.webhook_signing import BadSignature, load_secret, make_secret, sign, verify
+from kiosk.services.webhook_signing import (
+    BadSignature,
+    load_secret,
+    make_secret,
+    sign,
+    verify,
+)
 from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]

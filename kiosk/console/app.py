@@ -35,6 +35,7 @@ from kiosk.console.auth import PasswordCheck, Sessions
 from kiosk.console.state import ConsoleState
 from kiosk.errors import ConfigError
 from kiosk.messaging.transport import init_keys
+from kiosk.store.sealing import key_source
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +325,9 @@ def run_console(cfg: KioskConfig) -> int:
     for cam in cfg.cameras:
         gates.setdefault(cam.gate, []).append(cam.id)
     hb = cfg.heartbeat
+    codec = key_source(cfg).load() if cfg.console.crops_dir else None  # crops on disk: sealed, or no start
     state = ConsoleState(gates, crops=cfg.console.crops, heartbeat_timeout_s=hb.interval_s * hb.misses,
-                         crops_dir=cfg.resolve(cfg.console.crops_dir) if cfg.console.crops_dir else None)
+                         crops_dir=cfg.resolve(cfg.console.crops_dir) if cfg.console.crops_dir else None, codec=codec)
     keys = cfg.resolve(cfg.security.keys_dir)
     if cfg.security.curve and (keys / "server.key_secret").is_file() and \
             not (keys / f"{cfg.console.key}.key_secret").exists():  # the verifier's host: make the console's key

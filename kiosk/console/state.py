@@ -14,6 +14,8 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
+from kiosk.store.sealing import TemplateCodec
+
 log = logging.getLogger(__name__)
 
 FEED_SIZE = 200
@@ -22,16 +24,29 @@ ALERT_REASONS = {"wrong_flight", "already_boarded", "presentation_attack", "stor
                  "gallery_unavailable", "audit_unavailable", "liveness_unverified"}
 
 
+def crop_context(name: str) -> str:
+    """What a crop file's seal is bound to: its name (a file renamed to another event's does not open)."""
+    return f"console-crop\x00{name}"
+
+
+def open_crop(path: Path, codec: TemplateCodec) -> bytes:
+    """The JPEG in a sealed crop file of console.crops_dir (`kiosk console --open-crop`)."""
+    return codec.open_bytes(crop_context(path.name.removesuffix(".crop")), path.read_bytes())
+
+
 def is_alert(event: dict[str, Any]) -> bool:
     return event.get("type") in ALERT_TYPES or event.get("reason") in ALERT_REASONS
 
 
 class ConsoleState:
     def __init__(self, gates: dict[str, list[str]], *, crops: int, heartbeat_timeout_s: float,
-                 crops_dir: Path | None = None) -> None:
+                 crops_dir: Path | None = None, codec: TemplateCodec | None = None) -> None:
         self.gates = gates  # gate -> its cameras (from the config)
         self.max_crops = crops
         self.crops_dir = crops_dir
+        self.codec = codec  # seals the crops written to crops_dir (the template key; required with one)
+        if crops_dir is not None and codec is None:
+            raise ValueError("console.crops_dir needs the template key: crops on disk are sealed")
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.lock = threading.Lock()
         self.verifier: dict[str, Any] | None = None
@@ -103,8 +118,10 @@ class ConsoleState:
         if self.crops_dir is not None:
             try:
                 self.crops_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                path = self.crops_dir / f"{event_id[:64]}.jpg"
-                path.write_bytes(jpeg)
+                name = "".join(c if c.isalnum() or c in "-_" else "_" for c in event_id[:64])
+                path = self.crops_dir / f"{name}.crop"
+                assert self.codec is not None
+                path.write_bytes(self.codec.seal_bytes(crop_context(name), jpeg))
                 path.chmod(0o600)
             except OSError as exc:
                 log.warning("decision crop not kept in %s: %s", self.crops_dir, exc)

@@ -177,6 +177,9 @@ class VerifierMetrics:
         self.gallery_subjects = Gauge("kiosk_gallery_subjects", "enrolled subjects in the search matrix",
                                       registry=r)
         self.gallery_templates = Gauge("kiosk_gallery_templates", "templates in the search matrix", registry=r)
+        self.gallery_unreadable = Gauge("kiosk_gallery_unreadable_templates", "templates of the gallery that do not "
+                                        "open with the template key (another row's blob, another key, damage): "
+                                        "left out of every search", registry=r)
         self.audit_failures = Counter("kiosk_audit_failures", "decisions the audit log could not hold (an accept "
                                       "among them was published as reject audit_unavailable)", registry=r)
         self.audit_ok = Gauge("kiosk_audit_ok", "1 while the audit log is writable", registry=r)

@@ -113,6 +113,7 @@ class Verifier:
         self._metrics_server = serve_metrics(self.metrics.registry, cfg.metrics.port) if cfg.metrics.port else None
         self.metrics.gallery_subjects.set(len(matrix))
         self.metrics.gallery_templates.set(matrix.template_count)
+        self.metrics.gallery_unreadable.set(sum(matrix.unreadable.values()))
         for prov in self.engine.providers:
             self.metrics.provider_info.labels(provider=prov).set(1)
         log.info("verifier ready: %d camera(s), gallery %d subjects / %d templates, %s", len(self.cameras),
@@ -443,7 +444,7 @@ class Verifier:
         problem = self.gallery.file_problem()
         if problem and isinstance(self.gallery, Gallery):
             try:
-                fresh = Gallery(self.gallery.path, create=False)
+                fresh = Gallery(self.gallery.path, create=False, codec=self.gallery.codec)
             except Exception:  # noqa: BLE001 - nothing usable at the path yet
                 fresh = None
             if fresh is not None and not fresh.file_problem():
@@ -548,6 +549,7 @@ class Verifier:
             self._last_error = ""
         self.metrics.gallery_subjects.set(len(loaded.full))
         self.metrics.gallery_templates.set(loaded.full.template_count)
+        self.metrics.gallery_unreadable.set(sum(loaded.full.unreadable.values()))
         log.info("gallery reloaded: revision %d, %d subjects, %d templates%s (%.0f ms)", loaded.revision,
                  len(loaded.full), loaded.full.template_count,
                  "" if loaded.full.scope is None else " of its gates' flights", self._load_ms)
@@ -559,7 +561,7 @@ class Verifier:
         return {
             "component": "verifier",
             "status": ("degraded" if down or self.audit.error or self._stale_reason() or self._record_failing
-                       else "ok"),
+                       or self.matrix.unreadable else "ok"),
             "cameras_down": down,
             "pid": os.getpid(), "providers": self.engine.providers,
             "fps": round(self.core.fps(now), 2), "drops": sum(c.stale for c in self.cameras.values()),
@@ -596,6 +598,9 @@ class Verifier:
         reason = self._stale_reason()
         status: dict[str, Any] = {"subjects": len(self.matrix), "templates": self.matrix.template_count,
                                   "stale": bool(reason), "error": reason, "revision": self.matrix.revision}
+        if self.matrix.unreadable:  # sealed templates that do not open: tampering or damage, left out
+            status["unreadable_templates"] = sum(self.matrix.unreadable.values())
+            status["unreadable_subjects"] = sorted(self.matrix.unreadable)[:20]
         if reason and self._stale_since is not None:
             left = max(0.0, self.cfg.gallery.stale_grace_s - (time.monotonic() - self._stale_since))
             status["stale_for_s"] = round(time.monotonic() - self._stale_since, 1)

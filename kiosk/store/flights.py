@@ -1,7 +1,7 @@
 """`BoardingStore` on the gallery (SQLite or PostgreSQL): flights, manifests, gate assignments, boarded marks.
 
 It shares the gallery's connection and transactions, so a subject's templates and their flights change
-together; its SQL runs on both backends (kiosk.store.gallery.GalleryQueries).
+together; its SQL runs on both backends (kiosk.store.queries.GalleryQueries).
 Changes that alter what a verifier matches against (flights, manifests, gate assignments, purges) bump the
 gallery's revision, so running verifiers reload within a second; boarded marks do not (they are read in the
 transaction that decides an accept, never cached).
@@ -19,7 +19,9 @@ from kiosk.boarding.gates import GateFlights
 from kiosk.boarding.model import Boarding, BoardOutcome, DecisionRecord, Flight, Passenger, PurgeResult
 from kiosk.config import KioskConfig
 from kiosk.errors import UsageError
-from kiosk.store.gallery import BUMP, GalleryQueries, open_gallery, prune_changes
+from kiosk.store.gallery import open_gallery
+from kiosk.store.queries import GalleryQueries
+from kiosk.store.schema import BUMP, prune_changes
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ class SqliteBoardingStore:
 
     def __init__(self, gallery: GalleryQueries) -> None:
         self.gallery = gallery
-        self._db = gallery._db
+        self._db = gallery  # (its `execute`: reads outside a transaction)
 
     def _write(self):  # noqa: ANN202 - the gallery's transaction context
         return self.gallery.writing()
@@ -130,7 +132,7 @@ class SqliteBoardingStore:
 
     def manifests(self, flight_ids: set[str]) -> dict[str, set[str]]:
         """Several flights' manifests in one snapshot."""
-        with self.gallery._transaction(write=False) as db:
+        with self.gallery.transaction(write=False) as db:
             return {f: {r[0] for r in db.execute("SELECT subject_id FROM manifest WHERE flight_id = ?", (f,))}
                     for f in flight_ids}
 
@@ -256,8 +258,8 @@ class SqliteBoardingStore:
 
 def open_store(cfg: KioskConfig) -> tuple[GalleryQueries, SqliteBoardingStore]:
     """The configured gallery (never created here: a missing one is a usage error) and its boarding store,
-    for the commands; close the gallery when done."""
-    gallery = open_gallery(cfg, create=False)
+    for the commands (they never open a template: no template key is read); close the gallery when done."""
+    gallery = open_gallery(cfg, create=False, keys=False)
     return gallery, SqliteBoardingStore(gallery)
 
 
@@ -269,7 +271,7 @@ def load_gate_flights(gallery: GalleryQueries, model_id: str, dim: int, *, requi
     flights `gates` board (unless a gate boards none and so searches everyone), and a passenger of another
     host's flight is rejected `no_match`. Given the `previous` view, only what changed is read."""
     store = SqliteBoardingStore(gallery)
-    with gallery._transaction(write=False):
+    with gallery.transaction(write=False):
         assignments = {g: f for g, f in store.assignments().items() if g in gates}
         manifests = {f: store.manifest(f) for f in set(assignments.values())}
         scope = None

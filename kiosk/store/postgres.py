@@ -1,5 +1,5 @@
 """The gallery and boarding state on PostgreSQL, for a site with many verifier hosts (README "Airport
-scale"). `PgGallery` runs the gallery's own SQL (kiosk.store.gallery.GalleryQueries) and so the boarding
+scale"). `PgGallery` runs the gallery's own SQL (kiosk.store.queries.GalleryQueries) and so the boarding
 store's, through a connection adapter.
 
 - The password never sits in a config's text or a log line: a URL that carries one is refused; it is read
@@ -27,112 +27,16 @@ import psycopg
 from kiosk.config import pg_url_problem
 from kiosk.errors import ConfigError, RuntimeFailure, UsageError
 from kiosk.files import read_regular_file
-from kiosk.store.gallery import BASELINE, GalleryQueries, _Transaction
+from kiosk.store.queries import GalleryQueries, Transaction, seal_templates
+from kiosk.store.schema import (BASELINE, CHANGES_CHANNEL, INDEXES, MIGRATIONS, POSTGRES_TRIGGERS, SCHEMA_VERSION,
+                                 create_tables)
+from kiosk.store.sealing import TemplateCodec
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4  # kiosk.store.gallery.SCHEMA_VERSION: the same tables
 PASSWORD_ENV = "KIOSK_PG_PASSWORD"
 MIGRATION_LOCK = 0x6B696F736B  # pg_advisory_xact_lock key: b"kiosk"
 WRITE_LOCK = 0x6B696F736B01  # every write transaction holds it: writers take turns, as on SQLite's write lock
-CHANGES_CHANNEL = "kiosk_changes"  # NOTIFY channel of gallery and boarding changes
-
-SCHEMA = [
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS subjects (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL DEFAULT '',
-        created DOUBLE PRECISION NOT NULL,
-        expires DOUBLE PRECISION,
-        metadata TEXT NOT NULL DEFAULT '{}')""",
-    """CREATE TABLE IF NOT EXISTS templates (
-        id BIGSERIAL PRIMARY KEY,
-        subject_id TEXT NOT NULL REFERENCES subjects(id) ON DELETE CASCADE,
-        model_id TEXT NOT NULL,
-        dim INTEGER NOT NULL,
-        embedding BYTEA NOT NULL,
-        quality TEXT NOT NULL DEFAULT '{}',
-        created DOUBLE PRECISION NOT NULL,
-        photo_sha256 TEXT)""",
-    "CREATE INDEX IF NOT EXISTS templates_subject ON templates(subject_id)",
-    "DROP INDEX IF EXISTS templates_model",  # (version 4: see kiosk.store.gallery.MIGRATIONS)
-    "CREATE INDEX IF NOT EXISTS subjects_expires ON subjects(expires)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS templates_photo ON templates(subject_id, model_id, photo_sha256)",
-    """CREATE TABLE IF NOT EXISTS flights (
-        id TEXT PRIMARY KEY,
-        departs DOUBLE PRECISION NOT NULL,
-        created DOUBLE PRECISION NOT NULL,
-        purged_at DOUBLE PRECISION)""",
-    """CREATE TABLE IF NOT EXISTS manifest (
-        flight_id TEXT NOT NULL REFERENCES flights(id) ON DELETE CASCADE,
-        subject_id TEXT NOT NULL,
-        added DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (flight_id, subject_id))""",
-    "CREATE INDEX IF NOT EXISTS manifest_subject ON manifest(subject_id)",
-    """CREATE TABLE IF NOT EXISTS gates (
-        gate_id TEXT PRIMARY KEY,
-        flight_id TEXT NOT NULL REFERENCES flights(id),
-        opened DOUBLE PRECISION NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS boardings (
-        flight_id TEXT NOT NULL,
-        subject_id TEXT NOT NULL,
-        gate_id TEXT NOT NULL,
-        camera_id TEXT,
-        boarded_at DOUBLE PRECISION NOT NULL,
-        score DOUBLE PRECISION,
-        event_id TEXT,
-        PRIMARY KEY (flight_id, subject_id))""",
-    """CREATE TABLE IF NOT EXISTS flight_decisions (
-        event_id TEXT PRIMARY KEY,
-        flight_id TEXT NOT NULL,
-        gate_id TEXT,
-        type TEXT NOT NULL,
-        reason TEXT,
-        subject_id TEXT,
-        candidate_id TEXT,
-        score DOUBLE PRECISION,
-        at DOUBLE PRECISION NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS flight_decisions_flight ON flight_decisions(flight_id)",
-    """CREATE TABLE IF NOT EXISTS subject_changes (
-        revision BIGINT NOT NULL,
-        subject_id TEXT NOT NULL,
-        PRIMARY KEY (revision, subject_id))""",
-    """CREATE TABLE IF NOT EXISTS boarding_log (
-        id BIGSERIAL PRIMARY KEY,
-        at DOUBLE PRECISION NOT NULL,
-        action TEXT NOT NULL,
-        flight_id TEXT,
-        subject_id TEXT,
-        gate_id TEXT,
-        detail TEXT NOT NULL DEFAULT '')""",
-    # Every change to a subject or its templates is logged for the verifiers (see kiosk.store.gallery.TRIGGERS).
-    """CREATE OR REPLACE FUNCTION kiosk_log_change() RETURNS trigger AS $$
-        BEGIN  -- TG_ARGV[0]: the column holding the subject id
-            IF TG_OP != 'INSERT' THEN
-                INSERT INTO subject_changes (revision, subject_id)
-                SELECT CAST(value AS BIGINT) + 1, to_jsonb(OLD) ->> TG_ARGV[0] FROM meta WHERE key = 'revision'
-                ON CONFLICT DO NOTHING;
-            END IF;
-            IF TG_OP != 'DELETE' THEN
-                INSERT INTO subject_changes (revision, subject_id)
-                SELECT CAST(value AS BIGINT) + 1, to_jsonb(NEW) ->> TG_ARGV[0] FROM meta WHERE key = 'revision'
-                ON CONFLICT DO NOTHING;
-            END IF;
-            RETURN NULL;
-        END $$ LANGUAGE plpgsql""",
-    "DROP TRIGGER IF EXISTS kiosk_subject_changed ON subjects",
-    """CREATE TRIGGER kiosk_subject_changed AFTER INSERT OR UPDATE OR DELETE ON subjects FOR EACH ROW
-        EXECUTE FUNCTION kiosk_log_change('id')""",
-    "DROP TRIGGER IF EXISTS kiosk_template_changed ON templates",
-    """CREATE TRIGGER kiosk_template_changed AFTER INSERT OR UPDATE OR DELETE ON templates FOR EACH ROW
-        EXECUTE FUNCTION kiosk_log_change('subject_id')""",
-    # Every revision bump is announced to the verifier hosts that LISTEN (delivered at commit).
-    f"""CREATE OR REPLACE FUNCTION kiosk_announce() RETURNS trigger AS $$
-        BEGIN PERFORM pg_notify('{CHANGES_CHANNEL}', NEW.value); RETURN NEW; END $$ LANGUAGE plpgsql""",
-    "DROP TRIGGER IF EXISTS kiosk_revision ON meta",
-    """CREATE TRIGGER kiosk_revision AFTER UPDATE ON meta FOR EACH ROW WHEN (NEW.key = 'revision')
-        EXECUTE FUNCTION kiosk_announce()""",
-]
 
 
 @dataclass(frozen=True)
@@ -178,9 +82,11 @@ def connect(where: PgTarget, *, timeout_s: float = 5.0, autocommit: bool = True)
         raise RuntimeFailure(f"database {where.where} unreachable: {first}") from None
 
 
-def migrate(conn: psycopg.Connection) -> int:
+def migrate(conn: psycopg.Connection, where: PgTarget, seal_with: TemplateCodec | None = None) -> int:
     """Create the schema or bring it to SCHEMA_VERSION, in one transaction under an advisory lock (hosts that
-    start together migrate once). Returns the version found before (0: a new database)."""
+    start together migrate once). A database from before version 5 with templates is upgraded only with
+    `seal_with` (`kiosk-enroll seal`), its templates sealed in place in the same transaction. Returns the
+    version found before (0: a new database)."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         found = schema_version(conn)
@@ -189,10 +95,24 @@ def migrate(conn: psycopg.Connection) -> int:
                              f"({SCHEMA_VERSION}); upgrade gate-kiosk")
         if found == SCHEMA_VERSION:
             return found
-        for statement in SCHEMA:
+        clear = conn.execute("SELECT COUNT(*) FROM templates").fetchone()[0] if found else 0  # type: ignore[index]
+        if clear and seal_with is None:
+            raise UsageError(f"database {where.where}: schema version {found} keeps its {clear} templates in the "
+                             "clear; seal them in place with `kiosk-enroll -c CONFIG seal` (back it up first), "
+                             "then start again")
+        for statement in create_tables("postgres"):
             conn.execute(statement)  # type: ignore[arg-type]
         conn.execute("INSERT INTO meta VALUES ('revision', '0') ON CONFLICT (key) DO NOTHING")
         conn.execute(BASELINE)
+        for version in range(found or SCHEMA_VERSION, SCHEMA_VERSION):
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)  # type: ignore[arg-type]
+        for statement in (*INDEXES, *POSTGRES_TRIGGERS):
+            conn.execute(statement)  # type: ignore[arg-type]
+        if clear and seal_with is not None:
+            sealed = seal_templates(PgDb(conn, where), seal_with)
+            log.info("database %s: sealed %d templates in place under key %s", where.where, sealed,
+                     seal_with.current_id())
         conn.execute("INSERT INTO meta VALUES ('schema_version', %s) ON CONFLICT (key) DO UPDATE SET value = "
                      "EXCLUDED.value", (str(SCHEMA_VERSION),))
         log.info("database: schema %s to version %d", "created" if found == 0 else f"upgraded from {found}",
@@ -280,7 +200,9 @@ class PgGallery(GalleryQueries):
     mark's checks and insert, are never interleaved with another host's); reads are REPEATABLE READ snapshots
     that never wait for a writer."""
 
-    def __init__(self, where: PgTarget, *, create: bool = False, timeout_s: float = 5.0) -> None:
+    def __init__(self, where: PgTarget, *, create: bool = False, timeout_s: float = 5.0,
+                 codec: TemplateCodec | None = None, seal: bool = False) -> None:
+        """`codec` and `seal`: as kiosk.store.sqlite_file.Gallery's."""
         self.where = where
         conn = connect(where, timeout_s=timeout_s)
         try:
@@ -289,11 +211,13 @@ class PgGallery(GalleryQueries):
                 raise UsageError(f"database {where.where} holds no gallery: create it with `kiosk-enroll -c CONFIG "
                                  "init` (or `kiosk-enroll migrate`)")
             if version != SCHEMA_VERSION:
-                migrate(conn)
+                migrate(conn, where, codec if seal else None)
+            self._db = PgDb(conn, where)
+            if codec is not None:
+                self.use_codec(codec)
         except BaseException:
             conn.close()
             raise
-        self._db = PgDb(conn, where)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -301,12 +225,14 @@ class PgGallery(GalleryQueries):
         return f"postgresql://{self.where.where}"
 
     def reopen(self) -> PgGallery:
-        return PgGallery(self.where)
+        other = PgGallery(self.where)
+        other.codec = self.codec  # (checked when this one was opened)
+        return other
 
-    def _transaction(self, write: bool = True) -> _Transaction:
+    def transaction(self, write: bool = True) -> Transaction:
         if write:
-            return _Transaction(self._db, ("BEGIN", f"SELECT pg_advisory_xact_lock({WRITE_LOCK})"))
-        return _Transaction(self._db, ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",))
+            return Transaction(self._db, ("BEGIN", f"SELECT pg_advisory_xact_lock({WRITE_LOCK})"))
+        return Transaction(self._db, ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",))
 
     def listen(self, changed: threading.Event, stop: threading.Event) -> None:
         """Until `stop`: LISTEN for the database's change announcements and set `changed` at each (a thread's
@@ -323,6 +249,11 @@ class PgGallery(GalleryQueries):
             except Exception as exc:  # noqa: BLE001 - keep listening; the one-second poll covers the gap
                 log.debug("database %s: change listener: %s", self.where.where, exc)
                 stop.wait(1.0)
+
+    def _after_copy(self, db: PgDb) -> None:  # type: ignore[override]
+        for table in ("templates", "boarding_log"):
+            db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) "
+                       f"FROM {table}")
 
     def backup(self, dest: Path) -> int:
         raise UsageError(f"{self.name}: back up a PostgreSQL gallery with the server's own tools (pg_dump)")

@@ -33,6 +33,7 @@ from kiosk.errors import RuntimeFailure, UsageError
 from kiosk.messaging.channels import EventChannel, wait_until_eof
 from kiosk.messaging.messages import EVENT_TOPIC, HEALTH_TOPIC, CaptureHealth, Event, Heartbeat
 from kiosk.store.gallery import open_gallery
+from kiosk.store.sealing import key_source
 from kiosk.messaging.transport import Transport, control_request, init_keys, loopback_endpoints
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ def _bench_config(cfg: KioskConfig, cameras: list[tuple[str, str, Path]], folder
         "cameras": [{"id": cid, "gate": gate, "source": str(video.resolve()), "realtime": realtime}
                     for cid, gate, video in cameras],
         "transport": loopback_endpoints(),
-        "security": {"curve": cfg.security.curve, "keys_dir": str(folder / "keys")},
+        "security": {"curve": cfg.security.curve, "keys_dir": str(folder / "keys"),
+                     "template_key_file": str(key_source(cfg).path) if key_source(cfg).path else None},
         "policy": asdict(cfg.policy),
         "pad": asdict(cfg.pad),  # liveness on or off as configured: its cost is part of what is measured
         "audit": {"path": str(folder / "events.jsonl")},

@@ -39,7 +39,7 @@ from enrollment.photos import reference_template
 from kiosk.config import KioskConfig, load_config, models_section
 from kiosk.vision.engine import FaceEngine
 from kiosk.store.flights import SqliteBoardingStore
-from kiosk.store.gallery import Gallery
+from kiosk.store.gallery import open_gallery
 from kiosk.vision.images import read_image
 from kiosk.messaging.channels import EventChannel
 from kiosk.messaging.messages import Event
@@ -160,7 +160,7 @@ def run_demo(base: KioskConfig, out: Path) -> bool:
     other_photo = out / "pax-ba456.jpg"  # their "passport photo": the crop, enlarged
     cv2.imwrite(str(other_photo), cv2.resize(other, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_CUBIC))
     departs = time.time() + 3 * 3600
-    with Gallery(cfg.resolve(cfg.gallery.path)) as gallery:
+    with open_gallery(cfg, create=True) as gallery:
         store = SqliteBoardingStore(gallery)
         for (sid, name), photo, flight in ((SUBJECT, sample_photo("yaoming.jpg"), FLIGHT),
                                            (OTHER, other_photo, OTHER_FLIGHT)):

@@ -38,6 +38,10 @@ def format_status(s: dict[str, Any]) -> str:
     g = s.get("gallery", {})
     lines.append(f"  gallery: {g.get('subjects', 0)} subject(s), {g.get('templates', 0)} template(s), "
                  f"revision {g.get('revision')}")
+    if g.get("unreadable_templates"):
+        lines.append(f"  gallery: {g['unreadable_templates']} template(s) do not open with the template key and "
+                     f"are left out (tampered or damaged rows; re-enroll or remove): "
+                     f"{', '.join(g.get('unreadable_subjects', []))}")
     lines.append(f"  throughput: {s.get('fps', 0):.1f} frames/s, queue {s.get('queue_depth', 0)}, "
                  f"{s.get('bad_messages', 0)} bad message(s) dropped")
     lines.append(f"  latency: capture to processed {_ms(s.get('frame_latency_ms'))}; "
