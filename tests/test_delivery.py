@@ -75,3 +75,48 @@ def test_a_restarted_subscriber_misses_no_event_and_a_quick_verifier_restart_is_
     states = [(e["type"], e["reason"]) for e in handed if e["type"].startswith("verifier_")]
     assert ("verifier_down", "the verifier restarted (new boot id)") in states
     assert states[-1][0] == "verifier_up", (states, sub_err[-3000:], verifier_err[-2000:])
+
+
+def test_a_subscriber_that_joins_late_gets_the_events_of_a_verifier_that_started_after_it(tmp_path, engine,
+                                                                                          photos):
+    """The slow join `kiosk run` risks: the subscriber starts first, but its connection comes up only after the
+    verifier has decided (here: the subscriber is stopped with SIGSTOP until then). It has no position yet, so
+    no gap to see; the verifier's heartbeat says it booted after the subscriber started, so the subscriber
+    fetches that boot's events from the start."""
+    crops = people(engine, photos)
+    make_video(tmp_path / "walk.avi", [Walk(crops["parker"], start=0, frames=36, w0=80, w1=170)], seconds=1.5)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "walk.avi", "realtime": False}],
+                          heartbeat={"interval_s": 0.5, "misses": 20})
+    out = tmp_path / "gate-a1.jsonl"
+    sub = kiosk(config, "subscribe", "--gate", "A1", "--jsonl", str(out), "--name", "gate-a1", quiet=False)
+    verifier = capture = None
+    events = None
+    try:
+        os.set_blocking(sub.stderr.fileno(), False)
+        seen, deadline = "", time.monotonic() + 30
+        while "subscriber gate-a1:" not in seen and time.monotonic() < deadline:  # constructed: it is running
+            try:
+                seen += os.read(sub.stderr.fileno(), 65536).decode(errors="replace")
+            except BlockingIOError:
+                time.sleep(0.05)
+        assert "subscriber gate-a1:" in seen, seen
+        os.kill(sub.pid, signal.SIGSTOP)
+        verifier = kiosk(config, "verify")
+        events = Events(config, ("event.", "health.verifier"))
+        assert events.wait_for(lambda ev: ev.health, 30)
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        assert capture.wait(60) == 0
+        assert events.wait_for(lambda ev: ev.events, 20)
+        decided = [e.event_id for e in events.events]
+        os.kill(sub.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while not {e["event_id"] for e in _jsonl(out)} >= set(decided) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [e["event_id"] for e in _jsonl(out) if e["type"] in ("accept", "reject")] == decided
+    finally:
+        if events is not None:
+            events.close()
+        os.kill(sub.pid, signal.SIGCONT)
+        stop(sub)
+        if verifier is not None:
+            stop(verifier)

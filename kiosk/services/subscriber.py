@@ -378,6 +378,7 @@ class Subscriber:
         self._in_hooks: dict[str, deque[list[Any]]] = {}  # gate -> [event_id, boot, seq, hooks not done yet]
         self._saving = threading.Lock()
         self.boot_id: str | None = None  # the verifier's, from its heartbeat
+        self.started_at = time.time()  # of a verifier boot after this, every event is ours (none missed joining)
         self._handed: deque[str] = deque(maxlen=10_000)  # recent event ids, to skip one fetched twice
         self._catch_up_due = bool(self.cursors)
 
@@ -481,9 +482,15 @@ class Subscriber:
         if isinstance(boot, str):
             self.boot_id = boot
         counts = body.get("event_seq")
+        booted = body.get("booted_at")
         if isinstance(counts, dict) and isinstance(boot, str):
             for gate, n in counts.items():
                 cur = self.cursors.get(gate)
+                if cur is None and isinstance(booted, (int, float)) and booted >= self.started_at and \
+                        (self.gate is None or gate == self.gate):
+                    # A verifier that started after this subscriber decided before it was heard (a slow
+                    # join: `kiosk run` starts both at once): those events are this subscriber's too.
+                    self.cursors[gate] = cur = (boot, 0)
                 if (self.gate is None or gate == self.gate) and isinstance(n, int) and cur is not None \
                         and cur[0] == boot and n > cur[1]:
                     self._catch_up_due = True  # published, but not arrived here

@@ -97,6 +97,7 @@ class Verifier:
         self._recall_accepts(audit_path)
         self.audit = AuditLog(audit_path, cfg.retention.audit_days)
         self.boot_id = uuid.uuid4().hex  # with event_seq, lets a subscriber see a restart and any gap
+        self.booted_at = time.time()  # a subscriber started before this boot wants all of its events
         self._event_seq: dict[str, int] = {}  # per gate: a gate's subscriber sees 1, 2, 3... and any gap
         self.recent = RecentEvents(read_tail(audit_path))  # what a subscriber that missed some can fetch
         self.metrics.audit_ok.set_function(lambda: 0.0 if self.audit.error else 1.0)
@@ -617,7 +618,7 @@ class Verifier:
             return
         self._last_heartbeat = mono
         body = self.status()
-        body["boot_id"], body["event_seq"] = self.boot_id, dict(self._event_seq)
+        body["boot_id"], body["event_seq"], body["booted_at"] = self.boot_id, dict(self._event_seq), self.booted_at
         del body["claims"]  # passenger ids stay off the health topic: every subscriber key hears it
         if status is not None:
             body["status"] = status
