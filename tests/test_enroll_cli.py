@@ -209,7 +209,7 @@ def test_version_1_gallery_is_upgraded_in_place(tmp_path, people, capsys):
     before = dump()
     # Its templates are in the clear: nothing opens it but `seal`, and `seal` only with a key.
     assert enroll(config, "add", "--id", "NEW", str(people["gdp0"])) == 2
-    assert "in the clear; seal them in place with `kiosk-enroll -c CONFIG seal`" in capsys.readouterr().err
+    assert f"in the clear; seal them in place with `kiosk-enroll -c CONFIG seal {db}`" in capsys.readouterr().err
     assert enroll(config, "seal") == 2
     assert "no template key there" in capsys.readouterr().err
     assert dump() == before  # nothing written

@@ -181,8 +181,8 @@ class Gallery(GalleryQueries):
         clear = db.execute("SELECT COUNT(*) FROM templates").fetchone()[0] if version < SEALED_VERSION else 0
         if clear and self._seal_with is None:
             raise UsageError(f"gallery {self.path}: schema version {version} keeps its {clear} templates in the "
-                             "clear; seal them in place with `kiosk-enroll -c CONFIG seal` (back the file up "
-                             "first), then start again")
+                             f"clear; seal them in place with `kiosk-enroll -c CONFIG seal {self.path}` (back "
+                             "the file up first), then start again")
         while version < SCHEMA_VERSION:
             for statement in MIGRATIONS[version]:
                 db.execute(statement)
