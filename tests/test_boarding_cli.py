@@ -15,8 +15,8 @@ import pytest
 
 from kiosk.boarding.model import DecisionRecord
 from kiosk.store.flights import SqliteBoardingStore
+from kiosk.store.gallery import Gallery
 from tests.conftest import run_cli
-from tests.sealing_helpers import sealed_gallery
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_an_operators_day_on_the_command_line(site):
 
     # Decisions as the verifier records them: PARKER rejected twice (best candidate below the bar), then boards;
     # YAO boards at once, and is turned away at the other door.
-    with sealed_gallery(folder / "gallery.db") as g:
+    with Gallery(folder / "gallery.db") as g:  # (the boarding store opens no template: no key)
         store = SqliteBoardingStore(g)
         t = time.time()
         store.record(DecisionRecord("r1", "LH123", "A1", "reject", "no_match", None, "PARKER", 0.31, t))
@@ -149,7 +149,7 @@ def test_bad_flight_input_is_one_line_exit_2_and_writes_nothing(tmp_path, site, 
     config.write_text(site.read_text())
     for name in ("lh123.csv", "yao.jpg", "parker.jpg"):
         (tmp_path / name).write_bytes((folder / name).read_bytes())
-    with sealed_gallery(tmp_path / "gallery.db") as g:
+    with Gallery(tmp_path / "gallery.db") as g:  # (the boarding store opens no template: no key)
         store = SqliteBoardingStore(g)
         store.add_flight("OLD1", time.time() - 3600)
         store.add_flight("OK1", time.time() + 3600)
