@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import shutil
 import socket
 import threading
@@ -353,8 +354,34 @@ class Transport:
         self.ctx.destroy(linger=0)
 
 
+_CHOSEN: set[int] = set()  # ports this process has handed out (never twice)
+
+
+def _ephemeral_low() -> int:
+    """The bottom of the kernel's ephemeral port range (Linux; 32768 where unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port free on loopback right now (for demos, benchmarks and tests)."""
+    """A TCP port free on loopback right now (for demos, benchmarks and tests), chosen below the ephemeral
+    range: a port from that range (what binding port 0 gives) can be taken by any process's outgoing
+    connection between this choice and the bind that uses it (a run failing with 'Address already in use')."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(15000, low) if low > 16000 else rng.randrange(1024, 65536)
+        if port in _CHOSEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _CHOSEN.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
