@@ -3,12 +3,17 @@ the test starts (their configs' keys_dir holds the same key, `write_test_key`)."
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from kiosk.store.sealing import KEY_FILE_NAME, KeyRing, TemplateCodec, TemplateKey
+from kiosk.store.sealing import (
+    KEY_FILE_NAME,
+    KeyRing,
+    TemplateCodec,
+    TemplateKey,
+    write_key_file,
+)
 from kiosk.store.sqlite_file import Gallery
 
 TEST_KEY = TemplateKey(bytes.fromhex("7465737400000001"), bytes(range(32)))
@@ -23,11 +28,8 @@ def sealed_gallery(path: Path, **kwargs) -> Gallery:
 def write_test_key(keys_dir: Path) -> Path:
     """keys_dir/template.key holding the tests' key (0600), unless a key is there already."""
     path = Path(keys_dir) / KEY_FILE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(TEST_KEY.line())
+        write_key_file(path, TEST_KEY)
     return path
 
 

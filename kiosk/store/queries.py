@@ -112,9 +112,9 @@ class GalleryQueries:
         left out as unreadable when loaded, like any template that does not open.)"""
         with self.transaction(write=False) as db:
             self._follow_keys(db, codec)
-            for key_id, count in db.execute(
-                    "SELECT key_id, COUNT(*) FROM templates WHERE key_id IS NOT NULL GROUP BY key_id ORDER BY 1"
-            ).fetchall():
+            for key_id, count in self.key_ids(db).items():
+                if not key_id:
+                    continue
                 problem = codec.check(key_id, self._meta(CHECK_PREFIX + key_id))
                 if problem:
                     hint = ""
@@ -218,10 +218,10 @@ class GalleryQueries:
     def template_count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM templates").fetchone()[0])
 
-    def key_ids(self) -> dict[str, int]:
-        """Templates per key id (hex) that sealed them ('' for none)."""
-        return {str(k): int(n) for k, n in self._db.execute(
-            "SELECT COALESCE(key_id, ''), COUNT(*) FROM templates GROUP BY key_id ORDER BY 1")}
+    def key_ids(self, db: Any = None) -> dict[str, int]:
+        """Templates per key id (hex) that sealed them ('' for none); `db`: inside that transaction."""
+        return {str(k): int(n) for k, n in (db or self._db).execute(
+            "SELECT COALESCE(key_id, ''), COUNT(*) FROM templates GROUP BY key_id ORDER BY 1").fetchall()}
 
     # -- writes ------------------------------------------------------------------
     def enroll(self, subject_id: str, name: str, embeddings: np.ndarray, model_id: str, *,

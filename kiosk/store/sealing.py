@@ -124,11 +124,11 @@ class KeyRing:
         self._current = self._by_id[key_id]
 
 
-def write_key_file(path: Path) -> TemplateKey:
-    """A new key in a new file, created 0600 (never over an existing one: that would shred the gallery). The
-    file appears whole or not at all (written aside, then linked into place), so a process that finds it
-    reads a complete key even while another is making it."""
-    key = TemplateKey.new()
+def write_key_file(path: Path, key: TemplateKey | None = None) -> TemplateKey:
+    """A new key (or `key`) in a new file, created 0600 (never over an existing one: that would shred the
+    gallery). The file appears whole or not at all (written aside, then linked into place), so a process
+    that finds it reads a complete key even while another is making it."""
+    key = key or TemplateKey.new()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, aside = tempfile.mkstemp(prefix=".template-key-", dir=path.parent)  # 0600
@@ -286,48 +286,44 @@ class TemplateCodec:
     def _context(subject_id: str, model_id: str, template_id: int | str) -> bytes:
         return "\x00".join((subject_id, model_id, str(template_id))).encode("utf-8")
 
-    def seal(self, subject_id: str, model_id: str, template_id: int | str, template: np.ndarray) -> bytes:
+    def _seal(self, data: bytes, context: bytes) -> bytes:
         key = self.keys.current()
         nonce = os.urandom(NONCE_BYTES)
+        return MAGIC + key.key_id + nonce + self._cipher(key).encrypt(nonce, data, context)
+
+    def _open(self, blob: bytes, context: bytes, what: str, kind: str, elsewhere: str) -> bytes:
+        """The clear bytes of `blob`; TemplateUnreadable saying which of `what` is wrong."""
+        blob = bytes(blob)
+        key_id = self.key_id(blob)
+        if key_id is None or len(blob) < HEADER_BYTES + 16:
+            raise TemplateUnreadable(f"{what}: not a sealed {kind}")
+        key = self.keys.get(key_id)
+        if key is None:
+            raise TemplateUnreadable(f"{what}: sealed under key {key_id.hex()}, which this process does not hold")
+        try:
+            return self._cipher(key).decrypt(blob[len(MAGIC) + KEY_ID_BYTES:HEADER_BYTES], blob[HEADER_BYTES:],
+                                             context)
+        except InvalidTag:
+            raise TemplateUnreadable(f"{what}: does not open ({elsewhere}, or damaged)") from None
+
+    def seal(self, subject_id: str, model_id: str, template_id: int | str, template: np.ndarray) -> bytes:
         clear = np.ascontiguousarray(template, dtype="<f4").tobytes()
-        sealed = self._cipher(key).encrypt(nonce, clear, self._context(subject_id, model_id, template_id))
-        return MAGIC + key.key_id + nonce + sealed
+        return self._seal(clear, self._context(subject_id, model_id, template_id))
+
+    def open(self, subject_id: str, model_id: str, template_id: int | str, blob: bytes) -> np.ndarray:
+        clear = self._open(blob, self._context(subject_id, model_id, template_id),
+                           f"template {template_id} of {subject_id}", "template", "another row's blob")
+        return np.frombuffer(clear, dtype="<f4").astype(np.float32)
 
     def seal_bytes(self, context: str, data: bytes) -> bytes:
         """Other biometric bytes (a console's decision crop) sealed like a template, bound to `context`."""
-        key = self.keys.current()
-        nonce = os.urandom(NONCE_BYTES)
-        return MAGIC + key.key_id + nonce + self._cipher(key).encrypt(nonce, data, b"bytes\x00" + context.encode())
+        return self._seal(data, b"bytes\x00" + context.encode())
 
     def open_bytes(self, context: str, blob: bytes) -> bytes:
-        key = self.keys.get(blob[len(MAGIC):len(MAGIC) + KEY_ID_BYTES]) if blob[:len(MAGIC)] == MAGIC else None
-        if key is None or len(blob) < HEADER_BYTES + 16:
-            raise TemplateUnreadable(f"{context}: not sealed under a key {self.where} holds")
-        try:
-            return self._cipher(key).decrypt(blob[len(MAGIC) + KEY_ID_BYTES:HEADER_BYTES], blob[HEADER_BYTES:],
-                                             b"bytes\x00" + context.encode())
-        except InvalidTag:
-            raise TemplateUnreadable(f"{context}: does not open (another file's, or damaged)") from None
+        return self._open(blob, b"bytes\x00" + context.encode(), context.replace("\x00", " "), "file",
+                          "another file's")
 
     def key_id(self, blob: bytes) -> bytes | None:
         """Which key sealed `blob` (None: not a sealed template)."""
         blob = bytes(blob)
         return blob[len(MAGIC):len(MAGIC) + KEY_ID_BYTES] if blob[:len(MAGIC)] == MAGIC else None
-
-    def open(self, subject_id: str, model_id: str, template_id: int | str, blob: bytes) -> np.ndarray:
-        blob = bytes(blob)
-        key_id = self.key_id(blob)
-        if key_id is None or len(blob) < HEADER_BYTES + 16:
-            raise TemplateUnreadable(f"template {template_id} of {subject_id}: not a sealed template")
-        key = self.keys.get(key_id)
-        if key is None:
-            raise TemplateUnreadable(f"template {template_id} of {subject_id}: sealed under key {key_id.hex()}, "
-                                     "which this process does not hold")
-        nonce = blob[len(MAGIC) + KEY_ID_BYTES:HEADER_BYTES]
-        try:
-            clear = self._cipher(key).decrypt(nonce, blob[HEADER_BYTES:],
-                                               self._context(subject_id, model_id, template_id))
-        except InvalidTag:
-            raise TemplateUnreadable(f"template {template_id} of {subject_id}: does not open (another row's "
-                                     "blob, or damaged)") from None
-        return np.frombuffer(clear, dtype="<f4").astype(np.float32)

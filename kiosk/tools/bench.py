@@ -44,6 +44,7 @@ CAMERA, GATE = "bench", "BENCH"
 def _bench_config(cfg: KioskConfig, cameras: list[tuple[str, str, Path]], folder: Path, realtime: bool) -> Path:
     """A config for the bench's own verifier and captures: the user's gallery, models, policy and liveness;
     its own loopback endpoints, keys and audit file. `cameras`: (camera id, gate id, video) each."""
+    key_file = key_source(cfg).path  # the user's template key (None: from the environment, inherited)
     data = {
         "gallery": {"path": str(cfg.resolve(cfg.gallery.path)), "url": cfg.gallery.url,
                     "password_file": str(cfg.resolve(cfg.gallery.password_file)) if cfg.gallery.password_file
@@ -53,7 +54,7 @@ def _bench_config(cfg: KioskConfig, cameras: list[tuple[str, str, Path]], folder
                     for cid, gate, video in cameras],
         "transport": loopback_endpoints(),
         "security": {"curve": cfg.security.curve, "keys_dir": str(folder / "keys"),
-                     "template_key_file": str(key_source(cfg).path) if key_source(cfg).path else None},
+                     "template_key_file": str(key_file) if key_file else None},
         "policy": asdict(cfg.policy),
         "pad": asdict(cfg.pad),  # liveness on or off as configured: its cost is part of what is measured
         "audit": {"path": str(folder / "events.jsonl")},
