@@ -283,9 +283,22 @@ def test_every_readme_command_runs_as_written(site):
         for f in files:  # each hook got decisions of the running gate (the receiver: signed, verified)
             events = [json.loads(line) for line in f.read_text().splitlines()]
             assert events and all(e["type"] in ("accept", "reject") for e in events), f
+        # The hooks.python subscriber prints each decision: wait for its first, as for the files above.
+        printed, fd = "", subs[2][0].stdout.fileno()
+        os.set_blocking(fd, False)
+        deadline = time.monotonic() + 40
+        while not re.search(r"^(accept|reject)$", printed, re.M) and time.monotonic() < deadline:
+            try:
+                chunk = os.read(fd, 65536).decode(errors="replace")
+            except BlockingIOError:
+                time.sleep(0.25)
+                continue
+            if not chunk:
+                break
+            printed += chunk
         python_out = {line: Shell.stop(proc, line) for proc, line in subs}
         subs = []
-        assert re.search(r"^(accept|reject)$", python_out[lines[2]], re.M)
+        assert re.search(r"^(accept|reject)$", printed + python_out[lines[2]], re.M)
         status_line = f"kiosk {cfg} board status --flight LH123 --json"
         deadline = time.monotonic() + 40  # PNR123 (the claim above, or 1:1 on LH123) boards at A1
         while json.loads(sh.run(status_line).stdout)["flights"][0]["boarded"] < 1 and time.monotonic() < deadline:
