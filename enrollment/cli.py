@@ -423,23 +423,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_pad(args: argparse.Namespace) -> int:
-    from enrollment.pad_eval import PadReport, judge_video, read_labels, text
+    from enrollment.pad_eval import PadReport, check_files, judge, read_labels, samples, text
     from kiosk.vision.liveness import PadEngine
     from kiosk.vision.models import runtime
 
+    if not 1 <= args.still_hold <= 300:
+        raise UsageError(f"--still-hold: expected 1 to 300 frames, found {args.still_hold}")
+    if not 0.0 <= args.margin <= 0.99:
+        raise UsageError(f"--margin: expected 0 to 0.99, found {args.margin:g}")
     rows = read_labels(Path(args.labels))
     ctx = _context(args)
     pad = ctx.engine.pad or PadEngine.from_config(ctx.cfg, runtime.plan_providers(ctx.cfg.models.providers))
-    report = PadReport(ctx.cfg, [m.name for m in pad.models], list(pad.checks))
-    for row in tqdm(rows, desc="judging", unit="video", file=sys.stderr, disable=args.no_progress):
+    try:
+        check_files(rows)  # a missing file is named before the long part (after the config's own errors)
+    except UsageError as exc:
+        raise UsageError(f"{args.labels}: {exc}") from None
+    items = samples(rows)
+    report = PadReport(ctx.cfg, [m.name for m in pad.models], list(pad.checks), hold=args.still_hold,
+                       margin=args.margin)
+    for item in tqdm(items, desc="judging", unit="clip", file=sys.stderr, disable=args.no_progress):
         try:
-            presentations = judge_video(ctx.engine, pad, ctx.cfg, row.path)
-        except UsageError as exc:
-            raise UsageError(f"{args.labels}: line {row.line}: {exc}") from None
-        if not presentations:
-            report.no_face.append({"line": row.line, "video": str(row.path), "label": row.label})
-            continue
-        report.add(row.line, row.path, row.label, presentations)
+            presentations = judge(ctx.engine, pad, ctx.cfg, item, args.still_hold)
+        except UsageError as exc:  # 'line N: ...'
+            raise UsageError(f"{args.labels}: {exc}") from None
+        report.add(item, presentations)
     data = report.as_dict(sweep=args.sweep)
     print(json.dumps(data) if args.json else "\n".join(text(data)))
     return EXIT_OK
@@ -525,11 +532,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("evaluate-pad", help="APCER per attack type and BPCER of the liveness checks, each face track "
-                                            "of labelled videos judged as the gate would (columns video,label: "
-                                            "bona_fide or an attack type)")
+    p = sub.add_parser("evaluate-pad", help="APCER per attack type and BPCER of the liveness checks, with their "
+                                            "one-sided 95%% upper bounds (Clopper-Pearson), in all, per source and "
+                                            "leaving one source out; each face track of labelled videos and still "
+                                            "clips judged as the gate would (columns video,label or file,label: "
+                                            "bona_fide or an attack type; optional subject, source)")
     p.add_argument("labels", metavar="LABELS.csv")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--still-hold", type=int, default=6, metavar="N", help="stills (.jpg .jpeg .png .bmp .webp) are "
+                   "scored as a still clip: those of one source, label and subject (or a still alone without a "
+                   "subject) in file-name order, each held N frames at 30 fps (default 6)")
+    p.add_argument("--margin", type=float, default=0.1, metavar="M", help="leave-one-source-out: the texture "
+                   "threshold fitted on the other sources is the lowest that accepts none of their attack "
+                   "presentations plus M, at most 0.99 (default 0.1)")
     p.add_argument("--sweep", action="store_true", help="also replay every presentation at texture thresholds "
                    "0.05-0.95 and fit the thresholds for BPCER 1%% and 5%% where the data allows")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

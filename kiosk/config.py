@@ -194,17 +194,18 @@ class AuditConfig:
 class PadConfig:
     """Presentation attack detection (liveness), on by default. `checks` names the cues (kiosk.vision.
     liveness_checks.CHECKS, or a site's own `module:Class`); the texture check runs where `models.pad` names models
-    (by default the shipped pair). A track any check accuses is rejected `presentation_attack`. Live: the texture
-    models' mean probability of "real" at `threshold` or more (or a head's parallax), no accusation, and at least
-    `min_frames` frames observed; a mean below `attack_below` accuses. An accept waits up to `max_wait_s` for live
-    and is otherwise rejected `liveness_unverified` (fail closed)."""
+    (by default the shipped pair). A track any check accuses is rejected `presentation_attack`. Live needs both
+    kinds of evidence: the texture models' mean probability of "real" at `threshold` or more, and the face moving as
+    a living one (a blink, the lips or brows: the motion check; or a head's parallax: the depth check); no
+    accusation, and at least `min_frames` frames observed. A texture mean below `attack_below` accuses. An accept
+    waits up to `max_wait_s` for live and is otherwise rejected `liveness_unverified` (fail closed)."""
 
     enabled: bool = True
-    checks: list[str] = field(default_factory=lambda: ["texture", "depth", "screen", "border"])
-    threshold: float = 0.3
+    checks: list[str] = field(default_factory=lambda: ["texture", "depth", "motion", "screen"])
+    threshold: float = 0.9
     attack_below: float = 0.1
     min_frames: int = 8
-    max_wait_s: float = 2.0
+    max_wait_s: float = 3.0
 
 
 @dataclass

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Make presentation-attack videos from a photo: a hand-held print, or a phone/tablet screen.
+"""Make presentation-attack videos from a photo: a hand-held print, a phone/tablet screen, or a clean photo filling the frame.
 
     uv run scripts/make_attack_video.py --type print --out print.avi photo.jpg
     uv run scripts/make_attack_video.py --type screen --seed 3 --close-up --out screen.avi photo.jpg
@@ -25,7 +25,7 @@ from kiosk.vision.images import read_image
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("photo", type=Path)
-    ap.add_argument("--type", choices=["print", "screen"], required=True)
+    ap.add_argument("--type", choices=["print", "screen", "photo"], required=True)
     ap.add_argument("--out", type=Path, required=True, help="output .avi (Motion-JPEG)")
     ap.add_argument("--seed", type=int, default=0, help="varies the motion and the artefacts")
     ap.add_argument("--seconds", type=float, default=3.0)

@@ -9,6 +9,9 @@ face filling most of the frame). What each type simulates:
   dot grain, a slight bend of the sheet, a moving specular glare, the white paper edge visible or not.
 - screen: the photo on a phone or tablet: an RGB sub-pixel grid (moire once resampled by the camera), the
   screen's gamma and blue tint, a faint reflection of the room, the black bezel.
+- photo: a clean, high-quality photo held so close that it fills the frame (its edges never in view), moved only
+  as one rigid piece (hand tremor, a slow tilt and approach). No print grain and no screen: what the texture
+  models see is the photo's own skin, so only the face's movement can tell it from a person (it never blinks).
 
 Both are re-captured: perspective warp onto a room background, camera blur and noise, Motion-JPEG. These
 are attacks BY CONSTRUCTION (never label them bona fide); the seed varies the motion and the artefacts. They
@@ -93,6 +96,9 @@ def _corners(card_w: float, card_h: float, yaw: float, pitch: float, roll: float
 
 def render_attack(kind: str, photo: np.ndarray, box: np.ndarray, *, seed: int = 0, seconds: float = 3.0,
                   fps: float = 30.0, size: tuple[int, int] = (640, 480), close_up: bool = False) -> list[np.ndarray]:
+    """The frames of one attack of `kind` ('print', 'screen' or 'photo') made from the face `box` of `photo`."""
+    if kind == "photo":
+        return _photo_close_up(photo, box, np.random.default_rng(seed), int(seconds * fps), fps, size)
     rng = np.random.default_rng(seed)
     w, h = size
     edge = kind == "print" and bool(rng.random() < 0.6)
@@ -147,5 +153,39 @@ def render_attack(kind: str, photo: np.ndarray, box: np.ndarray, *, seed: int = 
             frame[alpha] = frame[alpha] * 0.88 + bg.astype(np.float32)[::-1, ::-1][alpha] * 0.12
         frame = cv2.GaussianBlur(frame, (0, 0), rng.uniform(0.4, 0.9))
         frame += rng.normal(0, 2.5, frame.shape)
+        frames.append(np.clip(frame, 0, 255).astype(np.uint8))
+    return frames
+
+
+def _photo_close_up(photo: np.ndarray, box: np.ndarray, rng: np.random.Generator, n: int, fps: float,
+                    size: tuple[int, int]) -> list[np.ndarray]:
+    """A photo filling the frame, moved rigidly: each frame a homography of the photo (a plane rotated in 3D a few
+    degrees, trembling, slowly approaching), the frame filled by the photo's mirrored surroundings where the photo
+    ends, so no edge is ever in view; camera blur and noise."""
+    w, h = size
+    x1, y1, x2, y2 = (float(v) for v in box[:4])
+    fcx, fcy, fh = (x1 + x2) / 2, (y1 + y2) / 2, y2 - y1
+    focal = w * rng.uniform(0.9, 1.2)
+    start, end = rng.uniform(0.5, 0.6) * h, rng.uniform(0.7, 0.85) * h  # the face's height on screen
+    phase = rng.uniform(0, 2 * np.pi, 6)
+    src = np.array([[fcx - fh, fcy - fh], [fcx + fh, fcy - fh], [fcx + fh, fcy + fh], [fcx - fh, fcy + fh]],
+                   np.float32)
+    frames = []
+    for i in range(n):
+        t = i / max(1, n - 1)
+        face_px = start + (end - start) * t * t * (3 - 2 * t)
+        tremor = [0.01 * np.sin(2 * np.pi * (3 + k) * i / fps + phase[k]) for k in range(3)]
+        yaw = 0.12 * np.sin(2 * np.pi * 0.4 * t + phase[3]) + tremor[0]
+        pitch = 0.08 * np.sin(2 * np.pi * 0.3 * t + phase[4]) + tremor[1]
+        roll = 0.05 * np.sin(2 * np.pi * 0.5 * t + phase[5]) + tremor[2]
+        cx = w / 2 + 0.03 * w * np.sin(2 * np.pi * 0.2 * t + phase[0])
+        cy = h * 0.5 + 0.03 * h * np.sin(2 * np.pi * 0.25 * t + phase[1])
+        # the square of two face heights around the face, in units of a face height, at the distance where one
+        # unit looks face_px high
+        dst = _corners(2.0, 2.0, yaw, pitch, roll, focal / face_px, cx, cy, focal)
+        m = cv2.getPerspectiveTransform(src, dst)
+        frame = cv2.warpPerspective(photo, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        frame = cv2.GaussianBlur(frame.astype(np.float32), (0, 0), rng.uniform(0.4, 0.8))
+        frame += rng.normal(0, 2.0, frame.shape)
         frames.append(np.clip(frame, 0, 255).astype(np.uint8))
     return frames

@@ -1,10 +1,11 @@
 """Presentation attack detection (liveness): the texture models, the image measures, and a track's verdict.
 
 Every face of a transaction brings a `PadObservation` (kiosk.vision.liveness_checks): the texture models'
-probability that it is real, its 106 landmarks (the depth check: does it move as a head or as a flat card?), its
-fine-grained colour (the screen check) and the long straight edges around it (the border check: a card's or a
-phone's edge moving with the face). `TrackLiveness` runs the checks `pad.checks` names over a track's observations
-and fuses their verdicts (liveness_checks says how).
+probability that it is real, its 106 landmarks (the depth check: does it move as a head or as a flat card? the
+motion check: does it blink and move its lips and brows, or move as one rigid piece?), its fine-grained colour
+(the screen check) and, where the border check runs, the long straight edges around it. `TrackLiveness` runs the
+checks `pad.checks` names over a track's observations and fuses their verdicts: live needs strong evidence of
+both kinds, image (texture) and movement (motion or depth) (liveness_checks says how).
 
 Texture models: the default install ships MiniFASNetV2 (crop scale 2.7) and MiniFASNetV1SE (4.0) from
 Silent-Face-Anti-Spoofing (minivision-ai, Apache-2.0; ONNX export of the yakhyo/face-anti-spoofing project) in
@@ -16,7 +17,7 @@ model's scale (kept inside the frame), resized to SxS, in the model's channel or
 normalisation. The probabilities of "real" of several files are averaged.
 
 What these models judge is image texture (print grain, a screen's pixel grid, moire): a photo pasted digitally
-into a video has none of that and is scored live; the border and depth checks are there for a card held up.
+into a video has none of that and is scored live; the movement checks are there for a card or a photo held up.
 """
 
 from __future__ import annotations
@@ -169,8 +170,9 @@ class TrackLiveness:
 
     @property
     def verdict(self) -> str | None:
-        """'attack' as soon as one check accuses; 'live' once a vouching check says live, every required check has
-        its evidence and `pad.min_frames` frames are in (the accusers have had their say); else None."""
+        """'attack' as soon as one check accuses; 'live' once, for each kind of evidence, a vouching check says live,
+        every required check has its evidence and `pad.min_frames` frames are in (the accusers have had their say);
+        else None."""
         return fuse(self.checks, self.frames, self.cfg.min_frames)
 
     @property
@@ -196,13 +198,17 @@ class TrackLiveness:
 
 
 def fuse(checks: list[LivenessCheck], frames: int, min_frames: int) -> str | None:
-    """The fusion rule of TrackLiveness.verdict, over any checks (evaluate-pad replays recorded ones)."""
+    """The fusion rule of TrackLiveness.verdict, over any checks (evaluate-pad replays recorded ones): attack on one
+    accusation; live only when, for every kind of evidence (`cue`) among the vouching checks, one of them says live,
+    every required check has its evidence and `min_frames` frames are in; else None (doubtful: wait)."""
     verdicts = [c.verdict for c in checks]
     if "attack" in verdicts:
         return "attack"
     if frames < min_frames or not all(c.has_evidence for c in checks if c.required):
         return None
-    return "live" if any(c.vouches and v == "live" for c, v in zip(checks, verdicts)) else None
+    cues = {c.cue for c in checks if c.vouches}
+    vouched = {c.cue for c, v in zip(checks, verdicts) if c.vouches and v == "live"}
+    return "live" if cues and vouched == cues else None
 
 
 class PadEngine:
@@ -245,10 +251,13 @@ class PadEngine:
             log.info("liveness model %s: %dx%d input, %d classes, crop scale %.1f, %s", path.name, kind[0],
                      kind[0], kind[1], scale, colour.upper())
         landmarks = None
-        if "depth" in checks:
+        if "depth" in checks or "motion" in checks:
             root = cfg.resolve(Path(cfg.models.pack)) if cfg.models.pack != "default" else None
             landmarks = LandmarkModel.load(find_landmark_model(root), plan, threads)
         log.info("liveness checks: %s", ", ".join(checks))
+        if not models:
+            log.warning("liveness without texture models (models.pad is empty): movement alone vouches, which "
+                        "stops prints and photos but not a replayed video")
         return cls(models, landmarks, checks)
 
     def observe(self, image: np.ndarray, boxes: np.ndarray) -> list[PadObservation]:

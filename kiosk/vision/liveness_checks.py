@@ -12,9 +12,17 @@ A check that is `required` must have gathered its evidence (a verdict, or enough
 track can be called live: the texture models are required, so a model that fails on every frame leaves the accept
 waiting, and failing closed.
 
-Fusion (kiosk.vision.liveness.TrackLiveness): attack if any check accuses; live once some vouching check says live,
-every required check has its evidence and the track has `pad.min_frames` frames (so the accusers have had theirs);
-else no verdict yet. A passenger standing still passes on the texture evidence alone: no check needs a head turn.
+Each vouching check gives evidence of one kind, its `cue`: `image` (the texture models: what the surface looks
+like) or `movement` (the face moves as a living one: a blink, the lips, the brows (the motion check), or a head's
+parallax (the depth check)). The two are independent: a print or a photo filling the frame can look live to the
+texture models and never moves but rigidly; a replayed video moves as its person did and the texture models see the
+screen.
+
+Fusion (kiosk.vision.liveness.TrackLiveness): attack if any check accuses; live only on strong evidence of every
+kind: for each cue among the track's vouching checks, one of them says live, every required check has its evidence
+and the track has `pad.min_frames` frames (so the accusers have had theirs); else no verdict yet, and the accept
+waits, then fails closed (`liveness_unverified`). No check asks for a head turn: a passenger standing still blinks
+and moves the lips within a second or two, and the texture models see skin.
 
 A new cue is one class (subclass `LivenessCheck`, give it a `name`) plus its name in `pad.checks`: a built-in one
 here, listed in CHECKS; a site's own anywhere on the import path, named there as `module:Class`.
@@ -32,6 +40,7 @@ import numpy as np
 
 from kiosk.config import PadConfig
 from kiosk.vision.depth_check import DepthEvidence
+from kiosk.vision.expression_check import ExpressionEvidence
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class LivenessCheck:
 
     name: ClassVar[str] = ""
     vouches: ClassVar[bool] = False  # its 'live' can make a track live
+    cue: ClassVar[str] = "image"  # the kind of evidence its 'live' is: a track needs a live of every kind
     required: ClassVar[bool] = False  # a track is not live until this check has its evidence
 
     def __init__(self, cfg: PadConfig) -> None:
@@ -143,18 +153,12 @@ TEXTURE_FRAMES = 5
 TEXTURE_MIN_WIDTH = 90.0
 
 
-class DepthCheck(LivenessCheck):
-    """Does the face move as a head or as a flat card (kiosk.vision.depth_check)? Live once the landmarks show a
-    head's parallax over several frames; an attack only on strong evidence (a large face turned some 23 degrees
-    with no parallax, over several frames: depth_check.ACCUSE_*). Real faces talking and turning a little look
-    flat-ish: a small turn is no evidence either way."""
+class _LandmarkCheck(LivenessCheck):
+    """A movement check over the face's 106 landmarks: its `evidence` object takes each frame's landmarks."""
 
-    name = "depth"
     vouches = True
-
-    def __init__(self, cfg: PadConfig) -> None:
-        super().__init__(cfg)
-        self.evidence = DepthEvidence()
+    cue = "movement"
+    evidence: DepthEvidence | ExpressionEvidence
 
     def add(self, obs: PadObservation) -> None:
         super().add(obs)
@@ -162,15 +166,45 @@ class DepthCheck(LivenessCheck):
             self.evidence.add(obs.landmarks, obs.width)
 
     @property
-    def verdict(self) -> str | None:
-        return self.evidence.verdict
-
-    @property
     def score(self) -> float | None:
         return self.evidence.score if self.evidence.frames else None
 
     def as_dict(self) -> dict[str, Any]:
         return self.evidence.as_dict()
+
+
+class DepthCheck(_LandmarkCheck):
+    """Does the face move as a head or as a flat card (kiosk.vision.depth_check)? Live once the landmarks show a
+    head's parallax over several frames; an attack only on strong evidence (a large face turned some 23 degrees
+    with no parallax, over several frames: depth_check.ACCUSE_*). Real faces talking and turning a little look
+    flat-ish: a small turn is no evidence either way."""
+
+    name = "depth"
+
+    def __init__(self, cfg: PadConfig) -> None:
+        super().__init__(cfg)
+        self.evidence = DepthEvidence()
+
+    @property
+    def verdict(self) -> str | None:
+        return self.evidence.verdict
+
+
+class MotionCheck(_LandmarkCheck):
+    """Does the face move as a living one (a blink, the lips, the brows), or as one rigid piece
+    (kiosk.vision.expression_check)? Live once it has seen expression frames; never an accusation (a person may
+    keep still): a track it has not vouched for waits, and its accept fails closed unless the depth check saw a
+    head's parallax."""
+
+    name = "motion"
+
+    def __init__(self, cfg: PadConfig) -> None:
+        super().__init__(cfg)
+        self.evidence = ExpressionEvidence()
+
+    @property
+    def verdict(self) -> str | None:
+        return "live" if self.evidence.live else None
 
 
 class ScreenCheck(LivenessCheck):
@@ -342,7 +376,8 @@ def join_collinear(lines: np.ndarray) -> np.ndarray:
     return np.array(out, np.float64).reshape(-1, 3)
 
 
-CHECKS: dict[str, type[LivenessCheck]] = {c.name: c for c in (TextureCheck, DepthCheck, ScreenCheck, BorderCheck)}
+CHECKS: dict[str, type[LivenessCheck]] = {c.name: c for c in (TextureCheck, DepthCheck, MotionCheck, ScreenCheck,
+                                                                BorderCheck)}
 
 
 def check_class(name: str) -> type[LivenessCheck]:
