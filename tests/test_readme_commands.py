@@ -218,6 +218,8 @@ def test_every_readme_command_runs_as_written(site):
                                     "ann.jpg").stdout
     assert "screen attack" in sh.run("python3 scripts/make_attack_video.py --type screen --close-up --seed 2 "
                                      "--out var/screen-1.avi ann.jpg").stdout
+    assert "photo attack" in sh.run("python3 scripts/make_attack_video.py --type photo --out var/photo-1.avi "
+                                    "ann.jpg").stdout
     assert "wrote var/standin-1.avi" in sh.run("python3 scripts/make_gate_video.py --turn 15 --out "
                                                "var/standin-1.avi ann.jpg").stdout
     pad = json.loads(sh.run("kiosk-enroll -c config/pad-eval.yaml evaluate-pad pad-labels.csv --json").stdout)
