@@ -202,7 +202,7 @@ class PadConfig:
 
     enabled: bool = True
     checks: list[str] = field(default_factory=lambda: ["texture", "depth", "motion", "screen"])
-    threshold: float = 0.9
+    threshold: float = 0.95
     attack_below: float = 0.1
     min_frames: int = 8
     max_wait_s: float = 3.0

@@ -280,10 +280,10 @@ def _obs(kind: str, texture: float | None = None, chroma: float = 0.0, n: int = 
 def test_fusion_rules_need_texture_and_movement_reject_accusations_and_fail_closed():
     # A passenger who stands still (no turn at all), blinks at frame 10, with live texture: accepted at the
     # blink's second frame; both kinds of evidence decided it.
-    i, d = _feed(_policy(), _obs("blink", texture=0.95))
+    i, d = _feed(_policy(), _obs("blink", texture=0.99))
     assert d.type == "accept" and i == 11  # the identity is there at frame 2; the blink shows at 10 and 11
     assert d.seq == i and d.liveness_checks["decided_by"] == ["texture", "motion"]
-    assert d.liveness_checks["texture"] == {"verdict": "live", "frames": 12, "score": 0.95}
+    assert d.liveness_checks["texture"] == {"verdict": "live", "frames": 12, "score": 0.99}
     assert d.liveness_checks["motion"]["cue"] == "eye"
     # The same face without its blink is a photo as far as anyone can tell: live texture is not enough, the
     # accept waits and fails closed.
@@ -291,7 +291,7 @@ def test_fusion_rules_need_texture_and_movement_reject_accusations_and_fail_clos
     assert (d.type, d.reason) == ("reject", "liveness_unverified") and i == 2 + 15
     assert d.liveness_checks["texture"]["verdict"] == "live" and d.liveness_checks["motion"]["verdict"] is None
     # A head's parallax is movement evidence too.
-    i, d = _feed(_policy(), _obs("head", texture=0.95))
+    i, d = _feed(_policy(), _obs("head", texture=0.99))
     assert d.type == "accept" and d.liveness_checks["decided_by"] == ["texture", "depth"]
     # Texture far below the bar accuses at once, however the face moves; between attack_below and the threshold
     # (doubtful) the accept waits and fails closed, even with a blink.
@@ -303,10 +303,10 @@ def test_fusion_rules_need_texture_and_movement_reject_accusations_and_fail_clos
     i, d = _feed(_policy(max_wait_s=0.5), _obs("head", texture=0.6))
     assert (d.type, d.reason) == ("reject", "liveness_unverified")
     # Texture on faces too small to judge (under 90 px) counts for nothing: the accept waits.
-    i, d = _feed(_policy(max_wait_s=0.5), _obs("blink", texture=0.95, width=60.0))
+    i, d = _feed(_policy(max_wait_s=0.5), _obs("blink", texture=0.99, width=60.0))
     assert (d.type, d.reason) == ("reject", "liveness_unverified")
     # One accuser with strong evidence is enough, whatever the texture says.
-    i, d = _feed(_policy(), _obs("blink", texture=0.95, chroma=20.0))  # a screen's colour fringes
+    i, d = _feed(_policy(), _obs("blink", texture=0.99, chroma=20.0))  # a screen's colour fringes
     assert (d.type, d.reason, i) == ("reject", "presentation_attack", 2)
     assert d.liveness_checks["decided_by"] == ["screen"]
     i, d = _feed(_policy(), _obs("card", texture=0.6, turn_deg=35))  # unsure texture, a card turned far
@@ -339,7 +339,7 @@ class BlinkCheck(LivenessCheck):
 
 
 def test_a_site_s_own_check_is_one_class_and_one_config_entry(tmp_path):
-    i, d = _feed(_policy(checks=["texture", "motion", "tests.test_liveness:BlinkCheck"]), _obs("blink", texture=0.95))
+    i, d = _feed(_policy(checks=["texture", "motion", "tests.test_liveness:BlinkCheck"]), _obs("blink", texture=0.99))
     assert (d.type, d.reason, i) == ("reject", "presentation_attack", 1) and d.liveness_checks["decided_by"] == \
         ["blink"]
     from tests.conftest import run_cli
@@ -391,7 +391,7 @@ def _run_gates(tmp_path, photos, names: list[str], folder_name: str, **extra) ->
 
 @pytest.mark.parametrize("pad,expect", [
     ({"enabled": True, "model": 0.05}, ("reject", "presentation_attack")),
-    ({"enabled": True, "model": 0.95}, ("accept", None)),
+    ({"enabled": True, "model": 0.99}, ("accept", None)),
     ({"enabled": False}, ("accept", None)),
     ({"enabled": True, "model": float("nan")}, ("reject", "liveness_unverified")),  # a model that fails: closed
 ])
@@ -444,7 +444,7 @@ def test_a_rigid_close_up_photo_is_never_accepted_a_passenger_standing_still_is_
       edges passing behind and beside the face).
 
     Run 1, liveness exactly as shipped (no pad section, the shipped texture models): PH is never accepted, CO is
-    accused of nothing. Run 2 gives every face live texture evidence (a test texture model that says 0.95 for
+    accused of nothing. Run 2 gives every face live texture evidence (a test texture model that says 0.99 for
     any face: renderings of a photo cannot give real skin texture; the shipped models rightly doubt them): ST is
     accepted on texture and its own movement, PH is still refused (its texture live, but it never moved as a
     living face: fail closed), CO is accepted.
@@ -480,7 +480,7 @@ def test_a_rigid_close_up_photo_is_never_accepted_a_passenger_standing_still_is_
     assert shipped["CO"] and all(r != "presentation_attack" for _, r, _ in shipped["CO"]), report
     assert all(c["motion"]["verdict"] is None for _, _, c in shipped["PH"]), report  # it never moved as a face
 
-    constant_pad_model(tmp_path / "2.7_80x80_Live.onnx", 0.95)
+    constant_pad_model(tmp_path / "2.7_80x80_Live.onnx", 0.99)
     live = run(["ph", "st", "co"], "live", pad={}, models={"pad": [str(tmp_path / "2.7_80x80_Live.onnx")]})
     report = _json.dumps(live)
     assert [(t, r) for t, r, _ in live["PH"]] == [("reject", "liveness_unverified")], report
@@ -502,10 +502,10 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
     attack is accepted (the far print accused by its texture, the screen by its fringes, the close-up print, its
     texture in doubt, failing closed), none ever moved as a living face, and nothing accuses the passengers, whose
     movement checks vouch. The passengers are renderings of Yao's photo, which the shipped models rightly doubt
-    (about 0.77 when this was written, under pad.threshold 0.9): they are not accepted either (they fail closed,
+    (about 0.77 when this was written, under pad.threshold 0.95): they are not accepted either (they fail closed,
     `liveness_unverified`), which this run does not assert.
 
-    Run 2 gives every face live texture evidence (a test texture model that says 0.95 for any face): both
+    Run 2 gives every face live texture evidence (a test texture model that says 0.99 for any face): both
     passengers are accepted, L1 on texture and its head's parallax, L2 on texture and its blink (no parallax at
     all); the prints, whose texture is now live too, are still refused `liveness_unverified` (they never move as a
     living face). Run 3, the same prints with `pad: {enabled: false}`: accepted, so it is the liveness check that
@@ -567,7 +567,7 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
             report
     assert on["L1"][-1][2]["depth"]["verdict"] == "live" and on["L2"][-1][2]["motion"]["verdict"] == "live", report
 
-    constant_pad_model(tmp_path / "2.7_80x80_Live.onnx", 0.95)
+    constant_pad_model(tmp_path / "2.7_80x80_Live.onnx", 0.99)
     live, _ = run(["p1", "p2", "l1", "l2"], "live", pad={}, models={"pad": [str(tmp_path / "2.7_80x80_Live.onnx")]})
     report = _json.dumps(live)
     refused(live, ("P1", "P2"))
