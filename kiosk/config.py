@@ -196,8 +196,7 @@ class PadConfig:
     liveness_checks.CHECKS, or a site's own `module:Class`); the texture check runs where `models.pad` names models
     (by default the shipped pair). A track any check accuses is rejected `presentation_attack`. Live needs both
     kinds of evidence: the texture models' mean probability of "real" at `threshold` or more, and the face moving as
-    a living one (a blink, the lips or brows: the motion check; or a head's parallax: the depth check); no
-    accusation, and at least `min_frames` frames observed. A texture mean below `attack_below` accuses. An accept
+    a living one (a blink, the lips or brows: the motion check); no accusation, and at least `min_frames` frames observed. A texture mean below `attack_below` accuses. An accept
     waits up to `max_wait_s` for live and is otherwise rejected `liveness_unverified` (fail closed)."""
 
     enabled: bool = True

@@ -21,7 +21,7 @@ def test_demo_runs_the_pipeline_and_ends_by_itself(tmp_path):
     assert len(lines) == 5, res.stdout
     # The demo judges liveness on movement alone (its people are renderings of a photo, which the texture models
     # doubt) and says so: the printed photo held up first never blinks nor turns as a head, so it is refused.
-    assert "liveness: judged on movement alone (a blink, a head's parallax)" in res.stdout
+    assert "liveness: judged on movement alone (a blink, the lips, the brows)" in res.stdout
     assert "a site must never drop them" in res.stdout
     assert lines[0].startswith("  REJECT  gate A1 (LH123): liveness_unverified"), lines
     assert lines[1].startswith("  ACCEPT  gate A1 (LH123): yao-ming"), lines
@@ -39,11 +39,11 @@ def test_demo_runs_the_pipeline_and_ends_by_itself(tmp_path):
     printed, yao = events[0]["liveness_checks"], events[1]["liveness_checks"]
     # the demo's checks: movement (depth, motion) and the screen's fringes; no texture models, no border check
     assert set(printed) == set(yao) == {"decided_by", "depth", "motion", "screen"}, events[:2]
-    # the print: nothing vouched (no parallax, no blink), nothing accused; the accept waited and failed closed
+    # the print: nothing vouched (no blink), nothing accused; the accept waited and failed closed
     assert printed["decided_by"] == [] and printed["depth"]["live_frames"] == 0, printed
     assert printed["motion"]["expression_frames"] == 0, printed
-    # Yao Ming boarded on his own movement: a head's parallax or a blink
-    assert yao["decided_by"] and set(yao["decided_by"]) <= {"depth", "motion"}, yao
+    # Yao Ming boarded on his own movement: a blink (a head's parallax no longer vouches)
+    assert yao["decided_by"] == ["motion"], yao
     child = load_config(out / "kiosk.yaml")
     assert child.pad.enabled and child.pad.checks == ["depth", "motion", "screen"] and child.models.pad == []
 

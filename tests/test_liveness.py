@@ -279,20 +279,21 @@ def _obs(kind: str, texture: float | None = None, chroma: float = 0.0, n: int = 
 
 def test_fusion_rules_need_texture_and_movement_reject_accusations_and_fail_closed():
     # A passenger who stands still (no turn at all), blinks at frame 10, with live texture: accepted at the
-    # blink's second frame; both kinds of evidence decided it.
+    # blink's third frame; both kinds of evidence decided it.
     i, d = _feed(_policy(), _obs("blink", texture=0.99))
-    assert d.type == "accept" and i == 11  # the identity is there at frame 2; the blink shows at 10 and 11
+    assert d.type == "accept" and i == 12  # the identity is there at frame 2; the blink shows at 10, 11 and 12
     assert d.seq == i and d.liveness_checks["decided_by"] == ["texture", "motion"]
-    assert d.liveness_checks["texture"] == {"verdict": "live", "frames": 12, "score": 0.99}
+    assert d.liveness_checks["texture"] == {"verdict": "live", "frames": 13, "score": 0.99}
     assert d.liveness_checks["motion"]["cue"] == "eye"
     # The same face without its blink is a photo as far as anyone can tell: live texture is not enough, the
     # accept waits and fails closed.
     i, d = _feed(_policy(max_wait_s=0.5), _obs("still", texture=0.99))
     assert (d.type, d.reason) == ("reject", "liveness_unverified") and i == 2 + 15
     assert d.liveness_checks["texture"]["verdict"] == "live" and d.liveness_checks["motion"]["verdict"] is None
-    # A head's parallax is movement evidence too.
-    i, d = _feed(_policy(), _obs("head", texture=0.99))
-    assert d.type == "accept" and d.liveness_checks["decided_by"] == ["texture", "depth"]
+    # A head's parallax is reported but vouches for nothing (the depth check read parallax into rigid photos seen
+    # close up): a head that turns without a blink waits and fails closed too.
+    i, d = _feed(_policy(max_wait_s=0.5), _obs("head", texture=0.99))
+    assert (d.type, d.reason) == ("reject", "liveness_unverified") and d.liveness_checks["depth"]["verdict"] == "live"
     # Texture far below the bar accuses at once, however the face moves; between attack_below and the threshold
     # (doubtful) the accept waits and fails closed, even with a blink.
     i, d = _feed(_policy(), _obs("blink", texture=0.02))
@@ -318,8 +319,8 @@ def test_fusion_rules_need_texture_and_movement_reject_accusations_and_fail_clos
     i, d = _feed(_policy(max_wait_s=0.5), [None] * 40)
     assert (d.type, d.reason) == ("reject", "liveness_unverified") and d.liveness_score is None
     # Without texture models movement alone vouches (a site's explicit choice: it stops prints, not replays).
-    i, d = _feed(_policy(textured=False), _obs("head"))
-    assert d.type == "accept" and d.liveness_checks["decided_by"] == ["depth"] and "texture" not in d.liveness_checks
+    i, d = _feed(_policy(textured=False), _obs("blink"))
+    assert d.type == "accept" and d.liveness_checks["decided_by"] == ["motion"] and "texture" not in d.liveness_checks
     i, d = _feed(_policy(textured=False, max_wait_s=0.5), _obs("still"))
     assert (d.type, d.reason) == ("reject", "liveness_unverified")
     # Liveness off: the same card is accepted (it is the liveness check that refuses it).
@@ -396,13 +397,14 @@ def _run_gates(tmp_path, photos, names: list[str], folder_name: str, **extra) ->
     ({"enabled": True, "model": float("nan")}, ("reject", "liveness_unverified")),  # a model that fails: closed
 ])
 def test_learned_models_decide_in_the_running_system(tmp_path, engine, photos, pad, expect):
-    """Real processes on the bona fide stand-in (Yao's head turning as he walks up), `models.pad` replacing the
-    shipped models: a model that calls it an attack rejects it `presentation_attack` though the depth check says
-    live; one that calls it live: accepted, the event carrying the checks; liveness off: accepted; a model that
-    fails: `liveness_unverified` (the texture check is required)."""
+    """Real processes on the bona fide stand-in (Yao walking up, his head turning, blinking), `models.pad`
+    replacing the shipped models: a model that calls it an attack rejects it `presentation_attack` though the motion
+    check says live; one that calls it live: accepted, the event carrying the checks; liveness off: accepted; a
+    model that fails: `liveness_unverified` (the texture check is required)."""
     import json as _json
 
     from kiosk.tools.scenes import Walk
+    from kiosk.tools.standin import natural_expressions
     from tests.pipeline_helpers import (
         audit,
         head_turn_of,
@@ -413,7 +415,8 @@ def test_learned_models_decide_in_the_running_system(tmp_path, engine, photos, p
 
     crops = people(engine, photos)
     make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=0, frames=75, w0=80, w1=180,
-                                          turn=head_turn_of(engine, crops["yao"]), turn_deg=15)], seconds=2.7)
+                                          turn=head_turn_of(engine, crops["yao"]), turn_deg=15,
+                                          expression=natural_expressions(75, seed=1))], seconds=2.7)
     extra: dict = {"pad": {"enabled": pad["enabled"]}}
     if pad["enabled"]:
         constant_pad_model(tmp_path / "2.7_80x80_Test.onnx", pad["model"])
@@ -495,8 +498,8 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
     """The acceptance run, real processes and sockets, the default `pad` section (checks texture, depth, motion and
     screen; live needs the texture at pad.threshold AND movement: a blink or a head's parallax). Five gates: two
     prints of Yao's photo held up and moved (one ending in a close-up that fills most of the frame), a phone screen
-    showing it (close-up), and two passengers: L1 the stand-in whose head turns as it walks up, L2 the stand-in
-    walking up without turning its head at all, but blinking and saying a word.
+    showing it (close-up), and two passengers: L1 the stand-in whose head turns as it walks up, blinking, L2 the
+    stand-in walking up without turning its head at all, but blinking and saying a word.
 
     Run 1, liveness exactly as shipped (no `models.pad`: the MiniFASNet texture models inside the package): no
     attack is accepted (the far print accused by its texture, the screen by its fringes, the close-up print, its
@@ -506,8 +509,7 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
     `liveness_unverified`), which this run does not assert.
 
     Run 2 gives every face live texture evidence (a test texture model that says 0.99 for any face): both
-    passengers are accepted, L1 on texture and its head's parallax, L2 on texture and its blink (no parallax at
-    all); the prints, whose texture is now live too, are still refused `liveness_unverified` (they never move as a
+    passengers are accepted on texture and their blinks (a head's parallax is reported, not trusted to vouch); the prints, whose texture is now live too, are still refused `liveness_unverified` (they never move as a
     living face). Run 3, the same prints with `pad: {enabled: false}`: accepted, so it is the liveness check that
     refused them.
 
@@ -535,8 +537,8 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
                                                             seconds=2.5), 30.0)
     yao = people(engine, photos)["yao"]
     turn = head_turn_of(engine, yao)
-    make_video(tmp_path / "l1.avi", [Walk(yao, start=0, frames=75, w0=80, w1=180, turn=turn, turn_deg=15)],
-               seconds=2.7)
+    make_video(tmp_path / "l1.avi", [Walk(yao, start=0, frames=75, w0=80, w1=180, turn=turn, turn_deg=15,
+                                          expression=natural_expressions(75, seed=3))], seconds=2.7)
     make_video(tmp_path / "l2.avi", [Walk(yao, start=0, frames=75, w0=100, w1=180, turn=turn, turn_deg=0,
                                           expression=natural_expressions(75, seed=1))], seconds=2.7)
 
@@ -575,7 +577,7 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
         assert [(t, r) for t, r, _ in live[gate]] == [("reject", "liveness_unverified")], report
         assert live[gate][0][2]["texture"]["verdict"] == "live" and live[gate][0][2]["decided_by"] == [], report
     assert [(t, r) for t, r, _ in live["L1"]] == [("accept", None)], report
-    assert live["L1"][0][2]["decided_by"] == ["texture", "depth"], report
+    assert live["L1"][0][2]["decided_by"] == ["texture", "motion"], report
     assert [(t, r) for t, r, _ in live["L2"]] == [("accept", None)], report
     assert live["L2"][0][2]["decided_by"] == ["texture", "motion"], report
     assert live["L2"][0][2]["depth"]["live_frames"] == 0, report  # no head turn: its blink vouched
@@ -641,11 +643,11 @@ def test_the_attack_video_script_makes_prints_and_screens_a_detector_finds(tmp_p
 def test_evaluate_pad_judges_every_track_and_counts_apcer_per_type_and_bpcer(tmp_path, engine, photos):
     """Videos whose outcome is known, judged by the gate's own rules: the default `pad` section (checks texture,
     depth, motion and screen; live needs texture at pad.threshold AND movement), with a test model that reads red as
-    live replacing the shipped texture models. Yao with a red cast, turning (live: texture and depth) or walking up
-    without a head turn but blinking (live: texture and motion), with a blue cast (the model: attack), a clip of two
-    red-cast people side by side, both blinking (two presentations), a blue photo labelled print and a red one that
-    turns as a head (the model is fooled and so is the depth check: accepted), a blue screen, and a video with
-    nobody in it (listed, not counted)."""
+    live replacing the shipped texture models. Yao with a red cast, turning and blinking or walking up without a
+    head turn but blinking (live: texture and motion), with a blue cast (the model: attack), a clip of two red-cast
+    people side by side, both blinking (two presentations), a blue photo labelled print and a red stand-in labelled
+    print (the model is fooled and so is the motion check: accepted), a blue screen, and a video with nobody in it
+    (listed, not counted)."""
     import json as _json
 
     from kiosk.tools.scenes import Walk
@@ -661,12 +663,15 @@ def test_evaluate_pad_judges_every_track_and_counts_apcer_per_type_and_bpcer(tmp
     turns = {"red": head_turn_of(engine, red), "blue": head_turn_of(engine, blue)}
 
     def walk(crop, cast: str, moves: str | None, seed: int = 0, **kw) -> Walk:
-        """moves: 'turn' (the head turns 15 degrees), 'blink' (no head turn; blinks and words), None (a rigid
-        photo)."""
+        """moves: 'turn' (the head turns 15 degrees, blinking), 'blink' (no head turn; blinks and words), None (a
+        rigid photo)."""
         if moves == "blink":
             return Walk(crop, start=0, frames=60, turn=turns[cast], turn_deg=0.0,
                         expression=natural_expressions(60, seed=seed), **kw)
-        return Walk(crop, start=0, frames=60, turn=turns[cast] if moves == "turn" else None, turn_deg=15, **kw)
+        if moves == "turn":  # the head turns and blinks
+            return Walk(crop, start=0, frames=60, turn=turns[cast], turn_deg=15,
+                        expression=natural_expressions(60, seed=seed), **kw)
+        return Walk(crop, start=0, frames=60, turn_deg=15, **kw)
 
     rows = ["video,label"]
     for name, crop, cast, moves, label in (
@@ -696,16 +701,16 @@ def test_evaluate_pad_judges_every_track_and_counts_apcer_per_type_and_bpcer(tmp
     assert report["attacks"]["screen"] == {"presentations": 1, "accepted": 0, "apcer": 0.0, "judged_attack": 1,
                                            "unverified": 0, "apcer_upper95": pytest.approx(0.95)}
     by_video = {v["video"].rsplit("/", 1)[-1]: v["presentations"] for v in report["videos"]}
-    # live needs both kinds of evidence: the texture and a head's parallax, or the texture and a blink
+    # live needs both kinds of evidence: the texture and a blink (a head's parallax does not vouch)
     assert [(p["outcome"], p["decided_by"]) for p in by_video["two.avi"]] == [("accepted", ["texture", "motion"])] * 2
-    assert [(p["outcome"], p["decided_by"]) for p in by_video["bf1.avi"]] == [("accepted", ["texture", "depth"])]
+    assert [(p["outcome"], p["decided_by"]) for p in by_video["bf1.avi"]] == [("accepted", ["texture", "motion"])]
     assert [(p["outcome"], p["decided_by"]) for p in by_video["bf2.avi"]] == [("accepted", ["texture", "motion"])]
     assert by_video["p1.avi"][0]["outcome"] == "attack" and by_video["p1.avi"][0]["decided_by"] == ["texture"]
-    # bf2 (no head turn) waited for its blink: accepted at its second expression frame (quality frame 10, past
-    # pad.min_frames), 7 frames after the identity (frame 3)
+    # bf2 (no head turn) waited for its blink: accepted at its third expression frame (quality frame 11, past
+    # pad.min_frames), 8 frames after the identity (frame 3)
     bf2 = by_video["bf2.avi"][0]
     assert bf2["checks"]["motion"]["cue"] == "eye" and bf2["checks"]["depth"]["live_frames"] == 0, bf2
-    assert bf2["frames"] == 10 and bf2["wait_s"] == pytest.approx(7 / 30, abs=1e-3), bf2
+    assert bf2["frames"] == 11 and bf2["wait_s"] == pytest.approx(8 / 30, abs=1e-3), bf2
     assert report["liveness_wait_s"]["n"] == 4
     # the sweep replays every presentation: the red model's scores are near 0 or 1, so every threshold between
     # gives today's outcomes; 5 bona fide presentations cannot measure BPCER 1% or 5%

@@ -27,6 +27,7 @@ import yaml
 
 from kiosk.messaging.transport import free_port
 from kiosk.tools.scenes import Walk, person_crop
+from kiosk.tools.standin import natural_expressions
 from tests.pad_models import constant_pad_model, red_is_real_model
 from tests.pipeline_helpers import head_turn_of, make_video, people
 
@@ -130,7 +131,7 @@ def site(tmp_path_factory, engine, photos) -> Path:
     data["console"].update(password_file="../var/console-password", listen=f"127.0.0.1:{free_port()}")
     data["cameras"][0].update(source="../gate-a1.avi", loop=True)  # instead of camera device 0
     # The gate video's passenger is a rendering of a photo, which the shipped texture models rightly doubt: a
-    # test texture model gives every face live texture evidence (the stand-in's head turn is the movement
+    # test texture model gives every face live texture evidence (the stand-in's blinks are the movement
     # evidence); the rest of liveness runs as shipped.
     constant_pad_model(work / "config" / "2.7_80x80_Live.onnx", 0.99)
     data["models"]["pad"] = ["2.7_80x80_Live.onnx"]
@@ -155,7 +156,7 @@ def site(tmp_path_factory, engine, photos) -> Path:
     (work / "mypkg").mkdir()
     (work / "mypkg" / "__init__.py").write_text("")
     (work / "mypkg" / "gates.py").write_text("def on_event(event):\n    print(event['type'], flush=True)\n")
-    # Yao walks up (the bona fide stand-in, turning his head: liveness is on), then the middle player of gdp.jpg,
+    # Yao walks up (the bona fide stand-in, turning his head and blinking: liveness is on), then the middle player of gdp.jpg,
     # who is never enrolled: a reject every loop of the file
     # (a repeated accept of one subject at one gate is held back for policy.repeat_accept_s), 640x360.
     gdp = cv2.imread(str(photos["gdp.jpg"]))
@@ -163,7 +164,8 @@ def site(tmp_path_factory, engine, photos) -> Path:
     faces = faces[faces.widths >= 48]
     middle = person_crop(gdp, faces.boxes[np.argsort(faces.boxes[:, 0])[1]])
     make_video(work / "gate-a1.avi", [Walk(crops["yao"], start=0, frames=60, w0=70, w1=160,
-                                           turn=head_turn_of(engine, crops["yao"]), turn_deg=15),
+                                           turn=head_turn_of(engine, crops["yao"]), turn_deg=15,
+                                           expression=natural_expressions(60, seed=2)),
                                       Walk(middle, start=65, frames=40, w0=70, w1=160)],
                seconds=3.5, size=(640, 360))
     make_video(work / "gate.avi", [Walk(crops["yao"], start=0, frames=30, w0=70, w1=160)], seconds=1.0,

@@ -6,7 +6,7 @@
 2. Makes a gate video: someone holds up a printed photo of Yao Ming; then
    Yao Ming walks up, then the BA456 passenger (at the wrong gate), then a
    stranger (the other player, not enrolled), then Yao Ming comes back.
-   Everyone walking up turns the head a little and blinks.
+   Everyone walking up turns the head a little and blinks (about once a second: the demo is short).
 3. Runs the real system on it (`kiosk run --exit-on-eof`: capture and
    verifier processes, ZeroMQ with CurveZMQ, liveness on), prints each event
    as it arrives, and ends by itself: the print is refused
@@ -21,7 +21,7 @@ photo (bona fide stand-ins, kiosk/tools/standin.py: the photo warped as a
 head turning, blinking and speaking, blended into the frame), and the shipped
 texture models rightly doubt them (they score them 0.5-0.9, under
 `pad.threshold`), so with them no one in the demo would board. Without the
-texture models a face is live on a blink or a head's parallax; the printed
+texture models a face is live on a blink, the lips or the brows; the printed
 photo is refused because it only ever moves as one rigid piece. That stops
 prints and photos, not a replayed video: a real gate runs the texture models
 too (the default config does) and a site must never drop them. The stand-ins
@@ -60,14 +60,14 @@ from kiosk.messaging.transport import Transport, init_keys, loopback_endpoints
 log = logging.getLogger(__name__)
 
 FPS = 30.0
-LIVENESS = ("liveness: judged on movement alone (a blink, a head's parallax). The demo's people are renderings of "
+LIVENESS = ("liveness: judged on movement alone (a blink, the lips, the brows). The demo's people are renderings of "
             "a photo, which the shipped texture models rightly doubt, so they are off here (models.pad: []); the "
             "printed photo is refused because it never moves as a living face. A real gate runs the texture models "
             "too, and a site must never drop them.")
 SUBJECT = ("yao-ming", "Yao Ming")
 OTHER = ("pax-ba456", "BA456 passenger")
 FLIGHT, OTHER_FLIGHT = "LH123", "BA456"
-PRINT_REASON = "liveness_unverified"  # the print never blinks nor turns as a head: no movement evidence in time
+PRINT_REASON = "liveness_unverified"  # the print never blinks: no movement evidence in time
 EXPECTED = [("reject", PRINT_REASON, None), ("accept", None, SUBJECT[0]), ("reject", "wrong_flight", OTHER[0]),
             ("reject", "no_match", None), ("reject", "already_boarded", SUBJECT[0])]
 
@@ -98,7 +98,7 @@ def demo_frames(engine: FaceEngine) -> list[np.ndarray]:
     turns = {name: (crop, head_turn(crop, engine.detector, marks))
              for name, crop in (("yao", yao), ("other", other), ("stranger", stranger))}  # Yao walks up twice
     walks = [Walk(turns[name][0], start=start * s // 2, frames=4 * s, w0=30, w1=w1, turn=turns[name][1], turn_deg=15,
-                  expression=natural_expressions(4 * s, FPS, seed=seed))
+                  expression=natural_expressions(4 * s, FPS, seed=seed, blink_every_s=(0.8, 1.2)))
              for seed, (name, start, w1) in enumerate((("yao", 8, 190), ("other", 18, 170), ("stranger", 28, 170),
                                                        ("yao", 38, 190)), start=1)]
     frames = render(walks, 47 * s // 2)

@@ -96,12 +96,14 @@ WORD_S = (0.25, 0.45)
 WORD_OPEN = (0.03, 0.07)  # jaw drop of a word, face heights
 
 
-def natural_expressions(frames: int, fps: float = 30.0, seed: int = 0, words: bool = True) -> Expressions:
+def natural_expressions(frames: int, fps: float = 30.0, seed: int = 0, words: bool = True,
+                        blink_every_s: tuple[float, float] = BLINK_EVERY_S) -> Expressions:
     """A person standing at the gate: a blink of about 0.2 s every 1.5-3 s (the first within 0.6 s, so a
     short clip has one) and, with `words`, now and then a word (one or two syllables of a slightly opened
     mouth; the first within 0.5-1.2 s), at seeded random times. The eyes and the mouth are what moves: a
     liveness check that wants non-rigid motion sees it, with no head turn and no walk. A word drops the chin,
-    so the face's box grows downwards for it (a few px at 150 px faces); without words the box holds still."""
+    so the face's box grows downwards for it (a few px at 150 px faces); without words the box holds still.
+    `blink_every_s`: the span the time between two blinks is drawn from."""
     rng = np.random.default_rng(seed)
     blink = np.zeros(frames)
     mouth = np.zeros(frames)
@@ -111,7 +113,7 @@ def natural_expressions(frames: int, fps: float = 30.0, seed: int = 0, words: bo
     while (start := round(t * fps)) < frames:
         end = min(frames, start + len(shape))
         blink[start:end] = np.maximum(blink[start:end], shape[:end - start])
-        t += rng.uniform(*BLINK_EVERY_S)
+        t += rng.uniform(*blink_every_s)
     t = rng.uniform(*FIRST_WORD_S) if words else float(frames) / fps
     while (start := round(t * fps)) < frames:
         n = max(2, round(rng.uniform(*WORD_S) * fps))

@@ -14,7 +14,8 @@ corners), and measuring what the plane's motion does not explain, in inter-ocula
 
 A frame is an "expression" frame when one of these, against any of the track's reference frames, reaches its limit
 (EYE, MOUTH, BROW) and stands out against the track's own landmark noise (NOISE_RATIO times the median residual of
-the rigid points): landmark jitter on a blurred or moiré-laden face must not pass for a blink. EVIDENCE_FRAMES such
+the rigid points from one frame to the next): landmark jitter on a blurred or moiré-laden face must not pass for a
+blink. EVIDENCE_FRAMES such
 frames on a face at least MIN_WIDTH px wide: the face moves as a living one does.
 
 The limits sit above what rigid faces gave, with a margin (README "Liveness"): 50 simulated prints moved and tilted
@@ -24,7 +25,7 @@ by hand, and real print and cut-out print attacks re-filmed by phones (five fram
 What it does not stop: a replayed video (it shows the recorded person's real movement), a screen (its sub-pixel
 grid makes the landmarks jitter enough to pass on simulated screens), a flexible mask whose wearer moves the mouth;
 those need the texture models. What it costs: a real person who keeps still without a blink for the whole wait
-is not vouched for (the head's parallax of the depth check vouches too); the accept then fails closed.
+is not vouched for, and the accept then fails closed (an agent checks).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ EYE = 0.04  # eyelid gap change, inter-ocular distances (a blink is 0.1-0.3)
 MOUTH = 0.14
 BROW = 0.09
 NOISE_RATIO = 3.0  # ... and this many times the track's median rigid-point residual
-NOISE_FITS = 5  # fits needed before the noise is known
-EVIDENCE_FRAMES = 2
+NOISE_FITS = 4  # frame-to-frame fits needed before the noise is known
+EVIDENCE_FRAMES = 3
 MIN_WIDTH = 80.0  # px: smaller faces' landmarks are too coarse for a blink
 MAX_REFS = 6
 REF_EVERY = 10  # frames between references (the first frame is one)
@@ -95,7 +96,8 @@ class ExpressionEvidence:
     evidence of an attack."""
 
     refs: list = field(default_factory=list)
-    residuals: list = field(default_factory=list)
+    residuals: list = field(default_factory=list)  # the rigid points' residual from one measured frame to the next
+    last: np.ndarray | None = None
     frames: int = 0  # frames measured (faces at least MIN_WIDTH wide)
     evidence_frames: int = 0
     peak: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the largest eye, mouth, brow change seen
@@ -107,8 +109,11 @@ class ExpressionEvidence:
             return
         cur = np.asarray(landmarks, np.float64)
         changes = [c for c in (expression_change(r, cur) for r in self.refs) if c is not None]
-        self.residuals.extend(c.rigid_residual for c in changes)
-        del self.residuals[:-MAX_NOISE]
+        step = expression_change(self.last, cur) if self.last is not None else None
+        if step is not None:  # frame to frame: the landmarks' jitter, not a head's turn that adds up over frames
+            self.residuals.append(step.rigid_residual)
+            del self.residuals[:-MAX_NOISE]
+        self.last = cur
         if changes:
             self.peak = (max(self.peak[0], *(c.eye for c in changes)),
                          max(self.peak[1], *(c.mouth for c in changes)),

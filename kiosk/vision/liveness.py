@@ -5,7 +5,7 @@ probability that it is real, its 106 landmarks (the depth check: does it move as
 motion check: does it blink and move its lips and brows, or move as one rigid piece?), its fine-grained colour
 (the screen check) and, where the border check runs, the long straight edges around it. `TrackLiveness` runs the
 checks `pad.checks` names over a track's observations and fuses their verdicts: live needs strong evidence of
-both kinds, image (texture) and movement (motion or depth) (liveness_checks says how).
+both kinds, image (texture) and movement (the motion check) (liveness_checks says how).
 
 Texture models: the default install ships MiniFASNetV2 (crop scale 2.7) and MiniFASNetV1SE (4.0) from
 Silent-Face-Anti-Spoofing (minivision-ai, Apache-2.0; ONNX export of the yakhyo/face-anti-spoofing project) in
@@ -33,7 +33,7 @@ import numpy as np
 from kiosk.config import DEFAULT_PAD_MODELS, KioskConfig, PadConfig, PadModelConfig
 from kiosk.errors import ConfigError, ModelError
 from kiosk.vision.landmarks import LandmarkModel, find_landmark_model
-from kiosk.vision.liveness_checks import LivenessCheck, PadObservation, border_lines, check_class
+from kiosk.vision.liveness_checks import LivenessCheck, PadObservation, border_lines, check_class, inside_frame
 from kiosk.vision.models import runtime
 from kiosk.vision.models.pack import _dims, _load, _real_inputs
 from kiosk.vision.models.recognizer import batch_free_model
@@ -268,7 +268,9 @@ class PadEngine:
         texture = self.score(image, boxes)[0] if self.models else [None] * n
         chroma = [screen_signs(image, box) for box in boxes] if "screen" in self.checks else [0.0] * n
         border = [border_lines(image, box) for box in boxes] if "border" in self.checks else [None] * n
-        return [PadObservation(p, None if t is None else float(t), c, float(box[2] - box[0]), b)
+        h, w = image.shape[:2]
+        return [PadObservation(p, None if t is None else float(t), c, float(box[2] - box[0]), b,
+                               inside_frame(box, w, h))
                 for p, t, c, box, b in zip(points, texture, chroma, boxes, border)]
 
     def score(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
