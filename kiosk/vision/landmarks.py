@@ -1,5 +1,5 @@
-"""The 106-point face landmarks (InsightFace's 2d106det, in the default pack): the depth liveness check
-reads a face's shape from them, frame by frame.
+"""The 106-point face landmarks (InsightFace's 2d106det, in the default pack): the motion and depth liveness checks
+read a face's shape from them, frame by frame.
 
 The model takes a 192x192 RGB crop (0-255, its own normalisation inside) of the detector's box enlarged
 1.5 times about its centre, and gives 106 (x, y) in [-1, 1] of that crop.
@@ -49,8 +49,8 @@ def find_landmark_model(pack_dir: Path | None) -> Path:
                 return path
         except ModelError:
             continue
-    raise ModelError(f"models.pack: {root}: the depth liveness check (pad.checks: depth) needs InsightFace's 106-point "
-                     f"landmark model ({DEFAULT_FILE}); none found in the pack")
+    raise ModelError(f"models.pack: {root}: the motion and depth liveness checks (pad.checks: motion, depth) need "
+                     f"InsightFace's 106-point landmark model ({DEFAULT_FILE}); none found in the pack")
 
 
 class LandmarkModel:

@@ -304,5 +304,5 @@ def check_classes(cfg: PadConfig, textured: bool) -> list[type[LivenessCheck]]:
     active = [c for c in classes if c.active(textured)]
     if not any(c.vouches for c in active):
         raise ConfigError("pad.checks: no check here can say live (" + (", ".join(cfg.checks) or "none") + "): "
-                          "name texture (with models.pad) or depth, or turn liveness off with pad.enabled: false")
+                          "name texture (with models.pad) and motion, or turn liveness off with pad.enabled: false")
     return active
