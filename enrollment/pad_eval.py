@@ -51,11 +51,12 @@ import numpy as np
 
 from enrollment.csvfile import read_rows
 from kiosk.config import KioskConfig
-from kiosk.errors import UsageError
+from kiosk.errors import ImageError, UsageError
 from kiosk.pipeline.policy import DecisionPolicy
 from kiosk.pipeline.tracking import Track, Tracker
 from kiosk.store.gallery import Match
 from kiosk.vision.engine import FaceEngine
+from kiosk.vision.images import read_image
 from kiosk.vision.liveness import PadEngine, TrackLiveness
 from kiosk.vision.liveness_checks import LivenessCheck, PadObservation, TextureCheck
 from kiosk.vision.models.recognizer import align_faces
@@ -392,13 +393,14 @@ def judge_video(engine: FaceEngine, pad: PadEngine, cfg: KioskConfig, path: Path
 
 
 def read_still(row: LabelledFile) -> np.ndarray:
-    """The still as a BGR image; UsageError naming its line if it is missing or cannot be read."""
+    """The still as a BGR image, read as enrollment reads a photo (kiosk.vision.images: size and pixel bounds,
+    EXIF orientation, alpha over white); UsageError naming its line if it is missing or cannot be read."""
     if not row.path.is_file():
         raise UsageError(f"line {row.line}: {row.path}: no such image file")
-    image = cv2.imread(str(row.path), cv2.IMREAD_COLOR)
-    if image is None or not image.size:
-        raise UsageError(f"line {row.line}: {row.path}: cannot be read as an image")
-    return image
+    try:
+        return read_image(row.path)
+    except ImageError as exc:
+        raise UsageError(f"line {row.line}: {row.path}: cannot be read as an image ({exc})") from None
 
 
 def judge_stills(engine: FaceEngine, pad: PadEngine, cfg: KioskConfig, clip: StillClip,
