@@ -20,6 +20,8 @@ exercise texture models (print grain, pixel grids) and geometric checks (a flat 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -82,6 +84,36 @@ def _background(w: int, h: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class HandSway:
+    """How a hand holds a card or a photo up to the camera: the amplitude of a slow tilt (yaw, pitch, roll,
+    radians), of the tremor added to each, and of the drift of the held thing's centre (frame widths and heights
+    about `centre_y`)."""
+
+    tremor: float
+    yaw: float
+    pitch: float
+    roll: float
+    drift_x: float
+    centre_y: float
+    drift_y: float
+
+    def pose(self, i: int, t: float, fps: float, phase: np.ndarray, w: int, h: int
+             ) -> tuple[float, float, float, float, float]:
+        """(yaw, pitch, roll, centre x, centre y) at frame `i`, `t` of the way through the clip."""
+        tremor = [self.tremor * np.sin(2 * np.pi * (3 + k) * i / fps + phase[k]) for k in range(3)]
+        yaw = self.yaw * np.sin(2 * np.pi * 0.4 * t + phase[3]) + tremor[0]
+        pitch = self.pitch * np.sin(2 * np.pi * 0.3 * t + phase[4]) + tremor[1]
+        roll = self.roll * np.sin(2 * np.pi * 0.5 * t + phase[5]) + tremor[2]
+        cx = w / 2 + self.drift_x * w * np.sin(2 * np.pi * 0.2 * t + phase[0])
+        cy = h * self.centre_y + self.drift_y * h * np.sin(2 * np.pi * 0.25 * t + phase[1])
+        return yaw, pitch, roll, cx, cy
+
+
+CARD_SWAY = HandSway(tremor=0.012, yaw=0.25, pitch=0.15, roll=0.08, drift_x=0.06, centre_y=0.47, drift_y=0.04)
+PHOTO_SWAY = HandSway(tremor=0.01, yaw=0.12, pitch=0.08, roll=0.05, drift_x=0.03, centre_y=0.5, drift_y=0.03)
+
+
 def _corners(card_w: float, card_h: float, yaw: float, pitch: float, roll: float, dist: float,
              cx: float, cy: float, focal: float) -> np.ndarray:
     """Image positions of the card's corners: a rigid card rotated in 3D at `dist`, seen by a pinhole camera."""
@@ -130,12 +162,7 @@ def render_attack(kind: str, photo: np.ndarray, box: np.ndarray, *, seed: int = 
         t = i / max(1, n - 1)
         ease = t * t * (3 - 2 * t)
         dist = start_dist + (end_dist - start_dist) * ease
-        tremor = [0.012 * np.sin(2 * np.pi * (3 + k) * i / fps + phase[k]) for k in range(3)]
-        yaw = 0.25 * np.sin(2 * np.pi * 0.4 * t + phase[3]) + tremor[0]
-        pitch = 0.15 * np.sin(2 * np.pi * 0.3 * t + phase[4]) + tremor[1]
-        roll = 0.08 * np.sin(2 * np.pi * 0.5 * t + phase[5]) + tremor[2]
-        cx = w / 2 + 0.06 * w * np.sin(2 * np.pi * 0.2 * t + phase[0])
-        cy = h * 0.47 + 0.04 * h * np.sin(2 * np.pi * 0.25 * t + phase[1])
+        yaw, pitch, roll, cx, cy = CARD_SWAY.pose(i, t, fps, phase, w, h)
         dst = _corners(card_w_m, card_h_m, yaw, pitch, roll, dist, cx, cy, focal)
         m = cv2.getPerspectiveTransform(src, dst)
         layer = cv2.warpPerspective(card, m, (w, h), flags=cv2.INTER_LINEAR)
@@ -174,12 +201,7 @@ def _photo_close_up(photo: np.ndarray, box: np.ndarray, rng: np.random.Generator
     for i in range(n):
         t = i / max(1, n - 1)
         face_px = start + (end - start) * t * t * (3 - 2 * t)
-        tremor = [0.01 * np.sin(2 * np.pi * (3 + k) * i / fps + phase[k]) for k in range(3)]
-        yaw = 0.12 * np.sin(2 * np.pi * 0.4 * t + phase[3]) + tremor[0]
-        pitch = 0.08 * np.sin(2 * np.pi * 0.3 * t + phase[4]) + tremor[1]
-        roll = 0.05 * np.sin(2 * np.pi * 0.5 * t + phase[5]) + tremor[2]
-        cx = w / 2 + 0.03 * w * np.sin(2 * np.pi * 0.2 * t + phase[0])
-        cy = h * 0.5 + 0.03 * h * np.sin(2 * np.pi * 0.25 * t + phase[1])
+        yaw, pitch, roll, cx, cy = PHOTO_SWAY.pose(i, t, fps, phase, w, h)
         # the square of two face heights around the face, in units of a face height, at the distance where one
         # unit looks face_px high
         dst = _corners(2.0, 2.0, yaw, pitch, roll, focal / face_px, cx, cy, focal)
