@@ -32,23 +32,18 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-# InsightFace 2d106det indices (checked on the sample portrait yaoming.jpg): the eye on the image's left has its
-# upper lid 40, 41, 42 over the lower lid 33, 36, 37, the one on the right 94, 95, 96 over 87, 90, 91; 34/38 and
-# 88/92 lie on the pupils. Mouth: outer corners 52 and 61, inner corners 65 and 69, inner upper lip 66, 62, 70 over
-# the inner lower lip 54, 60, 57, outer lower lip 55, 56, 53, 59, 58. Contour 0-32 (0 the chin), brows 43-51 and
-# 97-105.
-UPPER_LIDS = (40, 41, 42, 94, 95, 96)
-LOWER_LIDS = (33, 36, 37, 87, 90, 91)
+from kiosk.vision.landmarks import (CHIN, CONTOUR, LEFT_BROW, LEFT_EYE, LOWER_LIDS, MOUTH, POINTS, RIGHT_BROW,
+                                    RIGHT_EYE, UPPER_LIDS)
+
+# More of InsightFace's 2d106det layout (kiosk.vision.landmarks has the parts; checked on the sample portrait
+# yaoming.jpg): 34/38 and 88/92 lie on the pupils. Mouth: outer corners 52 and 61, inner corners 65 and 69, inner
+# upper lip 66, 62, 70 over the inner lower lip 54, 60, 57, outer lower lip 55, 56, 53, 59, 58.
 EYES = (((35, 39), (33, 36, 37), (34, 38)), ((89, 93), (87, 90, 91), (88, 92)))  # corners, lower lid, pupil
-MOUTH = tuple(range(52, 72))
 MOUTH_CORNERS = (52, 61, 65, 69)
 INNER_UPPER_LIP = (66, 62, 70)
 INNER_LOWER_LIP = (54, 60, 57)
 LOWER_LIP = (54, 60, 57, 55, 56, 53, 59, 58)
-CONTOUR = tuple(range(33))
-BROWS = tuple(range(43, 52)) + tuple(range(97, 106))
-CHIN = 0
-LANDMARKS = 106
+BROWS = LEFT_BROW + RIGHT_BROW
 MOUTH_GAP_BGR = (28, 30, 66)  # dark red-brown: the inside of an open mouth
 CORNER_DROP = 0.35  # share of the jaw's drop that the mouth corners follow
 
@@ -202,9 +197,9 @@ class HeadTurn:
         """The blink's and the jaw's vertex displacements, from the 106 landmarks (the first vertices)."""
         if self._blink is not None and self._jaw is not None:
             return
-        if len(self.points) < LANDMARKS:
+        if len(self.points) < POINTS:
             raise ValueError("expressions need a mesh through the 106 landmarks (HeadTurn.from_landmarks)")
-        lm = self.points[:LANDMARKS]
+        lm = self.points[:POINTS]
         blink = np.zeros_like(self.points)
         for up, low in zip(UPPER_LIDS, LOWER_LIDS):
             blink[up] = lm[low] - lm[up]
@@ -226,7 +221,7 @@ class HeadTurn:
         """The gap the dropped jaw opens between the lips, drawn dark: warping alone would stretch the lips (and
         any teeth the photo shows) over it. The gap runs from the line between the inner lips, as the upper lip
         holds it, down to the same line moved with the lower lip."""
-        lm = self.points[:LANDMARKS]
+        lm = self.points[:POINTS]
         seam = (lm[list(INNER_UPPER_LIP)] + lm[list(INNER_LOWER_LIP)]) / 2
         left, right = lm[65], lm[69]
         jaw = self._jaw
@@ -282,7 +277,7 @@ def eye_opening(landmarks: np.ndarray) -> float:
     near 0 shut). For checking that the landmark model follows a blink."""
     lm = np.asarray(landmarks, np.float64)
     gap = np.linalg.norm(lm[list(UPPER_LIDS)] - lm[list(LOWER_LIDS)], axis=1).mean()
-    eyes = (lm[33:43].mean(axis=0) + lm[87:97].mean(axis=0)) / 2
+    eyes = (lm[list(LEFT_EYE)].mean(axis=0) + lm[list(RIGHT_EYE)].mean(axis=0)) / 2
     return float(gap / max(1e-6, np.linalg.norm(lm[list(MOUTH)].mean(axis=0) - eyes)))
 
 
@@ -290,5 +285,5 @@ def mouth_opening(landmarks: np.ndarray) -> float:
     """The gap between the inner lips' middles (62 over 60) in 106 landmarks, over the same eyes-to-mouth
     distance as eye_opening."""
     lm = np.asarray(landmarks, np.float64)
-    eyes = (lm[33:43].mean(axis=0) + lm[87:97].mean(axis=0)) / 2
+    eyes = (lm[list(LEFT_EYE)].mean(axis=0) + lm[list(RIGHT_EYE)].mean(axis=0)) / 2
     return float(np.linalg.norm(lm[62] - lm[60]) / max(1e-6, np.linalg.norm(lm[list(MOUTH)].mean(axis=0) - eyes)))

@@ -35,11 +35,14 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-RIGID = np.array(list(range(0, 33)) + list(range(72, 87)) + [35, 39, 89, 93])  # outline, nose, eye corners
-LIDS = np.array([(40, 33), (41, 36), (42, 37), (94, 87), (95, 90), (96, 91)])  # (upper, lower) lid pairs
+from kiosk.vision.landmarks import (CONTOUR, EYE_CORNERS, LEFT_BROW, LEFT_EYE, LOWER_LIDS, NOSE, RIGHT_BROW,
+                                    RIGHT_EYE, UPPER_LIDS)
+
+RIGID = np.array(CONTOUR + NOSE + EYE_CORNERS)  # the points expression does not move
+LIDS = np.array(list(zip(UPPER_LIDS, LOWER_LIDS)))  # (upper, lower) lid pairs
 LIPS = np.array([(62, 60), (71, 53)])  # inner and outer (upper, lower) lip pairs
-LEFT_EYE, RIGHT_EYE = slice(33, 43), slice(87, 97)
-LEFT_BROW, RIGHT_BROW = slice(43, 52), slice(97, 106)
+LEFT_EYE, RIGHT_EYE = list(LEFT_EYE), list(RIGHT_EYE)
+LEFT_BROW, RIGHT_BROW = list(LEFT_BROW), list(RIGHT_BROW)
 
 EYE = 0.04  # eyelid gap change, inter-ocular distances (a blink is 0.1-0.3)
 MOUTH = 0.14

@@ -24,6 +24,20 @@ POINTS = 106
 SIZE = 192
 CROP_SCALE = 1.5
 
+# Where the 106 points lie on a face (checked on the sample portrait yaoming.jpg): the face outline 0-32 (0 the
+# chin), the eye on the image's left 33-42 and its brow 43-51, the mouth 52-71, the nose 72-86, the eye on the right
+# 87-96 and its brow 97-105. Each eye's upper lid (40, 41, 42 and 94, 95, 96) lies over its lower lid (33, 36, 37
+# and 87, 90, 91), point for point; the eye corners are 35, 39, 89, 93.
+CONTOUR = tuple(range(0, 33))
+CHIN = 0
+LEFT_EYE, RIGHT_EYE = tuple(range(33, 43)), tuple(range(87, 97))
+LEFT_BROW, RIGHT_BROW = tuple(range(43, 52)), tuple(range(97, 106))
+MOUTH = tuple(range(52, 72))
+NOSE = tuple(range(72, 87))
+UPPER_LIDS = (40, 41, 42, 94, 95, 96)
+LOWER_LIDS = (33, 36, 37, 87, 90, 91)  # under UPPER_LIDS, in the same order
+EYE_CORNERS = (35, 39, 89, 93)
+
 
 def is_landmark_model(model: object) -> bool:
     """A 2d106-like graph: one 1x3x192x192 input, one output of 212 values."""
