@@ -308,3 +308,9 @@ def test_evaluate_pad_scores_stills_as_a_clip_per_subject_with_sources_bounds_an
                       str(tmp_path / labels), "--no-progress")
         assert res.returncode == 2 and f"line {line}:" in res.stderr and why in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
+    # options out of range: exit 2 saying which, before anything is read
+    for option, why in ((["--still-hold", "0"], "--still-hold: expected 1 to 300 frames, found 0"),
+                        (["--margin", "1.5"], "--margin: expected 0 to 0.99, found 1.5")):
+        res = run_cli("kiosk-enroll", "-q", "-c", str(tmp_path / "kiosk.yaml"), "evaluate-pad",
+                      str(tmp_path / "gone.csv"), "--no-progress", *option)
+        assert res.returncode == 2 and why in res.stderr and "Traceback" not in res.stderr, res.stderr
