@@ -93,8 +93,13 @@ def test_replay_two_cameras_accept_reject_small_face_and_close_up(tmp_path, crop
     for e in accepts + b1:
         assert e["frames"] >= 3 and e["score"] >= e["threshold"] and e["latency_ms"] >= 0
         assert e["decided_at"] >= e["captured_at"]
-    # What went out on the socket is what the audit log holds.
-    assert sorted(e.event_id for e in events.events) == sorted(e["event_id"] for e in log)
+    # What went out on the socket is what the audit log holds, in its order, from the first event this test's
+    # subscriber heard: a SUB socket hears nothing published before its subscription reaches the verifier (the
+    # product's subscribers fetch that from the history socket), and on a loaded machine the close-up's accept in
+    # the first second can come first (seen once in a fresh-clone CI run).
+    heard, published = [e.event_id for e in events.events], [e["event_id"] for e in log]
+    assert heard and heard[0] in published, (heard, published)
+    assert heard == published[published.index(heard[0]):]
 
 
 def test_claims_bad_messages_and_live_enrollment(tmp_path, crops, photos, engine):
