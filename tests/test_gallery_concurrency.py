@@ -73,7 +73,7 @@ def test_two_processes_enrolling_one_face_under_two_ids_never_both_succeed(tmp_p
         results = [(p.wait(120), p.communicate()) for p in procs]
         codes = sorted(code for code, _ in results)
         assert codes == [0, 2], results
-        assert any("duplicate" in err or "already enrolled subject" in err for _, (_, err) in results)
+        assert any("duplicate" in err or "already enrolled subject" in err for _, (_, err) in results), results
         listed = json.loads(run_cli("kiosk-enroll", "-c", str(config), "list", "--json").stdout)
         assert len(listed["subjects"]) == 1
 
