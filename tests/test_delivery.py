@@ -77,6 +77,55 @@ def test_a_restarted_subscriber_misses_no_event_and_a_quick_verifier_restart_is_
     assert states[-1][0] == "verifier_up", (states, sub_err[-3000:], verifier_err[-2000:])
 
 
+@pytest.mark.slow  # a restart under a running gate
+def test_a_restart_is_told_to_the_gate_before_any_decision_of_the_new_process(tmp_path, engine, photos):
+    """The new verifier's first decision can reach the subscriber before its first heartbeat: the subscription
+    comes back after the restart, and PUB drops what it sent before (here the subscriber is held with SIGSTOP
+    across the restart, and heartbeats are 10 s apart while a decision comes every 2.4 s). A gate that follows the
+    README closes on `verifier_down`, so the restart's `verifier_down` and `verifier_up` must come first."""
+    crops = people(engine, photos)
+    make_video(tmp_path / "walk.avi", [Walk(crops["parker"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "walk.avi", "realtime": True,
+                                      "loop": True}], heartbeat={"interval_s": 10.0, "misses": 20})
+    out = tmp_path / "gate-a1.jsonl"
+    verifier = kiosk(config, "verify")
+    capture = None
+    sub = kiosk(config, "subscribe", "--gate", "A1", "--jsonl", str(out), "--name", "gate-a1", quiet=False)
+    events = Events(config, ("event.", "health.verifier"))
+    try:
+        assert events.wait_for(lambda ev: ev.health, 30)
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        deadline = time.monotonic() + 30
+        while not any(e["type"] == "reject" for e in _jsonl(out)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        first_boot = _jsonl(out)[-1]["boot_id"]
+        assert first_boot
+        pid = events.health[-1]["pid"]
+        os.kill(sub.pid, signal.SIGSTOP)
+        os.kill(pid, signal.SIGKILL)
+        verifier.wait(10)
+        verifier = kiosk(config, "verify")
+        # The new process decides (heard here) while the subscriber is held: its first heartbeat is gone for it.
+        assert events.wait_for(lambda ev: any(e.boot_id not in (None, first_boot) for e in ev.events), 60)
+        os.kill(sub.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+                e.get("boot_id") not in (None, first_boot) for e in _jsonl(out) if e["type"] in ("accept", "reject")):
+            time.sleep(0.2)
+    finally:
+        events.close()
+        if capture is not None:
+            stop(capture)
+        _, sub_err = stop(sub)
+        stop(verifier)
+    handed = _jsonl(out)
+    new = [i for i, e in enumerate(handed) if e["type"] in ("accept", "reject") and e["boot_id"] != first_boot]
+    assert new, sub_err[-3000:]
+    before = [(e["type"], e["reason"]) for e in handed[:new[0]]]
+    assert ("verifier_down", "the verifier restarted (new boot id)") in before, (before, sub_err[-3000:])
+    assert before[-1] == ("verifier_up", "the verifier is back after a restart"), (before, sub_err[-3000:])
+
+
 def test_a_subscriber_that_joins_late_gets_the_events_of_a_verifier_that_started_after_it(tmp_path, engine,
                                                                                           photos):
     """The slow join `kiosk run` risks: the subscriber starts first, but its connection comes up only after the

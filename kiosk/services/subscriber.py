@@ -377,7 +377,8 @@ class Subscriber:
         self.saved = dict(self.cursors)
         self._in_hooks: dict[str, deque[list[Any]]] = {}  # gate -> [event_id, boot, seq, hooks not done yet]
         self._saving = threading.Lock()
-        self.boot_id: str | None = None  # the verifier's, from its heartbeat
+        self.boot_id: str | None = None  # the verifier's, from its heartbeat or its events
+        self._old_boots: deque[str] = deque(maxlen=16)  # boots replaced since: their late messages are no news
         self.started_at = time.time()  # of a verifier boot after this, every event is ours (none missed joining)
         self._handed: deque[str] = deque(maxlen=10_000)  # recent event ids, to skip one fetched twice
         self._catch_up_due = bool(self.cursors)
@@ -455,6 +456,7 @@ class Subscriber:
     def _on_event(self, event: Event) -> None:
         if self.gate and event.gate_id != self.gate:
             return
+        self._news_of(event.boot_id)
         cur = self.cursors.get(event.gate_id)
         if event.boot_id is not None and event.event_seq is not None and cur is not None:
             if event.boot_id == cur[0] and event.event_seq <= cur[1]:
@@ -474,13 +476,7 @@ class Subscriber:
                 self._state_event("verifier_down", "the verifier is stopping")
             return
         boot = body.get("boot_id")
-        if isinstance(boot, str) and self.boot_id is not None and boot != self.boot_id:
-            self._catch_up_due = True
-            if self.verifier_up:  # restarted inside the heartbeat window: the gate must hear it all the same
-                self._state_event("verifier_down", "the verifier restarted (new boot id)")
-                self._state_event("verifier_up", "the verifier is back after a restart")
-        if isinstance(boot, str):
-            self.boot_id = boot
+        self._news_of(boot if isinstance(boot, str) else None, heartbeat=True)
         counts = body.get("event_seq")
         booted = body.get("booted_at")
         if isinstance(counts, dict) and isinstance(boot, str):
@@ -494,12 +490,30 @@ class Subscriber:
                 if (self.gate is None or gate == self.gate) and isinstance(n, int) and cur is not None \
                         and cur[0] == boot and n > cur[1]:
                     self._catch_up_due = True  # published, but not arrived here
-        if self.verifier_up is not True:
-            was_down = self.verifier_up is False
+
+    def _news_of(self, boot: str | None, heartbeat: bool = False) -> None:
+        """A heartbeat or a live event of verifier boot `boot` arrived: the gates hear of a restart (`verifier_down`
+        then `verifier_up`), or of a verifier back after silence (`verifier_up`), before anything that process
+        decided. A new process's first accept can overtake its first heartbeat (the subscription reconnects after
+        a restart and a PUB socket drops what it sends before), so an event says "up" as a heartbeat does."""
+        restarted = boot is not None and self.boot_id is not None and boot != self.boot_id
+        if restarted and boot in self._old_boots:
+            return  # a late message of a process already replaced: no news
+        if restarted:
+            self._old_boots.append(str(self.boot_id))
+            self._catch_up_due = True
+            if self.verifier_up:  # restarted inside the heartbeat window: the gate must hear it all the same
+                self._state_event("verifier_down", "the verifier restarted (new boot id)")
+        if boot is not None:
+            self.boot_id = boot
+        if restarted or self.verifier_up is not True:
+            told = self.verifier_up is not None  # the first news of all is no change
             self.verifier_up = True
             self.metrics.verifier_up.set(1)
-            if was_down:
-                self._state_event("verifier_up", "verifier heartbeat is back")
+            if told:
+                self._state_event("verifier_up", "the verifier is back after a restart" if restarted
+                                  else "verifier heartbeat is back" if heartbeat
+                                  else "an event from the verifier arrived")
 
     def _catch_up(self, why: str) -> None:
         """Fetch and hand on what was missed since each gate's position."""
