@@ -167,6 +167,9 @@ class VerifierMetrics:
                                       ["camera", "reason"], registry=r)
         self.clock_skew = Gauge("kiosk_clock_skew_exceeded", "1 while the camera's capture clock is out of the "
                                 "clock-skew tolerance (its frames are refused)", ["camera"], registry=r)
+        self.key_file_ok = Gauge("kiosk_key_file_ok", "1 while the key file the verifier loaded is still there, "
+                                 "private (no group/other access) and holds the key in use; 0: a restart would "
+                                 "fail or serve another identity", ["key"], registry=r)
         self.previews = Counter("kiosk_preview_frames", "preview frames sent to a watching console", ["gate"],
                                 registry=r)
         self.decisions = Counter("kiosk_decisions", "decisions published", ["gate", "type", "reason"], registry=r)

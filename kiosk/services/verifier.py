@@ -8,8 +8,9 @@ capture health, end-of-source markers), let the core step and tick, and
 publish its verdicts: audit line first, then the event, so an event that
 reached a gate is in the audit log. Frames refused before decoding (another
 camera's key, a seq or capture time out of bounds) are counted and followed
-for clock skew (kiosk.services.frame_refusals), which shows in the status
-at once.
+for clock skew (kiosk.services.frame_refusals); the key files it started
+with are rechecked once a minute (kiosk.services.key_watch). Either shows
+in the status at once.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ from kiosk.boarding.gates import GateFlights
 from kiosk.boarding.model import DecisionRecord
 from kiosk.store.flights import SqliteBoardingStore, load_gate_flights
 from kiosk.store.gallery import Gallery, GalleryMatrix, GalleryQueries, open_gallery
+from kiosk.store.sealing import key_source
 from kiosk.messaging.channels import CAPTURE_HEALTH, REFUSALS, VERIFIER_HEALTH, FrameChannel, Refusal
 from kiosk.messaging.messages import CaptureHealth, Event, encode_json
 from kiosk.pipeline.policy import Decision
 from kiosk.services.audit import AuditLog, RecentEvents, read_tail
 from kiosk.services.frame_refusals import FrameRefusals
+from kiosk.services.key_watch import KeyFileWatch, WatchedKey, curve_server_key, template_key
 from kiosk.services.metrics import VerifierMetrics
 from kiosk.services.preview import PreviewFace, PreviewPublisher
 from kiosk.services.metrics import serve as serve_metrics
@@ -116,6 +119,8 @@ class Verifier:
         self._last_error = ""
         self._last_heartbeat = 0.0
         self._last_gallery_poll = time.monotonic()
+        self.key_files = KeyFileWatch(self._watched_keys(), self.metrics)
+        self.key_files.check(time.monotonic())
         self._metrics_server = serve_metrics(self.metrics.registry, cfg.metrics.port) if cfg.metrics.port else None
         self.metrics.gallery_subjects.set(len(matrix))
         self.metrics.gallery_templates.set(matrix.template_count)
@@ -135,6 +140,18 @@ class Verifier:
         if listen is not None:
             threading.Thread(target=listen, args=(self._changed, self._stop), name="gallery-listener",
                              daemon=True).start()
+
+    def _watched_keys(self) -> list[WatchedKey]:
+        """The key files this process loaded at start: the template key's (unless it came from the
+        environment) and, with CurveZMQ on, the server key pair's secret."""
+        keys = []
+        template = key_source(self.cfg).path
+        if template is not None and self.gallery.codec is not None:
+            keys.append(template_key(template, lambda: self.gallery.codec))
+        public = self.transport.server_public_key()
+        if public is not None:
+            keys.append(curve_server_key(self.transport.server_key_file, public))
+        return keys
 
     def _view(self, gallery: GalleryQueries, previous: GateFlights | None = None) -> GateFlights:
         return load_gate_flights(gallery, self.engine.model_id, self.engine.dim,
@@ -446,7 +463,7 @@ class Verifier:
             self.audit.check()
             if self._unrecorded and not self._file_error:
                 self._record_unrecorded()
-        if self.refusals.tick(mono):
+        if self.refusals.tick(mono) | self.key_files.check(mono):
             self._last_heartbeat = 0.0  # a changed status goes out at once
         self._heartbeat()
 
@@ -576,7 +593,7 @@ class Verifier:
         return {
             "component": "verifier",
             "status": ("degraded" if down or self.audit.error or self._stale_reason() or self._record_failing
-                       or self.matrix.unreadable or self.refusals.skewed else "ok"),
+                       or self.matrix.unreadable or self.refusals.skewed or self.key_files.problems else "ok"),
             "cameras_down": down,
             "pid": os.getpid(), "providers": self.engine.providers,
             "fps": round(self.core.fps(now), 2), "drops": sum(c.stale for c in self.cameras.values()),
@@ -585,6 +602,7 @@ class Verifier:
             "frames_refused": {reason: sum(c[reason] for c in self.refusals.counts.values())
                                for reason in REFUSALS},
             "clock_skew": self.refusals.status(time.monotonic()),
+            "key_files": self.key_files.status(),
             "audit": {"ok": not self.audit.error, "error": self.audit.error, "failures": self.audit.failures,
                       "pending": self.audit.pending},
             "boarding_store": {"ok": not self._record_failing, "decisions_waiting": len(self._unrecorded)},

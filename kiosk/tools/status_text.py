@@ -61,6 +61,8 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"  clock skew: camera {cam_id}'s capture clock is {far} this host's for {c.get('for_s')} s "
                      f"(tolerance {skew.get('tolerance_s')} s ahead, {skew.get('max_past_s')} s behind): its "
                      f"frames are refused; check NTP on its capture host")
+    for problem in (s.get("key_files") or {}).get("problems", {}).values():
+        lines.append(f"  key file: {problem}")
     claims = s.get("claims") or {}
     lines.append("  claims: " + (", ".join(f"gate {g} -> {sid}" for g, sid in sorted(claims.items()))
                                  if claims else "none"))
