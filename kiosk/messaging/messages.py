@@ -33,10 +33,40 @@ MAX_SIDE = 4096
 MAX_FRAME_PIXELS = 4096 * 2304
 MAX_FRAME_BYTES = MAX_FRAME_PIXELS * 3
 MAX_HEADER_BYTES = 16 * 1024
+MAX_TOPIC_BYTES = 1024  # a topic is `frame.<camera id>`: read (and copied) only up to this long
+# A frame's `seq` is a count of frames since its capture started: an unsigned 63-bit integer (what every
+# consumer, SQLite and Prometheus included, holds exactly). A negative or larger one is refused.
+MAX_SEQ = 2**63 - 1
+# A file source's media time (`pts`, seconds): non-negative and under ~31 years of video.
+MAX_PTS_S = 1e9
+# How far ahead of the verifier's clock a frame's `captured_at` may be. Hosts on NTP agree within a few
+# milliseconds, so only an unsynchronised capture host (or a forged header) goes past this; a frame from further
+# ahead is refused, because its age would look smaller than it is and the stale-frame guard
+# (`policy.max_frame_age_ms`, 500 ms by default) would pass a frame older than it allows. Within the tolerance
+# that guard can be off by at most this much. Half a second: 100 times what NTP leaves, the size of the guard.
+CLOCK_SKEW_TOLERANCE_S = 0.5
+# How far behind the verifier's clock a frame's `captured_at` may be on arrival. The verifier holds a few dozen
+# frames per camera at most, seconds' worth even on a slow CPU, and a live camera's frame older than
+# `policy.max_frame_age_ms` is dropped later anyway (`too_old`): an hour is absurd for any real frame, and what
+# a capture host whose clock is far behind (or a forged header) sends.
+MAX_FRAME_PAST_S = 3600.0
 
 
 class BadMessage(ValueError):
     """A received message that does not follow the schema."""
+
+
+OUT_OF_BOUNDS = ("seq", "future", "past", "not_finite")  # why a well-formed frame header is refused
+
+
+class OutOfBounds(BadMessage):
+    """A well-formed frame header whose `seq` or time is out of bounds: `reason` is one of OUT_OF_BOUNDS;
+    `offset_s` is captured_at minus the receiver's clock for a frame from the future or the far past."""
+
+    def __init__(self, reason: str, message: str, offset_s: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.offset_s = offset_s
 
 
 @dataclass
@@ -203,11 +233,18 @@ def encode_frame(header: FrameHeader, image: np.ndarray | None = None, jpeg_qual
     return [header.topic(), json.dumps(asdict(header), separators=(",", ":")).encode(), payload]
 
 
-def decode_frame(parts: list[bytes]) -> tuple[FrameHeader, np.ndarray]:
+def decode_frame(parts: list[Any]) -> tuple[FrameHeader, np.ndarray]:
     """Validate a frame message and return its header and BGR image."""
+    header = decode_frame_header(parts)
+    return header, decode_frame_image(header, parts[2])
+
+
+def decode_frame_header(parts: list[Any]) -> FrameHeader:
+    """The frame's header, validated (part count, size, JSON, types, topic, pixel size, seq and pts bounds),
+    without touching the pixels: what a receiver reads before it spends anything on decoding them."""
     if len(parts) != 3:
         raise BadMessage(f"frame: expected 3 parts, got {len(parts)}")
-    topic = bytes(parts[0]).decode("utf-8", "replace")
+    topic = bytes(parts[0][:MAX_TOPIC_BYTES]).decode("utf-8", "replace")
     if len(parts[1]) > MAX_HEADER_BYTES:
         raise BadMessage(f"frame: header of {len(parts[1])} bytes (at most {MAX_HEADER_BYTES})")
     data = _json(parts[1], "frame header")
@@ -230,26 +267,47 @@ def decode_frame(parts: list[bytes]) -> tuple[FrameHeader, np.ndarray]:
             and header.width * header.height <= MAX_FRAME_PIXELS):
         raise BadMessage(f"frame: bad size {header.width}x{header.height} (at most {MAX_SIDE} px a side and "
                          f"{MAX_FRAME_PIXELS} pixels)")
+    if header.encoding not in ("bgr8", "jpeg"):
+        raise BadMessage(f"frame: unknown encoding {header.encoding!r}")
     if not math.isfinite(header.captured_at) or (header.pts is not None and not math.isfinite(header.pts)):
-        raise BadMessage("frame: captured_at or pts is not a finite number")
-    payload = parts[2]
+        raise OutOfBounds("not_finite", "frame: captured_at or pts is not a finite number")
+    if not 0 <= header.seq <= MAX_SEQ:
+        raise OutOfBounds("seq", f"frame: seq {str(header.seq)[:30]} out of range (0 to 2**63-1)")
+    if header.pts is not None and not 0 <= header.pts <= MAX_PTS_S:
+        raise OutOfBounds("not_finite", f"frame: pts {header.pts:.6g} out of range (0 to {MAX_PTS_S:g} s)")
+    return header
+
+
+def check_frame_clock(header: FrameHeader, now: float) -> None:
+    """Refuse (OutOfBounds) a frame captured further ahead of `now` (the receiver's clock) than
+    CLOCK_SKEW_TOLERANCE_S, or further behind it than MAX_FRAME_PAST_S."""
+    offset = header.captured_at - now
+    if offset > CLOCK_SKEW_TOLERANCE_S:
+        raise OutOfBounds("future", f"frame {header.seq} of camera {header.camera_id!r}: captured_at is "
+                          f"{offset:.3g} s ahead of this host's clock (tolerance {CLOCK_SKEW_TOLERANCE_S:g} s)",
+                          offset)
+    if -offset > MAX_FRAME_PAST_S:
+        raise OutOfBounds("past", f"frame {header.seq} of camera {header.camera_id!r}: captured_at is "
+                          f"{-offset:.3g} s behind this host's clock (at most {MAX_FRAME_PAST_S:g} s)", offset)
+
+
+def decode_frame_image(header: FrameHeader, payload: Any) -> np.ndarray:
+    """The BGR pixels of a validated header's payload: bgr8 without a copy, a JPEG decoded only once its own
+    header says it is the frame header's size (a JPEG bomb allocates nothing)."""
     if header.encoding == "bgr8":
         expected = header.width * header.height * 3
         if len(payload) != expected:
             raise BadMessage(f"frame: bgr8 payload of {len(payload)} bytes, {header.width}x{header.height}x3 "
                              f"needs {expected}")
-        image = np.frombuffer(payload, np.uint8).reshape(header.height, header.width, 3)
-    elif header.encoding == "jpeg":
-        size = image_size(payload[:256 * 1024])
-        if size != (header.width, header.height):  # checked before decoding: a JPEG bomb allocates nothing
-            raise BadMessage(f"frame: JPEG of size {size} does not match the header's "
-                             f"{header.width}x{header.height}")
-        image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
-        if image is None or image.shape[:2] != (header.height, header.width):
-            raise BadMessage("frame: JPEG payload does not decode to the header's size")
-    else:
-        raise BadMessage(f"frame: unknown encoding {header.encoding!r}")
-    return header, image
+        return np.frombuffer(payload, np.uint8).reshape(header.height, header.width, 3)
+    size = image_size(payload[:256 * 1024])
+    if size != (header.width, header.height):  # checked before decoding: a JPEG bomb allocates nothing
+        raise BadMessage(f"frame: JPEG of size {size} does not match the header's "
+                         f"{header.width}x{header.height}")
+    image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.shape[:2] != (header.height, header.width):
+        raise BadMessage("frame: JPEG payload does not decode to the header's size")
+    return image
 
 
 def encode_json(topic: str, body: dict[str, Any]) -> list[bytes]:

@@ -190,8 +190,17 @@ class Transport:
     # -- keys ----------------------------------------------------------------
     def _server_keys(self) -> KeyPair:
         if self._server is None:
-            self._server = _load(self.keys_dir / "server.key_secret")
+            self._server = _load(self.server_key_file)
         return self._server
+
+    @property
+    def server_key_file(self) -> Path:
+        """The server's secret key file (what `_as_server` loads)."""
+        return self.keys_dir / "server.key_secret"
+
+    def server_public_key(self) -> bytes | None:
+        """The server public key this process's server sockets use (None: none built yet, or CurveZMQ off)."""
+        return self._server.public if self._server is not None else None
 
     def _client_keys(self) -> tuple[KeyPair, bytes]:
         if self._client is None:

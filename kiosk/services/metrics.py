@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kiosk.messaging.channels import REFUSALS
+
 log = logging.getLogger(__name__)
 
 # From half a millisecond (a search) to ten seconds (a decision held by a stall).
@@ -159,6 +161,15 @@ class VerifierMetrics:
         self.purges = Counter("kiosk_flights_purged", "flights whose passengers' templates were purged after "
                               "departure", registry=r)
         self.bad_messages = Counter("kiosk_bad_messages", "malformed messages dropped", registry=r)
+        self.frames_refused = Counter("kiosk_frames_refused", "messages for a camera refused before any decode: "
+                                      "from a key that is not its capture's (reason sender), or a frame whose seq "
+                                      "or captured_at is out of bounds (seq, future, past, not_finite)",
+                                      ["camera", "reason"], registry=r)
+        self.clock_skew = Gauge("kiosk_clock_skew_exceeded", "1 while the camera's capture clock is out of the "
+                                "clock-skew tolerance (its frames are refused)", ["camera"], registry=r)
+        self.key_file_ok = Gauge("kiosk_key_file_ok", "1 while the key file the verifier loaded is still there, "
+                                 "private (no group/other access) and holds the key in use; 0: a restart would "
+                                 "fail or serve another identity", ["key"], registry=r)
         self.previews = Counter("kiosk_preview_frames", "preview frames sent to a watching console", ["gate"],
                                 registry=r)
         self.decisions = Counter("kiosk_decisions", "decisions published", ["gate", "type", "reason"], registry=r)
@@ -197,6 +208,9 @@ class VerifierMetrics:
             for counter in (self.frames_in, self.frames_processed, self.frames_stale, self.frames_too_old,
                             self.faces, self.frames_not_boarding, self.frames_idle):
                 counter.labels(camera=cam)
+            for reason in REFUSALS:
+                self.frames_refused.labels(camera=cam, reason=reason)
+            self.clock_skew.labels(camera=cam).set(0)
         for stage in stages:
             self.stage_seconds.labels(stage=stage)
         for gate in sorted(set(cameras.values())):

@@ -6,7 +6,11 @@ its revision changes, and asked before every accept), the metrics server
 and the heartbeat. Each loop: read what arrived (control requests, frames,
 capture health, end-of-source markers), let the core step and tick, and
 publish its verdicts: audit line first, then the event, so an event that
-reached a gate is in the audit log.
+reached a gate is in the audit log. Frames refused before decoding (another
+camera's key, a seq or capture time out of bounds) are counted and followed
+for clock skew (kiosk.services.frame_refusals); the key files it started
+with are rechecked once a minute (kiosk.services.key_watch). Either shows
+in the status at once.
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ from kiosk.boarding.gates import GateFlights
 from kiosk.boarding.model import DecisionRecord
 from kiosk.store.flights import SqliteBoardingStore, load_gate_flights
 from kiosk.store.gallery import Gallery, GalleryMatrix, GalleryQueries, open_gallery
-from kiosk.messaging.channels import CAPTURE_HEALTH, VERIFIER_HEALTH, FrameChannel
+from kiosk.store.sealing import key_source
+from kiosk.messaging.channels import CAPTURE_HEALTH, REFUSALS, VERIFIER_HEALTH, FrameChannel, Refusal
 from kiosk.messaging.messages import CaptureHealth, Event, encode_json
 from kiosk.pipeline.policy import Decision
 from kiosk.services.audit import AuditLog, RecentEvents, read_tail
+from kiosk.services.frame_refusals import FrameRefusals
+from kiosk.services.key_watch import KeyFileWatch, WatchedKey, curve_server_key, template_key
 from kiosk.services.metrics import VerifierMetrics
 from kiosk.services.preview import PreviewFace, PreviewPublisher
 from kiosk.services.metrics import serve as serve_metrics
@@ -88,7 +95,8 @@ class Verifier:
         if cfg.security.curve:  # each camera's messages from its own capture's key only
             keys = cfg.resolve(cfg.security.keys_dir)
             owners = {c.id: client_public_key(keys, c.key or cfg.security.client_key) for c in cfg.cameras}
-        self.inbox = FrameChannel(self.frames, self.cameras, self._bad_message, owners)
+        self.refusals = FrameRefusals(self.metrics, self.cameras)
+        self.inbox = FrameChannel(self.frames, self.cameras, self._bad_message, owners, self._refused)
         self.events = self.transport.event_publisher()
         self.control = self.transport.control_server()
         self.history = self.transport.history_server()
@@ -111,6 +119,8 @@ class Verifier:
         self._last_error = ""
         self._last_heartbeat = 0.0
         self._last_gallery_poll = time.monotonic()
+        self.key_files = KeyFileWatch(self._watched_keys(), self.metrics)
+        self.key_files.check(time.monotonic())
         self._metrics_server = serve_metrics(self.metrics.registry, cfg.metrics.port) if cfg.metrics.port else None
         self.metrics.gallery_subjects.set(len(matrix))
         self.metrics.gallery_templates.set(matrix.template_count)
@@ -130,6 +140,18 @@ class Verifier:
         if listen is not None:
             threading.Thread(target=listen, args=(self._changed, self._stop), name="gallery-listener",
                              daemon=True).start()
+
+    def _watched_keys(self) -> list[WatchedKey]:
+        """The key files this process loaded at start: the template key's (unless it came from the
+        environment) and, with CurveZMQ on, the server key pair's secret."""
+        keys = []
+        template = key_source(self.cfg).path
+        if template is not None and self.gallery.codec is not None:
+            keys.append(template_key(template, lambda: self.gallery.codec))
+        public = self.transport.server_public_key()
+        if public is not None:
+            keys.append(curve_server_key(self.transport.server_key_file, public))
+        return keys
 
     def _view(self, gallery: GalleryQueries, previous: GateFlights | None = None) -> GateFlights:
         return load_gate_flights(gallery, self.engine.model_id, self.engine.dim,
@@ -314,6 +336,13 @@ class Verifier:
             self._last_bad_log = now
             log.warning("dropped a malformed message (%d so far): %s", self._bad, why)
 
+    def _refused(self, refusal: Refusal) -> None:
+        """A message refused before any decode (a key that does not own the camera, a seq or capture time out
+        of bounds): counted per camera and reason, and a bad message (counted, logged at most every 10 s)."""
+        if self.refusals.refused(refusal, time.monotonic()):
+            self._last_heartbeat = 0.0  # a clock-skew episode began: heartbeat now
+        self._bad_message(refusal.why)
+
     def _capture_health(self, health: CaptureHealth) -> None:
         """Relay a capture's health to the subscribers and keep what `kiosk status` and metrics show."""
         self.events.send_multipart(encode_json(CAPTURE_HEALTH + health.camera_id, health.body))
@@ -434,6 +463,8 @@ class Verifier:
             self.audit.check()
             if self._unrecorded and not self._file_error:
                 self._record_unrecorded()
+        if self.refusals.tick(mono) | self.key_files.check(mono):
+            self._last_heartbeat = 0.0  # a changed status goes out at once
         self._heartbeat()
 
     def _stale_reason(self) -> str:
@@ -562,12 +593,16 @@ class Verifier:
         return {
             "component": "verifier",
             "status": ("degraded" if down or self.audit.error or self._stale_reason() or self._record_failing
-                       or self.matrix.unreadable else "ok"),
+                       or self.matrix.unreadable or self.refusals.skewed or self.key_files.problems else "ok"),
             "cameras_down": down,
             "pid": os.getpid(), "providers": self.engine.providers,
             "fps": round(self.core.fps(now), 2), "drops": sum(c.stale for c in self.cameras.values()),
             "queue_depth": sum(len(c.pending) for c in self.cameras.values()),
             "bad_messages": self._bad, "last_error": self.core.last_error or self._last_error,
+            "frames_refused": {reason: sum(c[reason] for c in self.refusals.counts.values())
+                               for reason in REFUSALS},
+            "clock_skew": self.refusals.status(time.monotonic()),
+            "key_files": self.key_files.status(),
             "audit": {"ok": not self.audit.error, "error": self.audit.error, "failures": self.audit.failures,
                       "pending": self.audit.pending},
             "boarding_store": {"ok": not self._record_failing, "decisions_waiting": len(self._unrecorded)},
@@ -583,6 +618,7 @@ class Verifier:
                                       "last_error": states[c.camera_id][1], "frames_in": c.frames_in,
                                       "processed": c.processed, "idle_skipped": c.idle_skipped,
                                       "dropped": c.stale, "too_old": c.too_old,
+                                      "refused": dict(self.refusals.counts[c.camera_id]),
                                       "eof": c.eof, "not_boarding": c.not_boarding,
                                       "tracks": len(c.tracker.tracks),
                                       "wakes": [list(w) for w in c.wakes],

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+REFUSED_WHY = {"sender": "from a key that is not the camera's", "seq": "with seq out of range",
+               "future": "captured in the future", "past": "captured too long ago",
+               "not_finite": "with a time that is not a number"}
+
 
 def _ms(q: Any) -> str:
     if not isinstance(q, dict) or "p50" not in q:
@@ -46,6 +50,19 @@ def format_status(s: dict[str, Any]) -> str:
                  f"{s.get('bad_messages', 0)} bad message(s) dropped")
     lines.append(f"  latency: capture to processed {_ms(s.get('frame_latency_ms'))}; "
                  f"capture to decision {_ms(s.get('decision_latency_ms'))}")
+    refused = s.get("frames_refused") or {}
+    if any(refused.values()):
+        lines.append("  refused before decoding: " + ", ".join(f"{n} {REFUSED_WHY.get(reason, reason)}"
+                                                             for reason, n in refused.items() if n))
+    skew = s.get("clock_skew") or {}
+    for cam_id, c in sorted((skew.get("cameras") or {}).items()):
+        offset = c.get("offset_s", 0.0)
+        far = f"{offset:.3g} s ahead of" if offset > 0 else f"{-offset:.3g} s behind"
+        lines.append(f"  clock skew: camera {cam_id}'s capture clock is {far} this host's for {c.get('for_s')} s "
+                     f"(tolerance {skew.get('tolerance_s')} s ahead, {skew.get('max_past_s')} s behind): its "
+                     f"frames are refused; check NTP on its capture host")
+    for problem in (s.get("key_files") or {}).get("problems", {}).values():
+        lines.append(f"  key file: {problem}")
     claims = s.get("claims") or {}
     lines.append("  claims: " + (", ".join(f"gate {g} -> {sid}" for g, sid in sorted(claims.items()))
                                  if claims else "none"))
