@@ -160,6 +160,12 @@ def test_hash_password_command_and_a_console_refused_off_loopback_without_tls(tm
     config.write_text(config.read_text().replace("password_file: pw", "password_file: missing"))
     result = run_cli("kiosk", "-c", str(config), "console", timeout=60)
     assert result.returncode == 2 and "missing: no such file" in result.stderr
+    for value, expected in (("console.example.org", "console.allowed_hosts: expected a list"),
+                            (["http://console.example.org/"], "console.allowed_hosts[0]: expected HOST or HOST:PORT")):
+        config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "none.avi"}],
+                              console={"password_file": "pw", "allowed_hosts": value})
+        result = run_cli("kiosk", "-c", str(config), "console", timeout=60)
+        assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
 
 
 def _post_login(port: int, password: str, headers: dict | None = None) -> int:
@@ -229,6 +235,76 @@ def test_behind_a_trusted_proxy_each_client_is_counted_and_all_of_them_together_
     finally:
         _, err = stop(console)
     assert "Traceback" not in err and "wrong password from 10.0.0.1" in err
+
+
+def test_a_request_for_another_host_is_refused_before_any_password_check(tmp_path):
+    """DNS rebinding: a page on evil.example, re-pointed at 127.0.0.1, posts the login form with `Host` and
+    `Origin` both evil.example (so the Origin check alone sees a same-origin request). Refused (421) before the
+    password is looked at, right or wrong, and none of it counts toward the throttle: the operator, after more
+    such tries than the throttle allows, logs in at once."""
+    console, port = _console(tmp_path)
+    try:
+        evil = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+        codes = [_post_login(port, f"guess {i}", evil) for i in range(8)] + [_post_login(port, PASSWORD, evil)]
+        assert codes == [421] * 9, codes  # not 401, not 303: the password was never checked
+        assert _get(port, "/login", host="evil.example").status == 421
+        assert _post_login(port, PASSWORD, {"Host": "127.0.0.1"}) == 303  # the listen address, without the port
+        assert _post_login(port, PASSWORD, {"Host": f"LocalHost:{port}"}) == 303  # loopback names, any case
+        assert _post_login(port, PASSWORD) == 303  # nothing was counted against 127.0.0.1
+    finally:
+        _, err = stop(console)
+    assert "Traceback" not in err and "wrong password" not in err
+    assert "evil.example" in err and "console.allowed_hosts" in err
+
+
+def test_a_half_sent_request_is_closed_within_seconds(tmp_path):
+    """Four connections that never finish their request: one sends nothing, one stops inside its headers, one
+    sends its headers and half its body, one dribbles its headers a byte every 0.2 s (so a per-read timeout
+    alone would never fire). The server closes each within 10 s of its first byte, and meanwhile the operator
+    logs in as usual."""
+    import selectors
+    import socket
+
+    console, port = _console(tmp_path)
+    selector = selectors.DefaultSelector()
+    started = time.monotonic()
+    head = f"POST /login HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    sends = {"silent": b"", "headers": head.encode()[:60],
+             "body": (head + "Content-Length: 64\r\n\r\npassword=cor").encode(), "dribble": head.encode()}
+    closed: dict[str, float] = {}
+    try:
+        socks = {}
+        for name, data in sends.items():
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(data if name != "dribble" else data[:1])
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, name)
+            socks[name] = sock
+        assert _post_login(port, PASSWORD) == 303  # the server is not held up by them
+        sent, last_drip = 1, time.monotonic()
+        while len(closed) < len(socks) and time.monotonic() - started < 12:
+            for key, _ in selector.select(timeout=0.1):
+                try:
+                    data = key.fileobj.recv(4096)
+                except ConnectionResetError:
+                    data = b""
+                if not data:  # the server closed it (anything it said first, e.g. a 408, is read before)
+                    closed[key.data] = time.monotonic() - started
+                    selector.unregister(key.fileobj)
+            if "dribble" not in closed and time.monotonic() - last_drip >= 0.2 and sent < len(sends["dribble"]):
+                try:
+                    socks["dribble"].send(sends["dribble"][sent:sent + 1])
+                    sent += 1
+                except OSError:
+                    pass
+                last_drip = time.monotonic()
+    finally:
+        selector.close()
+        for sock in socks.values():
+            sock.close()
+        _, err = stop(console)
+    assert set(closed) == set(sends) and max(closed.values()) < 10, closed
+    assert "Traceback" not in err
 
 
 def test_the_console_over_tls_on_another_address(tmp_path):
@@ -442,9 +518,12 @@ def _browser() -> tuple[str, str] | None:
     return (chromium, driver) if chromium and driver else None
 
 
-def _get(port: int, path: str, *, cookie: str | None = None, body: dict | None = None) -> http.client.HTTPResponse:
+def _get(port: int, path: str, *, cookie: str | None = None, body: dict | None = None,
+         host: str | None = None) -> http.client.HTTPResponse:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     headers = {"Cookie": cookie} if cookie else {}
+    if host is not None:
+        headers["Host"] = host
     if body is None:
         conn.request("GET", path, headers=headers)
     else:

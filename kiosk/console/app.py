@@ -5,8 +5,12 @@ glance and the decision feed; `/gate/{gate}` one gate's live view (frames with f
 decisions with the face crop each was made on. JSON for other tools: `/api/status`, `/api/events`,
 `/api/crops/{event_id}`; `/api/gates/{gate}/live` is the live view's server-sent event stream.
 
-Every path but the login page needs a session: a page without one is redirected to `/login`, anything else
-answers 401. The session cookie is HttpOnly and SameSite=Strict (Secure under TLS). Responses are never cached.
+Before anything else, a request must name this console in its `Host` header (`console.allowed_hosts`, by default
+the listen address): a page whose own name is re-pointed at the console's address (DNS rebinding) is answered 421
+before its session, its Origin or any password is looked at. Then every path but the login page needs a
+session: a page without one is redirected to `/login`, anything else answers 401. The session cookie is HttpOnly
+and SameSite=Strict (Secure under TLS). Responses are never cached. kiosk.console.server closes a request that
+is not sent whole in time.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kiosk.config import KioskConfig
 from kiosk.console.auth import PasswordCheck, Sessions
+from kiosk.console.server import SparseLog, timed_protocol
 from kiosk.console.state import ConsoleState
 from kiosk.errors import ConfigError
 from kiosk.messaging.transport import init_keys
@@ -54,14 +59,29 @@ FLIGHTS_EVERY_S = 2.0
 
 
 class Guard:
-    """ASGI middleware: the session check in front of every path but the login page, and the headers every
-    response carries."""
+    """ASGI middleware: the Host check first, then the Origin check and the session check in front of every path
+    but the login page, and the headers every response carries."""
 
-    def __init__(self, app: ASGIApp, sessions: Sessions) -> None:
+    def __init__(self, app: ASGIApp, sessions: Sessions, allowed_hosts: frozenset[str]) -> None:
         self.app = app
         self.sessions = sessions
+        self.allowed_hosts = allowed_hosts
+        self._foreign = SparseLog(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        host = (_header(scope, b"host") or "").lower()
+        if host not in self.allowed_hosts:  # first: nothing of a rebound page's request is looked at
+            self._foreign.warning("console: %s %s refused: Host %r is not in console.allowed_hosts",
+                                  scope.get("method", "GET"), scope["path"], host[:100])
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await Response("misdirected request: unknown Host\n", status_code=421, media_type="text/plain",
+                               headers={"connection": "close"})(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -123,7 +143,7 @@ def session_of(scope: Scope) -> str | None:
 
 
 def build_app(state: ConsoleState, check: PasswordCheck, sessions: Sessions, *, secure: bool,
-              preview_fps: float) -> ASGIApp:
+              preview_fps: float, allowed_hosts: frozenset[str]) -> ASGIApp:
     login_page = (STATIC / "login.html").read_text()
 
     def login_form(error: str = "", status: int = 200) -> Response:
@@ -231,7 +251,7 @@ def build_app(state: ConsoleState, check: PasswordCheck, sessions: Sessions, *, 
         Route("/api/crops/{event_id}", api_crop, methods=["GET"]),
         Route("/api/gates/{gate}/live", api_live, methods=["GET"]),
     ]
-    return Guard(Starlette(routes=routes), sessions)
+    return Guard(Starlette(routes=routes), sessions, allowed_hosts)
 
 
 def _listen(cfg: KioskConfig) -> tuple[str, int, bool]:
@@ -337,9 +357,14 @@ def run_console(cfg: KioskConfig) -> int:
     feed = ConsoleFeed(cfg, state)
     sock = _bind(host, port, cfg.console.listen)
     stop = threading.Event()
-    app = build_app(state, check, Sessions(), secure=tls, preview_fps=cfg.console.preview_fps)
+    allowed_hosts = cfg.console.allowed_host_names()
+    app = build_app(state, check, Sessions(), secure=tls, preview_fps=cfg.console.preview_fps,
+                    allowed_hosts=allowed_hosts)
     proxies = cfg.console.trusted_proxies  # X-Forwarded-For/-Proto believed only from these
+    # http: uvicorn's h11 protocol with a deadline for each request (kiosk.console.server); no WebSocket (the
+    # console has none, and an upgraded connection would leave that deadline's reach).
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
+                            http=timed_protocol(cfg.console.request_timeout_s), ws="none",
                             proxy_headers=bool(proxies), forwarded_allow_ips=",".join(proxies) if proxies else "",
                             ssl_certfile=str(cfg.resolve(cfg.console.tls_cert)) if tls else None,
                             ssl_keyfile=str(cfg.resolve(cfg.console.tls_key)) if tls else None)
@@ -348,6 +373,7 @@ def run_console(cfg: KioskConfig) -> int:
     threading.Thread(target=_follow_flights, args=(cfg, state, stop), name="console-flights", daemon=True).start()
     log.info("console on %s://%s (%d gate(s)); log in with the password in %s", "https" if tls else "http",
              cfg.console.listen, len(gates), cfg.resolve(cfg.console.password_file))
+    log.info("console answers Host %s (console.allowed_hosts)", ", ".join(sorted(allowed_hosts)))
     started = time.monotonic()
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it stopped on: end with 0 here
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
