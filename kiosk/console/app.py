@@ -9,8 +9,8 @@ Before anything else, a request must name this console in its `Host` header (`co
 the listen address): a page whose own name is re-pointed at the console's address (DNS rebinding) is answered 421
 before its session, its Origin or any password is looked at. Then every path but the login page needs a
 session: a page without one is redirected to `/login`, anything else answers 401. The session cookie is HttpOnly
-and SameSite=Strict (Secure under TLS). Responses are never cached. kiosk.console.server closes a request that
-is not sent whole in time.
+and SameSite=Strict (Secure under TLS). Responses are never cached. Who may try a password, and how often, is
+kiosk.console.throttle's; kiosk.console.server closes a request that is not sent whole in time.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -38,6 +38,7 @@ from kiosk.config import KioskConfig
 from kiosk.console.auth import PasswordCheck, Sessions
 from kiosk.console.server import SparseLog, timed_protocol
 from kiosk.console.state import ConsoleState
+from kiosk.console.throttle import DEVICE_COOKIE, DeviceCookies, Refusal, Throttle
 from kiosk.errors import ConfigError
 from kiosk.messaging.transport import init_keys
 from kiosk.store.sealing import key_source
@@ -143,8 +144,10 @@ def session_of(scope: Scope) -> str | None:
 
 
 def build_app(state: ConsoleState, check: PasswordCheck, sessions: Sessions, *, secure: bool,
-              preview_fps: float, allowed_hosts: frozenset[str]) -> ASGIApp:
+              preview_fps: float, allowed_hosts: frozenset[str], throttle: Throttle | None = None) -> ASGIApp:
     login_page = (STATIC / "login.html").read_text()
+    throttle = throttle or Throttle()
+    devices = DeviceCookies(check.device_key())
 
     def login_form(error: str = "", status: int = 200) -> Response:
         note = f'<p class="error" id="login-error">{error}</p>' if error else ""
@@ -156,24 +159,34 @@ def build_app(state: ConsoleState, check: PasswordCheck, sessions: Sessions, *, 
     async def post_login(request: Request) -> Response:
         # The TCP peer (uvicorn takes X-Forwarded-For only from console.trusted_proxies; none by default).
         client = request.client.host if request.client else "?"
-        slot = sessions.begin_check(client)  # taken before the check: concurrent tries cannot all get one
-        if slot is None:
-            log.warning("console: login from %s refused: too many wrong passwords, wait a minute", client)
-            return login_form("Too many wrong passwords; wait a minute.", 429)
         try:
             form = await request.form(max_files=0, max_fields=4, max_part_size=4096)
             password = str(form.get("password") or "")
+        except ClientDisconnect:  # gone (or cut off by the request deadline) before its body was in: no try
+            return Response(status_code=400)
         except Exception:  # noqa: BLE001 - a malformed form is a wrong password
             password = ""
+        device = devices.device_of(request.cookies.get(DEVICE_COOKIE))
+        who = f"{client} (a browser that has logged in before)" if device else client
+        slot = throttle.begin(client, device)  # taken before the check: concurrent tries cannot all get one
+        if isinstance(slot, Refusal):
+            wait = max(1, int(slot.retry_after_s + 0.999))
+            log.warning("console: login from %s refused unchecked: %s; next check in %d s", who, slot.reason, wait)
+            response = login_form(f"Too many wrong passwords; try again in {wait} s.", 429)
+            response.headers["retry-after"] = str(wait)
+            return response
         ok = await asyncio.get_running_loop().run_in_executor(None, check.matches, password)
         if not ok:
-            log.warning("console: wrong password from %s", client)
+            log.warning("console: wrong password from %s", who)
             await asyncio.sleep(0.5)
             return login_form("Wrong password.", 401)
-        sessions.succeeded(client, slot)
-        log.info("console: login from %s", client)
+        throttle.succeeded(slot)
+        log.info("console: login from %s", who)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(COOKIE, sessions.create(), httponly=True, samesite="strict", secure=secure, path="/")
+        # This browser's own login budget from now on (kiosk.console.throttle); kept on logout.
+        response.set_cookie(DEVICE_COOKIE, devices.mint(), max_age=int(devices.ttl_s), httponly=True,
+                            samesite="strict", secure=secure, path="/login")
         return response
 
     async def post_logout(request: Request) -> Response:
