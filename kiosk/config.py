@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
+import socket
 import types
 import typing
 from dataclasses import dataclass, field
@@ -253,6 +255,11 @@ class ConsoleConfig:
     # Addresses (or networks) of reverse proxies whose X-Forwarded-For names the real client; none by default,
     # so a forged header changes nothing and the login throttle counts the TCP peer.
     trusted_proxies: list[str] = field(default_factory=list)
+    # The `Host` header values (HOST or HOST:PORT) the console answers; any other is refused before anything
+    # else (a DNS-rebinding page names its own host). null: the listen address (see `allowed_host_names`).
+    allowed_hosts: Optional[list[str]] = None
+    # Seconds a client has to send a whole request (headers and body) once the server waits for one.
+    request_timeout_s: float = 5.0
 
     def host_port(self) -> tuple[str, int]:
         """`listen` split, brackets off an IPv6 host; ValueError if it is not HOST:PORT."""
@@ -260,6 +267,25 @@ class ConsoleConfig:
         if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) <= 65535:
             raise ValueError(self.listen)
         return host.strip("[]"), int(port)
+
+    def allowed_host_names(self) -> frozenset[str]:
+        """The `Host` values answered, lower case: `allowed_hosts` as written, else the listen address with and
+        without its port; on a loopback address also localhost, 127.0.0.1 and [::1]; on a wildcard address
+        (0.0.0.0, ::) those and this machine's host names, since it listens on all of them."""
+        if self.allowed_hosts is not None:
+            return frozenset(h.lower() for h in self.allowed_hosts)
+        host, port = self.host_port()
+        names = {host}
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            address = None
+        if host == "localhost" or (address is not None and (address.is_loopback or address.is_unspecified)):
+            names |= {"localhost", "127.0.0.1", "::1"}
+        if address is not None and address.is_unspecified:
+            names |= {socket.gethostname(), socket.getfqdn()}
+        bracketed = {f"[{n}]" if ":" in n else n for n in names if n}
+        return frozenset(form.lower() for n in bracketed for form in (n, f"{n}:{port}"))
 
 
 @dataclass
@@ -348,9 +374,12 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("retention", "purge_after_departure_h"): (0.0, 8760.0),
     ("console", "preview_fps"): (0.2, 30.0),
     ("console", "crops"): (1, 10000),
+    ("console", "request_timeout_s"): (0.5, 300.0),
 }
 
 _PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")
+# A `Host` header value: a DNS name or IPv4 address, or an IPv6 address in brackets; an optional port.
+_HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)(:[0-9]{1,5})?")
 
 
 class _Invalid(Exception):
@@ -512,6 +541,14 @@ def _check(cfg: KioskConfig) -> None:
         except ValueError:
             raise _Invalid(f"console.trusted_proxies[{i}]", "an IP address or network (e.g. 10.0.0.5, 10.0.0.0/24)",
                            proxy) from None
+    if cfg.console.allowed_hosts is not None:
+        if not cfg.console.allowed_hosts:
+            raise _Invalid("console.allowed_hosts", "at least one HOST or HOST:PORT (or null: the listen address)",
+                           cfg.console.allowed_hosts)
+        for i, name in enumerate(cfg.console.allowed_hosts):
+            if not _HOST_HEADER.fullmatch(name):
+                raise _Invalid(f"console.allowed_hosts[{i}]", "HOST or HOST:PORT as a browser sends it in `Host` "
+                               "(e.g. console.example.org, 10.0.0.5:8443, [fd00::5]:8443)", name)
     try:
         cfg.console.host_port()
     except ValueError:

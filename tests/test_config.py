@@ -83,6 +83,13 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
         ("hooks: {python: [':f']}\n", "hooks.python[0]", "module:function", "':f'"),
         ("pad: {threshold: 0.2, attack_below: 0.4}\n", "pad.attack_below", "at most pad.threshold (0.2)", "0.4"),
         ("pad: {checks: texture}\n", "pad.checks", "a list", "'texture'"),
+        ("console: {allowed_hosts: console.example.org}\n", "console.allowed_hosts", "a list",
+         "'console.example.org'"),
+        ("console: {allowed_hosts: ['https://console.example.org']}\n", "console.allowed_hosts[0]",
+         "HOST or HOST:PORT", "'https://console.example.org'"),
+        ("console: {allowed_hosts: []}\n", "console.allowed_hosts", "at least one HOST", "a list"),
+        ("console: {request_timeout_s: 0}\n", "console.request_timeout_s", "from 0.5 to 300", "0"),
+        ("console: {request_timeout_s: soon}\n", "console.request_timeout_s", "a number", "'soon'"),
     ],
 )
 def test_errors_name_file_key_expected_and_found(tmp_path, text, keypath, expected, found):

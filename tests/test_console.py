@@ -21,6 +21,7 @@ import zmq
 from kiosk.config import load_config
 from kiosk.console.auth import PasswordCheck, Sessions, hash_password
 from kiosk.console.state import ConsoleState
+from kiosk.console.throttle import DeviceCookies, Refusal, Throttle, Ticket, peer_budget
 from kiosk.errors import ConfigError
 from kiosk.messaging.transport import Transport, free_port, init_keys
 from kiosk.services.preview import preview_topic, watch_request
@@ -56,31 +57,83 @@ def test_password_file_plain_or_hashed_and_sessions(tmp_path):
     assert sessions.valid(token) and not sessions.valid("made-up") and not sessions.valid(None)
     time.sleep(0.25)
     assert not sessions.valid(token)  # expired
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_flooded_peer_backs_off_exponentially_and_the_pool_caps_everyone_without_a_device():
+    clock = _Clock()
+    throttle = Throttle(clock)
     for _ in range(5):
-        assert sessions.begin_check("10.0.0.9") is not None
-    assert sessions.throttled("10.0.0.9") and not sessions.throttled("10.0.0.8")
-    assert sessions.begin_check("10.0.0.9") is None  # the sixth check this minute is refused
-    slot = sessions.begin_check("10.0.0.8")
-    sessions.succeeded("10.0.0.8", slot)  # a right password: no failure left behind
-    assert sessions.begin_check("10.0.0.8") is not None
-    for i in range(30 - 6):  # every address together: at most 30 checks a minute
-        assert sessions.begin_check(f"10.1.{i // 200}.{i % 200}") is not None, i
-    assert sessions.begin_check("10.9.9.9") is None and sessions.throttled("10.9.9.9")
+        assert isinstance(throttle.begin("10.0.0.9", None), Ticket)
+    refused = throttle.begin("10.0.0.9", None)  # the sixth: refused unchecked, for 30 s
+    assert isinstance(refused, Refusal) and refused.retry_after_s == 30 and "this address" in refused.reason
+    assert throttle.refusal("10.0.0.8", None) is None  # another address: its own budget
+    waits = []
+    for _ in range(7):  # each further wrong password doubles the wait, up to 15 minutes
+        clock.now += throttle.refusal("10.0.0.9", None).retry_after_s
+        assert isinstance(throttle.begin("10.0.0.9", None), Ticket)
+        waits.append(throttle.refusal("10.0.0.9", None).retry_after_s)
+    assert waits == [60, 120, 240, 480, 900, 900, 900], waits
+    assert [b.failures for b in throttle._peers.values()] == [12]
+    assert peer_budget("2001:db8::1") == peer_budget("2001:db8::ffff:2") != peer_budget("2001:db8:0:1::1")
+    clock.now += 3600  # a quiet hour: forgotten
+    slot = throttle.begin("10.0.0.9", None)
+    throttle.succeeded(slot)  # the right password: no failure left behind
+    assert throttle._peers["peer:10.0.0.9"].failures == 0 and not throttle._pool
+    for i in range(30):  # every address together, without a device cookie: 30 wrong passwords a minute
+        assert isinstance(throttle.begin(f"10.1.{i // 200}.{i % 200}", None), Ticket), i
+    pooled = throttle.begin("10.9.9.9", None)
+    assert isinstance(pooled, Refusal) and "every address" in pooled.reason
+    # ...and none of it touches a device: its own 5, then its own backoff; a right password clears it
+    for _ in range(5):
+        assert isinstance(throttle.begin("10.9.9.9", "operator"), Ticket)
+    assert isinstance(throttle.begin("10.9.9.9", "operator"), Refusal)
+    assert throttle.refusal("10.9.9.9", "another browser") is None
+    clock.now += 30
+    throttle.succeeded(throttle.begin("127.0.0.1", "operator"))
+    assert throttle._devices["device:operator"].failures == 0
+
+
+def test_device_cookies_are_signed_expire_and_die_with_the_password(tmp_path):
+    clock = _Clock()
+    line = hash_password(PASSWORD, n=2**10)
+    check = PasswordCheck(line)
+    devices = DeviceCookies(check.device_key(), ttl_s=60, clock=clock)
+    cookie = devices.mint()
+    device = devices.device_of(cookie)
+    assert device and devices.device_of(cookie) == device and devices.device_of(devices.mint()) != device
+    body, _, mac = cookie.rpartition(".")
+    ident, _, expires = body.partition(".")
+    for forged in (None, "", "x", f"{body}.{mac[:-2]}AA", f"{ident}.{int(expires) + 999}.{mac}", cookie + "x"):
+        assert devices.device_of(forged) is None, forged
+    restarted = PasswordCheck(line)  # the same hash line read again: the same key
+    assert DeviceCookies(restarted.device_key(), clock=clock).device_of(cookie) == device
+    other = PasswordCheck(hash_password(PASSWORD, n=2**10))  # the password hashed anew (a new salt), or changed
+    assert DeviceCookies(other.device_key(), clock=clock).device_of(cookie) is None
+    clock.now += 61
+    assert devices.device_of(cookie) is None  # expired
 
 
 def test_the_failure_table_forgets_its_quietest_addresses_first_never_everyone(monkeypatch):
-    import kiosk.console.auth as auth
+    import kiosk.console.throttle as throttle_module
 
-    monkeypatch.setattr(auth, "MAX_TRACKED", 3)
-    monkeypatch.setattr(auth, "MAX_GLOBAL_FAILURES", 1000)
-    sessions = Sessions()
-    for other in ("a", "b"):
-        sessions.begin_check(other)
+    monkeypatch.setattr(throttle_module, "MAX_TRACKED", 3)
+    monkeypatch.setattr(throttle_module, "MAX_POOL_FAILURES", 1000)
+    throttle = Throttle()
+    for other in ("10.0.0.1", "10.0.0.2"):
+        throttle.begin(other, None)
     for _ in range(5):
-        sessions.begin_check("attacker")
-    sessions.begin_check("c")  # the table is full (3): "a", the least recently active, is forgotten...
-    assert sessions.throttled("attacker") and sessions.begin_check("attacker") is None  # ...never everyone
-    assert list(sessions._failures) == ["b", "attacker", "c"]
+        throttle.begin("10.6.6.6", None)
+    throttle.begin("10.0.0.3", None)  # the table is full (3): 10.0.0.1, the least recently active, is forgotten...
+    assert isinstance(throttle.begin("10.6.6.6", None), Refusal)  # ...never everyone
+    assert list(throttle._peers) == ["peer:10.0.0.2", "peer:10.6.6.6", "peer:10.0.0.3"]
 
 
 def test_console_state_alerts_bounds_and_viewers():
@@ -160,6 +213,12 @@ def test_hash_password_command_and_a_console_refused_off_loopback_without_tls(tm
     config.write_text(config.read_text().replace("password_file: pw", "password_file: missing"))
     result = run_cli("kiosk", "-c", str(config), "console", timeout=60)
     assert result.returncode == 2 and "missing: no such file" in result.stderr
+    for value, expected in (("console.example.org", "console.allowed_hosts: expected a list"),
+                            (["http://console.example.org/"], "console.allowed_hosts[0]: expected HOST or HOST:PORT")):
+        config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "none.avi"}],
+                              console={"password_file": "pw", "allowed_hosts": value})
+        result = run_cli("kiosk", "-c", str(config), "console", timeout=60)
+        assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
 
 
 def _post_login(port: int, password: str, headers: dict | None = None) -> int:
@@ -215,20 +274,138 @@ def test_forged_forwarded_headers_and_100_concurrent_wrong_passwords_get_five_ch
 
 def test_behind_a_trusted_proxy_each_client_is_counted_and_all_of_them_together_too(tmp_path):
     """With console.trusted_proxies naming the proxy (here loopback), X-Forwarded-For is the client: one
-    client's wrong passwords do not lock out another, and 100 clients together get at most 30 checks."""
+    client's wrong passwords do not lock out another, and 100 clients without a device cookie together get at
+    most 30 checks; the operator's browser, which logged in before, still gets in from wherever it is now."""
     from concurrent.futures import ThreadPoolExecutor
 
     console, port = _console(tmp_path, trusted_proxies=["127.0.0.1"])
     try:
         assert [_post_login(port, "wrong", {"X-Forwarded-For": "10.0.0.1"}) for _ in range(6)][-1] == 429
-        assert _post_login(port, PASSWORD, {"X-Forwarded-For": "10.0.0.2"}) == 303  # another client
+        status, cookies = _login(port, PASSWORD, {"X-Forwarded-For": "10.0.0.2"})  # another client
+        assert status == 303
         with ThreadPoolExecutor(100) as pool:
             codes = list(pool.map(lambda i: _post_login(port, f"guess {i}", {"X-Forwarded-For": f"10.1.{i}.1"}),
                                   range(100)))
         assert codes.count(401) <= 30 - 5 and codes.count(401) + codes.count(429) == 100, codes
+        assert _post_login(port, PASSWORD, {"X-Forwarded-For": "10.0.0.3"}) == 429  # no cookie: the spent pool
+        assert _post_login(port, PASSWORD, {"X-Forwarded-For": "10.0.0.3", "Cookie": cookies["kiosk_device"]}) == 303
     finally:
         _, err = stop(console)
     assert "Traceback" not in err and "wrong password from 10.0.0.1" in err
+
+
+def _login(port: int, password: str, headers: dict | None = None) -> tuple[int, dict[str, str]]:
+    """POST /login: the status and the cookies it set (name -> `name=value`)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/login", "password=" + urllib.parse.quote(password),
+                     {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})})
+        answer = conn.getresponse()
+        answer.read()
+        cookies = [c.split(";")[0] for c in answer.msg.get_all("Set-Cookie") or []]
+        return answer.status, {c.split("=", 1)[0]: c for c in cookies}
+    finally:
+        conn.close()
+
+
+def test_a_request_for_another_host_is_refused_before_any_password_check(tmp_path):
+    """DNS rebinding: a page on evil.example, re-pointed at 127.0.0.1, posts the login form with `Host` and
+    `Origin` both evil.example (so the Origin check alone sees a same-origin request). Refused (421) before the
+    password is looked at, right or wrong, and none of it counts toward the throttle: the operator, after more
+    such tries than the throttle allows, logs in at once."""
+    console, port = _console(tmp_path)
+    try:
+        evil = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+        codes = [_post_login(port, f"guess {i}", evil) for i in range(8)] + [_post_login(port, PASSWORD, evil)]
+        assert codes == [421] * 9, codes  # not 401, not 303: the password was never checked
+        assert _get(port, "/login", host="evil.example").status == 421
+        assert _post_login(port, PASSWORD, {"Host": "127.0.0.1"}) == 303  # the listen address, without the port
+        assert _post_login(port, PASSWORD, {"Host": f"LocalHost:{port}"}) == 303  # loopback names, any case
+        assert _post_login(port, PASSWORD) == 303  # nothing was counted against 127.0.0.1
+    finally:
+        _, err = stop(console)
+    assert "Traceback" not in err and "wrong password" not in err
+    assert "evil.example" in err and "console.allowed_hosts" in err
+
+
+def test_a_wrong_password_flood_cannot_lock_out_the_operator(tmp_path):
+    """On the loopback bind every local user is 127.0.0.1. The operator logged in once from this browser (and
+    out again); then 100 wrong passwords at once from 127.0.0.1 spend that address's budget and the shared one.
+    The operator's browser still logs in with the right password (its device cookie is its own budget, which
+    nobody else can spend), and a typo of the operator's is checked (401), not refused unchecked. A cookie-less
+    or forged-cookie try from the flooded address is what stays refused unchecked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    console, port = _console(tmp_path)
+    try:
+        status, cookies = _login(port, PASSWORD)
+        assert status == 303 and "kiosk_session" in cookies
+        device = cookies.get("kiosk_device", "")
+        logout = _get(port, "/logout", cookie=cookies["kiosk_session"], body={})
+        assert logout.status == 303 and _get(port, "/api/status", cookie=cookies["kiosk_session"]).status == 401
+        with ThreadPoolExecutor(100) as pool:
+            codes = list(pool.map(lambda i: _post_login(port, f"guess {i}"), range(100)))
+        assert codes.count(401) <= 5 and codes.count(401) + codes.count(429) == 100, codes
+        assert _post_login(port, PASSWORD) == 429  # the flooded address without a device cookie: refused unchecked
+        forged = device[:-4] + "AAAA" if device else "kiosk_device=forged.0.AAAA"
+        assert _post_login(port, PASSWORD, {"Cookie": forged}) == 429
+        assert _post_login(port, "operator typo", {"Cookie": device}) == 401  # checked: the operator's own budget
+        status, cookies = _login(port, PASSWORD, {"Cookie": device})
+        assert status == 303, "the operator was locked out by someone else's flood"
+        assert _get(port, "/api/status", cookie=cookies["kiosk_session"]).status == 200
+    finally:
+        _, err = stop(console)
+    assert "Traceback" not in err and PASSWORD not in err
+
+
+def test_a_half_sent_request_is_closed_within_seconds(tmp_path):
+    """Four connections that never finish their request: one sends nothing, one stops inside its headers, one
+    sends its headers and half its body, one dribbles its headers a byte every 0.2 s (so a per-read timeout
+    alone would never fire). The server closes each within 10 s of its first byte, and meanwhile the operator
+    logs in as usual."""
+    import selectors
+    import socket
+
+    console, port = _console(tmp_path)
+    selector = selectors.DefaultSelector()
+    started = time.monotonic()
+    head = f"POST /login HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    sends = {"silent": b"", "headers": head.encode()[:60],
+             "body": (head + "Content-Length: 64\r\n\r\npassword=cor").encode(), "dribble": head.encode()}
+    closed: dict[str, float] = {}
+    try:
+        socks = {}
+        for name, data in sends.items():
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(data if name != "dribble" else data[:1])
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, name)
+            socks[name] = sock
+        assert _post_login(port, PASSWORD) == 303  # the server is not held up by them
+        sent, last_drip = 1, time.monotonic()
+        while len(closed) < len(socks) and time.monotonic() - started < 12:
+            for key, _ in selector.select(timeout=0.1):
+                try:
+                    data = key.fileobj.recv(4096)
+                except ConnectionResetError:
+                    data = b""
+                if not data:  # the server closed it (anything it said first, e.g. a 408, is read before)
+                    closed[key.data] = time.monotonic() - started
+                    selector.unregister(key.fileobj)
+            if "dribble" not in closed and time.monotonic() - last_drip >= 0.2 and sent < len(sends["dribble"]):
+                try:
+                    socks["dribble"].send(sends["dribble"][sent:sent + 1])
+                    sent += 1
+                except OSError:
+                    pass
+                last_drip = time.monotonic()
+    finally:
+        selector.close()
+        for sock in socks.values():
+            sock.close()
+        _, err = stop(console)
+    assert set(closed) == set(sends) and max(closed.values()) < 10, closed
+    assert "Traceback" not in err
 
 
 def test_the_console_over_tls_on_another_address(tmp_path):
@@ -442,9 +619,12 @@ def _browser() -> tuple[str, str] | None:
     return (chromium, driver) if chromium and driver else None
 
 
-def _get(port: int, path: str, *, cookie: str | None = None, body: dict | None = None) -> http.client.HTTPResponse:
+def _get(port: int, path: str, *, cookie: str | None = None, body: dict | None = None,
+         host: str | None = None) -> http.client.HTTPResponse:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     headers = {"Cookie": cookie} if cookie else {}
+    if host is not None:
+        headers["Host"] = host
     if body is None:
         conn.request("GET", path, headers=headers)
     else:

@@ -5,8 +5,12 @@ glance and the decision feed; `/gate/{gate}` one gate's live view (frames with f
 decisions with the face crop each was made on. JSON for other tools: `/api/status`, `/api/events`,
 `/api/crops/{event_id}`; `/api/gates/{gate}/live` is the live view's server-sent event stream.
 
-Every path but the login page needs a session: a page without one is redirected to `/login`, anything else
-answers 401. The session cookie is HttpOnly and SameSite=Strict (Secure under TLS). Responses are never cached.
+Before anything else, a request must name this console in its `Host` header (`console.allowed_hosts`, by default
+the listen address): a page whose own name is re-pointed at the console's address (DNS rebinding) is answered 421
+before its session, its Origin or any password is looked at. Then every path but the login page needs a
+session: a page without one is redirected to `/login`, anything else answers 401. The session cookie is HttpOnly
+and SameSite=Strict (Secure under TLS). Responses are never cached. Who may try a password, and how often, is
+kiosk.console.throttle's; kiosk.console.server closes a request that is not sent whole in time.
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kiosk.config import KioskConfig
 from kiosk.console.auth import PasswordCheck, Sessions
+from kiosk.console.server import SparseLog, timed_protocol
 from kiosk.console.state import ConsoleState
+from kiosk.console.throttle import DEVICE_COOKIE, DeviceCookies, Refusal, Throttle
 from kiosk.errors import ConfigError
 from kiosk.messaging.transport import init_keys
 from kiosk.store.sealing import key_source
@@ -54,14 +60,29 @@ FLIGHTS_EVERY_S = 2.0
 
 
 class Guard:
-    """ASGI middleware: the session check in front of every path but the login page, and the headers every
-    response carries."""
+    """ASGI middleware: the Host check first, then the Origin check and the session check in front of every path
+    but the login page, and the headers every response carries."""
 
-    def __init__(self, app: ASGIApp, sessions: Sessions) -> None:
+    def __init__(self, app: ASGIApp, sessions: Sessions, allowed_hosts: frozenset[str]) -> None:
         self.app = app
         self.sessions = sessions
+        self.allowed_hosts = allowed_hosts
+        self._foreign = SparseLog(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        host = (_header(scope, b"host") or "").lower()
+        if host not in self.allowed_hosts:  # first: nothing of a rebound page's request is looked at
+            self._foreign.warning("console: %s %s refused: Host %r is not in console.allowed_hosts",
+                                  scope.get("method", "GET"), scope["path"], host[:100])
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await Response("misdirected request: unknown Host\n", status_code=421, media_type="text/plain",
+                               headers={"connection": "close"})(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -123,8 +144,10 @@ def session_of(scope: Scope) -> str | None:
 
 
 def build_app(state: ConsoleState, check: PasswordCheck, sessions: Sessions, *, secure: bool,
-              preview_fps: float) -> ASGIApp:
+              preview_fps: float, allowed_hosts: frozenset[str], throttle: Throttle | None = None) -> ASGIApp:
     login_page = (STATIC / "login.html").read_text()
+    throttle = throttle or Throttle()
+    devices = DeviceCookies(check.device_key())
 
     def login_form(error: str = "", status: int = 200) -> Response:
         note = f'<p class="error" id="login-error">{error}</p>' if error else ""
@@ -136,24 +159,34 @@ def build_app(state: ConsoleState, check: PasswordCheck, sessions: Sessions, *, 
     async def post_login(request: Request) -> Response:
         # The TCP peer (uvicorn takes X-Forwarded-For only from console.trusted_proxies; none by default).
         client = request.client.host if request.client else "?"
-        slot = sessions.begin_check(client)  # taken before the check: concurrent tries cannot all get one
-        if slot is None:
-            log.warning("console: login from %s refused: too many wrong passwords, wait a minute", client)
-            return login_form("Too many wrong passwords; wait a minute.", 429)
         try:
             form = await request.form(max_files=0, max_fields=4, max_part_size=4096)
             password = str(form.get("password") or "")
+        except ClientDisconnect:  # gone (or cut off by the request deadline) before its body was in: no try
+            return Response(status_code=400)
         except Exception:  # noqa: BLE001 - a malformed form is a wrong password
             password = ""
+        device = devices.device_of(request.cookies.get(DEVICE_COOKIE))
+        who = f"{client} (a browser that has logged in before)" if device else client
+        slot = throttle.begin(client, device)  # taken before the check: concurrent tries cannot all get one
+        if isinstance(slot, Refusal):
+            wait = max(1, int(slot.retry_after_s + 0.999))
+            log.warning("console: login from %s refused unchecked: %s; next check in %d s", who, slot.reason, wait)
+            response = login_form(f"Too many wrong passwords; try again in {wait} s.", 429)
+            response.headers["retry-after"] = str(wait)
+            return response
         ok = await asyncio.get_running_loop().run_in_executor(None, check.matches, password)
         if not ok:
-            log.warning("console: wrong password from %s", client)
+            log.warning("console: wrong password from %s", who)
             await asyncio.sleep(0.5)
             return login_form("Wrong password.", 401)
-        sessions.succeeded(client, slot)
-        log.info("console: login from %s", client)
+        throttle.succeeded(slot)
+        log.info("console: login from %s", who)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(COOKIE, sessions.create(), httponly=True, samesite="strict", secure=secure, path="/")
+        # This browser's own login budget from now on (kiosk.console.throttle); kept on logout.
+        response.set_cookie(DEVICE_COOKIE, devices.mint(), max_age=int(devices.ttl_s), httponly=True,
+                            samesite="strict", secure=secure, path="/login")
         return response
 
     async def post_logout(request: Request) -> Response:
@@ -231,7 +264,7 @@ def build_app(state: ConsoleState, check: PasswordCheck, sessions: Sessions, *, 
         Route("/api/crops/{event_id}", api_crop, methods=["GET"]),
         Route("/api/gates/{gate}/live", api_live, methods=["GET"]),
     ]
-    return Guard(Starlette(routes=routes), sessions)
+    return Guard(Starlette(routes=routes), sessions, allowed_hosts)
 
 
 def _listen(cfg: KioskConfig) -> tuple[str, int, bool]:
@@ -337,9 +370,14 @@ def run_console(cfg: KioskConfig) -> int:
     feed = ConsoleFeed(cfg, state)
     sock = _bind(host, port, cfg.console.listen)
     stop = threading.Event()
-    app = build_app(state, check, Sessions(), secure=tls, preview_fps=cfg.console.preview_fps)
+    allowed_hosts = cfg.console.allowed_host_names()
+    app = build_app(state, check, Sessions(), secure=tls, preview_fps=cfg.console.preview_fps,
+                    allowed_hosts=allowed_hosts)
     proxies = cfg.console.trusted_proxies  # X-Forwarded-For/-Proto believed only from these
+    # http: uvicorn's h11 protocol with a deadline for each request (kiosk.console.server); no WebSocket (the
+    # console has none, and an upgraded connection would leave that deadline's reach).
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
+                            http=timed_protocol(cfg.console.request_timeout_s), ws="none",
                             proxy_headers=bool(proxies), forwarded_allow_ips=",".join(proxies) if proxies else "",
                             ssl_certfile=str(cfg.resolve(cfg.console.tls_cert)) if tls else None,
                             ssl_keyfile=str(cfg.resolve(cfg.console.tls_key)) if tls else None)
@@ -348,6 +386,7 @@ def run_console(cfg: KioskConfig) -> int:
     threading.Thread(target=_follow_flights, args=(cfg, state, stop), name="console-flights", daemon=True).start()
     log.info("console on %s://%s (%d gate(s)); log in with the password in %s", "https" if tls else "http",
              cfg.console.listen, len(gates), cfg.resolve(cfg.console.password_file))
+    log.info("console answers Host %s (console.allowed_hosts)", ", ".join(sorted(allowed_hosts)))
     started = time.monotonic()
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it stopped on: end with 0 here
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))

@@ -3,11 +3,8 @@
 The file holds either the password itself (hashed as it is read; the plain text is not kept) or a line made by
 `kiosk console --hash-password` (`scrypt$N$r$p$SALT$HASH`), so the secret need not sit in clear on disk. A login
 compares hashes in constant time. Sessions are random tokens held in memory (a restart logs everyone out),
-expire after SESSION_TTL_S, and are bounded in number. Password checks are rationed: at most MAX_FAILURES a
-minute from one peer address and MAX_GLOBAL_FAILURES a minute from all of them together (a botnet or a
-forged-address flood gets no more checks than that). The peer is the TCP peer unless the config names trusted
-proxies (`console.trusted_proxies`), and a check's slot is taken before the password is checked, in one locked
-step, so concurrent tries cannot all slip in between a check and its record.
+expire after SESSION_TTL_S, and are bounded in number. Who may have a password checked, and how often, is
+kiosk.console.throttle's.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ import hmac
 import secrets
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from pathlib import Path
 
 from kiosk.errors import ConfigError
@@ -28,10 +25,6 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 MIN_PASSWORD_CHARS = 8
 SESSION_TTL_S = 12 * 3600.0
 MAX_SESSIONS = 1000
-MAX_FAILURES = 5  # wrong passwords from one address within FAILURE_WINDOW_S before it must wait
-MAX_GLOBAL_FAILURES = 30  # wrong passwords from all addresses together within FAILURE_WINDOW_S
-FAILURE_WINDOW_S = 60.0
-MAX_TRACKED = 10_000  # addresses remembered; a full table forgets the longest quiet ones first
 
 
 def _b64(data: bytes) -> str:
@@ -81,6 +74,11 @@ class PasswordCheck:
                                    maxmem=128 * 1024 * 1024, dklen=len(self.digest))
         return hmac.compare_digest(candidate, self.digest)
 
+    def device_key(self) -> bytes:
+        """The key that signs device cookies: derived from the stored hash, so it lasts as long as the password
+        (across restarts, for a hash line) and a new password revokes every cookie signed before."""
+        return hmac.new(self.digest, b"kiosk console device cookie v1", hashlib.sha256).digest()
+
 
 class Sessions:
     """Random session tokens in memory, each valid for SESSION_TTL_S; at most MAX_SESSIONS (oldest go first)."""
@@ -88,8 +86,6 @@ class Sessions:
     def __init__(self, ttl_s: float = SESSION_TTL_S) -> None:
         self.ttl_s = ttl_s
         self._tokens: OrderedDict[str, float] = OrderedDict()  # token -> expiry
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()  # per address, least recently active first
-        self._all: deque[float] = deque()  # every failure's time, all addresses
         self._lock = threading.Lock()
 
     def create(self) -> str:
@@ -115,53 +111,3 @@ class Sessions:
     def drop(self, token: str | None) -> None:
         with self._lock:
             self._tokens.pop(token or "", None)
-
-    def begin_check(self, client: str) -> float | None:
-        """Take a password check's slot for `client` (counted as a failure until `succeeded` gives it back), or
-        None when `client` or everyone together has used up this minute's checks. One locked step: a hundred
-        concurrent tries from one address get MAX_FAILURES checks, not a hundred."""
-        now = time.time()
-        with self._lock:
-            self._expire(now)
-            if self._recent(client, now) >= MAX_FAILURES or len(self._all) >= MAX_GLOBAL_FAILURES:
-                return None
-            mine = self._failures.get(client)
-            if mine is None:
-                mine = self._failures[client] = deque()
-                while len(self._failures) > MAX_TRACKED:  # bounded whatever addresses try: the quietest go
-                    self._failures.popitem(last=False)
-            self._failures.move_to_end(client)
-            mine.append(now)
-            self._all.append(now)
-            return now
-
-    def succeeded(self, client: str, stamp: float) -> None:
-        """The right password: the slot taken for it is no failure."""
-        with self._lock:
-            for window in (self._failures.get(client), self._all):
-                if window is not None and stamp in window:
-                    window.remove(stamp)
-
-    def _recent(self, client: str, now: float) -> int:
-        stamps = self._failures.get(client)
-        while stamps and now - stamps[0] >= FAILURE_WINDOW_S:
-            stamps.popleft()
-        return len(stamps) if stamps else 0
-
-    def _expire(self, now: float) -> None:
-        while self._all and now - self._all[0] >= FAILURE_WINDOW_S:
-            self._all.popleft()
-        while self._failures:  # oldest activity first: stop at the first address still within the window
-            client, stamps = next(iter(self._failures.items()))
-            while stamps and now - stamps[0] >= FAILURE_WINDOW_S:
-                stamps.popleft()
-            if stamps:
-                break
-            del self._failures[client]
-
-    def throttled(self, client: str) -> bool:
-        """Would a check from `client` be refused now (its own or the global ration used up)?"""
-        now = time.time()
-        with self._lock:
-            self._expire(now)
-            return self._recent(client, now) >= MAX_FAILURES or len(self._all) >= MAX_GLOBAL_FAILURES
