@@ -166,3 +166,47 @@ def test_gate_scale_detection_finds_faces_from_min_face_px_to_the_full_frame(eng
     a = engine.describe(frame, full).faces.embeddings[0]
     b = engine.describe(frame, gate).faces.embeddings[0]
     assert float(a @ b) > 0.9
+
+
+@pytest.mark.parametrize("width", [48, 56, 66])
+def test_a_face_near_min_face_px_is_looked_at_again_at_full_resolution(engine, yaoming, width, monkeypatch):
+    """At the gate's scale a 48-70 px face is 24-35 px at the main pass's input; the refine pass finds it again in
+    its own region at full resolution, so its box, keypoints and score are those of a 48+ px face."""
+    from kiosk.vision.models import detector as det_module
+
+    ref = describe(engine, yaoming)
+    frame = place_face(yaoming, (480, 640), width=round(yaoming.shape[1] * width / ref.widths[0]))
+    full = engine.detector.detect(frame)
+    refined = engine.detector.detect(frame, min_face_px=48)
+    regions = []
+    real_pass = engine.detector._pass
+    monkeypatch.setattr(engine.detector, "_pass", lambda images, geo: regions.append(geo) or real_pass(images, geo))
+    again = engine.detector.detect(frame, min_face_px=48)
+    assert len(full) == len(refined) == 1
+    assert np.abs(again.boxes - refined.boxes).max() < 1e-3
+    # main pass at 320x240 (canvas 320x256, the face 24-33 px there), then one refine region: a 160 px canvas
+    # where the face is seen at full resolution or a third of the canvas high
+    assert [g[0][3:5] for g in regions] == [(320, 256), (det_module.REFINE_CANVAS, det_module.REFINE_CANVAS)]
+    seen = regions[1][0][2] * float(refined.heights[0])
+    assert regions[1][0][2] == 1.0 or seen >= 0.95 * det_module.REFINE_CANVAS / det_module.REFINE_CONTEXT
+    monkeypatch.setattr(det_module, "REFINE_BELOW_PX", 0)  # without it: the coarse main-pass face
+    coarse = engine.detector.detect(frame, min_face_px=48)
+    eyes = float(np.linalg.norm(full.kps[0, 1] - full.kps[0, 0]))
+    assert float(np.abs(refined.kps[0] - full.kps[0]).max()) / eyes < 0.08
+    assert not np.allclose(coarse.boxes, refined.boxes)
+    a = engine.describe(frame, full).faces.embeddings[0]
+    b = engine.describe(frame, refined).faces.embeddings[0]
+    assert float(a @ b) > 0.95
+
+
+def test_the_refine_pass_leaves_large_faces_and_full_size_detection_alone(engine, yaoming, monkeypatch):
+    """A face large at the main pass's input, or any face of an enrollment photo (min_face_px 0), is not looked at
+    again: the refine pass costs only where it helps."""
+    ref = describe(engine, yaoming)
+    frame = place_face(yaoming, (480, 640), width=round(yaoming.shape[1] * 150 / ref.widths[0]))
+    runs = []
+    real_pass = engine.detector._pass
+    monkeypatch.setattr(engine.detector, "_pass", lambda images, geo: runs.append(len(images)) or real_pass(images, geo))
+    assert len(engine.detector.detect(frame, min_face_px=48)) == 1
+    assert len(engine.detector.detect(frame)) == 1
+    assert runs == [1, 1, 1]  # main pass at the gate's scale; main and close-up passes at full size

@@ -102,6 +102,24 @@ def test_replay_two_cameras_accept_reject_small_face_and_close_up(tmp_path, crop
     assert heard == published[published.index(heard[0]):]
 
 
+def test_a_face_48_to_60_px_wide_is_accepted_with_the_default_policy(tmp_path, crops, photos):
+    """policy.min_face_px 48 admits a face this small: detected at the gate's scale (24-30 px at the main pass's
+    input) and looked at again at full resolution, it is tracked, matched and accepted."""
+    s = FPS
+    make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=0, frames=3 * s, w0=48, w1=60)], seconds=3.2)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False}])
+    assert load_config(config).policy.min_face_px == 48
+    enroll(config, "YAO", photos["yaoming.jpg"])
+    proc = kiosk(config, "run", "--exit-on-eof")
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, err[-3000:]
+    decided = [(e["type"], e["subject_id"]) for e in audit(config) if e["type"] in ("accept", "reject")]
+    assert decided == [("accept", "YAO")], (decided, err[-3000:])
+
+
 def test_claims_bad_messages_and_live_enrollment(tmp_path, crops, photos, engine):
     """A claim for YAO, Parker walks up: claim_mismatch; a claim for PARKER: accepted."""
     s = FPS
