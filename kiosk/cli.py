@@ -186,6 +186,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from kiosk.tools.status_text import format_status
 
     reply = _ask(_config(args), {"cmd": "status"}, "status")
+    if reply.get("ok") is False:  # e.g. this key was deleted from the verifier's authorized_clients/
+        raise RuntimeFailure(f"status refused: {reply.get('error')}")
     print(json.dumps(reply) if args.json else format_status(reply))
     return EXIT_OK
 

@@ -102,13 +102,24 @@ class TransportConfig:
 
 
 @dataclass
+class OperatorKeyConfig:
+    """A key that may claim gates and read their claimed passenger ids in `kiosk status` (a boarding-pass
+    reader's, an operator desk's): `key` names it (keys_dir/authorized_clients/NAME.key), `gates` are the gates
+    it serves, ["*"] for every gate. See kiosk.services.control_access."""
+
+    key: str
+    gates: list[str]
+
+
+@dataclass
 class SecurityConfig:
-    """CurveZMQ on every socket unless turned off explicitly."""
+    """CurveZMQ on every socket unless turned off explicitly; which keys may claim which gates."""
 
     curve: bool = True
     keys_dir: Path = Path("var/keys")
-    client_key: str = "client"
+    client_key: str = "client"  # also the tools key: an operator of every gate unless `operators` says less
     template_key_file: Optional[Path] = None  # default: $KIOSK_TEMPLATE_KEY, else <keys_dir>/template.key
+    operators: list[OperatorKeyConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -378,6 +389,7 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
 }
 
 _PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a key pair's name: a file name, never a path
 # A `Host` header value: a DNS name or IPv4 address, or an IPv6 address in brackets; an optional port.
 _HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)(:[0-9]{1,5})?")
 
@@ -498,6 +510,27 @@ def pg_url_problem(url: str) -> str | None:
     return None
 
 
+def _check_operators(cfg: KioskConfig) -> None:
+    """`security.operators`: each key named once, as a file name; its gates "*" alone or gates of `cameras`
+    (checked when the config has cameras: a verifier's; a typo would be a reader that claims nothing)."""
+    gates = sorted({c.gate for c in cfg.cameras})
+    seen: set[str] = set()
+    for i, op in enumerate(cfg.security.operators):
+        where = f"security.operators[{i}]"
+        if not _KEY_NAME.fullmatch(op.key):
+            raise _Invalid(f"{where}.key", "a key name as in keys_dir/authorized_clients/NAME.key (letters, digits, "
+                           "'.', '_', '-')", op.key)
+        if op.key in seen:
+            raise _Invalid(f"{where}.key", "a key listed once", op.key)
+        seen.add(op.key)
+        if "*" in op.gates and op.gates != ["*"]:
+            raise _Invalid(f"{where}.gates", "", op.gates, message='expected ["*"] alone (every gate) or a list of '
+                           f'gates, found "*" among other gates {op.gates}')
+        for j, gate in enumerate(op.gates):
+            if gate != "*" and gates and gate not in gates:
+                raise _Invalid(f"{where}.gates[{j}]", f"a gate of cameras[] ({', '.join(gates)}) or \"*\"", gate)
+
+
 def _check(cfg: KioskConfig) -> None:
     problem = pg_url_problem(cfg.gallery.url) if cfg.gallery.url is not None else None
     if problem:
@@ -523,6 +556,7 @@ def _check(cfg: KioskConfig) -> None:
         if cam.id in seen:
             raise _Invalid(f"cameras[{i}].id", "a camera id used once", cam.id)
         seen.add(cam.id)
+    _check_operators(cfg)
     for i, hook in enumerate(cfg.hooks.python):
         module, _, func = hook.partition(":")
         if not module or not func:

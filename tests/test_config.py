@@ -90,6 +90,14 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
         ("console: {allowed_hosts: []}\n", "console.allowed_hosts", "at least one HOST", "a list"),
         ("console: {request_timeout_s: 0}\n", "console.request_timeout_s", "from 0.5 to 300", "0"),
         ("console: {request_timeout_s: soon}\n", "console.request_timeout_s", "a number", "'soon'"),
+        ("cameras: [{id: a, gate: A1}]\nsecurity: {operators: [{key: r, gates: [A2]}]}\n",
+         "security.operators[0].gates[0]", 'a gate of cameras[] (A1) or "*"', "'A2'"),
+        ("security: {operators: [{key: ../r, gates: ['*']}]}\n", "security.operators[0].key", "a key name", "'../r'"),
+        ("security: {operators: [{key: r, gates: [A1, '*']}]}\n", "security.operators[0].gates",
+         '["*"] alone', "among other gates"),
+        ("security: {operators: [{key: r, gates: [A1]}, {key: r, gates: [B1]}]}\n", "security.operators[1].key",
+         "a key listed once", "'r'"),
+        ("security: {operators: {r: [A1]}}\n", "security.operators", "a list", "a mapping"),
     ],
 )
 def test_errors_name_file_key_expected_and_found(tmp_path, text, keypath, expected, found):
@@ -129,3 +137,13 @@ def test_camera_source_is_index_or_string(tmp_path):
     path.write_text("cameras: [{id: a, gate: A1}, {id: a, gate: A2}]\n")
     with pytest.raises(ConfigError, match=r"cameras\[1\].id: expected a camera id used once"):
         load_config(path)
+
+
+def test_a_wrong_operator_scope_stops_a_command_with_exit_2(tmp_path):
+    from tests.conftest import run_cli
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("cameras: [{id: a, gate: A1}]\nsecurity: {operators: [{key: reader-a1, gates: [A9]}]}\n")
+    res = run_cli("kiosk", "status", "-c", str(path))
+    assert res.returncode == 2 and "security.operators[0].gates[0]" in res.stderr and "'A9'" in res.stderr
+    assert "Traceback" not in res.stderr

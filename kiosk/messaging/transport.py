@@ -16,14 +16,19 @@ a gate controller's key can listen but cannot inject frames or claims, and
 `keys_dir/authorized_consoles/` alone for the preview frames and crops. The
 allow-list folders are read at each connection's handshake (`AllowList`):
 a key removed from one is refused from the next connection on, without a
-restart. Key files are read here only; the other modules receive ready
-sockets.
+restart. What an allow-listed key may ask on the control socket (claims for
+which gates, passenger ids in `status`) is decided by name
+(kiosk.services.control_access); `ClientNames` tells a request's key's names
+from `authorized_clients/` at each request, so a key deleted there is refused
+even on a connection made before. Key files are read here only; the other
+modules receive ready sockets.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 import shutil
 import socket
@@ -160,6 +165,47 @@ class AllowList:
             log.warning("refused client key %s in ZAP domain %s: not in %s", client_key[:8].decode(errors="replace"),
                         domain, " or ".join(str(f) for f in self.folders))
         return False
+
+
+class ClientNames:
+    """The names (NAME of `folder`/NAME.key) under which a client's public key is allow-listed right now.
+
+    What a key may do on the control socket is given by name (`cameras[].key`, `security.client_key`,
+    `security.operators`); ZAP only tells a message's public key. The folder is listed at each lookup, so a key
+    file deleted there counts at the next request, even on a connection made before; a file is parsed again
+    only when it changed (its inode, size or mtime), so a lookup costs a listing and a stat per key.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._parsed: dict[str, tuple[tuple[int, int, int], str | None]] = {}
+
+    def names_of(self, public_z85: str) -> list[str]:
+        """The names holding `public_z85` now, sorted; [] when none does (revoked, or never allow-listed)."""
+        names, seen = [], {}
+        try:
+            entries = [e for e in os.scandir(self.folder) if e.name.endswith(".key") and e.is_file()]
+        except OSError as exc:
+            log.warning("allow-list %s unreadable: %s", self.folder, exc)
+            return []
+        for entry in entries:
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._parsed.get(entry.name)
+            if cached is None or cached[0] != stamp:
+                try:
+                    public = zmq.auth.load_certificate(entry.path)[0].decode("ascii")
+                except (OSError, ValueError):  # a broken key file names nobody
+                    public = None
+                cached = self._parsed[entry.name] = (stamp, public)
+            seen[entry.name] = cached
+            if cached[1] == public_z85:
+                names.append(entry.name[:-len(".key")])
+        self._parsed = seen  # files gone are forgotten
+        return sorted(names)
 
 
 _MONITOR_IDS = itertools.count()
@@ -334,6 +380,10 @@ class Transport:
         sock = self._socket(zmq.REP, MAXMSGSIZE=CONTROL_PART_MAX)
         self._as_server(sock, "ingest")
         return self._attach(sock, "control", bind=True)
+
+    def control_names(self) -> ClientNames | None:
+        """Who sent a control request, by name (see ClientNames); None with CurveZMQ off (no sender is known)."""
+        return ClientNames(self.keys_dir / AUTHORIZED) if self.curve else None
 
     def history_server(self) -> zmq.Socket:
         """Recent events on request, for subscribers: the events' allow-list (gates may ask)."""

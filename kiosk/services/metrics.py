@@ -170,6 +170,9 @@ class VerifierMetrics:
         self.key_file_ok = Gauge("kiosk_key_file_ok", "1 while the key file the verifier loaded is still there, "
                                  "private (no group/other access) and holds the key in use; 0: a restart would "
                                  "fail or serve another identity", ["key"], registry=r)
+        self.control_refused = Counter("kiosk_control_refused", "control requests refused for the sender's key: "
+                                       "a claim for a gate it does not serve (claim_scope), any request from a key "
+                                       "no longer in authorized_clients/ (revoked)", ["reason"], registry=r)
         self.previews = Counter("kiosk_preview_frames", "preview frames sent to a watching console", ["gate"],
                                 registry=r)
         self.decisions = Counter("kiosk_decisions", "decisions published", ["gate", "type", "reason"], registry=r)

@@ -10,7 +10,10 @@ reached a gate is in the audit log. Frames refused before decoding (another
 camera's key, a seq or capture time out of bounds) are counted and followed
 for clock skew (kiosk.services.frame_refusals); the key files it started
 with are rechecked once a minute (kiosk.services.key_watch). Either shows
-in the status at once.
+in the status at once. A control request is checked against its sender's
+key before anything is done for it (kiosk.services.control_access): a claim
+only for a gate the key serves, passenger ids in the status only for an
+operator key's gates.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from kiosk.messaging.channels import CAPTURE_HEALTH, REFUSALS, VERIFIER_HEALTH, 
 from kiosk.messaging.messages import CaptureHealth, Event, encode_json
 from kiosk.pipeline.policy import Decision
 from kiosk.services.audit import AuditLog, RecentEvents, read_tail
+from kiosk.services.control_access import Caller, ControlAccess, KeyScopes
 from kiosk.services.frame_refusals import FrameRefusals
 from kiosk.services.key_watch import KeyFileWatch, WatchedKey, curve_server_key, template_key
 from kiosk.services.metrics import VerifierMetrics
@@ -99,6 +103,8 @@ class Verifier:
         self.inbox = FrameChannel(self.frames, self.cameras, self._bad_message, owners, self._refused)
         self.events = self.transport.event_publisher()
         self.control = self.transport.control_server()
+        self.access = ControlAccess(KeyScopes.from_config(cfg), self.transport.control_names(), self.metrics)
+        log.info("control: %s", self.access.scopes.describe())
         self.history = self.transport.history_server()
         self.previews = PreviewPublisher(self.transport.preview_publisher(), cfg.console.preview_fps, self._gates)
         audit_path = cfg.resolve(cfg.audit.path)
@@ -601,6 +607,7 @@ class Verifier:
             "bad_messages": self._bad, "last_error": self.core.last_error or self._last_error,
             "frames_refused": {reason: sum(c[reason] for c in self.refusals.counts.values())
                                for reason in REFUSALS},
+            "control_refused": dict(self.access.counts),
             "clock_skew": self.refusals.status(time.monotonic()),
             "key_files": self.key_files.status(),
             "audit": {"ok": not self.audit.error, "error": self.audit.error, "failures": self.audit.failures,
@@ -691,24 +698,39 @@ class Verifier:
         """One request, one reply, whatever arrived: a malformed request (several parts, not JSON) gets an
         error reply, never an exception that would stop every gate."""
         try:
-            parts = self.control.recv_multipart()
+            parts = self.control.recv_multipart(copy=False)
+            caller = self.access.caller(_sender(parts[0]))
             if len(parts) != 1:
                 raise ValueError(f"expected one message part, got {len(parts)}")
-            request = json.loads(parts[0])
+            request = json.loads(parts[0].bytes)
             if not isinstance(request, dict):
                 raise ValueError("not a JSON object")
-            reply = self._control(request)
+            reply = self._control(request, caller)
         except (ValueError, RecursionError) as exc:
             self._bad_message(f"control: {exc}"[:300])
             reply = {"ok": False, "error": f"bad request: {exc}"}
         self.control.send_json(reply)
 
-    def _control(self, req: dict[str, Any]) -> dict[str, Any]:
-        if req.get("cmd") == "status":
-            return {"ok": True, **self.status()}
-        if req.get("cmd") == "claim" and req.get("subject_id") not in self.matrix.subject_ids:
+    def _control(self, req: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        """A request its sender's key may make (kiosk.services.control_access), checked before anything else
+        is done for it (a refused claim costs no gallery reload)."""
+        cmd = req.get("cmd")
+        refusal = self.access.refusal(caller, str(cmd), req.get("gate_id"))
+        if refusal is not None:
+            return refusal
+        if cmd == "status":
+            return {"ok": True, **self.access.redact(self.status(), caller)}
+        if cmd == "claim" and req.get("subject_id") not in self.matrix.subject_ids:
             self._reload_gallery(wait=True)  # enrolled a moment ago?
         return self.core.control(req, time.time())
+
+
+def _sender(first: zmq.Frame) -> str | None:
+    """The z85 public key ZAP authenticated a message's sender with (None with CurveZMQ off)."""
+    try:
+        return first.get("User-Id")  # type: ignore[no-any-return]
+    except zmq.ZMQError:
+        return None
 
 
 def run_verifier(cfg: KioskConfig) -> int:

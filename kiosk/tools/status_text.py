@@ -10,12 +10,19 @@ from typing import Any
 REFUSED_WHY = {"sender": "from a key that is not the camera's", "seq": "with seq out of range",
                "future": "captured in the future", "past": "captured too long ago",
                "not_finite": "with a time that is not a number"}
+CONTROL_REFUSED_WHY = {"claim_scope": "claim(s) for a gate the key does not serve",
+                       "revoked": "from a key no longer allow-listed"}
 
 
 def _ms(q: Any) -> str:
     if not isinstance(q, dict) or "p50" not in q:
         return "n/a"
     return f"p50 {q['p50']:.0f} ms, p99 {q['p99']:.0f} ms"
+
+
+def _gates(value: Any) -> str:
+    return "every gate" if value == "*" else ", ".join(map(str, value)) if isinstance(value, list) and value \
+        else "no gate"
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -64,8 +71,16 @@ def format_status(s: dict[str, Any]) -> str:
     for problem in (s.get("key_files") or {}).get("problems", {}).values():
         lines.append(f"  key file: {problem}")
     claims = s.get("claims") or {}
-    lines.append("  claims: " + (", ".join(f"gate {g} -> {sid}" for g, sid in sorted(claims.items()))
-                                 if claims else "none"))
+    lines.append("  claims: " + (", ".join(f"gate {g} -> {sid if sid is not None else '(subject hidden from this key)'}"
+                                           for g, sid in sorted(claims.items())) if claims else "none"))
+    caller = s.get("caller")
+    if isinstance(caller, dict):
+        lines.append(f"  this key: {caller.get('role')}: may claim {_gates(caller.get('claims'))}; sees passenger "
+                     f"ids of {_gates(caller.get('passenger_ids'))}")
+    refused = s.get("control_refused") or {}
+    if any(refused.values()):
+        lines.append("  control requests refused: " + ", ".join(
+            f"{n} {CONTROL_REFUSED_WHY.get(reason, reason)}" for reason, n in refused.items() if n))
     if s.get("last_error"):
         lines.append(f"  last error: {s['last_error']}")
     return "\n".join(lines)
