@@ -305,3 +305,52 @@ def test_a_revoked_key_loses_its_live_subscriptions(site):
         assert not any(b > revoked_at + 2 for b in gate_a.beats)  # ... the revoked key is not
     finally:
         gate_a.close()
+
+
+def test_kiosk_subscribe_with_a_gate_key_subscribes_to_its_gates():
+    """`kiosk subscribe` on a gate host (client_key: its listener key) asks for each of its gates, since the
+    verifier refuses `event.` from that key; the tools key keeps `event.`."""
+    from kiosk.services.subscriber import own_gates
+
+    data = {"cameras": [{"id": "cam-a1", "gate": "A1", "source": 0}, {"id": "cam-a2", "gate": "A2", "source": 0},
+                        {"id": "cam-b1", "gate": "B1", "source": 0}],
+            "security": {"listeners": [{"key": "gate-a", "gates": ["A1", "A2"]}]}}
+    assert own_gates(config_from_mapping(data)) is None  # the tools key
+    data["security"]["client_key"] = "gate-a"
+    assert own_gates(config_from_mapping(data)) == {"A1", "A2"}
+
+
+def test_subscriptions_read_after_a_non_subscription_message_are_not_applied():
+    """An XSUB peer can send a plain message up the events socket; libzmq then pairs the next subscriptions with
+    the wrong connection, so they are refused until the queue is empty, and applied again after."""
+    from kiosk.services.event_access import EventPublisher
+    from kiosk.services.metrics import VerifierMetrics
+
+    cfg = config_from_mapping({"cameras": [{"id": "cam-a1", "gate": "A1", "source": 0}]})
+    ctx = zmq.Context()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    try:
+        pub = ctx.socket(zmq.XPUB)
+        pub.setsockopt(zmq.XPUB_MANUAL, 1)
+        pub.bind(endpoint)
+        events = EventPublisher(pub, lambda: pub, HearingScopes(cfg), None, VerifierMetrics({"cam-a1": "A1"}))
+        xsub = ctx.socket(zmq.XSUB)
+        xsub.connect(endpoint)
+        xsub.send(b"not a subscription")
+        xsub.send(b"\x01event.A1")
+        deadline = time.monotonic() + 5
+        while events.counts["unpaired"] < 2:
+            assert time.monotonic() < deadline, events.counts
+            events.poll()
+            time.sleep(0.01)
+        sub = ctx.socket(zmq.SUB)
+        sub.connect(endpoint)
+        sub.setsockopt(zmq.SUBSCRIBE, b"event.A1")
+        deadline = time.monotonic() + 5
+        while not sub.poll(10):  # applied once the queue was empty: the SUB hears
+            assert time.monotonic() < deadline
+            events.poll()
+            pub.send_multipart([b"event.A1", b"{}"])
+        assert xsub.poll(100) == 0  # the XSUB's subscription was never applied
+    finally:
+        ctx.destroy(linger=0)

@@ -5,7 +5,9 @@ PUSH gives back-pressure, so a replay (`realtime: false`) loses no frame,
 and a live camera sends with NOBLOCK and drops (and counts) a frame when
 the verifier's small queue is full. The verifier then keeps only the
 newest frame of each camera among those waiting (latest frame wins).
-Events and health go out on one PUB socket; control is REQ/REP.
+Events and health go out on one XPUB socket in manual mode (a PUB to any
+SUB that connects), so that each subscription is applied only for a key that
+may hear what it reaches (kiosk.services.event_access); control is REQ/REP.
 
 With `security.curve: true` (the default) every socket is CurveZMQ: the
 binding side (the verifier) is the server, every connecting process a
