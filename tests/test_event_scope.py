@@ -234,7 +234,11 @@ def test_a_gate_key_hears_its_gate_and_nothing_of_another(site):
     heard = site.listeners["gate_a"]
     assert [(e.gate_id, e.type) for e in heard.events] == [("A1", "accept")]
     assert not any(t.startswith(b"event.B1") for t in heard.topics)
-    status = control_request(Transport(site.cfg, role="test"), {"cmd": "status"}, 5000)
+    transport = Transport(site.cfg, role="test")
+    try:
+        status = control_request(transport, {"cmd": "status"}, 5000)
+    finally:
+        transport.close()
     assert status is not None and status["events_refused"]["scope"] >= 2
     metric = scrape(site.metrics_port)[("kiosk_event_subscriptions_refused_total", (("reason", "scope"),))]
     assert metric == ("counter", status["events_refused"]["scope"])
