@@ -112,6 +112,17 @@ class OperatorKeyConfig:
 
 
 @dataclass
+class ListenerKeyConfig:
+    """A key that hears the events of some gates and can claim nothing (a gate controller's, a dashboard's):
+    `key` names it (keys_dir/authorized_subscribers/NAME.key, or authorized_clients/), `gates` are the gates
+    whose decisions, history and camera health it hears, ["*"] for every gate. See
+    kiosk.services.event_access."""
+
+    key: str
+    gates: list[str]
+
+
+@dataclass
 class SecurityConfig:
     """CurveZMQ on every socket unless turned off explicitly; which keys may claim which gates."""
 
@@ -120,6 +131,7 @@ class SecurityConfig:
     client_key: str = "client"  # also the tools key: an operator of every gate unless `operators` says less
     template_key_file: Optional[Path] = None  # default: $KIOSK_TEMPLATE_KEY, else <keys_dir>/template.key
     operators: list[OperatorKeyConfig] = field(default_factory=list)
+    listeners: list[ListenerKeyConfig] = field(default_factory=list)  # keys that hear their gates' events only
 
 
 @dataclass
@@ -511,24 +523,42 @@ def pg_url_problem(url: str) -> str | None:
 
 
 def _check_operators(cfg: KioskConfig) -> None:
-    """`security.operators`: each key named once, as a file name; its gates "*" alone or gates of `cameras`
-    (checked when the config has cameras: a verifier's; a typo would be a reader that claims nothing)."""
+    """`security.operators` and `security.listeners`: each key named once per list, as a file name; its gates
+    "*" alone or gates of `cameras` (checked when the config has cameras: a verifier's; a typo would be a reader
+    that claims nothing, or a gate controller that hears nothing)."""
     gates = sorted({c.gate for c in cfg.cameras})
-    seen: set[str] = set()
-    for i, op in enumerate(cfg.security.operators):
-        where = f"security.operators[{i}]"
-        if not _KEY_NAME.fullmatch(op.key):
-            raise _Invalid(f"{where}.key", "a key name as in keys_dir/authorized_clients/NAME.key (letters, digits, "
-                           "'.', '_', '-')", op.key)
-        if op.key in seen:
-            raise _Invalid(f"{where}.key", "a key listed once", op.key)
-        seen.add(op.key)
-        if "*" in op.gates and op.gates != ["*"]:
-            raise _Invalid(f"{where}.gates", "", op.gates, message='expected ["*"] alone (every gate) or a list of '
-                           f'gates, found "*" among other gates {op.gates}')
-        for j, gate in enumerate(op.gates):
-            if gate != "*" and gates and gate not in gates:
-                raise _Invalid(f"{where}.gates[{j}]", f"a gate of cameras[] ({', '.join(gates)}) or \"*\"", gate)
+    for section, entries in (("operators", cfg.security.operators), ("listeners", cfg.security.listeners)):
+        seen: set[str] = set()
+        for i, op in enumerate(entries):
+            where = f"security.{section}[{i}]"
+            if not _KEY_NAME.fullmatch(op.key):
+                raise _Invalid(f"{where}.key", "a key name as in keys_dir/authorized_clients/NAME.key (letters, "
+                               "digits, '.', '_', '-')", op.key)
+            if op.key in seen:
+                raise _Invalid(f"{where}.key", "a key listed once", op.key)
+            seen.add(op.key)
+            if "*" in op.gates and op.gates != ["*"]:
+                raise _Invalid(f"{where}.gates", "", op.gates, message='expected ["*"] alone (every gate) or a list '
+                               f'of gates, found "*" among other gates {op.gates}')
+            for j, gate in enumerate(op.gates):
+                if gate != "*" and gates and gate not in gates:
+                    raise _Invalid(f"{where}.gates[{j}]", f"a gate of cameras[] ({', '.join(gates)}) or \"*\"",
+                                   gate)
+            if section == "listeners" and op.gates != ["*"]:
+                _check_hearable(where, op.key, op.gates, gates)
+
+
+def _check_hearable(where: str, key: str, mine: list[str], gates: list[str]) -> None:
+    """A listener must be able to hear each of its gates alone: a ZeroMQ subscription to `event.A1` also
+    matches `event.A10`, so gate A1 cannot be heard by a key that may not hear A10 (kiosk.services.event_access
+    refuses such a subscription)."""
+    for j, gate in enumerate(mine):
+        wider = sorted(g for g in gates if g != gate and g.startswith(gate) and g not in mine)
+        if wider:
+            raise _Invalid(f"{where}.gates[{j}]", "", gate, message=(
+                f"key {key!r} may hear gate {gate!r} but not {', '.join(wider)}: a subscription to event.{gate} "
+                f"also matches event.{wider[0]}, so the verifier refuses it; give the key {', '.join(wider)} too, "
+                f"or name gates so that none begins with another (A01 ... A10)"))
 
 
 def _check(cfg: KioskConfig) -> None:

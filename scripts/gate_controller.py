@@ -4,6 +4,10 @@
     python3 scripts/gate_controller.py --gate A1 --events tcp://VERIFIER:5551 \\
         --server-key keys/server.key --client-key keys/gate-a1.key_secret
 
+The verifier's config must give this key its gate (`security.listeners: [{key: gate-a1, gates: [A1]}]`):
+the verifier applies a subscription only for gates the key may hear, and a key it gives no gate hears the
+heartbeat only (the gate then stays closed: no accept ever arrives).
+
 Needs only pyzmq. The gate is CLOSED by default and:
 - opens for --open-seconds on an `accept` for its own gate that is fresh:
   decided less than --max-age seconds ago and of a frame captured less than

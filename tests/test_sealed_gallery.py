@@ -4,6 +4,7 @@ start with one line and writes nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -133,7 +134,11 @@ def test_swapped_blobs_open_for_nobody_and_the_rest_is_still_served(tmp_path, en
         assert events.wait_for(lambda ev: ev.health, 30)
         gallery = events.health[-1]["gallery"]
         assert (gallery["subjects"], gallery["unreadable_templates"]) == (1, 2)
-        assert gallery["unreadable_subjects"] == ["DUNCAN", "PARKER"]
+        # The heartbeat, which every allow-listed key hears, carries a count, never passenger ids ...
+        assert gallery["unreadable_subject_count"] == 2 and "unreadable_subjects" not in gallery
+        assert "DUNCAN" not in json.dumps(events.health)
+        # ... the ids are in `status`, for the tools key.
+        assert control_request_status(config)["gallery"]["unreadable_subjects"] == ["DUNCAN", "PARKER"]
         status = run_cli("kiosk", "-c", str(config), "status")
         assert "2 template(s) do not open with the template key" in status.stdout
         assert kiosk(config, "capture", "--camera", "cam-a1").wait(60) == 0
@@ -143,6 +148,16 @@ def test_swapped_blobs_open_for_nobody_and_the_rest_is_still_served(tmp_path, en
         events.close()
         _, err = stop(verifier)
     assert "do not open and are left out" in err and "Traceback" not in err
+
+
+def control_request_status(config: Path) -> dict:
+    """`status` from the verifier, asked with the config's client key (the tools key)."""
+    from kiosk.config import load_config
+    from kiosk.messaging.transport import ask_verifier
+
+    reply = ask_verifier(load_config(config), {"cmd": "status"}, role="test", timeout_ms=5000)
+    assert reply is not None and reply["ok"], reply
+    return reply
 
 
 def _dump(path: Path) -> list[str] | None:

@@ -5,7 +5,9 @@ PUSH gives back-pressure, so a replay (`realtime: false`) loses no frame,
 and a live camera sends with NOBLOCK and drops (and counts) a frame when
 the verifier's small queue is full. The verifier then keeps only the
 newest frame of each camera among those waiting (latest frame wins).
-Events and health go out on one PUB socket; control is REQ/REP.
+Events and health go out on one XPUB socket in manual mode (a PUB to any
+SUB that connects), so that each subscription is applied only for a key that
+may hear what it reaches (kiosk.services.event_access); control is REQ/REP.
 
 With `security.curve: true` (the default) every socket is CurveZMQ: the
 binding side (the verifier) is the server, every connecting process a
@@ -66,6 +68,7 @@ FRAME_PART_MAX = MAX_FRAME_BYTES + 64 * 1024
 CONTROL_PART_MAX = 64 * 1024
 LEASE_PART_MAX = 16 * 1024  # a console's preview lease (kiosk.services.preview)
 EVENT_PART_MAX = 1024 * 1024
+EVENT_SUB_MAX = 1024  # a subscription (topic prefix) sent to the events socket; a longer one disconnects its peer
 HISTORY_REPLY_MAX = 16 * 1024 * 1024
 PREVIEW_PART_MAX = 4 * 1024 * 1024  # one preview JPEG (or its JSON header)
 AUTHORIZED = "authorized_clients"  # may send frames and control requests (and subscribe)
@@ -350,10 +353,32 @@ class Transport:
         self._as_client(sock, "frames")
         return self._attach(sock, "frames", bind=False)
 
-    def event_publisher(self) -> zmq.Socket:
-        sock = self._socket(zmq.PUB, SNDHWM=1000)
-        self._as_server(sock, "events")
-        return self._attach(sock, "events", bind=True)
+    def event_publisher(self, bind_tries: int = 1) -> zmq.Socket:
+        """XPUB in manual mode: a peer's subscription is applied only when the verifier applies it for that
+        peer's key (kiosk.services.event_access); to a connecting SUB it is a PUB. Incoming messages are
+        subscriptions only: a small part limit and queue. `bind_tries` (10 ms apart): a socket bound again at
+        once after the old one closed may find the port still held for a moment."""
+        for attempt in range(bind_tries):
+            sock = self._socket(zmq.XPUB, SNDHWM=1000, RCVHWM=1000, MAXMSGSIZE=EVENT_SUB_MAX)
+            sock.setsockopt(zmq.XPUB_MANUAL, 1)
+            self._as_server(sock, "events")
+            if attempt == bind_tries - 1:
+                return self._attach(sock, "events", bind=True)
+            try:
+                sock.bind(self.cfg.transport.events)
+                return sock
+            except zmq.ZMQError:
+                sock.close()
+                time.sleep(0.01)
+        raise AssertionError("unreachable")
+
+    def event_names(self) -> tuple[ClientNames, ClientNames, ClientNames] | None:
+        """Who subscribed on the events socket, by name in authorized_clients/, authorized_subscribers/ and
+        authorized_consoles/ (see ClientNames); None with CurveZMQ off."""
+        if not self.curve:
+            return None
+        return (ClientNames(self.keys_dir / AUTHORIZED), ClientNames(self.keys_dir / SUBSCRIBERS),
+                ClientNames(self.keys_dir / CONSOLES))
 
     def event_subscriber(self, topics: list[str]) -> zmq.Socket:
         sock = self._socket(zmq.SUB, RCVHWM=10000, MAXMSGSIZE=EVENT_PART_MAX)

@@ -173,6 +173,11 @@ class VerifierMetrics:
         self.control_refused = Counter("kiosk_control_refused", "control requests refused for the sender's key: "
                                        "a claim for a gate it does not serve (claim_scope), any request from a key "
                                        "no longer in authorized_clients/ (revoked)", ["reason"], registry=r)
+        self.events_refused = Counter("kiosk_event_subscriptions_refused", "subscriptions on the events socket not "
+                                      "applied for the sender's key: a topic reaching gates or idle hints it may "
+                                      "not hear (scope), a key no longer allow-listed (revoked), a topic nothing "
+                                      "is published on (unknown_topic), one read after a non-subscription message "
+                                      "(unpaired)", ["reason"], registry=r)
         self.previews = Counter("kiosk_preview_frames", "preview frames sent to a watching console", ["gate"],
                                 registry=r)
         self.decisions = Counter("kiosk_decisions", "decisions published", ["gate", "type", "reason"], registry=r)

@@ -336,6 +336,18 @@ def python_hook(spec: str) -> Callable[[dict[str, Any]], None]:
     return func  # type: ignore[no-any-return]
 
 
+def own_gates(cfg: KioskConfig) -> frozenset[str] | None:
+    """The gates this host's key (`security.client_key`) may hear by the config, when it is a listener or
+    operator key for some gates only (kiosk.services.event_access): the verifier refuses `event.` from such a
+    key, so it subscribes to each of its gates. None (subscribe to `event.`, as always): every gate, or a key
+    the config gives no gate (the verifier's log then says why it hears nothing)."""
+    key = cfg.security.client_key  # on a gate host, its own key; not the verifier's tools key
+    scoped = [e.gates for e in [*cfg.security.listeners, *cfg.security.operators] if e.key == key]
+    if not scoped or any(gates == ["*"] for gates in scoped):
+        return None
+    return frozenset(g for gates in scoped for g in gates) or None
+
+
 class Subscriber:
     """Receives events (optionally of one gate) and the verifier's heartbeat; feeds the hooks, each event once.
 
@@ -362,8 +374,9 @@ class Subscriber:
             hook.on_done = self._hook_done
         self._metrics_server = serve_metrics(self.metrics.registry, metrics_port) if metrics_port else None
         self.transport = Transport(cfg, role="subscriber")
-        topic = EVENT_TOPIC + gate if gate else EVENT_TOPIC
-        self.sock = self.transport.event_subscriber([topic, VERIFIER_HEALTH])
+        self.gates = own_gates(cfg) if gate is None else frozenset([gate])  # None: every gate
+        topics = [EVENT_TOPIC] if self.gates is None else [EVENT_TOPIC + g for g in sorted(self.gates)]
+        self.sock = self.transport.event_subscriber(topics + [VERIFIER_HEALTH])
         self.inbox = EventChannel(self.sock, self._bad_message)
         self._stop = threading.Event()
         self.verifier_up: bool | None = None  # None: not heard from yet
@@ -422,7 +435,7 @@ class Subscriber:
 
     def _hand_on(self, event: Event) -> None:
         """Deliver a decision once, and move its gate's position."""
-        if self.gate and event.gate_id != self.gate:  # topic filters are prefixes: A1 also matches A10
+        if self.gates is not None and event.gate_id not in self.gates:  # topic filters are prefixes: A1 matches A10
             return
         if event.event_id in self._handed:
             return
@@ -454,7 +467,7 @@ class Subscriber:
                 self._save_cursors()
 
     def _on_event(self, event: Event) -> None:
-        if self.gate and event.gate_id != self.gate:
+        if self.gates is not None and event.gate_id not in self.gates:
             return
         self._news_of(event.boot_id)
         cur = self.cursors.get(event.gate_id)
@@ -483,11 +496,11 @@ class Subscriber:
             for gate, n in counts.items():
                 cur = self.cursors.get(gate)
                 if cur is None and isinstance(booted, (int, float)) and booted >= self.started_at and \
-                        (self.gate is None or gate == self.gate):
+                        (self.gates is None or gate in self.gates):
                     # A verifier that started after this subscriber decided before it was heard (a slow
                     # join: `kiosk run` starts both at once): those events are this subscriber's too.
                     self.cursors[gate] = cur = (boot, 0)
-                if (self.gate is None or gate == self.gate) and isinstance(n, int) and cur is not None \
+                if (self.gates is None or gate in self.gates) and isinstance(n, int) and cur is not None \
                         and cur[0] == boot and n > cur[1]:
                     self._catch_up_due = True  # published, but not arrived here
 
@@ -518,7 +531,7 @@ class Subscriber:
     def _catch_up(self, why: str) -> None:
         """Fetch and hand on what was missed since each gate's position."""
         self._catch_up_due = False
-        cursors = {g: c for g, c in self.cursors.items() if self.gate is None or g == self.gate}
+        cursors = {g: c for g, c in self.cursors.items() if self.gates is None or g in self.gates}
         if not cursors:
             return
         sock = self.transport.history_client()
@@ -561,7 +574,8 @@ class Subscriber:
 
     def run(self) -> int:
         log.info("subscriber %s: %s on %s with %d hook(s): %s", self.name,
-                 f"gate {self.gate}" if self.gate else "all gates", self.cfg.transport.events, len(self.hooks),
+                 f"gate {self.gate}" if self.gate else "all gates" if self.gates is None
+                 else "gates " + ", ".join(sorted(self.gates)), self.cfg.transport.events, len(self.hooks),
                  ", ".join(h.name for h in self.hooks))
         while not self._stop.is_set():
             message = self.inbox.recv(100)

@@ -46,6 +46,7 @@ from kiosk.messaging.messages import CaptureHealth, Event, encode_json
 from kiosk.pipeline.policy import Decision
 from kiosk.services.audit import AuditLog, RecentEvents, read_tail
 from kiosk.services.control_access import Caller, ControlAccess, KeyScopes
+from kiosk.services.event_access import EventPublisher, HearingScopes
 from kiosk.services.frame_refusals import FrameRefusals
 from kiosk.services.key_watch import KeyFileWatch, WatchedKey, curve_server_key, template_key
 from kiosk.services.metrics import VerifierMetrics
@@ -101,10 +102,15 @@ class Verifier:
             owners = {c.id: client_public_key(keys, c.key or cfg.security.client_key) for c in cfg.cameras}
         self.refusals = FrameRefusals(self.metrics, self.cameras)
         self.inbox = FrameChannel(self.frames, self.cameras, self._bad_message, owners, self._refused)
-        self.events = self.transport.event_publisher()
+        self.events = EventPublisher(self.transport.event_publisher(),
+                                     lambda: self.transport.event_publisher(bind_tries=100), HearingScopes(cfg),
+                                     self.transport.event_names(), self.metrics)
         self.control = self.transport.control_server()
         self.access = ControlAccess(KeyScopes.from_config(cfg), self.transport.control_names(), self.metrics)
         log.info("control: %s", self.access.scopes.describe())
+        log.info("events: %s", self.events.scopes.describe())
+        for problem in self.events.scopes.problems():
+            log.warning("events: %s", problem)
         self.history = self.transport.history_server()
         self.previews = PreviewPublisher(self.transport.preview_publisher(), cfg.console.preview_fps, self._gates)
         audit_path = cfg.resolve(cfg.audit.path)
@@ -267,6 +273,7 @@ class Verifier:
         poller.register(self.history, zmq.POLLIN)
         poller.register(self.previews.sock, zmq.POLLIN)
         ready = dict(poller.poll(0 if self.core.has_pending() else timeout_ms))
+        self.events.poll()  # subscriptions, each applied or refused for its sender's key (never blocks)
         if self.previews.sock in ready or self.previews.leases:  # new leases; old ones run out
             self.previews.poll()
             watched = {g for g in self._gates if self.previews.watched(g)}
@@ -460,6 +467,8 @@ class Verifier:
             self._loader.join()
             self._adopt()
         mono = time.monotonic()
+        if self.events.check_revoked(mono):  # a revoked key's subscriptions dropped: every peer resubscribes
+            self._last_heartbeat = 0.0
         if mono - self._last_gallery_poll >= GALLERY_POLL_S or self._changed.is_set():
             self._last_gallery_poll = mono
             self._changed.clear()
@@ -608,6 +617,7 @@ class Verifier:
             "frames_refused": {reason: sum(c[reason] for c in self.refusals.counts.values())
                                for reason in REFUSALS},
             "control_refused": dict(self.access.counts),
+            "events_refused": dict(self.events.counts),
             "clock_skew": self.refusals.status(time.monotonic()),
             "key_files": self.key_files.status(),
             "audit": {"ok": not self.audit.error, "error": self.audit.error, "failures": self.audit.failures,
@@ -662,7 +672,13 @@ class Verifier:
         self._last_heartbeat = mono
         body = self.status()
         body["boot_id"], body["event_seq"], body["booted_at"] = self.boot_id, dict(self._event_seq), self.booted_at
-        del body["claims"]  # passenger ids stay off the health topic: every subscriber key hears it
+        # Passenger ids stay off the health topic, which every allow-listed key hears: no claims, and the
+        # subjects whose templates do not open only as a count (their ids are in `status`, for the tools key).
+        del body["claims"]
+        gallery = body["gallery"]
+        if "unreadable_subjects" in gallery:
+            gallery["unreadable_subject_count"] = len(self.matrix.unreadable)
+            del gallery["unreadable_subjects"]
         if status is not None:
             body["status"] = status
         body["sent_at"] = time.time()
@@ -670,9 +686,13 @@ class Verifier:
 
     def _handle_history(self) -> None:
         """`{"cmd": "events", "cursors": {gate: [boot_id, event_seq]}, "gate_id": G or null}`: the events each
-        gate's subscriber missed since its cursor (see RecentEvents.since)."""
+        gate's subscriber missed since its cursor (see RecentEvents.since), of the gates the asking key may hear
+        (kiosk.services.event_access): a request for another gate is refused, cursors of other gates are left
+        out and named in the reply's `withheld_gates`."""
         try:
-            parts = self.history.recv_multipart()
+            raw = self.history.recv_multipart(copy=False)
+            hearer = self.events.hearer(_sender(raw[0]))
+            parts = [p.bytes for p in raw]
             if len(parts) != 1:
                 raise ValueError(f"expected one message part, got {len(parts)}")
             request = json.loads(parts[0])
@@ -687,8 +707,17 @@ class Verifier:
                         and isinstance(cur[1], int) and not isinstance(cur[1], bool)):
                     raise ValueError(f"cursor of gate {str(g)[:40]!r} must be [boot_id, event_seq]")
                 parsed[str(g)] = (cur[0], cur[1])
-            events, complete = self.recent.since(parsed, gate)
+            if gate is not None and not hearer.hears_gate(gate):
+                self.history.send_json(self.events.refuse_history(hearer, gate))
+                return
+            withheld = sorted(g for g in parsed if not hearer.hears_gate(g))
+            if withheld:
+                self.events.refuse_history(hearer, withheld[0])  # counted and logged
+            events, complete = self.recent.since({g: c for g, c in parsed.items() if hearer.hears_gate(g)}, gate)
             reply = {"ok": True, "boot_id": self.boot_id, "complete": complete, "events": events}
+            if withheld:
+                reply["withheld_gates"] = [g[:40] for g in withheld[:100]]
+                reply["note"] = (f"events of gate(s) this key may not hear are left out ({hearer.describe()})")
         except (ValueError, RecursionError) as exc:
             self._bad_message(f"history: {exc}"[:300])
             reply = {"ok": False, "error": f"bad request: {exc}"}
