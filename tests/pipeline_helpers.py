@@ -19,7 +19,7 @@ import yaml
 
 from kiosk.config import load_config
 from kiosk.messaging.channels import EventChannel
-from kiosk.messaging.messages import Event
+from kiosk.messaging.messages import Event, Heartbeat
 from kiosk.messaging.transport import Transport, init_keys, loopback_endpoints
 from kiosk.tools.scenes import Walk, person_crop, render, write_video
 from tests.sealing_helpers import sealed_gallery, write_test_key
@@ -118,7 +118,8 @@ class Events:
         self.bad: list[str] = []
         self.inbox = EventChannel(self.sock, self.bad.append)
         self.events: list[Event] = []
-        self.health: list[dict] = []  # heartbeats and relayed capture health, as sent
+        self.health: list[dict] = []  # the verifier's own heartbeats and relayed capture health, as sent
+        self.gate_health: dict[str, list[dict]] = {}  # gate -> its part of each heartbeat (health.gate.<gate>)
 
     def poll(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -126,6 +127,8 @@ class Events:
             message = self.inbox.recv(50)
             if isinstance(message, Event):
                 self.events.append(message)
+            elif isinstance(message, Heartbeat) and message.gate_id is not None:
+                self.gate_health.setdefault(message.gate_id, []).append(message.body)
             elif message is not None:
                 self.health.append(message.body)
 
@@ -156,7 +159,7 @@ def live_gate(config: Path, cameras: tuple[str, ...] = ("cam-a1",), quiet: bool 
     camera; all stopped on the way out, captures first."""
     verifier = kiosk(config, "verify", quiet=quiet)
     captures: list[subprocess.Popen] = []
-    gate = LiveGate(Events(config, ("event.", "health.verifier")))
+    gate = LiveGate(Events(config, ("event.", "health.verifier", "health.gate.")))
     try:
         assert gate.events.wait_for(lambda ev: ev.health, 30)
         captures = [kiosk(config, "capture", "--camera", cam) for cam in cameras]

@@ -125,7 +125,7 @@ def test_a_gate_with_no_flight_processes_nobody_until_a_flight_opens_on_it(tmp_p
         assert m[("kiosk_faces_detected_total", (("camera", "cam-b1"),))][1] == 0  # no biometric processing
         assert m[("kiosk_frames_not_boarding_total", (("camera", "cam-a1"),))][1] == 0
         assert m[("kiosk_gate_boarding", (("gate", "B1"),))][1] == 0
-        assert events.health[-1]["gates"]["B1"] == {"flight_id": None, "processing": False}
+        assert events.gate_health["B1"][-1]["gate"] == {"flight_id": None, "processing": False}
         _board(config, "open", "--gate", "B1", "--flight", "LH123")  # while it runs
         assert events.wait_for(lambda ev: any(e.gate_id == "B1" and e.type == "accept" for e in ev.events), 20)
         b1 = [e for e in events.events if e.gate_id == "B1"]

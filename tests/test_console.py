@@ -140,21 +140,29 @@ def test_console_state_alerts_bounds_and_viewers():
     state = ConsoleState({"A1": ["cam-a1"], "B2": ["cam-b2"]}, crops=3, heartbeat_timeout_s=0.2)
     cams = {"cam-a1": {"gate_id": "A1", "state": "up", "processed": 100},
             "cam-b2": {"gate_id": "B2", "state": "up", "processed": 100}}
-    state.add_heartbeat({"status": "ok", "cameras": dict(cams), "gates": {"A1": {"flight_id": "LH123"}}})
+
+    def beat(body: dict, cameras: dict, gates: dict | None = None) -> None:
+        """The verifier's heartbeat as it sends it: its own part, then each gate's (cameras, flight)."""
+        state.add_heartbeat(body)
+        for gate in ("A1", "B2"):
+            state.add_heartbeat({"status": body["status"], "gate_id": gate, "gate": (gates or {}).get(gate, {}),
+                                 "cameras": {c: cam for c, cam in cameras.items() if cam["gate_id"] == gate}}, gate)
+
+    beat({"status": "ok"}, dict(cams), {"A1": {"flight_id": "LH123"}})
     time.sleep(0.5)
     cams["cam-a1"] = {**cams["cam-a1"], "processed": 115}
     cams["cam-b2"] = {**cams["cam-b2"], "processed": 100}
-    state.add_heartbeat({"status": "degraded", "cameras": {**cams, "cam-b2": {
-        "gate_id": "B2", "state": "down", "last_error": "no frame for 6 s", "processed": 100}}})
+    beat({"status": "degraded"}, {**cams, "cam-b2": {
+        "gate_id": "B2", "state": "down", "last_error": "no frame for 6 s", "processed": 100}})
     status = state.status()
     assert status["verifier"]["gallery"]["stale"] is None  # a heartbeat that says nothing of it
     assert [(g["gate_id"], g["camera_state"]) for g in status["gates"]] == [("A1", "up"), ("B2", "down")]
     assert 20 <= status["gates"][0]["fps"] <= 31 and status["gates"][1]["fps"] == 0  # 15 frames in ~0.5 s
     assert [(a["type"], a["gate_id"], a["reason"]) for a in status["alerts"]] == [
         ("camera_down", "B2", "no frame for 6 s")]
-    state.add_heartbeat({"status": "degraded", "cameras": cams, "gallery": {
+    beat({"status": "degraded", "gallery": {
         "subjects": 3, "stale": True, "error": "gallery file var/gallery.db is gone", "refusing": "nothing yet",
-        "accepts_from_memory_s": 120.0, "action": "run `kiosk-enroll restore BACKUP`", "revision": 7}})
+        "accepts_from_memory_s": 120.0, "action": "run `kiosk-enroll restore BACKUP`", "revision": 7}}, cams)
     assert state.status()["verifier"]["gallery"] == {  # the overview's alert line says what and what to run
         "subjects": 3, "stale": True, "error": "gallery file var/gallery.db is gone", "refusing": "nothing yet",
         "accepts_from_memory_s": 120.0, "action": "run `kiosk-enroll restore BACKUP`"}

@@ -155,6 +155,8 @@ LISTENERS = {  # name -> (key, topics)
     "idle_other_capture": ("cam-host-2", ["idle.", "idle.cam-idle"]),
     "idle_gate_a": ("gate-a", ["idle.", "idle.cam-idle"]),
     "idle_tools": ("client", ["idle.cam-idle"]),
+    "gate_health_a": ("gate-a", ["health.gate.", "health.gate.B1", "health.gate.C1", "health.gate.A1"]),
+    "gate_health_capture": ("cam-host-2", ["health.gate.", "health.gate.B1"]),
 }
 
 
@@ -288,6 +290,23 @@ def test_the_heartbeat_carries_no_passenger_ids(site):
     assert site.tools.health and all("claims" not in h for h in site.tools.health if h.get("component") ==
                                      "verifier")
     assert "YAO" not in json.dumps([h for h in site.tools.health if h.get("component") == "verifier"])
+
+
+def test_each_gate_s_part_of_the_heartbeat_reaches_only_the_keys_that_hear_that_gate(site):
+    """Whether someone is at a gate now (its cameras' state, tracks, idle skips; its event count) is that gate's
+    part of the heartbeat (`health.gate.<gate>`): gate-a hears A1's and not B1's or C1's; a capture key hears
+    none; the verifier's own heartbeat, which every key hears, carries nothing per gate or camera."""
+    assert set(site.tools.gate_health) == {"A1", "B1", "C1"}
+    c1 = site.tools.gate_health["C1"][-1]
+    assert set(c1["cameras"]) == {"cam-idle"} and {"state", "tracks", "idle_skipped"} <= set(c1["cameras"]["cam-idle"])
+    assert site.tools.gate_health["A1"][-1]["event_seq"] == {"A1": 1}
+    own = [h for h in site.tools.health if h.get("component") == "verifier"]
+    assert own and not any({"cameras", "gates", "event_seq", "claims"} & set(h) for h in own)
+    gate_a = site.listeners["gate_health_a"]
+    assert b"health.gate.A1" in gate_a.topics
+    assert not any(t.startswith((b"health.gate.B1", b"health.gate.C1")) for t in gate_a.topics)
+    capture = site.listeners["gate_health_capture"]
+    assert capture.beats and not any(t.startswith(b"health.gate.") for t in capture.topics)
 
 
 def test_a_revoked_key_loses_its_live_subscriptions(site):

@@ -107,7 +107,7 @@ class ConsoleFeed:
 
     def _on_event(self, message: Event | Heartbeat | CaptureHealth) -> None:
         if isinstance(message, Heartbeat):
-            self.state.add_heartbeat(message.body)
+            self.state.add_heartbeat(message.body, message.gate_id)
         elif isinstance(message, CaptureHealth):
             self.state.add_capture_health(message.camera_id, message.body)
         else:

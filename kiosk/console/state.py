@@ -49,7 +49,9 @@ class ConsoleState:
             raise ValueError("console.crops_dir needs the template key: crops on disk are sealed")
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.lock = threading.Lock()
-        self.verifier: dict[str, Any] | None = None
+        self.verifier: dict[str, Any] | None = None  # its own heartbeat
+        self.gate_beats: dict[str, dict[str, Any]] = {}  # gate -> its part of the heartbeat
+        self.gate_beats_at: dict[str, float] = {}
         self.verifier_at = 0.0
         self.verifier_state = "unknown"  # up | down | unknown (never heard)
         self.captures: dict[str, dict[str, Any]] = {}
@@ -72,28 +74,30 @@ class ConsoleState:
             if event.get("gate_id") in self.gates:
                 self.last[str(event["gate_id"])] = event
 
-    def add_heartbeat(self, body: dict[str, Any]) -> None:
-        """The verifier's heartbeat; a camera that went down (or came back) since the last one is an event in
-        the feed (down: an alert)."""
+    def add_heartbeat(self, body: dict[str, Any], gate: str | None = None) -> None:
+        """The verifier's heartbeat: its own health (`gate` None), or one gate's part (its cameras and flight). A
+        camera that went down (or came back) since its gate's last one is an event in the feed (down: an alert)."""
         now = time.time()
         changes = []
         with self.lock:
-            before = (self.verifier or {}).get("cameras") or {}
-            for cid, cam in (body.get("cameras") or {}).items():
-                if not isinstance(cam, dict) or cid not in before:
-                    continue
-                was, state = (before.get(cid) or {}).get("state"), cam.get("state")
-                if state != was and "down" in (state, was):
-                    changes.append({"type": "camera_down" if state == "down" else "camera_up",
-                                    "gate_id": cam.get("gate_id"), "camera_id": cid, "decided_at": now,
-                                    "reason": cam.get("last_error") or None})
-            for cid, cam in (body.get("cameras") or {}).items():  # frames processed a second, per camera
-                was = before.get(cid) or {}
-                if isinstance(cam, dict) and self.verifier_at and now > self.verifier_at:
-                    done = cam.get("processed", 0) - was.get("processed", 0)
-                    if isinstance(done, (int, float)) and done >= 0:
-                        self.camera_fps[cid] = round(done / (now - self.verifier_at), 1)
-            self.verifier, self.verifier_at = body, now
+            if gate is not None:
+                before = (self.gate_beats.get(gate) or {}).get("cameras") or {}
+                seen_at = self.gate_beats_at.get(gate)
+                for cid, cam in (body.get("cameras") or {}).items():
+                    if not isinstance(cam, dict) or cid not in before:
+                        continue
+                    was, state = (before.get(cid) or {}).get("state"), cam.get("state")
+                    if state != was and "down" in (state, was):
+                        changes.append({"type": "camera_down" if state == "down" else "camera_up",
+                                        "gate_id": cam.get("gate_id"), "camera_id": cid, "decided_at": now,
+                                        "reason": cam.get("last_error") or None})
+                    done = cam.get("processed", 0) - (before.get(cid) or {}).get("processed", 0)  # frames a second
+                    if seen_at and now > seen_at and isinstance(done, (int, float)) and done >= 0:
+                        self.camera_fps[cid] = round(done / (now - seen_at), 1)
+                self.gate_beats[gate], self.gate_beats_at[gate] = body, now
+            else:
+                self.verifier = body
+            self.verifier_at = now
             self.verifier_state = "down" if body.get("status") == "stopping" else "up"
         for change in changes:
             self.add_event(change)
@@ -171,8 +175,8 @@ class ConsoleState:
         now = time.time()
         with self.lock:
             hb = self.verifier or {}
-            cams = hb.get("cameras") or {}
-            gates_hb = hb.get("gates") or {}
+            cams = {cid: cam for beat in self.gate_beats.values() for cid, cam in (beat.get("cameras") or {}).items()}
+            gates_hb = {g: beat.get("gate") or {} for g, beat in self.gate_beats.items()}
             gallery = hb.get("gallery") or {}
             verifier = {"state": self.verifier_state,
                         "heartbeat_age_s": round(now - self.verifier_at, 1) if self.verifier_at else None,

@@ -33,6 +33,7 @@ EventMessage = Union[Event, Heartbeat, CaptureHealth]
 OnBad = Callable[[str], None]
 DECODE_ERRORS = (BadMessage, ValueError, TypeError, OverflowError, RecursionError)
 VERIFIER_HEALTH = HEALTH_TOPIC + "verifier"
+GATE_HEALTH = HEALTH_TOPIC + "gate."  # + gate id: one gate's part of the heartbeat
 CAPTURE_HEALTH = HEALTH_TOPIC + "capture."
 
 
@@ -176,6 +177,13 @@ class EventChannel:
         try:
             if topic == VERIFIER_HEALTH:
                 return Heartbeat(decode_json(parts, "health")[1])
+            if topic.startswith(GATE_HEALTH):
+                body = decode_json(parts, "gate health")[1]
+                gate = topic[len(GATE_HEALTH):]
+                if body.get("gate_id") != gate:
+                    raise BadMessage(f"gate health: topic {topic[:60]!r} does not match gate_id "
+                                     f"{str(body.get('gate_id'))[:40]!r}")
+                return Heartbeat(body, gate)
             if topic.startswith(CAPTURE_HEALTH):
                 return _capture_health(topic, parts, None)
             if topic.startswith(EVENT_TOPIC):

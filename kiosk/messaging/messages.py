@@ -116,9 +116,12 @@ class CaptureHealth:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """The verifier's status (topic `health.verifier`), every `heartbeat.interval_s`."""
+    """The verifier's heartbeat, every `heartbeat.interval_s`: its own health for every allow-listed key (topic
+    `health.verifier`, `gate_id` None), and each gate's (topic `health.gate.<gate>`: that gate's event count,
+    cameras and flight) for the keys that hear that gate."""
 
     body: dict[str, Any]
+    gate_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,12 @@ what it serves, by its key names, as on the control socket
 - a capture key (`cameras[].key`) hears no decision: only the idle hints of
   its own cameras (topic `idle.<camera>`: "this gate is empty now" is for the
   capture that holds frames back, nobody else);
-- every allow-listed key hears the verifier's heartbeat (`health.verifier`,
-  no passenger id on it), and a camera's relayed health
-  (`health.capture.<camera>`) goes to keys that hear that camera's gate.
+- every allow-listed key hears the verifier's own heartbeat
+  (`health.verifier`: its health, no passenger id, nothing per gate); each
+  gate's part of it (`health.gate.<gate>`: that gate's event count, its
+  cameras' state and tracks, which say whether someone is there now, and its
+  flight) and a camera's relayed health (`health.capture.<camera>`) go to the
+  keys that hear that gate.
 
 How: the events socket is an XPUB in manual mode (`zmq.XPUB_MANUAL`), still
 what any plain SUB connects to. A peer's subscription reaches the verifier as
@@ -59,7 +62,7 @@ from typing import Callable, Iterable
 import zmq
 
 from kiosk.config import KioskConfig
-from kiosk.messaging.channels import CAPTURE_HEALTH, VERIFIER_HEALTH
+from kiosk.messaging.channels import CAPTURE_HEALTH, GATE_HEALTH, VERIFIER_HEALTH
 from kiosk.messaging.messages import EVENT_TOPIC, IDLE_TOPIC
 from kiosk.messaging.transport import ClientNames
 from kiosk.services.control_access import Gates, KeyScopes, _gates_text, _union
@@ -106,6 +109,7 @@ class HearingScopes:
         self.camera_gate = {c.id: c.gate for c in cfg.cameras}
         self.topics: list[tuple[str, str, str]] = [(VERIFIER_HEALTH, "heartbeat", "")]  # (topic, kind, gate/cam)
         self.topics += [(EVENT_TOPIC + g, "event", g) for g in sorted(set(self.camera_gate.values()))]
+        self.topics += [(GATE_HEALTH + g, "event", g) for g in sorted(set(self.camera_gate.values()))]
         self.topics += [(CAPTURE_HEALTH + c, "health", c) for c in sorted(self.camera_gate)]
         self.topics += [(IDLE_TOPIC + c, "idle", c) for c in sorted(self.camera_gate)]
 

@@ -41,7 +41,7 @@ from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError
 from kiosk.services.metrics import SubscriberMetrics
 from kiosk.services.metrics import serve as serve_metrics
-from kiosk.messaging.channels import VERIFIER_HEALTH, EventChannel
+from kiosk.messaging.channels import GATE_HEALTH, VERIFIER_HEALTH, EventChannel
 from kiosk.messaging.messages import EVENT_TOPIC, BadMessage, Event, Heartbeat, event_from_dict
 from kiosk.messaging.transport import Transport
 from kiosk.services.webhook_signing import load_secret, secret_path, sign
@@ -375,8 +375,11 @@ class Subscriber:
         self._metrics_server = serve_metrics(self.metrics.registry, metrics_port) if metrics_port else None
         self.transport = Transport(cfg, role="subscriber")
         self.gates = own_gates(cfg) if gate is None else frozenset([gate])  # None: every gate
-        topics = [EVENT_TOPIC] if self.gates is None else [EVENT_TOPIC + g for g in sorted(self.gates)]
-        self.sock = self.transport.event_subscriber(topics + [VERIFIER_HEALTH])
+        # Each gate's decisions and its part of the heartbeat (the event count the gaps are seen against), and
+        # the verifier's own heartbeat.
+        prefixes = [""] if self.gates is None else sorted(self.gates)
+        topics = [EVENT_TOPIC + g for g in prefixes] + [GATE_HEALTH + g for g in prefixes] + [VERIFIER_HEALTH]
+        self.sock = self.transport.event_subscriber(topics)
         self.inbox = EventChannel(self.sock, self._bad_message)
         self._stop = threading.Event()
         self.verifier_up: bool | None = None  # None: not heard from yet

@@ -41,7 +41,7 @@ from kiosk.boarding.model import DecisionRecord
 from kiosk.store.flights import SqliteBoardingStore, load_gate_flights
 from kiosk.store.gallery import Gallery, GalleryMatrix, GalleryQueries, open_gallery
 from kiosk.store.sealing import key_source
-from kiosk.messaging.channels import CAPTURE_HEALTH, REFUSALS, VERIFIER_HEALTH, FrameChannel, Refusal
+from kiosk.messaging.channels import CAPTURE_HEALTH, GATE_HEALTH, REFUSALS, VERIFIER_HEALTH, FrameChannel, Refusal
 from kiosk.messaging.messages import CaptureHealth, Event, encode_json
 from kiosk.pipeline.policy import Decision
 from kiosk.services.audit import AuditLog, RecentEvents, read_tail
@@ -671,18 +671,29 @@ class Verifier:
             return
         self._last_heartbeat = mono
         body = self.status()
-        body["boot_id"], body["event_seq"], body["booted_at"] = self.boot_id, dict(self._event_seq), self.booted_at
-        # Passenger ids stay off the health topic, which every allow-listed key hears: no claims, and the
-        # subjects whose templates do not open only as a count (their ids are in `status`, for the tools key).
+        if status is not None:
+            body["status"] = status
+        sent_at = time.time()
+        stamp = {"status": body["status"], "pid": body["pid"], "boot_id": self.boot_id, "booted_at": self.booted_at,
+                 "sent_at": sent_at}
+        # Each gate's part (its event count, cameras: whether someone is there now; its flight) goes on its own
+        # topic, to the keys that hear that gate (kiosk.services.event_access); the verifier's own health to every
+        # allow-listed key. Passenger ids go on neither: no claims, and the subjects whose templates do not open
+        # only as a count (their ids are in `status`, for the tools key).
+        cameras, gates = body.pop("cameras"), body.pop("gates")
         del body["claims"]
         gallery = body["gallery"]
         if "unreadable_subjects" in gallery:
             gallery["unreadable_subject_count"] = len(self.matrix.unreadable)
             del gallery["unreadable_subjects"]
-        if status is not None:
-            body["status"] = status
-        body["sent_at"] = time.time()
+        body.update(stamp)
         self.events.send_multipart(encode_json(VERIFIER_HEALTH, body))
+        for gate in sorted(self._gates):
+            self.events.send_multipart(encode_json(GATE_HEALTH + gate, {
+                "component": "gate", "gate_id": gate, **stamp,
+                "event_seq": {gate: self._event_seq[gate]} if gate in self._event_seq else {},
+                "gate": gates.get(gate, {}),
+                "cameras": {cid: cam for cid, cam in cameras.items() if cam["gate_id"] == gate}}))
 
     def _handle_history(self) -> None:
         """`{"cmd": "events", "cursors": {gate: [boot_id, event_seq]}, "gate_id": G or null}`: the events each
