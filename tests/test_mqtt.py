@@ -1,0 +1,149 @@
+"""The MQTT hook against a real Mosquitto (tests/mqtt_broker.py): topics and payloads, acknowledged delivery
+across a broker restart, availability and the last will, retained state for late joiners, and the start-up
+errors (exit 2, one line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import yaml
+
+from kiosk.config import config_from_mapping
+from kiosk.services.hook_outcomes import StaleEvent
+from kiosk.services.mqtt_hook import mqtt_hook
+from kiosk.services.subscriber import Hook
+from kiosk.tools.scenes import Walk
+from tests.conftest import run_cli
+from tests.mqtt_broker import Broker, Listener, broker  # noqa: F401 - the fixture
+from tests.pipeline_helpers import audit, kiosk, make_video, people, stop, write_config
+
+
+def _cfg(broker: Broker, **hooks):
+    return config_from_mapping({"cameras": [{"id": "cam-a1", "gate": "A1"}, {"id": "cam-b2", "gate": "B2"}],
+                                "hooks": {"mqtt_password_file": str(broker.password_file), **hooks}})
+
+
+def _decision(kind: str = "reject", gate: str = "A1", **extra) -> dict:
+    now = time.time()
+    return {"type": kind, "gate_id": gate, "event_id": f"e-{kind}-{now}", "subject_id": "P123", "score": 0.71,
+            "reason": None if kind == "accept" else "no_match", "captured_at": now - 0.1, "decided_at": now, **extra}
+
+
+def test_decisions_state_and_availability_in_process(broker):
+    """The hook by itself: a decision is on its topic once deliver returns (acknowledged), the retained state
+    carries no subject id or score, a heartbeat makes it `online` and fills the health topics, verifier_down
+    goes on every gate's decision topic and makes everything say down, a clean close says `offline`."""
+    cfg = _cfg(broker)
+    hook = mqtt_hook(cfg, broker.url, None, "test")
+    listener = Listener(broker)
+    try:
+        assert listener.wait_for(lambda li: li.on("available"), 10)
+        assert listener.on("available")[-1].payload == b"offline"  # the verifier not heard yet: fail closed
+        hook.observe({"status": "ok", "gates": {"A1": {"flight_id": "LH123"}, "B2": {"flight_id": None}},
+                      "cameras": {"cam-a1": {"gate_id": "A1", "state": "ok"}, "cam-b2": {"gate_id": "B2",
+                                                                                        "state": "down"}}})
+        assert listener.wait_for(lambda li: li.on("available") and li.on("available")[-1].payload == b"online", 10)
+        event = _decision("accept", subject_id="P123")
+        hook(event)  # returns once the broker has it
+        assert listener.wait_for(lambda li: li.on("gates/A1/decision"), 5)
+        (heard,) = listener.on("gates/A1/decision")
+        assert heard.json() == event and not heard.retain
+        assert listener.wait_for(lambda li: any(h.json()["last_decision"] for h in li.on("gates/A1/state")), 5)
+        state = listener.on("gates/A1/state")[-1].json()
+        assert state == {"gate_id": "A1", "flight_id": "LH123", "verifier": "up",
+                         "last_decision": {"type": "accept", "reason": None, "event_id": event["event_id"],
+                                           "decided_at": event["decided_at"]}}
+        assert "P123" not in listener.on("gates/A1/state")[-1].payload.decode()
+        assert listener.on("health/cameras/cam-b2")[-1].json() == {"status": "down"}
+        assert listener.on("health/verifier")[-1].json() == {"status": "ok"}
+        down = {"type": "verifier_down", "gate_id": "*", "event_id": "down-1", "reason": "no heartbeat"}
+        hook(down)
+        assert [h.json()["event_id"] for h in listener.on("gates/B2/decision")] == ["down-1"]
+        assert listener.wait_for(lambda li: li.on("available")[-1].payload == b"offline", 5)
+        assert listener.wait_for(lambda li: li.on("gates/A1/state")[-1].json()["verifier"] == "down", 5)
+        assert listener.on("health/cameras/cam-a1")[-1].json() == {"status": "unknown"}
+        hook.observe({"status": "ok"})  # a heartbeat is not `verifier_up`: that comes in order with the decisions
+        hook({"type": "verifier_up", "gate_id": "*", "event_id": "up-1"})
+        assert listener.wait_for(lambda li: li.on("available")[-1].payload == b"online", 5)
+        # An accept too old to open a gate is never published.
+        with pytest.raises(StaleEvent):
+            broker.kill()
+            hook(_decision("accept", captured_at=time.time() - cfg.hooks.max_accept_age_s + 0.5))
+    finally:
+        listener.close()
+    broker.start()
+    late = Listener(broker)
+    try:  # a late joiner: the retained topics, not the decisions; the stale accept never went out
+        assert late.wait_for(lambda li: li.on("gates/A1/state") and li.on("available"), 10)
+        assert late.on("available")[-1].payload == b"online" and late.on("gates/A1/state")[-1].retain
+        assert late.on("gates/A1/state")[-1].json()["last_decision"]["event_id"] == event["event_id"]
+        assert not late.on("gates/A1/decision")
+        assert hook.link.connected.wait(20)
+        hook.close()
+        assert late.wait_for(lambda li: li.on("available")[-1].payload == b"offline", 5)
+    finally:
+        late.close()
+
+
+def test_a_hook_waits_for_the_broker_and_keeps_the_position_until_acknowledged(broker):
+    """While the broker is away, deliver blocks (the position does not move); once it is back the event goes out,
+    and only then is the Hook done with it."""
+    cfg = _cfg(broker)
+    done: list[str] = []
+    hook = Hook("mqtt", mqtt_hook(cfg, broker.url, "A1", "test"), queue_size=10)
+    hook.on_done = lambda e: done.append(e["event_id"])
+    listener = Listener(broker, session="test-listener")  # the broker keeps what arrives for it while it is away
+    try:
+        assert listener.wait_for(lambda li: li.on("available"), 10)  # subscribed
+        broker.kill()
+        event = _decision("reject")
+        hook.submit(event)
+        time.sleep(1.0)  # the broker is down: nothing to wait for but time
+        assert done == [] and hook.delivered == 0
+        broker.start()
+        deadline = time.monotonic() + 20
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert done == [event["event_id"]] and hook.delivered == 1
+        assert listener.wait_for(lambda li: li.on("gates/A1/decision"), 10)
+        assert [h.json()["event_id"] for h in listener.on("gates/A1/decision")] == [event["event_id"]]
+    finally:
+        hook.close()
+        listener.close()
+
+
+def test_start_errors_are_one_line_and_exit_2(tmp_path, broker):
+    config = write_config(tmp_path, [], hooks={"mqtt_password_file": str(broker.password_file)})
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-the-password\n")
+    wrong.chmod(0o600)
+
+    def subscribe(cfg_hooks: dict | None = None, *args: str):
+        if cfg_hooks is not None:
+            data = yaml.safe_load(config.read_text())
+            data["hooks"] = cfg_hooks
+            config.write_text(yaml.safe_dump(data))
+        res = run_cli("kiosk", "-c", str(config), "subscribe", *args)
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+        return lines[0]
+
+    line = subscribe({"mqtt_password_file": str(wrong)}, "--mqtt", broker.url)
+    assert "refused the connection of user 'kiosk'" in line and "mqtt_password_file" in line
+    assert "--mqtt " in subscribe(None, "--mqtt", f"mqtt://kiosk@127.0.0.1:{broker.port + 0}x")  # bad port
+    wrong.chmod(0o644)
+    assert "readable by other users" in subscribe(None, "--mqtt", broker.url)
+    broker.kill()
+    assert "cannot reach 127.0.0.1" in subscribe({"mqtt_password_file": str(broker.password_file)}, "--mqtt",
+                                                 broker.url)
+    assert "found scheme 'tcp'" in subscribe(None, "--mqtt", "tcp://127.0.0.1:1883")
+    data = yaml.safe_load(config.read_text())
+    data["subscribers"] = [{"name": "gates", "mqtt": "http://broker:1883"}]
+    config.write_text(yaml.safe_dump(data))
+    line = subscribe(None, "--jsonl", str(tmp_path / "x.jsonl"))
+    assert "subscribers[0].mqtt" in line and "found scheme 'http'" in line
