@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -21,6 +23,8 @@ from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
 from tests.mqtt_broker import Broker, Listener, broker  # noqa: F401 - the fixture
 from tests.pipeline_helpers import audit, kiosk, make_video, people, stop, write_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(broker: Broker, **hooks):
@@ -147,3 +151,89 @@ def test_start_errors_are_one_line_and_exit_2(tmp_path, broker):
     config.write_text(yaml.safe_dump(data))
     line = subscribe(None, "--jsonl", str(tmp_path / "x.jsonl"))
     assert "subscribers[0].mqtt" in line and "found scheme 'http'" in line
+
+
+def test_gate_controller_feed_fails_closed_on_offline_and_acts_once_per_event():
+    from tests.test_gate_side import load_gate_controller
+
+    gc_module = load_gate_controller()
+    gate = gc_module.GateController("A/1", open_seconds=5, max_age_s=2, heartbeat_timeout_s=3)
+    feed = gc_module.MqttFeed(gate, "site")
+    assert feed.decision_topic == "site/gates/A%2F1/decision"
+    t = 1000.0
+    accept = {"type": "accept", "gate_id": "A/1", "decided_at": t, "captured_at": t, "event_id": "e1"}
+    feed.message(feed.decision_topic, json.dumps(accept).encode(), t)
+    assert not gate.is_open(t)  # nobody said `online` yet
+    feed.message("site/available", b"online", t)
+    assert feed.message(feed.decision_topic, json.dumps(accept).encode(), t) is None  # e1 was acted on (ignored)
+    feed.message(feed.decision_topic, json.dumps({**accept, "event_id": "e2"}).encode(), t)
+    assert gate.is_open(t + 0.1)
+    feed.message("site/available", b"offline", t + 0.2)  # the last will, or the verifier down
+    assert not gate.is_open(t + 0.3)
+    feed.message("site/available", b"online", t + 1)
+    feed.message(feed.decision_topic, json.dumps({**accept, "event_id": "e3", "decided_at": t + 1}).encode(), t + 1)
+    assert gate.is_open(t + 1.1)
+    feed.lost(t + 1.2)  # the broker connection dropped
+    assert not gate.is_open(t + 1.3)
+
+
+@pytest.mark.slow  # a real verifier, capture, subscriber and gate controller; two kills
+def test_real_pipeline_on_mqtt_decisions_late_join_last_will_and_verifier_down(tmp_path, engine, photos, broker):
+    crops = people(engine, photos)
+    make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=5, frames=60, w0=60, w1=160),
+                                     Walk(crops["parker"], start=100, frames=60, w0=60, w1=160)], seconds=6)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False}],
+                          heartbeat={"interval_s": 0.25, "misses": 3},
+                          hooks={"mqtt_password_file": str(broker.password_file)})
+    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
+                   str(photos["yaoming.jpg"])).returncode == 0
+    listener = Listener(broker)
+    verifier = kiosk(config, "verify")
+    sub = kiosk(config, "subscribe", "--gate", "A1", "--mqtt", broker.url, quiet=False)
+    controller = subprocess.Popen([sys.executable, str(REPO / "scripts" / "gate_controller.py"), "--gate", "A1",
+                                   "--mqtt", broker.url, "--mqtt-password-file", str(broker.password_file),
+                                   "--open-seconds", "120", "--max-age", "10"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    late = None
+    try:
+        online = lambda li: li.on("available") and li.on("available")[-1].payload == b"online"  # noqa: E731
+        assert listener.wait_for(online, 60), broker.log()
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        assert capture.wait(60) == 0
+        assert listener.wait_for(lambda li: len(li.on("gates/A1/decision")) >= 2, 30)
+        logged = [e for e in audit(config) if e["gate_id"] == "A1"]
+        assert [e["type"] for e in logged] == ["accept", "reject"]
+        assert [h.json() for h in listener.on("gates/A1/decision")] == logged  # the event JSON, each once
+        # A late joiner gets the retained state: the last decision without who or how well it matched.
+        late = Listener(broker)
+        assert late.wait_for(lambda li: li.on("gates/A1/state") and online(li), 10)
+        state = late.on("gates/A1/state")[-1]
+        assert state.retain and state.json() == {
+            "gate_id": "A1", "flight_id": None, "verifier": "up",
+            "last_decision": {k: logged[-1][k] for k in ("type", "reason", "event_id", "decided_at")}}
+        assert late.on("health/verifier")[-1].json()["status"] in ("ok", "degraded")
+        # The subscriber dies: the broker says its last will.
+        os.killpg(sub.pid, signal.SIGKILL)
+        sub.wait(10)
+        assert late.wait_for(lambda li: li.on("available")[-1].payload == b"offline", 10)
+        sub = kiosk(config, "subscribe", "--gate", "A1", "--mqtt", broker.url, quiet=False)
+        assert late.wait_for(lambda li: li.on("available")[-1].payload == b"online", 30)
+        # The verifier dies: the subscriber says so on every topic a gate may listen to.
+        os.killpg(verifier.pid, signal.SIGKILL)
+        verifier.wait(10)
+        assert late.wait_for(lambda li: li.on("available")[-1].payload == b"offline", 10)
+        assert late.wait_for(lambda li: li.on("gates/A1/decision")
+                             and li.on("gates/A1/decision")[-1].json()["type"] == "verifier_down", 10)
+        assert late.wait_for(lambda li: li.on("gates/A1/state")[-1].json()["verifier"] == "down", 10)
+    finally:
+        listener.close()
+        if late is not None:
+            late.close()
+        gate_out, gate_err = stop(controller)
+        stop(verifier)
+        _, sub_err = stop(sub)
+    assert "Traceback" not in sub_err, sub_err[-2000:]
+    # The gate controller on MQTT opened for the accept (open for 120 s) and closed on the subscriber's last
+    # will; it opens again only for a new accept.
+    states = [json.loads(line)["state"] for line in gate_out.splitlines() if '"state"' in line]
+    assert states == ["open", "closed"], (gate_out, gate_err[-2000:])
