@@ -237,3 +237,45 @@ def test_real_pipeline_on_mqtt_decisions_late_join_last_will_and_verifier_down(t
     # will; it opens again only for a new accept.
     states = [json.loads(line)["state"] for line in gate_out.splitlines() if '"state"' in line]
     assert states == ["open", "closed"], (gate_out, gate_err[-2000:])
+
+
+@pytest.mark.slow  # a gate deciding every 2.4 s through a broker crash
+def test_a_broker_restart_mid_stream_loses_no_decision(tmp_path, engine, photos, broker):
+    """Mosquitto is SIGKILLed while decisions go on and started again on the same port: the subscriber waits
+    with what the broker has not acknowledged and publishes it once the broker is back. A listener with a
+    persistent session (the broker keeps what arrives for it while it reconnects) hears every decision of the
+    audit log; a repeat is at most the one in flight when the broker died, with its own event_id."""
+    crops = people(engine, photos)
+    make_video(tmp_path / "walk.avi", [Walk(crops["parker"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "walk.avi", "realtime": True,
+                                      "loop": True}], hooks={"mqtt_password_file": str(broker.password_file)})
+    listener = Listener(broker, session="restart-listener")
+    verifier = kiosk(config, "verify")
+    sub = kiosk(config, "subscribe", "--gate", "A1", "--mqtt", broker.url, quiet=False)
+    capture = None
+    decided = lambda: [e["event_id"] for e in audit(config) if e["gate_id"] == "A1"]  # noqa: E731
+    heard = lambda: [h.json()["event_id"] for h in listener.on("gates/A1/decision")  # noqa: E731
+                     if h.json()["type"] in ("accept", "reject")]
+    try:
+        assert listener.wait_for(lambda li: li.on("available") and li.on("available")[-1].payload == b"online", 60)
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        assert listener.wait_for(lambda li: len(heard()) >= 2, 60)
+        broker.kill()  # just after a decision: the next one comes in about 2.4 s
+        before = len(decided())
+        deadline = time.monotonic() + 30
+        while len(decided()) < before + 2 and time.monotonic() < deadline:  # two decisions with no broker
+            time.sleep(0.1)
+        assert len(decided()) >= before + 2
+        broker.start()
+        target = decided()
+        assert listener.wait_for(lambda li: set(heard()) >= set(target), 60), (target, heard(), broker.log())
+    finally:
+        listener.close()
+        if capture is not None:
+            stop(capture)
+        stop(verifier)
+        _, sub_err = stop(sub)
+    got = heard()
+    assert len(got) - len(set(got)) <= 1, got
+    assert list(dict.fromkeys(got))[:len(target)] == target  # every one, in the order decided
+    assert "connection to" in sub_err and "lost" in sub_err and "Traceback" not in sub_err
