@@ -279,3 +279,15 @@ def test_a_broker_restart_mid_stream_loses_no_decision(tmp_path, engine, photos,
     assert len(got) - len(set(got)) <= 1, got
     assert list(dict.fromkeys(got))[:len(target)] == target  # every one, in the order decided
     assert "connection to" in sub_err and "lost" in sub_err and "Traceback" not in sub_err
+
+
+def test_kiosk_run_starts_a_configured_mqtt_subscriber(tmp_path):
+    from kiosk.config import load_config
+    from kiosk.services.supervisor import Supervisor
+
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi"}],
+                          subscribers=[{"name": "broker", "mqtt": "mqtts://kiosk@broker.example:8883"}])
+    sup = Supervisor(load_config(config), config)
+    (child,) = sup.subscribers
+    assert child.argv[child.argv.index("--mqtt") + 1] == "mqtts://kiosk@broker.example:8883"
+    assert child.argv[child.argv.index("--name") + 1] == "broker"

@@ -314,8 +314,10 @@ class MqttLink:
 class MqttHook:
     """`deliver(event)` for the subscriber's Hook; `observe(heartbeat)` for the verifier's health. See the module."""
 
-    def __init__(self, link: MqttLink, prefix: str, gates: list[str], max_accept_age_s: float) -> None:
+    def __init__(self, link: MqttLink, prefix: str, gates: list[str], max_accept_age_s: float,
+                 only_gate: str | None = None) -> None:
         self.link = link
+        self.only_gate = only_gate  # the subscriber's --gate: other gates of the heartbeat are not ours
         self.prefix = prefix
         self.max_accept_age_s = max_accept_age_s
         self._lock = threading.Lock()
@@ -360,8 +362,8 @@ class MqttHook:
             gates = heartbeat.get("gates")
             if isinstance(gates, dict):
                 for gate, info in gates.items():
-                    if gate in self._gates and isinstance(info, dict):
-                        self._gates[gate]["flight_id"] = info.get("flight_id")
+                    if isinstance(info, dict) and (self.only_gate is None or gate == self.only_gate):
+                        self._gate(str(gate))["flight_id"] = info.get("flight_id")
             cameras = heartbeat.get("cameras")
             if isinstance(cameras, dict):
                 for camera, info in cameras.items():
@@ -424,4 +426,4 @@ def mqtt_hook(cfg: KioskConfig, url: str, gate: str | None, name: str, key: str 
         raise UsageError(f"{key} {url}: {exc} (the broker must be up when the subscriber starts; later outages "
                          "are retried)") from None
     gates = sorted({c.gate for c in cfg.cameras if gate is None or c.gate == gate} | ({gate} if gate else set()))
-    return MqttHook(link, prefix, gates, cfg.hooks.max_accept_age_s)
+    return MqttHook(link, prefix, gates, cfg.hooks.max_accept_age_s, gate)
