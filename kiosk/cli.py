@@ -57,7 +57,8 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     if not 0 <= args.metrics_port <= 65535:
         raise UsageError(f"--metrics-port: expected a port from 0 to 65535, found {args.metrics_port}")
     python = args.python or ([] if args.no_config_hooks else None)  # None: hooks.python of the config
-    hooks = build_hooks(cfg, jsonl=args.jsonl, execs=args.exec, webhooks=args.webhook, python=python)
+    hooks = build_hooks(cfg, jsonl=args.jsonl, execs=args.exec, webhooks=args.webhook, python=python, mqtt=args.mqtt,
+                        gate=args.gate, name=args.name)
     return run_subscriber(cfg, args.gate, hooks, args.metrics_port, args.name)
 
 
@@ -273,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exec", action="append", default=[], metavar="CMD",
                    help="run CMD per event: event JSON on stdin, KIOSK_* environment variables")
     p.add_argument("--webhook", action="append", default=[], metavar="URL", help="POST each event as JSON")
+    p.add_argument("--mqtt", action="append", default=[], metavar="URL",
+                   help="publish to the broker at mqtt://[USER@]HOST:PORT (or mqtts://) under hooks.mqtt_prefix; "
+                   "password from hooks.mqtt_password_file")
     p.add_argument("--python", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="call a Python function with each event (default: hooks.python in the config)")
     p.add_argument("--name", help="this subscriber's name: where it keeps its position (hooks.state_dir/NAME.json; "

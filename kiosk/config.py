@@ -147,6 +147,12 @@ class HooksConfig:
     state_dir: Path = Path("var/subscribers")
     sign_webhooks: bool = True
     webhook_secret_file: Optional[Path] = None  # default: <security.keys_dir>/webhook.secret
+    # MQTT (a subscriber's `mqtt: URL` or `kiosk subscribe --mqtt URL`; see kiosk.services.mqtt_hook): topics
+    # under this prefix; the password of the URL's user from this file (0600, one line); for mqtts://, the CA
+    # bundle that signs the broker's certificate (null: the system's).
+    mqtt_prefix: str = "kiosk"
+    mqtt_password_file: Optional[Path] = None
+    mqtt_ca_file: Optional[Path] = None
 
 
 @dataclass
@@ -166,6 +172,7 @@ class SubscriberConfig:
     exec: Optional[str] = None
     webhook: Optional[str] = None
     jsonl: Optional[Path] = None
+    mqtt: Optional[str] = None  # mqtt://[USER@]HOST[:PORT] or mqtts://...; password: hooks.mqtt_password_file
     metrics_port: int = 0  # its Prometheus metrics on 127.0.0.1:PORT; 0: off
 
 
@@ -522,6 +529,36 @@ def pg_url_problem(url: str) -> str | None:
     return None
 
 
+MQTT_SCHEMES = {"mqtt": 1883, "mqtts": 8883}  # scheme -> default port
+
+
+def mqtt_url_problem(url: str) -> str | None:
+    """What is wrong with a broker URL, None if nothing: the one check behind `subscribers[].mqtt` and
+    `kiosk subscribe --mqtt`. A password in it is refused: config files and process lists get copied and logged."""
+    expected = "expected mqtt://[USER@]HOST[:PORT] or mqtts://[USER@]HOST[:PORT]"
+    parts = urlsplit(url)
+    if parts.scheme not in MQTT_SCHEMES:
+        return f"{expected}, found scheme {parts.scheme!r} in {url!r}"
+    if not parts.hostname:
+        return f"{expected}, found no host in {url!r}"
+    try:
+        parts.port
+    except ValueError:
+        return f"{expected}, found a bad port in {url!r}"
+    if parts.password is not None:
+        return "the URL carries a password; put it in the file named by hooks.mqtt_password_file, never in the URL"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return f"{expected} (no path or query), found {url!r}"
+    return None
+
+
+def mqtt_prefix_problem(prefix: str) -> str | None:
+    """Topics are `<prefix>/gates/<gate>/...`: the prefix must be a plain topic, no wildcard, no empty level."""
+    if any(c in prefix for c in "+#\0") or prefix.startswith("/") or prefix.endswith("/") or "//" in prefix:
+        return f"expected a topic prefix such as kiosk or site/terminal-2 (no +, #, leading or trailing /), found {prefix!r}"
+    return None
+
+
 def _check_operators(cfg: KioskConfig) -> None:
     """`security.operators` and `security.listeners`: each key named once per list, as a file name; its gates
     "*" alone or gates of `cameras` (checked when the config has cameras: a verifier's; a typo would be a reader
@@ -594,8 +631,19 @@ def _check(cfg: KioskConfig) -> None:
     for i, sub in enumerate(cfg.subscribers):
         if not 0 <= sub.metrics_port <= 65535:
             raise _Invalid(f"subscribers[{i}].metrics_port", "a port from 0 to 65535", sub.metrics_port)
-        if not (sub.exec or sub.webhook or sub.jsonl):
-            raise _Invalid(f"subscribers[{i}]", "at least one of exec, webhook, jsonl", "none")
+        if not (sub.exec or sub.webhook or sub.jsonl or sub.mqtt):
+            raise _Invalid(f"subscribers[{i}]", "at least one of exec, webhook, jsonl, mqtt", "none")
+        if sub.mqtt is not None:
+            problem = mqtt_url_problem(sub.mqtt)
+            if problem:
+                raise _Invalid(f"subscribers[{i}].mqtt", "", "", message=problem)
+            # One publisher per broker: `<prefix>/available` is one retained topic, and each would overwrite it.
+            if any(other.mqtt == sub.mqtt for other in cfg.subscribers[:i]):
+                raise _Invalid(f"subscribers[{i}].mqtt", "", "", message=f"expected one MQTT subscriber per broker "
+                               f"(leave out `gate` to cover all gates), found {sub.mqtt} named by an earlier one too")
+    problem = mqtt_prefix_problem(cfg.hooks.mqtt_prefix)
+    if problem:
+        raise _Invalid("hooks.mqtt_prefix", "", "", message=problem)
     for i, m in enumerate(cfg.models.pad):
         if isinstance(m, PadModelConfig) and m.scale is not None and not 1.0 <= m.scale <= 8.0:
             raise _Invalid(f"models.pad[{i}].scale", "a number from 1 to 8 (or null)", m.scale)

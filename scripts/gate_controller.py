@@ -4,11 +4,16 @@
     python3 scripts/gate_controller.py --gate A1 --events tcp://VERIFIER:5551 \\
         --server-key keys/server.key --client-key keys/gate-a1.key_secret
 
-The verifier's config must give this key its gate (`security.listeners: [{key: gate-a1, gates: [A1]}]`):
-the verifier applies a subscription only for gates the key may hear, and a key it gives no gate hears the
-heartbeat only (the gate then stays closed: no accept ever arrives).
+or, from an MQTT broker the subscriber publishes to (`kiosk subscribe --mqtt`):
 
-Needs only pyzmq. The gate is CLOSED by default and:
+    python3 scripts/gate_controller.py --gate A1 --mqtt mqtt://gate-a1@BROKER:1883 \\
+        --mqtt-password-file gate-a1.password
+
+On ZeroMQ the verifier's config must give this key its gate (`security.listeners: [{key: gate-a1, gates:
+[A1]}]`): the verifier applies a subscription only for gates the key may hear, and a key it gives no gate
+hears the heartbeat only (the gate then stays closed: no accept ever arrives).
+
+Needs only pyzmq (or paho-mqtt 2.x for --mqtt). The gate is CLOSED by default and:
 - opens for --open-seconds on an `accept` for its own gate that is fresh:
   decided less than --max-age seconds ago and of a frame captured less than
   --max-age seconds ago, by this machine's clock (a decision published late,
@@ -17,6 +22,9 @@ Needs only pyzmq. The gate is CLOSED by default and:
   stale event, on `verifier_down`, and whenever no verifier heartbeat has
   been seen for --heartbeat-timeout seconds (fail closed);
 - re-arms after `verifier_up`.
+On MQTT the retained `<prefix>/available` stands in for the heartbeat: `online` re-arms, `offline` (the
+verifier is down, or the subscriber is gone: its last will) closes, and so does losing the broker. Decisions
+come at least once there: each `event_id` is acted on once.
 Each state change is printed as one JSON line (wire your relay there).
 """
 
@@ -26,6 +34,7 @@ import argparse
 import json
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -88,10 +97,116 @@ class GateController:
         return "open"
 
 
+def topic_level(name: str) -> str:
+    """A gate id as one MQTT topic level, as the subscriber writes it (`/`, `+`, `#`, `%` percent-encoded)."""
+    return "".join(f"%{ord(c):02X}" if c in "/+#%\0" else c for c in name)
+
+
+class MqttFeed:
+    """What arrives from the broker, applied to the gate: availability, and each decision once (by event_id)."""
+
+    def __init__(self, gate: GateController, prefix: str) -> None:
+        self.gate = gate
+        self.available_topic = f"{prefix}/available"
+        self.decision_topic = f"{prefix}/gates/{topic_level(gate.gate_id)}/decision"
+        self.online = False
+        self._seen: deque[str] = deque(maxlen=1000)
+
+    def lost(self, now: float) -> None:
+        """No broker: nobody can tell this gate anything, so it fails closed."""
+        if self.online:
+            self.online = False
+            self.gate.handle({"type": "verifier_down", "gate_id": "*", "event_id": None}, now)
+
+    def message(self, topic: str, payload: bytes, now: float) -> dict | None:
+        """Apply one message; the decision event it carried, if any."""
+        if topic == self.available_topic:
+            if payload == b"online":
+                self.online = True
+                self.gate.heartbeat(now)
+            else:
+                self.lost(now)
+            return None
+        if topic != self.decision_topic:
+            return None
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return None
+        if not isinstance(event, dict) or event.get("event_id") in self._seen:
+            return None
+        self._seen.append(event.get("event_id"))
+        self.gate.handle(event, now)
+        return event
+
+    def tick(self, now: float) -> None:
+        if self.online:  # `online` holds while the broker connection stands: the MQTT heartbeat
+            self.gate.heartbeat(now)
+
+
+def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
+    import queue
+    from urllib.parse import unquote, urlsplit
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    parts = urlsplit(args.mqtt)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        print(f"--mqtt {args.mqtt}: expected mqtt://[USER@]HOST[:PORT] or mqtts://...", file=sys.stderr)
+        return 2
+    feed = MqttFeed(gate, args.mqtt_prefix)
+    inbox: queue.Queue = queue.Queue(maxsize=10_000)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, clean_session=True)
+    if parts.username:
+        password = open(args.mqtt_password_file).read().strip() if args.mqtt_password_file else None
+        client.username_pw_set(unquote(parts.username), password)
+    if parts.scheme == "mqtts":
+        client.tls_set(ca_certs=args.mqtt_ca_file)
+    client.reconnect_delay_set(0.5, 10)
+    client.on_connect = lambda c, *_: c.subscribe([(feed.available_topic, 1), (feed.decision_topic, 1)])
+    client.on_disconnect = lambda *_: inbox.put(("", b""))
+    client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, msg.payload))
+    client.connect(parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883))
+    client.loop_start()
+    was_open = False
+    end = time.time() + args.run_seconds if args.run_seconds else float("inf")
+    try:
+        while time.time() < end:
+            try:
+                topic, payload = inbox.get(timeout=0.1)
+            except queue.Empty:
+                topic = None
+            now = time.time()
+            if topic == "":
+                feed.lost(now)
+            elif topic is not None:
+                event = feed.message(topic, payload, now)
+                if event is not None and event.get("reason") in ALERT_REASONS and event.get("type") == "reject":
+                    print(json.dumps({"gate": args.gate, "alert": event.get("reason"), "subject_id":
+                                      event.get("subject_id"), "event_id": event.get("event_id"), "at": now}),
+                          flush=True)
+            feed.tick(now)
+            state = gate.is_open(now)
+            if state != was_open:
+                print(json.dumps({"gate": args.gate, "state": "open" if state else "closed", "at": now}), flush=True)
+                was_open = state
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Reference gate controller (fail-closed).")
     ap.add_argument("--gate", required=True)
-    ap.add_argument("--events", required=True, help="the verifier's events endpoint, e.g. tcp://10.0.0.5:5551")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--events", help="the verifier's events endpoint, e.g. tcp://10.0.0.5:5551")
+    source.add_argument("--mqtt", metavar="URL", help="an MQTT broker the subscriber publishes to, "
+                        "mqtt://[USER@]HOST[:PORT] or mqtts://...")
+    ap.add_argument("--mqtt-prefix", default="kiosk", help="the subscriber's hooks.mqtt_prefix")
+    ap.add_argument("--mqtt-password-file", help="the password of the URL's user (one line)")
+    ap.add_argument("--mqtt-ca-file", help="for mqtts://: the CA bundle of the broker's certificate")
     ap.add_argument("--server-key", help="the verifier's public key file (server.key); omit only with curve off")
     ap.add_argument("--client-key", help="this gate's secret key file (NAME.key_secret)")
     ap.add_argument("--open-seconds", type=float, default=5.0)
@@ -99,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heartbeat-timeout", type=float, default=3.0)
     ap.add_argument("--run-seconds", type=float, default=0.0, help="stop after this long (0: run until killed)")
     args = ap.parse_args(argv)
+    gate = GateController(args.gate, args.open_seconds, args.max_age, args.heartbeat_timeout)
+    if args.mqtt:
+        return run_mqtt(args, gate)
 
     import zmq
     import zmq.auth
@@ -113,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     for topic in (f"event.{args.gate}", "health.verifier"):
         sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
     sock.connect(args.events)
-    gate = GateController(args.gate, args.open_seconds, args.max_age, args.heartbeat_timeout)
     was_open = False
     end = time.time() + args.run_seconds if args.run_seconds else float("inf")
     while time.time() < end:

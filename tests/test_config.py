@@ -98,6 +98,12 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
         ("security: {operators: [{key: r, gates: [A1]}, {key: r, gates: [B1]}]}\n", "security.operators[1].key",
          "a key listed once", "'r'"),
         ("security: {operators: {r: [A1]}}\n", "security.operators", "a list", "a mapping"),
+        ("subscribers: [{name: s, mqtt: 'tcp://broker:1883'}]\n", "subscribers[0].mqtt",
+         "mqtt://[USER@]HOST[:PORT] or mqtts://", "scheme 'tcp'"),
+        ("subscribers: [{name: s, mqtt: 'mqtt://broker:port'}]\n", "subscribers[0].mqtt", "mqtt://", "a bad port"),
+        ("subscribers: [{name: s, mqtt: 'mqtt://b'}, {name: t, gate: A1, mqtt: 'mqtt://b'}]\n",
+         "subscribers[1].mqtt", "one MQTT subscriber per broker", "mqtt://b"),
+        ("hooks: {mqtt_prefix: 'site/#'}\n", "hooks.mqtt_prefix", "a topic prefix", "'site/#'"),
     ],
 )
 def test_errors_name_file_key_expected_and_found(tmp_path, text, keypath, expected, found):

@@ -7,7 +7,9 @@ dropped, counted and logged. Hooks:
   environment variables, killed after `hooks.exec_timeout_s`;
 - webhook: HTTP POST of the event JSON, signed (HMAC-SHA256), retried with backoff;
 - jsonl: one JSON object a line, flushed per event;
-- python: `module:function`, called with the event as a dict.
+- python: `module:function`, called with the event as a dict;
+- mqtt: decisions, gate state, availability and health on a broker, acknowledged before the position moves
+  (kiosk.services.mqtt_hook).
 
 Heartbeat watch: `heartbeat.misses` missed verifier heartbeats deliver a
 `verifier_down` event to every hook (also at start if none arrives);
@@ -37,9 +39,11 @@ import zmq
 
 from kiosk.cli_support import serve
 from kiosk.boarding.retention import rotate_daily, today
-from kiosk.config import KioskConfig
+from kiosk.config import KioskConfig, mqtt_url_problem
 from kiosk.errors import ConfigError
+from kiosk.services.hook_outcomes import DeliveryAborted, StaleEvent
 from kiosk.services.metrics import SubscriberMetrics
+from kiosk.services.mqtt_hook import mqtt_hook
 from kiosk.services.metrics import serve as serve_metrics
 from kiosk.messaging.channels import GATE_HEALTH, VERIFIER_HEALTH, EventChannel
 from kiosk.messaging.messages import EVENT_TOPIC, BadMessage, Event, Heartbeat, event_from_dict
@@ -64,7 +68,9 @@ class Hook:
     State events (`verifier_down`, ...) go to the front of the queue: a gate must hear that the verifier is
     gone before it works through older decisions. When the queue is full the oldest event is dropped, not
     the newest. An accept older than `max_accept_age_s` (since its capture) is never delivered: whoever it
-    was about has long walked on (counted as "stale")."""
+    was about has long walked on (counted as "stale"; a deliver that retries raises `StaleEvent` when an accept
+    ages past it while waiting). A deliver that raises `DeliveryAborted` (the subscriber stops before the receiver
+    acknowledged) leaves that event and the rest of the queue not done: the saved position stays before them."""
 
     def __init__(self, name: str, deliver: Callable[[dict[str, Any]], None], queue_size: int,
                  max_accept_age_s: float = 5.0) -> None:
@@ -87,6 +93,16 @@ class Hook:
         """Count this hook's deliveries in `metrics` from now on."""
         self._metrics = metrics
         metrics.queue_depth.labels(hook=self.name).set_function(lambda: len(self._queue))
+
+    def observe(self, heartbeat: dict[str, Any]) -> None:
+        """Hand a verifier heartbeat to a deliver that follows the verifier's health (MQTT); on the caller's thread,
+        so it must not block."""
+        observe = getattr(self._deliver, "observe", None)
+        if observe is not None:
+            try:
+                observe(heartbeat)
+            except Exception as exc:  # noqa: BLE001 - a hook's failure must not stop the subscriber
+                log.warning("hook %s cannot take the heartbeat: %s", self.name, exc)
 
     def _count(self, outcome: str) -> None:
         if self._metrics is not None:
@@ -144,6 +160,15 @@ class Hook:
                 self._deliver(event)
                 self.delivered += 1
                 self._count("delivered")
+            except DeliveryAborted:
+                log.info("hook %s stopping: event %s and %d queued not delivered; fetched again at the next start",
+                         self.name, event.get("event_id"), len(self._queue))
+                return
+            except StaleEvent:
+                self.stale += 1
+                self._count("stale")
+                log.warning("hook %s: accept %s not delivered: older than hooks.max_accept_age_s (%g s) before the "
+                            "receiver took it", self.name, event.get("event_id"), self._max_age)
             except Exception as exc:  # noqa: BLE001 - a hook's failure must not stop the others
                 self.failed += 1
                 self._count("failed")
@@ -363,7 +388,7 @@ class Subscriber:
     def __init__(self, cfg: KioskConfig, hooks: list[Hook], gate: str | None = None, metrics_port: int = 0,
                  name: str | None = None) -> None:
         if not hooks:
-            raise ConfigError("kiosk subscribe: no hooks (give --jsonl, --exec, --webhook or hooks.python)")
+            raise ConfigError("kiosk subscribe: no hooks (give --jsonl, --exec, --webhook, --mqtt or hooks.python)")
         self.cfg = cfg
         self.hooks = hooks
         self.gate = gate
@@ -485,6 +510,8 @@ class Subscriber:
 
     def _on_heartbeat(self, body: dict[str, Any]) -> None:
         self._last_beat = time.monotonic()
+        for hook in self.hooks:
+            hook.observe(body)
         if body.get("status") == "stopping":  # its last heartbeat: tell the gates now, not 3 s later
             if self.verifier_up is not False:
                 self.verifier_up = False
@@ -601,8 +628,16 @@ class Subscriber:
 
 
 def build_hooks(cfg: KioskConfig, *, jsonl: list[str], execs: list[str], webhooks: list[str],
-                python: list[str] | None = None) -> list[Hook]:
+                python: list[str] | None = None, mqtt: list[str] | None = None, gate: str | None = None,
+                name: str | None = None) -> list[Hook]:
+    """The hooks of one subscriber. An MQTT broker is connected to here, before anything runs: one that refuses
+    or cannot be reached stops the subscriber (exit 2)."""
     h = cfg.hooks
+    mqtt = mqtt or []
+    for url in mqtt:
+        problem = mqtt_url_problem(url)
+        if problem:
+            raise ConfigError(f"--mqtt {url}: {problem}")
     for url in webhooks:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"--webhook {url}: expected an http:// or https:// URL")
@@ -617,6 +652,8 @@ def build_hooks(cfg: KioskConfig, *, jsonl: list[str], execs: list[str], webhook
     delivers += [(f"webhook {url}", webhook_hook(url, h.webhook_timeout_s, h.webhook_retries, secret))
                  for url in webhooks]
     delivers += [(f"python {spec}", python_hook(spec)) for spec in (python if python is not None else h.python)]
+    who = name or (f"gate-{gate}" if gate else "all-gates")
+    delivers += [(f"mqtt {url}", mqtt_hook(cfg, url, gate, who)) for url in mqtt]  # last: connected at once
     return [Hook(name, deliver, h.queue_size, h.max_accept_age_s) for name, deliver in delivers]
 
 

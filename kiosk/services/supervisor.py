@@ -81,6 +81,7 @@ class Supervisor:
                 (["--gate", sub.gate] if sub.gate else [])
             argv += (["--exec", sub.exec] if sub.exec else []) + (["--webhook", sub.webhook] if sub.webhook else [])
             argv += ["--jsonl", str(cfg.resolve(sub.jsonl))] if sub.jsonl else []
+            argv += ["--mqtt", sub.mqtt] if sub.mqtt else []
             argv += ["--metrics-port", str(sub.metrics_port)] if sub.metrics_port else []
             self.subscribers.append(Child(f"subscriber {sub.name}", argv, restart_on_success=True))
         # The console (0 or 1): started with the subscribers, stopped with the verifier.

@@ -1,0 +1,432 @@
+"""The `mqtt` hook: decisions, gate state, availability and health on an MQTT broker (paho-mqtt 2.x).
+
+Topics, under `hooks.mqtt_prefix` (default `kiosk`):
+- `<prefix>/gates/<gate>/decision`: each event of the gate, the event JSON as the other hooks get it, QoS 1, not
+  retained. `verifier_down`, `verifier_up` and `events_missed` (gate `*` for an all-gates subscriber) go on the
+  decision topic of every gate this subscriber serves: a gate that listens to its decisions only still hears
+  that it must fail closed.
+- `<prefix>/gates/<gate>/state`: retained, `{"gate_id", "flight_id", "verifier": "up"|"down"|"unknown",
+  "last_decision": {"type", "reason", "event_id", "decided_at"} | null}`: no subject id, no score (a retained
+  message is served to anyone who subscribes later).
+- `<prefix>/available`: retained `online` while connected and the verifier is up; `offline` when the verifier
+  is down or not heard yet, on a clean stop, and as the last will (the broker says it when this process dies).
+- `<prefix>/health/verifier` and `<prefix>/health/cameras/<camera>`: retained `{"status": ...}` only (the
+  verifier's ok/degraded/down; a camera's state as the verifier sees it, `unknown` while the verifier is down).
+
+Delivery is at least once: `deliver(event)` returns only once the broker has acknowledged (PUBACK) every
+decision-topic message of the event, so the subscriber's saved position (Hook.on_done) moves only past what
+the broker holds. While the broker is away it waits, the link reconnecting with backoff (0.5 s doubling to
+30 s): a broker outage loses nothing the Hook's queue holds. Meanwhile new events wait in the Hook's bounded
+queue (`hooks.queue_size`); an outage longer than that queue drops the oldest decisions, counted and logged,
+as for any hook (memory stays bounded). An accept is never delivered late: it is given up (`StaleEvent`,
+counted stale) once older than `hooks.max_accept_age_s` since its capture, checked again before each
+re-publish. A message in flight when a connection drops is published again on the next one, so a subscriber
+may see an event twice: gates deduplicate by `event_id`.
+
+All paho calls happen on one thread (the link's), which owns the connection: each connection is a new paho
+client, so an accept given up while the broker was away is not left in a paho queue to be sent later.
+
+At start the broker must answer: the first connection is made before the subscriber starts; a broker that
+refuses the login or cannot be reached is one line and exit 2 (`kiosk run` stops: the site is set up wrong).
+After a successful start, an outage (or a refusal) is retried for as long as it lasts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import stat
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from kiosk.config import MQTT_SCHEMES, KioskConfig, mqtt_url_problem
+from kiosk.errors import ConfigError, UsageError
+from kiosk.files import read_regular_file
+from kiosk.services.hook_outcomes import DeliveryAborted, StaleEvent
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+KEEPALIVE_S = 15
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+LOOP_S = 0.025  # the link thread's network wait: the most a new event waits before it goes out
+STOP_FLUSH_S = 2.0  # how long a clean stop waits for the broker to take `offline`
+STATE_EVENTS = ("verifier_down", "verifier_up", "events_missed")
+DECISION_FIELDS = ("type", "reason", "event_id", "decided_at")  # what a retained gate state shows of a decision
+
+
+def topic_level(name: str) -> str:
+    """A gate or camera id as one topic level: `/`, `+`, `#` and `%` percent-encoded, so no id can add a
+    level or a wildcard (ids without them, the usual, are unchanged)."""
+    return "".join(f"%{ord(c):02X}" if c in "/+#%\0" else c for c in name)
+
+
+@dataclass(frozen=True)
+class MqttTarget:
+    """Where to publish: the broker from the URL, the user from it, the password from its file."""
+
+    url: str
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+
+
+def read_password_file(path: Path) -> str:
+    """The password in `path` (one line); refused, like the template key, when others can read the file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        mode = 0  # read_regular_file says what is wrong
+    if stat.S_ISREG(mode) and mode & 0o077:
+        raise ConfigError(f"hooks.mqtt_password_file: {path} is readable by other users (mode "
+                          f"{stat.S_IMODE(mode):04o}); chmod 600 {path}")
+    data = read_regular_file(path, 4096, "password file", error=ConfigError)
+    password = data.decode("utf-8", "replace").strip()
+    if not password:
+        raise ConfigError(f"hooks.mqtt_password_file: {path} is empty")
+    return password
+
+
+def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
+    """The target of `url` with the password of `hooks.mqtt_password_file`; ConfigError naming `key`."""
+    problem = mqtt_url_problem(url)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+    parts = urlsplit(url)
+    username = unquote(parts.username) if parts.username else None
+    password = None
+    if cfg.hooks.mqtt_password_file is not None:
+        if username is None:
+            raise ConfigError(f"{key}: hooks.mqtt_password_file is set but {url} names no user "
+                              "(mqtt://USER@HOST:PORT)")
+        password = read_password_file(cfg.resolve(cfg.hooks.mqtt_password_file))
+    ca = cfg.resolve(cfg.hooks.mqtt_ca_file) if cfg.hooks.mqtt_ca_file else None
+    if ca is not None and not ca.is_file():
+        raise ConfigError(f"hooks.mqtt_ca_file: {ca}: no such file")
+    return MqttTarget(url, parts.hostname or "", parts.port or MQTT_SCHEMES[parts.scheme], parts.scheme == "mqtts",
+                      username, password, ca)
+
+
+class BrokerRefused(Exception):
+    """The broker answered CONNECT with a refusal (bad user or password, not authorised, ...)."""
+
+
+class BrokerUnreachable(Exception):
+    """No CONNACK: the broker cannot be reached, its TLS does not verify, or it did not answer in time."""
+
+
+@dataclass
+class _Request:
+    """Messages one `deliver` waits for: each is published (again, on each new connection) until acknowledged."""
+
+    messages: list[tuple[str, bytes, bool]]  # topic, payload, retain
+    give_up: Callable[[], bool]
+    acked: set[int] = field(default_factory=set)
+    sent: dict[int, paho.MQTTMessageInfo] = field(default_factory=dict)  # on the current connection
+    cancelled: bool = False  # given up by the caller while the broker was away: never to be published
+    outcome: str | None = None  # "acked", "stale"
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class MqttLink:
+    """One connection at a time to the broker, owned by one thread: reconnects with backoff, publishes the
+    retained topics whenever they change (all of them again on each new connection), and publishes requests
+    until the broker acknowledges each message."""
+
+    def __init__(self, target: MqttTarget, will_topic: str, client_id: str) -> None:
+        self.target = target
+        self.will_topic = will_topic
+        self.client_id = client_id
+        self._lock = threading.Lock()
+        self._retained: dict[str, bytes] = {}  # topic -> latest payload
+        self._sent_retained: dict[str, bytes] = {}  # what the current connection has been given
+        self._incoming: deque[_Request] = deque()
+        self._pending: list[_Request] = []  # the link thread's: published, not yet all acknowledged
+        self._stop = threading.Event()
+        self._client: paho.Client | None = None
+        self.connected = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the connection ---------------------------------------------------------
+    def _open(self) -> paho.Client:
+        """A new client, connected (CONNACK accepted), or BrokerRefused / BrokerUnreachable."""
+        t = self.target
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
+                             protocol=paho.MQTTv311)
+        client.connect_timeout = CONNECT_TIMEOUT_S
+        if t.username is not None:
+            client.username_pw_set(t.username, t.password)
+        if t.tls:
+            client.tls_set(ca_certs=str(t.ca_file) if t.ca_file else None, cert_reqs=ssl.CERT_REQUIRED)
+        client.will_set(self.will_topic, b"offline", qos=1, retain=True)
+        answer: dict[str, Any] = {}
+        client.on_connect = lambda _c, _u, _f, reason, _p: answer.setdefault("reason", reason)
+        try:
+            client.connect(t.host, t.port, keepalive=KEEPALIVE_S)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerUnreachable(f"cannot reach {t.host}:{t.port}: {exc.strerror or exc}"
+                                    if isinstance(exc, OSError) and exc.strerror else
+                                    f"cannot reach {t.host}:{t.port}: {exc}") from None
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while "reason" not in answer and time.monotonic() < deadline:
+            if client.loop(0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS and "reason" not in answer:
+                raise BrokerUnreachable(f"{t.host}:{t.port} closed the connection before answering")
+        reason = answer.get("reason")
+        if reason is None:
+            raise BrokerUnreachable(f"{t.host}:{t.port} did not answer within {CONNECT_TIMEOUT_S:g}s")
+        if reason.is_failure:
+            raise BrokerRefused(f"{t.host}:{t.port} refused the connection"
+                                f"{f' of user {t.username!r}' if t.username else ''}: {reason}")
+        return client
+
+    def start(self) -> None:
+        """Connect once, now (errors raised to the caller); then keep the connection on the link's thread."""
+        self._client = self._open()
+        self.connected.set()
+        log.info("mqtt: connected to %s as %s", self.target.url, self.client_id)
+        self._thread = threading.Thread(target=self._run, name=f"mqtt {self.target.host}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        backoff, next_try, refused_told = BACKOFF_START_S, 0.0, False
+        while not self._stop.is_set():
+            client = self._client
+            if client is None:
+                if time.monotonic() < next_try:
+                    self._stop.wait(min(0.2, next_try - time.monotonic()))
+                    continue
+                try:
+                    client = self._open()
+                except (BrokerRefused, BrokerUnreachable) as exc:
+                    if not isinstance(exc, BrokerRefused) or not refused_told:
+                        log.warning("mqtt: %s; retry in %.1fs", exc, backoff)
+                    refused_told = isinstance(exc, BrokerRefused)
+                    next_try, backoff = time.monotonic() + backoff, min(backoff * 2, BACKOFF_MAX_S)
+                    continue
+                log.info("mqtt: connected to %s again", self.target.url)
+                backoff, refused_told = BACKOFF_START_S, False
+                with self._lock:
+                    self._sent_retained = {}
+                    self._client = client
+                self.connected.set()
+                for req in self._pending:
+                    req.sent.clear()  # the old connection's copies are gone with it: publish again
+            if self._step(client) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                log.warning("mqtt: connection to %s lost; reconnecting (%d event(s) waiting for the broker)",
+                            self.target.url, len(self._pending) + len(self._incoming))
+                self.connected.clear()
+                with self._lock:
+                    self._client = None
+                next_try = time.monotonic() + backoff
+        self._close_client()
+
+    def _step(self, client: paho.Client) -> MQTTErrorCode:
+        """Publish what changed and what waits, run the network once, collect acknowledgements."""
+        with self._lock:
+            changed = [(t, p) for t, p in self._retained.items() if self._sent_retained.get(t) != p]
+            self._sent_retained.update(changed)
+            while self._incoming:
+                self._pending.append(self._incoming.popleft())
+        for topic, payload in changed:
+            client.publish(topic, payload, qos=1, retain=True)
+        for req in list(self._pending):
+            if req.cancelled or (not req.sent and req.give_up()):  # about to go out (again): too old to go at all
+                self._finish(req, "stale")
+                continue
+            for i, (topic, payload, retain) in enumerate(req.messages):
+                if i not in req.acked and i not in req.sent:
+                    req.sent[i] = client.publish(topic, payload, qos=1, retain=retain)
+        rc = client.loop(LOOP_S)
+        for req in list(self._pending):
+            for i, info in list(req.sent.items()):
+                if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS and info.is_published():
+                    req.acked.add(i)
+            if len(req.acked) == len(req.messages):
+                self._finish(req, "acked")
+        return rc
+
+    def _finish(self, req: _Request, outcome: str) -> None:
+        self._pending.remove(req)
+        req.outcome = outcome
+        req.done.set()
+
+    def _close_client(self) -> None:
+        client, self._client = self._client, None
+        self.connected.clear()
+        if client is not None:
+            client.disconnect()
+            client.loop(0.1)
+
+    # -- what callers use -------------------------------------------------------
+    def set_retained(self, topic: str, payload: bytes) -> None:
+        """The latest value of a retained topic; published by the link when it differs from the last sent."""
+        with self._lock:
+            self._retained[topic] = payload
+
+    def publish_acked(self, messages: list[tuple[str, bytes, bool]], give_up: Callable[[], bool]) -> None:
+        """Return once the broker has acknowledged every (topic, payload, retain) message (QoS 1); StaleEvent when
+        `give_up()` says so before one goes out (again); DeliveryAborted when the link stops first."""
+        req = _Request(messages, give_up)
+        with self._lock:
+            self._incoming.append(req)
+        while not req.done.wait(0.1):
+            if self._stop.is_set():
+                raise DeliveryAborted()
+            if not self.connected.is_set() and give_up():
+                with self._lock:
+                    req.cancelled = True
+                    if req in self._incoming:
+                        self._incoming.remove(req)
+                raise StaleEvent()
+        if req.outcome == "stale":
+            raise StaleEvent()
+
+    def close(self, last: tuple[str, bytes] | None = None) -> None:
+        """Stop. `last` (a retained topic and its value, e.g. `offline`) goes out first: the broker gets
+        STOP_FLUSH_S to be reached and to acknowledge it. (Stopped while the broker is away, it cannot: a broker
+        that keeps retained messages across its own restart then still says what it said last.)"""
+        if last is not None:
+            self.set_retained(*last)  # so that no reconnect in the meantime says otherwise
+            if self.connected.wait(STOP_FLUSH_S):
+                req = _Request([(last[0], last[1], True)], lambda: False)
+                with self._lock:
+                    self._incoming.append(req)
+                req.done.wait(STOP_FLUSH_S)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+
+class MqttHook:
+    """`deliver(event)` for the subscriber's Hook; `observe(heartbeat)` for the verifier's health. See the module."""
+
+    def __init__(self, link: MqttLink, prefix: str, gates: list[str], max_accept_age_s: float,
+                 only_gate: str | None = None) -> None:
+        self.link = link
+        self.only_gate = only_gate  # the subscriber's --gate: other gates of the heartbeat are not ours
+        self.prefix = prefix
+        self.max_accept_age_s = max_accept_age_s
+        self._lock = threading.Lock()
+        self._gates: dict[str, dict[str, Any]] = {}  # gate -> {"flight_id", "last_decision"}
+        self._cameras: dict[str, str] = {}
+        self._verifier = "unknown"  # up, down, unknown
+        self._verifier_status = "unknown"  # the heartbeat's: ok, degraded
+        for gate in gates:
+            self._gate(gate)
+        self._publish_state()
+
+    @property
+    def available_topic(self) -> str:
+        return f"{self.prefix}/available"
+
+    def _gate(self, gate: str) -> dict[str, Any]:
+        return self._gates.setdefault(gate, {"flight_id": None, "last_decision": None})
+
+    def _publish_state(self) -> None:
+        """Hand the link the current value of every retained topic (it sends only what changed). Under _lock."""
+        p, up = self.prefix, self._verifier == "up"
+        for gate, state in self._gates.items():
+            self.link.set_retained(f"{p}/gates/{topic_level(gate)}/state", _json(
+                {"gate_id": gate, "flight_id": state["flight_id"], "verifier": self._verifier,
+                 "last_decision": state["last_decision"]}))
+        self.link.set_retained(f"{p}/health/verifier", _json(
+            {"status": self._verifier_status if up else self._verifier}))
+        for camera, status in self._cameras.items():
+            self.link.set_retained(f"{p}/health/cameras/{topic_level(camera)}",
+                                   _json({"status": status if up else "unknown"}))
+        self.link.set_retained(self.available_topic, b"online" if up else b"offline")
+
+    def observe(self, heartbeat: dict[str, Any]) -> None:
+        """A verifier heartbeat: its own part (ok/degraded) or one gate's (`gate_id`: its flight and cameras'
+        states). The first one says the verifier is up; after a `verifier_down`, only `verifier_up` does (in order
+        with the decisions)."""
+        if heartbeat.get("status") == "stopping":
+            return
+        with self._lock:
+            if self._verifier == "unknown":
+                self._verifier = "up"
+            self._verifier_status = str(heartbeat.get("status", "ok"))
+            gates = heartbeat.get("gates")
+            if gates is None and heartbeat.get("gate_id") is not None:  # one gate's part (health.gate.<gate>)
+                gates = {str(heartbeat["gate_id"]): heartbeat.get("gate")}
+            if isinstance(gates, dict):
+                for gate, info in gates.items():
+                    if isinstance(info, dict) and (self.only_gate is None or gate == self.only_gate):
+                        self._gate(str(gate))["flight_id"] = info.get("flight_id")
+            cameras = heartbeat.get("cameras")
+            if isinstance(cameras, dict):
+                for camera, info in cameras.items():
+                    if isinstance(info, dict) and str(info.get("gate_id")) in self._gates:
+                        self._cameras[str(camera)] = str(info.get("state", "unknown"))
+            self._publish_state()
+
+    def _too_old(self, event: dict[str, Any]) -> bool:
+        captured = event.get("captured_at")
+        return (event.get("type") == "accept" and isinstance(captured, (int, float))
+                and time.time() - captured > self.max_accept_age_s)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = str(event.get("type"))
+        gate = str(event.get("gate_id"))
+        payload = _json(event)
+        if kind in STATE_EVENTS:
+            with self._lock:
+                if kind != "events_missed":  # the retained topics say it first: `offline` before the event
+                    self._verifier = "down" if kind == "verifier_down" else "up"
+                    self._publish_state()
+                gates = [gate] if gate in self._gates else sorted(self._gates)
+            if not gates:
+                log.warning("mqtt: %s: no gate known yet to publish it to (availability says it)", kind)
+                return
+            self.link.publish_acked([(f"{self.prefix}/gates/{topic_level(g)}/decision", payload, False)
+                                     for g in gates],
+                                    lambda: False)
+            return
+        with self._lock:
+            self._gate(gate)
+        self.link.publish_acked([(f"{self.prefix}/gates/{topic_level(gate)}/decision", payload, False)],
+                                lambda: self._too_old(event))
+        with self._lock:  # the retained state follows the decision the broker has taken
+            self._gate(gate)["last_decision"] = {k: event.get(k) for k in DECISION_FIELDS}
+            self._publish_state()
+
+    def close(self) -> None:
+        """The subscriber stops: `offline` (retained) goes out before the connection is closed."""
+        self.link.close(last=(self.available_topic, b"offline"))
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def mqtt_hook(cfg: KioskConfig, url: str, gate: str | None, name: str, key: str = "--mqtt") -> MqttHook:
+    """Connect now (exit 2 with one line if the broker refuses or cannot be reached) and return the hook."""
+    target = mqtt_target(cfg, url, key)
+    prefix = cfg.hooks.mqtt_prefix
+    client_id = f"kiosk-{name}-{uuid.uuid4().hex[:8]}"
+    link = MqttLink(target, f"{prefix}/available", client_id)
+    try:
+        link.start()
+    except BrokerRefused as exc:
+        hint = " (check the user in the URL and hooks.mqtt_password_file)" if target.username else \
+            " (the broker may need a user: mqtt://USER@HOST:PORT and hooks.mqtt_password_file)"
+        raise UsageError(f"{key} {url}: {exc}{hint}") from None
+    except BrokerUnreachable as exc:
+        raise UsageError(f"{key} {url}: {exc} (the broker must be up when the subscriber starts; later outages "
+                         "are retried)") from None
+    gates = sorted({c.gate for c in cfg.cameras if gate is None or c.gate == gate} | ({gate} if gate else set()))
+    return MqttHook(link, prefix, gates, cfg.hooks.max_accept_age_s, gate)

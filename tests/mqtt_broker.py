@@ -1,0 +1,157 @@
+"""A real Mosquitto broker for the tests (Debian's `mosquitto` package, which `.ci/run` installs), started as a
+child process in a temporary folder on a free port, with a password file and no anonymous access; and a paho
+client that records what arrives. Tests that need it skip, with the reason, only where no binary is installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from kiosk.messaging.transport import free_port
+
+USER = "kiosk"
+PASSWORD = "broker-test-secret"
+
+
+@dataclass
+class Broker:
+    """A running `mosquitto` on 127.0.0.1:`port`; `kill()` and `start()` again on the same port keep its
+    persistence file (retained messages and persistent sessions survive, as far as it was saved)."""
+
+    binary: str
+    folder: Path
+    port: int
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{USER}@127.0.0.1:{self.port}"
+
+    @property
+    def password_file(self) -> Path:
+        return self.folder / "client-password"
+
+    def init(self) -> None:
+        passwd = shutil.which("mosquitto_passwd") or str(Path(self.binary).parent.parent / "bin" / "mosquitto_passwd")
+        subprocess.run([passwd, "-c", "-b", str(self.folder / "passwd"), USER, PASSWORD], check=True,
+                       capture_output=True, timeout=30)
+        self.password_file.write_text(PASSWORD + "\n")
+        self.password_file.chmod(0o600)
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous false", f"password_file {self.folder}/passwd",
+                 "persistence true", f"persistence_location {self.folder}/",
+                 # Saved after every change, so a SIGKILL loses (almost) nothing the broker had taken.
+                 "autosave_interval 1", "autosave_on_changes true", "log_dest stderr"]
+        if os.geteuid() == 0:
+            lines.append("user root")  # mosquitto would switch to user `mosquitto`, who cannot reach this folder
+        (self.folder / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.folder / "mosquitto.conf")],
+                                     stdout=subprocess.DEVNULL, stderr=open(self.folder / "log", "ab"),
+                                     start_new_session=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not start: {self.log()}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            self.proc.wait(10)
+        self.proc = None
+
+    def log(self) -> str:
+        path = self.folder / "log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+@pytest.fixture
+def broker():
+    """A fresh broker for one test (its own folder and port), killed at the end."""
+    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None)
+    if binary is None:
+        pytest.skip("mosquitto not installed (Debian: apt-get install mosquitto; .ci/run does)")
+    folder = Path(tempfile.mkdtemp(prefix="kiosk-mqtt-"))
+    server = Broker(binary, folder, free_port())
+    try:
+        server.init()
+        yield server
+    finally:
+        server.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass
+class Heard:
+    topic: str
+    payload: bytes
+    retain: bool
+    at: float
+
+    def json(self) -> dict:
+        return json.loads(self.payload)
+
+
+@dataclass
+class Listener:
+    """A paho client subscribed to `<prefix>/#` at QoS 1 that records every message. `session`: a persistent
+    session (clean_session false, fixed id): what the broker queues for it while it is away arrives later."""
+
+    broker: Broker
+    prefix: str = "kiosk"
+    session: str | None = None
+    heard: list[Heard] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._cv = threading.Condition()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.session or "",
+                                  clean_session=self.session is None)
+        self.client.username_pw_set(USER, PASSWORD)
+        self.client.reconnect_delay_set(0.1, 1.0)
+        self.client.on_connect = lambda c, *_: c.subscribe(f"{self.prefix}/#", qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", self.broker.port)
+        self.client.loop_start()
+
+    def _on_message(self, _client, _userdata, msg) -> None:
+        with self._cv:
+            self.heard.append(Heard(msg.topic, msg.payload, bool(msg.retain), time.time()))
+            self._cv.notify_all()
+
+    def on(self, topic: str) -> list[Heard]:
+        with self._cv:
+            return [h for h in self.heard if h.topic == f"{self.prefix}/{topic}"]
+
+    def wait_for(self, predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.2))
+        return True
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -1,0 +1,293 @@
+"""The MQTT hook against a real Mosquitto (tests/mqtt_broker.py): topics and payloads, acknowledged delivery
+across a broker restart, availability and the last will, retained state for late joiners, and the start-up
+errors (exit 2, one line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kiosk.config import config_from_mapping
+from kiosk.services.hook_outcomes import StaleEvent
+from kiosk.services.mqtt_hook import mqtt_hook
+from kiosk.services.subscriber import Hook
+from kiosk.tools.scenes import Walk
+from tests.conftest import run_cli
+from tests.mqtt_broker import Broker, Listener, broker  # noqa: F401 - the fixture
+from tests.pipeline_helpers import audit, kiosk, make_video, people, stop, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(broker: Broker, **hooks):
+    return config_from_mapping({"cameras": [{"id": "cam-a1", "gate": "A1"}, {"id": "cam-b2", "gate": "B2"}],
+                                "hooks": {"mqtt_password_file": str(broker.password_file), **hooks}})
+
+
+def _decision(kind: str = "reject", gate: str = "A1", **extra) -> dict:
+    now = time.time()
+    return {"type": kind, "gate_id": gate, "event_id": f"e-{kind}-{now}", "subject_id": "P123", "score": 0.71,
+            "reason": None if kind == "accept" else "no_match", "captured_at": now - 0.1, "decided_at": now, **extra}
+
+
+def test_decisions_state_and_availability_in_process(broker):
+    """The hook by itself: a decision is on its topic once deliver returns (acknowledged), the retained state
+    carries no subject id or score, a heartbeat makes it `online` and fills the health topics, verifier_down
+    goes on every gate's decision topic and makes everything say down, a clean close says `offline`."""
+    cfg = _cfg(broker)
+    hook = mqtt_hook(cfg, broker.url, None, "test")
+    listener = Listener(broker)
+    try:
+        assert listener.wait_for(lambda li: li.on("available"), 10)
+        assert listener.on("available")[-1].payload == b"offline"  # the verifier not heard yet: fail closed
+        hook.observe({"status": "ok", "gates": {"A1": {"flight_id": "LH123"}, "B2": {"flight_id": None}},
+                      "cameras": {"cam-a1": {"gate_id": "A1", "state": "ok"}, "cam-b2": {"gate_id": "B2",
+                                                                                        "state": "down"}}})
+        assert listener.wait_for(lambda li: li.on("available") and li.on("available")[-1].payload == b"online", 10)
+        event = _decision("accept", subject_id="P123")
+        hook(event)  # returns once the broker has it
+        assert listener.wait_for(lambda li: li.on("gates/A1/decision"), 5)
+        (heard,) = listener.on("gates/A1/decision")
+        assert heard.json() == event and not heard.retain
+        assert listener.wait_for(lambda li: any(h.json()["last_decision"] for h in li.on("gates/A1/state")), 5)
+        state = listener.on("gates/A1/state")[-1].json()
+        assert state == {"gate_id": "A1", "flight_id": "LH123", "verifier": "up",
+                         "last_decision": {"type": "accept", "reason": None, "event_id": event["event_id"],
+                                           "decided_at": event["decided_at"]}}
+        assert "P123" not in listener.on("gates/A1/state")[-1].payload.decode()
+        assert listener.on("health/cameras/cam-b2")[-1].json() == {"status": "down"}
+        assert listener.on("health/verifier")[-1].json() == {"status": "ok"}
+        down = {"type": "verifier_down", "gate_id": "*", "event_id": "down-1", "reason": "no heartbeat"}
+        hook(down)
+        assert [h.json()["event_id"] for h in listener.on("gates/B2/decision")] == ["down-1"]
+        assert listener.wait_for(lambda li: li.on("available")[-1].payload == b"offline", 5)
+        assert listener.wait_for(lambda li: li.on("gates/A1/state")[-1].json()["verifier"] == "down", 5)
+        assert listener.on("health/cameras/cam-a1")[-1].json() == {"status": "unknown"}
+        hook.observe({"status": "ok"})  # a heartbeat is not `verifier_up`: that comes in order with the decisions
+        hook({"type": "verifier_up", "gate_id": "*", "event_id": "up-1"})
+        assert listener.wait_for(lambda li: li.on("available")[-1].payload == b"online", 5)
+        # An accept too old to open a gate is never published.
+        with pytest.raises(StaleEvent):
+            broker.kill()
+            hook(_decision("accept", captured_at=time.time() - cfg.hooks.max_accept_age_s + 0.5))
+    finally:
+        listener.close()
+    broker.start()
+    late = Listener(broker)
+    try:  # a late joiner: the retained topics, not the decisions; the stale accept never went out
+        assert late.wait_for(lambda li: li.on("gates/A1/state") and li.on("available"), 10)
+        assert late.on("available")[-1].payload == b"online" and late.on("gates/A1/state")[-1].retain
+        assert late.on("gates/A1/state")[-1].json()["last_decision"]["event_id"] == event["event_id"]
+        assert not late.on("gates/A1/decision")
+        assert hook.link.connected.wait(20)
+        hook.close()
+        assert late.wait_for(lambda li: li.on("available")[-1].payload == b"offline", 5)
+    finally:
+        late.close()
+
+
+def test_a_hook_waits_for_the_broker_and_keeps_the_position_until_acknowledged(broker):
+    """While the broker is away, deliver blocks (the position does not move); once it is back the event goes out,
+    and only then is the Hook done with it."""
+    cfg = _cfg(broker)
+    done: list[str] = []
+    hook = Hook("mqtt", mqtt_hook(cfg, broker.url, "A1", "test"), queue_size=10)
+    hook.on_done = lambda e: done.append(e["event_id"])
+    listener = Listener(broker, session="test-listener")  # the broker keeps what arrives for it while it is away
+    try:
+        assert listener.wait_for(lambda li: li.on("available"), 10)  # subscribed
+        broker.kill()
+        event = _decision("reject")
+        hook.submit(event)
+        time.sleep(1.0)  # the broker is down: nothing to wait for but time
+        assert done == [] and hook.delivered == 0
+        broker.start()
+        deadline = time.monotonic() + 20
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert done == [event["event_id"]] and hook.delivered == 1
+        assert listener.wait_for(lambda li: li.on("gates/A1/decision"), 10)
+        assert [h.json()["event_id"] for h in listener.on("gates/A1/decision")] == [event["event_id"]]
+    finally:
+        hook.close()
+        listener.close()
+
+
+def test_start_errors_are_one_line_and_exit_2(tmp_path, broker):
+    config = write_config(tmp_path, [], hooks={"mqtt_password_file": str(broker.password_file)})
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-the-password\n")
+    wrong.chmod(0o600)
+
+    def subscribe(cfg_hooks: dict | None = None, *args: str):
+        if cfg_hooks is not None:
+            data = yaml.safe_load(config.read_text())
+            data["hooks"] = cfg_hooks
+            config.write_text(yaml.safe_dump(data))
+        res = run_cli("kiosk", "-c", str(config), "subscribe", *args)
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+        return lines[0]
+
+    line = subscribe({"mqtt_password_file": str(wrong)}, "--mqtt", broker.url)
+    assert "refused the connection of user 'kiosk'" in line and "mqtt_password_file" in line
+    assert "--mqtt " in subscribe(None, "--mqtt", f"mqtt://kiosk@127.0.0.1:{broker.port + 0}x")  # bad port
+    wrong.chmod(0o644)
+    assert "readable by other users" in subscribe(None, "--mqtt", broker.url)
+    broker.kill()
+    assert "cannot reach 127.0.0.1" in subscribe({"mqtt_password_file": str(broker.password_file)}, "--mqtt",
+                                                 broker.url)
+    assert "found scheme 'tcp'" in subscribe(None, "--mqtt", "tcp://127.0.0.1:1883")
+    data = yaml.safe_load(config.read_text())
+    data["subscribers"] = [{"name": "gates", "mqtt": "http://broker:1883"}]
+    config.write_text(yaml.safe_dump(data))
+    line = subscribe(None, "--jsonl", str(tmp_path / "x.jsonl"))
+    assert "subscribers[0].mqtt" in line and "found scheme 'http'" in line
+
+
+def test_gate_controller_feed_fails_closed_on_offline_and_acts_once_per_event():
+    from tests.test_gate_side import load_gate_controller
+
+    gc_module = load_gate_controller()
+    gate = gc_module.GateController("A/1", open_seconds=5, max_age_s=2, heartbeat_timeout_s=3)
+    feed = gc_module.MqttFeed(gate, "site")
+    assert feed.decision_topic == "site/gates/A%2F1/decision"
+    t = 1000.0
+    accept = {"type": "accept", "gate_id": "A/1", "decided_at": t, "captured_at": t, "event_id": "e1"}
+    feed.message(feed.decision_topic, json.dumps(accept).encode(), t)
+    assert not gate.is_open(t)  # nobody said `online` yet
+    feed.message("site/available", b"online", t)
+    assert feed.message(feed.decision_topic, json.dumps(accept).encode(), t) is None  # e1 was acted on (ignored)
+    feed.message(feed.decision_topic, json.dumps({**accept, "event_id": "e2"}).encode(), t)
+    assert gate.is_open(t + 0.1)
+    feed.message("site/available", b"offline", t + 0.2)  # the last will, or the verifier down
+    assert not gate.is_open(t + 0.3)
+    feed.message("site/available", b"online", t + 1)
+    feed.message(feed.decision_topic, json.dumps({**accept, "event_id": "e3", "decided_at": t + 1}).encode(), t + 1)
+    assert gate.is_open(t + 1.1)
+    feed.lost(t + 1.2)  # the broker connection dropped
+    assert not gate.is_open(t + 1.3)
+
+
+@pytest.mark.slow  # a real verifier, capture, subscriber and gate controller; two kills
+def test_real_pipeline_on_mqtt_decisions_late_join_last_will_and_verifier_down(tmp_path, engine, photos, broker):
+    crops = people(engine, photos)
+    make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=5, frames=60, w0=60, w1=160),
+                                     Walk(crops["parker"], start=100, frames=60, w0=60, w1=160)], seconds=6)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False}],
+                          heartbeat={"interval_s": 0.25, "misses": 3},
+                          hooks={"mqtt_password_file": str(broker.password_file)})
+    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
+                   str(photos["yaoming.jpg"])).returncode == 0
+    listener = Listener(broker)
+    verifier = kiosk(config, "verify")
+    sub = kiosk(config, "subscribe", "--gate", "A1", "--mqtt", broker.url, quiet=False)
+    controller = subprocess.Popen([sys.executable, str(REPO / "scripts" / "gate_controller.py"), "--gate", "A1",
+                                   "--mqtt", broker.url, "--mqtt-password-file", str(broker.password_file),
+                                   "--open-seconds", "120", "--max-age", "10"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    late = None
+    try:
+        online = lambda li: li.on("available") and li.on("available")[-1].payload == b"online"  # noqa: E731
+        assert listener.wait_for(online, 60), broker.log()
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        assert capture.wait(60) == 0
+        assert listener.wait_for(lambda li: len(li.on("gates/A1/decision")) >= 2, 30)
+        logged = [e for e in audit(config) if e["gate_id"] == "A1"]
+        assert [e["type"] for e in logged] == ["accept", "reject"]
+        assert [h.json() for h in listener.on("gates/A1/decision")] == logged  # the event JSON, each once
+        # A late joiner gets the retained state: the last decision without who or how well it matched.
+        late = Listener(broker)
+        assert late.wait_for(lambda li: li.on("gates/A1/state") and online(li), 10)
+        state = late.on("gates/A1/state")[-1]
+        assert state.retain and state.json() == {
+            "gate_id": "A1", "flight_id": None, "verifier": "up",
+            "last_decision": {k: logged[-1][k] for k in ("type", "reason", "event_id", "decided_at")}}
+        assert late.on("health/verifier")[-1].json()["status"] in ("ok", "degraded")
+        # The subscriber dies: the broker says its last will.
+        os.killpg(sub.pid, signal.SIGKILL)
+        sub.wait(10)
+        assert late.wait_for(lambda li: li.on("available")[-1].payload == b"offline", 10)
+        sub = kiosk(config, "subscribe", "--gate", "A1", "--mqtt", broker.url, quiet=False)
+        assert late.wait_for(lambda li: li.on("available")[-1].payload == b"online", 30)
+        # The verifier dies: the subscriber says so on every topic a gate may listen to.
+        os.killpg(verifier.pid, signal.SIGKILL)
+        verifier.wait(10)
+        assert late.wait_for(lambda li: li.on("available")[-1].payload == b"offline", 10)
+        assert late.wait_for(lambda li: li.on("gates/A1/decision")
+                             and li.on("gates/A1/decision")[-1].json()["type"] == "verifier_down", 10)
+        assert late.wait_for(lambda li: li.on("gates/A1/state")[-1].json()["verifier"] == "down", 10)
+    finally:
+        listener.close()
+        if late is not None:
+            late.close()
+        gate_out, gate_err = stop(controller)
+        stop(verifier)
+        _, sub_err = stop(sub)
+    assert "Traceback" not in sub_err, sub_err[-2000:]
+    # The gate controller on MQTT opened for the accept (open for 120 s) and closed on the subscriber's last
+    # will; it opens again only for a new accept.
+    states = [json.loads(line)["state"] for line in gate_out.splitlines() if '"state"' in line]
+    assert states == ["open", "closed"], (gate_out, gate_err[-2000:])
+
+
+@pytest.mark.slow  # a gate deciding every 2.4 s through a broker crash
+def test_a_broker_restart_mid_stream_loses_no_decision(tmp_path, engine, photos, broker):
+    """Mosquitto is SIGKILLed while decisions go on and started again on the same port: the subscriber waits
+    with what the broker has not acknowledged and publishes it once the broker is back. A listener with a
+    persistent session (the broker keeps what arrives for it while it reconnects) hears every decision of the
+    audit log; a repeat is at most the one in flight when the broker died, with its own event_id."""
+    crops = people(engine, photos)
+    make_video(tmp_path / "walk.avi", [Walk(crops["parker"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "walk.avi", "realtime": True,
+                                      "loop": True}], hooks={"mqtt_password_file": str(broker.password_file)})
+    listener = Listener(broker, session="restart-listener")
+    verifier = kiosk(config, "verify")
+    sub = kiosk(config, "subscribe", "--gate", "A1", "--mqtt", broker.url, quiet=False)
+    capture = None
+    decided = lambda: [e["event_id"] for e in audit(config) if e["gate_id"] == "A1"]  # noqa: E731
+    heard = lambda: [h.json()["event_id"] for h in listener.on("gates/A1/decision")  # noqa: E731
+                     if h.json()["type"] in ("accept", "reject")]
+    try:
+        assert listener.wait_for(lambda li: li.on("available") and li.on("available")[-1].payload == b"online", 60)
+        capture = kiosk(config, "capture", "--camera", "cam-a1")
+        assert listener.wait_for(lambda li: len(heard()) >= 2, 60)
+        broker.kill()  # just after a decision: the next one comes in about 2.4 s
+        before = len(decided())
+        deadline = time.monotonic() + 30
+        while len(decided()) < before + 2 and time.monotonic() < deadline:  # two decisions with no broker
+            time.sleep(0.1)
+        assert len(decided()) >= before + 2
+        broker.start()
+        target = decided()
+        assert listener.wait_for(lambda li: set(heard()) >= set(target), 60), (target, heard(), broker.log())
+    finally:
+        listener.close()
+        if capture is not None:
+            stop(capture)
+        stop(verifier)
+        _, sub_err = stop(sub)
+    got = heard()
+    assert len(got) - len(set(got)) <= 1, got
+    assert list(dict.fromkeys(got))[:len(target)] == target  # every one, in the order decided
+    assert "connection to" in sub_err and "lost" in sub_err and "Traceback" not in sub_err
+
+
+def test_kiosk_run_starts_a_configured_mqtt_subscriber(tmp_path):
+    from kiosk.config import load_config
+    from kiosk.services.supervisor import Supervisor
+
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi"}],
+                          subscribers=[{"name": "broker", "mqtt": "mqtts://kiosk@broker.example:8883"}])
+    sup = Supervisor(load_config(config), config)
+    (child,) = sup.subscribers
+    assert child.argv[child.argv.index("--mqtt") + 1] == "mqtts://kiosk@broker.example:8883"
+    assert child.argv[child.argv.index("--name") + 1] == "broker"
