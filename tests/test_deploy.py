@@ -90,15 +90,15 @@ def test_every_panel_query_selects_by_the_dashboard_variables():
 def test_every_alert_has_a_for_a_severity_and_says_what_to_check():
     rules = alert_rules()
     assert [r["alert"] for r in rules] == list(ALERTS)
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Dashboards and alerts", 1)[1].split("\n## ", 1)[0]
+    page = (REPO / "docs" / "dashboards.md").read_text()
+    section = page.split("\n## Alerts", 1)[1].split("\n## ", 1)[0]
     for rule in rules:
         assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
         notes = rule["annotations"]
         assert notes["summary"] and "`kiosk status" in notes["description"], rule["alert"]
-        assert notes["runbook"] == "README.md#dashboards-and-alerts", rule["alert"]
-        assert f"`{rule['alert']}`" in section, rule["alert"]  # the README says what it means and what to do
+        assert notes["runbook"] == "docs/dashboards.md#alerts", rule["alert"]
+        assert f"`{rule['alert']}`" in section, rule["alert"]  # the docs say what it means and what to do
 
 
 def test_every_alert_has_rule_tests_that_fire_it_and_keep_it_silent():

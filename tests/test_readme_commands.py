@@ -1,8 +1,8 @@
-"""Every command line the README shows, run as written, from a folder laid out like the project.
+"""Every command line the README and the docs show, run as written, from a folder laid out like the project.
 
-The README's `sh` blocks are read here; each command line must be one of the steps below (or exempt with
-a reason), so a README edit that adds or changes a command fails this test until the command is run here
-too. Commands run through bash with the project's environment on PATH, as the README says
+The `sh` blocks of README.md and of every page under docs/ are read here (blocks fenced `text` are shown,
+not run); each command line must be one of the steps below (or exempt with a reason), so an edit that adds
+or changes a command fails this test until the command is run here too. Commands run through bash with the project's environment on PATH, as the README says
 (`. .venv/bin/activate`). The placeholders the README names (photos, manifests, a video, a hook module)
 are made by the test; the config is the shipped one with free loopback ports and a video for its camera.
 """
@@ -46,9 +46,14 @@ EXEMPT = {
 }
 
 
+def documented_files() -> list[Path]:
+    """README.md and every Markdown page of the docs site."""
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
 def readme_commands() -> list[str]:
-    """Each command line of the README's sh blocks, without its trailing comment."""
-    text = (REPO / "README.md").read_text()
+    """Each command line of the sh blocks of the README and the docs, without its trailing comment."""
+    text = "\n".join(path.read_text() for path in documented_files())
     lines = []
     for block in re.findall(r"```sh\n(.*?)```", text, re.S):
         for line in block.splitlines():
@@ -66,8 +71,16 @@ def readme_commands() -> list[str]:
     return lines
 
 
+def test_docs_commands_are_collected():
+    """The command lines come from the README and from the docs pages (the demo's from the README)."""
+    shown = readme_commands()
+    assert "python3 -m pip install uv && uv run --locked kiosk demo" in shown
+    assert "kiosk bench --search-scale 1000,10000,100000" in shown  # docs/performance.md
+    assert len(shown) > 60
+
+
 def test_readme_layout_names_every_module():
-    layout = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("## ", 1)[0]
+    layout = (REPO / "docs" / "development.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
     modules = [p for d in ("kiosk", "enrollment", "scripts") for p in (REPO / d).rglob("*.py")
                if p.name != "__init__.py"]
     assert len(modules) > 30
@@ -173,7 +186,7 @@ def site(tmp_path_factory, engine, photos) -> Path:
     return work
 
 
-@pytest.mark.slow  # every README command, a few minutes; run by .ci/run's second step
+@pytest.mark.slow  # every README and docs command, a few minutes; run by .ci/run's second step
 def test_every_readme_command_runs_as_written(site):
     ran: list[str] = []
     sh = Shell(site, ran)
@@ -342,4 +355,4 @@ def test_every_readme_command_runs_as_written(site):
     assert "flight of 300 passengers in a gallery of 100000" in out and "other_flight_passenger" in out
 
     shown = readme_commands()
-    assert sorted(set(shown) - set(EXEMPT)) == sorted(set(ran)), "README commands and this test disagree"
+    assert sorted(set(shown) - set(EXEMPT)) == sorted(set(ran)), "README/docs commands and this test disagree"
