@@ -299,7 +299,8 @@ def test_each_gate_s_part_of_the_heartbeat_reaches_only_the_keys_that_hear_that_
     assert set(site.tools.gate_health) == {"A1", "B1", "C1"}
     c1 = site.tools.gate_health["C1"][-1]
     assert set(c1["cameras"]) == {"cam-idle"} and {"state", "tracks", "idle_skipped"} <= set(c1["cameras"]["cam-idle"])
-    assert site.tools.gate_health["A1"][-1]["event_seq"] == {"A1": 1}
+    # the tools' listener has read a heartbeat sent after A1's decision
+    assert site.tools.wait_for(lambda ev: ev.gate_health["A1"][-1]["event_seq"] == {"A1": 1}, 15)
     own = [h for h in site.tools.health if h.get("component") == "verifier"]
     assert own and not any({"cameras", "gates", "event_seq", "claims"} & set(h) for h in own)
     gate_a = site.listeners["gate_health_a"]
@@ -345,35 +346,39 @@ def test_kiosk_subscribe_with_a_gate_key_subscribes_to_its_gates():
 
 def test_subscriptions_read_after_a_non_subscription_message_are_not_applied():
     """An XSUB peer can send a plain message up the events socket; libzmq then pairs the next subscriptions with
-    the wrong connection, so they are refused until the queue is empty, and applied again after."""
+    the wrong connection, so they are refused until the queue is empty, and applied again after. (A socket whose
+    queue the test fills: with a real one, whether two messages are queued together is up to timing.)"""
     from kiosk.services.event_access import EventPublisher
     from kiosk.services.metrics import VerifierMetrics
 
+    class Frame:
+        def __init__(self, data: bytes) -> None:
+            self.bytes = data
+
+        def get(self, name: str) -> str:
+            return "tools-public-key"
+
+    class Socket:
+        def __init__(self) -> None:
+            self.queue: list[Frame] = []
+            self.applied: list[tuple[int, bytes]] = []
+
+        def recv(self, flags: int = 0, copy: bool = True) -> Frame:
+            if not self.queue:
+                raise zmq.Again()
+            return self.queue.pop(0)
+
+        def setsockopt(self, option: int, value: bytes) -> None:
+            self.applied.append((option, value))
+
     cfg = config_from_mapping({"cameras": [{"id": "cam-a1", "gate": "A1", "source": 0}]})
-    ctx = zmq.Context()
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    try:
-        pub = ctx.socket(zmq.XPUB)
-        pub.setsockopt(zmq.XPUB_MANUAL, 1)
-        pub.bind(endpoint)
-        events = EventPublisher(pub, lambda: pub, HearingScopes(cfg), None, VerifierMetrics({"cam-a1": "A1"}))
-        xsub = ctx.socket(zmq.XSUB)
-        xsub.connect(endpoint)
-        xsub.send(b"not a subscription")
-        xsub.send(b"\x01event.A1")
-        deadline = time.monotonic() + 5
-        while events.counts["unpaired"] < 2:
-            assert time.monotonic() < deadline, events.counts
-            events.poll()
-            time.sleep(0.01)
-        sub = ctx.socket(zmq.SUB)
-        sub.connect(endpoint)
-        sub.setsockopt(zmq.SUBSCRIBE, b"event.A1")
-        deadline = time.monotonic() + 5
-        while not sub.poll(10):  # applied once the queue was empty: the SUB hears
-            assert time.monotonic() < deadline
-            events.poll()
-            pub.send_multipart([b"event.A1", b"{}"])
-        assert xsub.poll(100) == 0  # the XSUB's subscription was never applied
-    finally:
-        ctx.destroy(linger=0)
+    sock = Socket()
+    events = EventPublisher(sock, lambda: sock, HearingScopes(cfg), None,  # type: ignore[arg-type]
+                            VerifierMetrics({"cam-a1": "A1"}))
+    events.hearer = lambda sender: HearingScopes(cfg).hearer(["client"])  # type: ignore[method-assign]
+    sock.queue = [Frame(b"not a subscription"), Frame(b"\x01event.A1"), Frame(b"\x01health.verifier")]
+    events.poll()
+    assert sock.applied == [] and events.counts["unpaired"] == 3
+    sock.queue = [Frame(b"\x01event.A1")]  # the queue was empty in between: in step again
+    events.poll()
+    assert sock.applied == [(zmq.SUBSCRIBE, b"event.A1")] and events.counts["unpaired"] == 3
