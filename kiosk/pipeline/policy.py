@@ -38,7 +38,7 @@ import numpy as np
 
 from kiosk.config import PadConfig, PolicyConfig
 from kiosk.messaging.reasons import Reason
-from kiosk.store.gallery import Match
+from kiosk.store.matrix import Match
 from kiosk.vision.liveness import PadObservation, TrackLiveness, check_classes
 from kiosk.vision.quality import Quality
 from kiosk.pipeline.tracking import Track

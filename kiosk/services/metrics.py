@@ -235,6 +235,13 @@ class VerifierMetrics:
         for cam in cameras:
             self.camera_up.labels(camera=cam).set_function(lambda cam=cam: 1.0 if up(cam) else 0.0)
 
+    # the gatekeeper's failure counters (kiosk.pipeline.gatekeeper.FailureCounters)
+    def store_failed(self) -> None:
+        self.store_failures.inc()
+
+    def audit_failed(self) -> None:
+        self.audit_failures.inc()
+
     def observe_stage(self, stage: str, ms: float) -> None:
         self.stage_seconds.labels(stage=stage).observe(ms / 1000.0)
         window = self.recent_stage.get(stage)
