@@ -38,7 +38,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 
-ALERT_REASONS = ("presentation_attack", "wrong_flight", "already_boarded")
+# Rejects an agent must see to: a copy of kiosk.messaging.reasons.ALERT_REASONS (this script runs without the
+# kiosk package; tests/test_reasons.py checks that the two are equal). See that module for why each is there.
+ALERT_REASONS = ("presentation_attack", "wrong_flight", "already_boarded", "liveness_unverified",
+                 "gallery_unavailable", "store_unavailable", "audit_unavailable")
 
 
 @dataclass
@@ -79,7 +82,8 @@ class GateController:
             return "ignore"
         if kind == "reject":
             self.open_until = 0.0
-            # Closed either way; an attack, a wrong gate or a second boarding is also an alert for the agent.
+            # Closed either way; an attack, a wrong gate, a second boarding, doubtful liveness or a verifier that
+            # fails closed (gallery, store or audit unavailable) is also an alert for the agent.
             self._note(now, "alert" if event.get("reason") in ALERT_REASONS else "close", event)
             return "close"
         if kind != "accept":

@@ -14,14 +14,13 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
+from kiosk.messaging.reasons import is_alert_reason
 from kiosk.store.sealing import TemplateCodec
 
 log = logging.getLogger(__name__)
 
 FEED_SIZE = 200
 ALERT_TYPES = {"verifier_down", "camera_down"}
-ALERT_REASONS = {"wrong_flight", "already_boarded", "presentation_attack", "store_unavailable",
-                 "gallery_unavailable", "audit_unavailable", "liveness_unverified"}
 
 
 def crop_context(name: str) -> str:
@@ -35,7 +34,7 @@ def open_crop(path: Path, codec: TemplateCodec) -> bytes:
 
 
 def is_alert(event: dict[str, Any]) -> bool:
-    return event.get("type") in ALERT_TYPES or event.get("reason") in ALERT_REASONS
+    return event.get("type") in ALERT_TYPES or is_alert_reason(event.get("reason"))
 
 
 class ConsoleState:

@@ -5,8 +5,11 @@ newest frame; an end-of-source marker is never dropped with stale frames),
 `step(now)` takes at most one frame per camera and runs the named stages on
 all of them at once, `tick(now)` applies the clock (decision timeouts,
 tracks ageing out when a camera stalls), `control()` takes claims. Each
-returns the `Verdict`s to publish; the service around it (`kiosk.services.verifier`)
-owns the sockets, the audit log, the gallery file and the heartbeat.
+returns the `Verdict`s it decided: plain decisions, which the gatekeeper
+(`kiosk.pipeline.gatekeeper`) checks against the gallery, the boarding
+store and the audit log before any gate hears of them; the service around
+both (`kiosk.services.verifier`) owns the sockets, the audit log, the
+gallery file and the heartbeat.
 
 Stages of a step, each over all faces of all cameras as arrays:
 detect -> track -> select (which faces need an embedding) -> align ->
@@ -21,19 +24,17 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any, Callable, Protocol, Union
 
 import numpy as np
 
 from kiosk.boarding.gates import GateFlights
-from kiosk.boarding.model import BoardingStore, DecisionRecord
 from kiosk.config import KioskConfig
 from kiosk.vision.engine import FaceModels
 from kiosk.vision.faces import Faces
 from kiosk.vision.liveness import PadObservation
-from kiosk.store.gallery import GalleryMatrix, Match
+from kiosk.store.matrix import GalleryMatrix, Match
 from kiosk.messaging.messages import Eof, Frame, IdleHint
-from kiosk.services.metrics import VerifierMetrics
 from kiosk.vision.models.recognizer import align_faces
 from kiosk.pipeline.policy import Decision, DecisionPolicy
 from kiosk.vision.quality import measure
@@ -97,12 +98,56 @@ class CameraState:
 
 @dataclass(frozen=True)
 class Verdict:
-    """A decision to publish, with the camera and track it is about."""
+    """A decision of the core, with the camera and track it is about and when it was made (for the gatekeeper)."""
 
     camera: CameraState
-    track_id: int
+    track: Track
     decision: Decision
+    at: float  # wall clock of the step (or tick) that decided it
     crop: np.ndarray | None = None  # the aligned face the decision was last matched on, if any
+
+    @property
+    def track_id(self) -> int:
+        return self.track.track_id
+
+
+class _Count(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class _Counter(_Count, Protocol):
+    def labels(self, **labels: str) -> _Count: ...
+
+
+class _Level(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+class _Gauge(Protocol):
+    def labels(self, **labels: str) -> _Level: ...
+
+
+class _Histogram(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class CoreMetrics(Protocol):
+    """What the core counts (kiosk.services.metrics.VerifierMetrics is the real one)."""
+
+    frames_in: _Counter
+    frames_stale: _Counter
+    frames_too_old: _Counter
+    frames_not_boarding: _Counter
+    frames_idle: _Counter
+    frames_processed: _Counter
+    faces: _Counter
+    embeddings_deferred: _Count
+    gate_boarding: _Gauge
+    wake_latency: _Histogram
+
+    def observe_frame(self, ms: float) -> None: ...
+    def observe_deciding_frame(self, ms: float) -> None: ...
+    def observe_stage(self, stage: str, ms: float) -> None: ...
 
 
 @dataclass
@@ -124,28 +169,16 @@ class StepFaces:
         return cls(faces, np.repeat(np.arange(len(per_frame)), counts), [t for ts in tracks for t in ts])
 
 
-def _accept_all(subject_id: str) -> bool:
-    return True
-
-
-# Rejects that withhold an accept for the system's own state (not the passenger's): the repeat-accept memory
-# forgets them, so the passenger's next try is decided afresh.
-WITHHELD = ("stale_frame", "gallery_unavailable", "store_unavailable")
-
-
 class VerifierCore:
     """The verifier's rules, fed arrivals and a clock; see the module docstring."""
 
     def __init__(self, cfg: KioskConfig, engine: FaceModels, matrix: GalleryMatrix | GateFlights, *,
-                 metrics: VerifierMetrics | None = None, confirm: Callable[[str], bool] = _accept_all,
-                 store: BoardingStore | None = None) -> None:
+                 metrics: CoreMetrics) -> None:
         self.cfg = cfg
         self.engine = engine
         self.flights = matrix if isinstance(matrix, GateFlights) else \
             GateFlights(matrix, require_flight=cfg.boarding.require_flight)
-        self.metrics = metrics or VerifierMetrics({c.id: c.gate for c in cfg.cameras})
-        self.confirm = confirm  # is this subject enrolled right now? (raises: cannot tell)
-        self.store = store  # boarded marks: asked in the accept's own transaction (raises: cannot tell)
+        self.metrics = metrics
         self.policy = DecisionPolicy(cfg.policy, cfg.pad, textured=bool(cfg.models.pad))
         self.pad_errors = 0
         self.cameras = {c.id: CameraState(c.id, c.gate, c.realtime,
@@ -158,11 +191,7 @@ class VerifierCore:
         self.first_captured_at: float | None = None
         self.last_done_at: float | None = None
         self.last_times: dict[str, float] = {}  # ms per stage of the last step
-        self.last_error = ""
-        # Set by the service: a reason every accept is refused with (the gallery stale past its grace), and
-        # one an accept at a boarding gate is refused with (the boarded marks cannot be kept durably).
-        self.refuse_accepts = ""
-        self.refuse_boarding = ""
+        self.last_error = ""  # "liveness: ..." when a liveness model failed
         self._fps_window: deque = deque(maxlen=20000)
         self._set_gate_metrics()
 
@@ -554,78 +583,6 @@ class VerifierCore:
         return out
 
     def _verdict(self, cam: CameraState, track: Track, d: Decision, now: float) -> Verdict:
-        """An accept only from a fresh frame of a live camera (`policy.max_frame_age_ms`), and only for a
-        subject enrolled right now (`confirm`): a removal or expiry counts even while the search matrix is
-        stale. At a gate boarding a flight, the accept is also the passenger's boarded mark, taken in one
-        store transaction: a passenger already boarded (at any door) is rejected `already_boarded`. Fail
-        closed: if any of that cannot be told, the accept becomes a reject."""
-        flight = self.flights.flight_of(cam.gate_id)
-        d = dataclasses.replace(d, flight_id=flight)
-        checked = self._checked(cam, d, flight, now)
-        if d.type == "accept" and checked.reason in WITHHELD and d.subject_id is not None:
-            # Withheld, not given: the passenger's next presentation is a fresh accept, not a "repeat" of this.
-            self.policy.forget_accept(cam.gate_id, d.subject_id)
-        track.outcome = (checked.type, checked.subject_id, checked.reason, checked.score)
-        return Verdict(cam, track.track_id, checked, track.face_crop)
-
-    def _checked(self, cam: CameraState, d: Decision, flight: str | None, now: float) -> Decision:
-        if d.type == "accept" and self._too_old(cam, d.captured_at, now):
-            log.warning("camera %s: accept of %s from a frame captured %.0f ms ago withheld (stale_frame)",
-                        cam.camera_id, d.subject_id, (now - d.captured_at) * 1000)
-            d = dataclasses.replace(d, type="reject", reason="stale_frame")
-        refuse = self.refuse_accepts or (self.refuse_boarding if flight is not None else "")
-        if d.type == "accept" and refuse:
-            log.warning("camera %s: accept of %s withheld (%s): the gallery is stale", cam.camera_id,
-                        d.subject_id, refuse)
-            d = dataclasses.replace(d, type="reject", reason=refuse)
-        if flight is not None and d.subject_id is not None and self.store is not None:
-            return self._boarding(cam, flight, d, now)
-        if d.type == "accept" and d.subject_id is not None:
-            try:
-                confirmed = self.confirm(d.subject_id)
-                self.recovered("gallery")
-                if not confirmed:
-                    log.warning("track matched %s, who is no longer enrolled (or expired): rejected", d.subject_id)
-                    d = dataclasses.replace(d, type="reject", reason="not_enrolled")
-            except Exception as exc:  # noqa: BLE001 - any failure to confirm must reject, never accept
-                self.last_error = f"gallery: {exc}"
-                log.error("cannot confirm %s in the gallery (%s): rejected", d.subject_id, exc)
-                d = dataclasses.replace(d, type="reject", reason="gallery_unavailable")
-        return d
-
-    def recovered(self, component: str) -> None:
-        """`component` answered again: its error is no longer the last one to show."""
-        if self.last_error.startswith(component + ":"):
-            log.info("%s answers again (was: %s)", component, self.last_error)
-            self.last_error = ""
-
-    def _boarding(self, cam: CameraState, flight: str, d: Decision, now: float) -> Decision:
-        """An accept at a gate boarding `flight` marks the passenger boarded, or becomes the reject that
-        says why not; a wrong_flight reject learns the flights the passenger is on."""
-        assert self.store is not None and d.subject_id is not None
-        try:
-            if d.reason == "wrong_flight":
-                return dataclasses.replace(d, on_flights=self.store.flights_of(d.subject_id))
-            if d.type != "accept":
-                return d
-            outcome = self.store.board(DecisionRecord(d.event_id, flight, cam.gate_id, "accept", None, d.subject_id,
-                                                      None, d.score, now), camera_id=cam.camera_id)
-            self.recovered("boarding store")
-        except Exception as exc:  # noqa: BLE001 - a boarded mark that cannot be taken must reject, never accept
-            self.last_error = f"boarding store: {exc}"
-            self.metrics.store_failures.inc()
-            log.error("cannot record the boarding of %s on %s (%s): rejected", d.subject_id, flight, exc)
-            return dataclasses.replace(d, type="reject", reason="store_unavailable") if d.type == "accept" else d
-        if outcome.first:
-            return d
-        if outcome.reason == "already_boarded" and outcome.previous is not None:
-            log.info("%s already boarded %s at gate %s: rejected", d.subject_id, flight, outcome.previous.gate_id)
-            return dataclasses.replace(d, type="reject", reason="already_boarded",
-                                       boarded_at=outcome.previous.boarded_at,
-                                       boarded_gate_id=outcome.previous.gate_id)
-        if outcome.reason == "not_on_flight":  # taken off the manifest since the view was loaded
-            log.warning("%s is no longer on flight %s: rejected wrong_flight", d.subject_id, flight)
-            d = dataclasses.replace(d, type="reject", reason="wrong_flight")
-            return self._boarding(cam, flight, d, now)
-        log.warning("track matched %s, who is no longer enrolled (or expired): rejected", d.subject_id)
-        return dataclasses.replace(d, type="reject", reason=outcome.reason or "not_enrolled")
+        """The decision as the core made it, with the flight the gate boards; the gatekeeper checks it."""
+        d = dataclasses.replace(d, flight_id=self.flights.flight_of(cam.gate_id))
+        return Verdict(cam, track, d, now, track.face_crop)

@@ -37,7 +37,8 @@ from typing import Callable
 import numpy as np
 
 from kiosk.config import PadConfig, PolicyConfig
-from kiosk.store.gallery import Match
+from kiosk.messaging.reasons import Reason
+from kiosk.store.matrix import Match
 from kiosk.vision.liveness import PadObservation, TrackLiveness, check_classes
 from kiosk.vision.quality import Quality
 from kiosk.pipeline.tracking import Track
@@ -220,11 +221,11 @@ class DecisionPolicy:
             if count >= c.accept_frames:
                 chosen = [v for v in state.window if v.wrong_flight and v.subject_id == subject]
                 state.decided = True
-                return self._live(state, Decision("reject", "wrong_flight", subject, chosen[-1].name,
+                return self._live(state, Decision("reject", Reason.WRONG_FLIGHT, subject, chosen[-1].name,
                                                   max(v.score for v in chosen), len(chosen), captured_at,
                                                   chosen[-1].seq))
         if state.quality_frames >= c.reject_after_frames:
-            reason = "claim_mismatch" if state.claim is not None else "no_match"
+            reason = Reason.CLAIM_MISMATCH if state.claim is not None else Reason.NO_MATCH
             return self._live(state, self._reject(track, reason, captured_at))
         return None
 
@@ -236,13 +237,13 @@ class DecisionPolicy:
         assert pad is not None and state.live is not None
         verdict = state.live.verdict
         if verdict == "attack":
-            return self._live(state, self._reject(track, "presentation_attack", captured_at, seq))
+            return self._live(state, self._reject(track, Reason.PRESENTATION_ATTACK, captured_at, seq))
         if verdict == "live":
             if state.ready_votes is not None:
                 return self._live(state, self._accept(track, state.ready_gate, state.ready_votes, captured_at, seq))
             return None
         if state.ready_votes is not None and state.ready_at is not None and now - state.ready_at >= pad.max_wait_s:
-            return self._live(state, self._reject(track, "liveness_unverified", captured_at, seq))
+            return self._live(state, self._reject(track, Reason.LIVENESS_UNVERIFIED, captured_at, seq))
         return None
 
     @staticmethod
@@ -269,7 +270,7 @@ class DecisionPolicy:
         return Decision("accept", None, subject, votes[-1].name, max(v.score for v in votes), len(votes), captured_at,
                         votes[-1].seq if seq is None else seq)
 
-    def _reject(self, track: Track, reason: str, captured_at: float, seq: int | None = None) -> Decision:
+    def _reject(self, track: Track, reason: Reason, captured_at: float, seq: int | None = None) -> Decision:
         state = self.state(track)
         state.decided = True
         best = max(state.window, key=lambda v: v.score) if state.window else None
@@ -287,9 +288,9 @@ class DecisionPolicy:
             return None
         if self.pad is not None and state.ready_votes is not None and state.ready_at is not None \
                 and clock - state.ready_at >= self.pad.max_wait_s:
-            return self._live(state, self._reject(track, "liveness_unverified", state.window[-1].captured_at))
+            return self._live(state, self._reject(track, Reason.LIVENESS_UNVERIFIED, state.window[-1].captured_at))
         if clock - state.first_quality_at >= self.cfg.decision_timeout_s:
-            return self._live(state, self._reject(track, "timeout", state.window[-1].captured_at))
+            return self._live(state, self._reject(track, Reason.TIMEOUT, state.window[-1].captured_at))
         return None
 
     def track_ended(self, track: Track) -> Decision | None:
@@ -303,5 +304,5 @@ class DecisionPolicy:
             if state.claim is not None and not state.decided:
                 self.claims.setdefault(state.claim.gate_id, state.claim)  # unused claim goes back
             return None
-        reason = "liveness_unverified" if state.ready_votes is not None else "timeout"
+        reason = Reason.LIVENESS_UNVERIFIED if state.ready_votes is not None else Reason.TIMEOUT
         return self._live(state, self._reject(track, reason, state.window[-1].captured_at))

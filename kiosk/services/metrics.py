@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kiosk.messaging.channels import REFUSALS
+from kiosk.messaging.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.075
                    2.5, 5.0, 10.0)
 STAGES = ("transport", "detect", "track", "align", "quality", "select", "embed", "match", "pad", "decide",
           "publish")
-# Decision outcomes that exist from the start (type, reason).
-OUTCOMES = (("accept", ""), ("reject", "no_match"), ("reject", "claim_mismatch"), ("reject", "timeout"),
-            ("reject", "not_enrolled"), ("reject", "gallery_unavailable"), ("reject", "store_unavailable"),
-            ("reject", "stale_frame"), ("reject", "audit_unavailable"), ("reject", "already_boarded"), ("reject", "wrong_flight"),
-            ("reject", "presentation_attack"), ("reject", "liveness_unverified"))
+# Decision outcomes that exist from the start (type, reason): an accept and every reject reason.
+OUTCOMES = (("accept", ""),) + tuple(("reject", reason.value) for reason in Reason)
 
 
 class LatencyWindow:
@@ -236,6 +234,13 @@ class VerifierMetrics:
         """`kiosk_camera_up` is read from `up(camera)` at each scrape."""
         for cam in cameras:
             self.camera_up.labels(camera=cam).set_function(lambda cam=cam: 1.0 if up(cam) else 0.0)
+
+    # the gatekeeper's failure counters (kiosk.pipeline.gatekeeper.FailureCounters)
+    def store_failed(self) -> None:
+        self.store_failures.inc()
+
+    def audit_failed(self) -> None:
+        self.audit_failures.inc()
 
     def observe_stage(self, stage: str, ms: float) -> None:
         self.stage_seconds.labels(stage=stage).observe(ms / 1000.0)

@@ -47,13 +47,11 @@ from kiosk.services.mqtt_hook import mqtt_hook
 from kiosk.services.metrics import serve as serve_metrics
 from kiosk.messaging.channels import GATE_HEALTH, VERIFIER_HEALTH, EventChannel
 from kiosk.messaging.messages import EVENT_TOPIC, BadMessage, Event, Heartbeat, event_from_dict
+from kiosk.messaging.reasons import is_alert_reason
 from kiosk.messaging.transport import Transport
 from kiosk.services.webhook_signing import load_secret, secret_path, sign
 
 log = logging.getLogger(__name__)
-# Rejects an agent must see to, not just a closed gate: a presentation attack (a photo or screen held up),
-# a passenger at the wrong gate, one who has boarded already.
-ALERT_REASONS = ("presentation_attack", "wrong_flight", "already_boarded")
 
 ENV_FIELDS = ("type", "gate_id", "camera_id", "subject_id", "display_name", "score", "reason", "event_id",
               "decided_at", "latency_ms")
@@ -450,7 +448,7 @@ class Subscriber:
 
     def _dispatch(self, event: dict[str, Any]) -> None:
         self.metrics.events.labels(type=str(event.get("type"))).inc()
-        if event.get("reason") in ALERT_REASONS:  # someone for an agent to see to
+        if is_alert_reason(event.get("reason")):  # someone for an agent to see to (kiosk.messaging.reasons)
             log.warning("ALERT gate %s: %s (event %s)", event.get("gate_id"), event.get("reason"),
                         event.get("event_id"))
         for hook in self.hooks:

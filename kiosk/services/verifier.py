@@ -2,11 +2,12 @@
 
 The core decides; this shell owns what it must not: the frame, event and
 control sockets, the audit log, the gallery file (reloaded in a thread when
-its revision changes, and asked before every accept), the metrics server
-and the heartbeat. Each loop: read what arrived (control requests, frames,
-capture health, end-of-source markers), let the core step and tick, and
-publish its verdicts: audit line first, then the event, so an event that
-reached a gate is in the audit log. Frames refused before decoding (another
+its revision changes), the metrics server and the heartbeat. Each loop:
+read what arrived (control requests, frames, capture health, end-of-source
+markers), let the core step and tick, and hand its verdicts to the
+gatekeeper (kiosk.pipeline.gatekeeper), which checks each against the
+gallery and the boarding store, audits it and publishes it through this
+service's sockets; the service tells it the gallery's state. Frames refused before decoding (another
 camera's key, a seq or capture time out of bounds) are counted and followed
 for clock skew (kiosk.services.frame_refusals); the key files it started
 with are rechecked once a minute (kiosk.services.key_watch). Either shows
@@ -25,7 +26,6 @@ import os
 import threading
 import uuid
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ from kiosk.config import KioskConfig
 from kiosk.vision.engine import FaceEngine
 from kiosk.errors import ConfigError, UsageError
 from kiosk.boarding.gates import GateFlights
-from kiosk.boarding.model import DecisionRecord
 from kiosk.store.flights import SqliteBoardingStore, load_gate_flights
 from kiosk.store.gallery import Gallery, GalleryMatrix, GalleryQueries, open_gallery
 from kiosk.store.sealing import key_source
@@ -53,14 +52,14 @@ from kiosk.services.metrics import VerifierMetrics
 from kiosk.services.preview import PreviewFace, PreviewPublisher
 from kiosk.services.metrics import serve as serve_metrics
 from kiosk.messaging.transport import FRAME_HWM, FRAME_RCVHWM, Transport, client_public_key
-from kiosk.pipeline.core import CameraState, Verdict, VerifierCore
+from kiosk.pipeline.core import Verdict, VerifierCore
+from kiosk.pipeline.gatekeeper import Gatekeeper
 
 log = logging.getLogger(__name__)
 
 GALLERY_POLL_S = 1.0
 PURGE_EVERY_S = 60.0
 BAD_LOG_EVERY_S = 10.0
-UNRECORDED_MAX = 100_000  # boarding-gate decisions waiting for the store in an outage (oldest dropped beyond)
 
 
 class Verifier:
@@ -84,12 +83,10 @@ class Verifier:
         self._gallery_error = ""  # why the search matrix may be behind the gallery (a failed reload)
         self._file_error = ""  # the gallery file deleted, replaced or corrupt under this process
         self._integrity_error = ""  # the background quick check found a corrupt page
-        self._stale_since: float | None = None  # monotonic: when the gallery first went stale
         self._force_reload = False
         self._last_integrity = float("-inf")
         self.metrics = VerifierMetrics({c.id: c.gate for c in cfg.cameras})
-        self.core = VerifierCore(cfg, self.engine, view, metrics=self.metrics, confirm=self.gallery.enrolled,
-                                 store=self.store)
+        self.core = VerifierCore(cfg, self.engine, view, metrics=self.metrics)
         self.cameras = self.core.cameras
         self.metrics.gallery_stale.set_function(lambda: 1.0 if self._stale_reason() else 0.0)
         self.metrics.watch_cameras(lambda cam_id: self.cameras[cam_id].state(time.time())[0] != "down",
@@ -121,8 +118,10 @@ class Verifier:
         self._event_seq: dict[str, int] = {}  # per gate: a gate's subscriber sees 1, 2, 3... and any gap
         self.recent = RecentEvents(read_tail(audit_path))  # what a subscriber that missed some can fetch
         self.metrics.audit_ok.set_function(lambda: 0.0 if self.audit.error else 1.0)
-        self._unrecorded: deque[DecisionRecord] = deque(maxlen=UNRECORDED_MAX)  # decisions the store missed
-        self._record_failing = False
+        self.gate = Gatekeeper(enrolment=self.gallery, store=self.store, audit=self.audit, publisher=self,
+                               forget_accept=self.core.policy.forget_accept,
+                               max_frame_age_ms=cfg.policy.max_frame_age_ms,
+                               stale_grace_s=cfg.gallery.stale_grace_s, counters=self.metrics)
         self._stop = threading.Event()
         self._purge_now = threading.Event()  # set: look for flights due for purging now
         self._purge_now.set()
@@ -366,9 +365,19 @@ class Verifier:
 
     def _publish_all(self, verdicts: list[Verdict]) -> None:
         for verdict in verdicts:
-            self._publish(verdict.camera, verdict)
+            t0 = time.perf_counter()
+            event = self.gate.admit(verdict)
+            self.metrics.observe_stage("publish", (time.perf_counter() - t0) * 1000)
+            self.metrics.decisions.labels(gate=event.gate_id, type=event.type, reason=event.reason or "").inc()
+            self.metrics.observe_decision(event.gate_id, event.latency_ms or 0.0)
+            log.info("%s gate=%s camera=%s track=%d subject=%s score=%s reason=%s frames=%d latency=%.0fms",
+                     event.type.upper(), event.gate_id, event.camera_id, verdict.track_id, event.subject_id,
+                     event.score, event.reason, event.frames, event.latency_ms or 0.0)
 
-    def _event(self, cam: CameraState, verdict: Verdict, d: Decision) -> Event:
+    # -- the gatekeeper's publisher port -----------------------------------------------------------------
+    def event(self, verdict: Verdict, d: Decision) -> Event:
+        """The event a decision goes out as, with its gate's next sequence number."""
+        cam = verdict.camera
         decided_at = time.time()
         return Event(boot_id=self.boot_id, event_seq=self._event_seq.get(cam.gate_id, 0) + 1, type=d.type,
                      gate_id=cam.gate_id, camera_id=cam.camera_id, track_id=verdict.track_id,
@@ -382,84 +391,17 @@ class Verifier:
                      liveness_score=None if d.liveness_score is None else round(d.liveness_score, 4),
                      liveness_frames=d.liveness_frames, liveness_checks=d.liveness_checks)
 
-    def _publish(self, cam: CameraState, verdict: Verdict) -> Event:
-        """Audit first, then publish. An accept that cannot be audited is published as a reject
-        (`audit_unavailable`): nothing opens a door that the audit log does not hold. A reject is published
-        either way: it opens nothing and tells the gate to stay closed."""
-        d = verdict.decision
-        t0 = time.perf_counter()
-        event = self._event(cam, verdict, d)
-        if not self.audit.write(event.to_json()):
-            self.metrics.audit_failures.inc()
-            if d.type == "accept":
-                log.error("accept of %s at gate %s withheld: the audit log cannot be written", d.subject_id,
-                          cam.gate_id)
-                if d.subject_id:
-                    self.core.policy.forget_accept(cam.gate_id, d.subject_id)  # not accepted after all
-                    if d.flight_id:
-                        self._unboard(d)
-                d = dataclasses.replace(d, type="reject", reason="audit_unavailable")
-                event = self._event(cam, verdict, d)
-            self.audit.defer(event.to_json())  # what the gate is told goes into the log once it can be written
-        if d.flight_id and d.type != "accept":  # an accept was recorded with its boarded mark
-            self._record(cam, d)
-        self._event_seq[cam.gate_id] = event.event_seq or 0
+    def publish(self, verdict: Verdict, event: Event) -> None:
+        """An audited event to the gates, the history a subscriber that missed it fetches, and a watching
+        console (the face crop it was decided on)."""
+        self._event_seq[event.gate_id] = event.event_seq or 0
         self.recent.add(event)
         self.events.send_multipart([event.topic(), event.to_json()])
-        if verdict.crop is not None and self.previews.wants_crops(cam.gate_id):
+        if verdict.crop is not None and self.previews.wants_crops(event.gate_id):
             try:
-                self.previews.send_crop(cam.gate_id, dataclasses.asdict(event), verdict.crop)
+                self.previews.send_crop(event.gate_id, dataclasses.asdict(event), verdict.crop)
             except (ValueError, cv2.error) as exc:
                 log.warning("decision crop of %s not sent: %s", event.event_id, exc)
-        self.metrics.observe_stage("publish", (time.perf_counter() - t0) * 1000)
-        self.metrics.decisions.labels(gate=cam.gate_id, type=d.type, reason=d.reason or "").inc()
-        self.metrics.observe_decision(cam.gate_id, event.latency_ms or 0.0)
-        log.info("%s gate=%s camera=%s track=%d subject=%s score=%s reason=%s frames=%d latency=%.0fms",
-                 d.type.upper(), cam.gate_id, cam.camera_id, verdict.track_id, d.subject_id, event.score, d.reason,
-                 d.frames, event.latency_ms or 0.0)
-        return event
-
-    def _unboard(self, d: Decision) -> None:
-        """The boarded mark of an accept that never reached the gate comes off again."""
-        try:
-            self.store.undo(str(d.flight_id), str(d.subject_id), why="accept withheld: audit log unwritable",
-                            withdraw_accept=True)
-        except Exception as exc:  # noqa: BLE001
-            self.metrics.store_failures.inc()
-            log.error("the boarded mark of %s on %s could not be taken off (%s): `kiosk board undo` it",
-                      d.subject_id, d.flight_id, exc)
-
-    def _record(self, cam: CameraState, d: Decision) -> None:
-        """Keep a reject at a boarding gate for the flight's report. The gate is told either way; one the
-        store cannot take now (an outage: the store_unavailable rejects themselves) waits, in order and
-        bounded, and is written when the store answers again, with the time it was decided."""
-        self._unrecorded.append(DecisionRecord(d.event_id, str(d.flight_id), cam.gate_id, d.type, d.reason,
-                                               d.subject_id, d.candidate_id, d.score, time.time()))
-        if not self._file_error:  # never into a gallery file that is no longer at its path
-            self._record_unrecorded()
-
-    def _record_unrecorded(self) -> None:
-        """Write the decisions waiting for the store, oldest first; stop at the first failure (next try with
-        the next decision or within a second)."""
-        while self._unrecorded:
-            record = self._unrecorded[0]
-            try:
-                self.store.record(record)
-            except Exception as exc:  # noqa: BLE001
-                self.metrics.store_failures.inc()
-                if not self._record_failing:
-                    log.warning("decision %s not yet kept for the report of %s (kept for later, %d waiting): %s",
-                                record.event_id, record.flight_id, len(self._unrecorded), exc)
-                self._record_failing = True
-                self._last_error = f"boarding store: {exc}"
-                return
-            self._unrecorded.popleft()
-            if self._record_failing and not self._unrecorded:
-                log.info("boarding store answers again: the decisions it missed are kept for the report")
-                self._record_failing = False
-                if self._last_error.startswith("boarding store:"):
-                    self._last_error = ""
-                self.core.recovered("boarding store")
 
     # -- periodic --------------------------------------------------------------
     def _housekeeping(self) -> None:
@@ -476,8 +418,7 @@ class Verifier:
             self._reload_gallery()
             self._update_stale()
             self.audit.check()
-            if self._unrecorded and not self._file_error:
-                self._record_unrecorded()
+            self.gate.retry_records()
         if self.refusals.tick(mono) | self.key_files.check(mono):
             self._last_heartbeat = 0.0  # a changed status goes out at once
         self._heartbeat()
@@ -498,7 +439,7 @@ class Verifier:
                 log.warning("%s; switching to the gallery now at %s", problem, fresh.path)
                 old, self.gallery = self.gallery, fresh
                 self.store = SqliteBoardingStore(fresh)
-                self.core.confirm, self.core.store = fresh.enrolled, self.store
+                self.gate.use(fresh, self.store)
                 old.close()
                 self._force_reload = True
                 self._integrity_error = ""
@@ -513,27 +454,19 @@ class Verifier:
         self._file_error = problem
 
     def _update_stale(self) -> None:
-        """Stale: say so at once (heartbeat, status, metrics, console); go on accepting from memory for
-        `gallery.stale_grace_s`, then refuse every accept until the gallery is back. A boarding gate whose
-        file is gone refuses at once (its boarded marks would go into a deleted file)."""
+        """Stale: say so at once (heartbeat, status, metrics, console), and tell the gatekeeper, which goes on
+        accepting from memory for `gallery.stale_grace_s`, then refuses every accept until the gallery is back
+        (a boarding gate whose file is gone, at once: its boarded marks would go into a deleted file)."""
         reason = self._stale_reason()
-        mono = time.monotonic()
-        grace = self.cfg.gallery.stale_grace_s
-        if reason and self._stale_since is None:
-            self._stale_since = mono
+        was = self.gate.stale_since
+        self.gate.gallery_state(reason, file_gone=bool(self._file_error), remedy=self._restore_hint())
+        if reason and was is None:
             log.error("gallery stale (%s): deciding from the %d subject(s) in memory for %.0f s more, then every "
-                      "accept is refused", reason, len(self.matrix), grace)
+                      "accept is refused", reason, len(self.matrix), self.cfg.gallery.stale_grace_s)
             self._last_heartbeat = 0.0  # heartbeat now
-        elif not reason and self._stale_since is not None:
-            log.info("gallery %s is current again (stale for %.0f s)", self.gallery.name, mono - self._stale_since)
-            self._stale_since = None
+        elif not reason and was is not None:
+            log.info("gallery %s is current again (stale for %.0f s)", self.gallery.name, time.monotonic() - was)
             self._last_heartbeat = 0.0
-        expired = self._stale_since is not None and mono - self._stale_since >= grace
-        if expired and not self.core.refuse_accepts:
-            log.error("gallery stale for %.0f s (gallery.stale_grace_s): every accept is refused until it is back "
-                      "(%s)", grace, self._restore_hint())
-        self.core.refuse_accepts = "gallery_unavailable" if expired else ""
-        self.core.refuse_boarding = "store_unavailable" if self._file_error else ""
 
     def _restore_hint(self) -> str:
         config = f"-c {self.cfg.source} " if self.cfg.source else ""
@@ -607,13 +540,13 @@ class Verifier:
         down = sorted(cid for cid, (state, _) in states.items() if state == "down")
         return {
             "component": "verifier",
-            "status": ("degraded" if down or self.audit.error or self._stale_reason() or self._record_failing
+            "status": ("degraded" if down or self.audit.error or self._stale_reason() or self.gate.record_failing
                        or self.matrix.unreadable or self.refusals.skewed or self.key_files.problems else "ok"),
             "cameras_down": down,
             "pid": os.getpid(), "providers": self.engine.providers,
             "fps": round(self.core.fps(now), 2), "drops": sum(c.stale for c in self.cameras.values()),
             "queue_depth": sum(len(c.pending) for c in self.cameras.values()),
-            "bad_messages": self._bad, "last_error": self.core.last_error or self._last_error,
+            "bad_messages": self._bad, "last_error": self.core.last_error or self.gate.last_error or self._last_error,
             "frames_refused": {reason: sum(c[reason] for c in self.refusals.counts.values())
                                for reason in REFUSALS},
             "control_refused": dict(self.access.counts),
@@ -622,7 +555,7 @@ class Verifier:
             "key_files": self.key_files.status(),
             "audit": {"ok": not self.audit.error, "error": self.audit.error, "failures": self.audit.failures,
                       "pending": self.audit.pending},
-            "boarding_store": {"ok": not self._record_failing, "decisions_waiting": len(self._unrecorded)},
+            "boarding_store": {"ok": not self.gate.record_failing, "decisions_waiting": len(self.gate.unrecorded)},
             "frame_latency_ms": self.metrics.recent_frame.quantiles(),
             "stages_ms": {stage: window.quantiles() for stage, window in self.metrics.recent_stage.items()},
             "frames_processed": sum(c.processed for c in self.cameras.values()),
@@ -655,13 +588,13 @@ class Verifier:
         if self.matrix.unreadable:  # sealed templates that do not open: tampering or damage, left out
             status["unreadable_templates"] = sum(self.matrix.unreadable.values())
             status["unreadable_subjects"] = sorted(self.matrix.unreadable)[:20]
-        if reason and self._stale_since is not None:
-            left = max(0.0, self.cfg.gallery.stale_grace_s - (time.monotonic() - self._stale_since))
-            status["stale_for_s"] = round(time.monotonic() - self._stale_since, 1)
+        stale_for = self.gate.stale_for()
+        if reason and stale_for is not None:
+            left = max(0.0, self.cfg.gallery.stale_grace_s - stale_for)
+            status["stale_for_s"] = round(stale_for, 1)
             status["accepts_from_memory_s"] = round(left, 1)
-            status["refusing"] = ("every accept" if self.core.refuse_accepts else
-                                  "boarding accepts" if self.core.refuse_boarding and any(
-                                      self.core.flights.flight_of(g) for g in self._gates) else "nothing yet")
+            boarding = any(self.core.flights.flight_of(g) for g in self._gates)
+            status["refusing"] = self.gate.refusing(boarding) or "nothing yet"
             status["action"] = self._restore_hint()
         return status
 
