@@ -187,6 +187,7 @@ class _Flood(threading.Thread):
         self.transport.close()
 
 
+@pytest.mark.slow  # three timed phases of real frame rates: kept out of the default suite's time
 def test_a_foreign_keys_frame_flood_does_not_starve_the_owner_camera(tmp_path):
     """Gate A1's camera replays as fast as the verifier takes frames (so its processed frames a second are the
     verifier's capacity); gate B1's capture key floods 10 4096x2304 JPEGs a second labelled as cam-a1. Owner
