@@ -114,9 +114,13 @@ def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
                           heartbeat={"interval_s": 0.25, "misses": 3}, hooks={"exec_timeout_s": 20})
     res = run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"]))
     assert res.returncode == 0
-    # An intruder: a key pair that is in no allow-list. A gate: allowed to subscribe only.
+    # An intruder: a key pair that is in no allow-list. A gate: allowed to subscribe only, and given both gates to
+    # hear (security.listeners: without it, a subscriber key hears the verifier's own heartbeat and nothing else).
     zmq.auth.create_certificates(str(tmp_path / "keys"), "intruder")
     init_keys(tmp_path / "keys", client_name="gate-b2", role="subscriber")
+    data = yaml.safe_load(config.read_text())
+    data["security"]["listeners"] = [{"key": "gate-b2", "gates": ["A1", "X1"]}]
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
 
     def config_with_key(name: str) -> Path:
         data = yaml.safe_load(config.read_text())

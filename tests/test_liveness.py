@@ -559,9 +559,11 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
     report = _json.dumps(on)
     refused(on, ("P1", "P2", "S1"))
     assert ("reject", "presentation_attack", ["texture"]) in [(t, r, c["decided_by"]) for t, r, c in on["P1"]], report
-    assert ("reject", "presentation_attack", ["screen"]) in [(t, r, c["decided_by"]) for t, r, c in on["S1"]], report
+    # the screen accused by its fringes (and, since small faces are detected again at full resolution, by its texture
+    # too: the close-up's early, smaller frames are boxed as at full size)
+    assert any(r == "presentation_attack" and "screen" in c["decided_by"] for _, r, c in on["S1"]), report
     for gate in ("P1", "P2", "S1"):  # no attack ever moved as a living face
-        assert all(c["depth"]["live_frames"] == 0 and c["motion"]["verdict"] is None for _, _, c in on[gate]), report
+        assert all(c["depth"]["verdict"] != "live" and c["motion"]["verdict"] is None for _, _, c in on[gate]), report
     for gate in ("L1", "L2"):  # nothing accuses a passenger (whether the texture vouches: see the docstring)
         assert on[gate] and all(r != "presentation_attack" for _, r, _ in on[gate]), report
         checks = on[gate][-1][2]
