@@ -46,12 +46,12 @@ reason, then at most every `LOG_EVERY_S` with the count since.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from kiosk.config import CameraConfig, KioskConfig, OperatorKeyConfig
 from kiosk.messaging.transport import ClientNames
+from kiosk.services.keyed_log import KeyedLog
 from kiosk.services.metrics import VerifierMetrics
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ REFUSED_REASONS = ("claim_scope", "revoked")  # a gate the key does not serve; a
 Gates = frozenset[str] | None  # None: every gate
 
 
-def _union(scopes: Iterable[Gates]) -> Gates:
+def union_of(scopes: Iterable[Gates]) -> Gates:
     out: set[str] = set()
     for gates in scopes:
         if gates is None:
@@ -69,7 +69,7 @@ def _union(scopes: Iterable[Gates]) -> Gates:
     return frozenset(out)
 
 
-def _gates_text(gates: Gates) -> str:
+def gates_text(gates: Gates) -> str:
     return "every gate" if gates is None else ", ".join(sorted(gates)) if gates else "no gate"
 
 
@@ -119,8 +119,8 @@ class KeyScopes:
         if not names:
             return Caller((), frozenset(), frozenset(), "a key no longer in authorized_clients/ (revoked)",
                           revoked=True)
-        sees = _union(self.operators.get(n, frozenset()) for n in names)
-        claims = _union([sees] + [frozenset(c.gate for c in self.cameras.get(n, [])) for n in names])
+        sees = union_of(self.operators.get(n, frozenset()) for n in names)
+        claims = union_of([sees] + [frozenset(c.gate for c in self.cameras.get(n, [])) for n in names])
         return Caller(names, claims, sees, "; ".join(self._role(n) for n in names))
 
     def _role(self, name: str) -> str:
@@ -128,7 +128,7 @@ class KeyScopes:
         if name == self.client_key and self.operators[name] is None:
             roles.append("the tools key (security.client_key)")
         elif name in self.operators:
-            roles.append(f"operator key for {_gates_text(self.operators[name])}")
+            roles.append(f"operator key for {gates_text(self.operators[name])}")
         cams = self.cameras.get(name, [])
         if cams:
             roles.append("capture key of " + ", ".join(f"{c.id} (gate {c.gate})" for c in cams))
@@ -136,9 +136,9 @@ class KeyScopes:
 
     def describe(self) -> str:
         """One line for the verifier's start: who may claim what."""
-        ops = ", ".join(f"{name}: {_gates_text(gates)}" for name, gates in sorted(self.operators.items(),
+        ops = ", ".join(f"{name}: {gates_text(gates)}" for name, gates in sorted(self.operators.items(),
                                                                                    key=lambda kv: kv[0]))
-        caps = ", ".join(f"{name}: {_gates_text(frozenset(c.gate for c in cams))}"
+        caps = ", ".join(f"{name}: {gates_text(frozenset(c.gate for c in cams))}"
                          for name, cams in sorted(self.cameras.items()))
         return f"claims by operator keys ({ops}) and capture keys for their own gates ({caps})"
 
@@ -156,7 +156,7 @@ class ControlAccess:
         self.counts = dict.fromkeys(REFUSED_REASONS, 0)
         for reason in REFUSED_REASONS:  # every series from zero
             metrics.control_refused.labels(reason=reason)
-        self._logged: dict[tuple[tuple[str, ...], str, str], tuple[float, int]] = {}
+        self._log = KeyedLog(log, "control", self.LOG_EVERY_S, self.MAX_LOGGED)
 
     def caller(self, sender: str | None) -> Caller:
         """The sender (ZAP's User-Id: its z85 public key), named from authorized_clients/ now."""
@@ -173,23 +173,14 @@ class ControlAccess:
             where = f"{str(gate)[:40]!r}"
             return self._refuse(caller, "claim_scope", where,
                                 f"claim for gate {where} refused for {caller.role}: it may claim "
-                                f"{_gates_text(caller.claims)}; a claim needs the key of the gate's camera or an "
+                                f"{gates_text(caller.claims)}; a claim needs the key of the gate's camera or an "
                                 f"operator key for the gate (security.operators)")
         return None
 
     def _refuse(self, caller: Caller, reason: str, what: str, error: str) -> dict[str, Any]:
         self.counts[reason] += 1
         self.metrics.control_refused.labels(reason=reason).inc()
-        now = time.monotonic()
-        key = (caller.names, reason, what)
-        last, since = self._logged.get(key, (-self.LOG_EVERY_S, 0))
-        if now - last >= self.LOG_EVERY_S:
-            if len(self._logged) >= self.MAX_LOGGED:
-                self._logged.clear()
-            self._logged[key] = (now, 0)
-            log.warning("control: %s%s", error, f" ({since} more since the last such line)" if since else "")
-        else:
-            self._logged[key] = (last, since + 1)
+        self._log.warning((caller.names, reason, what), error)
         return {"ok": False, "error": error}
 
     def redact(self, status: dict[str, Any], caller: Caller) -> dict[str, Any]:

@@ -65,7 +65,8 @@ from kiosk.config import KioskConfig
 from kiosk.messaging.channels import CAPTURE_HEALTH, GATE_HEALTH, VERIFIER_HEALTH
 from kiosk.messaging.messages import EVENT_TOPIC, IDLE_TOPIC
 from kiosk.messaging.transport import ClientNames
-from kiosk.services.control_access import Gates, KeyScopes, _gates_text, _union
+from kiosk.services.control_access import Gates, KeyScopes, gates_text, union_of
+from kiosk.services.keyed_log import KeyedLog
 from kiosk.services.metrics import VerifierMetrics
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class Hearer:
     def describe(self) -> str:
         if self.revoked:
             return "a key in no allow-list now (revoked)"
-        what = f"events of {_gates_text(self.gates)}"
+        what = f"events of {gates_text(self.gates)}"
         if self.idle_cameras:
             what += ", idle hints of " + ", ".join(sorted(self.idle_cameras))
         return f"key {'/'.join(self.names)!r} ({what})"
@@ -126,12 +127,12 @@ class HearingScopes:
         if self.console_key in consoles:
             scopes.append(None)
         idle = frozenset(c.id for n in clients for c in self.keys.cameras.get(n, []))
-        return Hearer(names, _union(scopes), idle)
+        return Hearer(names, union_of(scopes), idle)
 
     def describe(self) -> str:
         """One line for the verifier's start: who hears what on the events socket."""
-        ops = ", ".join(f"{n}: {_gates_text(g)}" for n, g in sorted(self.keys.operators.items()))
-        lis = ", ".join(f"{n}: {_gates_text(g)}" for n, g in sorted(self.listeners.items())) or "none"
+        ops = ", ".join(f"{n}: {gates_text(g)}" for n, g in sorted(self.keys.operators.items()))
+        lis = ", ".join(f"{n}: {gates_text(g)}" for n, g in sorted(self.listeners.items())) or "none"
         return (f"events heard by operator and tools keys ({ops}), the console key {self.console_key!r} (every "
                 f"gate), listener keys ({lis}); idle hints by each camera's capture key only; the heartbeat by "
                 "every allow-listed key")
@@ -172,7 +173,7 @@ class HearingScopes:
         parts = []
         if gates:
             parts.append(f"it reaches gate(s) {', '.join(gates[:10])}{' ...' if len(gates) > 10 else ''} that "
-                         f"this key may not hear (it hears {_gates_text(hearer.gates)}; security.listeners or "
+                         f"this key may not hear (it hears {gates_text(hearer.gates)}; security.listeners or "
                          "security.operators give a key its gates)")
         if idle:
             parts.append(f"it reaches the idle hints of camera(s) {', '.join(idle[:10])}"
@@ -202,7 +203,7 @@ class EventPublisher:
         self.counts = dict.fromkeys(REFUSED_REASONS, 0)
         for reason in REFUSED_REASONS:
             metrics.events_refused.labels(reason=reason).inc(0)
-        self._logged: dict[tuple[tuple[str, ...], str, str], tuple[float, int]] = {}
+        self._log = KeyedLog(log, "events", self.LOG_EVERY_S, self.MAX_LOGGED)
         self._applied: set[str] = set()  # senders (z85 keys) with at least one subscription applied
         self._unpaired = False  # a non-subscription message was read since the queue was last empty
         self._last_revoke_check = time.monotonic()
@@ -287,16 +288,7 @@ class EventPublisher:
                 names: tuple[str, ...] = ()) -> None:
         self.counts[reason] += 1
         self.metrics.events_refused.labels(reason=reason).inc()
-        key = (names or ((sender or "?")[:8],), reason, what[:60])
-        now = time.monotonic()
-        last, since = self._logged.get(key, (-self.LOG_EVERY_S, 0))
-        if now - last >= self.LOG_EVERY_S:
-            if len(self._logged) >= self.MAX_LOGGED:
-                self._logged.clear()
-            self._logged[key] = (now, 0)
-            log.warning("events: %s%s", why, f" ({since} more since the last such line)" if since else "")
-        else:
-            self._logged[key] = (last, since + 1)
+        self._log.warning((names or ((sender or "?")[:8],), reason, what[:60]), why)
 
     def close(self) -> None:
         self.sock.close(linger=0)
