@@ -152,8 +152,15 @@ def reference(text: str | None = None) -> str:
                 out.append(f"| {keys} | {defaults} | {_prose(r.text)} |")
             out.append("")
         for path, entries in s.examples.items():
-            out += [f"`{path}`, entries as the file writes them (commented out where it ships none):", "",
-                    "```yaml", f"{path.rsplit('.', 1)[-1]}:", *(f"  {e}" for e in entries), "```", ""]
+            out += [
+                f"`{path}`, entries as the file writes them (commented out where it ships none):",
+                "",
+                "```yaml",
+                f"{path.rsplit('.', 1)[-1]}:",
+                *(f"  {e}" for e in entries),
+                "```",
+                "",
+            ]
     return "\n".join(out)
 
 

@@ -22,16 +22,22 @@ from tqdm import tqdm
 from enrollment.csvfile import read_rows
 from enrollment.evaluate import Report, read_pairs
 from enrollment.flight_commands import add_flight_commands, prepare_flight
+from enrollment.photos import (
+    Refused,
+    Template,
+    largest_face_embedding,
+    photo_digest,
+    read_reference,
+    reference_template,
+)
 from kiosk.boarding.model import flight_arg
-from enrollment.photos import (Refused, Template, largest_face_embedding, photo_digest, read_reference,
-                               reference_template)
+from kiosk.cli_support import Parser, add_commands, add_common, run_command
 from kiosk.config import KioskConfig, load_config
-from kiosk.vision.engine import FaceEngine
 from kiosk.errors import EXIT_OK, EXIT_USAGE, UsageError
 from kiosk.store.flights import SqliteBoardingStore
 from kiosk.store.gallery import Gallery, GalleryMatrix, GalleryQueries, open_gallery
 from kiosk.store.sealing import key_source
-from kiosk.cli_support import Parser, add_commands, add_common, run_command
+from kiosk.vision.engine import FaceEngine
 
 log = logging.getLogger("kiosk-enroll")
 PROG = "kiosk-enroll"
@@ -58,8 +64,9 @@ def _parse_expiry(value: str | None) -> float | None:
     try:
         dt = datetime.fromisoformat(value)
     except ValueError:
-        raise UsageError(f"--expires: expected an ISO date or date-time (2026-12-01 or 2026-12-01T18:00), "
-                         f"found {value!r}") from None
+        raise UsageError(
+            f"--expires: expected an ISO date or date-time (2026-12-01 or 2026-12-01T18:00), found {value!r}"
+        ) from None
     if len(value.strip()) <= 10:  # a bare date: valid through that whole day
         dt = dt.replace(hour=23, minute=59, second=59)
     if dt.tzinfo is None:
@@ -69,8 +76,9 @@ def _parse_expiry(value: str | None) -> float | None:
     return dt.timestamp()
 
 
-def check_enrollment(subject_id: str, templates: list[Template], matrices: list[GalleryMatrix],
-                     cfg: KioskConfig, *, force: bool) -> None:
+def check_enrollment(
+    subject_id: str, templates: list[Template], matrices: list[GalleryMatrix], cfg: KioskConfig, *, force: bool
+) -> None:
     """Refuse an enrollment that would make a gate open for the wrong booking.
 
     - photos of one subject that do not match each other;
@@ -84,9 +92,12 @@ def check_enrollment(subject_id: str, templates: list[Template], matrices: list[
         sims = emb @ emb.T
         i, j = np.unravel_index(np.argmin(sims), sims.shape)
         if sims[i, j] < threshold and not force:
-            raise Refused("inconsistent", f"{templates[i].source} and {templates[j].source} do not look like the "
-                                          f"same person (score {sims[i, j]:.3f} < {threshold:.2f}); "
-                                          "pass --force if they are")
+            raise Refused(
+                "inconsistent",
+                f"{templates[i].source} and {templates[j].source} do not look like the "
+                f"same person (score {sims[i, j]:.3f} < {threshold:.2f}); "
+                "pass --force if they are",
+            )
     matrices = [m for m in matrices if len(m)]
     if not matrices:
         return
@@ -97,9 +108,12 @@ def check_enrollment(subject_id: str, templates: list[Template], matrices: list[
         own = scores[:, own_cols].max(axis=1)  # each photo against the subject's best template
         worst = int(np.argmin(own))
         if own[worst] < threshold:
-            raise Refused("inconsistent", f"{templates[worst].source} does not match the templates already "
-                                          f"enrolled for {subject_id} (score {own[worst]:.3f} < {threshold:.2f}); "
-                                          "pass --force if it is the same person")
+            raise Refused(
+                "inconsistent",
+                f"{templates[worst].source} does not match the templates already "
+                f"enrolled for {subject_id} (score {own[worst]:.3f} < {threshold:.2f}); "
+                "pass --force if it is the same person",
+            )
     others = [k for k, s in enumerate(ids) if s != subject_id]
     if not others or force or not cfg.enrollment.duplicate_check:
         return
@@ -107,9 +121,12 @@ def check_enrollment(subject_id: str, templates: list[Template], matrices: list[
     t, k = np.unravel_index(np.argmax(sub), sub.shape)
     if sub[t, k] >= threshold:
         other = ids[others[k]]
-        raise Refused("duplicate", f"{templates[t].source} matches the already enrolled subject {other} "
-                                   f"(score {sub[t, k]:.3f} >= {threshold:.2f}); one person with two ids would "
-                                   "open a gate for the wrong booking. Pass --force if they really are two people")
+        raise Refused(
+            "duplicate",
+            f"{templates[t].source} matches the already enrolled subject {other} "
+            f"(score {sub[t, k]:.3f} >= {threshold:.2f}); one person with two ids would "
+            "open a gate for the wrong booking. Pass --force if they really are two people",
+        )
 
 
 def _flight_of(args: argparse.Namespace, cfg: KioskConfig) -> str | None:
@@ -132,28 +149,43 @@ def cmd_add(args: argparse.Namespace) -> int:
             prepare_flight(store, flight, args.departs, ctx.cfg)
             if gallery.has_templates(args.id, ctx.engine.model_id):  # enrolled once, listed on each flight
                 added = store.add_passengers(flight, [args.id])
-                print(f"{args.id} is already enrolled; " + (f"added to flight {flight}" if added else
-                                                            f"already on flight {flight}"))
+                print(
+                    f"{args.id} is already enrolled; "
+                    + (f"added to flight {flight}" if added else f"already on flight {flight}")
+                )
                 return EXIT_OK
     templates = [reference_template(ctx.engine, p, ctx.cfg.enrollment, largest=args.largest) for p in args.images]
     with _gallery(ctx.cfg) as gallery:
         known = [t for t in templates if gallery.has_photo(args.id, ctx.engine.model_id, t.photo_sha256)]
         if len(known) == len(templates) and expires is None and not args.name:
-            print(f"{args.id} is already enrolled from {'this photo' if len(known) == 1 else 'these photos'}; "
-                  "nothing changed")
+            print(
+                f"{args.id} is already enrolled from {'this photo' if len(known) == 1 else 'these photos'}; "
+                "nothing changed"
+            )
             return EXIT_OK
         with gallery.writing():  # the check and the insert see the same gallery: no enrollment in between
             matrix = gallery.matrix(ctx.engine.model_id, ctx.engine.dim)
             check_enrollment(args.id, templates, [matrix], ctx.cfg, force=args.force)
-            count = gallery.enroll(args.id, args.name or "", np.stack([t.embedding for t in templates]),
-                                   ctx.engine.model_id, expires=expires, qualities=[t.quality for t in templates],
-                                   photo_hashes=[t.photo_sha256 for t in templates])
+            count = gallery.enroll(
+                args.id,
+                args.name or "",
+                np.stack([t.embedding for t in templates]),
+                ctx.engine.model_id,
+                expires=expires,
+                qualities=[t.quality for t in templates],
+                photo_hashes=[t.photo_sha256 for t in templates],
+            )
             if flight is not None:
                 SqliteBoardingStore(gallery).add_passengers(flight, [args.id])
-    log.info("enrollment of %s took %.0f ms for %d photo(s)", args.id, (time.perf_counter() - t0) * 1000,
-             len(templates))
-    print(f"enrolled {args.id}" + (f" ({args.name})" if args.name else "") + f": {count} template(s)"
-          + (f", on flight {flight}" if flight else ""))
+    log.info(
+        "enrollment of %s took %.0f ms for %d photo(s)", args.id, (time.perf_counter() - t0) * 1000, len(templates)
+    )
+    print(
+        f"enrolled {args.id}"
+        + (f" ({args.name})" if args.name else "")
+        + f": {count} template(s)"
+        + (f", on flight {flight}" if flight else "")
+    )
     return EXIT_OK
 
 
@@ -166,8 +198,10 @@ class ManifestRow:
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:
-    return [ManifestRow(line, row.get("id", ""), row.get("name", ""), path.parent / row.get("photo", ""))
-            for line, row in read_rows(path, {"id", "photo"}, "id,name,photo")]
+    return [
+        ManifestRow(line, row.get("id", ""), row.get("name", ""), path.parent / row.get("photo", ""))
+        for line, row in read_rows(path, {"id", "photo"}, "id,name,photo")
+    ]
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -206,15 +240,22 @@ def cmd_import(args: argparse.Namespace) -> int:
                 if gallery.has_photo(row.subject_id, ctx.engine.model_id, photo_digest(data)):
                     unchanged += 1  # the same import run again: this photo is enrolled for this subject
                     continue
-                template = reference_template(ctx.engine, row.photo, ctx.cfg.enrollment, largest=args.largest,
-                                              data=data)
+                template = reference_template(
+                    ctx.engine, row.photo, ctx.cfg.enrollment, largest=args.largest, data=data
+                )
                 with gallery.writing():  # check and insert in one write transaction
                     if gallery.revision() != ours:  # someone else enrolled meanwhile: check against that too
                         before, added = gallery.matrix(ctx.engine.model_id, ctx.engine.dim), []
                     so_far = GalleryMatrix.from_templates(ctx.engine.model_id, ctx.engine.dim, added)
                     check_enrollment(row.subject_id, [template], [before, so_far], ctx.cfg, force=args.force)
-                    gallery.enroll(row.subject_id, row.name, template.embedding[None, :], ctx.engine.model_id,
-                                   qualities=[template.quality], photo_hashes=[template.photo_sha256])
+                    gallery.enroll(
+                        row.subject_id,
+                        row.name,
+                        template.embedding[None, :],
+                        ctx.engine.model_id,
+                        qualities=[template.quality],
+                        photo_hashes=[template.photo_sha256],
+                    )
                     if flight is not None:
                         listed += store.add_passengers(flight, [row.subject_id])
                     ours = gallery.revision()
@@ -223,9 +264,11 @@ def cmd_import(args: argparse.Namespace) -> int:
             except Refused as exc:
                 refused.append((row, exc.reason, str(exc)))
     seconds = time.perf_counter() - t0
-    print(f"import {manifest}: {len(rows)} row(s), {enrolled} enrolled, {unchanged} already enrolled from the "
-          f"same photo, {len(refused)} refused ({seconds:.1f} s)"
-          + (f"; {known} enrolled before (photo not used); {listed} added to flight {flight}" if flight else ""))
+    print(
+        f"import {manifest}: {len(rows)} row(s), {enrolled} enrolled, {unchanged} already enrolled from the "
+        f"same photo, {len(refused)} refused ({seconds:.1f} s)"
+        + (f"; {known} enrolled before (photo not used); {listed} added to flight {flight}" if flight else "")
+    )
     for row, reason, message in refused:
         print(f"  line {row.line} id={row.subject_id or '?'}: refused ({reason}): {message}")
     return EXIT_USAGE if refused else EXIT_OK
@@ -236,10 +279,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     with _gallery(cfg, create=False, keys=False) as gallery:
         subjects = gallery.subjects()
     if args.json:
-        print(json.dumps({"subjects": [
-            {"id": s.id, "name": s.name, "templates": sum(s.templates.values()),
-             "templates_by_model": s.templates,
-             "created": s.created, "expires": s.expires} for s in subjects]}))
+        print(
+            json.dumps(
+                {
+                    "subjects": [
+                        {
+                            "id": s.id,
+                            "name": s.name,
+                            "templates": sum(s.templates.values()),
+                            "templates_by_model": s.templates,
+                            "created": s.created,
+                            "expires": s.expires,
+                        }
+                        for s in subjects
+                    ]
+                }
+            )
+        )
         return EXIT_OK
     if not subjects:
         print("gallery is empty")
@@ -283,8 +339,7 @@ def cmd_seal(args: argparse.Namespace) -> int:
     with open_gallery(cfg, seal=True, path=path) as gallery:
         keys = gallery.key_ids()
     held = sum(keys.values())
-    print(f"gallery {gallery.name}: {held} template(s), all sealed" +
-          (f" (key {', '.join(keys)})" if keys else ""))
+    print(f"gallery {gallery.name}: {held} template(s), all sealed" + (f" (key {', '.join(keys)})" if keys else ""))
     return EXIT_OK
 
 
@@ -307,11 +362,14 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
             print(f"wrote a new template key to {new_file}")
         done = gallery.rotate_key(new, batch=args.batch, settle_s=args.settle_s)
         dropped = gallery.rotation_dropped
-    print(f"gallery {gallery.name}: {done} template(s) re-sealed under key {new.key_id.hex()}" +
-          (f"; {dropped} that did not open (tampered or damaged) deleted: re-enroll their subjects" if dropped
-           else ""))
-    print(f"running verifiers hold the new key already. Before any process restarts, put {new_file} in place of "
-          f"{old} (or name it in security.template_key_file) on every host: the old key opens nothing here now")
+    print(
+        f"gallery {gallery.name}: {done} template(s) re-sealed under key {new.key_id.hex()}"
+        + (f"; {dropped} that did not open (tampered or damaged) deleted: re-enroll their subjects" if dropped else "")
+    )
+    print(
+        f"running verifiers hold the new key already. Before any process restarts, put {new_file} in place of "
+        f"{old} (or name it in security.template_key_file) on every host: the old key opens nothing here now"
+    )
     return EXIT_OK
 
 
@@ -345,16 +403,23 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     url = args.to or cfg.gallery.url
     if not url:
         raise UsageError("migrate: name the database with --to postgresql://USER@HOST:PORT/DATABASE (or gallery.url)")
-    password_file = Path(args.password_file) if args.password_file else (
-        cfg.resolve(cfg.gallery.password_file) if cfg.gallery.password_file and not args.to else None)
+    password_file = (
+        Path(args.password_file)
+        if args.password_file
+        else (cfg.resolve(cfg.gallery.password_file) if cfg.gallery.password_file and not args.to else None)
+    )
     where = target(url, password_file, key="--to")
     codec = key_source(cfg).load()  # the source's templates stay sealed under it: copied as they are
-    with Gallery(Path(args.source), create=False, codec=codec) as source, \
-            PgGallery(where, create=True, codec=codec) as dest:
+    with (
+        Gallery(Path(args.source), create=False, codec=codec) as source,
+        PgGallery(where, create=True, codec=codec) as dest,
+    ):
         counts = copy_gallery(source, dest)
         revision = dest.revision()
-    print(f"copied {args.source} into {dest.name}: {counts['subjects']} subjects, {counts['templates']} templates, "
-          f"{counts['flights']} flights, {counts['boardings']} boarded marks (revision {revision})")
+    print(
+        f"copied {args.source} into {dest.name}: {counts['subjects']} subjects, {counts['templates']} templates, "
+        f"{counts['flights']} flights, {counts['boardings']} boarded marks (revision {revision})"
+    )
     return EXIT_OK
 
 
@@ -366,8 +431,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     score = float(a @ b)
     ms = (time.perf_counter() - t0) * 1000
     threshold = ctx.cfg.policy.accept_threshold
-    result = {"score": round(score, 6), "threshold": threshold, "match": score >= threshold,
-              "image_a": str(args.image_a), "image_b": str(args.image_b), "ms": round(ms, 1)}
+    result = {
+        "score": round(score, 6),
+        "threshold": threshold,
+        "match": score >= threshold,
+        "image_a": str(args.image_a),
+        "image_b": str(args.image_b),
+        "ms": round(ms, 1),
+    }
     if args.json:
         print(json.dumps(result))
     else:
@@ -408,15 +479,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     def num(v: object) -> str:
         return "n/a" if v is None else f"{float(v):.3f}"  # type: ignore[arg-type]
 
-    print(f"pairs: {data['pairs']} ({data['genuine_pairs']} genuine, {data['impostor_pairs']} impostor, "
-          f"{len(skipped)} skipped)")
+    print(
+        f"pairs: {data['pairs']} ({data['genuine_pairs']} genuine, {data['impostor_pairs']} impostor, "
+        f"{len(skipped)} skipped)"
+    )
     print(f"threshold {report.threshold:.3f}: FMR {pct(data['fmr'])}, FNMR {pct(data['fnmr'])}")
     print(f"EER {pct(data['eer'])} at threshold {num(data['eer_threshold'])}")
     for target, t in data["threshold_at_fmr"].items():  # type: ignore[union-attr]
-        print(f"threshold for FMR {target}: " + (num(t) if t is not None else
-                                                  f"n/a (needs at least {round(1 / float(target))} impostor pairs)"))
-    print(f"genuine scores: min {num(data['genuine_min'])}, mean {num(data['genuine_mean'])}; "
-          f"impostor scores: max {num(data['impostor_max'])}, mean {num(data['impostor_mean'])}")
+        print(
+            f"threshold for FMR {target}: "
+            + (num(t) if t is not None else f"n/a (needs at least {round(1 / float(target))} impostor pairs)")
+        )
+    print(
+        f"genuine scores: min {num(data['genuine_min'])}, mean {num(data['genuine_mean'])}; "
+        f"impostor scores: max {num(data['impostor_max'])}, mean {num(data['impostor_mean'])}"
+    )
     for s in skipped:
         print(f"  skipped line {s['line']}: {s['reason']}")
     return EXIT_OK
@@ -439,8 +516,9 @@ def cmd_evaluate_pad(args: argparse.Namespace) -> int:
     except UsageError as exc:
         raise UsageError(f"{args.labels}: {exc}") from None
     items = samples(rows)
-    report = PadReport(ctx.cfg, [m.name for m in pad.models], list(pad.checks), hold=args.still_hold,
-                       margin=args.margin)
+    report = PadReport(
+        ctx.cfg, [m.name for m in pad.models], list(pad.checks), hold=args.still_hold, margin=args.margin
+    )
     for item in tqdm(items, desc="judging", unit="clip", file=sys.stderr, disable=args.no_progress):
         try:
             presentations = judge(ctx.engine, pad, ctx.cfg, item, args.still_hold)
@@ -462,8 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="display name")
     p.add_argument("--expires", help="ISO date or date-time after which the subject is not matched")
     p.add_argument("--largest", action="store_true", help="take the largest face when a photo shows several")
-    p.add_argument("--force", action="store_true",
-                   help="enroll even if the face matches another subject or the photos disagree")
+    p.add_argument(
+        "--force", action="store_true", help="enroll even if the face matches another subject or the photos disagree"
+    )
     p.add_argument("--flight", help="also list the subject on this flight's manifest (e.g. LH123)")
     p.add_argument("--departs", metavar="ISO_TIME", help="the flight's scheduled departure (needed for a new flight)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -474,8 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--largest", action="store_true", help="take the largest face when a photo shows several")
     p.add_argument("--force", action="store_true", help="skip the duplicate-identity check")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--flight", help="the flight this manifest lists (e.g. LH123): every row enrolled, or already "
-                                    "enrolled, is put on its manifest")
+    p.add_argument(
+        "--flight",
+        help="the flight this manifest lists (e.g. LH123): every row enrolled, or already "
+        "enrolled, is put on its manifest",
+    )
     p.add_argument("--departs", metavar="ISO_TIME", help="the flight's scheduled departure (needed for a new flight)")
     p.set_defaults(func=cmd_import)
 
@@ -490,18 +572,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="create the configured gallery, empty (a verifier never creates one)")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("seal", help="seal in place the clear templates of a gallery from before schema version 5, "
-                                    "under the template key (back it up first)")
+    p = sub.add_parser(
+        "seal",
+        help="seal in place the clear templates of a gallery from before schema version 5, "
+        "under the template key (back it up first)",
+    )
     p.add_argument("file", metavar="FILE", nargs="?", help="a SQLite gallery file (default: the configured gallery)")
     p.set_defaults(func=cmd_seal)
 
-    p = sub.add_parser("rotate-key", help="re-seal every template under a new template key, in batches, while "
-                                          "verifiers keep deciding (they follow it); then the old key opens nothing")
+    p = sub.add_parser(
+        "rotate-key",
+        help="re-seal every template under a new template key, in batches, while "
+        "verifiers keep deciding (they follow it); then the old key opens nothing",
+    )
     p.add_argument("--new", required=True, metavar="FILE", help="the new key file (made 0600 if missing)")
     p.add_argument("--batch", type=int, default=500, metavar="N", help="templates per transaction (default 500)")
-    p.add_argument("--settle-s", type=float, default=5.0, metavar="S",
-                   help="seconds for running verifiers to take the new key before any template is sealed under it "
-                   "(each looks at the gallery every second; default 5)")
+    p.add_argument(
+        "--settle-s",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds for running verifiers to take the new key before any template is sealed under it "
+        "(each looks at the gallery every second; default 5)",
+    )
     p.set_defaults(func=cmd_rotate_key)
 
     p = sub.add_parser("backup", help="a consistent copy of the gallery in a new FILE (while verifiers run)")
@@ -512,12 +605,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=cmd_restore)
 
-    p = sub.add_parser("migrate", help="copy a SQLite gallery (templates, flights, boarding state) into an empty "
-                                       "PostgreSQL gallery")
+    p = sub.add_parser(
+        "migrate", help="copy a SQLite gallery (templates, flights, boarding state) into an empty PostgreSQL gallery"
+    )
     p.add_argument("--from", dest="source", required=True, metavar="FILE", help="the SQLite gallery file")
     p.add_argument("--to", metavar="URL", help="postgresql://USER@HOST:PORT/DATABASE (default: gallery.url)")
-    p.add_argument("--password-file", metavar="FILE", help="the database password (default: gallery.password_file "
-                                                            "with gallery.url, else $KIOSK_PG_PASSWORD)")
+    p.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="the database password (default: gallery.password_file with gallery.url, else $KIOSK_PG_PASSWORD)",
+    )
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("compare", help="score the largest faces of two photos")
@@ -532,21 +629,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("evaluate-pad", help="APCER per attack type and BPCER of the liveness checks, with their "
-                                            "one-sided 95%% upper bounds (Clopper-Pearson), in all, per source and "
-                                            "leaving one source out; each face track of labelled videos and still "
-                                            "clips judged as the gate would (columns video,label or file,label: "
-                                            "bona_fide or an attack type; optional subject, source)")
+    p = sub.add_parser(
+        "evaluate-pad",
+        help="APCER per attack type and BPCER of the liveness checks, with their "
+        "one-sided 95%% upper bounds (Clopper-Pearson), in all, per source and "
+        "leaving one source out; each face track of labelled videos and still "
+        "clips judged as the gate would (columns video,label or file,label: "
+        "bona_fide or an attack type; optional subject, source)",
+    )
     p.add_argument("labels", metavar="LABELS.csv")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--still-hold", type=int, default=6, metavar="N", help="stills (.jpg .jpeg .png .bmp .webp) are "
-                   "scored as a still clip: those of one source, label and subject (or a still alone without a "
-                   "subject) in file-name order, each held N frames at 30 fps (default 6)")
-    p.add_argument("--margin", type=float, default=0.1, metavar="M", help="leave-one-source-out: the texture "
-                   "threshold fitted on the other sources is the lowest that accepts none of their attack "
-                   "presentations plus M, at most 0.99 (default 0.1)")
-    p.add_argument("--sweep", action="store_true", help="also replay every presentation at texture thresholds "
-                   "0.05-0.95 and fit the thresholds for BPCER 1%% and 5%% where the data allows")
+    p.add_argument(
+        "--still-hold",
+        type=int,
+        default=6,
+        metavar="N",
+        help="stills (.jpg .jpeg .png .bmp .webp) are "
+        "scored as a still clip: those of one source, label and subject (or a still alone without a "
+        "subject) in file-name order, each held N frames at 30 fps (default 6)",
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=0.1,
+        metavar="M",
+        help="leave-one-source-out: the texture "
+        "threshold fitted on the other sources is the lowest that accepts none of their attack "
+        "presentations plus M, at most 0.99 (default 0.1)",
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also replay every presentation at texture thresholds "
+        "0.05-0.95 and fit the thresholds for BPCER 1%% and 5%% where the data allows",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate_pad)
 

@@ -106,8 +106,9 @@ def read_pairs(path: Path) -> list[Pair]:
         where = f"{path}:{line}"
         if not row["image_a"] or not row["image_b"]:
             raise UsageError(f"{where}: image_a and image_b must both be given")
-        pairs.append(Pair(path.parent / row["image_a"], path.parent / row["image_b"], parse_same(row["same"], where),
-                          line))
+        pairs.append(
+            Pair(path.parent / row["image_a"], path.parent / row["image_b"], parse_same(row["same"], where), line)
+        )
     if not pairs:
         raise UsageError(f"{path}: no pairs in the file")
     return pairs

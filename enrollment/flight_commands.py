@@ -27,8 +27,10 @@ def parse_departs(value: str, cfg: KioskConfig) -> float:
         dt = dt.astimezone()
     ts = dt.timestamp()
     if ts + cfg.retention.purge_after_departure_h * 3600 <= time.time():
-        raise UsageError(f"--departs {value}: more than retention.purge_after_departure_h "
-                         f"({cfg.retention.purge_after_departure_h:g} h) ago; its passengers would be purged at once")
+        raise UsageError(
+            f"--departs {value}: more than retention.purge_after_departure_h "
+            f"({cfg.retention.purge_after_departure_h:g} h) ago; its passengers would be purged at once"
+        )
     return ts
 
 
@@ -40,8 +42,10 @@ def prepare_flight(store: SqliteBoardingStore, flight: str, departs: str | None,
         if known is None:
             raise UsageError(f"no flight {flight} yet: give its scheduled departure with --departs ISO_TIME")
         if known.purged_at is not None:
-            raise UsageError(f"flight {flight} was purged after departure; nothing can be added to it (the same "
-                             "flight number on another day: give its --departs)")
+            raise UsageError(
+                f"flight {flight} was purged after departure; nothing can be added to it (the same "
+                "flight number on another day: give its --departs)"
+            )
         return
     store.add_flight(flight, parse_departs(departs, cfg))  # the next day's flight of a purged number is new
 
@@ -57,8 +61,10 @@ def cmd_flight_list(args: argparse.Namespace) -> int:
     if not flights:
         print("no flights")
     for f in flights:
-        print(f"{f.id}\tdeparts {iso(f.departs)}\t{f.status(now)}\t{f.passengers} passenger(s), "
-              f"{f.boarded} boarded" + (f"\tgates {','.join(f.gates)}" if f.gates else ""))
+        print(
+            f"{f.id}\tdeparts {iso(f.departs)}\t{f.status(now)}\t{f.passengers} passenger(s), "
+            f"{f.boarded} boarded" + (f"\tgates {','.join(f.gates)}" if f.gates else "")
+        )
     return EXIT_OK
 
 
@@ -69,13 +75,29 @@ def cmd_flight_show(args: argparse.Namespace) -> int:
         flight = known_flight(store, flight_id)
         passengers = store.passengers(flight_id)
     if args.json:
-        print(json.dumps({**flight_json(flight, time.time()), "manifest": [
-            {"id": p.subject_id, "name": p.name, "enrolled": p.enrolled, "boarded": p.boarding is not None,
-             "boarded_at": iso(p.boarding.boarded_at) if p.boarding else None,
-             "gate_id": p.boarding.gate_id if p.boarding else None} for p in passengers]}))
+        print(
+            json.dumps(
+                {
+                    **flight_json(flight, time.time()),
+                    "manifest": [
+                        {
+                            "id": p.subject_id,
+                            "name": p.name,
+                            "enrolled": p.enrolled,
+                            "boarded": p.boarding is not None,
+                            "boarded_at": iso(p.boarding.boarded_at) if p.boarding else None,
+                            "gate_id": p.boarding.gate_id if p.boarding else None,
+                        }
+                        for p in passengers
+                    ],
+                }
+            )
+        )
         return EXIT_OK
-    print(f"{flight.id}: departs {iso(flight.departs)}, {flight.status(time.time())}, {flight.passengers} "
-          f"passenger(s), {flight.boarded} boarded")
+    print(
+        f"{flight.id}: departs {iso(flight.departs)}, {flight.status(time.time())}, {flight.passengers} "
+        f"passenger(s), {flight.boarded} boarded"
+    )
     for p in passengers:
         state = f"boarded {iso(p.boarding.boarded_at)} at {p.boarding.gate_id}" if p.boarding else "not boarded"
         print(f"  {p.subject_id}\t{p.name}\t{state}" + ("" if p.enrolled else "\t(no template)"))
@@ -88,8 +110,10 @@ def cmd_flight_remove_passenger(args: argparse.Namespace) -> int:
     with gallery:
         if not store.remove_passenger(flight_id, args.id):
             raise UsageError(f"{args.id!r} is not on flight {flight_id}")
-    print(f"removed {args.id} from flight {flight_id} (still enrolled; `kiosk-enroll remove {args.id}` deletes "
-          "their templates)")
+    print(
+        f"removed {args.id} from flight {flight_id} (still enrolled; `kiosk-enroll remove {args.id}` deletes "
+        "their templates)"
+    )
     return EXIT_OK
 
 
@@ -102,8 +126,10 @@ def cmd_flight_purge(args: argparse.Namespace) -> int:
             print(f"flight {flight_id} was already purged")
             return EXIT_OK
         result = store.purge(flight_id)
-    print(f"purged flight {flight_id}: templates of {len(result.subjects_purged)} passenger(s) deleted "
-          f"({result.templates_deleted} templates); {len(result.kept)} kept for a later flight")
+    print(
+        f"purged flight {flight_id}: templates of {len(result.subjects_purged)} passenger(s) deleted "
+        f"({result.templates_deleted} templates); {len(result.kept)} kept for a later flight"
+    )
     return EXIT_OK
 
 
@@ -121,7 +147,8 @@ def add_flight_commands(sub: argparse._SubParsersAction, add_commands) -> None: 
     q.add_argument("flight", metavar="FLIGHT")
     q.add_argument("id", metavar="ID")
     q.set_defaults(func=cmd_flight_remove_passenger)
-    q = fsub.add_parser("purge", help="delete the templates of the flight's passengers now (not those on a "
-                                      "later flight)")
+    q = fsub.add_parser(
+        "purge", help="delete the templates of the flight's passengers now (not those on a later flight)"
+    )
     q.add_argument("flight", metavar="FLIGHT")
     q.set_defaults(func=cmd_flight_purge)

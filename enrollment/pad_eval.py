@@ -138,8 +138,9 @@ def read_labels(path: Path) -> list[LabelledFile]:
         label = row.get("label", "").strip().lower()
         written = row.get("video") or row.get("file") or ""
         if not label or not written:
-            raise UsageError(f"{path}: line {line}: needs a video or still image file and a label (bona_fide or an "
-                             "attack type)")
+            raise UsageError(
+                f"{path}: line {line}: needs a video or still image file and a label (bona_fide or an attack type)"
+            )
         source = row.get("source") or _source(path, written)
         rows.append(LabelledFile(line, path.parent / written, label, source, row.get("subject", "")))
     if not rows:
@@ -199,9 +200,15 @@ class Presentation:
     kinds: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)  # each check's class settings
 
     def as_dict(self) -> dict[str, Any]:
-        return {"track": self.track_id, "outcome": self.outcome, "decided_by": self.decided_by,
-                "frames": self.frames, "wait_s": None if self.wait_s is None else round(self.wait_s, 3),
-                "texture": None if self.texture is None else round(self.texture, 4), "checks": self.checks}
+        return {
+            "track": self.track_id,
+            "outcome": self.outcome,
+            "decided_by": self.decided_by,
+            "frames": self.frames,
+            "wait_s": None if self.wait_s is None else round(self.wait_s, 3),
+            "texture": None if self.texture is None else round(self.texture, 4),
+            "checks": self.checks,
+        }
 
     def check_score(self, name: str) -> float | None:
         """The check's score at the decision: its report's `score`, else the check's own."""
@@ -226,8 +233,15 @@ class _Recorded(LivenessCheck):
 
     required = True  # what it said of its evidence is replayed too (True for a check that is not required)
 
-    def __init__(self, cfg: Any, name: str, vouches: bool, verdicts: list[str | None], evidence: list[bool],
-                 kind: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        name: str,
+        vouches: bool,
+        verdicts: list[str | None],
+        evidence: list[bool],
+        kind: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(cfg)
         for key, value in (kind or {}).items():
             setattr(self, key, value)
@@ -244,8 +258,7 @@ class _Recorded(LivenessCheck):
 
 def _policy(cfg: KioskConfig, textured: bool, liveness: Any = None) -> DecisionPolicy:
     # Every frame is a quality frame of the one enrolled passenger: only liveness decides.
-    policy = dataclasses.replace(cfg.policy, reject_after_frames=10 ** 6, decision_timeout_s=3600.0,
-                                 repeat_accept_s=0.0)
+    policy = dataclasses.replace(cfg.policy, reject_after_frames=10**6, decision_timeout_s=3600.0, repeat_accept_s=0.0)
     return DecisionPolicy(policy, cfg.pad, textured=textured, liveness=liveness)
 
 
@@ -287,8 +300,13 @@ class _Judge:
         rec.widths.append(0.0 if obs is None else obs.width)
         live = self.policy.state(track).live
         if live is not None and obs is not None:
-            rec.others.append([(c.name, c.verdict, c.vouches, c.has_evidence or not c.required)
-                               for c in live.checks if c.name != "texture"])
+            rec.others.append(
+                [
+                    (c.name, c.verdict, c.vouches, c.has_evidence or not c.required)
+                    for c in live.checks
+                    if c.name != "texture"
+                ]
+            )
             if not rec.kinds:
                 rec.kinds = {c.name: _kind(c) for c in live.checks if c.name != "texture"}
 
@@ -334,8 +352,9 @@ class _Judge:
                 self._decided(track, self.policy.check_timeout(track, clock), clock)
 
 
-def judge_frames(engine: FaceEngine, pad: PadEngine, cfg: KioskConfig,
-                 frames: Iterable[tuple[float, np.ndarray]]) -> list[Presentation]:
+def judge_frames(
+    engine: FaceEngine, pad: PadEngine, cfg: KioskConfig, frames: Iterable[tuple[float, np.ndarray]]
+) -> list[Presentation]:
     """Every presentation (track that became a transaction) of (frame time, BGR frame)s, judged as the gate would.
     A frame given again as the same array (a still held) is analysed once: detection, quality and the liveness
     measures are the same, the tracker and the policy see every frame."""
@@ -349,8 +368,11 @@ def judge_frames(engine: FaceEngine, pad: PadEngine, cfg: KioskConfig,
             last, seen = frame, {}
             faces = engine.detector.detect(frame, cfg.policy.min_face_px)  # at the scale the gate detects
             faces = faces[faces.widths >= cfg.policy.min_face_px]
-            good = np.flatnonzero(judge.policy.quality_ok(measure(faces, align_faces(frame, faces.kps)))) \
-                if len(faces) else np.zeros(0, int)
+            good = (
+                np.flatnonzero(judge.policy.quality_ok(measure(faces, align_faces(frame, faces.kps))))
+                if len(faces)
+                else np.zeros(0, int)
+            )
         assigned, ended = tracker.update(faces, clock)
         for track in ended:
             judge.ended(track, clock)
@@ -403,8 +425,9 @@ def read_still(row: LabelledFile) -> np.ndarray:
         raise UsageError(f"line {row.line}: {row.path}: cannot be read as an image ({exc})") from None
 
 
-def judge_stills(engine: FaceEngine, pad: PadEngine, cfg: KioskConfig, clip: StillClip,
-                 hold: int = STILL_HOLD) -> list[Presentation]:
+def judge_stills(
+    engine: FaceEngine, pad: PadEngine, cfg: KioskConfig, clip: StillClip, hold: int = STILL_HOLD
+) -> list[Presentation]:
     """The clip's stills played in order, each held `hold` frames at 30 fps, judged as a video is."""
     images = [read_still(row) for row in clip.rows]  # every still read before any is judged
 
@@ -416,8 +439,9 @@ def judge_stills(engine: FaceEngine, pad: PadEngine, cfg: KioskConfig, clip: Sti
     return judge_frames(engine, pad, cfg, frames())
 
 
-def judge(engine: FaceEngine, pad: PadEngine, cfg: KioskConfig, sample: Sample,
-          hold: int = STILL_HOLD) -> list[Presentation]:
+def judge(
+    engine: FaceEngine, pad: PadEngine, cfg: KioskConfig, sample: Sample, hold: int = STILL_HOLD
+) -> list[Presentation]:
     """A video's or still clip's presentations; UsageError ('line N: ...') if a file cannot be read."""
     if isinstance(sample, StillClip):
         return judge_stills(engine, pad, cfg, sample, hold)
@@ -435,9 +459,17 @@ def replay(cfg: KioskConfig, p: Presentation, threshold: float) -> str:
     names = [(n, v) for n, _, v, _ in p.others[0]] if p.others else []
 
     def liveness(track: Track) -> TrackLiveness:
-        recorded = [_Recorded(pad, name, vouches, [frame[i][1] for frame in p.others],
-                              [frame[i][3] for frame in p.others], p.kinds.get(name))
-                    for i, (name, vouches) in enumerate(names)]
+        recorded = [
+            _Recorded(
+                pad,
+                name,
+                vouches,
+                [frame[i][1] for frame in p.others],
+                [frame[i][3] for frame in p.others],
+                p.kinds.get(name),
+            )
+            for i, (name, vouches) in enumerate(names)
+        ]
         return TrackLiveness(pad, True, [TextureCheck(pad), *recorded])
 
     policy = _policy(trial, True, liveness)
@@ -500,11 +532,21 @@ class PadReport:
 
     def add(self, sample: Sample, presentations: list[Presentation]) -> None:
         """A judged video or still clip (listed under no_face, not counted, when it brought no presentation)."""
-        entry: dict[str, Any] = {"line": sample.line, "video": str(sample.path), "label": sample.label,
-                                 "source": sample.source}
+        entry: dict[str, Any] = {
+            "line": sample.line,
+            "video": str(sample.path),
+            "label": sample.label,
+            "source": sample.source,
+        }
         if isinstance(sample, StillClip):
-            entry.update({"lines": [r.line for r in sample.rows], "stills": [str(r.path) for r in sample.rows],
-                          "subject": sample.subject, "hold": self.hold})
+            entry.update(
+                {
+                    "lines": [r.line for r in sample.rows],
+                    "stills": [str(r.path) for r in sample.rows],
+                    "subject": sample.subject,
+                    "hold": self.hold,
+                }
+            )
         if not presentations:
             self.no_face.append(entry)
             return
@@ -524,17 +566,24 @@ class PadReport:
             self._replayed[key] = replay(self.cfg, p, threshold)
         return self._replayed[key]
 
-    def _rates(self, outcome: Callable[[Presentation], str], keep: Keep | None = None,
-               ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    def _rates(
+        self,
+        outcome: Callable[[Presentation], str],
+        keep: Keep | None = None,
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         """(bona fide figures, per attack type figures) of the presentations `keep` keeps, with
         `outcome(presentation)` giving each outcome; attack types without such a presentation left out."""
         bona = [outcome(p) for p in self.results.get(BONA_FIDE, []) if keep is None or keep(p)]
         refused = sum(o != "accepted" for o in bona)
-        b = {"presentations": len(bona), "rejected": refused, "bpcer": refused / len(bona) if bona else None,
-             "bpcer_upper95": upper_bound(refused, len(bona)),
-             "unverified": sum(o == "unverified" for o in bona),
-             "unverified_rate": sum(o == "unverified" for o in bona) / len(bona) if bona else None,
-             "judged_attack": sum(o == "attack" for o in bona)}
+        b = {
+            "presentations": len(bona),
+            "rejected": refused,
+            "bpcer": refused / len(bona) if bona else None,
+            "bpcer_upper95": upper_bound(refused, len(bona)),
+            "unverified": sum(o == "unverified" for o in bona),
+            "unverified_rate": sum(o == "unverified" for o in bona) / len(bona) if bona else None,
+            "judged_attack": sum(o == "attack" for o in bona),
+        }
         attacks = {}
         for label, ps in sorted(self.results.items()):
             if label == BONA_FIDE:
@@ -543,19 +592,25 @@ class PadReport:
             if not out and keep is not None:
                 continue
             accepted = sum(o == "accepted" for o in out)
-            attacks[label] = {"presentations": len(out), "accepted": accepted,
-                              "apcer": accepted / len(out) if out else None,
-                              "apcer_upper95": upper_bound(accepted, len(out)),
-                              "judged_attack": sum(o == "attack" for o in out),
-                              "unverified": sum(o == "unverified" for o in out)}
+            attacks[label] = {
+                "presentations": len(out),
+                "accepted": accepted,
+                "apcer": accepted / len(out) if out else None,
+                "apcer_upper95": upper_bound(accepted, len(out)),
+                "judged_attack": sum(o == "attack" for o in out),
+                "unverified": sum(o == "unverified" for o in out),
+            }
         return b, attacks
 
     def _measured(self, outcome: Callable[[Presentation], str], keep: Keep | None) -> dict[str, Any]:
         """The per-source figures: bona fide refused and unverified, accepted per attack type, with bounds."""
         b, a = self._rates(outcome, keep)
-        return {"bona_fide": {k: b[k] for k in ("presentations", "rejected", "bpcer", "bpcer_upper95", "unverified")},
-                "attacks": {t: {k: v[k] for k in ("presentations", "accepted", "apcer", "apcer_upper95")}
-                            for t, v in a.items()}}
+        return {
+            "bona_fide": {k: b[k] for k in ("presentations", "rejected", "bpcer", "bpcer_upper95", "unverified")},
+            "attacks": {
+                t: {k: v[k] for k in ("presentations", "accepted", "apcer", "apcer_upper95")} for t, v in a.items()
+            },
+        }
 
     def check_scores(self) -> dict[str, dict[str, dict[str, Any]]]:
         """Each check's distribution alone: per check (of the decisions' liveness_checks) and label, its score at
@@ -570,14 +625,17 @@ class PadReport:
                 if not mine:
                     continue
                 scores = sorted(s for s in (p.check_score(name) for p in mine) if s is not None)
-                said = Counter(str((p.checks[name] if isinstance(p.checks[name], dict) else {}).get("verdict"))
-                               for p in mine)
+                said = Counter(
+                    str((p.checks[name] if isinstance(p.checks[name], dict) else {}).get("verdict")) for p in mine
+                )
                 per_label[label] = {
-                    "n": len(mine), "scored": len(scores),
+                    "n": len(mine),
+                    "scored": len(scores),
                     "min": round(scores[0], 4) if scores else None,
                     "median": round(float(np.median(scores)), 4) if scores else None,
                     "max": round(scores[-1], 4) if scores else None,
-                    "verdicts": {("none" if k == "None" else k): v for k, v in sorted(said.items())}}
+                    "verdicts": {("none" if k == "None" else k): v for k, v in sorted(said.items())},
+                }
             out[name] = per_label
         return out
 
@@ -608,15 +666,26 @@ class PadReport:
         for held in sources:
             fit = self._fit(lambda p, h=held: p.source != h)
             t = fit["fitted_threshold"]
-            rows.append({"held_out": held, "same_data": False, **fit,
-                         **self._measured(lambda p, t=t: self.outcome(p, t), lambda p, h=held: p.source == h)})
+            rows.append(
+                {
+                    "held_out": held,
+                    "same_data": False,
+                    **fit,
+                    **self._measured(lambda p, t=t: self.outcome(p, t), lambda p, h=held: p.source == h),
+                }
+            )
         fit = self._fit(lambda p: True)
         t = fit["fitted_threshold"]
-        rows.append({"held_out": "all", "same_data": True, **fit,
-                     **self._measured(lambda p, t=t: self.outcome(p, t), None)})
-        return {"margin": self.margin, "grid": FIT_GRID, "rows": rows,
-                "fit": "the lowest threshold of the grid at which no attack presentation of the training sources "
-                       "is accepted, plus the margin, at most 0.99 (0.99 where none stops them all)"}
+        rows.append(
+            {"held_out": "all", "same_data": True, **fit, **self._measured(lambda p, t=t: self.outcome(p, t), None)}
+        )
+        return {
+            "margin": self.margin,
+            "grid": FIT_GRID,
+            "rows": rows,
+            "fit": "the lowest threshold of the grid at which no attack presentation of the training sources "
+            "is accepted, plus the margin, at most 0.99 (0.99 where none stops them all)",
+        }
 
     def at_apcer0(self) -> dict[str, Any] | None:
         """BPCER at APCER 0: at the lowest texture threshold of FIT_GRID that accepts no attack presentation,
@@ -630,46 +699,83 @@ class PadReport:
             attacks = len(self._attacks(keep))
             if t is None:  # nothing measured
                 n = len([p for p in self.results.get(BONA_FIDE, []) if keep(p)])
-                return {"threshold": None, "attacks": attacks, "presentations": n, "rejected": None, "bpcer": None,
-                        "bpcer_upper95": None, "unverified": None}
-            return {"threshold": t, "attacks": attacks,
-                    **self._measured(lambda p: self.outcome(p, t), keep)["bona_fide"]}
+                return {
+                    "threshold": None,
+                    "attacks": attacks,
+                    "presentations": n,
+                    "rejected": None,
+                    "bpcer": None,
+                    "bpcer_upper95": None,
+                    "unverified": None,
+                }
+            return {
+                "threshold": t,
+                "attacks": attacks,
+                **self._measured(lambda p: self.outcome(p, t), keep)["bona_fide"],
+            }
 
         b, a = self._rates(lambda p: p.outcome)
-        configured = {"threshold": self.cfg.pad.threshold, "bpcer": b["bpcer"], "bpcer_upper95": b["bpcer_upper95"],
-                      "apcer_max": max((v["apcer"] for v in a.values() if v["apcer"] is not None), default=None)}
-        return {"configured": configured, "pooled": point(lambda p: True),
-                "per_source": {s: point(lambda p, s=s: p.source == s) for s in self.sources()}}
+        configured = {
+            "threshold": self.cfg.pad.threshold,
+            "bpcer": b["bpcer"],
+            "bpcer_upper95": b["bpcer_upper95"],
+            "apcer_max": max((v["apcer"] for v in a.values() if v["apcer"] is not None), default=None),
+        }
+        return {
+            "configured": configured,
+            "pooled": point(lambda p: True),
+            "per_source": {s: point(lambda p, s=s: p.source == s) for s in self.sources()},
+        }
 
     def as_dict(self, sweep: bool = False) -> dict[str, Any]:
         pad = self.cfg.pad
         bona, attacks = self._rates(lambda p: p.outcome)
         bona["videos"] = sum(1 for v in self.videos if v["label"] == BONA_FIDE and "stills" not in v)
         bona["still_clips"] = sum(1 for v in self.videos if v["label"] == BONA_FIDE and "stills" in v)
-        waits = sorted(p.wait_s for p in self.results.get(BONA_FIDE, []) if p.outcome == "accepted"
-                       and p.wait_s is not None)
+        waits = sorted(
+            p.wait_s for p in self.results.get(BONA_FIDE, []) if p.outcome == "accepted" and p.wait_s is not None
+        )
         clips = [v for v in self.videos + self.no_face if "stills" in v]
         out: dict[str, Any] = {
-            "threshold": pad.threshold, "attack_below": pad.attack_below, "min_frames": pad.min_frames,
-            "max_wait_s": pad.max_wait_s, "checks": self.checks, "models": self.models,
-            "bona_fide": bona, "attacks": attacks, "bound": BOUND,
+            "threshold": pad.threshold,
+            "attack_below": pad.attack_below,
+            "min_frames": pad.min_frames,
+            "max_wait_s": pad.max_wait_s,
+            "checks": self.checks,
+            "models": self.models,
+            "bona_fide": bona,
+            "attacks": attacks,
+            "bound": BOUND,
             "liveness_wait_s": {"median": _quantile(waits, 0.5), "p95": _quantile(waits, 0.95), "n": len(waits)},
-            "stills": {"images": sum(len(v["stills"]) for v in clips), "clips": len(clips), "hold_frames": self.hold,
-                       "fps": STILL_FPS, "scored_as": "still clip: the stills of one source, label and subject in "
-                       "file-name order (a still without a subject alone), each held for hold_frames frames, "
-                       "judged as a video"},
-            "sources": {s: self._measured(lambda p: p.outcome, lambda p, s=s: p.source == s)
-                        for s in self.sources()},
+            "stills": {
+                "images": sum(len(v["stills"]) for v in clips),
+                "clips": len(clips),
+                "hold_frames": self.hold,
+                "fps": STILL_FPS,
+                "scored_as": "still clip: the stills of one source, label and subject in "
+                "file-name order (a still without a subject alone), each held for hold_frames frames, "
+                "judged as a video",
+            },
+            "sources": {s: self._measured(lambda p: p.outcome, lambda p, s=s: p.source == s) for s in self.sources()},
             "check_scores": self.check_scores(),
-            "at_apcer0": self.at_apcer0(), "loso": self.loso(),
-            "at_bpcer": {}, "no_face": self.no_face, "videos": self.videos,
+            "at_apcer0": self.at_apcer0(),
+            "loso": self.loso(),
+            "at_bpcer": {},
+            "no_face": self.no_face,
+            "videos": self.videos,
         }
         if sweep and self.models:
             curve = []
             for t in SWEEP:
                 b, a = self._rates(lambda p, t=t: self.outcome(p, t))
-                curve.append({"threshold": t, "bpcer": b["bpcer"], "unverified": b["unverified"],
-                              "apcer": {k: v["apcer"] for k, v in a.items()}})
+                curve.append(
+                    {
+                        "threshold": t,
+                        "bpcer": b["bpcer"],
+                        "unverified": b["unverified"],
+                        "apcer": {k: v["apcer"] for k, v in a.items()},
+                    }
+                )
             out["sweep"] = curve
             n = bona["presentations"]
             for target in (0.01, 0.05):
@@ -696,11 +802,18 @@ def _rate(errors: int, n: int, rate: Any, upper: Any) -> str:
 
 def _measured_text(source: str, m: dict[str, Any]) -> list[str]:
     b = m["bona_fide"]
-    bona = (f"BPCER {_rate(b['rejected'], b['presentations'], b['bpcer'], b['bpcer_upper95'])}, "
-            f"{b['unverified']} liveness_unverified") if b["presentations"] else "no bona fide presentation"
+    bona = (
+        (
+            f"BPCER {_rate(b['rejected'], b['presentations'], b['bpcer'], b['bpcer_upper95'])}, "
+            f"{b['unverified']} liveness_unverified"
+        )
+        if b["presentations"]
+        else "no bona fide presentation"
+    )
     return [f"  {source}: {bona}"] + [
         f"    APCER {k}: {_rate(v['accepted'], v['presentations'], v['apcer'], v['apcer_upper95'])}"
-        for k, v in m["attacks"].items()]
+        for k, v in m["attacks"].items()
+    ]
 
 
 def _name(entry: dict[str, Any]) -> str:
@@ -716,51 +829,70 @@ def text(report: dict[str, Any]) -> list[str]:
     """The table of every presentation (per video or still clip), the totals with their bounds, and the per-source,
     per-check, BPCER at APCER 0 and leave-one-source-out figures."""
     pct = _pct
-    lines = [f"{'line':>4}  {'video':44}  {'label':10} {'track':>5} {'frames':>6}  {'outcome':10} "
-             f"{'decided by':14} {'texture':>7} {'wait s':>6}"]
+    lines = [
+        f"{'line':>4}  {'video':44}  {'label':10} {'track':>5} {'frames':>6}  {'outcome':10} "
+        f"{'decided by':14} {'texture':>7} {'wait s':>6}"
+    ]
     for v in report["videos"]:
         name = _name(v)
         for p in v["presentations"]:
             tex = "-" if p["texture"] is None else f"{p['texture']:.3f}"
             wait = "-" if p["wait_s"] is None else f"{p['wait_s']:.2f}"
-            lines.append(f"{v['line']:>4}  {name:44}  {v['label'][:10]:10} {p['track']:>5} {p['frames']:>6}  "
-                         f"{p['outcome']:10} {','.join(p['decided_by']) or '-':14} {tex:>7} {wait:>6}")
+            lines.append(
+                f"{v['line']:>4}  {name:44}  {v['label'][:10]:10} {p['track']:>5} {p['frames']:>6}  "
+                f"{p['outcome']:10} {','.join(p['decided_by']) or '-':14} {tex:>7} {wait:>6}"
+            )
     for item in report["no_face"]:
-        lines.append(f"{item['line']:>4}  {_name(item):44}  {item['label'][:10]:10}  no presentation: "
-                     "not counted")
+        lines.append(f"{item['line']:>4}  {_name(item):44}  {item['label'][:10]:10}  no presentation: not counted")
     b = report["bona_fide"]
     models = ", ".join(report["models"]) or "none"
-    lines.append(f"checks {', '.join(report['checks'])}; texture models {models}; live at {report['threshold']:g}, "
-                 f"attack below {report['attack_below']:g}, {report['min_frames']} frames, wait "
-                 f"{report['max_wait_s']:g} s")
+    lines.append(
+        f"checks {', '.join(report['checks'])}; texture models {models}; live at {report['threshold']:g}, "
+        f"attack below {report['attack_below']:g}, {report['min_frames']} frames, wait "
+        f"{report['max_wait_s']:g} s"
+    )
     stills = report["stills"]
     if stills["clips"]:
-        lines.append(f"stills: {stills['images']} images scored as {stills['clips']} still clips (the stills of one "
-                     f"source, label and subject in file-name order), each still held {stills['hold_frames']} "
-                     f"frames at {stills['fps']:g} fps")
+        lines.append(
+            f"stills: {stills['images']} images scored as {stills['clips']} still clips (the stills of one "
+            f"source, label and subject in file-name order), each still held {stills['hold_frames']} "
+            f"frames at {stills['fps']:g} fps"
+        )
     where = [f"{b['videos']} videos"] if b["videos"] or not b["still_clips"] else []
     where += [f"{b['still_clips']} still clips"] if b["still_clips"] else []
-    lines.append(f"BPCER {pct(b['bpcer'])} ({b['rejected']} of {b['presentations']} bona fide presentations in "
-                 f"{' and '.join(where)} refused: {b['judged_attack']} presentation_attack, {b['unverified']} "
-                 f"liveness_unverified = {pct(b['unverified_rate'])}); 95% upper {pct(b['bpcer_upper95'])}")
+    lines.append(
+        f"BPCER {pct(b['bpcer'])} ({b['rejected']} of {b['presentations']} bona fide presentations in "
+        f"{' and '.join(where)} refused: {b['judged_attack']} presentation_attack, {b['unverified']} "
+        f"liveness_unverified = {pct(b['unverified_rate'])}); 95% upper {pct(b['bpcer_upper95'])}"
+    )
     for label, a in report["attacks"].items():
-        lines.append(f"APCER {label}: {pct(a['apcer'])} ({a['accepted']} of {a['presentations']} accepted; "
-                     f"{a['judged_attack']} presentation_attack, {a['unverified']} liveness_unverified); 95% upper "
-                     f"{pct(a['apcer_upper95'])}")
+        lines.append(
+            f"APCER {label}: {pct(a['apcer'])} ({a['accepted']} of {a['presentations']} accepted; "
+            f"{a['judged_attack']} presentation_attack, {a['unverified']} liveness_unverified); 95% upper "
+            f"{pct(a['apcer_upper95'])}"
+        )
     lines.append(f"95% upper: the {report['bound']}")
     w = report["liveness_wait_s"]
     if w["n"]:
-        lines.append(f"liveness wait after the identity (accepted bona fide, frame time): median {w['median']:.2f} s, "
-                     f"p95 {w['p95']:.2f} s over {w['n']}")
+        lines.append(
+            f"liveness wait after the identity (accepted bona fide, frame time): median {w['median']:.2f} s, "
+            f"p95 {w['p95']:.2f} s over {w['n']}"
+        )
     for row in report.get("sweep", []):
-        lines.append(f"  texture threshold {row['threshold']:.2f}: BPCER {pct(row['bpcer'])} "
-                     f"({row['unverified']} unverified); " + ", ".join(
-                         f"APCER {k} {pct(v)}" for k, v in row["apcer"].items()))
+        lines.append(
+            f"  texture threshold {row['threshold']:.2f}: BPCER {pct(row['bpcer'])} "
+            f"({row['unverified']} unverified); " + ", ".join(f"APCER {k} {pct(v)}" for k, v in row["apcer"].items())
+        )
     for target, row in report["at_bpcer"].items():
         need = math.ceil(1 / float(target))
-        lines.append(f"texture threshold for BPCER {100 * float(target):g}%: " + (
-            f"n/a (needs at least {need} bona fide presentations and a threshold that reaches it)" if row is None
-            else f"{row['threshold']:.2f}; " + ", ".join(f"APCER {k} {pct(v)}" for k, v in row["apcer"].items())))
+        lines.append(
+            f"texture threshold for BPCER {100 * float(target):g}%: "
+            + (
+                f"n/a (needs at least {need} bona fide presentations and a threshold that reaches it)"
+                if row is None
+                else f"{row['threshold']:.2f}; " + ", ".join(f"APCER {k} {pct(v)}" for k, v in row["apcer"].items())
+            )
+        )
     lines.append("per source:")
     for source, m in report["sources"].items():
         lines += _measured_text(source, m)
@@ -768,43 +900,65 @@ def text(report: dict[str, Any]) -> list[str]:
     for name, per_label in report["check_scores"].items():
         for label, d in per_label.items():
             said = ", ".join(f"{k} {v}" for k, v in d["verdicts"].items())
-            score = (f"score {_num(d['min'])} / {_num(d['median'])} / {_num(d['max'])} over {d['scored']}"
-                     if d["scored"] else "no score")
+            score = (
+                f"score {_num(d['min'])} / {_num(d['median'])} / {_num(d['max'])} over {d['scored']}"
+                if d["scored"]
+                else "no score"
+            )
             lines.append(f"  {name:10} {label[:14]:14} n {d['n']:>4}: {score}; {said}")
     zero = report.get("at_apcer0")
     if zero is not None:
         c = zero["configured"]
-        lines.append(f"BPCER at APCER 0 (at the lowest texture threshold of 0.05-0.99 that accepts no attack "
-                     f"presentation; configured {c['threshold']:g}: BPCER {pct(c['bpcer'])}, highest APCER "
-                     f"{pct(c['apcer_max'])}):")
+        lines.append(
+            f"BPCER at APCER 0 (at the lowest texture threshold of 0.05-0.99 that accepts no attack "
+            f"presentation; configured {c['threshold']:g}: BPCER {pct(c['bpcer'])}, highest APCER "
+            f"{pct(c['apcer_max'])}):"
+        )
         for name, point in [("all sources", zero["pooled"]), *zero["per_source"].items()]:
             if point["threshold"] is None:
-                lines.append(f"  {name}: n/a (no threshold up to 0.99 stops all {point['attacks']} attack "
-                             "presentations)")
+                lines.append(
+                    f"  {name}: n/a (no threshold up to 0.99 stops all {point['attacks']} attack presentations)"
+                )
             elif not point["presentations"]:
                 lines.append(f"  {name}: at {point['threshold']:.2f}: no bona fide presentation")
             else:
                 bpcer = _rate(point["rejected"], point["presentations"], point["bpcer"], point["bpcer_upper95"])
-                lines.append(f"  {name}: at {point['threshold']:.2f} ({point['attacks']} attack presentations): "
-                             f"BPCER {bpcer}, {point['unverified']} liveness_unverified")
+                lines.append(
+                    f"  {name}: at {point['threshold']:.2f} ({point['attacks']} attack presentations): "
+                    f"BPCER {bpcer}, {point['unverified']} liveness_unverified"
+                )
     loso = report.get("loso")
     if loso is not None:
-        lines.append(f"leave-one-source-out: the texture threshold fitted on the other sources (the lowest of "
-                     f"0.05-0.99 at which none of their attack presentations is accepted, + margin "
-                     f"{loso['margin']:g}, at most 0.99), measured on the source held out:")
-        lines.append(f"  {'held out':16} {'fitted':>6}  {'BPCER (95% upper)':24} {'unverif.':>8}  "
-                     "APCER per attack type (95% upper)")
+        lines.append(
+            f"leave-one-source-out: the texture threshold fitted on the other sources (the lowest of "
+            f"0.05-0.99 at which none of their attack presentations is accepted, + margin "
+            f"{loso['margin']:g}, at most 0.99), measured on the source held out:"
+        )
+        lines.append(
+            f"  {'held out':16} {'fitted':>6}  {'BPCER (95% upper)':24} {'unverif.':>8}  "
+            "APCER per attack type (95% upper)"
+        )
         for row in loso["rows"]:
             b = row["bona_fide"]
-            bpcer = (f"{pct(b['bpcer'])} ({pct(b['bpcer_upper95'])}) {b['rejected']}/{b['presentations']}"
-                     if b["presentations"] else "no bona fide")
-            apcer = "; ".join(f"{k} {pct(v['apcer'])} ({pct(v['apcer_upper95'])}) {v['accepted']}/{v['presentations']}"
-                              for k, v in row["attacks"].items()) or "no attack"
+            bpcer = (
+                f"{pct(b['bpcer'])} ({pct(b['bpcer_upper95'])}) {b['rejected']}/{b['presentations']}"
+                if b["presentations"]
+                else "no bona fide"
+            )
+            apcer = (
+                "; ".join(
+                    f"{k} {pct(v['apcer'])} ({pct(v['apcer_upper95'])}) {v['accepted']}/{v['presentations']}"
+                    for k, v in row["attacks"].items()
+                )
+                or "no attack"
+            )
             held = row["held_out"] + ("*" if row["same_data"] else "")
             fitted = f"{row['fitted_threshold']:.2f}" + ("" if row["lowest_stopping"] is not None else "!")
             lines.append(f"  {held[:16]:16} {fitted:>6}  {bpcer:24} {b['unverified']:>8}  {apcer}")
-        lines.append("  * all: fitted and measured on the same data (every source): for reference only, not an "
-                     "estimate for a new source")
+        lines.append(
+            "  * all: fitted and measured on the same data (every source): for reference only, not an "
+            "estimate for a new source"
+        )
         if any(row["lowest_stopping"] is None for row in loso["rows"]):
             lines.append("  ! no threshold up to 0.99 stopped every training attack presentation: measured at 0.99")
     elif len(report["sources"]) >= 2:

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from kiosk.config import EnrollmentConfig
-from kiosk.vision.engine import FaceEngine
 from kiosk.errors import UsageError
+from kiosk.vision.engine import FaceEngine
 from kiosk.vision.images import decode_image, read_image, read_photo_bytes
 from kiosk.vision.quality import measure
 
@@ -55,8 +55,9 @@ def read_reference(path: str | Path) -> bytes:
         raise Refused("unreadable", str(exc)) from None
 
 
-def reference_template(engine: FaceEngine, path: str | Path, rules: EnrollmentConfig, *,
-                       largest: bool = False, data: bytes | None = None) -> Template:
+def reference_template(
+    engine: FaceEngine, path: str | Path, rules: EnrollmentConfig, *, largest: bool = False, data: bytes | None = None
+) -> Template:
     """The template of the one face in the photo at `path` (its bytes `data` if already read), or `Refused`."""
     if data is None:
         data = read_reference(path)
@@ -69,29 +70,53 @@ def reference_template(engine: FaceEngine, path: str | Path, rules: EnrollmentCo
     if len(faces) == 0:
         raise Refused("no_face", f"{path}: no face found")
     if len(faces) > 1 and not largest:
-        raise Refused("multiple_faces", f"{path}: {len(faces)} faces found; enroll a photo of one person "
-                                        "(or pass --largest to take the largest face)")
+        raise Refused(
+            "multiple_faces",
+            f"{path}: {len(faces)} faces found; enroll a photo of one person "
+            "(or pass --largest to take the largest face)",
+        )
     analysis = engine.describe(image, faces.largest())
     faces, crops = analysis.faces, analysis.crops
     q = measure(faces, crops)
     width, sharp, yaw, score = float(q.width[0]), float(q.sharpness[0]), float(q.yaw[0]), float(q.score[0])
     if width < rules.min_face_px:
-        raise Refused("face_too_small", f"{path}: face is {width:.0f} px wide, a reference photo needs "
-                                        f"at least {rules.min_face_px} px (enrollment.min_face_px)")
+        raise Refused(
+            "face_too_small",
+            f"{path}: face is {width:.0f} px wide, a reference photo needs "
+            f"at least {rules.min_face_px} px (enrollment.min_face_px)",
+        )
     if sharp < rules.min_sharpness:
-        raise Refused("too_blurred", f"{path}: face is too blurred (sharpness {sharp:.0f}, "
-                                     f"at least {rules.min_sharpness:g} needed: enrollment.min_sharpness)")
+        raise Refused(
+            "too_blurred",
+            f"{path}: face is too blurred (sharpness {sharp:.0f}, "
+            f"at least {rules.min_sharpness:g} needed: enrollment.min_sharpness)",
+        )
     if abs(yaw) > rules.max_yaw:
-        raise Refused("pose", f"{path}: face is turned too far to the side (yaw {yaw:+.2f}, "
-                              f"at most {rules.max_yaw:g}: enrollment.max_yaw); use a frontal photo")
+        raise Refused(
+            "pose",
+            f"{path}: face is turned too far to the side (yaw {yaw:+.2f}, "
+            f"at most {rules.max_yaw:g}: enrollment.max_yaw); use a frontal photo",
+        )
     if score < rules.min_det_score:
-        raise Refused("low_confidence", f"{path}: face detected with low confidence ({score:.2f}, "
-                                        f"at least {rules.min_det_score:g}: enrollment.min_det_score)")
-    quality = {"width": round(width, 1), "inter_eye": round(float(q.inter_eye[0]), 1),
-               "sharpness": round(sharp, 1), "yaw": round(yaw, 3), "roll": round(float(q.roll[0]), 1),
-               "det_score": round(score, 3)}
-    return Template(source=str(path), embedding=faces.embeddings[0], quality=quality,  # type: ignore[index]
-                    photo_sha256=photo_digest(data))
+        raise Refused(
+            "low_confidence",
+            f"{path}: face detected with low confidence ({score:.2f}, "
+            f"at least {rules.min_det_score:g}: enrollment.min_det_score)",
+        )
+    quality = {
+        "width": round(width, 1),
+        "inter_eye": round(float(q.inter_eye[0]), 1),
+        "sharpness": round(sharp, 1),
+        "yaw": round(yaw, 3),
+        "roll": round(float(q.roll[0]), 1),
+        "det_score": round(score, 3),
+    }
+    return Template(
+        source=str(path),
+        embedding=faces.embeddings[0],
+        quality=quality,  # type: ignore[index]
+        photo_sha256=photo_digest(data),
+    )
 
 
 def largest_face_embedding(engine: FaceEngine, path: str | Path) -> np.ndarray:

@@ -8,8 +8,9 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from kiosk.errors import EXIT_RUNTIME, EXIT_USAGE, KioskError
 
@@ -19,19 +20,24 @@ log = logging.getLogger("kiosk")
 def setup_logging(verbosity: int) -> None:
     """One line per event on stderr; -v for debug, -q for warnings only."""
     level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
 
 
 def add_common(parser: argparse.ArgumentParser, *, sub: bool = False) -> None:
     """-c/-v/-q. A sub-command's parser takes them too (`sub`), so `kiosk run -c CONFIG` and `kiosk -c CONFIG
     run` are the same: there they default to SUPPRESS and leave what was given before the sub-command."""
     keep = argparse.SUPPRESS
-    parser.add_argument("-c", "--config", metavar="CONFIG", default=keep if sub else None,
-                        help="YAML config file (default: $KIOSK_CONFIG, else the built-in defaults)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="CONFIG",
+        default=keep if sub else None,
+        help="YAML config file (default: $KIOSK_CONFIG, else the built-in defaults)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=keep if sub else 0, help="more log output")
-    parser.add_argument("-q", "--quiet", action="count", default=keep if sub else 0,
-                        help="only warnings and errors")
+    parser.add_argument("-q", "--quiet", action="count", default=keep if sub else 0, help="only warnings and errors")
 
 
 def add_commands(parser: argparse.ArgumentParser, dest: str) -> argparse._SubParsersAction:
@@ -80,8 +86,12 @@ def warn_if_readable_by_others(*paths: Path) -> None:
         except OSError:
             continue
         if mode & 0o077:
-            log.warning("%s is readable by other users (mode %o): it holds biometric data or secrets; "
-                        "chmod go-rwx %s", path, mode & 0o777, path)
+            log.warning(
+                "%s is readable by other users (mode %o): it holds biometric data or secrets; chmod go-rwx %s",
+                path,
+                mode & 0o777,
+                path,
+            )
 
 
 class Service(Protocol):

@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 from urllib.parse import urlsplit
 
 import yaml
@@ -34,8 +34,8 @@ class GalleryConfig:
     the config: `password_file`, else $KIOSK_PG_PASSWORD (else libpq's PGPASSWORD or ~/.pgpass)."""
 
     path: Path = Path("var/gallery.db")
-    url: Optional[str] = None  # postgresql://USER@HOST:PORT/DATABASE (no password)
-    password_file: Optional[Path] = None
+    url: str | None = None  # postgresql://USER@HOST:PORT/DATABASE (no password)
+    password_file: Path | None = None
     # What a verifier holds in memory: "all" (everyone enrolled) or "gate_flights" (the passengers of the
     # flights its gates board: a host of a 100k-subject airport gallery loads its gates' flights only).
     load: Literal["all", "gate_flights"] = "all"
@@ -56,7 +56,7 @@ class PadModelConfig:
     MiniFASNetV1SE 4.0); colour: the channel order the model was trained on."""
 
     path: Path
-    scale: Optional[float] = None
+    scale: float | None = None
     colour: Literal["bgr", "rgb"] = "bgr"
 
 
@@ -65,7 +65,7 @@ class ModelsConfig:
     """Which ONNX models run, and on which ONNX Runtime providers."""
 
     pack: str = "default"
-    providers: Union[str, list[str]] = "auto"
+    providers: str | list[str] = "auto"
     det_size: int = 640
     det_threshold: float = 0.5
     nms_threshold: float = 0.4
@@ -73,7 +73,7 @@ class ModelsConfig:
     intra_op_threads: int = 0
     cache_dir: Path = Path("var/model-cache")
     # Texture (liveness) models: "default" is the MiniFASNet pair shipped in the package.
-    pad: list[Union[Path, PadModelConfig]] = field(default_factory=lambda: [Path(DEFAULT_PAD_MODELS)])
+    pad: list[Path | PadModelConfig] = field(default_factory=lambda: [Path(DEFAULT_PAD_MODELS)])
 
 
 @dataclass
@@ -82,12 +82,12 @@ class CameraConfig:
 
     id: str
     gate: str
-    source: Union[int, str] = 0
+    source: int | str = 0
     realtime: bool = True
     loop: bool = False
-    fps: Optional[float] = None
+    fps: float | None = None
     encoding: Literal["bgr8", "jpeg"] = "bgr8"
-    key: Optional[str] = None  # the client key its capture uses (default: security.client_key)
+    key: str | None = None  # the client key its capture uses (default: security.client_key)
 
 
 @dataclass
@@ -129,7 +129,7 @@ class SecurityConfig:
     curve: bool = True
     keys_dir: Path = Path("var/keys")
     client_key: str = "client"  # also the tools key: an operator of every gate unless `operators` says less
-    template_key_file: Optional[Path] = None  # default: $KIOSK_TEMPLATE_KEY, else <keys_dir>/template.key
+    template_key_file: Path | None = None  # default: $KIOSK_TEMPLATE_KEY, else <keys_dir>/template.key
     operators: list[OperatorKeyConfig] = field(default_factory=list)
     listeners: list[ListenerKeyConfig] = field(default_factory=list)  # keys that hear their gates' events only
 
@@ -146,13 +146,13 @@ class HooksConfig:
     max_accept_age_s: float = 5.0
     state_dir: Path = Path("var/subscribers")
     sign_webhooks: bool = True
-    webhook_secret_file: Optional[Path] = None  # default: <security.keys_dir>/webhook.secret
+    webhook_secret_file: Path | None = None  # default: <security.keys_dir>/webhook.secret
     # MQTT (a subscriber's `mqtt: URL` or `kiosk subscribe --mqtt URL`; see kiosk.services.mqtt_hook): topics
     # under this prefix; the password of the URL's user from this file (0600, one line); for mqtts://, the CA
     # bundle that signs the broker's certificate (null: the system's).
     mqtt_prefix: str = "kiosk"
-    mqtt_password_file: Optional[Path] = None
-    mqtt_ca_file: Optional[Path] = None
+    mqtt_password_file: Path | None = None
+    mqtt_ca_file: Path | None = None
 
 
 @dataclass
@@ -168,11 +168,11 @@ class SubscriberConfig:
     """A subscriber `kiosk run` starts: hooks for one gate (or all)."""
 
     name: str
-    gate: Optional[str] = None
-    exec: Optional[str] = None
-    webhook: Optional[str] = None
-    jsonl: Optional[Path] = None
-    mqtt: Optional[str] = None  # mqtt://[USER@]HOST[:PORT] or mqtts://...; password: hooks.mqtt_password_file
+    gate: str | None = None
+    exec: str | None = None
+    webhook: str | None = None
+    jsonl: Path | None = None
+    mqtt: str | None = None  # mqtt://[USER@]HOST[:PORT] or mqtts://...; password: hooks.mqtt_password_file
     metrics_port: int = 0  # its Prometheus metrics on 127.0.0.1:PORT; 0: off
 
 
@@ -274,20 +274,20 @@ class ConsoleConfig:
 
     enabled: bool = False
     listen: str = "127.0.0.1:8088"
-    password_file: Optional[Path] = None
+    password_file: Path | None = None
     preview_fps: float = 5.0
-    tls_cert: Optional[Path] = None
-    tls_key: Optional[Path] = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     insecure_http: bool = False
     crops: int = 50
-    crops_dir: Optional[Path] = None
+    crops_dir: Path | None = None
     key: str = "console"
     # Addresses (or networks) of reverse proxies whose X-Forwarded-For names the real client; none by default,
     # so a forged header changes nothing and the login throttle counts the TCP peer.
     trusted_proxies: list[str] = field(default_factory=list)
     # The `Host` header values (HOST or HOST:PORT) the console answers; any other is refused before anything
     # else (a DNS-rebinding page names its own host). null: the listen address (see `allowed_host_names`).
-    allowed_hosts: Optional[list[str]] = None
+    allowed_hosts: list[str] | None = None
     # Seconds a client has to send a whole request (headers and body) once the server waits for one.
     request_timeout_s: float = 5.0
 
@@ -352,9 +352,14 @@ def models_section(cfg: KioskConfig) -> dict[str, Any]:
     that must run the same models."""
     data = dataclasses.asdict(cfg.models)
     data["cache_dir"] = str(cfg.resolve(cfg.models.cache_dir))
-    data["pad"] = [{"path": str(cfg.resolve(m.path)), "scale": m.scale, "colour": m.colour}
-                   if isinstance(m, PadModelConfig) else DEFAULT_PAD_MODELS if str(m) == DEFAULT_PAD_MODELS
-                   else str(cfg.resolve(m)) for m in cfg.models.pad]
+    data["pad"] = [
+        {"path": str(cfg.resolve(m.path)), "scale": m.scale, "colour": m.colour}
+        if isinstance(m, PadModelConfig)
+        else DEFAULT_PAD_MODELS
+        if str(m) == DEFAULT_PAD_MODELS
+        else str(cfg.resolve(m))
+        for m in cfg.models.pad
+    ]
     if cfg.models.pack != "default":
         data["pack"] = str(cfg.resolve(Path(cfg.models.pack)))
     return data
@@ -442,8 +447,14 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if dataclasses.is_dataclass(tp):
         return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            Path: "a path", type(None): "null"}.get(tp, str(tp))
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        Path: "a path",
+        type(None): "null",
+    }.get(tp, str(tp))
 
 
 def _convert(value: Any, tp: Any, keypath: str) -> Any:
@@ -524,8 +535,10 @@ def pg_url_problem(url: str) -> str | None:
     if not parts.hostname:
         return "expected postgresql://USER@HOST:PORT/DATABASE, found no host"
     if parts.password is not None:
-        return ("the URL carries a password; put it in a file named by password_file or in $KIOSK_PG_PASSWORD, "
-                "never in the config")
+        return (
+            "the URL carries a password; put it in a file named by password_file or in $KIOSK_PG_PASSWORD, "
+            "never in the config"
+        )
     return None
 
 
@@ -569,18 +582,25 @@ def _check_operators(cfg: KioskConfig) -> None:
         for i, op in enumerate(entries):
             where = f"security.{section}[{i}]"
             if not _KEY_NAME.fullmatch(op.key):
-                raise _Invalid(f"{where}.key", "a key name as in keys_dir/authorized_clients/NAME.key (letters, "
-                               "digits, '.', '_', '-')", op.key)
+                raise _Invalid(
+                    f"{where}.key",
+                    "a key name as in keys_dir/authorized_clients/NAME.key (letters, digits, '.', '_', '-')",
+                    op.key,
+                )
             if op.key in seen:
                 raise _Invalid(f"{where}.key", "a key listed once", op.key)
             seen.add(op.key)
             if "*" in op.gates and op.gates != ["*"]:
-                raise _Invalid(f"{where}.gates", "", op.gates, message='expected ["*"] alone (every gate) or a list '
-                               f'of gates, found "*" among other gates {op.gates}')
+                raise _Invalid(
+                    f"{where}.gates",
+                    "",
+                    op.gates,
+                    message='expected ["*"] alone (every gate) or a list '
+                    f'of gates, found "*" among other gates {op.gates}',
+                )
             for j, gate in enumerate(op.gates):
                 if gate != "*" and gates and gate not in gates:
-                    raise _Invalid(f"{where}.gates[{j}]", f"a gate of cameras[] ({', '.join(gates)}) or \"*\"",
-                                   gate)
+                    raise _Invalid(f"{where}.gates[{j}]", f'a gate of cameras[] ({", ".join(gates)}) or "*"', gate)
             if section == "listeners" and op.gates != ["*"]:
                 _check_hearable(where, op.key, op.gates, gates)
 
@@ -592,10 +612,16 @@ def _check_hearable(where: str, key: str, mine: list[str], gates: list[str]) -> 
     for j, gate in enumerate(mine):
         wider = sorted(g for g in gates if g != gate and g.startswith(gate) and g not in mine)
         if wider:
-            raise _Invalid(f"{where}.gates[{j}]", "", gate, message=(
-                f"key {key!r} may hear gate {gate!r} but not {', '.join(wider)}: a subscription to event.{gate} "
-                f"also matches event.{wider[0]}, so the verifier refuses it; give the key {', '.join(wider)} too, "
-                f"or name gates so that none begins with another (A01 ... A10)"))
+            raise _Invalid(
+                f"{where}.gates[{j}]",
+                "",
+                gate,
+                message=(
+                    f"key {key!r} may hear gate {gate!r} but not {', '.join(wider)}: a subscription to event.{gate} "
+                    f"also matches event.{wider[0]}, so the verifier refuses it; give the key {', '.join(wider)} too, "
+                    f"or name gates so that none begins with another (A01 ... A10)"
+                ),
+            )
 
 
 def _check(cfg: KioskConfig) -> None:
@@ -639,8 +665,13 @@ def _check(cfg: KioskConfig) -> None:
                 raise _Invalid(f"subscribers[{i}].mqtt", "", "", message=problem)
             # One publisher per broker: `<prefix>/available` is one retained topic, and each would overwrite it.
             if any(other.mqtt == sub.mqtt for other in cfg.subscribers[:i]):
-                raise _Invalid(f"subscribers[{i}].mqtt", "", "", message=f"expected one MQTT subscriber per broker "
-                               f"(leave out `gate` to cover all gates), found {sub.mqtt} named by an earlier one too")
+                raise _Invalid(
+                    f"subscribers[{i}].mqtt",
+                    "",
+                    "",
+                    message=f"expected one MQTT subscriber per broker "
+                    f"(leave out `gate` to cover all gates), found {sub.mqtt} named by an earlier one too",
+                )
     problem = mqtt_prefix_problem(cfg.hooks.mqtt_prefix)
     if problem:
         raise _Invalid("hooks.mqtt_prefix", "", "", message=problem)
@@ -651,28 +682,43 @@ def _check(cfg: KioskConfig) -> None:
         try:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
-            raise _Invalid(f"console.trusted_proxies[{i}]", "an IP address or network (e.g. 10.0.0.5, 10.0.0.0/24)",
-                           proxy) from None
+            raise _Invalid(
+                f"console.trusted_proxies[{i}]", "an IP address or network (e.g. 10.0.0.5, 10.0.0.0/24)", proxy
+            ) from None
     if cfg.console.allowed_hosts is not None:
         if not cfg.console.allowed_hosts:
-            raise _Invalid("console.allowed_hosts", "at least one HOST or HOST:PORT (or null: the listen address)",
-                           cfg.console.allowed_hosts)
+            raise _Invalid(
+                "console.allowed_hosts",
+                "at least one HOST or HOST:PORT (or null: the listen address)",
+                cfg.console.allowed_hosts,
+            )
         for i, name in enumerate(cfg.console.allowed_hosts):
             if not _HOST_HEADER.fullmatch(name):
-                raise _Invalid(f"console.allowed_hosts[{i}]", "HOST or HOST:PORT as a browser sends it in `Host` "
-                               "(e.g. console.example.org, 10.0.0.5:8443, [fd00::5]:8443)", name)
+                raise _Invalid(
+                    f"console.allowed_hosts[{i}]",
+                    "HOST or HOST:PORT as a browser sends it in `Host` "
+                    "(e.g. console.example.org, 10.0.0.5:8443, [fd00::5]:8443)",
+                    name,
+                )
     try:
         cfg.console.host_port()
     except ValueError:
         raise _Invalid("console.listen", "HOST:PORT (e.g. 127.0.0.1:8088)", cfg.console.listen) from None
     if (cfg.console.tls_cert is None) != (cfg.console.tls_key is None):
-        raise _Invalid("console.tls_key" if cfg.console.tls_key is None else "console.tls_cert", "",
-                       "", message="tls_cert and tls_key go together: give both (or neither)")
+        raise _Invalid(
+            "console.tls_key" if cfg.console.tls_key is None else "console.tls_cert",
+            "",
+            "",
+            message="tls_cert and tls_key go together: give both (or neither)",
+        )
     if cfg.pad.attack_below > cfg.pad.threshold:
         raise _Invalid("pad.attack_below", f"at most pad.threshold ({cfg.pad.threshold:g})", cfg.pad.attack_below)
     if cfg.policy.reject_after_frames < cfg.policy.accept_frames:
-        raise _Invalid("policy.reject_after_frames", f"at least policy.accept_frames ({cfg.policy.accept_frames})",
-                       cfg.policy.reject_after_frames)
+        raise _Invalid(
+            "policy.reject_after_frames",
+            f"at least policy.accept_frames ({cfg.policy.accept_frames})",
+            cfg.policy.reject_after_frames,
+        )
 
 
 def config_from_mapping(data: Any, *, source: Path | None = None, base_dir: Path | None = None) -> KioskConfig:
@@ -682,10 +728,14 @@ def config_from_mapping(data: Any, *, source: Path | None = None, base_dir: Path
         cfg = _build(KioskConfig, data, "")
         _check(cfg)
     except _Invalid as exc:
-        found = exc.found if isinstance(exc.found, str) and exc.found.startswith(("unknown key", "no value")) \
+        found = (
+            exc.found
+            if isinstance(exc.found, str) and exc.found.startswith(("unknown key", "no value"))
             else _describe(exc.found)
-        raise ConfigError(f"{where}: {exc.keypath}: {exc.message or f'expected {exc.expected}, found {found}'}") \
-            from None
+        )
+        raise ConfigError(
+            f"{where}: {exc.keypath}: {exc.message or f'expected {exc.expected}, found {found}'}"
+        ) from None
     cfg.source = source
     cfg.base_dir = (base_dir or (source.parent if source else Path.cwd())).resolve()
     return cfg
@@ -705,7 +755,8 @@ def _mapping_once(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = Fa
         if isinstance(key, (str, int, float, bool)) and key in seen:
             first = seen[key].start_mark.line + 1
             raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} is written twice (first on line {first})", key_node.start_mark)
+                None, None, f"key {key!r} is written twice (first on line {first})", key_node.start_mark
+            )
         seen[key] = key_node
     return loader.construct_mapping(node, deep=deep)
 

@@ -15,8 +15,9 @@ from pathlib import Path
 from kiosk.errors import UsageError
 
 
-def read_regular_file(path: str | Path, max_bytes: int, what: str = "file",
-                      error: type[UsageError] = UsageError) -> bytes:
+def read_regular_file(
+    path: str | Path, max_bytes: int, what: str = "file", error: type[UsageError] = UsageError
+) -> bytes:
     """The bytes of the regular file at `path`, or `error` saying what was wrong with it."""
     p = Path(path)
     try:

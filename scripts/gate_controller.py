@@ -37,11 +37,17 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-
 # Rejects an agent must see to: a copy of kiosk.messaging.reasons.ALERT_REASONS (this script runs without the
 # kiosk package; tests/test_reasons.py checks that the two are equal). See that module for why each is there.
-ALERT_REASONS = ("presentation_attack", "wrong_flight", "already_boarded", "liveness_unverified",
-                 "gallery_unavailable", "store_unavailable", "audit_unavailable")
+ALERT_REASONS = (
+    "presentation_attack",
+    "wrong_flight",
+    "already_boarded",
+    "liveness_unverified",
+    "gallery_unavailable",
+    "store_unavailable",
+    "audit_unavailable",
+)
 
 
 @dataclass
@@ -89,8 +95,10 @@ class GateController:
         if kind != "accept":
             return "ignore"
         decided, captured = event.get("decided_at"), event.get("captured_at")
-        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and now - t <= self.max_age_s
-                   and t - now <= 1.0 for t in (decided, captured)):
+        if not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and now - t <= self.max_age_s and t - now <= 1.0
+            for t in (decided, captured)
+        ):
             self._note(now, "ignore-stale", event)
             return "ignore"
         if not self.verifier_ok or now - self.last_heartbeat > self.heartbeat_timeout_s:
@@ -187,9 +195,18 @@ def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
             elif topic is not None:
                 event = feed.message(topic, payload, now)
                 if event is not None and event.get("reason") in ALERT_REASONS and event.get("type") == "reject":
-                    print(json.dumps({"gate": args.gate, "alert": event.get("reason"), "subject_id":
-                                      event.get("subject_id"), "event_id": event.get("event_id"), "at": now}),
-                          flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                "gate": args.gate,
+                                "alert": event.get("reason"),
+                                "subject_id": event.get("subject_id"),
+                                "event_id": event.get("event_id"),
+                                "at": now,
+                            }
+                        ),
+                        flush=True,
+                    )
             feed.tick(now)
             state = gate.is_open(now)
             if state != was_open:
@@ -206,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gate", required=True)
     source = ap.add_mutually_exclusive_group(required=True)
     source.add_argument("--events", help="the verifier's events endpoint, e.g. tcp://10.0.0.5:5551")
-    source.add_argument("--mqtt", metavar="URL", help="an MQTT broker the subscriber publishes to, "
-                        "mqtt://[USER@]HOST[:PORT] or mqtts://...")
+    source.add_argument(
+        "--mqtt",
+        metavar="URL",
+        help="an MQTT broker the subscriber publishes to, mqtt://[USER@]HOST[:PORT] or mqtts://...",
+    )
     ap.add_argument("--mqtt-prefix", default="kiosk", help="the subscriber's hooks.mqtt_prefix")
     ap.add_argument("--mqtt-password-file", help="the password of the URL's user (one line)")
     ap.add_argument("--mqtt-ca-file", help="for mqtts://: the CA bundle of the broker's certificate")
@@ -249,11 +269,23 @@ def main(argv: list[str] | None = None) -> int:
                 gate.heartbeat(now)
             elif topic == f"event.{args.gate}".encode():  # exact match: event.A1 must not take event.A10
                 gate.handle(message, now)
-                if gate.log and gate.log[-1]["event_id"] == message.get("event_id") and \
-                        gate.log[-1]["action"] == "alert":
-                    print(json.dumps({"gate": args.gate, "alert": message.get("reason"),
-                                      "subject_id": message.get("subject_id"), "event_id": message.get("event_id"),
-                                      "at": now}), flush=True)
+                if (
+                    gate.log
+                    and gate.log[-1]["event_id"] == message.get("event_id")
+                    and gate.log[-1]["action"] == "alert"
+                ):
+                    print(
+                        json.dumps(
+                            {
+                                "gate": args.gate,
+                                "alert": message.get("reason"),
+                                "subject_id": message.get("subject_id"),
+                                "event_id": message.get("event_id"),
+                                "at": now,
+                            }
+                        ),
+                        flush=True,
+                    )
         now = time.time()
         state = gate.is_open(now)
         if state != was_open:

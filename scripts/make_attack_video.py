@@ -47,11 +47,22 @@ def main(argv: list[str] | None = None) -> int:
     if len(faces) == 0:
         print(f"error: {args.photo}: no face found", file=sys.stderr)
         return 2
-    frames = render_attack(args.type, image, faces.largest().boxes[0], seed=args.seed, seconds=args.seconds,
-                           fps=args.fps, size=(w, h), close_up=args.close_up)
+    frames = render_attack(
+        args.type,
+        image,
+        faces.largest().boxes[0],
+        seed=args.seed,
+        seconds=args.seconds,
+        fps=args.fps,
+        size=(w, h),
+        close_up=args.close_up,
+    )
     write_video(args.out, frames, args.fps)
-    print(f"{args.out}: {args.type} attack, {len(frames)} frames of {w}x{h} at {args.fps:g} fps (seed {args.seed}"
-          + (", close-up" if args.close_up else "") + ")")
+    print(
+        f"{args.out}: {args.type} attack, {len(frames)} frames of {w}x{h} at {args.fps:g} fps (seed {args.seed}"
+        + (", close-up" if args.close_up else "")
+        + ")"
+    )
     return 0
 
 

@@ -25,11 +25,11 @@ import sys
 from pathlib import Path
 
 from kiosk.config import config_from_mapping
-from kiosk.vision.engine import FaceEngine
 from kiosk.errors import UsageError
-from kiosk.vision.images import read_image
 from kiosk.tools.scenes import Walk, person_crop, render, write_video
 from kiosk.tools.standin import head_turn
+from kiosk.vision.engine import FaceEngine
+from kiosk.vision.images import read_image
 from kiosk.vision.landmarks import LandmarkModel, find_landmark_model
 
 
@@ -43,11 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-face", type=float, default=40.0)
     ap.add_argument("--max-face", type=float, default=180.0)
     ap.add_argument("--size", default="640x480", help="frame size WxH")
-    ap.add_argument("--turn", type=float, default=0.0, metavar="DEG",
-                    help="turn each head up to DEG degrees as it walks up (a bona fide stand-in for liveness, "
-                         "e.g. 15); 0: the photo only moves, which is a print attack")
-    ap.add_argument("--crowd", type=int, default=1,
-                    help="people in view at once (side by side); >1 makes a multi-face video")
+    ap.add_argument(
+        "--turn",
+        type=float,
+        default=0.0,
+        metavar="DEG",
+        help="turn each head up to DEG degrees as it walks up (a bona fide stand-in for liveness, "
+        "e.g. 15); 0: the photo only moves, which is a print attack",
+    )
+    ap.add_argument(
+        "--crowd", type=int, default=1, help="people in view at once (side by side); >1 makes a multi-face video"
+    )
     args = ap.parse_args(argv)
     try:
         w, h = (int(v) for v in args.size.lower().split("x"))
@@ -79,12 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         crops.append((photo, crop, turn))
     for k in range(0, len(crops), args.crowd):
-        group = crops[k:k + args.crowd]
+        group = crops[k : k + args.crowd]
         start, frames = int(t * args.fps), int(args.seconds * args.fps)
         for j, (photo, crop, turn) in enumerate(group):
             cx = (j + 0.5) / len(group)
-            walks.append(Walk(crop, start + 3 * j, frames, args.min_face, args.max_face, cx=cx, turn=turn,
-                              turn_deg=args.turn))
+            walks.append(
+                Walk(crop, start + 3 * j, frames, args.min_face, args.max_face, cx=cx, turn=turn, turn_deg=args.turn)
+            )
             print(f"{photo}: frames {start + 3 * j}-{start + 3 * j + frames - 1}")
         t += args.seconds + args.gap
     total = int(t * args.fps)

@@ -101,11 +101,16 @@ class Handler(BaseHTTPRequestHandler):
                 if not self.server.accept_once(str(event_id), now):
                     code, reason = 200, f"event_id {event_id} already handled; ignored"
         if reason is not None:
-            print(f"{'refused' if code != 200 else 'repeat'} from {self.client_address[0]}: {reason}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{'refused' if code != 200 else 'repeat'} from {self.client_address[0]}: {reason}",
+                file=sys.stderr,
+                flush=True,
+            )
             return self._answer(code, reason)
-        print(f"{event.get('type')} gate={event.get('gate_id')} subject={event.get('subject_id')} "
-              f"event_id={event_id}", flush=True)
+        print(
+            f"{event.get('type')} gate={event.get('gate_id')} subject={event.get('subject_id')} event_id={event_id}",
+            flush=True,
+        )
         if self.server.jsonl:
             with self.server.lock, open(self.server.jsonl, "a", encoding="utf-8") as out:
                 out.write(json.dumps(event) + "\n")

@@ -65,30 +65,45 @@ def cfg(config_file: Path) -> KioskConfig:
     return load_config(config_file)
 
 
-def run_cli(tool: str, *args: str, timeout: float = 120, stdin: str | None = None,
-            env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    tool: str,
+    *args: str,
+    timeout: float = 120,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
     """Run an installed console script as a real process ($KIOSK_CONFIG unset unless `env` sets it)."""
     exe = BIN / tool
-    cmd = [str(exe), *args] if exe.exists() else [sys.executable, "-m",
-                                                   "kiosk.cli" if tool == "kiosk" else "enrollment.cli", *args]
+    cmd = (
+        [str(exe), *args]
+        if exe.exists()
+        else [sys.executable, "-m", "kiosk.cli" if tool == "kiosk" else "enrollment.cli", *args]
+    )
     full_env = dict(os.environ)
     full_env.pop("KIOSK_CONFIG", None)
     full_env.update(env or {})
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=stdin, env=full_env, cwd=cwd)
 
 
-def place_face(face: np.ndarray, frame_hw: tuple[int, int], width: int, center: tuple[float, float] = (0.5, 0.5),
-               background: int = 90) -> np.ndarray:
+def place_face(
+    face: np.ndarray,
+    frame_hw: tuple[int, int],
+    width: int,
+    center: tuple[float, float] = (0.5, 0.5),
+    background: int = 90,
+) -> np.ndarray:
     """`face` (a crop) scaled to `width` px and pasted into a plain frame."""
     h, w = frame_hw
     scale = width / face.shape[1]
-    small = cv2.resize(face, (max(1, round(face.shape[1] * scale)), max(1, round(face.shape[0] * scale))),
-                       interpolation=cv2.INTER_AREA)
+    small = cv2.resize(
+        face, (max(1, round(face.shape[1] * scale)), max(1, round(face.shape[0] * scale))), interpolation=cv2.INTER_AREA
+    )
     frame = np.full((h, w, 3), background, np.uint8)
     sh, sw = small.shape[:2]
     y0 = int(center[1] * h - sh / 2)
     x0 = int(center[0] * w - sw / 2)
     ys, xs = max(0, y0), max(0, x0)
     ye, xe = min(h, y0 + sh), min(w, x0 + sw)
-    frame[ys:ye, xs:xe] = small[ys - y0:ye - y0, xs - x0:xe - x0]
+    frame[ys:ye, xs:xe] = small[ys - y0 : ye - y0, xs - x0 : xe - x0]
     return frame

@@ -88,6 +88,6 @@ class FakeEngine:
 
     def gallery(self, people: dict[str, int]) -> GalleryMatrix:
         """A search matrix of these subjects (id -> person index)."""
-        return GalleryMatrix.from_templates(self.model_id, self.dim,
-                                            [(sid, sid.title(), self.template(i)) for sid, i in people.items()],
-                                            revision=1)
+        return GalleryMatrix.from_templates(
+            self.model_id, self.dim, [(sid, sid.title(), self.template(i)) for sid, i in people.items()], revision=1
+        )

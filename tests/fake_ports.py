@@ -56,8 +56,9 @@ class FakeStore:
         previous = self.boarded.get((record.flight_id, subject))
         if previous is not None:
             return BoardOutcome(False, "already_boarded", previous)
-        self.boarded[(record.flight_id, subject)] = Boarding(record.flight_id, subject, record.gate_id, record.at,
-                                                             record.score, record.event_id, camera_id)
+        self.boarded[(record.flight_id, subject)] = Boarding(
+            record.flight_id, subject, record.gate_id, record.at, record.score, record.event_id, camera_id
+        )
         self.records.append(record)
         return BoardOutcome(True)
 
@@ -102,11 +103,24 @@ class FakePublisher:
     audited_first: list[bool] = field(default_factory=list)
 
     def event(self, verdict: Verdict, d: Decision) -> Event:
-        return Event(type=d.type, gate_id=verdict.camera.gate_id, camera_id=verdict.camera.camera_id,
-                     track_id=verdict.track_id, subject_id=d.subject_id, display_name=d.display_name, score=d.score,
-                     reason=d.reason, frames=d.frames, captured_at=d.captured_at, seq=d.seq, event_id=d.event_id,
-                     flight_id=d.flight_id, boarded_at=d.boarded_at, boarded_gate_id=d.boarded_gate_id,
-                     on_flights=d.on_flights)
+        return Event(
+            type=d.type,
+            gate_id=verdict.camera.gate_id,
+            camera_id=verdict.camera.camera_id,
+            track_id=verdict.track_id,
+            subject_id=d.subject_id,
+            display_name=d.display_name,
+            score=d.score,
+            reason=d.reason,
+            frames=d.frames,
+            captured_at=d.captured_at,
+            seq=d.seq,
+            event_id=d.event_id,
+            flight_id=d.flight_id,
+            boarded_at=d.boarded_at,
+            boarded_gate_id=d.boarded_gate_id,
+            on_flights=d.on_flights,
+        )
 
     def publish(self, verdict: Verdict, event: Event) -> None:
         if self.audit is not None:
@@ -156,8 +170,13 @@ class Ports:
     gate: Gatekeeper
 
 
-def gatekeeper(*, enrolled: set[str] | None = None, manifests: dict[str, set[str]] | None = None,
-               max_frame_age_ms: float = 500.0, stale_grace_s: float = 300.0) -> Ports:
+def gatekeeper(
+    *,
+    enrolled: set[str] | None = None,
+    manifests: dict[str, set[str]] | None = None,
+    max_frame_age_ms: float = 500.0,
+    stale_grace_s: float = 300.0,
+) -> Ports:
     enrolment = FakeEnrolment(set(enrolled or ()))
     store = FakeStore(dict(manifests or {}))
     audit = FakeAudit()
@@ -165,8 +184,15 @@ def gatekeeper(*, enrolled: set[str] | None = None, manifests: dict[str, set[str
     clock = FakeClock()
     counters = FakeCounters()
     forgotten: list[tuple[str, str]] = []
-    gate = Gatekeeper(enrolment=enrolment, store=store, audit=audit, publisher=publisher,
-                      forget_accept=lambda gate_id, subject_id: forgotten.append((gate_id, subject_id)),
-                      max_frame_age_ms=max_frame_age_ms, stale_grace_s=stale_grace_s, clock=clock,
-                      counters=counters)
+    gate = Gatekeeper(
+        enrolment=enrolment,
+        store=store,
+        audit=audit,
+        publisher=publisher,
+        forget_accept=lambda gate_id, subject_id: forgotten.append((gate_id, subject_id)),
+        max_frame_age_ms=max_frame_age_ms,
+        stale_grace_s=stale_grace_s,
+        clock=clock,
+        counters=counters,
+    )
     return Ports(enrolment, store, audit, publisher, clock, counters, forgotten, gate)

@@ -46,23 +46,37 @@ class Broker:
 
     def init(self) -> None:
         passwd = shutil.which("mosquitto_passwd") or str(Path(self.binary).parent.parent / "bin" / "mosquitto_passwd")
-        subprocess.run([passwd, "-c", "-b", str(self.folder / "passwd"), USER, PASSWORD], check=True,
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            [passwd, "-c", "-b", str(self.folder / "passwd"), USER, PASSWORD],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         self.password_file.write_text(PASSWORD + "\n")
         self.password_file.chmod(0o600)
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous false", f"password_file {self.folder}/passwd",
-                 "persistence true", f"persistence_location {self.folder}/",
-                 # Saved after every change, so a SIGKILL loses (almost) nothing the broker had taken.
-                 "autosave_interval 1", "autosave_on_changes true", "log_dest stderr"]
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous false",
+            f"password_file {self.folder}/passwd",
+            "persistence true",
+            f"persistence_location {self.folder}/",
+            # Saved after every change, so a SIGKILL loses (almost) nothing the broker had taken.
+            "autosave_interval 1",
+            "autosave_on_changes true",
+            "log_dest stderr",
+        ]
         if os.geteuid() == 0:
             lines.append("user root")  # mosquitto would switch to user `mosquitto`, who cannot reach this folder
         (self.folder / "mosquitto.conf").write_text("\n".join(lines) + "\n")
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.folder / "mosquitto.conf")],
-                                     stdout=subprocess.DEVNULL, stderr=open(self.folder / "log", "ab"),
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.folder / "mosquitto.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.folder / "log", "ab"),
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
@@ -124,8 +138,9 @@ class Listener:
 
     def __post_init__(self) -> None:
         self._cv = threading.Condition()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.session or "",
-                                  clean_session=self.session is None)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.session or "", clean_session=self.session is None
+        )
         self.client.username_pw_set(USER, PASSWORD)
         self.client.reconnect_delay_set(0.1, 1.0)
         self.client.on_connect = lambda c, *_: c.subscribe(f"{self.prefix}/#", qos=1)

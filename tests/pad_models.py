@@ -13,13 +13,19 @@ from onnx import TensorProto, helper
 def linear_pad_model(path: Path, weights: np.ndarray, bias: np.ndarray, size: int = 80) -> Path:
     classes = weights.shape[1]
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input"], ["m"], axes=[2, 3], keepdims=0),
-         helper.make_node("MatMul", ["m", "W"], ["z"]),
-         helper.make_node("Add", ["z", "b"], ["output"])],
-        "pad", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
+        [
+            helper.make_node("ReduceMean", ["input"], ["m"], axes=[2, 3], keepdims=0),
+            helper.make_node("MatMul", ["m", "W"], ["z"]),
+            helper.make_node("Add", ["z", "b"], ["output"]),
+        ],
+        "pad",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, classes])],
-        [helper.make_tensor("W", TensorProto.FLOAT, weights.shape, weights.astype(np.float32).ravel()),
-         helper.make_tensor("b", TensorProto.FLOAT, bias.shape, bias.astype(np.float32).ravel())])
+        [
+            helper.make_tensor("W", TensorProto.FLOAT, weights.shape, weights.astype(np.float32).ravel()),
+            helper.make_tensor("b", TensorProto.FLOAT, bias.shape, bias.astype(np.float32).ravel()),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)

@@ -23,8 +23,10 @@ PASSWORD = "kiosk-test-secret"
 def server_bin() -> Path | None:
     """The folder of initdb, pg_ctl and createdb: Debian's /usr/lib/postgresql/<version>/bin (newest), else
     the folder on PATH that holds all three."""
-    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                      key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0)
+    versions = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
+    )
     candidates = [Path(v).parent for v in reversed(versions)]
     found = shutil.which("initdb")
     if found:
@@ -51,8 +53,15 @@ class PgServer:
         return self.folder / "password"
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bin / args[0]), *args[1:]], user=self.user, capture_output=True, text=True,
-                              check=check, timeout=120, cwd=self.folder)
+        return subprocess.run(
+            [str(self.bin / args[0]), *args[1:]],
+            user=self.user,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+            cwd=self.folder,
+        )
 
     def init(self) -> None:
         pwfile = self.folder / "initpw"
@@ -61,17 +70,43 @@ class PgServer:
         if self.user:
             os.chown(self.folder, pwd.getpwnam(self.user).pw_uid, -1)
             os.chown(pwfile, pwd.getpwnam(self.user).pw_uid, -1)
-        self._run("initdb", "-D", "data", "-U", "kiosk", "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8",
-                  "--no-sync", "--no-instructions")
+        self._run(
+            "initdb",
+            "-D",
+            "data",
+            "-U",
+            "kiosk",
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--no-instructions",
+        )
         self.start()
         env = {**os.environ, "PGPASSWORD": PASSWORD}
-        subprocess.run([str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "kiosk", "kiosk"],
-                       env=env, check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "kiosk", "kiosk"],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
 
     def start(self) -> None:
-        self._run("pg_ctl", "-D", "data", "-l", "server.log", "-w", "-t", "60", "-o",
-                  f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
-                  "-c full_page_writes=off", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            "data",
+            "-l",
+            "server.log",
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off",
+            "start",
+        )
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", "data", "-m", mode, "-w", "stop", check=False)

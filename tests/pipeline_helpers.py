@@ -9,9 +9,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -32,9 +32,11 @@ def people(engine, photos) -> dict[str, np.ndarray]:
     faces = engine.detector.detect(gdp)
     faces = faces[faces.widths >= 48]
     order = np.argsort(faces.boxes[:, 0])
-    return {"yao": person_crop(yao, engine.detector.detect(yao).largest().boxes[0]),
-            "duncan": person_crop(gdp, faces.boxes[order[0]]),
-            "parker": person_crop(gdp, faces.boxes[order[-1]])}
+    return {
+        "yao": person_crop(yao, engine.detector.detect(yao).largest().boxes[0]),
+        "duncan": person_crop(gdp, faces.boxes[order[0]]),
+        "parker": person_crop(gdp, faces.boxes[order[-1]]),
+    }
 
 
 def head_turn_of(engine, crop: np.ndarray):
@@ -45,8 +47,9 @@ def head_turn_of(engine, crop: np.ndarray):
     return head_turn(crop, engine.detector, LandmarkModel.load(find_landmark_model(None)))
 
 
-def make_video(path: Path, walks: list[Walk], seconds: float, fps: float = 30.0,
-               size: tuple[int, int] = (640, 480)) -> Path:
+def make_video(
+    path: Path, walks: list[Walk], seconds: float, fps: float = 30.0, size: tuple[int, int] = (640, 480)
+) -> Path:
     return write_video(path, render(walks, int(seconds * fps), size), fps)
 
 
@@ -77,8 +80,14 @@ def write_config(folder: Path, cameras: list[dict], **extra) -> Path:
 def kiosk(config: Path, *args: str, quiet: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `kiosk -c CONFIG ARGS...` as a real process (own process group for cleanup)."""
     cmd = [sys.executable, "-m", "kiosk.cli", *(["-q"] if quiet else []), "-c", str(config), *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10) -> tuple[str, str]:
@@ -97,8 +106,11 @@ def scrape(port: int) -> dict[tuple[str, tuple], tuple[str, float]]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): (family.type, sample.value)
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): (family.type, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def audit(config: Path) -> list[dict]:

@@ -38,7 +38,6 @@ def clear_gallery(path: Path, templates: dict[str, np.ndarray], model_id: str, v
     array) stored in the clear, no key ids, stamped `version`."""
     import sqlite3
 
-
     Gallery(path).close()  # the current tables, then the step back
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("DROP INDEX templates_key")
@@ -46,8 +45,10 @@ def clear_gallery(path: Path, templates: dict[str, np.ndarray], model_id: str, v
     for sid, rows in templates.items():
         db.execute("INSERT INTO subjects (id, name, created) VALUES (?, ?, 0)", (sid, sid.title()))
         for row in np.asarray(rows, np.float32).reshape(-1, np.asarray(rows).shape[-1]):
-            db.execute("INSERT INTO templates (subject_id, model_id, dim, embedding, created) VALUES (?, ?, ?, ?, 0)",
-                       (sid, model_id, row.shape[0], row.astype("<f4").tobytes()))
+            db.execute(
+                "INSERT INTO templates (subject_id, model_id, dim, embedding, created) VALUES (?, ?, ?, ?, 0)",
+                (sid, model_id, row.shape[0], row.astype("<f4").tobytes()),
+            )
     db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
     db.close()
     return path

@@ -15,14 +15,33 @@ from tests.pipeline_helpers import make_video, people, write_config
 @pytest.mark.slow  # the obvious loop beside the pipeline: a minute on 2 cores; run by .ci/run's second step
 def test_bench_json_with_compare(tmp_path, engine, photos):
     crops = people(engine, photos)
-    make_video(tmp_path / "v.avi", [Walk(crops["yao"], start=0, frames=45, w0=70, w1=150, cx=0.3),
-                                    Walk(crops["parker"], start=0, frames=45, w0=70, w1=150, cx=0.7)],
-               seconds=1.5, size=(640, 360))
+    make_video(
+        tmp_path / "v.avi",
+        [
+            Walk(crops["yao"], start=0, frames=45, w0=70, w1=150, cx=0.3),
+            Walk(crops["parker"], start=0, frames=45, w0=70, w1=150, cx=0.7),
+        ],
+        seconds=1.5,
+        size=(640, 360),
+    )
     config = write_config(tmp_path, [])
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                   str(photos["yaoming.jpg"])).returncode == 0
-    res = run_cli("kiosk", "-q", "-c", str(config), "bench", "--video", str(tmp_path / "v.avi"),
-                  "--compare", "insightface", "--json", timeout=300)
+    assert (
+        run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
+        == 0
+    )
+    res = run_cli(
+        "kiosk",
+        "-q",
+        "-c",
+        str(config),
+        "bench",
+        "--video",
+        str(tmp_path / "v.avi"),
+        "--compare",
+        "insightface",
+        "--json",
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
     assert r["frames"] == 45 and r["seconds"] > 0 and r["fps"] > 0 and r["providers"]
@@ -37,9 +56,12 @@ def test_bench_json_with_compare(tmp_path, engine, photos):
 
 
 def test_compare_reports_differences_both_ways():
-    assert compare_accepts(["A", "B"], []) == {"same_accepted_subjects": False, "accepted_by_both": [],
-                                               "accepted_only_by_pipeline": ["A", "B"],
-                                               "accepted_only_by_reference": []}
+    assert compare_accepts(["A", "B"], []) == {
+        "same_accepted_subjects": False,
+        "accepted_by_both": [],
+        "accepted_only_by_pipeline": ["A", "B"],
+        "accepted_only_by_reference": [],
+    }
     assert compare_accepts(["A", "B"], ["A"])["accepted_only_by_pipeline"] == ["B"]
     assert compare_accepts(["A"], ["A", "C"])["accepted_only_by_reference"] == ["C"]
     assert compare_accepts([], [])["same_accepted_subjects"] is False  # nobody accepted: nothing compared
@@ -65,10 +87,12 @@ def test_bench_cameras_usage_errors(tmp_path):
     config = write_config(tmp_path, [])
     video = tmp_path / "v.avi"
     make_video(video, [], seconds=0.2, size=(160, 120))
-    for args, says in ((["--cameras", "0"], "expected 1 to 64 cameras"),
-                       (["--cameras", "2", "--busy", "3"], "expected 1 to 64 cameras"),
-                       (["--busy", "1"], "--busy needs --cameras"),
-                       (["--cameras", "2", "--compare", "insightface"], "--compare runs on one camera")):
+    for args, says in (
+        (["--cameras", "0"], "expected 1 to 64 cameras"),
+        (["--cameras", "2", "--busy", "3"], "expected 1 to 64 cameras"),
+        (["--busy", "1"], "--busy needs --cameras"),
+        (["--cameras", "2", "--compare", "insightface"], "--compare runs on one camera"),
+    ):
         res = run_cli("kiosk", "-c", str(config), "bench", "--video", str(video), *args)
         assert res.returncode == 2 and says in res.stderr, (args, res.stderr)
         assert "Traceback" not in res.stderr
@@ -80,13 +104,32 @@ def test_bench_cameras_reports_each_camera(tmp_path, engine, photos):
     by the bench) decide nothing and their captures, told the scene is empty, hold most frames back; every
     process's CPU share is reported."""
     crops = people(engine, photos)
-    make_video(tmp_path / "v.avi", [Walk(crops["yao"], start=10, frames=80, w0=90, w1=160, cx=0.5)],
-               seconds=4.0, size=(640, 360))
+    make_video(
+        tmp_path / "v.avi",
+        [Walk(crops["yao"], start=10, frames=80, w0=90, w1=160, cx=0.5)],
+        seconds=4.0,
+        size=(640, 360),
+    )
     config = write_config(tmp_path, [])
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                   str(photos["yaoming.jpg"])).returncode == 0
-    res = run_cli("kiosk", "-q", "-c", str(config), "bench", "--video", str(tmp_path / "v.avi"),
-                  "--cameras", "3", "--busy", "1", "--json", timeout=300)
+    assert (
+        run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
+        == 0
+    )
+    res = run_cli(
+        "kiosk",
+        "-q",
+        "-c",
+        str(config),
+        "bench",
+        "--video",
+        str(tmp_path / "v.avi"),
+        "--cameras",
+        "3",
+        "--busy",
+        "1",
+        "--json",
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
     cams = {c["camera"]: c for c in r["per_camera"]}

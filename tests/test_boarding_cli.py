@@ -31,7 +31,7 @@ def site(tmp_path_factory, photos, engine) -> Path:
     for name, i in (("duncan", order[0]), ("parker", order[-1])):
         x1, y1, x2, y2 = faces.boxes[i]
         w, h = x2 - x1, y2 - y1
-        crop = gdp[max(0, int(y1 - 0.6 * h)):int(y2 + 0.6 * h), max(0, int(x1 - 0.6 * w)):int(x2 + 0.6 * w)]
+        crop = gdp[max(0, int(y1 - 0.6 * h)) : int(y2 + 0.6 * h), max(0, int(x1 - 0.6 * w)) : int(x2 + 0.6 * w)]
         cv2.imwrite(str(folder / f"{name}.jpg"), cv2.resize(crop, None, fx=2.0, fy=2.0))
     yao = cv2.imread(str(photos["yaoming.jpg"]))
     cv2.imwrite(str(folder / "yao.jpg"), yao)
@@ -42,7 +42,8 @@ def site(tmp_path_factory, photos, engine) -> Path:
         "gallery: {path: gallery.db}\nsecurity: {curve: false}\nmetrics: {port: 0}\n"
         "boarding: {require_flight: true}\n"
         "cameras:\n  - {id: cam-a1, gate: A1, source: 0}\n  - {id: cam-a2, gate: A2, source: 1}\n"
-        "  - {id: cam-b1, gate: B1, source: 2}\n")
+        "  - {id: cam-b1, gate: B1, source: 2}\n"
+    )
     return folder / "kiosk.yaml"
 
 
@@ -64,18 +65,38 @@ def dump(db: Path) -> list:
 def test_an_operators_day_on_the_command_line(site):
     folder = site.parent
     departs = time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() + 3 * 3600))
-    res = cli("kiosk-enroll", site, "import", "--no-progress", str(folder / "lh123.csv"), "--flight", "lh123",
-              "--departs", departs)
+    res = cli(
+        "kiosk-enroll",
+        site,
+        "import",
+        "--no-progress",
+        str(folder / "lh123.csv"),
+        "--flight",
+        "lh123",
+        "--departs",
+        departs,
+    )
     assert res.returncode == 0 and "2 enrolled" in res.stdout and "2 added to flight LH123" in res.stdout, res.stderr
-    res = cli("kiosk-enroll", site, "import", "--no-progress", str(folder / "ba456.csv"), "--flight", "BA456",
-              "--departs", time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() + 6 * 3600)))
+    res = cli(
+        "kiosk-enroll",
+        site,
+        "import",
+        "--no-progress",
+        str(folder / "ba456.csv"),
+        "--flight",
+        "BA456",
+        "--departs",
+        time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() + 6 * 3600)),
+    )
     # YAO is enrolled already: listed on BA456, no second template, not refused as a duplicate of himself.
     assert res.returncode == 0 and "1 enrolled" in res.stdout and "1 enrolled before" in res.stdout, res.stdout
     listed = json.loads(cli("kiosk-enroll", site, "list", "--json").stdout)
     assert {s["id"]: s["templates"] for s in listed["subjects"]} == {"YAO": 1, "PARKER": 1, "DUNCAN": 1}
     flights = json.loads(cli("kiosk-enroll", site, "flight", "list", "--json").stdout)["flights"]
-    assert [(f["id"], f["passengers"], f["status"]) for f in flights] == [("LH123", 2, "scheduled"),
-                                                                          ("BA456", 2, "scheduled")]
+    assert [(f["id"], f["passengers"], f["status"]) for f in flights] == [
+        ("LH123", 2, "scheduled"),
+        ("BA456", 2, "scheduled"),
+    ]
     show = json.loads(cli("kiosk-enroll", site, "flight", "show", "BA456", "--json").stdout)
     assert [p["id"] for p in show["manifest"]] == ["DUNCAN", "YAO"]
 
@@ -86,8 +107,7 @@ def test_an_operators_day_on_the_command_line(site):
     assert gates["A1"]["flight_id"] == "LH123" and gates["A2"]["flight_id"] == "LH123"
     assert gates["B1"]["boarding"] is False and gates["B1"]["processing"] is False  # require_flight
     status = json.loads(cli("kiosk", site, "board", "status", "--flight", "LH123", "--json").stdout)
-    assert [(f["id"], f["passengers"], f["boarded"], f["remaining"]) for f in status["flights"]] == [
-        ("LH123", 2, 0, 2)]
+    assert [(f["id"], f["passengers"], f["boarded"], f["remaining"]) for f in status["flights"]] == [("LH123", 2, 0, 2)]
 
     # Decisions as the verifier records them: PARKER rejected twice (best candidate below the bar), then boards;
     # YAO boards at once, and is turned away at the other door.
@@ -112,8 +132,10 @@ def test_an_operators_day_on_the_command_line(site):
 
     res = cli("kiosk", site, "board", "undo", "--flight", "LH123", "--subject", "YAO")
     assert res.returncode == 0 and "boardable again" in res.stdout
-    assert json.loads(cli("kiosk", site, "board", "status", "--flight", "LH123", "--json").stdout)[
-        "flights"][0]["boarded"] == 1
+    assert (
+        json.loads(cli("kiosk", site, "board", "status", "--flight", "LH123", "--json").stdout)["flights"][0]["boarded"]
+        == 1
+    )
     assert cli("kiosk", site, "board", "close", "--gate", "A2").returncode == 0
     res = cli("kiosk-enroll", site, "flight", "remove-passenger", "BA456", "DUNCAN")
     assert res.returncode == 0 and "still enrolled" in res.stdout
@@ -124,25 +146,38 @@ def test_an_operators_day_on_the_command_line(site):
     assert sorted(s["id"] for s in listed["subjects"]) == ["DUNCAN", "YAO"]  # YAO flies on with BA456
 
 
-@pytest.mark.parametrize("tool,args,message", [
-    ("kiosk-enroll", ["import", "--no-progress", "lh123.csv", "--flight", "ZZ999"], "give its scheduled departure"),
-    ("kiosk-enroll", ["import", "--no-progress", "lh123.csv", "--flight", "ZZ999", "--departs", "tomorrow"],
-     "expected an ISO date-time"),
-    ("kiosk-enroll", ["import", "--no-progress", "lh123.csv", "--flight", "ZZ999", "--departs", "2026-11-30"],
-     "give the time too"),
-    ("kiosk-enroll", ["import", "--no-progress", "lh123.csv", "--flight", "LH-12"], "expected an airline code"),
-    ("kiosk-enroll", ["import", "--no-progress", "lh123.csv", "--flight", "OLD1"], "was purged"),
-    ("kiosk-enroll", ["add", "--id", "NEW", "yao.jpg", "--flight", "OLD1"], "was purged"),
-    ("kiosk-enroll", ["add", "--id", "NEW", "yao.jpg", "--departs", "2026-11-30T10:00"], "--departs needs --flight"),
-    ("kiosk-enroll", ["flight", "show", "ZZ999"], "no flight ZZ999"),
-    ("kiosk-enroll", ["flight", "remove-passenger", "OK1", "NOBODY"], "is not on flight OK1"),
-    ("kiosk", ["board", "open", "--gate", "Z9", "--flight", "OK1"], "unknown gate 'Z9'"),
-    ("kiosk", ["board", "open", "--gate", "A1", "--flight", "ZZ999"], "no flight ZZ999"),
-    ("kiosk", ["board", "open", "--gate", "A1", "--flight", "OLD1"], "was purged"),
-    ("kiosk", ["board", "report", "--flight", "ZZ999"], "no flight ZZ999"),
-    ("kiosk", ["board", "status", "--gate", "Q1"], "unknown gate"),
-    ("kiosk", ["board", "undo", "--flight", "OK1", "--subject", "YAO"], "has not boarded"),
-])
+@pytest.mark.parametrize(
+    "tool,args,message",
+    [
+        ("kiosk-enroll", ["import", "--no-progress", "lh123.csv", "--flight", "ZZ999"], "give its scheduled departure"),
+        (
+            "kiosk-enroll",
+            ["import", "--no-progress", "lh123.csv", "--flight", "ZZ999", "--departs", "tomorrow"],
+            "expected an ISO date-time",
+        ),
+        (
+            "kiosk-enroll",
+            ["import", "--no-progress", "lh123.csv", "--flight", "ZZ999", "--departs", "2026-11-30"],
+            "give the time too",
+        ),
+        ("kiosk-enroll", ["import", "--no-progress", "lh123.csv", "--flight", "LH-12"], "expected an airline code"),
+        ("kiosk-enroll", ["import", "--no-progress", "lh123.csv", "--flight", "OLD1"], "was purged"),
+        ("kiosk-enroll", ["add", "--id", "NEW", "yao.jpg", "--flight", "OLD1"], "was purged"),
+        (
+            "kiosk-enroll",
+            ["add", "--id", "NEW", "yao.jpg", "--departs", "2026-11-30T10:00"],
+            "--departs needs --flight",
+        ),
+        ("kiosk-enroll", ["flight", "show", "ZZ999"], "no flight ZZ999"),
+        ("kiosk-enroll", ["flight", "remove-passenger", "OK1", "NOBODY"], "is not on flight OK1"),
+        ("kiosk", ["board", "open", "--gate", "Z9", "--flight", "OK1"], "unknown gate 'Z9'"),
+        ("kiosk", ["board", "open", "--gate", "A1", "--flight", "ZZ999"], "no flight ZZ999"),
+        ("kiosk", ["board", "open", "--gate", "A1", "--flight", "OLD1"], "was purged"),
+        ("kiosk", ["board", "report", "--flight", "ZZ999"], "no flight ZZ999"),
+        ("kiosk", ["board", "status", "--gate", "Q1"], "unknown gate"),
+        ("kiosk", ["board", "undo", "--flight", "OK1", "--subject", "YAO"], "has not boarded"),
+    ],
+)
 def test_bad_flight_input_is_one_line_exit_2_and_writes_nothing(tmp_path, site, tool, args, message):
     folder = site.parent
     config = tmp_path / "kiosk.yaml"

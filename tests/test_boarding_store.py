@@ -157,8 +157,9 @@ def test_a_host_holding_its_gates_flights_searches_everyone_for_a_gate_boarding_
         some = load_gate_flights(g, MODEL, 8, require_flight=False, gates={"A1"}, load="gate_flights")
         assert some.full.subject_ids == ["ANN", "BOB"] and some.full.scope == {"ANN", "BOB"}
         # B1 boards no flight and, as flights are not required, searches everyone enrolled.
-        every = load_gate_flights(g, MODEL, 8, require_flight=False, gates={"A1", "B1"}, load="gate_flights",
-                                  previous=some)
+        every = load_gate_flights(
+            g, MODEL, 8, require_flight=False, gates={"A1", "B1"}, load="gate_flights", previous=some
+        )
         assert every.full.subject_ids == ["ANN", "BOB", "CAT", "DAN"] and every.full.scope is None
         assert every.matrix_for("B1").subject_ids == every.full.subject_ids
 
@@ -231,7 +232,9 @@ def test_purge_deletes_only_passengers_on_no_later_flight(gallery_site):
         assert store.flight("LH123").passengers == 0 and store.flight("LH123").purged_at is None
         assert store.flight(archived).purged_at is not None
         assert [(p.subject_id, p.boarding is not None) for p in store.passengers(archived)] == [
-            ("ANN", True), ("BOB", False)]
+            ("ANN", True),
+            ("BOB", False),
+        ]
         assert [d.event_id for d in store.decisions(archived)] == ["e1"] and store.decisions("LH123") == []
         assert check_flight_id(archived.lower()) == archived
 

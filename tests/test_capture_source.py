@@ -27,7 +27,7 @@ def scene(i: int) -> np.ndarray:
     image = np.full((240, 320, 3), 120, np.uint8)
     image[150:] = 70
     image = np.clip(image + rng.normal(0, 2, image.shape), 0, 255).astype(np.uint8)
-    image[40:90, 20 + 8 * i:70 + 8 * i] = 230
+    image[40:90, 20 + 8 * i : 70 + 8 * i] = 230
     return image
 
 
@@ -81,8 +81,11 @@ def test_the_capture_sends_the_cameras_own_jpeg_or_decodes_it_and_skips_a_broken
     break_packet(path, BROKEN)
     expected = packets(path)
     assert len(expected) == FRAMES
-    cfg = load_config(write_config(tmp_path, [{"id": "cam1", "gate": "G1", "source": "gate.avi",
-                                               "realtime": False, "encoding": encoding}]))
+    cfg = load_config(
+        write_config(
+            tmp_path, [{"id": "cam1", "gate": "G1", "source": "gate.avi", "realtime": False, "encoding": encoding}]
+        )
+    )
     verifier = Transport(cfg, role="verifier")
     frames = verifier.frame_receiver()
     capture = Capture(cfg, "cam1")

@@ -14,11 +14,25 @@ from kiosk.messaging.transport import free_port
 from tests.conftest import run_cli, write_config
 
 # Every sub-command with its required arguments, as DESIGN.md and the README write them.
-KIOSK = [["run", "--exit-on-eof"], ["capture", "--camera", "cam-a1"], ["verify"], ["subscribe", "--gate", "A1"],
-         ["bench", "--video", "gate.avi", "--json"], ["claim", "--gate", "A1", "--subject", "P1"],
-         ["status", "--json"], ["demo"], ["keys", "init", "var/keys"]]
-ENROLL = [["add", "--id", "P1", "a.jpg"], ["import", "flight.csv"], ["list", "--json"], ["remove", "P1"],
-          ["compare", "a.jpg", "b.jpg", "--json"], ["evaluate", "pairs.csv", "--json"]]
+KIOSK = [
+    ["run", "--exit-on-eof"],
+    ["capture", "--camera", "cam-a1"],
+    ["verify"],
+    ["subscribe", "--gate", "A1"],
+    ["bench", "--video", "gate.avi", "--json"],
+    ["claim", "--gate", "A1", "--subject", "P1"],
+    ["status", "--json"],
+    ["demo"],
+    ["keys", "init", "var/keys"],
+]
+ENROLL = [
+    ["add", "--id", "P1", "a.jpg"],
+    ["import", "flight.csv"],
+    ["list", "--json"],
+    ["remove", "P1"],
+    ["compare", "a.jpg", "b.jpg", "--json"],
+    ["evaluate", "pairs.csv", "--json"],
+]
 
 
 @pytest.mark.parametrize("parser,argv", [(kiosk_parser, a) for a in KIOSK] + [(enroll_parser, a) for a in ENROLL])
@@ -71,8 +85,10 @@ def test_a_key_written_twice_is_refused(tmp_path):
     config.write_text("policy:\n  accept_threshold: 0.5\n  min_margin: 0.1\n  accept_threshold: 0.2\n")
     res = run_cli("kiosk-enroll", "list", "-c", str(config))
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert f"{config}: not valid YAML (line 4, column 3): key 'accept_threshold' is written twice " \
-           "(first on line 2)" in res.stderr
+    assert (
+        f"{config}: not valid YAML (line 4, column 3): key 'accept_threshold' is written twice "
+        "(first on line 2)" in res.stderr
+    )
     config.write_text("gallery: {path: a.db}\ngallery: {path: b.db}\n")
     res = run_cli("kiosk", "status", "-c", str(config))
     assert res.returncode == 2 and "key 'gallery' is written twice (first on line 1)" in res.stderr

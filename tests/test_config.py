@@ -47,8 +47,17 @@ def test_shipped_config_documents_every_key_with_its_default():
     assert set(shipped) == set(defaults)
     # The one documented exception: it ships with one camera to edit (the default is none).
     assert defaults.pop("cameras") == [] and shipped["cameras"] == [
-        {"id": "cam-a1", "gate": "A1", "source": 0, "realtime": True, "loop": False, "fps": None, "encoding": "bgr8",
-         "key": None}]
+        {
+            "id": "cam-a1",
+            "gate": "A1",
+            "source": 0,
+            "realtime": True,
+            "loop": False,
+            "fps": None,
+            "encoding": "bgr8",
+            "key": None,
+        }
+    ]
     for key, default in defaults.items():
         if isinstance(default, Path):  # shipped paths point at the repo's var/ folder
             assert Path(str(shipped[key])).name == default.name, key
@@ -83,26 +92,49 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
         ("hooks: {python: [':f']}\n", "hooks.python[0]", "module:function", "':f'"),
         ("pad: {threshold: 0.2, attack_below: 0.4}\n", "pad.attack_below", "at most pad.threshold (0.2)", "0.4"),
         ("pad: {checks: texture}\n", "pad.checks", "a list", "'texture'"),
-        ("console: {allowed_hosts: console.example.org}\n", "console.allowed_hosts", "a list",
-         "'console.example.org'"),
-        ("console: {allowed_hosts: ['https://console.example.org']}\n", "console.allowed_hosts[0]",
-         "HOST or HOST:PORT", "'https://console.example.org'"),
+        ("console: {allowed_hosts: console.example.org}\n", "console.allowed_hosts", "a list", "'console.example.org'"),
+        (
+            "console: {allowed_hosts: ['https://console.example.org']}\n",
+            "console.allowed_hosts[0]",
+            "HOST or HOST:PORT",
+            "'https://console.example.org'",
+        ),
         ("console: {allowed_hosts: []}\n", "console.allowed_hosts", "at least one HOST", "a list"),
         ("console: {request_timeout_s: 0}\n", "console.request_timeout_s", "from 0.5 to 300", "0"),
         ("console: {request_timeout_s: soon}\n", "console.request_timeout_s", "a number", "'soon'"),
-        ("cameras: [{id: a, gate: A1}]\nsecurity: {operators: [{key: r, gates: [A2]}]}\n",
-         "security.operators[0].gates[0]", 'a gate of cameras[] (A1) or "*"', "'A2'"),
+        (
+            "cameras: [{id: a, gate: A1}]\nsecurity: {operators: [{key: r, gates: [A2]}]}\n",
+            "security.operators[0].gates[0]",
+            'a gate of cameras[] (A1) or "*"',
+            "'A2'",
+        ),
         ("security: {operators: [{key: ../r, gates: ['*']}]}\n", "security.operators[0].key", "a key name", "'../r'"),
-        ("security: {operators: [{key: r, gates: [A1, '*']}]}\n", "security.operators[0].gates",
-         '["*"] alone', "among other gates"),
-        ("security: {operators: [{key: r, gates: [A1]}, {key: r, gates: [B1]}]}\n", "security.operators[1].key",
-         "a key listed once", "'r'"),
+        (
+            "security: {operators: [{key: r, gates: [A1, '*']}]}\n",
+            "security.operators[0].gates",
+            '["*"] alone',
+            "among other gates",
+        ),
+        (
+            "security: {operators: [{key: r, gates: [A1]}, {key: r, gates: [B1]}]}\n",
+            "security.operators[1].key",
+            "a key listed once",
+            "'r'",
+        ),
         ("security: {operators: {r: [A1]}}\n", "security.operators", "a list", "a mapping"),
-        ("subscribers: [{name: s, mqtt: 'tcp://broker:1883'}]\n", "subscribers[0].mqtt",
-         "mqtt://[USER@]HOST[:PORT] or mqtts://", "scheme 'tcp'"),
+        (
+            "subscribers: [{name: s, mqtt: 'tcp://broker:1883'}]\n",
+            "subscribers[0].mqtt",
+            "mqtt://[USER@]HOST[:PORT] or mqtts://",
+            "scheme 'tcp'",
+        ),
         ("subscribers: [{name: s, mqtt: 'mqtt://broker:port'}]\n", "subscribers[0].mqtt", "mqtt://", "a bad port"),
-        ("subscribers: [{name: s, mqtt: 'mqtt://b'}, {name: t, gate: A1, mqtt: 'mqtt://b'}]\n",
-         "subscribers[1].mqtt", "one MQTT subscriber per broker", "mqtt://b"),
+        (
+            "subscribers: [{name: s, mqtt: 'mqtt://b'}, {name: t, gate: A1, mqtt: 'mqtt://b'}]\n",
+            "subscribers[1].mqtt",
+            "one MQTT subscriber per broker",
+            "mqtt://b",
+        ),
         ("hooks: {mqtt_prefix: 'site/#'}\n", "hooks.mqtt_prefix", "a topic prefix", "'site/#'"),
     ],
 )

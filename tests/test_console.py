@@ -138,34 +138,63 @@ def test_the_failure_table_forgets_its_quietest_addresses_first_never_everyone(m
 
 def test_console_state_alerts_bounds_and_viewers():
     state = ConsoleState({"A1": ["cam-a1"], "B2": ["cam-b2"]}, crops=3, heartbeat_timeout_s=0.2)
-    cams = {"cam-a1": {"gate_id": "A1", "state": "up", "processed": 100},
-            "cam-b2": {"gate_id": "B2", "state": "up", "processed": 100}}
+    cams = {
+        "cam-a1": {"gate_id": "A1", "state": "up", "processed": 100},
+        "cam-b2": {"gate_id": "B2", "state": "up", "processed": 100},
+    }
 
     def beat(body: dict, cameras: dict, gates: dict | None = None) -> None:
         """The verifier's heartbeat as it sends it: its own part, then each gate's (cameras, flight)."""
         state.add_heartbeat(body)
         for gate in ("A1", "B2"):
-            state.add_heartbeat({"status": body["status"], "gate_id": gate, "gate": (gates or {}).get(gate, {}),
-                                 "cameras": {c: cam for c, cam in cameras.items() if cam["gate_id"] == gate}}, gate)
+            state.add_heartbeat(
+                {
+                    "status": body["status"],
+                    "gate_id": gate,
+                    "gate": (gates or {}).get(gate, {}),
+                    "cameras": {c: cam for c, cam in cameras.items() if cam["gate_id"] == gate},
+                },
+                gate,
+            )
 
     beat({"status": "ok"}, dict(cams), {"A1": {"flight_id": "LH123"}})
     time.sleep(0.5)
     cams["cam-a1"] = {**cams["cam-a1"], "processed": 115}
     cams["cam-b2"] = {**cams["cam-b2"], "processed": 100}
-    beat({"status": "degraded"}, {**cams, "cam-b2": {
-        "gate_id": "B2", "state": "down", "last_error": "no frame for 6 s", "processed": 100}})
+    beat(
+        {"status": "degraded"},
+        {**cams, "cam-b2": {"gate_id": "B2", "state": "down", "last_error": "no frame for 6 s", "processed": 100}},
+    )
     status = state.status()
     assert status["verifier"]["gallery"]["stale"] is None  # a heartbeat that says nothing of it
     assert [(g["gate_id"], g["camera_state"]) for g in status["gates"]] == [("A1", "up"), ("B2", "down")]
     assert 20 <= status["gates"][0]["fps"] <= 31 and status["gates"][1]["fps"] == 0  # 15 frames in ~0.5 s
     assert [(a["type"], a["gate_id"], a["reason"]) for a in status["alerts"]] == [
-        ("camera_down", "B2", "no frame for 6 s")]
-    beat({"status": "degraded", "gallery": {
-        "subjects": 3, "stale": True, "error": "gallery file var/gallery.db is gone", "refusing": "nothing yet",
-        "accepts_from_memory_s": 120.0, "action": "run `kiosk-enroll restore BACKUP`", "revision": 7}}, cams)
+        ("camera_down", "B2", "no frame for 6 s")
+    ]
+    beat(
+        {
+            "status": "degraded",
+            "gallery": {
+                "subjects": 3,
+                "stale": True,
+                "error": "gallery file var/gallery.db is gone",
+                "refusing": "nothing yet",
+                "accepts_from_memory_s": 120.0,
+                "action": "run `kiosk-enroll restore BACKUP`",
+                "revision": 7,
+            },
+        },
+        cams,
+    )
     assert state.status()["verifier"]["gallery"] == {  # the overview's alert line says what and what to run
-        "subjects": 3, "stale": True, "error": "gallery file var/gallery.db is gone", "refusing": "nothing yet",
-        "accepts_from_memory_s": 120.0, "action": "run `kiosk-enroll restore BACKUP`"}
+        "subjects": 3,
+        "stale": True,
+        "error": "gallery file var/gallery.db is gone",
+        "refusing": "nothing yet",
+        "accepts_from_memory_s": 120.0,
+        "action": "run `kiosk-enroll restore BACKUP`",
+    }
     state.add_event({"type": "reject", "reason": "already_boarded", "gate_id": "A1", "event_id": "e1"})
     state.add_event({"type": "accept", "gate_id": "A1", "event_id": "e2", "subject_id": "PARKER"})
     assert state.status()["gates"][0]["last_decision"]["subject_id"] == "PARKER"
@@ -176,8 +205,10 @@ def test_console_state_alerts_bounds_and_viewers():
     time.sleep(0.25)
     state.check_verifier()  # no heartbeat for longer than the timeout
     assert state.status()["verifier"]["state"] == "down"
-    assert {(e["type"], e["gate_id"]) for e in state.events() if e["alert"]} >= {("verifier_down", "A1"),
-                                                                                 ("verifier_down", "B2")}
+    assert {(e["type"], e["gate_id"]) for e in state.events() if e["alert"]} >= {
+        ("verifier_down", "A1"),
+        ("verifier_down", "B2"),
+    }
     state.watch("A1")
     state.watch("A1")  # a second viewer of the same gate: no second subscription
     state.add_preview("A1", {"faces": []}, b"\xff\xd8")
@@ -196,13 +227,16 @@ def test_a_malformed_preview_message_is_dropped_and_counted():
     feed = ConsoleFeed.__new__(ConsoleFeed)  # the decoding only: no sockets
     feed.state, feed._last_bad_log = state, 0.0
     good = json.dumps({"v": 1, "gate_id": "A1", "faces": []}).encode()
-    for parts in ([preview_topic("A1"), good], [preview_topic("A1"), b"{not json", b"\xff\xd8"],
-                  [preview_topic("A1"), good, b"GIF89a"], [preview_topic("A1"), b"[1, 2]", b"\xff\xd8"],
-                  [preview_topic("B9"), json.dumps({"v": 1, "gate_id": "B9", "faces": []}).encode(), b"\xff\xd8"],
-                  [preview_topic("A1"), json.dumps({"v": 1, "gate_id": "A1", "faces": [{}] * 101}).encode(),
-                   b"\xff\xd8"],
-                  [crop_topic("A1"), json.dumps({"v": 1, "gate_id": "A10", "event_id": "e"}).encode(), b"\xff\xd8"],
-                  [preview_topic("A1"), b"{" * 70_000, b"\xff\xd8"]):
+    for parts in (
+        [preview_topic("A1"), good],
+        [preview_topic("A1"), b"{not json", b"\xff\xd8"],
+        [preview_topic("A1"), good, b"GIF89a"],
+        [preview_topic("A1"), b"[1, 2]", b"\xff\xd8"],
+        [preview_topic("B9"), json.dumps({"v": 1, "gate_id": "B9", "faces": []}).encode(), b"\xff\xd8"],
+        [preview_topic("A1"), json.dumps({"v": 1, "gate_id": "A1", "faces": [{}] * 101}).encode(), b"\xff\xd8"],
+        [crop_topic("A1"), json.dumps({"v": 1, "gate_id": "A10", "event_id": "e"}).encode(), b"\xff\xd8"],
+        [preview_topic("A1"), b"{" * 70_000, b"\xff\xd8"],
+    ):
         feed._on_preview(parts)
     assert state.bad_messages == 8 and state.preview("A1") is None and not state.crops
     feed._on_preview([preview_topic("A1"), good, b"\xff\xd8jpeg"])
@@ -213,18 +247,26 @@ def test_hash_password_command_and_a_console_refused_off_loopback_without_tls(tm
     out = run_cli("kiosk", "console", "--hash-password", stdin=PASSWORD + "\n")
     assert out.returncode == 0 and PasswordCheck(out.stdout.strip()).matches(PASSWORD)
     (tmp_path / "pw").write_text(PASSWORD)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "none.avi"}],
-                          console={"listen": "0.0.0.0:8088", "password_file": "pw"})
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "none.avi"}],
+        console={"listen": "0.0.0.0:8088", "password_file": "pw"},
+    )
     result = run_cli("kiosk", "-c", str(config), "console", timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "not a loopback address and the console has no TLS" in result.stderr
     config.write_text(config.read_text().replace("password_file: pw", "password_file: missing"))
     result = run_cli("kiosk", "-c", str(config), "console", timeout=60)
     assert result.returncode == 2 and "missing: no such file" in result.stderr
-    for value, expected in (("console.example.org", "console.allowed_hosts: expected a list"),
-                            (["http://console.example.org/"], "console.allowed_hosts[0]: expected HOST or HOST:PORT")):
-        config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "none.avi"}],
-                              console={"password_file": "pw", "allowed_hosts": value})
+    for value, expected in (
+        ("console.example.org", "console.allowed_hosts: expected a list"),
+        (["http://console.example.org/"], "console.allowed_hosts[0]: expected HOST or HOST:PORT"),
+    ):
+        config = write_config(
+            tmp_path,
+            [{"id": "cam-a1", "gate": "A1", "source": "none.avi"}],
+            console={"password_file": "pw", "allowed_hosts": value},
+        )
         result = run_cli("kiosk", "-c", str(config), "console", timeout=60)
         assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
 
@@ -232,8 +274,12 @@ def test_hash_password_command_and_a_console_refused_off_loopback_without_tls(tm
 def _post_login(port: int, password: str, headers: dict | None = None) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        conn.request("POST", "/login", "password=" + urllib.parse.quote(password),
-                     {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})})
+        conn.request(
+            "POST",
+            "/login",
+            "password=" + urllib.parse.quote(password),
+            {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})},
+        )
         return conn.getresponse().status
     finally:
         conn.close()
@@ -242,8 +288,11 @@ def _post_login(port: int, password: str, headers: dict | None = None) -> int:
 def _console(tmp_path: Path, **console: object) -> tuple[subprocess.Popen, int]:
     (tmp_path / "pw").write_text(PASSWORD)
     port = free_port()
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "none.avi"}],
-                          console={"listen": f"127.0.0.1:{port}", "password_file": "pw", **console})
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "none.avi"}],
+        console={"listen": f"127.0.0.1:{port}", "password_file": "pw", **console},
+    )
     proc = kiosk(config, "console")
     deadline = time.monotonic() + 30
     while True:
@@ -267,11 +316,13 @@ def test_forged_forwarded_headers_and_100_concurrent_wrong_passwords_get_five_ch
         assert _post_login(port, PASSWORD, {"Origin": "http://evil.example"}) == 403
         assert _post_login(port, PASSWORD, {"Origin": "null"}) == 403
         assert _post_login(port, PASSWORD, {"Sec-Fetch-Site": "cross-site"}) == 403
-        assert _post_login(port, PASSWORD, {"Origin": f"http://127.0.0.1:{port}",
-                                            "Sec-Fetch-Site": "same-origin"}) == 303  # our own page
+        assert (
+            _post_login(port, PASSWORD, {"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}) == 303
+        )  # our own page
         with ThreadPoolExecutor(100) as pool:
-            codes = list(pool.map(lambda i: _post_login(port, f"guess {i}", {"X-Forwarded-For": f"10.0.{i}.1"}),
-                                  range(100)))
+            codes = list(
+                pool.map(lambda i: _post_login(port, f"guess {i}", {"X-Forwarded-For": f"10.0.{i}.1"}), range(100))
+            )
         assert codes.count(401) <= 5 and codes.count(401) + codes.count(429) == 100, codes
         assert _post_login(port, PASSWORD, {"X-Forwarded-For": "10.9.9.9"}) == 429
     finally:
@@ -292,8 +343,9 @@ def test_behind_a_trusted_proxy_each_client_is_counted_and_all_of_them_together_
         status, cookies = _login(port, PASSWORD, {"X-Forwarded-For": "10.0.0.2"})  # another client
         assert status == 303
         with ThreadPoolExecutor(100) as pool:
-            codes = list(pool.map(lambda i: _post_login(port, f"guess {i}", {"X-Forwarded-For": f"10.1.{i}.1"}),
-                                  range(100)))
+            codes = list(
+                pool.map(lambda i: _post_login(port, f"guess {i}", {"X-Forwarded-For": f"10.1.{i}.1"}), range(100))
+            )
         assert codes.count(401) <= 30 - 5 and codes.count(401) + codes.count(429) == 100, codes
         assert _post_login(port, PASSWORD, {"X-Forwarded-For": "10.0.0.3"}) == 429  # no cookie: the spent pool
         assert _post_login(port, PASSWORD, {"X-Forwarded-For": "10.0.0.3", "Cookie": cookies["kiosk_device"]}) == 303
@@ -306,8 +358,12 @@ def _login(port: int, password: str, headers: dict | None = None) -> tuple[int, 
     """POST /login: the status and the cookies it set (name -> `name=value`)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        conn.request("POST", "/login", "password=" + urllib.parse.quote(password),
-                     {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})})
+        conn.request(
+            "POST",
+            "/login",
+            "password=" + urllib.parse.quote(password),
+            {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})},
+        )
         answer = conn.getresponse()
         answer.read()
         cookies = [c.split(";")[0] for c in answer.msg.get_all("Set-Cookie") or []]
@@ -378,8 +434,12 @@ def test_a_half_sent_request_is_closed_within_seconds(tmp_path):
     selector = selectors.DefaultSelector()
     started = time.monotonic()
     head = f"POST /login HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-    sends = {"silent": b"", "headers": head.encode()[:60],
-             "body": (head + "Content-Length: 64\r\n\r\npassword=cor").encode(), "dribble": head.encode()}
+    sends = {
+        "silent": b"",
+        "headers": head.encode()[:60],
+        "body": (head + "Content-Length: 64\r\n\r\npassword=cor").encode(),
+        "dribble": head.encode(),
+    }
     closed: dict[str, float] = {}
     try:
         socks = {}
@@ -402,7 +462,7 @@ def test_a_half_sent_request_is_closed_within_seconds(tmp_path):
                     selector.unregister(key.fileobj)
             if "dribble" not in closed and time.monotonic() - last_drip >= 0.2 and sent < len(sends["dribble"]):
                 try:
-                    socks["dribble"].send(sends["dribble"][sent:sent + 1])
+                    socks["dribble"].send(sends["dribble"][sent : sent + 1])
                     sent += 1
                 except OSError:
                     pass
@@ -421,15 +481,35 @@ def test_the_console_over_tls_on_another_address(tmp_path):
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("no openssl command to make a test certificate")
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "tls.key"),
-                    "-out", str(tmp_path / "tls.crt"), "-days", "1", "-subj", "/CN=localhost"], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(tmp_path / "tls.key"),
+            "-out",
+            str(tmp_path / "tls.crt"),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     (tmp_path / "pw").write_text(PASSWORD)
     (tmp_path / "junk.crt").write_text("not a certificate\n")
     port = free_port()
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "none.avi"}],
-                          console={"listen": f"0.0.0.0:{port}", "password_file": "pw", "tls_cert": "junk.crt",
-                                   "tls_key": "tls.key"})
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "none.avi"}],
+        console={"listen": f"0.0.0.0:{port}", "password_file": "pw", "tls_cert": "junk.crt", "tls_key": "tls.key"},
+    )
     refused = run_cli("kiosk", "-c", str(config), "console", timeout=60)
     assert refused.returncode == 2 and "not a usable PEM certificate and key" in refused.stderr
     assert "Traceback" not in refused.stderr
@@ -442,8 +522,12 @@ def test_the_console_over_tls_on_another_address(tmp_path):
         while True:
             try:
                 conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
-                conn.request("POST", "/login", "password=" + urllib.parse.quote(PASSWORD),
-                             {"Content-Type": "application/x-www-form-urlencoded"})
+                conn.request(
+                    "POST",
+                    "/login",
+                    "password=" + urllib.parse.quote(PASSWORD),
+                    {"Content-Type": "application/x-www-form-urlencoded"},
+                )
                 answer = conn.getresponse()
                 break
             except OSError:
@@ -470,25 +554,45 @@ def test_the_console_over_tls_on_another_address(tmp_path):
 def _parker_video(tmp_path: Path, engine, photos) -> None:  # noqa: ANN001
     """Parker walks up, then Yao (not enrolled), over and over; Parker enrolled from a crop of his photo."""
     crops = people(engine, photos)
-    make_video(tmp_path / "gate.avi", [Walk(crops["parker"], start=0, frames=40, w0=80, w1=170),
-                                       Walk(crops["yao"], start=60, frames=40, w0=80, w1=170)], seconds=4.0)
-    cv2.imwrite(str(tmp_path / "parker.jpg"),
-                cv2.resize(crops["parker"], None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC))
+    make_video(
+        tmp_path / "gate.avi",
+        [
+            Walk(crops["parker"], start=0, frames=40, w0=80, w1=170),
+            Walk(crops["yao"], start=60, frames=40, w0=80, w1=170),
+        ],
+        seconds=4.0,
+    )
+    cv2.imwrite(
+        str(tmp_path / "parker.jpg"), cv2.resize(crops["parker"], None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    )
 
 
 def test_the_verifier_sends_previews_only_while_watched_and_at_the_configured_rate(tmp_path, engine, photos):
     _parker_video(tmp_path, engine, photos)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "gate.avi", "realtime": True,
-                                      "loop": True}], console={"preview_fps": 4})
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "gate.avi", "realtime": True, "loop": True}],
+        console={"preview_fps": 4},
+    )
     with live_gate(config) as gate:
         events = gate.events
-        assert events.wait_for(lambda ev: len([h for h in ev.health if h.get("component") == "verifier"
-                                               and h["frames_processed"] > 40]) > 0, 30)
+        assert events.wait_for(
+            lambda ev: (
+                len([h for h in ev.health if h.get("component") == "verifier" and h["frames_processed"] > 40]) > 0
+            ),
+            30,
+        )
         events.poll(2.0)
         before = [h for h in events.health if h.get("component") == "verifier"][-1]
         assert before["frames_processed"] > 40
-        assert before["previews"] == {"watched": [], "frames_sent": 0, "crops_sent": 0, "dropped": 0,
-                                      "consoles": 0, "refused": 0}
+        assert before["previews"] == {
+            "watched": [],
+            "frames_sent": 0,
+            "crops_sent": 0,
+            "dropped": 0,
+            "consoles": 0,
+            "refused": 0,
+        }
         init_keys(tmp_path / "keys", client_name="console", role="console")
         init_keys(tmp_path / "keys", client_name="gate-a1", role="subscriber")
         # A gate controller's key hears the decisions but is not let in to the frames.
@@ -509,8 +613,11 @@ def test_the_verifier_sends_previews_only_while_watched_and_at_the_configured_ra
             image = cv2.imdecode(__import__("numpy").frombuffer(jpeg, "uint8"), cv2.IMREAD_COLOR)
             assert image.shape == (header["height"], header["width"], 3)
             with_faces = [json.loads(p[1]) for _, p in got if json.loads(p[1])["faces"]]
-            assert with_faces and all(len(f["box"]) == 4 and f["state"] in ("collecting", "accepted", "rejected")
-                                      for h in with_faces for f in h["faces"])
+            assert with_faces and all(
+                len(f["box"]) == 4 and f["state"] in ("collecting", "accepted", "rejected")
+                for h in with_faces
+                for f in h["faces"]
+            )
             assert not peeker.poll(0)  # nothing reached the subscriber key all along
         finally:
             sock.close()
@@ -554,8 +661,11 @@ def test_a_preview_flood_from_one_console_key_leaves_another_console_its_frames(
     gets A1's frames at the configured rate meanwhile; the verifier keeps no more than 16 leases for the
     flooding key, none of its junk, and its memory stays put."""
     _parker_video(tmp_path, engine, photos)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "gate.avi", "realtime": True,
-                                      "loop": True}], console={"preview_fps": 4})
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "gate.avi", "realtime": True, "loop": True}],
+        console={"preview_fps": 4},
+    )
     init_keys(tmp_path / "keys", client_name="flooder", role="console")
     init_keys(tmp_path / "keys", client_name="console", role="console")
     with live_gate(config) as gate:
@@ -575,8 +685,13 @@ def test_a_preview_flood_from_one_console_key_leaves_another_console_its_frames(
             flood._as_client(sock, "preview")
             flood._attach(sock, "preview", bind=False)
         try:
-            junk = [watch_request(["X1", "A1-not"], []), b"{not json", watch_request([f"G{i}" for i in range(999)], []),
-                    json.dumps({"v": 1, "cmd": "watch", "previews": "A1"}).encode(), watch_request(["A1"], ["A1"])]
+            junk = [
+                watch_request(["X1", "A1-not"], []),
+                b"{not json",
+                watch_request([f"G{i}" for i in range(999)], []),
+                json.dumps({"v": 1, "cmd": "watch", "previews": "A1"}).encode(),
+                watch_request(["A1"], ["A1"]),
+            ]
             sent = [0]
             flooding = threading.Event()
             flooding.set()
@@ -612,8 +727,9 @@ def test_a_preview_flood_from_one_console_key_leaves_another_console_its_frames(
             flood.close()
             good.close()
         closed_at = time.time()
-        assert events.wait_for(lambda ev: ev.health[-1]["sent_at"] > closed_at and previews()["watched"] == [],
-                               10)  # the leases run out
+        assert events.wait_for(
+            lambda ev: ev.health[-1]["sent_at"] > closed_at and previews()["watched"] == [], 10
+        )  # the leases run out
     assert "refused" in gate.verifier_err and "Traceback" not in gate.verifier_err
 
 
@@ -621,14 +737,17 @@ def test_a_preview_flood_from_one_console_key_leaves_another_console_its_frames(
 
 
 def _browser() -> tuple[str, str] | None:
-    chromium = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
-                                 shutil.which("google-chrome")) if p), None)
+    chromium = next(
+        (p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), shutil.which("google-chrome")) if p),
+        None,
+    )
     driver = shutil.which("chromedriver")
     return (chromium, driver) if chromium and driver else None
 
 
-def _get(port: int, path: str, *, cookie: str | None = None, body: dict | None = None,
-         host: str | None = None) -> http.client.HTTPResponse:
+def _get(
+    port: int, path: str, *, cookie: str | None = None, body: dict | None = None, host: str | None = None
+) -> http.client.HTTPResponse:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     headers = {"Cookie": cookie} if cookie else {}
     if host is not None:
@@ -647,8 +766,10 @@ def _get(port: int, path: str, *, cookie: str | None = None, body: dict | None =
 def test_the_console_in_a_real_browser(tmp_path, engine, photos):
     found = _browser()
     if found is None:
-        pytest.skip("no headless Chromium and chromedriver (Debian: apt-get install chromium chromium-driver; "
-                    ".ci/run installs them)")
+        pytest.skip(
+            "no headless Chromium and chromedriver (Debian: apt-get install chromium chromium-driver; "
+            ".ci/run installs them)"
+        )
     from selenium import webdriver
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.options import Options
@@ -659,12 +780,27 @@ def test_the_console_in_a_real_browser(tmp_path, engine, photos):
     _parker_video(tmp_path, engine, photos)
     (tmp_path / "console-password").write_text(PASSWORD + "\n")
     port = free_port()
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "gate.avi", "realtime": True,
-                                      "loop": True}], policy={"repeat_accept_s": 0.0},
-                          console={"enabled": True, "listen": f"127.0.0.1:{port}",
-                                   "password_file": "console-password"})
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "PARKER", "--name", "Tony Parker",
-                   str(tmp_path / "parker.jpg")).returncode == 0
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "gate.avi", "realtime": True, "loop": True}],
+        policy={"repeat_accept_s": 0.0},
+        console={"enabled": True, "listen": f"127.0.0.1:{port}", "password_file": "console-password"},
+    )
+    assert (
+        run_cli(
+            "kiosk-enroll",
+            "-q",
+            "-c",
+            str(config),
+            "add",
+            "--id",
+            "PARKER",
+            "--name",
+            "Tony Parker",
+            str(tmp_path / "parker.jpg"),
+        ).returncode
+        == 0
+    )
     run = kiosk(config, "run")
     driver = None
     try:
@@ -698,8 +834,13 @@ def test_the_console_in_a_real_browser(tmp_path, engine, photos):
 
         options = Options()
         options.binary_location = found[0]
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--window-size=1280,800"):
+        for arg in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--window-size=1280,800",
+        ):
             options.add_argument(arg)
         driver = webdriver.Chrome(service=Service(found[1]), options=options)
         # The page redraws its lists and boxes every second or frame: an element found a moment ago may be gone,
@@ -707,8 +848,9 @@ def test_the_console_in_a_real_browser(tmp_path, engine, photos):
         wait = WebDriverWait(driver, 45, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
 
         def texts(css: str) -> list[str]:
-            return driver.execute_script("return [...document.querySelectorAll(arguments[0])].map(e => "
-                                         "e.textContent)", css)
+            return driver.execute_script(
+                "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent)", css
+            )
 
         base = f"http://127.0.0.1:{port}"
         driver.get(base + "/")
@@ -734,9 +876,11 @@ def test_the_console_in_a_real_browser(tmp_path, engine, photos):
         accept = wait.until(lambda d: [t for t in texts("#feed li.type-accept") if "PARKER" in t])
         assert "ACCEPT PARKER" in accept[0] and "score" in accept[0]
         assert driver.execute_script("return window.kioskMarker") == "same page"  # shown without a reload
-        crop_width = ("const li = [...document.querySelectorAll('#feed li.type-accept')]"
-                      ".find(l => l.textContent.includes('PARKER')); const img = li && li.querySelector('img');"
-                      "return img ? img.naturalWidth : 0")
+        crop_width = (
+            "const li = [...document.querySelectorAll('#feed li.type-accept')]"
+            ".find(l => l.textContent.includes('PARKER')); const img = li && li.querySelector('img');"
+            "return img ? img.naturalWidth : 0"
+        )
         assert wait.until(lambda d: d.execute_script(crop_width)) >= 100  # the decision's face crop, loaded
         # A moment with Parker in view and his box marked accepted, for the screenshot.
         wait.until(lambda d: [t for t in texts("#boxes .face-box.accepted") if "PARKER" in t])
@@ -750,8 +894,10 @@ def test_the_console_in_a_real_browser(tmp_path, engine, photos):
         alert = wait.until(lambda d: texts("#alerts #gallery-stale"))[0]
         assert "gallery stale" in alert and "is gone" in alert and "kiosk-enroll" in alert and "restore" in alert
         # A page from elsewhere posts a form to the console (cross-site request forgery): refused, still logged in
-        driver.get("data:text/html,<form id=f method=post action='" + base + "/logout'></form>"
-                   "<script>document.getElementById('f').submit()</script>")
+        driver.get(
+            "data:text/html,<form id=f method=post action='" + base + "/logout'></form>"
+            "<script>document.getElementById('f').submit()</script>"
+        )
         wait.until(lambda d: "cross-site request refused" in d.page_source)
         driver.get(base + "/")
         wait.until(lambda d: texts("#alerts #gallery-stale"))

@@ -10,9 +10,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import cv2
 import pytest
@@ -39,9 +40,15 @@ def test_default_single_host_the_shared_client_key_is_the_tools_key():
 
 
 def test_capture_operator_and_other_keys_get_what_they_serve():
-    scopes = KeyScopes([CameraConfig("cam-a1", "A1", key="cam-host-1"), CameraConfig("cam-b2", "B2", key="cam-host-2"),
-                        CameraConfig("cam-b3", "B3", key="cam-host-2")], "client",
-                       [OperatorKeyConfig("reader-a1", ["A1"]), OperatorKeyConfig("desk", ["*"])])
+    scopes = KeyScopes(
+        [
+            CameraConfig("cam-a1", "A1", key="cam-host-1"),
+            CameraConfig("cam-b2", "B2", key="cam-host-2"),
+            CameraConfig("cam-b3", "B3", key="cam-host-2"),
+        ],
+        "client",
+        [OperatorKeyConfig("reader-a1", ["A1"]), OperatorKeyConfig("desk", ["*"])],
+    )
     cam = scopes.caller(["cam-host-2"])
     assert cam.claims == {"B2", "B3"} and cam.sees == frozenset() and not cam.may_claim("A1")
     reader = scopes.caller(["reader-a1"])
@@ -95,10 +102,14 @@ def site(tmp_path_factory, engine, photos) -> Iterator[Site]:
     crops = people(engine, photos)
     make_video(folder / "a1.avi", [Walk(crops["yao"], start=0, frames=40, w0=80, w1=170)], seconds=1.5)
     port = free_port()
-    config = write_config(folder, [
-        {"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False, "key": "cam-host-1"},
-        {"id": "cam-b2", "gate": "B2", "source": "b2.avi", "realtime": False, "key": "cam-host-2"}],
-        metrics={"port": port})
+    config = write_config(
+        folder,
+        [
+            {"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False, "key": "cam-host-1"},
+            {"id": "cam-b2", "gate": "B2", "source": "b2.avi", "realtime": False, "key": "cam-host-2"},
+        ],
+        metrics={"port": port},
+    )
     data = yaml.safe_load(config.read_text())
     data["security"]["operators"] = [{"key": "reader-a1", "gates": ["A1"]}, {"key": "desk", "gates": ["*"]}]
     config.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -111,8 +122,12 @@ def site(tmp_path_factory, engine, photos) -> Iterator[Site]:
             g.enroll(sid, sid.title(), emb[None, :], engine.model_id)
     log = folder / "verifier.log"
     with open(log, "w") as err:
-        verifier = subprocess.Popen([sys.executable, "-m", "kiosk.cli", "-c", str(config), "verify"],
-                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        verifier = subprocess.Popen(
+            [sys.executable, "-m", "kiosk.cli", "-c", str(config), "verify"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
     s = Site(config, load_config(config), log, port)
     try:
         transport = Transport(s.cfg, role="test-wait")

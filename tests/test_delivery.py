@@ -54,11 +54,15 @@ def rejecting_gate(tmp_path, engine, photos, interval_s: float) -> Iterator[Reje
     """Started, with one reject handed to the subscriber's hook; everything stopped on leaving."""
     crops = people(engine, photos)
     make_video(tmp_path / "walk.avi", [Walk(crops["parker"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "walk.avi", "realtime": True,
-                                      "loop": True}], heartbeat={"interval_s": interval_s, "misses": 20})
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "walk.avi", "realtime": True, "loop": True}],
+        heartbeat={"interval_s": interval_s, "misses": 20},
+    )
     out = tmp_path / "gate-a1.jsonl"
-    gate = RejectingGate(config, out, kiosk(config, "verify"), _subscriber(config, out),
-                         Events(config, ("event.", "health.verifier")))
+    gate = RejectingGate(
+        config, out, kiosk(config, "verify"), _subscriber(config, out), Events(config, ("event.", "health.verifier"))
+    )
     try:
         assert gate.events.wait_for(lambda ev: ev.health, 30)
         gate.capture = kiosk(config, "capture", "--camera", "cam-a1")
@@ -102,7 +106,7 @@ def test_a_restarted_subscriber_misses_no_event_and_a_quick_verifier_restart_is_
     assert len(decisions) - len(set(decisions)) <= 1
     logged = [e["event_id"] for e in audit(config) if e["gate_id"] == "A1"]
     missing = [i for i in logged if i not in decisions]
-    assert not missing or missing == logged[-len(missing):] and len(missing) <= 1, missing  # at most the last one
+    assert not missing or missing == logged[-len(missing) :] and len(missing) <= 1, missing  # at most the last one
     assert set(logged[:-1]) <= set(decisions) and len(logged) >= 4
     states = [(e["type"], e["reason"]) for e in handed if e["type"].startswith("verifier_")]
     assert ("verifier_down", "the verifier restarted (new boot id)") in states
@@ -128,27 +132,30 @@ def test_a_restart_is_told_to_the_gate_before_any_decision_of_the_new_process(tm
         os.kill(gate.sub.pid, signal.SIGCONT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any(
-                e.get("boot_id") not in (None, first_boot) for e in _jsonl(out) if e["type"] in ("accept", "reject")):
+            e.get("boot_id") not in (None, first_boot) for e in _jsonl(out) if e["type"] in ("accept", "reject")
+        ):
             time.sleep(0.2)
     sub_err = gate.sub_err
     handed = _jsonl(out)
     new = [i for i, e in enumerate(handed) if e["type"] in ("accept", "reject") and e["boot_id"] != first_boot]
     assert new, sub_err[-3000:]
-    before = [(e["type"], e["reason"]) for e in handed[:new[0]]]
+    before = [(e["type"], e["reason"]) for e in handed[: new[0]]]
     assert ("verifier_down", "the verifier restarted (new boot id)") in before, (before, sub_err[-3000:])
     assert before[-1] == ("verifier_up", "the verifier is back after a restart"), (before, sub_err[-3000:])
 
 
-def test_a_subscriber_that_joins_late_gets_the_events_of_a_verifier_that_started_after_it(tmp_path, engine,
-                                                                                          photos):
+def test_a_subscriber_that_joins_late_gets_the_events_of_a_verifier_that_started_after_it(tmp_path, engine, photos):
     """The slow join `kiosk run` risks: the subscriber starts first, but its connection comes up only after the
     verifier has decided (here: the subscriber is stopped with SIGSTOP until then). It has no position yet, so
     no gap to see; the verifier's heartbeat says it booted after the subscriber started, so the subscriber
     fetches that boot's events from the start."""
     crops = people(engine, photos)
     make_video(tmp_path / "walk.avi", [Walk(crops["parker"], start=0, frames=36, w0=80, w1=170)], seconds=1.5)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "walk.avi", "realtime": False}],
-                          heartbeat={"interval_s": 0.5, "misses": 20})
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "walk.avi", "realtime": False}],
+        heartbeat={"interval_s": 0.5, "misses": 20},
+    )
     out = tmp_path / "gate-a1.jsonl"
     sub = kiosk(config, "subscribe", "--gate", "A1", "--jsonl", str(out), "--name", "gate-a1", quiet=False)
     verifier = capture = None

@@ -28,8 +28,10 @@ def test_demo_runs_the_pipeline_and_ends_by_itself(tmp_path):
     assert "REJECT  gate A1 (LH123): wrong_flight pax-ba456 is on BA456" in lines[2]
     assert "REJECT  gate A1 (LH123): no_match" in lines[3]
     assert "REJECT  gate A1 (LH123): already_boarded yao-ming boarded at gate A1" in lines[4]
-    assert "demo done: the printed photo was refused (liveness_unverified: it never moved as a living face), " \
+    assert (
+        "demo done: the printed photo was refused (liveness_unverified: it never moved as a living face), "
         "Yao Ming boarded LH123 once" in res.stdout
+    )
     assert "Traceback" not in res.stderr and "liveness is OFF" not in res.stderr
     preview = cv2.imread(str(out / "preview.jpg"))
     assert preview is not None and preview.shape[0] == 480 and preview.shape[1] == 5 * 640  # a panel per decision

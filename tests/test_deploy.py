@@ -22,8 +22,16 @@ RULES = DEPLOY / "prometheus" / "kiosk-alerts.yml"
 RULE_TESTS = DEPLOY / "prometheus" / "kiosk-alerts.test.yml"
 DASHBOARD = DEPLOY / "grafana" / "kiosk-dashboard.json"
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
-ALERTS = ("KioskVerifierDown", "KioskCameraDown", "KioskAuditNotOk", "KioskGalleryStale", "KioskUnreadableTemplates",
-          "KioskDecisionLatencyHigh", "KioskLivenessUnverifiedHigh", "KioskNoDecisionsOnOpenGate")
+ALERTS = (
+    "KioskVerifierDown",
+    "KioskCameraDown",
+    "KioskAuditNotOk",
+    "KioskGalleryStale",
+    "KioskUnreadableTemplates",
+    "KioskDecisionLatencyHigh",
+    "KioskLivenessUnverifiedHigh",
+    "KioskNoDecisionsOnOpenGate",
+)
 
 
 def alert_rules() -> list[dict]:
@@ -82,8 +90,17 @@ def test_every_panel_query_selects_by_the_dashboard_variables():
             assert all('job=~"$job"' in s and 'instance=~"$instance"' in s for s in selectors), target["expr"]
     # what the issue asks to see
     text = json.dumps([p["title"] for p in dash["panels"]]).lower()
-    for topic in ("outcome and reason", "decision latency", "frame latency", "stale share", "idle share",
-                  "liveness", "gallery", "audit", "boarding progress"):
+    for topic in (
+        "outcome and reason",
+        "decision latency",
+        "frame latency",
+        "stale share",
+        "idle share",
+        "liveness",
+        "gallery",
+        "audit",
+        "boarding progress",
+    ):
         assert topic in text, topic
 
 
@@ -110,8 +127,9 @@ def test_every_alert_has_rule_tests_that_fire_it_and_keep_it_silent():
         assert any(not c["exp_alerts"] for c in mine), f"{alert}: no test where it stays silent"
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not found (Debian package prometheus; "
-                                                              ".ci/run installs it)")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not found (Debian package prometheus; .ci/run installs it)"
+)
 def test_the_rules_pass_promtool_check_and_their_unit_tests():
     res = subprocess.run([str(DEPLOY / "check"), "rules"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -130,10 +148,19 @@ def test_the_units_run_kiosk_as_its_own_user_with_only_var_writable():
     for path in UNITS:
         service = unit(path)["Service"]
         assert service["User"] == "kiosk" and service["Group"] == "kiosk", path.name
-        expected = {"ProtectSystem": "strict", "PrivateTmp": "yes", "NoNewPrivileges": "yes",
-                    "CapabilityBoundingSet": "", "ReadWritePaths": "/opt/kiosk/var", "ProtectHome": "yes",
-                    "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6", "SystemCallFilter": "@system-service",
-                    "Restart": "on-failure", "KillSignal": "SIGTERM", "RestartPreventExitStatus": "2"}
+        expected = {
+            "ProtectSystem": "strict",
+            "PrivateTmp": "yes",
+            "NoNewPrivileges": "yes",
+            "CapabilityBoundingSet": "",
+            "ReadWritePaths": "/opt/kiosk/var",
+            "ProtectHome": "yes",
+            "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+            "SystemCallFilter": "@system-service",
+            "Restart": "on-failure",
+            "KillSignal": "SIGTERM",
+            "RestartPreventExitStatus": "2",
+        }
         assert {k: service.get(k) for k in expected} == expected, path.name
         assert int(service["TimeoutStopSec"]) > 0
         command = service["ExecStart"].split()
@@ -141,8 +168,9 @@ def test_the_units_run_kiosk_as_its_own_user_with_only_var_writable():
         assert command[3:] == (["run"] if path.name == "kiosk.service" else ["console"])
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not found (Debian "
-                                                                     "package systemd)")
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze not found (Debian package systemd)"
+)
 def test_the_units_pass_systemd_analyze_verify_and_a_broken_one_does_not(tmp_path):
     res = subprocess.run([str(DEPLOY / "check"), "units"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -79,7 +79,7 @@ def test_close_up_face_filling_the_frame_is_found_and_recognised(engine, yaoming
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     padded = cv2.copyMakeBorder(yaoming, 300, 300, 300, 300, cv2.BORDER_REPLICATE)
     x0, y0 = int(cx - side / 2) + 300, int(cy - side / 2) + 300
-    frame = cv2.resize(padded[y0:y0 + int(side), x0:x0 + int(side)], (640, 640))
+    frame = cv2.resize(padded[y0 : y0 + int(side), x0 : x0 + int(side)], (640, 640))
     faces = describe(engine, frame)
     assert len(faces) == 1
     assert faces.widths[0] / 640 == pytest.approx(fill, abs=0.12)
@@ -132,7 +132,7 @@ def test_batched_recognizer_output_is_not_fixed_to_one(engine):
     assert isinstance(shape[0], str)  # symbolic: the graph file says 1
     crops = np.random.default_rng(0).integers(0, 255, (5, 112, 112, 3), dtype=np.uint8)
     emb = engine.recognizer.embed(crops)
-    single = np.concatenate([engine.recognizer.embed(crops[i:i + 1]) for i in range(5)])
+    single = np.concatenate([engine.recognizer.embed(crops[i : i + 1]) for i in range(5)])
     assert emb.shape == (5, 512)
     assert np.abs(emb - single).max() < 1e-4
 
@@ -146,7 +146,7 @@ def test_gate_scale_detection_finds_faces_from_min_face_px_to_the_full_frame(eng
     face = yaoming
     if width > 300:  # a close-up: the face itself cropped to fill the frame
         x1, y1, x2, y2 = ref.boxes[0].astype(int)
-        face = yaoming[max(0, y1 - 20):y2 + 20, max(0, x1 - 20):x2 + 20]
+        face = yaoming[max(0, y1 - 20) : y2 + 20, max(0, x1 - 20) : x2 + 20]
         frame = place_face(face, (480, 640), width=round(width * face.shape[1] / (x2 - x1)))
     else:
         frame = place_face(face, (480, 640), width=round(yaoming.shape[1] * width / ref.widths[0]))
@@ -206,7 +206,9 @@ def test_the_refine_pass_leaves_large_faces_and_full_size_detection_alone(engine
     frame = place_face(yaoming, (480, 640), width=round(yaoming.shape[1] * 150 / ref.widths[0]))
     runs = []
     real_pass = engine.detector._pass
-    monkeypatch.setattr(engine.detector, "_pass", lambda images, geo: runs.append(len(images)) or real_pass(images, geo))
+    monkeypatch.setattr(
+        engine.detector, "_pass", lambda images, geo: runs.append(len(images)) or real_pass(images, geo)
+    )
     assert len(engine.detector.detect(frame, min_face_px=48)) == 1
     assert len(engine.detector.detect(frame)) == 1
     assert runs == [1, 1, 1]  # main pass at the gate's scale; main and close-up passes at full size

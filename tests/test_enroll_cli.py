@@ -45,7 +45,7 @@ def people(tmp_path_factory, photos, engine) -> dict[str, Path]:
     paths = {"yao": photos["yaoming.jpg"]}
     for i, (x1, y1, x2, y2) in enumerate(faces.boxes[np.argsort(faces.boxes[:, 0])]):
         w, h = x2 - x1, y2 - y1
-        crop = img[max(0, int(y1 - 0.6 * h)):int(y2 + 0.6 * h), max(0, int(x1 - 0.6 * w)):int(x2 + 0.6 * w)]
+        crop = img[max(0, int(y1 - 0.6 * h)) : int(y2 + 0.6 * h), max(0, int(x1 - 0.6 * w)) : int(x2 + 0.6 * w)]
         crop = cv2.resize(crop, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_CUBIC)
         paths[f"gdp{i}"] = out / f"gdp{i}.jpg"
         cv2.imwrite(str(paths[f"gdp{i}"]), crop)
@@ -194,11 +194,14 @@ def test_version_1_gallery_is_upgraded_in_place(tmp_path, people, capsys):
         INSERT INTO meta VALUES ('schema_version', '1'), ('revision', '7');
         INSERT INTO subjects VALUES ('OLD', 'Old Timer', 1.0, NULL, '{}');
     """)
-    con.execute("INSERT INTO templates (subject_id, model_id, dim, embedding, created) VALUES (?, ?, ?, ?, ?)",
-                ("OLD", "other-model:abc", 4, np.ones(4, np.float32).tobytes(), 1.0))
+    con.execute(
+        "INSERT INTO templates (subject_id, model_id, dim, embedding, created) VALUES (?, ?, ?, ?, ?)",
+        ("OLD", "other-model:abc", 4, np.ones(4, np.float32).tobytes(), 1.0),
+    )
     con.commit()
     con.close()
     config = write_config(tmp_path)
+
     def dump() -> list[str]:
         con = sqlite3.connect(db)
         try:
@@ -225,7 +228,9 @@ def test_version_1_gallery_is_upgraded_in_place(tmp_path, people, capsys):
     con = sqlite3.connect(db)
     assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     assert con.execute("SELECT subject_id, photo_sha256 IS NULL FROM templates ORDER BY id").fetchall() == [
-        ("OLD", 1), ("NEW", 0)]
+        ("OLD", 1),
+        ("NEW", 0),
+    ]
     assert con.execute("SELECT COUNT(*) FROM flights").fetchone() == (0,)  # version 3's tables, empty
     assert int(con.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0]) == 8
     con.close()
@@ -236,7 +241,7 @@ def test_evaluate_json(config_file, people, tmp_path, capsys):
     pairs = tmp_path / "pairs.csv"
     rows = ["image_a,image_b,same", f"{people['yao']},{people['yao_b']},yes"]
     names = ["gdp0", "gdp1", "gdp2", "yao"]
-    rows += [f"{people[a]},{people[b]},0" for i, a in enumerate(names) for b in names[i + 1:]]
+    rows += [f"{people[a]},{people[b]},0" for i, a in enumerate(names) for b in names[i + 1 :]]
     rows.append(f"{people['gdp0']},{tmp_path / 'missing.jpg'},1")
     pairs.write_text("\n".join(rows) + "\n")
     assert enroll(config_file, "evaluate", "--no-progress", "--json", str(pairs)) == 0
@@ -249,6 +254,7 @@ def test_evaluate_json(config_file, people, tmp_path, capsys):
 
 
 # Real processes: the console scripts as an operator runs them.
+
 
 def test_cli_process_bad_config_and_text_file(tmp_path):
     bad = tmp_path / "bad.yaml"

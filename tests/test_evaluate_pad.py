@@ -13,8 +13,18 @@ import cv2
 import numpy as np
 import pytest
 
-from enrollment.pad_eval import (FIT_GRID, LabelledFile, PadReport, StillClip, _Judge, read_labels, replay,
-                                 samples, text, upper_bound)
+from enrollment.pad_eval import (
+    FIT_GRID,
+    LabelledFile,
+    PadReport,
+    StillClip,
+    _Judge,
+    read_labels,
+    replay,
+    samples,
+    text,
+    upper_bound,
+)
 from kiosk.config import config_from_mapping
 from kiosk.pipeline.tracking import Track
 from kiosk.vision.liveness_checks import LivenessCheck, PadObservation
@@ -27,9 +37,17 @@ PAD = {"threshold": 0.3, "attack_below": 0.1, "min_frames": 8, "max_wait_s": 2.0
 # -- the confidence bound ---------------------------------------------------------------------------------------
 
 # (errors, n) -> the one-sided 95% Clopper-Pearson upper bound, from scipy.stats.beta.ppf(0.95, k + 1, n - k)
-CLOPPER_PEARSON_95 = {(0, 10): 0.2588655508930522, (0, 3): 0.6315968501359612, (1, 5): 0.6574083180011386,
-                      (0, 2): 0.776393202250021, (1, 2): 0.9746794344808963, (5, 20): 0.4555824040017489,
-                      (0, 100): 0.029513049607039925, (3, 1000): 0.007735244718479458, (0, 1): 0.95}
+CLOPPER_PEARSON_95 = {
+    (0, 10): 0.2588655508930522,
+    (0, 3): 0.6315968501359612,
+    (1, 5): 0.6574083180011386,
+    (0, 2): 0.776393202250021,
+    (1, 2): 0.9746794344808963,
+    (5, 20): 0.4555824040017489,
+    (0, 100): 0.029513049607039925,
+    (3, 1000): 0.007735244718479458,
+    (0, 1): 0.95,
+}
 
 
 def test_the_upper_bound_is_the_exact_one_sided_clopper_pearson_bound():
@@ -47,26 +65,41 @@ def test_the_upper_bound_is_the_exact_one_sided_clopper_pearson_bound():
 
 # -- the labels file --------------------------------------------------------------------------------------------
 
+
 def test_labels_take_video_or_file_and_stills_of_one_subject_are_one_clip_in_file_name_order(tmp_path):
     (tmp_path / "labels.csv").write_text(
         "file,label,subject\n"
-        "lab/s1_c.png,bona_fide,s1\n"      # 2
-        "lab/v.avi,print,\n"                # 3
-        "lab/s1_a.PNG,bona_fide,s1\n"      # 4
-        "lab/s1_b.jpg,print,s1\n"          # 5: another label, another clip
-        "field/s1_a.png,bona_fide,s1\n"    # 6: another source, another clip
-        "alone.webp,replay,\n"              # 7: no subject, no folder: a clip alone, the labels file's folder
-        "./lab/deep/x.bmp,replay,\n")      # 8
+        "lab/s1_c.png,bona_fide,s1\n"  # 2
+        "lab/v.avi,print,\n"  # 3
+        "lab/s1_a.PNG,bona_fide,s1\n"  # 4
+        "lab/s1_b.jpg,print,s1\n"  # 5: another label, another clip
+        "field/s1_a.png,bona_fide,s1\n"  # 6: another source, another clip
+        "alone.webp,replay,\n"  # 7: no subject, no folder: a clip alone, the labels file's folder
+        "./lab/deep/x.bmp,replay,\n"
+    )  # 8
     rows = read_labels(tmp_path / "labels.csv")
     assert [(r.line, r.still, r.source) for r in rows] == [
-        (2, True, "lab"), (3, False, "lab"), (4, True, "lab"), (5, True, "lab"), (6, True, "field"),
-        (7, True, tmp_path.name), (8, True, "lab")]
+        (2, True, "lab"),
+        (3, False, "lab"),
+        (4, True, "lab"),
+        (5, True, "lab"),
+        (6, True, "field"),
+        (7, True, tmp_path.name),
+        (8, True, "lab"),
+    ]
     got = samples(rows)
-    assert [type(s).__name__ for s in got] == ["StillClip", "LabelledFile", "StillClip", "StillClip", "StillClip",
-                                               "StillClip"]
+    assert [type(s).__name__ for s in got] == [
+        "StillClip",
+        "LabelledFile",
+        "StillClip",
+        "StillClip",
+        "StillClip",
+        "StillClip",
+    ]
     clip = got[0]
-    assert isinstance(clip, StillClip) and clip.line == 2 and [r.path.name for r in clip.rows] == ["s1_a.PNG",
-                                                                                                    "s1_c.png"]
+    assert (
+        isinstance(clip, StillClip) and clip.line == 2 and [r.path.name for r in clip.rows] == ["s1_a.PNG", "s1_c.png"]
+    )
     (tmp_path / "v.csv").write_text("video,label,source\nx.avi,Bona_Fide,cam-3\n")
     assert [(r.label, r.source, r.still) for r in read_labels(tmp_path / "v.csv")] == [("bona_fide", "cam-3", False)]
     (tmp_path / "bad.csv").write_text("clip,label\nx.avi,print\n")
@@ -75,6 +108,7 @@ def test_labels_take_video_or_file_and_stills_of_one_subject_are_one_clip_in_fil
 
 
 # -- the report's figures over presentations judged without the detector -------------------------------------
+
 
 class Mover(LivenessCheck):
     """A site's check of how the face moves (as the built-in depth or motion checks, a vouching check whose evidence
@@ -110,9 +144,14 @@ def _judged(cfg, texture: float, frames: int = 14):
     return judge.tracks[1]
 
 
-@pytest.mark.parametrize("others", [["tests.test_evaluate_pad:LateAccuser"],
-                                    ["tests.test_evaluate_pad:Mover", "tests.test_evaluate_pad:LateAccuser"],
-                                    ["tests.test_evaluate_pad:Mover"]])
+@pytest.mark.parametrize(
+    "others",
+    [
+        ["tests.test_evaluate_pad:LateAccuser"],
+        ["tests.test_evaluate_pad:Mover", "tests.test_evaluate_pad:LateAccuser"],
+        ["tests.test_evaluate_pad:Mover"],
+    ],
+)
 def test_a_replay_at_another_threshold_is_the_judgement_at_that_threshold_whatever_the_other_checks(others):
     """The other checks are replayed as recorded, whatever their names and kinds of evidence, and past the
     original decision: a replay at threshold t decides as the gate set to t would have."""
@@ -120,11 +159,11 @@ def test_a_replay_at_another_threshold_is_the_judgement_at_that_threshold_whatev
     cfg = config_from_mapping({"pad": {**PAD, "checks": checks}})
     for texture in (0.9, 0.5, 0.2, 0.05):
         p = _judged(cfg, texture)
-        assert {"texture", *(c.rsplit(":", 1)[1].lower().replace("lateaccuser", "late") for c in others)} <= \
-            set(p.checks)
+        assert {"texture", *(c.rsplit(":", 1)[1].lower().replace("lateaccuser", "late") for c in others)} <= set(
+            p.checks
+        )
         for t in (0.1, 0.3, 0.6, 0.95):
-            at_t = config_from_mapping({"pad": {**PAD, "checks": checks, "threshold": t,
-                                                "attack_below": min(0.1, t)}})
+            at_t = config_from_mapping({"pad": {**PAD, "checks": checks, "threshold": t, "attack_below": min(0.1, t)}})
             assert replay(cfg, p, t) == _judged(at_t, texture).outcome, (texture, t)
     if others == ["tests.test_evaluate_pad:LateAccuser"]:  # the texture alone vouches: live at frame 8 or never
         p = _judged(cfg, 0.9)
@@ -133,8 +172,13 @@ def test_a_replay_at_another_threshold_is_the_judgement_at_that_threshold_whatev
 
 
 # Scores by source and label: LOSO fits on the attack side (margin 0.1) and measures the source left out.
-SCORES = {("lab", "bona_fide"): [0.9, 0.8, 0.62], ("lab", "print"): [0.42], ("lab", "screen"): [0.07],
-          ("field", "bona_fide"): [0.72, 0.52], ("field", "print"): [0.22]}
+SCORES = {
+    ("lab", "bona_fide"): [0.9, 0.8, 0.62],
+    ("lab", "print"): [0.42],
+    ("lab", "screen"): [0.07],
+    ("field", "bona_fide"): [0.72, 0.52],
+    ("field", "print"): [0.22],
+}
 
 
 def _report(cfg, scores) -> PadReport:
@@ -154,36 +198,56 @@ def _expect_loso(loso: dict) -> None:
     # lab held out: field's one print (0.22) is stopped from 0.25 on: fitted 0.35; lab's print (0.42) passes
     lab = rows["lab"]
     assert (lab["lowest_stopping"], lab["fitted_threshold"], lab["training_attacks"]) == (0.25, 0.35, 1)
-    assert lab["bona_fide"] == {"presentations": 3, "rejected": 0, "bpcer": 0.0,
-                                "bpcer_upper95": pytest.approx(0.6316, abs=1e-4), "unverified": 0}
-    assert lab["attacks"] == {"print": {"presentations": 1, "accepted": 1, "apcer": 1.0, "apcer_upper95": 1.0},
-                              "screen": {"presentations": 1, "accepted": 0, "apcer": 0.0,
-                                         "apcer_upper95": pytest.approx(0.95)}}
+    assert lab["bona_fide"] == {
+        "presentations": 3,
+        "rejected": 0,
+        "bpcer": 0.0,
+        "bpcer_upper95": pytest.approx(0.6316, abs=1e-4),
+        "unverified": 0,
+    }
+    assert lab["attacks"] == {
+        "print": {"presentations": 1, "accepted": 1, "apcer": 1.0, "apcer_upper95": 1.0},
+        "screen": {"presentations": 1, "accepted": 0, "apcer": 0.0, "apcer_upper95": pytest.approx(0.95)},
+    }
     # field held out: lab's print (0.42) is stopped from 0.45 on: fitted 0.55, and field's 0.52 bona fide waits
     field = rows["field"]
     assert (field["lowest_stopping"], field["fitted_threshold"], field["training_attacks"]) == (0.45, 0.55, 2)
-    assert field["bona_fide"] == {"presentations": 2, "rejected": 1, "bpcer": 0.5,
-                                  "bpcer_upper95": pytest.approx(0.9747, abs=1e-4), "unverified": 1}
-    assert field["attacks"] == {"print": {"presentations": 1, "accepted": 0, "apcer": 0.0,
-                                          "apcer_upper95": pytest.approx(0.95)}}
+    assert field["bona_fide"] == {
+        "presentations": 2,
+        "rejected": 1,
+        "bpcer": 0.5,
+        "bpcer_upper95": pytest.approx(0.9747, abs=1e-4),
+        "unverified": 1,
+    }
+    assert field["attacks"] == {
+        "print": {"presentations": 1, "accepted": 0, "apcer": 0.0, "apcer_upper95": pytest.approx(0.95)}
+    }
     every = rows["all"]
     assert every["same_data"] is True and not lab["same_data"]
     assert (every["lowest_stopping"], every["fitted_threshold"], every["training_attacks"]) == (0.45, 0.55, 3)
     assert every["bona_fide"]["rejected"] == 1 and every["bona_fide"]["presentations"] == 5
     assert every["bona_fide"]["bpcer_upper95"] == pytest.approx(0.6574, abs=1e-4)
-    assert {k: (v["accepted"], v["presentations"]) for k, v in every["attacks"].items()} == \
-        {"print": (0, 2), "screen": (0, 1)}
+    assert {k: (v["accepted"], v["presentations"]) for k, v in every["attacks"].items()} == {
+        "print": (0, 2),
+        "screen": (0, 1),
+    }
 
 
 def _expect_sources_and_apcer0(report: dict) -> None:
     lab, field = report["sources"]["lab"], report["sources"]["field"]
     assert list(report["sources"]) == ["lab", "field"]
-    assert lab["bona_fide"] == {"presentations": 3, "rejected": 0, "bpcer": 0.0,
-                                "bpcer_upper95": pytest.approx(0.6316, abs=1e-4), "unverified": 0}
+    assert lab["bona_fide"] == {
+        "presentations": 3,
+        "rejected": 0,
+        "bpcer": 0.0,
+        "bpcer_upper95": pytest.approx(0.6316, abs=1e-4),
+        "unverified": 0,
+    }
     assert lab["attacks"]["print"] == {"presentations": 1, "accepted": 1, "apcer": 1.0, "apcer_upper95": 1.0}
     assert field["bona_fide"]["rejected"] == 0 and field["bona_fide"]["presentations"] == 2
-    assert field["attacks"] == {"print": {"presentations": 1, "accepted": 0, "apcer": 0.0,
-                                          "apcer_upper95": pytest.approx(0.95)}}  # liveness_unverified
+    assert field["attacks"] == {
+        "print": {"presentations": 1, "accepted": 0, "apcer": 0.0, "apcer_upper95": pytest.approx(0.95)}
+    }  # liveness_unverified
     zero = report["at_apcer0"]
     assert zero["configured"]["threshold"] == 0.3 and zero["configured"]["apcer_max"] == 0.5
     assert (zero["pooled"]["threshold"], zero["pooled"]["rejected"], zero["pooled"]["presentations"]) == (0.45, 0, 5)
@@ -198,8 +262,14 @@ def test_per_source_figures_bpcer_at_apcer_0_and_leave_one_source_out():
     _expect_sources_and_apcer0(data)
     _expect_loso(data["loso"])
     scores = data["check_scores"]["texture"]
-    assert scores["bona_fide"] == {"n": 5, "scored": 5, "min": 0.52, "median": 0.72, "max": 0.9,
-                                   "verdicts": {"live": 5}}
+    assert scores["bona_fide"] == {
+        "n": 5,
+        "scored": 5,
+        "min": 0.52,
+        "median": 0.72,
+        "max": 0.9,
+        "verdicts": {"live": 5},
+    }
     assert scores["screen"]["verdicts"] == {"attack": 1}
     lines = text(data)
     assert any(line.startswith("  all*") and "0.55" in line for line in lines)
@@ -214,6 +284,7 @@ def test_per_source_figures_bpcer_at_apcer_0_and_leave_one_source_out():
 
 
 # -- end to end: videos and stills from two sources ----------------------------------------------------------
+
 
 def _tinted(crop: np.ndarray, p_real: float) -> np.ndarray:
     """The crop in grey with red = blue + d, d such that the red model's P(real) is `p_real` over any part of it
@@ -231,7 +302,7 @@ def _stills(folder: Path, name: str, crop: np.ndarray, p_real: float) -> list[st
     out = []
     for letter, (dx, dy) in zip("cab", ((16, 10), (0, 0), (8, 4))):
         path = folder / f"{name}_{letter}.png"
-        cv2.imwrite(str(path), big[dy:dy + 288, dx:dx + 288])
+        cv2.imwrite(str(path), big[dy : dy + 288, dx : dx + 288])
         out.append(f"{folder.name}/{path.name}")
     return out
 
@@ -244,27 +315,42 @@ def test_evaluate_pad_scores_stills_as_a_clip_per_subject_with_sources_bounds_an
     yao = people(engine, photos)["yao"]
     rows = ["file,label,subject"]
     for source, kind, name, label, p_real in (
-            ("lab", "video", "bf", "bona_fide", 0.9), ("lab", "stills", "s1", "bona_fide", 0.8),
-            ("lab", "stills", "s2", "bona_fide", 0.62), ("lab", "stills", "p1", "print", 0.42),
-            ("lab", "video", "screen", "screen", 0.07),
-            ("field", "video", "bf", "bona_fide", 0.72), ("field", "stills", "s3", "bona_fide", 0.52),
-            ("field", "stills", "p2", "print", 0.22)):
+        ("lab", "video", "bf", "bona_fide", 0.9),
+        ("lab", "stills", "s1", "bona_fide", 0.8),
+        ("lab", "stills", "s2", "bona_fide", 0.62),
+        ("lab", "stills", "p1", "print", 0.42),
+        ("lab", "video", "screen", "screen", 0.07),
+        ("field", "video", "bf", "bona_fide", 0.72),
+        ("field", "stills", "s3", "bona_fide", 0.52),
+        ("field", "stills", "p2", "print", 0.22),
+    ):
         folder = tmp_path / source
         folder.mkdir(exist_ok=True)
         if kind == "video":
-            make_video(folder / f"{name}.avi", [Walk(_tinted(yao, p_real), start=0, frames=45, w0=110, w1=150)],
-                       seconds=1.5)
+            make_video(
+                folder / f"{name}.avi", [Walk(_tinted(yao, p_real), start=0, frames=45, w0=110, w1=150)], seconds=1.5
+            )
             rows.append(f"{source}/{name}.avi,{label},")
         else:
             rows += [f"{path},{label},{name}" for path in _stills(folder, name, yao, p_real)]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     red_is_real_model(tmp_path / "1.0_80x80_Red.onnx")
     # the texture the only check that vouches (a flat photo moves as one piece: no movement check would vouch)
-    (tmp_path / "kiosk.yaml").write_text("models: {pad: [1.0_80x80_Red.onnx]}\ngallery: {path: g.db}\n"
-                                         "pad: {checks: [texture, screen, border], threshold: 0.3, "
-                                         "attack_below: 0.1, min_frames: 8, max_wait_s: 2.0}\n")
-    res = run_cli("kiosk-enroll", "-q", "-c", str(tmp_path / "kiosk.yaml"), "evaluate-pad",
-                  str(tmp_path / "labels.csv"), "--json", "--no-progress")
+    (tmp_path / "kiosk.yaml").write_text(
+        "models: {pad: [1.0_80x80_Red.onnx]}\ngallery: {path: g.db}\n"
+        "pad: {checks: [texture, screen, border], threshold: 0.3, "
+        "attack_below: 0.1, min_frames: 8, max_wait_s: 2.0}\n"
+    )
+    res = run_cli(
+        "kiosk-enroll",
+        "-q",
+        "-c",
+        str(tmp_path / "kiosk.yaml"),
+        "evaluate-pad",
+        str(tmp_path / "labels.csv"),
+        "--json",
+        "--no-progress",
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     entries = {(v["source"], v.get("subject") or Path(v["video"]).stem): v for v in report["videos"]}
@@ -276,24 +362,37 @@ def test_evaluate_pad_scores_stills_as_a_clip_per_subject_with_sources_bounds_an
     for key, v in entries.items():
         assert len(v["presentations"]) == 1, key
     textures = {key: v["presentations"][0]["texture"] for key, v in entries.items()}
-    assert textures[("lab", "s1")] == pytest.approx(0.8, abs=0.01) and textures[("field", "p2")] == \
-        pytest.approx(0.22, abs=0.01)
+    assert textures[("lab", "s1")] == pytest.approx(0.8, abs=0.01) and textures[("field", "p2")] == pytest.approx(
+        0.22, abs=0.01
+    )
     assert textures[("lab", "bf")] == pytest.approx(0.9, abs=0.03)  # video: compression moves it a little
-    assert report["stills"] == {"images": 15, "clips": 5, "hold_frames": 6, "fps": 30.0,
-                                "scored_as": report["stills"]["scored_as"]}
+    assert report["stills"] == {
+        "images": 15,
+        "clips": 5,
+        "hold_frames": 6,
+        "fps": 30.0,
+        "scored_as": report["stills"]["scored_as"],
+    }
     assert report["bona_fide"]["presentations"] == 5 and report["bona_fide"]["videos"] == 2
     assert report["bona_fide"]["still_clips"] == 3 and report["bona_fide"]["bpcer"] == 0.0
     assert report["bona_fide"]["bpcer_upper95"] == pytest.approx(0.4507, abs=1e-4)  # 0 of 5
-    assert report["attacks"]["print"]["apcer"] == 0.5 and report["attacks"]["print"]["apcer_upper95"] == \
-        pytest.approx(0.9747, abs=1e-4)
+    assert report["attacks"]["print"]["apcer"] == 0.5 and report["attacks"]["print"]["apcer_upper95"] == pytest.approx(
+        0.9747, abs=1e-4
+    )
     _expect_sources_and_apcer0(report)
     _expect_loso(report["loso"])
     tex = report["check_scores"]["texture"]
     assert tex["bona_fide"]["n"] == 5 and tex["bona_fide"]["min"] == pytest.approx(0.52, abs=0.01)
     assert tex["print"]["verdicts"] == {"live": 1, "none": 1}
     assert list(report["check_scores"]) == ["texture", "screen", "border"]
-    assert report["check_scores"]["screen"]["bona_fide"] == {"n": 5, "scored": 0, "min": None, "median": None,
-                                                             "max": None, "verdicts": {"none": 5}}
+    assert report["check_scores"]["screen"]["bona_fide"] == {
+        "n": 5,
+        "scored": 0,
+        "min": None,
+        "median": None,
+        "max": None,
+        "verdicts": {"none": 5},
+    }
     lines = "\n".join(text(report))
     assert "15 images scored as 5 still clips" in lines and "each still held 6 frames at 30 fps" in lines
     assert "  lab: BPCER 0.0% (0 of 3; 95% upper 63.2%), 0 liveness_unverified" in lines
@@ -304,13 +403,30 @@ def test_evaluate_pad_scores_stills_as_a_clip_per_subject_with_sources_bounds_an
     (tmp_path / "junk.png").write_bytes(b"not a png")
     (tmp_path / "junk.csv").write_text("file,label\nlab/s1_a.png,bona_fide\njunk.png,print\n")
     for labels, line, why in (("gone.csv", 3, "no such image file"), ("junk.csv", 3, "cannot be read as an image")):
-        res = run_cli("kiosk-enroll", "-q", "-c", str(tmp_path / "kiosk.yaml"), "evaluate-pad",
-                      str(tmp_path / labels), "--no-progress")
+        res = run_cli(
+            "kiosk-enroll",
+            "-q",
+            "-c",
+            str(tmp_path / "kiosk.yaml"),
+            "evaluate-pad",
+            str(tmp_path / labels),
+            "--no-progress",
+        )
         assert res.returncode == 2 and f"line {line}:" in res.stderr and why in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
     # options out of range: exit 2 saying which, before anything is read
-    for option, why in ((["--still-hold", "0"], "--still-hold: expected 1 to 300 frames, found 0"),
-                        (["--margin", "1.5"], "--margin: expected 0 to 0.99, found 1.5")):
-        res = run_cli("kiosk-enroll", "-q", "-c", str(tmp_path / "kiosk.yaml"), "evaluate-pad",
-                      str(tmp_path / "gone.csv"), "--no-progress", *option)
+    for option, why in (
+        (["--still-hold", "0"], "--still-hold: expected 1 to 300 frames, found 0"),
+        (["--margin", "1.5"], "--margin: expected 0 to 0.99, found 1.5"),
+    ):
+        res = run_cli(
+            "kiosk-enroll",
+            "-q",
+            "-c",
+            str(tmp_path / "kiosk.yaml"),
+            "evaluate-pad",
+            str(tmp_path / "gone.csv"),
+            "--no-progress",
+            *option,
+        )
         assert res.returncode == 2 and why in res.stderr and "Traceback" not in res.stderr, res.stderr

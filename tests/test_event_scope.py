@@ -10,9 +10,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import cv2
 import pytest
@@ -21,8 +22,8 @@ import zmq
 
 from kiosk.config import config_from_mapping, load_config
 from kiosk.errors import ConfigError
-from kiosk.messaging.messages import Event, Heartbeat
 from kiosk.messaging.channels import EventChannel
+from kiosk.messaging.messages import Event, Heartbeat
 from kiosk.messaging.transport import Transport, control_request, free_port, init_keys
 from kiosk.services.event_access import HearingScopes
 from kiosk.tools.scenes import Walk
@@ -34,9 +35,17 @@ from tests.sealing_helpers import sealed_gallery
 
 
 def _scopes(**security: Any) -> HearingScopes:
-    return HearingScopes(config_from_mapping({"cameras": [
-        {"id": "cam-a1", "gate": "A1", "source": 0, "key": "host-1"},
-        {"id": "cam-b1", "gate": "B1", "source": 0, "key": "host-2"}], "security": security}))
+    return HearingScopes(
+        config_from_mapping(
+            {
+                "cameras": [
+                    {"id": "cam-a1", "gate": "A1", "source": 0, "key": "host-1"},
+                    {"id": "cam-b1", "gate": "B1", "source": 0, "key": "host-2"},
+                ],
+                "security": security,
+            }
+        )
+    )
 
 
 def test_each_key_hears_what_it_serves():
@@ -62,18 +71,26 @@ def test_each_key_hears_what_it_serves():
 
 def test_default_single_host_the_shared_key_hears_everything():
     """One `client` key for tools, cameras and `kiosk run`'s subscribers: as before, it hears every topic."""
-    scopes = HearingScopes(config_from_mapping({"cameras": [{"id": "cam-a1", "gate": "A1", "source": 0},
-                                                            {"id": "cam-b1", "gate": "B1", "source": 0}]}))
+    scopes = HearingScopes(
+        config_from_mapping(
+            {"cameras": [{"id": "cam-a1", "gate": "A1", "source": 0}, {"id": "cam-b1", "gate": "B1", "source": 0}]}
+        )
+    )
     shared = scopes.hearer(["client"], ["client"])
     for topic in ("", "event.", "health.", "idle.", "idle.cam-a1", "event.B1"):
         assert scopes.refusal(shared, topic) is None, topic
 
 
 def test_a_listener_for_a_gate_that_begins_another_is_a_config_error():
-    data = {"cameras": [{"id": "a1", "gate": "A1", "source": 0}, {"id": "a10", "gate": "A10", "source": 0}],
-            "security": {"listeners": [{"key": "gate-a1", "gates": ["A1"]}]}}
-    with pytest.raises(ConfigError, match=r"security.listeners\[0\].gates\[0\]: key 'gate-a1' may hear gate 'A1' "
-                                          r"but not A10"):
+    data = {
+        "cameras": [{"id": "a1", "gate": "A1", "source": 0}, {"id": "a10", "gate": "A10", "source": 0}],
+        "security": {"listeners": [{"key": "gate-a1", "gates": ["A1"]}]},
+    }
+    with pytest.raises(
+        ConfigError,
+        match=r"security.listeners\[0\].gates\[0\]: key 'gate-a1' may hear gate 'A1' "
+        r"but not A10",
+    ):
         config_from_mapping(data)
     data["security"]["listeners"][0]["gates"] = ["A1", "A10"]
     config_from_mapping(data)
@@ -84,8 +101,14 @@ def test_a_listener_for_a_gate_that_begins_another_is_a_config_error():
 
 def test_a_bad_listener_entry_is_exit_2_naming_the_key(tmp_path):
     config = tmp_path / "k.yaml"
-    config.write_text(yaml.safe_dump({"cameras": [{"id": "c", "gate": "A1", "source": 0}],
-                                      "security": {"listeners": [{"key": "../x", "gates": ["A1"]}]}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "cameras": [{"id": "c", "gate": "A1", "source": 0}],
+                "security": {"listeners": [{"key": "../x", "gates": ["A1"]}]},
+            }
+        )
+    )
     res = run_cli("kiosk", "-c", str(config), "verify")
     assert res.returncode == 2 and "security.listeners[0].key" in res.stderr and "Traceback" not in res.stderr
 
@@ -171,11 +194,15 @@ def site(tmp_path_factory, engine, photos) -> Iterator[Site]:
         make_video(folder / f"{name}.avi", [Walk(crops["yao"], start=0, frames=40, w0=80, w1=170)], seconds=1.5)
     make_video(folder / "empty.avi", [], seconds=8)
     port = free_port()
-    config = write_config(folder, [
-        {"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False, "key": "cam-host-1"},
-        {"id": "cam-b1", "gate": "B1", "source": "b1.avi", "realtime": False, "key": "cam-host-2"},
-        {"id": "cam-idle", "gate": "C1", "source": "empty.avi", "realtime": True, "key": "cam-host-1"}],
-        metrics={"port": port})
+    config = write_config(
+        folder,
+        [
+            {"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False, "key": "cam-host-1"},
+            {"id": "cam-b1", "gate": "B1", "source": "b1.avi", "realtime": False, "key": "cam-host-2"},
+            {"id": "cam-idle", "gate": "C1", "source": "empty.avi", "realtime": True, "key": "cam-host-1"},
+        ],
+        metrics={"port": port},
+    )
     data = yaml.safe_load(config.read_text())
     data["security"]["listeners"] = [{"key": "gate-a", "gates": ["A1"]}]
     config.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -188,8 +215,12 @@ def site(tmp_path_factory, engine, photos) -> Iterator[Site]:
         g.enroll("YAO", "Yao", emb[None, :], engine.model_id)
     log = folder / "verifier.log"
     with open(log, "w") as err:
-        verifier = subprocess.Popen([sys.executable, "-m", "kiosk.cli", "-c", str(config), "verify"],
-                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        verifier = subprocess.Popen(
+            [sys.executable, "-m", "kiosk.cli", "-c", str(config), "verify"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
     s = Site(config, load_config(config), log, port)
     captures: list[subprocess.Popen] = []
     try:
@@ -287,8 +318,7 @@ def test_history_gives_a_gate_key_its_gates_events_only(site):
 
 def test_the_heartbeat_carries_no_passenger_ids(site):
     """The heartbeat goes to every allow-listed key: no claims, no subject ids."""
-    assert site.tools.health and all("claims" not in h for h in site.tools.health if h.get("component") ==
-                                     "verifier")
+    assert site.tools.health and all("claims" not in h for h in site.tools.health if h.get("component") == "verifier")
     assert "YAO" not in json.dumps([h for h in site.tools.health if h.get("component") == "verifier"])
 
 
@@ -336,9 +366,14 @@ def test_kiosk_subscribe_with_a_gate_key_subscribes_to_its_gates():
     verifier refuses `event.` from that key; the tools key keeps `event.`."""
     from kiosk.services.subscriber import own_gates
 
-    data = {"cameras": [{"id": "cam-a1", "gate": "A1", "source": 0}, {"id": "cam-a2", "gate": "A2", "source": 0},
-                        {"id": "cam-b1", "gate": "B1", "source": 0}],
-            "security": {"listeners": [{"key": "gate-a", "gates": ["A1", "A2"]}]}}
+    data = {
+        "cameras": [
+            {"id": "cam-a1", "gate": "A1", "source": 0},
+            {"id": "cam-a2", "gate": "A2", "source": 0},
+            {"id": "cam-b1", "gate": "B1", "source": 0},
+        ],
+        "security": {"listeners": [{"key": "gate-a", "gates": ["A1", "A2"]}]},
+    }
     assert own_gates(config_from_mapping(data)) is None  # the tools key
     data["security"]["client_key"] = "gate-a"
     assert own_gates(config_from_mapping(data)) == {"A1", "A2"}
@@ -373,8 +408,13 @@ def test_subscriptions_read_after_a_non_subscription_message_are_not_applied():
 
     cfg = config_from_mapping({"cameras": [{"id": "cam-a1", "gate": "A1", "source": 0}]})
     sock = Socket()
-    events = EventPublisher(sock, lambda: sock, HearingScopes(cfg), None,  # type: ignore[arg-type]
-                            VerifierMetrics({"cam-a1": "A1"}))
+    events = EventPublisher(
+        sock,
+        lambda: sock,
+        HearingScopes(cfg),
+        None,  # type: ignore[arg-type]
+        VerifierMetrics({"cam-a1": "A1"}),
+    )
     events.hearer = lambda sender: HearingScopes(cfg).hearer(["client"])  # type: ignore[method-assign]
     sock.queue = [Frame(b"not a subscription"), Frame(b"\x01event.A1"), Frame(b"\x01health.verifier")]
     events.poll()

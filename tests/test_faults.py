@@ -31,10 +31,15 @@ def test_a_paused_verifier_publishes_no_accept_from_frames_older_than_the_bound(
     crops = people(engine, photos)
     # Yao walks up, then nobody for a second, over and over (each walk-up a transaction).
     make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True,
-                                      "loop": True}], policy={"repeat_accept_s": 0.0, "max_frame_age_ms": 500.0})
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                   str(photos["yaoming.jpg"])).returncode == 0
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True, "loop": True}],
+        policy={"repeat_accept_s": 0.0, "max_frame_age_ms": 500.0},
+    )
+    assert (
+        run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
+        == 0
+    )
     verifier = kiosk(config, "verify")
     capture = None
     events = Events(config, ("event.", "health.verifier"))
@@ -75,10 +80,15 @@ def test_an_unwritable_audit_log_lets_no_accept_through_and_recovers_by_itself(t
     again the next accept is audited, then published. Every published accept is in the audit log."""
     crops = people(engine, photos)
     make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True,
-                                      "loop": True}], policy={"repeat_accept_s": 0.0})
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                   str(photos["yaoming.jpg"])).returncode == 0
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True, "loop": True}],
+        policy={"repeat_accept_s": 0.0},
+    )
+    assert (
+        run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
+        == 0
+    )
     audit_path = tmp_path / "events.jsonl"
     audit_path.mkdir()  # not a file: cannot be opened for appending
     verifier = kiosk(config, "verify")
@@ -107,23 +117,29 @@ def test_an_unwritable_audit_log_lets_no_accept_through_and_recovers_by_itself(t
     # the rejects the gate heard while the log was unwritable are in it now, in order, marked late
     withheld = [e.event_id for e in events.events if e.reason == "audit_unavailable"]
     late = [r["event_id"] for r in records if r.get("late")]
-    assert withheld and late[:len(withheld)] == withheld
+    assert withheld and late[: len(withheld)] == withheld
     assert all(r["reason"] == "audit_unavailable" for r in records if r.get("late"))
 
 
 @pytest.mark.slow
 def test_an_audit_log_moved_away_or_replaced_by_a_folder_under_a_live_gate_holds_every_published_accept(
-        tmp_path, engine, photos):
+    tmp_path, engine, photos
+):
     """Under a live gate the audit file is renamed away (an operator's mv, a rotation by hand), and later
     moved away again with a folder put in its place: status says so within a second, and every accept
     published is in the file that was at the configured path when it was decided, never only in a file
     moved away."""
     crops = people(engine, photos)
     make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True,
-                                      "loop": True}], policy={"repeat_accept_s": 0.0})
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                   str(photos["yaoming.jpg"])).returncode == 0
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True, "loop": True}],
+        policy={"repeat_accept_s": 0.0},
+    )
+    assert (
+        run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
+        == 0
+    )
     audit_path = tmp_path / "events.jsonl"
     verifier = kiosk(config, "verify")
     capture = None
@@ -152,8 +168,10 @@ def test_an_audit_log_moved_away_or_replaced_by_a_folder_under_a_live_gate_holds
             stop(capture)
         _, err = stop(verifier)
     assert "Traceback" not in err
-    ids = lambda name: {json.loads(line)["event_id"]  # noqa: E731
-                        for line in (tmp_path / name).read_text().splitlines()}
+    ids = lambda name: {
+        json.loads(line)["event_id"]  # noqa: E731
+        for line in (tmp_path / name).read_text().splitlines()
+    }
     first, second, final = ids("moved-1.jsonl"), ids("moved-2.jsonl"), {e["event_id"] for e in audit(config)}
     for e in accepts(events):
         if e.decided_at > renamed_at:
@@ -193,15 +211,19 @@ def test_a_gallery_file_deleted_replaced_or_corrupted_is_seen_by_its_open_connec
 
 @pytest.mark.slow
 def test_a_gallery_deleted_under_a_live_verifier_is_stale_at_once_refused_after_its_grace_and_restored(
-        tmp_path, engine, photos):
+    tmp_path, engine, photos
+):
     """`rm gallery.db` under a live gate: the heartbeat says stale within two seconds, with what to run; accepts
     go on from memory for gallery.stale_grace_s, then every accept is refused (gallery_unavailable);
     `kiosk-enroll restore` puts a gallery back at the path and the verifier switches to it and accepts again."""
     crops = people(engine, photos)
     make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True,
-                                      "loop": True}], policy={"repeat_accept_s": 0.0},
-                          gallery={"path": "gallery.db", "stale_grace_s": 4.0})
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True, "loop": True}],
+        policy={"repeat_accept_s": 0.0},
+        gallery={"path": "gallery.db", "stale_grace_s": 4.0},
+    )
     enroll = lambda *a: run_cli("kiosk-enroll", "-q", "-c", str(config), *a)  # noqa: E731
     assert enroll("add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode == 0
     assert enroll("backup", str(tmp_path / "backup.db")).returncode == 0
@@ -225,8 +247,9 @@ def test_a_gallery_deleted_under_a_live_verifier_is_stale_at_once_refused_after_
         assert events.wait_for(accepted_after(time.time()), 20)  # from memory, within the grace
         assert events.wait_for(lambda ev: ev.health[-1]["gallery"]["refusing"] == "every accept", 10)
         refused_at = time.time()
-        assert events.wait_for(lambda ev: any(e.reason == "gallery_unavailable" and e.decided_at > refused_at
-                                              for e in ev.events), 20)
+        assert events.wait_for(
+            lambda ev: any(e.reason == "gallery_unavailable" and e.decided_at > refused_at for e in ev.events), 20
+        )
         assert not any(e.type == "accept" and e.decided_at > refused_at for e in events.events)
         res = enroll("restore", str(tmp_path / "backup.db"))
         assert res.returncode == 0, res.stdout + res.stderr
@@ -294,8 +317,10 @@ def test_a_capture_key_sends_for_its_own_camera_only(tmp_path, engine, photos):
 
     crops = people(engine, photos)
     make_video(tmp_path / "v.avi", [Walk(crops["yao"], start=0, frames=20, w0=80, w1=120)], seconds=1.0)
-    cameras = [{"id": "cam-a1", "gate": "A1", "source": "v.avi", "realtime": True, "loop": True},
-               {"id": "cam-b1", "gate": "B1", "source": "v.avi", "realtime": True, "loop": True, "key": "cam-host-2"}]
+    cameras = [
+        {"id": "cam-a1", "gate": "A1", "source": "v.avi", "realtime": True, "loop": True},
+        {"id": "cam-b1", "gate": "B1", "source": "v.avi", "realtime": True, "loop": True, "key": "cam-host-2"},
+    ]
     config = write_config(tmp_path, cameras)
     init_keys(tmp_path / "keys", client_name="cam-host-2")
     # A config in which the host of cam-b1 claims gate A1's camera too.
@@ -342,12 +367,20 @@ def test_fuzzed_messages_on_every_socket_leave_the_verifier_up_with_bounded_memo
         if choice < 0.3:
             return rng.randbytes(rng.randint(0, 3000))
         if choice < 0.6:
-            return _json.dumps({"v": rng.choice([1, 2, None, "1"]), "camera_id": rng.choice(["cam-a1", 7, None]),
-                                "width": rng.choice([640, -1, 1 << 40, "x"]), "height": rng.choice([480, 0, 1.5]),
-                                "seq": rng.choice([1, None]), "captured_at": rng.choice([1.0, "now", 1e308]),
-                                "encoding": rng.choice(["bgr8", "jpeg", "png"]), "gate_id": "A1",
-                                "cmd": rng.choice(["status", "claim", "events", "rm -rf"]),
-                                "cursors": rng.choice([{}, {"A1": ["b", 1]}, [], {"A1": [1, "x"]}])}).encode()
+            return _json.dumps(
+                {
+                    "v": rng.choice([1, 2, None, "1"]),
+                    "camera_id": rng.choice(["cam-a1", 7, None]),
+                    "width": rng.choice([640, -1, 1 << 40, "x"]),
+                    "height": rng.choice([480, 0, 1.5]),
+                    "seq": rng.choice([1, None]),
+                    "captured_at": rng.choice([1.0, "now", 1e308]),
+                    "encoding": rng.choice(["bgr8", "jpeg", "png"]),
+                    "gate_id": "A1",
+                    "cmd": rng.choice(["status", "claim", "events", "rm -rf"]),
+                    "cursors": rng.choice([{}, {"A1": ["b", 1]}, [], {"A1": [1, "x"]}]),
+                }
+            ).encode()
         return rng.choice([b"{", b"[]", b"null", b'{"v":1}', b"\xff\xfe", b"1e999999", b"[" * 5000])
 
     def rss_mb(pid: int) -> float:
@@ -384,8 +417,11 @@ def test_fuzzed_messages_on_every_socket_leave_the_verifier_up_with_bounded_memo
             for _ in range(400):
                 preview.send_multipart([junk() for _ in range(rng.randint(1, 3))])
             deadline = time.monotonic() + 20
-            while (status := control_request(transport, {"cmd": "status"}, timeout_ms=5000)) is not None and \
-                    status["previews"]["refused"] < 390 and time.monotonic() < deadline:
+            while (
+                (status := control_request(transport, {"cmd": "status"}, timeout_ms=5000)) is not None
+                and status["previews"]["refused"] < 390
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.2)
             assert status is not None and status["previews"]["refused"] >= 390, status and status["previews"]
             assert status["previews"]["consoles"] == 0  # no junk taken as a lease
@@ -404,7 +440,8 @@ def test_fuzzed_messages_on_every_socket_leave_the_verifier_up_with_bounded_memo
 
 @pytest.mark.slow
 def test_a_gallery_corrupt_at_a_verifier_restart_keeps_the_run_up_and_a_restore_brings_it_back(
-        tmp_path, engine, photos):
+    tmp_path, engine, photos
+):
     """The verifier dies and its gallery is corrupt when it restarts: `kiosk run` does not stop (the gates
     hear verifier_down from their subscriber), and `kiosk-enroll restore` over the corrupt file (moved
     aside) brings the verifier back to accepting."""
@@ -412,10 +449,13 @@ def test_a_gallery_corrupt_at_a_verifier_restart_keeps_the_run_up_and_a_restore_
 
     crops = people(engine, photos)
     make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True,
-                                      "loop": True}], policy={"repeat_accept_s": 0.0},
-                          heartbeat={"interval_s": 0.5, "misses": 4},
-                          subscribers=[{"name": "gate-a1", "gate": "A1", "jsonl": "a1.jsonl"}])
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True, "loop": True}],
+        policy={"repeat_accept_s": 0.0},
+        heartbeat={"interval_s": 0.5, "misses": 4},
+        subscribers=[{"name": "gate-a1", "gate": "A1", "jsonl": "a1.jsonl"}],
+    )
     enroll = lambda *a: run_cli("kiosk-enroll", "-q", "-c", str(config), *a)  # noqa: E731
     assert enroll("add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode == 0
     assert enroll("backup", str(tmp_path / "backup.db")).returncode == 0
@@ -439,16 +479,19 @@ def test_a_gallery_corrupt_at_a_verifier_restart_keeps_the_run_up_and_a_restore_
         res = enroll("restore", str(tmp_path / "backup.db"))
         assert res.returncode == 0 and "moved it aside" in res.stdout, res.stdout + res.stderr
         assert list(tmp_path.glob("gallery.db.corrupt-*"))
-        assert events.wait_for(lambda ev: any(e.type == "accept" and e.boot_id != events.events[0].boot_id
-                                              for e in ev.events), 40)
+        assert events.wait_for(
+            lambda ev: any(e.type == "accept" and e.boot_id != events.events[0].boot_id for e in ev.events), 40
+        )
 
         def handed_types() -> list[str]:
             return [json.loads(line)["type"] for line in hook.read_text().splitlines() if line.strip()]
 
         # The gate's subscriber hands the new accept on after this test's own socket saw it: wait for it there.
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and \
-                "accept" not in (types := handed_types())[types.index("verifier_down") + 1:]:
+        while (
+            time.monotonic() < deadline
+            and "accept" not in (types := handed_types())[types.index("verifier_down") + 1 :]
+        ):
             time.sleep(0.2)
     finally:
         events.close()

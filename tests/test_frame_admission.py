@@ -21,7 +21,7 @@ import zmq
 
 from kiosk.config import load_config
 from kiosk.messaging.channels import FrameChannel, Refusal
-from kiosk.messaging.messages import (CLOCK_SKEW_TOLERANCE_S, MAX_FRAME_PAST_S, MAX_SEQ, FrameHeader, encode_frame)
+from kiosk.messaging.messages import CLOCK_SKEW_TOLERANCE_S, MAX_FRAME_PAST_S, MAX_SEQ, FrameHeader, encode_frame
 from kiosk.messaging.transport import Transport, control_request, free_port, init_keys
 from kiosk.services.frame_refusals import CLEAR_AFTER_S, FrameRefusals
 from kiosk.services.metrics import VerifierMetrics
@@ -53,6 +53,7 @@ def _wait(predicate, timeout: float, every: float = 0.1):
 
 
 # -- the channel alone ---------------------------------------------------------------------------------------
+
 
 class _Raw:
     """A received message part as the channel sees it (zmq.Frame's len, bytes, buffer and get)."""
@@ -87,8 +88,10 @@ def test_a_foreign_sender_is_refused_from_the_topic_before_any_parse_or_decode(m
     bad: list[str] = []
     channel = FrameChannel(None, ["cam-a1"], bad.append, {"cam-a1": "OWNER"}, refused.append)  # type: ignore[arg-type]
     for topic in (b"frame.cam-a1", b"eof.cam-a1", b"health.capture.cam-a1"):
-        assert channel.admit(_raw([topic, b"{not json" * 2000, b"\xff\xd8" + b"\x00" * 100], "INTRUDER"),
-                             time.time()) is None
+        assert (
+            channel.admit(_raw([topic, b"{not json" * 2000, b"\xff\xd8" + b"\x00" * 100], "INTRUDER"), time.time())
+            is None
+        )
     assert [(r.camera_id, r.reason) for r in refused] == [("cam-a1", "sender")] * 3 and not bad
     assert channel.admit(_raw([b"frame.cam-zz", b"{}", b""], "OWNER"), time.time()) is None  # unknown camera
     assert len(bad) == 1 and "unknown camera 'cam-zz'" in bad[0]
@@ -96,30 +99,41 @@ def test_a_foreign_sender_is_refused_from_the_topic_before_any_parse_or_decode(m
     assert len(bad) == 2 and "topic of 5006 bytes" in bad[1]
 
 
-@pytest.mark.parametrize("field, value, reason", [
-    ("captured_at", 1e300, "future"),
-    ("captured_at", "ahead", "future"),
-    ("captured_at", "far_past", "past"),
-    ("captured_at", -1.0, "past"),
-    ("captured_at", math.inf, "not_finite"),
-    ("captured_at", math.nan, "not_finite"),
-    ("seq", 2**80, "seq"),
-    ("seq", 2**63, "seq"),
-    ("seq", -1, "seq"),
-    ("pts", -5.0, "not_finite"),
-])
+@pytest.mark.parametrize(
+    "field, value, reason",
+    [
+        ("captured_at", 1e300, "future"),
+        ("captured_at", "ahead", "future"),
+        ("captured_at", "far_past", "past"),
+        ("captured_at", -1.0, "past"),
+        ("captured_at", math.inf, "not_finite"),
+        ("captured_at", math.nan, "not_finite"),
+        ("seq", 2**80, "seq"),
+        ("seq", 2**63, "seq"),
+        ("seq", -1, "seq"),
+        ("pts", -5.0, "not_finite"),
+    ],
+)
 def test_out_of_bounds_frames_are_refused_with_their_reason(field, value, reason):
     now = time.time()
-    value = {"ahead": now + CLOCK_SKEW_TOLERANCE_S + 0.2, "far_past": now - MAX_FRAME_PAST_S - 5}.get(value, value) \
-        if isinstance(value, str) else value
+    value = (
+        {"ahead": now + CLOCK_SKEW_TOLERANCE_S + 0.2, "far_past": now - MAX_FRAME_PAST_S - 5}.get(value, value)
+        if isinstance(value, str)
+        else value
+    )
     header = FrameHeader("cam-a1", "A1", 1, now, 64, 48)
     parts = encode_frame(header, np.zeros((48, 64, 3), np.uint8))
     data = json.loads(parts[1])
     data[field] = value
     parts[1] = json.dumps(data).encode()
     refused: list[Refusal] = []
-    channel = FrameChannel(None, ["cam-a1"], lambda why: pytest.fail(why),  # type: ignore[arg-type]
-                           {"cam-a1": "OWNER"}, refused.append)
+    channel = FrameChannel(
+        None,
+        ["cam-a1"],
+        lambda why: pytest.fail(why),  # type: ignore[arg-type]
+        {"cam-a1": "OWNER"},
+        refused.append,
+    )
     assert channel.admit(_raw(parts, "OWNER"), now) is None
     assert [r.reason for r in refused] == [reason], refused
     if reason in ("future", "past"):
@@ -147,6 +161,7 @@ def test_a_clock_skew_episode_is_logged_once_and_ends(caplog):
 
 # -- real processes -----------------------------------------------------------------------------------------
 
+
 def _big_jpeg() -> bytes:
     """A 4096x2304 JPEG (the largest frame the schema allows), smooth enough to be small on the wire (so
     CurveZMQ's cost stays small) but a full decode each: tens of milliseconds of one core."""
@@ -172,8 +187,9 @@ class _Flood(threading.Thread):
         while not self.stop_now.is_set():
             header = FrameHeader(self.camera, self.gate, 1_000_000 + self.sent, time.time(), 4096, 2304, "jpeg")
             try:
-                self.sock.send_multipart([header.topic(), json.dumps(asdict(header)).encode(), self.payload],
-                                         flags=zmq.NOBLOCK)
+                self.sock.send_multipart(
+                    [header.topic(), json.dumps(asdict(header)).encode(), self.payload], flags=zmq.NOBLOCK
+                )
                 self.sent += 1
             except zmq.Again:
                 pass
@@ -194,10 +210,14 @@ def test_a_foreign_keys_frame_flood_does_not_starve_the_owner_camera(tmp_path):
     rate with the flood against the lower of the rates before and after it, in the same run: at least 80%
     (before this change, each flood frame was decoded before its sender was checked: about half)."""
     write_video(tmp_path / "empty.avi", render([], 60), 30.0)
-    config = write_config(tmp_path, [
-        {"id": "cam-a1", "gate": "A1", "source": "empty.avi", "realtime": False, "loop": True},
-        {"id": "cam-b1", "gate": "B1", "source": 0, "key": "cam-host-b"},
-    ], policy={"idle_change": 0.0})  # every frame through the detector: a steady cost per frame
+    config = write_config(
+        tmp_path,
+        [
+            {"id": "cam-a1", "gate": "A1", "source": "empty.avi", "realtime": False, "loop": True},
+            {"id": "cam-b1", "gate": "B1", "source": 0, "key": "cam-host-b"},
+        ],
+        policy={"idle_change": 0.0},
+    )  # every frame through the detector: a steady cost per frame
     init_keys(tmp_path / "keys", client_name="cam-host-b", role="all")
     cfg = load_config(config)
     verifier = kiosk(config, "verify")
@@ -227,8 +247,10 @@ def test_a_foreign_keys_frame_flood_does_not_starve_the_owner_camera(tmp_path):
         flood.close()
         flood = None
         after = rate()
-        print(f"owner fps: before {before:.1f}, during the flood {during:.1f}, after {after:.1f}; "
-              f"{sent} flood frames sent")
+        print(
+            f"owner fps: before {before:.1f}, during the flood {during:.1f}, after {after:.1f}; "
+            f"{sent} flood frames sent"
+        )
         assert sent >= 20
         assert during >= 0.8 * min(before, after), (before, during, after)
         status = _wait(lambda: (s := _status(admin))["frames_refused"]["sender"] >= sent and s, 10)
@@ -262,8 +284,13 @@ def test_a_frame_from_the_far_future_is_refused_and_counted(tmp_path):
         for seq, at in ((1, 1e300), (2, now + 86400.0), (2**80, now), (3, now)):
             push.send_multipart(encode_frame(FrameHeader("cam-a1", "A1", seq, at, 64, 48), image))
         # All four read (one connection: in the order sent), each taken or refused.
-        status = _wait(lambda: (s := _status(admin))["cameras"]["cam-a1"]["frames_in"]
-                       + sum(s.get("frames_refused", {}).values()) >= 4 and s, 10)
+        status = _wait(
+            lambda: (
+                (s := _status(admin))["cameras"]["cam-a1"]["frames_in"] + sum(s.get("frames_refused", {}).values()) >= 4
+                and s
+            ),
+            10,
+        )
         assert status, "the frames were neither taken nor refused"
         assert status["cameras"]["cam-a1"]["frames_in"] == 1  # the frame of now, and none of the others
         assert status["frames_refused"] == {"sender": 0, "seq": 1, "future": 2, "past": 0, "not_finite": 0}

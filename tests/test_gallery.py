@@ -174,8 +174,7 @@ def test_a_patched_large_gallery_keeps_its_prefilter_and_finds_the_newcomers():
     keep = ~np.isin(ids, list(drop))
     all_ids = np.concatenate([ids[keep], new_ids])
     order = np.argsort(all_ids, kind="stable")
-    fresh = GalleryMatrix.from_rows("x", d, all_ids[order], all_ids[order],
-                                    np.concatenate([emb[keep], new])[order], 2)
+    fresh = GalleryMatrix.from_rows("x", d, all_ids[order], all_ids[order], np.concatenate([emb[keep], new])[order], 2)
     assert p.subject_ids == fresh.subject_ids and np.array_equal(p.embeddings, fresh.embeddings)
     assert np.allclose(p._reduced, p.embeddings @ p._basis, atol=1e-4)
     found = p.search(new)

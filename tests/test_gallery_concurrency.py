@@ -67,9 +67,15 @@ def test_two_processes_enrolling_one_face_under_two_ids_never_both_succeed(tmp_p
         folder = tmp_path / f"round{attempt}"
         folder.mkdir()
         config = write_config(folder)
-        procs = [subprocess.Popen([str(BIN / "kiosk-enroll"), "-q", "-c", str(config), "add", "--id", sid,
-                                   str(photos["yaoming.jpg"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for sid in ("FIRST", "SECOND")]
+        procs = [
+            subprocess.Popen(
+                [str(BIN / "kiosk-enroll"), "-q", "-c", str(config), "add", "--id", sid, str(photos["yaoming.jpg"])],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for sid in ("FIRST", "SECOND")
+        ]
         results = [(p.wait(120), p.communicate()) for p in procs]
         codes = sorted(code for code, _ in results)
         assert codes == [0, 2], results
@@ -81,10 +87,11 @@ def test_two_processes_enrolling_one_face_under_two_ids_never_both_succeed(tmp_p
 def test_removed_subject_not_accepted_while_reloads_fail(tmp_path, engine, photos):
     crops = people(engine, photos)
     make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=40, w0=80, w1=170)], seconds=1.5)
-    config = write_pipeline_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi",
-                                               "realtime": False}])
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                   str(photos["yaoming.jpg"])).returncode == 0
+    config = write_pipeline_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": False}])
+    assert (
+        run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
+        == 0
+    )
     verifier = kiosk(config, "verify")
     events = Events(config, ("event.", "health.verifier"))
     try:
@@ -92,8 +99,10 @@ def test_removed_subject_not_accepted_while_reloads_fail(tmp_path, engine, photo
         # Break every reload: a template of the wrong size for another subject (the verifier refuses it).
         db = sqlite3.connect(tmp_path / "gallery.db", isolation_level=None)
         db.execute("INSERT INTO subjects (id, name, created) VALUES ('BROKEN', '', 0)")
-        db.execute("INSERT INTO templates (subject_id, model_id, dim, embedding, created) "
-                   "SELECT 'BROKEN', model_id, 7, zeroblob(28), 0 FROM templates LIMIT 1")
+        db.execute(
+            "INSERT INTO templates (subject_id, model_id, dim, embedding, created) "
+            "SELECT 'BROKEN', model_id, 7, zeroblob(28), 0 FROM templates LIMIT 1"
+        )
         db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
         db.close()
         assert events.wait_for(lambda ev: ev.health[-1]["gallery"]["stale"], 10)
@@ -117,11 +126,15 @@ def test_reloads_during_a_long_write_transaction_keep_deciding_and_pick_up_the_i
     crops = people(engine, photos)
     # Parker walks up, then 1.5 s of nobody (his track ends), over and over: a decision every 2.8 s.
     make_video(tmp_path / "parker.avi", [Walk(crops["parker"], start=0, frames=40, w0=80, w1=170)], seconds=2.8)
-    config = write_pipeline_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "parker.avi",
-                                               "realtime": True, "loop": True}],
-                                   policy={"repeat_accept_s": 0.0})
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                   str(photos["yaoming.jpg"])).returncode == 0
+    config = write_pipeline_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "parker.avi", "realtime": True, "loop": True}],
+        policy={"repeat_accept_s": 0.0},
+    )
+    assert (
+        run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
+        == 0
+    )
     parker = cv2.resize(crops["parker"], None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
     parker_emb = engine.describe(parker, engine.detector.detect(parker).largest()).faces.embeddings[0]
     with live_gate(config) as gate:
@@ -132,11 +145,15 @@ def test_reloads_during_a_long_write_transaction_keep_deciding_and_pick_up_the_i
         (bumped,) = db.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'revision'").fetchone()
         db.execute("BEGIN IMMEDIATE")  # ...and the import holds the write lock meanwhile
         db.execute("INSERT INTO subjects (id, name, created) VALUES ('PARKER', 'Tony Parker', 0)")
-        (tid,) = db.execute("INSERT INTO templates (subject_id, model_id, dim, embedding, created, key_id) VALUES "
-                            "(?, ?, ?, x'', 0, ?) RETURNING id", ("PARKER", engine.model_id, engine.dim,
-                                                                  CODEC.current_id())).fetchone()
-        db.execute("UPDATE templates SET embedding = ? WHERE id = ?",
-                   (CODEC.seal("PARKER", engine.model_id, tid, parker_emb), tid))
+        (tid,) = db.execute(
+            "INSERT INTO templates (subject_id, model_id, dim, embedding, created, key_id) VALUES "
+            "(?, ?, ?, x'', 0, ?) RETURNING id",
+            ("PARKER", engine.model_id, engine.dim, CODEC.current_id()),
+        ).fetchone()
+        db.execute(
+            "UPDATE templates SET embedding = ? WHERE id = ?",
+            (CODEC.seal("PARKER", engine.model_id, tid, parker_emb), tid),
+        )
         db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
         held_from = len(events.events)
         events.poll(6.0)  # six reload periods under the lock
@@ -146,8 +163,7 @@ def test_reloads_during_a_long_write_transaction_keep_deciding_and_pick_up_the_i
         assert events.health[-1]["gallery"]["revision"] == bumped  # the reload did not wait for the lock
         db.execute("COMMIT")
         db.close()
-        assert events.wait_for(lambda ev: any(e.type == "accept" and e.subject_id == "PARKER"
-                                              for e in ev.events), 20)
+        assert events.wait_for(lambda ev: any(e.type == "accept" and e.subject_id == "PARKER" for e in ev.events), 20)
     assert "gallery reload failed" not in gate.verifier_err and "Traceback" not in gate.verifier_err
 
 
@@ -155,8 +171,11 @@ def test_reloads_during_a_long_write_transaction_keep_deciding_and_pick_up_the_i
 def test_backup_restore_under_a_running_verifier_and_no_silent_empty_gallery(tmp_path, engine, photos):
     crops = people(engine, photos)
     make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
-    config = write_pipeline_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi",
-                                               "realtime": True, "loop": True}], policy={"repeat_accept_s": 0.0})
+    config = write_pipeline_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True, "loop": True}],
+        policy={"repeat_accept_s": 0.0},
+    )
     enroll = lambda *a: run_cli("kiosk-enroll", "-q", "-c", str(config), *a)  # noqa: E731
     assert enroll("add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode == 0
     res = enroll("backup", str(tmp_path / "before.db"))

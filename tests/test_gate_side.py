@@ -56,8 +56,9 @@ def test_gate_controller_state_machine():
     assert gc.handle({**accept, "decided_at": t + 6 - 2.5}, t + 6) == "ignore" and not gc.is_open(t + 6)  # stale
     # Decided just now, but from a frame captured 4.8 s ago (a stalled verifier): not opened.
     assert gc.handle({**accept, "decided_at": t + 6, "captured_at": t + 6 - 4.8}, t + 6) == "ignore"
-    assert gc.handle({k: v for k, v in accept.items() if k != "captured_at"} | {"decided_at": t + 6}, t + 6) \
-        == "ignore"  # no capture time: cannot tell, stays closed
+    assert (
+        gc.handle({k: v for k, v in accept.items() if k != "captured_at"} | {"decided_at": t + 6}, t + 6) == "ignore"
+    )  # no capture time: cannot tell, stays closed
     assert gc.handle({**accept, "decided_at": t + 6, "captured_at": t + 6 - 0.1}, t + 6) == "open"
     assert gc.handle({"type": "reject", "gate_id": "A1", "reason": "no_match"}, t + 6.5) == "close"
     assert not gc.is_open(t + 6.6)
@@ -72,8 +73,14 @@ def test_gate_controller_state_machine():
 def test_keys_init_and_curve_off_warning(tmp_path):
     res = run_cli("kiosk", "keys", "init", str(tmp_path / "keys"), "--client", "gate-a1")
     assert res.returncode == 0
-    for name in ("server.key", "server.key_secret", "gate-a1.key", "gate-a1.key_secret",
-                 "authorized_clients/gate-a1.key", "authorized_subscribers/gate-a1.key"):
+    for name in (
+        "server.key",
+        "server.key_secret",
+        "gate-a1.key",
+        "gate-a1.key_secret",
+        "authorized_clients/gate-a1.key",
+        "authorized_subscribers/gate-a1.key",
+    ):
         assert (tmp_path / "keys" / name).is_file(), name
     res = run_cli("kiosk", "keys", "init", str(tmp_path / "keys"), "--client", "gate-b1", "--role", "subscriber")
     assert res.returncode == 0
@@ -107,11 +114,23 @@ class Hooked(BaseHTTPRequestHandler):
 @pytest.mark.slow
 def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
     crops = people(engine, photos)
-    make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=5, frames=60, w0=60, w1=160),
-                                     Walk(crops["parker"], start=100, frames=60, w0=60, w1=160)], seconds=6)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False},
-                                     {"id": "cam-x", "gate": "X1", "source": "a1.avi", "realtime": True}],
-                          heartbeat={"interval_s": 0.25, "misses": 3}, hooks={"exec_timeout_s": 20})
+    make_video(
+        tmp_path / "a1.avi",
+        [
+            Walk(crops["yao"], start=5, frames=60, w0=60, w1=160),
+            Walk(crops["parker"], start=100, frames=60, w0=60, w1=160),
+        ],
+        seconds=6,
+    )
+    config = write_config(
+        tmp_path,
+        [
+            {"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False},
+            {"id": "cam-x", "gate": "X1", "source": "a1.avi", "realtime": True},
+        ],
+        heartbeat={"interval_s": 0.25, "misses": 3},
+        hooks={"exec_timeout_s": 20},
+    )
     res = run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"]))
     assert res.returncode == 0
     # An intruder: a key pair that is in no allow-list. A gate: allowed to subscribe only, and given both gates to
@@ -143,10 +162,25 @@ def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
     sub = None
     try:
         assert watcher.wait_for(lambda ev: ev.health, 30)
-        sub = kiosk(config, "subscribe", "--gate", "A1", "--webhook", url, "--jsonl", str(tmp_path / "hook.jsonl"),
-                    "--exec", f"cat >> {tmp_path / 'stdin.jsonl'}",
-                    "--exec", f'echo "$KIOSK_TYPE $KIOSK_SUBJECT_ID $KIOSK_GATE_ID" >> {tmp_path / "env.txt"}',
-                    "--exec", "sleep 15", "--metrics-port", str(sub_metrics := free_port()), quiet=False)
+        sub = kiosk(
+            config,
+            "subscribe",
+            "--gate",
+            "A1",
+            "--webhook",
+            url,
+            "--jsonl",
+            str(tmp_path / "hook.jsonl"),
+            "--exec",
+            f"cat >> {tmp_path / 'stdin.jsonl'}",
+            "--exec",
+            f'echo "$KIOSK_TYPE $KIOSK_SUBJECT_ID $KIOSK_GATE_ID" >> {tmp_path / "env.txt"}',
+            "--exec",
+            "sleep 15",
+            "--metrics-port",
+            str(sub_metrics := free_port()),
+            quiet=False,
+        )
         time.sleep(2.0)
         # The intruder's capture gets no frame in; the intruder's subscriber hears nothing.
         rogue = kiosk(intruder_cfg, "capture", "--camera", "cam-x")

@@ -13,6 +13,7 @@ import json
 import logging
 
 import numpy as np
+
 from kiosk.messaging.reasons import Reason
 from kiosk.pipeline.core import CameraState, Verdict
 from kiosk.pipeline.policy import Decision
@@ -23,8 +24,16 @@ T0 = 1_800_000_000.0
 LH = "LH123"
 
 
-def verdict(subject: str | None = "ANN", *, type: str = "accept", reason: str | None = None, gate: str = "A1",
-            flight: str | None = None, age_s: float = 0.05, realtime: bool = True) -> Verdict:
+def verdict(
+    subject: str | None = "ANN",
+    *,
+    type: str = "accept",
+    reason: str | None = None,
+    gate: str = "A1",
+    flight: str | None = None,
+    age_s: float = 0.05,
+    realtime: bool = True,
+) -> Verdict:
     """A decision of the core as it reaches the gatekeeper: made `age_s` after its frame was captured."""
     cam = CameraState(f"cam-{gate.lower()}", gate, realtime, Tracker(f"cam-{gate.lower()}"))
     track = Track(7, cam.camera_id, np.zeros(4, np.float32), T0)
@@ -181,7 +190,8 @@ def test_an_accept_the_audit_log_cannot_hold_is_undone_forgotten_and_rejected_au
     ports.audit.writable = False
     event = ports.gate.admit(verdict(flight=LH))
     assert (event.type, event.reason) == ("reject", "audit_unavailable") and sent(ports) == [
-        ("reject", "audit_unavailable")]
+        ("reject", "audit_unavailable")
+    ]
     assert ports.store.boarded == {} and ports.store.undone == [(LH, "ANN", "accept withheld: audit log unwritable")]
     assert ports.forgotten == [("A1", "ANN")] and ports.counters.audit == 1
     # the accept's record went with its mark; the reject the gate was told is kept, and audited once it can be
@@ -200,8 +210,9 @@ def test_an_undo_that_fails_is_logged_and_counted_and_the_reject_still_goes_out(
         ports.gate.admit(verdict(flight=LH))
     assert sent(ports) == [("reject", "audit_unavailable")] and ports.forgotten == [("A1", "ANN")]
     assert ports.counters.store == 1 and (LH, "ANN") in ports.store.boarded  # left for an operator
-    assert any("could not be taken off" in r.getMessage() and "kiosk board undo" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "could not be taken off" in r.getMessage() and "kiosk board undo" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_a_reject_the_audit_log_cannot_hold_is_published_and_audited_later():
@@ -226,7 +237,10 @@ def test_records_the_store_missed_wait_in_order_and_are_written_when_it_answers(
     ports.store.down = False
     ports.gate.retry_records()
     assert [(r.reason, r.at) for r in ports.store.records] == [
-        ("no_match", T0), ("wrong_flight", T0 + 1), ("timeout", T0 + 2)]  # with the time each was decided
+        ("no_match", T0),
+        ("wrong_flight", T0 + 1),
+        ("timeout", T0 + 2),
+    ]  # with the time each was decided
     assert not ports.gate.unrecorded and not ports.gate.record_failing
 
 

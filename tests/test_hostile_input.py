@@ -27,8 +27,13 @@ from tests.pipeline_helpers import Events, kiosk, make_video, people, stop, writ
 def _png_with_orientation(bgra: np.ndarray, orientation: int) -> bytes:
     """A PNG with an eXIf chunk holding one EXIF Orientation tag (6: turn 90 degrees clockwise to view)."""
     data = cv2.imencode(".png", bgra)[1].tobytes()
-    tiff = (b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1)
-            + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0))
+    tiff = (
+        b"II*\x00"
+        + struct.pack("<I", 8)
+        + struct.pack("<H", 1)
+        + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0)
+        + struct.pack("<I", 0)
+    )
     chunk = struct.pack(">I", len(tiff)) + b"eXIf" + tiff + struct.pack(">I", zlib.crc32(b"eXIf" + tiff))
     return data[:33] + chunk + data[33:]  # right after the signature and IHDR
 
@@ -50,8 +55,8 @@ def _jpeg_bomb(width: int = 16000, height: int = 16000) -> bytes:
     data = bytearray(cv2.imencode(".jpg", np.full((360, 640, 3), 128, np.uint8))[1].tobytes())
     i = 2
     while data[i + 1] not in (0xC0, 0xC2):
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    data[i + 5:i + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    data[i + 5 : i + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
     return bytes(data)
 
 
@@ -69,10 +74,13 @@ def test_jpeg_bomb_and_huge_message_from_an_allowed_key(tmp_path, engine, photos
     crops = people(engine, photos)
     make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=40, w0=80, w1=170)], seconds=1.5)
     make_video(tmp_path / "parker.avi", [Walk(crops["parker"], start=0, frames=40, w0=80, w1=170)], seconds=1.5)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": False,
-                                      "encoding": "jpeg"}])
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                   str(photos["yaoming.jpg"])).returncode == 0
+    config = write_config(
+        tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": False, "encoding": "jpeg"}]
+    )
+    assert (
+        run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
+        == 0
+    )
     verifier = kiosk(config, "verify")
     events = Events(config, ("event.", "health.verifier"))
     transport = Transport(load_config(config), role="test-hostile")
@@ -112,8 +120,10 @@ def test_files_are_private_and_a_readable_gallery_is_reported(tmp_path, photos):
     (tmp_path / "site").mkdir()
     config = write_config(tmp_path / "site", [{"id": "cam-a1", "gate": "A1", "source": 0}])
     (tmp_path / "site" / "gallery.db").unlink()  # made by the test's helper; here kiosk-enroll makes it
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                   str(photos["yaoming.jpg"])).returncode == 0
+    assert (
+        run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
+        == 0
+    )
     gallery = tmp_path / "site" / "gallery.db"
     assert gallery.stat().st_mode & 0o777 == 0o600
     res = run_cli("kiosk", "keys", "init", str(tmp_path / "newkeys"))
@@ -158,7 +168,9 @@ def test_enrollment_input_is_bounded(tmp_path, photos):
         f"P2,a FIFO,{fifo}\n"
         "P3,huge,huge.png\n"
         "P4,folder,folder.jpg\n"
-        f'P5,"Line\u2028Separator and a\nnewline",{photos["yaoming.jpg"]}\n', encoding="utf-8")
+        f'P5,"Line\u2028Separator and a\nnewline",{photos["yaoming.jpg"]}\n',
+        encoding="utf-8",
+    )
     t0 = time.monotonic()
     res = run_cli("kiosk-enroll", "-c", str(config), "import", "--no-progress", str(manifest), timeout=120)
     assert time.monotonic() - t0 < 60 and "Traceback" not in res.stderr

@@ -18,8 +18,10 @@ from tests.pipeline_helpers import kiosk, make_video, people, stop, write_config
 def test_a_removed_key_is_refused_without_a_restart(tmp_path, engine, photos):
     crops = people(engine, photos)
     make_video(tmp_path / "loop.avi", [Walk(crops["yao"], start=0, frames=20, w0=80, w1=120)], seconds=1.0)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "loop.avi", "realtime": True,
-                                      "loop": True, "key": "cam-host"}])
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "loop.avi", "realtime": True, "loop": True, "key": "cam-host"}],
+    )
     init_keys(tmp_path / "keys", client_name="cam-host", role="all")
     data = yaml.safe_load(config.read_text())
     data["security"]["client_key"] = "cam-host"
@@ -72,8 +74,9 @@ def test_a_key_file_gone_wrong_under_a_running_verifier_is_reported_at_once(tmp_
 
     port = free_port()
     write_video(tmp_path / "short.avi", render([], 5), 30.0)  # read to its end: a camera that is not down
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "short.avi", "realtime": False}],
-                          metrics={"port": port})
+    config = write_config(
+        tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "short.avi", "realtime": False}], metrics={"port": port}
+    )
     keys = tmp_path / "keys"
     verifier = kiosk(config, "verify", quiet=False, env={KEY_CHECK_ENV: "0.3"})
     admin = Transport(load_config(config), role="test-admin")

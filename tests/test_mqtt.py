@@ -28,14 +28,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(broker: Broker, **hooks):
-    return config_from_mapping({"cameras": [{"id": "cam-a1", "gate": "A1"}, {"id": "cam-b2", "gate": "B2"}],
-                                "hooks": {"mqtt_password_file": str(broker.password_file), **hooks}})
+    return config_from_mapping(
+        {
+            "cameras": [{"id": "cam-a1", "gate": "A1"}, {"id": "cam-b2", "gate": "B2"}],
+            "hooks": {"mqtt_password_file": str(broker.password_file), **hooks},
+        }
+    )
 
 
 def _decision(kind: str = "reject", gate: str = "A1", **extra) -> dict:
     now = time.time()
-    return {"type": kind, "gate_id": gate, "event_id": f"e-{kind}-{now}", "subject_id": "P123", "score": 0.71,
-            "reason": None if kind == "accept" else "no_match", "captured_at": now - 0.1, "decided_at": now, **extra}
+    return {
+        "type": kind,
+        "gate_id": gate,
+        "event_id": f"e-{kind}-{now}",
+        "subject_id": "P123",
+        "score": 0.71,
+        "reason": None if kind == "accept" else "no_match",
+        "captured_at": now - 0.1,
+        "decided_at": now,
+        **extra,
+    }
 
 
 def test_decisions_state_and_availability_in_process(broker):
@@ -48,9 +61,13 @@ def test_decisions_state_and_availability_in_process(broker):
     try:
         assert listener.wait_for(lambda li: li.on("available"), 10)
         assert listener.on("available")[-1].payload == b"offline"  # the verifier not heard yet: fail closed
-        hook.observe({"status": "ok", "gates": {"A1": {"flight_id": "LH123"}, "B2": {"flight_id": None}},
-                      "cameras": {"cam-a1": {"gate_id": "A1", "state": "ok"}, "cam-b2": {"gate_id": "B2",
-                                                                                        "state": "down"}}})
+        hook.observe(
+            {
+                "status": "ok",
+                "gates": {"A1": {"flight_id": "LH123"}, "B2": {"flight_id": None}},
+                "cameras": {"cam-a1": {"gate_id": "A1", "state": "ok"}, "cam-b2": {"gate_id": "B2", "state": "down"}},
+            }
+        )
         assert listener.wait_for(lambda li: li.on("available") and li.on("available")[-1].payload == b"online", 10)
         event = _decision("accept", subject_id="P123")
         hook(event)  # returns once the broker has it
@@ -59,9 +76,17 @@ def test_decisions_state_and_availability_in_process(broker):
         assert heard.json() == event and not heard.retain
         assert listener.wait_for(lambda li: any(h.json()["last_decision"] for h in li.on("gates/A1/state")), 5)
         state = listener.on("gates/A1/state")[-1].json()
-        assert state == {"gate_id": "A1", "flight_id": "LH123", "verifier": "up",
-                         "last_decision": {"type": "accept", "reason": None, "event_id": event["event_id"],
-                                           "decided_at": event["decided_at"]}}
+        assert state == {
+            "gate_id": "A1",
+            "flight_id": "LH123",
+            "verifier": "up",
+            "last_decision": {
+                "type": "accept",
+                "reason": None,
+                "event_id": event["event_id"],
+                "decided_at": event["decided_at"],
+            },
+        }
         assert "P123" not in listener.on("gates/A1/state")[-1].payload.decode()
         assert listener.on("health/cameras/cam-b2")[-1].json() == {"status": "down"}
         assert listener.on("health/verifier")[-1].json() == {"status": "ok"}
@@ -143,8 +168,9 @@ def test_start_errors_are_one_line_and_exit_2(tmp_path, broker):
     wrong.chmod(0o644)
     assert "readable by other users" in subscribe(None, "--mqtt", broker.url)
     broker.kill()
-    assert "cannot reach 127.0.0.1" in subscribe({"mqtt_password_file": str(broker.password_file)}, "--mqtt",
-                                                 broker.url)
+    assert "cannot reach 127.0.0.1" in subscribe(
+        {"mqtt_password_file": str(broker.password_file)}, "--mqtt", broker.url
+    )
     assert "found scheme 'tcp'" in subscribe(None, "--mqtt", "tcp://127.0.0.1:1883")
     data = yaml.safe_load(config.read_text())
     data["subscribers"] = [{"name": "gates", "mqtt": "http://broker:1883"}]
@@ -180,20 +206,47 @@ def test_gate_controller_feed_fails_closed_on_offline_and_acts_once_per_event():
 @pytest.mark.slow  # a real verifier, capture, subscriber and gate controller; two kills
 def test_real_pipeline_on_mqtt_decisions_late_join_last_will_and_verifier_down(tmp_path, engine, photos, broker):
     crops = people(engine, photos)
-    make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=5, frames=60, w0=60, w1=160),
-                                     Walk(crops["parker"], start=100, frames=60, w0=60, w1=160)], seconds=6)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False}],
-                          heartbeat={"interval_s": 0.25, "misses": 3},
-                          hooks={"mqtt_password_file": str(broker.password_file)})
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                   str(photos["yaoming.jpg"])).returncode == 0
+    make_video(
+        tmp_path / "a1.avi",
+        [
+            Walk(crops["yao"], start=5, frames=60, w0=60, w1=160),
+            Walk(crops["parker"], start=100, frames=60, w0=60, w1=160),
+        ],
+        seconds=6,
+    )
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False}],
+        heartbeat={"interval_s": 0.25, "misses": 3},
+        hooks={"mqtt_password_file": str(broker.password_file)},
+    )
+    assert (
+        run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
+        == 0
+    )
     listener = Listener(broker)
     verifier = kiosk(config, "verify")
     sub = kiosk(config, "subscribe", "--gate", "A1", "--mqtt", broker.url, quiet=False)
-    controller = subprocess.Popen([sys.executable, str(REPO / "scripts" / "gate_controller.py"), "--gate", "A1",
-                                   "--mqtt", broker.url, "--mqtt-password-file", str(broker.password_file),
-                                   "--open-seconds", "120", "--max-age", "10"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    controller = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "gate_controller.py"),
+            "--gate",
+            "A1",
+            "--mqtt",
+            broker.url,
+            "--mqtt-password-file",
+            str(broker.password_file),
+            "--open-seconds",
+            "120",
+            "--max-age",
+            "10",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     late = None
     try:
         online = lambda li: li.on("available") and li.on("available")[-1].payload == b"online"  # noqa: E731
@@ -209,8 +262,11 @@ def test_real_pipeline_on_mqtt_decisions_late_join_last_will_and_verifier_down(t
         assert late.wait_for(lambda li: li.on("gates/A1/state") and online(li), 10)
         state = late.on("gates/A1/state")[-1]
         assert state.retain and state.json() == {
-            "gate_id": "A1", "flight_id": None, "verifier": "up",
-            "last_decision": {k: logged[-1][k] for k in ("type", "reason", "event_id", "decided_at")}}
+            "gate_id": "A1",
+            "flight_id": None,
+            "verifier": "up",
+            "last_decision": {k: logged[-1][k] for k in ("type", "reason", "event_id", "decided_at")},
+        }
         assert late.on("health/verifier")[-1].json()["status"] in ("ok", "degraded")
         # The subscriber dies: the broker says its last will.
         os.killpg(sub.pid, signal.SIGKILL)
@@ -222,8 +278,10 @@ def test_real_pipeline_on_mqtt_decisions_late_join_last_will_and_verifier_down(t
         os.killpg(verifier.pid, signal.SIGKILL)
         verifier.wait(10)
         assert late.wait_for(lambda li: li.on("available")[-1].payload == b"offline", 10)
-        assert late.wait_for(lambda li: li.on("gates/A1/decision")
-                             and li.on("gates/A1/decision")[-1].json()["type"] == "verifier_down", 10)
+        assert late.wait_for(
+            lambda li: li.on("gates/A1/decision") and li.on("gates/A1/decision")[-1].json()["type"] == "verifier_down",
+            10,
+        )
         assert late.wait_for(lambda li: li.on("gates/A1/state")[-1].json()["verifier"] == "down", 10)
     finally:
         listener.close()
@@ -247,15 +305,21 @@ def test_a_broker_restart_mid_stream_loses_no_decision(tmp_path, engine, photos,
     audit log; a repeat is at most the one in flight when the broker died, with its own event_id."""
     crops = people(engine, photos)
     make_video(tmp_path / "walk.avi", [Walk(crops["parker"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "walk.avi", "realtime": True,
-                                      "loop": True}], hooks={"mqtt_password_file": str(broker.password_file)})
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "walk.avi", "realtime": True, "loop": True}],
+        hooks={"mqtt_password_file": str(broker.password_file)},
+    )
     listener = Listener(broker, session="restart-listener")
     verifier = kiosk(config, "verify")
     sub = kiosk(config, "subscribe", "--gate", "A1", "--mqtt", broker.url, quiet=False)
     capture = None
     decided = lambda: [e["event_id"] for e in audit(config) if e["gate_id"] == "A1"]  # noqa: E731
-    heard = lambda: [h.json()["event_id"] for h in listener.on("gates/A1/decision")  # noqa: E731
-                     if h.json()["type"] in ("accept", "reject")]
+    heard = lambda: [
+        h.json()["event_id"]
+        for h in listener.on("gates/A1/decision")  # noqa: E731
+        if h.json()["type"] in ("accept", "reject")
+    ]
     try:
         assert listener.wait_for(lambda li: li.on("available") and li.on("available")[-1].payload == b"online", 60)
         capture = kiosk(config, "capture", "--camera", "cam-a1")
@@ -277,7 +341,7 @@ def test_a_broker_restart_mid_stream_loses_no_decision(tmp_path, engine, photos,
         _, sub_err = stop(sub)
     got = heard()
     assert len(got) - len(set(got)) <= 1, got
-    assert list(dict.fromkeys(got))[:len(target)] == target  # every one, in the order decided
+    assert list(dict.fromkeys(got))[: len(target)] == target  # every one, in the order decided
     assert "connection to" in sub_err and "lost" in sub_err and "Traceback" not in sub_err
 
 
@@ -285,8 +349,11 @@ def test_kiosk_run_starts_a_configured_mqtt_subscriber(tmp_path):
     from kiosk.config import load_config
     from kiosk.services.supervisor import Supervisor
 
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi"}],
-                          subscribers=[{"name": "broker", "mqtt": "mqtts://kiosk@broker.example:8883"}])
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "a1.avi"}],
+        subscribers=[{"name": "broker", "mqtt": "mqtts://kiosk@broker.example:8883"}],
+    )
     sup = Supervisor(load_config(config), config)
     (child,) = sup.subscribers
     assert child.argv[child.argv.index("--mqtt") + 1] == "mqtts://kiosk@broker.example:8883"

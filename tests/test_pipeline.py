@@ -43,25 +43,35 @@ def enroll(config, subject, photo) -> None:
 def test_replay_two_cameras_accept_reject_small_face_and_close_up(tmp_path, crops, photos):
     """Gate A1: a far face (below min_face_px), Yao walks up, Parker walks up. Gate B1: Yao at 85% of the frame."""
     s = FPS
-    make_video(tmp_path / "a1.avi", [
-        Walk(crops["duncan"], start=0, frames=2 * s, w0=28, w1=32, cx=0.3),  # far away: never decided
-        Walk(crops["yao"], start=3 * s, frames=3 * s, w0=40, w1=180),
-        Walk(crops["parker"], start=7 * s, frames=3 * s, w0=40, w1=170),
-    ], seconds=10.5)
-    make_video(tmp_path / "b1.avi", [Walk(crops["yao"], start=0, frames=2 * s, w0=544, w1=544, cy=0.55)],
-               seconds=2.0)
+    make_video(
+        tmp_path / "a1.avi",
+        [
+            Walk(crops["duncan"], start=0, frames=2 * s, w0=28, w1=32, cx=0.3),  # far away: never decided
+            Walk(crops["yao"], start=3 * s, frames=3 * s, w0=40, w1=180),
+            Walk(crops["parker"], start=7 * s, frames=3 * s, w0=40, w1=170),
+        ],
+        seconds=10.5,
+    )
+    make_video(tmp_path / "b1.avi", [Walk(crops["yao"], start=0, frames=2 * s, w0=544, w1=544, cy=0.55)], seconds=2.0)
     # hooks.python: a module of the operator's, on PYTHONPATH.
     (tmp_path / "gatehook.py").write_text(
         "import json, pathlib\n"
         "def on_event(event):\n"
         "    with open(pathlib.Path(__file__).with_name('python-hook.jsonl'), 'a') as out:\n"
-        "        out.write(json.dumps(event) + '\\n')\n")
-    config = write_config(tmp_path, [
-        {"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False},
-        {"id": "cam-b1", "gate": "B1", "source": "b1.avi", "realtime": False},
-    ], subscribers=[{"name": "gate-b1", "gate": "B1", "jsonl": "b1-hook.jsonl"},
-                    {"name": "gate-a1", "gate": "A1", "jsonl": "a1-hook.jsonl"}],
-        hooks={"python": ["gatehook:on_event"]})
+        "        out.write(json.dumps(event) + '\\n')\n"
+    )
+    config = write_config(
+        tmp_path,
+        [
+            {"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False},
+            {"id": "cam-b1", "gate": "B1", "source": "b1.avi", "realtime": False},
+        ],
+        subscribers=[
+            {"name": "gate-b1", "gate": "B1", "jsonl": "b1-hook.jsonl"},
+            {"name": "gate-a1", "gate": "A1", "jsonl": "a1-hook.jsonl"},
+        ],
+        hooks={"python": ["gatehook:on_event"]},
+    )
     enroll(config, "YAO", photos["yaoming.jpg"])
     events = Events(config, ("event.",))
     proc = kiosk(config, "run", "--exit-on-eof", env={"PYTHONPATH": str(tmp_path)})
@@ -99,7 +109,7 @@ def test_replay_two_cameras_accept_reject_small_face_and_close_up(tmp_path, crop
     # the first second can come first (seen once in a fresh-clone CI run).
     heard, published = [e.event_id for e in events.events], [e["event_id"] for e in log]
     assert heard and heard[0] in published, (heard, published)
-    assert heard == published[published.index(heard[0]):]
+    assert heard == published[published.index(heard[0]) :]
 
 
 def test_a_face_48_to_60_px_wide_is_accepted_with_the_default_policy(tmp_path, crops, photos):
@@ -125,9 +135,14 @@ def test_claims_bad_messages_and_live_enrollment(tmp_path, crops, photos, engine
     s = FPS
     make_video(tmp_path / "parker.avi", [Walk(crops["parker"], start=5, frames=3 * s, w0=60, w1=170)], seconds=3.5)
     metrics_port = free_port()
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "parker.avi", "realtime": False},
-                                     {"id": "cam-gone", "gate": "A2", "source": 9}],  # no such camera device
-                          metrics={"port": metrics_port})
+    config = write_config(
+        tmp_path,
+        [
+            {"id": "cam-a1", "gate": "A1", "source": "parker.avi", "realtime": False},
+            {"id": "cam-gone", "gate": "A2", "source": 9},
+        ],  # no such camera device
+        metrics={"port": metrics_port},
+    )
     enroll(config, "YAO", photos["yaoming.jpg"])
     parker_photo = tmp_path / "parker.jpg"
     cv2.imwrite(str(parker_photo), cv2.resize(crops["parker"], None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC))
@@ -137,8 +152,13 @@ def test_claims_bad_messages_and_live_enrollment(tmp_path, crops, photos, engine
     try:
         assert events.wait_for(lambda ev: any(h.get("component") == "verifier" for h in ev.health), 30)
         # A camera that cannot be opened is retried with backoff and reported, never a crash.
-        assert events.wait_for(lambda ev: sum(h.get("component") == "capture.cam-gone"
-                                              and h.get("status") == "reconnecting" for h in ev.health) >= 2, 20)
+        assert events.wait_for(
+            lambda ev: (
+                sum(h.get("component") == "capture.cam-gone" and h.get("status") == "reconnecting" for h in ev.health)
+                >= 2
+            ),
+            20,
+        )
         assert gone.poll() is None
         # `kiosk status` does not say ok while a camera is down: each camera's state and last error.
         res = run_cli("kiosk", "status", "-c", str(config), "--json")
@@ -188,8 +208,9 @@ def test_claims_bad_messages_and_live_enrollment(tmp_path, crops, photos, engine
         assert (second.type, second.subject_id, second.gate_id) == ("accept", "PARKER", "A1")
         after = scrape(metrics_port)
         # Counters only grow between scrapes (the old rolling-window summaries made _count freeze and _sum fall).
-        counters = [k for k, (kind, _) in before.items() if kind == "counter" or k[0].endswith(("_count", "_sum",
-                                                                                                  "_bucket"))]
+        counters = [
+            k for k, (kind, _) in before.items() if kind == "counter" or k[0].endswith(("_count", "_sum", "_bucket"))
+        ]
         assert len(counters) > 50
         assert all(after[k][1] >= before[k][1] for k in counters), [k for k in counters if after[k][1] < before[k][1]]
         a1 = (("camera", "cam-a1"),)
@@ -220,11 +241,15 @@ def test_supervisor_restarts_a_killed_verifier_and_live_enrollment(tmp_path, cro
     """kiosk run, real time. Parker walks up (not enrolled: reject); the verifier is SIGKILLed and comes back;
     Parker is enrolled while everything runs; Parker's next walk is accepted; Yao (enrolled) is accepted."""
     s = FPS
-    make_video(tmp_path / "gate.avi", [
-        Walk(crops["parker"], start=int(0.5 * s), frames=2 * s, w0=60, w1=160),
-        Walk(crops["parker"], start=int(9.0 * s), frames=2 * s, w0=60, w1=160),
-        Walk(crops["yao"], start=int(11.5 * s), frames=2 * s, w0=60, w1=160),
-    ], seconds=14.0)
+    make_video(
+        tmp_path / "gate.avi",
+        [
+            Walk(crops["parker"], start=int(0.5 * s), frames=2 * s, w0=60, w1=160),
+            Walk(crops["parker"], start=int(9.0 * s), frames=2 * s, w0=60, w1=160),
+            Walk(crops["yao"], start=int(11.5 * s), frames=2 * s, w0=60, w1=160),
+        ],
+        seconds=14.0,
+    )
     config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "gate.avi", "realtime": True}])
     enroll(config, "YAO", photos["yaoming.jpg"])
     parker_photo = tmp_path / "parker.jpg"
@@ -240,8 +265,9 @@ def test_supervisor_restarts_a_killed_verifier_and_live_enrollment(tmp_path, cro
         os.kill(pid, signal.SIGKILL)
         enroll(config, "PARKER", parker_photo)
         # A new verifier (another pid) reports within a few seconds.
-        assert events.wait_for(lambda ev: any(h.get("component") == "verifier" and h.get("pid") not in (None, pid)
-                                              for h in ev.health), 20)
+        assert events.wait_for(
+            lambda ev: any(h.get("component") == "verifier" and h.get("pid") not in (None, pid) for h in ev.health), 20
+        )
         out, err = run.communicate(timeout=60)
     finally:
         events.poll(0.3)
@@ -307,15 +333,20 @@ def test_restarted_verifier_recalls_recent_accepts(tmp_path, engine):
 
     config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": 0}])
     now = time.time()
-    lines = [{"type": "accept", "gate_id": "A1", "subject_id": "YAO", "captured_at": now - 2},
-             {"type": "accept", "gate_id": "A1", "subject_id": "OLD", "captured_at": now - 3600}]
+    lines = [
+        {"type": "accept", "gate_id": "A1", "subject_id": "YAO", "captured_at": now - 2},
+        {"type": "accept", "gate_id": "A1", "subject_id": "OLD", "captured_at": now - 3600},
+    ]
     (tmp_path / "events.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{truncated")
     verifier = Verifier(load_config(config), engine=engine)
     try:
+
         def walk(subject: str, tid: int):
             track = Track(tid, "cam-a1", np.zeros(4, np.float32), now)
-            return [verifier.core.policy.observe(track, "A1", Match(subject, subject, 0.9, None, -1.0), now + i * 0.1)
-                    for i in range(3)][-1]
+            return [
+                verifier.core.policy.observe(track, "A1", Match(subject, subject, 0.9, None, -1.0), now + i * 0.1)
+                for i in range(3)
+            ][-1]
 
         assert walk("YAO", 1) is None  # accepted 2 s ago by the previous process
         assert walk("OLD", 2).type == "accept"  # an hour ago: a new transaction

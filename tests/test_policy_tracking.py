@@ -82,8 +82,14 @@ def test_repeat_accept_suppressed_and_timeouts():
 
 def test_quality_gate():
     p = DecisionPolicy(PolicyConfig(min_face_px=48, min_det_score=0.6, min_sharpness=15, max_yaw=0.6))
-    q = Quality(width=np.array([60, 40, 60, 60, 60.0]), inter_eye=np.zeros(5), score=np.array([.8, .8, .5, .8, .8]),
-                sharpness=np.array([100, 100, 100, 5, 100.0]), yaw=np.array([0, 0, 0, 0, 0.9]), roll=np.zeros(5))
+    q = Quality(
+        width=np.array([60, 40, 60, 60, 60.0]),
+        inter_eye=np.zeros(5),
+        score=np.array([0.8, 0.8, 0.5, 0.8, 0.8]),
+        sharpness=np.array([100, 100, 100, 5, 100.0]),
+        yaw=np.array([0, 0, 0, 0, 0.9]),
+        roll=np.zeros(5),
+    )
     assert p.quality_ok(q).tolist() == [True, False, False, False, False]
 
 

@@ -51,8 +51,9 @@ def test_the_password_comes_from_a_file_or_the_environment_never_the_config(pg_s
     from kiosk.messaging.transport import free_port
 
     with pytest.raises(RuntimeFailure, match="unreachable"):
-        postgres.connect(postgres.target(f"postgresql://kiosk@127.0.0.1:{free_port()}/kiosk", pg_server.password_file),
-                         timeout_s=2)
+        postgres.connect(
+            postgres.target(f"postgresql://kiosk@127.0.0.1:{free_port()}/kiosk", pg_server.password_file), timeout_s=2
+        )
 
 
 def test_several_processes_starting_together_create_the_schema_once(pg_server):
@@ -60,8 +61,15 @@ def test_several_processes_starting_together_create_the_schema_once(pg_server):
     conn = postgres.connect(where)
     conn.execute("DROP SCHEMA public CASCADE")
     conn.execute("CREATE SCHEMA public")
-    procs = [subprocess.Popen([sys.executable, "-c", MIGRATE, pg_server.url, str(pg_server.password_file)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MIGRATE, pg_server.url, str(pg_server.password_file)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     results = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in results]
     found = sorted(int(out) for out, _ in results)
@@ -70,8 +78,16 @@ def test_several_processes_starting_together_create_the_schema_once(pg_server):
     rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     assert rows == {"schema_version": str(v), "revision": "0", "baseline": "0"}
     tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-    assert {"subjects", "templates", "flights", "manifest", "gates", "boardings", "flight_decisions",
-            "boarding_log"} <= tables
+    assert {
+        "subjects",
+        "templates",
+        "flights",
+        "manifest",
+        "gates",
+        "boardings",
+        "flight_decisions",
+        "boarding_log",
+    } <= tables
     # The boarded mark's guarantee is the database's: a second mark for one flight and passenger is refused.
     conn.execute("INSERT INTO flights VALUES ('LH123', 0, 0, NULL)")
     conn.execute("INSERT INTO boardings VALUES ('LH123', 'P1', 'A1', NULL, 1, NULL, 'e1')")
@@ -103,10 +119,12 @@ def test_an_enrollment_on_one_host_is_matched_by_a_verifier_on_another(pg_server
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     host_a = write_config(tmp_path / "a", [], gallery=shared)
-    make_video(tmp_path / "b" / "b1.avi", [Walk(people(engine, photos)["yao"], start=0, frames=40, w0=80, w1=170)],
-               seconds=1.6)
-    host_b = write_config(tmp_path / "b", [{"id": "cam-b1", "gate": "B1", "source": "b1.avi", "realtime": False}],
-                          gallery=shared)
+    make_video(
+        tmp_path / "b" / "b1.avi", [Walk(people(engine, photos)["yao"], start=0, frames=40, w0=80, w1=170)], seconds=1.6
+    )
+    host_b = write_config(
+        tmp_path / "b", [{"id": "cam-b1", "gate": "B1", "source": "b1.avi", "realtime": False}], gallery=shared
+    )
     (tmp_path / "b" / "gallery.db").unlink()  # host B has no gallery of its own
     res = run_cli("kiosk-enroll", "-c", str(host_b), "list")
     assert res.returncode == 2 and "holds no gallery" in res.stderr and "kiosk-enroll" in res.stderr
@@ -188,8 +206,13 @@ def test_migrate_copies_a_sqlite_gallery_into_postgresql_once(pg_server, tmp_pat
     rng = np.random.default_rng(5)
     with sealed_gallery(tmp_path / "g.db") as g:
         for sid in ("ANN", "BOB", "CAT"):
-            g.enroll(sid, sid.title(), rng.standard_normal((2, 8)).astype(np.float32), "m:1",
-                     photo_hashes=[f"{sid}-1", f"{sid}-2"])
+            g.enroll(
+                sid,
+                sid.title(),
+                rng.standard_normal((2, 8)).astype(np.float32),
+                "m:1",
+                photo_hashes=[f"{sid}-1", f"{sid}-2"],
+            )
         store = SqliteBoardingStore(g)
         store.add_flight("LH123", time.time() + 3600)
         store.add_passengers("LH123", ["ANN", "BOB"])
@@ -197,8 +220,16 @@ def test_migrate_copies_a_sqlite_gallery_into_postgresql_once(pg_server, tmp_pat
         store.board(DecisionRecord("e1", "LH123", "A1", "accept", None, "ANN", None, 0.8, time.time()))
         before = g.matrix("m:1", 8)
     url = pg_server.new_database()
-    args = ["kiosk-enroll", "migrate", "--from", str(tmp_path / "g.db"), "--to", url,
-            "--password-file", str(pg_server.password_file)]
+    args = [
+        "kiosk-enroll",
+        "migrate",
+        "--from",
+        str(tmp_path / "g.db"),
+        "--to",
+        url,
+        "--password-file",
+        str(pg_server.password_file),
+    ]
     key = {"KIOSK_TEMPLATE_KEY": TEST_KEY.line()}  # the key the file's templates are sealed with
     res = run_cli(*args, env=key)
     assert res.returncode == 0, res.stderr
@@ -209,23 +240,35 @@ def test_migrate_copies_a_sqlite_gallery_into_postgresql_once(pg_server, tmp_pat
         store = SqliteBoardingStore(pg)
         assert store.assignments() == {"A1": "LH123"}
         assert [(p.subject_id, p.boarding.event_id if p.boarding else None) for p in store.passengers("LH123")] == [
-            ("ANN", "e1"), ("BOB", None)]
+            ("ANN", "e1"),
+            ("BOB", None),
+        ]
         assert pg.has_photo("CAT", "m:1", "CAT-2")
         blobs = pg.execute("SELECT id, embedding FROM templates ORDER BY id").fetchall()
     with sealed_gallery(tmp_path / "g.db") as g:  # the sealed blobs carried unchanged, under their own ids
-        assert [(i, bytes(b)) for i, b in blobs] == [(i, bytes(b)) for i, b in g.execute(
-            "SELECT id, embedding FROM templates ORDER BY id").fetchall()]
+        assert [(i, bytes(b)) for i, b in blobs] == [
+            (i, bytes(b)) for i, b in g.execute("SELECT id, embedding FROM templates ORDER BY id").fetchall()
+        ]
     res = run_cli(*args, env=key)
     assert res.returncode == 2 and "not empty" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("kiosk-enroll", "migrate", "--from", str(tmp_path / "g.db"), "--to",
-                  f"postgresql://kiosk@127.0.0.1:{free_port()}/kiosk", "--password-file", str(pg_server.password_file),
-                  env=key)
+    res = run_cli(
+        "kiosk-enroll",
+        "migrate",
+        "--from",
+        str(tmp_path / "g.db"),
+        "--to",
+        f"postgresql://kiosk@127.0.0.1:{free_port()}/kiosk",
+        "--password-file",
+        str(pg_server.password_file),
+        env=key,
+    )
     assert res.returncode == 1 and "unreachable" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow  # a 5 s database outage under a running gate
 def test_the_database_down_for_5_s_under_a_running_gate_never_opens_it_and_the_gate_recovers(
-        pg_server, tmp_path, engine, photos):
+    pg_server, tmp_path, engine, photos
+):
     """A real verifier boarding LH123 from PostgreSQL, Yao walking up again and again (a looping live camera).
     The server stops for 5 s as the capture starts: Yao's accepts then are rejected `store_unavailable` (no
     boarded mark, no open door) and the heartbeat says the gallery is unreachable; when it is back, the
@@ -246,15 +289,35 @@ def test_the_database_down_for_5_s_under_a_running_gate_never_opens_it_and_the_g
     )
 
     section = {"url": pg_server.new_database(), "password_file": str(pg_server.password_file)}
-    make_video(tmp_path / "a1.avi", [Walk(people(engine, photos)["yao"], start=45, frames=60, w0=90, w1=170)],
-               seconds=3.5)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": True,
-                                      "loop": True}], gallery=section, boarding={"require_flight": True})
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"]),
-                   "--flight", "LH123", "--departs", time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() + 7200))
-                   ).returncode == 0
-    assert run_cli("kiosk", "-q", "-c", str(config), "board", "open", "--gate", "A1", "--flight", "LH123"
-                   ).returncode == 0
+    make_video(
+        tmp_path / "a1.avi", [Walk(people(engine, photos)["yao"], start=45, frames=60, w0=90, w1=170)], seconds=3.5
+    )
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": True, "loop": True}],
+        gallery=section,
+        boarding={"require_flight": True},
+    )
+    assert (
+        run_cli(
+            "kiosk-enroll",
+            "-q",
+            "-c",
+            str(config),
+            "add",
+            "--id",
+            "YAO",
+            str(photos["yaoming.jpg"]),
+            "--flight",
+            "LH123",
+            "--departs",
+            time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() + 7200)),
+        ).returncode
+        == 0
+    )
+    assert (
+        run_cli("kiosk", "-q", "-c", str(config), "board", "open", "--gate", "A1", "--flight", "LH123").returncode == 0
+    )
     with live_gate(config, quiet=False) as gate:
         pg_server.stop("immediate")
         try:
@@ -263,19 +326,26 @@ def test_the_database_down_for_5_s_under_a_running_gate_never_opens_it_and_the_g
             pg_server.start()
         down = [h for h in gate.events.health if h.get("gallery", {}).get("stale")]
         assert down and "unreachable" in down[-1]["gallery"]["error"] and down[-1]["status"] == "degraded"
-        assert gate.events.wait_for(lambda ev: any(e.type == "accept" for e in ev.events), 30), \
-            [(e.type, e.reason) for e in gate.events.events]
+        assert gate.events.wait_for(lambda ev: any(e.type == "accept" for e in ev.events), 30), [
+            (e.type, e.reason) for e in gate.events.events
+        ]
         # the health topic says it is back (waited for: on a busy machine the heartbeat after the accept may lag)
-        assert gate.events.wait_for(lambda ev: bool(ev.health) and not ev.health[-1]["gallery"]["stale"], 15), \
+        assert gate.events.wait_for(lambda ev: bool(ev.health) and not ev.health[-1]["gallery"]["stale"], 15), (
             gate.events.health[-1:]
+        )
         # the rejects the store missed are written once it answers, and its error clears from the status
-        assert gate.events.wait_for(lambda ev: ev.health[-1]["boarding_store"] == {"ok": True, "decisions_waiting": 0}
-                                    and "boarding store" not in ev.health[-1]["last_error"]
-                                    and ev.health[-1]["status"] == "ok", 15), gate.events.health[-1:]
+        assert gate.events.wait_for(
+            lambda ev: (
+                ev.health[-1]["boarding_store"] == {"ok": True, "decisions_waiting": 0}
+                and "boarding store" not in ev.health[-1]["last_error"]
+                and ev.health[-1]["status"] == "ok"
+            ),
+            15,
+        ), gate.events.health[-1:]
     seen = [(e.type, e.reason) for e in gate.events.events if e.type in ("accept", "reject")]
     first_accept = seen.index(("accept", None))
     assert ("reject", "store_unavailable") in seen[:first_accept], seen
-    assert seen.count(("accept", None)) == 1 and set(seen[first_accept + 1:]) <= {("reject", "already_boarded")}
+    assert seen.count(("accept", None)) == 1 and set(seen[first_accept + 1 :]) <= {("reject", "already_boarded")}
     logged = {e["event_id"] for e in audit(config)}
     assert {e.event_id for e in gate.events.events if e.type in ("accept", "reject")} <= logged  # nothing lost
     accept = next(e for e in gate.events.events if e.type == "accept")
@@ -288,8 +358,7 @@ def test_the_database_down_for_5_s_under_a_running_gate_never_opens_it_and_the_g
     assert "reconnected" in gate.verifier_err and "Traceback" not in gate.verifier_err
 
 
-def test_two_verifier_hosts_boarding_one_flight_never_accept_one_passenger_twice(pg_server, tmp_path, engine,
-                                                                                photos):
+def test_two_verifier_hosts_boarding_one_flight_never_accept_one_passenger_twice(pg_server, tmp_path, engine, photos):
     """Two verifier processes (two hosts' configs, gates A1 and A2, one PostgreSQL gallery) board LH123 from
     the same video at the same time: three passengers walk up at both doors at once. Each passenger gets
     exactly one accept across the two hosts, and the other door says already_boarded."""
@@ -310,28 +379,53 @@ def test_two_verifier_hosts_boarding_one_flight_never_accept_one_passenger_twice
 
     crops = people(engine, photos)
     for name in ("parker", "duncan"):  # their "passport photos": the crops, enlarged
-        cv2.imwrite(str(tmp_path / f"{name}.jpg"), cv2.resize(crops[name], None, fx=2, fy=2,
-                                                              interpolation=cv2.INTER_CUBIC))
-    walks = [Walk(crops[name], start=10 + 50 * i, frames=40, w0=90, w1=170) for i, name in
-             enumerate(("yao", "parker", "duncan"))]
+        cv2.imwrite(
+            str(tmp_path / f"{name}.jpg"), cv2.resize(crops[name], None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+        )
+    walks = [
+        Walk(crops[name], start=10 + 50 * i, frames=40, w0=90, w1=170)
+        for i, name in enumerate(("yao", "parker", "duncan"))
+    ]
     shared = {"url": pg_server.new_database(), "password_file": str(pg_server.password_file)}
     configs = []
     for gate in ("A1", "A2"):
         folder = tmp_path / gate.lower()
         folder.mkdir()
         make_video(folder / "door.avi", walks, seconds=5.5)
-        configs.append(write_config(folder, [{"id": f"cam-{gate.lower()}", "gate": gate, "source": "door.avi",
-                                              "realtime": False}], gallery=shared,
-                                    boarding={"require_flight": True}))
+        configs.append(
+            write_config(
+                folder,
+                [{"id": f"cam-{gate.lower()}", "gate": gate, "source": "door.avi", "realtime": False}],
+                gallery=shared,
+                boarding={"require_flight": True},
+            )
+        )
     departs = time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() + 7200))
-    for sid, photo in (("YAO", photos["yaoming.jpg"]), ("PARKER", tmp_path / "parker.jpg"),
-                       ("DUNCAN", tmp_path / "duncan.jpg")):
-        res = run_cli("kiosk-enroll", "-q", "-c", str(configs[0]), "add", "--id", sid, str(photo),
-                      "--flight", "LH123", "--departs", departs)
+    for sid, photo in (
+        ("YAO", photos["yaoming.jpg"]),
+        ("PARKER", tmp_path / "parker.jpg"),
+        ("DUNCAN", tmp_path / "duncan.jpg"),
+    ):
+        res = run_cli(
+            "kiosk-enroll",
+            "-q",
+            "-c",
+            str(configs[0]),
+            "add",
+            "--id",
+            sid,
+            str(photo),
+            "--flight",
+            "LH123",
+            "--departs",
+            departs,
+        )
         assert res.returncode == 0, res.stderr
     for config, gate in zip(configs, ("A1", "A2")):
-        assert run_cli("kiosk", "-q", "-c", str(config), "board", "open", "--gate", gate, "--flight", "LH123"
-                       ).returncode == 0
+        assert (
+            run_cli("kiosk", "-q", "-c", str(config), "board", "open", "--gate", gate, "--flight", "LH123").returncode
+            == 0
+        )
     procs = [kiosk(config, "run", "--exit-on-eof", quiet=False) for config in configs]
     try:
         errs = [p.communicate(timeout=180)[1] for p in procs]

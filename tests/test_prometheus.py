@@ -24,15 +24,24 @@ from tests.pipeline_helpers import Events, kiosk, make_video, people, stop, writ
 from tests.test_deploy import DASHBOARD, RULES, alert_rules, dashboard_queries, named_metrics
 
 PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(PROMETHEUS is None, reason="the prometheus binary is not found (Debian package "
-                                                            "prometheus; .ci/run installs it)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        PROMETHEUS is None, reason="the prometheus binary is not found (Debian package prometheus; .ci/run installs it)"
+    ),
+]
 
 # The alerts this test makes happen, with `for:` shortened from minutes to seconds in its copy of the rules.
 MADE = ("KioskAuditNotOk", "KioskCameraDown", "KioskVerifierDown")
 # Grafana's variables as this test fills them: every verifier, gate and camera; windows for 1 s scrapes.
-VARIABLES = {"$__rate_interval": "20s", "$__range": "1m", "$job": "kiosk", "$instance": ".*", "$gate": ".*",
-             "$camera": ".*"}
+VARIABLES = {
+    "$__rate_interval": "20s",
+    "$__range": "1m",
+    "$job": "kiosk",
+    "$instance": ".*",
+    "$gate": ".*",
+    "$camera": ".*",
+}
 
 
 class Prometheus:
@@ -41,15 +50,31 @@ class Prometheus:
     def __init__(self, folder: Path, metrics_port: int, rules: Path) -> None:
         self.port = free_port()
         config = folder / "prometheus.yml"
-        config.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(rules)],
-            "scrape_configs": [{"job_name": "kiosk", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
-        }))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(rules)],
+                    "scrape_configs": [
+                        {"job_name": "kiosk", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+                    ],
+                }
+            )
+        )
         self.log = (folder / "prometheus.log").open("w")
-        self.proc = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
-                                      f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                                     cwd=folder, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            cwd=folder,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.wait_for(self.ready, 30, "prometheus ready")
 
     def ready(self) -> bool:
@@ -106,14 +131,21 @@ def has_data(result: list[dict]) -> bool:
 
 
 def test_a_real_prometheus_evaluates_every_dashboard_query_and_alert_and_the_alerts_fire_on_faults(
-        tmp_path, engine, photos):
+    tmp_path, engine, photos
+):
     crops = people(engine, photos)
     make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
     metrics_port = free_port()
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True,
-                                      "loop": True}], policy={"repeat_accept_s": 0.0}, metrics={"port": metrics_port})
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                   str(photos["yaoming.jpg"])).returncode == 0
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True, "loop": True}],
+        policy={"repeat_accept_s": 0.0},
+        metrics={"port": metrics_port},
+    )
+    assert (
+        run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
+        == 0
+    )
     rules = yaml.safe_load(RULES.read_text())
     for rule in rules["groups"][0]["rules"]:
         if rule["alert"] in MADE:
@@ -141,9 +173,12 @@ def test_a_real_prometheus_evaluates_every_dashboard_query_and_alert_and_the_ale
 
         def healthy_and_complete() -> bool:
             scrapes = prom.query('count_over_time(up{job="kiosk"}[30s])')
-            return (bool(scrapes) and float(scrapes[0]["value"][1]) >= 20
-                    and all(has_data(prom.query(expr)) for _, expr in panels)
-                    and not prom.api("alerts")["alerts"])  # type: ignore[index]
+            return (
+                bool(scrapes)
+                and float(scrapes[0]["value"][1]) >= 20
+                and all(has_data(prom.query(expr)) for _, expr in panels)
+                and not prom.api("alerts")["alerts"]
+            )  # type: ignore[index]
 
         end = time.monotonic() + 60
         while not healthy_and_complete() and time.monotonic() < end:
@@ -152,8 +187,9 @@ def test_a_real_prometheus_evaluates_every_dashboard_query_and_alert_and_the_ale
         assert empty == [], empty
         assert prom.api("alerts")["alerts"] == []  # type: ignore[index]
         loaded = {r["name"]: r for g in prom.api("rules")["groups"] for r in g["rules"]}  # type: ignore[index]
-        assert {name: (r["health"], r.get("lastError", "")) for name, r in loaded.items()} == \
-            {name: ("ok", "") for name in loaded}
+        assert {name: (r["health"], r.get("lastError", "")) for name, r in loaded.items()} == {
+            name: ("ok", "") for name in loaded
+        }
 
         # The template variables list the verifier, its gate and its camera.
         dash = json.loads(DASHBOARD.read_text())
@@ -175,8 +211,9 @@ def test_a_real_prometheus_evaluates_every_dashboard_query_and_alert_and_the_ale
         audit_path = tmp_path / "events.jsonl"
         audit_path.rename(tmp_path / "moved.jsonl")
         audit_path.mkdir()
-        prom.wait_for(lambda: any(a["state"] == "firing" for a in prom.active("KioskAuditNotOk")), 30,
-                      "KioskAuditNotOk firing")
+        prom.wait_for(
+            lambda: any(a["state"] == "firing" for a in prom.active("KioskAuditNotOk")), 30, "KioskAuditNotOk firing"
+        )
         assert prom.query('kiosk_audit_ok{job="kiosk"}')[0]["value"][1] == "0"
         assert prom.active("KioskCameraDown") == []
         audit_path.rmdir()
@@ -185,16 +222,20 @@ def test_a_real_prometheus_evaluates_every_dashboard_query_and_alert_and_the_ale
         # The capture killed: KioskCameraDown fires for its camera.
         stop(capture)
         capture = None
-        prom.wait_for(lambda: any(a["state"] == "firing" for a in prom.active("KioskCameraDown")), 30,
-                      "KioskCameraDown firing")
+        prom.wait_for(
+            lambda: any(a["state"] == "firing" for a in prom.active("KioskCameraDown")), 30, "KioskCameraDown firing"
+        )
         firing = prom.active("KioskCameraDown")
         assert [(a["labels"]["camera"], a["labels"]["severity"]) for a in firing] == [("cam-a1", "critical")]
         assert "kiosk status" in firing[0]["annotations"]["description"]
 
         # The verifier killed: KioskVerifierDown fires.
         _, verifier_err = stop(verifier)
-        prom.wait_for(lambda: any(a["state"] == "firing" for a in prom.active("KioskVerifierDown")), 30,
-                      "KioskVerifierDown firing")
+        prom.wait_for(
+            lambda: any(a["state"] == "firing" for a in prom.active("KioskVerifierDown")),
+            30,
+            "KioskVerifierDown firing",
+        )
     finally:
         prom.close()
         events.close()

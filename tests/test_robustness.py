@@ -15,15 +15,18 @@ from tests.pipeline_helpers import kiosk, stop, write_config
 from tests.sealing_helpers import sealed_gallery
 
 
-@pytest.mark.parametrize("header", [
-    b"[" * 200_000,  # nesting deep enough to blow the JSON parser's stack
-    b'{"v":1,"camera_id":"c","gate_id":"g","seq":1,"captured_at":1' + b"0" * 400 + b',"width":2,"height":2,'
-    b'"encoding":"bgr8"}',  # a float overflow
-    b'{"v":1,"camera_id":"c","gate_id":"g","seq":' + b"9" * 5000 + b"}",  # past the int-digit limit
-    b'{"v":1,"camera_id":"c","gate_id":"g","seq":1,"captured_at":1.0,"width":2,"height":2,"encoding":"bgr8",'
-    b'"pts":NaN}',
-    b"\xff\xfe not utf-8",
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"[" * 200_000,  # nesting deep enough to blow the JSON parser's stack
+        b'{"v":1,"camera_id":"c","gate_id":"g","seq":1,"captured_at":1' + b"0" * 400 + b',"width":2,"height":2,'
+        b'"encoding":"bgr8"}',  # a float overflow
+        b'{"v":1,"camera_id":"c","gate_id":"g","seq":' + b"9" * 5000 + b"}",  # past the int-digit limit
+        b'{"v":1,"camera_id":"c","gate_id":"g","seq":1,"captured_at":1.0,"width":2,"height":2,"encoding":"bgr8",'
+        b'"pts":NaN}',
+        b"\xff\xfe not utf-8",
+    ],
+)
 def test_malformed_frames_are_bad_messages_not_crashes(header):
     with pytest.raises(BadMessage):
         decode_frame([b"frame.c", header, b"\x00" * 12])
@@ -52,8 +55,9 @@ def test_hung_exec_hook_is_killed_with_its_children():
 
 def test_expiry_dates(tmp_path, photos):
     config = write_config(tmp_path, [])
-    res = run_cli("kiosk-enroll", "-c", str(config), "add", "--id", "P", "--expires", "2001-01-01",
-                  str(photos["yaoming.jpg"]))
+    res = run_cli(
+        "kiosk-enroll", "-c", str(config), "add", "--id", "P", "--expires", "2001-01-01", str(photos["yaoming.jpg"])
+    )
     assert res.returncode == 2 and "in the past" in res.stderr
     assert not (tmp_path / "gallery.db").exists()
     today = time.strftime("%Y-%m-%d")
@@ -83,9 +87,11 @@ def test_missing_gallery_is_an_error_for_list_and_remove(tmp_path):
 
 
 def test_run_stops_with_exit_2_when_a_child_has_a_config_error(tmp_path):
-    config = write_config(tmp_path, [{"id": "c", "gate": "A1", "source": 0}],
-                          transport={"frames": "127.0.0.1:1", "events": "tcp://127.0.0.1:1",
-                                     "control": "tcp://127.0.0.1:1"})
+    config = write_config(
+        tmp_path,
+        [{"id": "c", "gate": "A1", "source": 0}],
+        transport={"frames": "127.0.0.1:1", "events": "tcp://127.0.0.1:1", "control": "tcp://127.0.0.1:1"},
+    )
     run = kiosk(config, "run", quiet=False)
     try:
         assert run.wait(60) == 2

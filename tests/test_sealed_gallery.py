@@ -36,13 +36,14 @@ from tests.sealing_helpers import CODEC, TEST_KEY, sealed_gallery
 def windows(template: np.ndarray, size: int = 64) -> list[bytes]:
     """Every `size`-byte window of a template's bytes as stored in the clear (little-endian float32)."""
     raw = np.asarray(template, "<f4").tobytes()
-    return [raw[i:i + size] for i in range(0, len(raw) - size + 1)]
+    return [raw[i : i + size] for i in range(0, len(raw) - size + 1)]
 
 
 def clear_in(data: bytes, templates: np.ndarray) -> int:
     """How many 64-byte windows of `templates` appear in `data`."""
     return sum(w in data for t in templates for w in windows(t)[::4]) + sum(
-        w in data for t in templates for w in windows(t)[1::4][:8])  # every float-aligned one, a few unaligned
+        w in data for t in templates for w in windows(t)[1::4][:8]
+    )  # every float-aligned one, a few unaligned
 
 
 def embeddings_of(engine, crops: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -65,14 +66,15 @@ def photo_files(engine, photos, folder: Path) -> dict[str, Path]:
 def test_no_template_in_the_clear_in_the_file_its_wal_or_a_backup(tmp_path, photos, engine):
     config = write_config(tmp_path, [])
     for sid, photo in photo_files(engine, photos, tmp_path).items():
-        assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", sid.upper(),
-                       str(photo)).returncode == 0
+        assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", sid.upper(), str(photo)).returncode == 0
     with sealed_gallery(tmp_path / "gallery.db") as g:
         matrix = g.matrix(engine.model_id, engine.dim)
         assert matrix.subject_ids == ["DUNCAN", "PARKER", "YAO"]
         templates = matrix.embeddings
-        (blobs,) = g.execute("SELECT COUNT(*) FROM templates WHERE hex(substr(embedding, 1, 3)) = '4B5431' AND key_id = ?",
-                             (CODEC.current_id(),)).fetchone()
+        (blobs,) = g.execute(
+            "SELECT COUNT(*) FROM templates WHERE hex(substr(embedding, 1, 3)) = '4B5431' AND key_id = ?",
+            (CODEC.current_id(),),
+        ).fetchone()
     assert blobs == len(templates) == 3
     assert run_cli("kiosk-enroll", "-q", "-c", str(config), "backup", str(tmp_path / "backup.db")).returncode == 0
     files = [tmp_path / "gallery.db", tmp_path / "gallery.db-wal", tmp_path / "backup.db"]
@@ -87,21 +89,27 @@ def test_no_template_in_the_clear_in_postgresql_or_its_dump(pg_server, tmp_path,
     from kiosk.store.postgres import PgGallery, target
 
     config = write_config(tmp_path, [], gallery={"url": pg_server.url, "password_file": str(pg_server.password_file)})
-    assert run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO",
-                   str(photos["yaoming.jpg"])).returncode == 0
+    assert (
+        run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
+        == 0
+    )
     with PgGallery(target(pg_server.url, pg_server.password_file), codec=CODEC) as g:
         templates = g.matrix(engine.model_id, engine.dim).embeddings
     assert len(templates) == 1
     pg_dump = shutil.which("pg_dump") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_dump"))), None)
     if pg_dump is None:
         pytest.skip("pg_dump is not installed")
-    dump = subprocess.run([str(pg_dump), "--format=plain", "--data-only", "--inserts", pg_server.url],
-                          env={**os.environ, "PGPASSWORD": pg_server.password_file.read_text().strip()},
-                          capture_output=True, timeout=60, check=True).stdout
+    dump = subprocess.run(
+        [str(pg_dump), "--format=plain", "--data-only", "--inserts", pg_server.url],
+        env={**os.environ, "PGPASSWORD": pg_server.password_file.read_text().strip()},
+        capture_output=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert b"INSERT INTO public.templates" in dump
     text = dump.decode("utf-8", "replace")
     hexed = "".join(np.asarray(templates[0], "<f4").tobytes().hex())
-    assert not any(hexed[i:i + 128] in text for i in range(0, len(hexed) - 128, 8))  # bytea prints as \x...hex
+    assert not any(hexed[i : i + 128] in text for i in range(0, len(hexed) - 128, 8))  # bytea prints as \x...hex
     assert clear_in(dump, templates) == 0
 
 
@@ -207,8 +215,9 @@ def test_a_missing_wrong_or_loose_key_is_one_line_exit_2_and_nothing_written(tmp
     # A key named by the config that is not there stops even a first enrollment before a gallery is made.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    config = write_config(fresh, [], security={"curve": True, "keys_dir": "keys",
-                                               "template_key_file": str(fresh / "nokey")})
+    config = write_config(
+        fresh, [], security={"curve": True, "keys_dir": "keys", "template_key_file": str(fresh / "nokey")}
+    )
     done = run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", photo)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "nokey" in done.stderr
     assert not (fresh / "gallery.db").exists()
@@ -224,8 +233,11 @@ def test_rotate_key_under_a_live_gate_loses_no_accept_and_the_old_key_opens_noth
     crops = people(engine, photos)
     emb = embeddings_of(engine, crops)
     make_video(tmp_path / "parker.avi", [Walk(crops["parker"], start=0, frames=40, w0=80, w1=170)], seconds=2.8)
-    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "parker.avi", "realtime": True,
-                                      "loop": True}], policy={"repeat_accept_s": 0.0})
+    config = write_config(
+        tmp_path,
+        [{"id": "cam-a1", "gate": "A1", "source": "parker.avi", "realtime": True, "loop": True}],
+        policy={"repeat_accept_s": 0.0},
+    )
     rng = np.random.default_rng(5)
     crowd = rng.standard_normal((600, engine.dim)).astype(np.float32)
     crowd /= np.linalg.norm(crowd, axis=1, keepdims=True)
@@ -233,15 +245,18 @@ def test_rotate_key_under_a_live_gate_loses_no_accept_and_the_old_key_opens_noth
         g.enroll("PARKER", "Tony Parker", emb["parker"][None, :], engine.model_id)
         g.enroll("DUNCAN", "Tim Duncan", emb["duncan"][None, :], engine.model_id)
         for i in range(0, len(crowd), 2):
-            g.enroll(f"P{i:04d}", "", crowd[i:i + 2], engine.model_id)
+            g.enroll(f"P{i:04d}", "", crowd[i : i + 2], engine.model_id)
         total = g.template_count()
     new_key = tmp_path / "new-template.key"
     with live_gate(config) as gate:
         events = gate.events
         assert events.wait_for(lambda ev: any(e.type == "accept" for e in ev.events), 30)
-        rotation = subprocess.Popen([str(BIN / "kiosk-enroll"), "-q", "-c", str(config), "rotate-key", "--new",
-                                     str(new_key), "--batch", "25"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
+        rotation = subprocess.Popen(
+            [str(BIN / "kiosk-enroll"), "-q", "-c", str(config), "rotate-key", "--new", str(new_key), "--batch", "25"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         started = len(events.events)
         out, err = rotation.communicate(timeout=120)
         assert rotation.returncode == 0, err
@@ -250,8 +265,9 @@ def test_rotate_key_under_a_live_gate_loses_no_accept_and_the_old_key_opens_noth
         assert events.wait_for(lambda ev: len(ev.events) >= during + 2, 30)  # two more walk-ups after it
         health = events.health[-1]["gallery"]
     decisions = [(e.type, e.subject_id) for e in events.events]
-    assert decisions and set(decisions) == {("accept", "PARKER")}, [(e.type, e.reason, e.subject_id, e.score)
-                                                                    for e in events.events]  # none lost or wrong
+    assert decisions and set(decisions) == {("accept", "PARKER")}, [
+        (e.type, e.reason, e.subject_id, e.score) for e in events.events
+    ]  # none lost or wrong
     assert len(decisions) >= started + 2
     assert "unreadable_templates" not in health and health["templates"] == total
     assert "Traceback" not in gate.verifier_err and "do not open" not in gate.verifier_err
@@ -293,8 +309,11 @@ def test_console_crops_on_disk_are_sealed_and_open_only_with_the_key_under_their
     (tmp_path / "crops" / "ev-2.crop").write_bytes(sealed)  # one event's crop filed as another's
     with pytest.raises(TemplateUnreadable):
         open_crop(tmp_path / "crops" / "ev-2.crop", CODEC)
-    done = subprocess.run([str(BIN / "kiosk"), "-q", "-c", str(config), "console", "--open-crop", str(crop)],
-                          capture_output=True, timeout=60)
+    done = subprocess.run(
+        [str(BIN / "kiosk"), "-q", "-c", str(config), "console", "--open-crop", str(crop)],
+        capture_output=True,
+        timeout=60,
+    )
     assert done.returncode == 0 and done.stdout == jpeg
     done = run_cli("kiosk", "-q", "-c", str(config), "console", "--open-crop", str(tmp_path / "crops" / "ev-2.crop"))
     assert done.returncode == 2 and "does not open" in done.stderr

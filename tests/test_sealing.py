@@ -32,7 +32,7 @@ def test_a_sealed_template_opens_only_on_its_own_row_and_holds_none_of_its_bytes
     blob = codec.seal("YAO", "model-a", 7, yao)
     assert np.array_equal(codec.open("YAO", "model-a", 7, blob), yao)
     clear = yao.astype("<f4").tobytes()
-    assert not any(clear[i:i + 64] in blob for i in range(0, len(clear) - 63, 4))  # no window of it in the clear
+    assert not any(clear[i : i + 64] in blob for i in range(0, len(clear) - 63, 4))  # no window of it in the clear
     assert codec.seal("YAO", "model-a", 7, yao) != blob  # a fresh nonce each time
     # The blob copied onto another subject's row, another model's or another template's: it does not open.
     for row in (("ANN", "model-a", 7), ("YAO", "model-b", 7), ("YAO", "model-a", 8)):

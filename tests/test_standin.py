@@ -53,8 +53,13 @@ def still(engine, yao, stand_in, marks) -> dict[str, np.ndarray]:
         eyes.append(eye_opening(points))
         mouths.append(mouth_opening(points))
     schedule = np.array([walk.expression.at(i) for i in range(STILL_FRAMES)])  # type: ignore[union-attr]
-    return {"blink": schedule[:, 0], "mouth": schedule[:, 1], "boxes": np.array(boxes), "eye": np.array(eyes),
-            "mouth_seen": np.array(mouths)}
+    return {
+        "blink": schedule[:, 0],
+        "mouth": schedule[:, 1],
+        "boxes": np.array(boxes),
+        "eye": np.array(eyes),
+        "mouth_seen": np.array(mouths),
+    }
 
 
 def test_blink_is_seen_by_the_landmark_model(still):

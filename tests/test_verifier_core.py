@@ -52,8 +52,9 @@ def kit(request, engine, crops, yao_matrix):
     real = real_engine()
     yao = cv2.imread(str(photos["yaoming.jpg"]))
     face = real.describe(yao, real.detector.detect(yao).largest()).faces
-    matrix = GalleryMatrix.from_templates(real.model_id, real.dim, [("YAO", "Yao Ming", face.embeddings[0])],
-                                          revision=1)
+    matrix = GalleryMatrix.from_templates(
+        real.model_id, real.dim, [("YAO", "Yao Ming", face.embeddings[0])], revision=1
+    )
     return real, [person_crop(yao, face.boxes[0])], matrix
 
 
@@ -65,13 +66,19 @@ def scene(crops: list[np.ndarray], people: list[int], width: int = 120) -> np.nd
         small = cv2.resize(crop, (width, round(crop.shape[0] * width / crop.shape[1])), interpolation=cv2.INTER_AREA)
         h = min(small.shape[0], 500)
         x = 30 + slot * 205
-        frame[100:100 + h, x:x + width] = small[:h]
+        frame[100 : 100 + h, x : x + width] = small[:h]
     return frame
 
 
 def core_for(engine, matrix, *, realtime: bool = False, **policy) -> VerifierCore:
-    cfg = config_from_mapping({"cameras": [{"id": "cam", "gate": "A1", "source": 0, "realtime": realtime}],
-                               "policy": policy, "metrics": {"port": 0}, "pad": {"enabled": False}})
+    cfg = config_from_mapping(
+        {
+            "cameras": [{"id": "cam", "gate": "A1", "source": 0, "realtime": realtime}],
+            "policy": policy,
+            "metrics": {"port": 0},
+            "pad": {"enabled": False},
+        }
+    )
     return VerifierCore(cfg, engine, matrix, metrics=metrics_for(cfg))
 
 
@@ -93,8 +100,7 @@ def feed(core: VerifierCore, image: np.ndarray, seq: int, **kw) -> list:
 def test_rationing_is_fair_and_a_decided_track_is_rechecked_despite_a_crowd(engine, crops, yao_matrix):
     # Undecided faces never decide here (nobody else is enrolled, no reject for a long time): a crowd that
     # keeps four or more faces undecided, which used to starve the decided track's identity check forever.
-    core = core_for(engine, yao_matrix, max_embeddings_per_frame=4, reject_after_frames=1000,
-                    decision_timeout_s=3600)
+    core = core_for(engine, yao_matrix, max_embeddings_per_frame=4, reject_after_frames=1000, decision_timeout_s=3600)
     alone = scene(crops, [0])
     verdicts = [v for seq in range(4) for v in feed(core, alone, seq)]
     assert [(v.decision.type, v.decision.subject_id) for v in verdicts] == [("accept", "YAO")]
@@ -146,8 +152,9 @@ def test_stale_frames_dropped_but_never_an_end_of_source_marker(engine, crops, y
 
 def test_tracks_age_out_when_a_live_camera_stalls(engine, crops):
     empty_gallery = GalleryMatrix.from_templates(engine.model_id, engine.dim, [])
-    core = core_for(engine, empty_gallery, realtime=True, reject_after_frames=50, decision_timeout_s=60,
-                    track_max_age_s=1.0)
+    core = core_for(
+        engine, empty_gallery, realtime=True, reject_after_frames=50, decision_timeout_s=60, track_max_age_s=1.0
+    )
     image = scene(crops, [1])
     for seq in range(5):
         assert feed(core, image, seq, live=True) == []
@@ -177,7 +184,9 @@ def test_live_frames_from_before_a_stall_are_dropped_and_never_accepted(engine, 
     core.offer(frame(image, 0, live=True), T0 + 2.0)
     assert core.step(T0 + 2.0) == []
     cam = core.cameras["cam"]
-    assert cam.too_old == 1 and cam.processed == 0 and core.metrics.frames_too_old.labels(camera="cam")._value.get() == 1
+    assert (
+        cam.too_old == 1 and cam.processed == 0 and core.metrics.frames_too_old.labels(camera="cam")._value.get() == 1
+    )
     # Even if old frames reach the decision (a stall inside processing), no accept comes from them: the
     # gatekeeper every decision goes through withholds it, and the accept is forgotten (the next one is fresh).
     ports = gatekeeper(enrolled={"YAO"}, max_frame_age_ms=500)
@@ -234,8 +243,7 @@ def test_an_idle_gate_skips_the_detector_on_an_unchanged_scene_and_detects_a_fac
     assert hints() == [] and len(cam.wakes) == 1  # said once; a face on an open track wakes nothing
 
 
-def test_no_idle_hint_for_a_watched_gate_or_a_replay_and_a_new_watcher_wakes_the_capture(engine, crops,
-                                                                                         yao_matrix):
+def test_no_idle_hint_for_a_watched_gate_or_a_replay_and_a_new_watcher_wakes_the_capture(engine, crops, yao_matrix):
     """A console watching a gate sees it live, so its capture is never told to hold frames back, and one that
     was is told to stop when the watching starts; a replay (realtime false) always sends every frame."""
     empty = scene(crops, [])
@@ -268,11 +276,17 @@ def test_two_gates_deciding_at_once_take_turns_and_neither_starves(engine, crops
     """policy.deciding_cameras_per_step 1 (the default): while people are being decided at two gates, a step
     takes one of them, the one processed longest ago, and the other keeps its newest frame for the next
     step; 0 takes both every step."""
-    cfg = config_from_mapping({"cameras": [{"id": c, "gate": g, "source": i, "realtime": True}
-                                           for i, (c, g) in enumerate((("cam", "A1"), ("cam2", "A2")))],
-                               "policy": {"reject_after_frames": 1000, "decision_timeout_s": 3600,
-                                          "deciding_cameras_per_step": per_step},
-                               "metrics": {"port": 0}, "pad": {"enabled": False}})
+    cfg = config_from_mapping(
+        {
+            "cameras": [
+                {"id": c, "gate": g, "source": i, "realtime": True}
+                for i, (c, g) in enumerate((("cam", "A1"), ("cam2", "A2")))
+            ],
+            "policy": {"reject_after_frames": 1000, "decision_timeout_s": 3600, "deciding_cameras_per_step": per_step},
+            "metrics": {"port": 0},
+            "pad": {"enabled": False},
+        }
+    )
     core = VerifierCore(cfg, engine, yao_matrix, metrics=metrics_for(cfg))
     stranger = scene(crops, [1])  # not enrolled: undecided for as long as the test runs
     taken = []

@@ -41,28 +41,33 @@ T = 1_700_000_000
 
 # -- sign / verify -------------------------------------------------------------------------------------------------
 
+
 def test_a_good_signature_verifies_and_is_what_the_docs_say():
     headers = sign(SECRET, BODY, T)
-    assert headers == {"X-Kiosk-Timestamp": str(T),
-                       "X-Kiosk-Signature": "sha256=" + hmac.new(SECRET, f"{T}.".encode() + BODY,
-                                                                 hashlib.sha256).hexdigest()}
+    assert headers == {
+        "X-Kiosk-Timestamp": str(T),
+        "X-Kiosk-Signature": "sha256=" + hmac.new(SECRET, f"{T}.".encode() + BODY, hashlib.sha256).hexdigest(),
+    }
     verify(SECRET, BODY, headers, now=T)
     verify(SECRET, BODY, headers, now=T + 299)
     verify(SECRET, BODY, {k.lower(): v for k, v in headers.items()}, now=T - 299)  # header names: any case
 
 
-@pytest.mark.parametrize("case, reason", [
-    ("wrong secret", "signature does not match"),
-    ("tampered body", "signature does not match"),
-    ("timestamp changed", "signature does not match"),
-    ("stale", "stale timestamp"),
-    ("future", "in the future"),
-    ("no timestamp", "missing X-Kiosk-Timestamp"),
-    ("no signature", "missing X-Kiosk-Signature"),
-    ("timestamp not an integer", "malformed X-Kiosk-Timestamp"),
-    ("other scheme", "malformed X-Kiosk-Signature"),
-    ("short digest", "malformed X-Kiosk-Signature"),
-])
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("wrong secret", "signature does not match"),
+        ("tampered body", "signature does not match"),
+        ("timestamp changed", "signature does not match"),
+        ("stale", "stale timestamp"),
+        ("future", "in the future"),
+        ("no timestamp", "missing X-Kiosk-Timestamp"),
+        ("no signature", "missing X-Kiosk-Signature"),
+        ("timestamp not an integer", "malformed X-Kiosk-Timestamp"),
+        ("other scheme", "malformed X-Kiosk-Signature"),
+        ("short digest", "malformed X-Kiosk-Signature"),
+    ],
+)
 def test_a_bad_request_is_refused_with_its_reason(case, reason):
     headers = sign(SECRET, BODY, T)
     body, now = BODY, T + 1.0
@@ -92,6 +97,7 @@ def test_a_bad_request_is_refused_with_its_reason(case, reason):
 
 # -- the secret file -----------------------------------------------------------------------------------------------
 
+
 def test_make_and_load_secret(tmp_path):
     path = tmp_path / "webhook.secret"
     with pytest.raises(ConfigError, match=rf"{path} not found; run `kiosk keys init {tmp_path}`"):
@@ -120,6 +126,7 @@ def test_init_keys_makes_the_webhook_secret_once(tmp_path):
 
 # -- build_hooks ---------------------------------------------------------------------------------------------------
 
+
 def _cfg(tmp_path: Path, **hooks: object):
     return config_from_mapping({"security": {"keys_dir": "keys"}, "hooks": hooks}, base_dir=tmp_path)
 
@@ -130,17 +137,23 @@ def test_build_hooks_needs_the_secret_for_a_webhook(tmp_path, caplog):
     (jsonl,) = build_hooks(_cfg(tmp_path), jsonl=[str(tmp_path / "e.jsonl")], execs=[], webhooks=[])  # no webhook
     jsonl.close()
     with pytest.raises(ConfigError, match=rf"{tmp_path / 'elsewhere.secret'} not found"):
-        build_hooks(_cfg(tmp_path, webhook_secret_file="elsewhere.secret"), jsonl=[], execs=[],
-                    webhooks=["http://127.0.0.1:9/gate"])
+        build_hooks(
+            _cfg(tmp_path, webhook_secret_file="elsewhere.secret"),
+            jsonl=[],
+            execs=[],
+            webhooks=["http://127.0.0.1:9/gate"],
+        )
     make_secret(tmp_path / "elsewhere.secret")
-    (hook,) = build_hooks(_cfg(tmp_path, webhook_secret_file="elsewhere.secret"), jsonl=[], execs=[],
-                          webhooks=["http://127.0.0.1:9/gate"])
+    (hook,) = build_hooks(
+        _cfg(tmp_path, webhook_secret_file="elsewhere.secret"), jsonl=[], execs=[], webhooks=["http://127.0.0.1:9/gate"]
+    )
     hook.close()
     assert "UNSIGNED" not in caplog.text
 
     with caplog.at_level(logging.WARNING, logger="kiosk.services.subscriber"):
-        (hook,) = build_hooks(_cfg(tmp_path, sign_webhooks=False), jsonl=[], execs=[],
-                              webhooks=["http://127.0.0.1:9/gate"])
+        (hook,) = build_hooks(
+            _cfg(tmp_path, sign_webhooks=False), jsonl=[], execs=[], webhooks=["http://127.0.0.1:9/gate"]
+        )
     hook.close()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "UNSIGNED" in r.message]
     assert len(warnings) == 1 and "cannot tell these POSTs from forged ones" in warnings[0].message
@@ -184,9 +197,9 @@ def test_each_attempt_is_signed_afresh(tmp_path, monkeypatch):
 
 # -- the reference receiver, as a real process ---------------------------------------------------------------------
 
+
 def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json",
-                                                                         **headers})
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json", **headers})
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status, resp.read().decode()
@@ -199,9 +212,23 @@ def test_reference_receiver_end_to_end(tmp_path, monkeypatch):
     init_keys(keys)
     secret = load_secret(keys / "webhook.secret")
     port, received = free_port(), tmp_path / "received.jsonl"
-    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "webhook_receiver.py"), "--secret-file",
-                             str(keys / "webhook.secret"), "--port", str(port), "--tolerance", "60",
-                             "--jsonl", str(received)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "webhook_receiver.py"),
+            "--secret-file",
+            str(keys / "webhook.secret"),
+            "--port",
+            str(port),
+            "--tolerance",
+            "60",
+            "--jsonl",
+            str(received),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}/gate"
     try:
         deadline = time.monotonic() + 10
@@ -223,8 +250,9 @@ def test_reference_receiver_end_to_end(tmp_path, monkeypatch):
 
         monkeypatch.setattr(subscriber, "_post", recording)
         event = {"type": "accept", "gate_id": "A1", "subject_id": "YAO", "event_id": "ev-1", "decided_at": time.time()}
-        (hook,) = build_hooks(config_from_mapping({"security": {"keys_dir": str(keys)}}), jsonl=[], execs=[],
-                              webhooks=[url])
+        (hook,) = build_hooks(
+            config_from_mapping({"security": {"keys_dir": str(keys)}}), jsonl=[], execs=[], webhooks=[url]
+        )
         hook.submit(event)
         hook.close()
         monkeypatch.undo()

@@ -61,24 +61,42 @@ def cmd_status(args: argparse.Namespace) -> int:
         assigned = store.assignments()
         flights = {f.id: f for f in store.flights()}
     gates = sorted({c.gate for c in cfg.cameras} | set(assigned))
-    gate_rows = [{"gate_id": g, "flight_id": assigned.get(g), "boarding": g in assigned,
-                  "processing": g in assigned or not cfg.boarding.require_flight}
-                 for g in gates if (gate_filter is None or g == gate_filter)
-                 and (flight_filter is None or assigned.get(g) == flight_filter)]
-    wanted = {flight_filter} if flight_filter else {r["flight_id"] for r in gate_rows if r["flight_id"]} \
-        if gate_filter else set(flights)
+    gate_rows = [
+        {
+            "gate_id": g,
+            "flight_id": assigned.get(g),
+            "boarding": g in assigned,
+            "processing": g in assigned or not cfg.boarding.require_flight,
+        }
+        for g in gates
+        if (gate_filter is None or g == gate_filter) and (flight_filter is None or assigned.get(g) == flight_filter)
+    ]
+    wanted = (
+        {flight_filter}
+        if flight_filter
+        else {r["flight_id"] for r in gate_rows if r["flight_id"]}
+        if gate_filter
+        else set(flights)
+    )
     flight_rows = [flight_json(f, now) for f in flights.values() if f.id in wanted]
     if args.json:
         print(json.dumps({"require_flight": cfg.boarding.require_flight, "gates": gate_rows, "flights": flight_rows}))
         return EXIT_OK
     for r in gate_rows:
-        state = f"boarding {r['flight_id']}" if r["boarding"] else \
-            "not boarding (processes nobody)" if cfg.boarding.require_flight else "not boarding (1:N, any enrolled)"
+        state = (
+            f"boarding {r['flight_id']}"
+            if r["boarding"]
+            else "not boarding (processes nobody)"
+            if cfg.boarding.require_flight
+            else "not boarding (1:N, any enrolled)"
+        )
         print(f"gate {r['gate_id']}: {state}")
     for f in flight_rows:
-        print(f"flight {f['id']} (departs {f['departs']}, {f['status']}): {f['passengers']} passenger(s), "
-              f"{f['boarded']} boarded, {f['remaining']} remaining" + (f"; gates {', '.join(f['gates'])}"
-                                                                       if f["gates"] else ""))
+        print(
+            f"flight {f['id']} (departs {f['departs']}, {f['status']}): {f['passengers']} passenger(s), "
+            f"{f['boarded']} boarded, {f['remaining']} remaining"
+            + (f"; gates {', '.join(f['gates'])}" if f["gates"] else "")
+        )
     return EXIT_OK
 
 
@@ -106,8 +124,10 @@ def cmd_undo(args: argparse.Namespace) -> int:
         removed = store.undo(flight_id, args.subject, why=args.reason)
     if removed is None:
         raise UsageError(f"{args.subject!r} has not boarded flight {flight_id}")
-    print(f"{args.subject} is boardable again on {flight_id} (had boarded {iso(removed.boarded_at)} at "
-          f"{removed.gate_id}); logged")
+    print(
+        f"{args.subject} is boardable again on {flight_id} (had boarded {iso(removed.boarded_at)} at "
+        f"{removed.gate_id}); logged"
+    )
     return EXIT_OK
 
 

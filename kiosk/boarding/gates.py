@@ -23,8 +23,14 @@ class GateFlights:
     _by_flight: dict[str, GalleryMatrix] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, full: GalleryMatrix, assignments: dict[str, str], manifests: dict[str, set[str]],
-              require_flight: bool, gates: set[str] | None = None) -> GateFlights:
+    def build(
+        cls,
+        full: GalleryMatrix,
+        assignments: dict[str, str],
+        manifests: dict[str, set[str]],
+        require_flight: bool,
+        gates: set[str] | None = None,
+    ) -> GateFlights:
         """The view for these gates (all when None): only their flights get a search matrix."""
         mine = {g: f for g, f in assignments.items() if gates is None or g in gates}
         man = {f: frozenset(manifests.get(f, ())) for f in set(mine.values())}

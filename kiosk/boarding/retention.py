@@ -29,7 +29,7 @@ def rotated(path: Path) -> list[tuple[date, Path]]:
     """The rotated files of `path`, oldest first."""
     out = []
     for sibling in path.parent.glob(path.name + ".*"):
-        m = _SUFFIX.match(sibling.name[len(path.name):])
+        m = _SUFFIX.match(sibling.name[len(path.name) :])
         if m:
             try:
                 out.append((date.fromisoformat(m.group(1)), sibling))

@@ -51,10 +51,17 @@ PUBLIC = {("GET", "/login"), ("POST", "/login")}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}  # every other method changes state: it must come from our own pages
 # Referrer-Policy same-origin, not no-referrer: under no-referrer a browser sends `Origin: null` with the login
 # form's own POST, and the Origin check could not tell it from a forgery.
-HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-           (b"referrer-policy", b"same-origin"),
-           (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-                                        b"script-src 'self'; connect-src 'self'; frame-ancestors 'none'")]
+HEADERS = [
+    (b"cache-control", b"no-store"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+        b"script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+    ),
+]
 STATIC_FILES = {"console.css": "text/css", "console.js": "text/javascript"}
 FLIGHTS_EVERY_S = 2.0
 
@@ -75,13 +82,21 @@ class Guard:
             return
         host = (_header(scope, b"host") or "").lower()
         if host not in self.allowed_hosts:  # first: nothing of a rebound page's request is looked at
-            self._foreign.warning("console: %s %s refused: Host %r is not in console.allowed_hosts",
-                                  scope.get("method", "GET"), scope["path"], host[:100])
+            self._foreign.warning(
+                "console: %s %s refused: Host %r is not in console.allowed_hosts",
+                scope.get("method", "GET"),
+                scope["path"],
+                host[:100],
+            )
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
             else:
-                await Response("misdirected request: unknown Host\n", status_code=421, media_type="text/plain",
-                               headers={"connection": "close"})(scope, receive, send)
+                await Response(
+                    "misdirected request: unknown Host\n",
+                    status_code=421,
+                    media_type="text/plain",
+                    headers={"connection": "close"},
+                )(scope, receive, send)
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -93,10 +108,15 @@ class Guard:
             await send(message)
 
         if scope["method"] not in SAFE_METHODS and not same_origin(scope):
-            log.warning("console: %s %s refused: cross-site request (Origin %s)", scope["method"], scope["path"],
-                        _header(scope, b"origin") or "-")
-            await JSONResponse({"error": "cross-site request refused"}, status_code=403)(scope, receive,
-                                                                                        send_with_headers)
+            log.warning(
+                "console: %s %s refused: cross-site request (Origin %s)",
+                scope["method"],
+                scope["path"],
+                _header(scope, b"origin") or "-",
+            )
+            await JSONResponse({"error": "cross-site request refused"}, status_code=403)(
+                scope, receive, send_with_headers
+            )
             return
         if (scope["method"], scope["path"]) not in PUBLIC and not self.sessions.valid(session_of(scope)):
             if scope["method"] == "GET" and not scope["path"].startswith(("/api/", "/static/")):
@@ -143,8 +163,16 @@ def session_of(scope: Scope) -> str | None:
     return None
 
 
-def build_app(state: ConsoleState, check: PasswordCheck, sessions: Sessions, *, secure: bool,
-              preview_fps: float, allowed_hosts: frozenset[str], throttle: Throttle | None = None) -> ASGIApp:
+def build_app(
+    state: ConsoleState,
+    check: PasswordCheck,
+    sessions: Sessions,
+    *,
+    secure: bool,
+    preview_fps: float,
+    allowed_hosts: frozenset[str],
+    throttle: Throttle | None = None,
+) -> ASGIApp:
     login_page = (STATIC / "login.html").read_text()
     throttle = throttle or Throttle()
     devices = DeviceCookies(check.device_key())
@@ -185,8 +213,15 @@ def build_app(state: ConsoleState, check: PasswordCheck, sessions: Sessions, *, 
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(COOKIE, sessions.create(), httponly=True, samesite="strict", secure=secure, path="/")
         # This browser's own login budget from now on (kiosk.console.throttle); kept on logout.
-        response.set_cookie(DEVICE_COOKIE, devices.mint(), max_age=int(devices.ttl_s), httponly=True,
-                            samesite="strict", secure=secure, path="/login")
+        response.set_cookie(
+            DEVICE_COOKIE,
+            devices.mint(),
+            max_age=int(devices.ttl_s),
+            httponly=True,
+            samesite="strict",
+            secure=secure,
+            path="/login",
+        )
         return response
 
     async def post_logout(request: Request) -> Response:
@@ -276,10 +311,12 @@ def _listen(cfg: KioskConfig) -> tuple[str, int, bool]:
     except ValueError:
         loopback = False
     if not loopback and not tls and not cfg.console.insecure_http:
-        raise ConfigError(f"console.listen: {cfg.console.listen} is not a loopback address and the console has no TLS: "
-                          "frames are biometric data and the password would cross the network in clear. Set "
-                          "console.tls_cert and console.tls_key, or (behind a TLS-terminating proxy) "
-                          "console.insecure_http: true")
+        raise ConfigError(
+            f"console.listen: {cfg.console.listen} is not a loopback address and the console has no TLS: "
+            "frames are biometric data and the password would cross the network in clear. Set "
+            "console.tls_cert and console.tls_key, or (behind a TLS-terminating proxy) "
+            "console.insecure_http: true"
+        )
     for key in ("tls_cert", "tls_key"):
         path = getattr(cfg.console, key)
         if path is not None and not cfg.resolve(path).is_file():
@@ -289,8 +326,9 @@ def _listen(cfg: KioskConfig) -> tuple[str, int, bool]:
         try:  # a certificate and key that do not load: one line now, not a traceback from the server later
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
         except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(f"console.tls_cert/tls_key: {cert} and {key} are not a usable PEM certificate and "
-                              f"key: {exc}") from None
+            raise ConfigError(
+                f"console.tls_cert/tls_key: {cert} and {key} are not a usable PEM certificate and key: {exc}"
+            ) from None
     return host, port, tls
 
 
@@ -317,8 +355,11 @@ def _follow_flights(cfg: KioskConfig, state: ConsoleState, stop: threading.Event
     warned = False
     while not stop.wait(FLIGHTS_EVERY_S):
         with state.lock:
-            flights = {str((g or {}).get("flight_id")) for g in ((state.verifier or {}).get("gates") or {}).values()
-                       if (g or {}).get("flight_id")}
+            flights = {
+                str((g or {}).get("flight_id"))
+                for g in ((state.verifier or {}).get("gates") or {}).values()
+                if (g or {}).get("flight_id")
+            }
         if not flights:
             continue
         try:
@@ -350,8 +391,10 @@ def run_console(cfg: KioskConfig) -> int:
     from kiosk.console.feed import ConsoleFeed
 
     if cfg.console.password_file is None:
-        raise ConfigError("console.password_file: the console needs a password file (one line: the password, or "
-                          "a hash from `kiosk console --hash-password`)")
+        raise ConfigError(
+            "console.password_file: the console needs a password file (one line: the password, or "
+            "a hash from `kiosk console --hash-password`)"
+        )
     check = PasswordCheck.from_file(cfg.resolve(cfg.console.password_file))
     host, port, tls = _listen(cfg)
     gates: dict[str, list[str]] = {}
@@ -359,33 +402,57 @@ def run_console(cfg: KioskConfig) -> int:
         gates.setdefault(cam.gate, []).append(cam.id)
     hb = cfg.heartbeat
     codec = key_source(cfg).load() if cfg.console.crops_dir else None  # crops on disk: sealed, or no start
-    state = ConsoleState(gates, crops=cfg.console.crops, heartbeat_timeout_s=hb.interval_s * hb.misses,
-                         crops_dir=cfg.resolve(cfg.console.crops_dir) if cfg.console.crops_dir else None, codec=codec)
+    state = ConsoleState(
+        gates,
+        crops=cfg.console.crops,
+        heartbeat_timeout_s=hb.interval_s * hb.misses,
+        crops_dir=cfg.resolve(cfg.console.crops_dir) if cfg.console.crops_dir else None,
+        codec=codec,
+    )
     keys = cfg.resolve(cfg.security.keys_dir)
-    if cfg.security.curve and (keys / "server.key_secret").is_file() and \
-            not (keys / f"{cfg.console.key}.key_secret").exists():  # the verifier's host: make the console's key
+    if (
+        cfg.security.curve
+        and (keys / "server.key_secret").is_file()
+        and not (keys / f"{cfg.console.key}.key_secret").exists()
+    ):  # the verifier's host: make the console's key
         init_keys(keys, client_name=cfg.console.key, role="console")
-        log.info("made the console's CurveZMQ key %s (role console: events and previews, no frames or claims)",
-                 keys / f"{cfg.console.key}.key_secret")
+        log.info(
+            "made the console's CurveZMQ key %s (role console: events and previews, no frames or claims)",
+            keys / f"{cfg.console.key}.key_secret",
+        )
     feed = ConsoleFeed(cfg, state)
     sock = _bind(host, port, cfg.console.listen)
     stop = threading.Event()
     allowed_hosts = cfg.console.allowed_host_names()
-    app = build_app(state, check, Sessions(), secure=tls, preview_fps=cfg.console.preview_fps,
-                    allowed_hosts=allowed_hosts)
+    app = build_app(
+        state, check, Sessions(), secure=tls, preview_fps=cfg.console.preview_fps, allowed_hosts=allowed_hosts
+    )
     proxies = cfg.console.trusted_proxies  # X-Forwarded-For/-Proto believed only from these
     # http: uvicorn's h11 protocol with a deadline for each request (kiosk.console.server); no WebSocket (the
     # console has none, and an upgraded connection would leave that deadline's reach).
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
-                            http=timed_protocol(cfg.console.request_timeout_s), ws="none",
-                            proxy_headers=bool(proxies), forwarded_allow_ips=",".join(proxies) if proxies else "",
-                            ssl_certfile=str(cfg.resolve(cfg.console.tls_cert)) if tls else None,
-                            ssl_keyfile=str(cfg.resolve(cfg.console.tls_key)) if tls else None)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+        http=timed_protocol(cfg.console.request_timeout_s),
+        ws="none",
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=",".join(proxies) if proxies else "",
+        ssl_certfile=str(cfg.resolve(cfg.console.tls_cert)) if tls else None,
+        ssl_keyfile=str(cfg.resolve(cfg.console.tls_key)) if tls else None,
+    )
     server = uvicorn.Server(config)
     feed.start()
     threading.Thread(target=_follow_flights, args=(cfg, state, stop), name="console-flights", daemon=True).start()
-    log.info("console on %s://%s (%d gate(s)); log in with the password in %s", "https" if tls else "http",
-             cfg.console.listen, len(gates), cfg.resolve(cfg.console.password_file))
+    log.info(
+        "console on %s://%s (%d gate(s)); log in with the password in %s",
+        "https" if tls else "http",
+        cfg.console.listen,
+        len(gates),
+        cfg.resolve(cfg.console.password_file),
+    )
     log.info("console answers Host %s (console.allowed_hosts)", ", ".join(sorted(allowed_hosts)))
     started = time.monotonic()
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it stopped on: end with 0 here
@@ -398,4 +465,3 @@ def run_console(cfg: KioskConfig) -> int:
         sock.close()
     log.info("console stopped after %.0f s", time.monotonic() - started)
     return 0
-

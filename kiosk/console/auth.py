@@ -31,8 +31,9 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def hash_password(password: str, *, salt: bytes | None = None, n: int = SCRYPT_N, r: int = SCRYPT_R,
-                  p: int = SCRYPT_P) -> str:
+def hash_password(
+    password: str, *, salt: bytes | None = None, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P
+) -> str:
     """The `scrypt$N$r$p$SALT$HASH` line for `password`."""
     salt = salt if salt is not None else secrets.token_bytes(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=128 * 1024 * 1024, dklen=32)
@@ -48,13 +49,17 @@ class PasswordCheck:
             if len(parts) != 6 or parts[0] != "scrypt":
                 raise ValueError("not scrypt$N$r$p$SALT$HASH")
             self.n, self.r, self.p = int(parts[1]), int(parts[2]), int(parts[3])
-            self.salt, self.digest = base64.b64decode(parts[4], validate=True), base64.b64decode(parts[5],
-                                                                                                  validate=True)
+            self.salt, self.digest = (
+                base64.b64decode(parts[4], validate=True),
+                base64.b64decode(parts[5], validate=True),
+            )
             if not (2 <= self.n <= 2**20 and 1 <= self.r <= 32 and 1 <= self.p <= 16 and self.salt and self.digest):
                 raise ValueError("parameters out of range")
         except ValueError as exc:
-            raise ConfigError(f"console.password_file: a hash line must be scrypt$N$r$p$SALT$HASH as "
-                              f"`kiosk console --hash-password` prints ({exc})") from None
+            raise ConfigError(
+                f"console.password_file: a hash line must be scrypt$N$r$p$SALT$HASH as "
+                f"`kiosk console --hash-password` prints ({exc})"
+            ) from None
 
     @classmethod
     def from_file(cls, path: Path) -> PasswordCheck:
@@ -65,13 +70,21 @@ class PasswordCheck:
         if text.startswith("scrypt$"):
             return cls(text)
         if len(text) < MIN_PASSWORD_CHARS:
-            raise ConfigError(f"console.password_file: the password in {path} is shorter than {MIN_PASSWORD_CHARS} "
-                              "characters")
+            raise ConfigError(
+                f"console.password_file: the password in {path} is shorter than {MIN_PASSWORD_CHARS} characters"
+            )
         return cls(hash_password(text))
 
     def matches(self, password: str) -> bool:
-        candidate = hashlib.scrypt(password.encode()[:1024], salt=self.salt, n=self.n, r=self.r, p=self.p,
-                                   maxmem=128 * 1024 * 1024, dklen=len(self.digest))
+        candidate = hashlib.scrypt(
+            password.encode()[:1024],
+            salt=self.salt,
+            n=self.n,
+            r=self.r,
+            p=self.p,
+            maxmem=128 * 1024 * 1024,
+            dklen=len(self.digest),
+        )
         return hmac.compare_digest(candidate, self.digest)
 
     def device_key(self) -> bytes:

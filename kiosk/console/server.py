@@ -75,8 +75,11 @@ class TimedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def _arm(self) -> None:
-        if self._deadline is None and not self.transport.is_closing() and \
-                self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+        if (
+            self._deadline is None
+            and not self.transport.is_closing()
+            and self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+        ):
             self._deadline = self.loop.call_later(self.request_timeout_s, self._expired)
 
     def _disarm(self) -> None:
@@ -91,9 +94,12 @@ class TimedH11Protocol(H11Protocol):
         partial_head = self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
         if partial_head or self.conn.their_state is h11.SEND_BODY:
             client = self.client[0] if self.client else "?"
-            _timeouts.warning("console: closed a connection from %s: its request was not in whole within %g s "
-                              "(%s)", client, self.request_timeout_s,
-                              "headers unfinished" if partial_head else "body unfinished")
+            _timeouts.warning(
+                "console: closed a connection from %s: its request was not in whole within %g s (%s)",
+                client,
+                self.request_timeout_s,
+                "headers unfinished" if partial_head else "body unfinished",
+            )
         if partial_head:  # no response begun: say why (a response underway is the app's to end)
             self.transport.write(TIMEOUT_RESPONSE)
         self.transport.close()  # an idle connection: closed as uvicorn's keep-alive timeout would

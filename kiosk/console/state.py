@@ -38,8 +38,15 @@ def is_alert(event: dict[str, Any]) -> bool:
 
 
 class ConsoleState:
-    def __init__(self, gates: dict[str, list[str]], *, crops: int, heartbeat_timeout_s: float,
-                 crops_dir: Path | None = None, codec: TemplateCodec | None = None) -> None:
+    def __init__(
+        self,
+        gates: dict[str, list[str]],
+        *,
+        crops: int,
+        heartbeat_timeout_s: float,
+        crops_dir: Path | None = None,
+        codec: TemplateCodec | None = None,
+    ) -> None:
         self.gates = gates  # gate -> its cameras (from the config)
         self.max_crops = crops
         self.crops_dir = crops_dir
@@ -87,9 +94,15 @@ class ConsoleState:
                         continue
                     was, state = (before.get(cid) or {}).get("state"), cam.get("state")
                     if state != was and "down" in (state, was):
-                        changes.append({"type": "camera_down" if state == "down" else "camera_up",
-                                        "gate_id": cam.get("gate_id"), "camera_id": cid, "decided_at": now,
-                                        "reason": cam.get("last_error") or None})
+                        changes.append(
+                            {
+                                "type": "camera_down" if state == "down" else "camera_up",
+                                "gate_id": cam.get("gate_id"),
+                                "camera_id": cid,
+                                "decided_at": now,
+                                "reason": cam.get("last_error") or None,
+                            }
+                        )
                     done = cam.get("processed", 0) - (before.get(cid) or {}).get("processed", 0)  # frames a second
                     if seen_at and now > seen_at and isinstance(done, (int, float)) and done >= 0:
                         self.camera_fps[cid] = round(done / (now - seen_at), 1)
@@ -137,8 +150,14 @@ class ConsoleState:
             with self.lock:
                 self.verifier_state = "down"
             for gate in self.gates:
-                self.add_event({"type": "verifier_down", "gate_id": gate, "decided_at": time.time(),
-                                "reason": f"no heartbeat for {self.heartbeat_timeout_s:g} s"})
+                self.add_event(
+                    {
+                        "type": "verifier_down",
+                        "gate_id": gate,
+                        "decided_at": time.time(),
+                        "reason": f"no heartbeat for {self.heartbeat_timeout_s:g} s",
+                    }
+                )
             log.warning("verifier heartbeat missing for %.0f s", self.heartbeat_timeout_s)
 
     # -- viewers (the web handlers) ----------------------------------------------
@@ -177,42 +196,73 @@ class ConsoleState:
             cams = {cid: cam for beat in self.gate_beats.values() for cid, cam in (beat.get("cameras") or {}).items()}
             gates_hb = {g: beat.get("gate") or {} for g, beat in self.gate_beats.items()}
             gallery = hb.get("gallery") or {}
-            verifier = {"state": self.verifier_state,
-                        "heartbeat_age_s": round(now - self.verifier_at, 1) if self.verifier_at else None,
-                        "status": hb.get("status"), "fps": hb.get("fps"),
-                        "frame_latency_ms": hb.get("frame_latency_ms"),
-                        "decision_latency_ms": hb.get("decision_latency_ms"),
-                        "gallery": {k: gallery.get(k) for k in ("subjects", "stale", "error", "refusing",
-                                                                 "accepts_from_memory_s", "action")},
-                        "providers": hb.get("providers"), "last_error": hb.get("last_error")}
+            verifier = {
+                "state": self.verifier_state,
+                "heartbeat_age_s": round(now - self.verifier_at, 1) if self.verifier_at else None,
+                "status": hb.get("status"),
+                "fps": hb.get("fps"),
+                "frame_latency_ms": hb.get("frame_latency_ms"),
+                "decision_latency_ms": hb.get("decision_latency_ms"),
+                "gallery": {
+                    k: gallery.get(k)
+                    for k in ("subjects", "stale", "error", "refusing", "accepts_from_memory_s", "action")
+                },
+                "providers": hb.get("providers"),
+                "last_error": hb.get("last_error"),
+            }
             gates = []
             for gate, cameras in sorted(self.gates.items()):
                 camera_states = []
                 for cid in cameras:
                     c = cams.get(cid) or {}
                     state = c.get("state", "unknown") if self.verifier_state == "up" else "unknown"
-                    camera_states.append({"camera_id": cid, "state": state, "last_error": c.get("last_error"),
-                                          "last_frame_age_s": c.get("last_frame_age_s"),
-                                          "fps": self.camera_fps.get(cid)})
+                    camera_states.append(
+                        {
+                            "camera_id": cid,
+                            "state": state,
+                            "last_error": c.get("last_error"),
+                            "last_frame_age_s": c.get("last_frame_age_s"),
+                            "fps": self.camera_fps.get(cid),
+                        }
+                    )
                 states = {c["state"] for c in camera_states}
                 flight_id = (gates_hb.get(gate) or {}).get("flight_id")
                 flight = self.flights.get(flight_id) if flight_id else None
                 last = self.last.get(gate)
-                gates.append({
-                    "gate_id": gate,
-                    "camera_state": "down" if "down" in states else "up" if states <= {"up", "ended"} and states
-                    else "unknown",
-                    "cameras": camera_states,
-                    "fps": round(sum(c["fps"] or 0 for c in camera_states), 1),
-                    "verifier_state": self.verifier_state,
-                    "flight_id": flight_id,
-                    "flight": None if flight is None else {**flight,
-                                                           "remaining": flight["passengers"] - flight["boarded"]},
-                    "gallery_subjects": gallery.get("subjects"),
-                    "last_decision": None if last is None else
-                    {k: last.get(k) for k in ("event_id", "type", "subject_id", "display_name", "score", "reason",
-                                              "latency_ms", "decided_at", "alert")},
-                    "watched": self.viewers.get(gate, 0) > 0,
-                })
+                gates.append(
+                    {
+                        "gate_id": gate,
+                        "camera_state": "down"
+                        if "down" in states
+                        else "up"
+                        if states <= {"up", "ended"} and states
+                        else "unknown",
+                        "cameras": camera_states,
+                        "fps": round(sum(c["fps"] or 0 for c in camera_states), 1),
+                        "verifier_state": self.verifier_state,
+                        "flight_id": flight_id,
+                        "flight": None
+                        if flight is None
+                        else {**flight, "remaining": flight["passengers"] - flight["boarded"]},
+                        "gallery_subjects": gallery.get("subjects"),
+                        "last_decision": None
+                        if last is None
+                        else {
+                            k: last.get(k)
+                            for k in (
+                                "event_id",
+                                "type",
+                                "subject_id",
+                                "display_name",
+                                "score",
+                                "reason",
+                                "latency_ms",
+                                "decided_at",
+                                "alert",
+                            )
+                        },
+                        "watched": self.viewers.get(gate, 0) > 0,
+                    }
+                )
             alerts = [e for e in self.feed if e.get("alert")][:10]
         return {"verifier": verifier, "gates": gates, "alerts": alerts, "time": now}

@@ -184,12 +184,16 @@ class Throttle:
 
     def _refusal(self, now: float, budget: _Budget | None, device: str | None) -> Refusal | None:
         if budget is not None and budget.failures and budget.last + backoff_s(budget.failures) > now:
-            return Refusal("this browser's wrong passwords" if device else "this address's wrong passwords",
-                           budget.last + backoff_s(budget.failures) - now)
+            return Refusal(
+                "this browser's wrong passwords" if device else "this address's wrong passwords",
+                budget.last + backoff_s(budget.failures) - now,
+            )
         if not device and len(self._pool) >= MAX_POOL_FAILURES:
-            return Refusal(f"the wrong passwords of every address together ({MAX_POOL_FAILURES} a minute; a "
-                           "browser that has logged in before has a budget of its own)",
-                           self._pool[0] + POOL_WINDOW_S - now)
+            return Refusal(
+                f"the wrong passwords of every address together ({MAX_POOL_FAILURES} a minute; a "
+                "browser that has logged in before has a budget of its own)",
+                self._pool[0] + POOL_WINDOW_S - now,
+            )
         return None
 
     def _expire(self, now: float) -> None:

@@ -18,15 +18,31 @@ bench, tests).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Union
 
 import zmq
 
-from kiosk.messaging.messages import (EOF_TOPIC, EVENT_TOPIC, FRAME_TOPIC, HEALTH_TOPIC, MAX_TOPIC_BYTES,
-                                      BadMessage, CaptureHealth, Eof, Event, Frame, Heartbeat, OutOfBounds,
-                                      check_frame_clock, decode_event, decode_frame_header, decode_frame_image,
-                                      decode_json)
+from kiosk.messaging.messages import (
+    EOF_TOPIC,
+    EVENT_TOPIC,
+    FRAME_TOPIC,
+    HEALTH_TOPIC,
+    MAX_TOPIC_BYTES,
+    BadMessage,
+    CaptureHealth,
+    Eof,
+    Event,
+    Frame,
+    Heartbeat,
+    OutOfBounds,
+    check_frame_clock,
+    decode_event,
+    decode_frame_header,
+    decode_frame_image,
+    decode_json,
+)
 
 FrameMessage = Union[Frame, Eof, CaptureHealth]
 EventMessage = Union[Event, Heartbeat, CaptureHealth]
@@ -73,8 +89,14 @@ class FrameChannel:
 
     TOPICS = ((FRAME_TOPIC, "frame"), (EOF_TOPIC, "eof"), (CAPTURE_HEALTH, "health"))
 
-    def __init__(self, sock: zmq.Socket, cameras: Iterable[str], on_bad: OnBad = _ignore,
-                 owners: dict[str, str] | None = None, on_refused: OnRefused | None = None) -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        cameras: Iterable[str],
+        on_bad: OnBad = _ignore,
+        owners: dict[str, str] | None = None,
+        on_refused: OnRefused | None = None,
+    ) -> None:
         """`owners`: camera id -> the z85 public key allowed to speak for it (None: CurveZMQ is off).
         `on_refused`: told of each refused message (default: `on_bad` with why)."""
         self.sock = sock
@@ -133,7 +155,7 @@ class FrameChannel:
         topic = first.bytes.decode("utf-8", "replace")
         for prefix, kind in self.TOPICS:
             if topic.startswith(prefix):
-                camera = topic[len(prefix):]
+                camera = topic[len(prefix) :]
                 if camera not in self.cameras:
                     raise BadMessage(f"{kind} from unknown camera {camera[:60]!r}")
                 return topic, camera, kind
@@ -148,8 +170,14 @@ class FrameChannel:
         except zmq.ZMQError:
             sender = None
         if sender != self.owners.get(camera):
-            self.on_refused(Refusal(camera, "sender", f"a message for camera {camera!r} from a key that is not "
-                                    f"its capture's (cameras[].key); dropped undecoded"))
+            self.on_refused(
+                Refusal(
+                    camera,
+                    "sender",
+                    f"a message for camera {camera!r} from a key that is not "
+                    f"its capture's (cameras[].key); dropped undecoded",
+                )
+            )
             return False
         return True
 
@@ -179,10 +207,11 @@ class EventChannel:
                 return Heartbeat(decode_json(parts, "health")[1])
             if topic.startswith(GATE_HEALTH):
                 body = decode_json(parts, "gate health")[1]
-                gate = topic[len(GATE_HEALTH):]
+                gate = topic[len(GATE_HEALTH) :]
                 if body.get("gate_id") != gate:
-                    raise BadMessage(f"gate health: topic {topic[:60]!r} does not match gate_id "
-                                     f"{str(body.get('gate_id'))[:40]!r}")
+                    raise BadMessage(
+                        f"gate health: topic {topic[:60]!r} does not match gate_id {str(body.get('gate_id'))[:40]!r}"
+                    )
                 return Heartbeat(body, gate)
             if topic.startswith(CAPTURE_HEALTH):
                 return _capture_health(topic, parts, None)
@@ -202,8 +231,14 @@ def sources_done(status: dict[str, Any] | None, cameras: Iterable[str]) -> bool:
     return all(known.get(cid, {}).get("eof") for cid in cameras) and status.get("queue_depth") == 0
 
 
-def wait_until_eof(ask: Callable[[], dict[str, Any] | None], cameras: Iterable[str], *, timeout_s: float,
-                   every_s: float = 0.1, while_waiting: Callable[[], None] = lambda: None) -> bool:
+def wait_until_eof(
+    ask: Callable[[], dict[str, Any] | None],
+    cameras: Iterable[str],
+    *,
+    timeout_s: float,
+    every_s: float = 0.1,
+    while_waiting: Callable[[], None] = lambda: None,
+) -> bool:
     """Ask the verifier's status (`ask`) until the file sources `cameras` are read and decided; False on
     timeout. `while_waiting` runs between asks (e.g. to take events off a socket)."""
     cameras = list(cameras)

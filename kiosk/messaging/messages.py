@@ -151,8 +151,7 @@ def decode_idle(parts: list[bytes]) -> IdleHint:
     idle = _require(data, "idle", bool, "idle")
     seq = _require(data, "seq", int, "idle")
     numbers = [_require(data, key, (int, float), "idle") for key in ("clock", "change", "every_s")]
-    if isinstance(seq, bool) or seq < 0 or any(isinstance(n, bool) or not math.isfinite(n) or n < 0
-                                               for n in numbers):
+    if isinstance(seq, bool) or seq < 0 or any(isinstance(n, bool) or not math.isfinite(n) or n < 0 for n in numbers):
         raise BadMessage("idle: seq, clock, change and every_s must be non-negative numbers")
     return IdleHint(camera, idle, seq, float(numbers[0]), float(numbers[1]), float(numbers[2]))
 
@@ -217,15 +216,21 @@ def _json(part: bytes, where: str) -> dict[str, Any]:
     return data
 
 
-def encode_frame(header: FrameHeader, image: np.ndarray | None = None, jpeg_quality: int = 90, *,
-                 packet: np.ndarray | bytes | None = None) -> list[bytes | memoryview]:
+def encode_frame(
+    header: FrameHeader,
+    image: np.ndarray | None = None,
+    jpeg_quality: int = 90,
+    *,
+    packet: np.ndarray | bytes | None = None,
+) -> list[bytes | memoryview]:
     """[topic, header JSON, pixels]; bgr8 pixels go out without a copy, and so does a `packet` (a jpeg frame
     already encoded, e.g. by the camera)."""
     if packet is not None:
         if header.encoding != "jpeg":
             raise ValueError("an encoded packet needs encoding jpeg")
-        payload: bytes | memoryview = memoryview(np.ascontiguousarray(packet)).cast("B") \
-            if isinstance(packet, np.ndarray) else packet
+        payload: bytes | memoryview = (
+            memoryview(np.ascontiguousarray(packet)).cast("B") if isinstance(packet, np.ndarray) else packet
+        )
     elif header.encoding == "jpeg":
         ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
         if not ok:
@@ -266,10 +271,15 @@ def decode_frame_header(parts: list[Any]) -> FrameHeader:
         raise BadMessage(f"frame header: {exc}") from None
     if topic != FRAME_TOPIC + header.camera_id:
         raise BadMessage(f"frame: topic {topic!r} does not match camera_id {header.camera_id!r}")
-    if not (0 < header.width <= MAX_SIDE and 0 < header.height <= MAX_SIDE
-            and header.width * header.height <= MAX_FRAME_PIXELS):
-        raise BadMessage(f"frame: bad size {header.width}x{header.height} (at most {MAX_SIDE} px a side and "
-                         f"{MAX_FRAME_PIXELS} pixels)")
+    if not (
+        0 < header.width <= MAX_SIDE
+        and 0 < header.height <= MAX_SIDE
+        and header.width * header.height <= MAX_FRAME_PIXELS
+    ):
+        raise BadMessage(
+            f"frame: bad size {header.width}x{header.height} (at most {MAX_SIDE} px a side and "
+            f"{MAX_FRAME_PIXELS} pixels)"
+        )
     if header.encoding not in ("bgr8", "jpeg"):
         raise BadMessage(f"frame: unknown encoding {header.encoding!r}")
     if not math.isfinite(header.captured_at) or (header.pts is not None and not math.isfinite(header.pts)):
@@ -286,12 +296,19 @@ def check_frame_clock(header: FrameHeader, now: float) -> None:
     CLOCK_SKEW_TOLERANCE_S, or further behind it than MAX_FRAME_PAST_S."""
     offset = header.captured_at - now
     if offset > CLOCK_SKEW_TOLERANCE_S:
-        raise OutOfBounds("future", f"frame {header.seq} of camera {header.camera_id!r}: captured_at is "
-                          f"{offset:.3g} s ahead of this host's clock (tolerance {CLOCK_SKEW_TOLERANCE_S:g} s)",
-                          offset)
+        raise OutOfBounds(
+            "future",
+            f"frame {header.seq} of camera {header.camera_id!r}: captured_at is "
+            f"{offset:.3g} s ahead of this host's clock (tolerance {CLOCK_SKEW_TOLERANCE_S:g} s)",
+            offset,
+        )
     if -offset > MAX_FRAME_PAST_S:
-        raise OutOfBounds("past", f"frame {header.seq} of camera {header.camera_id!r}: captured_at is "
-                          f"{-offset:.3g} s behind this host's clock (at most {MAX_FRAME_PAST_S:g} s)", offset)
+        raise OutOfBounds(
+            "past",
+            f"frame {header.seq} of camera {header.camera_id!r}: captured_at is "
+            f"{-offset:.3g} s behind this host's clock (at most {MAX_FRAME_PAST_S:g} s)",
+            offset,
+        )
 
 
 def decode_frame_image(header: FrameHeader, payload: Any) -> np.ndarray:
@@ -300,13 +317,13 @@ def decode_frame_image(header: FrameHeader, payload: Any) -> np.ndarray:
     if header.encoding == "bgr8":
         expected = header.width * header.height * 3
         if len(payload) != expected:
-            raise BadMessage(f"frame: bgr8 payload of {len(payload)} bytes, {header.width}x{header.height}x3 "
-                             f"needs {expected}")
+            raise BadMessage(
+                f"frame: bgr8 payload of {len(payload)} bytes, {header.width}x{header.height}x3 needs {expected}"
+            )
         return np.frombuffer(payload, np.uint8).reshape(header.height, header.width, 3)
-    size = image_size(payload[:256 * 1024])
+    size = image_size(payload[: 256 * 1024])
     if size != (header.width, header.height):  # checked before decoding: a JPEG bomb allocates nothing
-        raise BadMessage(f"frame: JPEG of size {size} does not match the header's "
-                         f"{header.width}x{header.height}")
+        raise BadMessage(f"frame: JPEG of size {size} does not match the header's {header.width}x{header.height}")
     image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
     if image is None or image.shape[:2] != (header.height, header.width):
         raise BadMessage("frame: JPEG payload does not decode to the header's size")
@@ -344,8 +361,9 @@ def event_from_dict(data: dict[str, Any], topic: str | None = None) -> Event:
         if data.get(key) is not None and not isinstance(data[key], str):
             raise BadMessage(f"event: {key} must be a string")
     flights = data.get("on_flights")
-    if flights is not None and not (isinstance(flights, list) and len(flights) <= 100
-                                    and all(isinstance(f, str) for f in flights)):
+    if flights is not None and not (
+        isinstance(flights, list) and len(flights) <= 100 and all(isinstance(f, str) for f in flights)
+    ):
         raise BadMessage("event: on_flights must be a list of flight ids")
     checks = data.get("liveness_checks")
     if checks is not None and not isinstance(checks, dict):

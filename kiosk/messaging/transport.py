@@ -119,13 +119,15 @@ def init_keys(keys_dir: Path, *, client_name: str = "client", role: str = "all")
 
 def _load(path: Path) -> KeyPair:
     if not path.is_file():
-        raise ConfigError(f"security.keys_dir: key file {path} not found; "
-                          f"run `kiosk keys init {path.parent}` to make the keys")
+        raise ConfigError(
+            f"security.keys_dir: key file {path} not found; run `kiosk keys init {path.parent}` to make the keys"
+        )
     try:
         pub, sec = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"security.keys_dir: cannot load key {path}: {exc}; "
-                          "run `kiosk keys init DIR` to make the keys") from None
+        raise ConfigError(
+            f"security.keys_dir: cannot load key {path}: {exc}; run `kiosk keys init DIR` to make the keys"
+        ) from None
     return KeyPair(pub, sec)
 
 
@@ -134,8 +136,10 @@ def client_public_key(keys_dir: Path, name: str) -> str:
     reports it for that client's messages."""
     path = keys_dir / AUTHORIZED / f"{name}.key"
     if not path.is_file():
-        raise ConfigError(f"cameras[].key: no client key {name!r} in {keys_dir / AUTHORIZED}/ (make it with "
-                          f"`kiosk keys init {keys_dir} --client {name}`)")
+        raise ConfigError(
+            f"cameras[].key: no client key {name!r} in {keys_dir / AUTHORIZED}/ (make it with "
+            f"`kiosk keys init {keys_dir} --client {name}`)"
+        )
     return _load(path).public.decode("ascii")
 
 
@@ -165,8 +169,12 @@ class AllowList:
             if len(self._logged) > 1000:  # bounded whatever keys are tried
                 self._logged.clear()
             self._logged[client_key] = now
-            log.warning("refused client key %s in ZAP domain %s: not in %s", client_key[:8].decode(errors="replace"),
-                        domain, " or ".join(str(f) for f in self.folders))
+            log.warning(
+                "refused client key %s in ZAP domain %s: not in %s",
+                client_key[:8].decode(errors="replace"),
+                domain,
+                " or ".join(str(f) for f in self.folders),
+            )
         return False
 
 
@@ -206,7 +214,7 @@ class ClientNames:
                 cached = self._parsed[entry.name] = (stamp, public)
             seen[entry.name] = cached
             if cached[1] == public_z85:
-                names.append(entry.name[:-len(".key")])
+                names.append(entry.name[: -len(".key")])
         self._parsed = seen  # files gone are forgotten
         return sorted(names)
 
@@ -230,11 +238,17 @@ class Transport:
         self._monitors: list[tuple[zmq.Socket, threading.Thread]] = []
         self._closing = threading.Event()
         if not self.curve:
-            log.warning("%s: CurveZMQ is OFF (security.curve: false): frames and decisions travel unencrypted "
-                        "and any process can connect", role)
+            log.warning(
+                "%s: CurveZMQ is OFF (security.curve: false): frames and decisions travel unencrypted "
+                "and any process can connect",
+                role,
+            )
         if not cfg.pad.enabled:
-            log.warning("%s: liveness is OFF (pad.enabled: false): a printed photo or a phone screen showing an "
-                        "enrolled passenger is accepted like the passenger", role)
+            log.warning(
+                "%s: liveness is OFF (pad.enabled: false): a printed photo or a phone screen showing an "
+                "enrolled passenger is accepted like the passenger",
+                role,
+            )
 
     # -- keys ----------------------------------------------------------------
     def _server_keys(self) -> KeyPair:
@@ -264,14 +278,16 @@ class Transport:
         if self._auth is None:
             for folder in (AUTHORIZED, SUBSCRIBERS):
                 if not (self.keys_dir / folder).is_dir():
-                    raise ConfigError(f"security.keys_dir: {self.keys_dir / folder} is missing; "
-                                      f"run `kiosk keys init {self.keys_dir}`")
+                    raise ConfigError(
+                        f"security.keys_dir: {self.keys_dir / folder} is missing; run `kiosk keys init {self.keys_dir}`"
+                    )
             self._auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("kiosk.zap"))
             self._auth.start()
             self._auth.configure_curve_callback("ingest", AllowList([self.keys_dir / AUTHORIZED]))
             # Events: gate controllers, and every fully authorised client too.
-            self._auth.configure_curve_callback("events", AllowList([self.keys_dir / SUBSCRIBERS,
-                                                                     self.keys_dir / AUTHORIZED]))
+            self._auth.configure_curve_callback(
+                "events", AllowList([self.keys_dir / SUBSCRIBERS, self.keys_dir / AUTHORIZED])
+            )
             # Preview frames and decision crops (biometric data): operator consoles only. (A folder made before
             # consoles existed is added empty.)
             (self.keys_dir / CONSOLES).mkdir(exist_ok=True)
@@ -297,8 +313,9 @@ class Transport:
         # A name of its own: pyzmq's default is named after the socket's file descriptor, which a socket opened
         # just after another closed can reuse while libzmq still holds the old name ("Address already in use",
         # seen with the suite run twice at once).
-        monitor = sock.get_monitor_socket(failed | zmq.EVENT_HANDSHAKE_SUCCEEDED,
-                                          addr=f"inproc://kiosk-monitor-{next(_MONITOR_IDS)}")
+        monitor = sock.get_monitor_socket(
+            failed | zmq.EVENT_HANDSHAKE_SUCCEEDED, addr=f"inproc://kiosk-monitor-{next(_MONITOR_IDS)}"
+        )
         endpoint = getattr(self.cfg.transport, what)
 
         def watch() -> None:
@@ -314,8 +331,14 @@ class Transport:
                     break
                 if event["event"] & failed and time.monotonic() - last > 30:
                     last = time.monotonic()
-                    log.error("%s: %s refused this machine's key %r (CurveZMQ handshake failed); it must be in the "
-                              "verifier's %s/", self.role, endpoint, self._client_key, AUTHORIZED)
+                    log.error(
+                        "%s: %s refused this machine's key %r (CurveZMQ handshake failed); it must be in the "
+                        "verifier's %s/",
+                        self.role,
+                        endpoint,
+                        self._client_key,
+                        AUTHORIZED,
+                    )
                 elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     log.debug("%s: CurveZMQ handshake with %s succeeded", self.role, endpoint)
             monitor.close(linger=0)
@@ -338,8 +361,9 @@ class Transport:
             sock.bind(endpoint) if bind else sock.connect(endpoint)
         except zmq.ZMQError as exc:
             sock.close()
-            raise ConfigError(f"transport.{key}: cannot {'bind' if bind else 'connect to'} {endpoint!r}: "
-                              f"{exc}") from None
+            raise ConfigError(
+                f"transport.{key}: cannot {'bind' if bind else 'connect to'} {endpoint!r}: {exc}"
+            ) from None
         return sock
 
     # -- sockets -------------------------------------------------------------
@@ -377,8 +401,11 @@ class Transport:
         authorized_consoles/ (see ClientNames); None with CurveZMQ off."""
         if not self.curve:
             return None
-        return (ClientNames(self.keys_dir / AUTHORIZED), ClientNames(self.keys_dir / SUBSCRIBERS),
-                ClientNames(self.keys_dir / CONSOLES))
+        return (
+            ClientNames(self.keys_dir / AUTHORIZED),
+            ClientNames(self.keys_dir / SUBSCRIBERS),
+            ClientNames(self.keys_dir / CONSOLES),
+        )
 
     def event_subscriber(self, topics: list[str]) -> zmq.Socket:
         sock = self._socket(zmq.SUB, RCVHWM=10000, MAXMSGSIZE=EVENT_PART_MAX)
@@ -481,7 +508,7 @@ def nothing_listens(endpoint: str, timeout_s: float = 0.5) -> bool:
     say so at once instead of waiting for a reply that cannot come. Other transports: False (unknown)."""
     if not endpoint.startswith("tcp://"):
         return False
-    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    host, _, port = endpoint[len("tcp://") :].rpartition(":")
     host = host.strip("[]")
     if host == "*":
         host = "127.0.0.1"
@@ -494,8 +521,9 @@ def nothing_listens(endpoint: str, timeout_s: float = 0.5) -> bool:
         return False  # unreachable or slow: let the request itself time out and say more
 
 
-def ask_verifier(cfg: KioskConfig, request: dict[str, Any], *, role: str, timeout_ms: int = 3000
-                 ) -> dict[str, Any] | None:
+def ask_verifier(
+    cfg: KioskConfig, request: dict[str, Any], *, role: str, timeout_ms: int = 3000
+) -> dict[str, Any] | None:
     """One control request with a transport of its own; None when the verifier does not answer."""
     transport = Transport(cfg, role=role)
     try:

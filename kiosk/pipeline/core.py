@@ -23,23 +23,24 @@ import dataclasses
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Union
+from typing import Any, Protocol, Union
 
 import numpy as np
 
 from kiosk.boarding.gates import GateFlights
 from kiosk.config import KioskConfig
+from kiosk.messaging.messages import Eof, Frame, IdleHint
+from kiosk.pipeline.policy import Decision, DecisionPolicy
+from kiosk.pipeline.tracking import Track, Tracker
+from kiosk.store.matrix import GalleryMatrix, Match
 from kiosk.vision.engine import FaceModels
 from kiosk.vision.faces import Faces
 from kiosk.vision.liveness import PadObservation
-from kiosk.store.matrix import GalleryMatrix, Match
-from kiosk.messaging.messages import Eof, Frame, IdleHint
 from kiosk.vision.models.recognizer import align_faces
-from kiosk.pipeline.policy import Decision, DecisionPolicy
 from kiosk.vision.quality import measure
 from kiosk.vision.scene_change import thumbnail, unchanged
-from kiosk.pipeline.tracking import Track, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,9 @@ class CameraState:
             return "down", "no frame received yet (is its capture running?)"
         silent = now - self.last_frame_at
         if silent > CAMERA_SILENT_S:
-            return "down", f"no frame for {silent:.0f} s" + (f" (last error: {self.capture_error})"
-                                                           if self.capture_error else "")
+            return "down", f"no frame for {silent:.0f} s" + (
+                f" (last error: {self.capture_error})" if self.capture_error else ""
+            )
         return "up", ""
 
     def frames_waiting(self) -> int:
@@ -162,8 +164,11 @@ class StepFaces:
     def join(cls, per_frame: list[Faces], tracks: list[list[Track]]) -> StepFaces:
         counts = [len(f) for f in per_frame]
         if sum(counts):
-            faces = Faces(np.concatenate([f.boxes for f in per_frame]), np.concatenate([f.scores for f in per_frame]),
-                          np.concatenate([f.kps for f in per_frame]))
+            faces = Faces(
+                np.concatenate([f.boxes for f in per_frame]),
+                np.concatenate([f.scores for f in per_frame]),
+                np.concatenate([f.kps for f in per_frame]),
+            )
         else:
             faces = Faces.empty()
         return cls(faces, np.repeat(np.arange(len(per_frame)), counts), [t for ts in tracks for t in ts])
@@ -172,18 +177,23 @@ class StepFaces:
 class VerifierCore:
     """The verifier's rules, fed arrivals and a clock; see the module docstring."""
 
-    def __init__(self, cfg: KioskConfig, engine: FaceModels, matrix: GalleryMatrix | GateFlights, *,
-                 metrics: CoreMetrics) -> None:
+    def __init__(
+        self, cfg: KioskConfig, engine: FaceModels, matrix: GalleryMatrix | GateFlights, *, metrics: CoreMetrics
+    ) -> None:
         self.cfg = cfg
         self.engine = engine
-        self.flights = matrix if isinstance(matrix, GateFlights) else \
-            GateFlights(matrix, require_flight=cfg.boarding.require_flight)
+        self.flights = (
+            matrix
+            if isinstance(matrix, GateFlights)
+            else GateFlights(matrix, require_flight=cfg.boarding.require_flight)
+        )
         self.metrics = metrics
         self.policy = DecisionPolicy(cfg.policy, cfg.pad, textured=bool(cfg.models.pad))
         self.pad_errors = 0
-        self.cameras = {c.id: CameraState(c.id, c.gate, c.realtime,
-                                          Tracker(c.id, max_age_s=cfg.policy.track_max_age_s))
-                        for c in cfg.cameras}
+        self.cameras = {
+            c.id: CameraState(c.id, c.gate, c.realtime, Tracker(c.id, max_age_s=cfg.policy.track_max_age_s))
+            for c in cfg.cameras
+        }
         self.steps = 0
         self.faces_total = 0
         self.preview_gates: set[str] = set()  # gates a console watches: their last frame is kept (cam.view)
@@ -213,9 +223,12 @@ class VerifierCore:
             if old.flight_of(cam.gate_id) != flights.flight_of(cam.gate_id) and cam.tracker.tracks:
                 for track in cam.tracker.end_all():
                     self.policy.state(track).decided = True
-                log.info("gate %s: now %s; camera %s's tracks dropped", cam.gate_id,
-                         f"boarding {flights.flight_of(cam.gate_id)}" if flights.flight_of(cam.gate_id)
-                         else "not boarding", cam.camera_id)
+                log.info(
+                    "gate %s: now %s; camera %s's tracks dropped",
+                    cam.gate_id,
+                    f"boarding {flights.flight_of(cam.gate_id)}" if flights.flight_of(cam.gate_id) else "not boarding",
+                    cam.camera_id,
+                )
         self._set_gate_metrics()
 
     def _set_gate_metrics(self) -> None:
@@ -278,9 +291,13 @@ class VerifierCore:
                     cam.too_old += 1
                     self.metrics.frames_too_old.labels(camera=cam.camera_id).inc()
                     if cam.too_old == 1 or cam.too_old % 100 == 0:
-                        log.warning("camera %s: dropped a frame captured %.0f ms ago (policy.max_frame_age_ms "
-                                    "%.0f; %d so far)", cam.camera_id, (now - item.header.captured_at) * 1000,
-                                    self.cfg.policy.max_frame_age_ms, cam.too_old)
+                        log.warning(
+                            "camera %s: dropped a frame captured %.0f ms ago (policy.max_frame_age_ms %.0f; %d so far)",
+                            cam.camera_id,
+                            (now - item.header.captured_at) * 1000,
+                            self.cfg.policy.max_frame_age_ms,
+                            cam.too_old,
+                        )
                     continue
                 if self._idle(cam, item):  # judged (an empty scene, unchanged): counted as processed
                     cam.idle_skipped += 1
@@ -307,8 +324,11 @@ class VerifierCore:
         limit = self.cfg.policy.deciding_cameras_per_step
         if not limit:
             return set()
-        deciding = [cam for cam in self.cameras.values() if cam.frames_waiting() and any(
-            self.policy.needs_frames(tr) for tr in cam.tracker.tracks)]
+        deciding = [
+            cam
+            for cam in self.cameras.values()
+            if cam.frames_waiting() and any(self.policy.needs_frames(tr) for tr in cam.tracker.tracks)
+        ]
         if len(deciding) <= limit:
             return set()
         deciding.sort(key=lambda cam: cam.last_wall)
@@ -343,8 +363,9 @@ class VerifierCore:
                 self._tell(cam, False, 0, 0.0)
 
     def _tell(self, cam: CameraState, idle: bool, seq: int, clock: float) -> None:
-        self.hints.append(IdleHint(cam.camera_id, idle, seq, clock, self.cfg.policy.idle_change,
-                                   self.cfg.policy.idle_detect_every_s))
+        self.hints.append(
+            IdleHint(cam.camera_id, idle, seq, clock, self.cfg.policy.idle_change, self.cfg.policy.idle_detect_every_s)
+        )
         cam.hinted_idle = idle
 
     def process(self, frames: list[Frame], now: float) -> list[Verdict]:
@@ -402,8 +423,9 @@ class VerifierCore:
         if len(want):
             sel = step.faces[want]
             # `want` is ascending and faces are concatenated frame by frame, so the crops line up with `sel`.
-            crops = np.concatenate([align_faces(frames[i].image, sel.kps[step.frame[want] == i])
-                                    for i in range(len(frames))])
+            crops = np.concatenate(
+                [align_faces(frames[i].image, sel.kps[step.frame[want] == i]) for i in range(len(frames))]
+            )
             t = add("align", t)
             ok = self.policy.quality_ok(measure(sel, crops))
             want, crops = want[ok], crops[ok]
@@ -434,8 +456,9 @@ class VerifierCore:
             self.metrics.observe_stage(stage, ms)
         return verdicts
 
-    def _ration(self, step: StepFaces, want: np.ndarray, crops: np.ndarray, undecided: np.ndarray,
-                since: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _ration(
+        self, step: StepFaces, want: np.ndarray, crops: np.ndarray, undecided: np.ndarray, since: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """At most `max_embeddings_per_frame` faces: an overdue identity check first, then undecided tracks,
         the longest-waiting first, then the one embedded least often (turns go round a crowd), then the
         largest face (the passenger at the front)."""
@@ -451,9 +474,17 @@ class VerifierCore:
         keep.sort()
         return want[keep], crops[keep]
 
-    def _match_and_decide(self, frames: list[Frame], cams: list[CameraState], step: StepFaces, want: np.ndarray,
-                          emb: np.ndarray, now: float, add: Callable[[str, float], float],
-                          t: float) -> tuple[list[Verdict], set[int]]:
+    def _match_and_decide(
+        self,
+        frames: list[Frame],
+        cams: list[CameraState],
+        step: StepFaces,
+        want: np.ndarray,
+        emb: np.ndarray,
+        now: float,
+        add: Callable[[str, float], float],
+        t: float,
+    ) -> tuple[list[Verdict], set[int]]:
         """Match and decide the embedded faces; also which of the step's frames had a face being decided."""
         verdicts: list[Verdict] = []
         deciding: list[tuple[int, Track]] = []  # (row of emb, track) that need a match
@@ -461,8 +492,9 @@ class VerifierCore:
             track = step.tracks[k]
             cam, header = cams[step.frame[k]], frames[step.frame[k]].header
             if track.embedding is not None and float(emb[row] @ track.embedding) < SAME_PERSON:
-                log.info("camera %s: track %d changed person; starting a new transaction", cam.camera_id,
-                         track.track_id)
+                log.info(
+                    "camera %s: track %d changed person; starting a new transaction", cam.camera_id, track.track_id
+                )
                 new = cam.tracker.split(track, header.clock)
                 verdicts += self._ended(cam, [track], now)
                 track = step.tracks[k] = new
@@ -487,10 +519,13 @@ class VerifierCore:
                 matches[i] = found
         for i, claim in enumerate(claims):
             if claim is not None:
-                matches[i] = self.matrix.search(emb[deciding[i][0]:deciding[i][0] + 1], only=claim.subject_id)[0]
+                matches[i] = self.matrix.search(emb[deciding[i][0] : deciding[i][0] + 1], only=claim.subject_id)[0]
         outsiders: list[Match | None] = [None] * len(deciding)
-        strays = [i for i, (claim, gate, m) in enumerate(zip(claims, gates, matches))
-                  if claim is None and self.flights.flight_of(gate) and not self.policy.match_ok(m)]  # type: ignore
+        strays = [
+            i
+            for i, (claim, gate, m) in enumerate(zip(claims, gates, matches))
+            if claim is None and self.flights.flight_of(gate) and not self.policy.match_ok(m)
+        ]  # type: ignore
         if strays:
             for i, found in zip(strays, self.matrix.search(emb[[deciding[i][0] for i in strays]])):
                 if self.policy.match_ok(found) and not self.flights.on_flight(gates[i], found.subject_id):
@@ -503,8 +538,16 @@ class VerifierCore:
             k = want[row]
             cam, header = cams[step.frame[k]], frames[step.frame[k]].header
             assert match is not None
-            decision = self.policy.observe(track, cam.gate_id, match, header.captured_at, header.seq,
-                                           clock=header.clock, outsider=outsider, live=live)
+            decision = self.policy.observe(
+                track,
+                cam.gate_id,
+                match,
+                header.captured_at,
+                header.seq,
+                clock=header.clock,
+                outsider=outsider,
+                live=live,
+            )
             if decision is not None:
                 verdicts.append(self._verdict(cam, track, decision, now))
         add("decide", t)
@@ -526,8 +569,9 @@ class VerifierCore:
                 self.pad_errors += 1
                 self.last_error = f"liveness: {exc}"
                 if self.pad_errors == 1 or self.pad_errors % 100 == 0:
-                    log.error("liveness model failed (%d so far): %s; accepts wait and fail closed",
-                              self.pad_errors, exc)
+                    log.error(
+                        "liveness model failed (%d so far): %s; accepts wait and fail closed", self.pad_errors, exc
+                    )
                 continue
             for p_, obs in zip(pos, observed):
                 out[int(p_)] = obs

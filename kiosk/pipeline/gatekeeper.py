@@ -34,7 +34,8 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from kiosk.boarding.model import BoardOutcome, DecisionRecord
 from kiosk.messaging.messages import Event
@@ -114,9 +115,19 @@ def _reject(d: Decision, reason: str, **changes: object) -> Decision:
 class Gatekeeper:
     """Each decision through the fail-closed rules to the audit log and the gates; see the module docstring."""
 
-    def __init__(self, *, enrolment: Enrolment, store: BoardingMarks, audit: AuditTrail, publisher: Publisher,
-                 forget_accept: Callable[[str, str], None], max_frame_age_ms: float, stale_grace_s: float,
-                 clock: Clock | None = None, counters: FailureCounters | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        enrolment: Enrolment,
+        store: BoardingMarks,
+        audit: AuditTrail,
+        publisher: Publisher,
+        forget_accept: Callable[[str, str], None],
+        max_frame_age_ms: float,
+        stale_grace_s: float,
+        clock: Clock | None = None,
+        counters: FailureCounters | None = None,
+    ) -> None:
         self.enrolment = enrolment
         self.store = store
         self.audit = audit
@@ -145,8 +156,11 @@ class Gatekeeper:
         self.file_gone = file_gone
         refusing = self._refusal(None) is not None
         if refusing and not self._refused_all:
-            log.error("gallery stale for %.0f s (gallery.stale_grace_s): every accept is refused until it is back "
-                      "(%s)", self.stale_grace_s, remedy)
+            log.error(
+                "gallery stale for %.0f s (gallery.stale_grace_s): every accept is refused until it is back (%s)",
+                self.stale_grace_s,
+                remedy,
+            )
         self._refused_all = refusing
 
     def use(self, enrolment: Enrolment, store: BoardingMarks) -> None:
@@ -187,13 +201,18 @@ class Gatekeeper:
         raw, cam = verdict.decision, verdict.camera
         d = raw
         if d.type == "accept" and cam.realtime and (verdict.at - d.captured_at) * 1000 > self.max_frame_age_ms:
-            log.warning("camera %s: accept of %s from a frame captured %.0f ms ago withheld (stale_frame)",
-                        cam.camera_id, d.subject_id, (verdict.at - d.captured_at) * 1000)
+            log.warning(
+                "camera %s: accept of %s from a frame captured %.0f ms ago withheld (stale_frame)",
+                cam.camera_id,
+                d.subject_id,
+                (verdict.at - d.captured_at) * 1000,
+            )
             d = _reject(d, Reason.STALE_FRAME)
         refusal = self._refusal(d.flight_id)
         if d.type == "accept" and refusal is not None:
-            log.warning("camera %s: accept of %s withheld (%s): the gallery is stale", cam.camera_id,
-                        d.subject_id, refusal)
+            log.warning(
+                "camera %s: accept of %s withheld (%s): the gallery is stale", cam.camera_id, d.subject_id, refusal
+            )
             d = _reject(d, refusal)
         if d.flight_id is not None and d.subject_id is not None:
             d = self._board(verdict, d)
@@ -231,8 +250,10 @@ class Gatekeeper:
                 return dataclasses.replace(d, on_flights=self.store.flights_of(subject))
             if d.type != "accept":
                 return d
-            outcome = self.store.board(DecisionRecord(d.event_id, flight, cam.gate_id, "accept", None, subject,
-                                                      None, d.score, verdict.at), camera_id=cam.camera_id)
+            outcome = self.store.board(
+                DecisionRecord(d.event_id, flight, cam.gate_id, "accept", None, subject, None, d.score, verdict.at),
+                camera_id=cam.camera_id,
+            )
             self._recovered("boarding store")
         except Exception as exc:  # noqa: BLE001 - a boarded mark that cannot be taken must reject, never accept
             self.last_error = f"boarding store: {exc}"
@@ -243,8 +264,12 @@ class Gatekeeper:
             return d
         if outcome.reason == Reason.ALREADY_BOARDED and outcome.previous is not None:
             log.info("%s already boarded %s at gate %s: rejected", subject, flight, outcome.previous.gate_id)
-            return _reject(d, Reason.ALREADY_BOARDED, boarded_at=outcome.previous.boarded_at,
-                           boarded_gate_id=outcome.previous.gate_id)
+            return _reject(
+                d,
+                Reason.ALREADY_BOARDED,
+                boarded_at=outcome.previous.boarded_at,
+                boarded_gate_id=outcome.previous.gate_id,
+            )
         if outcome.reason == "not_on_flight":  # taken off the manifest since the view was loaded
             log.warning("%s is no longer on flight %s: rejected wrong_flight", subject, flight)
             return self._board(verdict, _reject(d, Reason.WRONG_FLIGHT))
@@ -277,21 +302,36 @@ class Gatekeeper:
         """The boarded mark of an accept that never reached the gate comes off again; if it cannot, an
         operator must (`kiosk board undo`), and the gate is told the reject all the same."""
         try:
-            self.store.undo(str(d.flight_id), str(d.subject_id), why="accept withheld: audit log unwritable",
-                            withdraw_accept=True)
+            self.store.undo(
+                str(d.flight_id), str(d.subject_id), why="accept withheld: audit log unwritable", withdraw_accept=True
+            )
         except Exception as exc:  # noqa: BLE001 - logged and counted; the reject still goes out
             self.counters.store_failed()
-            log.error("the boarded mark of %s on %s could not be taken off (%s): `kiosk board undo` it",
-                      d.subject_id, d.flight_id, exc)
+            log.error(
+                "the boarded mark of %s on %s could not be taken off (%s): `kiosk board undo` it",
+                d.subject_id,
+                d.flight_id,
+                exc,
+            )
 
     # -- the flight report's records ----------------------------------------------------------------------
     def _record(self, gate: str, d: Decision) -> None:
         """Keep a reject at a boarding gate for the flight's report. The gate is told either way; one the
         store cannot take now (an outage: the store_unavailable rejects themselves) waits, in order and
         bounded, and is written when the store answers again, with the time it was decided."""
-        self.unrecorded.append(DecisionRecord(d.event_id, str(d.flight_id), gate, d.type,
-                                              None if d.reason is None else str(d.reason), d.subject_id,
-                                              d.candidate_id, d.score, self.clock.time()))
+        self.unrecorded.append(
+            DecisionRecord(
+                d.event_id,
+                str(d.flight_id),
+                gate,
+                d.type,
+                None if d.reason is None else str(d.reason),
+                d.subject_id,
+                d.candidate_id,
+                d.score,
+                self.clock.time(),
+            )
+        )
         self.retry_records()
 
     def retry_records(self) -> None:
@@ -306,8 +346,13 @@ class Gatekeeper:
             except Exception as exc:  # noqa: BLE001 - kept for the next try
                 self.counters.store_failed()
                 if not self.record_failing:
-                    log.warning("decision %s not yet kept for the report of %s (kept for later, %d waiting): %s",
-                                record.event_id, record.flight_id, len(self.unrecorded), exc)
+                    log.warning(
+                        "decision %s not yet kept for the report of %s (kept for later, %d waiting): %s",
+                        record.event_id,
+                        record.flight_id,
+                        len(self.unrecorded),
+                        exc,
+                    )
                 self.record_failing = True
                 self.last_error = f"boarding store: {exc}"
                 return

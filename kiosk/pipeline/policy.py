@@ -31,17 +31,17 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from kiosk.config import PadConfig, PolicyConfig
 from kiosk.messaging.reasons import Reason
+from kiosk.pipeline.tracking import Track
 from kiosk.store.matrix import Match
 from kiosk.vision.liveness import PadObservation, TrackLiveness, check_classes
 from kiosk.vision.quality import Quality
-from kiosk.pipeline.tracking import Track
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +105,22 @@ class TrackState:
 class DecisionPolicy:
     """Decides per track; holds the claims and the recent accepts per gate."""
 
-    def __init__(self, cfg: PolicyConfig, pad: PadConfig | None = None, textured: bool = False,
-                 liveness: Callable[[Track], TrackLiveness] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: PolicyConfig,
+        pad: PadConfig | None = None,
+        textured: bool = False,
+        liveness: Callable[[Track], TrackLiveness] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.pad = pad if pad is not None and pad.enabled else None
         self.textured = textured  # models.pad names texture models: their verdict is needed
         # A track's liveness evidence (evaluate-pad replays recorded checks through this). The check classes are
         # resolved once here (a bad pad.checks fails now), not for every new track.
         classes = check_classes(self.pad, textured) if self.pad is not None else []
-        self.new_liveness = liveness or (lambda track: TrackLiveness(
-            self.pad, textured, [cls(self.pad) for cls in classes]))  # type: ignore[arg-type]
+        self.new_liveness = liveness or (
+            lambda track: TrackLiveness(self.pad, textured, [cls(self.pad) for cls in classes])
+        )  # type: ignore[arg-type]
         self.claims: dict[str, Claim] = {}
         self._recent: dict[tuple[str, str], float] = {}
 
@@ -136,15 +142,20 @@ class DecisionPolicy:
     def quality_ok(self, q: Quality) -> np.ndarray:
         """Which faces count as quality frames."""
         c = self.cfg
-        return ((q.width >= c.min_face_px) & (q.score >= c.min_det_score) & (q.sharpness >= c.min_sharpness)
-                & (np.abs(q.yaw) <= c.max_yaw))
+        return (
+            (q.width >= c.min_face_px)
+            & (q.score >= c.min_det_score)
+            & (q.sharpness >= c.min_sharpness)
+            & (np.abs(q.yaw) <= c.max_yaw)
+        )
 
     # -- claims ----------------------------------------------------------------
     def add_claim(self, gate_id: str, subject_id: str, ttl_s: float, now: float) -> Claim:
         claim = Claim(subject_id, gate_id, now + ttl_s)
         self.claims[gate_id] = claim
-        log.info("claim: next transaction at gate %s is checked against %s only (for %.0fs)", gate_id,
-                 subject_id, ttl_s)
+        log.info(
+            "claim: next transaction at gate %s is checked against %s only (for %.0fs)", gate_id, subject_id, ttl_s
+        )
         return claim
 
     def claim_for(self, track: Track, gate_id: str, now: float) -> Claim | None:
@@ -170,9 +181,17 @@ class DecisionPolicy:
     def needs_frames(self, track: Track) -> bool:
         return not self.state(track).decided
 
-    def observe(self, track: Track, gate_id: str, match: Match, captured_at: float,
-                seq: int | None = None, clock: float | None = None,
-                outsider: Match | None = None, live: PadObservation | None = None) -> Decision | None:
+    def observe(
+        self,
+        track: Track,
+        gate_id: str,
+        match: Match,
+        captured_at: float,
+        seq: int | None = None,
+        clock: float | None = None,
+        outsider: Match | None = None,
+        live: PadObservation | None = None,
+    ) -> Decision | None:
         """One quality frame of `track`, matched 1:N (or 1:1 under a claim, or against a flight's passengers).
 
         `captured_at` (wall clock) goes into the decision for its latency; `clock` (the frame clock,
@@ -200,8 +219,9 @@ class DecisionPolicy:
         else:
             ok = self.match_ok(match)
         if outsider is not None and not ok:
-            state.window.append(Vote(outsider.subject_id, outsider.name, outsider.score, False, captured_at, seq,
-                                     wrong_flight=True))
+            state.window.append(
+                Vote(outsider.subject_id, outsider.name, outsider.score, False, captured_at, seq, wrong_flight=True)
+            )
         else:
             state.window.append(Vote(match.subject_id, match.name, match.score, ok, captured_at, seq))
         while len(state.window) > c.reject_after_frames:
@@ -221,16 +241,27 @@ class DecisionPolicy:
             if count >= c.accept_frames:
                 chosen = [v for v in state.window if v.wrong_flight and v.subject_id == subject]
                 state.decided = True
-                return self._live(state, Decision("reject", Reason.WRONG_FLIGHT, subject, chosen[-1].name,
-                                                  max(v.score for v in chosen), len(chosen), captured_at,
-                                                  chosen[-1].seq))
+                return self._live(
+                    state,
+                    Decision(
+                        "reject",
+                        Reason.WRONG_FLIGHT,
+                        subject,
+                        chosen[-1].name,
+                        max(v.score for v in chosen),
+                        len(chosen),
+                        captured_at,
+                        chosen[-1].seq,
+                    ),
+                )
         if state.quality_frames >= c.reject_after_frames:
             reason = Reason.CLAIM_MISMATCH if state.claim is not None else Reason.NO_MATCH
             return self._live(state, self._reject(track, reason, captured_at))
         return None
 
-    def _liveness(self, track: Track, state: TrackState, captured_at: float, seq: int | None,
-                  now: float) -> Decision | None:
+    def _liveness(
+        self, track: Track, state: TrackState, captured_at: float, seq: int | None, now: float
+    ) -> Decision | None:
         """With liveness on: reject an attack as soon as the evidence says so; let a waiting accept through
         once the evidence says live, or reject it when the wait is over."""
         pad = self.pad
@@ -254,8 +285,9 @@ class DecisionPolicy:
             d.liveness_checks = state.live.report()
         return d
 
-    def _accept(self, track: Track, gate_id: str, votes: list[Vote], captured_at: float,
-                seq: int | None = None) -> Decision | None:
+    def _accept(
+        self, track: Track, gate_id: str, votes: list[Vote], captured_at: float, seq: int | None = None
+    ) -> Decision | None:
         """`seq`: the deciding frame, when it is not the last vote's (an accept that waited for liveness)."""
         state = self.state(track)
         state.decided = True
@@ -264,11 +296,24 @@ class DecisionPolicy:
         last = self._recent.get((gate_id, subject))
         self._recent[(gate_id, subject)] = captured_at
         if last is not None and captured_at - last < self.cfg.repeat_accept_s:
-            log.info("track %d at gate %s: %s again within %.0fs of the last accept; not repeated", track.track_id,
-                     gate_id, subject, self.cfg.repeat_accept_s)
+            log.info(
+                "track %d at gate %s: %s again within %.0fs of the last accept; not repeated",
+                track.track_id,
+                gate_id,
+                subject,
+                self.cfg.repeat_accept_s,
+            )
             return None
-        return Decision("accept", None, subject, votes[-1].name, max(v.score for v in votes), len(votes), captured_at,
-                        votes[-1].seq if seq is None else seq)
+        return Decision(
+            "accept",
+            None,
+            subject,
+            votes[-1].name,
+            max(v.score for v in votes),
+            len(votes),
+            captured_at,
+            votes[-1].seq if seq is None else seq,
+        )
 
     def _reject(self, track: Track, reason: Reason, captured_at: float, seq: int | None = None) -> Decision:
         state = self.state(track)
@@ -278,16 +323,29 @@ class DecisionPolicy:
         last = state.window[-1] if state.window else None
         if seq is None and last is not None:
             seq = last.seq
-        return Decision("reject", reason, subject, None, best.score if best else None, state.quality_frames,
-                        captured_at, seq, candidate_id=best.subject_id if best else None)
+        return Decision(
+            "reject",
+            reason,
+            subject,
+            None,
+            best.score if best else None,
+            state.quality_frames,
+            captured_at,
+            seq,
+            candidate_id=best.subject_id if best else None,
+        )
 
     def check_timeout(self, track: Track, clock: float) -> Decision | None:
         """Reject `timeout` once `clock` (the frame clock of the track's camera) passes the deadline."""
         state = self.state(track)
         if state.decided or state.first_quality_at is None:
             return None
-        if self.pad is not None and state.ready_votes is not None and state.ready_at is not None \
-                and clock - state.ready_at >= self.pad.max_wait_s:
+        if (
+            self.pad is not None
+            and state.ready_votes is not None
+            and state.ready_at is not None
+            and clock - state.ready_at >= self.pad.max_wait_s
+        ):
             return self._live(state, self._reject(track, Reason.LIVENESS_UNVERIFIED, state.window[-1].captured_at))
         if clock - state.first_quality_at >= self.cfg.decision_timeout_s:
             return self._live(state, self._reject(track, Reason.TIMEOUT, state.window[-1].captured_at))

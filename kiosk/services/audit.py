@@ -70,8 +70,7 @@ class AuditLog:
                     tail.seek(-1, os.SEEK_END)
                     if tail.read(1) != b"\n":
                         fh.write(b"\n")
-                        log.warning("audit log %s ended in a partial line; it is kept on a line of its own",
-                                    self.path)
+                        log.warning("audit log %s ended in a partial line; it is kept on a line of its own", self.path)
         except OSError as exc:
             self._failed(f"cannot open the audit log {self.path}: {exc.strerror or exc}")
             return False
@@ -111,8 +110,10 @@ class AuditLog:
         recorded)."""
         if self._fh is None or self._at_path():
             return self._fh is not None
-        log.error("audit log %s is no longer the file being written (deleted, renamed or replaced): "
-                  "reopening at the path", self.path)
+        log.error(
+            "audit log %s is no longer the file being written (deleted, renamed or replaced): reopening at the path",
+            self.path,
+        )
         self._close()
         return self._open()
 
@@ -168,9 +169,17 @@ class AuditLog:
         now = time.time()
         out = []
         if self._lost:
-            out.append(json.dumps({"type": "audit_gap", "lost": self._lost, "late": True, "audited_at": now,
-                                   "why": "more published lines than the backlog holds while the log was "
-                                          "unwritable"}).encode())
+            out.append(
+                json.dumps(
+                    {
+                        "type": "audit_gap",
+                        "lost": self._lost,
+                        "late": True,
+                        "audited_at": now,
+                        "why": "more published lines than the backlog holds while the log was unwritable",
+                    }
+                ).encode()
+            )
         for raw in self._missed:
             try:
                 record = json.loads(raw)
@@ -181,8 +190,11 @@ class AuditLog:
                 out.append(json.dumps(record, separators=(",", ":")).encode())
             else:
                 out.append(raw)
-        log.warning("audit log %s: writing %d line(s) published while it was unwritable, marked late",
-                    self.path, len(self._missed))
+        log.warning(
+            "audit log %s: writing %d line(s) published while it was unwritable, marked late",
+            self.path,
+            len(self._missed),
+        )
         return b"\n".join(out) + b"\n"
 
     def _append(self, data: bytes) -> bool:
@@ -198,8 +210,9 @@ class AuditLog:
 
     def close(self) -> None:
         if self._missed or self._lost:
-            log.error("audit log %s: %d published line(s) could not be written before stopping", self.path,
-                      self.pending)
+            log.error(
+                "audit log %s: %d published line(s) could not be written before stopping", self.path, self.pending
+            )
         self._close()
 
 
@@ -237,8 +250,8 @@ class RecentEvents:
 
     def __init__(self, seed: list[dict[str, Any]], size: int = 2000) -> None:
         self._events: deque[dict[str, Any]] = deque(
-            (e for e in seed if isinstance(e.get("boot_id"), str) and isinstance(e.get("event_seq"), int)),
-            maxlen=size)
+            (e for e in seed if isinstance(e.get("boot_id"), str) and isinstance(e.get("event_seq"), int)), maxlen=size
+        )
 
     def add(self, event: Any) -> None:
         self._events.append(dataclasses.asdict(event))
@@ -256,13 +269,15 @@ class RecentEvents:
             mine = [e for e in held if e.get("gate_id") == gate_id]
             at = next((i for i, e in enumerate(mine) if e["boot_id"] == boot and e["event_seq"] == seq), None)
             if at is not None:
-                new = mine[at + 1:]
+                new = mine[at + 1 :]
             else:
                 new = [e for e in mine if not (e["boot_id"] == boot and e["event_seq"] <= seq)]
             prev = (boot, seq)
             for e in new:
-                if not ((e["boot_id"] == prev[0] and e["event_seq"] == prev[1] + 1)
-                        or (e["boot_id"] != prev[0] and e["event_seq"] == 1)):
+                if not (
+                    (e["boot_id"] == prev[0] and e["event_seq"] == prev[1] + 1)
+                    or (e["boot_id"] != prev[0] and e["event_seq"] == 1)
+                ):
                     complete = False
                 prev = (e["boot_id"], e["event_seq"])
             out += new

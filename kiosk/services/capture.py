@@ -46,8 +46,16 @@ from kiosk.cli_support import serve
 from kiosk.config import CameraConfig, KioskConfig
 from kiosk.errors import ConfigError
 from kiosk.messaging.channels import DECODE_ERRORS
-from kiosk.messaging.messages import (EOF_TOPIC, HEALTH_TOPIC, IDLE_TOPIC, FrameHeader, IdleHint, decode_idle,
-                                      encode_frame, encode_json)
+from kiosk.messaging.messages import (
+    EOF_TOPIC,
+    HEALTH_TOPIC,
+    IDLE_TOPIC,
+    FrameHeader,
+    IdleHint,
+    decode_idle,
+    encode_frame,
+    encode_json,
+)
 from kiosk.messaging.transport import Transport
 from kiosk.vision.images import image_size
 from kiosk.vision.scene_change import thumbnail, unchanged
@@ -134,8 +142,12 @@ class VideoSource(FrameSource):
         # CAP_PROP_CONVERT_RGB off instead, untried without one, so devices decode as before).
         fourcc = int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little")
         self._packets_seen = False
-        self.packets = (not isinstance(self.source, int) and fourcc in (b"MJPG", b"mjpg")
-                        and cap.get(cv2.CAP_PROP_BACKEND) == cv2.CAP_FFMPEG and cap.set(cv2.CAP_PROP_FORMAT, -1))
+        self.packets = (
+            not isinstance(self.source, int)
+            and fourcc in (b"MJPG", b"mjpg")
+            and cap.get(cv2.CAP_PROP_BACKEND) == cv2.CAP_FFMPEG
+            and cap.set(cv2.CAP_PROP_FORMAT, -1)
+        )
         return True
 
     def read(self) -> Captured | None:
@@ -281,16 +293,22 @@ class Capture:
     def __init__(self, cfg: KioskConfig, camera_id: str) -> None:
         cams = {c.id: c for c in cfg.cameras}
         if camera_id not in cams:
-            raise ConfigError(f"--camera {camera_id}: no such camera in {cfg.source or 'the config'} "
-                              f"(cameras: {', '.join(cams) or 'none'})")
+            raise ConfigError(
+                f"--camera {camera_id}: no such camera in {cfg.source or 'the config'} "
+                f"(cameras: {', '.join(cams) or 'none'})"
+            )
         self.cfg = cfg
         self.cam = cams[camera_id]
         self.source = open_source(self.cam, cfg)
         self.transport = Transport(cfg, role=f"capture {camera_id}", client_key=self.cam.key)
         self.sock = self.transport.frame_sender()
         # Idle hints only for a camera that sends in real time (a replay sends every frame, as it always did).
-        self.idle = IdleHold(self.transport.event_subscriber([IDLE_TOPIC + camera_id])
-                             if self.cam.realtime or self.source.live else None, camera_id)
+        self.idle = IdleHold(
+            self.transport.event_subscriber([IDLE_TOPIC + camera_id])
+            if self.cam.realtime or self.source.live
+            else None,
+            camera_id,
+        )
         self.stats = CaptureStats()
         self._stop = threading.Event()
         self._started_at = time.time()  # tells the verifier's counters that a restarted capture counts anew
@@ -324,11 +342,20 @@ class Capture:
         self._last_health = now
         self._window = [t for t in self._window if now - t <= 5.0]
         fps = len(self._window) / 5.0
-        body = {"component": f"capture.{self.cam.id}", "camera_id": self.cam.id, "gate_id": self.cam.gate,
-                "started_at": self._started_at,
-                "status": self._status, "fps": round(fps, 2), "sent": self.stats.sent, "drops": self.stats.dropped,
-                "held": self.stats.held, "faults": self.stats.faults, "last_error": self._last_error,
-                "source": self.source.description}
+        body = {
+            "component": f"capture.{self.cam.id}",
+            "camera_id": self.cam.id,
+            "gate_id": self.cam.gate,
+            "started_at": self._started_at,
+            "status": self._status,
+            "fps": round(fps, 2),
+            "sent": self.stats.sent,
+            "drops": self.stats.dropped,
+            "held": self.stats.held,
+            "faults": self.stats.faults,
+            "last_error": self._last_error,
+            "source": self.source.description,
+        }
         if self._decode_ms:
             p50, p99 = np.percentile(np.asarray(self._decode_ms), [50, 99])
             body["decode_ms"] = {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
@@ -356,8 +383,13 @@ class Capture:
         t0 = 0.0
         seq_at_open = 0
         pts_offset = 0.0
-        log.info("capture %s (gate %s): %s, %s", cam.id, cam.gate, source.description,
-                 "real time" if realtime else "replay, no drops")
+        log.info(
+            "capture %s (gate %s): %s, %s",
+            cam.id,
+            cam.gate,
+            source.description,
+            "real time" if realtime else "replay, no drops",
+        )
         while not self._stop.is_set():
             if not opened:
                 if source.open():
@@ -427,11 +459,22 @@ class Capture:
         if not self._stop.is_set():
             self._status = "eof"
             self._health(force=True)
-            body = {"camera_id": cam.id, "gate_id": cam.gate, "frames": seq, "sent": self.stats.sent,
-                    "dropped": self.stats.dropped}
+            body = {
+                "camera_id": cam.id,
+                "gate_id": cam.gate,
+                "frames": seq,
+                "sent": self.stats.sent,
+                "dropped": self.stats.dropped,
+            }
             self._send(encode_json(EOF_TOPIC + cam.id, body), block=True)
-            log.info("camera %s: end of %s after %d frames (%d sent, %d dropped)", cam.id, source.description,
-                     seq, self.stats.sent, self.stats.dropped)
+            log.info(
+                "camera %s: end of %s after %d frames (%d sent, %d dropped)",
+                cam.id,
+                source.description,
+                seq,
+                self.stats.sent,
+                self.stats.dropped,
+            )
         return 0
 
     def close(self) -> None:

@@ -46,8 +46,9 @@ reason, then at most every `LOG_EVERY_S` with the count since.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from kiosk.config import CameraConfig, KioskConfig, OperatorKeyConfig
 from kiosk.messaging.transport import ClientNames
@@ -91,16 +92,20 @@ class Caller:
 
     def summary(self) -> dict[str, Any]:
         """What `kiosk status` tells a key about itself."""
-        return {"keys": list(self.names), "role": self.role,
-                "claims": "*" if self.claims is None else sorted(self.claims),
-                "passenger_ids": "*" if self.sees is None else sorted(self.sees)}
+        return {
+            "keys": list(self.names),
+            "role": self.role,
+            "claims": "*" if self.claims is None else sorted(self.claims),
+            "passenger_ids": "*" if self.sees is None else sorted(self.sees),
+        }
 
 
 class KeyScopes:
     """What each key name may do, from the config alone (no files, no sockets)."""
 
-    def __init__(self, cameras: Iterable[CameraConfig], client_key: str,
-                 operators: Iterable[OperatorKeyConfig]) -> None:
+    def __init__(
+        self, cameras: Iterable[CameraConfig], client_key: str, operators: Iterable[OperatorKeyConfig]
+    ) -> None:
         self.client_key = client_key
         self.cameras: dict[str, list[CameraConfig]] = {}
         for cam in cameras:
@@ -117,8 +122,9 @@ class KeyScopes:
         """The rights of a key allow-listed under `names` (several when one public key has several files)."""
         names = tuple(sorted(names))
         if not names:
-            return Caller((), frozenset(), frozenset(), "a key no longer in authorized_clients/ (revoked)",
-                          revoked=True)
+            return Caller(
+                (), frozenset(), frozenset(), "a key no longer in authorized_clients/ (revoked)", revoked=True
+            )
         sees = union_of(self.operators.get(n, frozenset()) for n in names)
         claims = union_of([sees] + [frozenset(c.gate for c in self.cameras.get(n, [])) for n in names])
         return Caller(names, claims, sees, "; ".join(self._role(n) for n in names))
@@ -136,10 +142,12 @@ class KeyScopes:
 
     def describe(self) -> str:
         """One line for the verifier's start: who may claim what."""
-        ops = ", ".join(f"{name}: {gates_text(gates)}" for name, gates in sorted(self.operators.items(),
-                                                                                   key=lambda kv: kv[0]))
-        caps = ", ".join(f"{name}: {gates_text(frozenset(c.gate for c in cams))}"
-                         for name, cams in sorted(self.cameras.items()))
+        ops = ", ".join(
+            f"{name}: {gates_text(gates)}" for name, gates in sorted(self.operators.items(), key=lambda kv: kv[0])
+        )
+        caps = ", ".join(
+            f"{name}: {gates_text(frozenset(c.gate for c in cams))}" for name, cams in sorted(self.cameras.items())
+        )
         return f"claims by operator keys ({ops}) and capture keys for their own gates ({caps})"
 
 
@@ -167,14 +175,23 @@ class ControlAccess:
     def refusal(self, caller: Caller, cmd: str, gate: Any = None) -> dict[str, Any] | None:
         """The reply refusing this request, or None when the caller may make it (counted and logged)."""
         if caller.revoked:
-            return self._refuse(caller, "revoked", str(cmd)[:40], f"{cmd!s:.40} refused: this connection's key is no "
-                                "longer in the verifier's authorized_clients/ (revoked)")
+            return self._refuse(
+                caller,
+                "revoked",
+                str(cmd)[:40],
+                f"{cmd!s:.40} refused: this connection's key is no "
+                "longer in the verifier's authorized_clients/ (revoked)",
+            )
         if cmd == "claim" and not caller.may_claim(gate if isinstance(gate, str) else ""):
             where = f"{str(gate)[:40]!r}"
-            return self._refuse(caller, "claim_scope", where,
-                                f"claim for gate {where} refused for {caller.role}: it may claim "
-                                f"{gates_text(caller.claims)}; a claim needs the key of the gate's camera or an "
-                                f"operator key for the gate (security.operators)")
+            return self._refuse(
+                caller,
+                "claim_scope",
+                where,
+                f"claim for gate {where} refused for {caller.role}: it may claim "
+                f"{gates_text(caller.claims)}; a claim needs the key of the gate's camera or an "
+                f"operator key for the gate (security.operators)",
+            )
         return None
 
     def _refuse(self, caller: Caller, reason: str, what: str, error: str) -> dict[str, Any]:

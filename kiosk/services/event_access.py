@@ -56,8 +56,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import zmq
 
@@ -105,8 +105,9 @@ class HearingScopes:
     def __init__(self, cfg: KioskConfig) -> None:
         self.keys = KeyScopes.from_config(cfg)
         self.console_key = cfg.console.key
-        self.listeners: dict[str, Gates] = {s.key: None if s.gates == ["*"] else frozenset(s.gates)
-                                            for s in cfg.security.listeners}
+        self.listeners: dict[str, Gates] = {
+            s.key: None if s.gates == ["*"] else frozenset(s.gates) for s in cfg.security.listeners
+        }
         self.camera_gate = {c.id: c.gate for c in cfg.cameras}
         self.topics: list[tuple[str, str, str]] = [(VERIFIER_HEALTH, "heartbeat", "")]  # (topic, kind, gate/cam)
         self.topics += [(EVENT_TOPIC + g, "event", g) for g in sorted(set(self.camera_gate.values()))]
@@ -114,8 +115,7 @@ class HearingScopes:
         self.topics += [(CAPTURE_HEALTH + c, "health", c) for c in sorted(self.camera_gate)]
         self.topics += [(IDLE_TOPIC + c, "idle", c) for c in sorted(self.camera_gate)]
 
-    def hearer(self, clients: Iterable[str], listeners: Iterable[str] = (), consoles: Iterable[str] = ()
-               ) -> Hearer:
+    def hearer(self, clients: Iterable[str], listeners: Iterable[str] = (), consoles: Iterable[str] = ()) -> Hearer:
         """The rights of a key allow-listed under these names: `clients` in authorized_clients/ (tools,
         operator and capture keys), `listeners` in authorized_subscribers/, `consoles` in authorized_consoles/."""
         clients, listeners, consoles = set(clients), set(listeners), set(consoles)
@@ -133,9 +133,11 @@ class HearingScopes:
         """One line for the verifier's start: who hears what on the events socket."""
         ops = ", ".join(f"{n}: {gates_text(g)}" for n, g in sorted(self.keys.operators.items()))
         lis = ", ".join(f"{n}: {gates_text(g)}" for n, g in sorted(self.listeners.items())) or "none"
-        return (f"events heard by operator and tools keys ({ops}), the console key {self.console_key!r} (every "
-                f"gate), listener keys ({lis}); idle hints by each camera's capture key only; the heartbeat by "
-                "every allow-listed key")
+        return (
+            f"events heard by operator and tools keys ({ops}), the console key {self.console_key!r} (every "
+            f"gate), listener keys ({lis}); idle hints by each camera's capture key only; the heartbeat by "
+            "every allow-listed key"
+        )
 
     def problems(self) -> list[str]:
         """What a key is meant to hear but cannot, because an id is a prefix of another it may not hear (a
@@ -146,8 +148,10 @@ class HearingScopes:
             for cam in cams:
                 refused = self.refusal(hearer, IDLE_TOPIC + cam.id)
                 if refused:
-                    out.append(f"camera {cam.id!r}: its capture (key {name!r}) cannot hear its idle hints, so it "
-                               f"never holds frames back: {refused[1]}; rename the camera")
+                    out.append(
+                        f"camera {cam.id!r}: its capture (key {name!r}) cannot hear its idle hints, so it "
+                        f"never holds frames back: {refused[1]}; rename the camera"
+                    )
         for name, gates in sorted(self.keys.operators.items()):
             hearer = self.hearer([name])
             for gate in sorted(gates or ()):
@@ -164,20 +168,29 @@ class HearingScopes:
         matched = [t for t in self.topics if t[0].startswith(prefix)]
         if not matched:
             return "unknown_topic", "it matches no topic this verifier publishes (gates and cameras of its config)"
-        gates = sorted({g for _, kind, g in matched if kind == "event" and not hearer.hears_gate(g)}
-                       | {self.camera_gate[c] for _, kind, c in matched
-                          if kind == "health" and not hearer.hears_gate(self.camera_gate[c])})
+        gates = sorted(
+            {g for _, kind, g in matched if kind == "event" and not hearer.hears_gate(g)}
+            | {
+                self.camera_gate[c]
+                for _, kind, c in matched
+                if kind == "health" and not hearer.hears_gate(self.camera_gate[c])
+            }
+        )
         idle = sorted(c for _, kind, c in matched if kind == "idle" and c not in hearer.idle_cameras)
         if not gates and not idle:
             return None
         parts = []
         if gates:
-            parts.append(f"it reaches gate(s) {', '.join(gates[:10])}{' ...' if len(gates) > 10 else ''} that "
-                         f"this key may not hear (it hears {gates_text(hearer.gates)}; security.listeners or "
-                         "security.operators give a key its gates)")
+            parts.append(
+                f"it reaches gate(s) {', '.join(gates[:10])}{' ...' if len(gates) > 10 else ''} that "
+                f"this key may not hear (it hears {gates_text(hearer.gates)}; security.listeners or "
+                "security.operators give a key its gates)"
+            )
         if idle:
-            parts.append(f"it reaches the idle hints of camera(s) {', '.join(idle[:10])}"
-                         f"{' ...' if len(idle) > 10 else ''}, which only that camera's capture key hears")
+            parts.append(
+                f"it reaches the idle hints of camera(s) {', '.join(idle[:10])}"
+                f"{' ...' if len(idle) > 10 else ''}, which only that camera's capture key hears"
+            )
         return "scope", "; ".join(parts)
 
 
@@ -190,8 +203,14 @@ class EventPublisher:
     MAX_APPLIED_KEYS = 10_000  # keys whose subscriptions were applied (each one allow-listed; bounded anyway)
     REVOKE_CHECK_S = 1.0
 
-    def __init__(self, sock: zmq.Socket, rebind: Callable[[], zmq.Socket], scopes: HearingScopes,
-                 names: tuple[ClientNames, ClientNames, ClientNames] | None, metrics: VerifierMetrics) -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        rebind: Callable[[], zmq.Socket],
+        scopes: HearingScopes,
+        names: tuple[ClientNames, ClientNames, ClientNames] | None,
+        metrics: VerifierMetrics,
+    ) -> None:
         """`sock`: the bound events socket; `rebind` binds a fresh one (after a revocation); `names`: the
         allow-lists (authorized_clients/, authorized_subscribers/, authorized_consoles/), None with CurveZMQ
         off."""
@@ -234,9 +253,13 @@ class EventPublisher:
             data = frame.bytes
             if not data or data[0] not in (0, 1):
                 self._unpaired = True
-                self._refuse(_sender(frame), "unpaired", repr(data[:20]),
-                             "a message that is not a subscription (an XSUB peer?) was dropped; subscriptions "
-                             "read until the queue is empty are refused")
+                self._refuse(
+                    _sender(frame),
+                    "unpaired",
+                    repr(data[:20]),
+                    "a message that is not a subscription (an XSUB peer?) was dropped; subscriptions "
+                    "read until the queue is empty are refused",
+                )
                 continue
             topic, sender = data[1:], _sender(frame)
             if data[0] == 0:  # unsubscribe: a connection gone (no sender) or a peer's own cancel
@@ -245,14 +268,24 @@ class EventPublisher:
                 continue
             text = topic.decode("utf-8", "replace")
             if self._unpaired:
-                self._refuse(sender, "unpaired", text, f"subscription to {text[:60]!r} refused: read after a "
-                             "message that was not a subscription, its connection is not known for sure")
+                self._refuse(
+                    sender,
+                    "unpaired",
+                    text,
+                    f"subscription to {text[:60]!r} refused: read after a "
+                    "message that was not a subscription, its connection is not known for sure",
+                )
                 continue
             hearer = self.hearer(sender)
             refusal = self.scopes.refusal(hearer, text)
             if refusal is not None:
-                self._refuse(sender, refusal[0], text, f"subscription to {text[:60]!r} refused for "
-                             f"{hearer.describe()}: {refusal[1]}", hearer.names)
+                self._refuse(
+                    sender,
+                    refusal[0],
+                    text,
+                    f"subscription to {text[:60]!r} refused for {hearer.describe()}: {refusal[1]}",
+                    hearer.names,
+                )
                 continue
             self.sock.setsockopt(zmq.SUBSCRIBE, topic)
             if sender and len(self._applied) < self.MAX_APPLIED_KEYS:
@@ -267,9 +300,12 @@ class EventPublisher:
         gone = [s for s in self._applied if self.hearer(s).revoked]
         if not gone:
             return False
-        log.warning("events: %d key(s) with live subscriptions are no longer allow-listed (%s...); rebinding the "
-                    "events socket so that every peer resubscribes and the revoked ones are refused",
-                    len(gone), ", ".join(sorted(s[:8] for s in gone)[:5]))
+        log.warning(
+            "events: %d key(s) with live subscriptions are no longer allow-listed (%s...); rebinding the "
+            "events socket so that every peer resubscribes and the revoked ones are refused",
+            len(gone),
+            ", ".join(sorted(s[:8] for s in gone)[:5]),
+        )
         self.sock.close(linger=0)
         self.sock = self._make_socket()
         self._applied.clear()
@@ -284,8 +320,7 @@ class EventPublisher:
         self._refuse(None, "revoked" if hearer.revoked else "scope", f"history {gate[:40]}", why, hearer.names)
         return {"ok": False, "error": why}
 
-    def _refuse(self, sender: str | None, reason: str, what: str, why: str,
-                names: tuple[str, ...] = ()) -> None:
+    def _refuse(self, sender: str | None, reason: str, what: str, why: str, names: tuple[str, ...] = ()) -> None:
         self.counts[reason] += 1
         self.metrics.events_refused.labels(reason=reason).inc()
         self._log.warning((names or ((sender or "?")[:8],), reason, what[:60]), why)

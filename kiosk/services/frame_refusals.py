@@ -15,8 +15,9 @@ camera's frames are refused, so its gate decides nothing (fail closed).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from kiosk.messaging.channels import REFUSALS, Refusal
 from kiosk.messaging.messages import CLOCK_SKEW_TOLERANCE_S, MAX_FRAME_PAST_S
@@ -65,10 +66,16 @@ class FrameRefusals:
             return False
         self.skewed[refusal.camera_id] = SkewEpisode(mono, mono, refusal.offset_s)
         self.metrics.clock_skew.labels(camera=refusal.camera_id).set(1)
-        log.error("camera %s: its capture's clock is %s (captured_at %+.3g s from this host's clock; tolerance "
-                  "%g s ahead, %g s behind): its frames are refused until the clocks agree; check NTP on its "
-                  "capture host", refusal.camera_id, _how_far(refusal.offset_s), refusal.offset_s,
-                  CLOCK_SKEW_TOLERANCE_S, MAX_FRAME_PAST_S)
+        log.error(
+            "camera %s: its capture's clock is %s (captured_at %+.3g s from this host's clock; tolerance "
+            "%g s ahead, %g s behind): its frames are refused until the clocks agree; check NTP on its "
+            "capture host",
+            refusal.camera_id,
+            _how_far(refusal.offset_s),
+            refusal.offset_s,
+            CLOCK_SKEW_TOLERANCE_S,
+            MAX_FRAME_PAST_S,
+        )
         return True
 
     def tick(self, mono: float) -> bool:
@@ -77,17 +84,26 @@ class FrameRefusals:
         for cam in ended:
             episode = self.skewed.pop(cam)
             self.metrics.clock_skew.labels(camera=cam).set(0)
-            log.info("camera %s: no frame out of the clock tolerance for %.0f s; the skew episode is over (%d "
-                     "frame(s) refused over %.0f s)", cam, CLEAR_AFTER_S, episode.refused,
-                     episode.last_at - episode.since)
+            log.info(
+                "camera %s: no frame out of the clock tolerance for %.0f s; the skew episode is over (%d "
+                "frame(s) refused over %.0f s)",
+                cam,
+                CLEAR_AFTER_S,
+                episode.refused,
+                episode.last_at - episode.since,
+            )
         return bool(ended)
 
     def status(self, mono: float) -> dict[str, Any]:
         """`clock_skew` of the verifier's status: the bounds and each camera out of them now."""
-        return {"tolerance_s": CLOCK_SKEW_TOLERANCE_S, "max_past_s": MAX_FRAME_PAST_S,
-                "cameras": {cam: {"offset_s": round(ep.offset_s, 3), "for_s": round(mono - ep.since, 1),
-                                  "refused": ep.refused}
-                            for cam, ep in sorted(self.skewed.items())}}
+        return {
+            "tolerance_s": CLOCK_SKEW_TOLERANCE_S,
+            "max_past_s": MAX_FRAME_PAST_S,
+            "cameras": {
+                cam: {"offset_s": round(ep.offset_s, 3), "for_s": round(mono - ep.since, 1), "refused": ep.refused}
+                for cam, ep in sorted(self.skewed.items())
+            },
+        }
 
 
 def _how_far(offset_s: float) -> str:

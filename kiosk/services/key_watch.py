@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import zmq.auth
 
@@ -46,8 +47,12 @@ def key_check_every_s() -> float:
     except ValueError:
         value = -1.0
     if not 0.05 <= value <= 3600.0:
-        log.warning("$%s=%r is not a number of seconds from 0.05 to 3600; key files are checked every %.0f s",
-                    KEY_CHECK_ENV, text[:40], KEY_CHECK_EVERY_S)
+        log.warning(
+            "$%s=%r is not a number of seconds from 0.05 to 3600; key files are checked every %.0f s",
+            KEY_CHECK_ENV,
+            text[:40],
+            KEY_CHECK_EVERY_S,
+        )
         return KEY_CHECK_EVERY_S
     return value
 
@@ -73,8 +78,10 @@ def _private_file_problem(path: Path) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return "is not a regular file"
     if st.st_mode & 0o077:
-        return (f"is readable by other users (mode {stat.S_IMODE(st.st_mode):04o}; chmod 600 {path}), which the "
-                "key loader refuses at start")
+        return (
+            f"is readable by other users (mode {stat.S_IMODE(st.st_mode):04o}; chmod 600 {path}), which the "
+            "key loader refuses at start"
+        )
     return None
 
 
@@ -94,10 +101,14 @@ def template_key(path: Path, codec: Callable[[], TemplateCodec | None]) -> Watch
         if key.key_id == current.key_id and key.secret == current.secret:
             return None
         if key.key_id != current.key_id and held.keys.get(key.key_id) is not None:
-            return (f"holds key {key.key_id.hex()}, but the gallery is sealed under key {current.key_id.hex()} now "
-                    "(rotated): a restart with this file fails; put the new key file in its place")
-        return (f"holds key {key.key_id.hex()}, not the key {current.key_id.hex()} this verifier runs with: a "
-                "restart with this file would not open the gallery")
+            return (
+                f"holds key {key.key_id.hex()}, but the gallery is sealed under key {current.key_id.hex()} now "
+                "(rotated): a restart with this file fails; put the new key file in its place"
+            )
+        return (
+            f"holds key {key.key_id.hex()}, not the key {current.key_id.hex()} this verifier runs with: a "
+            "restart with this file would not open the gallery"
+        )
 
     return WatchedKey("template", "template key", path, identity)
 
@@ -113,8 +124,10 @@ def curve_server_key(path: Path, public: bytes) -> WatchedKey:
         if sec is None:
             return "holds no secret key"
         if pub != public:
-            return ("holds another CurveZMQ key pair than the one this verifier serves with: after a restart every "
-                    "capture, tool and gate that pins server.key is refused")
+            return (
+                "holds another CurveZMQ key pair than the one this verifier serves with: after a restart every "
+                "capture, tool and gate that pins server.key is refused"
+            )
         return None
 
     return WatchedKey("curve_server", "CurveZMQ server key", path, identity)
@@ -162,5 +175,9 @@ class KeyFileWatch:
 
     def status(self) -> dict[str, Any]:
         """`key_files` of the verifier's status."""
-        return {"ok": not self.problems, "every_s": self.every_s, "watched": [str(k.path) for k in self.keys],
-                "problems": dict(self.problems)}
+        return {
+            "ok": not self.problems,
+            "every_s": self.every_s,
+            "watched": [str(k.path) for k in self.keys],
+            "problems": dict(self.problems),
+        }

@@ -29,7 +29,8 @@ class KeyedLog:
             if len(self._logged) >= self.max_kinds:
                 self._logged.clear()
             self._logged[kind] = (now, 0)
-            self.logger.warning("%s: %s%s", self.prefix, message,
-                                f" ({since} more since the last such line)" if since else "")
+            self.logger.warning(
+                "%s: %s%s", self.prefix, message, f" ({since} more since the last such line)" if since else ""
+            )
         else:
             self._logged[kind] = (last, since + 1)

@@ -41,9 +41,10 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
@@ -92,8 +93,10 @@ def read_password_file(path: Path) -> str:
     except OSError:
         mode = 0  # read_regular_file says what is wrong
     if stat.S_ISREG(mode) and mode & 0o077:
-        raise ConfigError(f"hooks.mqtt_password_file: {path} is readable by other users (mode "
-                          f"{stat.S_IMODE(mode):04o}); chmod 600 {path}")
+        raise ConfigError(
+            f"hooks.mqtt_password_file: {path} is readable by other users (mode "
+            f"{stat.S_IMODE(mode):04o}); chmod 600 {path}"
+        )
     data = read_regular_file(path, 4096, "password file", error=ConfigError)
     password = data.decode("utf-8", "replace").strip()
     if not password:
@@ -111,14 +114,20 @@ def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
     password = None
     if cfg.hooks.mqtt_password_file is not None:
         if username is None:
-            raise ConfigError(f"{key}: hooks.mqtt_password_file is set but {url} names no user "
-                              "(mqtt://USER@HOST:PORT)")
+            raise ConfigError(f"{key}: hooks.mqtt_password_file is set but {url} names no user (mqtt://USER@HOST:PORT)")
         password = read_password_file(cfg.resolve(cfg.hooks.mqtt_password_file))
     ca = cfg.resolve(cfg.hooks.mqtt_ca_file) if cfg.hooks.mqtt_ca_file else None
     if ca is not None and not ca.is_file():
         raise ConfigError(f"hooks.mqtt_ca_file: {ca}: no such file")
-    return MqttTarget(url, parts.hostname or "", parts.port or MQTT_SCHEMES[parts.scheme], parts.scheme == "mqtts",
-                      username, password, ca)
+    return MqttTarget(
+        url,
+        parts.hostname or "",
+        parts.port or MQTT_SCHEMES[parts.scheme],
+        parts.scheme == "mqtts",
+        username,
+        password,
+        ca,
+    )
 
 
 class BrokerRefused(Exception):
@@ -165,8 +174,9 @@ class MqttLink:
     def _open(self) -> paho.Client:
         """A new client, connected (CONNACK accepted), or BrokerRefused / BrokerUnreachable."""
         t = self.target
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
-                             protocol=paho.MQTTv311)
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True, protocol=paho.MQTTv311
+        )
         client.connect_timeout = CONNECT_TIMEOUT_S
         if t.username is not None:
             client.username_pw_set(t.username, t.password)
@@ -178,9 +188,11 @@ class MqttLink:
         try:
             client.connect(t.host, t.port, keepalive=KEEPALIVE_S)
         except (OSError, ssl.SSLError) as exc:
-            raise BrokerUnreachable(f"cannot reach {t.host}:{t.port}: {exc.strerror or exc}"
-                                    if isinstance(exc, OSError) and exc.strerror else
-                                    f"cannot reach {t.host}:{t.port}: {exc}") from None
+            raise BrokerUnreachable(
+                f"cannot reach {t.host}:{t.port}: {exc.strerror or exc}"
+                if isinstance(exc, OSError) and exc.strerror
+                else f"cannot reach {t.host}:{t.port}: {exc}"
+            ) from None
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
         while "reason" not in answer and time.monotonic() < deadline:
             if client.loop(0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS and "reason" not in answer:
@@ -189,8 +201,9 @@ class MqttLink:
         if reason is None:
             raise BrokerUnreachable(f"{t.host}:{t.port} did not answer within {CONNECT_TIMEOUT_S:g}s")
         if reason.is_failure:
-            raise BrokerRefused(f"{t.host}:{t.port} refused the connection"
-                                f"{f' of user {t.username!r}' if t.username else ''}: {reason}")
+            raise BrokerRefused(
+                f"{t.host}:{t.port} refused the connection{f' of user {t.username!r}' if t.username else ''}: {reason}"
+            )
         return client
 
     def start(self) -> None:
@@ -226,8 +239,11 @@ class MqttLink:
                 for req in self._pending:
                     req.sent.clear()  # the old connection's copies are gone with it: publish again
             if self._step(client) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                log.warning("mqtt: connection to %s lost; reconnecting (%d event(s) waiting for the broker)",
-                            self.target.url, len(self._pending) + len(self._incoming))
+                log.warning(
+                    "mqtt: connection to %s lost; reconnecting (%d event(s) waiting for the broker)",
+                    self.target.url,
+                    len(self._pending) + len(self._incoming),
+                )
                 self.connected.clear()
                 with self._lock:
                     self._client = None
@@ -314,8 +330,9 @@ class MqttLink:
 class MqttHook:
     """`deliver(event)` for the subscriber's Hook; `observe(heartbeat)` for the verifier's health. See the module."""
 
-    def __init__(self, link: MqttLink, prefix: str, gates: list[str], max_accept_age_s: float,
-                 only_gate: str | None = None) -> None:
+    def __init__(
+        self, link: MqttLink, prefix: str, gates: list[str], max_accept_age_s: float, only_gate: str | None = None
+    ) -> None:
         self.link = link
         self.only_gate = only_gate  # the subscriber's --gate: other gates of the heartbeat are not ours
         self.prefix = prefix
@@ -340,14 +357,24 @@ class MqttHook:
         """Hand the link the current value of every retained topic (it sends only what changed). Under _lock."""
         p, up = self.prefix, self._verifier == "up"
         for gate, state in self._gates.items():
-            self.link.set_retained(f"{p}/gates/{topic_level(gate)}/state", _json(
-                {"gate_id": gate, "flight_id": state["flight_id"], "verifier": self._verifier,
-                 "last_decision": state["last_decision"]}))
-        self.link.set_retained(f"{p}/health/verifier", _json(
-            {"status": self._verifier_status if up else self._verifier}))
+            self.link.set_retained(
+                f"{p}/gates/{topic_level(gate)}/state",
+                _json(
+                    {
+                        "gate_id": gate,
+                        "flight_id": state["flight_id"],
+                        "verifier": self._verifier,
+                        "last_decision": state["last_decision"],
+                    }
+                ),
+            )
+        self.link.set_retained(
+            f"{p}/health/verifier", _json({"status": self._verifier_status if up else self._verifier})
+        )
         for camera, status in self._cameras.items():
-            self.link.set_retained(f"{p}/health/cameras/{topic_level(camera)}",
-                                   _json({"status": status if up else "unknown"}))
+            self.link.set_retained(
+                f"{p}/health/cameras/{topic_level(camera)}", _json({"status": status if up else "unknown"})
+            )
         self.link.set_retained(self.available_topic, b"online" if up else b"offline")
 
     def observe(self, heartbeat: dict[str, Any]) -> None:
@@ -376,8 +403,11 @@ class MqttHook:
 
     def _too_old(self, event: dict[str, Any]) -> bool:
         captured = event.get("captured_at")
-        return (event.get("type") == "accept" and isinstance(captured, (int, float))
-                and time.time() - captured > self.max_accept_age_s)
+        return (
+            event.get("type") == "accept"
+            and isinstance(captured, (int, float))
+            and time.time() - captured > self.max_accept_age_s
+        )
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = str(event.get("type"))
@@ -392,14 +422,15 @@ class MqttHook:
             if not gates:
                 log.warning("mqtt: %s: no gate known yet to publish it to (availability says it)", kind)
                 return
-            self.link.publish_acked([(f"{self.prefix}/gates/{topic_level(g)}/decision", payload, False)
-                                     for g in gates],
-                                    lambda: False)
+            self.link.publish_acked(
+                [(f"{self.prefix}/gates/{topic_level(g)}/decision", payload, False) for g in gates], lambda: False
+            )
             return
         with self._lock:
             self._gate(gate)
-        self.link.publish_acked([(f"{self.prefix}/gates/{topic_level(gate)}/decision", payload, False)],
-                                lambda: self._too_old(event))
+        self.link.publish_acked(
+            [(f"{self.prefix}/gates/{topic_level(gate)}/decision", payload, False)], lambda: self._too_old(event)
+        )
         with self._lock:  # the retained state follows the decision the broker has taken
             self._gate(gate)["last_decision"] = {k: event.get(k) for k in DECISION_FIELDS}
             self._publish_state()
@@ -422,11 +453,15 @@ def mqtt_hook(cfg: KioskConfig, url: str, gate: str | None, name: str, key: str 
     try:
         link.start()
     except BrokerRefused as exc:
-        hint = " (check the user in the URL and hooks.mqtt_password_file)" if target.username else \
-            " (the broker may need a user: mqtt://USER@HOST:PORT and hooks.mqtt_password_file)"
+        hint = (
+            " (check the user in the URL and hooks.mqtt_password_file)"
+            if target.username
+            else " (the broker may need a user: mqtt://USER@HOST:PORT and hooks.mqtt_password_file)"
+        )
         raise UsageError(f"{key} {url}: {exc}{hint}") from None
     except BrokerUnreachable as exc:
-        raise UsageError(f"{key} {url}: {exc} (the broker must be up when the subscriber starts; later outages "
-                         "are retried)") from None
+        raise UsageError(
+            f"{key} {url}: {exc} (the broker must be up when the subscriber starts; later outages are retried)"
+        ) from None
     gates = sorted({c.gate for c in cfg.cameras if gate is None or c.gate == gate} | ({gate} if gate else set()))
     return MqttHook(link, prefix, gates, cfg.hooks.max_accept_age_s, gate)

@@ -63,8 +63,9 @@ def encode_jpeg(image: np.ndarray, max_width: int = PREVIEW_MAX_WIDTH) -> tuple[
     """The image as JPEG, downscaled to at most `max_width` pixels wide; returns it and the scale applied."""
     scale = min(1.0, max_width / max(1, image.shape[1]))
     if scale < 1.0:
-        image = cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)),
-                           interpolation=cv2.INTER_AREA)
+        image = cv2.resize(
+            image, (round(image.shape[1] * scale), round(image.shape[0] * scale)), interpolation=cv2.INTER_AREA
+        )
     ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
         raise ValueError("JPEG encoding failed")
@@ -183,8 +184,12 @@ class PreviewPublisher:
             if len(self._refused_logged) >= MAX_LEASES:
                 self._refused_logged.clear()
             self._refused_logged[key] = now
-            log.warning("preview: a request from console key %s refused (%s; %d refused from it so far)", key[:12],
-                        why, self.refused[key])
+            log.warning(
+                "preview: a request from console key %s refused (%s; %d refused from it so far)",
+                key[:12],
+                why,
+                self.refused[key],
+            )
 
     def watched(self, gate_id: str) -> bool:
         return gate_id in self._watched
@@ -208,17 +213,25 @@ class PreviewPublisher:
                 self.dropped += 1
         return sent
 
-    def send_frame(self, gate_id: str, camera_id: str, image: np.ndarray, faces: list[PreviewFace], *, seq: int,
-                   captured_at: float) -> None:
+    def send_frame(
+        self, gate_id: str, camera_id: str, image: np.ndarray, faces: list[PreviewFace], *, seq: int, captured_at: float
+    ) -> None:
         """One preview of `gate_id`: the frame as JPEG with its faces (boxes given in the frame's pixels, sent in
         the JPEG's)."""
         self._last[gate_id] = time.monotonic()
         jpeg, scale = encode_jpeg(image)
         for face in faces:
             face.box = [round(float(v) * scale, 1) for v in face.box[:4]]
-        header = {"v": 1, "gate_id": gate_id, "camera_id": camera_id, "seq": seq, "captured_at": captured_at,
-                  "width": round(image.shape[1] * scale), "height": round(image.shape[0] * scale),
-                  "faces": [asdict(f) for f in faces]}
+        header = {
+            "v": 1,
+            "gate_id": gate_id,
+            "camera_id": camera_id,
+            "seq": seq,
+            "captured_at": captured_at,
+            "width": round(image.shape[1] * scale),
+            "height": round(image.shape[0] * scale),
+            "faces": [asdict(f) for f in faces],
+        }
         if self._send(self._watched.get(gate_id, []), [preview_topic(gate_id), json.dumps(header).encode(), jpeg]):
             self.frames_sent += 1
 
@@ -228,11 +241,32 @@ class PreviewPublisher:
     def send_crop(self, gate_id: str, event: dict, crop: np.ndarray) -> None:
         """The face crop a decision was made on, with the event's id and outcome (for the console's feed)."""
         jpeg, _ = encode_jpeg(crop)
-        header = {"v": 1, **{k: event.get(k) for k in ("event_id", "gate_id", "camera_id", "type", "reason",
-                                                        "subject_id", "score", "track_id", "decided_at")}}
+        header = {
+            "v": 1,
+            **{
+                k: event.get(k)
+                for k in (
+                    "event_id",
+                    "gate_id",
+                    "camera_id",
+                    "type",
+                    "reason",
+                    "subject_id",
+                    "score",
+                    "track_id",
+                    "decided_at",
+                )
+            },
+        }
         if self._send(self._cropped.get(gate_id, []), [crop_topic(gate_id), json.dumps(header).encode(), jpeg]):
             self.crops_sent += 1
 
     def status(self) -> dict:
-        return {"watched": sorted(self._watched), "frames_sent": self.frames_sent, "crops_sent": self.crops_sent,
-                "dropped": self.dropped, "consoles": len(self.leases), "refused": sum(self.refused.values())}
+        return {
+            "watched": sorted(self._watched),
+            "frames_sent": self.frames_sent,
+            "crops_sent": self.crops_sent,
+            "dropped": self.dropped,
+            "consoles": len(self.leases),
+            "refused": sum(self.refused.values()),
+        }

@@ -30,31 +30,41 @@ import threading
 import time
 import urllib.parse
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 
-
-from kiosk.cli_support import serve
 from kiosk.boarding.retention import rotate_daily, today
+from kiosk.cli_support import serve
 from kiosk.config import KioskConfig, mqtt_url_problem
 from kiosk.errors import ConfigError
-from kiosk.services.hook_outcomes import DeliveryAborted, StaleEvent
-from kiosk.services.metrics import SubscriberMetrics
-from kiosk.services.mqtt_hook import mqtt_hook
-from kiosk.services.metrics import serve as serve_metrics
 from kiosk.messaging.channels import GATE_HEALTH, VERIFIER_HEALTH, EventChannel
 from kiosk.messaging.messages import EVENT_TOPIC, BadMessage, Event, Heartbeat, event_from_dict
 from kiosk.messaging.reasons import is_alert_reason
 from kiosk.messaging.transport import Transport
+from kiosk.services.hook_outcomes import DeliveryAborted, StaleEvent
+from kiosk.services.metrics import SubscriberMetrics
+from kiosk.services.metrics import serve as serve_metrics
+from kiosk.services.mqtt_hook import mqtt_hook
 from kiosk.services.webhook_signing import load_secret, secret_path, sign
 
 log = logging.getLogger(__name__)
 
-ENV_FIELDS = ("type", "gate_id", "camera_id", "subject_id", "display_name", "score", "reason", "event_id",
-              "decided_at", "latency_ms")
+ENV_FIELDS = (
+    "type",
+    "gate_id",
+    "camera_id",
+    "subject_id",
+    "display_name",
+    "score",
+    "reason",
+    "event_id",
+    "decided_at",
+    "latency_ms",
+)
 
 
 STATE_EVENTS = ("verifier_down", "verifier_up", "events_missed")
@@ -70,8 +80,9 @@ class Hook:
     ages past it while waiting). A deliver that raises `DeliveryAborted` (the subscriber stops before the receiver
     acknowledged) leaves that event and the rest of the queue not done: the saved position stays before them."""
 
-    def __init__(self, name: str, deliver: Callable[[dict[str, Any]], None], queue_size: int,
-                 max_accept_age_s: float = 5.0) -> None:
+    def __init__(
+        self, name: str, deliver: Callable[[dict[str, Any]], None], queue_size: int, max_accept_age_s: float = 5.0
+    ) -> None:
         self.name = name
         self._deliver = deliver
         self._size = queue_size
@@ -114,19 +125,21 @@ class Hook:
         with self._ready:
             if len(self._queue) >= self._size:
                 # The oldest decision goes (the least useful to a gate); a state event stays.
-                oldest = next((e for e in self._queue if e is not None and e.get("type") not in STATE_EVENTS),
-                              self._queue[0])
+                oldest = next(
+                    (e for e in self._queue if e is not None and e.get("type") not in STATE_EVENTS), self._queue[0]
+                )
                 self._queue.remove(oldest)
                 self.dropped += 1
                 self._count("dropped")
                 if oldest is not None:
                     self._done(oldest)
                 if self.dropped == 1 or self.dropped % 100 == 0:
-                    log.warning("hook %s is behind: %d events dropped so far (oldest first)", self.name,
-                                self.dropped)
+                    log.warning("hook %s is behind: %d events dropped so far (oldest first)", self.name, self.dropped)
             if event.get("type") in STATE_EVENTS:  # ahead of the decisions, behind earlier state events
-                at = next((i for i, e in enumerate(self._queue)
-                           if e is None or e.get("type") not in STATE_EVENTS), len(self._queue))
+                at = next(
+                    (i for i, e in enumerate(self._queue) if e is None or e.get("type") not in STATE_EVENTS),
+                    len(self._queue),
+                )
                 self._queue.insert(at, event)
             else:
                 self._queue.append(event)
@@ -134,8 +147,11 @@ class Hook:
 
     def _too_old(self, event: dict[str, Any]) -> bool:
         captured = event.get("captured_at")
-        return (event.get("type") == "accept" and isinstance(captured, (int, float))
-                and time.time() - captured > self._max_age)
+        return (
+            event.get("type") == "accept"
+            and isinstance(captured, (int, float))
+            and time.time() - captured > self._max_age
+        )
 
     def _work(self) -> None:
         while True:
@@ -148,9 +164,14 @@ class Hook:
             if self._too_old(event):
                 self.stale += 1
                 self._count("stale")
-                log.warning("hook %s: accept %s of %s not delivered: captured %.1f s ago (hooks.max_accept_age_s "
-                            "%g)", self.name, event.get("event_id"), event.get("subject_id"),
-                            time.time() - float(event["captured_at"]), self._max_age)
+                log.warning(
+                    "hook %s: accept %s of %s not delivered: captured %.1f s ago (hooks.max_accept_age_s %g)",
+                    self.name,
+                    event.get("event_id"),
+                    event.get("subject_id"),
+                    time.time() - float(event["captured_at"]),
+                    self._max_age,
+                )
                 self._done(event)
                 continue
             t0 = time.perf_counter()
@@ -159,14 +180,23 @@ class Hook:
                 self.delivered += 1
                 self._count("delivered")
             except DeliveryAborted:
-                log.info("hook %s stopping: event %s and %d queued not delivered; fetched again at the next start",
-                         self.name, event.get("event_id"), len(self._queue))
+                log.info(
+                    "hook %s stopping: event %s and %d queued not delivered; fetched again at the next start",
+                    self.name,
+                    event.get("event_id"),
+                    len(self._queue),
+                )
                 return
             except StaleEvent:
                 self.stale += 1
                 self._count("stale")
-                log.warning("hook %s: accept %s not delivered: older than hooks.max_accept_age_s (%g s) before the "
-                            "receiver took it", self.name, event.get("event_id"), self._max_age)
+                log.warning(
+                    "hook %s: accept %s not delivered: older than hooks.max_accept_age_s (%g s) before the "
+                    "receiver took it",
+                    self.name,
+                    event.get("event_id"),
+                    self._max_age,
+                )
             except Exception as exc:  # noqa: BLE001 - a hook's failure must not stop the others
                 self.failed += 1
                 self._count("failed")
@@ -207,8 +237,15 @@ class ExecHook:
         for key in ENV_FIELDS:
             value = event.get(key)
             env[f"KIOSK_{key.upper()}"] = "" if value is None else str(value)
-        proc = subprocess.Popen(self.command, shell=True, env=env, stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(
+            self.command,
+            shell=True,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         with self._lock:
             self._running.add(proc)
         tail = bytearray()
@@ -225,8 +262,9 @@ class ExecHook:
                 code = proc.wait(self.timeout_s)
             except subprocess.TimeoutExpired:
                 self._kill(proc)
-                raise RuntimeError(f"command timed out after {self.timeout_s:g}s and was killed: "
-                                   f"{self.command}") from None
+                raise RuntimeError(
+                    f"command timed out after {self.timeout_s:g}s and was killed: {self.command}"
+                ) from None
         finally:
             reader.join(1.0)
             with self._lock:
@@ -304,6 +342,7 @@ def webhook_hook(url: str, timeout_s: float, retries: int, secret: bytes | None)
     Each attempt has a total deadline of `timeout_s`; a 2xx answer is delivery, a 3xx or 4xx is a failure
     that is not retried (a redirect is never followed: it could send an accept anywhere), 429, 5xx and
     network errors are retried `retries` times with backoff."""
+
     def deliver(event: dict[str, Any]) -> None:
         body = json.dumps(event).encode()
         delay = 0.5
@@ -325,6 +364,7 @@ def webhook_hook(url: str, timeout_s: float, retries: int, secret: bytes | None)
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
         raise RuntimeError(f"{url}: {error} after {retries + 1} attempts")
+
     return deliver
 
 
@@ -342,6 +382,7 @@ def jsonl_hook(path: Path, keep_days: int = 30) -> Callable[[dict[str, Any]], No
             state["day"], state["handle"] = today(), open(path, "a", encoding="utf-8")
         state["handle"].write(json.dumps(event) + "\n")
         state["handle"].flush()
+
     return deliver
 
 
@@ -383,8 +424,14 @@ class Subscriber:
     `events_missed`.
     """
 
-    def __init__(self, cfg: KioskConfig, hooks: list[Hook], gate: str | None = None, metrics_port: int = 0,
-                 name: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: KioskConfig,
+        hooks: list[Hook],
+        gate: str | None = None,
+        metrics_port: int = 0,
+        name: str | None = None,
+    ) -> None:
         if not hooks:
             raise ConfigError("kiosk subscribe: no hooks (give --jsonl, --exec, --webhook, --mqtt or hooks.python)")
         self.cfg = cfg
@@ -449,8 +496,9 @@ class Subscriber:
     def _dispatch(self, event: dict[str, Any]) -> None:
         self.metrics.events.labels(type=str(event.get("type"))).inc()
         if is_alert_reason(event.get("reason")):  # someone for an agent to see to (kiosk.messaging.reasons)
-            log.warning("ALERT gate %s: %s (event %s)", event.get("gate_id"), event.get("reason"),
-                        event.get("event_id"))
+            log.warning(
+                "ALERT gate %s: %s (event %s)", event.get("gate_id"), event.get("reason"), event.get("event_id")
+            )
         for hook in self.hooks:
             hook.submit(event)
 
@@ -470,7 +518,8 @@ class Subscriber:
             self.cursors[event.gate_id] = (event.boot_id, event.event_seq)
             with self._saving:  # before the hooks can be done with it
                 self._in_hooks.setdefault(event.gate_id, deque()).append(
-                    [event.event_id, event.boot_id, event.event_seq, len(self.hooks)])
+                    [event.event_id, event.boot_id, event.event_seq, len(self.hooks)]
+                )
         self._dispatch(asdict(event))
 
     def _hook_done(self, event: dict[str, Any]) -> None:
@@ -500,8 +549,9 @@ class Subscriber:
         if event.boot_id is not None and event.event_seq is not None and cur is not None:
             if event.boot_id == cur[0] and event.event_seq <= cur[1]:
                 return  # already handed on
-            continues = (event.boot_id == cur[0] and event.event_seq == cur[1] + 1) or \
-                (event.boot_id != cur[0] and event.event_seq == 1 and event.boot_id == self.boot_id)
+            continues = (event.boot_id == cur[0] and event.event_seq == cur[1] + 1) or (
+                event.boot_id != cur[0] and event.event_seq == 1 and event.boot_id == self.boot_id
+            )
             if not continues:
                 self._catch_up(f"gap before event {event.event_seq} of gate {event.gate_id}")
         self._hand_on(event)
@@ -523,13 +573,22 @@ class Subscriber:
         if isinstance(counts, dict) and isinstance(boot, str):
             for gate, n in counts.items():
                 cur = self.cursors.get(gate)
-                if cur is None and isinstance(booted, (int, float)) and booted >= self.started_at and \
-                        (self.gates is None or gate in self.gates):
+                if (
+                    cur is None
+                    and isinstance(booted, (int, float))
+                    and booted >= self.started_at
+                    and (self.gates is None or gate in self.gates)
+                ):
                     # A verifier that started after this subscriber decided before it was heard (a slow
                     # join: `kiosk run` starts both at once): those events are this subscriber's too.
                     self.cursors[gate] = cur = (boot, 0)
-                if (self.gates is None or gate in self.gates) and isinstance(n, int) and cur is not None \
-                        and cur[0] == boot and n > cur[1]:
+                if (
+                    (self.gates is None or gate in self.gates)
+                    and isinstance(n, int)
+                    and cur is not None
+                    and cur[0] == boot
+                    and n > cur[1]
+                ):
                     self._catch_up_due = True  # published, but not arrived here
 
     def _news_of(self, boot: str | None, heartbeat: bool = False) -> None:
@@ -552,9 +611,14 @@ class Subscriber:
             self.verifier_up = True
             self.metrics.verifier_up.set(1)
             if told:
-                self._state_event("verifier_up", "the verifier is back after a restart" if restarted
-                                  else "verifier heartbeat is back" if heartbeat
-                                  else "an event from the verifier arrived")
+                self._state_event(
+                    "verifier_up",
+                    "the verifier is back after a restart"
+                    if restarted
+                    else "verifier heartbeat is back"
+                    if heartbeat
+                    else "an event from the verifier arrived",
+                )
 
     def _catch_up(self, why: str) -> None:
         """Fetch and hand on what was missed since each gate's position."""
@@ -564,8 +628,9 @@ class Subscriber:
             return
         sock = self.transport.history_client()
         try:
-            sock.send_json({"v": 1, "cmd": "events", "cursors": {g: list(c) for g, c in cursors.items()},
-                            "gate_id": self.gate})
+            sock.send_json(
+                {"v": 1, "cmd": "events", "cursors": {g: list(c) for g, c in cursors.items()}, "gate_id": self.gate}
+            )
             reply = sock.recv_json()
         except zmq.ZMQError as exc:
             log.warning("cannot fetch missed events (%s): %s; will try again", why, exc)
@@ -584,8 +649,10 @@ class Subscriber:
         log.info("fetched %d missed event(s) (%s)", len(reply["events"]), why)
         self.metrics.fetched.inc(len(reply["events"]))
         if not reply.get("complete", True):
-            self._state_event("events_missed", "some events could not be fetched any more (verifier history "
-                                               "window passed); check the audit log")
+            self._state_event(
+                "events_missed",
+                "some events could not be fetched any more (verifier history window passed); check the audit log",
+            )
 
     def _bad_message(self, why: str) -> None:
         self.bad += 1
@@ -601,10 +668,18 @@ class Subscriber:
             self._state_event("verifier_down", f"no verifier heartbeat for {silent:.1f}s")
 
     def run(self) -> int:
-        log.info("subscriber %s: %s on %s with %d hook(s): %s", self.name,
-                 f"gate {self.gate}" if self.gate else "all gates" if self.gates is None
-                 else "gates " + ", ".join(sorted(self.gates)), self.cfg.transport.events, len(self.hooks),
-                 ", ".join(h.name for h in self.hooks))
+        log.info(
+            "subscriber %s: %s on %s with %d hook(s): %s",
+            self.name,
+            f"gate {self.gate}"
+            if self.gate
+            else "all gates"
+            if self.gates is None
+            else "gates " + ", ".join(sorted(self.gates)),
+            self.cfg.transport.events,
+            len(self.hooks),
+            ", ".join(h.name for h in self.hooks),
+        )
         while not self._stop.is_set():
             message = self.inbox.recv(100)
             if isinstance(message, Heartbeat):
@@ -625,9 +700,17 @@ class Subscriber:
         self.transport.close()
 
 
-def build_hooks(cfg: KioskConfig, *, jsonl: list[str], execs: list[str], webhooks: list[str],
-                python: list[str] | None = None, mqtt: list[str] | None = None, gate: str | None = None,
-                name: str | None = None) -> list[Hook]:
+def build_hooks(
+    cfg: KioskConfig,
+    *,
+    jsonl: list[str],
+    execs: list[str],
+    webhooks: list[str],
+    python: list[str] | None = None,
+    mqtt: list[str] | None = None,
+    gate: str | None = None,
+    name: str | None = None,
+) -> list[Hook]:
     """The hooks of one subscriber. An MQTT broker is connected to here, before anything runs: one that refuses
     or cannot be reached stops the subscriber (exit 2)."""
     h = cfg.hooks
@@ -643,18 +726,22 @@ def build_hooks(cfg: KioskConfig, *, jsonl: list[str], execs: list[str], webhook
     if webhooks and h.sign_webhooks:  # before any hook starts: a missing secret stops the subscriber (exit 2)
         secret = load_secret(secret_path(cfg))
     elif webhooks:
-        log.warning("webhooks are sent UNSIGNED (hooks.sign_webhooks: false): a receiver cannot tell these POSTs "
-                    "from forged ones, and an accept opens a door")
+        log.warning(
+            "webhooks are sent UNSIGNED (hooks.sign_webhooks: false): a receiver cannot tell these POSTs "
+            "from forged ones, and an accept opens a door"
+        )
     delivers = [(f"jsonl {p}", jsonl_hook(Path(p), cfg.retention.audit_days)) for p in jsonl]
     delivers += [(f"exec {c}", exec_hook(c, h.exec_timeout_s)) for c in execs]
-    delivers += [(f"webhook {url}", webhook_hook(url, h.webhook_timeout_s, h.webhook_retries, secret))
-                 for url in webhooks]
+    delivers += [
+        (f"webhook {url}", webhook_hook(url, h.webhook_timeout_s, h.webhook_retries, secret)) for url in webhooks
+    ]
     delivers += [(f"python {spec}", python_hook(spec)) for spec in (python if python is not None else h.python)]
     who = name or (f"gate-{gate}" if gate else "all-gates")
     delivers += [(f"mqtt {url}", mqtt_hook(cfg, url, gate, who)) for url in mqtt]  # last: connected at once
     return [Hook(name, deliver, h.queue_size, h.max_accept_age_s) for name, deliver in delivers]
 
 
-def run_subscriber(cfg: KioskConfig, gate: str | None, hooks: list[Hook], metrics_port: int = 0,
-                   name: str | None = None) -> int:
+def run_subscriber(
+    cfg: KioskConfig, gate: str | None, hooks: list[Hook], metrics_port: int = 0, name: str | None = None
+) -> int:
     return serve(Subscriber(cfg, hooks, gate, metrics_port, name))

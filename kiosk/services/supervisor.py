@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiosk.services.capture import open_source
 from kiosk.config import KioskConfig
 from kiosk.messaging.channels import sources_done
 from kiosk.messaging.transport import ask_verifier, init_keys
+from kiosk.services.capture import open_source
 from kiosk.services.webhook_signing import make_secret, secret_path
 
 log = logging.getLogger(__name__)
@@ -62,23 +62,32 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, cfg: KioskConfig, config_path: Path, *, exit_on_eof: bool = False,
-                 verbosity: list[str] | None = None) -> None:
+    def __init__(
+        self, cfg: KioskConfig, config_path: Path, *, exit_on_eof: bool = False, verbosity: list[str] | None = None
+    ) -> None:
         self.cfg = cfg
         self.exit_on_eof = exit_on_eof
         self.failed = False
         self._stop = threading.Event()
         base = [sys.executable, "-m", "kiosk.cli", *(verbosity or []), "-c", str(config_path)]
         self.verifier = Child("verifier", base + ["verify"], restart_on_success=True)
-        self.captures = [Child(f"capture {c.id}", base + ["capture", "--camera", c.id],
-                               restart_on_success=open_source(c, cfg).live or c.loop)
-                         for c in cfg.cameras]
+        self.captures = [
+            Child(
+                f"capture {c.id}",
+                base + ["capture", "--camera", c.id],
+                restart_on_success=open_source(c, cfg).live or c.loop,
+            )
+            for c in cfg.cameras
+        ]
         self.file_cameras = [c.id for c in cfg.cameras if not (open_source(c, cfg).live or c.loop)]
         self.subscribers = []
         for sub in cfg.subscribers:
             # hooks.python runs in one subscriber of its own (below), not once per subscriber.
-            argv = base + ["subscribe", "--no-config-hooks", "--name", sub.name] + \
-                (["--gate", sub.gate] if sub.gate else [])
+            argv = (
+                base
+                + ["subscribe", "--no-config-hooks", "--name", sub.name]
+                + (["--gate", sub.gate] if sub.gate else [])
+            )
             argv += (["--exec", sub.exec] if sub.exec else []) + (["--webhook", sub.webhook] if sub.webhook else [])
             argv += ["--jsonl", str(cfg.resolve(sub.jsonl))] if sub.jsonl else []
             argv += ["--mqtt", sub.mqtt] if sub.mqtt else []
@@ -87,8 +96,11 @@ class Supervisor:
         # The console (0 or 1): started with the subscribers, stopped with the verifier.
         self.consoles = [Child("console", base + ["console"], restart_on_success=True)] if cfg.console.enabled else []
         if cfg.hooks.python:  # all gates, every event once
-            self.subscribers.append(Child("subscriber hooks.python", base + ["subscribe", "--name", "hooks-python"],
-                                          restart_on_success=True))
+            self.subscribers.append(
+                Child(
+                    "subscriber hooks.python", base + ["subscribe", "--name", "hooks-python"], restart_on_success=True
+                )
+            )
 
     @property
     def children(self) -> list[Child]:
@@ -124,9 +136,12 @@ class Supervisor:
         if code == 2:  # it ran before: something under it broke (a corrupt gallery); the other gates stay up
             child.restarts += 1
             child.next_start = now + BROKEN_RETRY_S
-            log.error("%s cannot start again (exit 2: see its error above); the gates hear verifier_down from the "
-                      "subscribers; retrying every %.0fs until it is fixed (e.g. kiosk-enroll restore)", child.name,
-                      BROKEN_RETRY_S)
+            log.error(
+                "%s cannot start again (exit 2: see its error above); the gates hear verifier_down from the "
+                "subscribers; retrying every %.0fs until it is fixed (e.g. kiosk-enroll restore)",
+                child.name,
+                BROKEN_RETRY_S,
+            )
             return
         if code == 0 and not child.restart_on_success:
             child.finished = True
@@ -134,8 +149,13 @@ class Supervisor:
             return
         child.restarts += 1
         child.next_start = now + child.backoff
-        log.warning("%s exited with %s; restart %d in %.1fs", child.name,
-                    f"signal {-code}" if code < 0 else f"code {code}", child.restarts, child.backoff)
+        log.warning(
+            "%s exited with %s; restart %d in %.1fs",
+            child.name,
+            f"signal {-code}" if code < 0 else f"code {code}",
+            child.restarts,
+            child.backoff,
+        )
         child.backoff = min(child.backoff * 2, BACKOFF_MAX_S)
 
     def _all_sources_done(self) -> bool:
@@ -155,8 +175,11 @@ class Supervisor:
                 made += init_keys(keys_dir, client_name=self.cfg.console.key, role="console")
             if made:
                 log.info("made CurveZMQ keys and the webhook secret in %s", keys_dir)
-        elif self.cfg.hooks.sign_webhooks and not self.cfg.hooks.webhook_secret_file and \
-                any(sub.webhook for sub in self.cfg.subscribers):  # only the default place is ours to fill
+        elif (
+            self.cfg.hooks.sign_webhooks
+            and not self.cfg.hooks.webhook_secret_file
+            and any(sub.webhook for sub in self.cfg.subscribers)
+        ):  # only the default place is ours to fill
             if make_secret(secret_path(self.cfg)):
                 log.info("made the webhook secret %s", secret_path(self.cfg))
         for child in self.subscribers + self.consoles:  # first, so they hear the verifier's first heartbeat

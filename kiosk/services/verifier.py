@@ -24,24 +24,23 @@ import json
 import logging
 import os
 import threading
-import uuid
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import cv2
 import zmq
 
+from kiosk.boarding.gates import GateFlights
 from kiosk.cli_support import serve, warn_if_readable_by_others
 from kiosk.config import KioskConfig
-from kiosk.vision.engine import FaceEngine
 from kiosk.errors import ConfigError, UsageError
-from kiosk.boarding.gates import GateFlights
-from kiosk.store.flights import SqliteBoardingStore, load_gate_flights
-from kiosk.store.gallery import Gallery, GalleryMatrix, GalleryQueries, open_gallery
-from kiosk.store.sealing import key_source
 from kiosk.messaging.channels import CAPTURE_HEALTH, GATE_HEALTH, REFUSALS, VERIFIER_HEALTH, FrameChannel, Refusal
 from kiosk.messaging.messages import CaptureHealth, Event, encode_json
+from kiosk.messaging.transport import FRAME_HWM, FRAME_RCVHWM, Transport, client_public_key
+from kiosk.pipeline.core import Verdict, VerifierCore
+from kiosk.pipeline.gatekeeper import Gatekeeper
 from kiosk.pipeline.policy import Decision
 from kiosk.services.audit import AuditLog, RecentEvents, read_tail
 from kiosk.services.control_access import Caller, ControlAccess, KeyScopes
@@ -49,11 +48,12 @@ from kiosk.services.event_access import EventPublisher, HearingScopes
 from kiosk.services.frame_refusals import FrameRefusals
 from kiosk.services.key_watch import KeyFileWatch, WatchedKey, curve_server_key, template_key
 from kiosk.services.metrics import VerifierMetrics
-from kiosk.services.preview import PreviewFace, PreviewPublisher
 from kiosk.services.metrics import serve as serve_metrics
-from kiosk.messaging.transport import FRAME_HWM, FRAME_RCVHWM, Transport, client_public_key
-from kiosk.pipeline.core import Verdict, VerifierCore
-from kiosk.pipeline.gatekeeper import Gatekeeper
+from kiosk.services.preview import PreviewFace, PreviewPublisher
+from kiosk.store.flights import SqliteBoardingStore, load_gate_flights
+from kiosk.store.gallery import Gallery, GalleryMatrix, GalleryQueries, open_gallery
+from kiosk.store.sealing import key_source
+from kiosk.vision.engine import FaceEngine
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ class Verifier:
         self.gallery = open_gallery(cfg, create=False)
         keys = cfg.resolve(cfg.security.keys_dir)
         files = [self.gallery.path] if isinstance(self.gallery, Gallery) else []
-        warn_if_readable_by_others(*files, cfg.resolve(cfg.audit.path), *keys.glob("*.key_secret"),
-                                   keys / "webhook.secret")
+        warn_if_readable_by_others(
+            *files, cfg.resolve(cfg.audit.path), *keys.glob("*.key_secret"), keys / "webhook.secret"
+        )
         self._gates = {c.gate for c in cfg.cameras}
         view = self._view(self.gallery)
         matrix = view.full
@@ -89,8 +90,7 @@ class Verifier:
         self.core = VerifierCore(cfg, self.engine, view, metrics=self.metrics)
         self.cameras = self.core.cameras
         self.metrics.gallery_stale.set_function(lambda: 1.0 if self._stale_reason() else 0.0)
-        self.metrics.watch_cameras(lambda cam_id: self.cameras[cam_id].state(time.time())[0] != "down",
-                                   self.cameras)
+        self.metrics.watch_cameras(lambda cam_id: self.cameras[cam_id].state(time.time())[0] != "down", self.cameras)
         self.transport = Transport(cfg, role="verifier")
         self.frames = self.transport.frame_receiver()
         owners = None
@@ -99,9 +99,13 @@ class Verifier:
             owners = {c.id: client_public_key(keys, c.key or cfg.security.client_key) for c in cfg.cameras}
         self.refusals = FrameRefusals(self.metrics, self.cameras)
         self.inbox = FrameChannel(self.frames, self.cameras, self._bad_message, owners, self._refused)
-        self.events = EventPublisher(self.transport.event_publisher(),
-                                     lambda: self.transport.event_publisher(bind_tries=100), HearingScopes(cfg),
-                                     self.transport.event_names(), self.metrics)
+        self.events = EventPublisher(
+            self.transport.event_publisher(),
+            lambda: self.transport.event_publisher(bind_tries=100),
+            HearingScopes(cfg),
+            self.transport.event_names(),
+            self.metrics,
+        )
         self.control = self.transport.control_server()
         self.access = ControlAccess(KeyScopes.from_config(cfg), self.transport.control_names(), self.metrics)
         log.info("control: %s", self.access.scopes.describe())
@@ -118,10 +122,16 @@ class Verifier:
         self._event_seq: dict[str, int] = {}  # per gate: a gate's subscriber sees 1, 2, 3... and any gap
         self.recent = RecentEvents(read_tail(audit_path))  # what a subscriber that missed some can fetch
         self.metrics.audit_ok.set_function(lambda: 0.0 if self.audit.error else 1.0)
-        self.gate = Gatekeeper(enrolment=self.gallery, store=self.store, audit=self.audit, publisher=self,
-                               forget_accept=self.core.policy.forget_accept,
-                               max_frame_age_ms=cfg.policy.max_frame_age_ms,
-                               stale_grace_s=cfg.gallery.stale_grace_s, counters=self.metrics)
+        self.gate = Gatekeeper(
+            enrolment=self.gallery,
+            store=self.store,
+            audit=self.audit,
+            publisher=self,
+            forget_accept=self.core.policy.forget_accept,
+            max_frame_age_ms=cfg.policy.max_frame_age_ms,
+            stale_grace_s=cfg.gallery.stale_grace_s,
+            counters=self.metrics,
+        )
         self._stop = threading.Event()
         self._purge_now = threading.Event()  # set: look for flights due for purging now
         self._purge_now.set()
@@ -138,19 +148,27 @@ class Verifier:
         self.metrics.gallery_unreadable.set(sum(matrix.unreadable.values()))
         for prov in self.engine.providers:
             self.metrics.provider_info.labels(provider=prov).set(1)
-        log.info("verifier ready: %d camera(s), gallery %d subjects / %d templates, %s", len(self.cameras),
-                 len(matrix), matrix.template_count, self.engine.provider_note)
+        log.info(
+            "verifier ready: %d camera(s), gallery %d subjects / %d templates, %s",
+            len(self.cameras),
+            len(matrix),
+            matrix.template_count,
+            self.engine.provider_note,
+        )
         if not len(matrix):
-            log.warning("gallery %s has no subject for this model: every passenger will be rejected until "
-                        "someone is enrolled", self.gallery.name)
+            log.warning(
+                "gallery %s has no subject for this model: every passenger will be rejected until someone is enrolled",
+                self.gallery.name,
+            )
         self._log_gates(None, view)
         self._purger = threading.Thread(target=self._purge_loop, name="retention", daemon=True)
         self._purger.start()
         self._changed = threading.Event()  # a shared (PostgreSQL) gallery announced a change: reload now
         listen = getattr(self.gallery, "listen", None)
         if listen is not None:
-            threading.Thread(target=listen, args=(self._changed, self._stop), name="gallery-listener",
-                             daemon=True).start()
+            threading.Thread(
+                target=listen, args=(self._changed, self._stop), name="gallery-listener", daemon=True
+            ).start()
 
     def _watched_keys(self) -> list[WatchedKey]:
         """The key files this process loaded at start: the template key's (unless it came from the
@@ -165,17 +183,29 @@ class Verifier:
         return keys
 
     def _view(self, gallery: GalleryQueries, previous: GateFlights | None = None) -> GateFlights:
-        return load_gate_flights(gallery, self.engine.model_id, self.engine.dim,
-                                 require_flight=self.cfg.boarding.require_flight, gates=self._gates,
-                                 load=self.cfg.gallery.load, previous=previous)
+        return load_gate_flights(
+            gallery,
+            self.engine.model_id,
+            self.engine.dim,
+            require_flight=self.cfg.boarding.require_flight,
+            gates=self._gates,
+            load=self.cfg.gallery.load,
+            previous=previous,
+        )
 
     def _log_gates(self, old: GateFlights | None, new: GateFlights) -> None:
         for gate in sorted(self._gates):
             flight = new.flight_of(gate)
             if old is None or old.flight_of(gate) != flight:
-                log.info("gate %s: %s", gate, f"boarding flight {flight} ({len(new.manifests[flight])} passengers)"
-                         if flight else "not boarding; processes nobody" if new.require_flight
-                         else "not boarding; matches against everyone enrolled (1:N)")
+                log.info(
+                    "gate %s: %s",
+                    gate,
+                    f"boarding flight {flight} ({len(new.manifests[flight])} passengers)"
+                    if flight
+                    else "not boarding; processes nobody"
+                    if new.require_flight
+                    else "not boarding; matches against everyone enrolled (1:N)",
+                )
 
     def _purge_loop(self) -> None:
         """Purge, on schedule, the templates of flights past `retention.purge_after_departure_h` (its own
@@ -202,10 +232,14 @@ class Verifier:
                     for flight in store.due_for_purge(time.time(), self.cfg.retention.purge_after_departure_h):
                         result = store.purge(flight)
                         self.metrics.purges.inc()
-                        log.info("retention: flight %s departed more than %g h ago; templates of %d passenger(s) "
-                                 "deleted, %d kept for a later flight", flight,
-                                 self.cfg.retention.purge_after_departure_h, len(result.subjects_purged),
-                                 len(result.kept))
+                        log.info(
+                            "retention: flight %s departed more than %g h ago; templates of %d passenger(s) "
+                            "deleted, %d kept for a later flight",
+                            flight,
+                            self.cfg.retention.purge_after_departure_h,
+                            len(result.subjects_purged),
+                            len(result.kept),
+                        )
             except Exception as exc:  # noqa: BLE001 - retry next round
                 log.warning("retention purge failed (next try in %.0fs): %s", PURGE_EVERY_S, exc)
 
@@ -227,14 +261,18 @@ class Verifier:
         horizon = time.time() - self.cfg.policy.repeat_accept_s
         recalled = 0
         for e in read_tail(audit_path):
-            if (e.get("type") == "accept" and isinstance(e.get("captured_at"), (int, float))
-                    and e["captured_at"] >= horizon and e.get("subject_id")):
-                self.core.policy.remember_accept(str(e.get("gate_id")), str(e["subject_id"]),
-                                                 float(e["captured_at"]))
+            if (
+                e.get("type") == "accept"
+                and isinstance(e.get("captured_at"), (int, float))
+                and e["captured_at"] >= horizon
+                and e.get("subject_id")
+            ):
+                self.core.policy.remember_accept(str(e.get("gate_id")), str(e["subject_id"]), float(e["captured_at"]))
                 recalled += 1
         if recalled:
-            log.info("recalled %d accept(s) of the last %.0fs from %s", recalled, self.cfg.policy.repeat_accept_s,
-                     audit_path)
+            log.info(
+                "recalled %d accept(s) of the last %.0fs from %s", recalled, self.cfg.policy.repeat_accept_s, audit_path
+            )
 
     # -- lifecycle -------------------------------------------------------------
     def stop(self) -> None:
@@ -252,11 +290,18 @@ class Verifier:
         self._publish_all(self.core.end_all(time.time()))
         lat = self.metrics.recent_frame.quantiles()
         dec = self.metrics.recent_decision.quantiles()
-        log.info("verifier stopping: %d frames processed (%d stale dropped), %d bad messages; frame latency "
-                 "p50 %.0f ms p99 %.0f ms; decision latency p50 %.0f ms p99 %.0f ms over %d decisions",
-                 sum(c.processed for c in self.cameras.values()), sum(c.stale for c in self.cameras.values()),
-                 self._bad, lat.get("p50", 0), lat.get("p99", 0), dec.get("p50", 0), dec.get("p99", 0),
-                 int(dec.get("n", 0)))
+        log.info(
+            "verifier stopping: %d frames processed (%d stale dropped), %d bad messages; frame latency "
+            "p50 %.0f ms p99 %.0f ms; decision latency p50 %.0f ms p99 %.0f ms over %d decisions",
+            sum(c.processed for c in self.cameras.values()),
+            sum(c.stale for c in self.cameras.values()),
+            self._bad,
+            lat.get("p50", 0),
+            lat.get("p99", 0),
+            dec.get("p50", 0),
+            dec.get("p99", 0),
+            int(dec.get("n", 0)),
+        )
         self._heartbeat(force=True, status="stopping")
         self.audit.close()
         if self._metrics_server is not None:
@@ -313,11 +358,25 @@ class Verifier:
                     faces.append(PreviewFace(list(box), track.track_id, "collecting"))
                 else:
                     kind, subject, reason, score = outcome
-                    faces.append(PreviewFace(list(box), track.track_id, "accepted" if kind == "accept" else
-                                             "rejected", subject, reason, None if score is None else round(score, 3)))
+                    faces.append(
+                        PreviewFace(
+                            list(box),
+                            track.track_id,
+                            "accepted" if kind == "accept" else "rejected",
+                            subject,
+                            reason,
+                            None if score is None else round(score, 3),
+                        )
+                    )
             try:
-                self.previews.send_frame(cam.gate_id, cam.camera_id, frame.image, faces, seq=frame.header.seq,
-                                         captured_at=frame.header.captured_at)
+                self.previews.send_frame(
+                    cam.gate_id,
+                    cam.camera_id,
+                    frame.image,
+                    faces,
+                    seq=frame.header.seq,
+                    captured_at=frame.header.captured_at,
+                )
             except (ValueError, cv2.error) as exc:  # never a reason to stop deciding
                 log.warning("preview of gate %s not sent: %s", cam.gate_id, exc)
                 continue
@@ -370,26 +429,50 @@ class Verifier:
             self.metrics.observe_stage("publish", (time.perf_counter() - t0) * 1000)
             self.metrics.decisions.labels(gate=event.gate_id, type=event.type, reason=event.reason or "").inc()
             self.metrics.observe_decision(event.gate_id, event.latency_ms or 0.0)
-            log.info("%s gate=%s camera=%s track=%d subject=%s score=%s reason=%s frames=%d latency=%.0fms",
-                     event.type.upper(), event.gate_id, event.camera_id, verdict.track_id, event.subject_id,
-                     event.score, event.reason, event.frames, event.latency_ms or 0.0)
+            log.info(
+                "%s gate=%s camera=%s track=%d subject=%s score=%s reason=%s frames=%d latency=%.0fms",
+                event.type.upper(),
+                event.gate_id,
+                event.camera_id,
+                verdict.track_id,
+                event.subject_id,
+                event.score,
+                event.reason,
+                event.frames,
+                event.latency_ms or 0.0,
+            )
 
     # -- the gatekeeper's publisher port -----------------------------------------------------------------
     def event(self, verdict: Verdict, d: Decision) -> Event:
         """The event a decision goes out as, with its gate's next sequence number."""
         cam = verdict.camera
         decided_at = time.time()
-        return Event(boot_id=self.boot_id, event_seq=self._event_seq.get(cam.gate_id, 0) + 1, type=d.type,
-                     gate_id=cam.gate_id, camera_id=cam.camera_id, track_id=verdict.track_id,
-                     subject_id=d.subject_id, display_name=d.display_name,
-                     score=None if d.score is None else round(d.score, 4),
-                     threshold=self.cfg.policy.accept_threshold, reason=d.reason, frames=d.frames,
-                     captured_at=d.captured_at, decided_at=decided_at,
-                     latency_ms=round((decided_at - d.captured_at) * 1000, 1), seq=d.seq, event_id=d.event_id,
-                     flight_id=d.flight_id, boarded_at=d.boarded_at, boarded_gate_id=d.boarded_gate_id,
-                     on_flights=d.on_flights,
-                     liveness_score=None if d.liveness_score is None else round(d.liveness_score, 4),
-                     liveness_frames=d.liveness_frames, liveness_checks=d.liveness_checks)
+        return Event(
+            boot_id=self.boot_id,
+            event_seq=self._event_seq.get(cam.gate_id, 0) + 1,
+            type=d.type,
+            gate_id=cam.gate_id,
+            camera_id=cam.camera_id,
+            track_id=verdict.track_id,
+            subject_id=d.subject_id,
+            display_name=d.display_name,
+            score=None if d.score is None else round(d.score, 4),
+            threshold=self.cfg.policy.accept_threshold,
+            reason=d.reason,
+            frames=d.frames,
+            captured_at=d.captured_at,
+            decided_at=decided_at,
+            latency_ms=round((decided_at - d.captured_at) * 1000, 1),
+            seq=d.seq,
+            event_id=d.event_id,
+            flight_id=d.flight_id,
+            boarded_at=d.boarded_at,
+            boarded_gate_id=d.boarded_gate_id,
+            on_flights=d.on_flights,
+            liveness_score=None if d.liveness_score is None else round(d.liveness_score, 4),
+            liveness_frames=d.liveness_frames,
+            liveness_checks=d.liveness_checks,
+        )
 
     def publish(self, verdict: Verdict, event: Event) -> None:
         """An audited event to the gates, the history a subscriber that missed it fetches, and a watching
@@ -461,8 +544,13 @@ class Verifier:
         was = self.gate.stale_since
         self.gate.gallery_state(reason, file_gone=bool(self._file_error), remedy=self._restore_hint())
         if reason and was is None:
-            log.error("gallery stale (%s): deciding from the %d subject(s) in memory for %.0f s more, then every "
-                      "accept is refused", reason, len(self.matrix), self.cfg.gallery.stale_grace_s)
+            log.error(
+                "gallery stale (%s): deciding from the %d subject(s) in memory for %.0f s more, then every "
+                "accept is refused",
+                reason,
+                len(self.matrix),
+                self.cfg.gallery.stale_grace_s,
+            )
             self._last_heartbeat = 0.0  # heartbeat now
         elif not reason and was is not None:
             log.info("gallery %s is current again (stale for %.0f s)", self.gallery.name, time.monotonic() - was)
@@ -530,9 +618,14 @@ class Verifier:
         self.metrics.gallery_subjects.set(len(loaded.full))
         self.metrics.gallery_templates.set(loaded.full.template_count)
         self.metrics.gallery_unreadable.set(sum(loaded.full.unreadable.values()))
-        log.info("gallery reloaded: revision %d, %d subjects, %d templates%s (%.0f ms)", loaded.revision,
-                 len(loaded.full), loaded.full.template_count,
-                 "" if loaded.full.scope is None else " of its gates' flights", self._load_ms)
+        log.info(
+            "gallery reloaded: revision %d, %d subjects, %d templates%s (%.0f ms)",
+            loaded.revision,
+            len(loaded.full),
+            loaded.full.template_count,
+            "" if loaded.full.scope is None else " of its gates' flights",
+            self._load_ms,
+        )
 
     def status(self) -> dict[str, Any]:
         now = time.time()
@@ -540,51 +633,82 @@ class Verifier:
         down = sorted(cid for cid, (state, _) in states.items() if state == "down")
         return {
             "component": "verifier",
-            "status": ("degraded" if down or self.audit.error or self._stale_reason() or self.gate.record_failing
-                       or self.matrix.unreadable or self.refusals.skewed or self.key_files.problems else "ok"),
+            "status": (
+                "degraded"
+                if down
+                or self.audit.error
+                or self._stale_reason()
+                or self.gate.record_failing
+                or self.matrix.unreadable
+                or self.refusals.skewed
+                or self.key_files.problems
+                else "ok"
+            ),
             "cameras_down": down,
-            "pid": os.getpid(), "providers": self.engine.providers,
-            "fps": round(self.core.fps(now), 2), "drops": sum(c.stale for c in self.cameras.values()),
+            "pid": os.getpid(),
+            "providers": self.engine.providers,
+            "fps": round(self.core.fps(now), 2),
+            "drops": sum(c.stale for c in self.cameras.values()),
             "queue_depth": sum(len(c.pending) for c in self.cameras.values()),
-            "bad_messages": self._bad, "last_error": self.core.last_error or self.gate.last_error or self._last_error,
-            "frames_refused": {reason: sum(c[reason] for c in self.refusals.counts.values())
-                               for reason in REFUSALS},
+            "bad_messages": self._bad,
+            "last_error": self.core.last_error or self.gate.last_error or self._last_error,
+            "frames_refused": {reason: sum(c[reason] for c in self.refusals.counts.values()) for reason in REFUSALS},
             "control_refused": dict(self.access.counts),
             "events_refused": dict(self.events.counts),
             "clock_skew": self.refusals.status(time.monotonic()),
             "key_files": self.key_files.status(),
-            "audit": {"ok": not self.audit.error, "error": self.audit.error, "failures": self.audit.failures,
-                      "pending": self.audit.pending},
+            "audit": {
+                "ok": not self.audit.error,
+                "error": self.audit.error,
+                "failures": self.audit.failures,
+                "pending": self.audit.pending,
+            },
             "boarding_store": {"ok": not self.gate.record_failing, "decisions_waiting": len(self.gate.unrecorded)},
             "frame_latency_ms": self.metrics.recent_frame.quantiles(),
             "stages_ms": {stage: window.quantiles() for stage, window in self.metrics.recent_stage.items()},
             "frames_processed": sum(c.processed for c in self.cameras.values()),
             "faces_detected": self.core.faces_total,
-            "first_captured_at": self.core.first_captured_at, "last_done_at": self.core.last_done_at,
+            "first_captured_at": self.core.first_captured_at,
+            "last_done_at": self.core.last_done_at,
             "decision_latency_ms": self.metrics.recent_decision.quantiles(),
             "deciding_frame_latency_ms": self.metrics.recent_deciding.quantiles(),
             "gallery": self._gallery_status(),
-            "cameras": {c.camera_id: {"gate_id": c.gate_id, "state": states[c.camera_id][0],
-                                      "last_error": states[c.camera_id][1], "frames_in": c.frames_in,
-                                      "processed": c.processed, "idle_skipped": c.idle_skipped,
-                                      "dropped": c.stale, "too_old": c.too_old,
-                                      "refused": dict(self.refusals.counts[c.camera_id]),
-                                      "eof": c.eof, "not_boarding": c.not_boarding,
-                                      "tracks": len(c.tracker.tracks),
-                                      "wakes": [list(w) for w in c.wakes],
-                                      "last_frame_age_s": round(now - c.last_frame_at, 1) if c.last_frame_at
-                                      else None}
-                        for c in self.cameras.values()},
+            "cameras": {
+                c.camera_id: {
+                    "gate_id": c.gate_id,
+                    "state": states[c.camera_id][0],
+                    "last_error": states[c.camera_id][1],
+                    "frames_in": c.frames_in,
+                    "processed": c.processed,
+                    "idle_skipped": c.idle_skipped,
+                    "dropped": c.stale,
+                    "too_old": c.too_old,
+                    "refused": dict(self.refusals.counts[c.camera_id]),
+                    "eof": c.eof,
+                    "not_boarding": c.not_boarding,
+                    "tracks": len(c.tracker.tracks),
+                    "wakes": [list(w) for w in c.wakes],
+                    "last_frame_age_s": round(now - c.last_frame_at, 1) if c.last_frame_at else None,
+                }
+                for c in self.cameras.values()
+            },
             "claims": {g: c.subject_id for g, c in self.core.policy.claims.items()},
             "previews": self.previews.status(),
-            "gates": {g: {"flight_id": self.core.flights.flight_of(g),
-                          "processing": not self.core.flights.idle(g)} for g in sorted(self._gates)},
+            "gates": {
+                g: {"flight_id": self.core.flights.flight_of(g), "processing": not self.core.flights.idle(g)}
+                for g in sorted(self._gates)
+            },
         }
 
     def _gallery_status(self) -> dict[str, Any]:
         reason = self._stale_reason()
-        status: dict[str, Any] = {"subjects": len(self.matrix), "templates": self.matrix.template_count,
-                                  "stale": bool(reason), "error": reason, "revision": self.matrix.revision}
+        status: dict[str, Any] = {
+            "subjects": len(self.matrix),
+            "templates": self.matrix.template_count,
+            "stale": bool(reason),
+            "error": reason,
+            "revision": self.matrix.revision,
+        }
         if self.matrix.unreadable:  # sealed templates that do not open: tampering or damage, left out
             status["unreadable_templates"] = sum(self.matrix.unreadable.values())
             status["unreadable_subjects"] = sorted(self.matrix.unreadable)[:20]
@@ -607,8 +731,13 @@ class Verifier:
         if status is not None:
             body["status"] = status
         sent_at = time.time()
-        stamp = {"status": body["status"], "pid": body["pid"], "boot_id": self.boot_id, "booted_at": self.booted_at,
-                 "sent_at": sent_at}
+        stamp = {
+            "status": body["status"],
+            "pid": body["pid"],
+            "boot_id": self.boot_id,
+            "booted_at": self.booted_at,
+            "sent_at": sent_at,
+        }
         # Each gate's part (its event count, cameras: whether someone is there now; its flight) goes on its own
         # topic, to the keys that hear that gate (kiosk.services.event_access); the verifier's own health to every
         # allow-listed key. Passenger ids go on neither: no claims, and the subjects whose templates do not open
@@ -622,11 +751,19 @@ class Verifier:
         body.update(stamp)
         self.events.send_multipart(encode_json(VERIFIER_HEALTH, body))
         for gate in sorted(self._gates):
-            self.events.send_multipart(encode_json(GATE_HEALTH + gate, {
-                "component": "gate", "gate_id": gate, **stamp,
-                "event_seq": {gate: self._event_seq[gate]} if gate in self._event_seq else {},
-                "gate": gates.get(gate, {}),
-                "cameras": {cid: cam for cid, cam in cameras.items() if cam["gate_id"] == gate}}))
+            self.events.send_multipart(
+                encode_json(
+                    GATE_HEALTH + gate,
+                    {
+                        "component": "gate",
+                        "gate_id": gate,
+                        **stamp,
+                        "event_seq": {gate: self._event_seq[gate]} if gate in self._event_seq else {},
+                        "gate": gates.get(gate, {}),
+                        "cameras": {cid: cam for cid, cam in cameras.items() if cam["gate_id"] == gate},
+                    },
+                )
+            )
 
     def _handle_history(self) -> None:
         """`{"cmd": "events", "cursors": {gate: [boot_id, event_seq]}, "gate_id": G or null}`: the events each
@@ -643,12 +780,21 @@ class Verifier:
             if not isinstance(request, dict) or request.get("cmd") != "events":
                 raise ValueError('expected {"cmd": "events", "cursors": {...}}')
             cursors, gate = request.get("cursors"), request.get("gate_id")
-            if not isinstance(cursors, dict) or len(cursors) > 10_000 or (gate is not None and not isinstance(gate, str)):
+            if (
+                not isinstance(cursors, dict)
+                or len(cursors) > 10_000
+                or (gate is not None and not isinstance(gate, str))
+            ):
                 raise ValueError("cursors must be a mapping gate -> [boot_id, event_seq]")
             parsed = {}
             for g, cur in cursors.items():
-                if not (isinstance(cur, list) and len(cur) == 2 and isinstance(cur[0], str)
-                        and isinstance(cur[1], int) and not isinstance(cur[1], bool)):
+                if not (
+                    isinstance(cur, list)
+                    and len(cur) == 2
+                    and isinstance(cur[0], str)
+                    and isinstance(cur[1], int)
+                    and not isinstance(cur[1], bool)
+                ):
                     raise ValueError(f"cursor of gate {str(g)[:40]!r} must be [boot_id, event_seq]")
                 parsed[str(g)] = (cur[0], cur[1])
             if gate is not None and not hearer.hears_gate(gate):
@@ -661,7 +807,7 @@ class Verifier:
             reply = {"ok": True, "boot_id": self.boot_id, "complete": complete, "events": events}
             if withheld:
                 reply["withheld_gates"] = [g[:40] for g in withheld[:100]]
-                reply["note"] = (f"events of gate(s) this key may not hear are left out ({hearer.describe()})")
+                reply["note"] = f"events of gate(s) this key may not hear are left out ({hearer.describe()})"
         except (ValueError, RecursionError) as exc:
             self._bad_message(f"history: {exc}"[:300])
             reply = {"ok": False, "error": f"bad request: {exc}"}

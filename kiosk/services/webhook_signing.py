@@ -20,8 +20,8 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError
@@ -80,8 +80,11 @@ def verify(secret: bytes, body: bytes, headers: Mapping[str, str], *, now: float
 
 def load_secret(path: Path) -> bytes:
     """The secret in `path` (whitespace stripped); `ConfigError` naming the file when it is unusable."""
-    hint = f"run `kiosk keys init {path.parent}` to make one" if path.name == SECRET_NAME else \
-        f"run `kiosk keys init DIR` to make DIR/{SECRET_NAME} and point hooks.webhook_secret_file at it"
+    hint = (
+        f"run `kiosk keys init {path.parent}` to make one"
+        if path.name == SECRET_NAME
+        else f"run `kiosk keys init DIR` to make DIR/{SECRET_NAME} and point hooks.webhook_secret_file at it"
+    )
     try:
         secret = path.read_bytes().strip()
     except FileNotFoundError:
@@ -91,8 +94,10 @@ def load_secret(path: Path) -> bytes:
     if not secret:
         raise ConfigError(f"webhook secret {path} is empty; delete it and {hint}")
     if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(f"webhook secret {path} is too short ({len(secret)} bytes, at least {MIN_SECRET_BYTES}); "
-                          f"delete it and {hint}")
+        raise ConfigError(
+            f"webhook secret {path} is too short ({len(secret)} bytes, at least {MIN_SECRET_BYTES}); "
+            f"delete it and {hint}"
+        )
     return secret
 
 

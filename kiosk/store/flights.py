@@ -36,10 +36,19 @@ class SqliteBoardingStore:
     def _write(self):  # noqa: ANN202 - the gallery's transaction context
         return self.gallery.writing()
 
-    def _log(self, db: Any, action: str, flight: str | None, subject: str | None = None,
-             gate: str | None = None, **detail: object) -> None:
-        db.execute("INSERT INTO boarding_log (at, action, flight_id, subject_id, gate_id, detail) "
-                   "VALUES (?, ?, ?, ?, ?, ?)", (time.time(), action, flight, subject, gate, json.dumps(detail)))
+    def _log(
+        self,
+        db: Any,
+        action: str,
+        flight: str | None,
+        subject: str | None = None,
+        gate: str | None = None,
+        **detail: object,
+    ) -> None:
+        db.execute(
+            "INSERT INTO boarding_log (at, action, flight_id, subject_id, gate_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), action, flight, subject, gate, json.dumps(detail)),
+        )
 
     # -- flights and manifests ---------------------------------------------------------
     def add_flight(self, flight_id: str, departs: float) -> None:
@@ -51,18 +60,25 @@ class SqliteBoardingStore:
             if row is not None and row[1] is not None:
                 old_day = datetime.fromtimestamp(row[0]).date()
                 if datetime.fromtimestamp(departs).date() == old_day:
-                    raise UsageError(f"flight {flight_id} of {old_day} was purged after departure; nothing can "
-                                     "be added to it")
+                    raise UsageError(
+                        f"flight {flight_id} of {old_day} was purged after departure; nothing can be added to it"
+                    )
                 self._archive(db, flight_id, f"{flight_id}/{old_day.isoformat()}")
-            db.execute("INSERT INTO flights (id, departs, created) VALUES (?, ?, ?) "
-                       "ON CONFLICT(id) DO UPDATE SET departs = excluded.departs", (flight_id, departs, time.time()))
+            db.execute(
+                "INSERT INTO flights (id, departs, created) VALUES (?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET departs = excluded.departs",
+                (flight_id, departs, time.time()),
+            )
             db.execute(BUMP)
 
     def _archive(self, db: Any, flight_id: str, archived: str) -> None:
         if db.execute("SELECT 1 FROM flights WHERE id = ?", (archived,)).fetchone() is not None:
             raise UsageError(f"flight {flight_id}: {archived} exists already")
-        db.execute("INSERT INTO flights (id, departs, created, purged_at) SELECT ?, departs, created, purged_at "
-                   "FROM flights WHERE id = ?", (archived, flight_id))
+        db.execute(
+            "INSERT INTO flights (id, departs, created, purged_at) SELECT ?, departs, created, purged_at "
+            "FROM flights WHERE id = ?",
+            (archived, flight_id),
+        )
         for table in ("manifest", "boardings", "flight_decisions", "boarding_log"):
             db.execute(f"UPDATE {table} SET flight_id = ? WHERE flight_id = ?", (archived, flight_id))
         db.execute("DELETE FROM flights WHERE id = ?", (flight_id,))
@@ -72,9 +88,13 @@ class SqliteBoardingStore:
         """Put enrolled subjects on the flight's manifest; returns how many were new on it."""
         with self._write() as db:
             self._usable(db, flight_id)
-            added = sum(db.execute("INSERT INTO manifest (flight_id, subject_id, added) VALUES (?, ?, ?) "
-                                   "ON CONFLICT DO NOTHING", (flight_id, s, time.time())).rowcount
-                        for s in dict.fromkeys(subject_ids))
+            added = sum(
+                db.execute(
+                    "INSERT INTO manifest (flight_id, subject_id, added) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                    (flight_id, s, time.time()),
+                ).rowcount
+                for s in dict.fromkeys(subject_ids)
+            )
             if added:
                 db.execute(BUMP)
         return added
@@ -108,9 +128,12 @@ class SqliteBoardingStore:
             " (SELECT COUNT(*) FROM manifest m WHERE m.flight_id = f.id),"
             " (SELECT COUNT(*) FROM boardings b JOIN manifest m ON m.flight_id = b.flight_id"
             "  AND m.subject_id = b.subject_id WHERE b.flight_id = f.id) "
-            "FROM flights f ORDER BY f.departs, f.id").fetchall()
-        return [Flight(fid, departs, n, boarded, tuple(gates.get(fid, ())), purged)
-                for fid, departs, purged, n, boarded in rows]
+            "FROM flights f ORDER BY f.departs, f.id"
+        ).fetchall()
+        return [
+            Flight(fid, departs, n, boarded, tuple(gates.get(fid, ())), purged)
+            for fid, departs, purged, n, boarded in rows
+        ]
 
     def flight(self, flight_id: str) -> Flight | None:
         return next((f for f in self.flights() if f.id == flight_id), None)
@@ -122,10 +145,18 @@ class SqliteBoardingStore:
             " b.gate_id, b.boarded_at, b.score, b.event_id, b.camera_id "
             "FROM manifest m LEFT JOIN subjects s ON s.id = m.subject_id "
             "LEFT JOIN boardings b ON b.flight_id = m.flight_id AND b.subject_id = m.subject_id "
-            "WHERE m.flight_id = ? ORDER BY m.subject_id", (flight_id,)).fetchall()
-        return [Passenger(sid, name, bool(enrolled),
-                          Boarding(flight_id, sid, gate, at, score, event, cam) if gate is not None else None)
-                for sid, name, enrolled, gate, at, score, event, cam in rows]
+            "WHERE m.flight_id = ? ORDER BY m.subject_id",
+            (flight_id,),
+        ).fetchall()
+        return [
+            Passenger(
+                sid,
+                name,
+                bool(enrolled),
+                Boarding(flight_id, sid, gate, at, score, event, cam) if gate is not None else None,
+            )
+            for sid, name, enrolled, gate, at, score, event, cam in rows
+        ]
 
     def manifest(self, flight_id: str) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT subject_id FROM manifest WHERE flight_id = ?", (flight_id,))}
@@ -133,22 +164,31 @@ class SqliteBoardingStore:
     def manifests(self, flight_ids: set[str]) -> dict[str, set[str]]:
         """Several flights' manifests in one snapshot."""
         with self.gallery.transaction(write=False) as db:
-            return {f: {r[0] for r in db.execute("SELECT subject_id FROM manifest WHERE flight_id = ?", (f,))}
-                    for f in flight_ids}
+            return {
+                f: {r[0] for r in db.execute("SELECT subject_id FROM manifest WHERE flight_id = ?", (f,))}
+                for f in flight_ids
+            }
 
     def flights_of(self, subject_id: str) -> list[str]:
         """The flights not yet purged a subject is on, earliest departure first."""
-        return [r[0] for r in self._db.execute(
-            "SELECT f.id FROM manifest m JOIN flights f ON f.id = m.flight_id "
-            "WHERE m.subject_id = ? AND f.purged_at IS NULL ORDER BY f.departs", (subject_id,))]
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT f.id FROM manifest m JOIN flights f ON f.id = m.flight_id "
+                "WHERE m.subject_id = ? AND f.purged_at IS NULL ORDER BY f.departs",
+                (subject_id,),
+            )
+        ]
 
     # -- gates -------------------------------------------------------------------------
     def open_gate(self, gate_id: str, flight_id: str) -> None:
         with self._write() as db:
             self._usable(db, flight_id)
-            db.execute("INSERT INTO gates (gate_id, flight_id, opened) VALUES (?, ?, ?) ON CONFLICT(gate_id) "
-                       "DO UPDATE SET flight_id = excluded.flight_id, opened = excluded.opened",
-                       (gate_id, flight_id, time.time()))
+            db.execute(
+                "INSERT INTO gates (gate_id, flight_id, opened) VALUES (?, ?, ?) ON CONFLICT(gate_id) "
+                "DO UPDATE SET flight_id = excluded.flight_id, opened = excluded.opened",
+                (gate_id, flight_id, time.time()),
+            )
             self._log(db, "open", flight_id, gate=gate_id)
             db.execute(BUMP)
 
@@ -175,17 +215,29 @@ class SqliteBoardingStore:
             row = db.execute("SELECT expires FROM subjects WHERE id = ?", (subject,)).fetchone()
             if row is None or (row[0] is not None and row[0] <= record.at):
                 return BoardOutcome(False, "not_enrolled")
-            if db.execute("SELECT 1 FROM manifest m JOIN flights f ON f.id = m.flight_id WHERE m.flight_id = ? "
-                          "AND m.subject_id = ? AND f.purged_at IS NULL", (flight, subject)).fetchone() is None:
+            if (
+                db.execute(
+                    "SELECT 1 FROM manifest m JOIN flights f ON f.id = m.flight_id WHERE m.flight_id = ? "
+                    "AND m.subject_id = ? AND f.purged_at IS NULL",
+                    (flight, subject),
+                ).fetchone()
+                is None
+            ):
                 return BoardOutcome(False, "not_on_flight")
-            prev = db.execute("SELECT gate_id, boarded_at, score, event_id, camera_id FROM boardings "
-                              "WHERE flight_id = ? AND subject_id = ?", (flight, subject)).fetchone()
+            prev = db.execute(
+                "SELECT gate_id, boarded_at, score, event_id, camera_id FROM boardings "
+                "WHERE flight_id = ? AND subject_id = ?",
+                (flight, subject),
+            ).fetchone()
             if prev is not None:
-                return BoardOutcome(False, "already_boarded", Boarding(flight, subject, prev[0], prev[1], prev[2],
-                                                                       prev[3], prev[4]))
-            db.execute("INSERT INTO boardings (flight_id, subject_id, gate_id, camera_id, boarded_at, score, event_id)"
-                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (flight, subject, record.gate_id, camera_id, record.at, record.score, record.event_id))
+                return BoardOutcome(
+                    False, "already_boarded", Boarding(flight, subject, prev[0], prev[1], prev[2], prev[3], prev[4])
+                )
+            db.execute(
+                "INSERT INTO boardings (flight_id, subject_id, gate_id, camera_id, boarded_at, score, event_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (flight, subject, record.gate_id, camera_id, record.at, record.score, record.event_id),
+            )
             self._insert_record(db, record)
         return BoardOutcome(True)
 
@@ -195,8 +247,11 @@ class SqliteBoardingStore:
         the mark removed, None if there was none."""
         with self._write() as db:
             self._known(db, flight_id)
-            prev = db.execute("SELECT gate_id, boarded_at, score, event_id, camera_id FROM boardings "
-                              "WHERE flight_id = ? AND subject_id = ?", (flight_id, subject_id)).fetchone()
+            prev = db.execute(
+                "SELECT gate_id, boarded_at, score, event_id, camera_id FROM boardings "
+                "WHERE flight_id = ? AND subject_id = ?",
+                (flight_id, subject_id),
+            ).fetchone()
             if prev is None:
                 return None
             db.execute("DELETE FROM boardings WHERE flight_id = ? AND subject_id = ?", (flight_id, subject_id))
@@ -208,10 +263,11 @@ class SqliteBoardingStore:
 
     @staticmethod
     def _insert_record(db: Any, r: DecisionRecord) -> None:
-        db.execute("INSERT INTO flight_decisions (event_id, flight_id, gate_id, type, reason, subject_id, "
-                   "candidate_id, score, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                   (r.event_id, r.flight_id, r.gate_id, r.type, r.reason, r.subject_id, r.candidate_id, r.score,
-                    r.at))
+        db.execute(
+            "INSERT INTO flight_decisions (event_id, flight_id, gate_id, type, reason, subject_id, "
+            "candidate_id, score, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (r.event_id, r.flight_id, r.gate_id, r.type, r.reason, r.subject_id, r.candidate_id, r.score, r.at),
+        )
 
     def record(self, record: DecisionRecord) -> None:
         """Keep a decision at a boarding gate for the flight's report."""
@@ -219,9 +275,14 @@ class SqliteBoardingStore:
             self._insert_record(db, record)
 
     def decisions(self, flight_id: str) -> list[DecisionRecord]:
-        return [DecisionRecord(*row) for row in self._db.execute(
-            "SELECT event_id, flight_id, gate_id, type, reason, subject_id, candidate_id, score, at "
-            "FROM flight_decisions WHERE flight_id = ? ORDER BY at", (flight_id,))]
+        return [
+            DecisionRecord(*row)
+            for row in self._db.execute(
+                "SELECT event_id, flight_id, gate_id, type, reason, subject_id, candidate_id, score, at "
+                "FROM flight_decisions WHERE flight_id = ? ORDER BY at",
+                (flight_id,),
+            )
+        ]
 
     # -- retention ---------------------------------------------------------------------
     def purge(self, flight_id: str) -> PurgeResult:
@@ -230,12 +291,21 @@ class SqliteBoardingStore:
         is closed on every gate and cannot be reopened."""
         with self._write() as db:
             self._known(db, flight_id)
-            ids = [r[0] for r in db.execute("SELECT subject_id FROM manifest WHERE flight_id = ? ORDER BY subject_id",
-                                            (flight_id,))]
-            kept = [r[0] for r in db.execute(
-                "SELECT DISTINCT m.subject_id FROM manifest m JOIN manifest o ON o.subject_id = m.subject_id "
-                "JOIN flights f ON f.id = o.flight_id WHERE m.flight_id = ? AND o.flight_id != ? "
-                "AND f.purged_at IS NULL ORDER BY m.subject_id", (flight_id, flight_id))]
+            ids = [
+                r[0]
+                for r in db.execute(
+                    "SELECT subject_id FROM manifest WHERE flight_id = ? ORDER BY subject_id", (flight_id,)
+                )
+            ]
+            kept = [
+                r[0]
+                for r in db.execute(
+                    "SELECT DISTINCT m.subject_id FROM manifest m JOIN manifest o ON o.subject_id = m.subject_id "
+                    "JOIN flights f ON f.id = o.flight_id WHERE m.flight_id = ? AND o.flight_id != ? "
+                    "AND f.purged_at IS NULL ORDER BY m.subject_id",
+                    (flight_id, flight_id),
+                )
+            ]
             gone = [s for s in ids if s not in set(kept)]
             deleted = 0
             for sid in gone:
@@ -246,14 +316,23 @@ class SqliteBoardingStore:
             self._log(db, "purge", flight_id, subjects=len(gone), kept=len(kept), templates=deleted)
             db.execute(BUMP)
             prune_changes(db)
-        log.info("purged flight %s: templates of %d passenger(s) deleted (%d templates), %d kept for a later "
-                 "flight", flight_id, len(gone), deleted, len(kept))
+        log.info(
+            "purged flight %s: templates of %d passenger(s) deleted (%d templates), %d kept for a later flight",
+            flight_id,
+            len(gone),
+            deleted,
+            len(kept),
+        )
         return PurgeResult(flight_id, gone, kept, deleted)
 
     def due_for_purge(self, now: float, after_h: float) -> list[str]:
-        return [r[0] for r in self._db.execute(
-            "SELECT id FROM flights WHERE purged_at IS NULL AND departs + ? <= ? ORDER BY departs",
-            (after_h * 3600.0, now))]
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT id FROM flights WHERE purged_at IS NULL AND departs + ? <= ? ORDER BY departs",
+                (after_h * 3600.0, now),
+            )
+        ]
 
 
 def open_store(cfg: KioskConfig) -> tuple[GalleryQueries, SqliteBoardingStore]:
@@ -263,8 +342,16 @@ def open_store(cfg: KioskConfig) -> tuple[GalleryQueries, SqliteBoardingStore]:
     return gallery, SqliteBoardingStore(gallery)
 
 
-def load_gate_flights(gallery: GalleryQueries, model_id: str, dim: int, *, require_flight: bool,
-                      gates: set[str], load: str = "all", previous: GateFlights | None = None) -> GateFlights:
+def load_gate_flights(
+    gallery: GalleryQueries,
+    model_id: str,
+    dim: int,
+    *,
+    require_flight: bool,
+    gates: set[str],
+    load: str = "all",
+    previous: GateFlights | None = None,
+) -> GateFlights:
     """The verifier's view of the gallery, from one snapshot: the templates it searches, which of `gates`
     board which flight, and those flights' manifests. `load`: "all" holds everyone enrolled (a passenger of
     any flight at the wrong gate is told `wrong_flight`); "gate_flights" holds only the passengers of the

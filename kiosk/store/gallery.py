@@ -15,12 +15,31 @@ from kiosk.store.schema import BUMP, SCHEMA_VERSION, prune_changes
 from kiosk.store.sealing import MissingKey, TemplateCodec, key_source
 from kiosk.store.sqlite_file import SQLITE_MAGIC, Gallery
 
-__all__ = ["BUMP", "PREFILTER_MIN", "SCHEMA_VERSION", "SQLITE_MAGIC", "Gallery", "GalleryMatrix", "GalleryQueries",
-           "Match", "Subject", "copy_gallery", "open_gallery", "prune_changes"]
+__all__ = [
+    "BUMP",
+    "PREFILTER_MIN",
+    "SCHEMA_VERSION",
+    "SQLITE_MAGIC",
+    "Gallery",
+    "GalleryMatrix",
+    "GalleryQueries",
+    "Match",
+    "Subject",
+    "copy_gallery",
+    "open_gallery",
+    "prune_changes",
+]
 
 
-def open_gallery(cfg: KioskConfig, *, create: bool = False, seal: bool = False, path: Path | None = None,
-                 keys: bool = True, codec: TemplateCodec | None = None) -> GalleryQueries:
+def open_gallery(
+    cfg: KioskConfig,
+    *,
+    create: bool = False,
+    seal: bool = False,
+    path: Path | None = None,
+    keys: bool = True,
+    codec: TemplateCodec | None = None,
+) -> GalleryQueries:
     """The configured gallery: `gallery.url` (PostgreSQL) if set, else the SQLite file `gallery.path` (or
     `path`), with the template key (kiosk.store.sealing.key_source) checked against it.
 
@@ -48,7 +67,9 @@ def open_gallery(cfg: KioskConfig, *, create: bool = False, seal: bool = False, 
         held = gallery.template_count()
         if held:
             gallery.close()
-            raise MissingKey(f"{source.where}: no template key there, and gallery {gallery.name} holds {held} "
-                             "sealed templates: copy the site's template key there")
+            raise MissingKey(
+                f"{source.where}: no template key there, and gallery {gallery.name} holds {held} "
+                "sealed templates: copy the site's template key there"
+            )
         gallery.use_codec(source.make())
     return gallery

@@ -41,10 +41,21 @@ class GalleryMatrix:
     the candidates; the scores reported are the exact ones.
     """
 
-    def __init__(self, model_id: str, dim: int, subject_ids: list[str], names: list[str],
-                 embeddings: np.ndarray, owners: np.ndarray, revision: int, next_expiry: float | None = None, *,
-                 scope: frozenset[str] | None = None, as_of: float = 0.0,
-                 unreadable: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        dim: int,
+        subject_ids: list[str],
+        names: list[str],
+        embeddings: np.ndarray,
+        owners: np.ndarray,
+        revision: int,
+        next_expiry: float | None = None,
+        *,
+        scope: frozenset[str] | None = None,
+        as_of: float = 0.0,
+        unreadable: dict[str, int] | None = None,
+    ) -> None:
         self.model_id = model_id
         # Templates per subject that were read but did not open (kiosk.store.sealing): left out of the search,
         # reported by the verifier until they are mended (re-enrolled) or removed.
@@ -64,8 +75,9 @@ class GalleryMatrix:
         self._sorted_ids: np.ndarray | None = None  # subject_ids as an object array, when in code point order
 
     @classmethod
-    def from_templates(cls, model_id: str, dim: int, templates: list[tuple[str, str, np.ndarray]],
-                       revision: int = -1) -> GalleryMatrix:
+    def from_templates(
+        cls, model_id: str, dim: int, templates: list[tuple[str, str, np.ndarray]], revision: int = -1
+    ) -> GalleryMatrix:
         """A matrix from (subject id, name, embedding) tuples, e.g. the rows an import has added so far."""
         rows = sorted(templates, key=lambda t: t[0])
         ids: list[str] = []
@@ -86,24 +98,64 @@ class GalleryMatrix:
         index = np.cumsum(keep) - 1
         ids = [sid for sid, k in zip(self.subject_ids, keep) if k]
         names = [n for n, k in zip(self.names, keep) if k]
-        return GalleryMatrix(self.model_id, self.dim, ids, names, self.embeddings[rows], index[self.owners[rows]],
-                             self.revision, self.next_expiry,
-                             unreadable={k: v for k, v in self.unreadable.items() if k in subject_ids})
+        return GalleryMatrix(
+            self.model_id,
+            self.dim,
+            ids,
+            names,
+            self.embeddings[rows],
+            index[self.owners[rows]],
+            self.revision,
+            self.next_expiry,
+            unreadable={k: v for k, v in self.unreadable.items() if k in subject_ids},
+        )
 
     @classmethod
-    def from_rows(cls, model_id: str, dim: int, sids: np.ndarray, names: np.ndarray, embeddings: np.ndarray,
-                  revision: int, next_expiry: float | None = None, *, scope: frozenset[str] | None = None,
-                  as_of: float = 0.0, unreadable: dict[str, int] | None = None) -> GalleryMatrix:
+    def from_rows(
+        cls,
+        model_id: str,
+        dim: int,
+        sids: np.ndarray,
+        names: np.ndarray,
+        embeddings: np.ndarray,
+        revision: int,
+        next_expiry: float | None = None,
+        *,
+        scope: frozenset[str] | None = None,
+        as_of: float = 0.0,
+        unreadable: dict[str, int] | None = None,
+    ) -> GalleryMatrix:
         """A matrix from per-template subject ids and names (object arrays, sorted by subject id)."""
         first = np.r_[True, sids[1:] != sids[:-1]] if len(sids) else np.zeros(0, bool)
-        out = cls(model_id, dim, [str(x) for x in sids[first]], [str(x) for x in names[first]], embeddings,
-                  np.cumsum(first) - 1, revision, next_expiry, scope=scope, as_of=as_of, unreadable=unreadable)
+        out = cls(
+            model_id,
+            dim,
+            [str(x) for x in sids[first]],
+            [str(x) for x in names[first]],
+            embeddings,
+            np.cumsum(first) - 1,
+            revision,
+            next_expiry,
+            scope=scope,
+            as_of=as_of,
+            unreadable=unreadable,
+        )
         out._sorted_ids = sids[first]
         return out
 
-    def patched(self, drop: set[str], sids: np.ndarray, names: np.ndarray, embeddings: np.ndarray, revision: int,
-                next_expiry: float | None, *, scope: frozenset[str] | None, as_of: float,
-                unreadable: dict[str, int] | None = None) -> GalleryMatrix:
+    def patched(
+        self,
+        drop: set[str],
+        sids: np.ndarray,
+        names: np.ndarray,
+        embeddings: np.ndarray,
+        revision: int,
+        next_expiry: float | None,
+        *,
+        scope: frozenset[str] | None,
+        as_of: float,
+        unreadable: dict[str, int] | None = None,
+    ) -> GalleryMatrix:
         """This matrix without the subjects in `drop`, plus the templates given (per-template subject ids and
         names, sorted by subject id; none of a subject kept; `unreadable`: the dropped subjects' templates
         that did not open as read again): what a full load would give, for about the cost of copying the
@@ -112,10 +164,19 @@ class GalleryMatrix:
         ids = self._sorted_ids
         if ids is None:  # not built sorted (from_rows): put it in order first
             order = np.argsort(np.array(self.subject_ids, object)[self.owners], kind="stable")
-            return GalleryMatrix.from_rows(self.model_id, self.dim, np.array(self.subject_ids, object)[self.owners][
-                order], np.array(self.names, object)[self.owners][order], self.embeddings[order], self.revision,
-                self.next_expiry, scope=self.scope, as_of=self.as_of).patched(
-                drop, sids, names, embeddings, revision, next_expiry, scope=scope, as_of=as_of, unreadable=unreadable)
+            return GalleryMatrix.from_rows(
+                self.model_id,
+                self.dim,
+                np.array(self.subject_ids, object)[self.owners][order],
+                np.array(self.names, object)[self.owners][order],
+                self.embeddings[order],
+                self.revision,
+                self.next_expiry,
+                scope=self.scope,
+                as_of=self.as_of,
+            ).patched(
+                drop, sids, names, embeddings, revision, next_expiry, scope=scope, as_of=as_of, unreadable=unreadable
+            )
         keep = np.ones(len(ids), bool)
         if drop and len(ids):
             gone = np.array(sorted(drop), object)
@@ -127,14 +188,21 @@ class GalleryMatrix:
         kept_sids = ids[own]
         at = np.searchsorted(kept_sids, sids) if len(sids) else np.zeros(0, np.int64)  # where the new rows go
         new = np.asarray(embeddings, np.float32).reshape(-1, self.dim)
-        out = GalleryMatrix.from_rows(self.model_id, self.dim, np.insert(kept_sids, at, sids),
-                                      np.insert(np.array(self.names, object)[own], at, names),
-                                      np.insert(self.embeddings if everyone else self.embeddings[rows], at, new, axis=0),
-                                      revision, next_expiry, scope=scope, as_of=as_of, unreadable=unreadable)
+        out = GalleryMatrix.from_rows(
+            self.model_id,
+            self.dim,
+            np.insert(kept_sids, at, sids),
+            np.insert(np.array(self.names, object)[own], at, names),
+            np.insert(self.embeddings if everyone else self.embeddings[rows], at, new, axis=0),
+            revision,
+            next_expiry,
+            scope=scope,
+            as_of=as_of,
+            unreadable=unreadable,
+        )
         if self._basis is not None and self._reduced is not None and len(out.embeddings) >= PREFILTER_MIN // 2:
             out._basis = self._basis
-            out._reduced = np.insert(self._reduced if everyone else self._reduced[rows], at, new @ self._basis,
-                                     axis=0)
+            out._reduced = np.insert(self._reduced if everyone else self._reduced[rows], at, new @ self._basis, axis=0)
         return out
 
     def prepare(self) -> GalleryMatrix:
@@ -142,8 +210,7 @@ class GalleryMatrix:
         the first search; a no-op for small galleries. Enrollment checks never need it."""
         if self._reduced is None and len(self.embeddings) >= PREFILTER_MIN:
             rng = np.random.default_rng(0)
-            sample = self.embeddings[rng.choice(len(self.embeddings), min(20_000, len(self.embeddings)),
-                                                replace=False)]
+            sample = self.embeddings[rng.choice(len(self.embeddings), min(20_000, len(self.embeddings)), replace=False)]
             _, _, vt = np.linalg.svd(sample, full_matrices=False)
             self._basis = np.ascontiguousarray(vt[:PREFILTER_DIM].T)  # (D, k)
             self._reduced = np.ascontiguousarray(self.embeddings @ self._basis)
@@ -207,6 +274,6 @@ class GalleryMatrix:
             j = int(subjects[0])
             return Match(self.subject_ids[j], self.names[j], float(scores[0]), None, -1.0)
         top2 = np.argpartition(-scores, 1)[:2]
-        b, s2 = (top2 if scores[top2[0]] >= scores[top2[1]] else top2[::-1])
+        b, s2 = top2 if scores[top2[0]] >= scores[top2[1]] else top2[::-1]
         jb, js = int(subjects[b]), int(subjects[s2])
         return Match(self.subject_ids[jb], self.names[jb], float(scores[b]), self.subject_ids[js], float(scores[s2]))

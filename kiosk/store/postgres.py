@@ -28,8 +28,15 @@ from kiosk.config import pg_url_problem
 from kiosk.errors import ConfigError, RuntimeFailure, UsageError
 from kiosk.files import read_regular_file
 from kiosk.store.queries import GalleryQueries, Transaction, seal_templates
-from kiosk.store.schema import (BASELINE, CHANGES_CHANNEL, INDEXES, MIGRATIONS, POSTGRES_TRIGGERS, SCHEMA_VERSION,
-                                 create_tables)
+from kiosk.store.schema import (
+    BASELINE,
+    CHANGES_CHANNEL,
+    INDEXES,
+    MIGRATIONS,
+    POSTGRES_TRIGGERS,
+    SCHEMA_VERSION,
+    create_tables,
+)
 from kiosk.store.sealing import TemplateCodec
 
 log = logging.getLogger(__name__)
@@ -73,8 +80,13 @@ def target(url: str, password_file: Path | None = None, *, key: str = "gallery.u
 def connect(where: PgTarget, *, timeout_s: float = 5.0, autocommit: bool = True) -> psycopg.Connection:
     """A connection, or RuntimeFailure with one line naming the server (never the password)."""
     try:
-        return psycopg.connect(where.url, password=where.password, connect_timeout=max(1, int(timeout_s)),
-                               autocommit=autocommit, application_name="gate-kiosk")
+        return psycopg.connect(
+            where.url,
+            password=where.password,
+            connect_timeout=max(1, int(timeout_s)),
+            autocommit=autocommit,
+            application_name="gate-kiosk",
+        )
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
         if where.password:
@@ -91,15 +103,19 @@ def migrate(conn: psycopg.Connection, where: PgTarget, seal_with: TemplateCodec 
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         found = schema_version(conn)
         if found > SCHEMA_VERSION:
-            raise UsageError(f"database schema version {found} is newer than this program reads "
-                             f"({SCHEMA_VERSION}); upgrade gate-kiosk")
+            raise UsageError(
+                f"database schema version {found} is newer than this program reads "
+                f"({SCHEMA_VERSION}); upgrade gate-kiosk"
+            )
         if found == SCHEMA_VERSION:
             return found
         clear = conn.execute("SELECT COUNT(*) FROM templates").fetchone()[0] if found else 0  # type: ignore[index]
         if clear and seal_with is None:
-            raise UsageError(f"database {where.where}: schema version {found} keeps its {clear} templates in the "
-                             "clear; seal them in place with `kiosk-enroll -c CONFIG seal` (back it up first), "
-                             "then start again")
+            raise UsageError(
+                f"database {where.where}: schema version {found} keeps its {clear} templates in the "
+                "clear; seal them in place with `kiosk-enroll -c CONFIG seal` (back it up first), "
+                "then start again"
+            )
         for statement in create_tables("postgres"):
             conn.execute(statement)  # type: ignore[arg-type]
         conn.execute("INSERT INTO meta VALUES ('revision', '0') ON CONFLICT (key) DO NOTHING")
@@ -111,12 +127,16 @@ def migrate(conn: psycopg.Connection, where: PgTarget, seal_with: TemplateCodec 
             conn.execute(statement)  # type: ignore[arg-type]
         if clear and seal_with is not None:
             sealed = seal_templates(PgDb(conn, where), seal_with)
-            log.info("database %s: sealed %d templates in place under key %s", where.where, sealed,
-                     seal_with.current_id())
-        conn.execute("INSERT INTO meta VALUES ('schema_version', %s) ON CONFLICT (key) DO UPDATE SET value = "
-                     "EXCLUDED.value", (str(SCHEMA_VERSION),))
-        log.info("database: schema %s to version %d", "created" if found == 0 else f"upgraded from {found}",
-                 SCHEMA_VERSION)
+            log.info(
+                "database %s: sealed %d templates in place under key %s", where.where, sealed, seal_with.current_id()
+            )
+        conn.execute(
+            "INSERT INTO meta VALUES ('schema_version', %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            (str(SCHEMA_VERSION),),
+        )
+        log.info(
+            "database: schema %s to version %d", "created" if found == 0 else f"upgraded from {found}", SCHEMA_VERSION
+        )
     return found
 
 
@@ -200,16 +220,25 @@ class PgGallery(GalleryQueries):
     mark's checks and insert, are never interleaved with another host's); reads are REPEATABLE READ snapshots
     that never wait for a writer."""
 
-    def __init__(self, where: PgTarget, *, create: bool = False, timeout_s: float = 5.0,
-                 codec: TemplateCodec | None = None, seal: bool = False) -> None:
+    def __init__(
+        self,
+        where: PgTarget,
+        *,
+        create: bool = False,
+        timeout_s: float = 5.0,
+        codec: TemplateCodec | None = None,
+        seal: bool = False,
+    ) -> None:
         """`codec` and `seal`: as kiosk.store.sqlite_file.Gallery's."""
         self.where = where
         conn = connect(where, timeout_s=timeout_s)
         try:
             version = schema_version(conn)
             if version == 0 and not create:
-                raise UsageError(f"database {where.where} holds no gallery: create it with `kiosk-enroll -c CONFIG "
-                                 "init` (or `kiosk-enroll migrate`)")
+                raise UsageError(
+                    f"database {where.where} holds no gallery: create it with `kiosk-enroll -c CONFIG "
+                    "init` (or `kiosk-enroll migrate`)"
+                )
             if version != SCHEMA_VERSION:
                 migrate(conn, where, codec if seal else None)
             self._db = PgDb(conn, where)
@@ -252,8 +281,9 @@ class PgGallery(GalleryQueries):
 
     def _after_copy(self, db: PgDb) -> None:  # type: ignore[override]
         for table in ("templates", "boarding_log"):
-            db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) "
-                       f"FROM {table}")
+            db.execute(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM {table}"
+            )
 
     def backup(self, dest: Path) -> int:
         raise UsageError(f"{self.name}: back up a PostgreSQL gallery with the server's own tools (pg_dump)")

@@ -50,6 +50,7 @@ class GalleryQueries:
         """What is wrong with the store under this connection ('' when nothing is seen): a file backend
         checks that its file is still the one it opened and still reads as a database."""
         return ""
+
     name: str
 
     def transaction(self, write: bool = True) -> Any:
@@ -129,13 +130,14 @@ class GalleryQueries:
         held. Returns the gallery's current key id where this process does not hold it (None: it does, or
         no rotation ever ran)."""
         for name, value in db.execute("SELECT key, value FROM meta WHERE key LIKE ?", (NEXT_PREFIX + "%",)):
-            key_id = str(name)[len(NEXT_PREFIX):]
+            key_id = str(name)[len(NEXT_PREFIX) :]
             if codec.keys.get(bytes.fromhex(key_id)) is None:
                 key = codec.unwrap(key_id, str(value))
                 if key is not None:
                     codec.keys.add(key)
-                    log.info("gallery %s: its template key is being rotated; holding the new key %s too",
-                             self.name, key_id)
+                    log.info(
+                        "gallery %s: its template key is being rotated; holding the new key %s too", self.name, key_id
+                    )
         row = db.execute("SELECT value FROM meta WHERE key = ?", (CURRENT_KEY,)).fetchone()
         if row is None or row[0] == codec.current_id():
             return None
@@ -151,10 +153,11 @@ class GalleryQueries:
             raise UsageError(f"gallery {self.name}: opened without a template key; templates cannot be written")
         behind = self._follow_keys(db, self.codec)
         if behind is not None:
-            raise UsageError(f"gallery {self.name}: its template key was rotated to {behind}, which "
-                             f"{self.codec.where} does not hold; nothing was written (give this host the new key)")
-        db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
-                   self.codec.check_value())
+            raise UsageError(
+                f"gallery {self.name}: its template key was rotated to {behind}, which "
+                f"{self.codec.where} does not hold; nothing was written (give this host the new key)"
+            )
+        db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", self.codec.check_value())
         return self.codec
 
     def rotate_key(self, new: TemplateKey, *, batch: int = 500, settle_s: float = 5.0) -> int:
@@ -177,22 +180,36 @@ class GalleryQueries:
             old = codec.keys.current()
             if old.key_id != new.key_id:
                 codec.keys.add(new)
-                db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
-                           "excluded.value", (NEXT_PREFIX + new.key_id.hex(), codec.wrap(new)))
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
+                    "excluded.value",
+                    (NEXT_PREFIX + new.key_id.hex(), codec.wrap(new)),
+                )
                 codec.keys.use(new.key_id)
-                db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
-                           codec.check_value())
-                db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
-                           "excluded.value", (CURRENT_KEY, new.key_id.hex()))
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", codec.check_value()
+                )
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
+                    "excluded.value",
+                    (CURRENT_KEY, new.key_id.hex()),
+                )
                 db.execute(BUMP)
-        log.info("gallery %s: rotating the template key to %s; %.0f s for running processes to take it",
-                 self.name, new.key_id.hex(), settle_s)
+        log.info(
+            "gallery %s: rotating the template key to %s; %.0f s for running processes to take it",
+            self.name,
+            new.key_id.hex(),
+            settle_s,
+        )
         time.sleep(max(0.0, settle_s))
         done = 0
         while True:
             with self.transaction() as db:
-                rows = db.execute("SELECT id, subject_id, model_id, embedding FROM templates WHERE key_id IS NULL "
-                                  "OR key_id != ? ORDER BY id LIMIT ?", (new.key_id.hex(), batch)).fetchall()
+                rows = db.execute(
+                    "SELECT id, subject_id, model_id, embedding FROM templates WHERE key_id IS NULL "
+                    "OR key_id != ? ORDER BY id LIMIT ?",
+                    (new.key_id.hex(), batch),
+                ).fetchall()
                 for template_id, subject_id, model_id, blob in rows:
                     try:
                         clear = codec.open(subject_id, model_id, template_id, blob)
@@ -202,17 +219,25 @@ class GalleryQueries:
                         db.execute("DELETE FROM templates WHERE id = ?", (template_id,))
                         self.rotation_dropped += 1
                         continue
-                    db.execute("UPDATE templates SET embedding = ?, key_id = ? WHERE id = ?",
-                               (codec.seal(subject_id, model_id, template_id, clear), new.key_id.hex(), template_id))
+                    db.execute(
+                        "UPDATE templates SET embedding = ?, key_id = ? WHERE id = ?",
+                        (codec.seal(subject_id, model_id, template_id, clear), new.key_id.hex(), template_id),
+                    )
                     done += 1
                 if not rows:  # none left under the write lock: the rotation is complete
-                    db.execute("DELETE FROM meta WHERE key LIKE ? OR (key LIKE ? AND key != ?)",
-                               (NEXT_PREFIX + "%", CHECK_PREFIX + "%", CHECK_PREFIX + new.key_id.hex()))
+                    db.execute(
+                        "DELETE FROM meta WHERE key LIKE ? OR (key LIKE ? AND key != ?)",
+                        (NEXT_PREFIX + "%", CHECK_PREFIX + "%", CHECK_PREFIX + new.key_id.hex()),
+                    )
                     db.execute(BUMP)
                     break
                 db.execute(BUMP)
-        log.info("gallery %s: %d templates re-sealed under key %s; the old key opens none of them", self.name,
-                 done, new.key_id.hex())
+        log.info(
+            "gallery %s: %d templates re-sealed under key %s; the old key opens none of them",
+            self.name,
+            done,
+            new.key_id.hex(),
+        )
         return done
 
     def template_count(self) -> int:
@@ -220,14 +245,26 @@ class GalleryQueries:
 
     def key_ids(self, db: Any = None) -> dict[str, int]:
         """Templates per key id (hex) that sealed them ('' for none); `db`: inside that transaction."""
-        return {str(k): int(n) for k, n in (db or self._db).execute(
-            "SELECT COALESCE(key_id, ''), COUNT(*) FROM templates GROUP BY key_id ORDER BY 1").fetchall()}
+        return {
+            str(k): int(n)
+            for k, n in (db or self._db)
+            .execute("SELECT COALESCE(key_id, ''), COUNT(*) FROM templates GROUP BY key_id ORDER BY 1")
+            .fetchall()
+        }
 
     # -- writes ------------------------------------------------------------------
-    def enroll(self, subject_id: str, name: str, embeddings: np.ndarray, model_id: str, *,
-               expires: float | None = None, metadata: dict[str, Any] | None = None,
-               qualities: list[dict[str, float]] | None = None,
-               photo_hashes: list[str | None] | None = None) -> int:
+    def enroll(
+        self,
+        subject_id: str,
+        name: str,
+        embeddings: np.ndarray,
+        model_id: str,
+        *,
+        expires: float | None = None,
+        metadata: dict[str, Any] | None = None,
+        qualities: list[dict[str, float]] | None = None,
+        photo_hashes: list[str | None] | None = None,
+    ) -> int:
         """Add a subject (or more templates to one) in one transaction; returns its template count.
 
         A template whose photo (`photo_hashes`) the subject already has for this model is not added again.
@@ -252,14 +289,18 @@ class GalleryQueries:
                 row = db.execute(
                     "INSERT INTO templates (subject_id, model_id, dim, embedding, quality, created, photo_sha256, "
                     "key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subject_id, model_id, photo_sha256) "
-                    "DO NOTHING RETURNING id", (subject_id, model_id, emb.shape[1], b"", json.dumps(q), now, h,
-                                                codec.current_id())).fetchone()
+                    "DO NOTHING RETURNING id",
+                    (subject_id, model_id, emb.shape[1], b"", json.dumps(q), now, h, codec.current_id()),
+                ).fetchone()
                 if row is not None:
-                    db.execute("UPDATE templates SET embedding = ? WHERE id = ?",
-                               (codec.seal(subject_id, model_id, row[0], e), row[0]))
+                    db.execute(
+                        "UPDATE templates SET embedding = ? WHERE id = ?",
+                        (codec.seal(subject_id, model_id, row[0], e), row[0]),
+                    )
             db.execute(BUMP)
-            (count,) = db.execute("SELECT COUNT(*) FROM templates WHERE subject_id = ? AND model_id = ?",
-                                  (subject_id, model_id)).fetchone()
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM templates WHERE subject_id = ? AND model_id = ?", (subject_id, model_id)
+            ).fetchone()
         log.info("enrolled %s (%d new templates, %d for this model)", subject_id, len(emb), count)
         return int(count)
 
@@ -277,21 +318,34 @@ class GalleryQueries:
     def subjects(self) -> list[Subject]:
         counts: dict[str, dict[str, int]] = {}
         for sid, model_id, n in self._db.execute(
-                "SELECT subject_id, model_id, COUNT(*) FROM templates GROUP BY subject_id, model_id"):
+            "SELECT subject_id, model_id, COUNT(*) FROM templates GROUP BY subject_id, model_id"
+        ):
             counts.setdefault(sid, {})[model_id] = n
-        return [Subject(sid, name, created, expires, json.loads(meta or "{}"), counts.get(sid, {}))
-                for sid, name, created, expires, meta in
-                self._db.execute("SELECT id, name, created, expires, metadata FROM subjects ORDER BY id")]
+        return [
+            Subject(sid, name, created, expires, json.loads(meta or "{}"), counts.get(sid, {}))
+            for sid, name, created, expires, meta in self._db.execute(
+                "SELECT id, name, created, expires, metadata FROM subjects ORDER BY id"
+            )
+        ]
 
     def has_templates(self, subject_id: str, model_id: str) -> bool:
         """Whether the subject is enrolled with at least one template of this model."""
-        return self._db.execute("SELECT 1 FROM templates WHERE subject_id = ? AND model_id = ? LIMIT 1",
-                                (subject_id, model_id)).fetchone() is not None
+        return (
+            self._db.execute(
+                "SELECT 1 FROM templates WHERE subject_id = ? AND model_id = ? LIMIT 1", (subject_id, model_id)
+            ).fetchone()
+            is not None
+        )
 
     def has_photo(self, subject_id: str, model_id: str, photo_sha256: str) -> bool:
         """Whether the subject already has a template of this model from this very photo."""
-        return self._db.execute("SELECT 1 FROM templates WHERE subject_id = ? AND model_id = ? AND photo_sha256 = ?",
-                                (subject_id, model_id, photo_sha256)).fetchone() is not None
+        return (
+            self._db.execute(
+                "SELECT 1 FROM templates WHERE subject_id = ? AND model_id = ? AND photo_sha256 = ?",
+                (subject_id, model_id, photo_sha256),
+            ).fetchone()
+            is not None
+        )
 
     def matrix(self, model_id: str, dim: int, *, now: float | None = None) -> GalleryMatrix:
         """The templates of `model_id` of unexpired subjects, as a search matrix."""
@@ -303,11 +357,20 @@ class GalleryQueries:
         baseline = int(self._meta("baseline") or 0)
         if revision < baseline:
             return None
-        return {str(r[0]) for r in self._db.execute(
-            "SELECT DISTINCT subject_id FROM subject_changes WHERE revision > ?", (revision,))}
+        return {
+            str(r[0])
+            for r in self._db.execute("SELECT DISTINCT subject_id FROM subject_changes WHERE revision > ?", (revision,))
+        }
 
-    def refresh(self, model_id: str, dim: int, previous: GalleryMatrix | None = None, *,
-                scope: frozenset[str] | None = None, now: float | None = None) -> GalleryMatrix:
+    def refresh(
+        self,
+        model_id: str,
+        dim: int,
+        previous: GalleryMatrix | None = None,
+        *,
+        scope: frozenset[str] | None = None,
+        now: float | None = None,
+    ) -> GalleryMatrix:
         """The search matrix of `model_id`'s templates of unexpired subjects (only those in `scope` where one is
         given), from one snapshot. Given the `previous` matrix, only what changed since it is read: the subjects
         the change log names, those that expired since, and those the new scope adds; the rest is kept. That is
@@ -319,20 +382,41 @@ class GalleryQueries:
             revision = int(db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
             (next_expiry,) = db.execute("SELECT MIN(expires) FROM subjects WHERE expires > ?", (now,)).fetchone()
             changed = None
-            if previous is not None and previous.model_id == model_id and previous.dim == dim and \
-                    not (previous.scope is not None and scope is None):
+            if (
+                previous is not None
+                and previous.model_id == model_id
+                and previous.dim == dim
+                and not (previous.scope is not None and scope is None)
+            ):
                 changed = self.changed_since(previous.revision)
             if changed is None or previous is None:
                 rows = self._template_rows(db, model_id, now, scope)
                 (foreign,) = db.execute("SELECT COUNT(*) FROM templates WHERE model_id != ?", (model_id,)).fetchone()
                 if foreign:
-                    log.warning("gallery %s: %d templates were made by another model and are not used; re-enroll "
-                                "those subjects with this model (%s)", self.name, foreign, model_id.split(":")[0])
+                    log.warning(
+                        "gallery %s: %d templates were made by another model and are not used; re-enroll "
+                        "those subjects with this model (%s)",
+                        self.name,
+                        foreign,
+                        model_id.split(":")[0],
+                    )
                 sids, names, emb, unreadable = self._arrays(rows, dim, model_id)
-                return GalleryMatrix.from_rows(model_id, dim, sids, names, emb, revision, next_expiry, scope=scope,
-                                               as_of=now, unreadable=unreadable)
-            changed |= {str(r[0]) for r in db.execute(
-                "SELECT id FROM subjects WHERE expires > ? AND expires <= ?", (previous.as_of, now))}
+                return GalleryMatrix.from_rows(
+                    model_id,
+                    dim,
+                    sids,
+                    names,
+                    emb,
+                    revision,
+                    next_expiry,
+                    scope=scope,
+                    as_of=now,
+                    unreadable=unreadable,
+                )
+            changed |= {
+                str(r[0])
+                for r in db.execute("SELECT id FROM subjects WHERE expires > ? AND expires <= ?", (previous.as_of, now))
+            }
             held = set(previous.subject_ids)
             if scope is not None:
                 changed |= scope - (previous.scope if previous.scope is not None else held)
@@ -342,27 +426,33 @@ class GalleryQueries:
                 drop = wanted = changed
             rows = self._template_rows(db, model_id, now, frozenset(wanted)) if wanted else []
         sids, names, emb, unreadable = self._arrays(rows, dim, model_id)
-        return previous.patched(drop, sids, names, emb, revision, next_expiry, scope=scope, as_of=now,
-                                unreadable=unreadable)
+        return previous.patched(
+            drop, sids, names, emb, revision, next_expiry, scope=scope, as_of=now, unreadable=unreadable
+        )
 
     def _template_rows(self, db: Any, model_id: str, now: float, subjects: frozenset[str] | None) -> list[Any]:
         """(subject id, name, dim, sealed template, template id) of unexpired subjects' templates of `model_id`,
         by subject id and template id; only `subjects` where given (read in chunks: one statement has a bounded
         parameter count)."""
-        query = ("SELECT t.subject_id, s.name, t.dim, t.embedding, t.id FROM templates t JOIN subjects s ON s.id = "
-                 "t.subject_id WHERE t.model_id = ? AND (s.expires IS NULL OR s.expires > ?)")
+        query = (
+            "SELECT t.subject_id, s.name, t.dim, t.embedding, t.id FROM templates t JOIN subjects s ON s.id = "
+            "t.subject_id WHERE t.model_id = ? AND (s.expires IS NULL OR s.expires > ?)"
+        )
         if subjects is None:
             return db.execute(query + " ORDER BY t.subject_id, t.id", (model_id, now)).fetchall()
         ids = sorted(subjects)
         rows: list[Any] = []
         for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            rows += db.execute(query + f" AND t.subject_id IN ({', '.join('?' * len(chunk))}) "
-                               "ORDER BY t.subject_id, t.id", (model_id, now, *chunk)).fetchall()
+            chunk = ids[i : i + 500]
+            rows += db.execute(
+                query + f" AND t.subject_id IN ({', '.join('?' * len(chunk))}) ORDER BY t.subject_id, t.id",
+                (model_id, now, *chunk),
+            ).fetchall()
         return rows
 
-    def _arrays(self, rows: list[Any], dim: int, model_id: str
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    def _arrays(
+        self, rows: list[Any], dim: int, model_id: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
         """The rows' templates opened, as (subject ids, names, embeddings) sorted by subject id, and the
         templates that did not open per subject (another row's blob, another key, damage): those are left
         out and logged, never compared."""
@@ -383,13 +473,18 @@ class GalleryQueries:
                     log.error("gallery %s: %s; left out", self.name, exc)
                 continue
             if template.shape != (dim,):
-                raise RuntimeFailure(f"gallery {self.name}: a template of {row[0]} does not have the model's "
-                                     f"{dim} dims")
+                raise RuntimeFailure(
+                    f"gallery {self.name}: a template of {row[0]} does not have the model's {dim} dims"
+                )
             opened.append(template)
             kept.append(row)
         if unreadable:
-            log.error("gallery %s: %d template(s) of %d subject(s) do not open and are left out",
-                      self.name, sum(unreadable.values()), len(unreadable))
+            log.error(
+                "gallery %s: %d template(s) of %d subject(s) do not open and are left out",
+                self.name,
+                sum(unreadable.values()),
+                len(unreadable),
+            )
         emb = np.stack(opened) if opened else np.zeros((0, dim), np.float32)
         sids = np.array([str(r[0]) for r in kept], dtype=object)
         names = np.array([str(r[1]) for r in kept], dtype=object)
@@ -429,15 +524,20 @@ def seal_templates(db: Any, codec: TemplateCodec) -> int:
     """Seal, in place, every template of a gallery from before version 5 (clear float32 blobs): the step to
     schema version 5, inside the migration's transaction. Returns how many were sealed."""
     db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", codec.check_value())
-    rows = db.execute("SELECT id, subject_id, model_id, dim, embedding FROM templates WHERE key_id IS NULL "
-                      "ORDER BY id").fetchall()
+    rows = db.execute(
+        "SELECT id, subject_id, model_id, dim, embedding FROM templates WHERE key_id IS NULL ORDER BY id"
+    ).fetchall()
     for template_id, subject_id, model_id, dim, blob in rows:
         clear = np.frombuffer(bytes(blob), "<f4")
         if clear.shape != (dim,):
-            raise UsageError(f"template {template_id} of {subject_id}: {len(bytes(blob))} bytes, not a clear "
-                             f"{dim}-dim template; nothing was sealed")
-        db.execute("UPDATE templates SET embedding = ?, key_id = ? WHERE id = ?",
-                   (codec.seal(subject_id, model_id, template_id, clear), codec.current_id(), template_id))
+            raise UsageError(
+                f"template {template_id} of {subject_id}: {len(bytes(blob))} bytes, not a clear "
+                f"{dim}-dim template; nothing was sealed"
+            )
+        db.execute(
+            "UPDATE templates SET embedding = ?, key_id = ? WHERE id = ?",
+            (codec.seal(subject_id, model_id, template_id, clear), codec.current_id(), template_id),
+        )
     return len(rows)
 
 
@@ -465,8 +565,10 @@ def copy_gallery(source: GalleryQueries, target: GalleryQueries) -> dict[str, in
             counts[table] = len(rows)
         checks = src.execute("SELECT key, value FROM meta WHERE key LIKE 'key_check:%'").fetchall()
         if checks:
-            dst.executemany("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
-                            "excluded.value", [tuple(r) for r in checks])
+            dst.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [tuple(r) for r in checks],
+            )
         target._after_copy(dst)
         dst.execute(BUMP)
         rebase(dst)

@@ -29,10 +29,22 @@ SCHEMA_VERSION = 5
 SEALED_VERSION = 5
 
 TYPES: dict[Dialect, dict[str, str]] = {
-    "sqlite": {"text": "TEXT", "real": "REAL", "integer": "INTEGER", "bigint": "INTEGER", "blob": "BLOB",
-               "serial": "INTEGER PRIMARY KEY AUTOINCREMENT"},
-    "postgres": {"text": "TEXT", "real": "DOUBLE PRECISION", "integer": "INTEGER", "bigint": "BIGINT",
-                 "blob": "BYTEA", "serial": "BIGSERIAL PRIMARY KEY"},
+    "sqlite": {
+        "text": "TEXT",
+        "real": "REAL",
+        "integer": "INTEGER",
+        "bigint": "INTEGER",
+        "blob": "BLOB",
+        "serial": "INTEGER PRIMARY KEY AUTOINCREMENT",
+    },
+    "postgres": {
+        "text": "TEXT",
+        "real": "DOUBLE PRECISION",
+        "integer": "INTEGER",
+        "bigint": "BIGINT",
+        "blob": "BYTEA",
+        "serial": "BIGSERIAL PRIMARY KEY",
+    },
 }
 
 
@@ -67,34 +79,100 @@ def _c(name: str, type_: str, rest: str = "") -> Column:
 
 TABLES: tuple[Table, ...] = (
     Table("meta", (_c("key", "text", "PRIMARY KEY"), _c("value", "text", "NOT NULL"))),
-    Table("subjects", (_c("id", "text", "PRIMARY KEY"), _c("name", "text", "NOT NULL DEFAULT ''"),
-                       _c("created", "real", "NOT NULL"), _c("expires", "real"),
-                       _c("metadata", "text", "NOT NULL DEFAULT '{}'"))),
-    Table("templates", (_c("id", "serial"), _c("subject_id", "text", "NOT NULL REFERENCES subjects(id) ON DELETE "
-                                                "CASCADE"),
-                        _c("model_id", "text", "NOT NULL"), _c("dim", "integer", "NOT NULL"),
-                        _c("embedding", "blob", "NOT NULL"), _c("quality", "text", "NOT NULL DEFAULT '{}'"),
-                        _c("created", "real", "NOT NULL"), _c("photo_sha256", "text"), _c("key_id", "text"))),
-    Table("flights", (_c("id", "text", "PRIMARY KEY"), _c("departs", "real", "NOT NULL"),
-                      _c("created", "real", "NOT NULL"), _c("purged_at", "real"))),
-    Table("manifest", (_c("flight_id", "text", "NOT NULL REFERENCES flights(id) ON DELETE CASCADE"),
-                       _c("subject_id", "text", "NOT NULL"), _c("added", "real", "NOT NULL")),
-          ("flight_id", "subject_id")),
-    Table("gates", (_c("gate_id", "text", "PRIMARY KEY"), _c("flight_id", "text", "NOT NULL REFERENCES flights(id)"),
-                    _c("opened", "real", "NOT NULL"))),
-    Table("boardings", (_c("flight_id", "text", "NOT NULL"), _c("subject_id", "text", "NOT NULL"),
-                        _c("gate_id", "text", "NOT NULL"), _c("camera_id", "text"),
-                        _c("boarded_at", "real", "NOT NULL"), _c("score", "real"), _c("event_id", "text")),
-          ("flight_id", "subject_id")),
-    Table("flight_decisions", (_c("event_id", "text", "PRIMARY KEY"), _c("flight_id", "text", "NOT NULL"),
-                               _c("gate_id", "text"), _c("type", "text", "NOT NULL"), _c("reason", "text"),
-                               _c("subject_id", "text"), _c("candidate_id", "text"), _c("score", "real"),
-                               _c("at", "real", "NOT NULL"))),
-    Table("subject_changes", (_c("revision", "bigint", "NOT NULL"), _c("subject_id", "text", "NOT NULL")),
-          ("revision", "subject_id")),
-    Table("boarding_log", (_c("id", "serial"), _c("at", "real", "NOT NULL"), _c("action", "text", "NOT NULL"),
-                           _c("flight_id", "text"), _c("subject_id", "text"), _c("gate_id", "text"),
-                           _c("detail", "text", "NOT NULL DEFAULT ''"))),
+    Table(
+        "subjects",
+        (
+            _c("id", "text", "PRIMARY KEY"),
+            _c("name", "text", "NOT NULL DEFAULT ''"),
+            _c("created", "real", "NOT NULL"),
+            _c("expires", "real"),
+            _c("metadata", "text", "NOT NULL DEFAULT '{}'"),
+        ),
+    ),
+    Table(
+        "templates",
+        (
+            _c("id", "serial"),
+            _c("subject_id", "text", "NOT NULL REFERENCES subjects(id) ON DELETE CASCADE"),
+            _c("model_id", "text", "NOT NULL"),
+            _c("dim", "integer", "NOT NULL"),
+            _c("embedding", "blob", "NOT NULL"),
+            _c("quality", "text", "NOT NULL DEFAULT '{}'"),
+            _c("created", "real", "NOT NULL"),
+            _c("photo_sha256", "text"),
+            _c("key_id", "text"),
+        ),
+    ),
+    Table(
+        "flights",
+        (
+            _c("id", "text", "PRIMARY KEY"),
+            _c("departs", "real", "NOT NULL"),
+            _c("created", "real", "NOT NULL"),
+            _c("purged_at", "real"),
+        ),
+    ),
+    Table(
+        "manifest",
+        (
+            _c("flight_id", "text", "NOT NULL REFERENCES flights(id) ON DELETE CASCADE"),
+            _c("subject_id", "text", "NOT NULL"),
+            _c("added", "real", "NOT NULL"),
+        ),
+        ("flight_id", "subject_id"),
+    ),
+    Table(
+        "gates",
+        (
+            _c("gate_id", "text", "PRIMARY KEY"),
+            _c("flight_id", "text", "NOT NULL REFERENCES flights(id)"),
+            _c("opened", "real", "NOT NULL"),
+        ),
+    ),
+    Table(
+        "boardings",
+        (
+            _c("flight_id", "text", "NOT NULL"),
+            _c("subject_id", "text", "NOT NULL"),
+            _c("gate_id", "text", "NOT NULL"),
+            _c("camera_id", "text"),
+            _c("boarded_at", "real", "NOT NULL"),
+            _c("score", "real"),
+            _c("event_id", "text"),
+        ),
+        ("flight_id", "subject_id"),
+    ),
+    Table(
+        "flight_decisions",
+        (
+            _c("event_id", "text", "PRIMARY KEY"),
+            _c("flight_id", "text", "NOT NULL"),
+            _c("gate_id", "text"),
+            _c("type", "text", "NOT NULL"),
+            _c("reason", "text"),
+            _c("subject_id", "text"),
+            _c("candidate_id", "text"),
+            _c("score", "real"),
+            _c("at", "real", "NOT NULL"),
+        ),
+    ),
+    Table(
+        "subject_changes",
+        (_c("revision", "bigint", "NOT NULL"), _c("subject_id", "text", "NOT NULL")),
+        ("revision", "subject_id"),
+    ),
+    Table(
+        "boarding_log",
+        (
+            _c("id", "serial"),
+            _c("at", "real", "NOT NULL"),
+            _c("action", "text", "NOT NULL"),
+            _c("flight_id", "text"),
+            _c("subject_id", "text"),
+            _c("gate_id", "text"),
+            _c("detail", "text", "NOT NULL DEFAULT ''"),
+        ),
+    ),
 )
 TABLE = {t.name: t for t in TABLES}
 
@@ -126,8 +204,10 @@ def create_tables(dialect: Dialect) -> list[str]:
 
 
 # The change log starts at the revision a gallery has when it gets the table (0 for a new one).
-BASELINE = "INSERT INTO meta (key, value) SELECT 'baseline', value FROM meta WHERE key = 'revision' " \
-           "ON CONFLICT (key) DO NOTHING"
+BASELINE = (
+    "INSERT INTO meta (key, value) SELECT 'baseline', value FROM meta WHERE key = 'revision' "
+    "ON CONFLICT (key) DO NOTHING"
+)
 BUMP = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'"
 CHANGES_KEPT = 50_000  # revisions of change log kept; a verifier further behind reloads everything
 
@@ -135,12 +215,15 @@ CHANGES_KEPT = 50_000  # revisions of change log kept; a verifier further behind
 # subject under the revision its transaction is about to commit: the one after the current (writers take
 # turns under the write lock, so no verifier's snapshot holds that revision without the change).
 # (NOT EXISTS, not OR IGNORE: a trigger's conflict clause yields to its statement's, e.g. an upsert's.)
-_LOG_ROW = ("INSERT INTO subject_changes (revision, subject_id) SELECT CAST(m.value AS INTEGER) + 1, {row} "
-            "FROM meta m WHERE m.key = 'revision' AND NOT EXISTS (SELECT 1 FROM subject_changes c "
-            "WHERE c.revision = CAST(m.value AS INTEGER) + 1 AND c.subject_id = {row})")
+_LOG_ROW = (
+    "INSERT INTO subject_changes (revision, subject_id) SELECT CAST(m.value AS INTEGER) + 1, {row} "
+    "FROM meta m WHERE m.key = 'revision' AND NOT EXISTS (SELECT 1 FROM subject_changes c "
+    "WHERE c.revision = CAST(m.value AS INTEGER) + 1 AND c.subject_id = {row})"
+)
 SQLITE_TRIGGERS = [
     f"CREATE TRIGGER IF NOT EXISTS {table}_{what.lower()}_logged AFTER {what} ON {table} BEGIN "
-    + "; ".join(_LOG_ROW.format(row=f"{version}.{column}") for version in versions) + "; END"
+    + "; ".join(_LOG_ROW.format(row=f"{version}.{column}") for version in versions)
+    + "; END"
     for table, column in (("subjects", "id"), ("templates", "subject_id"))
     for what, versions in (("INSERT", ("NEW",)), ("DELETE", ("OLD",)), ("UPDATE", ("OLD", "NEW")))
 ]
@@ -181,8 +264,10 @@ def prune_changes(db: Any) -> None:
     (revision,) = db.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'revision'").fetchone()
     if revision > CHANGES_KEPT:
         db.execute("DELETE FROM subject_changes WHERE revision <= ?", (revision - CHANGES_KEPT,))
-        db.execute("UPDATE meta SET value = ? WHERE key = 'baseline' AND CAST(value AS INTEGER) < ?",
-                   (str(revision - CHANGES_KEPT), revision - CHANGES_KEPT))
+        db.execute(
+            "UPDATE meta SET value = ? WHERE key = 'baseline' AND CAST(value AS INTEGER) < ?",
+            (str(revision - CHANGES_KEPT), revision - CHANGES_KEPT),
+        )
 
 
 def rebase(db: Any) -> None:

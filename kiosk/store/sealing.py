@@ -85,8 +85,10 @@ class TemplateKey:
             if len(key_id) != KEY_ID_BYTES or len(secret) != 32:
                 raise ValueError
         except ValueError:
-            raise ConfigError(f"{where}: not a template key (expected one line '{KEY_FILE_TAG} <key id> "
-                              f"<key>', as `kiosk keys init` writes it)") from None
+            raise ConfigError(
+                f"{where}: not a template key (expected one line '{KEY_FILE_TAG} <key id> "
+                f"<key>', as `kiosk keys init` writes it)"
+            ) from None
         return cls(key_id, secret)
 
 
@@ -141,8 +143,10 @@ def write_key_file(path: Path, key: TemplateKey | None = None) -> TemplateKey:
         finally:
             os.unlink(aside)
     except FileExistsError:
-        raise KeyExists(f"{path}: a template key is there already (a new one would leave every template "
-                        "sealed under the old one unreadable)") from None
+        raise KeyExists(
+            f"{path}: a template key is there already (a new one would leave every template "
+            "sealed under the old one unreadable)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot write the template key: {exc.strerror or exc}") from None
     return key
@@ -153,15 +157,18 @@ def read_key_file(path: Path) -> TemplateKey:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise MissingKey(f"{path}: no template key there (make one with `kiosk keys init {path.parent}`, or "
-                         "copy the site's key there)") from None
+        raise MissingKey(
+            f"{path}: no template key there (make one with `kiosk keys init {path.parent}`, or "
+            "copy the site's key there)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the template key: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{path}: not a file")
     if st.st_mode & 0o077:
-        raise ConfigError(f"{path}: the template key is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                          f"chmod 600 {path}")
+        raise ConfigError(
+            f"{path}: the template key is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 {path}"
+        )
     try:
         text = path.read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:
@@ -197,8 +204,12 @@ class KeySource:
             key = write_key_file(self.path)
         except KeyExists:  # another process made it a moment ago (two first enrollments at once): use that one
             return self.load()
-        log.info("made the template key %s (key %s): the gallery's templates open with it only; keep a copy "
-                    "apart from the gallery's backups", self.path, key.key_id.hex())
+        log.info(
+            "made the template key %s (key %s): the gallery's templates open with it only; keep a copy "
+            "apart from the gallery's backups",
+            self.path,
+            key.key_id.hex(),
+        )
         return TemplateCodec(KeyRing(key), where=self.where)
 
 
@@ -253,10 +264,11 @@ class TemplateCodec:
         wrapper = self.keys.get(blob[:KEY_ID_BYTES])
         if wrapper is None or len(key_id) != KEY_ID_BYTES:
             return None
-        nonce = blob[KEY_ID_BYTES:KEY_ID_BYTES + NONCE_BYTES]
+        nonce = blob[KEY_ID_BYTES : KEY_ID_BYTES + NONCE_BYTES]
         try:
-            secret = self._cipher(wrapper).decrypt(nonce, blob[KEY_ID_BYTES + NONCE_BYTES:],
-                                                   self._wrap_context(wrapper.key_id, key_id))
+            secret = self._cipher(wrapper).decrypt(
+                nonce, blob[KEY_ID_BYTES + NONCE_BYTES :], self._wrap_context(wrapper.key_id, key_id)
+            )
         except InvalidTag:
             return None
         return TemplateKey(key_id, secret)
@@ -301,8 +313,9 @@ class TemplateCodec:
         if key is None:
             raise TemplateUnreadable(f"{what}: sealed under key {key_id.hex()}, which this process does not hold")
         try:
-            return self._cipher(key).decrypt(blob[len(MAGIC) + KEY_ID_BYTES:HEADER_BYTES], blob[HEADER_BYTES:],
-                                             context)
+            return self._cipher(key).decrypt(
+                blob[len(MAGIC) + KEY_ID_BYTES : HEADER_BYTES], blob[HEADER_BYTES:], context
+            )
         except InvalidTag:
             raise TemplateUnreadable(f"{what}: does not open ({elsewhere}, or damaged)") from None
 
@@ -311,8 +324,13 @@ class TemplateCodec:
         return self._seal(clear, self._context(subject_id, model_id, template_id))
 
     def open(self, subject_id: str, model_id: str, template_id: int | str, blob: bytes) -> np.ndarray:
-        clear = self._open(blob, self._context(subject_id, model_id, template_id),
-                           f"template {template_id} of {subject_id}", "template", "another row's blob")
+        clear = self._open(
+            blob,
+            self._context(subject_id, model_id, template_id),
+            f"template {template_id} of {subject_id}",
+            "template",
+            "another row's blob",
+        )
         return np.frombuffer(clear, dtype="<f4").astype(np.float32)
 
     def seal_bytes(self, context: str, data: bytes) -> bytes:
@@ -320,10 +338,9 @@ class TemplateCodec:
         return self._seal(data, b"bytes\x00" + context.encode())
 
     def open_bytes(self, context: str, blob: bytes) -> bytes:
-        return self._open(blob, b"bytes\x00" + context.encode(), context.replace("\x00", " "), "file",
-                          "another file's")
+        return self._open(blob, b"bytes\x00" + context.encode(), context.replace("\x00", " "), "file", "another file's")
 
     def key_id(self, blob: bytes) -> bytes | None:
         """Which key sealed `blob` (None: not a sealed template)."""
         blob = bytes(blob)
-        return blob[len(MAGIC):len(MAGIC) + KEY_ID_BYTES] if blob[:len(MAGIC)] == MAGIC else None
+        return blob[len(MAGIC) : len(MAGIC) + KEY_ID_BYTES] if blob[: len(MAGIC)] == MAGIC else None

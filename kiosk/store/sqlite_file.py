@@ -12,8 +12,16 @@ from pathlib import Path
 
 from kiosk.errors import RuntimeFailure, UsageError
 from kiosk.store.queries import GalleryQueries, Transaction, seal_templates
-from kiosk.store.schema import (BASELINE, INDEXES, MIGRATIONS, SCHEMA_VERSION, SEALED_VERSION, SQLITE_TRIGGERS,
-                                create_tables, rebase)
+from kiosk.store.schema import (
+    BASELINE,
+    INDEXES,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SEALED_VERSION,
+    SQLITE_TRIGGERS,
+    create_tables,
+    rebase,
+)
 from kiosk.store.sealing import TemplateCodec
 
 log = logging.getLogger(__name__)
@@ -29,20 +37,28 @@ class Gallery(GalleryQueries):
     """The SQLite gallery (the embedded default). One connection per process; writes are one transaction
     each."""
 
-    def __init__(self, path: Path, *, create: bool = True, timeout: float = 10.0,
-                 codec: TemplateCodec | None = None, seal: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        create: bool = True,
+        timeout: float = 10.0,
+        codec: TemplateCodec | None = None,
+        seal: bool = False,
+    ) -> None:
         """`codec`: the template key (None: a gallery opened for what needs none, e.g. a health probe);
         `seal`: a gallery from before version 5 may be upgraded, its templates sealed in place with `codec`
         (`kiosk-enroll seal`); otherwise such a gallery with templates is refused."""
         self.path = Path(path)
         self._seal_with = codec if seal else None
         if not create and not self.path.exists():
-            raise UsageError(f"gallery {self.path} does not exist: create it with `kiosk-enroll -c CONFIG init` "
-                             "(or enroll someone); it is never created empty behind your back")
+            raise UsageError(
+                f"gallery {self.path} does not exist: create it with `kiosk-enroll -c CONFIG init` "
+                "(or enroll someone); it is never created empty behind your back"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
-                                       check_same_thread=False)
+            self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -50,8 +66,9 @@ class Gallery(GalleryQueries):
                 self._migrate()
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):  # another process holds it: not a config error
-                raise RuntimeFailure(f"gallery {self.path}: still locked by another process after "
-                                     f"{timeout:g}s ({exc}); try again") from None
+                raise RuntimeFailure(
+                    f"gallery {self.path}: still locked by another process after {timeout:g}s ({exc}); try again"
+                ) from None
             raise CorruptGallery(f"gallery {self.path}: not a usable SQLite database: {exc}") from None
         except sqlite3.DatabaseError as exc:
             raise CorruptGallery(f"gallery {self.path}: not a usable SQLite database: {exc}") from None
@@ -167,30 +184,36 @@ class Gallery(GalleryQueries):
         """Stamp a new file, or run the migrations from its version to SCHEMA_VERSION (inside `_migrate`)."""
         row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
-            fresh = db.execute("SELECT COUNT(*) FROM templates").fetchone()[0] == 0 and \
-                "photo_sha256" in {r[1] for r in db.execute("PRAGMA table_info(templates)")}
+            fresh = db.execute("SELECT COUNT(*) FROM templates").fetchone()[0] == 0 and "photo_sha256" in {
+                r[1] for r in db.execute("PRAGMA table_info(templates)")
+            }
             if not fresh:
                 raise UsageError(f"gallery {self.path}: has templates but no schema version")
             db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             return
         version = int(row[0])
         if version > SCHEMA_VERSION:
-            raise UsageError(f"gallery {self.path}: schema version {version} is newer than this program "
-                             f"reads ({SCHEMA_VERSION}); upgrade gate-kiosk")
+            raise UsageError(
+                f"gallery {self.path}: schema version {version} is newer than this program "
+                f"reads ({SCHEMA_VERSION}); upgrade gate-kiosk"
+            )
         start = version
         clear = db.execute("SELECT COUNT(*) FROM templates").fetchone()[0] if version < SEALED_VERSION else 0
         if clear and self._seal_with is None:
-            raise UsageError(f"gallery {self.path}: schema version {version} keeps its {clear} templates in the "
-                             f"clear; seal them in place with `kiosk-enroll -c CONFIG seal {self.path}` (back "
-                             "the file up first), then start again")
+            raise UsageError(
+                f"gallery {self.path}: schema version {version} keeps its {clear} templates in the "
+                f"clear; seal them in place with `kiosk-enroll -c CONFIG seal {self.path}` (back "
+                "the file up first), then start again"
+            )
         while version < SCHEMA_VERSION:
             for statement in MIGRATIONS[version]:
                 db.execute(statement)
             version += 1
         if clear and self._seal_with is not None:
             sealed = seal_templates(db, self._seal_with)
-            log.info("gallery %s: sealed %d templates in place under key %s", self.path, sealed,
-                     self._seal_with.current_id())
+            log.info(
+                "gallery %s: sealed %d templates in place under key %s", self.path, sealed, self._seal_with.current_id()
+            )
         if version != start:
             db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
             log.info("gallery %s: schema upgraded from version %d to %d", self.path, start, version)

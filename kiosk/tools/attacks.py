@@ -98,8 +98,9 @@ class HandSway:
     centre_y: float
     drift_y: float
 
-    def pose(self, i: int, t: float, fps: float, phase: np.ndarray, w: int, h: int
-             ) -> tuple[float, float, float, float, float]:
+    def pose(
+        self, i: int, t: float, fps: float, phase: np.ndarray, w: int, h: int
+    ) -> tuple[float, float, float, float, float]:
         """(yaw, pitch, roll, centre x, centre y) at frame `i`, `t` of the way through the clip."""
         tremor = [self.tremor * np.sin(2 * np.pi * (3 + k) * i / fps + phase[k]) for k in range(3)]
         yaw = self.yaw * np.sin(2 * np.pi * 0.4 * t + phase[3]) + tremor[0]
@@ -114,28 +115,51 @@ CARD_SWAY = HandSway(tremor=0.012, yaw=0.25, pitch=0.15, roll=0.08, drift_x=0.06
 PHOTO_SWAY = HandSway(tremor=0.01, yaw=0.12, pitch=0.08, roll=0.05, drift_x=0.03, centre_y=0.5, drift_y=0.03)
 
 
-def _corners(card_w: float, card_h: float, yaw: float, pitch: float, roll: float, dist: float,
-             cx: float, cy: float, focal: float) -> np.ndarray:
+def _corners(
+    card_w: float, card_h: float, yaw: float, pitch: float, roll: float, dist: float, cx: float, cy: float, focal: float
+) -> np.ndarray:
     """Image positions of the card's corners: a rigid card rotated in 3D at `dist`, seen by a pinhole camera."""
-    pts = np.array([[-card_w / 2, -card_h / 2, 0], [card_w / 2, -card_h / 2, 0], [card_w / 2, card_h / 2, 0],
-                    [-card_w / 2, card_h / 2, 0]], np.float64)
+    pts = np.array(
+        [
+            [-card_w / 2, -card_h / 2, 0],
+            [card_w / 2, -card_h / 2, 0],
+            [card_w / 2, card_h / 2, 0],
+            [-card_w / 2, card_h / 2, 0],
+        ],
+        np.float64,
+    )
     cyw, syw, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
-    rot = (np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]]) @ np.array([[cyw, 0, syw], [0, 1, 0], [-syw, 0, cyw]])
-           @ np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]]))
+    rot = (
+        np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
+        @ np.array([[cyw, 0, syw], [0, 1, 0], [-syw, 0, cyw]])
+        @ np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
+    )
     p = pts @ rot.T + np.array([0, 0, dist])
     return np.stack([cx + focal * p[:, 0] / p[:, 2], cy + focal * p[:, 1] / p[:, 2]], axis=1).astype(np.float32)
 
 
-def render_attack(kind: str, photo: np.ndarray, box: np.ndarray, *, seed: int = 0, seconds: float = 3.0,
-                  fps: float = 30.0, size: tuple[int, int] = (640, 480), close_up: bool = False) -> list[np.ndarray]:
+def render_attack(
+    kind: str,
+    photo: np.ndarray,
+    box: np.ndarray,
+    *,
+    seed: int = 0,
+    seconds: float = 3.0,
+    fps: float = 30.0,
+    size: tuple[int, int] = (640, 480),
+    close_up: bool = False,
+) -> list[np.ndarray]:
     """The frames of one attack of `kind` ('print', 'screen' or 'photo') made from the face `box` of `photo`."""
     if kind == "photo":
         return _photo_close_up(photo, box, np.random.default_rng(seed), int(seconds * fps), fps, size)
     rng = np.random.default_rng(seed)
     w, h = size
     edge = kind == "print" and bool(rng.random() < 0.6)
-    card = _print_look(_face_card(photo, box, rng.uniform(0.35, 0.7)), rng, edge) if kind == "print" else \
-        _screen_look(_face_card(photo, box, rng.uniform(0.5, 0.9)), rng)
+    card = (
+        _print_look(_face_card(photo, box, rng.uniform(0.35, 0.7)), rng, edge)
+        if kind == "print"
+        else _screen_look(_face_card(photo, box, rng.uniform(0.5, 0.9)), rng)
+    )
     ch, cw = card.shape[:2]
     focal = w * rng.uniform(0.9, 1.2)
     card_h_m = rng.uniform(0.14, 0.22) if kind == "print" else rng.uniform(0.12, 0.20)  # metres
@@ -155,7 +179,7 @@ def render_attack(kind: str, photo: np.ndarray, box: np.ndarray, *, seed: int = 
     src = np.array([[0, 0], [cw - 1, 0], [cw - 1, ch - 1], [0, ch - 1]], np.float32)
     if bend:  # a slightly bent sheet: the middle column bulges towards the camera (a horizontal remap)
         xs = np.linspace(-1, 1, cw, dtype=np.float32)
-        map_x = np.tile(((xs * (1 - bend * (1 - xs ** 2))) + 1) * (cw - 1) / 2, (ch, 1)).astype(np.float32)
+        map_x = np.tile(((xs * (1 - bend * (1 - xs**2))) + 1) * (cw - 1) / 2, (ch, 1)).astype(np.float32)
         map_y = np.tile(np.arange(ch, dtype=np.float32)[:, None], (1, cw))
         card = cv2.remap(card, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     for i in range(n):
@@ -184,8 +208,9 @@ def render_attack(kind: str, photo: np.ndarray, box: np.ndarray, *, seed: int = 
     return frames
 
 
-def _photo_close_up(photo: np.ndarray, box: np.ndarray, rng: np.random.Generator, n: int, fps: float,
-                    size: tuple[int, int]) -> list[np.ndarray]:
+def _photo_close_up(
+    photo: np.ndarray, box: np.ndarray, rng: np.random.Generator, n: int, fps: float, size: tuple[int, int]
+) -> list[np.ndarray]:
     """A photo filling the frame, moved rigidly: each frame a homography of the photo (a plane rotated in 3D a few
     degrees, trembling, slowly approaching), the frame filled by the photo's mirrored surroundings where the photo
     ends, so no edge is ever in view; camera blur and noise."""
@@ -195,8 +220,7 @@ def _photo_close_up(photo: np.ndarray, box: np.ndarray, rng: np.random.Generator
     focal = w * rng.uniform(0.9, 1.2)
     start, end = rng.uniform(0.5, 0.6) * h, rng.uniform(0.7, 0.85) * h  # the face's height on screen
     phase = rng.uniform(0, 2 * np.pi, 6)
-    src = np.array([[fcx - fh, fcy - fh], [fcx + fh, fcy - fh], [fcx + fh, fcy + fh], [fcx - fh, fcy + fh]],
-                   np.float32)
+    src = np.array([[fcx - fh, fcy - fh], [fcx + fh, fcy - fh], [fcx + fh, fcy + fh], [fcx - fh, fcy + fh]], np.float32)
     frames = []
     for i in range(n):
         t = i / max(1, n - 1)

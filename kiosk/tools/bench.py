@@ -32,9 +32,9 @@ from kiosk.config import KioskConfig, load_config, models_section
 from kiosk.errors import RuntimeFailure, UsageError
 from kiosk.messaging.channels import EventChannel, wait_until_eof
 from kiosk.messaging.messages import EVENT_TOPIC, HEALTH_TOPIC, CaptureHealth, Event, Heartbeat
+from kiosk.messaging.transport import Transport, control_request, init_keys, loopback_endpoints
 from kiosk.store.gallery import open_gallery
 from kiosk.store.sealing import key_source
-from kiosk.messaging.transport import Transport, control_request, init_keys, loopback_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,22 @@ def _bench_config(cfg: KioskConfig, cameras: list[tuple[str, str, Path]], folder
     its own loopback endpoints, keys and audit file. `cameras`: (camera id, gate id, video) each."""
     key_file = key_source(cfg).path  # the user's template key (None: from the environment, inherited)
     data = {
-        "gallery": {"path": str(cfg.resolve(cfg.gallery.path)), "url": cfg.gallery.url,
-                    "password_file": str(cfg.resolve(cfg.gallery.password_file)) if cfg.gallery.password_file
-                    else None},
+        "gallery": {
+            "path": str(cfg.resolve(cfg.gallery.path)),
+            "url": cfg.gallery.url,
+            "password_file": str(cfg.resolve(cfg.gallery.password_file)) if cfg.gallery.password_file else None,
+        },
         "models": models_section(cfg),
-        "cameras": [{"id": cid, "gate": gate, "source": str(video.resolve()), "realtime": realtime}
-                    for cid, gate, video in cameras],
+        "cameras": [
+            {"id": cid, "gate": gate, "source": str(video.resolve()), "realtime": realtime}
+            for cid, gate, video in cameras
+        ],
         "transport": loopback_endpoints(),
-        "security": {"curve": cfg.security.curve, "keys_dir": str(folder / "keys"),
-                     "template_key_file": str(key_file) if key_file else None},
+        "security": {
+            "curve": cfg.security.curve,
+            "keys_dir": str(folder / "keys"),
+            "template_key_file": str(key_file) if key_file else None,
+        },
         "policy": asdict(cfg.policy),
         "pad": asdict(cfg.pad),  # liveness on or off as configured: its cost is part of what is measured
         "audit": {"path": str(folder / "events.jsonl")},
@@ -83,16 +90,24 @@ def run_pipeline(cfg: KioskConfig, video: Path, timeout_s: float = 1800, realtim
     return {
         "mode": "realtime" if realtime else "replay",
         "frames": frames,
-        "dropped": {"capture": health.get("drops", 0),
-                    "verifier_stale": status["cameras"][CAMERA]["dropped"]},
+        "dropped": {"capture": health.get("drops", 0), "verifier_stale": status["cameras"][CAMERA]["dropped"]},
         "seconds": round(seconds, 3),
         "fps": round(frames / seconds, 2) if seconds else 0.0,
         "faces_per_frame": round(status["faces_detected"] / frames, 3) if frames else 0.0,
         "providers": status["providers"],
         "stages_ms": stages,
         "frame_latency_ms": {q: round(v, 1) for q, v in status["frame_latency_ms"].items() if q != "n"},
-        "decisions": [{"type": e.type, "subject_id": e.subject_id, "reason": e.reason, "seq": e.seq,
-                       "score": e.score, "latency_ms": e.latency_ms} for e in events],
+        "decisions": [
+            {
+                "type": e.type,
+                "subject_id": e.subject_id,
+                "reason": e.reason,
+                "seq": e.seq,
+                "score": e.score,
+                "latency_ms": e.latency_ms,
+            }
+            for e in events
+        ],
         "accepted": sorted({e.subject_id for e in events if e.type == "accept" and e.subject_id}),
         "decision_latency_ms": _quantiles([e.latency_ms for e in events if e.latency_ms is not None]),
         "cpu": run["cpu"],
@@ -119,8 +134,14 @@ def _cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _run_cameras(cfg: KioskConfig, cameras: list[tuple[str, str, Path]], folder: Path, timeout_s: float,
-                 realtime: bool, warm_up_s: float = 2.0) -> dict[str, Any]:
+def _run_cameras(
+    cfg: KioskConfig,
+    cameras: list[tuple[str, str, Path]],
+    folder: Path,
+    timeout_s: float,
+    realtime: bool,
+    warm_up_s: float = 2.0,
+) -> dict[str, Any]:
     """A verifier and one capture per camera, run until every file source ended and was processed. Returns the
     verifier's last status, the events, each capture's last health message, and the CPU share of a core each
     process used from `warm_up_s` after the captures started until the first source ended (steady state:
@@ -132,8 +153,10 @@ def _run_cameras(cfg: KioskConfig, cameras: list[tuple[str, str, Path]], folder:
     bench_cfg = load_config(bench_cfg_path)
     base = [sys.executable, "-m", "kiosk.cli", "-q", "-c", str(bench_cfg_path)]
     transport = Transport(bench_cfg, role="bench")
-    inbox = EventChannel(transport.event_subscriber([EVENT_TOPIC, HEALTH_TOPIC]),
-                         lambda why: log.warning("bench: malformed message: %s", why))
+    inbox = EventChannel(
+        transport.event_subscriber([EVENT_TOPIC, HEALTH_TOPIC]),
+        lambda why: log.warning("bench: malformed message: %s", why),
+    )
     ids = [cid for cid, _gate, _video in cameras]
     verifier = subprocess.Popen(base + ["verify"])
     captures: dict[str, subprocess.Popen] = {}
@@ -217,7 +240,7 @@ class _EmptyGate:
     def __init__(self, w: int, h: int) -> None:
         scene = np.empty((h, w, 3), np.uint8)
         scene[:] = (150, 160, 170)  # wall
-        scene[int(h * 0.7):] = (90, 95, 100)  # floor
+        scene[int(h * 0.7) :] = (90, 95, 100)  # floor
         cv2.rectangle(scene, (int(w * 0.1), int(h * 0.45)), (int(w * 0.3), int(h * 0.95)), (60, 60, 200), -1)
         cv2.rectangle(scene, (int(w * 0.7), int(h * 0.45)), (int(w * 0.9), int(h * 0.95)), (60, 60, 200), -1)
         self.scene = cv2.GaussianBlur(scene, (0, 0), 3).astype(np.int16)
@@ -270,7 +293,7 @@ def enter_video(video: Path, path: Path) -> tuple[Path, int, int]:
         if k < slide:  # the video's left part shows at the right edge, then more of it, over the empty gate
             shift = int(round(w * (1 - (k + 1) / slide)))
             over = gate.scene.astype(np.uint8).copy()
-            over[:, shift:] = image[:, :w - shift]
+            over[:, shift:] = image[:, : w - shift]
             image = over
         out.write(image)
         k += 1
@@ -324,46 +347,72 @@ def run_cameras(cfg: KioskConfig, video: Path, cameras: int, busy: int, timeout_
         offered = int(cam["frames_in"])
         sent, held, capture_dropped = int(h.get("sent", offered)), int(h.get("held", 0)), int(h.get("drops", 0))
         delivered = sent + held + capture_dropped
-        wake = next(((seq, ms) for seq, ms in cam.get("wakes", []) if seq >= lead), None) \
-            if source == entering and truth is not None else None
-        per_camera.append({
-            "camera": cid, "gate": gate, "busy": source == entering,
-            "sent": sent, "held": held, "capture_dropped": capture_dropped,
-            "frames_in": offered, "processed": cam["processed"], "idle_skipped": cam["idle_skipped"],
-            "stale": cam["dropped"], "too_old": cam["too_old"],
-            # Of the frames the camera delivered (sent, held back as idle, or dropped at the capture).
-            "stale_share": round((cam["dropped"] + cam["too_old"]) / delivered, 4) if delivered else 0.0,
-            "decisions": len(mine), "accepts": sum(e.type == "accept" for e in mine),
-            "accepted": sorted({e.subject_id for e in mine if e.type == "accept" and e.subject_id}),
-            "decision_latency_ms": _quantiles([e.latency_ms for e in mine if e.latency_ms is not None]),
-            # The person stepping in: frames between the first one a face could be found in and the one it was
-            # found in, and the time from the capture of the former to the end of the detection of the latter.
-            "wake": {"frames_late": wake[0] - truth, "ms": round((wake[0] - truth) * 1000 / fps + wake[1], 1)}
-            if wake else None,
-        })
+        wake = (
+            next(((seq, ms) for seq, ms in cam.get("wakes", []) if seq >= lead), None)
+            if source == entering and truth is not None
+            else None
+        )
+        per_camera.append(
+            {
+                "camera": cid,
+                "gate": gate,
+                "busy": source == entering,
+                "sent": sent,
+                "held": held,
+                "capture_dropped": capture_dropped,
+                "frames_in": offered,
+                "processed": cam["processed"],
+                "idle_skipped": cam["idle_skipped"],
+                "stale": cam["dropped"],
+                "too_old": cam["too_old"],
+                # Of the frames the camera delivered (sent, held back as idle, or dropped at the capture).
+                "stale_share": round((cam["dropped"] + cam["too_old"]) / delivered, 4) if delivered else 0.0,
+                "decisions": len(mine),
+                "accepts": sum(e.type == "accept" for e in mine),
+                "accepted": sorted({e.subject_id for e in mine if e.type == "accept" and e.subject_id}),
+                "decision_latency_ms": _quantiles([e.latency_ms for e in mine if e.latency_ms is not None]),
+                # The person stepping in: frames between the first one a face could be found in and the one it was
+                # found in, and the time from the capture of the former to the end of the detection of the latter.
+                "wake": {"frames_late": wake[0] - truth, "ms": round((wake[0] - truth) * 1000 / fps + wake[1], 1)}
+                if wake
+                else None,
+            }
+        )
     latency = [e.latency_ms for e in events if e.latency_ms is not None]
-    return {"mode": "cameras", "video": str(video), "cameras": cameras, "busy": busy, "first_face_frame": truth,
-            "providers": status["providers"], "per_camera": per_camera,
-            "frame_latency_ms": {q: round(v, 1) for q, v in status["frame_latency_ms"].items() if q != "n"},
-            "decision_latency_ms": _quantiles(latency),
-            "deciding_frame_latency_ms": {q: round(v, 1) for q, v in status.get("deciding_frame_latency_ms", {}).items()},
-            "stages_ms": _stages(status), "cpu": run["cpu"]}
+    return {
+        "mode": "cameras",
+        "video": str(video),
+        "cameras": cameras,
+        "busy": busy,
+        "first_face_frame": truth,
+        "providers": status["providers"],
+        "per_camera": per_camera,
+        "frame_latency_ms": {q: round(v, 1) for q, v in status["frame_latency_ms"].items() if q != "n"},
+        "decision_latency_ms": _quantiles(latency),
+        "deciding_frame_latency_ms": {q: round(v, 1) for q, v in status.get("deciding_frame_latency_ms", {}).items()},
+        "stages_ms": _stages(status),
+        "cpu": run["cpu"],
+    }
 
 
 def format_cameras(r: dict[str, Any]) -> str:
-    lines = [f"{r['cameras']} live cameras, {r['busy']} playing {r['video']} (after {ENTER_LEAD_S:.0f} s of an empty "
-             f"gate area, stepping in from the side), the others an empty gate area; "
-             f"providers {', '.join(r['providers'])}",
-             "camera  gate  busy   sent   held  stale  share  idle-skipped  decisions  accepts  decision p50/p99 ms  "
-             "wake ms  accepted"]
+    lines = [
+        f"{r['cameras']} live cameras, {r['busy']} playing {r['video']} (after {ENTER_LEAD_S:.0f} s of an empty "
+        f"gate area, stepping in from the side), the others an empty gate area; "
+        f"providers {', '.join(r['providers'])}",
+        "camera  gate  busy   sent   held  stale  share  idle-skipped  decisions  accepts  decision p50/p99 ms  "
+        "wake ms  accepted",
+    ]
     for c in r["per_camera"]:
         dl = c["decision_latency_ms"]
-        lines.append(f"{c['camera']:<7} {c['gate']:<5} {'yes' if c['busy'] else 'no':<4} {c['sent']:>6} "
-                     f"{c['held']:>6} "
-                     f"{c['stale'] + c['too_old']:>6} {c['stale_share']:>6.1%} {c['idle_skipped']:>13} "
-                     f"{c['decisions']:>10} {c['accepts']:>8}  "
-                     f"{(str(dl['p50']) + ' / ' + str(dl['p99'])) if dl else '-':>19}  "
-                     f"{c['wake']['ms'] if c['wake'] else '-':>7}  {c['accepted']}")
+        lines.append(
+            f"{c['camera']:<7} {c['gate']:<5} {'yes' if c['busy'] else 'no':<4} {c['sent']:>6} "
+            f"{c['held']:>6} "
+            f"{c['stale'] + c['too_old']:>6} {c['stale_share']:>6.1%} {c['idle_skipped']:>13} "
+            f"{c['decisions']:>10} {c['accepts']:>8}  "
+            f"{(str(dl['p50']) + ' / ' + str(dl['p99'])) if dl else '-':>19}  "
+            f"{c['wake']['ms'] if c['wake'] else '-':>7}  {c['accepted']}"
+        )
     fl, dl = r["frame_latency_ms"], r["decision_latency_ms"]
     if fl:
         lines.append(f"capture-to-processed per frame: p50 {fl['p50']:.0f} ms, p99 {fl['p99']:.0f} ms")
@@ -371,14 +420,17 @@ def format_cameras(r: dict[str, Any]) -> str:
         lines.append(f"capture-to-decision, all cameras: p50 {dl['p50']:.0f} ms, p99 {dl['p99']:.0f} ms")
     df = r["deciding_frame_latency_ms"]
     if df:  # every frame a decision could have come from: many more samples than the decisions themselves
-        lines.append(f"capture-to-processed, frames with a face being decided: p50 {df['p50']:.0f} ms, "
-                     f"p99 {df['p99']:.0f} ms over {df['n']:.0f} frames")
+        lines.append(
+            f"capture-to-processed, frames with a face being decided: p50 {df['p50']:.0f} ms, "
+            f"p99 {df['p99']:.0f} ms over {df['n']:.0f} frames"
+        )
     return "\n".join(lines + _stage_lines(r["stages_ms"]) + _cpu_lines(r["cpu"]))
 
 
 def _stage_lines(stages: dict[str, dict[str, float]]) -> list[str]:
-    return ["stage          p50 ms    p99 ms"] + [f"  {stage:<12}{q['p50']:>8.2f}  {q['p99']:>8.2f}"
-                                                 for stage, q in stages.items() if q]
+    return ["stage          p50 ms    p99 ms"] + [
+        f"  {stage:<12}{q['p50']:>8.2f}  {q['p99']:>8.2f}" for stage, q in stages.items() if q
+    ]
 
 
 def _cpu_lines(cpu: dict[str, dict[str, float]]) -> list[str]:
@@ -391,12 +443,14 @@ def run_obvious_loop(cfg: KioskConfig, video: Path) -> dict[str, Any]:
         from insightface.model_zoo import get_model
         from insightface.utils.face_align import norm_crop
     except ImportError:
-        raise UsageError("--compare insightface needs the insightface package (uv sync installs it with the dev "
-                         "group; pip: pip install --no-deps insightface)") from None
-    from kiosk.vision.engine import FaceEngine
-    from kiosk.vision.models import runtime
+        raise UsageError(
+            "--compare insightface needs the insightface package (uv sync installs it with the dev "
+            "group; pip: pip install --no-deps insightface)"
+        ) from None
     from kiosk.pipeline.policy import DecisionPolicy
     from kiosk.pipeline.tracking import Tracker
+    from kiosk.vision.engine import FaceEngine
+    from kiosk.vision.models import runtime
 
     engine = FaceEngine.from_config(cfg)  # for the pack's file paths and the gallery's model id
     providers = runtime.plan_providers(cfg.models.providers).providers
@@ -429,8 +483,11 @@ def run_obvious_loop(cfg: KioskConfig, video: Path) -> dict[str, Any]:
         # The same tracking and decision rules, on every face of every frame.
         from kiosk.vision.faces import Faces
 
-        faces = Faces(boxes[:, :4].astype(np.float32), boxes[:, 4].astype(np.float32),
-                      np.asarray(kpss, np.float32).reshape(-1, 5, 2))
+        faces = Faces(
+            boxes[:, :4].astype(np.float32),
+            boxes[:, 4].astype(np.float32),
+            np.asarray(kpss, np.float32).reshape(-1, 5, 2),
+        )
         keep = faces.widths >= cfg.policy.min_face_px
         tracks, _ = tracker.update(faces[keep], frames / fps_src)
         for track, match in zip(tracks, [m for m, k in zip(matches, keep) if k]):
@@ -438,8 +495,13 @@ def run_obvious_loop(cfg: KioskConfig, video: Path) -> dict[str, Any]:
             if d is not None and d.type == "accept" and d.subject_id:
                 accepted.add(d.subject_id)
     seconds = time.perf_counter() - t0
-    return {"frames": frames, "seconds": round(seconds, 3), "fps": round(frames / seconds, 2) if seconds else 0.0,
-            "faces_per_frame": round(faces_total / frames, 3) if frames else 0.0, "accepted": sorted(accepted)}
+    return {
+        "frames": frames,
+        "seconds": round(seconds, 3),
+        "fps": round(frames / seconds, 2) if seconds else 0.0,
+        "faces_per_frame": round(faces_total / frames, 3) if frames else 0.0,
+        "accepted": sorted(accepted),
+    }
 
 
 def _check_video(cfg: KioskConfig, video: Path) -> None:
@@ -459,9 +521,11 @@ def run_bench(cfg: KioskConfig, video: Path, compare: str | None, realtime: bool
     result["video"] = str(video)
     if compare == "insightface":
         ref = run_obvious_loop(cfg, video)
-        result["compare"] = {"insightface": ref,
-                             "ratio": round(result["fps"] / ref["fps"], 2) if ref["fps"] else None,
-                             **compare_accepts(result["accepted"], ref["accepted"])}
+        result["compare"] = {
+            "insightface": ref,
+            "ratio": round(result["fps"] / ref["fps"], 2) if ref["fps"] else None,
+            **compare_accepts(result["accepted"], ref["accepted"]),
+        }
     return result
 
 
@@ -469,38 +533,54 @@ def compare_accepts(pipeline: list[str], reference: list[str]) -> dict[str, Any]
     """The two runs' accepted subjects compared both ways: an extra accept of ours is as much a difference
     as a lost one, and two runs that accepted nobody agree on nothing worth reporting as agreement."""
     ours, theirs = set(pipeline), set(reference)
-    return {"same_accepted_subjects": ours == theirs and bool(ours),
-            "accepted_by_both": sorted(ours & theirs),
-            "accepted_only_by_pipeline": sorted(ours - theirs),
-            "accepted_only_by_reference": sorted(theirs - ours)}
+    return {
+        "same_accepted_subjects": ours == theirs and bool(ours),
+        "accepted_by_both": sorted(ours & theirs),
+        "accepted_only_by_pipeline": sorted(ours - theirs),
+        "accepted_only_by_reference": sorted(theirs - ours),
+    }
 
 
 def format_text(r: dict[str, Any]) -> str:
-    lines = [f"video {r['video']} ({r['mode']}): {r['frames']} frames processed in {r['seconds']:.2f} s = "
-             f"{r['fps']:.1f} fps ({r['faces_per_frame']:.2f} faces/frame), providers {', '.join(r['providers'])}",
-             f"dropped: {r['dropped']['capture']} at the capture, {r['dropped']['verifier_stale']} stale at the "
-             "verifier"] + _stage_lines(r["stages_ms"])
+    lines = [
+        f"video {r['video']} ({r['mode']}): {r['frames']} frames processed in {r['seconds']:.2f} s = "
+        f"{r['fps']:.1f} fps ({r['faces_per_frame']:.2f} faces/frame), providers {', '.join(r['providers'])}",
+        f"dropped: {r['dropped']['capture']} at the capture, {r['dropped']['verifier_stale']} stale at the verifier",
+    ] + _stage_lines(r["stages_ms"])
     fl = r["frame_latency_ms"]
     if fl:
         lines.append(f"capture-to-processed per frame: p50 {fl['p50']:.0f} ms, p99 {fl['p99']:.0f} ms")
     dl = r["decision_latency_ms"]
-    lines.append(f"decisions: {len(r['decisions'])} "
-                 f"({sum(d['type'] == 'accept' for d in r['decisions'])} accept), accepted {r['accepted']}"
-                 + (f"; capture-to-decision p50 {dl['p50']:.0f} ms, p99 {dl['p99']:.0f} ms" if dl else ""))
+    lines.append(
+        f"decisions: {len(r['decisions'])} "
+        f"({sum(d['type'] == 'accept' for d in r['decisions'])} accept), accepted {r['accepted']}"
+        + (f"; capture-to-decision p50 {dl['p50']:.0f} ms, p99 {dl['p99']:.0f} ms" if dl else "")
+    )
     lines += _cpu_lines(r.get("cpu", {}))
     if "compare" in r:
         c = r["compare"]
         ref = c["insightface"]
-        lines.append(f"insightface loop: {ref['frames']} frames in {ref['seconds']:.2f} s = {ref['fps']:.1f} fps; "
-                     f"accepted {ref['accepted']}")
-        lines.append(f"ratio: {c['ratio']}x; same accepted subjects: {c['same_accepted_subjects']} "
-                     f"(both {c['accepted_by_both']}, only the pipeline {c['accepted_only_by_pipeline']}, "
-                     f"only the reference {c['accepted_only_by_reference']})")
+        lines.append(
+            f"insightface loop: {ref['frames']} frames in {ref['seconds']:.2f} s = {ref['fps']:.1f} fps; "
+            f"accepted {ref['accepted']}"
+        )
+        lines.append(
+            f"ratio: {c['ratio']}x; same accepted subjects: {c['same_accepted_subjects']} "
+            f"(both {c['accepted_by_both']}, only the pipeline {c['accepted_only_by_pipeline']}, "
+            f"only the reference {c['accepted_only_by_reference']})"
+        )
     return "\n".join(lines)
 
 
-def main_bench(cfg: KioskConfig, video: Path, compare: str | None, as_json: bool, realtime: bool = False,
-               cameras: int = 0, busy: int = 0) -> int:
+def main_bench(
+    cfg: KioskConfig,
+    video: Path,
+    compare: str | None,
+    as_json: bool,
+    realtime: bool = False,
+    cameras: int = 0,
+    busy: int = 0,
+) -> int:
     if cameras:
         _check_video(cfg, video)
         result = run_cameras(cfg, video, cameras, busy)
@@ -531,22 +611,30 @@ def run_search_scale(sizes: list[int], dim: int = 512, queries: int = 200) -> di
         times, hits = [], 0
         for i in range(queries):
             t = time.perf_counter()
-            (m,) = matrix.search(q[i:i + 1])
+            (m,) = matrix.search(q[i : i + 1])
             times.append((time.perf_counter() - t) * 1000)
             hits += m.subject_id == ids[picks[i]]
         t = time.perf_counter()
         for i in range(min(queries, 50)):
-            (q[i:i + 1] @ emb.T).argmax()
+            (q[i : i + 1] @ emb.T).argmax()
         full_ms = (time.perf_counter() - t) / min(queries, 50) * 1000
-        rows.append({"templates": n, "p50_ms": round(float(np.percentile(times, 50)), 3),
-                     "p99_ms": round(float(np.percentile(times, 99)), 3), "full_scan_ms": round(full_ms, 3),
-                     "prefilter": matrix.prefiltered, "build_s": round(build_s, 3),
-                     "top1_correct": hits / queries})
+        rows.append(
+            {
+                "templates": n,
+                "p50_ms": round(float(np.percentile(times, 50)), 3),
+                "p99_ms": round(float(np.percentile(times, 99)), 3),
+                "full_scan_ms": round(full_ms, 3),
+                "prefilter": matrix.prefiltered,
+                "build_s": round(build_s, 3),
+                "top1_correct": hits / queries,
+            }
+        )
     return {"search_scale": rows, "dim": dim, "queries": queries}
 
 
-def run_flight_scale(passengers: int, enrolled: int, dim: int = 512, queries: int = 200,
-                     threshold: float = 0.40, margin: float = 0.06) -> dict[str, Any]:
+def run_flight_scale(
+    passengers: int, enrolled: int, dim: int = 512, queries: int = 200, threshold: float = 0.40, margin: float = 0.06
+) -> dict[str, Any]:
     """Matching at a gate boarding a flight of `passengers` inside an airport gallery of `enrolled`
     (synthetic templates, one per subject), next to plain 1:N against everyone: per query, the flight's
     passenger (1:few), someone enrolled for another flight (1:few finds nobody, then the whole gallery is
@@ -565,8 +653,9 @@ def run_flight_scale(passengers: int, enrolled: int, dim: int = 512, queries: in
 
     def probe(picks: np.ndarray | None) -> np.ndarray:
         base = emb[picks] if picks is not None else rng.standard_normal((queries, dim)).astype(np.float32)
-        q = base + rng.standard_normal((queries, dim)).astype(np.float32) / np.float32(np.sqrt(dim)) * \
-            (1.0 if picks is not None else 0.0)
+        q = base + rng.standard_normal((queries, dim)).astype(np.float32) / np.float32(np.sqrt(dim)) * (
+            1.0 if picks is not None else 0.0
+        )
         return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
     def ok(m: Any) -> bool:
@@ -577,11 +666,11 @@ def run_flight_scale(passengers: int, enrolled: int, dim: int = 512, queries: in
         for i in range(len(queries_)):
             t = time.perf_counter()
             if flight:
-                (m,) = view.matrix_for("A1").search(queries_[i:i + 1])
+                (m,) = view.matrix_for("A1").search(queries_[i : i + 1])
                 if not ok(m):  # what the verifier does next: is it someone on another flight?
-                    (m,) = full.search(queries_[i:i + 1])
+                    (m,) = full.search(queries_[i : i + 1])
             else:
-                (m,) = full.search(queries_[i:i + 1])
+                (m,) = full.search(queries_[i : i + 1])
             times.append((time.perf_counter() - t) * 1000)
             found.append(m)
         return times, found
@@ -590,18 +679,32 @@ def run_flight_scale(passengers: int, enrolled: int, dim: int = 512, queries: in
     elsewhere = rng.choice(np.arange(passengers, enrolled), queries) if enrolled > passengers else None
     rows: dict[str, Any] = {}
     full.search(probe(on_flight)[:1])
-    cases = [("passenger_at_their_gate", probe(on_flight), True, on_flight),
-             ("passenger_at_their_gate_1toN", probe(on_flight), False, on_flight),
-             ("stranger", probe(None), True, None)]
+    cases = [
+        ("passenger_at_their_gate", probe(on_flight), True, on_flight),
+        ("passenger_at_their_gate_1toN", probe(on_flight), False, on_flight),
+        ("stranger", probe(None), True, None),
+    ]
     if elsewhere is not None:
         cases.insert(2, ("other_flight_passenger", probe(elsewhere), True, elsewhere))
     for name, q, flight, truth in cases:
         times, found = timed(q, flight)
-        right = [ok(m) and truth is not None and m.subject_id == ids[t] for m, t in
-                 zip(found, truth if truth is not None else [0] * len(found))]
-        rows[name] = {"p50_ms": round(float(np.percentile(times, 50)), 3),
-                      "p99_ms": round(float(np.percentile(times, 99)), 3),
-                      "identified": round(sum(right) / len(found), 3) if truth is not None else None,
-                      "false_match": round(sum(ok(m) for m in found) / len(found), 3) if truth is None else None}
-    return {"flight_scale": {"passengers": passengers, "enrolled": enrolled, "dim": dim, "queries": queries,
-                             "flight_view_build_ms": round(build_ms, 2), "cases": rows}}
+        right = [
+            ok(m) and truth is not None and m.subject_id == ids[t]
+            for m, t in zip(found, truth if truth is not None else [0] * len(found))
+        ]
+        rows[name] = {
+            "p50_ms": round(float(np.percentile(times, 50)), 3),
+            "p99_ms": round(float(np.percentile(times, 99)), 3),
+            "identified": round(sum(right) / len(found), 3) if truth is not None else None,
+            "false_match": round(sum(ok(m) for m in found) / len(found), 3) if truth is None else None,
+        }
+    return {
+        "flight_scale": {
+            "passengers": passengers,
+            "enrolled": enrolled,
+            "dim": dim,
+            "queries": queries,
+            "flight_view_build_ms": round(build_ms, 2),
+            "cases": rows,
+        }
+    }

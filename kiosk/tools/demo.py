@@ -44,32 +44,39 @@ import yaml
 
 from enrollment.photos import reference_template
 from kiosk.config import KioskConfig, load_config, models_section
-from kiosk.vision.engine import FaceEngine
-from kiosk.store.flights import SqliteBoardingStore
-from kiosk.store.gallery import open_gallery
-from kiosk.vision.images import read_image
 from kiosk.messaging.channels import EventChannel
 from kiosk.messaging.messages import Event
-from kiosk.vision.models.pack import sample_photo
+from kiosk.messaging.transport import Transport, init_keys, loopback_endpoints
+from kiosk.store.flights import SqliteBoardingStore
+from kiosk.store.gallery import open_gallery
 from kiosk.tools.attacks import render_attack
 from kiosk.tools.scenes import Walk, person_crop, render, write_video
 from kiosk.tools.standin import head_turn, natural_expressions
+from kiosk.vision.engine import FaceEngine
+from kiosk.vision.images import read_image
 from kiosk.vision.landmarks import LandmarkModel, find_landmark_model
-from kiosk.messaging.transport import Transport, init_keys, loopback_endpoints
+from kiosk.vision.models.pack import sample_photo
 
 log = logging.getLogger(__name__)
 
 FPS = 30.0
-LIVENESS = ("liveness: judged on movement alone (a blink, the lips, the brows). The demo's people are renderings of "
-            "a photo, which the shipped texture models rightly doubt, so they are off here (models.pad: []); the "
-            "printed photo is refused because it never moves as a living face. A real gate runs the texture models "
-            "too, and a site must never drop them.")
+LIVENESS = (
+    "liveness: judged on movement alone (a blink, the lips, the brows). The demo's people are renderings of "
+    "a photo, which the shipped texture models rightly doubt, so they are off here (models.pad: []); the "
+    "printed photo is refused because it never moves as a living face. A real gate runs the texture models "
+    "too, and a site must never drop them."
+)
 SUBJECT = ("yao-ming", "Yao Ming")
 OTHER = ("pax-ba456", "BA456 passenger")
 FLIGHT, OTHER_FLIGHT = "LH123", "BA456"
 PRINT_REASON = "liveness_unverified"  # the print never blinks: no movement evidence in time
-EXPECTED = [("reject", PRINT_REASON, None), ("accept", None, SUBJECT[0]), ("reject", "wrong_flight", OTHER[0]),
-            ("reject", "no_match", None), ("reject", "already_boarded", SUBJECT[0])]
+EXPECTED = [
+    ("reject", PRINT_REASON, None),
+    ("accept", None, SUBJECT[0]),
+    ("reject", "wrong_flight", OTHER[0]),
+    ("reject", "no_match", None),
+    ("reject", "already_boarded", SUBJECT[0]),
+]
 
 
 def demo_people(engine: FaceEngine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,28 +88,44 @@ def demo_people(engine: FaceEngine) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     gdp_faces = gdp_faces[gdp_faces.widths >= 48]
     other = gdp_faces[int(np.argmax(gdp_faces.boxes[:, 0]))]
     stranger = gdp_faces[int(np.argmin(gdp_faces.boxes[:, 0]))]
-    return (person_crop(yao, yao_face.boxes[0]), person_crop(gdp, other.boxes[0]),
-            person_crop(gdp, stranger.boxes[0]))
+    return (person_crop(yao, yao_face.boxes[0]), person_crop(gdp, other.boxes[0]), person_crop(gdp, stranger.boxes[0]))
 
 
 def demo_frames(engine: FaceEngine) -> list[np.ndarray]:
     """The gate video: a print attack (2.5 s), then four people walking up, their heads turning, blinking."""
-    marks = engine.pad.landmarks if engine.pad is not None and engine.pad.landmarks is not None else \
-        LandmarkModel.load(find_landmark_model(None))
+    marks = (
+        engine.pad.landmarks
+        if engine.pad is not None and engine.pad.landmarks is not None
+        else LandmarkModel.load(find_landmark_model(None))
+    )
     yao, other, stranger = demo_people(engine)
     s = int(FPS)
     attack_at, attack = s // 2, int(2.5 * s)
     photo = read_image(sample_photo("yaoming.jpg"))
-    card = render_attack("print", photo, engine.detector.detect(photo).largest().boxes[0], seed=1,
-                         seconds=attack / FPS, fps=FPS)
-    turns = {name: (crop, head_turn(crop, engine.detector, marks))
-             for name, crop in (("yao", yao), ("other", other), ("stranger", stranger))}  # Yao walks up twice
-    walks = [Walk(turns[name][0], start=start * s // 2, frames=4 * s, w0=30, w1=w1, turn=turns[name][1], turn_deg=15,
-                  expression=natural_expressions(4 * s, FPS, seed=seed, blink_every_s=(0.8, 1.2)))
-             for seed, (name, start, w1) in enumerate((("yao", 8, 190), ("other", 18, 170), ("stranger", 28, 170),
-                                                       ("yao", 38, 190)), start=1)]
+    card = render_attack(
+        "print", photo, engine.detector.detect(photo).largest().boxes[0], seed=1, seconds=attack / FPS, fps=FPS
+    )
+    turns = {
+        name: (crop, head_turn(crop, engine.detector, marks))
+        for name, crop in (("yao", yao), ("other", other), ("stranger", stranger))
+    }  # Yao walks up twice
+    walks = [
+        Walk(
+            turns[name][0],
+            start=start * s // 2,
+            frames=4 * s,
+            w0=30,
+            w1=w1,
+            turn=turns[name][1],
+            turn_deg=15,
+            expression=natural_expressions(4 * s, FPS, seed=seed, blink_every_s=(0.8, 1.2)),
+        )
+        for seed, (name, start, w1) in enumerate(
+            (("yao", 8, 190), ("other", 18, 170), ("stranger", 28, 170), ("yao", 38, 190)), start=1
+        )
+    ]
     frames = render(walks, 47 * s // 2)
-    frames[attack_at:attack_at + attack] = card
+    frames[attack_at : attack_at + attack] = card
     return frames
 
 
@@ -129,18 +152,24 @@ def write_demo_config(out: Path, base: KioskConfig) -> Path:
 
 def describe(event: Event) -> str:
     if event.type == "accept":
-        return (f"ACCEPT  gate {event.gate_id} ({event.flight_id}): {event.subject_id} ({event.display_name}) score {event.score:.3f} "
-                f"after {event.frames} frames, {event.latency_ms:.0f} ms after capture")
+        return (
+            f"ACCEPT  gate {event.gate_id} ({event.flight_id}): {event.subject_id} ({event.display_name}) score {event.score:.3f} "
+            f"after {event.frames} frames, {event.latency_ms:.0f} ms after capture"
+        )
     if event.type == "reject":
         score = event.score if event.score is None else round(event.score, 3)
         checks = event.liveness_checks or {}
-        why = {"presentation_attack": f" (the {' and '.join(checks.get('decided_by') or ['liveness'])} check)",
-               "liveness_unverified": " (no liveness verdict in time)",
-               "wrong_flight": f" {event.subject_id} is on {', '.join(event.on_flights or []) or 'another flight'}",
-               "already_boarded": f" {event.subject_id} boarded at gate {event.boarded_gate_id} "
-                                  f"{time.strftime('%H:%M:%S', time.localtime(event.boarded_at or 0))}"}
-        return (f"REJECT  gate {event.gate_id} ({event.flight_id}): {event.reason}{why.get(event.reason or '', '')} "
-                f"(score {score}) after {event.frames} frames, {event.latency_ms:.0f} ms after capture")
+        why = {
+            "presentation_attack": f" (the {' and '.join(checks.get('decided_by') or ['liveness'])} check)",
+            "liveness_unverified": " (no liveness verdict in time)",
+            "wrong_flight": f" {event.subject_id} is on {', '.join(event.on_flights or []) or 'another flight'}",
+            "already_boarded": f" {event.subject_id} boarded at gate {event.boarded_gate_id} "
+            f"{time.strftime('%H:%M:%S', time.localtime(event.boarded_at or 0))}",
+        }
+        return (
+            f"REJECT  gate {event.gate_id} ({event.flight_id}): {event.reason}{why.get(event.reason or '', '')} "
+            f"(score {score}) after {event.frames} frames, {event.latency_ms:.0f} ms after capture"
+        )
     return f"{event.type.upper()} gate {event.gate_id}"
 
 
@@ -179,8 +208,10 @@ def run_demo(base: KioskConfig, out: Path) -> bool:
     departs = time.time() + 3 * 3600
     with open_gallery(cfg, create=True) as gallery:
         store = SqliteBoardingStore(gallery)
-        for (sid, name), photo, flight in ((SUBJECT, sample_photo("yaoming.jpg"), FLIGHT),
-                                           (OTHER, other_photo, OTHER_FLIGHT)):
+        for (sid, name), photo, flight in (
+            (SUBJECT, sample_photo("yaoming.jpg"), FLIGHT),
+            (OTHER, other_photo, OTHER_FLIGHT),
+        ):
             template = reference_template(engine, photo, cfg.enrollment)
             gallery.enroll(sid, name, template.embedding[None, :], engine.model_id, qualities=[template.quality])
             store.add_flight(flight, departs)
@@ -190,17 +221,19 @@ def run_demo(base: KioskConfig, out: Path) -> bool:
     print(f"gate A1 boards flight {FLIGHT} (boarding.require_flight: true)")
     frames = demo_frames(engine)
     video = write_video(out / "gate-a1.avi", frames, FPS)
-    print(f"made {video.name}: {len(frames) / FPS:.0f} s at {FPS:.0f} fps; a printed photo of Yao Ming held up, "
-          f"then Yao Ming walks up, a passenger of {OTHER_FLIGHT}, a stranger, and Yao Ming again")
+    print(
+        f"made {video.name}: {len(frames) / FPS:.0f} s at {FPS:.0f} fps; a printed photo of Yao Ming held up, "
+        f"then Yao Ming walks up, a passenger of {OTHER_FLIGHT}, a stranger, and Yao Ming again"
+    )
     print(LIVENESS)
     print(f"running the pipeline (kiosk run --exit-on-eof, CurveZMQ on, liveness on) with config {config_path}")
 
     init_keys(cfg.resolve(cfg.security.keys_dir))
     transport = Transport(cfg, role="demo")
-    inbox = EventChannel(transport.event_subscriber(["event."]),
-                         lambda why: log.warning("ignored a malformed event: %s", why))
-    proc = subprocess.Popen([sys.executable, "-m", "kiosk.cli", "-q", "-c", str(config_path), "run",
-                             "--exit-on-eof"])
+    inbox = EventChannel(
+        transport.event_subscriber(["event."]), lambda why: log.warning("ignored a malformed event: %s", why)
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "kiosk.cli", "-q", "-c", str(config_path), "run", "--exit-on-eof"])
     events: list[Event] = []
     t_start = time.time()
     try:
@@ -219,20 +252,31 @@ def run_demo(base: KioskConfig, out: Path) -> bool:
     finally:
         inbox.sock.close()
         transport.close()
-    audit = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if line.strip()] \
-        if (out / "events.jsonl").exists() else []
+    audit = (
+        [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if line.strip()]
+        if (out / "events.jsonl").exists()
+        else []
+    )
     image = preview(frames, events, out)
     accepts = [e for e in events if e.type == "accept"]
     rejects = [e for e in events if e.type == "reject"]
-    print(f"{len(events)} events ({len(accepts)} accept, {len(rejects)} reject); audit log {out / 'events.jsonl'} "
-          f"({len(audit)} lines)")
+    print(
+        f"{len(events)} events ({len(accepts)} accept, {len(rejects)} reject); audit log {out / 'events.jsonl'} "
+        f"({len(audit)} lines)"
+    )
     if image:
         print(f"preview: {image}")
     got = [(e.type, e.reason, e.subject_id) for e in events if e.type in ("accept", "reject")]
     good = proc.returncode == 0 and got == EXPECTED
-    print("demo " + (f"done: the printed photo was refused ({PRINT_REASON}: it never moved as a living face), "
-                     f"{SUBJECT[1]} boarded {FLIGHT} "
-                     f"once, the {OTHER_FLIGHT} passenger was turned away (wrong_flight), the stranger too "
-                     "(no_match), and so was the boarded passenger coming back (already_boarded)" if good
-                     else "ended with unexpected decisions"))
+    print(
+        "demo "
+        + (
+            f"done: the printed photo was refused ({PRINT_REASON}: it never moved as a living face), "
+            f"{SUBJECT[1]} boarded {FLIGHT} "
+            f"once, the {OTHER_FLIGHT} passenger was turned away (wrong_flight), the stranger too "
+            "(no_match), and so was the boarded passenger coming back (already_boarded)"
+            if good
+            else "ended with unexpected decisions"
+        )
+    )
     return good

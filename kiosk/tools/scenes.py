@@ -71,13 +71,33 @@ class Walk:
         return self.cx + (self.cx1 - self.cx) * t
 
 
-def standing(person: np.ndarray, turn: HeadTurn, start: int, frames: int, width: float, cx: float = 0.5,
-             cy: float = 0.45, seed: int = 0, fps: float = 30.0, words: bool = True) -> Walk:
+def standing(
+    person: np.ndarray,
+    turn: HeadTurn,
+    start: int,
+    frames: int,
+    width: float,
+    cx: float = 0.5,
+    cy: float = 0.45,
+    seed: int = 0,
+    fps: float = 30.0,
+    words: bool = True,
+) -> Walk:
     """A bona fide stand-in standing still at the gate: constant size and place, no head turn, but blinking and
     now and then saying a word (standin.natural_expressions), as a waiting passenger does. The only motion is
     non-rigid; without it this would be a photo held still."""
-    return Walk(person, start, frames, width, width, cx, cy, turn=turn, turn_deg=0.0,
-                expression=natural_expressions(frames, fps, seed, words))
+    return Walk(
+        person,
+        start,
+        frames,
+        width,
+        width,
+        cx,
+        cy,
+        turn=turn,
+        turn_deg=0.0,
+        expression=natural_expressions(frames, fps, seed, words),
+    )
 
 
 def person_crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -89,7 +109,7 @@ def person_crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
     pad = side
     padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
     x0, y0 = int(round(cx - side / 2)) + pad, int(round(cy - side / 2)) + pad
-    return padded[y0:y0 + side, x0:x0 + side].copy()
+    return padded[y0 : y0 + side, x0 : x0 + side].copy()
 
 
 def background(size: tuple[int, int], seed: int = 7) -> np.ndarray:
@@ -116,16 +136,16 @@ def columns(size: tuple[int, int], seed: int = 7) -> np.ndarray:
     spots = np.array([0.06, 0.2, 0.34, 0.66, 0.8, 0.94]) + rng.uniform(-0.015, 0.015, 6)
     for x in spots * w:  # columns, floor to beam
         x0 = int(round(x - col_w / 2))
-        img[:, max(0, x0):max(0, x0 + col_w)] = dark
+        img[:, max(0, x0) : max(0, x0 + col_w)] = dark
     door_x0, door_x1 = int(0.42 * w), int(0.58 * w)  # between the middle columns: jambs and a lintel
     jamb, lintel_y = max(3, round(0.015 * w)), int(0.2 * h)
-    img[lintel_y + jamb:, door_x0 + jamb:door_x1 - jamb] *= 0.75  # the corridor behind the door, darker
-    img[lintel_y:, door_x0:door_x0 + jamb] = dark
-    img[lintel_y:, door_x1 - jamb:door_x1] = dark
-    img[lintel_y:lintel_y + jamb, door_x0:door_x1] = dark
+    img[lintel_y + jamb :, door_x0 + jamb : door_x1 - jamb] *= 0.75  # the corridor behind the door, darker
+    img[lintel_y:, door_x0 : door_x0 + jamb] = dark
+    img[lintel_y:, door_x1 - jamb : door_x1] = dark
+    img[lintel_y : lintel_y + jamb, door_x0:door_x1] = dark
     beam = max(4, round(0.05 * h))
-    img[int(0.06 * h):int(0.06 * h) + beam] = dark
-    img[int(0.9 * h):int(0.9 * h) + 3] = dark  # skirting
+    img[int(0.06 * h) : int(0.06 * h) + beam] = dark
+    img[int(0.9 * h) : int(0.9 * h) + 3] = dark  # skirting
     return np.clip(img + rng.normal(0, 1.5, img.shape).astype(np.float32), 0, 255).astype(np.uint8)
 
 
@@ -145,13 +165,14 @@ def paste(frame: np.ndarray, person: np.ndarray, face_w: float, cx: float, cy: f
     xs, ys, xe, ye = max(0, x0), max(0, y0), min(w, x0 + side), min(h, y0 + side)
     if xe <= xs or ye <= ys:
         return
-    a = alpha[ys - y0:ye - y0, xs - x0:xe - x0]
+    a = alpha[ys - y0 : ye - y0, xs - x0 : xe - x0]
     region = frame[ys:ye, xs:xe].astype(np.float32)
-    frame[ys:ye, xs:xe] = (img[ys - y0:ye - y0, xs - x0:xe - x0] * a + region * (1 - a)).astype(np.uint8)
+    frame[ys:ye, xs:xe] = (img[ys - y0 : ye - y0, xs - x0 : xe - x0] * a + region * (1 - a)).astype(np.uint8)
 
 
-def render(walks: list[Walk], total: int, size: tuple[int, int] = (640, 480),
-           background: str = "wall") -> list[np.ndarray]:
+def render(
+    walks: list[Walk], total: int, size: tuple[int, int] = (640, 480), background: str = "wall"
+) -> list[np.ndarray]:
     """`total` frames of `size` with the walks on a background of BACKGROUNDS."""
     if background not in BACKGROUNDS:
         raise ValueError(f"background {background!r}: one of {', '.join(BACKGROUNDS)}")

@@ -32,8 +32,18 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from kiosk.vision.landmarks import (CHIN, CONTOUR, LEFT_BROW, LEFT_EYE, LOWER_LIDS, MOUTH, POINTS, RIGHT_BROW,
-                                    RIGHT_EYE, UPPER_LIDS)
+from kiosk.vision.landmarks import (
+    CHIN,
+    CONTOUR,
+    LEFT_BROW,
+    LEFT_EYE,
+    LOWER_LIDS,
+    MOUTH,
+    POINTS,
+    RIGHT_BROW,
+    RIGHT_EYE,
+    UPPER_LIDS,
+)
 
 # More of InsightFace's 2d106det layout (kiosk.vision.landmarks has the parts; checked on the sample portrait
 # yaoming.jpg): 34/38 and 88/92 lie on the pupils. Mouth: outer corners 52 and 61, inner corners 65 and 69, inner
@@ -56,11 +66,11 @@ def _head_depth(pts: np.ndarray, face: np.ndarray, eyes: np.ndarray, nose: np.nd
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     u = (pts[:, 0] - cx) / (0.55 * w)
     v = (pts[:, 1] - cy) / (0.75 * w)
-    front = 0.42 * w * np.sqrt(np.clip(1 - u ** 2, 0, None)) * np.clip(1 - v ** 4, 0, None)
+    front = 0.42 * w * np.sqrt(np.clip(1 - u**2, 0, None)) * np.clip(1 - v**4, 0, None)
     top = eyes.mean(axis=0)
     axis = nose - top
     length = max(1.0, float(np.linalg.norm(axis)))
-    along = np.clip(((pts - top) @ axis) / length ** 2, 0, 1.15)
+    along = np.clip(((pts - top) @ axis) / length**2, 0, 1.15)
     rel = pts - top
     across = np.abs(axis[0] * rel[:, 1] - axis[1] * rel[:, 0]) / length / (0.11 * w)
     ridge = 0.2 * w * along * np.clip(1 - across, 0, None) * np.where(along > 1, (1.15 - along) / 0.15, 1)
@@ -91,8 +101,13 @@ WORD_S = (0.25, 0.45)
 WORD_OPEN = (0.03, 0.07)  # jaw drop of a word, face heights
 
 
-def natural_expressions(frames: int, fps: float = 30.0, seed: int = 0, words: bool = True,
-                        blink_every_s: tuple[float, float] = BLINK_EVERY_S) -> Expressions:
+def natural_expressions(
+    frames: int,
+    fps: float = 30.0,
+    seed: int = 0,
+    words: bool = True,
+    blink_every_s: tuple[float, float] = BLINK_EVERY_S,
+) -> Expressions:
     """A person standing at the gate: a blink of about 0.2 s every 1.5-3 s (the first within 0.6 s, so a
     short clip has one) and, with `words`, now and then a word (one or two syllables of a slightly opened
     mouth; the first within 0.5-1.2 s), at seeded random times. The eyes and the mouth are what moves: a
@@ -102,12 +117,13 @@ def natural_expressions(frames: int, fps: float = 30.0, seed: int = 0, words: bo
     rng = np.random.default_rng(seed)
     blink = np.zeros(frames)
     mouth = np.zeros(frames)
-    shape = np.interp(np.linspace(0, len(BLINK) - 1, max(2, round(len(BLINK) * fps / 30.0))),
-                      np.arange(len(BLINK)), BLINK)
+    shape = np.interp(
+        np.linspace(0, len(BLINK) - 1, max(2, round(len(BLINK) * fps / 30.0))), np.arange(len(BLINK)), BLINK
+    )
     t = rng.uniform(*FIRST_BLINK_S)
     while (start := round(t * fps)) < frames:
         end = min(frames, start + len(shape))
-        blink[start:end] = np.maximum(blink[start:end], shape[:end - start])
+        blink[start:end] = np.maximum(blink[start:end], shape[: end - start])
         t += rng.uniform(*blink_every_s)
     t = rng.uniform(*FIRST_WORD_S) if words else float(frames) / fps
     while (start := round(t * fps)) < frames:
@@ -115,7 +131,7 @@ def natural_expressions(frames: int, fps: float = 30.0, seed: int = 0, words: bo
         syllables = int(rng.integers(1, 3))
         word = rng.uniform(*WORD_OPEN) * np.abs(np.sin(np.pi * syllables * (np.arange(n) + 0.5) / n))
         end = min(frames, start + n)
-        mouth[start:end] = np.maximum(mouth[start:end], word[:end - start])
+        mouth[start:end] = np.maximum(mouth[start:end], word[: end - start])
         t += rng.uniform(*WORD_EVERY_S)
     return Expressions(tuple(float(v) for v in blink), tuple(float(v) for v in mouth))
 
@@ -136,16 +152,19 @@ class HeadTurn:
     _jaw: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def from_landmarks(cls, crop: np.ndarray, landmarks: np.ndarray, face: np.ndarray, eyes: np.ndarray,
-                       nose: np.ndarray) -> HeadTurn:
+    def from_landmarks(
+        cls, crop: np.ndarray, landmarks: np.ndarray, face: np.ndarray, eyes: np.ndarray, nose: np.ndarray
+    ) -> HeadTurn:
         """`landmarks` (106, 2), `face` box, `eyes` (2, 2) and `nose` (2,) keypoints, all in crop pixels."""
         h, w = crop.shape[:2]
         fw = face[2] - face[0]
         centre = np.array([(face[0] + face[2]) / 2, (face[1] + face[3]) / 2], np.float64)
         angles = np.linspace(0, 2 * np.pi, 20, endpoint=False)
         ring = centre + np.stack([np.cos(angles) * 0.78 * fw, np.sin(angles) * 0.95 * fw], axis=1)  # around the head
-        edge = np.array([[0, 0], [w / 2, 0], [w - 1, 0], [w - 1, h / 2], [w - 1, h - 1], [w / 2, h - 1],
-                         [0, h - 1], [0, h / 2]], np.float64)
+        edge = np.array(
+            [[0, 0], [w / 2, 0], [w - 1, 0], [w - 1, h / 2], [w - 1, h - 1], [w / 2, h - 1], [0, h - 1], [0, h / 2]],
+            np.float64,
+        )
         inner = np.asarray(landmarks, np.float64)
         points = np.concatenate([inner, np.clip(ring, 0, [w - 1, h - 1]), edge])
         depth = np.concatenate([_head_depth(inner, face, eyes, nose), np.zeros(len(ring) + len(edge))])
@@ -183,8 +202,9 @@ class HeadTurn:
             if x1 <= x0 or y1 <= y0:
                 continue
             m = cv2.getAffineTransform(src, dst - np.array([x0, y0], np.float32))
-            patch = cv2.warpAffine(self.image, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
-                                   borderMode=cv2.BORDER_REFLECT)
+            patch = cv2.warpAffine(
+                self.image, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+            )
             mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
             cv2.fillConvexPoly(mask, np.round(dst - [x0, y0]).astype(np.int32), 1)
             region = out[y0:y1, x0:x1]
@@ -230,8 +250,13 @@ class HeadTurn:
         upper = np.concatenate([[left + [0, corner]], seam, [right + [0, corner]]])
         lower = seam[::-1] + [0, drop]
         ring = np.concatenate([upper, lower])
-        depth = np.concatenate([[self.depth[65]], (self.depth[list(INNER_UPPER_LIP)]
-                                                   + self.depth[list(INNER_LOWER_LIP)]) / 2, [self.depth[69]]])
+        depth = np.concatenate(
+            [
+                [self.depth[65]],
+                (self.depth[list(INNER_UPPER_LIP)] + self.depth[list(INNER_LOWER_LIP)]) / 2,
+                [self.depth[69]],
+            ]
+        )
         depth = np.concatenate([depth, depth[1:-1][::-1]])
         turned = _turned(ring, depth, self.centre, yaw, pitch)[0]
         scale = 4  # the polygon to a quarter pixel (shift=2), then a soft edge
@@ -247,8 +272,9 @@ class HeadTurn:
         out[y0:y1, x0:x1] = np.round(region * (1 - alpha) + shade * alpha).astype(np.uint8)
 
 
-def _turned(pts: np.ndarray, depth: np.ndarray, centre: np.ndarray, yaw: float,
-            pitch: float) -> tuple[np.ndarray, np.ndarray]:
+def _turned(
+    pts: np.ndarray, depth: np.ndarray, centre: np.ndarray, yaw: float, pitch: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Points rotated about `centre` by `yaw` then `pitch`, orthographic (those of depth 0, the frame around the
     head, stay), and their depth after the turn."""
     rel = pts - centre

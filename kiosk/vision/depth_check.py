@@ -35,14 +35,116 @@ import numpy as np
 
 # Depth of each of the 106 landmarks on a generic head (face widths, towards the camera, mean 0): an ellipsoid
 # face front with the nose standing out, evaluated on a frontal face's landmarks (contour 0-32 at the back).
-PRIOR = np.array([
-    -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30,
-    -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.30, -0.27, -0.26,
-    -0.30, -0.30, -0.30, 0.14, 0.13, 0.08, 0.11, 0.16, 0.13, 0.18, 0.13, 0.10, 0.15, -0.06, 0.03, 0.09, 0.15,
-    0.13, -0.02, 0.05, 0.14, 0.11, 0.10, 0.06, 0.10, 0.08, 0.06, 0.10, 0.07, 0.06, 0.11, 0.09, 0.17, 0.21, 0.15,
-    0.11, 0.15, 0.21, 0.14, 0.10, 0.14, 0.21, 0.18, 0.22, 0.32, 0.19, 0.30, 0.26, 0.31, 0.37, 0.38, 0.18, 0.29,
-    0.25, 0.30, 0.36, 0.43, 0.12, 0.12, 0.17, 0.15, 0.09, 0.12, 0.05, 0.11, 0.14, 0.08, 0.14, 0.10, 0.04, -0.04,
-    -0.17, 0.12, 0.07, -0.00, -0.11])
+PRIOR = np.array(
+    [
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.30,
+        -0.27,
+        -0.26,
+        -0.30,
+        -0.30,
+        -0.30,
+        0.14,
+        0.13,
+        0.08,
+        0.11,
+        0.16,
+        0.13,
+        0.18,
+        0.13,
+        0.10,
+        0.15,
+        -0.06,
+        0.03,
+        0.09,
+        0.15,
+        0.13,
+        -0.02,
+        0.05,
+        0.14,
+        0.11,
+        0.10,
+        0.06,
+        0.10,
+        0.08,
+        0.06,
+        0.10,
+        0.07,
+        0.06,
+        0.11,
+        0.09,
+        0.17,
+        0.21,
+        0.15,
+        0.11,
+        0.15,
+        0.21,
+        0.14,
+        0.10,
+        0.14,
+        0.21,
+        0.18,
+        0.22,
+        0.32,
+        0.19,
+        0.30,
+        0.26,
+        0.31,
+        0.37,
+        0.38,
+        0.18,
+        0.29,
+        0.25,
+        0.30,
+        0.36,
+        0.43,
+        0.12,
+        0.12,
+        0.17,
+        0.15,
+        0.09,
+        0.12,
+        0.05,
+        0.11,
+        0.14,
+        0.08,
+        0.14,
+        0.10,
+        0.04,
+        -0.04,
+        -0.17,
+        0.12,
+        0.07,
+        -0.00,
+        -0.11,
+    ]
+)
 PRIOR = PRIOR - PRIOR.mean()
 
 MAX_NOISE_LIVE = 0.015  # residual RMS (in units of the landmarks' RMS radius) above which a fit shows no parallax
@@ -73,7 +175,7 @@ def normalise(points: np.ndarray) -> np.ndarray:
     """Landmarks centred on their mean and scaled to unit RMS radius: fits are in units of the face's size."""
     p = np.asarray(points, np.float64)
     centred = p - p.mean(axis=0)
-    return centred / max(1e-9, float(np.sqrt((centred ** 2).sum(axis=1).mean())))
+    return centred / max(1e-9, float(np.sqrt((centred**2).sum(axis=1).mean())))
 
 
 def fit_pair(a: np.ndarray, b: np.ndarray) -> PairFit:
@@ -147,6 +249,11 @@ class DepthEvidence:
         return (self.live_frames + 1) / (self.live_frames + self.flat_frames + 2)
 
     def as_dict(self) -> dict[str, object]:
-        return {"verdict": self.verdict, "frames": self.frames, "live_frames": self.live_frames,
-                "flat_frames": self.flat_frames, "strong_flat_frames": self.strong_flat_frames,
-                "parallax": round(self.best_parallax, 4)}
+        return {
+            "verdict": self.verdict,
+            "frames": self.frames,
+            "live_frames": self.live_frames,
+            "flat_frames": self.flat_frames,
+            "strong_flat_frames": self.strong_flat_frames,
+            "parallax": round(self.best_parallax, 4),
+        }

@@ -79,8 +79,15 @@ class Analysis:
 class FaceEngine:
     """Detector + recognizer, and the ids that tie templates to the recognizer."""
 
-    def __init__(self, pack: ModelPack, detector: ScrfdDetector, recognizer: ArcFaceRecognizer,
-                 providers: list[str], provider_note: str, pad: PadEngine | None = None) -> None:
+    def __init__(
+        self,
+        pack: ModelPack,
+        detector: ScrfdDetector,
+        recognizer: ArcFaceRecognizer,
+        providers: list[str],
+        provider_note: str,
+        pad: PadEngine | None = None,
+    ) -> None:
         self.pack = pack
         self.pad = pad  # liveness models (pad.enabled), None otherwise
         self.detector = detector
@@ -104,20 +111,32 @@ class FaceEngine:
         plan = runtime.plan_providers(cfg.models.providers)
         cache = cfg.resolve(cfg.models.cache_dir) if runtime.TENSORRT in plan.providers else None
         threads = cfg.models.intra_op_threads
-        det_session = runtime.create_session(pack.detector.model.SerializeToString(), str(pack.detector.path),
-                                             plan, threads=threads, cache_dir=cache)
-        rec_session = runtime.create_session(batch_free_model(pack.recognizer.model), str(pack.recognizer.path),
-                                             plan, threads=threads, cache_dir=cache)
+        det_session = runtime.create_session(
+            pack.detector.model.SerializeToString(), str(pack.detector.path), plan, threads=threads, cache_dir=cache
+        )
+        rec_session = runtime.create_session(
+            batch_free_model(pack.recognizer.model), str(pack.recognizer.path), plan, threads=threads, cache_dir=cache
+        )
         chosen = det_session.get_providers()
         note = runtime.describe(plan, chosen)
-        detector = ScrfdDetector(det_session, det_size=cfg.models.det_size, threshold=cfg.models.det_threshold,
-                                 nms_threshold=cfg.models.nms_threshold, close_up_pass=cfg.models.close_up_pass)
+        detector = ScrfdDetector(
+            det_session,
+            det_size=cfg.models.det_size,
+            threshold=cfg.models.det_threshold,
+            nms_threshold=cfg.models.nms_threshold,
+            close_up_pass=cfg.models.close_up_pass,
+        )
         mean, std = input_normalisation(pack.recognizer.model)
         recognizer = ArcFaceRecognizer(rec_session, mean=mean, std=std)
         pad = PadEngine.from_config(cfg, plan, threads) if cfg.pad.enabled else None
-        log.info("face engine ready in %.2fs: detector %s, recognizer %s (id %s), %s",
-                 time.perf_counter() - t0, pack.detector.path.name, pack.recognizer.path.name,
-                 pack.recognizer.sha256[:12], note)
+        log.info(
+            "face engine ready in %.2fs: detector %s, recognizer %s (id %s), %s",
+            time.perf_counter() - t0,
+            pack.detector.path.name,
+            pack.recognizer.path.name,
+            pack.recognizer.sha256[:12],
+            note,
+        )
         return cls(pack, detector, recognizer, chosen, note, pad)
 
     def describe(self, image: np.ndarray, faces: Faces) -> Analysis:

@@ -35,8 +35,17 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from kiosk.vision.landmarks import (CONTOUR, EYE_CORNERS, LEFT_BROW, LEFT_EYE, LOWER_LIDS, NOSE, RIGHT_BROW,
-                                    RIGHT_EYE, UPPER_LIDS)
+from kiosk.vision.landmarks import (
+    CONTOUR,
+    EYE_CORNERS,
+    LEFT_BROW,
+    LEFT_EYE,
+    LOWER_LIDS,
+    NOSE,
+    RIGHT_BROW,
+    RIGHT_EYE,
+    UPPER_LIDS,
+)
 
 RIGID = np.array(CONTOUR + NOSE + EYE_CORNERS)  # the points expression does not move
 LIDS = np.array(list(zip(UPPER_LIDS, LOWER_LIDS)))  # (upper, lower) lid pairs
@@ -61,8 +70,13 @@ def _gaps(points: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 
 def _brow_height(points: np.ndarray) -> float:
-    return float((np.linalg.norm(points[LEFT_BROW].mean(0) - points[LEFT_EYE].mean(0))
-                  + np.linalg.norm(points[RIGHT_BROW].mean(0) - points[RIGHT_EYE].mean(0))) / 2)
+    return float(
+        (
+            np.linalg.norm(points[LEFT_BROW].mean(0) - points[LEFT_EYE].mean(0))
+            + np.linalg.norm(points[RIGHT_BROW].mean(0) - points[RIGHT_EYE].mean(0))
+        )
+        / 2
+    )
 
 
 @dataclass(frozen=True)
@@ -118,14 +132,19 @@ class ExpressionEvidence:
             del self.residuals[:-MAX_NOISE]
         self.last = cur
         if changes:
-            self.peak = (max(self.peak[0], *(c.eye for c in changes)),
-                         max(self.peak[1], *(c.mouth for c in changes)),
-                         max(self.peak[2], *(c.brow for c in changes)))
+            self.peak = (
+                max(self.peak[0], *(c.eye for c in changes)),
+                max(self.peak[1], *(c.mouth for c in changes)),
+                max(self.peak[2], *(c.brow for c in changes)),
+            )
         if len(self.residuals) >= NOISE_FITS:
             floor = NOISE_RATIO * float(np.median(self.residuals))
             for c in changes:
-                shown = [name for name, value, limit in (("eye", c.eye, EYE), ("mouth", c.mouth, MOUTH),
-                                                         ("brow", c.brow, BROW)) if value >= max(limit, floor)]
+                shown = [
+                    name
+                    for name, value, limit in (("eye", c.eye, EYE), ("mouth", c.mouth, MOUTH), ("brow", c.brow, BROW))
+                    if value >= max(limit, floor)
+                ]
                 if shown:
                     self.evidence_frames += 1
                     self.cue = self.cue or shown[0]
@@ -144,7 +163,11 @@ class ExpressionEvidence:
         return 0.5 + 0.5 * min(1.0, self.evidence_frames / EVIDENCE_FRAMES)
 
     def as_dict(self) -> dict[str, object]:
-        return {"verdict": "live" if self.live else None, "frames": self.frames,
-                "expression_frames": self.evidence_frames, "cue": self.cue,
-                "peak": {"eye": round(self.peak[0], 4), "mouth": round(self.peak[1], 4), "brow": round(self.peak[2], 4)},
-                "noise": round(float(np.median(self.residuals)), 4) if self.residuals else None}
+        return {
+            "verdict": "live" if self.live else None,
+            "frames": self.frames,
+            "expression_frames": self.evidence_frames,
+            "cue": self.cue,
+            "peak": {"eye": round(self.peak[0], 4), "mouth": round(self.peak[1], 4), "brow": round(self.peak[2], 4)},
+            "noise": round(float(np.median(self.residuals)), 4) if self.residuals else None,
+        }

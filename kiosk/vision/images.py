@@ -19,7 +19,6 @@ import numpy as np
 from kiosk.errors import ImageError
 from kiosk.files import read_regular_file
 
-
 MAX_PHOTO_BYTES = 50 * 1024 * 1024
 MAX_PHOTO_PIXELS = 25_000_000  # a 6000x4000 camera photo; an ID photo is far smaller
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -37,11 +36,11 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
             i += 2
             continue
-        length = int.from_bytes(data[i + 2:i + 4], "big")
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
         if marker in _JPEG_SOF:
             if i + 9 > len(data):
                 return None
-            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
         if marker == 0xDA or length < 2:  # image data before any frame header
             return None
         i += 2 + length
@@ -51,7 +50,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 def image_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from an image's header, without decoding it: JPEG (its start-of-frame header, after
     at most the first 256 KB of metadata), PNG, BMP, WebP; None for anything else or a broken header."""
-    head = bytes(data[:256 * 1024])
+    head = bytes(data[: 256 * 1024])
     if head[:2] == b"\xff\xd8":
         return _jpeg_size(head)
     if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
@@ -86,8 +85,10 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
     if size is None:
         raise ImageError(f"{name}: not a readable image (a JPEG, PNG, BMP or WebP file is expected)")
     if size[0] * size[1] > MAX_PHOTO_PIXELS:
-        raise ImageError(f"{name}: image is {size[0]}x{size[1]} px, more than {MAX_PHOTO_PIXELS // 1_000_000} "
-                         "megapixels (its header says so; it is not decoded)")
+        raise ImageError(
+            f"{name}: image is {size[0]}x{size[1]} px, more than {MAX_PHOTO_PIXELS // 1_000_000} "
+            "megapixels (its header says so; it is not decoded)"
+        )
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # applies EXIF orientation; drops alpha
     if img is None:
         raise ImageError(f"{name}: not a readable image (unknown format or corrupt file)")

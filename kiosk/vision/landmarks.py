@@ -63,8 +63,10 @@ def find_landmark_model(pack_dir: Path | None) -> Path:
                 return path
         except ModelError:
             continue
-    raise ModelError(f"models.pack: {root}: the motion and depth liveness checks (pad.checks: motion, depth) need "
-                     f"InsightFace's 106-point landmark model ({DEFAULT_FILE}); none found in the pack")
+    raise ModelError(
+        f"models.pack: {root}: the motion and depth liveness checks (pad.checks: motion, depth) need "
+        f"InsightFace's 106-point landmark model ({DEFAULT_FILE}); none found in the pack"
+    )
 
 
 class LandmarkModel:
@@ -93,8 +95,10 @@ class LandmarkModel:
             m = np.array([[k, 0, SIZE / 2 - cx * k], [0, k, SIZE / 2 - cy * k]], np.float64)
             crop = cv2.warpAffine(image, m, (SIZE, SIZE), borderMode=cv2.BORDER_REPLICATE)
             blob = crop[:, :, ::-1].transpose(2, 0, 1)[None].astype(np.float32)
-            pts = np.asarray(self.session.run(None, {self.input_name: blob})[0],  # type: ignore[attr-defined]
-                             np.float64).reshape(POINTS, 2)
+            pts = np.asarray(
+                self.session.run(None, {self.input_name: blob})[0],  # type: ignore[attr-defined]
+                np.float64,
+            ).reshape(POINTS, 2)
             if not np.isfinite(pts).all():
                 raise RuntimeError(f"{self.path.name}: non-finite landmarks")
             out[i] = (pts + 1) * (SIZE / 2) / k + np.array([cx - SIZE / 2 / k, cy - SIZE / 2 / k])

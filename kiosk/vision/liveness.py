@@ -40,8 +40,17 @@ from kiosk.vision.models.recognizer import batch_free_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PadEngine", "PadModel", "PadObservation", "TrackLiveness", "crop_box", "fuse", "scale_from_name",
-           "screen_signs", "shipped_pad_models"]
+__all__ = [
+    "PadEngine",
+    "PadModel",
+    "PadObservation",
+    "TrackLiveness",
+    "crop_box",
+    "fuse",
+    "scale_from_name",
+    "screen_signs",
+    "shipped_pad_models",
+]
 
 REAL_INDEX = 1
 KNOWN_SCALES = {"minifasnetv2": 2.7, "minifasnetv1se": 4.0, "minifasnetv1": 2.7, "minifasnetv2se": 4.0}
@@ -97,7 +106,7 @@ class PadModel:
         out = np.empty((len(boxes), 3, self.size, self.size), np.float32)
         for i, box in enumerate(boxes):
             x1, y1, x2, y2 = crop_box(box, self.scale, w, h)
-            patch = cv2.resize(image[y1:y2 + 1, x1:x2 + 1], (self.size, self.size))
+            patch = cv2.resize(image[y1 : y2 + 1, x1 : x2 + 1], (self.size, self.size))
             if self.colour == "rgb":
                 patch = patch[:, :, ::-1]
             out[i] = patch.transpose(2, 0, 1)
@@ -111,8 +120,12 @@ class PadModel:
         if self.batched:  # all faces of the frame in one run
             logits = self.session.run(None, {self.input_name: x})[0]  # type: ignore[attr-defined]
         else:
-            logits = np.concatenate([self.session.run(None, {self.input_name: x[i:i + 1]})[0]  # type: ignore
-                                     for i in range(len(x))])
+            logits = np.concatenate(
+                [
+                    self.session.run(None, {self.input_name: x[i : i + 1]})[0]  # type: ignore
+                    for i in range(len(x))
+                ]
+            )
         logits = np.asarray(logits).reshape(len(x), -1).astype(np.float64)
         if logits.shape[1] != self.classes or not np.isfinite(logits).all():
             raise RuntimeError(f"{self.name}: unexpected output {logits.shape}")
@@ -183,8 +196,11 @@ class TrackLiveness:
     def decided_by(self) -> list[str]:
         """The checks whose verdict is the track's: the accusers of an attack, the vouchers of a live."""
         verdict = self.verdict
-        return [c.name for c in self.checks if verdict is not None and c.verdict == verdict
-                and (verdict == "attack" or c.vouches)]
+        return [
+            c.name
+            for c in self.checks
+            if verdict is not None and c.verdict == verdict and (verdict == "attack" or c.vouches)
+        ]
 
     @property
     def score(self) -> float | None:
@@ -215,8 +231,9 @@ class PadEngine:
     """The texture models (averaged), the landmark model of the depth check, and the image measures: what every
     observation of a face carries."""
 
-    def __init__(self, models: list[PadModel], landmarks: LandmarkModel | None = None,
-                 checks: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, models: list[PadModel], landmarks: LandmarkModel | None = None, checks: tuple[str, ...] = ()
+    ) -> None:
         self.models = models
         self.landmarks = landmarks
         self.checks = checks  # pad.checks: which measures are needed
@@ -233,12 +250,15 @@ class PadEngine:
                 raise ModelError(f"{where}: {exc}") from None
             kind = classify_pad(model)
             if kind is None:
-                raise ModelError(f"{where}: {path} does not look like a liveness model (expected one "
-                                 "1x3x80x80 or 1x3x128x128 input and one output of 2 or 3 classes)")
+                raise ModelError(
+                    f"{where}: {path} does not look like a liveness model (expected one "
+                    "1x3x80x80 or 1x3x128x128 input and one output of 2 or 3 classes)"
+                )
             scale = spec.scale if spec is not None and spec.scale is not None else scale_from_name(path)
             if scale is None:
-                raise ModelError(f"{where}: {path}: give its crop scale ({{path: ..., scale: 2.7}}): the "
-                                 "file name does not say it")
+                raise ModelError(
+                    f"{where}: {path}: give its crop scale ({{path: ..., scale: 2.7}}): the file name does not say it"
+                )
             try:
                 session = runtime.create_session(batch_free_model(model), str(path), plan, threads=threads)
                 batched = True
@@ -246,18 +266,28 @@ class PadEngine:
                 session = runtime.create_session(model.SerializeToString(), str(path), plan, threads=threads)
                 batched = False
             colour = spec.colour if spec is not None else "bgr"
-            models.append(PadModel(path, session, _real_inputs(model)[0].name, kind[0], kind[1], scale, colour,
-                                   batched))
-            log.info("liveness model %s: %dx%d input, %d classes, crop scale %.1f, %s", path.name, kind[0],
-                     kind[0], kind[1], scale, colour.upper())
+            models.append(
+                PadModel(path, session, _real_inputs(model)[0].name, kind[0], kind[1], scale, colour, batched)
+            )
+            log.info(
+                "liveness model %s: %dx%d input, %d classes, crop scale %.1f, %s",
+                path.name,
+                kind[0],
+                kind[0],
+                kind[1],
+                scale,
+                colour.upper(),
+            )
         landmarks = None
         if "depth" in checks or "motion" in checks:
             root = cfg.resolve(Path(cfg.models.pack)) if cfg.models.pack != "default" else None
             landmarks = LandmarkModel.load(find_landmark_model(root), plan, threads)
         log.info("liveness checks: %s", ", ".join(checks))
         if not models:
-            log.warning("liveness without texture models (models.pad is empty): movement alone vouches, which "
-                        "stops prints and photos but not a replayed video")
+            log.warning(
+                "liveness without texture models (models.pad is empty): movement alone vouches, which "
+                "stops prints and photos but not a replayed video"
+            )
         return cls(models, landmarks, checks)
 
     def observe(self, image: np.ndarray, boxes: np.ndarray) -> list[PadObservation]:
@@ -269,9 +299,10 @@ class PadEngine:
         chroma = [screen_signs(image, box) for box in boxes] if "screen" in self.checks else [0.0] * n
         border = [border_lines(image, box) for box in boxes] if "border" in self.checks else [None] * n
         h, w = image.shape[:2]
-        return [PadObservation(p, None if t is None else float(t), c, float(box[2] - box[0]), b,
-                               inside_frame(box, w, h))
-                for p, t, c, box, b in zip(points, texture, chroma, boxes, border)]
+        return [
+            PadObservation(p, None if t is None else float(t), c, float(box[2] - box[0]), b, inside_frame(box, w, h))
+            for p, t, c, box, b in zip(points, texture, chroma, boxes, border)
+        ]
 
     def score(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(N,) mean probability of "real" over the models, and each model's own."""
@@ -303,6 +334,8 @@ def check_classes(cfg: PadConfig, textured: bool) -> list[type[LivenessCheck]]:
             raise ConfigError(f"pad.checks[{i}]: {exc}") from None
     active = [c for c in classes if c.active(textured)]
     if not any(c.vouches for c in active):
-        raise ConfigError("pad.checks: no check here can say live (" + (", ".join(cfg.checks) or "none") + "): "
-                          "name texture (with models.pad) and motion, or turn liveness off with pad.enabled: false")
+        raise ConfigError(
+            "pad.checks: no check here can say live (" + (", ".join(cfg.checks) or "none") + "): "
+            "name texture (with models.pad) and motion, or turn liveness off with pad.enabled: false"
+        )
     return active

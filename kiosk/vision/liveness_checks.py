@@ -157,8 +157,11 @@ class TextureCheck(LivenessCheck):
 
     def as_dict(self) -> dict[str, Any]:
         score = self.score
-        return {"verdict": self.verdict, "frames": len(self.scores),
-                "score": None if score is None else round(score, 4)}
+        return {
+            "verdict": self.verdict,
+            "frames": len(self.scores),
+            "score": None if score is None else round(score, 4),
+        }
 
 
 TEXTURE_FRAMES = 5
@@ -303,8 +306,7 @@ class BorderCheck(LivenessCheck):
 
     @property
     def has_evidence(self) -> bool:
-        return (not self.attached_frames or self.verdict is not None
-                or self.frames - self.last_attached >= BORDER_CLEAR)
+        return not self.attached_frames or self.verdict is not None or self.frames - self.last_attached >= BORDER_CLEAR
 
     def as_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "frames": self.attached_frames, "waiting": not self.has_evidence}
@@ -363,8 +365,9 @@ def border_lines(image: np.ndarray, box: np.ndarray) -> BorderView:
     return BorderView(lines, (cx, cy, w))
 
 
-def _channel_lines(found: np.ndarray | None, cx: float, cy: float, w: float, k: float, w_img: int,
-                   h_img: int) -> np.ndarray:
+def _channel_lines(
+    found: np.ndarray | None, cx: float, cy: float, w: float, k: float, w_img: int, h_img: int
+) -> np.ndarray:
     """One channel's segments, pieces of one line joined, as (angle, distance, length) in face units."""
     if found is None:
         return np.zeros((0, 3))
@@ -375,8 +378,14 @@ def _channel_lines(found: np.ndarray | None, cx: float, cy: float, w: float, k: 
     # the segment's middle in the image: inside the frame, not on its edge (the replicated border makes lines)
     ix, iy = cx + mx * w, cy + my * w
     margin = 3.0 / k
-    keep = (length >= BORDER_PIECE) & ~((np.abs(mx) < 0.6) & (np.abs(my) < 0.7)) \
-        & (ix > margin) & (iy > margin) & (ix < w_img - 1 - margin) & (iy < h_img - 1 - margin)
+    keep = (
+        (length >= BORDER_PIECE)
+        & ~((np.abs(mx) < 0.6) & (np.abs(my) < 0.7))
+        & (ix > margin)
+        & (iy > margin)
+        & (ix < w_img - 1 - margin)
+        & (iy < h_img - 1 - margin)
+    )
     theta = np.arctan2(by - ay, bx - ax) % np.pi
     rho = mx * -np.sin(theta) + my * np.cos(theta)
     lines = join_collinear(np.stack([theta, rho, length], axis=1)[keep])
@@ -404,8 +413,9 @@ def join_collinear(lines: np.ndarray) -> np.ndarray:
     return np.array(out, np.float64).reshape(-1, 3)
 
 
-CHECKS: dict[str, type[LivenessCheck]] = {c.name: c for c in (TextureCheck, DepthCheck, MotionCheck, ScreenCheck,
-                                                                BorderCheck)}
+CHECKS: dict[str, type[LivenessCheck]] = {
+    c.name: c for c in (TextureCheck, DepthCheck, MotionCheck, ScreenCheck, BorderCheck)
+}
 
 
 def check_class(name: str) -> type[LivenessCheck]:

@@ -52,11 +52,17 @@ def pose(kps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     roll = np.degrees(np.arctan2(eye_vec[:, 1], eye_vec[:, 0]))
     mid = (left + right) / 2
     # Signed distance of the nose from the eyes' perpendicular bisector.
-    yaw = ((nose - mid) * eye_vec).sum(axis=1) / eye_dist ** 2
+    yaw = ((nose - mid) * eye_vec).sum(axis=1) / eye_dist**2
     return yaw.astype(np.float32), roll.astype(np.float32)
 
 
 def measure(faces: Faces, crops: np.ndarray) -> Quality:
     yaw, roll = pose(faces.kps)
-    return Quality(width=faces.widths, inter_eye=faces.inter_eye, score=faces.scores,
-                   sharpness=sharpness(crops), yaw=yaw, roll=roll)
+    return Quality(
+        width=faces.widths,
+        inter_eye=faces.inter_eye,
+        score=faces.scores,
+        sharpness=sharpness(crops),
+        yaw=yaw,
+        roll=roll,
+    )

@@ -84,8 +84,15 @@ def overlap_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class ScrfdDetector:
     """Wraps one SCRFD session; `detect_batch(images) -> list[Faces]`."""
 
-    def __init__(self, session: ort.InferenceSession, *, det_size: int = 640, threshold: float = 0.5,
-                 nms_threshold: float = 0.4, close_up_pass: bool = True) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        *,
+        det_size: int = 640,
+        threshold: float = 0.5,
+        nms_threshold: float = 0.4,
+        close_up_pass: bool = True,
+    ) -> None:
         self.session = session
         self.input_name = session.get_inputs()[0].name
         self.output_names = [o.name for o in session.get_outputs()]
@@ -140,8 +147,9 @@ class ScrfdDetector:
             results.append(self.session.run(self.output_names, {self.input_name: blob}))
         return results
 
-    def _decode(self, outs: list[np.ndarray], ch: int, cw: int, scale: float, offset: tuple[float, float]
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _decode(
+        self, outs: list[np.ndarray], ch: int, cw: int, scale: float, offset: tuple[float, float]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         scores_l, boxes_l, kps_l = [], [], []
         for i, stride in enumerate(STRIDES):
             scores = outs[i].reshape(-1)
@@ -171,13 +179,14 @@ class ScrfdDetector:
         keep = nms(boxes, scores, self.nms_threshold)
         return Faces(boxes[keep], scores[keep], kps[keep])
 
-    def _pass(self, images: list[np.ndarray], geometry: list[tuple[int, int, float, int, int, int, int]]
-              ) -> list[Faces]:
+    def _pass(
+        self, images: list[np.ndarray], geometry: list[tuple[int, int, float, int, int, int, int]]
+    ) -> list[Faces]:
         """Resize each image into its canvas, run in batches of one canvas shape, decode."""
         canvases = []
         for img, (nw, nh, _scale, cw, ch, ox, oy) in zip(images, geometry):
             canvas = np.zeros((ch, cw, 3), np.uint8)
-            canvas[oy:oy + nh, ox:ox + nw] = cv2.resize(img, (nw, nh))
+            canvas[oy : oy + nh, ox : ox + nw] = cv2.resize(img, (nw, nh))
             canvases.append(canvas)
         results: list[Faces | None] = [None] * len(images)
         by_shape: dict[tuple[int, int], list[int]] = {}
@@ -222,8 +231,9 @@ class ScrfdDetector:
             found[i] = self._merge(found[i], c)
         return found
 
-    def _refine(self, images: list[np.ndarray], found: list[Faces], scales: list[float], min_face_px: int
-                ) -> list[Faces]:
+    def _refine(
+        self, images: list[np.ndarray], found: list[Faces], scales: list[float], min_face_px: int
+    ) -> list[Faces]:
         """Faces the main pass saw at under REFINE_BELOW_PX (those near `min_face_px` when it ran at the gate's
         scale), found again in their own region at (nearly) full resolution: their box, keypoints and score
         from 24 px of input are coarse, and on real crowd video those faces passed the quality rules (score,
@@ -239,7 +249,7 @@ class ScrfdDetector:
                 side = REFINE_CONTEXT * max(x2 - x1, y2 - y1)
                 left = int(max(0, min(w - side, (x1 + x2 - side) / 2)))
                 top = int(max(0, min(h - side, (y1 + y2 - side) / 2)))
-                crop = img[top:top + int(side), left:left + int(side)]
+                crop = img[top : top + int(side), left : left + int(side)]
                 if crop.size == 0:
                     continue
                 s = min(1.0, REFINE_CANVAS / max(crop.shape[:2]))
@@ -257,7 +267,7 @@ class ScrfdDetector:
             if not len(again):
                 continue
             shifted = again.boxes + np.array([left, top, left, top], np.float32)
-            inter, area_a, area_b = box_intersections(shifted, found[i].boxes[j:j + 1])
+            inter, area_a, area_b = box_intersections(shifted, found[i].boxes[j : j + 1])
             iou = (inter / np.maximum(area_a + area_b - inter, 1e-6))[:, 0]
             k = int(np.argmax(iou))
             if iou[k] < 0.4:
@@ -296,9 +306,11 @@ class ScrfdDetector:
         if not add_close.any():
             return main
         kept = main[~drop_main]
-        merged = Faces(np.concatenate([kept.boxes, close.boxes[add_close]]),
-                       np.concatenate([kept.scores, close.scores[add_close]]),
-                       np.concatenate([kept.kps, close.kps[add_close]]))
+        merged = Faces(
+            np.concatenate([kept.boxes, close.boxes[add_close]]),
+            np.concatenate([kept.scores, close.scores[add_close]]),
+            np.concatenate([kept.kps, close.kps[add_close]]),
+        )
         return merged[np.argsort(-merged.scores, kind="stable")]
 
     def detect(self, image: np.ndarray, min_face_px: int = 0) -> Faces:

