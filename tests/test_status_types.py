@@ -18,12 +18,14 @@ from kiosk.config import load_config
 from kiosk.messaging.status import (
     GalleryStatus,
     GateHeartbeat,
+    Quantiles,
     StatusError,
     StatusReply,
     VerifierHeartbeat,
     VerifierStatus,
     heartbeat_from_json,
     heartbeat_parts,
+    own,
 )
 from kiosk.messaging.transport import ask_verifier
 from tests.pipeline_helpers import Events, write_config
@@ -55,6 +57,10 @@ def _same(value, data: dict) -> None:
 
 @pytest.fixture
 def degraded_site(tmp_path: Path) -> Path:
+    return make_degraded_site(tmp_path)
+
+
+def make_degraded_site(tmp_path: Path) -> Path:
     """A site with two gates whose gallery holds two subjects with swapped sealed templates (they do not open)."""
     config = write_config(
         tmp_path,
@@ -96,12 +102,13 @@ def test_a_real_verifiers_status_and_heartbeat_read_and_write_back_the_same(degr
         pump(lambda: bool(events.health) and set(events.gate_health) == {"A1", "B2"})
         status = json.loads(json.dumps(verifier.status()))  # as it goes on the wire
         assert status["gallery"]["unreadable_subjects"] == ["DUNCAN", "PARKER"] and status["claims"] == {}
-        _same(VerifierStatus.from_json(status), status)
+        _same(VerifierStatus.from_json(status, strict=True), status)
         beat = events.health[-1]
         assert beat["gallery"]["unreadable_subject_count"] == 2
-        _same(VerifierHeartbeat.from_json(beat), beat)
+        _same(VerifierHeartbeat.from_json(beat, strict=True), beat)
         for gate, parts in events.gate_health.items():
-            _same(heartbeat_from_json(parts[-1], gate), parts[-1])
+            _same(GateHeartbeat.from_json(parts[-1], strict=True), parts[-1])
+            assert heartbeat_from_json(parts[-1], gate) == GateHeartbeat.from_json(parts[-1])
 
         # The status reply, as a key that serves one gate reads it: ids hidden, the caller's summary added.
         replies: list = []
@@ -121,10 +128,10 @@ def test_a_real_verifiers_status_and_heartbeat_read_and_write_back_the_same(degr
         pump(lambda: "refusing" in events.health[-1]["gallery"], timeout=15)
         beat = events.health[-1]
         assert beat["status"] == "degraded" and beat["gallery"]["stale"] and "stale_for_s" in beat["gallery"]
-        _same(VerifierHeartbeat.from_json(beat), beat)
+        _same(VerifierHeartbeat.from_json(beat, strict=True), beat)
         status = json.loads(json.dumps(verifier.status()))
         assert list(status["gallery"])[-4:] == ["stale_for_s", "accepts_from_memory_s", "refusing", "action"]
-        typed = VerifierStatus.from_json(status)
+        typed = VerifierStatus.from_json(status, strict=True)
         _same(typed, status)
 
         # The split the verifier makes, from the typed status, is what it sends.
@@ -219,3 +226,18 @@ def test_the_heartbeat_gallery_counts_every_unreadable_subject_not_only_the_list
     assert gallery.for_heartbeat().unreadable_subject_count == 20
     clean = GalleryStatus(3, 5, False, "", 1)
     assert clean.for_heartbeat(0) is clean
+
+
+def test_this_process_own_values_are_read_strictly():
+    """A part the verifier's own modules made (own) or a test's value (strict) may lack nothing: a drift between
+    a module and this schema fails loudly instead of sending defaults."""
+    assert own(Quantiles.read, {"p50": 1.0, "p99": 2.0, "n": 3.0}, "frame_latency_ms") == Quantiles(1.0, 2.0, 3.0)
+    assert own(Quantiles.read, {}, "frame_latency_ms") is None
+    with pytest.raises(StatusError, match="gallery.templates: missing"):
+        own(GalleryStatus.read, {"subjects": 1, "stale": False, "error": "", "revision": 2}, "gallery")
+    with pytest.raises(StatusError, match="gallery.stale: expected true or false"):
+        own(GalleryStatus.read, {"subjects": 1, "templates": 1, "stale": "no", "error": "", "revision": 2}, "gallery")
+    with pytest.raises(StatusError, match=r"status.stages_ms: missing; .* \(and 23 more\)"):
+        VerifierStatus.from_json({}, strict=True)
+    optional = {"subjects": 1, "templates": 1, "stale": False, "error": "", "revision": 2}
+    assert own(GalleryStatus.read, optional, "gallery").to_json() == optional  # the optional keys may be absent

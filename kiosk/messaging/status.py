@@ -33,6 +33,24 @@ class StatusError(BadMessage):
     """A status or heartbeat that is not a JSON object: there is nothing in it to read."""
 
 
+class _Strict(list[str]):
+    """The problems of a value read strictly: a missing field is one too."""
+
+
+def _done(value: T, problems: list[str]) -> T:
+    if isinstance(problems, _Strict) and problems:
+        raise StatusError("; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    return value
+
+
+def own(read: Callable[[object, str, list[str]], T], data: object, where: str) -> T:
+    """A part of the status from the dict a module of this process made (FrameRefusals.status(), a latency
+    window's quantiles(), ...), read strictly: a missing or malformed field is a bug here, not a peer's, so it
+    raises StatusError instead of taking a default."""
+    problems = _Strict()
+    return _done(read(data, where, problems), problems)
+
+
 class _Fields:
     """Reads the fields of one JSON object: each missing one takes its default, each malformed one too and is
     noted (as `where.key: why`) in `problems`, shared by the whole value being read."""
@@ -42,11 +60,18 @@ class _Fields:
             raise StatusError(f"{where}: expected a JSON object, got {type(data).__name__}")
         self.data, self.where, self.problems = data, where, problems
 
+    def _missing(self, key: str) -> None:
+        if isinstance(self.problems, _Strict):  # a peer may lack it; this process's own value may not
+            self._bad(key, "missing")
+
     def _bad(self, key: str, why: str) -> None:
         self.problems.append(f"{self.where}.{key}: {why}"[:200])
 
-    def value(self, key: str, ok: Callable[[Any], bool], what: str, default: T) -> T:
+    def value(self, key: str, ok: Callable[[Any], bool], what: str, default: T, optional: bool = False) -> T:
+        """The field `key` if `ok` says it fits; else `default` (and, but for an absent optional one, a note)."""
         if key not in self.data:
+            if not optional:
+                self._missing(key)
             return default
         value = self.data[key]
         if ok(value):
@@ -58,7 +83,7 @@ class _Fields:
         return self.value(key, _is_str, "a string", default)
 
     def opt_text(self, key: str) -> str | None:
-        return self.value(key, lambda v: v is None or isinstance(v, str), "a string or null", None)
+        return self.value(key, lambda v: v is None or isinstance(v, str), "a string or null", None, optional=True)
 
     def count(self, key: str, default: int = 0) -> int:
         return self.value(key, _is_int, "an integer", default)
@@ -67,10 +92,10 @@ class _Fields:
         return self.value(key, _is_number, "a number", default)
 
     def opt_number(self, key: str) -> float | None:
-        return self.value(key, lambda v: v is None or _is_number(v), "a number or null", None)
+        return self.value(key, lambda v: v is None or _is_number(v), "a number or null", None, optional=True)
 
     def opt_count(self, key: str) -> int | None:
-        return self.value(key, lambda v: v is None or _is_int(v), "an integer or null", None)
+        return self.value(key, lambda v: v is None or _is_int(v), "an integer or null", None, optional=True)
 
     def flag(self, key: str, default: bool = False) -> bool:
         return self.value(key, lambda v: isinstance(v, bool), "true or false", default)
@@ -79,7 +104,9 @@ class _Fields:
         return tuple(self.value(key, lambda v: isinstance(v, list) and all(map(_is_str, v)), "a list of strings", []))
 
     def opt_texts(self, key: str) -> tuple[str, ...] | None:
-        found = self.value(key, lambda v: isinstance(v, list) and all(map(_is_str, v)), "a list of strings", None)
+        found = self.value(
+            key, lambda v: isinstance(v, list) and all(map(_is_str, v)), "a list of strings", None, optional=True
+        )
         return None if found is None else tuple(found)
 
     def counts(self, key: str) -> dict[str, int]:
@@ -96,10 +123,14 @@ class _Fields:
         return out
 
     def quantiles(self, key: str) -> Quantiles | None:
+        if key not in self.data:
+            self._missing(key)
         return Quantiles.read(self.data.get(key), f"{self.where}.{key}", self.problems)
 
     def part(self, key: str, read: Callable[[object, str, list[str]], T]) -> T | None:
         """A nested object, read by `read` (None if missing, null, or not an object)."""
+        if key not in self.data:
+            self._missing(key)
         value = self.data.get(key)
         if value is None:
             return None
@@ -554,8 +585,10 @@ class VerifierStatus(VerifierHealth):
         }
 
     @staticmethod
-    def from_json(data: object, where: str = "status") -> VerifierStatus:
-        problems: list[str] = []
+    def from_json(data: object, where: str = "status", strict: bool = False) -> VerifierStatus:
+        """Tolerant (see the module); `strict`: a missing or malformed field raises StatusError (this process's own
+        value, or a test)."""
+        problems: list[str] = _Strict() if strict else []
         f = _Fields(data, where, problems)
         status = VerifierStatus(
             **VerifierHealth._read_health(f),
@@ -563,7 +596,7 @@ class VerifierStatus(VerifierHealth):
             claims=f.table("claims", lambda v: v is None or isinstance(v, str), "strings or null"),
             gates=f.parts("gates", GateStatus.read),
         )
-        return replace(status, problems=tuple(problems))
+        return _done(replace(status, problems=tuple(problems)), problems)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -584,8 +617,10 @@ class VerifierHeartbeat(VerifierHealth):
         }
 
     @staticmethod
-    def from_json(data: object, where: str = "health.verifier") -> VerifierHeartbeat:
-        problems: list[str] = []
+    def from_json(data: object, where: str = "health.verifier", strict: bool = False) -> VerifierHeartbeat:
+        """Tolerant (see the module); `strict`: a missing or malformed field raises StatusError (this process's own
+        value, or a test)."""
+        problems: list[str] = _Strict() if strict else []
         f = _Fields(data, where, problems)
         beat = VerifierHeartbeat(
             **VerifierHealth._read_health(f),
@@ -593,7 +628,7 @@ class VerifierHeartbeat(VerifierHealth):
             booted_at=f.opt_number("booted_at"),
             sent_at=f.opt_number("sent_at"),
         )
-        return replace(beat, problems=tuple(problems))
+        return _done(replace(beat, problems=tuple(problems)), problems)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -628,8 +663,10 @@ class GateHeartbeat:
         }
 
     @staticmethod
-    def from_json(data: object, where: str = "health.gate") -> GateHeartbeat:
-        problems: list[str] = []
+    def from_json(data: object, where: str = "health.gate", strict: bool = False) -> GateHeartbeat:
+        """Tolerant (see the module); `strict`: a missing or malformed field raises StatusError (this process's own
+        value, or a test)."""
+        problems: list[str] = _Strict() if strict else []
         f = _Fields(data, where, problems)
         gate = f.data.get("gate")
         beat = GateHeartbeat(
@@ -644,7 +681,7 @@ class GateHeartbeat:
             gate=None if gate == {} else f.part("gate", GateStatus.read),
             cameras=f.parts("cameras", CameraStatus.read),
         )
-        return replace(beat, problems=tuple(problems))
+        return _done(replace(beat, problems=tuple(problems)), problems)
 
 
 Heartbeat = VerifierHeartbeat | GateHeartbeat
