@@ -217,12 +217,14 @@ def cmd_claim(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
+    from kiosk.messaging.status import StatusReply
     from kiosk.tools.status_text import format_status
 
     reply = _ask(_config(args), {"cmd": "status"}, "status")
     if reply.get("ok") is False:  # e.g. this key was deleted from the verifier's authorized_clients/
         raise RuntimeFailure(f"status refused: {reply.get('error')}")
-    print(json.dumps(reply) if args.json else format_status(reply))
+    # --json: the reply as it came (whatever a newer verifier adds in it too); the text reads it typed.
+    print(json.dumps(reply) if args.json else format_status(StatusReply.from_json(reply)))
     return EXIT_OK
 
 
