@@ -354,12 +354,7 @@ def _follow_flights(cfg: KioskConfig, state: ConsoleState, stop: threading.Event
     store = gallery = None
     warned = False
     while not stop.wait(FLIGHTS_EVERY_S):
-        with state.lock:
-            flights = {
-                str((g or {}).get("flight_id"))
-                for g in ((state.verifier or {}).get("gates") or {}).values()
-                if (g or {}).get("flight_id")
-            }
+        flights = state.boarding_flights()
         if not flights:
             continue
         try:

@@ -23,6 +23,7 @@ from kiosk.config import KioskConfig
 from kiosk.console.state import ConsoleState
 from kiosk.messaging.channels import EventChannel
 from kiosk.messaging.messages import CaptureHealth, Event, Heartbeat
+from kiosk.messaging.status import heartbeat_from_json
 from kiosk.messaging.transport import Transport
 from kiosk.services.preview import LEASE_RENEW_S, crop_topic, preview_topic, watch_request
 
@@ -101,13 +102,14 @@ class ConsoleFeed:
         if changed or now - self._renewed >= LEASE_RENEW_S:
             self._renewed = now
             try:
-                self.previews.send(watch_request(self._watching, self.state.gates), zmq.NOBLOCK)
+                self.previews.send(watch_request(self._watching, list(self.state.gates)), zmq.NOBLOCK)
             except zmq.Again:  # not connected yet, or the verifier is slow: the next renewal says it again
                 pass
 
     def _on_event(self, message: Event | Heartbeat | CaptureHealth) -> None:
         if isinstance(message, Heartbeat):
-            self.state.add_heartbeat(message.body, message.gate_id)
+            # Read typed here (decode_json made sure the body is a JSON object, so this never raises).
+            self.state.add_heartbeat(heartbeat_from_json(message.body, message.gate_id), message.gate_id)
         elif isinstance(message, CaptureHealth):
             self.state.add_capture_health(message.camera_id, message.body)
         else:

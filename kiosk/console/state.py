@@ -11,10 +11,12 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from kiosk.messaging.reasons import is_alert_reason
+from kiosk.messaging.status import GateHeartbeat, Heartbeat, VerifierHeartbeat, heartbeat_from_json, quantiles_json
 from kiosk.store.sealing import TemplateCodec
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,8 @@ class ConsoleState:
             raise ValueError("console.crops_dir needs the template key: crops on disk are sealed")
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.lock = threading.Lock()
-        self.verifier: dict[str, Any] | None = None  # its own heartbeat
-        self.gate_beats: dict[str, dict[str, Any]] = {}  # gate -> its part of the heartbeat
+        self.verifier: VerifierHeartbeat | None = None  # its own heartbeat
+        self.gate_beats: dict[str, GateHeartbeat] = {}  # gate -> its part of the heartbeat
         self.gate_beats_at: dict[str, float] = {}
         self.verifier_at = 0.0
         self.verifier_state = "unknown"  # up | down | unknown (never heard)
@@ -80,37 +82,41 @@ class ConsoleState:
             if event.get("gate_id") in self.gates:
                 self.last[str(event["gate_id"])] = event
 
-    def add_heartbeat(self, body: dict[str, Any], gate: str | None = None) -> None:
-        """The verifier's heartbeat: its own health (`gate` None), or one gate's part (its cameras and flight). A
-        camera that went down (or came back) since its gate's last one is an event in the feed (down: an alert)."""
+    def add_heartbeat(self, body: Mapping[str, Any] | Heartbeat, gate: str | None = None) -> None:
+        """The verifier's heartbeat: its own health (`gate` None), or one gate's part (its cameras and flight), as
+        received (read with from_json) or read already. A camera that went down (or came back) since its gate's
+        last one is an event in the feed (down: an alert)."""
+        beat = heartbeat_from_json(body, gate) if isinstance(body, Mapping) else body
         now = time.time()
         changes = []
         with self.lock:
-            if gate is not None:
-                before = (self.gate_beats.get(gate) or {}).get("cameras") or {}
+            if isinstance(beat, GateHeartbeat):
+                gate = gate if gate is not None else beat.gate_id
+                previous = self.gate_beats.get(gate)
+                before = previous.cameras if previous is not None else {}
                 seen_at = self.gate_beats_at.get(gate)
-                for cid, cam in (body.get("cameras") or {}).items():
-                    if not isinstance(cam, dict) or cid not in before:
+                for cid, cam in beat.cameras.items():
+                    if cid not in before:
                         continue
-                    was, state = (before.get(cid) or {}).get("state"), cam.get("state")
+                    was, state = before[cid].state, cam.state
                     if state != was and "down" in (state, was):
                         changes.append(
                             {
                                 "type": "camera_down" if state == "down" else "camera_up",
-                                "gate_id": cam.get("gate_id"),
+                                "gate_id": cam.gate_id,
                                 "camera_id": cid,
                                 "decided_at": now,
-                                "reason": cam.get("last_error") or None,
+                                "reason": cam.last_error or None,
                             }
                         )
-                    done = cam.get("processed", 0) - (before.get(cid) or {}).get("processed", 0)  # frames a second
-                    if seen_at and now > seen_at and isinstance(done, (int, float)) and done >= 0:
+                    done = cam.processed - before[cid].processed  # frames a second
+                    if seen_at and now > seen_at and done >= 0:
                         self.camera_fps[cid] = round(done / (now - seen_at), 1)
-                self.gate_beats[gate], self.gate_beats_at[gate] = body, now
+                self.gate_beats[gate], self.gate_beats_at[gate] = beat, now
             else:
-                self.verifier = body
+                self.verifier = beat
             self.verifier_at = now
-            self.verifier_state = "down" if body.get("status") == "stopping" else "up"
+            self.verifier_state = "down" if beat.status == "stopping" else "up"
         for change in changes:
             self.add_event(change)
 
@@ -131,12 +137,11 @@ class ConsoleState:
             self.crops[event_id] = (jpeg, header)
             while len(self.crops) > self.max_crops:
                 self.crops.popitem(last=False)
-        if self.crops_dir is not None:
+        if self.crops_dir is not None and self.codec is not None:  # (a codec comes with crops_dir: __init__)
             try:
                 self.crops_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 name = "".join(c if c.isalnum() or c in "-_" else "_" for c in event_id[:64])
                 path = self.crops_dir / f"{name}.crop"
-                assert self.codec is not None
                 path.write_bytes(self.codec.seal_bytes(crop_context(name), jpeg))
                 path.chmod(0o600)
             except OSError as exc:
@@ -184,6 +189,11 @@ class ConsoleState:
         return found[0] if found else None
 
     # -- views -----------------------------------------------------------------
+    def boarding_flights(self) -> set[str]:
+        """The flights the gates board, as their parts of the heartbeat say (the overview's boarded counts)."""
+        with self.lock:
+            return {b.gate.flight_id for b in self.gate_beats.values() if b.gate is not None and b.gate.flight_id}
+
     def events(self, gate: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         with self.lock:
             chosen = [e for e in self.feed if gate is None or e.get("gate_id") == gate][:limit]
@@ -192,41 +202,46 @@ class ConsoleState:
     def status(self) -> dict[str, Any]:
         now = time.time()
         with self.lock:
-            hb = self.verifier or {}
-            cams = {cid: cam for beat in self.gate_beats.values() for cid, cam in (beat.get("cameras") or {}).items()}
-            gates_hb = {g: beat.get("gate") or {} for g, beat in self.gate_beats.items()}
-            gallery = hb.get("gallery") or {}
+            hb = self.verifier
+            cams = {cid: cam for beat in self.gate_beats.values() for cid, cam in beat.cameras.items()}
+            gates_hb = {g: beat.gate for g, beat in self.gate_beats.items()}
+            gallery = hb.gallery if hb is not None else None
             verifier = {
                 "state": self.verifier_state,
                 "heartbeat_age_s": round(now - self.verifier_at, 1) if self.verifier_at else None,
-                "status": hb.get("status"),
-                "fps": hb.get("fps"),
-                "frame_latency_ms": hb.get("frame_latency_ms"),
-                "decision_latency_ms": hb.get("decision_latency_ms"),
+                "status": hb.status if hb else None,
+                "fps": hb.fps if hb else None,
+                "frame_latency_ms": quantiles_json(hb.frame_latency_ms) if hb else None,
+                "decision_latency_ms": quantiles_json(hb.decision_latency_ms) if hb else None,
                 "gallery": {
-                    k: gallery.get(k)
-                    for k in ("subjects", "stale", "error", "refusing", "accepts_from_memory_s", "action")
+                    "subjects": gallery.subjects if gallery else None,
+                    "stale": gallery.stale if gallery else None,
+                    "error": gallery.error if gallery else None,
+                    "refusing": gallery.refusing if gallery else None,
+                    "accepts_from_memory_s": gallery.accepts_from_memory_s if gallery else None,
+                    "action": gallery.action if gallery else None,
                 },
-                "providers": hb.get("providers"),
-                "last_error": hb.get("last_error"),
+                "providers": list(hb.providers) if hb else None,
+                "last_error": hb.last_error if hb else None,
             }
             gates = []
             for gate, cameras in sorted(self.gates.items()):
-                camera_states = []
+                camera_states: list[dict[str, Any]] = []
                 for cid in cameras:
-                    c = cams.get(cid) or {}
-                    state = c.get("state", "unknown") if self.verifier_state == "up" else "unknown"
+                    c = cams.get(cid)
+                    state = c.state if c is not None and self.verifier_state == "up" else "unknown"
                     camera_states.append(
                         {
                             "camera_id": cid,
                             "state": state,
-                            "last_error": c.get("last_error"),
-                            "last_frame_age_s": c.get("last_frame_age_s"),
+                            "last_error": c.last_error if c else None,
+                            "last_frame_age_s": c.last_frame_age_s if c else None,
                             "fps": self.camera_fps.get(cid),
                         }
                     )
                 states = {c["state"] for c in camera_states}
-                flight_id = (gates_hb.get(gate) or {}).get("flight_id")
+                gate_hb = gates_hb.get(gate)
+                flight_id = gate_hb.flight_id if gate_hb else None
                 flight = self.flights.get(flight_id) if flight_id else None
                 last = self.last.get(gate)
                 gates.append(
@@ -244,7 +259,7 @@ class ConsoleState:
                         "flight": None
                         if flight is None
                         else {**flight, "remaining": flight["passengers"] - flight["boarded"]},
-                        "gallery_subjects": gallery.get("subjects"),
+                        "gallery_subjects": gallery.subjects if gallery else None,
                         "last_decision": None
                         if last is None
                         else {
