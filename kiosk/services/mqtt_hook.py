@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,14 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from kiosk.config import MQTT_SCHEMES, KioskConfig, mqtt_url_problem
 from kiosk.errors import ConfigError, UsageError
 from kiosk.files import read_regular_file
+from kiosk.messaging.status import (
+    CameraStatus,
+    GateHeartbeat,
+    GateStatus,
+    Heartbeat,
+    VerifierStatus,
+    heartbeat_from_json,
+)
 from kiosk.services.hook_outcomes import DeliveryAborted, StaleEvent
 
 log = logging.getLogger(__name__)
@@ -377,28 +385,30 @@ class MqttHook:
             )
         self.link.set_retained(self.available_topic, b"online" if up else b"offline")
 
-    def observe(self, heartbeat: dict[str, Any]) -> None:
+    def observe(self, heartbeat: Heartbeat | VerifierStatus | Mapping[str, Any]) -> None:
         """A verifier heartbeat: its own part (ok/degraded) or one gate's (`gate_id`: its flight and cameras'
         states). The first one says the verifier is up; after a `verifier_down`, only `verifier_up` does (in order
-        with the decisions)."""
-        if heartbeat.get("status") == "stopping":
+        with the decisions). A JSON object is read first: a whole status (`gates` and `cameras`, as a verifier sent
+        before its heartbeat came in parts) as such, else as a heartbeat."""
+        beat = _read_heartbeat(heartbeat) if isinstance(heartbeat, Mapping) else heartbeat
+        if beat.status == "stopping":
             return
         with self._lock:
             if self._verifier == "unknown":
                 self._verifier = "up"
-            self._verifier_status = str(heartbeat.get("status", "ok"))
-            gates = heartbeat.get("gates")
-            if gates is None and heartbeat.get("gate_id") is not None:  # one gate's part (health.gate.<gate>)
-                gates = {str(heartbeat["gate_id"]): heartbeat.get("gate")}
-            if isinstance(gates, dict):
-                for gate, info in gates.items():
-                    if isinstance(info, dict) and (self.only_gate is None or gate == self.only_gate):
-                        self._gate(str(gate))["flight_id"] = info.get("flight_id")
-            cameras = heartbeat.get("cameras")
-            if isinstance(cameras, dict):
-                for camera, info in cameras.items():
-                    if isinstance(info, dict) and str(info.get("gate_id")) in self._gates:
-                        self._cameras[str(camera)] = str(info.get("state", "unknown"))
+            self._verifier_status = beat.status
+            gates: dict[str, GateStatus | None] = {}
+            cameras: dict[str, CameraStatus] = {}
+            if isinstance(beat, GateHeartbeat):  # one gate's part (health.gate.<gate>)
+                gates, cameras = {beat.gate_id: beat.gate}, beat.cameras
+            elif isinstance(beat, VerifierStatus):
+                gates, cameras = dict(beat.gates), beat.cameras
+            for gate, info in gates.items():
+                if info is not None and (self.only_gate is None or gate == self.only_gate):
+                    self._gate(gate)["flight_id"] = info.flight_id
+            for camera, cam in cameras.items():
+                if cam.gate_id in self._gates:
+                    self._cameras[camera] = cam.state
             self._publish_state()
 
     def _too_old(self, event: dict[str, Any]) -> bool:
@@ -465,3 +475,9 @@ def mqtt_hook(cfg: KioskConfig, url: str, gate: str | None, name: str, key: str 
         ) from None
     gates = sorted({c.gate for c in cfg.cameras if gate is None or c.gate == gate} | ({gate} if gate else set()))
     return MqttHook(link, prefix, gates, cfg.hooks.max_accept_age_s, gate)
+
+
+def _read_heartbeat(body: Mapping[str, Any]) -> Heartbeat | VerifierStatus:
+    if body.get("gate_id") is None and ("gates" in body or "cameras" in body):
+        return VerifierStatus.from_json(body, "heartbeat")
+    return heartbeat_from_json(body)

@@ -44,6 +44,8 @@ from kiosk.errors import ConfigError
 from kiosk.messaging.channels import GATE_HEALTH, VERIFIER_HEALTH, EventChannel
 from kiosk.messaging.messages import EVENT_TOPIC, BadMessage, Event, Heartbeat, event_from_dict
 from kiosk.messaging.reasons import is_alert_reason
+from kiosk.messaging.status import GateHeartbeat, heartbeat_from_json
+from kiosk.messaging.status import Heartbeat as StatusHeartbeat
 from kiosk.messaging.transport import Transport
 from kiosk.services.hook_outcomes import DeliveryAborted, StaleEvent
 from kiosk.services.metrics import SubscriberMetrics
@@ -103,7 +105,7 @@ class Hook:
         self._metrics = metrics
         metrics.queue_depth.labels(hook=self.name).set_function(lambda: len(self._queue))
 
-    def observe(self, heartbeat: dict[str, Any]) -> None:
+    def observe(self, heartbeat: StatusHeartbeat) -> None:
         """Hand a verifier heartbeat to a deliver that follows the verifier's health (MQTT); on the caller's thread,
         so it must not block."""
         observe = getattr(self._deliver, "observe", None)
@@ -556,39 +558,32 @@ class Subscriber:
                 self._catch_up(f"gap before event {event.event_seq} of gate {event.gate_id}")
         self._hand_on(event)
 
-    def _on_heartbeat(self, body: dict[str, Any]) -> None:
+    def _on_heartbeat(self, beat: StatusHeartbeat) -> None:
         self._last_beat = time.monotonic()
         for hook in self.hooks:
-            hook.observe(body)
-        if body.get("status") == "stopping":  # its last heartbeat: tell the gates now, not 3 s later
+            hook.observe(beat)
+        if beat.status == "stopping":  # its last heartbeat: tell the gates now, not 3 s later
             if self.verifier_up is not False:
                 self.verifier_up = False
                 self.metrics.verifier_up.set(0)
                 self._state_event("verifier_down", "the verifier is stopping")
             return
-        boot = body.get("boot_id")
-        self._news_of(boot if isinstance(boot, str) else None, heartbeat=True)
-        counts = body.get("event_seq")
-        booted = body.get("booted_at")
-        if isinstance(counts, dict) and isinstance(boot, str):
-            for gate, n in counts.items():
+        boot = beat.boot_id
+        self._news_of(boot, heartbeat=True)
+        booted = beat.booted_at
+        if isinstance(beat, GateHeartbeat) and boot is not None:
+            for gate, n in beat.event_seq.items():
                 cur = self.cursors.get(gate)
                 if (
                     cur is None
-                    and isinstance(booted, (int, float))
+                    and booted is not None
                     and booted >= self.started_at
                     and (self.gates is None or gate in self.gates)
                 ):
                     # A verifier that started after this subscriber decided before it was heard (a slow
                     # join: `kiosk run` starts both at once): those events are this subscriber's too.
                     self.cursors[gate] = cur = (boot, 0)
-                if (
-                    (self.gates is None or gate in self.gates)
-                    and isinstance(n, int)
-                    and cur is not None
-                    and cur[0] == boot
-                    and n > cur[1]
-                ):
+                if (self.gates is None or gate in self.gates) and cur is not None and cur[0] == boot and n > cur[1]:
                     self._catch_up_due = True  # published, but not arrived here
 
     def _news_of(self, boot: str | None, heartbeat: bool = False) -> None:
@@ -682,8 +677,8 @@ class Subscriber:
         )
         while not self._stop.is_set():
             message = self.inbox.recv(100)
-            if isinstance(message, Heartbeat):
-                self._on_heartbeat(message.body)
+            if isinstance(message, Heartbeat):  # decode_json made sure it is a JSON object: this never raises
+                self._on_heartbeat(heartbeat_from_json(message.body, message.gate_id))
             elif isinstance(message, Event):
                 self._on_event(message)
             if self._catch_up_due and self.verifier_up:
