@@ -32,6 +32,7 @@ from kiosk.config import KioskConfig, load_config, models_section
 from kiosk.errors import RuntimeFailure, UsageError
 from kiosk.messaging.channels import EventChannel, wait_until_eof
 from kiosk.messaging.messages import EVENT_TOPIC, HEALTH_TOPIC, CaptureHealth, Event, Heartbeat
+from kiosk.messaging.status import Quantiles, VerifierStatus, quantiles_json
 from kiosk.messaging.transport import Transport, control_request, init_keys, loopback_endpoints
 from kiosk.store.gallery import open_gallery
 from kiosk.store.sealing import key_source
@@ -82,21 +83,25 @@ def run_pipeline(cfg: KioskConfig, video: Path, timeout_s: float = 1800, realtim
     """
     with tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp:  # keys and audit: gone afterwards
         run = _run_cameras(cfg, [(CAMERA, GATE, video)], Path(tmp), timeout_s, realtime)
-    status, events, health = run["status"], run["events"], run["capture_health"].get(CAMERA, {})
-    frames = int(status["frames_processed"])
-    seconds = float(status["last_done_at"] - status["first_captured_at"]) if frames else 0.0
+    status, events, health = (
+        VerifierStatus.from_json(run["status"]),
+        run["events"],
+        run["capture_health"].get(CAMERA, {}),
+    )
+    frames = status.frames_processed
+    seconds = _span(status) if frames else 0.0
     stages = {"decode": health.get("decode_ms", {})}
     stages.update(_stages(status))
     return {
         "mode": "realtime" if realtime else "replay",
         "frames": frames,
-        "dropped": {"capture": health.get("drops", 0), "verifier_stale": status["cameras"][CAMERA]["dropped"]},
+        "dropped": {"capture": health.get("drops", 0), "verifier_stale": status.cameras[CAMERA].dropped},
         "seconds": round(seconds, 3),
         "fps": round(frames / seconds, 2) if seconds else 0.0,
-        "faces_per_frame": round(status["faces_detected"] / frames, 3) if frames else 0.0,
-        "providers": status["providers"],
+        "faces_per_frame": round(status.faces_detected / frames, 3) if frames else 0.0,
+        "providers": list(status.providers),
         "stages_ms": stages,
-        "frame_latency_ms": {q: round(v, 1) for q, v in status["frame_latency_ms"].items() if q != "n"},
+        "frame_latency_ms": _rounded(status.frame_latency_ms, 1, with_n=False),
         "decisions": [
             {
                 "type": e.type,
@@ -111,12 +116,24 @@ def run_pipeline(cfg: KioskConfig, video: Path, timeout_s: float = 1800, realtim
         "accepted": sorted({e.subject_id for e in events if e.type == "accept" and e.subject_id}),
         "decision_latency_ms": _quantiles([e.latency_ms for e in events if e.latency_ms is not None]),
         "cpu": run["cpu"],
-        "gallery": status["gallery"],
+        "gallery": status.gallery.to_json() if status.gallery else {},
     }
 
 
-def _stages(status: dict[str, Any]) -> dict[str, dict[str, float]]:
-    return {k: {q: round(v[q], 3) for q in ("p50", "p99")} for k, v in status["stages_ms"].items() if v}
+def _span(status: VerifierStatus) -> float:
+    """Seconds from the first frame's capture to the last frame done."""
+    if status.first_captured_at is None or status.last_done_at is None:
+        return 0.0
+    return float(status.last_done_at - status.first_captured_at)
+
+
+def _rounded(q: Quantiles | None, digits: int, with_n: bool) -> dict[str, float]:
+    """A latency window's figures rounded (`{}`: no sample), with or without its sample count."""
+    return {k: round(v, digits) for k, v in quantiles_json(q).items() if with_n or k != "n"}
+
+
+def _stages(status: VerifierStatus) -> dict[str, dict[str, float]]:
+    return {k: {"p50": round(q.p50, 3), "p99": round(q.p99, 3)} for k, q in status.stages_ms.items() if q}
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:
@@ -338,17 +355,17 @@ def run_cameras(cfg: KioskConfig, video: Path, cameras: int, busy: int, timeout_
         specs = [(f"cam{i + 1}", f"G{i + 1}", entering if i < busy else empty) for i in range(cameras)]
         run = _run_cameras(cfg, specs, folder, timeout_s, realtime=True)
     fps = _probe(video)[2]
-    status, events = run["status"], run["events"]
+    status, events = VerifierStatus.from_json(run["status"]), run["events"]
     per_camera = []
     for cid, gate, source in specs:
-        cam = status["cameras"][cid]
+        cam = status.cameras[cid]
         mine = [e for e in events if e.camera_id == cid]
         h = run["capture_health"].get(cid, {})
-        offered = int(cam["frames_in"])
+        offered = cam.frames_in
         sent, held, capture_dropped = int(h.get("sent", offered)), int(h.get("held", 0)), int(h.get("drops", 0))
         delivered = sent + held + capture_dropped
         wake = (
-            next(((seq, ms) for seq, ms in cam.get("wakes", []) if seq >= lead), None)
+            next(((seq, ms) for seq, ms in cam.wakes if seq >= lead), None)
             if source == entering and truth is not None
             else None
         )
@@ -361,12 +378,12 @@ def run_cameras(cfg: KioskConfig, video: Path, cameras: int, busy: int, timeout_
                 "held": held,
                 "capture_dropped": capture_dropped,
                 "frames_in": offered,
-                "processed": cam["processed"],
-                "idle_skipped": cam["idle_skipped"],
-                "stale": cam["dropped"],
-                "too_old": cam["too_old"],
+                "processed": cam.processed,
+                "idle_skipped": cam.idle_skipped,
+                "stale": cam.dropped,
+                "too_old": cam.too_old,
                 # Of the frames the camera delivered (sent, held back as idle, or dropped at the capture).
-                "stale_share": round((cam["dropped"] + cam["too_old"]) / delivered, 4) if delivered else 0.0,
+                "stale_share": round((cam.dropped + cam.too_old) / delivered, 4) if delivered else 0.0,
                 "decisions": len(mine),
                 "accepts": sum(e.type == "accept" for e in mine),
                 "accepted": sorted({e.subject_id for e in mine if e.type == "accept" and e.subject_id}),
@@ -385,11 +402,11 @@ def run_cameras(cfg: KioskConfig, video: Path, cameras: int, busy: int, timeout_
         "cameras": cameras,
         "busy": busy,
         "first_face_frame": truth,
-        "providers": status["providers"],
+        "providers": list(status.providers),
         "per_camera": per_camera,
-        "frame_latency_ms": {q: round(v, 1) for q, v in status["frame_latency_ms"].items() if q != "n"},
+        "frame_latency_ms": _rounded(status.frame_latency_ms, 1, with_n=False),
         "decision_latency_ms": _quantiles(latency),
-        "deciding_frame_latency_ms": {q: round(v, 1) for q, v in status.get("deciding_frame_latency_ms", {}).items()},
+        "deciding_frame_latency_ms": _rounded(status.deciding_frame_latency_ms, 1, with_n=True),
         "stages_ms": _stages(status),
         "cpu": run["cpu"],
     }
