@@ -241,3 +241,37 @@ def test_this_process_own_values_are_read_strictly():
         VerifierStatus.from_json({}, strict=True)
     optional = {"subjects": 1, "templates": 1, "stale": False, "error": "", "revision": 2}
     assert own(GalleryStatus.read, optional, "gallery").to_json() == optional  # the optional keys may be absent
+
+
+def test_readers_take_a_malformed_heartbeat_without_falling_over():
+    """The console and the MQTT hook read an odd heartbeat with defaults: no exception, nothing made up."""
+    from kiosk.console.state import ConsoleState
+    from kiosk.services.mqtt_hook import MqttHook
+
+    state = ConsoleState({"A1": ["cam-a1"]}, crops=1, heartbeat_timeout_s=5)
+    state.add_heartbeat({"status": "ok", "fps": "fast", "gallery": 3, "frame_latency_ms": [1]})
+    odd_part = {"gate_id": "A1", "gate": {"flight_id": 7}, "cameras": {"cam-a1": {"state": 1, "processed": "x"}}}
+    state.add_heartbeat(odd_part, "A1")
+    view = state.status()
+    assert view["verifier"]["fps"] == 0.0 and view["verifier"]["gallery"]["subjects"] is None
+    assert view["gates"][0]["cameras"][0]["state"] == "unknown" and view["gates"][0]["flight_id"] is None
+
+    sent: list[tuple[str, bytes]] = []
+    hook = MqttHook(SimpleNamespace(set_retained=lambda t, p: sent.append((t, p))), "k", ["A1"], 10.0)
+    hook.observe({"status": ["ok"], "gates": "all", "cameras": {"cam-a1": {"gate_id": "A1", "state": "down"}}})
+    hook.observe(odd_part)
+    # The odd part's camera names no gate of this hook: what the first one said stands.
+    assert dict(sent)["k/health/cameras/cam-a1"] == b'{"status":"down"}'
+    assert dict(sent)["k/gates/A1/state"] == b'{"gate_id":"A1","flight_id":null,"verifier":"up","last_decision":null}'
+    assert dict(sent)["k/health/verifier"] == b'{"status":"unknown"}' and dict(sent)["k/available"] == b"online"
+
+
+def test_the_console_counts_the_flights_the_gates_parts_say_they_board():
+    from kiosk.console.state import ConsoleState
+
+    state = ConsoleState({"A1": ["cam-a1"], "B2": ["cam-b2"]}, crops=1, heartbeat_timeout_s=5)
+    state.add_heartbeat({"status": "ok"})  # the verifier's own part names no gate
+    assert state.boarding_flights() == set()
+    state.add_heartbeat({"gate_id": "A1", "gate": {"flight_id": "LH123", "processing": True}}, "A1")
+    state.add_heartbeat({"gate_id": "B2", "gate": {"flight_id": None, "processing": False}}, "B2")
+    assert state.boarding_flights() == {"LH123"}
