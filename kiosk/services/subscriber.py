@@ -39,7 +39,7 @@ import zmq
 
 from kiosk.boarding.retention import rotate_daily, today
 from kiosk.cli_support import serve
-from kiosk.config import KioskConfig, mqtt_url_problem
+from kiosk.config import KioskConfig, ListenerKeyConfig, OperatorKeyConfig, mqtt_url_problem
 from kiosk.errors import ConfigError
 from kiosk.messaging.channels import GATE_HEALTH, VERIFIER_HEALTH, EventChannel
 from kiosk.messaging.messages import EVENT_TOPIC, BadMessage, Event, Heartbeat, event_from_dict
@@ -376,15 +376,16 @@ def jsonl_hook(path: Path, keep_days: int = 30) -> Callable[[dict[str, Any]], No
     the lines hold passenger ids and names."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rotate_daily(path, keep_days)
-    state = {"day": today(), "handle": open(path, "a", encoding="utf-8")}
+    day, handle = today(), open(path, "a", encoding="utf-8")  # open while the hook lives
 
     def deliver(event: dict[str, Any]) -> None:
-        if today() != state["day"]:
-            state["handle"].close()
+        nonlocal day, handle
+        if today() != day:
+            handle.close()
             rotate_daily(path, keep_days)
-            state["day"], state["handle"] = today(), open(path, "a", encoding="utf-8")
-        state["handle"].write(json.dumps(event) + "\n")
-        state["handle"].flush()
+            day, handle = today(), open(path, "a", encoding="utf-8")
+        handle.write(json.dumps(event) + "\n")
+        handle.flush()
 
     return deliver
 
@@ -409,7 +410,8 @@ def own_gates(cfg: KioskConfig) -> frozenset[str] | None:
     key, so it subscribes to each of its gates. None (subscribe to `event.`, as always): every gate, or a key
     the config gives no gate (the verifier's log then says why it hears nothing)."""
     key = cfg.security.client_key  # on a gate host, its own key; not the verifier's tools key
-    scoped = [e.gates for e in [*cfg.security.listeners, *cfg.security.operators] if e.key == key]
+    entries: list[ListenerKeyConfig | OperatorKeyConfig] = [*cfg.security.listeners, *cfg.security.operators]
+    scoped = [e.gates for e in entries if e.key == key]
     if not scoped or any(gates == ["*"] for gates in scoped):
         return None
     return frozenset(g for gates in scoped for g in gates) or None

@@ -270,7 +270,7 @@ class _EmptyGate:
 
 
 def _writer(path: Path, fps: float, w: int, h: int) -> cv2.VideoWriter:
-    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (w, h))
     if not out.isOpened():
         raise RuntimeFailure(f"bench: cannot write {path}")
     return out
@@ -392,7 +392,7 @@ def run_cameras(cfg: KioskConfig, video: Path, cameras: int, busy: int, timeout_
                 # The person stepping in: frames between the first one a face could be found in and the one it was
                 # found in, and the time from the capture of the former to the end of the detection of the latter.
                 "wake": {"frames_late": wake[0] - truth, "ms": round((wake[0] - truth) * 1000 / fps + wake[1], 1)}
-                if wake
+                if wake and truth is not None  # (a wake is looked for only with a truth)
                 else None,
             }
         )
