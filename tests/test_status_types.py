@@ -278,3 +278,22 @@ def test_the_console_counts_the_flights_the_gates_parts_say_they_board():
     state.add_heartbeat({"gate_id": "A1", "gate": {"flight_id": "LH123", "processing": True}}, "A1")
     state.add_heartbeat({"gate_id": "B2", "gate": {"flight_id": None, "processing": False}}, "B2")
     assert state.boarding_flights() == {"LH123"}
+
+
+def test_a_flood_of_odd_fields_is_told_by_its_first_ones():
+    status = VerifierStatus.from_json({"cameras": {str(i): i for i in range(1000)}})
+    assert status.cameras == {} and len(status.problems) == 50
+
+
+def test_a_redacted_reply_reads_and_writes_back_the_same():
+    """What a key that serves one gate gets: no unreadable subjects (their count stays), claims hidden, its
+    scope as lists."""
+    gallery = {"subjects": 1, "templates": 1, "stale": False, "error": "", "revision": 3, "unreadable_templates": 2}
+    caller = {"keys": ["reader-a1"], "role": "operator", "claims": ["A1"], "passenger_ids": []}
+    reply = {"ok": True, "status": "degraded", "gallery": gallery, "claims": {"A1": None}}
+    reply |= {"passenger_ids_hidden": True, "caller": caller}
+    typed = StatusReply.from_json(reply)
+    assert typed.caller is not None and typed.caller.claims == ("A1",) and typed.caller.passenger_ids == ()
+    assert typed.status.gallery is not None and typed.status.gallery.unreadable_subjects is None
+    out = typed.to_json()
+    assert {k: out[k] for k in reply} == reply and list(out)[-2:] == ["passenger_ids_hidden", "caller"]

@@ -13,6 +13,9 @@ field it lacks takes its default, one it adds is ignored, and a value of the wro
 is named in the value's `problems` (never an exception, so no reader falls over on one odd field); only
 something that is not a JSON object at all is refused, with `StatusError`. Numbers are kept as they came (an
 int stays an int), so what is read and written again is what was sent.
+
+This process's own values are read strictly instead (`from_json(..., strict=True)`, and `own()` for the parts
+its modules still make as dicts): there a missing or malformed field is a bug, and raises StatusError.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from typing import Any, Literal, TypeVar
 from kiosk.messaging.messages import BadMessage
 
 T = TypeVar("T")
+MAX_PROBLEMS = 50
 JsonObject = dict[str, Any]
 # A key's gates in its summary: "*" (every gate) or the gates by name.
 GateScope = Literal["*"] | tuple[str, ...]
 
 
 class StatusError(BadMessage):
-    """A status or heartbeat that is not a JSON object: there is nothing in it to read."""
+    """A status or heartbeat that is not a JSON object (nothing in it to read), or, read strictly, one that lacks
+    a field or has one of the wrong type."""
 
 
 class _Strict(list[str]):
@@ -65,7 +70,8 @@ class _Fields:
             self._bad(key, "missing")
 
     def _bad(self, key: str, why: str) -> None:
-        self.problems.append(f"{self.where}.{key}: {why}"[:200])
+        if len(self.problems) < MAX_PROBLEMS:  # a value with thousands of odd fields is told by its first ones
+            self.problems.append(f"{self.where}.{key}: {why}"[:200])
 
     def value(self, key: str, ok: Callable[[Any], bool], what: str, default: T, optional: bool = False) -> T:
         """The field `key` if `ok` says it fits; else `default` (and, but for an absent optional one, a note)."""
