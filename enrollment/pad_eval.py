@@ -380,7 +380,7 @@ def judge_frames(
         new = [j for j in undecided if j not in seen]
         if new:
             try:
-                seen.update(zip(new, pad.observe(frame, faces.boxes[new])))
+                seen.update(zip(new, pad.observe(frame, faces.boxes[new]), strict=True))
             except Exception:  # noqa: BLE001 - as in the verifier: a failing model brings no evidence
                 seen.update((j, None) for j in new)
         for j in undecided:
@@ -475,7 +475,7 @@ def replay(cfg: KioskConfig, p: Presentation, threshold: float) -> str:
     policy = _policy(trial, True, liveness)
     track = Track(p.track_id, "eval", np.zeros(4, np.float32), 0.0)
     decision = None
-    for i, (clock, seen, texture, width) in enumerate(zip(p.clocks, p.observed, p.textures, p.widths)):
+    for i, (clock, seen, texture, width) in enumerate(zip(p.clocks, p.observed, p.textures, p.widths, strict=True)):
         obs = PadObservation(None, texture, width=width) if seen else None
         decision = policy.observe(track, GATE, MATCH, clock, i, clock=clock, live=obs)
         if decision is not None:

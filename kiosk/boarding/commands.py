@@ -131,7 +131,7 @@ def cmd_undo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_board_commands(sub: argparse._SubParsersAction, add_commands) -> None:  # noqa: ANN001
+def add_board_commands(sub: argparse._SubParsersAction, add_commands) -> None:
     p = sub.add_parser("board", help="boarding by flight: open/close a gate on a flight, status, report, undo")
     bsub = add_commands(p, "board_command")
     q = bsub.add_parser("open", help="the gate boards this flight (its passengers only)")

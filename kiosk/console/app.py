@@ -266,7 +266,7 @@ def build_app(
         if gate not in state.gates:
             return JSONResponse({"error": "no such gate"}, status_code=404)
 
-        async def stream():  # noqa: ANN202 - server-sent events: one preview per message
+        async def stream():
             state.watch(gate)
             seen, quiet_since = 0, time.monotonic()
             try:

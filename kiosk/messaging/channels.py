@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import zmq
 
@@ -44,8 +44,8 @@ from kiosk.messaging.messages import (
     decode_json,
 )
 
-FrameMessage = Union[Frame, Eof, CaptureHealth]
-EventMessage = Union[Event, Heartbeat, CaptureHealth]
+FrameMessage = Frame | Eof | CaptureHealth
+EventMessage = Event | Heartbeat | CaptureHealth
 OnBad = Callable[[str], None]
 DECODE_ERRORS = (BadMessage, ValueError, TypeError, OverflowError, RecursionError)
 VERIFIER_HEALTH = HEALTH_TOPIC + "verifier"

@@ -33,7 +33,7 @@ class SqliteBoardingStore:
         self.gallery = gallery
         self._db = gallery  # (its `execute`: reads outside a transaction)
 
-    def _write(self):  # noqa: ANN202 - the gallery's transaction context
+    def _write(self):
         return self.gallery.writing()
 
     def _log(
@@ -80,7 +80,7 @@ class SqliteBoardingStore:
             (archived, flight_id),
         )
         for table in ("manifest", "boardings", "flight_decisions", "boarding_log"):
-            db.execute(f"UPDATE {table} SET flight_id = ? WHERE flight_id = ?", (archived, flight_id))
+            db.execute(f"UPDATE {table} SET flight_id = ? WHERE flight_id = ?", (archived, flight_id))  # noqa: S608 - table names from the tuple above
         db.execute("DELETE FROM flights WHERE id = ?", (flight_id,))
         log.info("flight %s: the purged flight of that number is kept as %s", flight_id, archived)
 

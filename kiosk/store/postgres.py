@@ -41,7 +41,7 @@ from kiosk.store.sealing import TemplateCodec
 
 log = logging.getLogger(__name__)
 
-PASSWORD_ENV = "KIOSK_PG_PASSWORD"
+PASSWORD_ENV = "KIOSK_PG_PASSWORD"  # noqa: S105 - the name of the variable, not a password
 MIGRATION_LOCK = 0x6B696F736B  # pg_advisory_xact_lock key: b"kiosk"
 WRITE_LOCK = 0x6B696F736B01  # every write transaction holds it: writers take turns, as on SQLite's write lock
 
@@ -282,7 +282,7 @@ class PgGallery(GalleryQueries):
     def _after_copy(self, db: PgDb) -> None:  # type: ignore[override]
         for table in ("templates", "boarding_log"):
             db.execute(
-                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM {table}"
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM {table}"  # noqa: S608 - table names from the tuple above
             )
 
     def backup(self, dest: Path) -> int:

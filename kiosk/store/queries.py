@@ -165,9 +165,10 @@ class GalleryQueries:
         enrollments and boarding marks go on between them), while verifiers keep deciding: first the new key
         is put in the gallery wrapped under the current one, so every process holding that key takes the
         new one too (`_follow_keys`, in the snapshot it reads templates from) and `settle_s` pass (a verifier
-        notices a change within its one-second poll) before any template is sealed under it; each batch is logged in the change log like any change, so verifiers reload just those
-        subjects. At the end the wrap and the old key's check value go: the old key opens nothing here any
-        more, and the new key must be given to every host (its file) before a process restarts. Returns the
+        notices a change within its one-second poll) before any template is sealed under it; each batch is
+        logged in the change log like any change, so verifiers reload just those subjects. At the end the wrap
+        and the old key's check value go: the old key opens nothing here any more, and the new key must be
+        given to every host (its file) before a process restarts. Returns the
         templates re-sealed; a template that does not open (tampered, damaged) is deleted instead and counted
         in `rotation_dropped`. Run again after an interruption, it carries on."""
         codec = self.codec
@@ -283,7 +284,7 @@ class GalleryQueries:
                 (subject_id, name or "", now, expires, json.dumps(metadata or {})),
             )
             codec = self._sealing(db)
-            for e, q, h in zip(emb, qualities, hashes):
+            for e, q, h in zip(emb, qualities, hashes, strict=True):
                 # The row first (its id is part of what the seal covers), then its sealed template, in the same
                 # transaction: no reader ever sees the empty placeholder.
                 row = db.execute(
@@ -558,10 +559,11 @@ def copy_gallery(source: GalleryQueries, target: GalleryQueries) -> dict[str, in
         for table in COPIED:
             columns = TABLE[table].copied_columns()
             order = "id" if table in ("templates", "boarding_log") else "1"
-            rows = src.execute(f"SELECT {columns} FROM {table} ORDER BY {order}").fetchall()
+            # table and column names come from COPIED and the schema (code), never from input
+            rows = src.execute(f"SELECT {columns} FROM {table} ORDER BY {order}").fetchall()  # noqa: S608
             marks = ", ".join("?" * (columns.count(",") + 1))
             if rows:
-                dst.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", [tuple(r) for r in rows])
+                dst.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", [tuple(r) for r in rows])  # noqa: S608
             counts[table] = len(rows)
         checks = src.execute("SELECT key, value FROM meta WHERE key LIKE 'key_check:%'").fetchall()
         if checks:

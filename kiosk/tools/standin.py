@@ -221,7 +221,7 @@ class HeadTurn:
             raise ValueError("expressions need a mesh through the 106 landmarks (HeadTurn.from_landmarks)")
         lm = self.points[:POINTS]
         blink = np.zeros_like(self.points)
-        for up, low in zip(UPPER_LIDS, LOWER_LIDS):
+        for up, low in zip(UPPER_LIDS, LOWER_LIDS, strict=True):
             blink[up] = lm[low] - lm[up]
         for corners, lower, pupils in EYES:  # the pupils go under the lid too: onto the lower lid's line
             line = lm[list(corners + lower)]

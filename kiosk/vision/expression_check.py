@@ -48,7 +48,7 @@ from kiosk.vision.landmarks import (
 )
 
 RIGID = np.array(CONTOUR + NOSE + EYE_CORNERS)  # the points expression does not move
-LIDS = np.array(list(zip(UPPER_LIDS, LOWER_LIDS)))  # (upper, lower) lid pairs
+LIDS = np.array(list(zip(UPPER_LIDS, LOWER_LIDS, strict=True)))  # (upper, lower) lid pairs
 LIPS = np.array([(62, 60), (71, 53)])  # inner and outer (upper, lower) lip pairs
 LEFT_EYE, RIGHT_EYE = list(LEFT_EYE), list(RIGHT_EYE)
 LEFT_BROW, RIGHT_BROW = list(LEFT_BROW), list(RIGHT_BROW)

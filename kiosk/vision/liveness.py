@@ -223,7 +223,7 @@ def fuse(checks: list[LivenessCheck], frames: int, min_frames: int) -> str | Non
     if frames < min_frames or not all(c.has_evidence for c in checks if c.required):
         return None
     cues = {c.cue for c in checks if c.vouches}
-    vouched = {c.cue for c, v in zip(checks, verdicts) if c.vouches and v == "live"}
+    vouched = {c.cue for c, v in zip(checks, verdicts, strict=True) if c.vouches and v == "live"}
     return "live" if cues and vouched == cues else None
 
 
@@ -301,7 +301,7 @@ class PadEngine:
         h, w = image.shape[:2]
         return [
             PadObservation(p, None if t is None else float(t), c, float(box[2] - box[0]), b, inside_frame(box, w, h))
-            for p, t, c, box, b in zip(points, texture, chroma, boxes, border)
+            for p, t, c, box, b in zip(points, texture, chroma, boxes, border, strict=True)
         ]
 
     def score(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:

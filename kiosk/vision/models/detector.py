@@ -184,7 +184,7 @@ class ScrfdDetector:
     ) -> list[Faces]:
         """Resize each image into its canvas, run in batches of one canvas shape, decode."""
         canvases = []
-        for img, (nw, nh, _scale, cw, ch, ox, oy) in zip(images, geometry):
+        for img, (nw, nh, _scale, cw, ch, ox, oy) in zip(images, geometry, strict=True):
             canvas = np.zeros((ch, cw, 3), np.uint8)
             canvas[oy : oy + nh, ox : ox + nw] = cv2.resize(img, (nw, nh))
             canvases.append(canvas)
@@ -194,7 +194,7 @@ class ScrfdDetector:
             by_shape.setdefault(c.shape[:2], []).append(i)
         for (ch, cw), idx in by_shape.items():
             outs = self._run([canvases[i] for i in idx])
-            for i, out in zip(idx, outs):
+            for i, out in zip(idx, outs, strict=True):
                 _, _, scale, _, _, ox, oy = geometry[i]
                 results[i] = self._nms_faces(*self._decode(out, ch, cw, scale, (ox, oy)))
         return results  # type: ignore[return-value]
@@ -227,7 +227,7 @@ class ScrfdDetector:
             nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
             close_geo.append((nw, nh, scale, size, size, (size - nw) // 2, (size - nh) // 2))
         close = self._pass([images[i] for i in close_idx], close_geo)
-        for i, c in zip(close_idx, close):
+        for i, c in zip(close_idx, close, strict=True):
             found[i] = self._merge(found[i], c)
         return found
 
@@ -239,7 +239,7 @@ class ScrfdDetector:
         from 24 px of input are coarse, and on real crowd video those faces passed the quality rules (score,
         sharpness, pose) a fifth less often than with full-size detection. All regions go in one batch."""
         crops, geo, where = [], [], []
-        for i, (img, faces, scale) in enumerate(zip(images, found, scales)):
+        for i, (img, faces, scale) in enumerate(zip(images, found, scales, strict=True)):
             if scale >= 1.0 or not len(faces):
                 continue
             h, w = img.shape[:2]
@@ -263,7 +263,7 @@ class ScrfdDetector:
         boxes = [f.boxes.copy() for f in found]
         scores = [f.scores.copy() for f in found]
         kps = [f.kps.copy() for f in found]
-        for (i, j, left, top), again in zip(where, refined):
+        for (i, j, left, top), again in zip(where, refined, strict=True):
             if not len(again):
                 continue
             shifted = again.boxes + np.array([left, top, left, top], np.float32)
@@ -275,7 +275,7 @@ class ScrfdDetector:
             boxes[i][j], scores[i][j] = shifted[k], again.scores[k]
             kps[i][j] = again.kps[k] + np.array([left, top], np.float32)
         out = []
-        for i, f in enumerate(found):
+        for i in range(len(found)):
             faces = Faces(boxes[i], scores[i], kps[i])
             out.append(faces[np.argsort(-faces.scores, kind="stable")] if len(faces) else faces)
         return out
