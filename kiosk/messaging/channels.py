@@ -91,7 +91,7 @@ class FrameChannel:
 
     def __init__(
         self,
-        sock: zmq.Socket,
+        sock: zmq.Socket[bytes],
         cameras: Iterable[str],
         on_bad: OnBad = _ignore,
         owners: dict[str, str] | None = None,
@@ -185,7 +185,7 @@ class FrameChannel:
 class EventChannel:
     """What the verifier publishes: decisions, its heartbeat and the captures' health it relays."""
 
-    def __init__(self, sock: zmq.Socket, on_bad: OnBad = _ignore) -> None:
+    def __init__(self, sock: zmq.Socket[bytes], on_bad: OnBad = _ignore) -> None:
         self.sock = sock
         self.on_bad = on_bad
 

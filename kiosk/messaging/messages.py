@@ -183,7 +183,7 @@ class Event:
     on_flights: list[str] | None = None  # wrong_flight: the flights the passenger is on
     liveness_score: float | None = None  # the weakest liveness check's score, 0-1 (null: liveness off)
     liveness_frames: int = 0  # frames of the track the liveness checks saw
-    liveness_checks: dict | None = None  # per check (depth, texture): verdict and evidence; decided_by
+    liveness_checks: dict[str, Any] | None = None  # per check (depth, texture): verdict and evidence; decided_by
     v: int = VERSION
 
     def topic(self) -> bytes:
@@ -229,15 +229,17 @@ def encode_frame(
         if header.encoding != "jpeg":
             raise ValueError("an encoded packet needs encoding jpeg")
         payload: bytes | memoryview = (
-            memoryview(np.ascontiguousarray(packet)).cast("B") if isinstance(packet, np.ndarray) else packet
+            np.ascontiguousarray(packet).data.cast("B") if isinstance(packet, np.ndarray) else packet
         )
+    elif image is None:
+        raise ValueError("a frame needs its image or an encoded packet")
     elif header.encoding == "jpeg":
         ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
         if not ok:
             raise ValueError("JPEG encoding failed")
         payload = buf.tobytes()
     else:
-        payload = memoryview(np.ascontiguousarray(image)).cast("B")
+        payload = np.ascontiguousarray(image).data.cast("B")
     return [header.topic(), json.dumps(asdict(header), separators=(",", ":")).encode(), payload]
 
 
