@@ -334,7 +334,11 @@ class VerifierMetrics:
     def watch_cameras(self, up: Callable[[str], bool], cameras: Iterable[str]) -> None:
         """`kiosk_camera_up` is read from `up(camera)` at each scrape."""
         for cam in cameras:
-            self.camera_up.labels(camera=cam).set_function(lambda cam=cam: 1.0 if up(cam) else 0.0)
+
+            def reading(cam: str = cam) -> float:
+                return 1.0 if up(cam) else 0.0
+
+            self.camera_up.labels(camera=cam).set_function(reading)
 
     # the gatekeeper's failure counters (kiosk.pipeline.gatekeeper.FailureCounters)
     def store_failed(self) -> None:

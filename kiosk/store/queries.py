@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -100,6 +101,14 @@ class GalleryQueries:
 
     def close(self) -> None:
         self._db.close()
+
+    def backup(self, dest: Path) -> int:
+        """A consistent copy of the gallery at `dest`; returns the revision copied."""
+        raise NotImplementedError
+
+    def restore(self, source: Path) -> int:
+        """The gallery replaced by the copy at `source`; returns its revision."""
+        raise NotImplementedError
 
     def reopen(self) -> GalleryQueries:
         """Another connection to the same gallery (for a thread of its own)."""

@@ -254,7 +254,7 @@ class _EmptyGate:
 
 
 def _writer(path: Path, fps: float, w: int, h: int) -> cv2.VideoWriter:
-    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (w, h))
     if not out.isOpened():
         raise RuntimeFailure(f"bench: cannot write {path}")
     return out

@@ -172,7 +172,7 @@ class HeadTurn:
         for p in points:
             sub.insert((float(p[0]), float(p[1])))
         tris = []
-        for t in sub.getTriangleList().reshape(-1, 3, 2):
+        for t in np.asarray(sub.getTriangleList()).reshape(-1, 3, 2):
             idx = [int(np.argmin(((points - q) ** 2).sum(1))) for q in t]
             if len(set(idx)) == 3:
                 tris.append(idx)

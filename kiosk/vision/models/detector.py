@@ -129,7 +129,7 @@ class ScrfdDetector:
         centers = self._centers.get(key)
         if centers is None:
             gh, gw = ch // stride, cw // stride
-            grid = np.stack(np.mgrid[:gh, :gw][::-1], axis=-1).astype(np.float32).reshape(-1, 2) * stride
+            grid = np.stack(list(np.mgrid[:gh, :gw][::-1]), axis=-1).astype(np.float32).reshape(-1, 2) * stride
             centers = np.repeat(grid, 2, axis=0)  # two anchors per location
             self._centers[key] = centers
         return centers
@@ -138,12 +138,12 @@ class ScrfdDetector:
     def _run(self, canvases: list[np.ndarray]) -> list[list[np.ndarray]]:
         """Raw outputs per canvas (all canvases must share one shape)."""
         if self.batched:
-            blob = cv2.dnn.blobFromImages(canvases, 1.0 / STD, None, (MEAN, MEAN, MEAN), swapRB=True)
+            blob = cv2.dnn.blobFromImages(canvases, 1.0 / STD, (0, 0), (MEAN, MEAN, MEAN), swapRB=True)
             outs = self.session.run(self.output_names, {self.input_name: blob})
             return [[o[i] for o in outs] for i in range(len(canvases))]
         results = []
         for canvas in canvases:
-            blob = cv2.dnn.blobFromImage(canvas, 1.0 / STD, None, (MEAN, MEAN, MEAN), swapRB=True)
+            blob = cv2.dnn.blobFromImage(canvas, 1.0 / STD, (0, 0), (MEAN, MEAN, MEAN), swapRB=True)
             results.append(self.session.run(self.output_names, {self.input_name: blob}))
         return results
 
@@ -207,7 +207,8 @@ class ScrfdDetector:
             return []
         main_geo = []
         for img in images:
-            nw, nh, scale, cw, ch = self.main_geometry(*img.shape[:2], min_face_px=min_face_px)
+            h, w = img.shape[:2]
+            nw, nh, scale, cw, ch = self.main_geometry(h, w, min_face_px=min_face_px)
             main_geo.append((nw, nh, scale, cw, ch, 0, 0))
         found = self._pass(images, main_geo)
         if min_face_px > 0:
@@ -244,8 +245,8 @@ class ScrfdDetector:
                 continue
             h, w = img.shape[:2]
             widths = faces.widths
-            for j in np.flatnonzero((widths * scale < REFINE_BELOW_PX) & (widths >= REFINE_FROM * min_face_px)):
-                x1, y1, x2, y2 = (float(v) for v in faces.boxes[j])
+            for small in np.flatnonzero((widths * scale < REFINE_BELOW_PX) & (widths >= REFINE_FROM * min_face_px)):
+                x1, y1, x2, y2 = (float(v) for v in faces.boxes[small])
                 side = REFINE_CONTEXT * max(x2 - x1, y2 - y1)
                 left = int(max(0, min(w - side, (x1 + x2 - side) / 2)))
                 top = int(max(0, min(h - side, (y1 + y2 - side) / 2)))
@@ -256,7 +257,7 @@ class ScrfdDetector:
                 nw, nh = max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s))
                 crops.append(crop)
                 geo.append((nw, nh, s, REFINE_CANVAS, REFINE_CANVAS, 0, 0))
-                where.append((i, int(j), left, top))
+                where.append((i, int(small), left, top))
         if not crops:
             return found
         refined = self._pass(crops, geo)
