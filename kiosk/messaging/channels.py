@@ -18,7 +18,7 @@ bench, tests).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from kiosk.messaging.messages import (
     Frame,
     Heartbeat,
     OutOfBounds,
+    Part,
     check_frame_clock,
     decode_event,
     decode_frame_header,
@@ -57,7 +58,7 @@ def _ignore(_why: str) -> None:
     pass
 
 
-def _capture_health(topic: str, parts: list[Any], cameras: Iterable[str] | None) -> CaptureHealth:
+def _capture_health(topic: str, parts: Sequence[Part], cameras: Iterable[str] | None) -> CaptureHealth:
     _, body = decode_json(parts, "health")
     cam_id = str(body.get("camera_id", ""))
     if topic != CAPTURE_HEALTH + cam_id or (cameras is not None and cam_id not in cameras):
@@ -129,7 +130,7 @@ class FrameChannel:
             return None
         if not self._from_owner(camera, raw[0]):
             return None
-        parts: list[Any] = [topic.encode()] + [p.buffer for p in raw[1:]]
+        parts: list[Part] = [topic.encode()] + [p.buffer for p in raw[1:]]
         try:
             if kind == "frame":
                 header = decode_frame_header(parts)

@@ -11,6 +11,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 from kiosk.vision.images import image_size
 
 VERSION = 1
+Part = bytes | memoryview  # one part of a message as received: bytes, or a zero-copy frame buffer
 FRAME_TOPIC = "frame."
 EOF_TOPIC = "eof."
 EVENT_TOPIC = "event."
@@ -204,7 +206,7 @@ def _require(data: dict[str, Any], key: str, kinds: type | tuple[type, ...], whe
     return value
 
 
-def _json(part: bytes, where: str) -> dict[str, Any]:
+def _json(part: Part, where: str) -> dict[str, Any]:
     try:
         data = json.loads(bytes(part).decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, huge numbers, absurd nesting
@@ -243,13 +245,13 @@ def encode_frame(
     return [header.topic(), json.dumps(asdict(header), separators=(",", ":")).encode(), payload]
 
 
-def decode_frame(parts: list[Any]) -> tuple[FrameHeader, np.ndarray]:
+def decode_frame(parts: Sequence[Part]) -> tuple[FrameHeader, np.ndarray]:
     """Validate a frame message and return its header and BGR image."""
     header = decode_frame_header(parts)
     return header, decode_frame_image(header, parts[2])
 
 
-def decode_frame_header(parts: list[Any]) -> FrameHeader:
+def decode_frame_header(parts: Sequence[Part]) -> FrameHeader:
     """The frame's header, validated (part count, size, JSON, types, topic, pixel size, seq and pts bounds),
     without touching the pixels: what a receiver reads before it spends anything on decoding them."""
     if len(parts) != 3:
@@ -313,7 +315,7 @@ def check_frame_clock(header: FrameHeader, now: float) -> None:
         )
 
 
-def decode_frame_image(header: FrameHeader, payload: Any) -> np.ndarray:
+def decode_frame_image(header: FrameHeader, payload: Part) -> np.ndarray:
     """The BGR pixels of a validated header's payload: bgr8 without a copy, a JPEG decoded only once its own
     header says it is the frame header's size (a JPEG bomb allocates nothing)."""
     if header.encoding == "bgr8":
@@ -337,13 +339,13 @@ def encode_json(topic: str, body: dict[str, Any]) -> list[bytes]:
     return [topic.encode(), json.dumps(body, separators=(",", ":")).encode()]
 
 
-def decode_json(parts: list[bytes], where: str) -> tuple[str, dict[str, Any]]:
+def decode_json(parts: Sequence[Part], where: str) -> tuple[str, dict[str, Any]]:
     if len(parts) != 2:
         raise BadMessage(f"{where}: expected 2 parts, got {len(parts)}")
     return bytes(parts[0]).decode("utf-8", "replace"), _json(parts[1], where)
 
 
-def decode_event(parts: list[bytes]) -> Event:
+def decode_event(parts: Sequence[Part]) -> Event:
     topic, data = decode_json(parts, "event")
     return event_from_dict(data, topic)
 
