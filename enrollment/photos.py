@@ -127,4 +127,7 @@ def largest_face_embedding(engine: FaceEngine, path: str | Path) -> np.ndarray:
     faces = engine.detector.detect(image)
     if len(faces) == 0:
         raise Refused("no_face", f"{path}: no face found")
-    return engine.describe(image, faces.largest()).faces.embeddings[0]  # type: ignore[index]
+    embeddings = engine.describe(image, faces.largest()).faces.embeddings
+    if embeddings is None:  # describe() embeds every face it is given
+        raise RuntimeError(f"{path}: the face was not embedded")
+    return embeddings[0]

@@ -219,7 +219,7 @@ def _run_cameras(
         raise RuntimeFailure("bench: the verifier gave no status")
     cpu = {}
     for name, (seconds, at) in cpu_last.items():
-        span = at - window_start  # type: ignore[operator]  # set before any reading
+        span = at - (window_start if window_start is not None else at)  # (set before any reading)
         if span >= 1.0:
             cpu[name] = {"core_share": round((seconds - cpu_from[name]) / span, 3), "over_s": round(span, 1)}
     return {"status": status, "events": events, "capture_health": health, "cpu": cpu}

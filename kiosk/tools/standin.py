@@ -28,9 +28,14 @@ print or a replay attack). Both need real video.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:  # (the stand-in itself runs no model)
+    from kiosk.vision.landmarks import LandmarkModel
+    from kiosk.vision.models.detector import ScrfdDetector
 
 from kiosk.vision.landmarks import (
     CHIN,
@@ -286,14 +291,14 @@ def _turned(
     return np.where(depth[:, None] > 0, np.stack([x, y], axis=1) + centre, pts), z
 
 
-def head_turn(crop: np.ndarray, detector: object, landmarks: object) -> HeadTurn:
+def head_turn(crop: np.ndarray, detector: ScrfdDetector, landmarks: LandmarkModel) -> HeadTurn:
     """A HeadTurn of a person crop: its largest face found by `detector` (ScrfdDetector), its 106 landmarks by
     `landmarks` (LandmarkModel). ValueError if the crop shows no face."""
-    faces = detector.detect(crop)  # type: ignore[attr-defined]
+    faces = detector.detect(crop)
     if len(faces) == 0:
         raise ValueError("no face in the person crop")
     face = faces.largest()
-    points = landmarks.predict(crop, face.boxes)[0]  # type: ignore[attr-defined]
+    points = landmarks.predict(crop, face.boxes)[0]
     return HeadTurn.from_landmarks(crop, points, face.boxes[0], face.kps[0, :2], face.kps[0, 2])
 
 

@@ -188,7 +188,7 @@ class ScrfdDetector:
             canvas = np.zeros((ch, cw, 3), np.uint8)
             canvas[oy : oy + nh, ox : ox + nw] = cv2.resize(img, (nw, nh))
             canvases.append(canvas)
-        results: list[Faces | None] = [None] * len(images)
+        results: dict[int, Faces] = {}
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, c in enumerate(canvases):
             by_shape.setdefault(c.shape[:2], []).append(i)
@@ -197,7 +197,7 @@ class ScrfdDetector:
             for i, out in zip(idx, outs, strict=True):
                 _, _, scale, _, _, ox, oy = geometry[i]
                 results[i] = self._nms_faces(*self._decode(out, ch, cw, scale, (ox, oy)))
-        return results  # type: ignore[return-value]
+        return [results[i] for i in range(len(images))]
 
     def detect_batch(self, images: list[np.ndarray], min_face_px: int = 0) -> list[Faces]:
         """Faces of each BGR image, sorted by detector score. With `min_face_px` (the verifier's
