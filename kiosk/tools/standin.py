@@ -191,8 +191,8 @@ class HeadTurn:
         mouth = float(mouth) if mouth >= 1e-4 else 0.0  # (a hair-thin gap would draw a dark line)
         pts = self.points
         if blink or mouth:
-            self._expression_basis()
-            pts = pts + blink * self._blink + mouth * self._jaw  # type: ignore[operator]
+            blink_move, jaw_move = self._expression_basis()
+            pts = pts + blink * blink_move + mouth * jaw_move
         moved, z = _turned(pts, self.depth, self.centre, yaw, pitch)
         out = self.image.copy()
         h, w = out.shape[:2]
@@ -218,10 +218,11 @@ class HeadTurn:
             self._fill_mouth(out, mouth, yaw, pitch)
         return out
 
-    def _expression_basis(self) -> None:
-        """The blink's and the jaw's vertex displacements, from the 106 landmarks (the first vertices)."""
+    def _expression_basis(self) -> tuple[np.ndarray, np.ndarray]:
+        """The blink's and the jaw's vertex displacements, from the 106 landmarks (the first vertices); made
+        once."""
         if self._blink is not None and self._jaw is not None:
-            return
+            return self._blink, self._jaw
         if len(self.points) < POINTS:
             raise ValueError("expressions need a mesh through the 106 landmarks (HeadTurn.from_landmarks)")
         lm = self.points[:POINTS]
@@ -241,6 +242,7 @@ class HeadTurn:
         jaw[list(LOWER_LIP), 1] = 1.0
         jaw[list(MOUTH_CORNERS), 1] = CORNER_DROP
         self._blink, self._jaw = blink, jaw * height
+        return self._blink, self._jaw
 
     def _fill_mouth(self, out: np.ndarray, mouth: float, yaw: float, pitch: float) -> None:
         """The gap the dropped jaw opens between the lips, drawn dark: warping alone would stretch the lips (and
@@ -249,9 +251,9 @@ class HeadTurn:
         lm = self.points[:POINTS]
         seam = (lm[list(INNER_UPPER_LIP)] + lm[list(INNER_LOWER_LIP)]) / 2
         left, right = lm[65], lm[69]
-        jaw = self._jaw
-        drop = mouth * jaw[INNER_LOWER_LIP[1], 1]  # type: ignore[index]
-        corner = mouth * jaw[65, 1]  # type: ignore[index]
+        _, jaw = self._expression_basis()  # (made by render before it draws the mouth)
+        drop = mouth * jaw[INNER_LOWER_LIP[1], 1]
+        corner = mouth * jaw[65, 1]
         upper = np.concatenate([[left + [0, corner]], seam, [right + [0, corner]]])
         lower = seam[::-1] + [0, drop]
         ring = np.concatenate([upper, lower])
