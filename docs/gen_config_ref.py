@@ -164,7 +164,7 @@ def reference(text: str | None = None) -> str:
     return "\n".join(out)
 
 
-def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 (the MkDocs hook signature)
+def on_page_markdown(markdown: str, page, config, files) -> str:  # the MkDocs hook signature
     """MkDocs hook: the configuration page's marker becomes the reference; its absence fails the build."""
     if page.file.src_uri != PAGE:
         return markdown

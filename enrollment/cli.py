@@ -460,7 +460,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 cache[path] = str(exc)
         return cache[path]
 
-    genuine, impostor, skipped = [], [], []
+    genuine: list[float] = []
+    impostor: list[float] = []
+    skipped: list[dict[str, str]] = []
     for pair in tqdm(pairs, desc="scoring", unit="pair", file=sys.stderr, disable=args.no_progress):
         a, b = embedding(pair.image_a), embedding(pair.image_b)
         if isinstance(a, str) or isinstance(b, str):
@@ -473,11 +475,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(data))
         return EXIT_OK
 
-    def pct(v: object) -> str:
-        return "n/a" if v is None else f"{100 * float(v):.3f}%"  # type: ignore[arg-type]
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * float(v):.3f}%"
 
-    def num(v: object) -> str:
-        return "n/a" if v is None else f"{float(v):.3f}"  # type: ignore[arg-type]
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{float(v):.3f}"
 
     print(
         f"pairs: {data['pairs']} ({data['genuine_pairs']} genuine, {data['impostor_pairs']} impostor, "
@@ -485,7 +487,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     print(f"threshold {report.threshold:.3f}: FMR {pct(data['fmr'])}, FNMR {pct(data['fnmr'])}")
     print(f"EER {pct(data['eer'])} at threshold {num(data['eer_threshold'])}")
-    for target, t in data["threshold_at_fmr"].items():  # type: ignore[union-attr]
+    for target, t in data["threshold_at_fmr"].items():
         print(
             f"threshold for FMR {target}: "
             + (num(t) if t is not None else f"n/a (needs at least {round(1 / float(target))} impostor pairs)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ class Report:
         # Just above the (allowed+1)-th highest impostor score.
         return float(np.nextafter(ranked[allowed], np.inf))
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, Any]:  # (JSON)
         eer, eer_t = self.eer()
         return {
             "pairs": self.pairs,

@@ -133,7 +133,7 @@ def cmd_flight_purge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_flight_commands(sub: argparse._SubParsersAction, add_commands) -> None:  # noqa: ANN001
+def add_flight_commands(sub: argparse._SubParsersAction, add_commands) -> None:
     p = sub.add_parser("flight", help="flights and their manifests: list, show, remove-passenger, purge")
     fsub = add_commands(p, "flight_command")
     q = fsub.add_parser("list", help="every flight with its departure, status and boarding counts")

@@ -43,6 +43,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -380,7 +381,7 @@ def judge_frames(
         new = [j for j in undecided if j not in seen]
         if new:
             try:
-                seen.update(zip(new, pad.observe(frame, faces.boxes[new])))
+                seen.update(zip(new, pad.observe(frame, faces.boxes[new]), strict=True))
             except Exception:  # noqa: BLE001 - as in the verifier: a failing model brings no evidence
                 seen.update((j, None) for j in new)
         for j in undecided:
@@ -475,7 +476,7 @@ def replay(cfg: KioskConfig, p: Presentation, threshold: float) -> str:
     policy = _policy(trial, True, liveness)
     track = Track(p.track_id, "eval", np.zeros(4, np.float32), 0.0)
     decision = None
-    for i, (clock, seen, texture, width) in enumerate(zip(p.clocks, p.observed, p.textures, p.widths)):
+    for i, (clock, seen, texture, width) in enumerate(zip(p.clocks, p.observed, p.textures, p.widths, strict=True)):
         obs = PadObservation(None, texture, width=width) if seen else None
         decision = policy.observe(track, GATE, MATCH, clock, i, clock=clock, live=obs)
         if decision is not None:
@@ -516,6 +517,16 @@ def upper_bound(errors: int, n: int, confidence: float = CONFIDENCE) -> float | 
 
 
 Keep = Callable[[Presentation], bool]
+
+
+def from_source(source: str) -> Keep:
+    """The presentations of one source."""
+    return lambda p: p.source == source
+
+
+def not_from(source: str) -> Keep:
+    """The presentations of every source but one (a leave-one-source-out fit)."""
+    return lambda p: p.source != source
 
 
 @dataclass
@@ -664,20 +675,20 @@ class PadReport:
             return None
         rows = []
         for held in sources:
-            fit = self._fit(lambda p, h=held: p.source != h)
+            fit = self._fit(not_from(held))
             t = fit["fitted_threshold"]
             rows.append(
                 {
                     "held_out": held,
                     "same_data": False,
                     **fit,
-                    **self._measured(lambda p, t=t: self.outcome(p, t), lambda p, h=held: p.source == h),
+                    **self._measured(partial(self.outcome, threshold=t), from_source(held)),
                 }
             )
         fit = self._fit(lambda p: True)
         t = fit["fitted_threshold"]
         rows.append(
-            {"held_out": "all", "same_data": True, **fit, **self._measured(lambda p, t=t: self.outcome(p, t), None)}
+            {"held_out": "all", "same_data": True, **fit, **self._measured(partial(self.outcome, threshold=t), None)}
         )
         return {
             "margin": self.margin,
@@ -724,7 +735,7 @@ class PadReport:
         return {
             "configured": configured,
             "pooled": point(lambda p: True),
-            "per_source": {s: point(lambda p, s=s: p.source == s) for s in self.sources()},
+            "per_source": {s: point(from_source(s)) for s in self.sources()},
         }
 
     def as_dict(self, sweep: bool = False) -> dict[str, Any]:
@@ -756,7 +767,7 @@ class PadReport:
                 "file-name order (a still without a subject alone), each held for hold_frames frames, "
                 "judged as a video",
             },
-            "sources": {s: self._measured(lambda p: p.outcome, lambda p, s=s: p.source == s) for s in self.sources()},
+            "sources": {s: self._measured(lambda p: p.outcome, from_source(s)) for s in self.sources()},
             "check_scores": self.check_scores(),
             "at_apcer0": self.at_apcer0(),
             "loso": self.loso(),
@@ -767,7 +778,7 @@ class PadReport:
         if sweep and self.models:
             curve = []
             for t in SWEEP:
-                b, a = self._rates(lambda p, t=t: self.outcome(p, t))
+                b, a = self._rates(partial(self.outcome, threshold=t))
                 curve.append(
                     {
                         "threshold": t,

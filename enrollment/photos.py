@@ -77,6 +77,8 @@ def reference_template(
         )
     analysis = engine.describe(image, faces.largest())
     faces, crops = analysis.faces, analysis.crops
+    if faces.embeddings is None:  # describe() embeds every face it is given
+        raise RuntimeError(f"{path}: the face was not embedded")
     q = measure(faces, crops)
     width, sharp, yaw, score = float(q.width[0]), float(q.sharpness[0]), float(q.yaw[0]), float(q.score[0])
     if width < rules.min_face_px:
@@ -114,7 +116,7 @@ def reference_template(
     return Template(
         source=str(path),
         embedding=faces.embeddings[0],
-        quality=quality,  # type: ignore[index]
+        quality=quality,
         photo_sha256=photo_digest(data),
     )
 
@@ -125,4 +127,7 @@ def largest_face_embedding(engine: FaceEngine, path: str | Path) -> np.ndarray:
     faces = engine.detector.detect(image)
     if len(faces) == 0:
         raise Refused("no_face", f"{path}: no face found")
-    return engine.describe(image, faces.largest()).faces.embeddings[0]  # type: ignore[index]
+    embeddings = engine.describe(image, faces.largest()).faces.embeddings
+    if embeddings is None:  # describe() embeds every face it is given
+        raise RuntimeError(f"{path}: the face was not embedded")
+    return embeddings[0]

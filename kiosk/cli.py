@@ -36,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config_required(args)
     verbosity = ["-v"] * args.verbose + ["-q"] * args.quiet
-    assert cfg.source is not None
+    assert cfg.source is not None  # noqa: S101 - for the type checker: _config_required refused a config without a file
     return run_supervisor(cfg, cfg.source.resolve(), exit_on_eof=args.exit_on_eof, verbosity=verbosity)
 
 

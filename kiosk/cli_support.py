@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, NoReturn, Protocol
 
 from kiosk.errors import EXIT_RUNTIME, EXIT_USAGE, KioskError
 
@@ -113,7 +113,7 @@ def serve(service: Service) -> int:
 class Parser(argparse.ArgumentParser):
     """argparse exits 2 on usage errors already; keep its message on one line."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
@@ -122,6 +122,6 @@ class Parser(argparse.ArgumentParser):
 class CommandParser(Parser):
     """A sub-command's parser: takes -c/-v/-q itself as well."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # argparse.ArgumentParser's
+        super().__init__(*args, **kwargs)
         add_common(self, sub=True)

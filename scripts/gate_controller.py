@@ -122,7 +122,7 @@ class MqttFeed:
         self.available_topic = f"{prefix}/available"
         self.decision_topic = f"{prefix}/gates/{topic_level(gate.gate_id)}/decision"
         self.online = False
-        self._seen: deque[str] = deque(maxlen=1000)
+        self._seen: deque[object] = deque(maxlen=1000)  # event ids as they came
 
     def lost(self, now: float) -> None:
         """No broker: nobody can tell this gate anything, so it fails closed."""
@@ -175,7 +175,7 @@ def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
         client.username_pw_set(unquote(parts.username), password)
     if parts.scheme == "mqtts":
         client.tls_set(ca_certs=args.mqtt_ca_file)
-    client.reconnect_delay_set(0.5, 10)
+    client.reconnect_delay_set(0.5, 10)  # type: ignore[arg-type]  # paho hints int; it waits a float of seconds
     client.on_connect = lambda c, *_: c.subscribe([(feed.available_topic, 1), (feed.decision_topic, 1)])
     client.on_disconnect = lambda *_: inbox.put(("", b""))
     client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, msg.payload))
@@ -252,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         server_public, _ = zmq.auth.load_certificate(args.server_key)
         public, secret = zmq.auth.load_certificate(args.client_key)
         sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_public, public, secret
-    for topic in (f"event.{args.gate}", "health.verifier"):
-        sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    for prefix in (f"event.{args.gate}", "health.verifier"):
+        sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
     sock.connect(args.events)
     was_open = False
     end = time.time() + args.run_seconds if args.run_seconds else float("inf")

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Make presentation-attack videos from a photo: a hand-held print, a phone/tablet screen, or a clean photo filling the frame.
+"""Make presentation-attack videos from a photo: a hand-held print, a phone/tablet screen, or a clean photo filling
+the frame.
 
     uv run scripts/make_attack_video.py --type print --out print.avi photo.jpg
     uv run scripts/make_attack_video.py --type screen --seed 3 --close-up --out screen.avi photo.jpg

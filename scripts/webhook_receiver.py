@@ -81,7 +81,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.end_headers()
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:  # http.server's name
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
@@ -116,7 +116,7 @@ class Handler(BaseHTTPRequestHandler):
                 out.write(json.dumps(event) + "\n")
         self._answer(204)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - one line per event is enough
+    def log_message(self, format: str, *args: object) -> None:  # http.server's signature; one line per event is enough
         pass
 
 

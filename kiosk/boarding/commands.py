@@ -13,7 +13,7 @@ from kiosk.boarding.report import build_report, flight_json, iso, report_csv, re
 from kiosk.config import KioskConfig, load_config
 from kiosk.errors import EXIT_OK, UsageError
 from kiosk.store.flights import SqliteBoardingStore, open_store
-from kiosk.store.gallery import Gallery
+from kiosk.store.queries import GalleryQueries
 
 
 def _gate(cfg: KioskConfig, gate: str) -> str:
@@ -23,7 +23,7 @@ def _gate(cfg: KioskConfig, gate: str) -> str:
     return gate
 
 
-def _open(args: argparse.Namespace) -> tuple[KioskConfig, Gallery, SqliteBoardingStore]:
+def _open(args: argparse.Namespace) -> tuple[KioskConfig, GalleryQueries, SqliteBoardingStore]:
     cfg = load_config(args.config)
     return (cfg, *open_store(cfg))
 
@@ -131,7 +131,7 @@ def cmd_undo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_board_commands(sub: argparse._SubParsersAction, add_commands) -> None:  # noqa: ANN001
+def add_board_commands(sub: argparse._SubParsersAction, add_commands) -> None:
     p = sub.add_parser("board", help="boarding by flight: open/close a gate on a flight, status, report, undo")
     bsub = add_commands(p, "board_command")
     q = bsub.add_parser("open", help="the gate boards this flight (its passengers only)")

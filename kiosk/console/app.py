@@ -32,7 +32,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiosk.config import KioskConfig
 from kiosk.console.auth import PasswordCheck, Sessions
@@ -102,7 +102,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
 
-        async def send_with_headers(message: dict) -> None:
+        async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = list(message.get("headers", [])) + HEADERS
             await send(message)
@@ -266,7 +266,7 @@ def build_app(
         if gate not in state.gates:
             return JSONResponse({"error": "no such gate"}, status_code=404)
 
-        async def stream():  # noqa: ANN202 - server-sent events: one preview per message
+        async def stream():
             state.watch(gate)
             seen, quiet_since = 0, time.monotonic()
             try:
@@ -317,10 +317,10 @@ def _listen(cfg: KioskConfig) -> tuple[str, int, bool]:
             "console.tls_cert and console.tls_key, or (behind a TLS-terminating proxy) "
             "console.insecure_http: true"
         )
-    for key in ("tls_cert", "tls_key"):
-        path = getattr(cfg.console, key)
+    for name in ("tls_cert", "tls_key"):
+        path = getattr(cfg.console, name)
         if path is not None and not cfg.resolve(path).is_file():
-            raise ConfigError(f"console.{key}: {cfg.resolve(path)}: no such file")
+            raise ConfigError(f"console.{name}: {cfg.resolve(path)}: no such file")
     if cfg.console.tls_cert is not None and cfg.console.tls_key is not None:
         cert, key = cfg.resolve(cfg.console.tls_cert), cfg.resolve(cfg.console.tls_key)
         try:  # a certificate and key that do not load: one line now, not a traceback from the server later
@@ -435,8 +435,8 @@ def run_console(cfg: KioskConfig) -> int:
         ws="none",
         proxy_headers=bool(proxies),
         forwarded_allow_ips=",".join(proxies) if proxies else "",
-        ssl_certfile=str(cfg.resolve(cfg.console.tls_cert)) if tls else None,
-        ssl_keyfile=str(cfg.resolve(cfg.console.tls_key)) if tls else None,
+        ssl_certfile=str(cfg.resolve(cfg.console.tls_cert)) if tls and cfg.console.tls_cert else None,
+        ssl_keyfile=str(cfg.resolve(cfg.console.tls_key)) if tls and cfg.console.tls_key else None,
     )
     server = uvicorn.Server(config)
     feed.start()

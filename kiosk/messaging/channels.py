@@ -18,9 +18,9 @@ bench, tests).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import zmq
 
@@ -37,6 +37,7 @@ from kiosk.messaging.messages import (
     Frame,
     Heartbeat,
     OutOfBounds,
+    Part,
     check_frame_clock,
     decode_event,
     decode_frame_header,
@@ -44,8 +45,8 @@ from kiosk.messaging.messages import (
     decode_json,
 )
 
-FrameMessage = Union[Frame, Eof, CaptureHealth]
-EventMessage = Union[Event, Heartbeat, CaptureHealth]
+FrameMessage = Frame | Eof | CaptureHealth
+EventMessage = Event | Heartbeat | CaptureHealth
 OnBad = Callable[[str], None]
 DECODE_ERRORS = (BadMessage, ValueError, TypeError, OverflowError, RecursionError)
 VERIFIER_HEALTH = HEALTH_TOPIC + "verifier"
@@ -57,7 +58,7 @@ def _ignore(_why: str) -> None:
     pass
 
 
-def _capture_health(topic: str, parts: list[Any], cameras: Iterable[str] | None) -> CaptureHealth:
+def _capture_health(topic: str, parts: Sequence[Part], cameras: Iterable[str] | None) -> CaptureHealth:
     _, body = decode_json(parts, "health")
     cam_id = str(body.get("camera_id", ""))
     if topic != CAPTURE_HEALTH + cam_id or (cameras is not None and cam_id not in cameras):
@@ -91,7 +92,7 @@ class FrameChannel:
 
     def __init__(
         self,
-        sock: zmq.Socket,
+        sock: zmq.Socket[bytes],
         cameras: Iterable[str],
         on_bad: OnBad = _ignore,
         owners: dict[str, str] | None = None,
@@ -129,7 +130,7 @@ class FrameChannel:
             return None
         if not self._from_owner(camera, raw[0]):
             return None
-        parts: list[Any] = [topic.encode()] + [p.buffer for p in raw[1:]]
+        parts: list[Part] = [topic.encode()] + [p.buffer for p in raw[1:]]
         try:
             if kind == "frame":
                 header = decode_frame_header(parts)
@@ -185,7 +186,7 @@ class FrameChannel:
 class EventChannel:
     """What the verifier publishes: decisions, its heartbeat and the captures' health it relays."""
 
-    def __init__(self, sock: zmq.Socket, on_bad: OnBad = _ignore) -> None:
+    def __init__(self, sock: zmq.Socket[bytes], on_bad: OnBad = _ignore) -> None:
         self.sock = sock
         self.on_bad = on_bad
 

@@ -11,6 +11,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 from kiosk.vision.images import image_size
 
 VERSION = 1
+Part = bytes | memoryview  # one part of a message as received: bytes, or a zero-copy frame buffer
 FRAME_TOPIC = "frame."
 EOF_TOPIC = "eof."
 EVENT_TOPIC = "event."
@@ -183,7 +185,7 @@ class Event:
     on_flights: list[str] | None = None  # wrong_flight: the flights the passenger is on
     liveness_score: float | None = None  # the weakest liveness check's score, 0-1 (null: liveness off)
     liveness_frames: int = 0  # frames of the track the liveness checks saw
-    liveness_checks: dict | None = None  # per check (depth, texture): verdict and evidence; decided_by
+    liveness_checks: dict[str, Any] | None = None  # per check (depth, texture): verdict and evidence; decided_by
     v: int = VERSION
 
     def topic(self) -> bytes:
@@ -204,7 +206,7 @@ def _require(data: dict[str, Any], key: str, kinds: type | tuple[type, ...], whe
     return value
 
 
-def _json(part: bytes, where: str) -> dict[str, Any]:
+def _json(part: Part, where: str) -> dict[str, Any]:
     try:
         data = json.loads(bytes(part).decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, huge numbers, absurd nesting
@@ -229,25 +231,27 @@ def encode_frame(
         if header.encoding != "jpeg":
             raise ValueError("an encoded packet needs encoding jpeg")
         payload: bytes | memoryview = (
-            memoryview(np.ascontiguousarray(packet)).cast("B") if isinstance(packet, np.ndarray) else packet
+            np.ascontiguousarray(packet).data.cast("B") if isinstance(packet, np.ndarray) else packet
         )
+    elif image is None:
+        raise ValueError("a frame needs its image or an encoded packet")
     elif header.encoding == "jpeg":
         ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
         if not ok:
             raise ValueError("JPEG encoding failed")
         payload = buf.tobytes()
     else:
-        payload = memoryview(np.ascontiguousarray(image)).cast("B")
+        payload = np.ascontiguousarray(image).data.cast("B")
     return [header.topic(), json.dumps(asdict(header), separators=(",", ":")).encode(), payload]
 
 
-def decode_frame(parts: list[Any]) -> tuple[FrameHeader, np.ndarray]:
+def decode_frame(parts: Sequence[Part]) -> tuple[FrameHeader, np.ndarray]:
     """Validate a frame message and return its header and BGR image."""
     header = decode_frame_header(parts)
     return header, decode_frame_image(header, parts[2])
 
 
-def decode_frame_header(parts: list[Any]) -> FrameHeader:
+def decode_frame_header(parts: Sequence[Part]) -> FrameHeader:
     """The frame's header, validated (part count, size, JSON, types, topic, pixel size, seq and pts bounds),
     without touching the pixels: what a receiver reads before it spends anything on decoding them."""
     if len(parts) != 3:
@@ -311,7 +315,7 @@ def check_frame_clock(header: FrameHeader, now: float) -> None:
         )
 
 
-def decode_frame_image(header: FrameHeader, payload: Any) -> np.ndarray:
+def decode_frame_image(header: FrameHeader, payload: Part) -> np.ndarray:
     """The BGR pixels of a validated header's payload: bgr8 without a copy, a JPEG decoded only once its own
     header says it is the frame header's size (a JPEG bomb allocates nothing)."""
     if header.encoding == "bgr8":
@@ -335,13 +339,13 @@ def encode_json(topic: str, body: dict[str, Any]) -> list[bytes]:
     return [topic.encode(), json.dumps(body, separators=(",", ":")).encode()]
 
 
-def decode_json(parts: list[bytes], where: str) -> tuple[str, dict[str, Any]]:
+def decode_json(parts: Sequence[Part], where: str) -> tuple[str, dict[str, Any]]:
     if len(parts) != 2:
         raise BadMessage(f"{where}: expected 2 parts, got {len(parts)}")
     return bytes(parts[0]).decode("utf-8", "replace"), _json(parts[1], where)
 
 
-def decode_event(parts: list[bytes]) -> Event:
+def decode_event(parts: Sequence[Part]) -> Event:
     topic, data = decode_json(parts, "event")
     return event_from_dict(data, topic)
 

@@ -35,8 +35,11 @@ class Reason(str, Enum):
         return member
 
     # str's own, not Enum's: "no_match", never "Reason.NO_MATCH" (metrics labels, log lines, f-strings)
-    __str__ = str.__str__
-    __format__ = str.__format__
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, format_spec: str) -> str:
+        return str.__format__(self, format_spec)
 
     # In the order of the decision metrics' outcomes (kiosk.services.metrics.OUTCOMES).
     NO_MATCH = "no_match"

@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.auth
@@ -235,7 +235,7 @@ class Transport:
         self._server: KeyPair | None = None
         self._client: KeyPair | None = None
         self._client_key = client_key or cfg.security.client_key
-        self._monitors: list[tuple[zmq.Socket, threading.Thread]] = []
+        self._monitors: list[tuple[zmq.Socket[bytes], threading.Thread]] = []
         self._closing = threading.Event()
         if not self.curve:
             log.warning(
@@ -271,7 +271,7 @@ class Transport:
         server = _load(self.keys_dir / "server.key")
         return self._client, server.public
 
-    def _as_server(self, sock: zmq.Socket, domain: str) -> None:
+    def _as_server(self, sock: zmq.Socket[bytes], domain: str) -> None:
         """CurveZMQ server; `domain` picks the allow-list: "ingest" (frames, control), "events" or "preview"."""
         if not self.curve:
             return
@@ -298,7 +298,7 @@ class Transport:
         sock.curve_publickey = keys.public
         sock.curve_server = True
 
-    def _as_client(self, sock: zmq.Socket, what: str) -> None:
+    def _as_client(self, sock: zmq.Socket[bytes], what: str) -> None:
         if not self.curve:
             return
         keys, server_public = self._client_keys()
@@ -307,7 +307,7 @@ class Transport:
         sock.curve_serverkey = server_public
         self._watch_handshake(sock, what)
 
-    def _watch_handshake(self, sock: zmq.Socket, what: str) -> None:
+    def _watch_handshake(self, sock: zmq.Socket[bytes], what: str) -> None:
         """Log when the server refuses this client's key: ZeroMQ itself just retries in silence."""
         failed = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
         # A name of its own: pyzmq's default is named after the socket's file descriptor, which a socket opened
@@ -347,14 +347,14 @@ class Transport:
         thread.start()
         self._monitors = [(s, t) for s, t in self._monitors if t.is_alive()] + [(sock, thread)]
 
-    def _socket(self, kind: int, **opts: Any) -> zmq.Socket:
+    def _socket(self, kind: int, **opts: Any) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(kind)
         sock.linger = 0
         for name, value in opts.items():
             sock.setsockopt(getattr(zmq, name), value)
         return sock
 
-    def _attach(self, sock: zmq.Socket, key: str, *, bind: bool) -> zmq.Socket:
+    def _attach(self, sock: zmq.Socket[bytes], key: str, *, bind: bool) -> zmq.Socket[bytes]:
         """Bind or connect `sock` to `transport.<key>`; a bad or busy endpoint is a ConfigError."""
         endpoint = getattr(self.cfg.transport, key)
         try:
@@ -367,17 +367,17 @@ class Transport:
         return sock
 
     # -- sockets -------------------------------------------------------------
-    def frame_receiver(self) -> zmq.Socket:
+    def frame_receiver(self) -> zmq.Socket[bytes]:
         sock = self._socket(zmq.PULL, RCVHWM=FRAME_RCVHWM, MAXMSGSIZE=FRAME_PART_MAX, RCVBUF=FRAME_SOCKET_BUF)
         self._as_server(sock, "ingest")
         return self._attach(sock, "frames", bind=True)
 
-    def frame_sender(self) -> zmq.Socket:
+    def frame_sender(self) -> zmq.Socket[bytes]:
         sock = self._socket(zmq.PUSH, SNDHWM=FRAME_HWM, IMMEDIATE=1, SNDBUF=FRAME_SOCKET_BUF)
         self._as_client(sock, "frames")
         return self._attach(sock, "frames", bind=False)
 
-    def event_publisher(self, bind_tries: int = 1) -> zmq.Socket:
+    def event_publisher(self, bind_tries: int = 1) -> zmq.Socket[bytes]:
         """XPUB in manual mode: a peer's subscription is applied only when the verifier applies it for that
         peer's key (kiosk.services.event_access); to a connecting SUB it is a PUB. Incoming messages are
         subscriptions only: a small part limit and queue. `bind_tries` (10 ms apart): a socket bound again at
@@ -407,14 +407,14 @@ class Transport:
             ClientNames(self.keys_dir / CONSOLES),
         )
 
-    def event_subscriber(self, topics: list[str]) -> zmq.Socket:
+    def event_subscriber(self, topics: list[str]) -> zmq.Socket[bytes]:
         sock = self._socket(zmq.SUB, RCVHWM=10000, MAXMSGSIZE=EVENT_PART_MAX)
         self._as_client(sock, "events")
         for topic in topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         return self._attach(sock, "events", bind=False)
 
-    def preview_publisher(self) -> zmq.Socket:
+    def preview_publisher(self) -> zmq.Socket[bytes]:
         """ROUTER: each console connection says which gates it watches (a lease it renews), with its key known
         from ZAP on every message, and gets the frames of those gates addressed to it alone
         (kiosk.services.preview). Small send queue per connection: a slow viewer drops frames."""
@@ -422,13 +422,13 @@ class Transport:
         self._as_server(sock, "preview")
         return self._attach(sock, "preview", bind=True)
 
-    def preview_subscriber(self) -> zmq.Socket:
+    def preview_subscriber(self) -> zmq.Socket[bytes]:
         """DEALER: sends its watch lease (kiosk.services.preview.watch_request), receives [topic, header, JPEG]."""
         sock = self._socket(zmq.DEALER, RCVHWM=16, SNDHWM=4, MAXMSGSIZE=PREVIEW_PART_MAX)
         self._as_client(sock, "preview")
         return self._attach(sock, "preview", bind=False)
 
-    def control_server(self) -> zmq.Socket:
+    def control_server(self) -> zmq.Socket[bytes]:
         sock = self._socket(zmq.REP, MAXMSGSIZE=CONTROL_PART_MAX)
         self._as_server(sock, "ingest")
         return self._attach(sock, "control", bind=True)
@@ -437,18 +437,18 @@ class Transport:
         """Who sent a control request, by name (see ClientNames); None with CurveZMQ off (no sender is known)."""
         return ClientNames(self.keys_dir / AUTHORIZED) if self.curve else None
 
-    def history_server(self) -> zmq.Socket:
+    def history_server(self) -> zmq.Socket[bytes]:
         """Recent events on request, for subscribers: the events' allow-list (gates may ask)."""
         sock = self._socket(zmq.REP, MAXMSGSIZE=CONTROL_PART_MAX)
         self._as_server(sock, "events")
         return self._attach(sock, "history", bind=True)
 
-    def history_client(self, timeout_ms: int = 3000) -> zmq.Socket:
+    def history_client(self, timeout_ms: int = 3000) -> zmq.Socket[bytes]:
         sock = self._socket(zmq.REQ, RCVTIMEO=timeout_ms, SNDTIMEO=timeout_ms, MAXMSGSIZE=HISTORY_REPLY_MAX)
         self._as_client(sock, "history")
         return self._attach(sock, "history", bind=False)
 
-    def control_client(self, timeout_ms: int = 3000) -> zmq.Socket:
+    def control_client(self, timeout_ms: int = 3000) -> zmq.Socket[bytes]:
         sock = self._socket(zmq.REQ, RCVTIMEO=timeout_ms, SNDTIMEO=timeout_ms)
         self._as_client(sock, "control")
         return self._attach(sock, "control", bind=False)
@@ -537,7 +537,7 @@ def control_request(transport: Transport, request: dict[str, Any], timeout_ms: i
     sock = transport.control_client(timeout_ms)
     try:
         sock.send_json({"v": 1, **request})
-        return sock.recv_json()  # type: ignore[no-any-return]
+        return cast("dict[str, Any]", sock.recv_json())  # the verifier answers with a JSON object
     except zmq.Again:
         return None
     finally:

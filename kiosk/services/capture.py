@@ -79,7 +79,7 @@ class Captured:
         if image is not None:
             self.height, self.width = image.shape[:2]
         else:  # the size from the JPEG's header; 0x0 for a broken one, which decodes to nothing
-            self.width, self.height = (image_size(memoryview(jpeg)) if jpeg is not None else None) or (0, 0)
+            self.width, self.height = (image_size(jpeg.data) if jpeg is not None else None) or (0, 0)
 
     def image(self) -> np.ndarray | None:
         """The BGR pixels (None: a packet that does not decode)."""
@@ -93,7 +93,7 @@ class Captured:
         """The change measure's thumbnail; from a packet, via a quarter-size grey decode (None: it does not
         decode). Always made the same way for one source, so two thumbnails of one camera compare fairly."""
         if self.jpeg is None:
-            return thumbnail(self._image)
+            return thumbnail(self._image) if self._image is not None else None
         if not self.width:
             return None
         grey = cv2.imdecode(self.jpeg, cv2.IMREAD_REDUCED_GRAYSCALE_4)
@@ -237,7 +237,7 @@ class IdleHold:
     LAPSE_INTERVALS = 3.0
     MAX_READS = 8  # hints read per frame (a flood cannot hold the loop)
 
-    def __init__(self, sock: zmq.Socket | None, camera_id: str) -> None:
+    def __init__(self, sock: zmq.Socket[bytes] | None, camera_id: str) -> None:
         self.sock = sock
         self.camera_id = camera_id
         self.bad = 0
@@ -247,10 +247,10 @@ class IdleHold:
         self._hint_at = 0.0
         self._last_sent_clock = -1e18
 
-    def _listen(self, now: float) -> None:
+    def _listen(self, sock: zmq.Socket[bytes], now: float) -> None:
         for _ in range(self.MAX_READS):
             try:
-                parts = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+                parts = sock.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -273,7 +273,7 @@ class IdleHold:
         remembered as sent)."""
         if self.sock is None:
             return False
-        self._listen(now)
+        self._listen(self.sock, now)
         hint = self._hint
         if hint is not None and self._ref is not None:
             if now - self._hint_at > self.LAPSE_INTERVALS * hint.every_s + 0.5:

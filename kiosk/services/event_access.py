@@ -331,6 +331,7 @@ class EventPublisher:
 
 def _sender(frame: zmq.Frame) -> str | None:
     try:
-        return frame.get("User-Id")  # type: ignore[no-any-return]
+        user = frame.get("User-Id")  # (a str: the ZAP handler's user id)
+        return user if isinstance(user, str) else None
     except zmq.ZMQError:
         return None

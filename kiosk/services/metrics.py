@@ -18,10 +18,11 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kiosk.messaging.channels import REFUSALS
@@ -74,7 +75,7 @@ class LatencyWindow:
         return {"p50": float(p50), "p99": float(p99), "n": float(len(data))}
 
 
-def serve(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> Any | None:
+def serve(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> WSGIServer | None:
     """Serve /metrics of `registry` on host:port in a daemon thread; None (and a warning) if the port is taken.
     The returned server has `shutdown()`."""
     try:
@@ -128,7 +129,7 @@ class _CaptureCounts(Collector):
             if "fps" in values:
                 row["fps"] = values["fps"]
 
-    def collect(self) -> Iterable[Any]:
+    def collect(self) -> Iterable[Metric]:
         sent = CounterMetricFamily(
             "kiosk_capture_frames_sent", "frames the capture sent to the verifier", labels=["camera"]
         )
@@ -334,7 +335,11 @@ class VerifierMetrics:
     def watch_cameras(self, up: Callable[[str], bool], cameras: Iterable[str]) -> None:
         """`kiosk_camera_up` is read from `up(camera)` at each scrape."""
         for cam in cameras:
-            self.camera_up.labels(camera=cam).set_function(lambda cam=cam: 1.0 if up(cam) else 0.0)
+
+            def reading(cam: str = cam) -> float:
+                return 1.0 if up(cam) else 0.0
+
+            self.camera_up.labels(camera=cam).set_function(reading)
 
     # the gatekeeper's failure counters (kiosk.pipeline.gatekeeper.FailureCounters)
     def store_failed(self) -> None:

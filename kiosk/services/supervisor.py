@@ -110,7 +110,8 @@ class Supervisor:
         self._stop.set()
 
     def _start(self, child: Child) -> None:
-        child.proc = subprocess.Popen(child.argv, preexec_fn=_die_with_parent)
+        # S603: argv is this interpreter running kiosk with arguments the supervisor built from its config
+        child.proc = subprocess.Popen(child.argv, preexec_fn=_die_with_parent)  # noqa: S603
         child.started = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.proc.pid)
 
@@ -220,17 +221,17 @@ class Supervisor:
 
     @staticmethod
     def _stop_children(children: list[Child]) -> None:
-        running = [c for c in children if c.proc is not None and c.proc.poll() is None]
-        for child in running:
-            child.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        running = [(c, c.proc) for c in children if c.proc is not None and c.proc.poll() is None]
+        for _child, proc in running:
+            proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + GRACE_S
-        for child in running:
+        for child, proc in running:
             try:
-                child.proc.wait(max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]
+                proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop in %.0fs; killing it", child.name, GRACE_S)
-                child.proc.kill()  # type: ignore[union-attr]
-                child.proc.wait()  # type: ignore[union-attr]
+                proc.kill()
+                proc.wait()
 
 
 def run_supervisor(cfg: KioskConfig, config_path: Path, *, exit_on_eof: bool, verbosity: list[str]) -> int:

@@ -13,14 +13,13 @@ import json
 import logging
 import time
 from datetime import datetime
-from typing import Any
 
 from kiosk.boarding.gates import GateFlights
 from kiosk.boarding.model import Boarding, BoardOutcome, DecisionRecord, Flight, Passenger, PurgeResult
 from kiosk.config import KioskConfig
 from kiosk.errors import UsageError
 from kiosk.store.gallery import open_gallery
-from kiosk.store.queries import GalleryQueries
+from kiosk.store.queries import Db, GalleryQueries, Transaction
 from kiosk.store.schema import BUMP, prune_changes
 
 log = logging.getLogger(__name__)
@@ -33,12 +32,12 @@ class SqliteBoardingStore:
         self.gallery = gallery
         self._db = gallery  # (its `execute`: reads outside a transaction)
 
-    def _write(self):  # noqa: ANN202 - the gallery's transaction context
+    def _write(self) -> Transaction:
         return self.gallery.writing()
 
     def _log(
         self,
-        db: Any,
+        db: Db,
         action: str,
         flight: str | None,
         subject: str | None = None,
@@ -71,7 +70,7 @@ class SqliteBoardingStore:
             )
             db.execute(BUMP)
 
-    def _archive(self, db: Any, flight_id: str, archived: str) -> None:
+    def _archive(self, db: Db, flight_id: str, archived: str) -> None:
         if db.execute("SELECT 1 FROM flights WHERE id = ?", (archived,)).fetchone() is not None:
             raise UsageError(f"flight {flight_id}: {archived} exists already")
         db.execute(
@@ -80,7 +79,7 @@ class SqliteBoardingStore:
             (archived, flight_id),
         )
         for table in ("manifest", "boardings", "flight_decisions", "boarding_log"):
-            db.execute(f"UPDATE {table} SET flight_id = ? WHERE flight_id = ?", (archived, flight_id))
+            db.execute(f"UPDATE {table} SET flight_id = ? WHERE flight_id = ?", (archived, flight_id))  # noqa: S608 - table names from the tuple above
         db.execute("DELETE FROM flights WHERE id = ?", (flight_id,))
         log.info("flight %s: the purged flight of that number is kept as %s", flight_id, archived)
 
@@ -109,13 +108,13 @@ class SqliteBoardingStore:
         return bool(cur.rowcount)
 
     @staticmethod
-    def _known(db: Any, flight_id: str) -> tuple:
+    def _known(db: Db, flight_id: str) -> tuple[str, float, float | None]:
         row = db.execute("SELECT id, departs, purged_at FROM flights WHERE id = ?", (flight_id,)).fetchone()
         if row is None:
             raise UsageError(f"no flight {flight_id} (see `kiosk-enroll flight list`)")
-        return row
+        return (row[0], row[1], row[2])  # id, departs, purged_at
 
-    def _usable(self, db: Any, flight_id: str) -> None:
+    def _usable(self, db: Db, flight_id: str) -> None:
         if self._known(db, flight_id)[2] is not None:
             raise UsageError(f"flight {flight_id} was purged after departure; nothing can be added to it")
 
@@ -262,7 +261,7 @@ class SqliteBoardingStore:
         return Boarding(flight_id, subject_id, prev[0], prev[1], prev[2], prev[3], prev[4])
 
     @staticmethod
-    def _insert_record(db: Any, r: DecisionRecord) -> None:
+    def _insert_record(db: Db, r: DecisionRecord) -> None:
         db.execute(
             "INSERT INTO flight_decisions (event_id, flight_id, gate_id, type, reason, subject_id, "
             "candidate_id, score, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",

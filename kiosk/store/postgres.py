@@ -18,16 +18,19 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
+from psycopg.rows import TupleRow
 
 from kiosk.config import pg_url_problem
 from kiosk.errors import ConfigError, RuntimeFailure, UsageError
 from kiosk.files import read_regular_file
-from kiosk.store.queries import GalleryQueries, Transaction, seal_templates
+from kiosk.store.queries import Db, GalleryQueries, Transaction, seal_templates
 from kiosk.store.schema import (
     BASELINE,
     CHANGES_CHANNEL,
@@ -41,7 +44,7 @@ from kiosk.store.sealing import TemplateCodec
 
 log = logging.getLogger(__name__)
 
-PASSWORD_ENV = "KIOSK_PG_PASSWORD"
+PASSWORD_ENV = "KIOSK_PG_PASSWORD"  # noqa: S105 - the name of the variable, not a password
 MIGRATION_LOCK = 0x6B696F736B  # pg_advisory_xact_lock key: b"kiosk"
 WRITE_LOCK = 0x6B696F736B01  # every write transaction holds it: writers take turns, as on SQLite's write lock
 
@@ -77,7 +80,7 @@ def target(url: str, password_file: Path | None = None, *, key: str = "gallery.u
     return PgTarget(url, password)
 
 
-def connect(where: PgTarget, *, timeout_s: float = 5.0, autocommit: bool = True) -> psycopg.Connection:
+def connect(where: PgTarget, *, timeout_s: float = 5.0, autocommit: bool = True) -> psycopg.Connection[TupleRow]:
     """A connection, or RuntimeFailure with one line naming the server (never the password)."""
     try:
         return psycopg.connect(
@@ -94,7 +97,7 @@ def connect(where: PgTarget, *, timeout_s: float = 5.0, autocommit: bool = True)
         raise RuntimeFailure(f"database {where.where} unreachable: {first}") from None
 
 
-def migrate(conn: psycopg.Connection, where: PgTarget, seal_with: TemplateCodec | None = None) -> int:
+def migrate(conn: psycopg.Connection[TupleRow], where: PgTarget, seal_with: TemplateCodec | None = None) -> int:
     """Create the schema or bring it to SCHEMA_VERSION, in one transaction under an advisory lock (hosts that
     start together migrate once). A database from before version 5 with templates is upgraded only with
     `seal_with` (`kiosk-enroll seal`), its templates sealed in place in the same transaction. Returns the
@@ -109,7 +112,7 @@ def migrate(conn: psycopg.Connection, where: PgTarget, seal_with: TemplateCodec 
             )
         if found == SCHEMA_VERSION:
             return found
-        clear = conn.execute("SELECT COUNT(*) FROM templates").fetchone()[0] if found else 0  # type: ignore[index]
+        clear = _count(conn, "SELECT COUNT(*) FROM templates") if found else 0
         if clear and seal_with is None:
             raise UsageError(
                 f"database {where.where}: schema version {found} keeps its {clear} templates in the "
@@ -117,14 +120,14 @@ def migrate(conn: psycopg.Connection, where: PgTarget, seal_with: TemplateCodec 
                 "then start again"
             )
         for statement in create_tables("postgres"):
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
         conn.execute("INSERT INTO meta VALUES ('revision', '0') ON CONFLICT (key) DO NOTHING")
         conn.execute(BASELINE)
         for version in range(found or SCHEMA_VERSION, SCHEMA_VERSION):
             for statement in MIGRATIONS[version]:
-                conn.execute(statement)  # type: ignore[arg-type]
+                conn.execute(statement)
         for statement in (*INDEXES, *POSTGRES_TRIGGERS):
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
         if clear and seal_with is not None:
             sealed = seal_templates(PgDb(conn, where), seal_with)
             log.info(
@@ -155,13 +158,13 @@ class PgDb:
 
     RETRY_S = 1.0
 
-    def __init__(self, conn: psycopg.Connection, where: PgTarget) -> None:
+    def __init__(self, conn: psycopg.Connection[TupleRow], where: PgTarget) -> None:
         self.conn = conn
         self.where = where
         self._closed = False
         self._reconnecting: threading.Thread | None = None
 
-    def _usable(self) -> psycopg.Connection:
+    def _usable(self) -> psycopg.Connection[TupleRow]:
         conn = self.conn
         if not (conn.closed or conn.broken):
             return conn
@@ -185,14 +188,14 @@ class PgDb:
             log.warning("database %s: reconnected", self.where.where)
             return
 
-    def execute(self, sql: str, params: tuple | list = ()) -> psycopg.Cursor:
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> psycopg.Cursor[TupleRow]:
         cur = self._usable().cursor()
-        cur.execute(_pg_sql(sql), params)  # type: ignore[arg-type]
+        cur.execute(_pg_sql(sql), params)
         return cur
 
-    def executemany(self, sql: str, rows: list) -> psycopg.Cursor:
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> psycopg.Cursor[TupleRow]:
         cur = self._usable().cursor()
-        cur.executemany(_pg_sql(sql), list(rows))  # type: ignore[arg-type]
+        cur.executemany(_pg_sql(sql), list(rows))
         return cur
 
     @property
@@ -206,9 +209,17 @@ class PgDb:
         self.conn.close()
 
 
-def schema_version(conn: psycopg.Connection) -> int:
+def _count(conn: psycopg.Connection[TupleRow], query: str) -> int:
+    """The one value of a one-row query (an aggregate, a test: there is always a row)."""
+    row = conn.execute(query).fetchone()
+    if row is None:
+        raise RuntimeFailure(f"{query}: no row")
+    return int(row[0])
+
+
+def schema_version(conn: psycopg.Connection[TupleRow]) -> int:
     """The database's gallery schema version; 0 where there is none."""
-    if not conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]:  # type: ignore[index]
+    if not _count(conn, "SELECT to_regclass('meta') IS NOT NULL"):
         return 0
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     return int(row[0]) if row else 0
@@ -219,6 +230,8 @@ class PgGallery(GalleryQueries):
     advisory lock (writers take turns, as on SQLite: an enrollment's duplicate check and insert, a boarded
     mark's checks and insert, are never interleaved with another host's); reads are REPEATABLE READ snapshots
     that never wait for a writer."""
+
+    _db: PgDb
 
     def __init__(
         self,
@@ -249,7 +262,7 @@ class PgGallery(GalleryQueries):
             raise
 
     @property
-    def name(self) -> str:  # type: ignore[override]
+    def name(self) -> str:
         """For messages: the server and database (never the password)."""
         return f"postgresql://{self.where.where}"
 
@@ -279,10 +292,10 @@ class PgGallery(GalleryQueries):
                 log.debug("database %s: change listener: %s", self.where.where, exc)
                 stop.wait(1.0)
 
-    def _after_copy(self, db: PgDb) -> None:  # type: ignore[override]
+    def _after_copy(self, db: Db) -> None:
         for table in ("templates", "boarding_log"):
             db.execute(
-                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM {table}"
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM {table}"  # noqa: S608 - table names from the tuple above
             )
 
     def backup(self, dest: Path) -> int:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,6 +25,33 @@ from kiosk.store.schema import BUMP, TABLE, rebase
 from kiosk.store.sealing import CHECK_PREFIX, CURRENT_KEY, NEXT_PREFIX, TemplateCodec, TemplateKey, TemplateUnreadable
 
 log = logging.getLogger(__name__)
+
+
+class Cursor(Protocol):
+    """What the gallery code reads from a statement's result (sqlite3's and psycopg's cursors both fit). Rows
+    are tuples of the columns asked for, whose types the statement knows, not this class."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Db(Protocol):
+    """A gallery connection as the gallery code uses it: a `sqlite3.Connection`, or `PgDb` for PostgreSQL."""
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> Cursor: ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Cursor: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -44,31 +73,42 @@ class GalleryQueries:
     (kiosk.store.flights) runs its own SQL on the same connection through `execute` and `transaction`, so a
     subject's templates and their flights change together."""
 
-    _db: Any
+    _db: Db
 
     def file_problem(self) -> str:
         """What is wrong with the store under this connection ('' when nothing is seen): a file backend
         checks that its file is still the one it opened and still reads as a database."""
         return ""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """For messages: where the gallery is."""
+        raise NotImplementedError
 
-    def transaction(self, write: bool = True) -> Any:
+    def transaction(self, write: bool = True) -> Transaction:
         """A context manager: BEGIN ... COMMIT (rolled back on an exception) giving the connection; `write`
         takes the write lock at once (writers take turns), else a snapshot that never blocks a writer. Inside
         one already open on this connection it joins that one."""
         raise NotImplementedError
 
-    def execute(self, sql: str, params: tuple | list = ()) -> Any:
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         """One statement (`?` placeholders) outside any explicit transaction: a cursor to fetch from."""
         return self._db.execute(sql, params)
 
-    def _after_copy(self, db: Any) -> None:
+    def _after_copy(self, db: Db) -> None:
         """A backend's own housekeeping after `copy_gallery` wrote rows with their ids (PostgreSQL: move the
         id sequences past them)."""
 
     def close(self) -> None:
         self._db.close()
+
+    def backup(self, dest: Path) -> int:
+        """A consistent copy of the gallery at `dest`; returns the revision copied."""
+        raise NotImplementedError
+
+    def restore(self, source: Path) -> int:
+        """The gallery replaced by the copy at `source`; returns its revision."""
+        raise NotImplementedError
 
     def reopen(self) -> GalleryQueries:
         """Another connection to the same gallery (for a thread of its own)."""
@@ -84,7 +124,7 @@ class GalleryQueries:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def writing(self) -> Any:
+    def writing(self) -> Transaction:
         """One write transaction (the write lock) around several calls, e.g. an enrollment's duplicate
         check (`matrix`) and its insert (`enroll`): no other process can enroll in between, so two
         enrollments of one face at once cannot both pass the check."""
@@ -124,7 +164,7 @@ class GalleryQueries:
                     raise ConfigError(f"gallery {self.name}: {count} template(s) {problem}: the wrong key?{hint}")
         self.codec = codec
 
-    def _follow_keys(self, db: Any, codec: TemplateCodec) -> str | None:
+    def _follow_keys(self, db: Db, codec: TemplateCodec) -> str | None:
         """Follow a key rotation (`rotate_key`) from inside a snapshot: take its new key into `codec`'s ring
         where this process holds the old key that wraps it, and seal with the gallery's current key once
         held. Returns the gallery's current key id where this process does not hold it (None: it does, or
@@ -146,7 +186,7 @@ class GalleryQueries:
         codec.keys.use(bytes.fromhex(row[0]))
         return None
 
-    def _sealing(self, db: Any) -> TemplateCodec:
+    def _sealing(self, db: Db) -> TemplateCodec:
         """The codec, for a write transaction that seals templates (with the gallery's current key, followed
         through a rotation); records its key's check value once."""
         if self.codec is None:
@@ -165,9 +205,10 @@ class GalleryQueries:
         enrollments and boarding marks go on between them), while verifiers keep deciding: first the new key
         is put in the gallery wrapped under the current one, so every process holding that key takes the
         new one too (`_follow_keys`, in the snapshot it reads templates from) and `settle_s` pass (a verifier
-        notices a change within its one-second poll) before any template is sealed under it; each batch is logged in the change log like any change, so verifiers reload just those
-        subjects. At the end the wrap and the old key's check value go: the old key opens nothing here any
-        more, and the new key must be given to every host (its file) before a process restarts. Returns the
+        notices a change within its one-second poll) before any template is sealed under it; each batch is
+        logged in the change log like any change, so verifiers reload just those subjects. At the end the wrap
+        and the old key's check value go: the old key opens nothing here any more, and the new key must be
+        given to every host (its file) before a process restarts. Returns the
         templates re-sealed; a template that does not open (tampered, damaged) is deleted instead and counted
         in `rotation_dropped`. Run again after an interruption, it carries on."""
         codec = self.codec
@@ -243,7 +284,7 @@ class GalleryQueries:
     def template_count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM templates").fetchone()[0])
 
-    def key_ids(self, db: Any = None) -> dict[str, int]:
+    def key_ids(self, db: Db | None = None) -> dict[str, int]:
         """Templates per key id (hex) that sealed them ('' for none); `db`: inside that transaction."""
         return {
             str(k): int(n)
@@ -283,7 +324,7 @@ class GalleryQueries:
                 (subject_id, name or "", now, expires, json.dumps(metadata or {})),
             )
             codec = self._sealing(db)
-            for e, q, h in zip(emb, qualities, hashes):
+            for e, q, h in zip(emb, qualities, hashes, strict=True):
                 # The row first (its id is part of what the seal covers), then its sealed template, in the same
                 # transaction: no reader ever sees the empty placeholder.
                 row = db.execute(
@@ -430,7 +471,7 @@ class GalleryQueries:
             drop, sids, names, emb, revision, next_expiry, scope=scope, as_of=now, unreadable=unreadable
         )
 
-    def _template_rows(self, db: Any, model_id: str, now: float, subjects: frozenset[str] | None) -> list[Any]:
+    def _template_rows(self, db: Db, model_id: str, now: float, subjects: frozenset[str] | None) -> list[Any]:
         """(subject id, name, dim, sealed template, template id) of unexpired subjects' templates of `model_id`,
         by subject id and template id; only `subjects` where given (read in chunks: one statement has a bounded
         parameter count)."""
@@ -499,12 +540,12 @@ class Transaction:
     joins that one. SQLite: BEGIN IMMEDIATE (write: takes the write lock now) or BEGIN DEFERRED (read: a
     snapshot that never blocks a writer, in WAL mode). PostgreSQL: see kiosk.store.postgres."""
 
-    def __init__(self, db: Any, begin: tuple[str, ...]) -> None:
+    def __init__(self, db: Db, begin: tuple[str, ...]) -> None:
         self.db = db
         self.begin = begin
         self.outer = False
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Db:
         self.outer = not self.db.in_transaction
         if self.outer:
             for statement in self.begin:
@@ -520,7 +561,7 @@ class Transaction:
             self.db.execute("ROLLBACK")
 
 
-def seal_templates(db: Any, codec: TemplateCodec) -> int:
+def seal_templates(db: Db, codec: TemplateCodec) -> int:
     """Seal, in place, every template of a gallery from before version 5 (clear float32 blobs): the step to
     schema version 5, inside the migration's transaction. Returns how many were sealed."""
     db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", codec.check_value())
@@ -558,10 +599,11 @@ def copy_gallery(source: GalleryQueries, target: GalleryQueries) -> dict[str, in
         for table in COPIED:
             columns = TABLE[table].copied_columns()
             order = "id" if table in ("templates", "boarding_log") else "1"
-            rows = src.execute(f"SELECT {columns} FROM {table} ORDER BY {order}").fetchall()
+            # table and column names come from COPIED and the schema (code), never from input
+            rows = src.execute(f"SELECT {columns} FROM {table} ORDER BY {order}").fetchall()  # noqa: S608
             marks = ", ".join("?" * (columns.count(",") + 1))
             if rows:
-                dst.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", [tuple(r) for r in rows])
+                dst.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", [tuple(r) for r in rows])  # noqa: S608
             counts[table] = len(rows)
         checks = src.execute("SELECT key, value FROM meta WHERE key LIKE 'key_check:%'").fetchall()
         if checks:

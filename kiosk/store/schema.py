@@ -10,7 +10,10 @@ share no syntax.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # (queries imports this module)
+    from kiosk.store.queries import Db
 
 Dialect = Literal["sqlite", "postgres"]
 
@@ -258,7 +261,7 @@ POSTGRES_TRIGGERS = [
 ]
 
 
-def prune_changes(db: Any) -> None:
+def prune_changes(db: Db) -> None:
     """Forget the change log's revisions beyond the last CHANGES_KEPT (a verifier that far behind reloads
     everything)."""
     (revision,) = db.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'revision'").fetchone()
@@ -270,7 +273,7 @@ def prune_changes(db: Any) -> None:
         )
 
 
-def rebase(db: Any) -> None:
+def rebase(db: Db) -> None:
     """The gallery's content was replaced wholesale (restore, copy): the change log leads nowhere now; every
     verifier behind the current revision reloads everything."""
     db.execute("DELETE FROM subject_changes")

@@ -199,7 +199,8 @@ class KeySource:
 
     def make(self) -> TemplateCodec:
         """A new key at the default place (only where none is: `write_key_file` never overwrites)."""
-        assert self.path is not None and self.default
+        if self.path is None or not self.default:
+            raise RuntimeError("KeySource.make: only a key at the default place is made")
         try:
             key = write_key_file(self.path)
         except KeyExists:  # another process made it a moment ago (two first enrollments at once): use that one

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from kiosk.errors import RuntimeFailure, UsageError
-from kiosk.store.queries import GalleryQueries, Transaction, seal_templates
+from kiosk.store.queries import Db, GalleryQueries, Transaction, seal_templates
 from kiosk.store.schema import (
     BASELINE,
     INDEXES,
@@ -36,6 +36,8 @@ class CorruptGallery(UsageError):
 class Gallery(GalleryQueries):
     """The SQLite gallery (the embedded default). One connection per process; writes are one transaction
     each."""
+
+    _db: sqlite3.Connection  # (a Db, with sqlite3's backup for `backup` and `restore`)
 
     def __init__(
         self,
@@ -180,7 +182,7 @@ class Gallery(GalleryQueries):
             for trigger in SQLITE_TRIGGERS:
                 db.execute(trigger)
 
-    def _upgrade(self, db: sqlite3.Connection) -> None:
+    def _upgrade(self, db: Db) -> None:
         """Stamp a new file, or run the migrations from its version to SCHEMA_VERSION (inside `_migrate`)."""
         row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
@@ -219,7 +221,7 @@ class Gallery(GalleryQueries):
             log.info("gallery %s: schema upgraded from version %d to %d", self.path, start, version)
 
     @property
-    def name(self) -> str:  # type: ignore[override]
+    def name(self) -> str:
         """For messages: the file."""
         return str(self.path)
 

@@ -61,8 +61,8 @@ def _print_look(card: np.ndarray, rng: np.random.Generator, edge: bool) -> np.nd
 def _screen_look(card: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A display: each content pixel shown as R, G and B stripes, the screen's gamma and tint, a bezel."""
     scale = 3
-    big = cv2.resize(card, (card.shape[1] * scale, card.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
-    big = big.astype(np.float32)
+    size = (card.shape[1] * scale, card.shape[0] * scale)
+    big: np.ndarray = cv2.resize(card, size, interpolation=cv2.INTER_NEAREST).astype(np.float32)
     mask = np.zeros((1, scale, 3), np.float32) + 0.25
     for c, ch in enumerate((2, 1, 0)):  # R, G, B stripes (BGR channels)
         mask[0, c, ch] = 1.0
@@ -230,8 +230,8 @@ def _photo_close_up(
         # unit looks face_px high
         dst = _corners(2.0, 2.0, yaw, pitch, roll, focal / face_px, cx, cy, focal)
         m = cv2.getPerspectiveTransform(src, dst)
-        frame = cv2.warpPerspective(photo, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-        frame = cv2.GaussianBlur(frame.astype(np.float32), (0, 0), rng.uniform(0.4, 0.8))
+        warped = cv2.warpPerspective(photo, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        frame: np.ndarray = cv2.GaussianBlur(warped.astype(np.float32), (0, 0), rng.uniform(0.4, 0.8))
         frame += rng.normal(0, 2.0, frame.shape)
         frames.append(np.clip(frame, 0, 255).astype(np.uint8))
     return frames

@@ -235,7 +235,7 @@ def _run_cameras(
         raise RuntimeFailure("bench: the verifier never answered `status`")
     cpu = {}
     for name, (seconds, at) in cpu_last.items():
-        span = at - window_start  # type: ignore[operator]  # set before any reading
+        span = at - (window_start if window_start is not None else at)  # (set before any reading)
         if span >= 1.0:
             cpu[name] = {"core_share": round((seconds - cpu_from[name]) / span, 3), "over_s": round(span, 1)}
     return {"status": status, "events": events, "capture_health": health, "cpu": cpu}
@@ -508,7 +508,7 @@ def run_obvious_loop(cfg: KioskConfig, video: Path) -> dict[str, Any]:
         )
         keep = faces.widths >= cfg.policy.min_face_px
         tracks, _ = tracker.update(faces[keep], frames / fps_src)
-        for track, match in zip(tracks, [m for m, k in zip(matches, keep, strict=False) if k], strict=False):
+        for track, match in zip(tracks, [m for m, k in zip(matches, keep, strict=True) if k], strict=True):
             d = policy.observe(track, GATE, match, time.time(), frames)
             if d is not None and d.type == "accept" and d.subject_id:
                 accepted.add(d.subject_id)
@@ -708,7 +708,7 @@ def run_flight_scale(
         times, found = timed(q, flight)
         right = [
             ok(m) and truth is not None and m.subject_id == ids[t]
-            for m, t in zip(found, truth if truth is not None else [0] * len(found), strict=False)
+            for m, t in zip(found, truth if truth is not None else [0] * len(found), strict=True)
         ]
         rows[name] = {
             "p50_ms": round(float(np.percentile(times, 50)), 3),

@@ -153,8 +153,8 @@ def write_demo_config(out: Path, base: KioskConfig) -> Path:
 def describe(event: Event) -> str:
     if event.type == "accept":
         return (
-            f"ACCEPT  gate {event.gate_id} ({event.flight_id}): {event.subject_id} ({event.display_name}) score {event.score:.3f} "
-            f"after {event.frames} frames, {event.latency_ms:.0f} ms after capture"
+            f"ACCEPT  gate {event.gate_id} ({event.flight_id}): {event.subject_id} ({event.display_name}) "
+            f"score {event.score:.3f} after {event.frames} frames, {event.latency_ms:.0f} ms after capture"
         )
     if event.type == "reject":
         score = event.score if event.score is None else round(event.score, 3)
@@ -233,7 +233,8 @@ def run_demo(base: KioskConfig, out: Path) -> bool:
     inbox = EventChannel(
         transport.event_subscriber(["event."]), lambda why: log.warning("ignored a malformed event: %s", why)
     )
-    proc = subprocess.Popen([sys.executable, "-m", "kiosk.cli", "-q", "-c", str(config_path), "run", "--exit-on-eof"])
+    argv = [sys.executable, "-m", "kiosk.cli", "-q", "-c", str(config_path), "run", "--exit-on-eof"]
+    proc = subprocess.Popen(argv)  # noqa: S603 - this interpreter running kiosk, no shell
     events: list[Event] = []
     t_start = time.time()
     try:

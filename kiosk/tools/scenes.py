@@ -190,7 +190,7 @@ def render(
 def write_video(path: Path, frames: list[np.ndarray], fps: float = 30.0) -> Path:
     """Motion-JPEG AVI: every OpenCV build can write and read it."""
     h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (w, h))
     if not writer.isOpened():
         raise RuntimeError(f"cannot write video {path}")
     for frame in frames:

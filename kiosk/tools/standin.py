@@ -28,9 +28,14 @@ print or a replay attack). Both need real video.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:  # (the stand-in itself runs no model)
+    from kiosk.vision.landmarks import LandmarkModel
+    from kiosk.vision.models.detector import ScrfdDetector
 
 from kiosk.vision.landmarks import (
     CHIN,
@@ -172,7 +177,7 @@ class HeadTurn:
         for p in points:
             sub.insert((float(p[0]), float(p[1])))
         tris = []
-        for t in sub.getTriangleList().reshape(-1, 3, 2):
+        for t in np.asarray(sub.getTriangleList()).reshape(-1, 3, 2):
             idx = [int(np.argmin(((points - q) ** 2).sum(1))) for q in t]
             if len(set(idx)) == 3:
                 tris.append(idx)
@@ -186,8 +191,8 @@ class HeadTurn:
         mouth = float(mouth) if mouth >= 1e-4 else 0.0  # (a hair-thin gap would draw a dark line)
         pts = self.points
         if blink or mouth:
-            self._expression_basis()
-            pts = pts + blink * self._blink + mouth * self._jaw  # type: ignore[operator]
+            blink_move, jaw_move = self._expression_basis()
+            pts = pts + blink * blink_move + mouth * jaw_move
         moved, z = _turned(pts, self.depth, self.centre, yaw, pitch)
         out = self.image.copy()
         h, w = out.shape[:2]
@@ -213,15 +218,16 @@ class HeadTurn:
             self._fill_mouth(out, mouth, yaw, pitch)
         return out
 
-    def _expression_basis(self) -> None:
-        """The blink's and the jaw's vertex displacements, from the 106 landmarks (the first vertices)."""
+    def _expression_basis(self) -> tuple[np.ndarray, np.ndarray]:
+        """The blink's and the jaw's vertex displacements, from the 106 landmarks (the first vertices); made
+        once."""
         if self._blink is not None and self._jaw is not None:
-            return
+            return self._blink, self._jaw
         if len(self.points) < POINTS:
             raise ValueError("expressions need a mesh through the 106 landmarks (HeadTurn.from_landmarks)")
         lm = self.points[:POINTS]
         blink = np.zeros_like(self.points)
-        for up, low in zip(UPPER_LIDS, LOWER_LIDS):
+        for up, low in zip(UPPER_LIDS, LOWER_LIDS, strict=True):
             blink[up] = lm[low] - lm[up]
         for corners, lower, pupils in EYES:  # the pupils go under the lid too: onto the lower lid's line
             line = lm[list(corners + lower)]
@@ -236,6 +242,7 @@ class HeadTurn:
         jaw[list(LOWER_LIP), 1] = 1.0
         jaw[list(MOUTH_CORNERS), 1] = CORNER_DROP
         self._blink, self._jaw = blink, jaw * height
+        return self._blink, self._jaw
 
     def _fill_mouth(self, out: np.ndarray, mouth: float, yaw: float, pitch: float) -> None:
         """The gap the dropped jaw opens between the lips, drawn dark: warping alone would stretch the lips (and
@@ -244,9 +251,9 @@ class HeadTurn:
         lm = self.points[:POINTS]
         seam = (lm[list(INNER_UPPER_LIP)] + lm[list(INNER_LOWER_LIP)]) / 2
         left, right = lm[65], lm[69]
-        jaw = self._jaw
-        drop = mouth * jaw[INNER_LOWER_LIP[1], 1]  # type: ignore[index]
-        corner = mouth * jaw[65, 1]  # type: ignore[index]
+        _, jaw = self._expression_basis()  # (made by render before it draws the mouth)
+        drop = mouth * jaw[INNER_LOWER_LIP[1], 1]
+        corner = mouth * jaw[65, 1]
         upper = np.concatenate([[left + [0, corner]], seam, [right + [0, corner]]])
         lower = seam[::-1] + [0, drop]
         ring = np.concatenate([upper, lower])
@@ -286,14 +293,14 @@ def _turned(
     return np.where(depth[:, None] > 0, np.stack([x, y], axis=1) + centre, pts), z
 
 
-def head_turn(crop: np.ndarray, detector: object, landmarks: object) -> HeadTurn:
+def head_turn(crop: np.ndarray, detector: ScrfdDetector, landmarks: LandmarkModel) -> HeadTurn:
     """A HeadTurn of a person crop: its largest face found by `detector` (ScrfdDetector), its 106 landmarks by
     `landmarks` (LandmarkModel). ValueError if the crop shows no face."""
-    faces = detector.detect(crop)  # type: ignore[attr-defined]
+    faces = detector.detect(crop)
     if len(faces) == 0:
         raise ValueError("no face in the person crop")
     face = faces.largest()
-    points = landmarks.predict(crop, face.boxes)[0]  # type: ignore[attr-defined]
+    points = landmarks.predict(crop, face.boxes)[0]
     return HeadTurn.from_landmarks(crop, points, face.boxes[0], face.kps[0, :2], face.kps[0, 2])
 
 

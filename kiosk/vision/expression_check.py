@@ -35,23 +35,21 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from kiosk.vision import landmarks
 from kiosk.vision.landmarks import (
     CONTOUR,
     EYE_CORNERS,
-    LEFT_BROW,
-    LEFT_EYE,
     LOWER_LIDS,
     NOSE,
-    RIGHT_BROW,
-    RIGHT_EYE,
     UPPER_LIDS,
 )
 
 RIGID = np.array(CONTOUR + NOSE + EYE_CORNERS)  # the points expression does not move
-LIDS = np.array(list(zip(UPPER_LIDS, LOWER_LIDS)))  # (upper, lower) lid pairs
+LIDS = np.array(list(zip(UPPER_LIDS, LOWER_LIDS, strict=True)))  # (upper, lower) lid pairs
 LIPS = np.array([(62, 60), (71, 53)])  # inner and outer (upper, lower) lip pairs
-LEFT_EYE, RIGHT_EYE = list(LEFT_EYE), list(RIGHT_EYE)
-LEFT_BROW, RIGHT_BROW = list(LEFT_BROW), list(RIGHT_BROW)
+# lists: numpy takes a tuple as one index per axis
+LEFT_EYE, RIGHT_EYE = list(landmarks.LEFT_EYE), list(landmarks.RIGHT_EYE)
+LEFT_BROW, RIGHT_BROW = list(landmarks.LEFT_BROW), list(landmarks.RIGHT_BROW)
 
 EYE = 0.04  # eyelid gap change, inter-ocular distances (a blink is 0.1-0.3)
 MOUTH = 0.14

@@ -47,7 +47,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def image_size(data: bytes) -> tuple[int, int] | None:
+def image_size(data: bytes | memoryview) -> tuple[int, int] | None:
     """(width, height) from an image's header, without decoding it: JPEG (its start-of-frame header, after
     at most the first 256 KB of metadata), PNG, BMP, WebP; None for anything else or a broken header."""
     head = bytes(data[: 256 * 1024])

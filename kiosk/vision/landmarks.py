@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime as ort
 
 from kiosk.errors import ModelError
 from kiosk.vision.models import runtime
@@ -39,10 +44,10 @@ LOWER_LIDS = (33, 36, 37, 87, 90, 91)  # under UPPER_LIDS, in the same order
 EYE_CORNERS = (35, 39, 89, 93)
 
 
-def is_landmark_model(model: object) -> bool:
+def is_landmark_model(model: onnx.ModelProto) -> bool:
     """A 2d106-like graph: one 1x3x192x192 input, one output of 212 values."""
-    inputs = _real_inputs(model)  # type: ignore[arg-type]
-    outputs = list(model.graph.output)  # type: ignore[attr-defined]
+    inputs = _real_inputs(model)
+    outputs = list(model.graph.output)
     if len(inputs) != 1 or len(outputs) != 1:
         return False
     shape, out = _dims(inputs[0]), _dims(outputs[0])
@@ -72,7 +77,7 @@ def find_landmark_model(pack_dir: Path | None) -> Path:
 class LandmarkModel:
     """106 landmarks of the faces in one image."""
 
-    def __init__(self, session: object, input_name: str, path: Path) -> None:
+    def __init__(self, session: ort.InferenceSession, input_name: str, path: Path) -> None:
         self.session = session
         self.input_name = input_name
         self.path = path
@@ -96,7 +101,7 @@ class LandmarkModel:
             crop = cv2.warpAffine(image, m, (SIZE, SIZE), borderMode=cv2.BORDER_REPLICATE)
             blob = crop[:, :, ::-1].transpose(2, 0, 1)[None].astype(np.float32)
             pts = np.asarray(
-                self.session.run(None, {self.input_name: blob})[0],  # type: ignore[attr-defined]
+                self.session.run(None, {self.input_name: blob})[0],
                 np.float64,
             ).reshape(POINTS, 2)
             if not np.isfinite(pts).all():

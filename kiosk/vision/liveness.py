@@ -26,9 +26,14 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime as ort
 
 from kiosk.config import DEFAULT_PAD_MODELS, KioskConfig, PadConfig, PadModelConfig
 from kiosk.errors import ConfigError, ModelError
@@ -89,7 +94,7 @@ def crop_box(box: np.ndarray, scale: float, width: int, height: int) -> tuple[in
 @dataclass
 class PadModel:
     path: Path
-    session: object
+    session: ort.InferenceSession
     input_name: str
     size: int
     classes: int
@@ -118,14 +123,9 @@ class PadModel:
         if not len(x):
             return np.zeros(0, np.float32)
         if self.batched:  # all faces of the frame in one run
-            logits = self.session.run(None, {self.input_name: x})[0]  # type: ignore[attr-defined]
+            logits = self.session.run(None, {self.input_name: x})[0]
         else:
-            logits = np.concatenate(
-                [
-                    self.session.run(None, {self.input_name: x[i : i + 1]})[0]  # type: ignore
-                    for i in range(len(x))
-                ]
-            )
+            logits = np.concatenate([self.session.run(None, {self.input_name: x[i : i + 1]})[0] for i in range(len(x))])
         logits = np.asarray(logits).reshape(len(x), -1).astype(np.float64)
         if logits.shape[1] != self.classes or not np.isfinite(logits).all():
             raise RuntimeError(f"{self.name}: unexpected output {logits.shape}")
@@ -133,10 +133,10 @@ class PadModel:
         return (e[:, REAL_INDEX] / e.sum(axis=1)).astype(np.float32)
 
 
-def classify_pad(model: object) -> tuple[int, int] | None:
+def classify_pad(model: onnx.ModelProto) -> tuple[int, int] | None:
     """(input size, classes) of a MiniFASNet-like graph, or None."""
-    inputs = _real_inputs(model)  # type: ignore[arg-type]
-    outputs = list(model.graph.output)  # type: ignore[attr-defined]
+    inputs = _real_inputs(model)
+    outputs = list(model.graph.output)
     if len(inputs) != 1 or len(outputs) != 1:
         return None
     shape, out = _dims(inputs[0]), _dims(outputs[0])
@@ -223,7 +223,7 @@ def fuse(checks: list[LivenessCheck], frames: int, min_frames: int) -> str | Non
     if frames < min_frames or not all(c.has_evidence for c in checks if c.required):
         return None
     cues = {c.cue for c in checks if c.vouches}
-    vouched = {c.cue for c, v in zip(checks, verdicts) if c.vouches and v == "live"}
+    vouched = {c.cue for c, v in zip(checks, verdicts, strict=True) if c.vouches and v == "live"}
     return "live" if cues and vouched == cues else None
 
 
@@ -301,7 +301,7 @@ class PadEngine:
         h, w = image.shape[:2]
         return [
             PadObservation(p, None if t is None else float(t), c, float(box[2] - box[0]), b, inside_frame(box, w, h))
-            for p, t, c, box, b in zip(points, texture, chroma, boxes, border)
+            for p, t, c, box, b in zip(points, texture, chroma, boxes, border, strict=True)
         ]
 
     def score(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:

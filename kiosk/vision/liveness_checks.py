@@ -199,6 +199,7 @@ class DepthCheck(_LandmarkCheck):
 
     name = "depth"
     vouches = False
+    evidence: DepthEvidence
 
     def __init__(self, cfg: PadConfig) -> None:
         super().__init__(cfg)

@@ -129,7 +129,7 @@ class ScrfdDetector:
         centers = self._centers.get(key)
         if centers is None:
             gh, gw = ch // stride, cw // stride
-            grid = np.stack(np.mgrid[:gh, :gw][::-1], axis=-1).astype(np.float32).reshape(-1, 2) * stride
+            grid = np.stack(list(np.mgrid[:gh, :gw][::-1]), axis=-1).astype(np.float32).reshape(-1, 2) * stride
             centers = np.repeat(grid, 2, axis=0)  # two anchors per location
             self._centers[key] = centers
         return centers
@@ -138,12 +138,12 @@ class ScrfdDetector:
     def _run(self, canvases: list[np.ndarray]) -> list[list[np.ndarray]]:
         """Raw outputs per canvas (all canvases must share one shape)."""
         if self.batched:
-            blob = cv2.dnn.blobFromImages(canvases, 1.0 / STD, None, (MEAN, MEAN, MEAN), swapRB=True)
+            blob = cv2.dnn.blobFromImages(canvases, 1.0 / STD, (0, 0), (MEAN, MEAN, MEAN), swapRB=True)
             outs = self.session.run(self.output_names, {self.input_name: blob})
             return [[o[i] for o in outs] for i in range(len(canvases))]
         results = []
         for canvas in canvases:
-            blob = cv2.dnn.blobFromImage(canvas, 1.0 / STD, None, (MEAN, MEAN, MEAN), swapRB=True)
+            blob = cv2.dnn.blobFromImage(canvas, 1.0 / STD, (0, 0), (MEAN, MEAN, MEAN), swapRB=True)
             results.append(self.session.run(self.output_names, {self.input_name: blob}))
         return results
 
@@ -184,20 +184,20 @@ class ScrfdDetector:
     ) -> list[Faces]:
         """Resize each image into its canvas, run in batches of one canvas shape, decode."""
         canvases = []
-        for img, (nw, nh, _scale, cw, ch, ox, oy) in zip(images, geometry):
+        for img, (nw, nh, _scale, cw, ch, ox, oy) in zip(images, geometry, strict=True):
             canvas = np.zeros((ch, cw, 3), np.uint8)
             canvas[oy : oy + nh, ox : ox + nw] = cv2.resize(img, (nw, nh))
             canvases.append(canvas)
-        results: list[Faces | None] = [None] * len(images)
+        results: dict[int, Faces] = {}
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, c in enumerate(canvases):
             by_shape.setdefault(c.shape[:2], []).append(i)
         for (ch, cw), idx in by_shape.items():
             outs = self._run([canvases[i] for i in idx])
-            for i, out in zip(idx, outs):
+            for i, out in zip(idx, outs, strict=True):
                 _, _, scale, _, _, ox, oy = geometry[i]
                 results[i] = self._nms_faces(*self._decode(out, ch, cw, scale, (ox, oy)))
-        return results  # type: ignore[return-value]
+        return [results[i] for i in range(len(images))]
 
     def detect_batch(self, images: list[np.ndarray], min_face_px: int = 0) -> list[Faces]:
         """Faces of each BGR image, sorted by detector score. With `min_face_px` (the verifier's
@@ -207,7 +207,8 @@ class ScrfdDetector:
             return []
         main_geo = []
         for img in images:
-            nw, nh, scale, cw, ch = self.main_geometry(*img.shape[:2], min_face_px=min_face_px)
+            h, w = img.shape[:2]
+            nw, nh, scale, cw, ch = self.main_geometry(h, w, min_face_px=min_face_px)
             main_geo.append((nw, nh, scale, cw, ch, 0, 0))
         found = self._pass(images, main_geo)
         if min_face_px > 0:
@@ -227,7 +228,7 @@ class ScrfdDetector:
             nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
             close_geo.append((nw, nh, scale, size, size, (size - nw) // 2, (size - nh) // 2))
         close = self._pass([images[i] for i in close_idx], close_geo)
-        for i, c in zip(close_idx, close):
+        for i, c in zip(close_idx, close, strict=True):
             found[i] = self._merge(found[i], c)
         return found
 
@@ -239,13 +240,13 @@ class ScrfdDetector:
         from 24 px of input are coarse, and on real crowd video those faces passed the quality rules (score,
         sharpness, pose) a fifth less often than with full-size detection. All regions go in one batch."""
         crops, geo, where = [], [], []
-        for i, (img, faces, scale) in enumerate(zip(images, found, scales)):
+        for i, (img, faces, scale) in enumerate(zip(images, found, scales, strict=True)):
             if scale >= 1.0 or not len(faces):
                 continue
             h, w = img.shape[:2]
             widths = faces.widths
-            for j in np.flatnonzero((widths * scale < REFINE_BELOW_PX) & (widths >= REFINE_FROM * min_face_px)):
-                x1, y1, x2, y2 = (float(v) for v in faces.boxes[j])
+            for small in np.flatnonzero((widths * scale < REFINE_BELOW_PX) & (widths >= REFINE_FROM * min_face_px)):
+                x1, y1, x2, y2 = (float(v) for v in faces.boxes[small])
                 side = REFINE_CONTEXT * max(x2 - x1, y2 - y1)
                 left = int(max(0, min(w - side, (x1 + x2 - side) / 2)))
                 top = int(max(0, min(h - side, (y1 + y2 - side) / 2)))
@@ -256,14 +257,14 @@ class ScrfdDetector:
                 nw, nh = max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s))
                 crops.append(crop)
                 geo.append((nw, nh, s, REFINE_CANVAS, REFINE_CANVAS, 0, 0))
-                where.append((i, int(j), left, top))
+                where.append((i, int(small), left, top))
         if not crops:
             return found
         refined = self._pass(crops, geo)
         boxes = [f.boxes.copy() for f in found]
         scores = [f.scores.copy() for f in found]
         kps = [f.kps.copy() for f in found]
-        for (i, j, left, top), again in zip(where, refined):
+        for (i, j, left, top), again in zip(where, refined, strict=True):
             if not len(again):
                 continue
             shifted = again.boxes + np.array([left, top, left, top], np.float32)
@@ -275,7 +276,7 @@ class ScrfdDetector:
             boxes[i][j], scores[i][j] = shifted[k], again.scores[k]
             kps[i][j] = again.kps[k] + np.array([left, top], np.float32)
         out = []
-        for i, f in enumerate(found):
+        for i in range(len(found)):
             faces = Faces(boxes[i], scores[i], kps[i])
             out.append(faces[np.argsort(-faces.scores, kind="stable")] if len(faces) else faces)
         return out

@@ -116,7 +116,7 @@ def _load(path: Path) -> tuple[onnx.ModelProto, str]:
     data = read_regular_file(path, MAX_MODEL_BYTES, "model file", error=ModelError)
     try:
         model = onnx.load_model_from_string(data)
-    except Exception as exc:  # protobuf raises DecodeError and friends
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends; re-raised as ModelError
         raise ModelError(f"{path} is not a valid ONNX model (corrupt or truncated?): {exc}") from None
     if not model.graph.node:
         raise ModelError(f"{path} is not a valid ONNX model: its graph is empty")

@@ -122,7 +122,7 @@ def create_session(
     providers = [(p, _provider_options(p, cache_dir)) for p in plan.providers]
     try:
         session = ort.InferenceSession(model, sess_options=opts, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+    except Exception as exc:  # ORT raises its own exception types
         if plan.explicit:
             raise ProviderError(f"{name}: cannot create a session on {plan.providers}: {exc}") from None
         raise
