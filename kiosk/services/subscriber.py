@@ -401,7 +401,7 @@ def python_hook(spec: str) -> Callable[[dict[str, Any]], None]:
         raise ConfigError(f"hooks.python: cannot load {spec!r}: {exc}") from None
     if not callable(func):
         raise ConfigError(f"hooks.python: {spec!r} is not callable")
-    return func  # type: ignore[no-any-return]
+    return func
 
 
 def own_gates(cfg: KioskConfig) -> frozenset[str] | None:
