@@ -23,6 +23,7 @@ from kiosk.messaging.messages import Event, Heartbeat
 from kiosk.messaging.transport import Transport, init_keys, loopback_endpoints
 from kiosk.tools.scenes import Walk, person_crop, render, write_video
 from tests.sealing_helpers import sealed_gallery, write_test_key
+from tests.waiting import wait_until
 
 
 def people(engine, photos) -> dict[str, np.ndarray]:
@@ -98,6 +99,27 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         return proc.communicate()
+
+
+def read_stderr_until(proc: subprocess.Popen, text: str, timeout: float) -> str:
+    """Read a running `kiosk(...)` process's stderr as it comes until `text` appears in it, and return what was
+    read (fails naming `text` if it does not come within `timeout`). `stop(proc)` then returns only the rest."""
+    import select
+
+    fd = proc.stderr.fileno()  # type: ignore[union-attr]
+    read: list[bytes] = []
+
+    def seen() -> bool:
+        while select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:  # the process closed it: nothing more will come
+                joined = b"".join(read).decode(errors="replace")
+                raise AssertionError(f"stderr ended without {text!r}:\n{joined[-2000:]}")
+            read.append(chunk)
+        return text in b"".join(read).decode(errors="replace")
+
+    wait_until(seen, timeout, f"{text!r} on stderr")
+    return b"".join(read).decode(errors="replace")
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], tuple[str, float]]:

@@ -27,10 +27,12 @@ from tests.pipeline_helpers import (
     kiosk,
     make_video,
     people,
+    read_stderr_until,
     scrape,
     stop,
     write_config,
 )
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,9 +95,10 @@ def test_keys_init_and_curve_off_warning(tmp_path):
     assert "already present" in again.stdout
     config = write_config(tmp_path, [{"id": "c", "gate": "A1", "source": 0}], security={"curve": False})
     verify = kiosk(config, "verify", quiet=False)
-    time.sleep(4)
-    out, err = stop(verify)
-    assert "CurveZMQ is OFF" in err
+    try:
+        read_stderr_until(verify, "CurveZMQ is OFF", 60)  # the operator is warned as the verifier starts
+    finally:
+        stop(verify)
 
 
 class Hooked(BaseHTTPRequestHandler):
@@ -181,17 +184,26 @@ def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
             str(sub_metrics := free_port()),
             quiet=False,
         )
-        time.sleep(2.0)
-        # The intruder's capture gets no frame in; the intruder's subscriber hears nothing.
+
+        def subscriber_hears_the_verifier() -> bool:
+            try:
+                return scrape(sub_metrics)[("kiosk_subscriber_verifier_up", ())][1] == 1
+            except (OSError, KeyError):  # not listening yet, or no heartbeat heard yet
+                return False
+
+        wait_until(subscriber_hears_the_verifier, 30, "the subscriber to hear the verifier's heartbeat")
+        # The intruder's capture gets no frame in (the operator is told why); the intruder's subscriber hears nothing.
         rogue = kiosk(intruder_cfg, "capture", "--camera", "cam-x")
-        time.sleep(3.0)
-        _, rogue_err = stop(rogue)
-        assert "refused this machine's key 'intruder'" in rogue_err  # the operator is told why
+        try:
+            read_stderr_until(rogue, "refused this machine's key 'intruder'", 30)
+        finally:
+            stop(rogue)
         # A gate's key (subscriber role) cannot push frames either.
         gate_capture = kiosk(gate_cfg, "capture", "--camera", "cam-x")
-        time.sleep(2.0)
-        _, gate_err = stop(gate_capture)
-        assert "refused this machine's key 'gate-b2'" in gate_err
+        try:
+            read_stderr_until(gate_capture, "refused this machine's key 'gate-b2'", 30)
+        finally:
+            stop(gate_capture)
         transport = Transport(load_config(config), role="test")
         status = control_request(transport, {"cmd": "status"})
         assert status["cameras"]["cam-x"]["frames_in"] == 0
@@ -202,9 +214,7 @@ def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
         assert capture.wait(60) == 0
         t_published = time.monotonic()
         decisions = lambda: [e for _, e in Hooked.received if e["type"] in ("accept", "reject")]  # noqa: E731
-        deadline = time.monotonic() + 20
-        while len(decisions()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: len(decisions()) >= 2, 20, "two decisions at the webhook")
         logged = [e for e in audit(config) if e["gate_id"] == "A1"]
         assert [e["event_id"] for e in decisions()] == [e["event_id"] for e in logged]  # every event, in order
         assert [e["type"] for e in logged] == ["accept", "reject"]
@@ -224,25 +234,21 @@ def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
         assert m[("kiosk_subscriber_events_total", (("type", "verifier_down"),))][1] == 0
         assert m[("kiosk_subscriber_verifier_up", ())][1] == 1
         assert m[("kiosk_hook_delivery_seconds_count", (("hook", f"webhook {url}"),))][1] == 2
-        spy.poll(0.5)
+        assert gate_listener.wait_for(lambda ev: ev.health and len(ev.events) >= 2, 10)
+        assert [e.type for e in gate_listener.events] == ["accept", "reject"]
+        spy.poll(0.5)  # an absence: a short listen (the allowed listener has had everything by now)
         assert spy.events == [] and spy.health == []
-        gate_listener.poll(0.5)
-        assert gate_listener.health and [e.type for e in gate_listener.events] == ["accept", "reject"]
 
         # Heartbeat watch: kill the verifier; verifier_down within the window; restart; verifier_up.
         pid = status["pid"]
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
-        deadline = killed + 10
-        while not any(e["type"] == "verifier_down" for _, e in Hooked.received) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: any(e["type"] == "verifier_down" for _, e in Hooked.received), 10, "verifier_down")
         down = [t for t, e in Hooked.received if e["type"] == "verifier_down"]
         assert down and down[0] - killed < 0.25 * 3 + 1.0
         verifier.wait(5)
         verifier = kiosk(config, "verify")
-        deadline = time.monotonic() + 30
-        while not any(e["type"] == "verifier_up" for _, e in Hooked.received) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: any(e["type"] == "verifier_up" for _, e in Hooked.received), 30, "verifier_up")
         assert [e["type"] for _, e in Hooked.received][-2:] == ["verifier_down", "verifier_up"]
         transport.close()
     finally:
@@ -282,12 +288,13 @@ def test_python_hook_and_bounded_queue(tmp_path):
     hook.close()
     assert RECORDED == [{"type": "accept", "event_id": "x"}] and hook.delivered == 1
 
-    gate = threading.Event()
-    slow = Hook("slow", lambda e: gate.wait(5), queue_size=2)
-    for i in range(6):
+    gate, delivering = threading.Event(), threading.Event()
+    slow = Hook("slow", lambda e: delivering.set() or gate.wait(5), queue_size=2)
+    slow.submit({"event_id": "0"})
+    assert delivering.wait(5), "the first event never reached delivery"
+    for i in range(1, 6):
         slow.submit({"event_id": str(i)})
-    time.sleep(0.1)
-    assert slow.dropped >= 3  # one in delivery, two queued, the rest dropped and counted
+    assert slow.dropped == 3  # one in delivery, two queued, the rest dropped and counted
     gate.set()
     slow.close()
     failing = Hook("failing", lambda e: 1 / 0, queue_size=2)
