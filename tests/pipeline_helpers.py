@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -54,7 +55,26 @@ def make_video(
     return write_video(path, render(walks, int(seconds * fps), size), fps)
 
 
-def write_config(folder: Path, cameras: list[dict], **extra) -> Path:
+def write_config(
+    folder: Path, cameras: list[dict] | None = None, *, gallery_only: bool = False, **sections: Any
+) -> Path:
+    """`folder`/kiosk.yaml, and what it names, for a test; each keyword a top-level section that replaces the
+    default one. The one config writer of the suite.
+
+    - A site (the default): the gallery, `cameras`, loopback transport, CurveZMQ with keys made in keys/ (and the
+      tests' template key), an audit log, metrics on a free port, liveness off; with cameras, the sealed gallery
+      too (as `kiosk-enroll init` makes it: a verifier never does).
+    - `gallery_only`: `gallery.path` and the given sections only, nothing made on disk (what `kiosk-enroll`
+      needs; a command that wants a site refuses it).
+    """
+    if gallery_only:
+        if cameras:
+            raise ValueError("write_config: a gallery-only config has no cameras")
+        cfg: dict[str, Any] = {"gallery": {"path": "gallery.db"}, **sections}
+        path = folder / "kiosk.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+    cameras = cameras or []
     cfg = {
         "gallery": {"path": "gallery.db"},
         "cameras": cameras,
@@ -66,7 +86,7 @@ def write_config(folder: Path, cameras: list[dict], **extra) -> Path:
         # (tests/test_liveness.py runs the default, liveness on, with attacks and the bona fide stand-in).
         "pad": {"enabled": False},
     }
-    cfg.update(extra)
+    cfg.update(sections)
     # The tests' template key (tests/sealing_helpers.py), in keys/ whatever the security section says.
     cfg["security"] = {"template_key_file": "keys/template.key", **cfg["security"]}
     path = folder / "kiosk.yaml"
