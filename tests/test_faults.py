@@ -52,7 +52,7 @@ def test_a_paused_verifier_publishes_no_accept_from_frames_older_than_the_bound(
         pid = events.health[-1]["pid"]
         before = control_request(transport, {"cmd": "status"})["cameras"]["cam-a1"]
         os.kill(pid, signal.SIGSTOP)
-        time.sleep(3.0)
+        time.sleep(3.0)  # the stall under test: the verifier paused this long while frames keep coming
         os.kill(pid, signal.SIGCONT)
         resumed = len(events.events)
         events.poll(6.0)
