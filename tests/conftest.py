@@ -11,7 +11,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import yaml
 
 from kiosk.config import KioskConfig, config_from_mapping
 from kiosk.vision.engine import FaceEngine
@@ -43,19 +42,12 @@ def yaoming(photos: dict[str, Path]) -> np.ndarray:
     return cv2.imread(str(photos["yaoming.jpg"]))
 
 
-def write_config(folder: Path, data: dict | None = None) -> Path:
-    """A config file in `folder` with its gallery there too (plus overrides)."""
-    cfg = {"gallery": {"path": "gallery.db"}}
-    for key, value in (data or {}).items():
-        cfg[key] = value
-    path = folder / "kiosk.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
-    return write_config(tmp_path)
+    """A gallery-only config in tmp_path (see tests.pipeline_helpers.write_config)."""
+    from tests.pipeline_helpers import write_config
+
+    return write_config(tmp_path, gallery_only=True)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -23,6 +24,7 @@ from kiosk.messaging.messages import Event, Heartbeat
 from kiosk.messaging.transport import Transport, init_keys, loopback_endpoints
 from kiosk.tools.scenes import Walk, person_crop, render, write_video
 from tests.sealing_helpers import sealed_gallery, write_test_key
+from tests.waiting import wait_until
 
 
 def people(engine, photos) -> dict[str, np.ndarray]:
@@ -53,7 +55,26 @@ def make_video(
     return write_video(path, render(walks, int(seconds * fps), size), fps)
 
 
-def write_config(folder: Path, cameras: list[dict], **extra) -> Path:
+def write_config(
+    folder: Path, cameras: list[dict] | None = None, *, gallery_only: bool = False, **sections: Any
+) -> Path:
+    """`folder`/kiosk.yaml, and what it names, for a test; each keyword a top-level section that replaces the
+    default one. The one config writer of the suite.
+
+    - A site (the default): the gallery, `cameras`, loopback transport, CurveZMQ with keys made in keys/ (and the
+      tests' template key), an audit log, metrics on a free port, liveness off; with cameras, the sealed gallery
+      too (as `kiosk-enroll init` makes it: a verifier never does).
+    - `gallery_only`: `gallery.path` and the given sections only, nothing made on disk (what `kiosk-enroll`
+      needs; a command that wants a site refuses it).
+    """
+    if gallery_only:
+        if cameras:
+            raise ValueError("write_config: a gallery-only config has no cameras")
+        cfg: dict[str, Any] = {"gallery": {"path": "gallery.db"}, **sections}
+        path = folder / "kiosk.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+    cameras = cameras or []
     cfg = {
         "gallery": {"path": "gallery.db"},
         "cameras": cameras,
@@ -65,7 +86,7 @@ def write_config(folder: Path, cameras: list[dict], **extra) -> Path:
         # (tests/test_liveness.py runs the default, liveness on, with attacks and the bona fide stand-in).
         "pad": {"enabled": False},
     }
-    cfg.update(extra)
+    cfg.update(sections)
     # The tests' template key (tests/sealing_helpers.py), in keys/ whatever the security section says.
     cfg["security"] = {"template_key_file": "keys/template.key", **cfg["security"]}
     path = folder / "kiosk.yaml"
@@ -98,6 +119,27 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         return proc.communicate()
+
+
+def read_stderr_until(proc: subprocess.Popen, text: str, timeout: float) -> str:
+    """Read a running `kiosk(...)` process's stderr as it comes until `text` appears in it, and return what was
+    read (fails naming `text` if it does not come within `timeout`). `stop(proc)` then returns only the rest."""
+    import select
+
+    fd = proc.stderr.fileno()  # type: ignore[union-attr]
+    read: list[bytes] = []
+
+    def seen() -> bool:
+        while select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:  # the process closed it: nothing more will come
+                joined = b"".join(read).decode(errors="replace")
+                raise AssertionError(f"stderr ended without {text!r}:\n{joined[-2000:]}")
+            read.append(chunk)
+        return text in b"".join(read).decode(errors="replace")
+
+    wait_until(seen, timeout, f"{text!r} on stderr")
+    return b"".join(read).decode(errors="replace")
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], tuple[str, float]]:

@@ -78,7 +78,7 @@ def test_board_once_undo_and_the_gate_views(gallery_site):
         removed = store.undo("LH123", "ANN", why="left the aircraft")
         assert removed is not None and removed.gate_id == "A1"
         assert store.board(_accept("LH123", "ANN", "A2", "e5")).first
-        log = g._db.execute("SELECT action, subject_id, detail FROM boarding_log WHERE action = 'undo'").fetchall()
+        log = g.execute("SELECT action, subject_id, detail FROM boarding_log WHERE action = 'undo'").fetchall()
         assert log and log[0][1] == "ANN" and "left the aircraft" in log[0][2]
         assert [d.event_id for d in store.decisions("LH123")] == ["e1", "e5"]
         # An accept that never reached the gate (the audit log refused it): mark and decision both withdrawn.
@@ -134,8 +134,8 @@ def test_a_verifier_view_follows_each_change_reading_only_what_changed(gallery_s
         view = follow(view, frozenset({"BOB"}))  # (asked for by id: none left)
         assert "BOB" not in view.full.subject_ids
         # SQL run by hand is logged too (by the database's triggers), not only the project's own writes.
-        g._db.execute("UPDATE templates SET embedding = ? WHERE subject_id = 'EVE'", (emb["ANN"].tobytes(),))
-        g._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
+        g.execute("UPDATE templates SET embedding = ? WHERE subject_id = 'EVE'", (emb["ANN"].tobytes(),))
+        g.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
         view = follow(view, frozenset({"EVE"}))
         g.enroll("ANN", "", _unit(rng, 1), MODEL, expires=time.time() + 0.5)
         view = follow(view, frozenset({"ANN"}))
@@ -145,7 +145,7 @@ def test_a_verifier_view_follows_each_change_reading_only_what_changed(gallery_s
         store.open_gate("A1", "BA456")  # the gate boards another flight: its passengers come in
         view = follow(view, frozenset({"CAT"}) if mine else frozenset())  # (BOB: on LH123 too, removed)
         assert view.matrix_for("A1").subject_ids == ["CAT"]
-        g._db.execute("UPDATE meta SET value = ? WHERE key = 'baseline'", (str(g.revision() + 1),))
+        g.execute("UPDATE meta SET value = ? WHERE key = 'baseline'", (str(g.revision() + 1),))
         g.enroll("DAN", "", _unit(rng, 1), MODEL)  # the change log no longer reaches back: everything is read
         follow(view, frozenset({"BOB", "CAT"}) if mine else None)
 
@@ -196,7 +196,7 @@ def test_two_processes_boarding_the_same_passengers_at_once_give_one_accept_each
     wins = np.array([results["A1"], results["A2"]])
     assert (wins.sum(axis=0) == 1).all(), "a passenger boarded twice, or not at all"
     with gallery_site.open() as g:
-        assert g._db.execute("SELECT COUNT(*) FROM boardings").fetchone()[0] == rounds
+        assert g.execute("SELECT COUNT(*) FROM boardings").fetchone()[0] == rounds
 
 
 def test_purge_deletes_only_passengers_on_no_later_flight(gallery_site):
@@ -251,7 +251,9 @@ def test_a_version_2_gallery_gains_the_flight_tables_and_keeps_its_rows(tmp_path
     with pytest.raises(UsageError, match="in the clear; seal them"):  # never upgraded by merely opening it
         sealed_gallery(path)
     with sealed_gallery(path, seal=True) as g:
-        assert g._meta("schema_version") == str(SCHEMA_VERSION)
+        assert g.execute("SELECT value FROM meta WHERE key = ?", ("schema_version",)).fetchone()[0] == str(
+            SCHEMA_VERSION
+        )
         assert g.subjects()[0].templates == {MODEL: 2}
         assert np.allclose(g.matrix(MODEL, 8).embeddings, emb)  # sealed in place, and they open
         store = SqliteBoardingStore(g)

@@ -19,6 +19,7 @@ from kiosk.messaging.messages import (
     encode_frame,
     encode_json,
 )
+from tests.waiting import wait_until
 
 
 def _pair(ctx: zmq.Context, kind_out: int, kind_in: int) -> tuple[zmq.Socket, zmq.Socket]:
@@ -29,7 +30,14 @@ def _pair(ctx: zmq.Context, kind_out: int, kind_in: int) -> tuple[zmq.Socket, zm
     connector.connect("inproc://ch")
     if kind_in == zmq.SUB:
         inn.setsockopt(zmq.SUBSCRIBE, b"")
-        time.sleep(0.2)  # let the subscription reach the publisher
+
+        def heard_a_probe() -> bool:  # the subscription has reached the publisher once a probe comes through
+            out.send_multipart([b"probe"])
+            return bool(inn.poll(20))
+
+        wait_until(heard_a_probe, 5, "the subscription to reach the publisher")
+        while inn.poll(20):  # the probes are the test's, not the channel's
+            inn.recv_multipart()
     return out, inn
 
 
@@ -47,10 +55,14 @@ def test_frame_channel_types_and_refusals():
         push.send_multipart(encode_json("eof.cam-a1", {"camera_id": "cam-a1"}))
         push.send_multipart([b"frame.cam-a1", b"{not json", b""])
         push.send(b"garbage")
-        time.sleep(0.1)
-        got = []
-        while (message := channel.recv()) is not None:
-            got.append(message)
+        got: list = []
+
+        def all_read() -> bool:
+            while (message := channel.recv()) is not None:
+                got.append(message)
+            return len(got) >= 3 and len(bad) >= 4
+
+        wait_until(all_read, 5, "the three valid and four malformed messages to be read")
         assert [type(m) for m in got] == [Frame, CaptureHealth, Eof]
         assert got[0].header.seq == 1 and got[0].image.shape == (48, 64, 3)
         assert got[1] == CaptureHealth("cam-a1", {"v": 1, "camera_id": "cam-a1", "status": "ok"})
@@ -59,7 +71,9 @@ def test_frame_channel_types_and_refusals():
         # A flood of malformed messages: one recv() reads a bounded number and returns.
         for _ in range(50):
             push.send(b"garbage")
-        time.sleep(0.1)
+        # inproc queues a message on the receiving side by the time send() returns (libzmq's in-memory pipe), so
+        # once the first is readable all 50 are.
+        wait_until(lambda: pull.poll(0), 5, "the flood to reach the receiving socket")
         assert channel.recv(max_reads=16) is None and len(bad) == 4 + 16
     finally:
         ctx.destroy(linger=0)

@@ -10,8 +10,10 @@ import pytest
 
 from enrollment.cli import build_parser as enroll_parser
 from kiosk.cli import build_parser as kiosk_parser
+from kiosk.cli import main as kiosk_main
 from kiosk.messaging.transport import free_port
-from tests.conftest import run_cli, write_config
+from tests.conftest import run_cli
+from tests.pipeline_helpers import write_config
 
 # Every sub-command with its required arguments, as DESIGN.md and the README write them.
 KIOSK = [
@@ -47,7 +49,7 @@ def test_config_before_and_after_the_subcommand(parser, argv):
 
 
 def test_kiosk_config_environment_is_read_by_every_command(tmp_path):
-    no_cameras = write_config(tmp_path)  # a gallery only
+    no_cameras = write_config(tmp_path, gallery_only=True)
     env = {"KIOSK_CONFIG": str(no_cameras)}
     res = run_cli("kiosk", "run", env=env)
     assert res.returncode == 2 and f"{no_cameras}: cameras: expected at least one camera" in res.stderr
@@ -63,14 +65,17 @@ def test_kiosk_config_environment_is_read_by_every_command(tmp_path):
 
 def test_status_and_claim_without_a_verifier_say_what_to_check(tmp_path):
     port = free_port()
-    config = write_config(tmp_path, {"transport": {"control": f"tcp://127.0.0.1:{port}"}})
+    config = write_config(tmp_path, gallery_only=True, transport={"control": f"tcp://127.0.0.1:{port}"})
     for argv in (["status", "-c", str(config)], ["claim", "-c", str(config), "--gate", "A1", "--subject", "P"]):
-        t0 = time.monotonic()
         res = run_cli("kiosk", *argv)
         assert res.returncode == 1 and "Traceback" not in res.stderr
         assert f"no verifier is listening on tcp://127.0.0.1:{port}" in res.stderr
         assert "is `kiosk run` or `kiosk verify` running with this config?" in res.stderr
-        assert time.monotonic() - t0 < 2.9  # said at once, not after the 3 s request timeout
+        # Said at once, not after the 3 s request timeout: timed in this process, so that a busy machine's slow
+        # start of a new Python process is not counted.
+        t0 = time.monotonic()
+        assert kiosk_main(["-q", *argv]) == 1
+        assert time.monotonic() - t0 < 2.9
     # the gallery is why no verifier can start: status says what to run
     gallery = tmp_path / "gallery.db"
     res = run_cli("kiosk", "status", "-c", str(config))

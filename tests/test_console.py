@@ -35,11 +35,22 @@ from tests.pipeline_helpers import (
     stop,
     write_config,
 )
+from tests.waiting import wait_until
 
 PASSWORD = "correct horse battery"
 
 
-def test_password_file_plain_or_hashed_and_sessions(tmp_path):
+class _Clock:
+    """A clock a test moves by hand: an expiry or a rate over time needs no real wait."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_password_file_plain_or_hashed(tmp_path):
     plain = tmp_path / "plain"
     plain.write_text(PASSWORD + "\n")
     check = PasswordCheck.from_file(plain)
@@ -52,19 +63,15 @@ def test_password_file_plain_or_hashed_and_sessions(tmp_path):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=why):
             PasswordCheck.from_file(bad)
-    sessions = Sessions(ttl_s=0.2)
+
+
+def test_a_session_is_valid_until_its_ttl_and_never_made_up():
+    clock = _Clock()
+    sessions = Sessions(ttl_s=0.2, clock=clock)
     token = sessions.create()
     assert sessions.valid(token) and not sessions.valid("made-up") and not sessions.valid(None)
-    time.sleep(0.25)
+    clock.now += 0.25
     assert not sessions.valid(token)  # expired
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_flooded_peer_backs_off_exponentially_and_the_pool_caps_everyone_without_a_device():
@@ -81,12 +88,12 @@ def test_a_flooded_peer_backs_off_exponentially_and_the_pool_caps_everyone_witho
         assert isinstance(throttle.begin("10.0.0.9", None), Ticket)
         waits.append(throttle.refusal("10.0.0.9", None).retry_after_s)
     assert waits == [60, 120, 240, 480, 900, 900, 900], waits
-    assert [b.failures for b in throttle._peers.values()] == [12]
+    assert throttle.peer_failures() == {"peer:10.0.0.9": 12}
     assert peer_budget("2001:db8::1") == peer_budget("2001:db8::ffff:2") != peer_budget("2001:db8:0:1::1")
     clock.now += 3600  # a quiet hour: forgotten
     slot = throttle.begin("10.0.0.9", None)
     throttle.succeeded(slot)  # the right password: no failure left behind
-    assert throttle._peers["peer:10.0.0.9"].failures == 0 and not throttle._pool
+    assert throttle.peer_failures()["peer:10.0.0.9"] == 0 and throttle.pooled_failures() == 0
     for i in range(30):  # every address together, without a device cookie: 30 wrong passwords a minute
         assert isinstance(throttle.begin(f"10.1.{i // 200}.{i % 200}", None), Ticket), i
     pooled = throttle.begin("10.9.9.9", None)
@@ -98,7 +105,7 @@ def test_a_flooded_peer_backs_off_exponentially_and_the_pool_caps_everyone_witho
     assert throttle.refusal("10.9.9.9", "another browser") is None
     clock.now += 30
     throttle.succeeded(throttle.begin("127.0.0.1", "operator"))
-    assert throttle._devices["device:operator"].failures == 0
+    assert throttle.device_failures()["device:operator"] == 0
 
 
 def test_device_cookies_are_signed_expire_and_die_with_the_password(tmp_path):
@@ -133,68 +140,81 @@ def test_the_failure_table_forgets_its_quietest_addresses_first_never_everyone(m
         throttle.begin("10.6.6.6", None)
     throttle.begin("10.0.0.3", None)  # the table is full (3): 10.0.0.1, the least recently active, is forgotten...
     assert isinstance(throttle.begin("10.6.6.6", None), Refusal)  # ...never everyone
-    assert list(throttle._peers) == ["peer:10.0.0.2", "peer:10.6.6.6", "peer:10.0.0.3"]
+    assert list(throttle.peer_failures()) == ["peer:10.0.0.2", "peer:10.6.6.6", "peer:10.0.0.3"]
 
 
-def test_console_state_alerts_bounds_and_viewers():
-    state = ConsoleState({"A1": ["cam-a1"], "B2": ["cam-b2"]}, crops=3, heartbeat_timeout_s=0.2)
-    cams = {
-        "cam-a1": {"gate_id": "A1", "state": "up", "processed": 100},
-        "cam-b2": {"gate_id": "B2", "state": "up", "processed": 100},
-    }
+CAMS = {
+    "cam-a1": {"gate_id": "A1", "state": "up", "processed": 100},
+    "cam-b2": {"gate_id": "B2", "state": "up", "processed": 100},
+}
 
-    def beat(body: dict, cameras: dict, gates: dict | None = None) -> None:
-        """The verifier's heartbeat as it sends it: its own part, then each gate's (cameras, flight)."""
-        state.add_heartbeat(body)
-        for gate in ("A1", "B2"):
-            state.add_heartbeat(
-                {
-                    "status": body["status"],
-                    "gate_id": gate,
-                    "gate": (gates or {}).get(gate, {}),
-                    "cameras": {c: cam for c, cam in cameras.items() if cam["gate_id"] == gate},
-                },
-                gate,
-            )
 
-    beat({"status": "ok"}, dict(cams), {"A1": {"flight_id": "LH123"}})
-    time.sleep(0.5)
-    cams["cam-a1"] = {**cams["cam-a1"], "processed": 115}
-    cams["cam-b2"] = {**cams["cam-b2"], "processed": 100}
-    beat(
+@pytest.fixture
+def console_clock(monkeypatch) -> _Clock:
+    """The console state's clock, moved by hand (kiosk.console.state reads `time.time()`)."""
+    import types
+
+    import kiosk.console.state as state_module
+
+    clock = _Clock()
+    monkeypatch.setattr(state_module, "time", types.SimpleNamespace(time=clock))
+    return clock
+
+
+@pytest.fixture
+def state(console_clock) -> ConsoleState:
+    return ConsoleState({"A1": ["cam-a1"], "B2": ["cam-b2"]}, crops=3, heartbeat_timeout_s=0.2)
+
+
+def _beat(state: ConsoleState, body: dict, cameras: dict, gates: dict | None = None) -> None:
+    """The verifier's heartbeat as it sends it: its own part, then each gate's (cameras, flight)."""
+    state.add_heartbeat(body)
+    for gate in ("A1", "B2"):
+        state.add_heartbeat(
+            {
+                "status": body["status"],
+                "gate_id": gate,
+                "gate": (gates or {}).get(gate, {}),
+                "cameras": {c: cam for c, cam in cameras.items() if cam["gate_id"] == gate},
+            },
+            gate,
+        )
+
+
+def test_console_state_gives_each_gate_its_camera_state_and_rate_and_alerts_a_camera_down(state, console_clock):
+    _beat(state, {"status": "ok"}, dict(CAMS), {"A1": {"flight_id": "LH123"}})
+    console_clock.now += 0.5
+    cams = {**CAMS, "cam-a1": {**CAMS["cam-a1"], "processed": 115}}
+    _beat(
+        state,
         {"status": "degraded"},
         {**cams, "cam-b2": {"gate_id": "B2", "state": "down", "last_error": "no frame for 6 s", "processed": 100}},
     )
     status = state.status()
     assert status["verifier"]["gallery"]["stale"] is None  # a heartbeat that says nothing of it
     assert [(g["gate_id"], g["camera_state"]) for g in status["gates"]] == [("A1", "up"), ("B2", "down")]
-    assert 20 <= status["gates"][0]["fps"] <= 31 and status["gates"][1]["fps"] == 0  # 15 frames in ~0.5 s
+    assert 20 <= status["gates"][0]["fps"] <= 31 and status["gates"][1]["fps"] == 0  # 15 frames in 0.5 s
     assert [(a["type"], a["gate_id"], a["reason"]) for a in status["alerts"]] == [
         ("camera_down", "B2", "no frame for 6 s")
     ]
-    beat(
-        {
-            "status": "degraded",
-            "gallery": {
-                "subjects": 3,
-                "stale": True,
-                "error": "gallery file var/gallery.db is gone",
-                "refusing": "nothing yet",
-                "accepts_from_memory_s": 120.0,
-                "action": "run `kiosk-enroll restore BACKUP`",
-                "revision": 7,
-            },
-        },
-        cams,
-    )
-    assert state.status()["verifier"]["gallery"] == {  # the overview's alert line says what and what to run
+
+
+def test_console_state_shows_a_stale_gallery_with_what_to_run(state):
+    gallery = {
         "subjects": 3,
         "stale": True,
         "error": "gallery file var/gallery.db is gone",
         "refusing": "nothing yet",
         "accepts_from_memory_s": 120.0,
         "action": "run `kiosk-enroll restore BACKUP`",
+        "revision": 7,
     }
+    _beat(state, {"status": "degraded", "gallery": gallery}, dict(CAMS))
+    # the overview's alert line says what and what to run (the revision is not the operator's business)
+    assert state.status()["verifier"]["gallery"] == {k: v for k, v in gallery.items() if k != "revision"}
+
+
+def test_console_state_keeps_the_last_decision_the_alerts_and_the_last_crops_only(state):
     state.add_event({"type": "reject", "reason": "already_boarded", "gate_id": "A1", "event_id": "e1"})
     state.add_event({"type": "accept", "gate_id": "A1", "event_id": "e2", "subject_id": "PARKER"})
     assert state.status()["gates"][0]["last_decision"]["subject_id"] == "PARKER"
@@ -202,13 +222,23 @@ def test_console_state_alerts_bounds_and_viewers():
     for i in range(5):
         state.add_crop({"event_id": f"c{i}", "gate_id": "A1"}, b"\xff\xd8jpeg")
     assert list(state.crops) == ["c2", "c3", "c4"] and state.crop("c0") is None  # the last `crops` only
-    time.sleep(0.25)
+
+
+def test_console_state_says_the_verifier_is_down_when_its_heartbeat_stops(state, console_clock):
+    _beat(state, {"status": "ok"}, dict(CAMS))
+    console_clock.now += 0.1
+    state.check_verifier()  # within the timeout: still up
+    assert state.status()["verifier"]["state"] == "up"
+    console_clock.now += 0.15
     state.check_verifier()  # no heartbeat for longer than the timeout
     assert state.status()["verifier"]["state"] == "down"
     assert {(e["type"], e["gate_id"]) for e in state.events() if e["alert"]} >= {
         ("verifier_down", "A1"),
         ("verifier_down", "B2"),
     }
+
+
+def test_console_state_subscribes_to_a_gate_once_however_many_watch_it(state):
     state.watch("A1")
     state.watch("A1")  # a second viewer of the same gate: no second subscription
     state.add_preview("A1", {"faces": []}, b"\xff\xd8")
@@ -294,15 +324,21 @@ def _console(tmp_path: Path, **console: object) -> tuple[subprocess.Popen, int]:
         console={"listen": f"127.0.0.1:{port}", "password_file": "pw", **console},
     )
     proc = kiosk(config, "console")
-    deadline = time.monotonic() + 30
-    while True:
+    _wait_for_login_page(proc, port, 30)
+    return proc, port
+
+
+def _wait_for_login_page(proc: subprocess.Popen, port: int, timeout: float) -> None:
+    """Until the console started by `proc` serves its login page (fails at once if `proc` exits)."""
+
+    def serving() -> bool:
+        assert proc.poll() is None, "the console exited while starting"
         try:
-            if _get(port, "/login").status == 200:
-                return proc, port
+            return _get(port, "/login").status == 200
         except OSError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None, "the console did not start"
-        time.sleep(0.2)
+            return False
+
+    wait_until(serving, timeout, f"the console's login page on port {port}", every=0.2)
 
 
 def test_forged_forwarded_headers_and_100_concurrent_wrong_passwords_get_five_checks(tmp_path):
@@ -518,8 +554,9 @@ def test_the_console_over_tls_on_another_address(tmp_path):
     context = ssl.create_default_context(cafile=str(tmp_path / "tls.crt"))
     context.check_hostname = False
     try:
-        deadline = time.monotonic() + 30
-        while True:
+
+        def logged_in() -> http.client.HTTPResponse | None:
+            assert console.poll() is None, "the console exited while starting"
             try:
                 conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
                 conn.request(
@@ -528,11 +565,11 @@ def test_the_console_over_tls_on_another_address(tmp_path):
                     "password=" + urllib.parse.quote(PASSWORD),
                     {"Content-Type": "application/x-www-form-urlencoded"},
                 )
-                answer = conn.getresponse()
-                break
+                return conn.getresponse()
             except OSError:
-                assert time.monotonic() < deadline and console.poll() is None, "the console did not start"
-                time.sleep(0.3)
+                return None
+
+        answer = wait_until(logged_in, 30, f"the console's HTTPS login on port {port}", every=0.3)
         cookie = answer.getheader("Set-Cookie") or ""
         assert answer.status == 303 and "Secure" in cookie and "HttpOnly" in cookie
         conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
@@ -702,14 +739,14 @@ def test_a_preview_flood_from_one_console_key_leaves_another_console_its_frames(
                     try:
                         bad[n % 20].send(junk[n % 5], zmq.NOBLOCK)
                         sent[0] += 1
-                    except zmq.Again:
+                    except zmq.Again:  # the flooder's own pacing (its queues are full), not a wait for anything
                         time.sleep(0.001)
                     n += 1
 
             flooder = threading.Thread(target=flood_loop, daemon=True)
             flooder.start()
             try:
-                time.sleep(1.0)  # the flood under way
+                assert events.wait_for(lambda ev: previews()["refused"] >= 100, 15), "the flood never reached it"
                 got = _receive(sock, ["A1"], until=lambda _: False, seconds=4.0)
                 events.poll(0.5)
                 during = previews()
@@ -804,15 +841,7 @@ def test_the_console_in_a_real_browser(tmp_path, engine, photos):
     run = kiosk(config, "run")
     driver = None
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if _get(port, "/login").status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline and run.poll() is None, "the console did not start"
-            time.sleep(0.3)
+        _wait_for_login_page(run, port, 60)
         # Without a session: a redirect to the login page, or 401; never a frame.
         page = _get(port, "/gate/A1")
         assert page.status == 303 and page.getheader("Location") == "/login"

@@ -13,7 +13,8 @@ import pytest
 from enrollment.cli import main
 from kiosk.cli import main as kiosk_main
 from kiosk.store.gallery import SCHEMA_VERSION
-from tests.conftest import SHARED_FACES, run_cli, write_config
+from tests.conftest import SHARED_FACES, run_cli
+from tests.pipeline_helpers import write_config
 
 
 def enroll(config: Path, *args: str) -> int:
@@ -200,7 +201,7 @@ def test_version_1_gallery_is_upgraded_in_place(tmp_path, people, capsys):
     )
     con.commit()
     con.close()
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, gallery_only=True)
 
     def dump() -> list[str]:
         con = sqlite3.connect(db)
@@ -263,7 +264,7 @@ def test_cli_process_bad_config_and_text_file(tmp_path):
     assert res.returncode == 2
     assert f"{bad}: policy.accept_threshold: expected a number, found str 'high'" in res.stderr
     assert "Traceback" not in res.stderr
-    cfg = write_config(tmp_path)
+    cfg = write_config(tmp_path, gallery_only=True)
     text = tmp_path / "scan.jpg"
     text.write_text("hello")
     res = run_cli("kiosk-enroll", "-c", str(cfg), "add", "--id", "T", str(text))
@@ -278,7 +279,7 @@ needs_shared = pytest.mark.skipif(not SHARED_FACES.is_dir(), reason="shared face
 
 @needs_shared
 def test_shared_photos_32bit_png_enrolls_two_people_refused(tmp_path):
-    cfg = write_config(tmp_path)
+    cfg = write_config(tmp_path, gallery_only=True)
     res = run_cli("kiosk-enroll", "-c", str(cfg), "add", "--id", "TWO", str(SHARED_FACES / "misc" / "two_people.jpg"))
     assert res.returncode == 2 and "2 faces found" in res.stderr
     assert not (tmp_path / "gallery.db").exists()

@@ -300,18 +300,22 @@ def _stills(folder: Path, name: str, crop: np.ndarray, p_real: float) -> list[st
     """Three close-ups (288 px, the face about 120 px) of the tinted crop, each a little apart."""
     big = cv2.resize(_tinted(crop, p_real), (320, 320), interpolation=cv2.INTER_AREA)
     out = []
-    for letter, (dx, dy) in zip("cab", ((16, 10), (0, 0), (8, 4))):
+    for letter, (dx, dy) in zip("cab", ((16, 10), (0, 0), (8, 4)), strict=True):
         path = folder / f"{name}_{letter}.png"
         cv2.imwrite(str(path), big[dy : dy + 288, dx : dx + 288])
         out.append(f"{folder.name}/{path.name}")
     return out
 
 
-def test_evaluate_pad_scores_stills_as_a_clip_per_subject_with_sources_bounds_and_loso(tmp_path, engine, photos):
+@pytest.fixture(scope="module")
+def pad_run(tmp_path_factory, engine, photos) -> tuple[Path, dict]:
+    """A labelled set (two sources; videos and subjects' stills; bona fide, print and screen) scored once by
+    `kiosk-enroll evaluate-pad --json` with the texture the only check that vouches: its folder and report."""
     from kiosk.tools.scenes import Walk
     from tests.conftest import run_cli
     from tests.pipeline_helpers import make_video, people
 
+    tmp_path = tmp_path_factory.mktemp("evaluate-pad")
     yao = people(engine, photos)["yao"]
     rows = ["file,label,subject"]
     for source, kind, name, label, p_real in (
@@ -352,8 +356,16 @@ def test_evaluate_pad_scores_stills_as_a_clip_per_subject_with_sources_bounds_an
         "--no-progress",
     )
     assert res.returncode == 0, res.stderr
-    report = json.loads(res.stdout)
-    entries = {(v["source"], v.get("subject") or Path(v["video"]).stem): v for v in report["videos"]}
+    return tmp_path, json.loads(res.stdout)
+
+
+def _entries(report: dict) -> dict[tuple[str, str], dict]:
+    return {(v["source"], v.get("subject") or Path(v["video"]).stem): v for v in report["videos"]}
+
+
+def test_evaluate_pad_scores_a_subjects_stills_as_one_clip_in_file_name_order(pad_run):
+    _, report = pad_run
+    entries = _entries(report)
     assert not report["no_face"] and len(entries) == 8
     # the three stills of a subject: one clip, in file-name order, one presentation (one track)
     s1 = entries[("lab", "s1")]
@@ -373,6 +385,10 @@ def test_evaluate_pad_scores_stills_as_a_clip_per_subject_with_sources_bounds_an
         "fps": 30.0,
         "scored_as": report["stills"]["scored_as"],
     }
+
+
+def test_evaluate_pad_counts_bpcer_and_apcer_with_their_bounds_per_source_and_leaving_one_out(pad_run):
+    _, report = pad_run
     assert report["bona_fide"]["presentations"] == 5 and report["bona_fide"]["videos"] == 2
     assert report["bona_fide"]["still_clips"] == 3 and report["bona_fide"]["bpcer"] == 0.0
     assert report["bona_fide"]["bpcer_upper95"] == pytest.approx(0.4507, abs=1e-4)  # 0 of 5
@@ -381,6 +397,10 @@ def test_evaluate_pad_scores_stills_as_a_clip_per_subject_with_sources_bounds_an
     )
     _expect_sources_and_apcer0(report)
     _expect_loso(report["loso"])
+
+
+def test_evaluate_pad_reports_each_checks_scores_by_label(pad_run):
+    _, report = pad_run
     tex = report["check_scores"]["texture"]
     assert tex["bona_fide"]["n"] == 5 and tex["bona_fide"]["min"] == pytest.approx(0.52, abs=0.01)
     assert tex["print"]["verdicts"] == {"live": 1, "none": 1}
@@ -393,12 +413,19 @@ def test_evaluate_pad_scores_stills_as_a_clip_per_subject_with_sources_bounds_an
         "max": None,
         "verdicts": {"none": 5},
     }
-    lines = "\n".join(text(report))
+
+
+def test_evaluate_pad_text_says_how_stills_were_scored_and_what_the_bound_is(pad_run):
+    lines = "\n".join(text(pad_run[1]))
     assert "15 images scored as 5 still clips" in lines and "each still held 6 frames at 30 fps" in lines
     assert "  lab: BPCER 0.0% (0 of 3; 95% upper 63.2%), 0 liveness_unverified" in lines
     assert "95% upper: the one-sided 95% upper bound, exact (Clopper-Pearson)" in lines
 
-    # a still that is not there, or not an image: exit 2 naming the line, no traceback
+
+def test_evaluate_pad_refuses_a_missing_or_unreadable_still_naming_its_line(pad_run):
+    from tests.conftest import run_cli
+
+    tmp_path = pad_run[0]
     (tmp_path / "gone.csv").write_text("file,label,subject\nlab/s1_a.png,bona_fide,x\nlab/nope.png,print,x\n")
     (tmp_path / "junk.png").write_bytes(b"not a png")
     (tmp_path / "junk.csv").write_text("file,label\nlab/s1_a.png,bona_fide\njunk.png,print\n")
@@ -414,7 +441,12 @@ def test_evaluate_pad_scores_stills_as_a_clip_per_subject_with_sources_bounds_an
         )
         assert res.returncode == 2 and f"line {line}:" in res.stderr and why in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
-    # options out of range: exit 2 saying which, before anything is read
+
+
+def test_evaluate_pad_refuses_options_out_of_range_before_reading_anything(pad_run):
+    from tests.conftest import run_cli
+
+    tmp_path = pad_run[0]
     for option, why in (
         (["--still-hold", "0"], "--still-hold: expected 1 to 300 frames, found 0"),
         (["--margin", "1.5"], "--margin: expected 0 to 0.99, found 1.5"),
@@ -425,7 +457,7 @@ def test_evaluate_pad_scores_stills_as_a_clip_per_subject_with_sources_bounds_an
             "-c",
             str(tmp_path / "kiosk.yaml"),
             "evaluate-pad",
-            str(tmp_path / "gone.csv"),
+            str(tmp_path / "labels.csv"),
             "--no-progress",
             *option,
         )

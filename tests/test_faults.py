@@ -23,6 +23,7 @@ from tests.pipeline_helpers import (
     write_config,
 )
 from tests.sealing_helpers import sealed_gallery
+from tests.waiting import wait_until
 
 
 def test_a_paused_verifier_publishes_no_accept_from_frames_older_than_the_bound(tmp_path, engine, photos):
@@ -51,7 +52,7 @@ def test_a_paused_verifier_publishes_no_accept_from_frames_older_than_the_bound(
         pid = events.health[-1]["pid"]
         before = control_request(transport, {"cmd": "status"})["cameras"]["cam-a1"]
         os.kill(pid, signal.SIGSTOP)
-        time.sleep(3.0)
+        time.sleep(3.0)  # the stall under test: the verifier paused this long while frames keep coming
         os.kill(pid, signal.SIGCONT)
         resumed = len(events.events)
         events.poll(6.0)
@@ -168,10 +169,10 @@ def test_an_audit_log_moved_away_or_replaced_by_a_folder_under_a_live_gate_holds
             stop(capture)
         _, err = stop(verifier)
     assert "Traceback" not in err
-    ids = lambda name: {
-        json.loads(line)["event_id"]  # noqa: E731
-        for line in (tmp_path / name).read_text().splitlines()
-    }
+
+    def ids(name: str) -> set[str]:
+        return {json.loads(line)["event_id"] for line in (tmp_path / name).read_text().splitlines()}
+
     first, second, final = ids("moved-1.jsonl"), ids("moved-2.jsonl"), {e["event_id"] for e in audit(config)}
     for e in accepts(events):
         if e.decided_at > renamed_at:
@@ -331,14 +332,19 @@ def test_a_capture_key_sends_for_its_own_camera_only(tmp_path, engine, photos):
     verifier = kiosk(config, "verify")
     transport = Transport(load_config(config), role="test-keys")
     try:
-        deadline = time.monotonic() + 30
-        while control_request(transport, {"cmd": "status"}, timeout_ms=1000) is None:
-            assert time.monotonic() < deadline
+        wait_until(lambda: control_request(transport, {"cmd": "status"}, timeout_ms=1000), 30, "the verifier's status")
         rogue = kiosk(rogue_config, "capture", "--camera", "cam-a1")  # cam-host-2's key, gate A1's camera
         own = kiosk(config, "capture", "--camera", "cam-b1")  # cam-host-2's key, its own camera
-        time.sleep(3.0)
-        stop(rogue)
-        stop(own)
+
+        def both_heard() -> bool:  # the own camera's frames in, and the rogue's refused
+            status = control_request(transport, {"cmd": "status"}, timeout_ms=2000) or {}
+            return status.get("bad_messages", 0) > 10 and status["cameras"]["cam-b1"]["frames_in"] > 10
+
+        try:
+            wait_until(both_heard, 30, "cam-b1's frames in and more than 10 of the rogue's refused", every=0.1)
+        finally:
+            stop(rogue)
+            stop(own)
         status = control_request(transport, {"cmd": "status"})
         assert status["cameras"]["cam-a1"]["frames_in"] == 0  # every message for cam-a1 from the wrong key dropped
         assert status["cameras"]["cam-b1"]["frames_in"] > 10

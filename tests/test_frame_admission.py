@@ -28,6 +28,7 @@ from kiosk.services.metrics import VerifierMetrics
 from kiosk.tools.scenes import render, write_video
 from tests.conftest import run_cli
 from tests.pipeline_helpers import kiosk, scrape, stop, write_config
+from tests.waiting import wait_until
 
 
 def _status(transport: Transport) -> dict:
@@ -37,19 +38,9 @@ def _status(transport: Transport) -> dict:
 
 
 def _wait_up(transport: Transport, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while (status := control_request(transport, {"cmd": "status"}, timeout_ms=1000)) is None:
-        assert time.monotonic() < deadline, "the verifier did not come up"
-    return status
-
-
-def _wait(predicate, timeout: float, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(every)
+    return wait_until(
+        lambda: control_request(transport, {"cmd": "status"}, timeout_ms=1000), timeout, "the verifier to come up"
+    )
 
 
 # -- the channel alone ---------------------------------------------------------------------------------------
@@ -237,11 +228,11 @@ def test_a_foreign_keys_frame_flood_does_not_starve_the_owner_camera(tmp_path):
     try:
         _wait_up(admin)
         capture = kiosk(config, "capture", "--camera", "cam-a1")
-        assert _wait(lambda: processed()[1] >= 30, 60), "the owner camera's frames do not arrive"
+        wait_until(lambda: processed()[1] >= 30, 60, "the owner camera's frames", every=0.1)
         before = rate()
         flood = _Flood(cfg, "cam-host-b", "cam-a1", "A1", per_s=10.0)
         flood.start()
-        time.sleep(0.5)
+        wait_until(lambda: flood.sent >= 5, 10, "the flood under way")
         during = rate()
         sent = flood.sent
         flood.close()
@@ -253,8 +244,12 @@ def test_a_foreign_keys_frame_flood_does_not_starve_the_owner_camera(tmp_path):
         )
         assert sent >= 20
         assert during >= 0.8 * min(before, after), (before, during, after)
-        status = _wait(lambda: (s := _status(admin))["frames_refused"]["sender"] >= sent and s, 10)
-        assert status, "the flood's frames were not refused as from the wrong sender"
+        status = wait_until(
+            lambda: (s := _status(admin))["frames_refused"]["sender"] >= sent and s,
+            10,
+            "the flood's frames refused as from the wrong sender",
+            every=0.1,
+        )
         assert status["cameras"]["cam-a1"]["refused"]["sender"] >= sent
         assert verifier.poll() is None
     finally:
@@ -284,14 +279,15 @@ def test_a_frame_from_the_far_future_is_refused_and_counted(tmp_path):
         for seq, at in ((1, 1e300), (2, now + 86400.0), (2**80, now), (3, now)):
             push.send_multipart(encode_frame(FrameHeader("cam-a1", "A1", seq, at, 64, 48), image))
         # All four read (one connection: in the order sent), each taken or refused.
-        status = _wait(
+        status = wait_until(
             lambda: (
                 (s := _status(admin))["cameras"]["cam-a1"]["frames_in"] + sum(s.get("frames_refused", {}).values()) >= 4
                 and s
             ),
             10,
+            "all four frames taken or refused",
+            every=0.1,
         )
-        assert status, "the frames were neither taken nor refused"
         assert status["cameras"]["cam-a1"]["frames_in"] == 1  # the frame of now, and none of the others
         assert status["frames_refused"] == {"sender": 0, "seq": 1, "future": 2, "past": 0, "not_finite": 0}
         assert status["cameras"]["cam-a1"]["refused"]["future"] == 2

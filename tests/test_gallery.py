@@ -43,7 +43,7 @@ def test_enroll_list_remove_and_revision(gallery_site):
         assert g.remove("p1") is False
         assert [s.id for s in g.subjects()] == ["p2"]
         assert g.revision() == 4
-        (count,) = g._db.execute("SELECT COUNT(*) FROM templates WHERE subject_id='p1'").fetchone()
+        (count,) = g.execute("SELECT COUNT(*) FROM templates WHERE subject_id='p1'").fetchone()
         assert count == 0  # cascade
 
 

@@ -15,9 +15,8 @@ import pytest
 
 from kiosk.errors import RuntimeFailure
 from kiosk.tools.scenes import Walk
-from tests.conftest import BIN, run_cli, write_config
-from tests.pipeline_helpers import Events, kiosk, live_gate, make_video, people, stop
-from tests.pipeline_helpers import write_config as write_pipeline_config
+from tests.conftest import BIN, run_cli
+from tests.pipeline_helpers import Events, kiosk, live_gate, make_video, people, stop, write_config
 from tests.sealing_helpers import CODEC, sealed_gallery
 
 MODEL = "m:1"
@@ -66,7 +65,7 @@ def test_two_processes_enrolling_one_face_under_two_ids_never_both_succeed(tmp_p
     for attempt in range(5):
         folder = tmp_path / f"round{attempt}"
         folder.mkdir()
-        config = write_config(folder)
+        config = write_config(folder, gallery_only=True)
         procs = [
             subprocess.Popen(
                 [str(BIN / "kiosk-enroll"), "-q", "-c", str(config), "add", "--id", sid, str(photos["yaoming.jpg"])],
@@ -87,7 +86,7 @@ def test_two_processes_enrolling_one_face_under_two_ids_never_both_succeed(tmp_p
 def test_removed_subject_not_accepted_while_reloads_fail(tmp_path, engine, photos):
     crops = people(engine, photos)
     make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=40, w0=80, w1=170)], seconds=1.5)
-    config = write_pipeline_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": False}])
+    config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": False}])
     assert (
         run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
         == 0
@@ -126,7 +125,7 @@ def test_reloads_during_a_long_write_transaction_keep_deciding_and_pick_up_the_i
     crops = people(engine, photos)
     # Parker walks up, then 1.5 s of nobody (his track ends), over and over: a decision every 2.8 s.
     make_video(tmp_path / "parker.avi", [Walk(crops["parker"], start=0, frames=40, w0=80, w1=170)], seconds=2.8)
-    config = write_pipeline_config(
+    config = write_config(
         tmp_path,
         [{"id": "cam-a1", "gate": "A1", "source": "parker.avi", "realtime": True, "loop": True}],
         policy={"repeat_accept_s": 0.0},
@@ -171,7 +170,7 @@ def test_reloads_during_a_long_write_transaction_keep_deciding_and_pick_up_the_i
 def test_backup_restore_under_a_running_verifier_and_no_silent_empty_gallery(tmp_path, engine, photos):
     crops = people(engine, photos)
     make_video(tmp_path / "yao.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
-    config = write_pipeline_config(
+    config = write_config(
         tmp_path,
         [{"id": "cam-a1", "gate": "A1", "source": "yao.avi", "realtime": True, "loop": True}],
         policy={"repeat_accept_s": 0.0},

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -27,10 +28,12 @@ from tests.pipeline_helpers import (
     kiosk,
     make_video,
     people,
+    read_stderr_until,
     scrape,
     stop,
     write_config,
 )
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,9 +96,10 @@ def test_keys_init_and_curve_off_warning(tmp_path):
     assert "already present" in again.stdout
     config = write_config(tmp_path, [{"id": "c", "gate": "A1", "source": 0}], security={"curve": False})
     verify = kiosk(config, "verify", quiet=False)
-    time.sleep(4)
-    out, err = stop(verify)
-    assert "CurveZMQ is OFF" in err
+    try:
+        read_stderr_until(verify, "CurveZMQ is OFF", 60)  # the operator is warned as the verifier starts
+    finally:
+        stop(verify)
 
 
 class Hooked(BaseHTTPRequestHandler):
@@ -111,148 +115,207 @@ class Hooked(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.slow
-def test_hooks_heartbeat_and_allow_list(tmp_path, engine, photos):
-    crops = people(engine, photos)
-    make_video(
-        tmp_path / "a1.avi",
-        [
-            Walk(crops["yao"], start=5, frames=60, w0=60, w1=160),
-            Walk(crops["parker"], start=100, frames=60, w0=60, w1=160),
-        ],
-        seconds=6,
-    )
-    config = write_config(
-        tmp_path,
-        [
-            {"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False},
-            {"id": "cam-x", "gate": "X1", "source": "a1.avi", "realtime": True},
-        ],
-        heartbeat={"interval_s": 0.25, "misses": 3},
-        hooks={"exec_timeout_s": 20},
-    )
-    res = run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"]))
-    assert res.returncode == 0
-    # An intruder: a key pair that is in no allow-list. A gate: allowed to subscribe only, and given both gates to
-    # hear (security.listeners: without it, a subscriber key hears the verifier's own heartbeat and nothing else).
-    zmq.auth.create_certificates(str(tmp_path / "keys"), "intruder")
-    init_keys(tmp_path / "keys", client_name="gate-b2", role="subscriber")
-    data = yaml.safe_load(config.read_text())
-    data["security"]["listeners"] = [{"key": "gate-b2", "gates": ["A1", "X1"]}]
-    config.write_text(yaml.safe_dump(data, sort_keys=False))
+class HookedGate:
+    """A running gate site for the hook, allow-list and heartbeat tests: a verifier (heartbeat every 0.25 s) with
+    gates A1 (a replayed video: YAO accepted, Parker rejected) and X1; `kiosk subscribe` for A1 with a webhook, a
+    JSONL file, and three exec hooks (one hangs); listeners with this site's key, an intruder's key (in no
+    allow-list) and a gate's subscriber-only key (given both gates to hear); A1's video decided once."""
 
-    def config_with_key(name: str) -> Path:
-        data = yaml.safe_load(config.read_text())
+    def __init__(self, folder: Path, engine, photos) -> None:  # noqa: ANN001
+        crops = people(engine, photos)
+        make_video(
+            folder / "a1.avi",
+            [
+                Walk(crops["yao"], start=5, frames=60, w0=60, w1=160),
+                Walk(crops["parker"], start=100, frames=60, w0=60, w1=160),
+            ],
+            seconds=6,
+        )
+        self.folder = folder
+        self.config = write_config(
+            folder,
+            [
+                {"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False},
+                {"id": "cam-x", "gate": "X1", "source": "a1.avi", "realtime": True},
+            ],
+            heartbeat={"interval_s": 0.25, "misses": 3},
+            hooks={"exec_timeout_s": 20},
+        )
+        res = run_cli("kiosk-enroll", "-q", "-c", str(self.config), "add", "--id", "YAO", str(photos["yaoming.jpg"]))
+        assert res.returncode == 0
+        # An intruder: a key pair that is in no allow-list. A gate: allowed to subscribe only, and given both gates
+        # to hear (security.listeners: without it, a subscriber key hears the verifier's own heartbeat and nothing
+        # else).
+        zmq.auth.create_certificates(str(folder / "keys"), "intruder")
+        init_keys(folder / "keys", client_name="gate-b2", role="subscriber")
+        data = yaml.safe_load(self.config.read_text())
+        data["security"]["listeners"] = [{"key": "gate-b2", "gates": ["A1", "X1"]}]
+        self.config.write_text(yaml.safe_dump(data, sort_keys=False))
+        self.intruder_cfg, self.gate_cfg = self._config_with_key("intruder"), self._config_with_key("gate-b2")
+        Hooked.received = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Hooked)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/gate"
+        self.verifier = kiosk(self.config, "verify")
+        self.watcher = Events(self.config)
+        self.spy = Events(self.intruder_cfg)
+        self.gate_listener = Events(self.gate_cfg)
+        self.transport = Transport(load_config(self.config), role="test")
+        self.sub: subprocess.Popen | None = None
+        self.sub_metrics = free_port()
+        self.decided_in = 0.0  # seconds from the capture's end to both decisions at the webhook (the fixture sets it)
+
+    def _config_with_key(self, name: str) -> Path:
+        data = yaml.safe_load(self.config.read_text())
         data["security"]["client_key"] = name
-        path = tmp_path / f"{name}.yaml"
+        path = self.folder / f"{name}.yaml"
         path.write_text(yaml.safe_dump(data))
         return path
 
-    intruder_cfg, gate_cfg = config_with_key("intruder"), config_with_key("gate-b2")
-
-    Hooked.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hooked)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/gate"
-
-    verifier = kiosk(config, "verify")
-    watcher = Events(config)
-    spy = Events(intruder_cfg)
-    gate_listener = Events(gate_cfg)
-    sub = None
-    try:
-        assert watcher.wait_for(lambda ev: ev.health, 30)
-        sub = kiosk(
-            config,
+    def start_subscriber(self) -> None:
+        folder = self.folder
+        self.sub = kiosk(
+            self.config,
             "subscribe",
             "--gate",
             "A1",
             "--webhook",
-            url,
+            self.url,
             "--jsonl",
-            str(tmp_path / "hook.jsonl"),
+            str(folder / "hook.jsonl"),
             "--exec",
-            f"cat >> {tmp_path / 'stdin.jsonl'}",
+            f"cat >> {folder / 'stdin.jsonl'}",
             "--exec",
-            f'echo "$KIOSK_TYPE $KIOSK_SUBJECT_ID $KIOSK_GATE_ID" >> {tmp_path / "env.txt"}',
+            f'echo "$KIOSK_TYPE $KIOSK_SUBJECT_ID $KIOSK_GATE_ID" >> {folder / "env.txt"}',
             "--exec",
             "sleep 15",
             "--metrics-port",
-            str(sub_metrics := free_port()),
+            str(self.sub_metrics),
             quiet=False,
         )
-        time.sleep(2.0)
-        # The intruder's capture gets no frame in; the intruder's subscriber hears nothing.
-        rogue = kiosk(intruder_cfg, "capture", "--camera", "cam-x")
-        time.sleep(3.0)
-        _, rogue_err = stop(rogue)
-        assert "refused this machine's key 'intruder'" in rogue_err  # the operator is told why
-        # A gate's key (subscriber role) cannot push frames either.
-        gate_capture = kiosk(gate_cfg, "capture", "--camera", "cam-x")
-        time.sleep(2.0)
-        _, gate_err = stop(gate_capture)
-        assert "refused this machine's key 'gate-b2'" in gate_err
-        transport = Transport(load_config(config), role="test")
-        status = control_request(transport, {"cmd": "status"})
-        assert status["cameras"]["cam-x"]["frames_in"] == 0
-        gate_transport = Transport(load_config(gate_cfg), role="test-gate")
-        assert control_request(gate_transport, {"cmd": "status"}, timeout_ms=1500) is None  # no claims either
-        gate_transport.close()
-        capture = kiosk(config, "capture", "--camera", "cam-a1")
-        assert capture.wait(60) == 0
-        t_published = time.monotonic()
-        decisions = lambda: [e for _, e in Hooked.received if e["type"] in ("accept", "reject")]  # noqa: E731
-        deadline = time.monotonic() + 20
-        while len(decisions()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        logged = [e for e in audit(config) if e["gate_id"] == "A1"]
-        assert [e["event_id"] for e in decisions()] == [e["event_id"] for e in logged]  # every event, in order
-        assert [e["type"] for e in logged] == ["accept", "reject"]
-        # The hanging `sleep 15` hook did not hold up the others.
-        assert time.monotonic() - t_published < 10
-        assert len((tmp_path / "hook.jsonl").read_text().splitlines()) == 2
-        stdin_events = [json.loads(line) for line in (tmp_path / "stdin.jsonl").read_text().splitlines()]
-        assert [e["event_id"] for e in stdin_events] == [e["event_id"] for e in logged]
-        assert (tmp_path / "env.txt").read_text().splitlines()[0] == "accept YAO A1"
-        # The subscriber's own metrics: events in, deliveries per hook, the stuck hook's queue.
-        m = scrape(sub_metrics)
-        hook = lambda name, outcome: m[("kiosk_hook_deliveries_total", (("hook", name), ("outcome", outcome)))][1]  # noqa: E731
-        assert hook(f"webhook {url}", "delivered") == 2 and hook(f"webhook {url}", "failed") == 0
-        assert hook("exec sleep 15", "delivered") == 0
-        assert m[("kiosk_hook_queue_depth", (("hook", "exec sleep 15"),))][1] == 1  # one running, one waiting
-        assert m[("kiosk_subscriber_events_total", (("type", "accept"),))][1] == 1
-        assert m[("kiosk_subscriber_events_total", (("type", "verifier_down"),))][1] == 0
-        assert m[("kiosk_subscriber_verifier_up", ())][1] == 1
-        assert m[("kiosk_hook_delivery_seconds_count", (("hook", f"webhook {url}"),))][1] == 2
-        spy.poll(0.5)
-        assert spy.events == [] and spy.health == []
-        gate_listener.poll(0.5)
-        assert gate_listener.health and [e.type for e in gate_listener.events] == ["accept", "reject"]
 
-        # Heartbeat watch: kill the verifier; verifier_down within the window; restart; verifier_up.
-        pid = status["pid"]
-        os.kill(pid, signal.SIGKILL)
-        killed = time.monotonic()
-        deadline = killed + 10
-        while not any(e["type"] == "verifier_down" for _, e in Hooked.received) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        down = [t for t, e in Hooked.received if e["type"] == "verifier_down"]
-        assert down and down[0] - killed < 0.25 * 3 + 1.0
-        verifier.wait(5)
-        verifier = kiosk(config, "verify")
-        deadline = time.monotonic() + 30
-        while not any(e["type"] == "verifier_up" for _, e in Hooked.received) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert [e["type"] for _, e in Hooked.received][-2:] == ["verifier_down", "verifier_up"]
-        transport.close()
+        def subscriber_hears_the_verifier() -> bool:
+            try:
+                return scrape(self.sub_metrics)[("kiosk_subscriber_verifier_up", ())][1] == 1
+            except (OSError, KeyError):  # not listening yet, or no heartbeat heard yet
+                return False
+
+        wait_until(subscriber_hears_the_verifier, 30, "the subscriber to hear the verifier's heartbeat")
+
+    def decisions(self) -> list[dict]:
+        return [e for _, e in Hooked.received if e["type"] in ("accept", "reject")]
+
+    def close(self) -> None:
+        self.transport.close()
+        self.watcher.close()
+        self.spy.close()
+        self.gate_listener.close()
+        if self.sub is not None:
+            stop(self.sub)
+        stop(self.verifier)
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hooked_gate(tmp_path_factory, engine, photos):
+    """The site, its subscriber started, and gate A1's video decided (both decisions at the webhook);
+    `decided_in` is how long that took from the capture's end."""
+    gate = HookedGate(tmp_path_factory.mktemp("hooked-gate"), engine, photos)
+    try:
+        assert gate.watcher.wait_for(lambda ev: ev.health, 30)
+        gate.start_subscriber()
+        capture = kiosk(gate.config, "capture", "--camera", "cam-a1")
+        assert capture.wait(60) == 0
+        published = time.monotonic()
+        wait_until(lambda: len(gate.decisions()) >= 2, 20, "two decisions at the webhook")
+        gate.decided_in = time.monotonic() - published
+        yield gate
     finally:
-        watcher.close()
-        spy.close()
-        gate_listener.close()
-        if sub is not None:
-            stop(sub)
-        stop(verifier)
-        server.shutdown()
+        gate.close()
+
+
+# The module's gate tests run in this order: the metrics and hooks first (the `sleep 15` hook is still running,
+# its second event waiting), the heartbeat test last (it kills the verifier).
+
+
+@pytest.mark.slow
+def test_the_subscriber_counts_events_in_deliveries_per_hook_and_a_stuck_hooks_queue(hooked_gate):
+    gate = hooked_gate
+    m = scrape(gate.sub_metrics)
+
+    def hook(name: str, outcome: str) -> float:
+        return m[("kiosk_hook_deliveries_total", (("hook", name), ("outcome", outcome)))][1]
+
+    url = gate.url
+    assert hook(f"webhook {url}", "delivered") == 2 and hook(f"webhook {url}", "failed") == 0
+    assert hook("exec sleep 15", "delivered") == 0
+    assert m[("kiosk_hook_queue_depth", (("hook", "exec sleep 15"),))][1] == 1  # one running, one waiting
+    assert m[("kiosk_subscriber_events_total", (("type", "accept"),))][1] == 1
+    assert m[("kiosk_subscriber_events_total", (("type", "verifier_down"),))][1] == 0
+    assert m[("kiosk_subscriber_verifier_up", ())][1] == 1
+    assert m[("kiosk_hook_delivery_seconds_count", (("hook", f"webhook {url}"),))][1] == 2
+
+
+@pytest.mark.slow
+def test_every_hook_gets_every_decision_in_order_and_a_hanging_one_holds_up_no_other(hooked_gate):
+    gate, folder = hooked_gate, hooked_gate.folder
+    logged = [e for e in audit(gate.config) if e["gate_id"] == "A1"]
+    assert [e["event_id"] for e in gate.decisions()] == [e["event_id"] for e in logged]  # every event, in order
+    assert [e["type"] for e in logged] == ["accept", "reject"]
+    # The hanging `sleep 15` hook did not hold up the others.
+    assert gate.decided_in < 10
+    assert len((folder / "hook.jsonl").read_text().splitlines()) == 2
+    stdin_events = [json.loads(line) for line in (folder / "stdin.jsonl").read_text().splitlines()]
+    assert [e["event_id"] for e in stdin_events] == [e["event_id"] for e in logged]
+    assert (folder / "env.txt").read_text().splitlines()[0] == "accept YAO A1"
+
+
+@pytest.mark.slow
+def test_a_subscriber_key_hears_its_gates_and_a_key_in_no_allow_list_hears_nothing(hooked_gate):
+    gate = hooked_gate
+    assert gate.gate_listener.wait_for(lambda ev: ev.health and len(ev.events) >= 2, 10)
+    assert [e.type for e in gate.gate_listener.events] == ["accept", "reject"]
+    gate.spy.poll(0.5)  # an absence: a short listen (the allowed listener has had everything by now)
+    assert gate.spy.events == [] and gate.spy.health == []
+
+
+@pytest.mark.slow
+def test_a_key_in_no_allow_list_and_a_subscriber_key_push_no_frame_and_make_no_claim(hooked_gate):
+    gate = hooked_gate
+    # The intruder's capture gets no frame in, and the operator is told why.
+    rogue = kiosk(gate.intruder_cfg, "capture", "--camera", "cam-x")
+    try:
+        read_stderr_until(rogue, "refused this machine's key 'intruder'", 30)
+    finally:
+        stop(rogue)
+    # A gate's key (subscriber role) cannot push frames either.
+    gate_capture = kiosk(gate.gate_cfg, "capture", "--camera", "cam-x")
+    try:
+        read_stderr_until(gate_capture, "refused this machine's key 'gate-b2'", 30)
+    finally:
+        stop(gate_capture)
+    assert control_request(gate.transport, {"cmd": "status"})["cameras"]["cam-x"]["frames_in"] == 0
+    gate_transport = Transport(load_config(gate.gate_cfg), role="test-gate")
+    try:
+        assert control_request(gate_transport, {"cmd": "status"}, timeout_ms=1500) is None  # no claims either
+    finally:
+        gate_transport.close()
+
+
+@pytest.mark.slow
+def test_a_killed_verifier_is_verifier_down_within_the_heartbeat_window_and_its_restart_verifier_up(hooked_gate):
+    """Last of the module's tests: it kills the site's verifier (and starts another)."""
+    gate = hooked_gate
+    pid = control_request(gate.transport, {"cmd": "status"})["pid"]
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: any(e["type"] == "verifier_down" for _, e in Hooked.received), 10, "verifier_down")
+    down = [t for t, e in Hooked.received if e["type"] == "verifier_down"]
+    assert down[0] - killed < 0.25 * 3 + 1.0
+    gate.verifier.wait(5)
+    gate.verifier = kiosk(gate.config, "verify")
+    wait_until(lambda: any(e["type"] == "verifier_up" for _, e in Hooked.received), 30, "verifier_up")
+    assert [e["type"] for _, e in Hooked.received][-2:] == ["verifier_down", "verifier_up"]
 
 
 def test_subscribe_needs_a_hook_and_a_valid_webhook(tmp_path):
@@ -282,12 +345,13 @@ def test_python_hook_and_bounded_queue(tmp_path):
     hook.close()
     assert RECORDED == [{"type": "accept", "event_id": "x"}] and hook.delivered == 1
 
-    gate = threading.Event()
-    slow = Hook("slow", lambda e: gate.wait(5), queue_size=2)
-    for i in range(6):
+    gate, delivering = threading.Event(), threading.Event()
+    slow = Hook("slow", lambda e: delivering.set() or gate.wait(5), queue_size=2)
+    slow.submit({"event_id": "0"})
+    assert delivering.wait(5), "the first event never reached delivery"
+    for i in range(1, 6):
         slow.submit({"event_id": str(i)})
-    time.sleep(0.1)
-    assert slow.dropped >= 3  # one in delivery, two queued, the rest dropped and counted
+    assert slow.dropped == 3  # one in delivery, two queued, the rest dropped and counted
     gate.set()
     slow.close()
     failing = Hook("failing", lambda e: 1 / 0, queue_size=2)

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from kiosk.services.subscriber import STDERR_KEPT, Hook, exec_hook, webhook_hook
+from tests.waiting import wait_until
 
 
 def _server(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
@@ -87,30 +88,34 @@ def test_no_command_outlives_the_subscriber(tmp_path):
     hook = Hook("exec", exec_hook(f"echo $$ > {pidfile}; exec sleep 30", 60.0), 10)
     hook.submit({"type": "accept"})
     hook.submit({"type": "reject"})  # queued behind it: must not start once the subscriber stops
-    deadline = time.monotonic() + 5
-    while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    pid = int(pidfile.read_text())
+    pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 5, "the hook command's pid"))
     pidfile.unlink()
     hook.close(timeout=5)
-    time.sleep(0.2)
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+    wait_until(lambda: not _alive(pid), 5, f"the hook command (pid {pid}) to be gone")
     assert not pidfile.exists()  # the queued event started nothing
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_state_events_go_first_the_oldest_is_dropped_and_stale_accepts_never_reach_a_gate():
-    release = threading.Event()
+    release, delivering = threading.Event(), threading.Event()
     got: list[str] = []
 
     def deliver(event: dict) -> None:
+        delivering.set()
         release.wait(5)
         got.append(event["event_id"])
 
     hook = Hook("gate", deliver, queue_size=3, max_accept_age_s=5.0)
     now = time.time()
     hook.submit({"type": "reject", "event_id": "r0", "captured_at": now})  # in delivery, held
-    time.sleep(0.1)
+    assert delivering.wait(5), "the first event never reached delivery"
     for i in range(1, 4):
         hook.submit({"type": "reject", "event_id": f"r{i}", "captured_at": now})
     hook.submit({"type": "accept", "event_id": "a-new", "captured_at": now})  # full: r1 (the oldest) goes

@@ -22,6 +22,7 @@ from kiosk.tools.scenes import Walk
 from kiosk.vision.images import decode_image, image_size
 from tests.conftest import run_cli
 from tests.pipeline_helpers import Events, kiosk, make_video, people, stop, write_config
+from tests.waiting import wait_until
 
 
 def _png_with_orientation(bgra: np.ndarray, orientation: int) -> bytes:
@@ -133,9 +134,7 @@ def test_files_are_private_and_a_readable_gallery_is_reported(tmp_path, photos):
     gallery.chmod(0o644)  # copied in by hand, say
     verifier = kiosk(config, "verify", quiet=False)
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "site" / "events.jsonl").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until((tmp_path / "site" / "events.jsonl").exists, 30, "the verifier's audit log", every=0.2)
         assert (tmp_path / "site" / "events.jsonl").stat().st_mode & 0o777 == 0o600
     finally:
         _, err = stop(verifier)

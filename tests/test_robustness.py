@@ -13,6 +13,7 @@ from kiosk.messaging.messages import BadMessage, decode_event, decode_frame
 from tests.conftest import run_cli
 from tests.pipeline_helpers import kiosk, stop, write_config
 from tests.sealing_helpers import sealed_gallery
+from tests.waiting import wait_until
 
 
 @pytest.mark.parametrize(
@@ -48,9 +49,11 @@ def test_hung_exec_hook_is_killed_with_its_children():
     deliver = exec_hook(f"{marker}; true", timeout_s=0.5)
     with pytest.raises(RuntimeError, match="timed out"):
         deliver({"type": "accept", "event_id": "x"})
-    time.sleep(0.2)
-    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
-    assert left == []
+    wait_until(
+        lambda: not subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split(),
+        5,
+        f"no process left running {marker!r}",
+    )
 
 
 def test_expiry_dates(tmp_path, photos):

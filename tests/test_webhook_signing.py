@@ -32,6 +32,7 @@ from kiosk.services.webhook_signing import (
     verify,
 )
 from tests.conftest import run_cli
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -231,14 +232,16 @@ def test_reference_receiver_end_to_end(tmp_path, monkeypatch):
     )
     url = f"http://127.0.0.1:{port}/gate"
     try:
-        deadline = time.monotonic() + 10
-        while True:
+
+        def listening() -> bool:
+            assert proc.poll() is None, proc.communicate()
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
             except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-                time.sleep(0.05)
+                return False
+            return True
+
+        wait_until(listening, 10, f"the reference receiver listening on port {port}", every=0.05)
 
         # Our own webhook hook as `kiosk subscribe` builds it, signed: accepted. Keep the request to replay it.
         sent: list[tuple[bytes, dict[str, str]]] = []

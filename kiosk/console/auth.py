@@ -16,6 +16,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from kiosk.errors import ConfigError
@@ -94,17 +95,19 @@ class PasswordCheck:
 
 
 class Sessions:
-    """Random session tokens in memory, each valid for SESSION_TTL_S; at most MAX_SESSIONS (oldest go first)."""
+    """Random session tokens in memory, each valid for SESSION_TTL_S; at most MAX_SESSIONS (oldest go first).
+    `clock` gives the time expiries are reckoned in (a test passes its own, so an expiry needs no real wait)."""
 
-    def __init__(self, ttl_s: float = SESSION_TTL_S) -> None:
+    def __init__(self, ttl_s: float = SESSION_TTL_S, clock: Callable[[], float] = time.time) -> None:
         self.ttl_s = ttl_s
+        self._clock = clock
         self._tokens: OrderedDict[str, float] = OrderedDict()  # token -> expiry
         self._lock = threading.Lock()
 
     def create(self) -> str:
         token = secrets.token_urlsafe(32)
         with self._lock:
-            self._tokens[token] = time.time() + self.ttl_s
+            self._tokens[token] = self._clock() + self.ttl_s
             while len(self._tokens) > MAX_SESSIONS:
                 self._tokens.popitem(last=False)
         return token
@@ -116,7 +119,7 @@ class Sessions:
             expiry = self._tokens.get(token)
             if expiry is None:
                 return False
-            if expiry < time.time():
+            if expiry < self._clock():
                 del self._tokens[token]
                 return False
             return True

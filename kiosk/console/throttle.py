@@ -179,6 +179,21 @@ class Throttle:
             table, key = self._budget_of(peer, device)
             return self._refusal(now, table.get(key), device)
 
+    def peer_failures(self) -> dict[str, int]:
+        """The address budgets remembered (least recently charged first) and the wrong passwords each holds."""
+        with self._lock:
+            return {key: budget.failures for key, budget in self._peers.items()}
+
+    def device_failures(self) -> dict[str, int]:
+        """The device budgets remembered (least recently charged first) and the wrong passwords each holds."""
+        with self._lock:
+            return {key: budget.failures for key, budget in self._devices.items()}
+
+    def pooled_failures(self) -> int:
+        """The cookie-less wrong passwords that count toward the shared budget (as of the last try)."""
+        with self._lock:
+            return len(self._pool)
+
     def _budget_of(self, peer: str, device: str | None) -> tuple[OrderedDict[str, _Budget], str]:
         return (self._devices, f"device:{device}") if device else (self._peers, peer_budget(peer))
 
