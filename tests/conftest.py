@@ -16,6 +16,9 @@ from kiosk.config import KioskConfig, config_from_mapping
 from kiosk.vision.engine import FaceEngine
 from kiosk.vision.models.pack import sample_photo
 
+# The PostgreSQL server and the MQTT broker fixtures, one of each per session for every module that asks
+pytest_plugins = ["tests.pg_server", "tests.mqtt_broker"]
+
 SHARED_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
 BIN = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -156,7 +156,7 @@ class GallerySite:
     backend: str
     section: dict
 
-    def open(self, *, create: bool = True):  # noqa: ANN201 - a GalleryQueries
+    def open(self, *, create: bool = True):
         from kiosk.config import config_from_mapping
         from kiosk.store.gallery import open_gallery
         from tests.sealing_helpers import CODEC

@@ -15,7 +15,7 @@ from kiosk.boarding.model import DecisionRecord, check_flight_id
 from kiosk.errors import UsageError
 from kiosk.store.flights import SqliteBoardingStore, load_gate_flights
 from kiosk.store.gallery import SCHEMA_VERSION
-from tests.pg_server import GallerySite, gallery_site, pg_server  # noqa: F401 - fixtures
+from tests.pg_server import GallerySite
 from tests.sealing_helpers import clear_gallery, sealed_gallery
 
 MODEL = "m:1"
@@ -90,7 +90,7 @@ def test_board_once_undo_and_the_gate_views(gallery_site):
             store.open_gate("A1", "XX999")
 
 
-def _templates(view) -> dict[str, list[bytes]]:  # noqa: ANN001 - a GateFlights
+def _templates(view) -> dict[str, list[bytes]]:
     m = view.full
     return {sid: [e.tobytes() for e in m.embeddings[m.owners == j]] for j, sid in enumerate(m.subject_ids)}
 
@@ -108,7 +108,7 @@ def test_a_verifier_view_follows_each_change_reading_only_what_changed(gallery_s
         rows_of = g._template_rows
         g._template_rows = lambda db, model, now, subjects: read.append(subjects) or rows_of(db, model, now, subjects)
 
-        def follow(view, expect_read):  # noqa: ANN001, ANN202
+        def follow(view, expect_read):
             read.clear()
             new = load_gate_flights(g, MODEL, 8, require_flight=True, gates={"A1"}, load=load, previous=view)
             assert (read or [frozenset()]) == [expect_read]  # (nothing read: no query at all)

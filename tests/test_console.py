@@ -588,7 +588,7 @@ def test_the_console_over_tls_on_another_address(tmp_path):
     assert "Traceback" not in err
 
 
-def _parker_video(tmp_path: Path, engine, photos) -> None:  # noqa: ANN001
+def _parker_video(tmp_path: Path, engine, photos) -> None:
     """Parker walks up, then Yao (not enrolled), over and over; Parker enrolled from a crop of his photo."""
     crops = people(engine, photos)
     make_video(

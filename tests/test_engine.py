@@ -107,7 +107,7 @@ def test_batch_detection_matches_single(engine, photos):
     imgs = [cv2.imread(str(photos[n])) for n in ("yaoming.jpg", "gdp.jpg", "players.jpg")]
     imgs.append(cv2.flip(imgs[1], 1))  # same shape as gdp: shares its batch
     batch = engine.detector.detect_batch(imgs)
-    for img, faces in zip(imgs, batch):
+    for img, faces in zip(imgs, batch, strict=True):
         single = engine.detector.detect(img)
         assert len(single) == len(faces)
         assert np.abs(single.boxes - faces.boxes).max() < 1e-3

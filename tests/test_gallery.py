@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from kiosk.errors import UsageError
-from tests.pg_server import gallery_site, pg_server  # noqa: F401 - fixtures
 from tests.sealing_helpers import sealed_gallery
 
 MODEL = "rec:abc"
@@ -75,7 +74,7 @@ def test_search_best_second_and_multi_template_grouping(gallery_site):
     matches = m.search(queries)
     assert [x.subject_id for x in matches] == ["a", "b", "c"]
     assert all(x.score == pytest.approx(1.0, abs=1e-5) for x in matches)
-    for x, row in zip(matches, per):
+    for x, row in zip(matches, per, strict=True):
         assert x.second_id != x.subject_id
         assert x.second_score == pytest.approx(np.sort(row)[-2], abs=1e-6)
     only = m.search(queries[:1], only="b")[0]
@@ -128,11 +127,11 @@ def test_large_gallery_prefilter_matches_exact_search():
     noisy = emb[picks] + rng.normal(0, 1.0 / np.sqrt(d), (40, d)).astype(np.float32)
     queries = np.concatenate([noisy / np.linalg.norm(noisy, axis=1, keepdims=True), unit(rng, 10, d)])
     exact = m.subject_scores(queries)
-    for match, row in zip(m.search(queries), exact):
+    for match, row in zip(m.search(queries), exact, strict=True):
         # Scores reported are exact; an impostor-only query may get a lesser impostor, never a higher score.
         assert match.score == pytest.approx(row[ids.index(match.subject_id)], abs=1e-5)
         assert match.score <= row.max() + 1e-6
-    for match, row, pick in zip(m.search(queries[:40]), exact, picks):
+    for match, row, pick in zip(m.search(queries[:40]), exact, picks, strict=False):
         assert match.subject_id == ids[int(np.argmax(row))]
         assert match.subject_id == ids[owners[pick]] and match.score > 0.6
         # The runner-up is an impostor here; its reported score is exact, at most the true runner-up's.

@@ -105,7 +105,7 @@ def test_keys_init_and_curve_off_warning(tmp_path):
 class Hooked(BaseHTTPRequestHandler):
     received: list = []
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         Hooked.received.append((time.monotonic(), json.loads(body)))
         self.send_response(204)
@@ -121,7 +121,7 @@ class HookedGate:
     JSONL file, and three exec hooks (one hangs); listeners with this site's key, an intruder's key (in no
     allow-list) and a gate's subscriber-only key (given both gates to hear); A1's video decided once."""
 
-    def __init__(self, folder: Path, engine, photos) -> None:  # noqa: ANN001
+    def __init__(self, folder: Path, engine, photos) -> None:
         crops = people(engine, photos)
         make_video(
             folder / "a1.avi",

@@ -26,7 +26,7 @@ def test_a_redirect_is_a_failure_and_is_not_followed():
     hits: list[str] = []
 
     class Redirect(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             hits.append(self.path)
             self.send_response(302)
             self.send_header("Location", "/elsewhere")

@@ -543,7 +543,8 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
     `liveness_unverified`), which this run does not assert.
 
     Run 2 gives every face live texture evidence (a test texture model that says 0.99 for any face): both
-    passengers are accepted on texture and their blinks (a head's parallax is reported, not trusted to vouch); the prints, whose texture is now live too, are still refused `liveness_unverified` (they never move as a
+    passengers are accepted on texture and their blinks (a head's parallax is reported, not trusted to vouch);
+    the prints, whose texture is now live too, are still refused `liveness_unverified` (they never move as a
     living face). Run 3, the same prints with `pad: {enabled: false}`: accepted, so it is the liveness check that
     refused them.
 

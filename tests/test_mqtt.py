@@ -21,7 +21,7 @@ from kiosk.services.mqtt_hook import mqtt_hook
 from kiosk.services.subscriber import Hook
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
-from tests.mqtt_broker import Broker, Listener, broker  # noqa: F401 - the fixture
+from tests.mqtt_broker import Broker, Listener
 from tests.pipeline_helpers import audit, kiosk, make_video, people, stop, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,12 +314,15 @@ def test_a_broker_restart_mid_stream_loses_no_decision(tmp_path, engine, photos,
     verifier = kiosk(config, "verify")
     sub = kiosk(config, "subscribe", "--gate", "A1", "--mqtt", broker.url, quiet=False)
     capture = None
-    decided = lambda: [e["event_id"] for e in audit(config) if e["gate_id"] == "A1"]  # noqa: E731
-    heard = lambda: [
-        h.json()["event_id"]
-        for h in listener.on("gates/A1/decision")  # noqa: E731
-        if h.json()["type"] in ("accept", "reject")
-    ]
+
+    def decided() -> list[str]:
+        return [e["event_id"] for e in audit(config) if e["gate_id"] == "A1"]
+
+    def heard() -> list[str]:
+        return [
+            h.json()["event_id"] for h in listener.on("gates/A1/decision") if h.json()["type"] in ("accept", "reject")
+        ]
+
     try:
         assert listener.wait_for(lambda li: li.on("available") and li.on("available")[-1].payload == b"online", 60)
         capture = kiosk(config, "capture", "--camera", "cam-a1")

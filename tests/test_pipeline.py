@@ -135,7 +135,7 @@ class ClaimSite:
     """A running verifier with gate A1 (a replayed video of Parker walking up, captured on demand) and gate A2
     (a camera device that does not exist), YAO enrolled, and a listener on its events."""
 
-    def __init__(self, folder, crops, photos) -> None:  # noqa: ANN001
+    def __init__(self, folder, crops, photos) -> None:
         make_video(folder / "parker.avi", [Walk(crops["parker"], start=5, frames=3 * FPS, w0=60, w1=170)], seconds=3.5)
         self.metrics_port = free_port()
         self.config = write_config(

@@ -10,7 +10,7 @@ import pytest
 
 from kiosk.errors import ConfigError, RuntimeFailure, UsageError
 from kiosk.store import postgres
-from tests.pg_server import PASSWORD, pg_server  # noqa: F401 - the fixture
+from tests.pg_server import PASSWORD
 from tests.sealing_helpers import TEST_KEY, sealed_gallery
 
 MIGRATE = """
@@ -170,9 +170,9 @@ def test_a_server_restart_fails_calls_closed_then_the_store_reconnects_by_itself
         pg_server.stop("immediate")
         try:
             t0 = time.monotonic()
-            with pytest.raises(Exception):
+            with pytest.raises(Exception):  # noqa: B017 - whatever psycopg raises for a dead server
                 store.board(accept("BOB", "e2"))
-            with pytest.raises(Exception):
+            with pytest.raises(Exception):  # noqa: B017 - as above
                 g.enrolled("BOB")
             assert time.monotonic() - t0 < 5  # fails at once: a gate is not kept waiting
         finally:
@@ -421,7 +421,7 @@ def test_two_verifier_hosts_boarding_one_flight_never_accept_one_passenger_twice
             departs,
         )
         assert res.returncode == 0, res.stderr
-    for config, gate in zip(configs, ("A1", "A2")):
+    for config, gate in zip(configs, ("A1", "A2"), strict=True):
         assert (
             run_cli("kiosk", "-q", "-c", str(config), "board", "open", "--gate", gate, "--flight", "LH123").returncode
             == 0

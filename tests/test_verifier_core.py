@@ -97,7 +97,7 @@ def feed(core: VerifierCore, image: np.ndarray, seq: int, **kw) -> list:
     return core.step(T0 + seq / FPS)
 
 
-def counted(counter, **labels: str) -> float:  # noqa: ANN001 - a prometheus_client Counter
+def counted(counter, **labels: str) -> float:
     """A counter's value (its child for `labels`), read through prometheus_client's public collect()."""
     return next(
         sample.value

@@ -173,7 +173,7 @@ def test_each_attempt_is_signed_afresh(tmp_path, monkeypatch):
     seen: list[tuple[dict, bytes]] = []
 
     class Flaky(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             seen.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
             self.send_response(503 if len(seen) == 1 else 204)
             self.end_headers()
@@ -247,7 +247,7 @@ def test_reference_receiver_end_to_end(tmp_path, monkeypatch):
         sent: list[tuple[bytes, dict[str, str]]] = []
         real_post = subscriber._post
 
-        def recording(url, body, headers, deadline_s):  # noqa: ANN001, ANN202
+        def recording(url, body, headers, deadline_s):
             sent.append((body, headers))
             return real_post(url, body, headers, deadline_s)
 
