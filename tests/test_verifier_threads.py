@@ -84,9 +84,7 @@ def test_the_purger_deletes_a_departed_flights_templates_at_once_and_again_when_
     assert not purger.is_alive()
 
 
-def test_the_purger_reports_a_gallery_it_cannot_open_as_an_integrity_problem_and_keeps_going(
-    gallery, tmp_path, caplog
-):
+def test_the_purger_reports_a_gallery_it_cannot_open_as_an_integrity_problem_and_keeps_going(gallery, tmp_path, caplog):
     health = HealthRegistry()
     (tmp_path / "gallery.db").unlink()
     purger = RetentionPurger(lambda: gallery, 1.0, health, every_s=3600)
