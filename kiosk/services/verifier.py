@@ -56,7 +56,7 @@ from kiosk.services.verifier_setup import (
     warn_readable,
     watched_keys,
 )
-from kiosk.services.verifier_status import HeartbeatClock, gallery_status, heartbeat_messages, verifier_status
+from kiosk.services.verifier_status import HeartbeatClock, heartbeat_messages, verifier_status
 from kiosk.store.flights import SqliteBoardingStore, load_gate_flights
 from kiosk.store.gallery import GalleryMatrix, GalleryQueries, open_gallery
 from kiosk.vision.engine import FaceEngine
@@ -83,7 +83,7 @@ class Verifier:
         self.metrics = VerifierMetrics({c.id: c.gate for c in cfg.cameras})
         self.core = VerifierCore(cfg, self.engine, view, metrics=self.metrics)
         self.cameras = self.core.cameras
-        self.metrics.gallery_stale.set_function(lambda: 1.0 if self.stale_reason() else 0.0)
+        self.metrics.gallery_stale.set_function(lambda: 1.0 if self.keeper.stale_reason() else 0.0)
         self.metrics.watch_cameras(lambda cam_id: self.cameras[cam_id].state(time.time())[0] != "down", self.cameras)
         io = open_sockets(cfg, self.metrics, self.cameras, self.gates, self._bad_message, self._refused)
         self.transport, self.frames, self.inbox, self.refusals = io.transport, io.frames, io.inbox, io.refusals
@@ -232,12 +232,9 @@ class Verifier:
         self._publish_all(self.core.step(time.time()))
         self._publish_all(self.core.tick(time.time()))
         if self.core.preview_gates:
-            send_previews(self.previews, self.cameras.values(), self._preview_sent)
+            send_previews(self.previews, self.cameras.values(), lambda g: self.metrics.previews.labels(gate=g).inc())
         self._send_hints()
         self._housekeeping()
-
-    def _preview_sent(self, gate_id: str) -> None:
-        self.metrics.previews.labels(gate=gate_id).inc()
 
     def _send_hints(self) -> None:
         """The core's idle hints to the captures (topic idle.<camera>, on the event socket that the captures'
@@ -308,16 +305,9 @@ class Verifier:
             self.heartbeat.soon()  # a changed status goes out at once
         self._heartbeat()
 
-    def stale_reason(self) -> str:
-        """Why the search matrix may be behind the gallery ("" when it is current)."""
-        return self.keeper.stale_reason()
-
     # -- status (kiosk.services.verifier_status) ---------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return verifier_status(self)
-
-    def _gallery_status(self) -> dict[str, Any]:
-        return gallery_status(self)
 
     def _heartbeat(self, force: bool = False, status: str | None = None) -> None:
         if self.heartbeat.due(force):

@@ -85,7 +85,7 @@ def _degraded(v: Verifier) -> bool:
     """Something other than a camera down that makes the verifier `degraded`."""
     return bool(
         v.audit.error
-        or v.stale_reason()
+        or v.keeper.stale_reason()
         or v.gate.record_failing
         or v.matrix.unreadable
         or v.refusals.skewed
@@ -116,7 +116,7 @@ def _cameras(v: Verifier, now: float, states: dict[str, tuple[str, str]]) -> dic
 
 
 def gallery_status(v: Verifier) -> dict[str, Any]:
-    reason = v.stale_reason()
+    reason = v.keeper.stale_reason()
     matrix = v.matrix
     status: dict[str, Any] = {
         "subjects": len(matrix),
