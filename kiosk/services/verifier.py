@@ -8,7 +8,7 @@ publishes it through this service's sockets; the service tells it the gallery's 
 decoding (another camera's key, a seq or capture time out of bounds) are counted and followed for clock skew
 (kiosk.services.frame_refusals); the key files it started with are rechecked once a minute
 (kiosk.services.key_watch). Either shows in the status at once. A control request is checked against its
-sender's key before anything is done for it (kiosk.services.control_access, kiosk.services.requests): a claim
+sender's key before anything is done for it (kiosk.services.control_access, kiosk.services.verifier_requests): a claim
 only for a gate the key serves, passenger ids in the status only for an operator key's gates.
 
 Two threads work beside the loop and hand it what they find: the gallery watch (kiosk.services.gallery_watch:
@@ -45,8 +45,8 @@ from kiosk.services.key_watch import KeyFileWatch
 from kiosk.services.metrics import VerifierMetrics
 from kiosk.services.metrics import serve as serve_metrics
 from kiosk.services.preview import send_previews
-from kiosk.services.requests import ControlRequests, HistoryRequests
 from kiosk.services.retention_purger import RetentionPurger
+from kiosk.services.verifier_requests import ControlRequests, HistoryRequests
 from kiosk.services.verifier_setup import (
     Sockets,
     announce,
