@@ -244,6 +244,19 @@ def read_tail(path: Path, tail_bytes: int = 1 << 20) -> list[dict[str, Any]]:
     return records
 
 
+def recent_accepts(records: list[dict[str, Any]], horizon: float) -> list[tuple[str, str, float]]:
+    """(gate, subject, captured_at) of the accepts among `records` (the audit log's tail) captured at or after
+    `horizon`: what a restarted verifier must remember so as not to open a gate twice for one passenger."""
+    return [
+        (str(e.get("gate_id")), str(e["subject_id"]), float(e["captured_at"]))
+        for e in records
+        if e.get("type") == "accept"
+        and isinstance(e.get("captured_at"), (int, float))
+        and e["captured_at"] >= horizon
+        and e.get("subject_id")
+    ]
+
+
 class RecentEvents:
     """The last events published (seeded from the audit log's tail at start, so a restarted verifier can still
     serve what its previous run published), for subscribers that missed some."""

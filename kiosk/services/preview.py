@@ -20,13 +20,20 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import zmq
 
+if TYPE_CHECKING:
+    from kiosk.pipeline.core import CameraState
+    from kiosk.pipeline.tracking import Track
+
 log = logging.getLogger(__name__)
+verifier_log = logging.getLogger("kiosk.services.verifier")  # the sending's lines, as the verifier logged them
 
 PREVIEW_MAX_WIDTH = 640
 JPEG_QUALITY = 75
@@ -270,3 +277,41 @@ class PreviewPublisher:
             "consoles": len(self.leases),
             "refused": sum(self.refused.values()),
         }
+
+
+def send_previews(previews: PreviewPublisher, cameras: Iterable[CameraState], sent: Callable[[str], None]) -> None:
+    """The last frame of each watched gate, with its faces' boxes, tracks and decisions, at the console's rate
+    (one camera's frame per gate and interval); `sent` counts them per gate."""
+    for cam in cameras:
+        view, cam.view = cam.view, None
+        if view is None or not previews.due(cam.gate_id):
+            continue
+        frame, boxes, tracks = view
+        try:
+            previews.send_frame(
+                cam.gate_id,
+                cam.camera_id,
+                frame.image,
+                [preview_face(box, track) for box, track in zip(boxes, tracks, strict=False)],
+                seq=frame.header.seq,
+                captured_at=frame.header.captured_at,
+            )
+        except (ValueError, cv2.error) as exc:  # never a reason to stop deciding
+            verifier_log.warning("preview of gate %s not sent: %s", cam.gate_id, exc)
+            continue
+        sent(cam.gate_id)
+
+
+def preview_face(box: Iterable[float], track: Track) -> PreviewFace:
+    """A face as the console draws it: still collecting, or its track's outcome."""
+    if track.outcome is None:
+        return PreviewFace(list(box), track.track_id, "collecting")
+    kind, subject, reason, score = track.outcome
+    return PreviewFace(
+        list(box),
+        track.track_id,
+        "accepted" if kind == "accept" else "rejected",
+        subject,
+        reason,
+        None if score is None else round(score, 3),
+    )
