@@ -198,8 +198,9 @@ class AuditLog:
         return b"\n".join(out) + b"\n"
 
     def _append(self, data: bytes) -> bool:
-        assert self._fh is not None
         try:
+            if self._fh is None:  # closed after a failed reopen: the same as a failed write
+                raise OSError(f"{self.path} is not open")
             self._fh.write(data)
             self._fh.flush()
             os.fsync(self._fh.fileno())

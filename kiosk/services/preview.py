@@ -134,7 +134,7 @@ class PreviewPublisher:
     def _take(self, parts: list[zmq.Frame], now: float) -> bool:
         rid = bytes(parts[0].bytes)
         try:
-            key = parts[-1].get("User-Id") or "-"
+            key = str(parts[-1].get("User-Id") or "-")
         except zmq.ZMQError:  # no ZAP (security.curve off): every peer is one
             key = "-"
         try:

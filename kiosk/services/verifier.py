@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any
 
 import zmq
 
@@ -33,6 +32,7 @@ from kiosk.config import KioskConfig
 from kiosk.errors import ConfigError
 from kiosk.messaging.channels import CAPTURE_HEALTH, Refusal
 from kiosk.messaging.messages import CaptureHealth, encode_json
+from kiosk.messaging.status import VerifierStatus
 from kiosk.messaging.transport import FRAME_HWM, FRAME_RCVHWM
 from kiosk.pipeline.core import Verdict, VerifierCore
 from kiosk.pipeline.gatekeeper import Gatekeeper
@@ -306,7 +306,7 @@ class Verifier:
         self._heartbeat()
 
     # -- status (kiosk.services.verifier_status) ---------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self) -> VerifierStatus:
         return verifier_status(self)
 
     def _heartbeat(self, force: bool = False, status: str | None = None) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import zmq
 
+from kiosk.messaging.status import VerifierStatus
 from kiosk.services.audit import RecentEvents
 from kiosk.services.control_access import Caller, ControlAccess
 from kiosk.services.event_access import EventPublisher
@@ -38,7 +39,7 @@ class ControlRequests:
         sock: zmq.Socket,
         access: ControlAccess,
         *,
-        status: Callable[[], dict[str, Any]],
+        status: Callable[[], VerifierStatus],
         enrolled: Callable[[object], bool],
         refresh_gallery: Callable[[], None],
         decide: Callable[[dict[str, Any], float], dict[str, Any]],
@@ -76,7 +77,7 @@ class ControlRequests:
         if refusal is not None:
             return refusal
         if cmd == "status":
-            return {"ok": True, **self.access.redact(self._status(), caller)}
+            return {"ok": True, **self.access.redact(self._status().to_json(), caller)}
         if cmd == "claim" and not self._enrolled(req.get("subject_id")):
             self._refresh_gallery()  # enrolled a moment ago?
         return self._decide(req, time.time())
