@@ -44,6 +44,7 @@ from kiosk.messaging.messages import (
     decode_frame_image,
     decode_json,
 )
+from kiosk.messaging.status import VerifierStatus
 
 FrameMessage = Frame | Eof | CaptureHealth
 EventMessage = Event | Heartbeat | CaptureHealth
@@ -226,10 +227,10 @@ class EventChannel:
 
 def sources_done(status: dict[str, Any] | None, cameras: Iterable[str]) -> bool:
     """From a verifier status reply: every camera in `cameras` has reached its end and been processed."""
-    if not status or not status.get("ok"):
+    if not status or not status.get("ok") or "queue_depth" not in status:  # an older reply says nothing of it
         return False
-    known = status.get("cameras", {})
-    return all(known.get(cid, {}).get("eof") for cid in cameras) and status.get("queue_depth") == 0
+    reply = VerifierStatus.from_json(status, "status reply")
+    return all(cid in reply.cameras and reply.cameras[cid].eof for cid in cameras) and reply.queue_depth == 0
 
 
 def wait_until_eof(
