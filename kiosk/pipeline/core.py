@@ -30,11 +30,11 @@ from typing import Any, Protocol, Union
 import numpy as np
 
 from kiosk.boarding.gates import GateFlights
+from kiosk.boarding.matrix import GalleryMatrix, Match
 from kiosk.config import KioskConfig
 from kiosk.messaging.messages import Eof, Frame, IdleHint
 from kiosk.pipeline.policy import Decision, DecisionPolicy
 from kiosk.pipeline.tracking import Track, Tracker
-from kiosk.store.matrix import GalleryMatrix, Match
 from kiosk.vision.engine import FaceModels
 from kiosk.vision.faces import Faces
 from kiosk.vision.liveness import PadObservation

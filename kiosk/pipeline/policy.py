@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kiosk.boarding.matrix import Match
 from kiosk.config import PadConfig, PolicyConfig
 from kiosk.messaging.reasons import Reason
 from kiosk.pipeline.tracking import Track
-from kiosk.store.matrix import Match
 from kiosk.vision.liveness import PadObservation, TrackLiveness, check_classes
 from kiosk.vision.quality import Quality
 
