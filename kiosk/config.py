@@ -2,8 +2,9 @@
 
 Every section is a dataclass; `load_config` turns the YAML mapping into
 them and fails with a `ConfigError` that names the file, the key path, what
-was expected and what was found. Relative paths resolve against the config
-file's folder. `config/kiosk.yaml` documents every key and its default.
+was expected and what was found. Relative paths are resolved against the
+config file's folder when it is loaded: every `Path` field of a loaded
+config is absolute. `config/kiosk.yaml` documents every key and its default.
 """
 
 from __future__ import annotations
@@ -342,22 +343,51 @@ class KioskConfig:
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
 
     def resolve(self, path: Path) -> Path:
-        """A path from the config, made absolute against the config's folder."""
-        path = Path(os.path.expanduser(str(path)))
-        return Path(os.path.normpath(path if path.is_absolute() else self.base_dir / path))
+        """A path made absolute against the config's folder. The path fields of a loaded config already are
+        (`config_from_mapping` resolves them once); on those this returns the path as it is."""
+        return _absolute(path, self.base_dir)
+
+
+def _absolute(path: Path, base_dir: Path) -> Path:
+    """`path` with ~ expanded, made absolute against `base_dir` and normalised."""
+    path = Path(os.path.expanduser(str(path)))
+    return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
+
+
+def _resolve_paths(section: Any, base_dir: Path) -> None:
+    """Every `Path` value of `section` and of the sections and lists under it made absolute, in place; the
+    `models.pad` entry `default` (the shipped texture models) is a name, not a path, and stays as written."""
+    for f in dataclasses.fields(section):
+        if f.metadata.get("internal"):
+            continue
+        value = getattr(section, f.name)
+        if isinstance(section, ModelsConfig) and f.name == "pad":
+            section.pad = [v if _names_shipped_pad(v) else _resolved(v, base_dir) for v in value]
+        else:
+            setattr(section, f.name, _resolved(value, base_dir))
+
+
+def _names_shipped_pad(entry: Path | PadModelConfig) -> bool:
+    return isinstance(entry, Path) and str(entry) == DEFAULT_PAD_MODELS
+
+
+def _resolved(value: Any, base_dir: Path) -> Any:
+    if isinstance(value, Path):
+        return _absolute(value, base_dir)
+    if isinstance(value, list):
+        return [_resolved(v, base_dir) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        _resolve_paths(value, base_dir)
+    return value
 
 
 def models_section(cfg: KioskConfig) -> dict[str, Any]:
     """`cfg.models` as a config mapping with absolute paths, for a config written elsewhere (demo, bench)
     that must run the same models."""
     data = dataclasses.asdict(cfg.models)
-    data["cache_dir"] = str(cfg.resolve(cfg.models.cache_dir))
+    data["cache_dir"] = str(cfg.models.cache_dir)
     data["pad"] = [
-        {"path": str(cfg.resolve(m.path)), "scale": m.scale, "colour": m.colour}
-        if isinstance(m, PadModelConfig)
-        else DEFAULT_PAD_MODELS
-        if str(m) == DEFAULT_PAD_MODELS
-        else str(cfg.resolve(m))
+        {"path": str(m.path), "scale": m.scale, "colour": m.colour} if isinstance(m, PadModelConfig) else str(m)
         for m in cfg.models.pad
     ]
     if cfg.models.pack != "default":
@@ -738,6 +768,7 @@ def config_from_mapping(data: Any, *, source: Path | None = None, base_dir: Path
         ) from None
     cfg.source = source
     cfg.base_dir = (base_dir or (source.parent if source else Path.cwd())).resolve()
+    _resolve_paths(cfg, cfg.base_dir)  # once, here: every user reads an absolute path from its field
     return cfg
 
 

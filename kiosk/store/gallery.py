@@ -59,10 +59,10 @@ def open_gallery(
     if cfg.gallery.url and path is None:
         from kiosk.store.postgres import PgGallery, target
 
-        password = cfg.resolve(cfg.gallery.password_file) if cfg.gallery.password_file else None
+        password = cfg.gallery.password_file
         gallery: GalleryQueries = PgGallery(target(cfg.gallery.url, password), create=create, codec=codec, seal=seal)
     else:
-        gallery = Gallery(path or cfg.resolve(cfg.gallery.path), create=create, codec=codec, seal=seal)
+        gallery = Gallery(path or cfg.gallery.path, create=create, codec=codec, seal=seal)
     if codec is None and (keys or seal):
         held = gallery.template_count()
         if held:
