@@ -108,8 +108,8 @@ class NoCounters:
         pass
 
 
-def _reject(d: Decision, reason: str, **changes: object) -> Decision:
-    return dataclasses.replace(d, type="reject", reason=reason, **changes)  # type: ignore[arg-type]
+def _reject(d: Decision, reason: str) -> Decision:
+    return dataclasses.replace(d, type="reject", reason=reason)
 
 
 class Gatekeeper:
@@ -264,9 +264,8 @@ class Gatekeeper:
             return d
         if outcome.reason == Reason.ALREADY_BOARDED and outcome.previous is not None:
             log.info("%s already boarded %s at gate %s: rejected", subject, flight, outcome.previous.gate_id)
-            return _reject(
-                d,
-                Reason.ALREADY_BOARDED,
+            return dataclasses.replace(
+                _reject(d, Reason.ALREADY_BOARDED),
                 boarded_at=outcome.previous.boarded_at,
                 boarded_gate_id=outcome.previous.gate_id,
             )

@@ -72,7 +72,7 @@ class Decision:
     on_flights: list[str] | None = None  # wrong_flight: the flights the passenger is on
     liveness_score: float | None = None  # the weakest liveness check's score (None: liveness off or no evidence)
     liveness_frames: int = 0
-    liveness_checks: dict | None = None  # what each liveness check saw, and which decided
+    liveness_checks: dict[str, object] | None = None  # what each liveness check saw, and which decided
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -91,13 +91,13 @@ class Vote:
 class TrackState:
     """What the policy keeps per track."""
 
-    window: deque = field(default_factory=deque)
+    window: deque[Vote] = field(default_factory=deque)
     quality_frames: int = 0
     first_quality_at: float | None = None  # frame clock (media time of a replay, capture time of a camera)
     decided: bool = False
     claim: Claim | None = None
     live: TrackLiveness | None = None  # liveness evidence (pad.enabled)
-    ready_votes: list | None = None  # the votes of an accept waiting for liveness evidence
+    ready_votes: list[Vote] | None = None  # the votes of an accept waiting for liveness evidence
     ready_at: float | None = None  # frame clock when it started waiting
     ready_gate: str = ""
 
@@ -118,9 +118,13 @@ class DecisionPolicy:
         # A track's liveness evidence (evaluate-pad replays recorded checks through this). The check classes are
         # resolved once here (a bad pad.checks fails now), not for every new track.
         classes = check_classes(self.pad, textured) if self.pad is not None else []
-        self.new_liveness = liveness or (
-            lambda track: TrackLiveness(self.pad, textured, [cls(self.pad) for cls in classes])
-        )  # type: ignore[arg-type]
+
+        def new_liveness(track: Track) -> TrackLiveness:
+            if self.pad is None:
+                raise RuntimeError("no liveness evidence is kept with pad.enabled false")
+            return TrackLiveness(self.pad, textured, [cls(self.pad) for cls in classes])
+
+        self.new_liveness = liveness or new_liveness
         self.claims: dict[str, Claim] = {}
         self._recent: dict[tuple[str, str], float] = {}
 
@@ -142,12 +146,13 @@ class DecisionPolicy:
     def quality_ok(self, q: Quality) -> np.ndarray:
         """Which faces count as quality frames."""
         c = self.cfg
-        return (
+        ok: np.ndarray = (
             (q.width >= c.min_face_px)
             & (q.score >= c.min_det_score)
             & (q.sharpness >= c.min_sharpness)
             & (np.abs(q.yaw) <= c.max_yaw)
         )
+        return ok
 
     # -- claims ----------------------------------------------------------------
     def add_claim(self, gate_id: str, subject_id: str, ttl_s: float, now: float) -> Claim:
@@ -174,9 +179,10 @@ class DecisionPolicy:
     # -- decisions -------------------------------------------------------------
     @staticmethod
     def state(track: Track) -> TrackState:
-        if track.state is None:
-            track.state = TrackState()
-        return track.state  # type: ignore[return-value]
+        state = track.state
+        if not isinstance(state, TrackState):
+            state = track.state = TrackState()
+        return state
 
     def needs_frames(self, track: Track) -> bool:
         return not self.state(track).decided
