@@ -16,6 +16,7 @@ import re
 import socket
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -229,8 +230,9 @@ class PadConfig:
     liveness_checks.CHECKS, or a site's own `module:Class`); the texture check runs where `models.pad` names models
     (by default the shipped pair). A track any check accuses is rejected `presentation_attack`. Live needs both
     kinds of evidence: the texture models' mean probability of "real" at `threshold` or more, and the face moving as
-    a living one (a blink, the lips or brows: the motion check); no accusation, and at least `min_frames` frames observed. A texture mean below `attack_below` accuses. An accept
-    waits up to `max_wait_s` for live and is otherwise rejected `liveness_unverified` (fail closed)."""
+    a living one (a blink, the lips or brows: the motion check); no accusation, and at least `min_frames` frames
+    observed. A texture mean below `attack_below` accuses. An accept waits up to `max_wait_s` for live and is
+    otherwise rejected `liveness_unverified` (fail closed)."""
 
     enabled: bool = True
     checks: list[str] = field(default_factory=lambda: ["texture", "depth", "motion", "screen"])
@@ -506,7 +508,7 @@ def _convert(value: Any, tp: Any, keypath: str) -> Any:
             raise _Invalid(keypath, _type_name(tp), value)
         (item_tp,) = typing.get_args(tp)
         return [_convert(v, item_tp, f"{keypath}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, keypath)
     if origin is Literal:
         if value in typing.get_args(tp):
@@ -585,7 +587,7 @@ def mqtt_url_problem(url: str) -> str | None:
     if not parts.hostname:
         return f"{expected}, found no host in {url!r}"
     try:
-        parts.port
+        _ = parts.port  # a port that is not a number raises here
     except ValueError:
         return f"{expected}, found a bad port in {url!r}"
     if parts.password is not None:
@@ -598,7 +600,10 @@ def mqtt_url_problem(url: str) -> str | None:
 def mqtt_prefix_problem(prefix: str) -> str | None:
     """Topics are `<prefix>/gates/<gate>/...`: the prefix must be a plain topic, no wildcard, no empty level."""
     if any(c in prefix for c in "+#\0") or prefix.startswith("/") or prefix.endswith("/") or "//" in prefix:
-        return f"expected a topic prefix such as kiosk or site/terminal-2 (no +, #, leading or trailing /), found {prefix!r}"
+        return (
+            "expected a topic prefix such as kiosk or site/terminal-2 (no +, #, leading or trailing /), "
+            f"found {prefix!r}"
+        )
     return None
 
 
@@ -607,7 +612,11 @@ def _check_operators(cfg: KioskConfig) -> None:
     "*" alone or gates of `cameras` (checked when the config has cameras: a verifier's; a typo would be a reader
     that claims nothing, or a gate controller that hears nothing)."""
     gates = sorted({c.gate for c in cfg.cameras})
-    for section, entries in (("operators", cfg.security.operators), ("listeners", cfg.security.listeners)):
+    keys: tuple[tuple[str, Sequence[OperatorKeyConfig | ListenerKeyConfig]], ...] = (
+        ("operators", cfg.security.operators),
+        ("listeners", cfg.security.listeners),
+    )
+    for section, entries in keys:
         seen: set[str] = set()
         for i, op in enumerate(entries):
             where = f"security.{section}[{i}]"
@@ -755,7 +764,7 @@ def config_from_mapping(data: Any, *, source: Path | None = None, base_dir: Path
     """Validate a mapping (already parsed YAML) into a `KioskConfig`."""
     where = str(source) if source else "(built-in defaults)"
     try:
-        cfg = _build(KioskConfig, data, "")
+        cfg: KioskConfig = _build(KioskConfig, data, "")
         _check(cfg)
     except _Invalid as exc:
         found = (
@@ -782,7 +791,7 @@ def _mapping_once(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = Fa
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden key by key
             continue
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if isinstance(key, (str, int, float, bool)) and key in seen:
             first = seen[key].start_mark.line + 1
             raise yaml.constructor.ConstructorError(
@@ -792,7 +801,7 @@ def _mapping_once(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = Fa
     return loader.construct_mapping(node, deep=deep)
 
 
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)  # type: ignore[arg-type]
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)
 
 
 def load_config(path: str | os.PathLike[str] | None) -> KioskConfig:

@@ -96,8 +96,8 @@ class GalleryMatrix:
         keep = np.array([sid in subject_ids for sid in self.subject_ids], bool)
         rows = keep[self.owners] if len(self.owners) else np.zeros(0, bool)
         index = np.cumsum(keep) - 1
-        ids = [sid for sid, k in zip(self.subject_ids, keep) if k]
-        names = [n for n, k in zip(self.names, keep) if k]
+        ids = [sid for sid, k in zip(self.subject_ids, keep, strict=True) if k]
+        names = [n for n, k in zip(self.names, keep, strict=True) if k]
         return GalleryMatrix(
             self.model_id,
             self.dim,
@@ -239,10 +239,12 @@ class GalleryMatrix:
 
     def _candidates(self, q: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query: (subject indices, exact best scores) of the prefiltered candidates."""
-        approx = (q @ self._basis) @ self._reduced.T  # type: ignore[operator]
+        if self._basis is None or self._reduced is None:
+            raise RuntimeError("no prefilter below PREFILTER_MIN templates")
+        approx = (q @ self._basis) @ self._reduced.T
         k = min(PREFILTER_K, approx.shape[1] - 1)
         out = []
-        for row, query in zip(approx, q):
+        for row, query in zip(approx, q, strict=True):
             cand = np.argpartition(-row, k)[:k]
             exact = self.embeddings[cand] @ query
             owners = self.owners[cand]

@@ -226,7 +226,8 @@ class Gatekeeper:
     def _confirm(self, d: Decision) -> Decision:
         """An accept only for a subject enrolled right now: a removal or expiry counts even while the search
         matrix is stale."""
-        assert d.subject_id is not None
+        if d.subject_id is None:
+            raise ValueError(f"an accept names its subject: {d}")
         try:
             confirmed = self.enrolment.enrolled(d.subject_id)
         except Exception as exc:  # noqa: BLE001 - any failure to confirm must reject, never accept
@@ -243,7 +244,8 @@ class Gatekeeper:
         """At a gate boarding a flight: an accept marks the passenger boarded, or becomes the reject that says
         why not; a wrong_flight reject learns the flights the passenger is on."""
         flight, subject = d.flight_id, d.subject_id
-        assert flight is not None and subject is not None
+        if flight is None or subject is None:
+            raise ValueError(f"boarding needs a flight and a subject: {d}")
         cam = verdict.camera
         try:
             if d.reason == Reason.WRONG_FLIGHT:

@@ -271,7 +271,8 @@ class DecisionPolicy:
         """With liveness on: reject an attack as soon as the evidence says so; let a waiting accept through
         once the evidence says live, or reject it when the wait is over."""
         pad = self.pad
-        assert pad is not None and state.live is not None
+        if pad is None or state.live is None:
+            raise RuntimeError("liveness is judged only with pad.enabled and the track's evidence")
         verdict = state.live.verdict
         if verdict == "attack":
             return self._live(state, self._reject(track, Reason.PRESENTATION_ATTACK, captured_at, seq))
@@ -298,7 +299,8 @@ class DecisionPolicy:
         state = self.state(track)
         state.decided = True
         subject = votes[-1].subject_id
-        assert subject is not None
+        if subject is None:
+            raise ValueError("an accept's votes name a subject")
         last = self._recent.get((gate_id, subject))
         self._recent[(gate_id, subject)] = captured_at
         if last is not None and captured_at - last < self.cfg.repeat_accept_s:
