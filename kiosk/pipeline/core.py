@@ -11,10 +11,14 @@ store and the audit log before any gate hears of them; the service around
 both (`kiosk.services.verifier`) owns the sockets, the audit log, the
 gallery file and the heartbeat.
 
-Stages of a step, each over all faces of all cameras as arrays:
+Stages of a step, each over all faces of all cameras as one table
+(`StepFaces`, a row per face, narrowed by masks from stage to stage):
 detect -> track -> select (which faces need an embedding) -> align ->
 quality -> ration (at most `max_embeddings_per_frame`) -> embed (one
 batch) -> identity check -> match (one batched 1:N search) -> decide.
+
+The core takes its own sections of the configuration (`policy`, the
+`cameras`, `pad`), never the whole of it.
 """
 
 from __future__ import annotations
@@ -136,18 +140,29 @@ class _Histogram(Protocol):
 
 
 class CoreMetrics(Protocol):
-    """What the core counts (kiosk.services.metrics.VerifierMetrics is the real one)."""
+    """What the core counts (kiosk.services.metrics.VerifierMetrics is the real one). Read-only members, so
+    that any counter with these methods will do."""
 
-    frames_in: _Counter
-    frames_stale: _Counter
-    frames_too_old: _Counter
-    frames_not_boarding: _Counter
-    frames_idle: _Counter
-    frames_processed: _Counter
-    faces: _Counter
-    embeddings_deferred: _Count
-    gate_boarding: _Gauge
-    wake_latency: _Histogram
+    @property
+    def frames_in(self) -> _Counter: ...
+    @property
+    def frames_stale(self) -> _Counter: ...
+    @property
+    def frames_too_old(self) -> _Counter: ...
+    @property
+    def frames_not_boarding(self) -> _Counter: ...
+    @property
+    def frames_idle(self) -> _Counter: ...
+    @property
+    def frames_processed(self) -> _Counter: ...
+    @property
+    def faces(self) -> _Counter: ...
+    @property
+    def embeddings_deferred(self) -> _Count: ...
+    @property
+    def gate_boarding(self) -> _Gauge: ...
+    @property
+    def wake_latency(self) -> _Histogram: ...
 
     def observe_frame(self, ms: float) -> None: ...
     def observe_deciding_frame(self, ms: float) -> None: ...
