@@ -321,7 +321,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             revision = gallery.revision()
         print(f"gallery {gallery.name} ready (revision {revision})")
         return EXIT_OK
-    path = cfg.resolve(cfg.gallery.path)
+    path = cfg.gallery.path
     existed = path.exists()
     with open_gallery(cfg, create=True) as gallery:
         revision = gallery.revision()
@@ -387,7 +387,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.file}: no such backup file")
     if cfg.gallery.url:
         raise UsageError("gallery.url: restore a PostgreSQL gallery with the server's own tools (pg_restore)")
-    path = cfg.resolve(cfg.gallery.path)
+    path = cfg.gallery.path
     revision, moved = Gallery.restore_file(path, Path(args.file), key_source(cfg).load())
     if moved is not None:
         print(f"{path} was not a usable database; moved it aside to {moved}")
@@ -404,9 +404,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not url:
         raise UsageError("migrate: name the database with --to postgresql://USER@HOST:PORT/DATABASE (or gallery.url)")
     password_file = (
-        Path(args.password_file)
-        if args.password_file
-        else (cfg.resolve(cfg.gallery.password_file) if cfg.gallery.password_file and not args.to else None)
+        Path(args.password_file) if args.password_file else (cfg.gallery.password_file if not args.to else None)
     )
     where = target(url, password_file, key="--to")
     codec = key_source(cfg).load()  # the source's templates stay sealed under it: copied as they are

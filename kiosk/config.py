@@ -2,8 +2,9 @@
 
 Every section is a dataclass; `load_config` turns the YAML mapping into
 them and fails with a `ConfigError` that names the file, the key path, what
-was expected and what was found. Relative paths resolve against the config
-file's folder. `config/kiosk.yaml` documents every key and its default.
+was expected and what was found. Relative paths are resolved against the
+config file's folder when it is loaded: every `Path` field of a loaded
+config is absolute. `config/kiosk.yaml` documents every key and its default.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import socket
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -228,8 +230,9 @@ class PadConfig:
     liveness_checks.CHECKS, or a site's own `module:Class`); the texture check runs where `models.pad` names models
     (by default the shipped pair). A track any check accuses is rejected `presentation_attack`. Live needs both
     kinds of evidence: the texture models' mean probability of "real" at `threshold` or more, and the face moving as
-    a living one (a blink, the lips or brows: the motion check); no accusation, and at least `min_frames` frames observed. A texture mean below `attack_below` accuses. An accept
-    waits up to `max_wait_s` for live and is otherwise rejected `liveness_unverified` (fail closed)."""
+    a living one (a blink, the lips or brows: the motion check); no accusation, and at least `min_frames` frames
+    observed. A texture mean below `attack_below` accuses. An accept waits up to `max_wait_s` for live and is
+    otherwise rejected `liveness_unverified` (fail closed)."""
 
     enabled: bool = True
     checks: list[str] = field(default_factory=lambda: ["texture", "depth", "motion", "screen"])
@@ -342,22 +345,51 @@ class KioskConfig:
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
 
     def resolve(self, path: Path) -> Path:
-        """A path from the config, made absolute against the config's folder."""
-        path = Path(os.path.expanduser(str(path)))
-        return Path(os.path.normpath(path if path.is_absolute() else self.base_dir / path))
+        """A path made absolute against the config's folder. The path fields of a loaded config already are
+        (`config_from_mapping` resolves them once); on those this returns the path as it is."""
+        return _absolute(path, self.base_dir)
+
+
+def _absolute(path: Path, base_dir: Path) -> Path:
+    """`path` with ~ expanded, made absolute against `base_dir` and normalised."""
+    path = Path(os.path.expanduser(str(path)))
+    return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
+
+
+def _resolve_paths(section: Any, base_dir: Path) -> None:
+    """Every `Path` value of `section` and of the sections and lists under it made absolute, in place; the
+    `models.pad` entry `default` (the shipped texture models) is a name, not a path, and stays as written."""
+    for f in dataclasses.fields(section):
+        if f.metadata.get("internal"):
+            continue
+        value = getattr(section, f.name)
+        if isinstance(section, ModelsConfig) and f.name == "pad":
+            section.pad = [v if _names_shipped_pad(v) else _resolved(v, base_dir) for v in value]
+        else:
+            setattr(section, f.name, _resolved(value, base_dir))
+
+
+def _names_shipped_pad(entry: Path | PadModelConfig) -> bool:
+    return isinstance(entry, Path) and str(entry) == DEFAULT_PAD_MODELS
+
+
+def _resolved(value: Any, base_dir: Path) -> Any:
+    if isinstance(value, Path):
+        return _absolute(value, base_dir)
+    if isinstance(value, list):
+        return [_resolved(v, base_dir) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        _resolve_paths(value, base_dir)
+    return value
 
 
 def models_section(cfg: KioskConfig) -> dict[str, Any]:
     """`cfg.models` as a config mapping with absolute paths, for a config written elsewhere (demo, bench)
     that must run the same models."""
     data = dataclasses.asdict(cfg.models)
-    data["cache_dir"] = str(cfg.resolve(cfg.models.cache_dir))
+    data["cache_dir"] = str(cfg.models.cache_dir)
     data["pad"] = [
-        {"path": str(cfg.resolve(m.path)), "scale": m.scale, "colour": m.colour}
-        if isinstance(m, PadModelConfig)
-        else DEFAULT_PAD_MODELS
-        if str(m) == DEFAULT_PAD_MODELS
-        else str(cfg.resolve(m))
+        {"path": str(m.path), "scale": m.scale, "colour": m.colour} if isinstance(m, PadModelConfig) else str(m)
         for m in cfg.models.pad
     ]
     if cfg.models.pack != "default":
@@ -476,7 +508,7 @@ def _convert(value: Any, tp: Any, keypath: str) -> Any:
             raise _Invalid(keypath, _type_name(tp), value)
         (item_tp,) = typing.get_args(tp)
         return [_convert(v, item_tp, f"{keypath}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, keypath)
     if origin is Literal:
         if value in typing.get_args(tp):
@@ -555,7 +587,7 @@ def mqtt_url_problem(url: str) -> str | None:
     if not parts.hostname:
         return f"{expected}, found no host in {url!r}"
     try:
-        parts.port
+        _ = parts.port  # a port that is not a number raises here
     except ValueError:
         return f"{expected}, found a bad port in {url!r}"
     if parts.password is not None:
@@ -568,7 +600,10 @@ def mqtt_url_problem(url: str) -> str | None:
 def mqtt_prefix_problem(prefix: str) -> str | None:
     """Topics are `<prefix>/gates/<gate>/...`: the prefix must be a plain topic, no wildcard, no empty level."""
     if any(c in prefix for c in "+#\0") or prefix.startswith("/") or prefix.endswith("/") or "//" in prefix:
-        return f"expected a topic prefix such as kiosk or site/terminal-2 (no +, #, leading or trailing /), found {prefix!r}"
+        return (
+            "expected a topic prefix such as kiosk or site/terminal-2 (no +, #, leading or trailing /), "
+            f"found {prefix!r}"
+        )
     return None
 
 
@@ -577,7 +612,11 @@ def _check_operators(cfg: KioskConfig) -> None:
     "*" alone or gates of `cameras` (checked when the config has cameras: a verifier's; a typo would be a reader
     that claims nothing, or a gate controller that hears nothing)."""
     gates = sorted({c.gate for c in cfg.cameras})
-    for section, entries in (("operators", cfg.security.operators), ("listeners", cfg.security.listeners)):
+    keys: tuple[tuple[str, Sequence[OperatorKeyConfig | ListenerKeyConfig]], ...] = (
+        ("operators", cfg.security.operators),
+        ("listeners", cfg.security.listeners),
+    )
+    for section, entries in keys:
         seen: set[str] = set()
         for i, op in enumerate(entries):
             where = f"security.{section}[{i}]"
@@ -725,7 +764,7 @@ def config_from_mapping(data: Any, *, source: Path | None = None, base_dir: Path
     """Validate a mapping (already parsed YAML) into a `KioskConfig`."""
     where = str(source) if source else "(built-in defaults)"
     try:
-        cfg = _build(KioskConfig, data, "")
+        cfg: KioskConfig = _build(KioskConfig, data, "")
         _check(cfg)
     except _Invalid as exc:
         found = (
@@ -738,6 +777,7 @@ def config_from_mapping(data: Any, *, source: Path | None = None, base_dir: Path
         ) from None
     cfg.source = source
     cfg.base_dir = (base_dir or (source.parent if source else Path.cwd())).resolve()
+    _resolve_paths(cfg, cfg.base_dir)  # once, here: every user reads an absolute path from its field
     return cfg
 
 
@@ -751,7 +791,7 @@ def _mapping_once(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = Fa
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden key by key
             continue
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if isinstance(key, (str, int, float, bool)) and key in seen:
             first = seen[key].start_mark.line + 1
             raise yaml.constructor.ConstructorError(
@@ -761,7 +801,7 @@ def _mapping_once(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = Fa
     return loader.construct_mapping(node, deep=deep)
 
 
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)  # type: ignore[arg-type]
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)
 
 
 def load_config(path: str | os.PathLike[str] | None) -> KioskConfig:

@@ -79,7 +79,9 @@ def core_for(engine, matrix, *, realtime: bool = False, **policy) -> VerifierCor
             "pad": {"enabled": False},
         }
     )
-    return VerifierCore(cfg, engine, matrix, metrics=metrics_for(cfg))
+    return VerifierCore(
+        cfg.policy, cfg.cameras, engine, matrix, pad=cfg.pad, textured=bool(cfg.models.pad), metrics=metrics_for(cfg)
+    )
 
 
 def metrics_for(cfg) -> VerifierMetrics:
@@ -295,7 +297,15 @@ def test_two_gates_deciding_at_once_take_turns_and_neither_starves(engine, crops
             "pad": {"enabled": False},
         }
     )
-    core = VerifierCore(cfg, engine, yao_matrix, metrics=metrics_for(cfg))
+    core = VerifierCore(
+        cfg.policy,
+        cfg.cameras,
+        engine,
+        yao_matrix,
+        pad=cfg.pad,
+        textured=bool(cfg.models.pad),
+        metrics=metrics_for(cfg),
+    )
     stranger = scene(crops, [1])  # not enrolled: undecided for as long as the test runs
     taken = []
     for seq in range(9):

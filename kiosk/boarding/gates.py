@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kiosk.store.matrix import GalleryMatrix
+from kiosk.boarding.matrix import GalleryMatrix
 
 
 @dataclass

@@ -319,10 +319,10 @@ def _listen(cfg: KioskConfig) -> tuple[str, int, bool]:
         )
     for name in ("tls_cert", "tls_key"):
         path = getattr(cfg.console, name)
-        if path is not None and not cfg.resolve(path).is_file():
-            raise ConfigError(f"console.{name}: {cfg.resolve(path)}: no such file")
+        if path is not None and not path.is_file():
+            raise ConfigError(f"console.{name}: {path}: no such file")
     if cfg.console.tls_cert is not None and cfg.console.tls_key is not None:
-        cert, key = cfg.resolve(cfg.console.tls_cert), cfg.resolve(cfg.console.tls_key)
+        cert, key = cfg.console.tls_cert, cfg.console.tls_key
         try:  # a certificate and key that do not load: one line now, not a traceback from the server later
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
         except (ssl.SSLError, OSError) as exc:
@@ -390,7 +390,7 @@ def run_console(cfg: KioskConfig) -> int:
             "console.password_file: the console needs a password file (one line: the password, or "
             "a hash from `kiosk console --hash-password`)"
         )
-    check = PasswordCheck.from_file(cfg.resolve(cfg.console.password_file))
+    check = PasswordCheck.from_file(cfg.console.password_file)
     host, port, tls = _listen(cfg)
     gates: dict[str, list[str]] = {}
     for cam in cfg.cameras:
@@ -401,10 +401,10 @@ def run_console(cfg: KioskConfig) -> int:
         gates,
         crops=cfg.console.crops,
         heartbeat_timeout_s=hb.interval_s * hb.misses,
-        crops_dir=cfg.resolve(cfg.console.crops_dir) if cfg.console.crops_dir else None,
+        crops_dir=cfg.console.crops_dir,
         codec=codec,
     )
-    keys = cfg.resolve(cfg.security.keys_dir)
+    keys = cfg.security.keys_dir
     if (
         cfg.security.curve
         and (keys / "server.key_secret").is_file()
@@ -435,8 +435,8 @@ def run_console(cfg: KioskConfig) -> int:
         ws="none",
         proxy_headers=bool(proxies),
         forwarded_allow_ips=",".join(proxies) if proxies else "",
-        ssl_certfile=str(cfg.resolve(cfg.console.tls_cert)) if tls and cfg.console.tls_cert else None,
-        ssl_keyfile=str(cfg.resolve(cfg.console.tls_key)) if tls and cfg.console.tls_key else None,
+        ssl_certfile=str(cfg.console.tls_cert) if tls and cfg.console.tls_cert else None,
+        ssl_keyfile=str(cfg.console.tls_key) if tls and cfg.console.tls_key else None,
     )
     server = uvicorn.Server(config)
     feed.start()
@@ -446,7 +446,7 @@ def run_console(cfg: KioskConfig) -> int:
         "https" if tls else "http",
         cfg.console.listen,
         len(gates),
-        cfg.resolve(cfg.console.password_file),
+        cfg.console.password_file,
     )
     log.info("console answers Host %s (console.allowed_hosts)", ", ".join(sorted(allowed_hosts)))
     started = time.monotonic()

@@ -230,7 +230,7 @@ class Transport:
         self.role = role
         self.ctx = zmq.Context()
         self.curve = cfg.security.curve
-        self.keys_dir = cfg.resolve(cfg.security.keys_dir)
+        self.keys_dir = cfg.security.keys_dir
         self._auth: ThreadAuthenticator | None = None
         self._server: KeyPair | None = None
         self._client: KeyPair | None = None

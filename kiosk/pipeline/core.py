@@ -11,10 +11,14 @@ store and the audit log before any gate hears of them; the service around
 both (`kiosk.services.verifier`) owns the sockets, the audit log, the
 gallery file and the heartbeat.
 
-Stages of a step, each over all faces of all cameras as arrays:
+Stages of a step, each over all faces of all cameras as one table
+(`StepFaces`, a row per face, narrowed by masks from stage to stage):
 detect -> track -> select (which faces need an embedding) -> align ->
 quality -> ration (at most `max_embeddings_per_frame`) -> embed (one
 batch) -> identity check -> match (one batched 1:N search) -> decide.
+
+The core takes its own sections of the configuration (`policy`, the
+`cameras`, `pad`), never the whole of it.
 """
 
 from __future__ import annotations
@@ -23,18 +27,19 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Union
+from typing import Protocol, TypeAlias
 
 import numpy as np
 
 from kiosk.boarding.gates import GateFlights
-from kiosk.config import KioskConfig
+from kiosk.boarding.matrix import GalleryMatrix, Match
+from kiosk.config import CameraConfig, PadConfig, PolicyConfig
 from kiosk.messaging.messages import Eof, Frame, IdleHint
-from kiosk.pipeline.policy import Decision, DecisionPolicy
+from kiosk.pipeline.policy import Claim, Decision, DecisionPolicy
+from kiosk.pipeline.step_faces import StepFaces
 from kiosk.pipeline.tracking import Track, Tracker
-from kiosk.store.matrix import GalleryMatrix, Match
 from kiosk.vision.engine import FaceModels
 from kiosk.vision.faces import Faces
 from kiosk.vision.liveness import PadObservation
@@ -51,7 +56,8 @@ SAME_PERSON = 0.25  # a track whose new face scores below this against its last 
 CAMERA_SILENT_S = 3.0  # a camera with no frame for this long is reported down
 
 
-Arrival = Union[Frame, Eof]
+Arrival: TypeAlias = Frame | Eof
+View: TypeAlias = tuple[Frame, np.ndarray, list[Track]]  # a frame, its face boxes, its tracks
 
 
 @dataclass
@@ -60,7 +66,7 @@ class CameraState:
     gate_id: str
     realtime: bool
     tracker: Tracker
-    pending: deque = field(default_factory=deque)  # Frame | Eof, oldest first
+    pending: deque[Arrival] = field(default_factory=deque)  # oldest first
     frames_in: int = 0
     processed: int = 0
     stale: int = 0  # dropped because a newer frame of the camera came
@@ -72,12 +78,12 @@ class CameraState:
     last_frame_at: float = 0.0  # wall time the last frame arrived
     capture_status: str = ""  # what the capture's last health message said ("ok", "reconnecting", "eof")
     capture_error: str = ""
-    view: tuple | None = None  # (frame, face boxes, tracks) of the last frame of a watched gate (console)
+    view: View | None = None  # the last frame of a watched gate (console)
     idle_skipped: int = 0  # frames not detected: empty scene, unchanged (policy.idle_change)
     idle_ref: np.ndarray | None = None  # thumbnail of the last frame detected with no face in it
     idle_ref_clock: float = 0.0  # its frame clock
     hinted_idle: bool = False  # the capture was last told its scene is empty (IdleHint)
-    wakes: deque = field(default_factory=lambda: deque(maxlen=64))  # (seq, ms): a face found at an empty gate
+    wakes: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=64))  # (seq, ms): woken
 
     def state(self, now: float) -> tuple[str, str]:
         """("up" | "down" | "ended", why): what an operator needs to know about this camera now."""
@@ -134,65 +140,109 @@ class _Histogram(Protocol):
 
 
 class CoreMetrics(Protocol):
-    """What the core counts (kiosk.services.metrics.VerifierMetrics is the real one)."""
+    """What the core counts (kiosk.services.metrics.VerifierMetrics is the real one). Read-only members, so
+    that any counter with these methods will do."""
 
-    frames_in: _Counter
-    frames_stale: _Counter
-    frames_too_old: _Counter
-    frames_not_boarding: _Counter
-    frames_idle: _Counter
-    frames_processed: _Counter
-    faces: _Counter
-    embeddings_deferred: _Count
-    gate_boarding: _Gauge
-    wake_latency: _Histogram
+    @property
+    def frames_in(self) -> _Counter: ...
+    @property
+    def frames_stale(self) -> _Counter: ...
+    @property
+    def frames_too_old(self) -> _Counter: ...
+    @property
+    def frames_not_boarding(self) -> _Counter: ...
+    @property
+    def frames_idle(self) -> _Counter: ...
+    @property
+    def frames_processed(self) -> _Counter: ...
+    @property
+    def faces(self) -> _Counter: ...
+    @property
+    def embeddings_deferred(self) -> _Count: ...
+    @property
+    def gate_boarding(self) -> _Gauge: ...
+    @property
+    def wake_latency(self) -> _Histogram: ...
 
     def observe_frame(self, ms: float) -> None: ...
     def observe_deciding_frame(self, ms: float) -> None: ...
     def observe_stage(self, stage: str, ms: float) -> None: ...
 
 
-@dataclass
-class StepFaces:
-    """All faces of one step, as parallel arrays over faces (the frames' faces concatenated)."""
+@dataclass(frozen=True)
+class IdleRule:
+    """When a frame of an empty scene skips the detector (policy.idle_change, policy.idle_detect_every_s; a
+    change of 0 detects every frame), and what an idle hint tells a capture."""
 
-    faces: Faces
-    frame: np.ndarray  # (N,) index of the face's frame in the step
-    tracks: list[Track]
+    change: float
+    detect_every_s: float
 
-    @classmethod
-    def join(cls, per_frame: list[Faces], tracks: list[list[Track]]) -> StepFaces:
-        counts = [len(f) for f in per_frame]
-        if sum(counts):
-            faces = Faces(
-                np.concatenate([f.boxes for f in per_frame]),
-                np.concatenate([f.scores for f in per_frame]),
-                np.concatenate([f.kps for f in per_frame]),
-            )
-        else:
-            faces = Faces.empty()
-        return cls(faces, np.repeat(np.arange(len(per_frame)), counts), [t for ts in tracks for t in ts])
+    @property
+    def on(self) -> bool:
+        return self.change > 0
+
+    def skip(self, cam: CameraState, frame: Frame) -> bool:
+        """Skip the detector for this frame? Only with no open track, within detect_every_s of the last empty
+        detection, and when no cell of a 32x24 grey thumbnail moved by `change` grey levels since (a person
+        stepping in moves many cells by tens at once; sensor noise, averaged over a cell, by less than 2). A
+        frame that is detected keeps its thumbnail for the next comparison."""
+        if not self.on or cam.tracker.tracks or cam.idle_ref is None:
+            cam.idle_ref = None
+            return False
+        if frame.header.clock - cam.idle_ref_clock >= self.detect_every_s:
+            return False
+        return unchanged(thumbnail(frame.image), cam.idle_ref, self.change)
+
+    def hint(self, cam: CameraState, idle: bool, seq: int, clock: float) -> IdleHint:
+        return IdleHint(cam.camera_id, idle, seq, clock, self.change, self.detect_every_s)
+
+
+class _Stages:
+    """Milliseconds per stage of one step: `lap(stage)` adds the time since the last lap to `stage`."""
+
+    def __init__(self, transport_ms: float) -> None:
+        self.times: dict[str, float] = {"transport": transport_ms}
+        self._since = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.times[stage] = self.times.get(stage, 0.0) + (now - self._since) * 1000
+        self._since = now
 
 
 class VerifierCore:
-    """The verifier's rules, fed arrivals and a clock; see the module docstring."""
+    """The verifier's rules, fed arrivals and a clock; see the module docstring.
+
+    It takes its own sections of the config: `policy`, the `cameras`, and for liveness `pad` with whether
+    `models.pad` names texture models (`textured`). `flights` is the gallery view; a bare matrix is a site
+    without flights (every gate matches against everyone)."""
 
     def __init__(
-        self, cfg: KioskConfig, engine: FaceModels, matrix: GalleryMatrix | GateFlights, *, metrics: CoreMetrics
+        self,
+        policy: PolicyConfig,
+        cameras: Sequence[CameraConfig],
+        engine: FaceModels,
+        flights: GateFlights | GalleryMatrix,
+        *,
+        pad: PadConfig | None,
+        textured: bool,
+        metrics: CoreMetrics,
     ) -> None:
-        self.cfg = cfg
         self.engine = engine
-        self.flights = (
-            matrix
-            if isinstance(matrix, GateFlights)
-            else GateFlights(matrix, require_flight=cfg.boarding.require_flight)
-        )
+        self.flights = flights if isinstance(flights, GateFlights) else GateFlights(flights)
         self.metrics = metrics
-        self.policy = DecisionPolicy(cfg.policy, cfg.pad, textured=bool(cfg.models.pad))
+        self.policy = DecisionPolicy(policy, pad, textured=textured)
+        # The policy settings the core itself applies, read once.
+        self.min_face_px = policy.min_face_px
+        self.max_frame_age_ms = policy.max_frame_age_ms
+        self.deciding_cameras_per_step = policy.deciding_cameras_per_step
+        self.max_embeddings_per_frame = policy.max_embeddings_per_frame
+        self.claim_ttl_s = policy.claim_ttl_s
+        self.idle = IdleRule(policy.idle_change, policy.idle_detect_every_s)
         self.pad_errors = 0
         self.cameras = {
-            c.id: CameraState(c.id, c.gate, c.realtime, Tracker(c.id, max_age_s=cfg.policy.track_max_age_s))
-            for c in cfg.cameras
+            c.id: CameraState(c.id, c.gate, c.realtime, Tracker(c.id, max_age_s=policy.track_max_age_s))
+            for c in cameras
         }
         self.steps = 0
         self.faces_total = 0
@@ -202,17 +252,13 @@ class VerifierCore:
         self.last_done_at: float | None = None
         self.last_times: dict[str, float] = {}  # ms per stage of the last step
         self.last_error = ""  # "liveness: ..." when a liveness model failed
-        self._fps_window: deque = deque(maxlen=20000)
+        self._fps_window: deque[float] = deque(maxlen=20000)
         self._set_gate_metrics()
 
     @property
     def matrix(self) -> GalleryMatrix:
         """Everyone enrolled (the 1:N search matrix)."""
         return self.flights.full
-
-    @matrix.setter
-    def matrix(self, matrix: GalleryMatrix) -> None:
-        self.adopt(GateFlights(matrix, require_flight=self.cfg.boarding.require_flight))
 
     def adopt(self, flights: GateFlights) -> None:
         """A new gallery view. A gate whose flight changed (opened, closed, another flight) starts afresh:
@@ -264,7 +310,7 @@ class VerifierCore:
     # -- work ------------------------------------------------------------------
     def _too_old(self, cam: CameraState, captured_at: float, now: float) -> bool:
         """A live camera's frame from before a stall: what it shows may no longer be who stands there."""
-        return cam.realtime and (now - captured_at) * 1000 > self.cfg.policy.max_frame_age_ms
+        return cam.realtime and (now - captured_at) * 1000 > self.max_frame_age_ms
 
     def step(self, now: float) -> list[Verdict]:
         """Take at most one frame per camera (end-of-source markers on the way are handled; a live camera's
@@ -273,47 +319,60 @@ class VerifierCore:
         batch: list[Frame] = []
         wait = self._deciding_wait()
         for cam in self.cameras.values():
-            if cam.camera_id in wait:
-                continue
-            while cam.pending:
-                item = cam.pending.popleft()
-                if isinstance(item, Eof):
-                    cam.eof = True
-                    verdicts += self._ended(cam, cam.tracker.end_all(), now)
-                    log.info("camera %s: end of source; %d frames processed", cam.camera_id, cam.processed)
-                    continue
-                if self.flights.idle(cam.gate_id):  # nobody's biometrics at a gate that boards nothing
-                    cam.not_boarding += 1
-                    self.metrics.frames_not_boarding.labels(camera=cam.camera_id).inc()
-                    cam.last_clock, cam.last_wall = item.header.clock, now
-                    continue
-                if self._too_old(cam, item.header.captured_at, now):
-                    cam.too_old += 1
-                    self.metrics.frames_too_old.labels(camera=cam.camera_id).inc()
-                    if cam.too_old == 1 or cam.too_old % 100 == 0:
-                        log.warning(
-                            "camera %s: dropped a frame captured %.0f ms ago (policy.max_frame_age_ms %.0f; %d so far)",
-                            cam.camera_id,
-                            (now - item.header.captured_at) * 1000,
-                            self.cfg.policy.max_frame_age_ms,
-                            cam.too_old,
-                        )
-                    continue
-                if self._idle(cam, item):  # judged (an empty scene, unchanged): counted as processed
-                    cam.idle_skipped += 1
-                    cam.processed += 1
-                    self._fps_window.append(now)
-                    self.metrics.frames_idle.labels(camera=cam.camera_id).inc()
-                    self.metrics.frames_processed.labels(camera=cam.camera_id).inc()
-                    cam.last_clock, cam.last_wall = item.header.clock, now
-                    if cam.gate_id in self.preview_gates:  # a watched gate's live view goes on moving
-                        cam.view = (item, np.zeros((0, 4), np.float32), [])
-                    break
-                batch.append(item)
-                break
+            if cam.camera_id not in wait:
+                frame = self._next_frame(cam, now, verdicts)
+                if frame is not None:
+                    batch.append(frame)
         if batch:
             verdicts += self.process(batch, now)
         return verdicts
+
+    def _next_frame(self, cam: CameraState, now: float, verdicts: list[Verdict]) -> Frame | None:
+        """The camera's next frame to process, if any; what comes before it is handled on the way (an end of
+        source ends its tracks into `verdicts`; a frame at a gate boarding nothing, one too old to act on, or
+        one of an unchanged empty scene is counted and passed over; the last ends the camera's turn)."""
+        while cam.pending:
+            item = cam.pending.popleft()
+            if isinstance(item, Eof):
+                cam.eof = True
+                verdicts += self._ended(cam, cam.tracker.end_all(), now)
+                log.info("camera %s: end of source; %d frames processed", cam.camera_id, cam.processed)
+                continue
+            if self.flights.idle(cam.gate_id):  # nobody's biometrics at a gate that boards nothing
+                cam.not_boarding += 1
+                self.metrics.frames_not_boarding.labels(camera=cam.camera_id).inc()
+                cam.last_clock, cam.last_wall = item.header.clock, now
+                continue
+            if self._too_old(cam, item.header.captured_at, now):
+                self._drop_too_old(cam, item, now)
+                continue
+            if self.idle.skip(cam, item):  # judged (an empty scene, unchanged): counted as processed
+                self._count_idle(cam, item, now)
+                return None
+            return item
+        return None
+
+    def _drop_too_old(self, cam: CameraState, frame: Frame, now: float) -> None:
+        cam.too_old += 1
+        self.metrics.frames_too_old.labels(camera=cam.camera_id).inc()
+        if cam.too_old == 1 or cam.too_old % 100 == 0:
+            log.warning(
+                "camera %s: dropped a frame captured %.0f ms ago (policy.max_frame_age_ms %.0f; %d so far)",
+                cam.camera_id,
+                (now - frame.header.captured_at) * 1000,
+                self.max_frame_age_ms,
+                cam.too_old,
+            )
+
+    def _count_idle(self, cam: CameraState, frame: Frame, now: float) -> None:
+        cam.idle_skipped += 1
+        cam.processed += 1
+        self._fps_window.append(now)
+        self.metrics.frames_idle.labels(camera=cam.camera_id).inc()
+        self.metrics.frames_processed.labels(camera=cam.camera_id).inc()
+        cam.last_clock, cam.last_wall = frame.header.clock, now
+        if cam.gate_id in self.preview_gates:  # a watched gate's live view goes on moving
+            cam.view = (frame, np.zeros((0, 4), np.float32), [])
 
     def _deciding_wait(self) -> set[str]:
         """The cameras that sit this step out: of those with a frame waiting and a person being decided (their
@@ -321,7 +380,7 @@ class VerifierCore:
         processed longest ago. On a CPU a step's cost grows with its faces, so two gates deciding in one step
         make both wait for both; one at a time, each waits for at most the other's step and then takes its
         newest frame. A camera that sits out keeps only its newest frame meanwhile, as always."""
-        limit = self.cfg.policy.deciding_cameras_per_step
+        limit = self.deciding_cameras_per_step
         if not limit:
             return set()
         deciding = [
@@ -333,19 +392,6 @@ class VerifierCore:
             return set()
         deciding.sort(key=lambda cam: cam.last_wall)
         return {cam.camera_id for cam in deciding[limit:]}
-
-    def _idle(self, cam: CameraState, frame: Frame) -> bool:
-        """Skip the detector for this frame? Only with no open track, within idle_detect_every_s of the last
-        empty detection, and when no cell of a 32x24 grey thumbnail moved by idle_change grey levels since
-        (a person stepping in moves many cells by tens at once; sensor noise, averaged over a cell, by less
-        than 2). A frame that is detected keeps its thumbnail for the next comparison."""
-        threshold = self.cfg.policy.idle_change
-        if threshold <= 0 or cam.tracker.tracks or cam.idle_ref is None:
-            cam.idle_ref = None
-            return False
-        if frame.header.clock - cam.idle_ref_clock >= self.cfg.policy.idle_detect_every_s:
-            return False
-        return unchanged(thumbnail(frame.image), cam.idle_ref, threshold)
 
     def _hint(self, cam: CameraState, frame: Frame, empty: bool) -> None:
         """Tell a live camera's capture after each detection of an empty scene that it may hold back the
@@ -363,42 +409,61 @@ class VerifierCore:
                 self._tell(cam, False, 0, 0.0)
 
     def _tell(self, cam: CameraState, idle: bool, seq: int, clock: float) -> None:
-        self.hints.append(
-            IdleHint(cam.camera_id, idle, seq, clock, self.cfg.policy.idle_change, self.cfg.policy.idle_detect_every_s)
-        )
+        self.hints.append(self.idle.hint(cam, idle, seq, clock))
         cam.hinted_idle = idle
 
     def process(self, frames: list[Frame], now: float) -> list[Verdict]:
         """One frame of each of several cameras through every stage."""
-        clock = time.perf_counter
-        times: dict[str, float] = {}
-
-        def add(stage: str, since: float) -> float:
-            t = clock()
-            times[stage] = times.get(stage, 0.0) + (t - since) * 1000
-            return t
-
-        verdicts: list[Verdict] = []
-        deciding_frames: set[int] = set()  # frames of this step with a face being decided
-        times["transport"] = max(max(0.0, (f.received_at - f.header.captured_at) * 1000) for f in frames)
-        t = clock()
-        found = self.engine.detector.detect_batch([f.image for f in frames], self.cfg.policy.min_face_px)
-        t = add("detect", t)
+        stages = _Stages(max(max(0.0, (f.received_at - f.header.captured_at) * 1000) for f in frames))
+        found = self.engine.detector.detect_batch([f.image for f in frames], self.min_face_px)
+        stages.lap("detect")
         cams = [self.cameras[f.header.camera_id] for f in frames]
+        verdicts: list[Verdict] = []
+        step = self._track(frames, cams, found, now, stages.times["detect"], verdicts)
+        stages.lap("track")
+        rows = self._select(frames, step, stages)
+        for track, crop in zip(rows.tracks, rows.aligned(), strict=True):
+            track.face_crop = crop.copy()
+            track.last_embedded = self.steps
+            track.embedded_hits = track.hits
+            track.times_embedded += 1
+        self.steps += 1
+        deciding_frames: set[int] = set()  # frames of this step with a face being decided
+        if len(rows):
+            rows = rows.with_embeddings(self.engine.recognizer.embed(rows.aligned()))
+            stages.lap("embed")
+            deciding = self._check_identity(frames, cams, rows, now, verdicts)
+            if len(deciding):
+                verdicts += self._match_and_decide(frames, cams, deciding, now, stages)
+                deciding_frames = {int(i) for i in deciding.frames_present}
+        self._observe_latency(frames, deciding_frames, stages.times)
+        return verdicts
+
+    def _track(
+        self,
+        frames: list[Frame],
+        cams: list[CameraState],
+        found: Sequence[Faces],
+        now: float,
+        detect_ms: float,
+        verdicts: list[Verdict],
+    ) -> StepFaces:
+        """Each frame's faces (those wide enough) to its camera's tracker; the step's faces as one table. Tracks
+        that ended go to `verdicts`."""
         kept: list[Faces] = []
         tracks: list[list[Track]] = []
-        for frame, cam, faces in zip(frames, cams, found):
+        for frame, cam, faces in zip(frames, cams, found, strict=True):
             cam.processed += 1
             cam.last_clock, cam.last_wall = frame.header.clock, now
             self._fps_window.append(now)
             self.metrics.frames_processed.labels(camera=cam.camera_id).inc()
             self.metrics.faces.labels(camera=cam.camera_id).inc(len(faces))
-            faces = faces[faces.widths >= self.cfg.policy.min_face_px]
+            faces = faces[faces.widths >= self.min_face_px]
             if cam.idle_ref is not None and len(faces):  # the gate was empty at the last detection: woken
-                ms = (now - frame.header.captured_at) * 1000 + times["detect"]
+                ms = (now - frame.header.captured_at) * 1000 + detect_ms
                 cam.wakes.append((frame.header.seq, round(ms, 1)))
                 self.metrics.wake_latency.observe(ms / 1000)
-            if self.cfg.policy.idle_change > 0:  # what the next frames of an empty scene are compared with
+            if self.idle.on:  # what the next frames of an empty scene are compared with
                 empty = not len(faces) and not cam.tracker.tracks
                 cam.idle_ref = thumbnail(frame.image) if empty else None
                 cam.idle_ref_clock = frame.header.clock
@@ -409,138 +474,83 @@ class VerifierCore:
                 cam.view = (frame, faces.boxes, assigned)
             kept.append(faces)
             tracks.append(assigned)
-        step = StepFaces.join(kept, tracks)
         self.faces_total += sum(len(f) for f in found)
-        t = add("track", t)
+        return StepFaces.join(kept, tracks)
 
-        # select: undecided tracks every frame, decided ones every RECHECK_EVERY frames (a new person in
-        # their place?)
+    def _select(self, frames: list[Frame], step: StepFaces, stages: _Stages) -> StepFaces:
+        """The faces to embed this step, with their aligned crops: undecided tracks every frame, decided ones
+        every RECHECK_EVERY frames (a new person in their place?), of quality, within the rationing cap."""
         undecided = np.array([self.policy.needs_frames(tr) for tr in step.tracks], bool)
         since = np.array([tr.hits - tr.embedded_hits for tr in step.tracks], np.int64)
-        want = np.flatnonzero(undecided | (since >= RECHECK_EVERY))
-        t = add("select", t)
-        crops = np.zeros((0, 112, 112, 3), np.uint8)
-        if len(want):
-            sel = step.faces[want]
-            # `want` is ascending and faces are concatenated frame by frame, so the crops line up with `sel`.
-            crops = np.concatenate(
-                [align_faces(frames[i].image, sel.kps[step.frame[want] == i]) for i in range(len(frames))]
-            )
-            t = add("align", t)
-            ok = self.policy.quality_ok(measure(sel, crops))
-            want, crops = want[ok], crops[ok]
-            t = add("quality", t)
-            want, crops = self._ration(step, want, crops, undecided, since)
-            t = add("select", t)
-        for row, k in enumerate(want):
-            step.tracks[k].face_crop = crops[row].copy()
-            step.tracks[k].last_embedded = self.steps
-            step.tracks[k].embedded_hits = step.tracks[k].hits
-            step.tracks[k].times_embedded += 1
-        self.steps += 1
-        if len(want):
-            emb = self.engine.recognizer.embed(crops)
-            t = add("embed", t)
-            decided, deciding_frames = self._match_and_decide(frames, cams, step, want, emb, now, add, t)
-            verdicts += decided
-        self.last_times = times
-        done = time.time()
-        if self.first_captured_at is None:
-            self.first_captured_at = min(f.header.captured_at for f in frames)
-        self.last_done_at = done
-        for i, f in enumerate(frames):
-            self.metrics.observe_frame((done - f.header.captured_at) * 1000)
-            if i in deciding_frames:  # the latency a decision on this frame would have had
-                self.metrics.observe_deciding_frame((done - f.header.captured_at) * 1000)
-        for stage, ms in times.items():
-            self.metrics.observe_stage(stage, ms)
-        return verdicts
+        rows = step[undecided | (since >= RECHECK_EVERY)]
+        stages.lap("select")
+        if not len(rows):
+            return rows.with_crops(np.zeros((0, 112, 112, 3), np.uint8))
+        # Rows keep the step's order, frame by frame, so the crops of frame after frame line up with them.
+        crops = np.concatenate(
+            [align_faces(frames[i].image, rows.faces.kps[rows.frame == i]) for i in range(len(frames))]
+        )
+        stages.lap("align")
+        rows = rows.with_crops(crops)[self.policy.quality_ok(measure(rows.faces, crops))]
+        stages.lap("quality")
+        rows = self._ration(rows)
+        stages.lap("select")
+        return rows
 
-    def _ration(
-        self, step: StepFaces, want: np.ndarray, crops: np.ndarray, undecided: np.ndarray, since: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _ration(self, rows: StepFaces) -> StepFaces:
         """At most `max_embeddings_per_frame` faces: an overdue identity check first, then undecided tracks,
         the longest-waiting first, then the one embedded least often (turns go round a crowd), then the
         largest face (the passenger at the front)."""
-        cap = self.cfg.policy.max_embeddings_per_frame
-        if not cap or len(want) <= cap:
-            return want, crops
-        overdue = ~undecided[want] & (since[want] >= RECHECK_OVERDUE)
-        waited = np.array([step.tracks[k].last_embedded for k in want])
-        turns = np.array([step.tracks[k].times_embedded for k in want])
-        width = step.faces.widths[want]
-        keep = np.lexsort((-width, turns, waited, ~undecided[want], ~overdue))[:cap]  # last key sorts first
-        self.metrics.embeddings_deferred.inc(len(want) - cap)
+        cap = self.max_embeddings_per_frame
+        if not cap or len(rows) <= cap:
+            return rows
+        undecided = np.array([self.policy.needs_frames(tr) for tr in rows.tracks], bool)
+        since = np.array([tr.hits - tr.embedded_hits for tr in rows.tracks], np.int64)
+        overdue = ~undecided & (since >= RECHECK_OVERDUE)
+        waited = np.array([tr.last_embedded for tr in rows.tracks])
+        turns = np.array([tr.times_embedded for tr in rows.tracks])
+        keep = np.lexsort((-rows.faces.widths, turns, waited, ~undecided, ~overdue))[:cap]  # last key sorts first
+        self.metrics.embeddings_deferred.inc(len(rows) - cap)
         keep.sort()
-        return want[keep], crops[keep]
+        return rows[keep]
 
-    def _match_and_decide(
-        self,
-        frames: list[Frame],
-        cams: list[CameraState],
-        step: StepFaces,
-        want: np.ndarray,
-        emb: np.ndarray,
-        now: float,
-        add: Callable[[str, float], float],
-        t: float,
-    ) -> tuple[list[Verdict], set[int]]:
-        """Match and decide the embedded faces; also which of the step's frames had a face being decided."""
-        verdicts: list[Verdict] = []
-        deciding: list[tuple[int, Track]] = []  # (row of emb, track) that need a match
-        for row, k in enumerate(want):
-            track = step.tracks[k]
-            cam, header = cams[step.frame[k]], frames[step.frame[k]].header
-            if track.embedding is not None and float(emb[row] @ track.embedding) < SAME_PERSON:
+    def _check_identity(
+        self, frames: list[Frame], cams: list[CameraState], rows: StepFaces, now: float, verdicts: list[Verdict]
+    ) -> StepFaces:
+        """Each embedded face against its track's last one: a track whose face is now someone else's ends (into
+        `verdicts`) and a new one goes on from this face. The rows whose track is still being decided."""
+        tracks: list[Track] = []
+        for track, i, embedding in zip(rows.tracks, rows.frame, rows.embedded(), strict=True):
+            if track.embedding is not None and float(embedding @ track.embedding) < SAME_PERSON:
+                cam = cams[i]
                 log.info(
                     "camera %s: track %d changed person; starting a new transaction", cam.camera_id, track.track_id
                 )
-                new = cam.tracker.split(track, header.clock)
+                new = cam.tracker.split(track, frames[i].header.clock)
                 verdicts += self._ended(cam, [track], now)
-                track = step.tracks[k] = new
-            track.embedding = emb[row]
-            if self.policy.needs_frames(track):
-                deciding.append((row, track))
-        if not deciding:
-            return verdicts, set()
-        # match: claims (1:1) bound at a track's first quality frame; everyone else in one search per gallery
-        # (a boarding gate's flight, or everyone), then the faces at boarding gates that matched nobody on
-        # their flight once more against everyone (someone at the wrong gate?)
-        gates = [cams[step.frame[want[row]]].gate_id for row, _ in deciding]
-        claims = [self.policy.claim_for(tr, gate, now) for (row, tr), gate in zip(deciding, gates)]
-        matches: list[Match | None] = [None] * len(deciding)
-        by_gallery: dict[int, tuple[GalleryMatrix, list[int]]] = {}
-        for i, (claim, gate) in enumerate(zip(claims, gates)):
-            if claim is None:
-                m = self.flights.matrix_for(gate)
-                by_gallery.setdefault(id(m), (m, []))[1].append(i)
-        for m, rows in by_gallery.values():
-            for i, found in zip(rows, m.search(emb[[deciding[i][0] for i in rows]])):
-                matches[i] = found
-        for i, claim in enumerate(claims):
-            if claim is not None:
-                matches[i] = self.matrix.search(emb[deciding[i][0] : deciding[i][0] + 1], only=claim.subject_id)[0]
-        outsiders: list[Match | None] = [None] * len(deciding)
-        strays = [
-            i
-            for i, (claim, gate, m) in enumerate(zip(claims, gates, matches))
-            if claim is None and self.flights.flight_of(gate) and not self.policy.match_ok(m)
-        ]  # type: ignore
-        if strays:
-            for i, found in zip(strays, self.matrix.search(emb[[deciding[i][0] for i in strays]])):
-                if self.policy.match_ok(found) and not self.flights.on_flight(gates[i], found.subject_id):
-                    outsiders[i] = found
-        t = add("match", t)
-        lives = self._liveness(frames, step, [want[row] for row, _ in deciding])
+                track = new
+            track.embedding = embedding
+            tracks.append(track)
+        rows = rows.with_tracks(tracks)
+        return rows[np.array([self.policy.needs_frames(tr) for tr in rows.tracks], bool)]
+
+    def _match_and_decide(
+        self, frames: list[Frame], cams: list[CameraState], rows: StepFaces, now: float, stages: _Stages
+    ) -> list[Verdict]:
+        """Match the faces being decided and take each to its track's decision."""
+        gates = [cams[i].gate_id for i in rows.frame]
+        claims = [self.policy.claim_for(tr, gate, now) for tr, gate in zip(rows.tracks, gates, strict=True)]
+        matches, outsiders = self._match(rows, gates, claims)
+        stages.lap("match")
+        lives = self._liveness(frames, rows)
         if self.engine.pad is not None and self.policy.pad is not None:
-            t = add("pad", t)
-        for (row, track), match, outsider, live in zip(deciding, matches, outsiders, lives):
-            k = want[row]
-            cam, header = cams[step.frame[k]], frames[step.frame[k]].header
-            assert match is not None
+            stages.lap("pad")
+        verdicts: list[Verdict] = []
+        for track, i, match, outsider, live in zip(rows.tracks, rows.frame, matches, outsiders, lives, strict=True):
+            header = frames[i].header
             decision = self.policy.observe(
                 track,
-                cam.gate_id,
+                cams[i].gate_id,
                 match,
                 header.captured_at,
                 header.seq,
@@ -549,22 +559,53 @@ class VerifierCore:
                 live=live,
             )
             if decision is not None:
-                verdicts.append(self._verdict(cam, track, decision, now))
-        add("decide", t)
-        return verdicts, {int(step.frame[want[row]]) for row, _ in deciding}
+                verdicts.append(self._verdict(cams[i], track, decision, now))
+        stages.lap("decide")
+        return verdicts
 
-    def _liveness(self, frames: list[Frame], step: StepFaces, faces: list[int]) -> list[PadObservation | None]:
-        """The liveness observation of each of these faces (indices into the step), None with liveness off or
-        where a model failed: the track then has no evidence from this frame, waits and fails closed."""
+    def _match(
+        self, rows: StepFaces, gates: list[str], claims: list[Claim | None]
+    ) -> tuple[list[Match], list[Match | None]]:
+        """Each face's match: under a claim (bound at a track's first quality frame) 1:1; else in one search per
+        gallery (a boarding gate's flight, or everyone). Also, for the faces at boarding gates that matched
+        nobody on their flight, their match among everyone when that is someone not on the flight (at the
+        wrong gate?)."""
+        emb = rows.embedded()
+        found: dict[int, Match] = {}
+        by_gallery: dict[int, tuple[GalleryMatrix, list[int]]] = {}
+        for i, (claim, gate) in enumerate(zip(claims, gates, strict=True)):
+            if claim is None:
+                gallery = self.flights.matrix_for(gate)
+                by_gallery.setdefault(id(gallery), (gallery, []))[1].append(i)
+        for gallery, picked in by_gallery.values():
+            found.update(zip(picked, gallery.search(emb[picked]), strict=True))
+        for i, claim in enumerate(claims):
+            if claim is not None:
+                found[i] = self.matrix.search(emb[i : i + 1], only=claim.subject_id)[0]
+        matches = [found[i] for i in range(len(rows))]
+        outsiders: list[Match | None] = [None] * len(rows)
+        strays = [
+            i
+            for i, (claim, gate, match) in enumerate(zip(claims, gates, matches, strict=True))
+            if claim is None and self.flights.flight_of(gate) and not self.policy.match_ok(match)
+        ]
+        if strays:
+            for i, anyone in zip(strays, self.matrix.search(emb[strays]), strict=True):
+                if self.policy.match_ok(anyone) and not self.flights.on_flight(gates[i], anyone.subject_id):
+                    outsiders[i] = anyone
+        return matches, outsiders
+
+    def _liveness(self, frames: list[Frame], rows: StepFaces) -> list[PadObservation | None]:
+        """The liveness observation of each face, None with liveness off or where a model failed: the track
+        then has no evidence from this frame, waits and fails closed."""
         pad = self.engine.pad
-        out: list[PadObservation | None] = [None] * len(faces)
+        out: list[PadObservation | None] = [None] * len(rows)
         if pad is None or self.policy.pad is None:
             return out
-        idx = np.array(faces, np.int64)
-        for i in np.unique(step.frame[idx]) if len(idx) else []:
-            pos = np.flatnonzero(step.frame[idx] == i)
+        for i in rows.frames_present:
+            pos = np.flatnonzero(rows.frame == i)
             try:
-                observed = pad.observe(frames[int(i)].image, step.faces.boxes[idx[pos]])
+                observed = pad.observe(frames[int(i)].image, rows.faces.boxes[pos])
             except Exception as exc:  # noqa: BLE001 - a broken model must never let an accept through
                 self.pad_errors += 1
                 self.last_error = f"liveness: {exc}"
@@ -573,9 +614,24 @@ class VerifierCore:
                         "liveness model failed (%d so far): %s; accepts wait and fail closed", self.pad_errors, exc
                     )
                 continue
-            for p_, obs in zip(pos, observed):
-                out[int(p_)] = obs
+            for p, obs in zip(pos, observed, strict=True):
+                out[int(p)] = obs
         return out
+
+    def _observe_latency(self, frames: list[Frame], deciding_frames: set[int], times: dict[str, float]) -> None:
+        """The step's stage times and each frame's latency (and, for a frame with a face being decided, the
+        latency a decision on it would have had)."""
+        self.last_times = times
+        done = time.time()
+        if self.first_captured_at is None:
+            self.first_captured_at = min(f.header.captured_at for f in frames)
+        self.last_done_at = done
+        for i, f in enumerate(frames):
+            self.metrics.observe_frame((done - f.header.captured_at) * 1000)
+            if i in deciding_frames:
+                self.metrics.observe_deciding_frame((done - f.header.captured_at) * 1000)
+        for stage, ms in times.items():
+            self.metrics.observe_stage(stage, ms)
 
     def tick(self, now: float) -> list[Verdict]:
         """What the clock decides: transactions past `decision_timeout_s`, and the tracks of a live camera that
@@ -597,13 +653,13 @@ class VerifierCore:
         """Decide what is left of every track (the service is stopping)."""
         return [v for cam in self.cameras.values() for v in self._ended(cam, cam.tracker.end_all(), now)]
 
-    def control(self, request: dict[str, Any], now: float) -> dict[str, Any]:
+    def control(self, request: Mapping[str, object], now: float) -> dict[str, object]:
         """A claim: the next transaction at a gate is a 1:1 check against one enrolled subject."""
         cmd = request.get("cmd")
         if cmd != "claim":
             return {"ok": False, "error": f"unknown command {cmd!r}"}
         gate, subject = request.get("gate_id"), request.get("subject_id")
-        ttl = request.get("ttl_s", self.cfg.policy.claim_ttl_s)
+        ttl = request.get("ttl_s", self.claim_ttl_s)
         gates = {c.gate_id for c in self.cameras.values()}
         if not isinstance(gate, str) or gate not in gates:
             return {"ok": False, "error": f"unknown gate {gate!r} (gates: {sorted(gates)})"}

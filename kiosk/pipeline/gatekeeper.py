@@ -108,8 +108,8 @@ class NoCounters:
         pass
 
 
-def _reject(d: Decision, reason: str, **changes: object) -> Decision:
-    return dataclasses.replace(d, type="reject", reason=reason, **changes)  # type: ignore[arg-type]
+def _reject(d: Decision, reason: str) -> Decision:
+    return dataclasses.replace(d, type="reject", reason=reason)
 
 
 class Gatekeeper:
@@ -226,7 +226,8 @@ class Gatekeeper:
     def _confirm(self, d: Decision) -> Decision:
         """An accept only for a subject enrolled right now: a removal or expiry counts even while the search
         matrix is stale."""
-        assert d.subject_id is not None
+        if d.subject_id is None:
+            raise ValueError(f"an accept names its subject: {d}")
         try:
             confirmed = self.enrolment.enrolled(d.subject_id)
         except Exception as exc:  # noqa: BLE001 - any failure to confirm must reject, never accept
@@ -243,7 +244,8 @@ class Gatekeeper:
         """At a gate boarding a flight: an accept marks the passenger boarded, or becomes the reject that says
         why not; a wrong_flight reject learns the flights the passenger is on."""
         flight, subject = d.flight_id, d.subject_id
-        assert flight is not None and subject is not None
+        if flight is None or subject is None:
+            raise ValueError(f"boarding needs a flight and a subject: {d}")
         cam = verdict.camera
         try:
             if d.reason == Reason.WRONG_FLIGHT:
@@ -264,9 +266,8 @@ class Gatekeeper:
             return d
         if outcome.reason == Reason.ALREADY_BOARDED and outcome.previous is not None:
             log.info("%s already boarded %s at gate %s: rejected", subject, flight, outcome.previous.gate_id)
-            return _reject(
-                d,
-                Reason.ALREADY_BOARDED,
+            return dataclasses.replace(
+                _reject(d, Reason.ALREADY_BOARDED),
                 boarded_at=outcome.previous.boarded_at,
                 boarded_gate_id=outcome.previous.gate_id,
             )

@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kiosk.boarding.matrix import Match
 from kiosk.config import PadConfig, PolicyConfig
 from kiosk.messaging.reasons import Reason
 from kiosk.pipeline.tracking import Track
-from kiosk.store.matrix import Match
 from kiosk.vision.liveness import PadObservation, TrackLiveness, check_classes
 from kiosk.vision.quality import Quality
 
@@ -72,7 +72,7 @@ class Decision:
     on_flights: list[str] | None = None  # wrong_flight: the flights the passenger is on
     liveness_score: float | None = None  # the weakest liveness check's score (None: liveness off or no evidence)
     liveness_frames: int = 0
-    liveness_checks: dict | None = None  # what each liveness check saw, and which decided
+    liveness_checks: dict[str, object] | None = None  # what each liveness check saw, and which decided
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -91,13 +91,13 @@ class Vote:
 class TrackState:
     """What the policy keeps per track."""
 
-    window: deque = field(default_factory=deque)
+    window: deque[Vote] = field(default_factory=deque)
     quality_frames: int = 0
     first_quality_at: float | None = None  # frame clock (media time of a replay, capture time of a camera)
     decided: bool = False
     claim: Claim | None = None
     live: TrackLiveness | None = None  # liveness evidence (pad.enabled)
-    ready_votes: list | None = None  # the votes of an accept waiting for liveness evidence
+    ready_votes: list[Vote] | None = None  # the votes of an accept waiting for liveness evidence
     ready_at: float | None = None  # frame clock when it started waiting
     ready_gate: str = ""
 
@@ -118,9 +118,13 @@ class DecisionPolicy:
         # A track's liveness evidence (evaluate-pad replays recorded checks through this). The check classes are
         # resolved once here (a bad pad.checks fails now), not for every new track.
         classes = check_classes(self.pad, textured) if self.pad is not None else []
-        self.new_liveness = liveness or (
-            lambda track: TrackLiveness(self.pad, textured, [cls(self.pad) for cls in classes])
-        )  # type: ignore[arg-type]
+
+        def new_liveness(track: Track) -> TrackLiveness:
+            if self.pad is None:
+                raise RuntimeError("no liveness evidence is kept with pad.enabled false")
+            return TrackLiveness(self.pad, textured, [cls(self.pad) for cls in classes])
+
+        self.new_liveness = liveness or new_liveness
         self.claims: dict[str, Claim] = {}
         self._recent: dict[tuple[str, str], float] = {}
 
@@ -142,12 +146,13 @@ class DecisionPolicy:
     def quality_ok(self, q: Quality) -> np.ndarray:
         """Which faces count as quality frames."""
         c = self.cfg
-        return (
+        ok: np.ndarray = (
             (q.width >= c.min_face_px)
             & (q.score >= c.min_det_score)
             & (q.sharpness >= c.min_sharpness)
             & (np.abs(q.yaw) <= c.max_yaw)
         )
+        return ok
 
     # -- claims ----------------------------------------------------------------
     def add_claim(self, gate_id: str, subject_id: str, ttl_s: float, now: float) -> Claim:
@@ -174,9 +179,10 @@ class DecisionPolicy:
     # -- decisions -------------------------------------------------------------
     @staticmethod
     def state(track: Track) -> TrackState:
-        if track.state is None:
-            track.state = TrackState()
-        return track.state  # type: ignore[return-value]
+        state = track.state
+        if not isinstance(state, TrackState):
+            state = track.state = TrackState()
+        return state
 
     def needs_frames(self, track: Track) -> bool:
         return not self.state(track).decided
@@ -265,7 +271,8 @@ class DecisionPolicy:
         """With liveness on: reject an attack as soon as the evidence says so; let a waiting accept through
         once the evidence says live, or reject it when the wait is over."""
         pad = self.pad
-        assert pad is not None and state.live is not None
+        if pad is None or state.live is None:
+            raise RuntimeError("liveness is judged only with pad.enabled and the track's evidence")
         verdict = state.live.verdict
         if verdict == "attack":
             return self._live(state, self._reject(track, Reason.PRESENTATION_ATTACK, captured_at, seq))
@@ -292,7 +299,8 @@ class DecisionPolicy:
         state = self.state(track)
         state.decided = True
         subject = votes[-1].subject_id
-        assert subject is not None
+        if subject is None:
+            raise ValueError("an accept's votes name a subject")
         last = self._recent.get((gate_id, subject))
         self._recent[(gate_id, subject)] = captured_at
         if last is not None and captured_at - last < self.cfg.repeat_accept_s:

@@ -40,7 +40,8 @@ class Track:
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter, area_a, area_b = box_intersections(a, b)
-    return inter / np.maximum(area_a + area_b - inter, 1e-6)
+    iou: np.ndarray = inter / np.maximum(area_a + area_b - inter, 1e-6)
+    return iou
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Tracker:
     min_iou: float = 0.2
     max_age_s: float = 1.0
     tracks: list[Track] = field(default_factory=list)
-    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def update(self, faces: Faces, t: float) -> tuple[list[Track], list[Track]]:
         live = self.tracks
@@ -66,26 +67,27 @@ class Tracker:
             near = np.linalg.norm(c_new[:, None] - c_old[None], axis=2) / size[None, :]
             score = np.where(iou >= self.min_iou, 1.0 + iou, np.where(near < 0.5, 1.0 - near, 0.0))
             while True:
-                i, j = np.unravel_index(np.argmax(score), score.shape)
-                if score[i, j] <= 0:
+                best, old = np.unravel_index(np.argmax(score), score.shape)
+                if score[best, old] <= 0:
                     break
-                track = live[j]
-                track.box = faces.boxes[i].copy()
+                track = live[old]
+                track.box = faces.boxes[best].copy()
                 track.last_seen = t
                 track.hits += 1
-                assigned[i] = track
-                score[i, :] = 0
-                score[:, j] = 0
-        for i in range(len(faces)):
-            if assigned[i] is None:
-                track = Track(next(self._ids), self.camera_id, faces.boxes[i].copy(), t)
-                self.tracks.append(track)
-                assigned[i] = track
+                assigned[best] = track
+                score[best, :] = 0
+                score[:, old] = 0
+        tracks: list[Track] = []
+        for i, found in enumerate(assigned):
+            if found is None:
+                found = Track(next(self._ids), self.camera_id, faces.boxes[i].copy(), t)
+                self.tracks.append(found)
+            tracks.append(found)
         ended = [tr for tr in self.tracks if t - tr.last_seen > self.max_age_s]
         for tr in ended:
             tr.ended = True
         self.tracks = [tr for tr in self.tracks if not tr.ended]
-        return assigned, ended  # type: ignore[return-value]
+        return tracks, ended
 
     def split(self, track: Track, t: float) -> Track:
         """End `track` (another person now stands where it was) and start a new one in its place."""

@@ -89,7 +89,7 @@ class Supervisor:
                 + (["--gate", sub.gate] if sub.gate else [])
             )
             argv += (["--exec", sub.exec] if sub.exec else []) + (["--webhook", sub.webhook] if sub.webhook else [])
-            argv += ["--jsonl", str(cfg.resolve(sub.jsonl))] if sub.jsonl else []
+            argv += ["--jsonl", str(sub.jsonl)] if sub.jsonl else []
             argv += ["--mqtt", sub.mqtt] if sub.mqtt else []
             argv += ["--metrics-port", str(sub.metrics_port)] if sub.metrics_port else []
             self.subscribers.append(Child(f"subscriber {sub.name}", argv, restart_on_success=True))
@@ -169,7 +169,7 @@ class Supervisor:
         return sources_done(status, self.file_cameras)
 
     def run(self) -> int:
-        keys_dir = self.cfg.resolve(self.cfg.security.keys_dir)
+        keys_dir = self.cfg.security.keys_dir
         if self.cfg.security.curve:
             made = init_keys(keys_dir, client_name=self.cfg.security.client_key)
             if self.consoles:  # the console's own key: it may listen, never send frames or claims

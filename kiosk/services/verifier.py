@@ -81,7 +81,9 @@ class Verifier:
         view = self._view(gallery)
         self.health = HealthRegistry()  # the gallery's, its file's and the last bad message's errors
         self.metrics = VerifierMetrics({c.id: c.gate for c in cfg.cameras})
-        self.core = VerifierCore(cfg, self.engine, view, metrics=self.metrics)
+        self.core = VerifierCore(
+            cfg.policy, cfg.cameras, self.engine, view, pad=cfg.pad, textured=bool(cfg.models.pad), metrics=self.metrics
+        )
         self.cameras = self.core.cameras
         self.metrics.gallery_stale.set_function(lambda: 1.0 if self.keeper.stale_reason() else 0.0)
         self.metrics.watch_cameras(lambda cam_id: self.cameras[cam_id].state(time.time())[0] != "down", self.cameras)

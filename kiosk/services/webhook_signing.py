@@ -34,7 +34,7 @@ MIN_SECRET_BYTES = 16
 
 def secret_path(cfg: KioskConfig) -> Path:
     """Where the webhook secret is: hooks.webhook_secret_file, else <security.keys_dir>/webhook.secret."""
-    return cfg.resolve(cfg.hooks.webhook_secret_file or cfg.security.keys_dir / SECRET_NAME)
+    return cfg.hooks.webhook_secret_file or cfg.security.keys_dir / SECRET_NAME
 
 
 class BadSignature(ValueError):

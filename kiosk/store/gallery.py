@@ -1,15 +1,15 @@
 """The enrolled gallery: `open_gallery(cfg)` picks the configured backend, `Gallery`, a SQLite file (the embedded
 default, kiosk.store.sqlite_file), or `kiosk.store.postgres.PgGallery`, one PostgreSQL database shared by many
 hosts. Both run the same SQL (kiosk.store.queries) on the same tables (kiosk.store.schema); searches run on
-an in-memory matrix (kiosk.store.matrix). The names the rest of the project uses are re-exported here.
+an in-memory matrix (kiosk.boarding.matrix). The names the rest of the project uses are re-exported here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from kiosk.boarding.matrix import PREFILTER_MIN, GalleryMatrix, Match
 from kiosk.config import KioskConfig
-from kiosk.store.matrix import PREFILTER_MIN, GalleryMatrix, Match
 from kiosk.store.queries import GalleryQueries, Subject, copy_gallery
 from kiosk.store.schema import BUMP, SCHEMA_VERSION, prune_changes
 from kiosk.store.sealing import MissingKey, TemplateCodec, key_source
@@ -59,10 +59,10 @@ def open_gallery(
     if cfg.gallery.url and path is None:
         from kiosk.store.postgres import PgGallery, target
 
-        password = cfg.resolve(cfg.gallery.password_file) if cfg.gallery.password_file else None
+        password = cfg.gallery.password_file
         gallery: GalleryQueries = PgGallery(target(cfg.gallery.url, password), create=create, codec=codec, seal=seal)
     else:
-        gallery = Gallery(path or cfg.resolve(cfg.gallery.path), create=create, codec=codec, seal=seal)
+        gallery = Gallery(path or cfg.gallery.path, create=create, codec=codec, seal=seal)
     if codec is None and (keys or seal):
         held = gallery.template_count()
         if held:

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from kiosk.boarding.matrix import GalleryMatrix
 from kiosk.errors import ConfigError, RuntimeFailure, UsageError
-from kiosk.store.matrix import GalleryMatrix
 from kiosk.store.schema import BUMP, TABLE, rebase
 from kiosk.store.sealing import CHECK_PREFIX, CURRENT_KEY, NEXT_PREFIX, TemplateCodec, TemplateKey, TemplateUnreadable
 

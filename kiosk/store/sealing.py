@@ -216,11 +216,11 @@ class KeySource:
 
 def key_source(cfg: KioskConfig) -> KeySource:
     if cfg.security.template_key_file is not None:
-        path = cfg.resolve(cfg.security.template_key_file)
+        path = cfg.security.template_key_file
         return KeySource(str(path), path, False)
     if os.environ.get(KEY_ENV) is not None:
         return KeySource(f"${KEY_ENV}", None, False)
-    path = cfg.resolve(cfg.security.keys_dir) / KEY_FILE_NAME
+    path = cfg.security.keys_dir / KEY_FILE_NAME
     return KeySource(str(path), path, True)
 
 

@@ -228,7 +228,7 @@ def run_demo(base: KioskConfig, out: Path) -> bool:
     print(LIVENESS)
     print(f"running the pipeline (kiosk run --exit-on-eof, CurveZMQ on, liveness on) with config {config_path}")
 
-    init_keys(cfg.resolve(cfg.security.keys_dir))
+    init_keys(cfg.security.keys_dir)
     transport = Transport(cfg, role="demo")
     inbox = EventChannel(
         transport.event_subscriber(["event."]), lambda why: log.warning("ignored a malformed event: %s", why)

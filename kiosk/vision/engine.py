@@ -109,7 +109,7 @@ class FaceEngine:
         t0 = time.perf_counter()
         pack = load_pack(cfg.models.pack, cfg.base_dir)
         plan = runtime.plan_providers(cfg.models.providers)
-        cache = cfg.resolve(cfg.models.cache_dir) if runtime.TENSORRT in plan.providers else None
+        cache = cfg.models.cache_dir if runtime.TENSORRT in plan.providers else None
         threads = cfg.models.intra_op_threads
         det_session = runtime.create_session(
             pack.detector.model.SerializeToString(), str(pack.detector.path), plan, threads=threads, cache_dir=cache

@@ -319,7 +319,7 @@ def pad_model_files(cfg: KioskConfig) -> list[tuple[int, Path, PadModelConfig | 
             out += [(i, path, None) for path in shipped_pad_models()]
             continue
         spec = entry if isinstance(entry, PadModelConfig) else PadModelConfig(path=entry)
-        out.append((i, cfg.resolve(spec.path), spec))
+        out.append((i, spec.path, spec))
     return out
 
 
