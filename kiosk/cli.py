@@ -149,7 +149,7 @@ def _gallery_hint(cfg: KioskConfig) -> str:
         return ""
     from kiosk.store.gallery import SQLITE_MAGIC
 
-    path = cfg.resolve(cfg.gallery.path)
+    path = cfg.gallery.path
     config = f"-c {cfg.source} " if cfg.source else ""
     try:
         with open(path, "rb") as fh:
@@ -185,7 +185,7 @@ def _ask(cfg: KioskConfig, request: dict, role: str) -> dict:
     if reply is None:
         hint = (
             f"check that this machine's key {cfg.security.client_key!r} "
-            f"({cfg.resolve(cfg.security.keys_dir)}/{cfg.security.client_key}.key) is in the verifier's "
+            f"({cfg.security.keys_dir}/{cfg.security.client_key}.key) is in the verifier's "
             "authorized_clients/ and that both use the same server key"
             if cfg.security.curve
             else "check that the verifier also runs with security.curve: false"

@@ -232,7 +232,7 @@ class GalleryMatrix:
         q = np.asarray(queries, np.float32).reshape(-1, self.dim)
         if not len(self.subject_ids):
             return np.zeros((len(q), 0), np.float32)
-        scores = q @ self.embeddings.T
+        scores: np.ndarray = q @ self.embeddings.T
         if len(self._starts) == scores.shape[1]:  # one template per subject
             return scores
         return np.maximum.reduceat(scores, self._starts, axis=1)

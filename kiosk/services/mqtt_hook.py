@@ -123,8 +123,8 @@ def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
     if cfg.hooks.mqtt_password_file is not None:
         if username is None:
             raise ConfigError(f"{key}: hooks.mqtt_password_file is set but {url} names no user (mqtt://USER@HOST:PORT)")
-        password = read_password_file(cfg.resolve(cfg.hooks.mqtt_password_file))
-    ca = cfg.resolve(cfg.hooks.mqtt_ca_file) if cfg.hooks.mqtt_ca_file else None
+        password = read_password_file(cfg.hooks.mqtt_password_file)
+    ca = cfg.hooks.mqtt_ca_file if cfg.hooks.mqtt_ca_file else None
     if ca is not None and not ca.is_file():
         raise ConfigError(f"hooks.mqtt_ca_file: {ca}: no such file")
     return MqttTarget(

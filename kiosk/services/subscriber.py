@@ -460,7 +460,7 @@ class Subscriber:
         self.verifier_up: bool | None = None  # None: not heard from yet
         self._last_beat = time.monotonic()
         self.bad = 0
-        self.state_path = cfg.resolve(cfg.hooks.state_dir) / f"{self.name}.json"
+        self.state_path = cfg.hooks.state_dir / f"{self.name}.json"
         # Per gate (boot_id, event_seq): `cursors` is the last event handed to the hooks (gaps are seen
         # against it); `saved`, kept on disk, the last one every hook is done with, so a subscriber killed with
         # events still in its queues fetches them again after a restart (at least once).

@@ -123,7 +123,7 @@ class Verifier:
     def _open_audit(self) -> None:
         """The audit log, the accepts it remembers, and where the audited events go out (kiosk.services.
         event_outlet), with the recent ones a subscriber that missed some can fetch."""
-        audit_path = self.cfg.resolve(self.cfg.audit.path)
+        audit_path = self.cfg.audit.path
         recall_accepts(self.core.policy, audit_path, self.cfg.policy.repeat_accept_s, time.time())
         self.audit = AuditLog(audit_path, self.cfg.retention.audit_days)
         self.boot_id = uuid.uuid4().hex  # with event_seq, lets a subscriber see a restart and any gap

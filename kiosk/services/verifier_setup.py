@@ -62,7 +62,7 @@ def open_sockets(
     frames = transport.frame_receiver()
     owners = None
     if cfg.security.curve:  # each camera's messages from its own capture's key only
-        keys = cfg.resolve(cfg.security.keys_dir)
+        keys = cfg.security.keys_dir
         owners = {c.id: client_public_key(keys, c.key or cfg.security.client_key) for c in cfg.cameras}
     refusals = FrameRefusals(metrics, cameras)
     inbox = FrameChannel(frames, cameras, bad_message, owners, refused)
@@ -86,9 +86,9 @@ def open_sockets(
 
 def warn_readable(cfg: KioskConfig, gallery: GalleryQueries) -> None:
     """Warn about the secret files others may read: the gallery, the audit log, the keys."""
-    keys = cfg.resolve(cfg.security.keys_dir)
+    keys = cfg.security.keys_dir
     files = [gallery.path] if isinstance(gallery, Gallery) else []
-    warn_if_readable_by_others(*files, cfg.resolve(cfg.audit.path), *keys.glob("*.key_secret"), keys / "webhook.secret")
+    warn_if_readable_by_others(*files, cfg.audit.path, *keys.glob("*.key_secret"), keys / "webhook.secret")
 
 
 def recall_accepts(policy: DecisionPolicy, audit_path: Path, repeat_accept_s: float, now: float) -> None:

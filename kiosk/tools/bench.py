@@ -48,9 +48,9 @@ def _bench_config(cfg: KioskConfig, cameras: list[tuple[str, str, Path]], folder
     key_file = key_source(cfg).path  # the user's template key (None: from the environment, inherited)
     data = {
         "gallery": {
-            "path": str(cfg.resolve(cfg.gallery.path)),
+            "path": str(cfg.gallery.path),
             "url": cfg.gallery.url,
-            "password_file": str(cfg.resolve(cfg.gallery.password_file)) if cfg.gallery.password_file else None,
+            "password_file": str(cfg.gallery.password_file) if cfg.gallery.password_file else None,
         },
         "models": models_section(cfg),
         "cameras": [

@@ -57,9 +57,15 @@ class LivenessModels(Protocol):
 class FaceModels(Protocol):
     """What the verifier core uses of its models (see the module docstring)."""
 
-    detector: Detector
-    recognizer: Recognizer
-    pad: LivenessModels | None
+    # read-only (properties): a concrete engine's own, more specific types fit
+    @property
+    def detector(self) -> Detector: ...
+
+    @property
+    def recognizer(self) -> Recognizer: ...
+
+    @property
+    def pad(self) -> LivenessModels | None: ...
 
     @property
     def model_id(self) -> str: ...
