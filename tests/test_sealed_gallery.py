@@ -87,19 +87,20 @@ def test_no_template_in_the_clear_in_the_file_its_wal_or_a_backup(tmp_path, phot
 def test_no_template_in_the_clear_in_postgresql_or_its_dump(pg_server, tmp_path, photos, engine):
     from kiosk.store.postgres import PgGallery, target
 
-    config = write_config(tmp_path, [], gallery={"url": pg_server.url, "password_file": str(pg_server.password_file)})
+    url = pg_server.new_database()  # its own: the server is shared by every module of the session
+    config = write_config(tmp_path, [], gallery={"url": url, "password_file": str(pg_server.password_file)})
     assert (
         run_cli("kiosk-enroll", "-q", "-c", str(config), "add", "--id", "YAO", str(photos["yaoming.jpg"])).returncode
         == 0
     )
-    with PgGallery(target(pg_server.url, pg_server.password_file), codec=CODEC) as g:
+    with PgGallery(target(url, pg_server.password_file), codec=CODEC) as g:
         templates = g.matrix(engine.model_id, engine.dim).embeddings
     assert len(templates) == 1
     pg_dump = shutil.which("pg_dump") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_dump"))), None)
     if pg_dump is None:
         pytest.skip("pg_dump is not installed")
     dump = subprocess.run(
-        [str(pg_dump), "--format=plain", "--data-only", "--inserts", pg_server.url],
+        [str(pg_dump), "--format=plain", "--data-only", "--inserts", url],
         env={**os.environ, "PGPASSWORD": pg_server.password_file.read_text().strip()},
         capture_output=True,
         timeout=60,
