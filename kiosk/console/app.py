@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -43,6 +44,9 @@ from kiosk.console.throttle import DEVICE_COOKIE, DeviceCookies, Refusal, Thrott
 from kiosk.errors import ConfigError
 from kiosk.messaging.transport import init_keys
 from kiosk.store.sealing import key_source
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger(__name__)
 
@@ -434,29 +438,8 @@ def run_console(cfg: KioskConfig) -> int:
         )
     check = PasswordCheck.from_file(cfg.console.password_file)
     host, port, tls = _listen(cfg)
-    gates: dict[str, list[str]] = {}
-    for cam in cfg.cameras:
-        gates.setdefault(cam.gate, []).append(cam.id)
-    hb = cfg.heartbeat
-    codec = key_source(cfg).load() if cfg.console.crops_dir else None  # crops on disk: sealed, or no start
-    state = ConsoleState(
-        gates,
-        crops=cfg.console.crops,
-        heartbeat_timeout_s=hb.interval_s * hb.misses,
-        crops_dir=cfg.console.crops_dir,
-        codec=codec,
-    )
-    keys = cfg.security.keys_dir
-    if (
-        cfg.security.curve
-        and (keys / "server.key_secret").is_file()
-        and not (keys / f"{cfg.console.key}.key_secret").exists()
-    ):  # the verifier's host: make the console's key
-        init_keys(keys, client_name=cfg.console.key, role="console")
-        log.info(
-            "made the console's CurveZMQ key %s (role console: events and previews, no frames or claims)",
-            keys / f"{cfg.console.key}.key_secret",
-        )
+    state = _console_state(cfg)
+    _make_console_key(cfg)
     feed = ConsoleFeed(cfg, state)
     sock = _bind(host, port, cfg.console.listen)
     stop = threading.Event()
@@ -464,30 +447,14 @@ def run_console(cfg: KioskConfig) -> int:
     app = build_app(
         state, check, Sessions(), secure=tls, preview_fps=cfg.console.preview_fps, allowed_hosts=allowed_hosts
     )
-    proxies = cfg.console.trusted_proxies  # X-Forwarded-For/-Proto believed only from these
-    # http: uvicorn's h11 protocol with a deadline for each request (kiosk.console.server); no WebSocket (the
-    # console has none, and an upgraded connection would leave that deadline's reach).
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=2,
-        http=timed_protocol(cfg.console.request_timeout_s),
-        ws="none",
-        proxy_headers=bool(proxies),
-        forwarded_allow_ips=",".join(proxies) if proxies else "",
-        ssl_certfile=str(cfg.console.tls_cert) if tls and cfg.console.tls_cert else None,
-        ssl_keyfile=str(cfg.console.tls_key) if tls and cfg.console.tls_key else None,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(_server_config(cfg, app, tls))
     feed.start()
     threading.Thread(target=_follow_flights, args=(cfg, state, stop), name="console-flights", daemon=True).start()
     log.info(
         "console on %s://%s (%d gate(s)); log in with the password in %s",
         "https" if tls else "http",
         cfg.console.listen,
-        len(gates),
+        len(state.gates),
         cfg.console.password_file,
     )
     log.info("console answers Host %s (console.allowed_hosts)", ", ".join(sorted(allowed_hosts)))
@@ -502,3 +469,57 @@ def run_console(cfg: KioskConfig) -> int:
         sock.close()
     log.info("console stopped after %.0f s", time.monotonic() - started)
     return 0
+
+
+def _console_state(cfg: KioskConfig) -> ConsoleState:
+    """What the console shows, gate by gate (each gate's cameras); crops kept on disk are sealed with the
+    store's key, so a console that cannot read it does not start."""
+    gates: dict[str, list[str]] = {}
+    for cam in cfg.cameras:
+        gates.setdefault(cam.gate, []).append(cam.id)
+    hb = cfg.heartbeat
+    codec = key_source(cfg).load() if cfg.console.crops_dir else None  # crops on disk: sealed, or no start
+    return ConsoleState(
+        gates,
+        crops=cfg.console.crops,
+        heartbeat_timeout_s=hb.interval_s * hb.misses,
+        crops_dir=cfg.console.crops_dir,
+        codec=codec,
+    )
+
+
+def _make_console_key(cfg: KioskConfig) -> None:
+    """On the verifier's host (its server key is there), make the console's own CurveZMQ key the first time."""
+    keys = cfg.security.keys_dir
+    if (
+        cfg.security.curve
+        and (keys / "server.key_secret").is_file()
+        and not (keys / f"{cfg.console.key}.key_secret").exists()
+    ):
+        init_keys(keys, client_name=cfg.console.key, role="console")
+        log.info(
+            "made the console's CurveZMQ key %s (role console: events and previews, no frames or claims)",
+            keys / f"{cfg.console.key}.key_secret",
+        )
+
+
+def _server_config(cfg: KioskConfig, app: ASGIApp, tls: bool) -> uvicorn.Config:
+    """uvicorn's settings: quiet, TLS when configured, forwarded headers believed only from trusted proxies."""
+    import uvicorn
+
+    proxies = cfg.console.trusted_proxies  # X-Forwarded-For/-Proto believed only from these
+    # http: uvicorn's h11 protocol with a deadline for each request (kiosk.console.server); no WebSocket (the
+    # console has none, and an upgraded connection would leave that deadline's reach).
+    return uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+        http=timed_protocol(cfg.console.request_timeout_s),
+        ws="none",
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=",".join(proxies) if proxies else "",
+        ssl_certfile=str(cfg.console.tls_cert) if tls and cfg.console.tls_cert else None,
+        ssl_keyfile=str(cfg.console.tls_key) if tls and cfg.console.tls_key else None,
+    )
