@@ -623,33 +623,6 @@ class PadReport:
             },
         }
 
-    def check_scores(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """Each check's distribution alone: per check (of the decisions' liveness_checks) and label, its score at
-        the decision where it has one (n, min, median, max) and how often it said live, attack or nothing."""
-        everyone = [p for _, ps in self._by_label() for p in ps]
-        names = list(dict.fromkeys(k for p in everyone for k in p.checks if k != "decided_by"))
-        out: dict[str, dict[str, dict[str, Any]]] = {}
-        for name in names:
-            per_label = {}
-            for label, ps in self._by_label():
-                mine = [p for p in ps if name in p.checks]
-                if not mine:
-                    continue
-                scores = sorted(s for s in (p.check_score(name) for p in mine) if s is not None)
-                said = Counter(
-                    str((p.checks[name] if isinstance(p.checks[name], dict) else {}).get("verdict")) for p in mine
-                )
-                per_label[label] = {
-                    "n": len(mine),
-                    "scored": len(scores),
-                    "min": round(scores[0], 4) if scores else None,
-                    "median": round(float(np.median(scores)), 4) if scores else None,
-                    "max": round(scores[-1], 4) if scores else None,
-                    "verdicts": {("none" if k == "None" else k): v for k, v in sorted(said.items())},
-                }
-            out[name] = per_label
-        return out
-
     def _by_label(self) -> list[tuple[str, list[Presentation]]]:
         return sorted(self.results.items(), key=lambda kv: (kv[0] != BONA_FIDE, kv[0]))
 
@@ -704,27 +677,6 @@ class PadReport:
         models."""
         if not self.models:
             return None
-
-        def point(keep: Keep) -> dict[str, Any]:
-            t = self.lowest_stopping(keep)
-            attacks = len(self._attacks(keep))
-            if t is None:  # nothing measured
-                n = len([p for p in self.results.get(BONA_FIDE, []) if keep(p)])
-                return {
-                    "threshold": None,
-                    "attacks": attacks,
-                    "presentations": n,
-                    "rejected": None,
-                    "bpcer": None,
-                    "bpcer_upper95": None,
-                    "unverified": None,
-                }
-            return {
-                "threshold": t,
-                "attacks": attacks,
-                **self._measured(lambda p: self.outcome(p, t), keep)["bona_fide"],
-            }
-
         b, a = self._rates(lambda p: p.outcome)
         configured = {
             "threshold": self.cfg.pad.threshold,
@@ -734,8 +686,29 @@ class PadReport:
         }
         return {
             "configured": configured,
-            "pooled": point(lambda p: True),
-            "per_source": {s: point(from_source(s)) for s in self.sources()},
+            "pooled": self._apcer0_point(lambda p: True),
+            "per_source": {s: self._apcer0_point(from_source(s)) for s in self.sources()},
+        }
+
+    def _apcer0_point(self, keep: Keep) -> dict[str, Any]:
+        """BPCER of the kept bona fide presentations at the lowest threshold that stops every kept attack."""
+        t = self.lowest_stopping(keep)
+        attacks = len(self._attacks(keep))
+        if t is None:  # nothing measured
+            n = len([p for p in self.results.get(BONA_FIDE, []) if keep(p)])
+            return {
+                "threshold": None,
+                "attacks": attacks,
+                "presentations": n,
+                "rejected": None,
+                "bpcer": None,
+                "bpcer_upper95": None,
+                "unverified": None,
+            }
+        return {
+            "threshold": t,
+            "attacks": attacks,
+            **self._measured(lambda p: self.outcome(p, t), keep)["bona_fide"],
         }
 
     def as_dict(self, sweep: bool = False) -> dict[str, Any]:
@@ -768,7 +741,7 @@ class PadReport:
                 "judged as a video",
             },
             "sources": {s: self._measured(lambda p: p.outcome, from_source(s)) for s in self.sources()},
-            "check_scores": self.check_scores(),
+            "check_scores": check_scores(self._by_label()),
             "at_apcer0": self.at_apcer0(),
             "loso": self.loso(),
             "at_bpcer": {},
@@ -776,23 +749,55 @@ class PadReport:
             "videos": self.videos,
         }
         if sweep and self.models:
-            curve = []
-            for t in SWEEP:
-                b, a = self._rates(partial(self.outcome, threshold=t))
-                curve.append(
-                    {
-                        "threshold": t,
-                        "bpcer": b["bpcer"],
-                        "unverified": b["unverified"],
-                        "apcer": {k: v["apcer"] for k, v in a.items()},
-                    }
-                )
-            out["sweep"] = curve
+            out["sweep"] = curve = self._sweep()
             n = bona["presentations"]
             for target in (0.01, 0.05):
                 ok = [row for row in curve if row["bpcer"] is not None and row["bpcer"] <= target]
                 out["at_bpcer"][f"{target:g}"] = None if n < math.ceil(1 / target) or not ok else ok[-1]
         return out
+
+    def _sweep(self) -> list[dict[str, Any]]:
+        """BPCER and each attack type's APCER, every presentation replayed at each texture threshold of SWEEP."""
+        curve = []
+        for t in SWEEP:
+            b, a = self._rates(partial(self.outcome, threshold=t))
+            curve.append(
+                {
+                    "threshold": t,
+                    "bpcer": b["bpcer"],
+                    "unverified": b["unverified"],
+                    "apcer": {k: v["apcer"] for k, v in a.items()},
+                }
+            )
+        return curve
+
+
+def check_scores(by_label: list[tuple[str, list[Presentation]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each check's distribution alone: per check (of the decisions' liveness_checks) and label, its score at the
+    decision where it has one (n, min, median, max) and how often it said live, attack or nothing."""
+    everyone = [p for _, ps in by_label for p in ps]
+    names = list(dict.fromkeys(k for p in everyone for k in p.checks if k != "decided_by"))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in names:
+        per_label = {}
+        for label, ps in by_label:
+            mine = [p for p in ps if name in p.checks]
+            if not mine:
+                continue
+            scores = sorted(s for s in (p.check_score(name) for p in mine) if s is not None)
+            said = Counter(
+                str((p.checks[name] if isinstance(p.checks[name], dict) else {}).get("verdict")) for p in mine
+            )
+            per_label[label] = {
+                "n": len(mine),
+                "scored": len(scores),
+                "min": round(scores[0], 4) if scores else None,
+                "median": round(float(np.median(scores)), 4) if scores else None,
+                "max": round(scores[-1], 4) if scores else None,
+                "verdicts": {("none" if k == "None" else k): v for k, v in sorted(said.items())},
+            }
+        out[name] = per_label
+    return out
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -839,7 +844,24 @@ def _name(entry: dict[str, Any]) -> str:
 def text(report: dict[str, Any]) -> list[str]:
     """The table of every presentation (per video or still clip), the totals with their bounds, and the per-source,
     per-check, BPCER at APCER 0 and leave-one-source-out figures."""
-    pct = _pct
+    lines = _table_text(report) + _settings_text(report) + _totals_text(report) + _sweep_text(report)
+    lines.append("per source:")
+    for source, m in report["sources"].items():
+        lines += _measured_text(source, m)
+    lines += _check_scores_text(report["check_scores"])
+    zero = report.get("at_apcer0")
+    if zero is not None:
+        lines += _apcer0_text(zero)
+    loso = report.get("loso")
+    if loso is not None:
+        lines += _loso_text(loso)
+    elif len(report["sources"]) >= 2:
+        lines.append("leave-one-source-out: n/a (no texture models: there is no texture threshold to fit)")
+    return lines
+
+
+def _table_text(report: dict[str, Any]) -> list[str]:
+    """A row per presentation, under its video or still clip; those with no presentation named, not counted."""
     lines = [
         f"{'line':>4}  {'video':44}  {'label':10} {'track':>5} {'frames':>6}  {'outcome':10} "
         f"{'decided by':14} {'texture':>7} {'wait s':>6}"
@@ -855,13 +877,17 @@ def text(report: dict[str, Any]) -> list[str]:
             )
     for item in report["no_face"]:
         lines.append(f"{item['line']:>4}  {_name(item):44}  {item['label'][:10]:10}  no presentation: not counted")
-    b = report["bona_fide"]
+    return lines
+
+
+def _settings_text(report: dict[str, Any]) -> list[str]:
+    """What was measured: the checks, the models and thresholds, and how stills were scored."""
     models = ", ".join(report["models"]) or "none"
-    lines.append(
+    lines = [
         f"checks {', '.join(report['checks'])}; texture models {models}; live at {report['threshold']:g}, "
         f"attack below {report['attack_below']:g}, {report['min_frames']} frames, wait "
         f"{report['max_wait_s']:g} s"
-    )
+    ]
     stills = report["stills"]
     if stills["clips"]:
         lines.append(
@@ -869,18 +895,24 @@ def text(report: dict[str, Any]) -> list[str]:
             f"source, label and subject in file-name order), each still held {stills['hold_frames']} "
             f"frames at {stills['fps']:g} fps"
         )
+    return lines
+
+
+def _totals_text(report: dict[str, Any]) -> list[str]:
+    """BPCER and each attack type's APCER over everything, with their bounds, and the liveness wait."""
+    b = report["bona_fide"]
     where = [f"{b['videos']} videos"] if b["videos"] or not b["still_clips"] else []
     where += [f"{b['still_clips']} still clips"] if b["still_clips"] else []
-    lines.append(
-        f"BPCER {pct(b['bpcer'])} ({b['rejected']} of {b['presentations']} bona fide presentations in "
+    lines = [
+        f"BPCER {_pct(b['bpcer'])} ({b['rejected']} of {b['presentations']} bona fide presentations in "
         f"{' and '.join(where)} refused: {b['judged_attack']} presentation_attack, {b['unverified']} "
-        f"liveness_unverified = {pct(b['unverified_rate'])}); 95% upper {pct(b['bpcer_upper95'])}"
-    )
+        f"liveness_unverified = {_pct(b['unverified_rate'])}); 95% upper {_pct(b['bpcer_upper95'])}"
+    ]
     for label, a in report["attacks"].items():
         lines.append(
-            f"APCER {label}: {pct(a['apcer'])} ({a['accepted']} of {a['presentations']} accepted; "
+            f"APCER {label}: {_pct(a['apcer'])} ({a['accepted']} of {a['presentations']} accepted; "
             f"{a['judged_attack']} presentation_attack, {a['unverified']} liveness_unverified); 95% upper "
-            f"{pct(a['apcer_upper95'])}"
+            f"{_pct(a['apcer_upper95'])}"
         )
     lines.append(f"95% upper: the {report['bound']}")
     w = report["liveness_wait_s"]
@@ -889,10 +921,16 @@ def text(report: dict[str, Any]) -> list[str]:
             f"liveness wait after the identity (accepted bona fide, frame time): median {w['median']:.2f} s, "
             f"p95 {w['p95']:.2f} s over {w['n']}"
         )
+    return lines
+
+
+def _sweep_text(report: dict[str, Any]) -> list[str]:
+    """With --sweep: the rates at each texture threshold, and the thresholds for BPCER 1% and 5%."""
+    lines = []
     for row in report.get("sweep", []):
         lines.append(
-            f"  texture threshold {row['threshold']:.2f}: BPCER {pct(row['bpcer'])} "
-            f"({row['unverified']} unverified); " + ", ".join(f"APCER {k} {pct(v)}" for k, v in row["apcer"].items())
+            f"  texture threshold {row['threshold']:.2f}: BPCER {_pct(row['bpcer'])} "
+            f"({row['unverified']} unverified); " + ", ".join(f"APCER {k} {_pct(v)}" for k, v in row["apcer"].items())
         )
     for target, row in report["at_bpcer"].items():
         need = math.ceil(1 / float(target))
@@ -901,14 +939,16 @@ def text(report: dict[str, Any]) -> list[str]:
             + (
                 f"n/a (needs at least {need} bona fide presentations and a threshold that reaches it)"
                 if row is None
-                else f"{row['threshold']:.2f}; " + ", ".join(f"APCER {k} {pct(v)}" for k, v in row["apcer"].items())
+                else f"{row['threshold']:.2f}; " + ", ".join(f"APCER {k} {_pct(v)}" for k, v in row["apcer"].items())
             )
         )
-    lines.append("per source:")
-    for source, m in report["sources"].items():
-        lines += _measured_text(source, m)
-    lines.append("each check alone, at the decision (score 0-1, above 0.5 leans live: min / median / max; verdicts):")
-    for name, per_label in report["check_scores"].items():
+    return lines
+
+
+def _check_scores_text(check_scores: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Each check's scores and verdicts alone, per label: which check tells attacks from bona fide."""
+    lines = ["each check alone, at the decision (score 0-1, above 0.5 leans live: min / median / max; verdicts):"]
+    for name, per_label in check_scores.items():
         for label, d in per_label.items():
             said = ", ".join(f"{k} {v}" for k, v in d["verdicts"].items())
             score = (
@@ -917,61 +957,64 @@ def text(report: dict[str, Any]) -> list[str]:
                 else "no score"
             )
             lines.append(f"  {name:10} {label[:14]:14} n {d['n']:>4}: {score}; {said}")
-    zero = report.get("at_apcer0")
-    if zero is not None:
-        c = zero["configured"]
-        lines.append(
-            f"BPCER at APCER 0 (at the lowest texture threshold of 0.05-0.99 that accepts no attack "
-            f"presentation; configured {c['threshold']:g}: BPCER {pct(c['bpcer'])}, highest APCER "
-            f"{pct(c['apcer_max'])}):"
-        )
-        for name, point in [("all sources", zero["pooled"]), *zero["per_source"].items()]:
-            if point["threshold"] is None:
-                lines.append(
-                    f"  {name}: n/a (no threshold up to 0.99 stops all {point['attacks']} attack presentations)"
-                )
-            elif not point["presentations"]:
-                lines.append(f"  {name}: at {point['threshold']:.2f}: no bona fide presentation")
-            else:
-                bpcer = _rate(point["rejected"], point["presentations"], point["bpcer"], point["bpcer_upper95"])
-                lines.append(
-                    f"  {name}: at {point['threshold']:.2f} ({point['attacks']} attack presentations): "
-                    f"BPCER {bpcer}, {point['unverified']} liveness_unverified"
-                )
-    loso = report.get("loso")
-    if loso is not None:
-        lines.append(
-            f"leave-one-source-out: the texture threshold fitted on the other sources (the lowest of "
-            f"0.05-0.99 at which none of their attack presentations is accepted, + margin "
-            f"{loso['margin']:g}, at most 0.99), measured on the source held out:"
-        )
-        lines.append(
-            f"  {'held out':16} {'fitted':>6}  {'BPCER (95% upper)':24} {'unverif.':>8}  "
-            "APCER per attack type (95% upper)"
-        )
-        for row in loso["rows"]:
-            b = row["bona_fide"]
-            bpcer = (
-                f"{pct(b['bpcer'])} ({pct(b['bpcer_upper95'])}) {b['rejected']}/{b['presentations']}"
-                if b["presentations"]
-                else "no bona fide"
-            )
-            apcer = (
-                "; ".join(
-                    f"{k} {pct(v['apcer'])} ({pct(v['apcer_upper95'])}) {v['accepted']}/{v['presentations']}"
-                    for k, v in row["attacks"].items()
-                )
-                or "no attack"
-            )
-            held = row["held_out"] + ("*" if row["same_data"] else "")
-            fitted = f"{row['fitted_threshold']:.2f}" + ("" if row["lowest_stopping"] is not None else "!")
-            lines.append(f"  {held[:16]:16} {fitted:>6}  {bpcer:24} {b['unverified']:>8}  {apcer}")
-        lines.append(
-            "  * all: fitted and measured on the same data (every source): for reference only, not an "
-            "estimate for a new source"
-        )
-        if any(row["lowest_stopping"] is None for row in loso["rows"]):
-            lines.append("  ! no threshold up to 0.99 stopped every training attack presentation: measured at 0.99")
-    elif len(report["sources"]) >= 2:
-        lines.append("leave-one-source-out: n/a (no texture models: there is no texture threshold to fit)")
     return lines
+
+
+def _apcer0_text(zero: dict[str, Any]) -> list[str]:
+    """BPCER at APCER 0, pooled and per source, beside the configured threshold's figures."""
+    c = zero["configured"]
+    lines = [
+        f"BPCER at APCER 0 (at the lowest texture threshold of 0.05-0.99 that accepts no attack "
+        f"presentation; configured {c['threshold']:g}: BPCER {_pct(c['bpcer'])}, highest APCER "
+        f"{_pct(c['apcer_max'])}):"
+    ]
+    for name, point in [("all sources", zero["pooled"]), *zero["per_source"].items()]:
+        if point["threshold"] is None:
+            lines.append(f"  {name}: n/a (no threshold up to 0.99 stops all {point['attacks']} attack presentations)")
+        elif not point["presentations"]:
+            lines.append(f"  {name}: at {point['threshold']:.2f}: no bona fide presentation")
+        else:
+            bpcer = _rate(point["rejected"], point["presentations"], point["bpcer"], point["bpcer_upper95"])
+            lines.append(
+                f"  {name}: at {point['threshold']:.2f} ({point['attacks']} attack presentations): "
+                f"BPCER {bpcer}, {point['unverified']} liveness_unverified"
+            )
+    return lines
+
+
+def _loso_text(loso: dict[str, Any]) -> list[str]:
+    """The leave-one-source-out table: a row per source held out, then the row fitted on every source."""
+    lines = [
+        f"leave-one-source-out: the texture threshold fitted on the other sources (the lowest of "
+        f"0.05-0.99 at which none of their attack presentations is accepted, + margin "
+        f"{loso['margin']:g}, at most 0.99), measured on the source held out:",
+        f"  {'held out':16} {'fitted':>6}  {'BPCER (95% upper)':24} {'unverif.':>8}  APCER per attack type (95% upper)",
+    ]
+    lines += [_loso_row_text(row) for row in loso["rows"]]
+    lines.append(
+        "  * all: fitted and measured on the same data (every source): for reference only, not an "
+        "estimate for a new source"
+    )
+    if any(row["lowest_stopping"] is None for row in loso["rows"]):
+        lines.append("  ! no threshold up to 0.99 stopped every training attack presentation: measured at 0.99")
+    return lines
+
+
+def _loso_row_text(row: dict[str, Any]) -> str:
+    """One row of the leave-one-source-out table ('!': no threshold stopped every training attack)."""
+    b = row["bona_fide"]
+    bpcer = (
+        f"{_pct(b['bpcer'])} ({_pct(b['bpcer_upper95'])}) {b['rejected']}/{b['presentations']}"
+        if b["presentations"]
+        else "no bona fide"
+    )
+    apcer = (
+        "; ".join(
+            f"{k} {_pct(v['apcer'])} ({_pct(v['apcer_upper95'])}) {v['accepted']}/{v['presentations']}"
+            for k, v in row["attacks"].items()
+        )
+        or "no attack"
+    )
+    held = row["held_out"] + ("*" if row["same_data"] else "")
+    fitted = f"{row['fitted_threshold']:.2f}" + ("" if row["lowest_stopping"] is not None else "!")
+    return f"  {held[:16]:16} {fitted:>6}  {bpcer:24} {b['unverified']:>8}  {apcer}"

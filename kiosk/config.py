@@ -664,14 +664,40 @@ def _check_hearable(where: str, key: str, mine: list[str], gates: list[str]) -> 
 
 
 def _check(cfg: KioskConfig) -> None:
-    problem = pg_url_problem(cfg.gallery.url) if cfg.gallery.url is not None else None
+    """The rules a field's type cannot say (ranges, names, fields that go together). Checked in this order, so a
+    config with several problems always reports the same first one."""
+    _check_gallery_url(cfg.gallery)
+    _check_bounds(cfg)
+    _check_providers(cfg.models.providers)
+    _check_cameras(cfg.cameras)
+    _check_operators(cfg)
+    _check_python_hooks(cfg.hooks.python)
+    _check_subscribers(cfg.subscribers)
+    problem = mqtt_prefix_problem(cfg.hooks.mqtt_prefix)
+    if problem:
+        raise _Invalid("hooks.mqtt_prefix", "", "", message=problem)
+    _check_pad_models(cfg.models.pad)
+    _check_console(cfg.console)
+    _check_thresholds(cfg)
+
+
+def _check_gallery_url(gallery: GalleryConfig) -> None:
+    """`gallery.url`: a PostgreSQL URL the store can use (or none: the SQLite file)."""
+    problem = pg_url_problem(gallery.url) if gallery.url is not None else None
     if problem:
         raise _Invalid("gallery.url", "", "", message=problem)
+
+
+def _check_bounds(cfg: KioskConfig) -> None:
+    """The numbers with a fixed range (_BOUNDS)."""
     for (section, key), (low, high) in _BOUNDS.items():
         value = getattr(getattr(cfg, section), key)
         if not low <= value <= high:
             raise _Invalid(f"{section}.{key}", f"a value from {low:g} to {high:g}", value)
-    providers = cfg.models.providers
+
+
+def _check_providers(providers: str | list[str]) -> None:
+    """`models.providers`: "auto" alone, or a list of known providers."""
     names = [providers] if isinstance(providers, str) else providers
     if not names:
         raise _Invalid("models.providers", "'auto' or a list of providers", providers)
@@ -681,19 +707,30 @@ def _check(cfg: KioskConfig) -> None:
             raise _Invalid(where, "one of " + ", ".join(_PROVIDER_NAMES), name)
     if isinstance(providers, list) and "auto" in [n.lower() for n in names]:
         raise _Invalid("models.providers", "'auto' alone or a list of explicit providers", providers)
+
+
+def _check_cameras(cameras: list[CameraConfig]) -> None:
+    """`cameras`: a sane frame rate, and each id once (events, keys and `--camera` name a camera by it)."""
     seen: set[str] = set()
-    for i, cam in enumerate(cfg.cameras):
+    for i, cam in enumerate(cameras):
         if cam.fps is not None and not 0 < cam.fps <= 1000:
             raise _Invalid(f"cameras[{i}].fps", "a frame rate above 0 and at most 1000 (or null)", cam.fps)
         if cam.id in seen:
             raise _Invalid(f"cameras[{i}].id", "a camera id used once", cam.id)
         seen.add(cam.id)
-    _check_operators(cfg)
-    for i, hook in enumerate(cfg.hooks.python):
+
+
+def _check_python_hooks(hooks: list[str]) -> None:
+    """`hooks.python`: each names `module:function`."""
+    for i, hook in enumerate(hooks):
         module, _, func = hook.partition(":")
         if not module or not func:
             raise _Invalid(f"hooks.python[{i}]", "module:function", hook)
-    for i, sub in enumerate(cfg.subscribers):
+
+
+def _check_subscribers(subscribers: list[SubscriberConfig]) -> None:
+    """`subscribers`: a port, at least one output each, and at most one MQTT subscriber per broker."""
+    for i, sub in enumerate(subscribers):
         if not 0 <= sub.metrics_port <= 65535:
             raise _Invalid(f"subscribers[{i}].metrics_port", "a port from 0 to 65535", sub.metrics_port)
         if not (sub.exec or sub.webhook or sub.jsonl or sub.mqtt):
@@ -703,7 +740,7 @@ def _check(cfg: KioskConfig) -> None:
             if problem:
                 raise _Invalid(f"subscribers[{i}].mqtt", "", "", message=problem)
             # One publisher per broker: `<prefix>/available` is one retained topic, and each would overwrite it.
-            if any(other.mqtt == sub.mqtt for other in cfg.subscribers[:i]):
+            if any(other.mqtt == sub.mqtt for other in subscribers[:i]):
                 raise _Invalid(
                     f"subscribers[{i}].mqtt",
                     "",
@@ -711,45 +748,61 @@ def _check(cfg: KioskConfig) -> None:
                     message=f"expected one MQTT subscriber per broker "
                     f"(leave out `gate` to cover all gates), found {sub.mqtt} named by an earlier one too",
                 )
-    problem = mqtt_prefix_problem(cfg.hooks.mqtt_prefix)
-    if problem:
-        raise _Invalid("hooks.mqtt_prefix", "", "", message=problem)
-    for i, m in enumerate(cfg.models.pad):
+
+
+def _check_pad_models(pad: list[Path | PadModelConfig]) -> None:
+    """`models.pad`: a crop scale the MiniFASNet models can use."""
+    for i, m in enumerate(pad):
         if isinstance(m, PadModelConfig) and m.scale is not None and not 1.0 <= m.scale <= 8.0:
             raise _Invalid(f"models.pad[{i}].scale", "a number from 1 to 8 (or null)", m.scale)
-    for i, proxy in enumerate(cfg.console.trusted_proxies):
+
+
+def _check_console(console: ConsoleConfig) -> None:
+    """`console`: proxies, allowed hosts and the listen address parse, and TLS has both its files (or none)."""
+    for i, proxy in enumerate(console.trusted_proxies):
         try:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
             raise _Invalid(
                 f"console.trusted_proxies[{i}]", "an IP address or network (e.g. 10.0.0.5, 10.0.0.0/24)", proxy
             ) from None
-    if cfg.console.allowed_hosts is not None:
-        if not cfg.console.allowed_hosts:
-            raise _Invalid(
-                "console.allowed_hosts",
-                "at least one HOST or HOST:PORT (or null: the listen address)",
-                cfg.console.allowed_hosts,
-            )
-        for i, name in enumerate(cfg.console.allowed_hosts):
-            if not _HOST_HEADER.fullmatch(name):
-                raise _Invalid(
-                    f"console.allowed_hosts[{i}]",
-                    "HOST or HOST:PORT as a browser sends it in `Host` "
-                    "(e.g. console.example.org, 10.0.0.5:8443, [fd00::5]:8443)",
-                    name,
-                )
+    if console.allowed_hosts is not None:
+        _check_allowed_hosts(console.allowed_hosts)
     try:
-        cfg.console.host_port()
+        console.host_port()
     except ValueError:
-        raise _Invalid("console.listen", "HOST:PORT (e.g. 127.0.0.1:8088)", cfg.console.listen) from None
-    if (cfg.console.tls_cert is None) != (cfg.console.tls_key is None):
+        raise _Invalid("console.listen", "HOST:PORT (e.g. 127.0.0.1:8088)", console.listen) from None
+    if (console.tls_cert is None) != (console.tls_key is None):
         raise _Invalid(
-            "console.tls_key" if cfg.console.tls_key is None else "console.tls_cert",
+            "console.tls_key" if console.tls_key is None else "console.tls_cert",
             "",
             "",
             message="tls_cert and tls_key go together: give both (or neither)",
         )
+
+
+def _check_allowed_hosts(allowed_hosts: list[str]) -> None:
+    """`console.allowed_hosts`: at least one, each as a browser writes it in `Host` (an empty list would refuse
+    every request)."""
+    if not allowed_hosts:
+        raise _Invalid(
+            "console.allowed_hosts",
+            "at least one HOST or HOST:PORT (or null: the listen address)",
+            allowed_hosts,
+        )
+    for i, name in enumerate(allowed_hosts):
+        if not _HOST_HEADER.fullmatch(name):
+            raise _Invalid(
+                f"console.allowed_hosts[{i}]",
+                "HOST or HOST:PORT as a browser sends it in `Host` "
+                "(e.g. console.example.org, 10.0.0.5:8443, [fd00::5]:8443)",
+                name,
+            )
+
+
+def _check_thresholds(cfg: KioskConfig) -> None:
+    """Thresholds that bound each other: an attack verdict below the pass mark, and a reject not before an
+    accept could have been reached."""
     if cfg.pad.attack_below > cfg.pad.threshold:
         raise _Invalid("pad.attack_below", f"at most pad.threshold ({cfg.pad.threshold:g})", cfg.pad.attack_below)
     if cfg.policy.reject_after_frames < cfg.policy.accept_frames:

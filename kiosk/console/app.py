@@ -25,8 +25,10 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -42,6 +44,9 @@ from kiosk.console.throttle import DEVICE_COOKIE, DeviceCookies, Refusal, Thrott
 from kiosk.errors import ConfigError
 from kiosk.messaging.transport import init_keys
 from kiosk.store.sealing import key_source
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger(__name__)
 
@@ -173,133 +178,174 @@ def build_app(
     allowed_hosts: frozenset[str],
     throttle: Throttle | None = None,
 ) -> ASGIApp:
-    login_page = (STATIC / "login.html").read_text()
-    throttle = throttle or Throttle()
-    devices = DeviceCookies(check.device_key())
+    """The console's routes behind the Guard: the login handlers and the views, each a small class that holds
+    what its handlers share."""
+    login = LoginRoutes(check, sessions, throttle or Throttle(), secure=secure)
+    views = ConsoleViews(state, preview_fps)
+    routes = [
+        Route("/login", login.get_login, methods=["GET"]),
+        Route("/login", login.post_login, methods=["POST"]),
+        Route("/logout", login.post_logout, methods=["POST"]),
+        Route("/", overview, methods=["GET"]),
+        Route("/gate/{gate}", views.gate_page, methods=["GET"]),
+        Route("/static/{name}", static, methods=["GET"]),
+        Route("/api/status", views.api_status, methods=["GET"]),
+        Route("/api/events", views.api_events, methods=["GET"]),
+        Route("/api/crops/{event_id}", views.api_crop, methods=["GET"]),
+        Route("/api/gates/{gate}/live", views.api_live, methods=["GET"]),
+    ]
+    return Guard(Starlette(routes=routes), sessions, allowed_hosts)
 
-    def login_form(error: str = "", status: int = 200) -> Response:
+
+class LoginRoutes:
+    """The login page, the password check behind its throttle, and logout: the handlers that share the sessions,
+    the throttle and the device cookies."""
+
+    def __init__(self, check: PasswordCheck, sessions: Sessions, throttle: Throttle, *, secure: bool) -> None:
+        self.page = (STATIC / "login.html").read_text()
+        self.check = check
+        self.sessions = sessions
+        self.throttle = throttle
+        self.devices = DeviceCookies(check.device_key())
+        self.secure = secure
+
+    def form(self, error: str = "", status: int = 200) -> Response:
+        """The login page, with an error line when there is one."""
         note = f'<p class="error" id="login-error">{error}</p>' if error else ""
-        return Response(login_page.replace("<!--error-->", note), status_code=status, media_type="text/html")
+        return Response(self.page.replace("<!--error-->", note), status_code=status, media_type="text/html")
 
-    async def get_login(request: Request) -> Response:
-        return login_form()
+    async def get_login(self, request: Request) -> Response:
+        return self.form()
 
-    async def post_login(request: Request) -> Response:
+    async def post_login(self, request: Request) -> Response:
+        """One try of the password: refused unchecked while the throttle says wait, slowed when wrong."""
         # The TCP peer (uvicorn takes X-Forwarded-For only from console.trusted_proxies; none by default).
         client = request.client.host if request.client else "?"
-        try:
-            form = await request.form(max_files=0, max_fields=4, max_part_size=4096)
-            password = str(form.get("password") or "")
-        except ClientDisconnect:  # gone (or cut off by the request deadline) before its body was in: no try
+        password = await _form_password(request)
+        if password is None:
             return Response(status_code=400)
-        except Exception:  # noqa: BLE001 - a malformed form is a wrong password
-            password = ""
-        device = devices.device_of(request.cookies.get(DEVICE_COOKIE))
+        device = self.devices.device_of(request.cookies.get(DEVICE_COOKIE))
         who = f"{client} (a browser that has logged in before)" if device else client
-        slot = throttle.begin(client, device)  # taken before the check: concurrent tries cannot all get one
+        slot = self.throttle.begin(client, device)  # taken before the check: concurrent tries cannot all get one
         if isinstance(slot, Refusal):
             wait = max(1, int(slot.retry_after_s + 0.999))
             log.warning("console: login from %s refused unchecked: %s; next check in %d s", who, slot.reason, wait)
-            response = login_form(f"Too many wrong passwords; try again in {wait} s.", 429)
+            response = self.form(f"Too many wrong passwords; try again in {wait} s.", 429)
             response.headers["retry-after"] = str(wait)
             return response
-        ok = await asyncio.get_running_loop().run_in_executor(None, check.matches, password)
+        ok = await asyncio.get_running_loop().run_in_executor(None, self.check.matches, password)
         if not ok:
             log.warning("console: wrong password from %s", who)
             await asyncio.sleep(0.5)
-            return login_form("Wrong password.", 401)
-        throttle.succeeded(slot)
+            return self.form("Wrong password.", 401)
+        self.throttle.succeeded(slot)
         log.info("console: login from %s", who)
+        return self._logged_in()
+
+    def _logged_in(self) -> Response:
+        """To the overview, with a new session and this browser's device cookie."""
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, sessions.create(), httponly=True, samesite="strict", secure=secure, path="/")
+        response.set_cookie(
+            COOKIE, self.sessions.create(), httponly=True, samesite="strict", secure=self.secure, path="/"
+        )
         # This browser's own login budget from now on (kiosk.console.throttle); kept on logout.
         response.set_cookie(
             DEVICE_COOKIE,
-            devices.mint(),
-            max_age=int(devices.ttl_s),
+            self.devices.mint(),
+            max_age=int(self.devices.ttl_s),
             httponly=True,
             samesite="strict",
-            secure=secure,
+            secure=self.secure,
             path="/login",
         )
         return response
 
-    async def post_logout(request: Request) -> Response:
-        sessions.drop(request.cookies.get(COOKIE))
+    async def post_logout(self, request: Request) -> Response:
+        self.sessions.drop(request.cookies.get(COOKIE))
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE, path="/")
         return response
 
-    async def overview(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    async def gate_page(request: Request) -> Response:
-        if request.path_params["gate"] not in state.gates:
+async def _form_password(request: Request) -> str | None:
+    """The password the login form sent ("" for a malformed form: a wrong password); None when the client went
+    away (or was cut off by the request deadline) before its body was in, which is no try at all."""
+    try:
+        form = await request.form(max_files=0, max_fields=4, max_part_size=4096)
+        return str(form.get("password") or "")
+    except ClientDisconnect:
+        return None
+    except Exception:  # noqa: BLE001 - a malformed form is a wrong password
+        return ""
+
+
+async def overview(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+async def static(request: Request) -> Response:
+    name = request.path_params["name"]
+    if name not in STATIC_FILES:
+        return JSONResponse({"error": "not found"}, status_code=404)
+    return FileResponse(STATIC / name, media_type=STATIC_FILES[name])
+
+
+class ConsoleViews:
+    """The gate page and the JSON API: the handlers that read the console's state."""
+
+    def __init__(self, state: ConsoleState, preview_fps: float) -> None:
+        self.state = state
+        self.preview_fps = preview_fps
+
+    async def gate_page(self, request: Request) -> Response:
+        if request.path_params["gate"] not in self.state.gates:
             return JSONResponse({"error": "no such gate"}, status_code=404)
         return FileResponse(STATIC / "gate.html", media_type="text/html")
 
-    async def static(request: Request) -> Response:
-        name = request.path_params["name"]
-        if name not in STATIC_FILES:
-            return JSONResponse({"error": "not found"}, status_code=404)
-        return FileResponse(STATIC / name, media_type=STATIC_FILES[name])
+    async def api_status(self, request: Request) -> Response:
+        return JSONResponse(self.state.status())
 
-    async def api_status(request: Request) -> Response:
-        return JSONResponse(state.status())
-
-    async def api_events(request: Request) -> Response:
+    async def api_events(self, request: Request) -> Response:
         gate = request.query_params.get("gate")
         try:
             limit = max(1, min(200, int(request.query_params.get("limit", "50"))))
         except ValueError:
             return JSONResponse({"error": "limit must be a number"}, status_code=400)
-        return JSONResponse({"events": state.events(gate, limit)})
+        return JSONResponse({"events": self.state.events(gate, limit)})
 
-    async def api_crop(request: Request) -> Response:
-        jpeg = state.crop(request.path_params["event_id"])
+    async def api_crop(self, request: Request) -> Response:
+        jpeg = self.state.crop(request.path_params["event_id"])
         if jpeg is None:
             return JSONResponse({"error": "no crop kept for this decision"}, status_code=404)
         return Response(jpeg, media_type="image/jpeg")
 
-    async def api_live(request: Request) -> Response:
+    async def api_live(self, request: Request) -> Response:
         gate = request.path_params["gate"]
-        if gate not in state.gates:
+        if gate not in self.state.gates:
             return JSONResponse({"error": "no such gate"}, status_code=404)
+        return StreamingResponse(self._frames(gate), media_type="text/event-stream")
 
-        async def stream():
-            state.watch(gate)
-            seen, quiet_since = 0, time.monotonic()
-            try:
-                yield "retry: 2000\n\n"
-                while True:
-                    found = state.preview(gate)
-                    if found is not None and found[0] != seen:
-                        seen, header, jpeg = found
-                        body = json.dumps({"header": header, "jpeg": base64.b64encode(jpeg).decode()})
-                        yield f"event: frame\ndata: {body}\n\n"
-                        quiet_since = time.monotonic()
-                    elif time.monotonic() - quiet_since > 10:
-                        yield ": waiting for frames\n\n"  # keeps proxies from closing a quiet stream
-                        quiet_since = time.monotonic()
-                    await asyncio.sleep(min(0.05, 0.5 / preview_fps))
-            finally:
-                state.unwatch(gate)
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
-    routes = [
-        Route("/login", get_login, methods=["GET"]),
-        Route("/login", post_login, methods=["POST"]),
-        Route("/logout", post_logout, methods=["POST"]),
-        Route("/", overview, methods=["GET"]),
-        Route("/gate/{gate}", gate_page, methods=["GET"]),
-        Route("/static/{name}", static, methods=["GET"]),
-        Route("/api/status", api_status, methods=["GET"]),
-        Route("/api/events", api_events, methods=["GET"]),
-        Route("/api/crops/{event_id}", api_crop, methods=["GET"]),
-        Route("/api/gates/{gate}/live", api_live, methods=["GET"]),
-    ]
-    return Guard(Starlette(routes=routes), sessions, allowed_hosts)
+    async def _frames(self, gate: str) -> AsyncIterator[str]:
+        """The live view's server-sent events: each new preview frame of the gate, and a comment now and then
+        while there is none; the gate is watched (previews asked of the verifier) only while a stream is open."""
+        state = self.state
+        state.watch(gate)
+        seen, quiet_since = 0, time.monotonic()
+        try:
+            yield "retry: 2000\n\n"
+            while True:
+                found = state.preview(gate)
+                if found is not None and found[0] != seen:
+                    seen, header, jpeg = found
+                    body = json.dumps({"header": header, "jpeg": base64.b64encode(jpeg).decode()})
+                    yield f"event: frame\ndata: {body}\n\n"
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since > 10:
+                    yield ": waiting for frames\n\n"  # keeps proxies from closing a quiet stream
+                    quiet_since = time.monotonic()
+                await asyncio.sleep(min(0.05, 0.5 / self.preview_fps))
+        finally:
+            state.unwatch(gate)
 
 
 def _listen(cfg: KioskConfig) -> tuple[str, int, bool]:
@@ -392,29 +438,8 @@ def run_console(cfg: KioskConfig) -> int:
         )
     check = PasswordCheck.from_file(cfg.console.password_file)
     host, port, tls = _listen(cfg)
-    gates: dict[str, list[str]] = {}
-    for cam in cfg.cameras:
-        gates.setdefault(cam.gate, []).append(cam.id)
-    hb = cfg.heartbeat
-    codec = key_source(cfg).load() if cfg.console.crops_dir else None  # crops on disk: sealed, or no start
-    state = ConsoleState(
-        gates,
-        crops=cfg.console.crops,
-        heartbeat_timeout_s=hb.interval_s * hb.misses,
-        crops_dir=cfg.console.crops_dir,
-        codec=codec,
-    )
-    keys = cfg.security.keys_dir
-    if (
-        cfg.security.curve
-        and (keys / "server.key_secret").is_file()
-        and not (keys / f"{cfg.console.key}.key_secret").exists()
-    ):  # the verifier's host: make the console's key
-        init_keys(keys, client_name=cfg.console.key, role="console")
-        log.info(
-            "made the console's CurveZMQ key %s (role console: events and previews, no frames or claims)",
-            keys / f"{cfg.console.key}.key_secret",
-        )
+    state = _console_state(cfg)
+    _make_console_key(cfg)
     feed = ConsoleFeed(cfg, state)
     sock = _bind(host, port, cfg.console.listen)
     stop = threading.Event()
@@ -422,30 +447,14 @@ def run_console(cfg: KioskConfig) -> int:
     app = build_app(
         state, check, Sessions(), secure=tls, preview_fps=cfg.console.preview_fps, allowed_hosts=allowed_hosts
     )
-    proxies = cfg.console.trusted_proxies  # X-Forwarded-For/-Proto believed only from these
-    # http: uvicorn's h11 protocol with a deadline for each request (kiosk.console.server); no WebSocket (the
-    # console has none, and an upgraded connection would leave that deadline's reach).
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=2,
-        http=timed_protocol(cfg.console.request_timeout_s),
-        ws="none",
-        proxy_headers=bool(proxies),
-        forwarded_allow_ips=",".join(proxies) if proxies else "",
-        ssl_certfile=str(cfg.console.tls_cert) if tls and cfg.console.tls_cert else None,
-        ssl_keyfile=str(cfg.console.tls_key) if tls and cfg.console.tls_key else None,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(_server_config(cfg, app, tls))
     feed.start()
     threading.Thread(target=_follow_flights, args=(cfg, state, stop), name="console-flights", daemon=True).start()
     log.info(
         "console on %s://%s (%d gate(s)); log in with the password in %s",
         "https" if tls else "http",
         cfg.console.listen,
-        len(gates),
+        len(state.gates),
         cfg.console.password_file,
     )
     log.info("console answers Host %s (console.allowed_hosts)", ", ".join(sorted(allowed_hosts)))
@@ -460,3 +469,57 @@ def run_console(cfg: KioskConfig) -> int:
         sock.close()
     log.info("console stopped after %.0f s", time.monotonic() - started)
     return 0
+
+
+def _console_state(cfg: KioskConfig) -> ConsoleState:
+    """What the console shows, gate by gate (each gate's cameras); crops kept on disk are sealed with the
+    store's key, so a console that cannot read it does not start."""
+    gates: dict[str, list[str]] = {}
+    for cam in cfg.cameras:
+        gates.setdefault(cam.gate, []).append(cam.id)
+    hb = cfg.heartbeat
+    codec = key_source(cfg).load() if cfg.console.crops_dir else None  # crops on disk: sealed, or no start
+    return ConsoleState(
+        gates,
+        crops=cfg.console.crops,
+        heartbeat_timeout_s=hb.interval_s * hb.misses,
+        crops_dir=cfg.console.crops_dir,
+        codec=codec,
+    )
+
+
+def _make_console_key(cfg: KioskConfig) -> None:
+    """On the verifier's host (its server key is there), make the console's own CurveZMQ key the first time."""
+    keys = cfg.security.keys_dir
+    if (
+        cfg.security.curve
+        and (keys / "server.key_secret").is_file()
+        and not (keys / f"{cfg.console.key}.key_secret").exists()
+    ):
+        init_keys(keys, client_name=cfg.console.key, role="console")
+        log.info(
+            "made the console's CurveZMQ key %s (role console: events and previews, no frames or claims)",
+            keys / f"{cfg.console.key}.key_secret",
+        )
+
+
+def _server_config(cfg: KioskConfig, app: ASGIApp, tls: bool) -> uvicorn.Config:
+    """uvicorn's settings: quiet, TLS when configured, forwarded headers believed only from trusted proxies."""
+    import uvicorn
+
+    proxies = cfg.console.trusted_proxies  # X-Forwarded-For/-Proto believed only from these
+    # http: uvicorn's h11 protocol with a deadline for each request (kiosk.console.server); no WebSocket (the
+    # console has none, and an upgraded connection would leave that deadline's reach).
+    return uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+        http=timed_protocol(cfg.console.request_timeout_s),
+        ws="none",
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=",".join(proxies) if proxies else "",
+        ssl_certfile=str(cfg.console.tls_cert) if tls and cfg.console.tls_cert else None,
+        ssl_keyfile=str(cfg.console.tls_key) if tls and cfg.console.tls_key else None,
+    )

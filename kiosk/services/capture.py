@@ -224,6 +224,18 @@ class CaptureStats:
     held: int = 0  # not sent: the verifier said the scene is empty and the frame had not changed
 
 
+@dataclass
+class _Playback:
+    """Where one run of a capture stands: frames read, where the source was last (re)opened, the retry delay."""
+
+    seq: int = 0  # frames read so far: the next frame's seq
+    seq_at_open: int = 0  # seq when the source was last opened
+    t0: float = 0.0  # monotonic time of that open: a file sent in real time is paced from there
+    pts_offset: float = 0.0  # media time of that open: a looped or reopened file continues its clock
+    opened: bool = False
+    backoff: float = 0.5  # seconds to wait before the next try to open
+
+
 class IdleHold:
     """Which of a live camera's frames to hold back while the verifier says its scene is empty.
 
@@ -375,107 +387,142 @@ class Capture:
         log.debug("camera %s: %s", self.cam.id, self._last_error)
 
     def run(self) -> int:
-        cam, source = self.cam, self.source
-        realtime = cam.realtime or source.live
-        backoff = 0.5
-        seq = 0
-        opened = False
-        t0 = 0.0
-        seq_at_open = 0
-        pts_offset = 0.0
+        """Read, hold or send, and pace frames until the source ends or `stop()` is called; then say `eof`."""
+        realtime = self.cam.realtime or self.source.live
         log.info(
             "capture %s (gate %s): %s, %s",
-            cam.id,
-            cam.gate,
-            source.description,
+            self.cam.id,
+            self.cam.gate,
+            self.source.description,
             "real time" if realtime else "replay, no drops",
         )
+        play = _Playback()
         while not self._stop.is_set():
-            if not opened:
-                if source.open():
-                    opened = True
-                    # A looped or reopened file continues the media clock (plus a gap).
-                    pts_offset += (seq - seq_at_open) / source.fps + (1.0 if seq else 0.0)
-                    t0, seq_at_open = time.monotonic(), seq
-                    self._status = "ok"
-                    log.info("camera %s opened (%.1f fps)", cam.id, source.fps)
-                    self._health(force=True)
-                else:
-                    self._fault(f"cannot open {source.description}; retrying in {backoff:.1f}s")
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX_S)
-                    continue
-            t_read = time.perf_counter()
-            frame = source.read()
-            if frame is None:
-                if not source.live and (not cam.loop or seq > seq_at_open):
-                    if cam.loop:
-                        opened = False
-                        continue
-                    break
-                # A camera that stopped delivering, or a looped file with no readable frame: back off.
-                opened = False
-                source.close()
-                self._fault(f"{source.description} delivers no frames; reopening in {backoff:.1f}s")
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+            if not play.opened and not self._open(play):
                 continue
-            backoff = 0.5  # a frame came: the camera is healthy again
-            captured_at = time.time()
-            pts = None if source.live else (seq - seq_at_open) / source.fps + pts_offset
-            header = FrameHeader(cam.id, cam.gate, seq, captured_at, frame.width, frame.height, cam.encoding, pts)
-            seq += 1
-            self._window.append(captured_at)  # fps: what the camera delivers, sent or not
-            thumb = None
-            if realtime and self.idle.sock is not None or frame.jpeg is not None and cam.encoding == "jpeg":
-                thumb = frame.thumb()  # for a packet sent as it came, also the check that it decodes
-                if thumb is None:
-                    self._broken(header)
-                    continue
-            if thumb is not None and self.idle.hold(header.seq, header.clock, thumb, time.monotonic()):
-                self.stats.held += 1
-                self._decode_ms.append((time.perf_counter() - t_read) * 1000)
-            else:
-                if frame.jpeg is not None and cam.encoding == "jpeg":
-                    parts = encode_frame(header, packet=frame.jpeg)
-                else:
-                    image = frame.image()
-                    if image is None:
-                        self._broken(header)
-                        continue
-                    parts = encode_frame(header, image)
-                self._decode_ms.append((time.perf_counter() - t_read) * 1000)
-                if self._send(parts, block=not realtime):
-                    self.stats.sent += 1
-                else:
-                    self.stats.dropped += 1
+            t_read = time.perf_counter()
+            frame = self.source.read()
+            if frame is None:
+                if self._source_ended(play):
+                    break
+                continue
+            play.backoff = 0.5  # a frame came: the camera is healthy again
+            if not self._deliver(frame, play, realtime, t_read):
+                continue
             self._health()
-            if not source.live and realtime:  # pace a file at its own frame rate
-                due = t0 + (seq - seq_at_open) / source.fps
-                delay = due - time.monotonic()
-                if delay > 0:
-                    self._stop.wait(delay)
-        source.close()
+            if not self.source.live and realtime:
+                self._pace(play)
+        self.source.close()
         if not self._stop.is_set():
-            self._status = "eof"
-            self._health(force=True)
-            body = {
-                "camera_id": cam.id,
-                "gate_id": cam.gate,
-                "frames": seq,
-                "sent": self.stats.sent,
-                "dropped": self.stats.dropped,
-            }
-            self._send(encode_json(EOF_TOPIC + cam.id, body), block=True)
-            log.info(
-                "camera %s: end of %s after %d frames (%d sent, %d dropped)",
-                cam.id,
-                source.description,
-                seq,
-                self.stats.sent,
-                self.stats.dropped,
-            )
+            self._finish(play.seq)
         return 0
+
+    def _open(self, play: _Playback) -> bool:
+        """(Re)open the source; a failure is reported and waited out (the loop tries again)."""
+        source = self.source
+        if not source.open():
+            self._fault(f"cannot open {source.description}; retrying in {play.backoff:.1f}s")
+            self._back_off(play)
+            return False
+        play.opened = True
+        # A looped or reopened file continues the media clock (plus a gap).
+        play.pts_offset += (play.seq - play.seq_at_open) / source.fps + (1.0 if play.seq else 0.0)
+        play.t0, play.seq_at_open = time.monotonic(), play.seq
+        self._status = "ok"
+        log.info("camera %s opened (%.1f fps)", self.cam.id, source.fps)
+        self._health(force=True)
+        return True
+
+    def _back_off(self, play: _Playback) -> None:
+        """Wait before the next try, twice as long each time (up to BACKOFF_MAX_S), so a dead camera is not
+        hammered."""
+        self._stop.wait(play.backoff)
+        play.backoff = min(play.backoff * 2, BACKOFF_MAX_S)
+
+    def _source_ended(self, play: _Playback) -> bool:
+        """The source gave no frame: the end of a file (True: stop), a loop to start over, or a camera fault to
+        back off from and reopen."""
+        source, cam = self.source, self.cam
+        if not source.live and (not cam.loop or play.seq > play.seq_at_open):
+            if cam.loop:
+                play.opened = False
+                return False
+            return True
+        # A camera that stopped delivering, or a looped file with no readable frame: back off.
+        play.opened = False
+        source.close()
+        self._fault(f"{source.description} delivers no frames; reopening in {play.backoff:.1f}s")
+        self._back_off(play)
+        return False
+
+    def _deliver(self, frame: Captured, play: _Playback, realtime: bool, t_read: float) -> bool:
+        """Number one frame, then hold it back (idle) or send it; False for a frame that does not decode
+        (counted and skipped)."""
+        cam = self.cam
+        captured_at = time.time()
+        pts = None if self.source.live else (play.seq - play.seq_at_open) / self.source.fps + play.pts_offset
+        header = FrameHeader(cam.id, cam.gate, play.seq, captured_at, frame.width, frame.height, cam.encoding, pts)
+        play.seq += 1
+        self._window.append(captured_at)  # fps: what the camera delivers, sent or not
+        thumb = None
+        if realtime and self.idle.sock is not None or frame.jpeg is not None and cam.encoding == "jpeg":
+            thumb = frame.thumb()  # for a packet sent as it came, also the check that it decodes
+            if thumb is None:
+                self._broken(header)
+                return False
+        if thumb is not None and self.idle.hold(header.seq, header.clock, thumb, time.monotonic()):
+            self.stats.held += 1
+            self._decode_ms.append((time.perf_counter() - t_read) * 1000)
+            return True
+        return self._send_frame(header, frame, realtime, t_read)
+
+    def _send_frame(self, header: FrameHeader, frame: Captured, realtime: bool, t_read: float) -> bool:
+        """Encode and send one frame: a Motion JPEG packet as it came, else the decoded pixels. In real time a
+        full queue drops it (counted), so the verifier always gets a recent frame."""
+        if frame.jpeg is not None and self.cam.encoding == "jpeg":
+            parts = encode_frame(header, packet=frame.jpeg)
+        else:
+            image = frame.image()
+            if image is None:
+                self._broken(header)
+                return False
+            parts = encode_frame(header, image)
+        self._decode_ms.append((time.perf_counter() - t_read) * 1000)
+        if self._send(parts, block=not realtime):
+            self.stats.sent += 1
+        else:
+            self.stats.dropped += 1
+        return True
+
+    def _pace(self, play: _Playback) -> None:
+        """Pace a file sent in real time at its own frame rate."""
+        due = play.t0 + (play.seq - play.seq_at_open) / self.source.fps
+        delay = due - time.monotonic()
+        if delay > 0:
+            self._stop.wait(delay)
+
+    def _finish(self, frames: int) -> None:
+        """The source ended: a last health report, then `eof.<camera>` with the counts, so a replay's reader
+        knows it has everything."""
+        cam = self.cam
+        self._status = "eof"
+        self._health(force=True)
+        body = {
+            "camera_id": cam.id,
+            "gate_id": cam.gate,
+            "frames": frames,
+            "sent": self.stats.sent,
+            "dropped": self.stats.dropped,
+        }
+        self._send(encode_json(EOF_TOPIC + cam.id, body), block=True)
+        log.info(
+            "camera %s: end of %s after %d frames (%d sent, %d dropped)",
+            cam.id,
+            self.source.description,
+            frames,
+            self.stats.sent,
+            self.stats.dropped,
+        )
 
     def close(self) -> None:
         self.sock.close(linger=2000 if not self._stop.is_set() else 0)

@@ -35,20 +35,6 @@ class SqliteBoardingStore:
     def _write(self) -> Transaction:
         return self.gallery.writing()
 
-    def _log(
-        self,
-        db: Db,
-        action: str,
-        flight: str | None,
-        subject: str | None = None,
-        gate: str | None = None,
-        **detail: object,
-    ) -> None:
-        db.execute(
-            "INSERT INTO boarding_log (at, action, flight_id, subject_id, gate_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (time.time(), action, flight, subject, gate, json.dumps(detail)),
-        )
-
     # -- flights and manifests ---------------------------------------------------------
     def add_flight(self, flight_id: str, departs: float) -> None:
         """Create the flight, or move its departure. A purged flight is never reopened; the same flight
@@ -62,7 +48,7 @@ class SqliteBoardingStore:
                     raise UsageError(
                         f"flight {flight_id} of {old_day} was purged after departure; nothing can be added to it"
                     )
-                self._archive(db, flight_id, f"{flight_id}/{old_day.isoformat()}")
+                _archive(db, flight_id, f"{flight_id}/{old_day.isoformat()}")
             db.execute(
                 "INSERT INTO flights (id, departs, created) VALUES (?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET departs = excluded.departs",
@@ -70,23 +56,10 @@ class SqliteBoardingStore:
             )
             db.execute(BUMP)
 
-    def _archive(self, db: Db, flight_id: str, archived: str) -> None:
-        if db.execute("SELECT 1 FROM flights WHERE id = ?", (archived,)).fetchone() is not None:
-            raise UsageError(f"flight {flight_id}: {archived} exists already")
-        db.execute(
-            "INSERT INTO flights (id, departs, created, purged_at) SELECT ?, departs, created, purged_at "
-            "FROM flights WHERE id = ?",
-            (archived, flight_id),
-        )
-        for table in ("manifest", "boardings", "flight_decisions", "boarding_log"):
-            db.execute(f"UPDATE {table} SET flight_id = ? WHERE flight_id = ?", (archived, flight_id))  # noqa: S608 - table names from the tuple above
-        db.execute("DELETE FROM flights WHERE id = ?", (flight_id,))
-        log.info("flight %s: the purged flight of that number is kept as %s", flight_id, archived)
-
     def add_passengers(self, flight_id: str, subject_ids: list[str]) -> int:
         """Put enrolled subjects on the flight's manifest; returns how many were new on it."""
         with self._write() as db:
-            self._usable(db, flight_id)
+            _usable(db, flight_id)
             added = sum(
                 db.execute(
                     "INSERT INTO manifest (flight_id, subject_id, added) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
@@ -100,23 +73,12 @@ class SqliteBoardingStore:
 
     def remove_passenger(self, flight_id: str, subject_id: str) -> bool:
         with self._write() as db:
-            self._known(db, flight_id)
+            _known(db, flight_id)
             cur = db.execute("DELETE FROM manifest WHERE flight_id = ? AND subject_id = ?", (flight_id, subject_id))
             if cur.rowcount:
-                self._log(db, "remove_passenger", flight_id, subject_id)
+                _log_action(db, "remove_passenger", flight_id, subject_id)
                 db.execute(BUMP)
         return bool(cur.rowcount)
-
-    @staticmethod
-    def _known(db: Db, flight_id: str) -> tuple[str, float, float | None]:
-        row = db.execute("SELECT id, departs, purged_at FROM flights WHERE id = ?", (flight_id,)).fetchone()
-        if row is None:
-            raise UsageError(f"no flight {flight_id} (see `kiosk-enroll flight list`)")
-        return (row[0], row[1], row[2])  # id, departs, purged_at
-
-    def _usable(self, db: Db, flight_id: str) -> None:
-        if self._known(db, flight_id)[2] is not None:
-            raise UsageError(f"flight {flight_id} was purged after departure; nothing can be added to it")
 
     def flights(self) -> list[Flight]:
         gates: dict[str, list[str]] = {}
@@ -182,13 +144,13 @@ class SqliteBoardingStore:
     # -- gates -------------------------------------------------------------------------
     def open_gate(self, gate_id: str, flight_id: str) -> None:
         with self._write() as db:
-            self._usable(db, flight_id)
+            _usable(db, flight_id)
             db.execute(
                 "INSERT INTO gates (gate_id, flight_id, opened) VALUES (?, ?, ?) ON CONFLICT(gate_id) "
                 "DO UPDATE SET flight_id = excluded.flight_id, opened = excluded.opened",
                 (gate_id, flight_id, time.time()),
             )
-            self._log(db, "open", flight_id, gate=gate_id)
+            _log_action(db, "open", flight_id, gate=gate_id)
             db.execute(BUMP)
 
     def close_gate(self, gate_id: str) -> str | None:
@@ -198,7 +160,7 @@ class SqliteBoardingStore:
             if row is None:
                 return None
             db.execute("DELETE FROM gates WHERE gate_id = ?", (gate_id,))
-            self._log(db, "close", row[0], gate=gate_id)
+            _log_action(db, "close", row[0], gate=gate_id)
             db.execute(BUMP)
         return str(row[0])
 
@@ -211,33 +173,15 @@ class SqliteBoardingStore:
         not boarded yet; the accept is recorded with it. Two doors at once: one wins the primary key."""
         flight, subject = record.flight_id, str(record.subject_id)
         with self._write() as db:
-            row = db.execute("SELECT expires FROM subjects WHERE id = ?", (subject,)).fetchone()
-            if row is None or (row[0] is not None and row[0] <= record.at):
-                return BoardOutcome(False, "not_enrolled")
-            if (
-                db.execute(
-                    "SELECT 1 FROM manifest m JOIN flights f ON f.id = m.flight_id WHERE m.flight_id = ? "
-                    "AND m.subject_id = ? AND f.purged_at IS NULL",
-                    (flight, subject),
-                ).fetchone()
-                is None
-            ):
-                return BoardOutcome(False, "not_on_flight")
-            prev = db.execute(
-                "SELECT gate_id, boarded_at, score, event_id, camera_id FROM boardings "
-                "WHERE flight_id = ? AND subject_id = ?",
-                (flight, subject),
-            ).fetchone()
-            if prev is not None:
-                return BoardOutcome(
-                    False, "already_boarded", Boarding(flight, subject, prev[0], prev[1], prev[2], prev[3], prev[4])
-                )
+            refused = _refusal(db, flight, subject, record.at)
+            if refused is not None:
+                return refused
             db.execute(
                 "INSERT INTO boardings (flight_id, subject_id, gate_id, camera_id, boarded_at, score, event_id)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (flight, subject, record.gate_id, camera_id, record.at, record.score, record.event_id),
             )
-            self._insert_record(db, record)
+            _insert_record(db, record)
         return BoardOutcome(True)
 
     def undo(self, flight_id: str, subject_id: str, why: str, *, withdraw_accept: bool = False) -> Boarding | None:
@@ -245,33 +189,21 @@ class SqliteBoardingStore:
         gate: `withdraw_accept` also drops that accept from the flight's decisions); logged with `why`. Returns
         the mark removed, None if there was none."""
         with self._write() as db:
-            self._known(db, flight_id)
-            prev = db.execute(
-                "SELECT gate_id, boarded_at, score, event_id, camera_id FROM boardings "
-                "WHERE flight_id = ? AND subject_id = ?",
-                (flight_id, subject_id),
-            ).fetchone()
+            _known(db, flight_id)
+            prev = _boarded(db, flight_id, subject_id)
             if prev is None:
                 return None
             db.execute("DELETE FROM boardings WHERE flight_id = ? AND subject_id = ?", (flight_id, subject_id))
-            if withdraw_accept and prev[3] is not None:
-                db.execute("DELETE FROM flight_decisions WHERE event_id = ?", (prev[3],))
-            self._log(db, "undo", flight_id, subject_id, prev[0], why=why, event_id=prev[3])
+            if withdraw_accept and prev.event_id is not None:
+                db.execute("DELETE FROM flight_decisions WHERE event_id = ?", (prev.event_id,))
+            _log_action(db, "undo", flight_id, subject_id, prev.gate_id, why=why, event_id=prev.event_id)
         log.info("boarding of %s on %s undone (%s)", subject_id, flight_id, why)
-        return Boarding(flight_id, subject_id, prev[0], prev[1], prev[2], prev[3], prev[4])
-
-    @staticmethod
-    def _insert_record(db: Db, r: DecisionRecord) -> None:
-        db.execute(
-            "INSERT INTO flight_decisions (event_id, flight_id, gate_id, type, reason, subject_id, "
-            "candidate_id, score, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (r.event_id, r.flight_id, r.gate_id, r.type, r.reason, r.subject_id, r.candidate_id, r.score, r.at),
-        )
+        return prev
 
     def record(self, record: DecisionRecord) -> None:
         """Keep a decision at a boarding gate for the flight's report."""
         with self._write() as db:
-            self._insert_record(db, record)
+            _insert_record(db, record)
 
     def decisions(self, flight_id: str) -> list[DecisionRecord]:
         return [
@@ -289,30 +221,15 @@ class SqliteBoardingStore:
         not yet purged; the manifest, boarded marks and decisions stay for the report (ids only). The flight
         is closed on every gate and cannot be reopened."""
         with self._write() as db:
-            self._known(db, flight_id)
-            ids = [
-                r[0]
-                for r in db.execute(
-                    "SELECT subject_id FROM manifest WHERE flight_id = ? ORDER BY subject_id", (flight_id,)
-                )
-            ]
-            kept = [
-                r[0]
-                for r in db.execute(
-                    "SELECT DISTINCT m.subject_id FROM manifest m JOIN manifest o ON o.subject_id = m.subject_id "
-                    "JOIN flights f ON f.id = o.flight_id WHERE m.flight_id = ? AND o.flight_id != ? "
-                    "AND f.purged_at IS NULL ORDER BY m.subject_id",
-                    (flight_id, flight_id),
-                )
-            ]
-            gone = [s for s in ids if s not in set(kept)]
+            _known(db, flight_id)
+            gone, kept = _purgeable(db, flight_id)
             deleted = 0
             for sid in gone:
                 deleted += db.execute("DELETE FROM templates WHERE subject_id = ?", (sid,)).rowcount
                 db.execute("DELETE FROM subjects WHERE id = ?", (sid,))
             db.execute("UPDATE flights SET purged_at = ? WHERE id = ?", (time.time(), flight_id))
             db.execute("DELETE FROM gates WHERE flight_id = ?", (flight_id,))
-            self._log(db, "purge", flight_id, subjects=len(gone), kept=len(kept), templates=deleted)
+            _log_action(db, "purge", flight_id, subjects=len(gone), kept=len(kept), templates=deleted)
             db.execute(BUMP)
             prune_changes(db)
         log.info(
@@ -332,6 +249,109 @@ class SqliteBoardingStore:
                 (after_h * 3600.0, now),
             )
         ]
+
+
+# -- the SQL steps the store's transactions share (each runs inside the caller's transaction) ---------------------
+
+
+def _log_action(
+    db: Db,
+    action: str,
+    flight: str | None,
+    subject: str | None = None,
+    gate: str | None = None,
+    **detail: object,
+) -> None:
+    """A line of boarding_log: who changed a flight, a gate or a boarded mark, and when."""
+    db.execute(
+        "INSERT INTO boarding_log (at, action, flight_id, subject_id, gate_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
+        (time.time(), action, flight, subject, gate, json.dumps(detail)),
+    )
+
+
+def _known(db: Db, flight_id: str) -> tuple[str, float, float | None]:
+    """The flight's id, departure and purge time; UsageError for a flight that does not exist."""
+    row = db.execute("SELECT id, departs, purged_at FROM flights WHERE id = ?", (flight_id,)).fetchone()
+    if row is None:
+        raise UsageError(f"no flight {flight_id} (see `kiosk-enroll flight list`)")
+    return (row[0], row[1], row[2])  # id, departs, purged_at
+
+
+def _usable(db: Db, flight_id: str) -> None:
+    """UsageError unless the flight exists and is not purged (a purged flight is never reopened)."""
+    if _known(db, flight_id)[2] is not None:
+        raise UsageError(f"flight {flight_id} was purged after departure; nothing can be added to it")
+
+
+def _archive(db: Db, flight_id: str, archived: str) -> None:
+    """Rename a purged flight and everything that names it to `archived`, freeing its number."""
+    if db.execute("SELECT 1 FROM flights WHERE id = ?", (archived,)).fetchone() is not None:
+        raise UsageError(f"flight {flight_id}: {archived} exists already")
+    db.execute(
+        "INSERT INTO flights (id, departs, created, purged_at) SELECT ?, departs, created, purged_at "
+        "FROM flights WHERE id = ?",
+        (archived, flight_id),
+    )
+    for table in ("manifest", "boardings", "flight_decisions", "boarding_log"):
+        db.execute(f"UPDATE {table} SET flight_id = ? WHERE flight_id = ?", (archived, flight_id))  # noqa: S608 - table names from the tuple above
+    db.execute("DELETE FROM flights WHERE id = ?", (flight_id,))
+    log.info("flight %s: the purged flight of that number is kept as %s", flight_id, archived)
+
+
+def _boarded(db: Db, flight_id: str, subject_id: str) -> Boarding | None:
+    """The passenger's boarded mark on the flight, if there is one."""
+    prev = db.execute(
+        "SELECT gate_id, boarded_at, score, event_id, camera_id FROM boardings WHERE flight_id = ? AND subject_id = ?",
+        (flight_id, subject_id),
+    ).fetchone()
+    return None if prev is None else Boarding(flight_id, subject_id, prev[0], prev[1], prev[2], prev[3], prev[4])
+
+
+def _refusal(db: Db, flight: str, subject: str, at: float) -> BoardOutcome | None:
+    """Why the passenger may not board now (not enrolled or expired, not on the flight, already boarded), or
+    None: checked in the transaction that then marks them boarded."""
+    row = db.execute("SELECT expires FROM subjects WHERE id = ?", (subject,)).fetchone()
+    if row is None or (row[0] is not None and row[0] <= at):
+        return BoardOutcome(False, "not_enrolled")
+    on_flight = db.execute(
+        "SELECT 1 FROM manifest m JOIN flights f ON f.id = m.flight_id WHERE m.flight_id = ? "
+        "AND m.subject_id = ? AND f.purged_at IS NULL",
+        (flight, subject),
+    ).fetchone()
+    if on_flight is None:
+        return BoardOutcome(False, "not_on_flight")
+    prev = _boarded(db, flight, subject)
+    if prev is not None:
+        return BoardOutcome(False, "already_boarded", prev)
+    return None
+
+
+def _insert_record(db: Db, r: DecisionRecord) -> None:
+    """A decision for the flight's report (once per event)."""
+    db.execute(
+        "INSERT INTO flight_decisions (event_id, flight_id, gate_id, type, reason, subject_id, "
+        "candidate_id, score, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        (r.event_id, r.flight_id, r.gate_id, r.type, r.reason, r.subject_id, r.candidate_id, r.score, r.at),
+    )
+
+
+def _purgeable(db: Db, flight_id: str) -> tuple[list[str], list[str]]:
+    """The flight's passengers whose templates go (on no other flight not yet purged) and those kept for a later
+    flight, each in id order."""
+    ids = [
+        r[0]
+        for r in db.execute("SELECT subject_id FROM manifest WHERE flight_id = ? ORDER BY subject_id", (flight_id,))
+    ]
+    kept = [
+        r[0]
+        for r in db.execute(
+            "SELECT DISTINCT m.subject_id FROM manifest m JOIN manifest o ON o.subject_id = m.subject_id "
+            "JOIN flights f ON f.id = o.flight_id WHERE m.flight_id = ? AND o.flight_id != ? "
+            "AND f.purged_at IS NULL ORDER BY m.subject_id",
+            (flight_id, flight_id),
+        )
+    ]
+    return [s for s in ids if s not in set(kept)], kept
 
 
 def open_store(cfg: KioskConfig) -> tuple[GalleryQueries, SqliteBoardingStore]:
