@@ -40,7 +40,7 @@ from typing import Protocol
 from kiosk.boarding.model import BoardOutcome, DecisionRecord
 from kiosk.messaging.messages import Event
 from kiosk.messaging.reasons import WITHHELD, Reason
-from kiosk.pipeline.core import Verdict
+from kiosk.pipeline.camera import Verdict
 from kiosk.pipeline.policy import Decision
 
 log = logging.getLogger(__name__)

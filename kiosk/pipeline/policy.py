@@ -205,7 +205,6 @@ class DecisionPolicy:
         flight, the face's match among everyone enrolled when it matched nobody on the flight and that match
         passes the accept rule for someone not on the flight.
         """
-        c = self.cfg
         state = self.state(track)
         if state.decided:
             return None
@@ -220,6 +219,16 @@ class DecisionPolicy:
             judged = self._liveness(track, state, captured_at, seq, now)
             if judged is not None or state.ready_votes is not None:
                 return judged
+        self._vote(state, match, outsider, captured_at, seq)
+        return self._count(track, state, gate_id, captured_at, seq, now)
+
+    def _vote(
+        self, state: TrackState, match: Match, outsider: Match | None, captured_at: float, seq: int | None
+    ) -> None:
+        """The frame's vote into the track's window (kept to the last `reject_after_frames`): its match, ok when it
+        passes the accept rule (under a claim: the claimed subject at `accept_threshold`); or, when it does not
+        and the face is a passenger of another flight, that outsider (`wrong_flight`)."""
+        c = self.cfg
         if state.claim is not None:
             ok = match.subject_id == state.claim.subject_id and match.score >= c.accept_threshold
         else:
@@ -232,6 +241,14 @@ class DecisionPolicy:
             state.window.append(Vote(match.subject_id, match.name, match.score, ok, captured_at, seq))
         while len(state.window) > c.reject_after_frames:
             state.window.popleft()
+
+    def _count(
+        self, track: Track, state: TrackState, gate_id: str, captured_at: float, seq: int | None, now: float
+    ) -> Decision | None:
+        """The window's votes counted: `accept_frames` for one subject accept (or, with liveness on, wait for
+        its evidence), as many for one passenger of another flight reject `wrong_flight`, and a full window
+        with neither rejects."""
+        c = self.cfg
         votes = Counter(v.subject_id for v in state.window if v.ok)
         if votes:
             subject, count = votes.most_common(1)[0]
