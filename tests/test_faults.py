@@ -281,10 +281,11 @@ def test_an_audit_log_deleted_renamed_or_replaced_is_reopened_at_its_path_or_fai
     """The file at the configured path is the one written: a deleted log is made again, a renamed one is
     left behind (the next line goes to the path), a folder in its place is a failure; what was published
     meanwhile is written first once it can be, in order and marked late."""
-    from kiosk.services.audit import AuditLog, read_tail
+    from kiosk.services.audit import RETRY_EVERY_S, AuditLog, read_tail
 
     path = tmp_path / "events.jsonl"
-    log = AuditLog(path)
+    now = [0.0]
+    log = AuditLog(path, clock=lambda: now[0])
     assert log.write(b'{"event_id": "a"}')
     path.unlink()  # deleted under the writer
     assert log.write(b'{"event_id": "b"}')
@@ -300,7 +301,8 @@ def test_an_audit_log_deleted_renamed_or_replaced_is_reopened_at_its_path_or_fai
     log.defer(b'{"event_id": "e"}')
     assert log.pending == 2
     path.rmdir()
-    log._last_try = float("-inf")  # the retry interval (1 s) has passed
+    assert not log.check() and log.pending == 2  # tried again too soon: the last failure was just now
+    now[0] += RETRY_EVERY_S  # the retry interval has passed
     assert log.check() and log.pending == 0 and not log.error
     assert log.write(b'{"event_id": "f"}')
     log.close()
