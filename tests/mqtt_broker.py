@@ -21,6 +21,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from kiosk.messaging.transport import free_port
+from tests.waiting import wait_until
 
 USER = "kiosk"
 PASSWORD = "broker-test-secret"
@@ -77,16 +78,21 @@ class Broker:
             stderr=open(self.folder / "log", "ab"),
             start_new_session=True,
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        proc = self.proc
+
+        def listening() -> bool:
+            if proc.poll() is not None:  # it ended: it will not listen
+                raise RuntimeError(f"mosquitto did not start: {self.log()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
             except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not start: {self.log()}")
+                return False
+            return True
+
+        try:
+            wait_until(listening, 20, f"mosquitto listening on port {self.port}", every=0.05)
+        except AssertionError:
+            raise RuntimeError(f"mosquitto did not start: {self.log()}") from None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:

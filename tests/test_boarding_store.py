@@ -105,21 +105,23 @@ def test_a_verifier_view_follows_each_change_reading_only_what_changed(gallery_s
         store = SqliteBoardingStore(g)
         store.open_gate("A1", "LH123")
         read: list[frozenset[str] | None] = []
-        rows_of = g._template_rows
-        g._template_rows = lambda db, model, now, subjects: read.append(subjects) or rows_of(db, model, now, subjects)
+        g.on_template_read = read.append
+        clock = [time.time()]  # the views' time: moved on below to expire a subject without waiting
 
         def follow(view, expect_read):
             read.clear()
-            new = load_gate_flights(g, MODEL, 8, require_flight=True, gates={"A1"}, load=load, previous=view)
+            new = load_gate_flights(
+                g, MODEL, 8, require_flight=True, gates={"A1"}, load=load, previous=view, now=clock[0]
+            )
             assert (read or [frozenset()]) == [expect_read]  # (nothing read: no query at all)
-            fresh = load_gate_flights(g, MODEL, 8, require_flight=True, gates={"A1"}, load=load)
+            fresh = load_gate_flights(g, MODEL, 8, require_flight=True, gates={"A1"}, load=load, now=clock[0])
             assert _templates(new) == _templates(fresh) and new.full.names == fresh.full.names
             assert new.revision == fresh.revision == g.revision()
             for gate in ("A1",):
                 assert new.matrix_for(gate).subject_ids == fresh.matrix_for(gate).subject_ids
             return new
 
-        view = load_gate_flights(g, MODEL, 8, require_flight=True, gates={"A1"}, load=load)
+        view = load_gate_flights(g, MODEL, 8, require_flight=True, gates={"A1"}, load=load, now=clock[0])
         mine = load == "gate_flights"
         assert view.full.subject_ids == (["ANN", "BOB"] if mine else ["ANN", "BOB", "CAT", "DAN"])
         view = follow(view, frozenset())  # nothing changed: nothing read
@@ -137,9 +139,9 @@ def test_a_verifier_view_follows_each_change_reading_only_what_changed(gallery_s
         g.execute("UPDATE templates SET embedding = ? WHERE subject_id = 'EVE'", (emb["ANN"].tobytes(),))
         g.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
         view = follow(view, frozenset({"EVE"}))
-        g.enroll("ANN", "", _unit(rng, 1), MODEL, expires=time.time() + 0.5)
+        g.enroll("ANN", "", _unit(rng, 1), MODEL, expires=clock[0] + 60)
         view = follow(view, frozenset({"ANN"}))
-        time.sleep(0.6)  # ANN expires: dropped, with no write at all
+        clock[0] += 61  # ANN expires: dropped, with no write at all
         view = follow(view, frozenset({"ANN"}))
         assert "ANN" not in view.full.subject_ids
         store.open_gate("A1", "BA456")  # the gate boards another flight: its passengers come in

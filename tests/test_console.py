@@ -250,12 +250,11 @@ def test_console_state_subscribes_to_a_gate_once_however_many_watch_it(state):
 
 def test_a_malformed_preview_message_is_dropped_and_counted():
     """What the console takes from the preview socket is checked before it is kept or shown."""
-    from kiosk.console.feed import ConsoleFeed
+    from kiosk.console.feed import FeedDecoder
     from kiosk.services.preview import crop_topic
 
     state = ConsoleState({"A1": ["cam-a1"]}, crops=3, heartbeat_timeout_s=3.0)
-    feed = ConsoleFeed.__new__(ConsoleFeed)  # the decoding only: no sockets
-    feed.state, feed._last_bad_log = state, 0.0
+    feed = FeedDecoder(state)  # the feed's checks, without its sockets
     good = json.dumps({"v": 1, "gate_id": "A1", "faces": []}).encode()
     for parts in (
         [preview_topic("A1"), good],
@@ -267,9 +266,9 @@ def test_a_malformed_preview_message_is_dropped_and_counted():
         [crop_topic("A1"), json.dumps({"v": 1, "gate_id": "A10", "event_id": "e"}).encode(), b"\xff\xd8"],
         [preview_topic("A1"), b"{" * 70_000, b"\xff\xd8"],
     ):
-        feed._on_preview(parts)
+        feed.on_preview(parts)
     assert state.bad_messages == 8 and state.preview("A1") is None and not state.crops
-    feed._on_preview([preview_topic("A1"), good, b"\xff\xd8jpeg"])
+    feed.on_preview([preview_topic("A1"), good, b"\xff\xd8jpeg"])
     assert state.bad_messages == 8 and state.preview("A1")[2] == b"\xff\xd8jpeg"
 
 
@@ -712,15 +711,12 @@ def test_a_preview_flood_from_one_console_key_leaves_another_console_its_frames(
         pid = [h for h in events.health if h.get("component") == "verifier"][-1]["pid"]
         rss = lambda: int(open(f"/proc/{pid}/status").read().split("VmRSS:")[1].split()[0])  # noqa: E731 (kB)
         good = Transport(load_config(config), role="test", client_key="console")
-        sock = good.preview_subscriber()
-        assert _receive(sock, ["A1"], until=lambda got: len(got) >= 8, seconds=40)  # the gate at work, watched
+        viewer = good.preview_subscriber()
+        assert _receive(viewer, ["A1"], until=lambda got: len(got) >= 8, seconds=40)  # the gate at work, watched
         events.poll(1.0)
         before = rss()
         flood = Transport(load_config(config), role="test", client_key="flooder")
-        bad = [flood._socket(zmq.DEALER, SNDHWM=0) for _ in range(20)]  # it queues all it wants on its side
-        for sock in bad:
-            flood._as_client(sock, "preview")
-            flood._attach(sock, "preview", bind=False)
+        bad = [flood.preview_subscriber(sndhwm=0) for _ in range(20)]  # it queues all it wants on its side
         try:
             junk = [
                 watch_request(["X1", "A1-not"], []),
@@ -747,7 +743,7 @@ def test_a_preview_flood_from_one_console_key_leaves_another_console_its_frames(
             flooder.start()
             try:
                 assert events.wait_for(lambda ev: previews()["refused"] >= 100, 15), "the flood never reached it"
-                got = _receive(sock, ["A1"], until=lambda _: False, seconds=4.0)
+                got = _receive(viewer, ["A1"], until=lambda _: False, seconds=4.0)
                 events.poll(0.5)
                 during = previews()
             finally:
@@ -758,7 +754,7 @@ def test_a_preview_flood_from_one_console_key_leaves_another_console_its_frames(
             assert during["consoles"] <= 16 + 1, during  # the flooding key's leases are capped
             assert rss() - before < 30_000, (before, rss())  # kB: nothing of the junk is kept
         finally:
-            sock.close()
+            viewer.close()
             for b in bad:
                 b.close()
             flood.close()

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,9 +21,11 @@ from tests.pipeline_helpers import (
     kiosk,
     make_video,
     people,
+    read_stderr_until,
     stop,
     write_config,
 )
+from tests.waiting import wait_until
 
 
 def _jsonl(path) -> list[dict]:
@@ -66,9 +67,9 @@ def rejecting_gate(tmp_path, engine, photos, interval_s: float) -> Iterator[Reje
     try:
         assert gate.events.wait_for(lambda ev: ev.health, 30)
         gate.capture = kiosk(config, "capture", "--camera", "cam-a1")
-        deadline = time.monotonic() + 30
-        while not any(e["type"] == "reject" for e in _jsonl(out)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(
+            lambda: any(e["type"] == "reject" for e in _jsonl(out)), 30, "a reject handed to the hook", every=0.2
+        )
         yield gate
     finally:
         gate.events.close()
@@ -76,6 +77,16 @@ def rejecting_gate(tmp_path, engine, photos, interval_s: float) -> Iterator[Reje
             stop(gate.capture)
         _, gate.sub_err = stop(gate.sub)
         stop(gate.verifier)
+
+
+def _handed_ids(out: Path) -> set[str]:
+    """The decisions the subscriber's hook has written."""
+    return {e["event_id"] for e in _jsonl(out) if e["type"] in ("accept", "reject")}
+
+
+def _heard_ids(events: Events) -> set[str]:
+    """The decisions this test's own subscriber has heard."""
+    return {e.event_id for e in events.events if e.type in ("accept", "reject")}
 
 
 def _subscriber(config: Path, out: Path) -> subprocess.Popen:
@@ -86,18 +97,30 @@ def _subscriber(config: Path, out: Path) -> subprocess.Popen:
 def test_a_restarted_subscriber_misses_no_event_and_a_quick_verifier_restart_is_seen(tmp_path, engine, photos):
     with rejecting_gate(tmp_path, engine, photos, interval_s=0.5) as gate:
         events = gate.events
+        assert events.wait_for(lambda ev: ev.events, 10)  # heard here too (the hook has it)
         os.killpg(gate.sub.pid, signal.SIGKILL)  # the subscriber dies; decisions go on without it
         gate.sub.wait(10)
         missed_from = len(events.events)
         assert events.wait_for(lambda ev: len(ev.events) >= missed_from + 2, 20)
         gate.sub = _subscriber(gate.config, gate.out)
-        time.sleep(4.0)
+        # Back, it has fetched what it missed (and so heard this verifier: its restart will be news).
+        assert events.wait_for(lambda ev: _heard_ids(ev) <= _handed_ids(gate.out), 30)
         # The verifier restarts faster than heartbeat.misses x interval (10 s): no heartbeat is missed.
-        pid = events.health[-1]["pid"]
+        pid, old_boots = events.health[-1]["pid"], {e.boot_id for e in events.events}
         os.kill(pid, signal.SIGKILL)
         gate.restart_verifier()
         assert events.wait_for(lambda ev: ev.health and ev.health[-1]["pid"] != pid, 30)
-        time.sleep(4.0)
+
+        def restart_told_and_handed_on(ev) -> bool:  # the gate heard the restart, then the new process's decisions
+            states = [(e["type"], e["reason"]) for e in _jsonl(gate.out) if e["type"].startswith("verifier_")]
+            return (
+                ("verifier_down", "the verifier restarted (new boot id)") in states
+                and states[-1][0] == "verifier_up"
+                and any(e.boot_id not in old_boots for e in ev.events)
+                and _heard_ids(ev) <= _handed_ids(gate.out)
+            )
+
+        assert events.wait_for(restart_told_and_handed_on, 30)
     config, out, sub_err = gate.config, gate.out, gate.sub_err
     handed = _jsonl(out)
     decisions = [e["event_id"] for e in handed if e["type"] in ("accept", "reject")]
@@ -130,11 +153,14 @@ def test_a_restart_is_told_to_the_gate_before_any_decision_of_the_new_process(tm
         # The new process decides (heard here) while the subscriber is held: its first heartbeat is gone for it.
         assert gate.events.wait_for(lambda ev: any(e.boot_id not in (None, first_boot) for e in ev.events), 60)
         os.kill(gate.sub.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any(
-            e.get("boot_id") not in (None, first_boot) for e in _jsonl(out) if e["type"] in ("accept", "reject")
-        ):
-            time.sleep(0.2)
+        wait_until(
+            lambda: any(
+                e.get("boot_id") not in (None, first_boot) for e in _jsonl(out) if e["type"] in ("accept", "reject")
+            ),
+            30,
+            "a decision of the new process handed to the hook",
+            every=0.2,
+        )
     sub_err = gate.sub_err
     handed = _jsonl(out)
     new = [i for i, e in enumerate(handed) if e["type"] in ("accept", "reject") and e["boot_id"] != first_boot]
@@ -161,14 +187,7 @@ def test_a_subscriber_that_joins_late_gets_the_events_of_a_verifier_that_started
     verifier = capture = None
     events = None
     try:
-        os.set_blocking(sub.stderr.fileno(), False)
-        seen, deadline = "", time.monotonic() + 30
-        while "subscriber gate-a1:" not in seen and time.monotonic() < deadline:  # constructed: it is running
-            try:
-                seen += os.read(sub.stderr.fileno(), 65536).decode(errors="replace")
-            except BlockingIOError:
-                time.sleep(0.05)
-        assert "subscriber gate-a1:" in seen, seen
+        read_stderr_until(sub, "subscriber gate-a1:", 30)  # constructed: it is running
         os.kill(sub.pid, signal.SIGSTOP)
         verifier = kiosk(config, "verify")
         events = Events(config, ("event.", "health.verifier"))
@@ -178,9 +197,7 @@ def test_a_subscriber_that_joins_late_gets_the_events_of_a_verifier_that_started
         assert events.wait_for(lambda ev: ev.events, 20)
         decided = [e.event_id for e in events.events]
         os.kill(sub.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 20
-        while not {e["event_id"] for e in _jsonl(out)} >= set(decided) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: _handed_ids(out) >= set(decided), 20, "the decisions handed to the hook", every=0.2)
         assert [e["event_id"] for e in _jsonl(out) if e["type"] in ("accept", "reject")] == decided
     finally:
         if events is not None:

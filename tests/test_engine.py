@@ -178,9 +178,8 @@ def test_a_face_near_min_face_px_is_looked_at_again_at_full_resolution(engine, y
     frame = place_face(yaoming, (480, 640), width=round(yaoming.shape[1] * width / ref.widths[0]))
     full = engine.detector.detect(frame)
     refined = engine.detector.detect(frame, min_face_px=48)
-    regions = []
-    real_pass = engine.detector._pass
-    monkeypatch.setattr(engine.detector, "_pass", lambda images, geo: regions.append(geo) or real_pass(images, geo))
+    regions: list = []
+    monkeypatch.setattr(engine.detector, "on_pass", regions.append)
     again = engine.detector.detect(frame, min_face_px=48)
     assert len(full) == len(refined) == 1
     assert np.abs(again.boxes - refined.boxes).max() < 1e-3
@@ -204,11 +203,8 @@ def test_the_refine_pass_leaves_large_faces_and_full_size_detection_alone(engine
     again: the refine pass costs only where it helps."""
     ref = describe(engine, yaoming)
     frame = place_face(yaoming, (480, 640), width=round(yaoming.shape[1] * 150 / ref.widths[0]))
-    runs = []
-    real_pass = engine.detector._pass
-    monkeypatch.setattr(
-        engine.detector, "_pass", lambda images, geo: runs.append(len(images)) or real_pass(images, geo)
-    )
+    runs: list[int] = []
+    monkeypatch.setattr(engine.detector, "on_pass", lambda geo: runs.append(len(geo)))
     assert len(engine.detector.detect(frame, min_face_px=48)) == 1
     assert len(engine.detector.detect(frame)) == 1
     assert runs == [1, 1, 1]  # main pass at the gate's scale; main and close-up passes at full size

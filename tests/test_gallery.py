@@ -112,6 +112,34 @@ def test_not_a_database(tmp_path):
         sealed_gallery(bad)
 
 
+@pytest.mark.parametrize("name", ["g.db", "a gallery?#%é.db"])  # (the characters a URI must escape)
+def test_a_gallery_not_to_be_created_is_never_made_empty_at_its_path(tmp_path, name, monkeypatch):
+    """create=False (the commands, and each reopen() for a thread) opens an existing file or fails clearly: a
+    file gone at the connect, even after the existence check saw it, is not replaced by a new empty gallery."""
+    path = tmp_path / name
+    with pytest.raises(UsageError, match="does not exist.*never created empty"):
+        sealed_gallery(path, create=False)
+    assert not path.exists()
+    connect = sqlite3.connect
+
+    def deleted_first(*args, **kwargs):  # the file goes after the existence check, just before the connect
+        path.unlink(missing_ok=True)
+        return connect(*args, **kwargs)
+
+    with sealed_gallery(path) as g:
+        g.enroll("ANN", "Ann", unit(np.random.default_rng(1), 1), MODEL)
+        with monkeypatch.context() as m:
+            m.setattr(sqlite3, "connect", deleted_first)
+            with pytest.raises(UsageError, match="does not exist.*never created empty"):
+                g.reopen()
+        assert not path.exists()
+        with pytest.raises(UsageError, match="does not exist"):  # deleted while the gallery is open
+            g.reopen()
+        assert not path.exists()
+    with sealed_gallery(path) as again:  # created, where it is asked for
+        assert again.revision() == 0 and path.exists()
+
+
 def test_large_gallery_prefilter_matches_exact_search():
     from kiosk.store.gallery import PREFILTER_MIN, GalleryMatrix
 

@@ -23,6 +23,7 @@ from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
 from tests.mqtt_broker import Broker, Listener
 from tests.pipeline_helpers import audit, kiosk, make_video, people, stop, write_config
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,9 +136,7 @@ def test_a_hook_waits_for_the_broker_and_keeps_the_position_until_acknowledged(b
         time.sleep(1.0)  # the broker is down: nothing to wait for but time
         assert done == [] and hook.delivered == 0
         broker.start()
-        deadline = time.monotonic() + 20
-        while not done and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: done, 20, "the event delivered once the broker is back", every=0.05)
         assert done == [event["event_id"]] and hook.delivered == 1
         assert listener.wait_for(lambda li: li.on("gates/A1/decision"), 10)
         assert [h.json()["event_id"] for h in listener.on("gates/A1/decision")] == [event["event_id"]]
@@ -329,10 +328,7 @@ def test_a_broker_restart_mid_stream_loses_no_decision(tmp_path, engine, photos,
         assert listener.wait_for(lambda li: len(heard()) >= 2, 60)
         broker.kill()  # just after a decision: the next one comes in about 2.4 s
         before = len(decided())
-        deadline = time.monotonic() + 30
-        while len(decided()) < before + 2 and time.monotonic() < deadline:  # two decisions with no broker
-            time.sleep(0.1)
-        assert len(decided()) >= before + 2
+        wait_until(lambda: len(decided()) >= before + 2, 30, "two decisions with no broker", every=0.1)
         broker.start()
         target = decided()
         assert listener.wait_for(lambda li: set(heard()) >= set(target), 60), (target, heard(), broker.log())

@@ -5,11 +5,11 @@ verifier-down alerts fire when those faults are made, and stop when the audit lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -22,6 +22,7 @@ from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
 from tests.pipeline_helpers import Events, kiosk, make_video, people, stop, write_config
 from tests.test_deploy import DASHBOARD, RULES, alert_rules, dashboard_queries, named_metrics
+from tests.waiting import wait_until
 
 PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
 pytestmark = [
@@ -102,10 +103,7 @@ class Prometheus:
 
     @staticmethod
     def wait_for(predicate, timeout: float, what: str) -> None:
-        end = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < end, f"timed out waiting for {what}"
-            time.sleep(0.25)
+        wait_until(predicate, timeout, what, every=0.25)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -180,9 +178,8 @@ def test_a_real_prometheus_evaluates_every_dashboard_query_and_alert_and_the_ale
                 and not prom.api("alerts")["alerts"]
             )  # type: ignore[index]
 
-        end = time.monotonic() + 60
-        while not healthy_and_complete() and time.monotonic() < end:
-            time.sleep(0.5)
+        with contextlib.suppress(AssertionError):  # waited for; then checked below, each check naming what is amiss
+            wait_until(healthy_and_complete, 60, "every panel with data and no alert", every=0.5)
         empty = [(title, expr) for title, expr in panels if not has_data(prom.query(expr))]
         assert empty == [], empty
         assert prom.api("alerts")["alerts"] == []  # type: ignore[index]

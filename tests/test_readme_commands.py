@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from kiosk.tools.scenes import Walk, person_crop
 from kiosk.tools.standin import natural_expressions
 from tests.pad_models import constant_pad_model, red_is_real_model
 from tests.pipeline_helpers import head_turn_of, make_video, people
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -286,14 +286,17 @@ def test_every_readme_command_runs_as_written(site):
     subs: list[tuple[subprocess.Popen, str]] = []
     receiver = None
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            res = subprocess.run(
-                ["bash", "-c", f"kiosk status {cfg} --json"], cwd=site, env=sh.env, capture_output=True, text=True
-            )
-            if res.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        wait_until(
+            lambda: (
+                subprocess.run(
+                    ["bash", "-c", f"kiosk status {cfg} --json"], cwd=site, env=sh.env, capture_output=True
+                ).returncode
+                == 0
+            ),
+            60,
+            "`kiosk status` answering",
+            every=0.5,
+        )
         text = sh.run(f"kiosk status {cfg}").stdout
         assert text.startswith("verifier ") and "camera cam-a1 (gate A1)" in text
         status = json.loads(sh.run(f"kiosk status {cfg} --json").stdout)
@@ -309,19 +312,18 @@ def test_every_readme_command_runs_as_written(site):
         console = sh.start(console_line)
         try:
             port = int(yaml.safe_load((site / "config/kiosk.yaml").read_text())["console"]["listen"].split(":")[1])
-            deadline = time.monotonic() + 30
-            while _port_free(port) and time.monotonic() < deadline:  # until the console listens
-                time.sleep(0.3)
+            wait_until(lambda: not _port_free(port), 30, f"the console listening on port {port}", every=0.3)
             login = urllib.request.Request(f"http://127.0.0.1:{port}/login", data=b"password=correct+horse+battery")
             opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
             opener.open(login, timeout=10)
-            deadline = time.monotonic() + 20
-            while True:
-                gates = json.loads(opener.open(f"http://127.0.0.1:{port}/api/status", timeout=10).read())["gates"]
-                if gates[0]["verifier_state"] == "up" or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-            assert [(g["gate_id"], g["verifier_state"]) for g in gates] == [("A1", "up")]
+
+            def gates() -> list[dict]:
+                return json.loads(opener.open(f"http://127.0.0.1:{port}/api/status", timeout=10).read())["gates"]
+
+            wait_until(
+                lambda: gates()[0]["verifier_state"] == "up", 20, "the console showing the verifier up", every=0.5
+            )
+            assert [(g["gate_id"], g["verifier_state"]) for g in gates()] == [("A1", "up")]
         finally:
             Shell.stop(console, console_line)
         webhook_line = f"kiosk subscribe {cfg} --gate A1 --webhook http://127.0.0.1:8080/gate"
@@ -337,7 +339,7 @@ def test_every_readme_command_runs_as_written(site):
         port_8080 = _port_free(8080)
         if port_8080:
             receiver = sh.start(receiver_line)
-            time.sleep(0.5)
+            wait_until(lambda: not _port_free(8080), 10, "the webhook receiver listening on port 8080")
             lines.append(webhook_line)
         else:  # someone else's server on 8080: those two lines cannot run here as written
             ran += [receiver_line, webhook_line]
@@ -345,32 +347,37 @@ def test_every_readme_command_runs_as_written(site):
         files = [site / "var/a1-events.jsonl", site / "var/gate-events.jsonl"]
         if port_8080:
             files.append(site / "var/gate-a1.jsonl")
-        deadline = time.monotonic() + 40
-        while not all(f.exists() and f.read_text().strip() for f in files) and time.monotonic() < deadline:
-            time.sleep(0.25)
+        wait_until(
+            lambda: all(f.exists() and f.read_text().strip() for f in files),
+            40,
+            "each hook's first decision",
+            every=0.25,
+        )
         for f in files:  # each hook got decisions of the running gate (the receiver: signed, verified)
             events = [json.loads(line) for line in f.read_text().splitlines()]
             assert events and all(e["type"] in ("accept", "reject") for e in events), f
         # The hooks.python subscriber prints each decision: wait for its first, as for the files above.
-        printed, fd = "", subs[2][0].stdout.fileno()
+        printed, fd = [""], subs[2][0].stdout.fileno()
         os.set_blocking(fd, False)
-        deadline = time.monotonic() + 40
-        while not re.search(r"^(accept|reject)$", printed, re.M) and time.monotonic() < deadline:
+
+        def printed_a_decision() -> bool:
             try:
                 chunk = os.read(fd, 65536).decode(errors="replace")
             except BlockingIOError:
-                time.sleep(0.25)
-                continue
-            if not chunk:
-                break
-            printed += chunk
+                chunk = None
+            if chunk == "":  # its stdout closed: it ended, and said all it will
+                return True
+            printed[0] += chunk or ""
+            return re.search(r"^(accept|reject)$", printed[0], re.M) is not None
+
+        wait_until(printed_a_decision, 40, "the hooks.python subscriber printing a decision", every=0.25)
         python_out = {line: Shell.stop(proc, line) for proc, line in subs}
         subs = []
-        assert re.search(r"^(accept|reject)$", printed + python_out[lines[2]], re.M)
+        assert re.search(r"^(accept|reject)$", printed[0] + python_out[lines[2]], re.M)
         status_line = f"kiosk {cfg} board status --flight LH123 --json"
-        deadline = time.monotonic() + 40  # PNR123 (the claim above, or 1:1 on LH123) boards at A1
-        while json.loads(sh.run(status_line).stdout)["flights"][0]["boarded"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_until(  # PNR123 (the claim above, or 1:1 on LH123) boards at A1
+            lambda: json.loads(sh.run(status_line).stdout)["flights"][0]["boarded"] >= 1, 40, "a boarding", every=0.5
+        )
         flight = json.loads(sh.run(status_line).stdout)["flights"][0]
         assert (flight["passengers"], flight["boarded"], flight["remaining"]) == (2, 1, 1)
     finally:

@@ -22,8 +22,7 @@ import pytest
 from kiosk.config import config_from_mapping
 from kiosk.errors import ConfigError
 from kiosk.messaging.transport import free_port, init_keys
-from kiosk.services import subscriber
-from kiosk.services.subscriber import build_hooks, webhook_hook
+from kiosk.services.subscriber import build_hooks, post_once, webhook_hook
 from kiosk.services.webhook_signing import (
     BadSignature,
     load_secret,
@@ -208,7 +207,7 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_reference_receiver_end_to_end(tmp_path, monkeypatch):
+def test_reference_receiver_end_to_end(tmp_path):
     keys = tmp_path / "keys"
     init_keys(keys)
     secret = load_secret(keys / "webhook.secret")
@@ -243,24 +242,23 @@ def test_reference_receiver_end_to_end(tmp_path, monkeypatch):
 
         wait_until(listening, 10, f"the reference receiver listening on port {port}", every=0.05)
 
-        # Our own webhook hook as `kiosk subscribe` builds it, signed: accepted. Keep the request to replay it.
-        sent: list[tuple[bytes, dict[str, str]]] = []
-        real_post = subscriber._post
-
-        def recording(url, body, headers, deadline_s):
-            sent.append((body, headers))
-            return real_post(url, body, headers, deadline_s)
-
-        monkeypatch.setattr(subscriber, "_post", recording)
+        # Our own webhook hook as `kiosk subscribe` builds it, signed: accepted.
         event = {"type": "accept", "gate_id": "A1", "subject_id": "YAO", "event_id": "ev-1", "decided_at": time.time()}
         (hook,) = build_hooks(
             config_from_mapping({"security": {"keys_dir": str(keys)}}), jsonl=[], execs=[], webhooks=[url]
         )
         hook.submit(event)
         hook.close()
-        monkeypatch.undo()
         assert hook.delivered == 1 and hook.failed == 0
         assert [json.loads(line) for line in received.read_text().splitlines()] == [event]
+        # The same signed POST with each request kept as sent, to replay it below.
+        sent: list[tuple[bytes, dict[str, str]]] = []
+
+        def recording(url, body, headers, deadline_s):
+            sent.append((body, headers))
+            return post_once(url, body, headers, deadline_s)
+
+        webhook_hook(url, 2.0, 0, secret, post=recording)({**event, "event_id": "ev-1r"})
 
         # A forged accept (wrong secret) and a stale one correctly signed: refused; a replay: not acted on again.
         forged = json.dumps({**event, "event_id": "ev-2"}).encode()
@@ -270,7 +268,7 @@ def test_reference_receiver_end_to_end(tmp_path, monkeypatch):
         assert code == 401 and "tolerance" in reason
         ((first_body, first_headers),) = sent
         code, reason = _post(url, first_body, first_headers)
-        assert code == 200 and "event_id ev-1 already handled; ignored" in reason  # not acted on twice
+        assert code == 200 and "event_id ev-1r already handled; ignored" in reason  # not acted on twice
         unsigned = json.dumps({**event, "event_id": "ev-4"}).encode()
         assert _post(url, unsigned, {})[0] == 401
         # The hook reports the receiver's reason when refused (401 is not retried).
@@ -279,7 +277,7 @@ def test_reference_receiver_end_to_end(tmp_path, monkeypatch):
         # The same raw client with a good signature is accepted: the refusals above are the receiver's doing.
         fresh = json.dumps({**event, "event_id": "ev-6"}).encode()
         assert _post(url, fresh, sign(secret, fresh, int(time.time()))) == (204, "")
-        assert [json.loads(line)["event_id"] for line in received.read_text().splitlines()] == ["ev-1", "ev-6"]
+        assert [json.loads(line)["event_id"] for line in received.read_text().splitlines()] == ["ev-1", "ev-1r", "ev-6"]
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=5)

@@ -422,9 +422,10 @@ class Transport:
         self._as_server(sock, "preview")
         return self._attach(sock, "preview", bind=True)
 
-    def preview_subscriber(self) -> zmq.Socket[bytes]:
-        """DEALER: sends its watch lease (kiosk.services.preview.watch_request), receives [topic, header, JPEG]."""
-        sock = self._socket(zmq.DEALER, RCVHWM=16, SNDHWM=4, MAXMSGSIZE=PREVIEW_PART_MAX)
+    def preview_subscriber(self, sndhwm: int = 4) -> zmq.Socket[bytes]:
+        """DEALER: sends its watch lease (kiosk.services.preview.watch_request), receives [topic, header, JPEG].
+        `sndhwm`: the leases it queues to send (0: no limit, what a test flooding the verifier asks for)."""
+        sock = self._socket(zmq.DEALER, RCVHWM=16, SNDHWM=sndhwm, MAXMSGSIZE=PREVIEW_PART_MAX)
         self._as_client(sock, "preview")
         return self._attach(sock, "preview", bind=False)
 

@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -40,9 +41,11 @@ MISSED_MAX = 10_000  # published lines waiting for a writable log; beyond it the
 
 
 class AuditLog:
-    def __init__(self, path: Path, keep_days: int = 30) -> None:
+    def __init__(self, path: Path, keep_days: int = 30, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` (monotonic seconds) paces the reopening of an unwritable log (every RETRY_EVERY_S)."""
         self.path = path
         self.keep_days = keep_days
+        self.clock = clock
         self.error = ""  # why the last write failed; "" while the log is writable
         self.failures = 0
         self._fh: BinaryIO | None = None
@@ -59,7 +62,7 @@ class AuditLog:
         return len(self._missed) + (1 if self._lost else 0)
 
     def _open(self) -> bool:
-        self._last_try = time.monotonic()
+        self._last_try = self.clock()
         rotate_daily(self.path, self.keep_days)
         self._day = today()
         try:
@@ -136,7 +139,7 @@ class AuditLog:
         soon as it can be, so a gate that stays quiet after an outage still gets its record."""
         if self._fh is not None:
             self._reopen_if_moved()
-        elif time.monotonic() - self._last_try >= RETRY_EVERY_S:
+        elif self.clock() - self._last_try >= RETRY_EVERY_S:
             self._open()
         if self._fh is not None and self.pending:
             return self._write(b"")
@@ -147,7 +150,7 @@ class AuditLog:
             self._fh.close()
             self._fh = None
             self._last_try = float("-inf")
-        if self._fh is None and (time.monotonic() - self._last_try < RETRY_EVERY_S or not self._open()):
+        if self._fh is None and (self.clock() - self._last_try < RETRY_EVERY_S or not self._open()):
             return False
         if not self._reopen_if_moved():
             return False

@@ -203,9 +203,10 @@ class GalleryWatch(threading.Thread):
                 self.health.clear(GALLERY)
             return
         self._on_change()
-        self._load()
+        self._load(revision)
 
-    def _load(self) -> None:
+    def _load(self, revision: int) -> None:
+        """Load the view of the gallery, which was at `revision` a moment ago (for the log)."""
         try:
             # Its own connection: a gallery file that vanished is an error here, never a new empty gallery:
             # the verifier keeps deciding from the view it has and says so.
@@ -215,7 +216,12 @@ class GalleryWatch(threading.Thread):
             load_ms = (time.perf_counter() - started) * 1000
         except Exception as exc:  # noqa: BLE001 - keep serving the old view
             self.health.report(GALLERY, f"gallery reload: {exc}", latest=True)
-            log.warning("gallery reload failed, keeping revision %d: %s", self._flights.full.revision, exc)
+            log.warning(
+                "gallery reload failed, keeping revision %d (the gallery is at revision %d): %s",
+                self._flights.full.revision,
+                revision,
+                exc,
+            )
             return
         self._flights = loaded
         self.health.clear(GALLERY)

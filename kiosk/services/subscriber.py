@@ -304,7 +304,7 @@ def exec_hook(command: str, timeout_s: float) -> ExecHook:
     return ExecHook(command, timeout_s)
 
 
-def _post(url: str, body: bytes, headers: dict[str, str], deadline_s: float) -> tuple[int, str]:
+def post_once(url: str, body: bytes, headers: dict[str, str], deadline_s: float) -> tuple[int, str]:
     """One POST with a total deadline: the connection is cut when it passes, however slowly the receiver
     trickles its answer (a per-read timeout would let one byte a second hold the worker for ever).
     Redirects are not followed. Returns (status, the first line of the answer)."""
@@ -339,12 +339,19 @@ def _post(url: str, body: bytes, headers: dict[str, str], deadline_s: float) -> 
         conn.close()
 
 
-def webhook_hook(url: str, timeout_s: float, retries: int, secret: bytes | None) -> Callable[[dict[str, Any]], None]:
+Post = Callable[[str, bytes, dict[str, str], float], tuple[int, str]]
+"""(url, body, headers, deadline_s) -> (HTTP status, the first line of the answer): one POST attempt."""
+
+
+def webhook_hook(
+    url: str, timeout_s: float, retries: int, secret: bytes | None, *, post: Post = post_once
+) -> Callable[[dict[str, Any]], None]:
     """POST each event as JSON; with `secret`, each attempt is signed afresh (see kiosk.services.webhook_signing).
 
     Each attempt has a total deadline of `timeout_s`; a 2xx answer is delivery, a 3xx or 4xx is a failure
     that is not retried (a redirect is never followed: it could send an accept anywhere), 429, 5xx and
-    network errors are retried `retries` times with backoff."""
+    network errors are retried `retries` times with backoff. `post` makes one attempt (a test may wrap it to
+    see each request as sent)."""
 
     def deliver(event: dict[str, Any]) -> None:
         body = json.dumps(event).encode()
@@ -354,7 +361,7 @@ def webhook_hook(url: str, timeout_s: float, retries: int, secret: bytes | None)
             if secret is not None:
                 headers.update(sign(secret, body, int(time.time())))
             try:
-                status, said = _post(url, body, headers, timeout_s)
+                status, said = post(url, body, headers, timeout_s)
                 if 200 <= status < 300:
                     return
                 error = f"HTTP {status}" + (f" {said}" if said else "")

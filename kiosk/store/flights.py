@@ -370,12 +370,14 @@ def load_gate_flights(
     gates: set[str],
     load: str = "all",
     previous: GateFlights | None = None,
+    now: float | None = None,
 ) -> GateFlights:
     """The verifier's view of the gallery, from one snapshot: the templates it searches, which of `gates`
     board which flight, and those flights' manifests. `load`: "all" holds everyone enrolled (a passenger of
     any flight at the wrong gate is told `wrong_flight`); "gate_flights" holds only the passengers of the
     flights `gates` board (unless a gate boards none and so searches everyone), and a passenger of another
-    host's flight is rejected `no_match`. Given the `previous` view, only what changed is read."""
+    host's flight is rejected `no_match`. Given the `previous` view, only what changed is read. `now` (epoch
+    seconds, the current time where not given): who has expired."""
     store = SqliteBoardingStore(gallery)
     with gallery.transaction(write=False):
         assignments = {g: f for g, f in store.assignments().items() if g in gates}
@@ -383,5 +385,5 @@ def load_gate_flights(
         scope = None
         if load == "gate_flights" and (require_flight or set(assignments) >= gates):
             scope = frozenset(sid for ids in manifests.values() for sid in ids)
-        full = gallery.refresh(model_id, dim, previous.full if previous is not None else None, scope=scope)
+        full = gallery.refresh(model_id, dim, previous.full if previous is not None else None, scope=scope, now=now)
     return GateFlights.build(full.prepare(), assignments, manifests, require_flight, gates)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,6 +74,10 @@ class GalleryQueries:
     subject's templates and their flights change together."""
 
     _db: Db
+    # Told, before each read of templates, whose are read: a set of subject ids, or None for every subject's.
+    # What a refresh costs is what it reads (a verifier following a 100k-subject gallery must not read it all
+    # at each change): this is where a test or a profiler sees it.
+    on_template_read: Callable[[frozenset[str] | None], None] | None = None
 
     def file_problem(self) -> str:
         """What is wrong with the store under this connection ('' when nothing is seen): a file backend
@@ -475,6 +479,8 @@ class GalleryQueries:
         """(subject id, name, dim, sealed template, template id) of unexpired subjects' templates of `model_id`,
         by subject id and template id; only `subjects` where given (read in chunks: one statement has a bounded
         parameter count)."""
+        if self.on_template_read is not None:
+            self.on_template_read(subjects)
         query = (
             "SELECT t.subject_id, s.name, t.dim, t.embedding, t.id FROM templates t JOIN subjects s ON s.id = "
             "t.subject_id WHERE t.model_id = ? AND (s.expires IS NULL OR s.expires > ?)"

@@ -54,13 +54,20 @@ class Gallery(GalleryQueries):
         self.path = Path(path)
         self._seal_with = codec if seal else None
         if not create and not self.path.exists():
-            raise UsageError(
-                f"gallery {self.path} does not exist: create it with `kiosk-enroll -c CONFIG init` "
-                "(or enroll someone); it is never created empty behind your back"
-            )
+            raise self._missing()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False)
+            # Without `create`, the file is opened read-write only, never made: one deleted after the check above
+            # is an error, not a new empty gallery at its path.
+            target, uri = (str(self.path), False) if create else (self.path.absolute().as_uri() + "?mode=rw", True)
+            try:
+                self._db = sqlite3.connect(
+                    target, timeout=timeout, isolation_level=None, check_same_thread=False, uri=uri
+                )
+            except sqlite3.OperationalError:
+                if not create and not self.path.exists():
+                    raise self._missing() from None
+                raise
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -89,6 +96,12 @@ class Gallery(GalleryQueries):
             except BaseException:
                 self._db.close()
                 raise
+
+    def _missing(self) -> UsageError:
+        return UsageError(
+            f"gallery {self.path} does not exist: create it with `kiosk-enroll -c CONFIG init` "
+            "(or enroll someone); it is never created empty behind your back"
+        )
 
     def file_problem(self) -> str:
         """'' while the file at the path is the one this connection opened and opens as a SQLite database;

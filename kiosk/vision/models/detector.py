@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -103,6 +104,9 @@ class ScrfdDetector:
         self.close_up_pass = close_up_pass
         self.close_up_size = max(160, int(math.ceil(det_size / 2 / 32) * 32))
         self._centers: dict[tuple[int, int, int], np.ndarray] = {}
+        # Told each pass's geometry (new_w, new_h, scale, canvas_w, canvas_h, offset_x, offset_y), one per image,
+        # before it runs: which passes a detection took and at what size, for tests and profiling.
+        self.on_pass: Callable[[list[tuple[int, int, float, int, int, int, int]]], None] | None = None
 
     # -- geometry -----------------------------------------------------------------
     def main_geometry(self, h: int, w: int, min_face_px: int = 0) -> tuple[int, int, float, int, int]:
@@ -183,6 +187,8 @@ class ScrfdDetector:
         self, images: list[np.ndarray], geometry: list[tuple[int, int, float, int, int, int, int]]
     ) -> list[Faces]:
         """Resize each image into its canvas, run in batches of one canvas shape, decode."""
+        if self.on_pass is not None:
+            self.on_pass(geometry)
         canvases = []
         for img, (nw, nh, _scale, cw, ch, ox, oy) in zip(images, geometry, strict=True):
             canvas = np.zeros((ch, cw, 3), np.uint8)
