@@ -39,6 +39,10 @@ from kiosk.store.sealing import key_source
 
 if TYPE_CHECKING:
     import subprocess
+    from collections.abc import Callable
+
+    from kiosk.boarding.gates import GateFlights
+    from kiosk.store.gallery import GalleryMatrix
 
 log = logging.getLogger(__name__)
 
@@ -706,53 +710,26 @@ def run_flight_scale(
     view = GateFlights.build(full, {"A1": "F1"}, {"F1": set(ids[:passengers])}, False)
     build_ms = (time.perf_counter() - t0) * 1000
 
-    def probe(picks: np.ndarray | None) -> np.ndarray:
-        base = emb[picks] if picks is not None else rng.standard_normal((queries, dim)).astype(np.float32)
-        q = base + rng.standard_normal((queries, dim)).astype(np.float32) / np.float32(np.sqrt(dim)) * (
-            1.0 if picks is not None else 0.0
-        )
-        return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
-
     def ok(m: Any) -> bool:
         return m.subject_id is not None and m.score >= threshold and m.margin >= margin
 
-    def timed(queries_: np.ndarray, flight: bool) -> tuple[list[float], list[Any]]:
-        times, found = [], []
-        for i in range(len(queries_)):
-            t = time.perf_counter()
-            if flight:
-                (m,) = view.matrix_for("A1").search(queries_[i : i + 1])
-                if not ok(m):  # what the verifier does next: is it someone on another flight?
-                    (m,) = full.search(queries_[i : i + 1])
-            else:
-                (m,) = full.search(queries_[i : i + 1])
-            times.append((time.perf_counter() - t) * 1000)
-            found.append(m)
-        return times, found
-
+    # (the draws from rng in this order: the figures of a run are the same every time)
     on_flight = rng.choice(passengers, queries)
     elsewhere = rng.choice(np.arange(passengers, enrolled), queries) if enrolled > passengers else None
-    rows: dict[str, Any] = {}
-    full.search(probe(on_flight)[:1])
+    full.search(_synthetic_queries(rng, emb, on_flight, queries, dim)[:1])  # warm-up
     cases = [
-        ("passenger_at_their_gate", probe(on_flight), True, on_flight),
-        ("passenger_at_their_gate_1toN", probe(on_flight), False, on_flight),
-        ("stranger", probe(None), True, None),
+        ("passenger_at_their_gate", _synthetic_queries(rng, emb, on_flight, queries, dim), True, on_flight),
+        ("passenger_at_their_gate_1toN", _synthetic_queries(rng, emb, on_flight, queries, dim), False, on_flight),
+        ("stranger", _synthetic_queries(rng, emb, None, queries, dim), True, None),
     ]
     if elsewhere is not None:
-        cases.insert(2, ("other_flight_passenger", probe(elsewhere), True, elsewhere))
+        cases.insert(
+            2, ("other_flight_passenger", _synthetic_queries(rng, emb, elsewhere, queries, dim), True, elsewhere)
+        )
+    rows: dict[str, Any] = {}
     for name, q, flight, truth in cases:
-        times, found = timed(q, flight)
-        right = [
-            ok(m) and truth is not None and m.subject_id == ids[t]
-            for m, t in zip(found, truth if truth is not None else [0] * len(found), strict=True)
-        ]
-        rows[name] = {
-            "p50_ms": round(float(np.percentile(times, 50)), 3),
-            "p99_ms": round(float(np.percentile(times, 99)), 3),
-            "identified": round(sum(right) / len(found), 3) if truth is not None else None,
-            "false_match": round(sum(ok(m) for m in found) / len(found), 3) if truth is None else None,
-        }
+        times, found = _timed_searches(q, full, view if flight else None, ok)
+        rows[name] = _case_row(times, found, truth, ids, ok)
     return {
         "flight_scale": {
             "passengers": passengers,
@@ -762,4 +739,51 @@ def run_flight_scale(
             "flight_view_build_ms": round(build_ms, 2),
             "cases": rows,
         }
+    }
+
+
+def _synthetic_queries(
+    rng: np.random.Generator, emb: np.ndarray, picks: np.ndarray | None, queries: int, dim: int
+) -> np.ndarray:
+    """Unit-length queries: noisy copies of the picked subjects' templates, or (picks None) strangers."""
+    base = emb[picks] if picks is not None else rng.standard_normal((queries, dim)).astype(np.float32)
+    q = base + rng.standard_normal((queries, dim)).astype(np.float32) / np.float32(np.sqrt(dim)) * (
+        1.0 if picks is not None else 0.0
+    )
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _timed_searches(
+    queries: np.ndarray, full: GalleryMatrix, view: GateFlights | None, ok: Callable[[Any], bool]
+) -> tuple[list[float], list[Any]]:
+    """Each query's search time (ms) and best match. With the gate's flight view: 1:few, then where that finds
+    nobody the whole gallery, as the verifier does (is it someone on another flight?); without: plain 1:N."""
+    times, found = [], []
+    for i in range(len(queries)):
+        t = time.perf_counter()
+        if view is not None:
+            (m,) = view.matrix_for("A1").search(queries[i : i + 1])
+            if not ok(m):
+                (m,) = full.search(queries[i : i + 1])
+        else:
+            (m,) = full.search(queries[i : i + 1])
+        times.append((time.perf_counter() - t) * 1000)
+        found.append(m)
+    return times, found
+
+
+def _case_row(
+    times: list[float], found: list[Any], truth: np.ndarray | None, ids: list[str], ok: Callable[[Any], bool]
+) -> dict[str, Any]:
+    """One case's figures: latency quantiles, and the share identified right (known subjects) or matched at all
+    (strangers: a false match)."""
+    right = [
+        ok(m) and truth is not None and m.subject_id == ids[t]
+        for m, t in zip(found, truth if truth is not None else [0] * len(found), strict=True)
+    ]
+    return {
+        "p50_ms": round(float(np.percentile(times, 50)), 3),
+        "p99_ms": round(float(np.percentile(times, 99)), 3),
+        "identified": round(sum(right) / len(found), 3) if truth is not None else None,
+        "false_match": round(sum(ok(m) for m in found) / len(found), 3) if truth is None else None,
     }
