@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from kiosk.messaging.reasons import is_alert_reason
-from kiosk.messaging.status import GateHeartbeat, Heartbeat, VerifierHeartbeat, heartbeat_from_json, quantiles_json
+from kiosk.messaging.status import (
+    CameraStatus,
+    GalleryStatus,
+    GateHeartbeat,
+    Heartbeat,
+    VerifierHeartbeat,
+    heartbeat_from_json,
+    quantiles_json,
+)
 from kiosk.store.sealing import TemplateCodec
 
 log = logging.getLogger(__name__)
@@ -200,84 +208,90 @@ class ConsoleState:
             return [{**e, "has_crop": str(e.get("event_id")) in self.crops} for e in chosen]
 
     def status(self) -> dict[str, Any]:
+        """The console's status JSON: the verifier's health, each configured gate's, and the last alerts."""
         now = time.time()
         with self.lock:
-            hb = self.verifier
-            cams = {cid: cam for beat in self.gate_beats.values() for cid, cam in beat.cameras.items()}
-            gates_hb = {g: beat.gate for g, beat in self.gate_beats.items()}
-            gallery = hb.gallery if hb is not None else None
-            verifier = {
-                "state": self.verifier_state,
-                "heartbeat_age_s": round(now - self.verifier_at, 1) if self.verifier_at else None,
-                "status": hb.status if hb else None,
-                "fps": hb.fps if hb else None,
-                "frame_latency_ms": quantiles_json(hb.frame_latency_ms) if hb else None,
-                "decision_latency_ms": quantiles_json(hb.decision_latency_ms) if hb else None,
-                "gallery": {
-                    "subjects": gallery.subjects if gallery else None,
-                    "stale": gallery.stale if gallery else None,
-                    "error": gallery.error if gallery else None,
-                    "refusing": gallery.refusing if gallery else None,
-                    "accepts_from_memory_s": gallery.accepts_from_memory_s if gallery else None,
-                    "action": gallery.action if gallery else None,
-                },
-                "providers": list(hb.providers) if hb else None,
-                "last_error": hb.last_error if hb else None,
-            }
-            gates = []
-            for gate, cameras in sorted(self.gates.items()):
-                camera_states: list[dict[str, Any]] = []
-                for cid in cameras:
-                    c = cams.get(cid)
-                    state = c.state if c is not None and self.verifier_state == "up" else "unknown"
-                    camera_states.append(
-                        {
-                            "camera_id": cid,
-                            "state": state,
-                            "last_error": c.last_error if c else None,
-                            "last_frame_age_s": c.last_frame_age_s if c else None,
-                            "fps": self.camera_fps.get(cid),
-                        }
-                    )
-                states = {c["state"] for c in camera_states}
-                gate_hb = gates_hb.get(gate)
-                flight_id = gate_hb.flight_id if gate_hb else None
-                flight = self.flights.get(flight_id) if flight_id else None
-                last = self.last.get(gate)
-                gates.append(
-                    {
-                        "gate_id": gate,
-                        "camera_state": "down"
-                        if "down" in states
-                        else "up"
-                        if states <= {"up", "ended"} and states
-                        else "unknown",
-                        "cameras": camera_states,
-                        "fps": round(sum(c["fps"] or 0 for c in camera_states), 1),
-                        "verifier_state": self.verifier_state,
-                        "flight_id": flight_id,
-                        "flight": None
-                        if flight is None
-                        else {**flight, "remaining": flight["passengers"] - flight["boarded"]},
-                        "gallery_subjects": gallery.subjects if gallery else None,
-                        "last_decision": None
-                        if last is None
-                        else {
-                            k: last.get(k)
-                            for k in (
-                                "event_id",
-                                "type",
-                                "subject_id",
-                                "display_name",
-                                "score",
-                                "reason",
-                                "latency_ms",
-                                "decided_at",
-                                "alert",
-                            )
-                        },
-                        "watched": self.viewers.get(gate, 0) > 0,
-                    }
-                )
+            heard = {cid: cam for beat in self.gate_beats.values() for cid, cam in beat.cameras.items()}
+            verifier = self._verifier_view(now)
+            gates = [self._gate_view(gate, cameras, heard) for gate, cameras in sorted(self.gates.items())]
             alerts = [e for e in self.feed if e.get("alert")][:10]
         return {"verifier": verifier, "gates": gates, "alerts": alerts, "time": now}
+
+    def _verifier_view(self, now: float) -> dict[str, Any]:
+        """The verifier as its own heartbeat last said (None throughout before the first); the lock is held."""
+        hb = self.verifier
+        gallery = hb.gallery if hb is not None else None
+        return {
+            "state": self.verifier_state,
+            "heartbeat_age_s": round(now - self.verifier_at, 1) if self.verifier_at else None,
+            "status": hb.status if hb else None,
+            "fps": hb.fps if hb else None,
+            "frame_latency_ms": quantiles_json(hb.frame_latency_ms) if hb else None,
+            "decision_latency_ms": quantiles_json(hb.decision_latency_ms) if hb else None,
+            "gallery": _gallery_view(gallery),
+            "providers": list(hb.providers) if hb else None,
+            "last_error": hb.last_error if hb else None,
+        }
+
+    def _gate_view(self, gate: str, cameras: list[str], heard: dict[str, CameraStatus]) -> dict[str, Any]:
+        """One gate's tile: its cameras (as its part of the heartbeat said), flight, last decision; the lock is held."""
+        camera_states = [self._camera_view(cid, heard.get(cid)) for cid in cameras]
+        beat = self.gate_beats.get(gate)
+        gate_hb = beat.gate if beat is not None else None
+        flight_id = gate_hb.flight_id if gate_hb else None
+        flight = self.flights.get(flight_id) if flight_id else None
+        last = self.last.get(gate)
+        hb = self.verifier
+        gallery = hb.gallery if hb is not None else None
+        return {
+            "gate_id": gate,
+            "camera_state": _gate_camera_state({c["state"] for c in camera_states}),
+            "cameras": camera_states,
+            "fps": round(sum(c["fps"] or 0 for c in camera_states), 1),
+            "verifier_state": self.verifier_state,
+            "flight_id": flight_id,
+            "flight": None if flight is None else {**flight, "remaining": flight["passengers"] - flight["boarded"]},
+            "gallery_subjects": gallery.subjects if gallery else None,
+            "last_decision": None if last is None else {k: last.get(k) for k in LAST_DECISION_KEYS},
+            "watched": self.viewers.get(gate, 0) > 0,
+        }
+
+    def _camera_view(self, cid: str, c: CameraStatus | None) -> dict[str, Any]:
+        """One camera of a gate; its state is unknown while the verifier is not up (an old heartbeat says nothing)."""
+        return {
+            "camera_id": cid,
+            "state": c.state if c is not None and self.verifier_state == "up" else "unknown",
+            "last_error": c.last_error if c else None,
+            "last_frame_age_s": c.last_frame_age_s if c else None,
+            "fps": self.camera_fps.get(cid),
+        }
+
+
+LAST_DECISION_KEYS = (
+    "event_id",
+    "type",
+    "subject_id",
+    "display_name",
+    "score",
+    "reason",
+    "latency_ms",
+    "decided_at",
+    "alert",
+)
+
+
+def _gallery_view(gallery: GalleryStatus | None) -> dict[str, Any]:
+    """The gallery figures an operator acts on (None throughout when the heartbeat did not say)."""
+    return {
+        "subjects": gallery.subjects if gallery else None,
+        "stale": gallery.stale if gallery else None,
+        "error": gallery.error if gallery else None,
+        "refusing": gallery.refusing if gallery else None,
+        "accepts_from_memory_s": gallery.accepts_from_memory_s if gallery else None,
+        "action": gallery.action if gallery else None,
+    }
+
+
+def _gate_camera_state(states: set[str]) -> str:
+    """A gate's cameras in one word: down if any is, up only if every one is up (or ended), else unknown."""
+    return "down" if "down" in states else "up" if states <= {"up", "ended"} and states else "unknown"

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -36,6 +36,13 @@ from kiosk.messaging.status import Quantiles, VerifierStatus, quantiles_json
 from kiosk.messaging.transport import Transport, control_request, init_keys, loopback_endpoints
 from kiosk.store.gallery import open_gallery
 from kiosk.store.sealing import key_source
+
+if TYPE_CHECKING:
+    import subprocess
+    from collections.abc import Callable
+
+    from kiosk.boarding.gates import GateFlights
+    from kiosk.store.gallery import GalleryMatrix
 
 log = logging.getLogger(__name__)
 
@@ -177,53 +184,16 @@ def _run_cameras(
     ids = [cid for cid, _gate, _video in cameras]
     verifier = subprocess.Popen(base + ["verify"])  # noqa: S603 - this interpreter's own kiosk CLI, our arguments
     captures: dict[str, subprocess.Popen] = {}
-    events: list[Event] = []
-    health: dict[str, dict[str, Any]] = {}
-    status: dict[str, Any] | None = None
-    cpu_from: dict[str, float] = {}  # process -> CPU seconds at the start of the window
-    cpu_last: dict[str, tuple[float, float]] = {}  # process -> (CPU seconds, monotonic) at its last reading
-    window_start: float | None = None  # monotonic start of the CPU window
+    run = _CameraRun(inbox, transport, verifier, captures, warm_up_s)
     try:
-        deadline = time.monotonic() + 120
-        while not isinstance(inbox.recv(100), Heartbeat):  # model load: not timed
-            if verifier.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeFailure("bench: the verifier did not start")
+        _wait_for_verifier(inbox, verifier)
         for cid in ids:
             captures[cid] = subprocess.Popen(base + ["capture", "--camera", cid])  # noqa: S603 - as the verifier
-        started = time.monotonic()
-        procs = {"verifier": verifier, **{f"capture {cid}": p for cid, p in captures.items()}}
-
-        def absorb(wait_ms: int = 0) -> None:
-            """Take the waiting messages (events, the captures' health) and read the processes' CPU time."""
-            nonlocal window_start
-            while (message := inbox.recv(wait_ms)) is not None:
-                if isinstance(message, Event):
-                    events.append(message)
-                elif isinstance(message, CaptureHealth) and message.camera_id in captures:
-                    health[message.camera_id] = message.body
-            now = time.monotonic()
-            ended = any(h.get("status") == "eof" for h in health.values())
-            if window_start is None and now - started >= warm_up_s:
-                window_start = now
-                for name, proc in procs.items():
-                    if (cpu := _cpu_seconds(proc.pid)) is not None:
-                        cpu_from[name] = cpu
-            if window_start is not None and not ended:
-                for name, proc in procs.items():
-                    if name in cpu_from and (cpu := _cpu_seconds(proc.pid)) is not None:
-                        cpu_last[name] = (cpu, now)
-
-        def ask() -> dict[str, Any] | None:
-            nonlocal status
-            if any(p.poll() is None for p in captures.values()):
-                return None
-            status = control_request(transport, {"cmd": "status"})
-            return status
-
-        if not wait_until_eof(ask, ids, timeout_s=timeout_s, every_s=0.05, while_waiting=absorb):
+        run.start()
+        if not wait_until_eof(run.ask, ids, timeout_s=timeout_s, every_s=0.05, while_waiting=run.absorb):
             raise RuntimeFailure(f"bench: not done after {timeout_s:.0f}s")
         time.sleep(0.3)
-        absorb(100)
+        run.absorb(100)
     finally:
         for proc in [*captures.values(), verifier]:
             if proc.poll() is None:
@@ -231,14 +201,85 @@ def _run_cameras(
                 proc.wait(10)
         inbox.sock.close()
         transport.close()
-    if status is None:  # wait_until_eof returned True, so a status was asked (and answered)
+    if run.status is None:  # wait_until_eof returned True, so a status was asked (and answered)
         raise RuntimeFailure("bench: the verifier never answered `status`")
-    cpu = {}
-    for name, (seconds, at) in cpu_last.items():
-        span = at - (window_start if window_start is not None else at)  # (set before any reading)
-        if span >= 1.0:
-            cpu[name] = {"core_share": round((seconds - cpu_from[name]) / span, 3), "over_s": round(span, 1)}
-    return {"status": status, "events": events, "capture_health": health, "cpu": cpu}
+    return {"status": run.status, "events": run.events, "capture_health": run.health, "cpu": run.cpu_shares()}
+
+
+def _wait_for_verifier(inbox: EventChannel, verifier: subprocess.Popen) -> None:
+    """Until the verifier's first heartbeat: its model load is not timed, and the captures start after it."""
+    deadline = time.monotonic() + 120
+    while not isinstance(inbox.recv(100), Heartbeat):
+        if verifier.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeFailure("bench: the verifier did not start")
+
+
+class _CameraRun:
+    """What a camera run hears (events, the captures' health, the verifier's status) and the CPU time its
+    processes use over the steady-state window: from `warm_up_s` after the captures started until the first
+    source ended."""
+
+    def __init__(
+        self,
+        inbox: EventChannel,
+        transport: Transport,
+        verifier: subprocess.Popen,
+        captures: dict[str, subprocess.Popen],
+        warm_up_s: float,
+    ) -> None:
+        self.inbox = inbox
+        self.transport = transport
+        self.verifier = verifier
+        self.captures = captures  # filled by the caller before start()
+        self.warm_up_s = warm_up_s
+        self.events: list[Event] = []
+        self.health: dict[str, dict[str, Any]] = {}
+        self.status: dict[str, Any] | None = None
+        self.started = 0.0
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.cpu_from: dict[str, float] = {}  # process -> CPU seconds at the start of the window
+        self.cpu_last: dict[str, tuple[float, float]] = {}  # process -> (CPU seconds, monotonic) at its last reading
+        self.window_start: float | None = None  # monotonic start of the CPU window
+
+    def start(self) -> None:
+        """The captures have started: the warm-up counts from now."""
+        self.started = time.monotonic()
+        self.procs = {"verifier": self.verifier, **{f"capture {cid}": p for cid, p in self.captures.items()}}
+
+    def absorb(self, wait_ms: int = 0) -> None:
+        """Take the waiting messages (events, the captures' health) and read the processes' CPU time."""
+        while (message := self.inbox.recv(wait_ms)) is not None:
+            if isinstance(message, Event):
+                self.events.append(message)
+            elif isinstance(message, CaptureHealth) and message.camera_id in self.captures:
+                self.health[message.camera_id] = message.body
+        now = time.monotonic()
+        ended = any(h.get("status") == "eof" for h in self.health.values())
+        if self.window_start is None and now - self.started >= self.warm_up_s:
+            self.window_start = now
+            for name, proc in self.procs.items():
+                if (cpu := _cpu_seconds(proc.pid)) is not None:
+                    self.cpu_from[name] = cpu
+        if self.window_start is not None and not ended:
+            for name, proc in self.procs.items():
+                if name in self.cpu_from and (cpu := _cpu_seconds(proc.pid)) is not None:
+                    self.cpu_last[name] = (cpu, now)
+
+    def ask(self) -> dict[str, Any] | None:
+        """The verifier's status once every capture has exited (None before: wait_until_eof asks again)."""
+        if any(p.poll() is None for p in self.captures.values()):
+            return None
+        self.status = control_request(self.transport, {"cmd": "status"})
+        return self.status
+
+    def cpu_shares(self) -> dict[str, dict[str, float]]:
+        """Each process's share of a core over the window (left out where the window was under a second)."""
+        cpu = {}
+        for name, (seconds, at) in self.cpu_last.items():
+            span = at - (self.window_start if self.window_start is not None else at)  # (set before any reading)
+            if span >= 1.0:
+                cpu[name] = {"core_share": round((seconds - self.cpu_from[name]) / span, 3), "over_s": round(span, 1)}
+        return cpu
 
 
 def _probe(video: Path) -> tuple[int, int, float, int]:
@@ -669,53 +710,26 @@ def run_flight_scale(
     view = GateFlights.build(full, {"A1": "F1"}, {"F1": set(ids[:passengers])}, False)
     build_ms = (time.perf_counter() - t0) * 1000
 
-    def probe(picks: np.ndarray | None) -> np.ndarray:
-        base = emb[picks] if picks is not None else rng.standard_normal((queries, dim)).astype(np.float32)
-        q = base + rng.standard_normal((queries, dim)).astype(np.float32) / np.float32(np.sqrt(dim)) * (
-            1.0 if picks is not None else 0.0
-        )
-        return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
-
     def ok(m: Any) -> bool:
         return m.subject_id is not None and m.score >= threshold and m.margin >= margin
 
-    def timed(queries_: np.ndarray, flight: bool) -> tuple[list[float], list[Any]]:
-        times, found = [], []
-        for i in range(len(queries_)):
-            t = time.perf_counter()
-            if flight:
-                (m,) = view.matrix_for("A1").search(queries_[i : i + 1])
-                if not ok(m):  # what the verifier does next: is it someone on another flight?
-                    (m,) = full.search(queries_[i : i + 1])
-            else:
-                (m,) = full.search(queries_[i : i + 1])
-            times.append((time.perf_counter() - t) * 1000)
-            found.append(m)
-        return times, found
-
+    # (the draws from rng in this order: the figures of a run are the same every time)
     on_flight = rng.choice(passengers, queries)
     elsewhere = rng.choice(np.arange(passengers, enrolled), queries) if enrolled > passengers else None
-    rows: dict[str, Any] = {}
-    full.search(probe(on_flight)[:1])
+    full.search(_synthetic_queries(rng, emb, on_flight, queries, dim)[:1])  # warm-up
     cases = [
-        ("passenger_at_their_gate", probe(on_flight), True, on_flight),
-        ("passenger_at_their_gate_1toN", probe(on_flight), False, on_flight),
-        ("stranger", probe(None), True, None),
+        ("passenger_at_their_gate", _synthetic_queries(rng, emb, on_flight, queries, dim), True, on_flight),
+        ("passenger_at_their_gate_1toN", _synthetic_queries(rng, emb, on_flight, queries, dim), False, on_flight),
+        ("stranger", _synthetic_queries(rng, emb, None, queries, dim), True, None),
     ]
     if elsewhere is not None:
-        cases.insert(2, ("other_flight_passenger", probe(elsewhere), True, elsewhere))
+        cases.insert(
+            2, ("other_flight_passenger", _synthetic_queries(rng, emb, elsewhere, queries, dim), True, elsewhere)
+        )
+    rows: dict[str, Any] = {}
     for name, q, flight, truth in cases:
-        times, found = timed(q, flight)
-        right = [
-            ok(m) and truth is not None and m.subject_id == ids[t]
-            for m, t in zip(found, truth if truth is not None else [0] * len(found), strict=True)
-        ]
-        rows[name] = {
-            "p50_ms": round(float(np.percentile(times, 50)), 3),
-            "p99_ms": round(float(np.percentile(times, 99)), 3),
-            "identified": round(sum(right) / len(found), 3) if truth is not None else None,
-            "false_match": round(sum(ok(m) for m in found) / len(found), 3) if truth is None else None,
-        }
+        times, found = _timed_searches(q, full, view if flight else None, ok)
+        rows[name] = _case_row(times, found, truth, ids, ok)
     return {
         "flight_scale": {
             "passengers": passengers,
@@ -725,4 +739,51 @@ def run_flight_scale(
             "flight_view_build_ms": round(build_ms, 2),
             "cases": rows,
         }
+    }
+
+
+def _synthetic_queries(
+    rng: np.random.Generator, emb: np.ndarray, picks: np.ndarray | None, queries: int, dim: int
+) -> np.ndarray:
+    """Unit-length queries: noisy copies of the picked subjects' templates, or (picks None) strangers."""
+    base = emb[picks] if picks is not None else rng.standard_normal((queries, dim)).astype(np.float32)
+    q = base + rng.standard_normal((queries, dim)).astype(np.float32) / np.float32(np.sqrt(dim)) * (
+        1.0 if picks is not None else 0.0
+    )
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _timed_searches(
+    queries: np.ndarray, full: GalleryMatrix, view: GateFlights | None, ok: Callable[[Any], bool]
+) -> tuple[list[float], list[Any]]:
+    """Each query's search time (ms) and best match. With the gate's flight view: 1:few, then where that finds
+    nobody the whole gallery, as the verifier does (is it someone on another flight?); without: plain 1:N."""
+    times, found = [], []
+    for i in range(len(queries)):
+        t = time.perf_counter()
+        if view is not None:
+            (m,) = view.matrix_for("A1").search(queries[i : i + 1])
+            if not ok(m):
+                (m,) = full.search(queries[i : i + 1])
+        else:
+            (m,) = full.search(queries[i : i + 1])
+        times.append((time.perf_counter() - t) * 1000)
+        found.append(m)
+    return times, found
+
+
+def _case_row(
+    times: list[float], found: list[Any], truth: np.ndarray | None, ids: list[str], ok: Callable[[Any], bool]
+) -> dict[str, Any]:
+    """One case's figures: latency quantiles, and the share identified right (known subjects) or matched at all
+    (strangers: a false match)."""
+    right = [
+        ok(m) and truth is not None and m.subject_id == ids[t]
+        for m, t in zip(found, truth if truth is not None else [0] * len(found), strict=True)
+    ]
+    return {
+        "p50_ms": round(float(np.percentile(times, 50)), 3),
+        "p99_ms": round(float(np.percentile(times, 99)), 3),
+        "identified": round(sum(right) / len(found), 3) if truth is not None else None,
+        "false_match": round(sum(ok(m) for m in found) / len(found), 3) if truth is None else None,
     }
