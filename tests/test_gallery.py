@@ -197,13 +197,15 @@ def test_a_patched_large_gallery_keeps_its_prefilter_and_finds_the_newcomers():
     new = unit(rng, 3, d)
     drop = {"s000003", "s000010"}  # s000010 removed
     p = m.patched(drop, new_ids, new_ids, new, 2, None, scope=None, as_of=0.0)
-    assert p.prefiltered and p._basis is m._basis
+    assert p.prefilter is not None and m.prefilter is not None
+    basis, reduced = p.prefilter
+    assert basis is m.prefilter[0]  # the source's basis, not a new one
     keep = ~np.isin(ids, list(drop))
     all_ids = np.concatenate([ids[keep], new_ids])
     order = np.argsort(all_ids, kind="stable")
     fresh = GalleryMatrix.from_rows("x", d, all_ids[order], all_ids[order], np.concatenate([emb[keep], new])[order], 2)
     assert p.subject_ids == fresh.subject_ids and np.array_equal(p.embeddings, fresh.embeddings)
-    assert np.allclose(p._reduced, p.embeddings @ p._basis, atol=1e-4)
+    assert np.allclose(reduced, p.embeddings @ basis, atol=1e-4)
     found = p.search(new)
     assert [f.subject_id for f in found] == list(new_ids) and all(f.score > 0.99 for f in found)
     assert p.search(emb[10:11])[0].subject_id != "s000010" and p.revision == 2

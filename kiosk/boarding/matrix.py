@@ -220,6 +220,14 @@ class GalleryMatrix:
     def prefiltered(self) -> bool:
         return self._reduced is not None
 
+    @property
+    def prefilter(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The prefilter's projection basis (D, k) and every template projected on it (N, k); None for a
+        gallery searched in full. Read only: a patched matrix shares its source's basis."""
+        if self._basis is None or self._reduced is None:
+            return None
+        return self._basis, self._reduced
+
     def __len__(self) -> int:
         return len(self.subject_ids)
 
