@@ -230,8 +230,7 @@ def test_an_idle_gate_skips_the_detector_on_an_unchanged_scene_and_detects_a_fac
     skipped = lambda: counted(core.metrics.frames_idle, camera="cam")  # noqa: E731
 
     def hints() -> list[tuple[bool, int]]:  # what the capture is told, taken off the core as the service does
-        told, core.hints[:] = [(h.idle, h.seq) for h in core.hints], []
-        return told
+        return [(h.idle, h.seq) for h in core.take_hints()]
 
     for seq in range(20):  # 0.67 s of frame clock: the first detected, the rest skipped
         feed(core, noisy(empty), seq, live=True)
@@ -259,19 +258,17 @@ def test_no_idle_hint_for_a_watched_gate_or_a_replay_and_a_new_watcher_wakes_the
     empty = scene(crops, [])
     live = core_for(engine, yao_matrix, realtime=True)
     feed(live, empty, 0, live=True)
-    assert [(h.camera_id, h.idle) for h in live.hints] == [("cam", True)]
-    live.hints.clear()
-    live.wake({"A1"})
-    assert [(h.camera_id, h.idle) for h in live.hints] == [("cam", False)]
-    live.hints.clear()
-    live.preview_gates = {"A1"}
+    assert [(h.camera_id, h.idle) for h in live.take_hints()] == [("cam", True)]
+    live.watch({"A1"})  # a console starts watching gate A1: its capture is told to send every frame
+    assert [(h.camera_id, h.idle) for h in live.take_hints()] == [("cam", False)]
+    live.watch({"A1"})  # still watched: nothing new to say
     for seq in range(1, 40):
         feed(live, empty, seq, live=True)
-    assert live.hints == []
+    assert live.take_hints() == []
     replay = core_for(engine, yao_matrix, realtime=False)
     for seq in range(40):
         feed(replay, empty, seq)
-    assert replay.hints == [] and replay.cameras["cam"].idle_skipped > 30
+    assert replay.take_hints() == [] and replay.cameras["cam"].idle_skipped > 30
 
 
 def test_idle_skipping_is_off_with_idle_change_0(engine, crops, yao_matrix):

@@ -111,14 +111,15 @@ class VerifierCore:
         """Gates a console watches: their last frame is kept (cam.view), their captures never told to idle."""
         return self.site.watched
 
-    @preview_gates.setter
-    def preview_gates(self, gates: set[str]) -> None:
-        self.site.watched = gates
+    def watch(self, gates: set[str]) -> None:
+        """The gates a console watches now: the cameras of a gate newly watched send every frame again."""
+        self.wake(gates - self.site.watched)
+        self.site.watched = set(gates)
 
-    @property
-    def hints(self) -> list[IdleHint]:
-        """For the captures, published and cleared by the service."""
-        return self.idle.hints
+    def take_hints(self) -> list[IdleHint]:
+        """The idle hints for the captures since the last call (the service publishes them)."""
+        hints, self.idle.hints[:] = list(self.idle.hints), []
+        return hints
 
     @property
     def steps(self) -> int:

@@ -223,8 +223,7 @@ class Verifier:
         if self.previews.sock in ready or self.previews.leases:  # new leases; old ones run out
             self.previews.poll()
             watched = {g for g in self.gates if self.previews.watched(g)}
-            self.core.wake(watched - self.core.preview_gates)
-            self.core.preview_gates = watched
+            self.core.watch(watched)
         if self.control.sock in ready:
             self.control.handle()
         if self.history.sock in ready:
@@ -241,9 +240,8 @@ class Verifier:
     def _send_hints(self) -> None:
         """The core's idle hints to the captures (topic idle.<camera>, on the event socket that the captures'
         keys may subscribe to; the gates' subscribers do not take that topic)."""
-        for hint in self.core.hints:
+        for hint in self.core.take_hints():
             self.events.send_multipart(hint.encode())
-        self.core.hints.clear()
 
     def _drain(self) -> None:
         """Read waiting messages into the core, until a replay camera's backlog is full (back-pressure). Up to
