@@ -14,13 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kiosk.boarding.gates import GateFlights
+from kiosk.boarding.matrix import GalleryMatrix
 from kiosk.pipeline.core import VerifierCore
 from kiosk.pipeline.gatekeeper import Gatekeeper
 from kiosk.services.gallery_watch import GalleryWatch, Loaded, Switched
 from kiosk.services.health import GALLERY, GALLERY_FILE, INTEGRITY, HealthRegistry
 from kiosk.services.metrics import VerifierMetrics
 from kiosk.store.flights import SqliteBoardingStore
-from kiosk.store.matrix import GalleryMatrix
 from kiosk.store.queries import GalleryQueries
 from kiosk.store.sqlite_file import Gallery
 
