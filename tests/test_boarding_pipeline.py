@@ -133,6 +133,7 @@ def test_a_gate_boards_its_flight_once_and_turns_away_the_wrong_flight_also_afte
     assert report["rejects"] == {"already_boarded": 3, "wrong_flight": 2}
 
 
+@pytest.mark.slow
 def test_a_gate_with_no_flight_processes_nobody_until_a_flight_opens_on_it(tmp_path, crops, photos):
     make_video(tmp_path / "a1.avi", [Walk(crops["yao"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
     make_video(tmp_path / "b1.avi", [Walk(crops["parker"], start=0, frames=36, w0=80, w1=170)], seconds=2.4)
@@ -175,6 +176,7 @@ def test_a_gate_with_no_flight_processes_nobody_until_a_flight_opens_on_it(tmp_p
     assert [e.type for e in a1][0] == "accept" and {e.reason for e in a1[1:]} <= {"already_boarded"}
 
 
+@pytest.mark.slow
 def test_two_doors_on_two_verifiers_board_one_passenger_once(tmp_path, crops, photos):
     """Two verifier processes (two doors, one gallery file) see the same passenger at the same moment, round
     after round (the test undoes the boarding after each round): never two accepts in one round."""
@@ -247,6 +249,7 @@ def test_two_doors_on_two_verifiers_board_one_passenger_once(tmp_path, crops, ph
     }
 
 
+@pytest.mark.slow
 def test_the_verifier_purges_a_departed_flight_and_its_passenger_is_matched_no_more(tmp_path, crops, photos):
     """retention.purge_after_departure_h after departure the running verifier deletes the templates of the
     flight's passengers (a rescheduled departure is looked at at once), the gate stops boarding it, and the

@@ -603,6 +603,7 @@ def _parker_video(tmp_path: Path, engine, photos) -> None:
     )
 
 
+@pytest.mark.slow
 def test_the_verifier_sends_previews_only_while_watched_and_at_the_configured_rate(tmp_path, engine, photos):
     _parker_video(tmp_path, engine, photos)
     config = write_config(

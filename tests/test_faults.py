@@ -27,6 +27,7 @@ from tests.sealing_helpers import sealed_gallery
 from tests.waiting import wait_until
 
 
+@pytest.mark.slow
 def test_a_paused_verifier_publishes_no_accept_from_frames_older_than_the_bound(tmp_path, engine, photos):
     """SIGSTOP the verifier for 3 s (a long GC pause, a swap storm) while a live camera keeps sending: after
     SIGCONT the frames from before the pause are dropped, and no accept carries a stale capture."""

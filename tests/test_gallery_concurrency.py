@@ -60,6 +60,7 @@ def test_reads_do_not_wait_for_a_writer_and_a_locked_gallery_is_a_runtime_failur
         assert g.revision() == 0
 
 
+@pytest.mark.slow
 def test_two_processes_enrolling_one_face_under_two_ids_never_both_succeed(tmp_path, photos):
     """The same photo under two ids at the same moment, five times over: exactly one is enrolled each time."""
     for attempt in range(5):
@@ -125,6 +126,7 @@ def test_removed_subject_not_accepted_while_reloads_fail(tmp_path, engine, photo
     assert "Traceback" not in said + err
 
 
+@pytest.mark.slow
 def test_reloads_during_a_long_write_transaction_keep_deciding_and_pick_up_the_import(tmp_path, engine, photos):
     """An import holds the gallery's write lock for seconds while the verifier reloads every second: no reload
     error, decisions keep coming, and the new subject is matched once the import commits."""

@@ -682,6 +682,7 @@ def test_a_broken_missing_or_foreign_texture_model_stops_the_verifier_at_start(t
         assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_the_attack_video_script_makes_prints_and_screens_a_detector_finds(tmp_path, engine, photos):
     import subprocess
     import sys

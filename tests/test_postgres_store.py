@@ -359,6 +359,7 @@ def test_the_database_down_for_5_s_under_a_running_gate_never_opens_it_and_the_g
     assert "reconnected" in gate.verifier_err and "Traceback" not in gate.verifier_err
 
 
+@pytest.mark.slow
 def test_two_verifier_hosts_boarding_one_flight_never_accept_one_passenger_twice(pg_server, tmp_path, engine, photos):
     """Two verifier processes (two hosts' configs, gates A1 and A2, one PostgreSQL gallery) board LH123 from
     the same video at the same time: three passengers walk up at both doors at once. Each passenger gets

@@ -178,6 +178,7 @@ def _dump(path: Path) -> list[str] | None:
         con.close()
 
 
+@pytest.mark.slow
 def test_a_missing_wrong_or_loose_key_is_one_line_exit_2_and_nothing_written(tmp_path, photos, engine):
     config = write_config(tmp_path, [{"id": "cam-a1", "gate": "A1", "source": "gate.avi", "realtime": False}])
     key_file = tmp_path / "keys" / KEY_FILE_NAME
@@ -223,6 +224,7 @@ def test_a_missing_wrong_or_loose_key_is_one_line_exit_2_and_nothing_written(tmp
     assert not (fresh / "gallery.db").exists()
 
 
+@pytest.mark.slow
 def test_rotate_key_under_a_live_gate_loses_no_accept_and_the_old_key_opens_nothing_after(tmp_path, engine, photos):
     """`kiosk-enroll rotate-key` in small batches while a live looping camera shows an enrolled passenger
     walking up again and again: every decision before, during and after is his accept; afterwards every
