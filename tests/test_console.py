@@ -797,6 +797,7 @@ def _get(
     return response
 
 
+@pytest.mark.slow
 def test_the_console_in_a_real_browser(tmp_path, engine, photos):
     found = _browser()
     if found is None:
