@@ -216,7 +216,9 @@ def test_real_pipeline_on_mqtt_decisions_late_join_last_will_and_verifier_down(t
     config = write_config(
         tmp_path,
         [{"id": "cam-a1", "gate": "A1", "source": "a1.avi", "realtime": False}],
-        heartbeat={"interval_s": 0.25, "misses": 3},
+        # a 5 s window: wide enough for a verifier still loading its models when the subscriber starts (a busy
+        # machine), so the gate hears no verifier_down before the first decision; the kill below is told in 5 s
+        heartbeat={"interval_s": 0.5, "misses": 10},
         hooks={"mqtt_password_file": str(broker.password_file)},
     )
     assert (
