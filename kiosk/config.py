@@ -230,12 +230,13 @@ class PadConfig:
     liveness_checks.CHECKS, or a site's own `module:Class`); the texture check runs where `models.pad` names models
     (by default the shipped pair). A track any check accuses is rejected `presentation_attack`. Live needs both
     kinds of evidence: the texture models' mean probability of "real" at `threshold` or more, and the face moving as
-    a living one (a blink, the lips or brows: the motion check); no accusation, and at least `min_frames` frames
+    a living one (a blink, the lips or brows: the motion check; or, when it moves, as a head and not as a flat piece:
+    the planar check); no accusation, and at least `min_frames` frames
     observed. A texture mean below `attack_below` accuses. An accept waits up to `max_wait_s` for live and is
     otherwise rejected `liveness_unverified` (fail closed)."""
 
     enabled: bool = True
-    checks: list[str] = field(default_factory=lambda: ["texture", "depth", "motion", "screen"])
+    checks: list[str] = field(default_factory=lambda: ["texture", "depth", "motion", "planar", "screen"])
     threshold: float = 0.95
     attack_below: float = 0.1
     min_frames: int = 8

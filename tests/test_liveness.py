@@ -162,6 +162,37 @@ def test_the_motion_check_sees_a_blink_and_the_lips_never_a_rigid_face_however_i
     assert not seen(_points("blink", noise=0.002), width=60.0).live and seen(_points("blink"), width=60.0).frames == 0
 
 
+def test_the_planar_check_tells_a_moving_head_from_a_card_moved_by_hand_and_says_nothing_of_a_still_face():
+    """A head that turns as it walks up leaves what no homography of its rigid points explains (parallax); a card
+    moved, tilted and brought close in perspective leaves only the landmarks' noise, however far it turns; a face
+    that keeps still has not moved far enough to be judged. It never accuses."""
+    from kiosk.vision.planar_check import MOVED_FRAMES, SOLID, PlanarEvidence
+
+    def seen(points, width: float = 200.0) -> PlanarEvidence:
+        ev = PlanarEvidence()
+        for p in points:
+            ev.add(p, width)
+        return ev
+
+    for seed in range(3):
+        head = seen(_points("head", turn_deg=15.0, noise=0.002, seed=seed))
+        assert head.live and head.residual >= SOLID and len(head.residuals) >= MOVED_FRAMES, head.as_dict()
+        assert head.as_dict()["verdict"] == "live"
+        for turn in (35.0, 15.0, 5.0):
+            card = seen(_points("card", turn_deg=turn, noise=0.002, seed=seed))
+            assert card.residual is not None and card.residual < SOLID and not card.live, (turn, card.as_dict())
+            assert card.score is not None and card.score < 0.5
+    rng = np.random.default_rng(4)
+    face = _points("still", n=1)[0]
+    still = seen([face + rng.normal(0, 0.4, face.shape) for _ in range(60)])  # stands still: never moved far
+    assert still.residual is None and not still.live and still.score is None and still.reach < 0.1
+    walked = seen(_points("blink", noise=0.002))  # walks up, blinks and speaks, no turn: moved, but as a plane would
+    assert walked.residual is not None and not walked.live
+    # landmarks that jump about (blur, a screen's moire) stand out from no plane: their own noise is the floor
+    assert not seen(_points("card", turn_deg=15.0, noise=0.01)).live
+    assert seen(_points("head", noise=0.002), width=60.0).frames == 0  # too small a face: nothing measured
+
+
 def test_the_depth_check_tells_a_turning_head_from_a_card_turned_far_and_never_accuses_on_weak_evidence():
     def verdict(points, width: float = 200.0) -> tuple:
         ev = DepthEvidence()
@@ -281,6 +312,8 @@ def _obs(kind: str, texture: float | None = None, chroma: float = 0.0, n: int = 
 
 
 def test_fusion_rules_need_texture_and_movement_reject_accusations_and_fail_closed():
+    from kiosk.vision.planar_check import SOLID as PLANAR_SOLID
+
     # A passenger who stands still (no turn at all), blinks at frame 10, with live texture: accepted at the
     # blink's third frame; both kinds of evidence decided it.
     i, d = _feed(_policy(), _obs("blink", texture=0.99))
@@ -293,10 +326,17 @@ def test_fusion_rules_need_texture_and_movement_reject_accusations_and_fail_clos
     i, d = _feed(_policy(max_wait_s=0.5), _obs("still", texture=0.99))
     assert (d.type, d.reason) == ("reject", "liveness_unverified") and i == 2 + 15
     assert d.liveness_checks["texture"]["verdict"] == "live" and d.liveness_checks["motion"]["verdict"] is None
-    # A head's parallax is reported but vouches for nothing (the depth check read parallax into rigid photos seen
-    # close up): a head that turns without a blink waits and fails closed too.
-    i, d = _feed(_policy(max_wait_s=0.5), _obs("head", texture=0.99))
-    assert (d.type, d.reason) == ("reject", "liveness_unverified") and d.liveness_checks["depth"]["verdict"] == "live"
+    # A head that turns as it walks up, without a blink: it moved as no plane does, so the planar check vouches for
+    # its movement (the depth check's linearised parallax is reported, and vouches for nothing).
+    i, d = _feed(_policy(), _obs("head", texture=0.99))
+    assert d.type == "accept" and d.liveness_checks["decided_by"] == ["texture", "planar"]
+    assert d.liveness_checks["planar"]["residual"] >= PLANAR_SOLID and d.liveness_checks["motion"]["verdict"] is None
+    # A card walked up, tilted and turned in perspective with live texture: it moved, but as a plane does; no check
+    # vouches for its movement, and the accept fails closed (turned far, the depth check accuses it).
+    for turn in (5.0, 15.0):
+        i, d = _feed(_policy(max_wait_s=0.5), _obs("card", texture=0.99, turn_deg=turn))
+        assert (d.type, d.reason) == ("reject", "liveness_unverified"), (turn, d.liveness_checks)
+        assert d.liveness_checks["planar"]["verdict"] is None and d.liveness_checks["planar"]["moved_frames"] >= 5
     # Texture far below the bar accuses at once, however the face moves; between attack_below and the threshold
     # (doubtful) the accept waits and fails closed, even with a blink.
     i, d = _feed(_policy(), _obs("blink", texture=0.02))
@@ -530,11 +570,12 @@ def test_a_rigid_close_up_photo_is_never_accepted_a_passenger_standing_still_is_
 
 @pytest.mark.slow
 def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_passenger(tmp_path, engine, photos):
-    """The acceptance run, real processes and sockets, the default `pad` section (checks texture, depth, motion and
-    screen; live needs the texture at pad.threshold AND movement: a blink or a head's parallax). Five gates: two
-    prints of Yao's photo held up and moved (one ending in a close-up that fills most of the frame), a phone screen
-    showing it (close-up), and two passengers: L1 the stand-in whose head turns as it walks up, blinking, L2 the
-    stand-in walking up without turning its head at all, but blinking and saying a word.
+    """The acceptance run, real processes and sockets, the default `pad` section (checks texture, depth, motion,
+    planar and screen; live needs the texture at pad.threshold AND movement: a blink, or a head's movement that no
+    plane's explains). Five gates: two prints of Yao's photo held up and moved (one ending in a close-up that fills
+    most of the frame), a phone screen showing it (close-up), and two passengers: L1 the stand-in whose head turns
+    as it walks up, blinking, L2 the stand-in walking up without turning its head at all, but blinking and saying a
+    word.
 
     Run 1, liveness exactly as shipped (no `models.pad`: the MiniFASNet texture models inside the package): no
     attack is accepted (the far print accused by its texture, the screen by its fringes, the close-up print, its
@@ -544,10 +585,10 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
     `liveness_unverified`), which this run does not assert.
 
     Run 2 gives every face live texture evidence (a test texture model that says 0.99 for any face): both
-    passengers are accepted on texture and their blinks (a head's parallax is reported, not trusted to vouch);
-    the prints, whose texture is now live too, are still refused `liveness_unverified` (they never move as a
-    living face). Run 3, the same prints with `pad: {enabled: false}`: accepted, so it is the liveness check that
-    refused them.
+    passengers are accepted on texture and their movement (L1's head turn, which no plane's motion explains, as it
+    walks up: the planar check; L2's blink: the motion check); the prints, whose texture is now live too, are
+    still refused `liveness_unverified` (they never move as a living face: rigid, and as a plane does). Run 3, the
+    same prints with `pad: {enabled: false}`: accepted, so it is the liveness check that refused them.
 
     What the passengers prove: the fusion finds movement evidence with no head turn, and the default checks leave
     a face alone that shows no fringes and no far-turned plane. They say nothing about how often a real person is
@@ -620,7 +661,7 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
 
     on, err = run(["p1", "p2", "s1", "l1", "l2"], "shipped", pad={})  # pad: {} is the shipped default, liveness on
     assert "liveness model MiniFASNetV2.onnx" in err and "liveness model MiniFASNetV1SE.onnx" in err
-    assert "liveness checks: texture, depth, motion, screen" in err
+    assert "liveness checks: texture, depth, motion, planar, screen" in err
     report = _json.dumps(on)
     refused(on, ("P1", "P2", "S1"))
     assert ("reject", "presentation_attack", ["texture"]) in [(t, r, c["decided_by"]) for t, r, c in on["P1"]], report
@@ -632,7 +673,9 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
     for gate in ("L1", "L2"):  # nothing accuses a passenger (whether the texture vouches: see the docstring)
         assert on[gate] and all(r != "presentation_attack" for _, r, _ in on[gate]), report
         checks = on[gate][-1][2]
-        assert not any(checks[name]["verdict"] == "attack" for name in ("texture", "depth", "motion", "screen")), report
+        assert not any(
+            checks[name]["verdict"] == "attack" for name in ("texture", "depth", "motion", "planar", "screen")
+        ), report
     assert on["L1"][-1][2]["depth"]["verdict"] == "live" and on["L2"][-1][2]["motion"]["verdict"] == "live", report
 
     constant_pad_model(tmp_path / "2.7_80x80_Live.onnx", 0.99)
@@ -643,7 +686,7 @@ def test_default_config_refuses_print_and_screen_attacks_and_accepts_a_still_pas
         assert [(t, r) for t, r, _ in live[gate]] == [("reject", "liveness_unverified")], report
         assert live[gate][0][2]["texture"]["verdict"] == "live" and live[gate][0][2]["decided_by"] == [], report
     assert [(t, r) for t, r, _ in live["L1"]] == [("accept", None)], report
-    assert live["L1"][0][2]["decided_by"] == ["texture", "motion"], report
+    assert live["L1"][0][2]["decided_by"] == ["texture", "planar"], report  # its head turned before it blinked
     assert [(t, r) for t, r, _ in live["L2"]] == [("accept", None)], report
     assert live["L2"][0][2]["decided_by"] == ["texture", "motion"], report
     assert live["L2"][0][2]["depth"]["live_frames"] == 0, report  # no head turn: its blink vouched
@@ -829,7 +872,13 @@ def test_evaluate_pad_judges_every_track_and_counts_apcer_per_type_and_bpcer(tmp
     )
     assert res.returncode == 0, res.stderr
     report = _json.loads(res.stdout)
-    assert report["models"] == ["1.0_80x80_Red.onnx"] and report["checks"] == ["texture", "depth", "motion", "screen"]
+    assert report["models"] == ["1.0_80x80_Red.onnx"] and report["checks"] == [
+        "texture",
+        "depth",
+        "motion",
+        "planar",
+        "screen",
+    ]
     assert report["bona_fide"] == {
         "presentations": 5,
         "videos": 4,
@@ -858,9 +907,11 @@ def test_evaluate_pad_judges_every_track_and_counts_apcer_per_type_and_bpcer(tmp
         "apcer_upper95": pytest.approx(0.95),
     }
     by_video = {v["video"].rsplit("/", 1)[-1]: v["presentations"] for v in report["videos"]}
-    # live needs both kinds of evidence: the texture and a blink (a head's parallax does not vouch)
-    assert [(p["outcome"], p["decided_by"]) for p in by_video["two.avi"]] == [("accepted", ["texture", "motion"])] * 2
-    assert [(p["outcome"], p["decided_by"]) for p in by_video["bf1.avi"]] == [("accepted", ["texture", "motion"])]
+    # live needs both kinds of evidence: the texture, and a blink or a head's movement that no plane's explains
+    moved = [("accepted", ["texture", "motion"]), ("accepted", ["texture", "planar"])]
+    moved.append(("accepted", ["texture", "motion", "planar"]))
+    assert [(p["outcome"], p["decided_by"]) for p in by_video["two.avi"]] in ([m, n] for m in moved for n in moved)
+    assert [(p["outcome"], p["decided_by"]) for p in by_video["bf1.avi"]] in ([m] for m in moved)
     assert [(p["outcome"], p["decided_by"]) for p in by_video["bf2.avi"]] == [("accepted", ["texture", "motion"])]
     assert by_video["p1.avi"][0]["outcome"] == "attack" and by_video["p1.avi"][0]["decided_by"] == ["texture"]
     # bf2 (no head turn) waited for its blink: accepted at its third expression frame (quality frame 11, past

@@ -279,7 +279,7 @@ class PadEngine:
                 colour.upper(),
             )
         landmarks = None
-        if "depth" in checks or "motion" in checks:
+        if {"depth", "motion", "planar"} & set(checks):
             root = cfg.resolve(Path(cfg.models.pack)) if cfg.models.pack != "default" else None
             landmarks = LandmarkModel.load(find_landmark_model(root), plan, threads)
         log.info("liveness checks: %s", ", ".join(checks))

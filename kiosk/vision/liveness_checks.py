@@ -41,6 +41,7 @@ import numpy as np
 from kiosk.config import PadConfig
 from kiosk.vision.depth_check import DepthEvidence
 from kiosk.vision.expression_check import ExpressionEvidence
+from kiosk.vision.planar_check import PlanarEvidence
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class _LandmarkCheck(LivenessCheck):
 
     vouches = True
     cue = "movement"
-    evidence: DepthEvidence | ExpressionEvidence
+    evidence: DepthEvidence | ExpressionEvidence | PlanarEvidence
 
     def add(self, obs: PadObservation) -> None:
         super().add(obs)
@@ -233,6 +234,31 @@ class MotionCheck(_LandmarkCheck):
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.evidence.as_dict(), "cut_frames": self.cut_frames}
+
+    @property
+    def verdict(self) -> str | None:
+        return "live" if self.evidence.live else None
+
+
+class PlanarCheck(_LandmarkCheck):
+    """When the face moves, does it move as a head or as a flat piece (kiosk.vision.planar_check)? Live once the
+    frames that moved far enough are, in the median, further from a plane's motion than any rigid photo or print
+    gave. Nothing of a face that keeps still; never an accusation. It vouches for movement as the motion check
+    does: a person who turns or nods a little, or walks up, without a blink or a word in the wait, is vouched for
+    here; a photo or card moved by hand is not. A face the frame's edge cuts is not measured (inside_frame)."""
+
+    name = "planar"
+    evidence: PlanarEvidence
+
+    def __init__(self, cfg: PadConfig) -> None:
+        super().__init__(cfg)
+        self.evidence = PlanarEvidence()
+
+    def add(self, obs: PadObservation) -> None:
+        if obs.inside:
+            super().add(obs)
+            return
+        self.frames += 1
 
     @property
     def verdict(self) -> str | None:
@@ -415,7 +441,7 @@ def join_collinear(lines: np.ndarray) -> np.ndarray:
 
 
 CHECKS: dict[str, type[LivenessCheck]] = {
-    c.name: c for c in (TextureCheck, DepthCheck, MotionCheck, ScreenCheck, BorderCheck)
+    c.name: c for c in (TextureCheck, DepthCheck, MotionCheck, PlanarCheck, ScreenCheck, BorderCheck)
 }
 
 
