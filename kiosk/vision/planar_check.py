@@ -12,15 +12,18 @@ leaves unexplained (RMS, inter-ocular distances) is that frame's residual. Once 
 median residual is the track's: at SOLID or above, and NOISE_RATIO times the track's own frame-to-frame residual
 (landmarks that jitter on a blurred face must not pass for a head), the face moved as a head does ('live').
 
-Measured (README "Liveness", `evaluate-pad` with the check's scores): simulated clean photos and prints, moved,
-tilted and brought close by a trembling hand (24 clips), median residual 0.0025-0.009 (a plane's motion is a
-homography, so perspective and close-ups add nothing); real people who moved their heads on real video (16 tracks)
-0.010-0.071, 0.016 or more for all but three. SOLID sits above every rigid one with a margin.
+Measured (docs/liveness.md, `evaluate-pad` with the check's scores): simulated clean photos and prints, moved,
+tilted and brought close by a trembling hand (24 clips of the tuning set), median residual 0.0025-0.009 at their
+highest (a plane's motion is a homography, so perspective and close-ups add nothing); real people who moved their
+heads on real video 0.006-0.071. SOLID sits above every rigid one of the tuning set with a margin. Held out: clean
+photos stayed under 0.01, but bent prints turned reached 0.015-0.022 (one of 89 was called live; its texture refused
+it): a curved sheet is not a plane, so this is weaker evidence than a blink.
 
-It never accuses and says nothing of a face that keeps still (a person may): a still face needs the motion check's
-blink or word. What it does not stop: anything that really is 3D or bends (a mask, a print curved like a face and
-turned), and a replayed video of a person who moved (a screen shows the recorded head's parallax); those need the
-texture models, which must also say live before this check can help make a track live.
+It never accuses (a real head moving straight at the camera can look nearly flat: 0.006) and says nothing of a face
+that keeps still (a person may): a still face needs the motion check's blink or word. What it does not stop:
+anything that really is 3D or bends (a mask, a print curved and turned), and a replayed video of a person who moved
+(a screen shows the recorded head's parallax); those need the texture models, which must also say live before this
+check can help make a track live.
 """
 
 from __future__ import annotations
