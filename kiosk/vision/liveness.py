@@ -1,11 +1,12 @@
 """Presentation attack detection (liveness): the texture models, the image measures, and a track's verdict.
 
 Every face of a transaction brings a `PadObservation` (kiosk.vision.liveness_checks): the texture models'
-probability that it is real, its 106 landmarks (the depth check: does it move as a head or as a flat card? the
-motion check: does it blink and move its lips and brows, or move as one rigid piece?), its fine-grained colour
-(the screen check) and, where the border check runs, the long straight edges around it. `TrackLiveness` runs the
-checks `pad.checks` names over a track's observations and fuses their verdicts: live needs strong evidence of
-both kinds, image (texture) and movement (the motion check) (liveness_checks says how).
+probability that it is real, its 106 landmarks (the motion check: does it blink and move its lips and brows, or
+move as one rigid piece? the planar check: when it moves, does it move as a head or as a flat piece? the depth
+check: is it a card turned far?), its fine-grained colour (the screen check) and, where the border check runs, the
+long straight edges around it. `TrackLiveness` runs the checks `pad.checks` names over a track's observations and
+fuses their verdicts: live needs strong evidence of both kinds, image (texture) and movement (the motion or the
+planar check) (liveness_checks says how).
 
 Texture models: the default install ships MiniFASNetV2 (crop scale 2.7) and MiniFASNetV1SE (4.0) from
 Silent-Face-Anti-Spoofing (minivision-ai, Apache-2.0; ONNX export of the yakhyo/face-anti-spoofing project) in

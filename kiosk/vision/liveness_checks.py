@@ -13,10 +13,11 @@ track can be called live: the texture models are required, so a model that fails
 waiting, and failing closed.
 
 Each vouching check gives evidence of one kind, its `cue`: `image` (the texture models: what the surface looks
-like) or `movement` (the face moves as a living one: a blink, the lips, the brows: the motion check; the depth
-check's head parallax is reported but does not vouch, see DepthCheck). The two are independent: a print or a
-photo filling the frame can look live to the texture models and never moves but rigidly; a replayed video moves as
-its person did and the texture models see the screen.
+like) or `movement` (the face moves as a living one: a blink, the lips, the brows: the motion check; or, when it
+moves, it moves as a head and not as a flat piece: the planar check; the depth check's linearised head parallax is
+reported but does not vouch, see DepthCheck). The two are independent: a print or a photo filling the frame can look
+live to the texture models and never moves but rigidly, as a plane; a replayed video moves as its person did and the
+texture models see the screen.
 
 Fusion (kiosk.vision.liveness.TrackLiveness): attack if any check accuses; live only on strong evidence of every
 kind: for each cue among the track's vouching checks, one of them says live, every required check has its evidence
@@ -196,7 +197,8 @@ class DepthCheck(_LandmarkCheck):
 
     It reports a head's parallax ('live') but does not vouch: its linearised plane fit read parallax into rigid
     faces seen close up in perspective (held-out simulated attacks: 3 of 33 clean photos filling the frame and 3 of
-    52 prints, all moved only rigidly), so a turn is no longer evidence of life; the motion check is."""
+    52 prints, all moved only rigidly), so its turn is no evidence of life; the motion and planar checks are (the
+    planar check fits a homography, which a plane's motion under perspective is exactly)."""
 
     name = "depth"
     vouches = False
