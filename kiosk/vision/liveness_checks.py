@@ -176,8 +176,19 @@ class _LandmarkCheck(LivenessCheck):
     vouches = True
     cue = "movement"
     evidence: DepthEvidence | ExpressionEvidence | PlanarEvidence
+    # whether a face the frame's edge cuts is measured (inside_frame): its landmarks are guesses, and they wobble as
+    # the edge moves across it
+    measures_cut_faces: ClassVar[bool] = True
+
+    def __init__(self, cfg: PadConfig) -> None:
+        super().__init__(cfg)
+        self.cut_frames = 0  # frames of a face the frame's edge cuts, not measured
 
     def add(self, obs: PadObservation) -> None:
+        if not obs.inside and not self.measures_cut_faces:
+            self.frames += 1
+            self.cut_frames += 1
+            return
         super().add(obs)
         if obs.landmarks is not None:
             self.evidence.add(obs.landmarks, obs.width)
@@ -221,18 +232,11 @@ class MotionCheck(_LandmarkCheck):
     simulated photos of a group, another face half out of the frame, wobbled enough to pass for a blink."""
 
     name = "motion"
+    measures_cut_faces = False
 
     def __init__(self, cfg: PadConfig) -> None:
         super().__init__(cfg)
         self.evidence = ExpressionEvidence()
-        self.cut_frames = 0  # frames of a face the frame's edge cuts: not measured
-
-    def add(self, obs: PadObservation) -> None:
-        if obs.inside:
-            super().add(obs)
-            return
-        self.frames += 1
-        self.cut_frames += 1
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.evidence.as_dict(), "cut_frames": self.cut_frames}
@@ -250,17 +254,12 @@ class PlanarCheck(_LandmarkCheck):
     here; a photo or card moved by hand is not. A face the frame's edge cuts is not measured (inside_frame)."""
 
     name = "planar"
+    measures_cut_faces = False
     evidence: PlanarEvidence
 
     def __init__(self, cfg: PadConfig) -> None:
         super().__init__(cfg)
         self.evidence = PlanarEvidence()
-
-    def add(self, obs: PadObservation) -> None:
-        if obs.inside:
-            super().add(obs)
-            return
-        self.frames += 1
 
     @property
     def verdict(self) -> str | None:

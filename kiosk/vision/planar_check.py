@@ -32,18 +32,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kiosk.vision.expression_check import LEFT_EYE, RIGHT_EYE, RIGID, expression_change
+# The motion check's measures of the same landmarks: its reference frames (the first, then every REF_EVERY-th, at
+# most MAX_REFS), its noise floor (NOISE_RATIO times the median of the last MAX_NOISE frame-to-frame residuals, once
+# NOISE_FITS are in) and its smallest face (MIN_WIDTH px).
+from kiosk.vision.expression_check import (
+    LEFT_EYE,
+    MAX_NOISE,
+    MAX_REFS,
+    MIN_WIDTH,
+    NOISE_FITS,
+    NOISE_RATIO,
+    REF_EVERY,
+    RIGHT_EYE,
+    RIGID,
+    expression_change,
+)
 
 MOVED = 0.1  # inter-ocular distances: the face moved this far from a reference frame (mean over the rigid points)
 MOVED_FRAMES = 5  # frames that moved before the track's residual is judged
 SOLID = 0.015  # median residual (inter-ocular distances) at which the face moved as a head
-NOISE_RATIO = 3.0  # ... and this many times the track's frame-to-frame residual (its landmarks' own noise)
-NOISE_FITS = 4  # frame-to-frame fits needed before the noise is known
-MAX_NOISE = 64  # frame-to-frame residuals kept for the median
 MAX_RESIDUALS = 90  # moved frames kept for the median (the latest): a track's memory stays bounded
-MIN_WIDTH = 80.0  # px: smaller faces' landmarks are too coarse
-MAX_REFS = 6
-REF_EVERY = 10  # measured frames between references (the first frame is one)
 
 
 @dataclass
