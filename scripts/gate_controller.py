@@ -170,16 +170,23 @@ def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
     feed = MqttFeed(gate, args.mqtt_prefix)
     inbox: queue.Queue = queue.Queue(maxsize=10_000)
     client = mqtt.Client(CallbackAPIVersion.VERSION2, clean_session=True)
-    if parts.username:
-        password = open(args.mqtt_password_file).read().strip() if args.mqtt_password_file else None
-        client.username_pw_set(unquote(parts.username), password)
-    if parts.scheme == "mqtts":
-        client.tls_set(ca_certs=args.mqtt_ca_file)
     client.reconnect_delay_set(0.5, 10)  # type: ignore[arg-type]  # paho hints int; it waits a float of seconds
     client.on_connect = lambda c, *_: c.subscribe([(feed.available_topic, 1), (feed.decision_topic, 1)])
     client.on_disconnect = lambda *_: inbox.put(("", b""))
     client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, msg.payload))
-    client.connect(parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883))
+    try:  # a wrong password file, CA file or broker at start is one line and exit 2 (the gate stays closed)
+        if parts.username:
+            password = open(args.mqtt_password_file).read().strip() if args.mqtt_password_file else None
+            client.username_pw_set(unquote(parts.username), password)
+        if parts.scheme == "mqtts":
+            client.tls_set(ca_certs=args.mqtt_ca_file)  # verifies the broker's certificate and its name
+        client.connect(parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883))
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        verify = getattr(exc, "verify_message", None)  # ssl.SSLCertVerificationError
+        trusted = args.mqtt_ca_file or "the system's CAs"
+        detail = f"the broker's TLS certificate does not verify against {trusted}: {verify}" if verify else exc
+        print(f"--mqtt {args.mqtt}: {detail}", file=sys.stderr)
+        return 2
     client.loop_start()
     was_open = False
     end = time.time() + args.run_seconds if args.run_seconds else float("inf")

@@ -1,6 +1,7 @@
 """A real Mosquitto broker for the tests (Debian's `mosquitto` package, which `.ci/run` installs), started as a
-child process in a temporary folder on a free port, with a password file and no anonymous access; and a paho
-client that records what arrives. Tests that need it skip, with the reason, only where no binary is installed."""
+child process in a temporary folder on a free port, with a password file and no anonymous access, in plain MQTT or
+in TLS (a CA and a broker certificate made for the test); and a paho client that records what arrives. Tests that
+need it skip, with the reason, only where no binary is installed."""
 
 from __future__ import annotations
 
@@ -14,10 +15,16 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from kiosk.messaging.transport import free_port
@@ -25,6 +32,65 @@ from tests.waiting import wait_until
 
 USER = "kiosk"
 PASSWORD = "broker-test-secret"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A test CA and the broker certificate it signed (for the address 127.0.0.1 only, no DNS name)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_ca(folder: Path, name: str = "kiosk-test-ca") -> tuple[Path, ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA, valid for a day: its certificate file, key and certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path = folder / f"{name}.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path, key, cert
+
+
+def make_tls(folder: Path) -> TlsFiles:
+    """A CA and a broker certificate for 127.0.0.1 signed by it: a client that trusts the CA and connects to
+    127.0.0.1 verifies it; one that connects as `localhost` must not (the name is not in the certificate)."""
+    ca_path, ca_key, ca_cert = make_ca(folder)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("kiosk-test-broker"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TlsFiles(ca_path, folder / "broker.crt", folder / "broker.key")
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    files.key.chmod(0o600)
+    return files
 
 
 @dataclass
@@ -35,11 +101,12 @@ class Broker:
     binary: str
     folder: Path
     port: int
+    tls: TlsFiles | None = None  # TLS only on its port, with this certificate
     proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://{USER}@127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{USER}@127.0.0.1:{self.port}"
 
     @property
     def password_file(self) -> Path:
@@ -57,6 +124,7 @@ class Broker:
         self.password_file.chmod(0o600)
         lines = [
             f"listener {self.port} 127.0.0.1",
+            *([f"cafile {self.tls.ca}", f"certfile {self.tls.cert}", f"keyfile {self.tls.key}"] if self.tls else []),
             "allow_anonymous false",
             f"password_file {self.folder}/passwd",
             "persistence true",
@@ -105,20 +173,30 @@ class Broker:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
-@pytest.fixture
-def broker():
-    """A fresh broker for one test (its own folder and port), killed at the end."""
+def _serve(tls: bool):
     binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None)
     if binary is None:
         pytest.skip("mosquitto not installed (Debian: apt-get install mosquitto; .ci/run does)")
     folder = Path(tempfile.mkdtemp(prefix="kiosk-mqtt-"))
-    server = Broker(binary, folder, free_port())
+    server = Broker(binary, folder, free_port(), make_tls(folder) if tls else None)
     try:
         server.init()
         yield server
     finally:
         server.kill()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def broker():
+    """A fresh broker for one test (its own folder and port), killed at the end."""
+    yield from _serve(tls=False)
+
+
+@pytest.fixture
+def tls_broker():
+    """A fresh broker that speaks TLS only (`broker.tls`: its CA, certificate and key), killed at the end."""
+    yield from _serve(tls=True)
 
 
 @dataclass
@@ -148,6 +226,8 @@ class Listener:
             CallbackAPIVersion.VERSION2, client_id=self.session or "", clean_session=self.session is None
         )
         self.client.username_pw_set(USER, PASSWORD)
+        if self.broker.tls:
+            self.client.tls_set(ca_certs=str(self.broker.tls.ca))
         self.client.reconnect_delay_set(0.1, 1.0)
         self.client.on_connect = lambda c, *_: c.subscribe(f"{self.prefix}/#", qos=1)
         self.client.on_message = self._on_message

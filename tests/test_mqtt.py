@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,11 +18,11 @@ import yaml
 
 from kiosk.config import config_from_mapping
 from kiosk.services.hook_outcomes import StaleEvent
-from kiosk.services.mqtt_hook import mqtt_hook
+from kiosk.services.mqtt_hook import is_loopback, mqtt_hook
 from kiosk.services.subscriber import Hook
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
-from tests.mqtt_broker import Broker, Listener
+from tests.mqtt_broker import Broker, Listener, make_ca
 from tests.pipeline_helpers import audit, kiosk, make_video, people, stop, write_config
 from tests.waiting import wait_until
 
@@ -176,6 +177,97 @@ def test_start_errors_are_one_line_and_exit_2(tmp_path, broker):
     config.write_text(yaml.safe_dump(data))
     line = subscribe(None, "--jsonl", str(tmp_path / "x.jsonl"))
     assert "subscribers[0].mqtt" in line and "found scheme 'http'" in line
+
+
+def _gate_controller(broker: Broker, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "gate_controller.py"),
+            "--gate",
+            "A1",
+            "--mqtt",
+            broker.url,
+            "--mqtt-password-file",
+            str(broker.password_file),
+            "--open-seconds",
+            "120",
+            "--max-age",
+            "10",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def test_mqtts_verifies_the_broker_and_carries_decisions_to_a_gate(tmp_path, tls_broker):
+    """TLS to a real Mosquitto that speaks nothing else. The hook, trusting the broker's CA, delivers decisions that a
+    TLS listener and the reference gate controller (a real process, over mqtts) receive: the gate opens. At start,
+    one line and exit 2, never a connection: a broker whose certificate another CA signed, a broker reached by a
+    name its certificate does not carry, a CA file that is no certificate; the gate controller likewise."""
+    ca = tls_broker.tls.ca
+    cfg = _cfg(tls_broker, mqtt_ca_file=str(ca))
+    hook = mqtt_hook(cfg, tls_broker.url, None, "test")
+    listener = Listener(tls_broker)
+    controller = _gate_controller(tls_broker, "--mqtt-ca-file", str(ca))
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(controller.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        hook.observe({"status": "ok", "gates": {"A1": {"flight_id": None}}, "cameras": {}})
+        assert listener.wait_for(lambda li: li.on("available") and li.on("available")[-1].payload == b"online", 10)
+        # Accepts until the gate opens: the controller subscribes in its own time (each accept is a new event).
+        opened = lambda: any('"open"' in line for line in said)  # noqa: E731
+        sent: list[dict] = []
+        deadline = time.monotonic() + 30
+        while not opened():
+            assert time.monotonic() < deadline and controller.poll() is None, said
+            sent.append(_decision("accept", event_id=f"tls-{len(sent)}"))
+            hook(sent[-1])  # returns once the broker has it, over TLS
+            heard_by = time.monotonic() + 0.5
+            while not opened() and time.monotonic() < heard_by:
+                time.sleep(0.02)
+        assert listener.wait_for(lambda li: len(li.on("gates/A1/decision")) == len(sent), 10)
+        assert [h.json() for h in listener.on("gates/A1/decision")] == sent
+    finally:
+        hook.close()
+        listener.close()
+        stop(controller)
+
+    other, _, _ = make_ca(tmp_path, "another-ca")
+    junk = tmp_path / "junk.crt"
+    junk.write_text("not a certificate\n")
+    config = write_config(tmp_path, [], hooks={"mqtt_password_file": str(tls_broker.password_file)})
+
+    def refused(ca_file: Path, url: str) -> str:
+        data = yaml.safe_load(config.read_text())
+        data["hooks"]["mqtt_ca_file"] = str(ca_file)
+        config.write_text(yaml.safe_dump(data))
+        res = run_cli("kiosk", "-c", str(config), "subscribe", "--mqtt", url)
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+        return lines[0]
+
+    line = refused(other, tls_broker.url)
+    assert "TLS certificate does not verify against hooks.mqtt_ca_file" in line and "another-ca" in line, line
+    line = refused(ca, tls_broker.url.replace("127.0.0.1", "localhost"))
+    assert "does not verify" in line and "mismatch" in line, line  # the name is checked, not only the CA
+    assert "must be up" not in line  # not told to start a broker that is up
+    line = refused(junk, tls_broker.url)
+    assert "hooks.mqtt_ca_file" in line and "not a PEM CA certificate bundle" in line, line
+    gate = _gate_controller(tls_broker, "--mqtt-ca-file", str(other))
+    out, err = gate.communicate(timeout=60)
+    assert gate.returncode == 2 and "Traceback" not in err and "certificate does not verify against" in err, err
+    assert out == ""  # never opened
+
+
+def test_plain_mqtt_is_called_out_only_where_it_leaves_the_machine():
+    """The start warns of plain MQTT (password and decisions in clear) to any host but this machine."""
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost", "LOCALHOST"))
+    assert not any(is_loopback(h) for h in ("10.0.0.7", "broker.example", "192.168.1.20", "fe80::1", ""))
 
 
 def test_gate_controller_feed_fails_closed_on_offline_and_acts_once_per_event():

@@ -33,6 +33,7 @@ After a successful start, an outage (or a refusal) is retried for as long as it 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import ssl
@@ -125,8 +126,13 @@ def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
             raise ConfigError(f"{key}: hooks.mqtt_password_file is set but {url} names no user (mqtt://USER@HOST:PORT)")
         password = read_password_file(cfg.hooks.mqtt_password_file)
     ca = cfg.hooks.mqtt_ca_file if cfg.hooks.mqtt_ca_file else None
-    if ca is not None and not ca.is_file():
-        raise ConfigError(f"hooks.mqtt_ca_file: {ca}: no such file")
+    if ca is not None:
+        if not ca.is_file():
+            raise ConfigError(f"hooks.mqtt_ca_file: {ca}: no such file")
+        try:  # what tls_set will do on every connection: a file that is no CA bundle stops the start, not a link
+            ssl.create_default_context(cafile=str(ca))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"hooks.mqtt_ca_file: {ca}: not a PEM CA certificate bundle ({exc})") from None
     return MqttTarget(
         url,
         parts.hostname or "",
@@ -138,12 +144,26 @@ def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
     )
 
 
+def is_loopback(host: str) -> bool:
+    """This machine's own address: plain MQTT to it never crosses a network."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class BrokerRefused(Exception):
     """The broker answered CONNECT with a refusal (bad user or password, not authorised, ...)."""
 
 
 class BrokerUnreachable(Exception):
     """No CONNACK: the broker cannot be reached, its TLS does not verify, or it did not answer in time."""
+
+
+class BrokerUntrusted(BrokerUnreachable):
+    """The broker's TLS certificate does not verify (another CA, or not for the name in the URL)."""
 
 
 @dataclass
@@ -195,6 +215,11 @@ class MqttLink:
         client.on_connect = lambda _c, _u, _f, reason, _p: answer.setdefault("reason", reason)
         try:
             client.connect(t.host, t.port, keepalive=KEEPALIVE_S)
+        except ssl.SSLCertVerificationError as exc:
+            trusted = f"hooks.mqtt_ca_file ({t.ca_file})" if t.ca_file else "the system's CAs (no hooks.mqtt_ca_file)"
+            raise BrokerUntrusted(
+                f"{t.host}:{t.port}: its TLS certificate does not verify against {trusted}: {exc.verify_message}"
+            ) from None
         except (OSError, ssl.SSLError) as exc:
             raise BrokerUnreachable(
                 f"cannot reach {t.host}:{t.port}: {exc.strerror or exc}"
@@ -457,6 +482,13 @@ def _json(value: Any) -> bytes:
 def mqtt_hook(cfg: KioskConfig, url: str, gate: str | None, name: str, key: str = "--mqtt") -> MqttHook:
     """Connect now (exit 2 with one line if the broker refuses or cannot be reached) and return the hook."""
     target = mqtt_target(cfg, url, key)
+    if not target.tls and not is_loopback(target.host):
+        log.warning(
+            "%s %s: plain MQTT to another host: the broker password and every decision cross the network "
+            "unencrypted; use mqtts:// (the broker's CA in hooks.mqtt_ca_file)",
+            key,
+            url,
+        )
     prefix = cfg.hooks.mqtt_prefix
     client_id = f"kiosk-{name}-{uuid.uuid4().hex[:8]}"
     link = MqttLink(target, f"{prefix}/available", client_id)
@@ -469,6 +501,11 @@ def mqtt_hook(cfg: KioskConfig, url: str, gate: str | None, name: str, key: str 
             else " (the broker may need a user: mqtt://USER@HOST:PORT and hooks.mqtt_password_file)"
         )
         raise UsageError(f"{key} {url}: {exc}{hint}") from None
+    except BrokerUntrusted as exc:
+        raise UsageError(
+            f"{key} {url}: {exc} (hooks.mqtt_ca_file must hold the CA that signed the broker's certificate, and the "
+            "URL name the host that certificate is for)"
+        ) from None
     except BrokerUnreachable as exc:
         raise UsageError(
             f"{key} {url}: {exc} (the broker must be up when the subscriber starts; later outages are retried)"
