@@ -151,10 +151,13 @@ class HooksConfig:
     webhook_secret_file: Path | None = None  # default: <security.keys_dir>/webhook.secret
     # MQTT (a subscriber's `mqtt: URL` or `kiosk subscribe --mqtt URL`; see kiosk.services.mqtt_hook): topics
     # under this prefix; the password of the URL's user from this file (0600, one line); for mqtts://, the CA
-    # bundle that signs the broker's certificate (null: the system's).
+    # bundle that signs the broker's certificate (null: the system's), and this host's own certificate and key
+    # (0600) for a broker that asks for one (both or neither).
     mqtt_prefix: str = "kiosk"
     mqtt_password_file: Path | None = None
     mqtt_ca_file: Path | None = None
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
 
 
 @dataclass

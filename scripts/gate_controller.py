@@ -179,7 +179,8 @@ def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
             password = open(args.mqtt_password_file).read().strip() if args.mqtt_password_file else None
             client.username_pw_set(unquote(parts.username), password)
         if parts.scheme == "mqtts":
-            client.tls_set(ca_certs=args.mqtt_ca_file)  # verifies the broker's certificate and its name
+            # verifies the broker's certificate and its name; shows this gate's own where the broker wants one
+            client.tls_set(ca_certs=args.mqtt_ca_file, certfile=args.mqtt_cert_file, keyfile=args.mqtt_key_file)
         client.connect(parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883))
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         verify = getattr(exc, "verify_message", None)  # ssl.SSLCertVerificationError
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mqtt-prefix", default="kiosk", help="the subscriber's hooks.mqtt_prefix")
     ap.add_argument("--mqtt-password-file", help="the password of the URL's user (one line)")
     ap.add_argument("--mqtt-ca-file", help="for mqtts://: the CA bundle of the broker's certificate")
+    ap.add_argument("--mqtt-cert-file", help="for mqtts:// to a broker that wants one: this gate's certificate")
+    ap.add_argument("--mqtt-key-file", help="... and its key")
     ap.add_argument("--server-key", help="the verifier's public key file (server.key); omit only with curve off")
     ap.add_argument("--client-key", help="this gate's secret key file (NAME.key_secret)")
     ap.add_argument("--open-seconds", type=float, default=5.0)

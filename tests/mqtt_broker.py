@@ -36,11 +36,14 @@ PASSWORD = "broker-test-secret"
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """A test CA and the broker certificate it signed (for the address 127.0.0.1 only, no DNS name)."""
+    """A test CA, the broker certificate it signed (for the address 127.0.0.1 only, no DNS name) and a client
+    certificate it signed (for a broker that asks clients for one)."""
 
     ca: Path
     cert: Path
     key: Path
+    client_cert: Path
+    client_key: Path
 
 
 def _name(cn: str) -> x509.Name:
@@ -67,30 +70,40 @@ def make_ca(folder: Path, name: str = "kiosk-test-ca") -> tuple[Path, ec.Ellipti
     return path, key, cert
 
 
-def make_tls(folder: Path) -> TlsFiles:
-    """A CA and a broker certificate for 127.0.0.1 signed by it: a client that trusts the CA and connects to
-    127.0.0.1 verifies it; one that connects as `localhost` must not (the name is not in the certificate)."""
-    ca_path, ca_key, ca_cert = make_ca(folder)
+def _signed(
+    folder: Path, name: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, san: list | None
+) -> tuple[Path, Path]:
+    """A certificate for `name` signed by the CA (with these subject alternative names), and its key (0600)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name("kiosk-test-broker"))
+        .subject_name(_name(name))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1"))]), critical=False)
-        .sign(ca_key, hashes.SHA256())
     )
-    files = TlsFiles(ca_path, folder / "broker.crt", folder / "broker.key")
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
-    files.key.chmod(0o600)
-    return files
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def make_tls(folder: Path) -> TlsFiles:
+    """A CA, a broker certificate for 127.0.0.1 signed by it (a client that trusts the CA and connects to
+    127.0.0.1 verifies it; one that connects as `localhost` must not: the name is not in the certificate) and a
+    client certificate signed by it."""
+    ca_path, ca_key, ca_cert = make_ca(folder)
+    cert, key = _signed(folder, "kiosk-test-broker", ca_key, ca_cert, [x509.IPAddress(IPv4Address("127.0.0.1"))])
+    client_cert, client_key = _signed(folder, "kiosk-test-client", ca_key, ca_cert, None)
+    return TlsFiles(ca_path, cert, key, client_cert, client_key)
 
 
 @dataclass
@@ -102,6 +115,7 @@ class Broker:
     folder: Path
     port: int
     tls: TlsFiles | None = None  # TLS only on its port, with this certificate
+    client_certs: bool = False  # with tls: every client must show a certificate the test CA signed
     proc: subprocess.Popen | None = None
 
     @property
@@ -124,7 +138,7 @@ class Broker:
         self.password_file.chmod(0o600)
         lines = [
             f"listener {self.port} 127.0.0.1",
-            *([f"cafile {self.tls.ca}", f"certfile {self.tls.cert}", f"keyfile {self.tls.key}"] if self.tls else []),
+            *(self._tls_lines() if self.tls else []),
             "allow_anonymous false",
             f"password_file {self.folder}/passwd",
             "persistence true",
@@ -138,6 +152,15 @@ class Broker:
             lines.append("user root")  # mosquitto would switch to user `mosquitto`, who cannot reach this folder
         (self.folder / "mosquitto.conf").write_text("\n".join(lines) + "\n")
         self.start()
+
+    def _tls_lines(self) -> list[str]:
+        assert self.tls is not None
+        return [
+            f"cafile {self.tls.ca}",
+            f"certfile {self.tls.cert}",
+            f"keyfile {self.tls.key}",
+            f"require_certificate {'true' if self.client_certs else 'false'}",
+        ]
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -173,12 +196,12 @@ class Broker:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
-def _serve(tls: bool):
+def _serve(tls: bool, client_certs: bool = False):
     binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None)
     if binary is None:
         pytest.skip("mosquitto not installed (Debian: apt-get install mosquitto; .ci/run does)")
     folder = Path(tempfile.mkdtemp(prefix="kiosk-mqtt-"))
-    server = Broker(binary, folder, free_port(), make_tls(folder) if tls else None)
+    server = Broker(binary, folder, free_port(), make_tls(folder) if tls else None, client_certs)
     try:
         server.init()
         yield server
@@ -197,6 +220,12 @@ def broker():
 def tls_broker():
     """A fresh broker that speaks TLS only (`broker.tls`: its CA, certificate and key), killed at the end."""
     yield from _serve(tls=True)
+
+
+@pytest.fixture
+def mtls_broker():
+    """A TLS-only broker that also wants each client's certificate (`broker.tls.client_cert`, `client_key`)."""
+    yield from _serve(tls=True, client_certs=True)
 
 
 @dataclass
@@ -227,7 +256,11 @@ class Listener:
         )
         self.client.username_pw_set(USER, PASSWORD)
         if self.broker.tls:
-            self.client.tls_set(ca_certs=str(self.broker.tls.ca))
+            self.client.tls_set(
+                ca_certs=str(self.broker.tls.ca),
+                certfile=str(self.broker.tls.client_cert),
+                keyfile=str(self.broker.tls.client_key),
+            )
         self.client.reconnect_delay_set(0.1, 1.0)
         self.client.on_connect = lambda c, *_: c.subscribe(f"{self.prefix}/#", qos=1)
         self.client.on_message = self._on_message

@@ -203,38 +203,43 @@ def _gate_controller(broker: Broker, *extra: str) -> subprocess.Popen:
     )
 
 
-def test_mqtts_verifies_the_broker_and_carries_decisions_to_a_gate(tmp_path, tls_broker):
-    """TLS to a real Mosquitto that speaks nothing else. The hook, trusting the broker's CA, delivers decisions that a
-    TLS listener and the reference gate controller (a real process, over mqtts) receive: the gate opens. At start,
-    one line and exit 2, never a connection: a broker whose certificate another CA signed, a broker reached by a
-    name its certificate does not carry, a CA file that is no certificate; the gate controller likewise."""
-    ca = tls_broker.tls.ca
-    cfg = _cfg(tls_broker, mqtt_ca_file=str(ca))
-    hook = mqtt_hook(cfg, tls_broker.url, None, "test")
-    listener = Listener(tls_broker)
-    controller = _gate_controller(tls_broker, "--mqtt-ca-file", str(ca))
+def _gate_opens(broker: Broker, hook, controller: subprocess.Popen) -> None:
+    """The hook says the verifier is up, then sends accepts until the gate controller opens (it subscribes in its
+    own time; each accept is a new event); a TLS listener heard each of them once."""
     said: list[str] = []
-    reader = threading.Thread(target=lambda: said.extend(controller.stdout), daemon=True)  # type: ignore[arg-type]
-    reader.start()
+    threading.Thread(target=lambda: said.extend(controller.stdout), daemon=True).start()  # type: ignore[arg-type]
+    listener = Listener(broker)
     try:
         hook.observe({"status": "ok", "gates": {"A1": {"flight_id": None}}, "cameras": {}})
         assert listener.wait_for(lambda li: li.on("available") and li.on("available")[-1].payload == b"online", 10)
-        # Accepts until the gate opens: the controller subscribes in its own time (each accept is a new event).
         opened = lambda: any('"open"' in line for line in said)  # noqa: E731
         sent: list[dict] = []
         deadline = time.monotonic() + 30
         while not opened():
             assert time.monotonic() < deadline and controller.poll() is None, said
             sent.append(_decision("accept", event_id=f"tls-{len(sent)}"))
-            hook(sent[-1])  # returns once the broker has it, over TLS
+            hook(sent[-1])  # returns once the broker has it
             heard_by = time.monotonic() + 0.5
             while not opened() and time.monotonic() < heard_by:
                 time.sleep(0.02)
         assert listener.wait_for(lambda li: len(li.on("gates/A1/decision")) == len(sent), 10)
         assert [h.json() for h in listener.on("gates/A1/decision")] == sent
     finally:
-        hook.close()
         listener.close()
+
+
+def test_mqtts_verifies_the_broker_and_carries_decisions_to_a_gate(tmp_path, tls_broker):
+    """TLS to a real Mosquitto that speaks nothing else. The hook, trusting the broker's CA, delivers decisions that a
+    TLS listener and the reference gate controller (a real process, over mqtts) receive: the gate opens. At start,
+    one line and exit 2, never a connection: a broker whose certificate another CA signed, a broker reached by a
+    name its certificate does not carry, a CA file that is no certificate; the gate controller likewise."""
+    ca = tls_broker.tls.ca
+    hook = mqtt_hook(_cfg(tls_broker, mqtt_ca_file=str(ca)), tls_broker.url, None, "test")
+    controller = _gate_controller(tls_broker, "--mqtt-ca-file", str(ca))
+    try:
+        _gate_opens(tls_broker, hook, controller)
+    finally:
+        hook.close()
         stop(controller)
 
     other, _, _ = make_ca(tmp_path, "another-ca")
@@ -262,6 +267,58 @@ def test_mqtts_verifies_the_broker_and_carries_decisions_to_a_gate(tmp_path, tls
     out, err = gate.communicate(timeout=60)
     assert gate.returncode == 2 and "Traceback" not in err and "certificate does not verify against" in err, err
     assert out == ""  # never opened
+
+
+def test_a_broker_that_wants_client_certificates_gets_this_hosts(tmp_path, mtls_broker):
+    """Mutual TLS: with hooks.mqtt_cert_file and mqtt_key_file the hook is let in and delivers, and the gate
+    controller with its own certificate opens; without them the broker refuses at start (one line, exit 2). A key
+    others can read, a certificate without its key, or files that are no certificate and key are config errors at
+    start (exit 2), before any connection."""
+    tls = mtls_broker.tls
+    own = {"mqtt_cert_file": str(tls.client_cert), "mqtt_key_file": str(tls.client_key)}
+    hook = mqtt_hook(_cfg(mtls_broker, mqtt_ca_file=str(tls.ca), **own), mtls_broker.url, None, "test")
+    controller = _gate_controller(
+        mtls_broker,
+        *(
+            "--mqtt-ca-file",
+            str(tls.ca),
+            "--mqtt-cert-file",
+            str(tls.client_cert),
+            "--mqtt-key-file",
+            str(tls.client_key),
+        ),
+    )
+    try:
+        _gate_opens(mtls_broker, hook, controller)
+    finally:
+        hook.close()
+        stop(controller)
+
+    config = write_config(tmp_path, [], hooks={"mqtt_password_file": str(mtls_broker.password_file)})
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a key\n")
+    junk.chmod(0o600)
+    readable = tmp_path / "readable.key"
+    readable.write_bytes(tls.client_key.read_bytes())
+    readable.chmod(0o644)
+
+    def refused(**hooks: str) -> str:
+        data = yaml.safe_load(config.read_text())
+        data["hooks"] = {"mqtt_password_file": str(mtls_broker.password_file), "mqtt_ca_file": str(tls.ca), **hooks}
+        config.write_text(yaml.safe_dump(data))
+        res = run_cli("kiosk", "-c", str(config), "subscribe", "--mqtt", mtls_broker.url)
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+        return lines[0]
+
+    line = refused()
+    assert "ended the TLS session before answering" in line and "hooks.mqtt_cert_file" in line, line
+    line = refused(mqtt_cert_file=str(tls.client_cert), mqtt_key_file=str(readable))
+    assert "hooks.mqtt_key_file" in line and "readable by other users" in line, line
+    line = refused(mqtt_cert_file=str(tls.client_cert))
+    assert "hooks.mqtt_key_file: needed with hooks.mqtt_cert_file" in line, line
+    line = refused(mqtt_cert_file=str(tls.client_cert), mqtt_key_file=str(junk))
+    assert "not a PEM certificate and its unencrypted private key" in line, line
 
 
 def test_plain_mqtt_is_called_out_only_where_it_leaves_the_machine():

@@ -93,19 +93,23 @@ class MqttTarget:
     username: str | None
     password: str | None = field(default=None, repr=False)
     ca_file: Path | None = None
+    cert_file: Path | None = None  # this client's certificate and key, for a broker that asks for one
+    key_file: Path | None = None
+
+
+def refuse_if_others_read(path: Path, key: str) -> None:
+    """ConfigError naming `key` when `path` is a file other users can read (a secret must be its owner's)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # the reader says what is wrong
+    if stat.S_ISREG(mode) and mode & 0o077:
+        raise ConfigError(f"{key}: {path} is readable by other users (mode {stat.S_IMODE(mode):04o}); chmod 600 {path}")
 
 
 def read_password_file(path: Path) -> str:
     """The password in `path` (one line); refused, like the template key, when others can read the file."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        mode = 0  # read_regular_file says what is wrong
-    if stat.S_ISREG(mode) and mode & 0o077:
-        raise ConfigError(
-            f"hooks.mqtt_password_file: {path} is readable by other users (mode "
-            f"{stat.S_IMODE(mode):04o}); chmod 600 {path}"
-        )
+    refuse_if_others_read(path, "hooks.mqtt_password_file")
     data = read_regular_file(path, 4096, "password file", error=ConfigError)
     password = data.decode("utf-8", "replace").strip()
     if not password:
@@ -133,6 +137,26 @@ def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
             ssl.create_default_context(cafile=str(ca))
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise ConfigError(f"hooks.mqtt_ca_file: {ca}: not a PEM CA certificate bundle ({exc})") from None
+    cert, key_file = cfg.hooks.mqtt_cert_file, cfg.hooks.mqtt_key_file
+    if (cert is None) != (key_file is None):
+        given, missing = (
+            ("mqtt_cert_file", "mqtt_key_file") if cert is not None else ("mqtt_key_file", "mqtt_cert_file")
+        )
+        raise ConfigError(f"hooks.{missing}: needed with hooks.{given} (a client certificate and its key go together)")
+    if cert is not None and key_file is not None:
+        for name, path in (("mqtt_cert_file", cert), ("mqtt_key_file", key_file)):
+            if not path.is_file():
+                raise ConfigError(f"hooks.{name}: {path}: no such file")
+        refuse_if_others_read(key_file, "hooks.mqtt_key_file")
+        try:  # what tls_set will do on every connection
+            ssl.create_default_context().load_cert_chain(str(cert), str(key_file))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(
+                f"hooks.mqtt_cert_file, hooks.mqtt_key_file: {cert}, {key_file}: not a PEM certificate and its "
+                f"unencrypted private key ({exc})"
+            ) from None
+        if parts.scheme != "mqtts":
+            log.warning("%s %s: plain MQTT: hooks.mqtt_cert_file is not used (only mqtts:// sends it)", key, url)
     return MqttTarget(
         url,
         parts.hostname or "",
@@ -141,6 +165,8 @@ def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
         username,
         password,
         ca,
+        cert,
+        key_file,
     )
 
 
@@ -164,6 +190,18 @@ class BrokerUnreachable(Exception):
 
 class BrokerUntrusted(BrokerUnreachable):
     """The broker's TLS certificate does not verify (another CA, or not for the name in the URL)."""
+
+    hint = "hooks.mqtt_ca_file must hold the CA that signed the broker's certificate, and the URL name its host"
+
+
+class ClientUntrusted(BrokerUnreachable):
+    """The broker ended the TLS session before answering: what one that wants a client certificate does when it is
+    shown none, or one it does not accept (an alert, or just the end of the session)."""
+
+    hint = (
+        "a broker that wants a client certificate does this without one it accepts: hooks.mqtt_cert_file and "
+        "hooks.mqtt_key_file, a certificate its client CA signed and the key"
+    )
 
 
 @dataclass
@@ -209,10 +247,17 @@ class MqttLink:
         if t.username is not None:
             client.username_pw_set(t.username, t.password)
         if t.tls:
-            client.tls_set(ca_certs=str(t.ca_file) if t.ca_file else None, cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_set(
+                ca_certs=str(t.ca_file) if t.ca_file else None,
+                certfile=str(t.cert_file) if t.cert_file else None,
+                keyfile=str(t.key_file) if t.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
         client.will_set(self.will_topic, b"offline", qos=1, retain=True)
         answer: dict[str, Any] = {}
         client.on_connect = lambda _c, _u, _f, reason, _p: answer.setdefault("reason", reason)
+        errors: list[str] = []  # paho's own account of a failed read: over TLS 1.3 the broker's alert is only there
+        client.on_log = lambda _c, _u, level, text: errors.append(text) if level == paho.MQTT_LOG_ERR else None
         try:
             client.connect(t.host, t.port, keepalive=KEEPALIVE_S)
         except ssl.SSLCertVerificationError as exc:
@@ -229,7 +274,10 @@ class MqttLink:
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
         while "reason" not in answer and time.monotonic() < deadline:
             if client.loop(0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS and "reason" not in answer:
-                raise BrokerUnreachable(f"{t.host}:{t.port} closed the connection before answering")
+                said = f" ({errors[0]})" if errors else ""  # the first: what ended it (later ones say it is gone)
+                if t.tls:
+                    raise ClientUntrusted(f"{t.host}:{t.port} ended the TLS session before answering{said}")
+                raise BrokerUnreachable(f"{t.host}:{t.port} closed the connection before answering{said}")
         reason = answer.get("reason")
         if reason is None:
             raise BrokerUnreachable(f"{t.host}:{t.port} did not answer within {CONNECT_TIMEOUT_S:g}s")
@@ -501,11 +549,8 @@ def mqtt_hook(cfg: KioskConfig, url: str, gate: str | None, name: str, key: str 
             else " (the broker may need a user: mqtt://USER@HOST:PORT and hooks.mqtt_password_file)"
         )
         raise UsageError(f"{key} {url}: {exc}{hint}") from None
-    except BrokerUntrusted as exc:
-        raise UsageError(
-            f"{key} {url}: {exc} (hooks.mqtt_ca_file must hold the CA that signed the broker's certificate, and the "
-            "URL name the host that certificate is for)"
-        ) from None
+    except (BrokerUntrusted, ClientUntrusted) as exc:
+        raise UsageError(f"{key} {url}: {exc} ({exc.hint})") from None
     except BrokerUnreachable as exc:
         raise UsageError(
             f"{key} {url}: {exc} (the broker must be up when the subscriber starts; later outages are retried)"
