@@ -172,6 +172,9 @@ def test_start_errors_are_one_line_and_exit_2(tmp_path, broker):
         {"mqtt_password_file": str(broker.password_file)}, "--mqtt", broker.url
     )
     assert "found scheme 'tcp'" in subscribe(None, "--mqtt", "tcp://127.0.0.1:1883")
+    broker.start()
+    line = subscribe(None, "--mqtt", broker.url.replace("mqtt://", "mqtts://"))  # TLS to a plain MQTT port
+    assert "the TLS handshake failed (is it a TLS port?)" in line, line
     data = yaml.safe_load(config.read_text())
     data["subscribers"] = [{"name": "gates", "mqtt": "http://broker:1883"}]
     config.write_text(yaml.safe_dump(data))

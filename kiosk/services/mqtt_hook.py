@@ -117,6 +117,46 @@ def read_password_file(path: Path) -> str:
     return password
 
 
+def _checked_ca_file(cfg: KioskConfig) -> Path | None:
+    """hooks.mqtt_ca_file, loaded once as tls_set will load it on every connection: a file that is no CA bundle
+    stops the start (ConfigError), not each connection of a running link."""
+    ca = cfg.hooks.mqtt_ca_file
+    if ca is None:
+        return None
+    if not ca.is_file():
+        raise ConfigError(f"hooks.mqtt_ca_file: {ca}: no such file")
+    try:
+        ssl.create_default_context(cafile=str(ca))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"hooks.mqtt_ca_file: {ca}: not a PEM CA certificate bundle ({exc})") from None
+    return ca
+
+
+def _checked_client_certificate(cfg: KioskConfig) -> tuple[Path | None, Path | None]:
+    """hooks.mqtt_cert_file and mqtt_key_file: both or neither, the key its owner's only, and loadable as a
+    certificate with its key (checked once here, as tls_set will load them)."""
+    cert, key = cfg.hooks.mqtt_cert_file, cfg.hooks.mqtt_key_file
+    if cert is None and key is None:
+        return None, None
+    if cert is None or key is None:
+        given, missing = (
+            ("mqtt_cert_file", "mqtt_key_file") if cert is not None else ("mqtt_key_file", "mqtt_cert_file")
+        )
+        raise ConfigError(f"hooks.{missing}: needed with hooks.{given} (a client certificate and its key go together)")
+    for name, path in (("mqtt_cert_file", cert), ("mqtt_key_file", key)):
+        if not path.is_file():
+            raise ConfigError(f"hooks.{name}: {path}: no such file")
+    refuse_if_others_read(key, "hooks.mqtt_key_file")
+    try:
+        ssl.create_default_context().load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"hooks.mqtt_cert_file, hooks.mqtt_key_file: {cert}, {key}: not a PEM certificate and its unencrypted "
+            f"private key ({exc})"
+        ) from None
+    return cert, key
+
+
 def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
     """The target of `url` with the password of `hooks.mqtt_password_file`; ConfigError naming `key`."""
     problem = mqtt_url_problem(url)
@@ -129,34 +169,10 @@ def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
         if username is None:
             raise ConfigError(f"{key}: hooks.mqtt_password_file is set but {url} names no user (mqtt://USER@HOST:PORT)")
         password = read_password_file(cfg.hooks.mqtt_password_file)
-    ca = cfg.hooks.mqtt_ca_file if cfg.hooks.mqtt_ca_file else None
-    if ca is not None:
-        if not ca.is_file():
-            raise ConfigError(f"hooks.mqtt_ca_file: {ca}: no such file")
-        try:  # what tls_set will do on every connection: a file that is no CA bundle stops the start, not a link
-            ssl.create_default_context(cafile=str(ca))
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            raise ConfigError(f"hooks.mqtt_ca_file: {ca}: not a PEM CA certificate bundle ({exc})") from None
-    cert, key_file = cfg.hooks.mqtt_cert_file, cfg.hooks.mqtt_key_file
-    if (cert is None) != (key_file is None):
-        given, missing = (
-            ("mqtt_cert_file", "mqtt_key_file") if cert is not None else ("mqtt_key_file", "mqtt_cert_file")
-        )
-        raise ConfigError(f"hooks.{missing}: needed with hooks.{given} (a client certificate and its key go together)")
-    if cert is not None and key_file is not None:
-        for name, path in (("mqtt_cert_file", cert), ("mqtt_key_file", key_file)):
-            if not path.is_file():
-                raise ConfigError(f"hooks.{name}: {path}: no such file")
-        refuse_if_others_read(key_file, "hooks.mqtt_key_file")
-        try:  # what tls_set will do on every connection
-            ssl.create_default_context().load_cert_chain(str(cert), str(key_file))
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            raise ConfigError(
-                f"hooks.mqtt_cert_file, hooks.mqtt_key_file: {cert}, {key_file}: not a PEM certificate and its "
-                f"unencrypted private key ({exc})"
-            ) from None
-        if parts.scheme != "mqtts":
-            log.warning("%s %s: plain MQTT: hooks.mqtt_cert_file is not used (only mqtts:// sends it)", key, url)
+    ca = _checked_ca_file(cfg)
+    cert, key_file = _checked_client_certificate(cfg)
+    if cert is not None and parts.scheme != "mqtts":
+        log.warning("%s %s: plain MQTT: hooks.mqtt_cert_file is not used (only mqtts:// sends it)", key, url)
     return MqttTarget(
         url,
         parts.hostname or "",
@@ -265,12 +281,15 @@ class MqttLink:
             raise BrokerUntrusted(
                 f"{t.host}:{t.port}: its TLS certificate does not verify against {trusted}: {exc.verify_message}"
             ) from None
-        except (OSError, ssl.SSLError) as exc:
-            raise BrokerUnreachable(
-                f"cannot reach {t.host}:{t.port}: {exc.strerror or exc}"
-                if isinstance(exc, OSError) and exc.strerror
-                else f"cannot reach {t.host}:{t.port}: {exc}"
-            ) from None
+        except OSError as exc:  # ssl.SSLError among them
+            detail = exc.strerror or exc
+            if isinstance(exc, ssl.SSLError) and "CERTIFICATE" in str(exc).upper():
+                raise ClientUntrusted(f"{t.host}:{t.port} refused this client in the TLS handshake: {detail}") from None
+            if t.tls and isinstance(exc, ssl.SSLError | ConnectionResetError):  # a plain MQTT port cuts a TLS hello
+                raise BrokerUnreachable(
+                    f"{t.host}:{t.port}: the TLS handshake failed (is it a TLS port?): {detail}"
+                ) from None
+            raise BrokerUnreachable(f"cannot reach {t.host}:{t.port}: {detail}") from None
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
         while "reason" not in answer and time.monotonic() < deadline:
             if client.loop(0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS and "reason" not in answer:
