@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 import time
 from collections import deque
@@ -156,6 +157,34 @@ class MqttFeed:
             self.gate.heartbeat(now)
 
 
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The broker's certificate verified (and for the host in the URL) against --mqtt-ca-file, else the system's
+    CAs; this gate's own certificate and key shown where given. None, after one line on stderr, for a bad option."""
+    if bool(args.mqtt_cert_file) != bool(args.mqtt_key_file):
+        print("--mqtt-cert-file and --mqtt-key-file: give both or neither", file=sys.stderr)
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and the host name checked
+    try:
+        if args.mqtt_ca_file:
+            context.load_verify_locations(args.mqtt_ca_file)
+        else:
+            context.load_default_certs()
+    except (OSError, ValueError) as exc:
+        print(f"--mqtt-ca-file {args.mqtt_ca_file}: not a readable PEM CA bundle ({exc})", file=sys.stderr)
+        return None
+    if args.mqtt_cert_file:
+        try:  # no passphrase: an encrypted key fails here rather than prompting
+            context.load_cert_chain(args.mqtt_cert_file, args.mqtt_key_file, password=lambda: b"")
+        except (OSError, ValueError) as exc:
+            print(
+                f"--mqtt-cert-file {args.mqtt_cert_file}, --mqtt-key-file {args.mqtt_key_file}: not a readable PEM "
+                f"certificate and unencrypted key ({exc})",
+                file=sys.stderr,
+            )
+            return None
+    return context
+
+
 def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
     import queue
     from urllib.parse import unquote, urlsplit
@@ -171,18 +200,34 @@ def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
     inbox: queue.Queue = queue.Queue(maxsize=10_000)
     client = mqtt.Client(CallbackAPIVersion.VERSION2, clean_session=True)
     client.reconnect_delay_set(0.5, 10)  # type: ignore[arg-type]  # paho hints int; it waits a float of seconds
-    client.on_connect = lambda c, *_: c.subscribe([(feed.available_topic, 1), (feed.decision_topic, 1)])
+    client.on_connect = lambda c, _u, _f, reason, _p: (
+        print(f"mqtt: the broker refused the connection: {reason}", file=sys.stderr, flush=True)
+        if reason.is_failure
+        else c.subscribe([(feed.available_topic, 1), (feed.decision_topic, 1)])
+    )
     client.on_disconnect = lambda *_: inbox.put(("", b""))
     client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, msg.payload))
-    try:  # a wrong password file, CA file or broker at start is one line and exit 2 (the gate stays closed)
-        if parts.username:
+    # What goes wrong while it reconnects (a broker that refuses this gate's certificate after the handshake, say) is
+    # said on stderr; the gate stays closed meanwhile.
+    client.on_log = lambda _c, _u, level, text: (
+        print(f"mqtt: {text}", file=sys.stderr, flush=True) if level == mqtt.MQTT_LOG_ERR else None
+    )
+    # At start each wrong option is one line naming it, and exit 2 (the gate stays closed).
+    if parts.username:
+        try:
             password = open(args.mqtt_password_file).read().strip() if args.mqtt_password_file else None
-            client.username_pw_set(unquote(parts.username), password)
-        if parts.scheme == "mqtts":
-            # verifies the broker's certificate and its name; shows this gate's own where the broker wants one
-            client.tls_set(ca_certs=args.mqtt_ca_file, certfile=args.mqtt_cert_file, keyfile=args.mqtt_key_file)
+        except OSError as exc:
+            print(f"--mqtt-password-file {args.mqtt_password_file}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        client.username_pw_set(unquote(parts.username), password)
+    if parts.scheme == "mqtts":
+        context = _tls_context(args)
+        if context is None:
+            return 2
+        client.tls_set_context(context)
+    try:
         client.connect(parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883))
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+    except OSError as exc:  # ssl.SSLError is an OSError
         verify = getattr(exc, "verify_message", None)  # ssl.SSLCertVerificationError
         trusted = args.mqtt_ca_file or "the system's CAs"
         detail = f"the broker's TLS certificate does not verify against {trusted}: {verify}" if verify else exc

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -53,7 +53,7 @@ def _name(cn: str) -> x509.Name:
 def make_ca(folder: Path, name: str = "kiosk-test-ca") -> tuple[Path, ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A self-signed CA, valid for a day: its certificate file, key and certificate."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
+    now = datetime.now(timezone.utc)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
@@ -75,7 +75,7 @@ def _signed(
 ) -> tuple[Path, Path]:
     """A certificate for `name` signed by the CA (with these subject alternative names), and its key (0600)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
+    now = datetime.now(timezone.utc)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
@@ -94,6 +94,14 @@ def _signed(
     )
     key_path.chmod(0o600)
     return cert_path, key_path
+
+
+def encrypted_key(path: Path, passphrase: bytes) -> bytes:
+    """The PEM key in `path`, encrypted under `passphrase` (a key file some sites keep)."""
+    key = serialization.load_pem_private_key(path.read_bytes(), None)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(passphrase)
+    )
 
 
 def make_tls(folder: Path) -> TlsFiles:

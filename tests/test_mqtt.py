@@ -5,6 +5,7 @@ errors (exit 2, one line)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,12 +19,12 @@ import yaml
 
 from kiosk.config import config_from_mapping
 from kiosk.services.hook_outcomes import StaleEvent
-from kiosk.services.mqtt_hook import is_loopback, mqtt_hook
+from kiosk.services.mqtt_hook import is_loopback, mqtt_hook, mqtt_target
 from kiosk.services.subscriber import Hook
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
-from tests.mqtt_broker import Broker, Listener, make_ca
-from tests.pipeline_helpers import audit, kiosk, make_video, people, stop, write_config
+from tests.mqtt_broker import Broker, Listener, encrypted_key, make_ca
+from tests.pipeline_helpers import audit, kiosk, make_video, people, read_stderr_until, stop, write_config
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,29 +207,40 @@ def _gate_controller(broker: Broker, *extra: str) -> subprocess.Popen:
     )
 
 
-def _gate_opens(broker: Broker, hook, controller: subprocess.Popen) -> None:
-    """The hook says the verifier is up, then sends accepts until the gate controller opens (it subscribes in its
-    own time; each accept is a new event); a TLS listener heard each of them once."""
-    said: list[str] = []
-    threading.Thread(target=lambda: said.extend(controller.stdout), daemon=True).start()  # type: ignore[arg-type]
+def _gate_opens(broker: Broker, hook, *controller_args: str) -> None:
+    """The reference gate controller (a real process, these options) on `broker`; the hook says the verifier is up,
+    then sends accepts until the gate opens (the controller subscribes in its own time; each accept is a new
+    event); a TLS listener heard each of them once."""
+    controller = _gate_controller(broker, *controller_args)
+    opened = threading.Event()
+
+    def read() -> None:  # the only reader of its stdout
+        for line in controller.stdout:  # type: ignore[union-attr]
+            if '"open"' in line:
+                opened.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     listener = Listener(broker)
     try:
         hook.observe({"status": "ok", "gates": {"A1": {"flight_id": None}}, "cameras": {}})
         assert listener.wait_for(lambda li: li.on("available") and li.on("available")[-1].payload == b"online", 10)
-        opened = lambda: any('"open"' in line for line in said)  # noqa: E731
         sent: list[dict] = []
         deadline = time.monotonic() + 30
-        while not opened():
-            assert time.monotonic() < deadline and controller.poll() is None, said
+        while not opened.is_set():
+            assert time.monotonic() < deadline and controller.poll() is None, "the gate never opened"
             sent.append(_decision("accept", event_id=f"tls-{len(sent)}"))
             hook(sent[-1])  # returns once the broker has it
-            heard_by = time.monotonic() + 0.5
-            while not opened() and time.monotonic() < heard_by:
-                time.sleep(0.02)
+            opened.wait(0.5)
         assert listener.wait_for(lambda li: len(li.on("gates/A1/decision")) == len(sent), 10)
         assert [h.json() for h in listener.on("gates/A1/decision")] == sent
     finally:
         listener.close()
+        if controller.poll() is None:
+            os.killpg(controller.pid, signal.SIGTERM)
+        controller.wait(10)
+        reader.join(10)
+        controller.stderr.close()  # type: ignore[union-attr]
 
 
 def test_mqtts_verifies_the_broker_and_carries_decisions_to_a_gate(tmp_path, tls_broker):
@@ -238,12 +250,10 @@ def test_mqtts_verifies_the_broker_and_carries_decisions_to_a_gate(tmp_path, tls
     name its certificate does not carry, a CA file that is no certificate; the gate controller likewise."""
     ca = tls_broker.tls.ca
     hook = mqtt_hook(_cfg(tls_broker, mqtt_ca_file=str(ca)), tls_broker.url, None, "test")
-    controller = _gate_controller(tls_broker, "--mqtt-ca-file", str(ca))
     try:
-        _gate_opens(tls_broker, hook, controller)
+        _gate_opens(tls_broker, hook, "--mqtt-ca-file", str(ca))
     finally:
         hook.close()
-        stop(controller)
 
     other, _, _ = make_ca(tmp_path, "another-ca")
     junk = tmp_path / "junk.crt"
@@ -280,22 +290,15 @@ def test_a_broker_that_wants_client_certificates_gets_this_hosts(tmp_path, mtls_
     tls = mtls_broker.tls
     own = {"mqtt_cert_file": str(tls.client_cert), "mqtt_key_file": str(tls.client_key)}
     hook = mqtt_hook(_cfg(mtls_broker, mqtt_ca_file=str(tls.ca), **own), mtls_broker.url, None, "test")
-    controller = _gate_controller(
-        mtls_broker,
-        *(
-            "--mqtt-ca-file",
-            str(tls.ca),
-            "--mqtt-cert-file",
-            str(tls.client_cert),
-            "--mqtt-key-file",
-            str(tls.client_key),
-        ),
-    )
     try:
-        _gate_opens(mtls_broker, hook, controller)
+        _gate_opens(
+            mtls_broker,
+            hook,
+            *("--mqtt-ca-file", str(tls.ca), "--mqtt-cert-file", str(tls.client_cert)),
+            *("--mqtt-key-file", str(tls.client_key)),
+        )
     finally:
         hook.close()
-        stop(controller)
 
     config = write_config(tmp_path, [], hooks={"mqtt_password_file": str(mtls_broker.password_file)})
     junk = tmp_path / "junk.pem"
@@ -304,6 +307,9 @@ def test_a_broker_that_wants_client_certificates_gets_this_hosts(tmp_path, mtls_
     readable = tmp_path / "readable.key"
     readable.write_bytes(tls.client_key.read_bytes())
     readable.chmod(0o644)
+    locked = tmp_path / "locked.key"  # encrypted: must fail at once, never ask for a passphrase on the terminal
+    locked.write_bytes(encrypted_key(tls.client_key, b"passphrase"))
+    locked.chmod(0o600)
 
     def refused(**hooks: str) -> str:
         data = yaml.safe_load(config.read_text())
@@ -314,20 +320,46 @@ def test_a_broker_that_wants_client_certificates_gets_this_hosts(tmp_path, mtls_
         assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
         return lines[0]
 
-    line = refused()
-    assert "ended the TLS session before answering" in line and "hooks.mqtt_cert_file" in line, line
+    line = refused()  # the broker's alert, or (Mosquitto, at times) the session just ends: either says what to set
+    assert "ended the TLS" in line and "hooks.mqtt_cert_file" in line, line
     line = refused(mqtt_cert_file=str(tls.client_cert), mqtt_key_file=str(readable))
     assert "hooks.mqtt_key_file" in line and "readable by other users" in line, line
     line = refused(mqtt_cert_file=str(tls.client_cert))
     assert "hooks.mqtt_key_file: needed with hooks.mqtt_cert_file" in line, line
     line = refused(mqtt_cert_file=str(tls.client_cert), mqtt_key_file=str(junk))
     assert "not a PEM certificate and its unencrypted private key" in line, line
+    line = refused(mqtt_cert_file=str(tls.client_cert), mqtt_key_file=str(locked))
+    assert "not a PEM certificate and its unencrypted private key" in line, line
+    # The gate controller: half a certificate is one line and exit 2; without one, the broker's refusal comes after
+    # the handshake, and is said on stderr while it retries with the gate closed.
+    half = _gate_controller(mtls_broker, "--mqtt-ca-file", str(tls.ca), "--mqtt-cert-file", str(tls.client_cert))
+    out, err = half.communicate(timeout=60)
+    assert half.returncode == 2 and err.strip() == "--mqtt-cert-file and --mqtt-key-file: give both or neither"
+    bare = _gate_controller(mtls_broker, "--mqtt-ca-file", str(tls.ca))
+    try:
+        read_stderr_until(bare, "mqtt: ", 30)
+    finally:
+        out, err = stop(bare)
+    assert '"open"' not in out and "Traceback" not in err, err
 
 
-def test_plain_mqtt_is_called_out_only_where_it_leaves_the_machine():
-    """The start warns of plain MQTT (password and decisions in clear) to any host but this machine."""
+def test_plain_mqtt_is_called_out_only_where_it_leaves_the_machine(caplog):
+    """The start warns of plain MQTT (password and decisions in clear) to any host but this machine, and of TLS
+    settings a plain URL does not use."""
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost", "LOCALHOST"))
     assert not any(is_loopback(h) for h in ("10.0.0.7", "broker.example", "192.168.1.20", "fe80::1", ""))
+    cfg = config_from_mapping({"cameras": [{"id": "cam-a1", "gate": "A1"}]})
+
+    def warned(url: str, config=cfg) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kiosk.services.mqtt_hook"):
+            mqtt_target(config, url)
+        return " ".join(r.getMessage() for r in caplog.records)
+
+    assert "cross the network unencrypted" in warned("mqtt://kiosk@10.0.0.7:1883")
+    assert warned("mqtt://kiosk@127.0.0.1:1883") == warned("mqtts://kiosk@10.0.0.7:8883") == ""
+    with_ca = config_from_mapping({"cameras": [{"id": "cam-a1", "gate": "A1"}], "hooks": {"mqtt_ca_file": __file__}})
+    assert "hooks.mqtt_ca_file" in warned("mqtt://kiosk@127.0.0.1:1883", with_ca)  # a site that meant TLS
 
 
 def test_gate_controller_feed_fails_closed_on_offline_and_acts_once_per_event():

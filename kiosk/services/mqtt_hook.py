@@ -93,8 +93,9 @@ class MqttTarget:
     username: str | None
     password: str | None = field(default=None, repr=False)
     ca_file: Path | None = None
-    cert_file: Path | None = None  # this client's certificate and key, for a broker that asks for one
-    key_file: Path | None = None
+    cert_file: Path | None = None  # this client's certificate, for a broker that asks for one
+    # mqtts://: built once at start from the files above, so a file changed or gone later cannot end the link
+    context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
 
 
 def refuse_if_others_read(path: Path, key: str) -> None:
@@ -117,27 +118,24 @@ def read_password_file(path: Path) -> str:
     return password
 
 
-def _checked_ca_file(cfg: KioskConfig) -> Path | None:
-    """hooks.mqtt_ca_file, loaded once as tls_set will load it on every connection: a file that is no CA bundle
-    stops the start (ConfigError), not each connection of a running link."""
+def tls_context(cfg: KioskConfig) -> ssl.SSLContext:
+    """The TLS settings of every mqtts:// connection, built once at start (ConfigError naming the key at fault): the
+    broker's certificate verified, and for the host the URL names, against hooks.mqtt_ca_file (else the system's
+    CAs); this host's certificate and key (hooks.mqtt_cert_file, hooks.mqtt_key_file: both or neither, the key its
+    owner's only and not encrypted) shown to a broker that wants one."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname, as paho's tls_set
     ca = cfg.hooks.mqtt_ca_file
-    if ca is None:
-        return None
-    if not ca.is_file():
-        raise ConfigError(f"hooks.mqtt_ca_file: {ca}: no such file")
     try:
-        ssl.create_default_context(cafile=str(ca))
+        if ca is None:
+            context.load_default_certs()
+        else:
+            context.load_verify_locations(cafile=str(ca))
     except (ssl.SSLError, OSError, ValueError) as exc:
-        raise ConfigError(f"hooks.mqtt_ca_file: {ca}: not a PEM CA certificate bundle ({exc})") from None
-    return ca
-
-
-def _checked_client_certificate(cfg: KioskConfig) -> tuple[Path | None, Path | None]:
-    """hooks.mqtt_cert_file and mqtt_key_file: both or neither, the key its owner's only, and loadable as a
-    certificate with its key (checked once here, as tls_set will load them)."""
+        problem = "no such file" if ca is not None and not ca.is_file() else f"not a PEM CA certificate bundle ({exc})"
+        raise ConfigError(f"hooks.mqtt_ca_file: {ca}: {problem}") from None
     cert, key = cfg.hooks.mqtt_cert_file, cfg.hooks.mqtt_key_file
     if cert is None and key is None:
-        return None, None
+        return context
     if cert is None or key is None:
         given, missing = (
             ("mqtt_cert_file", "mqtt_key_file") if cert is not None else ("mqtt_key_file", "mqtt_cert_file")
@@ -147,14 +145,14 @@ def _checked_client_certificate(cfg: KioskConfig) -> tuple[Path | None, Path | N
         if not path.is_file():
             raise ConfigError(f"hooks.{name}: {path}: no such file")
     refuse_if_others_read(key, "hooks.mqtt_key_file")
-    try:
-        ssl.create_default_context().load_cert_chain(str(cert), str(key))
+    try:  # no passphrase: an encrypted key fails here instead of OpenSSL asking on the terminal
+        context.load_cert_chain(str(cert), str(key), password=lambda: b"")
     except (ssl.SSLError, OSError, ValueError) as exc:
         raise ConfigError(
             f"hooks.mqtt_cert_file, hooks.mqtt_key_file: {cert}, {key}: not a PEM certificate and its unencrypted "
             f"private key ({exc})"
         ) from None
-    return cert, key
+    return context
 
 
 def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
@@ -169,20 +167,28 @@ def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
         if username is None:
             raise ConfigError(f"{key}: hooks.mqtt_password_file is set but {url} names no user (mqtt://USER@HOST:PORT)")
         password = read_password_file(cfg.hooks.mqtt_password_file)
-    ca = _checked_ca_file(cfg)
-    cert, key_file = _checked_client_certificate(cfg)
-    if cert is not None and parts.scheme != "mqtts":
-        log.warning("%s %s: plain MQTT: hooks.mqtt_cert_file is not used (only mqtts:// sends it)", key, url)
+    host, tls = parts.hostname or "", parts.scheme == "mqtts"
+    if not tls:
+        unused = [f"hooks.{k}" for k in ("mqtt_ca_file", "mqtt_cert_file") if getattr(cfg.hooks, k) is not None]
+        if not is_loopback(host):
+            log.warning(
+                "%s %s: plain MQTT to another host: the broker password and every decision cross the network "
+                "unencrypted; use mqtts:// (the broker's CA in hooks.mqtt_ca_file)",
+                key,
+                url,
+            )
+        if unused:
+            log.warning("%s %s: plain MQTT: %s not used (only mqtts:// does TLS)", key, url, ", ".join(unused))
     return MqttTarget(
         url,
-        parts.hostname or "",
+        host,
         parts.port or MQTT_SCHEMES[parts.scheme],
-        parts.scheme == "mqtts",
+        tls,
         username,
         password,
-        ca,
-        cert,
-        key_file,
+        cfg.hooks.mqtt_ca_file,
+        cfg.hooks.mqtt_cert_file,
+        tls_context(cfg) if tls else None,
     )
 
 
@@ -211,8 +217,8 @@ class BrokerUntrusted(BrokerUnreachable):
 
 
 class ClientUntrusted(BrokerUnreachable):
-    """The broker ended the TLS session before answering: what one that wants a client certificate does when it is
-    shown none, or one it does not accept (an alert, or just the end of the session)."""
+    """The broker ended the TLS handshake or session with an alert before answering: what one that wants a client
+    certificate does when it is shown none, or one it does not accept."""
 
     hint = (
         "a broker that wants a client certificate does this without one it accepts: hooks.mqtt_cert_file and "
@@ -262,13 +268,8 @@ class MqttLink:
         client.connect_timeout = CONNECT_TIMEOUT_S
         if t.username is not None:
             client.username_pw_set(t.username, t.password)
-        if t.tls:
-            client.tls_set(
-                ca_certs=str(t.ca_file) if t.ca_file else None,
-                certfile=str(t.cert_file) if t.cert_file else None,
-                keyfile=str(t.key_file) if t.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+        if t.context is not None:
+            client.tls_set_context(t.context)
         client.will_set(self.will_topic, b"offline", qos=1, retain=True)
         answer: dict[str, Any] = {}
         client.on_connect = lambda _c, _u, _f, reason, _p: answer.setdefault("reason", reason)
@@ -283,8 +284,8 @@ class MqttLink:
             ) from None
         except OSError as exc:  # ssl.SSLError among them
             detail = exc.strerror or exc
-            if isinstance(exc, ssl.SSLError) and "CERTIFICATE" in str(exc).upper():
-                raise ClientUntrusted(f"{t.host}:{t.port} refused this client in the TLS handshake: {detail}") from None
+            if isinstance(exc, ssl.SSLError) and "ALERT" in str(exc.reason):  # the broker refused the handshake
+                raise ClientUntrusted(f"{t.host}:{t.port} ended the TLS handshake with an alert: {detail}") from None
             if t.tls and isinstance(exc, ssl.SSLError | ConnectionResetError):  # a plain MQTT port cuts a TLS hello
                 raise BrokerUnreachable(
                     f"{t.host}:{t.port}: the TLS handshake failed (is it a TLS port?): {detail}"
@@ -293,10 +294,21 @@ class MqttLink:
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
         while "reason" not in answer and time.monotonic() < deadline:
             if client.loop(0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS and "reason" not in answer:
-                said = f" ({errors[0]})" if errors else ""  # the first: what ended it (later ones say it is gone)
-                if t.tls:
-                    raise ClientUntrusted(f"{t.host}:{t.port} ended the TLS session before answering{said}")
-                raise BrokerUnreachable(f"{t.host}:{t.port} closed the connection before answering{said}")
+                said = errors[0] if errors else ""  # the first: what ended it (later ones say it is gone)
+                if t.tls and "ALERT" in said.upper():  # e.g. TLSV13_ALERT_CERTIFICATE_REQUIRED after the handshake
+                    raise ClientUntrusted(f"{t.host}:{t.port} ended the TLS session with an alert: {said}")
+                maybe = (
+                    "; a broker that wants a client certificate also does this to a client without one "
+                    "(hooks.mqtt_cert_file, hooks.mqtt_key_file)"
+                    if t.tls and t.cert_file is None
+                    else ""
+                )
+                raise BrokerUnreachable(
+                    f"{t.host}:{t.port} ended the {'TLS session' if t.tls else 'connection'} before answering"
+                    + (f" ({said})" if said else "")
+                    + maybe
+                )
+        client.on_log = None  # the connection stands: nothing more to keep
         reason = answer.get("reason")
         if reason is None:
             raise BrokerUnreachable(f"{t.host}:{t.port} did not answer within {CONNECT_TIMEOUT_S:g}s")
@@ -549,13 +561,6 @@ def _json(value: Any) -> bytes:
 def mqtt_hook(cfg: KioskConfig, url: str, gate: str | None, name: str, key: str = "--mqtt") -> MqttHook:
     """Connect now (exit 2 with one line if the broker refuses or cannot be reached) and return the hook."""
     target = mqtt_target(cfg, url, key)
-    if not target.tls and not is_loopback(target.host):
-        log.warning(
-            "%s %s: plain MQTT to another host: the broker password and every decision cross the network "
-            "unencrypted; use mqtts:// (the broker's CA in hooks.mqtt_ca_file)",
-            key,
-            url,
-        )
     prefix = cfg.hooks.mqtt_prefix
     client_id = f"kiosk-{name}-{uuid.uuid4().hex[:8]}"
     link = MqttLink(target, f"{prefix}/available", client_id)
