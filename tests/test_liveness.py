@@ -15,7 +15,7 @@ from kiosk.pipeline.tracking import Track
 from kiosk.store.gallery import Match
 from kiosk.vision.depth_check import PRIOR, DepthEvidence
 from kiosk.vision.liveness import PadEngine, PadObservation, crop_box, scale_from_name
-from kiosk.vision.liveness_checks import TEXTURE_FRAMES, BorderView, LivenessCheck
+from kiosk.vision.liveness_checks import STEADY_DIP, TEXTURE_FRAMES, BorderView, LivenessCheck
 from kiosk.vision.models import runtime
 from tests.pad_models import constant_pad_model, red_is_real_model
 
@@ -319,7 +319,7 @@ def test_fusion_rules_need_texture_and_movement_reject_accusations_and_fail_clos
     i, d = _feed(_policy(), _obs("blink", texture=0.99))
     assert d.type == "accept" and i == 12  # the identity is there at frame 2; the blink shows at 10, 11 and 12
     assert d.seq == i and d.liveness_checks["decided_by"] == ["texture", "motion"]
-    assert d.liveness_checks["texture"] == {"verdict": "live", "frames": 13, "score": 0.99}
+    assert d.liveness_checks["texture"] == {"verdict": "live", "frames": 13, "score": 0.99, "steady": 0.99}
     assert d.liveness_checks["motion"]["cue"] == "eye"
     # The same face without its blink is a photo as far as anyone can tell: live texture is not enough, the
     # accept waits and fails closed.
@@ -346,6 +346,18 @@ def test_fusion_rules_need_texture_and_movement_reject_accusations_and_fail_clos
     assert (d.type, d.reason) == ("reject", "liveness_unverified") and i == 2 + 15
     i, d = _feed(_policy(max_wait_s=0.5), _obs("head", texture=0.6))
     assert (d.type, d.reason) == ("reject", "liveness_unverified")
+    # A mean over the threshold that comes and goes (a screen whose glare and moire the hand moves: one frame in
+    # five seen as a screen) is not steady evidence: it waits and fails closed, blink or not; the same mean held
+    # steadily is accepted.
+    flicker = [
+        PadObservation(o.landmarks, 0.55 if k % 5 == 4 else 1.0, 0.0, o.width) for k, o in enumerate(_obs("blink"))
+    ]
+    assert sum(o.texture for o in flicker[:25]) / 25 >= 0.9  # mean 0.91
+    i, d = _feed(_policy(threshold=0.9, max_wait_s=0.5), flicker)
+    assert (d.type, d.reason) == ("reject", "liveness_unverified"), d.liveness_checks["texture"]
+    assert d.liveness_checks["texture"]["score"] >= 0.9 and d.liveness_checks["texture"]["steady"] < 0.9 - STEADY_DIP
+    i, d = _feed(_policy(threshold=0.9), _obs("blink", texture=0.91))
+    assert d.type == "accept" and d.liveness_checks["decided_by"] == ["texture", "motion"]
     # Texture on faces too small to judge (under 90 px) counts for nothing: the accept waits.
     i, d = _feed(_policy(max_wait_s=0.5), _obs("blink", texture=0.99, width=60.0))
     assert (d.type, d.reason) == ("reject", "liveness_unverified")
