@@ -50,18 +50,25 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def make_ca(folder: Path, name: str = "kiosk-test-ca") -> tuple[Path, ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A self-signed CA, valid for a day: its certificate file, key and certificate."""
-    key = ec.generate_private_key(ec.SECP256R1())
+def _builder(subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
+    """A certificate for `subject`'s `key`, issued by `issuer`, valid from five minutes ago for a day."""
     now = datetime.now(timezone.utc)
-    cert = (
+    return (
         x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(_name(name))
+        .subject_name(_name(subject))
+        .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + timedelta(days=1))
+    )
+
+
+def make_ca(folder: Path, name: str = "kiosk-test-ca") -> tuple[Path, ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA: its certificate file, key and certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        _builder(name, _name(name), key)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -75,16 +82,7 @@ def _signed(
 ) -> tuple[Path, Path]:
     """A certificate for `name` signed by the CA (with these subject alternative names), and its key (0600)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-    )
+    builder = _builder(name, ca_cert.subject, key)
     if san:
         builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
     cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
