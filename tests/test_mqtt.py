@@ -184,6 +184,7 @@ def test_start_errors_are_one_line_and_exit_2(tmp_path, broker):
 
 
 def _gate_controller(broker: Broker, *extra: str) -> subprocess.Popen:
+    """The reference gate controller at A1 on `broker` (open 120 s on an accept up to 10 s old), these options added."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -412,26 +413,7 @@ def test_real_pipeline_on_mqtt_decisions_late_join_last_will_and_verifier_down(t
     listener = Listener(broker)
     verifier = kiosk(config, "verify")
     sub = kiosk(config, "subscribe", "--gate", "A1", "--mqtt", broker.url, quiet=False)
-    controller = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "gate_controller.py"),
-            "--gate",
-            "A1",
-            "--mqtt",
-            broker.url,
-            "--mqtt-password-file",
-            str(broker.password_file),
-            "--open-seconds",
-            "120",
-            "--max-age",
-            "10",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    controller = _gate_controller(broker)
     late = None
     try:
         online = lambda li: li.on("available") and li.on("available")[-1].payload == b"online"  # noqa: E731
