@@ -126,11 +126,11 @@ class TextureCheck(LivenessCheck):
     smallest faces the models were checked on in real video; on smaller ones their scores of our simulated prints
     swing from 0 to 0.9), and at least TEXTURE_FRAMES of them.
 
-    Why steadily: a screen or a glossy print seen live by the models in some frames is seen as one in others, as
-    its reflections and moire come and go with the hand (the real iPhone replay we hold: 0.42-0.995 frame by frame,
-    10th percentile 0.41); a real face's score is steady (every real person the default config accepts: 10th
-    percentile 0.87 or more at the decision). A mean that a good stretch lifts over the threshold is doubtful
-    evidence: it waits."""
+    Why steadily: a screen or a glossy print that the models see as skin in some frames they see as a screen in
+    others, as its reflections and moire come and go with the hand (the real iPhone replay we hold: 0.42-0.995
+    frame by frame, 10th percentile 0.41); a real face's score is steady (every real person the default config
+    accepts: 10th percentile 0.87 or more at the decision). A mean that a good stretch lifts over the threshold is
+    doubtful evidence: it waits."""
 
     name = "texture"
     vouches = True
