@@ -6,8 +6,8 @@
 
 or, from an MQTT broker the subscriber publishes to (`kiosk subscribe --mqtt`):
 
-    python3 scripts/gate_controller.py --gate A1 --mqtt mqtt://gate-a1@BROKER:1883 \\
-        --mqtt-password-file gate-a1.password
+    python3 scripts/gate_controller.py --gate A1 --mqtt mqtts://gate-a1@BROKER:8883 \\
+        --mqtt-password-file gate-a1.password --mqtt-ca-file site-ca.pem
 
 On ZeroMQ the verifier's config must give this key its gate (`security.listeners: [{key: gate-a1, gates:
 [A1]}]`): the verifier applies a subscription only for gates the key may hear, and a key it gives no gate
