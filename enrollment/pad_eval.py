@@ -864,16 +864,18 @@ def _table_text(report: dict[str, Any]) -> list[str]:
     """A row per presentation, under its video or still clip; those with no presentation named, not counted."""
     lines = [
         f"{'line':>4}  {'video':44}  {'label':10} {'track':>5} {'frames':>6}  {'outcome':10} "
-        f"{'decided by':14} {'texture':>7} {'wait s':>6}"
+        f"{'decided by':14} {'texture':>7} {'steady':>6} {'wait s':>6}"
     ]
     for v in report["videos"]:
         name = _name(v)
         for p in v["presentations"]:
             tex = "-" if p["texture"] is None else f"{p['texture']:.3f}"
+            steady = (p["checks"].get("texture") or {}).get("steady")  # the 10th percentile (TextureCheck)
+            steady_text = "-" if steady is None else f"{steady:.3f}"
             wait = "-" if p["wait_s"] is None else f"{p['wait_s']:.2f}"
             lines.append(
                 f"{v['line']:>4}  {name:44}  {v['label'][:10]:10} {p['track']:>5} {p['frames']:>6}  "
-                f"{p['outcome']:10} {','.join(p['decided_by']) or '-':14} {tex:>7} {wait:>6}"
+                f"{p['outcome']:10} {','.join(p['decided_by']) or '-':14} {tex:>7} {steady_text:>6} {wait:>6}"
             )
     for item in report["no_face"]:
         lines.append(f"{item['line']:>4}  {_name(item):44}  {item['label'][:10]:10}  no presentation: not counted")

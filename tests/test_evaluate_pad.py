@@ -417,6 +417,10 @@ def test_evaluate_pad_reports_each_checks_scores_by_label(pad_run):
 
 def test_evaluate_pad_text_says_how_stills_were_scored_and_what_the_bound_is(pad_run):
     lines = "\n".join(text(pad_run[1]))
+    header, first = text(pad_run[1])[:2]
+    assert header.split()[-4:] == ["texture", "steady", "wait", "s"]
+    steady = pad_run[1]["videos"][0]["presentations"][0]["checks"]["texture"]["steady"]
+    assert first.split()[-2] == f"{steady:.3f}"  # the row shows the texture's 10th percentile
     assert "15 images scored as 5 still clips" in lines and "each still held 6 frames at 30 fps" in lines
     assert "  lab: BPCER 0.0% (0 of 3; 95% upper 63.2%), 0 liveness_unverified" in lines
     assert "95% upper: the one-sided 95% upper bound, exact (Clopper-Pearson)" in lines
