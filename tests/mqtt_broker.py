@@ -142,6 +142,17 @@ class Broker:
         )
         self.password_file.write_text(PASSWORD + "\n")
         self.password_file.chmod(0o600)
+        self._write_config()
+        self.start()
+
+    def renew_tls(self, tls: TlsFiles) -> None:
+        """Restart with other TLS files (a renewal: a new CA, and the broker and client certificates it signed)."""
+        self.kill(signal.SIGTERM)
+        self.tls = tls
+        self._write_config()
+        self.start()
+
+    def _write_config(self) -> None:
         lines = [
             f"listener {self.port} 127.0.0.1",
             *(self._tls_lines() if self.tls else []),
@@ -157,7 +168,6 @@ class Broker:
         if os.geteuid() == 0:
             lines.append("user root")  # mosquitto would switch to user `mosquitto`, who cannot reach this folder
         (self.folder / "mosquitto.conf").write_text("\n".join(lines) + "\n")
-        self.start()
 
     def _tls_lines(self) -> list[str]:
         assert self.tls is not None

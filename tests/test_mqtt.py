@@ -23,7 +23,7 @@ from kiosk.services.mqtt_hook import is_loopback, mqtt_hook, mqtt_target
 from kiosk.services.subscriber import Hook
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
-from tests.mqtt_broker import Broker, Listener, encrypted_key, make_ca
+from tests.mqtt_broker import Broker, Listener, encrypted_key, make_ca, make_tls
 from tests.pipeline_helpers import audit, kiosk, make_video, people, read_stderr_until, stop, write_config
 from tests.waiting import wait_until
 
@@ -342,6 +342,65 @@ def test_a_broker_that_wants_client_certificates_gets_this_hosts(tmp_path, mtls_
     finally:
         out, err = stop(bare)
     assert '"open"' not in out and "Traceback" not in err, err
+
+
+def _delivered(hook, listener: Listener, event: dict, timeout: float = 30) -> None:
+    """`hook(event)` returns (the broker acknowledged it) within `timeout` and the listener hears it (subscribed
+    first: it has heard the hook's retained state)."""
+    assert listener.wait_for(lambda li: li.heard, 10), "the listener never subscribed"
+    done = threading.Thread(target=hook, args=(event,), daemon=True)
+    done.start()
+    done.join(timeout)
+    assert not done.is_alive(), f"{event['event_id']} not delivered in {timeout:g}s"
+    topic = f"gates/{event['gate_id']}/decision"
+    assert listener.wait_for(lambda li: any(h.json()["event_id"] == event["event_id"] for h in li.on(topic)), 10)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """As certificate renewal tools write: a new file renamed over the old one, the owner's only."""
+    new = path.with_name(path.name + ".new")
+    new.write_bytes(data)
+    new.chmod(0o600)
+    os.replace(new, path)
+
+
+def test_certificates_renewed_on_disk_are_used_at_the_next_connection(tmp_path, mtls_broker, caplog):
+    """Renewal without a restart: the site replaces the CA and every certificate (a new CA signs the broker's and
+    this host's), the broker restarts with its new ones, and the running hook reconnects with its files as they now
+    are and delivers. Renewed files that do not load (here a key that is no key) are said as an error, and the hook
+    goes on with what it had loaded."""
+    tls = mtls_broker.tls
+    ours = tmp_path / "kiosk-tls"
+    ours.mkdir()
+    files = {"mqtt_ca_file": ours / "ca.crt", "mqtt_cert_file": ours / "gate.crt", "mqtt_key_file": ours / "gate.key"}
+    for key, source in zip(files, (tls.ca, tls.client_cert, tls.client_key), strict=True):
+        _replace(files[key], source.read_bytes())
+    hook = mqtt_hook(_cfg(mtls_broker, **{k: str(v) for k, v in files.items()}), mtls_broker.url, None, "test")
+    listener = Listener(mtls_broker)
+    try:
+        _delivered(hook, listener, _decision(event_id="before-renewal"))
+        renewed_folder = tmp_path / "renewed"
+        renewed_folder.mkdir()
+        renewed = make_tls(renewed_folder)
+        for key, source in zip(files, (renewed.ca, renewed.client_cert, renewed.client_key), strict=True):
+            _replace(files[key], source.read_bytes())
+        listener.close()
+        with caplog.at_level(logging.INFO, logger="kiosk.services.mqtt_hook"):
+            mtls_broker.renew_tls(renewed)  # the old CA's certificates are no longer let in, nor is the old CA trusted
+            listener = Listener(mtls_broker)
+            _delivered(hook, listener, _decision(event_id="after-renewal"))
+            assert "the TLS files changed: loaded again" in caplog.text
+
+            caplog.clear()
+            _replace(files["mqtt_key_file"], b"half-written\n")
+            mtls_broker.renew_tls(renewed)  # a restart: the hook reconnects, with what it had
+            _delivered(hook, listener, _decision(event_id="after-a-bad-renewal"))
+        said = [r for r in caplog.records if "do not load" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelno == logging.ERROR, caplog.text
+        assert "hooks.mqtt_key_file" in said[0].getMessage() and "the ones loaded before stay in use" in caplog.text
+    finally:
+        listener.close()
+        hook.close()
 
 
 def test_plain_mqtt_is_called_out_only_where_it_leaves_the_machine(caplog):

@@ -83,6 +83,27 @@ def topic_level(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """The files behind mqtts:// (hooks.mqtt_ca_file, mqtt_cert_file, mqtt_key_file): read at start, and again
+    before a reconnect when one of them has changed (a certificate renewed on disk needs no restart)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """What changes when a file is rewritten or replaced (renamed over, as renewal tools do): inode, mtime, size."""
+        out: list[tuple[int, int, int] | None] = []
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            try:
+                st = path.stat() if path is not None else None
+            except OSError:
+                st = None
+            out.append(None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
 class MqttTarget:
     """Where to publish: the broker from the URL, the user from it, the password from its file."""
 
@@ -92,10 +113,19 @@ class MqttTarget:
     tls: bool
     username: str | None
     password: str | None = field(default=None, repr=False)
-    ca_file: Path | None = None
-    cert_file: Path | None = None  # this client's certificate, for a broker that asks for one
-    # mqtts://: built once at start from the files above, so a file changed or gone later cannot end the link
+    tls_files: TlsFiles = TlsFiles()
+    # mqtts://: built at start from tls_files as they were then (tls_stamp); the link builds a new one when they
+    # change, and keeps the one it has when the new files do not load (a file changed or gone cannot end the link)
     context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    tls_stamp: tuple[tuple[int, int, int] | None, ...] = ()
+
+    @property
+    def ca_file(self) -> Path | None:
+        return self.tls_files.ca_file
+
+    @property
+    def cert_file(self) -> Path | None:
+        return self.tls_files.cert_file
 
 
 def refuse_if_others_read(path: Path, key: str) -> None:
@@ -118,13 +148,13 @@ def read_password_file(path: Path) -> str:
     return password
 
 
-def tls_context(cfg: KioskConfig) -> ssl.SSLContext:
-    """The TLS settings of every mqtts:// connection, built once at start (ConfigError naming the key at fault): the
-    broker's certificate verified, and for the host the URL names, against hooks.mqtt_ca_file (else the system's
-    CAs); this host's certificate and key (hooks.mqtt_cert_file, hooks.mqtt_key_file: both or neither, the key its
-    owner's only and not encrypted) shown to a broker that wants one."""
+def tls_context(files: TlsFiles) -> ssl.SSLContext:
+    """The TLS settings of mqtts:// connections (ConfigError naming the key at fault): the broker's certificate
+    verified, and for the host the URL names, against hooks.mqtt_ca_file (else the system's CAs); this host's
+    certificate and key (hooks.mqtt_cert_file, hooks.mqtt_key_file: both or neither, the key its owner's only and
+    not encrypted) shown to a broker that wants one."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname, as paho's tls_set
-    ca = cfg.hooks.mqtt_ca_file
+    ca = files.ca_file
     try:
         if ca is None:
             context.load_default_certs()
@@ -133,7 +163,7 @@ def tls_context(cfg: KioskConfig) -> ssl.SSLContext:
     except (ssl.SSLError, OSError, ValueError) as exc:
         problem = "no such file" if ca is not None and not ca.is_file() else f"not a PEM CA certificate bundle ({exc})"
         raise ConfigError(f"hooks.mqtt_ca_file: {ca}: {problem}") from None
-    cert, key = cfg.hooks.mqtt_cert_file, cfg.hooks.mqtt_key_file
+    cert, key = files.cert_file, files.key_file
     if cert is None and key is None:
         return context
     if cert is None or key is None:
@@ -168,6 +198,8 @@ def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
             raise ConfigError(f"{key}: hooks.mqtt_password_file is set but {url} names no user (mqtt://USER@HOST:PORT)")
         password = read_password_file(cfg.hooks.mqtt_password_file)
     host, tls = parts.hostname or "", parts.scheme == "mqtts"
+    files = TlsFiles(cfg.hooks.mqtt_ca_file, cfg.hooks.mqtt_cert_file, cfg.hooks.mqtt_key_file)
+    stamp = files.stamp()  # before they are read: a change while they are read is seen at the next connection
     if not tls:
         unused = [f"hooks.{k}" for k in ("mqtt_ca_file", "mqtt_cert_file") if getattr(cfg.hooks, k) is not None]
         if not is_loopback(host):
@@ -186,9 +218,9 @@ def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
         tls,
         username,
         password,
-        cfg.hooks.mqtt_ca_file,
-        cfg.hooks.mqtt_cert_file,
-        tls_context(cfg) if tls else None,
+        files,
+        tls_context(files) if tls else None,
+        stamp,
     )
 
 
@@ -257,8 +289,29 @@ class MqttLink:
         self._client: paho.Client | None = None
         self.connected = threading.Event()
         self._thread: threading.Thread | None = None
+        self._context = target.context
+        self._tls_stamp = target.tls_stamp
 
     # -- the connection ---------------------------------------------------------
+    def _tls(self) -> ssl.SSLContext | None:
+        """The TLS settings for a new connection: loaded again when a file behind them has changed since (a
+        certificate or CA renewed on disk), the ones it has when the changed files do not load (said once each
+        time they change; a renewal that writes the certificate and the key one after the other is read whole at
+        the next try)."""
+        files = self.target.tls_files
+        if self._context is None:
+            return None
+        stamp = files.stamp()
+        if stamp != self._tls_stamp:
+            self._tls_stamp = stamp
+            try:
+                self._context = tls_context(files)
+            except ConfigError as exc:
+                log.error("mqtt: the TLS files changed and do not load: %s; the ones loaded before stay in use", exc)
+            else:
+                log.info("mqtt: the TLS files changed: loaded again for the connection to %s", self.target.url)
+        return self._context
+
     def _open(self) -> paho.Client:
         """A new client, connected (CONNACK accepted), or BrokerRefused / BrokerUnreachable."""
         t = self.target
@@ -268,8 +321,9 @@ class MqttLink:
         client.connect_timeout = CONNECT_TIMEOUT_S
         if t.username is not None:
             client.username_pw_set(t.username, t.password)
-        if t.context is not None:
-            client.tls_set_context(t.context)
+        context = self._tls()
+        if context is not None:
+            client.tls_set_context(context)
         client.will_set(self.will_topic, b"offline", qos=1, retain=True)
         answer: dict[str, Any] = {}
         client.on_connect = lambda _c, _u, _f, reason, _p: answer.setdefault("reason", reason)
