@@ -122,6 +122,8 @@ class Broker:
     port: int
     tls: TlsFiles | None = None  # TLS only on its port, with this certificate
     client_certs: bool = False  # with tls: every client must show a certificate the test CA signed
+    acl: str | None = None  # Mosquitto's acl_file: what each user may read and write (None: all of it)
+    users: dict[str, str] = field(default_factory=dict)  # more users than USER: name -> password
     proc: subprocess.Popen | None = None
 
     @property
@@ -140,6 +142,10 @@ class Broker:
             capture_output=True,
             timeout=30,
         )
+        for user, password in self.users.items():
+            subprocess.run(
+                [passwd, "-b", str(self.folder / "passwd"), user, password], check=True, capture_output=True, timeout=30
+            )
         self.password_file.write_text(PASSWORD + "\n")
         self.password_file.chmod(0o600)
         self._write_config()
@@ -158,6 +164,7 @@ class Broker:
             *(self._tls_lines() if self.tls else []),
             "allow_anonymous false",
             f"password_file {self.folder}/passwd",
+            *([f"acl_file {self.folder}/acl"] if self.acl is not None else []),
             "persistence true",
             f"persistence_location {self.folder}/",
             # Saved after every change, so a SIGKILL loses (almost) nothing the broker had taken.
@@ -167,6 +174,8 @@ class Broker:
         ]
         if os.geteuid() == 0:
             lines.append("user root")  # mosquitto would switch to user `mosquitto`, who cannot reach this folder
+        if self.acl is not None:
+            (self.folder / "acl").write_text(self.acl)
         (self.folder / "mosquitto.conf").write_text("\n".join(lines) + "\n")
 
     def _tls_lines(self) -> list[str]:
@@ -212,12 +221,13 @@ class Broker:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
-def _serve(tls: bool, client_certs: bool = False):
+def serve(tls: bool, client_certs: bool = False, acl: str | None = None, users: dict[str, str] | None = None):
+    """A fresh broker (a generator for a fixture or a `with contextlib.contextmanager`), killed at the end."""
     binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None)
     if binary is None:
         pytest.skip("mosquitto not installed (Debian: apt-get install mosquitto; .ci/run does)")
     folder = Path(tempfile.mkdtemp(prefix="kiosk-mqtt-"))
-    server = Broker(binary, folder, free_port(), make_tls(folder) if tls else None, client_certs)
+    server = Broker(binary, folder, free_port(), make_tls(folder) if tls else None, client_certs, acl, users or {})
     try:
         server.init()
         yield server
@@ -229,19 +239,19 @@ def _serve(tls: bool, client_certs: bool = False):
 @pytest.fixture
 def broker():
     """A fresh broker for one test (its own folder and port), killed at the end."""
-    yield from _serve(tls=False)
+    yield from serve(tls=False)
 
 
 @pytest.fixture
 def tls_broker():
     """A fresh broker that speaks TLS only (`broker.tls`: its CA, certificate and key), killed at the end."""
-    yield from _serve(tls=True)
+    yield from serve(tls=True)
 
 
 @pytest.fixture
 def mtls_broker():
     """A TLS-only broker that also wants each client's certificate (`broker.tls.client_cert`, `client_key`)."""
-    yield from _serve(tls=True, client_certs=True)
+    yield from serve(tls=True, client_certs=True)
 
 
 @dataclass
@@ -263,6 +273,8 @@ class Listener:
     broker: Broker
     prefix: str = "kiosk"
     session: str | None = None
+    user: str = USER
+    password: str = PASSWORD
     heard: list[Heard] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -270,7 +282,7 @@ class Listener:
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=self.session or "", clean_session=self.session is None
         )
-        self.client.username_pw_set(USER, PASSWORD)
+        self.client.username_pw_set(self.user, self.password)
         if self.broker.tls:
             self.client.tls_set(
                 ca_certs=str(self.broker.tls.ca),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from kiosk.services.mqtt_hook import is_loopback, mqtt_hook, mqtt_target
 from kiosk.services.subscriber import Hook
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
-from tests.mqtt_broker import Broker, Listener, encrypted_key, make_ca, make_tls
+from tests.mqtt_broker import Broker, Listener, encrypted_key, make_ca, make_tls, serve
 from tests.pipeline_helpers import audit, kiosk, make_video, people, read_stderr_until, stop, write_config
 from tests.waiting import wait_until
 
@@ -342,6 +343,47 @@ def test_a_broker_that_wants_client_certificates_gets_this_hosts(tmp_path, mtls_
     finally:
         out, err = stop(bare)
     assert '"open"' not in out and "Traceback" not in err, err
+
+
+GATE_PASSWORD = "gate-a1-secret"
+
+
+def _documented_acl() -> str:
+    """The Mosquitto ACL the security page tells a site to use."""
+    block = re.search(r"```text\n(# The kiosk subscriber.*?)```", (REPO / "docs" / "security.md").read_text(), re.S)
+    assert block, "docs/security.md: the Mosquitto ACL example is gone"
+    return block.group(1)
+
+
+@pytest.fixture
+def acl_broker():
+    """A broker behind the documented ACL, with the gate user it names."""
+    yield from serve(tls=False, acl=_documented_acl(), users={"gate-a1": GATE_PASSWORD})
+
+
+def test_the_documented_broker_acl_gives_each_gate_its_own_decisions_only(tmp_path, acl_broker):
+    """The security page's ACL on a real Mosquitto: the hook (user kiosk) delivers; the reference gate controller
+    logged in as gate-a1 opens gate A1 on an accept; a client logged in as gate-a1 that subscribes to everything
+    hears A1's topics and the availability, and never B2's decisions (subject id and score) nor the health topics."""
+    password = tmp_path / "gate-a1.password"
+    password.write_text(GATE_PASSWORD + "\n")
+    password.chmod(0o600)
+    gate_url = f"mqtt://gate-a1@127.0.0.1:{acl_broker.port}"
+    hook = mqtt_hook(_cfg(acl_broker), acl_broker.url, None, "test")
+    snoop = Listener(acl_broker, user="gate-a1", password=GATE_PASSWORD)
+    try:
+        assert snoop.wait_for(lambda li: li.on("available"), 10), "gate-a1 may not read the availability"
+        _gate_opens(acl_broker, hook, "--mqtt", gate_url, "--mqtt-password-file", str(password))
+        hook(_decision("accept", gate="B2", event_id="for-b2"))
+        hook(_decision("reject", gate="A1", event_id="for-a1-after"))  # same publisher, QoS 1: in order after B2's
+        heard_a1 = lambda li: [h.json()["event_id"] for h in li.on("gates/A1/decision")]  # noqa: E731
+        assert snoop.wait_for(lambda li: "for-a1-after" in heard_a1(li), 10)
+        topics = {h.topic for h in snoop.heard}
+        assert {"kiosk/available", "kiosk/gates/A1/decision", "kiosk/gates/A1/state"} <= topics, topics
+        assert all(t.startswith("kiosk/gates/A1/") or t == "kiosk/available" for t in topics), topics
+    finally:
+        snoop.close()
+        hook.close()
 
 
 def _delivered(hook, listener: Listener, event: dict, timeout: float = 30) -> None:
