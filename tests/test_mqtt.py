@@ -364,7 +364,8 @@ def acl_broker():
 def test_the_documented_broker_acl_gives_each_gate_its_own_decisions_only(tmp_path, acl_broker):
     """The security page's ACL on a real Mosquitto: the hook (user kiosk) delivers; the reference gate controller
     logged in as gate-a1 opens gate A1 on an accept; a client logged in as gate-a1 that subscribes to everything
-    hears A1's topics and the availability, and never B2's decisions (subject id and score) nor the health topics."""
+    hears A1's topics and the availability, and never B2's decisions (subject id and score) nor the health topics;
+    an accept it forges, for B2 or for its own gate, reaches no one (Mosquitto acknowledges and drops it)."""
     password = tmp_path / "gate-a1.password"
     password.write_text(GATE_PASSWORD + "\n")
     password.chmod(0o600)
@@ -381,65 +382,113 @@ def test_the_documented_broker_acl_gives_each_gate_its_own_decisions_only(tmp_pa
         topics = {h.topic for h in snoop.heard}
         assert {"kiosk/available", "kiosk/gates/A1/decision", "kiosk/gates/A1/state"} <= topics, topics
         assert all(t.startswith("kiosk/gates/A1/") or t == "kiosk/available" for t in topics), topics
+
+        kiosk_side = Listener(acl_broker)  # user kiosk: reads everything under the prefix
+        try:
+            assert kiosk_side.wait_for(lambda li: li.on("available"), 10)
+            for gate in ("B2", "A1"):
+                forged = json.dumps(_decision("accept", gate=gate, event_id=f"forged-{gate}")).encode()
+                snoop.client.publish(f"kiosk/gates/{gate}/decision", forged, qos=1).wait_for_publish(10)
+            hook(_decision("reject", gate="B2", event_id="marker"))  # the broker took the forged ones before it
+            assert kiosk_side.wait_for(
+                lambda li: any(h.json()["event_id"] == "marker" for h in li.on("gates/B2/decision")), 10
+            )
+            heard = [h.payload for h in kiosk_side.heard]
+            assert not any(b"forged-" in payload for payload in heard), heard
+        finally:
+            kiosk_side.close()
     finally:
         snoop.close()
         hook.close()
 
 
-def _delivered(hook, listener: Listener, event: dict, timeout: float = 30) -> None:
-    """`hook(event)` returns (the broker acknowledged it) within `timeout` and the listener hears it (subscribed
-    first: it has heard the hook's retained state)."""
+def _sending(hook, event: dict) -> threading.Thread:
+    """`hook(event)` on a thread of its own: it returns once the broker has acknowledged the event."""
+    sending = threading.Thread(target=hook, args=(event,), daemon=True)
+    sending.start()
+    return sending
+
+
+def _delivered(
+    hook, listener: Listener, event: dict, timeout: float = 30, sending: threading.Thread | None = None
+) -> None:
+    """`hook(event)` (or the `sending` of it, already started) returns within `timeout` and the listener hears the
+    event. The listener must be subscribed first: it has heard the hook's retained state."""
     assert listener.wait_for(lambda li: li.heard, 10), "the listener never subscribed"
-    done = threading.Thread(target=hook, args=(event,), daemon=True)
-    done.start()
-    done.join(timeout)
-    assert not done.is_alive(), f"{event['event_id']} not delivered in {timeout:g}s"
+    sending = sending or _sending(hook, event)
+    sending.join(timeout)
+    assert not sending.is_alive(), f"{event['event_id']} not delivered in {timeout:g}s"
     topic = f"gates/{event['gate_id']}/decision"
     assert listener.wait_for(lambda li: any(h.json()["event_id"] == event["event_id"] for h in li.on(topic)), 10)
 
 
-def _replace(path: Path, data: bytes) -> None:
-    """As certificate renewal tools write: a new file renamed over the old one, the owner's only."""
+def _renew(folder: Path, files: dict[str, Path], key_mode: int = 0o600):
+    """A new CA with a broker and a client certificate; the client's written over `files` as renewal tools do (a
+    new file renamed over the old one), the key with `key_mode`."""
+    folder.mkdir()
+    renewed = make_tls(folder)
+    for key, source in zip(files, (renewed.ca, renewed.client_cert, renewed.client_key), strict=True):
+        _replace(files[key], source.read_bytes(), 0o600 if key != "mqtt_key_file" else key_mode)
+    return renewed
+
+
+def _replace(path: Path, data: bytes, mode: int = 0o600) -> None:
     new = path.with_name(path.name + ".new")
     new.write_bytes(data)
-    new.chmod(0o600)
+    new.chmod(mode)
     os.replace(new, path)
 
 
 def test_certificates_renewed_on_disk_are_used_at_the_next_connection(tmp_path, mtls_broker, caplog):
     """Renewal without a restart: the site replaces the CA and every certificate (a new CA signs the broker's and
     this host's), the broker restarts with its new ones, and the running hook reconnects with its files as they now
-    are and delivers. Renewed files that do not load (here a key that is no key) are said as an error, and the hook
-    goes on with what it had loaded."""
-    tls = mtls_broker.tls
+    are and delivers. Renewed files that do not load (a key that is no key; a key others can read) are said once as
+    an error, and the hook goes on with what it had loaded, and tries them again at each connection: a `chmod 600`
+    is enough."""
     ours = tmp_path / "kiosk-tls"
     ours.mkdir()
     files = {"mqtt_ca_file": ours / "ca.crt", "mqtt_cert_file": ours / "gate.crt", "mqtt_key_file": ours / "gate.key"}
+    tls = mtls_broker.tls
     for key, source in zip(files, (tls.ca, tls.client_cert, tls.client_key), strict=True):
         _replace(files[key], source.read_bytes())
     hook = mqtt_hook(_cfg(mtls_broker, **{k: str(v) for k, v in files.items()}), mtls_broker.url, None, "test")
     listener = Listener(mtls_broker)
+
+    def restart(tls) -> Listener:  # the broker with these files, and a listener subscribed again
+        listener.close()
+        mtls_broker.renew_tls(tls)  # the old CA's certificates are no longer let in, nor is the old CA trusted
+        return Listener(mtls_broker)
+
+    def said(text: str, level: int = logging.INFO) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if text in r.getMessage() and r.levelno == level]
+
     try:
         _delivered(hook, listener, _decision(event_id="before-renewal"))
-        renewed_folder = tmp_path / "renewed"
-        renewed_folder.mkdir()
-        renewed = make_tls(renewed_folder)
-        for key, source in zip(files, (renewed.ca, renewed.client_cert, renewed.client_key), strict=True):
-            _replace(files[key], source.read_bytes())
-        listener.close()
         with caplog.at_level(logging.INFO, logger="kiosk.services.mqtt_hook"):
-            mtls_broker.renew_tls(renewed)  # the old CA's certificates are no longer let in, nor is the old CA trusted
-            listener = Listener(mtls_broker)
+            renewed = _renew(tmp_path / "renewed", files)
+            listener = restart(renewed)
             _delivered(hook, listener, _decision(event_id="after-renewal"))
-            assert "the TLS files changed: loaded again" in caplog.text
+            assert said("the TLS files changed: loaded again")
 
-            caplog.clear()
+            caplog.clear()  # half a renewal: the broker restarts with what it had, the hook with what it had
             _replace(files["mqtt_key_file"], b"half-written\n")
-            mtls_broker.renew_tls(renewed)  # a restart: the hook reconnects, with what it had
+            listener = restart(renewed)
             _delivered(hook, listener, _decision(event_id="after-a-bad-renewal"))
-        said = [r for r in caplog.records if "do not load" in r.getMessage()]
-        assert len(said) == 1 and said[0].levelno == logging.ERROR, caplog.text
-        assert "hooks.mqtt_key_file" in said[0].getMessage() and "the ones loaded before stay in use" in caplog.text
+            errors = said("do not load", logging.ERROR)
+            assert len(errors) == 1, caplog.text
+            assert "hooks.mqtt_key_file" in errors[0].getMessage() and "stay in use" in errors[0].getMessage()
+
+            caplog.clear()  # a renewal whose key others can read: the broker moves on, the hook cannot until chmod 600
+            listener = restart(_renew(tmp_path / "newest", files, key_mode=0o644))
+            event = _decision(event_id="after-chmod")
+            sending = _sending(hook, event)
+            wait_until(lambda: said("with the TLS files loaded before", logging.WARNING), 30, "a try with old files")
+            errors = said("do not load", logging.ERROR)
+            assert len(errors) == 1 and "readable by other users" in errors[0].getMessage(), caplog.text
+            assert sending.is_alive()  # not delivered: the broker no longer takes the old certificate
+            files["mqtt_key_file"].chmod(0o600)
+            _delivered(hook, listener, event, sending=sending)
+            assert said("the TLS files changed: loaded again")
     finally:
         listener.close()
         hook.close()

@@ -91,15 +91,16 @@ class TlsFiles:
     cert_file: Path | None = None
     key_file: Path | None = None
 
-    def stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
-        """What changes when a file is rewritten or replaced (renamed over, as renewal tools do): inode, mtime, size."""
-        out: list[tuple[int, int, int] | None] = []
+    def stamp(self) -> tuple[tuple[int, ...] | None, ...]:
+        """What changes when a file is rewritten, replaced (renamed over, or a symlink pointed at a new file, as
+        renewal tools do) or has its owner or mode changed: device, inode, ctime, mtime, size of each."""
+        out: list[tuple[int, ...] | None] = []
         for path in (self.ca_file, self.cert_file, self.key_file):
             try:
                 st = path.stat() if path is not None else None
             except OSError:
                 st = None
-            out.append(None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size))
+            out.append(None if st is None else (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size))
         return tuple(out)
 
 
@@ -117,7 +118,7 @@ class MqttTarget:
     # mqtts://: built at start from tls_files as they were then (tls_stamp); the link builds a new one when they
     # change, and keeps the one it has when the new files do not load (a file changed or gone cannot end the link)
     context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
-    tls_stamp: tuple[tuple[int, int, int] | None, ...] = ()
+    tls_stamp: tuple[tuple[int, ...] | None, ...] = ()
 
     @property
     def ca_file(self) -> Path | None:
@@ -290,27 +291,36 @@ class MqttLink:
         self.connected = threading.Event()
         self._thread: threading.Thread | None = None
         self._context = target.context
-        self._tls_stamp = target.tls_stamp
+        self._tls_loaded = target.tls_stamp  # the TLS files as they were when _context was built
+        self._tls_failed: tuple[tuple[int, ...] | None, ...] | None = None  # as they were when a load last failed
+        self._tls_problem: str | None = None  # why the files on disk do not load, while older ones are in use
 
     # -- the connection ---------------------------------------------------------
     def _tls(self) -> ssl.SSLContext | None:
-        """The TLS settings for a new connection: loaded again when a file behind them has changed since (a
-        certificate or CA renewed on disk), the ones it has when the changed files do not load (said once each
-        time they change; a renewal that writes the certificate and the key one after the other is read whole at
-        the next try)."""
-        files = self.target.tls_files
+        """The TLS settings for a new connection (a live one keeps those it was made with): loaded again when a
+        file behind them has changed since (a certificate or CA renewed on disk). Changed files that do not load
+        leave the ones loaded before in use; they are tried again at each connection (a renewal that writes the
+        certificate and the key one after the other, a key still to be `chmod 600`ed) and said once per change."""
         if self._context is None:
             return None
-        stamp = files.stamp()
-        if stamp != self._tls_stamp:
-            self._tls_stamp = stamp
-            try:
-                self._context = tls_context(files)
-            except ConfigError as exc:
-                log.error("mqtt: the TLS files changed and do not load: %s; the ones loaded before stay in use", exc)
-            else:
-                log.info("mqtt: the TLS files changed: loaded again for the connection to %s", self.target.url)
-        return self._context
+        stamp = self.target.tls_files.stamp()
+        if stamp == self._tls_loaded:
+            return self._context
+        try:
+            context = tls_context(self.target.tls_files)
+        except ConfigError as exc:
+            self._tls_problem = str(exc)
+            if stamp != self._tls_failed:
+                self._tls_failed = stamp
+                log.error(
+                    "mqtt: the TLS files changed and do not load: %s; the ones loaded before stay in use (tried "
+                    "again at each connection)",
+                    exc,
+                )
+            return self._context
+        self._context, self._tls_loaded, self._tls_failed, self._tls_problem = context, stamp, None, None
+        log.info("mqtt: the TLS files changed: loaded again for the connection to %s", self.target.url)
+        return context
 
     def _open(self) -> paho.Client:
         """A new client, connected (CONNACK accepted), or BrokerRefused / BrokerUnreachable."""
@@ -392,7 +402,12 @@ class MqttLink:
                     client = self._open()
                 except (BrokerRefused, BrokerUnreachable) as exc:
                     if not isinstance(exc, BrokerRefused) or not refused_told:
-                        log.warning("mqtt: %s; retry in %.1fs", exc, backoff)
+                        stale = (
+                            f" (with the TLS files loaded before: those on disk do not load: {self._tls_problem})"
+                            if self._tls_problem
+                            else ""
+                        )
+                        log.warning("mqtt: %s%s; retry in %.1fs", exc, stale, backoff)
                     refused_told = isinstance(exc, BrokerRefused)
                     next_try, backoff = time.monotonic() + backoff, min(backoff * 2, BACKOFF_MAX_S)
                     continue
