@@ -44,14 +44,21 @@ class TlsFiles:
     key: Path
     client_cert: Path
     client_key: Path
+    ca_key: Path  # to sign more client certificates (client_certificate)
 
 
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _builder(subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
-    """A certificate for `subject`'s `key`, issued by `issuer`, valid from five minutes ago for a day."""
+def _builder(
+    subject: str,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    valid: tuple[timedelta, timedelta] = (timedelta(minutes=-5), timedelta(days=30)),
+) -> x509.CertificateBuilder:
+    """A certificate for `subject`'s `key`, issued by `issuer`, valid from now + valid[0] to now + valid[1] (by
+    default from five minutes ago for 30 days: longer than the hook's warning of a certificate soon to expire)."""
     now = datetime.now(timezone.utc)
     return (
         x509.CertificateBuilder()
@@ -59,8 +66,8 @@ def _builder(subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey) -
         .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
+        .not_valid_before(now + valid[0])
+        .not_valid_after(now + valid[1])
     )
 
 
@@ -78,20 +85,30 @@ def make_ca(folder: Path, name: str = "kiosk-test-ca") -> tuple[Path, ec.Ellipti
 
 
 def _signed(
-    folder: Path, name: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, san: list | None
+    folder: Path,
+    name: str,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    san: list | None,
+    valid: tuple[timedelta, timedelta] | None = None,
 ) -> tuple[Path, Path]:
     """A certificate for `name` signed by the CA (with these subject alternative names), and its key (0600)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    builder = _builder(name, ca_cert.subject, key)
+    builder = _builder(name, ca_cert.subject, key, *([valid] if valid else []))
     if san:
         builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
     cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
     cert_path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
+    return cert_path, _write_key(key_path, key)
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> Path:
+    """`key` in `path`, PEM, unencrypted, its owner's only."""
+    path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
-    key_path.chmod(0o600)
-    return cert_path, key_path
+    path.chmod(0o600)
+    return path
 
 
 def encrypted_key(path: Path, passphrase: bytes) -> bytes:
@@ -109,7 +126,14 @@ def make_tls(folder: Path) -> TlsFiles:
     ca_path, ca_key, ca_cert = make_ca(folder)
     cert, key = _signed(folder, "kiosk-test-broker", ca_key, ca_cert, [x509.IPAddress(IPv4Address("127.0.0.1"))])
     client_cert, client_key = _signed(folder, "kiosk-test-client", ca_key, ca_cert, None)
-    return TlsFiles(ca_path, cert, key, client_cert, client_key)
+    return TlsFiles(ca_path, cert, key, client_cert, client_key, _write_key(folder / "ca.key", ca_key))
+
+
+def client_certificate(tls: TlsFiles, folder: Path, name: str, valid: tuple[timedelta, timedelta]) -> tuple[Path, Path]:
+    """Another client certificate of the test CA, valid from now + valid[0] to now + valid[1], and its key."""
+    ca_key = serialization.load_pem_private_key(tls.ca_key.read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    return _signed(folder, name, ca_key, x509.load_pem_x509_certificate(tls.ca.read_bytes()), None, valid)
 
 
 @dataclass

@@ -13,18 +13,20 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import yaml
 
 from kiosk.config import config_from_mapping
+from kiosk.services import mqtt_hook as mqtt_hook_module
 from kiosk.services.hook_outcomes import StaleEvent
 from kiosk.services.mqtt_hook import is_loopback, mqtt_hook, mqtt_target
 from kiosk.services.subscriber import Hook
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli
-from tests.mqtt_broker import Broker, Listener, encrypted_key, make_ca, make_tls, serve
+from tests.mqtt_broker import Broker, Listener, client_certificate, encrypted_key, make_ca, make_tls, serve
 from tests.pipeline_helpers import audit, kiosk, make_video, people, read_stderr_until, stop, write_config
 from tests.waiting import wait_until
 
@@ -492,6 +494,47 @@ def test_certificates_renewed_on_disk_are_used_at_the_next_connection(tmp_path, 
     finally:
         listener.close()
         hook.close()
+
+
+def test_a_client_certificate_out_of_its_dates_is_said_before_the_broker_refuses_it(
+    tmp_path, mtls_broker, caplog, monkeypatch
+):
+    """An expired client certificate, or one not valid yet by this host's clock (a gate whose clock is wrong), stops
+    the start: one line naming the key and the date, exit 2, no connection. One that expires within 14 days is
+    warned of at start and again while the subscriber runs (every CERT_CHECK_S; months pass between the two), and
+    still delivers."""
+    tls = mtls_broker.tls
+    config = write_config(tmp_path, [], hooks={"mqtt_password_file": str(mtls_broker.password_file)})
+
+    def refused(cert: Path, key: Path) -> str:
+        data = yaml.safe_load(config.read_text())
+        data["hooks"].update(mqtt_ca_file=str(tls.ca), mqtt_cert_file=str(cert), mqtt_key_file=str(key))
+        config.write_text(yaml.safe_dump(data))
+        res = run_cli("kiosk", "-c", str(config), "subscribe", "--mqtt", mtls_broker.url)
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+        return lines[0]
+
+    day = timedelta(days=1)
+    line = refused(*client_certificate(tls, tmp_path, "expired", (-30 * day, -day)))
+    assert "hooks.mqtt_cert_file" in line and "expired on" in line and "renew it" in line, line
+    line = refused(*client_certificate(tls, tmp_path, "not-yet", (day, 30 * day)))
+    assert "hooks.mqtt_cert_file" in line and "not valid before" in line and "clock says" in line, line
+
+    cert, key = client_certificate(tls, tmp_path, "soon", (-30 * day, 3 * day))
+    monkeypatch.setattr(mqtt_hook_module, "CERT_CHECK_S", 0.1)
+    with caplog.at_level(logging.WARNING, logger="kiosk.services.mqtt_hook"):
+        cfg = _cfg(mtls_broker, mqtt_ca_file=str(tls.ca), mqtt_cert_file=str(cert), mqtt_key_file=str(key))
+        hook = mqtt_hook(cfg, mtls_broker.url, None, "test")
+        listener = Listener(mtls_broker)
+        try:
+            expiring = lambda: [r for r in caplog.records if "expires on" in r.getMessage()]  # noqa: E731
+            wait_until(lambda: len(expiring()) >= 3, 10, "the warning at start and again while it runs")
+            assert "in 3.0 days" in expiring()[0].getMessage() or "in 2.9 days" in expiring()[0].getMessage()
+            _delivered(hook, listener, _decision(event_id="with-a-certificate-soon-to-expire"))
+        finally:
+            listener.close()
+            hook.close()
 
 
 def test_plain_mqtt_is_called_out_only_where_it_leaves_the_machine(caplog):

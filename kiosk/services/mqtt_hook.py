@@ -44,11 +44,13 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
+from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from kiosk.config import MQTT_SCHEMES, KioskConfig, mqtt_url_problem
@@ -71,6 +73,8 @@ KEEPALIVE_S = 15
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 LOOP_S = 0.025  # the link thread's network wait: the most a new event waits before it goes out
+CERT_RENEW_DAYS = 14  # a client certificate with fewer days left is warned of, at start and every CERT_CHECK_S
+CERT_CHECK_S = 6 * 3600.0
 STOP_FLUSH_S = 2.0  # how long a clean stop waits for the broker to take `offline`
 STATE_EVENTS = ("verifier_down", "verifier_up", "events_missed")
 DECISION_FIELDS = ("type", "reason", "event_id", "decided_at")  # what a retained gate state shows of a decision
@@ -183,7 +187,48 @@ def tls_context(files: TlsFiles) -> ssl.SSLContext:
             f"hooks.mqtt_cert_file, hooks.mqtt_key_file: {cert}, {key}: not a PEM certificate and its unencrypted "
             f"private key ({exc})"
         ) from None
+    valid_from, valid_until = certificate_validity(cert)
+    now = datetime.now(timezone.utc)
+    if now < valid_from:
+        raise ConfigError(
+            f"hooks.mqtt_cert_file: {cert}: not valid before {_utc(valid_from)}, and this host's clock says "
+            f"{_utc(now)}: set its time (NTP) or use a certificate valid now"
+        )
+    if now >= valid_until:
+        raise ConfigError(f"hooks.mqtt_cert_file: {cert}: expired on {_utc(valid_until)}: renew it")
+    say_if_expiring(cert, valid_until, now)
     return context
+
+
+def certificate_validity(path: Path) -> tuple[datetime, datetime]:
+    """When the first certificate in the PEM file `path` (a chain starts with the host's own) is valid: from, until."""
+    try:
+        first = x509.load_pem_x509_certificates(read_regular_file(path, 1 << 20, "certificate", error=ConfigError))[0]
+    except ConfigError as exc:
+        raise ConfigError(f"hooks.mqtt_cert_file: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"hooks.mqtt_cert_file: {path}: not a PEM certificate ({exc})") from None
+    return first.not_valid_before_utc, first.not_valid_after_utc
+
+
+def say_if_expiring(path: Path, valid_until: datetime, now: datetime) -> None:
+    """A warning while the client certificate in use has less than CERT_RENEW_DAYS left (an error once expired):
+    the broker refuses an expired one at the next connection."""
+    left = valid_until - now
+    if left <= timedelta(0):
+        log.error("mqtt: hooks.mqtt_cert_file %s expired on %s: the broker refuses it", path, _utc(valid_until))
+    elif left < timedelta(days=CERT_RENEW_DAYS):
+        log.warning(
+            "mqtt: hooks.mqtt_cert_file %s expires on %s (in %.1f days): renew it (a renewed file is read at the "
+            "next connection)",
+            path,
+            _utc(valid_until),
+            left / timedelta(days=1),
+        )
+
+
+def _utc(when: datetime) -> str:
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
@@ -294,6 +339,8 @@ class MqttLink:
         self._tls_loaded = target.tls_stamp  # the TLS files as they were when _context was built
         self._tls_failed: tuple[tuple[int, ...] | None, ...] | None = None  # as they were when a load last failed
         self._tls_problem: str | None = None  # why the files on disk do not load, while older ones are in use
+        self._cert_until = self._certificate_until()  # when the client certificate in use expires
+        self._next_cert_check = time.monotonic() + CERT_CHECK_S
 
     # -- the connection ---------------------------------------------------------
     def _tls(self) -> ssl.SSLContext | None:
@@ -319,8 +366,27 @@ class MqttLink:
                 )
             return self._context
         self._context, self._tls_loaded, self._tls_failed, self._tls_problem = context, stamp, None, None
+        self._cert_until = self._certificate_until()
         log.info("mqtt: the TLS files changed: loaded again for the connection to %s", self.target.url)
         return context
+
+    def _certificate_until(self) -> datetime | None:
+        """When the client certificate just loaded expires (None: no client certificate)."""
+        cert = self.target.tls_files.cert_file
+        if self._context is None or cert is None:
+            return None
+        try:
+            return certificate_validity(cert)[1]
+        except ConfigError:  # changed again since it loaded: the next connection reads it again
+            return None
+
+    def _check_certificate(self) -> None:
+        """Every CERT_CHECK_S: the certificate in use, soon to expire or expired, is said (a subscriber runs for
+        months; the warning at start is long gone by then)."""
+        self._next_cert_check = time.monotonic() + CERT_CHECK_S
+        cert = self.target.tls_files.cert_file
+        if self._cert_until is not None and cert is not None:
+            say_if_expiring(cert, self._cert_until, datetime.now(timezone.utc))
 
     def _open(self) -> paho.Client:
         """A new client, connected (CONNACK accepted), or BrokerRefused / BrokerUnreachable."""
@@ -393,6 +459,8 @@ class MqttLink:
     def _run(self) -> None:
         backoff, next_try, refused_told = BACKOFF_START_S, 0.0, False
         while not self._stop.is_set():
+            if time.monotonic() >= self._next_cert_check:
+                self._check_certificate()
             client = self._client
             if client is None:
                 if time.monotonic() < next_try:
