@@ -75,6 +75,7 @@ BACKOFF_MAX_S = 30.0
 LOOP_S = 0.025  # the link thread's network wait: the most a new event waits before it goes out
 CERT_RENEW_DAYS = 14  # a client certificate with fewer days left is warned of, at start and every CERT_CHECK_S
 CERT_CHECK_S = 6 * 3600.0
+CLOCK_SLACK = timedelta(minutes=5)  # a certificate issued just now is not refused for a clock a little behind
 STOP_FLUSH_S = 2.0  # how long a clean stop waits for the broker to take `offline`
 STATE_EVENTS = ("verifier_down", "verifier_up", "events_missed")
 DECISION_FIELDS = ("type", "reason", "event_id", "decided_at")  # what a retained gate state shows of a decision
@@ -187,9 +188,13 @@ def tls_context(files: TlsFiles) -> ssl.SSLContext:
             f"hooks.mqtt_cert_file, hooks.mqtt_key_file: {cert}, {key}: not a PEM certificate and its unencrypted "
             f"private key ({exc})"
         ) from None
-    valid_from, valid_until = certificate_validity(cert)
+    try:
+        valid_from, valid_until = certificate_validity(cert)
+    except ConfigError as exc:  # OpenSSL took it (a form cryptography does not read): its dates go unwatched
+        log.warning("mqtt: %s: its dates cannot be read, so its expiry is not watched", exc)
+        return context
     now = datetime.now(timezone.utc)
-    if now < valid_from:
+    if now + CLOCK_SLACK < valid_from:
         raise ConfigError(
             f"hooks.mqtt_cert_file: {cert}: not valid before {_utc(valid_from)}, and this host's clock says "
             f"{_utc(now)}: set its time (NTP) or use a certificate valid now"
@@ -216,11 +221,15 @@ def say_if_expiring(path: Path, valid_until: datetime, now: datetime) -> None:
     the broker refuses an expired one at the next connection."""
     left = valid_until - now
     if left <= timedelta(0):
-        log.error("mqtt: hooks.mqtt_cert_file %s expired on %s: the broker refuses it", path, _utc(valid_until))
+        log.error(
+            "mqtt: hooks.mqtt_cert_file %s expired on %s: the broker refuses it at the next connection; renew it",
+            path,
+            _utc(valid_until),
+        )
     elif left < timedelta(days=CERT_RENEW_DAYS):
         log.warning(
             "mqtt: hooks.mqtt_cert_file %s expires on %s (in %.1f days): renew it (a renewed file is read at the "
-            "next connection)",
+            "next connection, no restart)",
             path,
             _utc(valid_until),
             left / timedelta(days=1),
@@ -351,7 +360,8 @@ class MqttLink:
         if self._context is None:
             return None
         stamp = self.target.tls_files.stamp()
-        if stamp == self._tls_loaded:
+        if stamp == self._tls_loaded:  # (again: a bad change undone)
+            self._tls_failed = self._tls_problem = None
             return self._context
         try:
             context = tls_context(self.target.tls_files)
@@ -381,12 +391,21 @@ class MqttLink:
             return None
 
     def _check_certificate(self) -> None:
-        """Every CERT_CHECK_S: the certificate in use, soon to expire or expired, is said (a subscriber runs for
-        months; the warning at start is long gone by then)."""
-        self._next_cert_check = time.monotonic() + CERT_CHECK_S
+        """Every CERT_CHECK_S: the client certificate, soon to expire or expired, is said (a subscriber runs for
+        months; the warning at start is long gone by then). One renewed on disk since it was loaded is what counts:
+        the connection up needs no valid certificate any more, the next one loads the renewed file."""
+        self._next_cert_check = time.monotonic() + CERT_CHECK_S  # first: a check that fails is not retried at once
         cert = self.target.tls_files.cert_file
-        if self._cert_until is not None and cert is not None:
-            say_if_expiring(cert, self._cert_until, datetime.now(timezone.utc))
+        if self._cert_until is None or cert is None:
+            return
+        until = self._cert_until
+        if self.target.tls_files.stamp() != self._tls_loaded:
+            try:
+                until = max(until, certificate_validity(cert)[1])
+            except ConfigError:
+                pass  # the next connection says what is wrong with it
+        log.debug("mqtt: the client certificate is valid until %s", _utc(until))
+        say_if_expiring(cert, until, datetime.now(timezone.utc))
 
     def _open(self) -> paho.Client:
         """A new client, connected (CONNACK accepted), or BrokerRefused / BrokerUnreachable."""
@@ -460,7 +479,10 @@ class MqttLink:
         backoff, next_try, refused_told = BACKOFF_START_S, 0.0, False
         while not self._stop.is_set():
             if time.monotonic() >= self._next_cert_check:
-                self._check_certificate()
+                try:
+                    self._check_certificate()
+                except Exception:  # advisory: never the end of the link
+                    log.exception("mqtt: checking the client certificate's dates failed")
             client = self._client
             if client is None:
                 if time.monotonic() < next_try:
