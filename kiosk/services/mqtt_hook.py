@@ -365,7 +365,7 @@ class MqttLink:
             return self._context
         try:
             context = tls_context(self.target.tls_files)
-        except Exception as exc:  # noqa: BLE001 — a ConfigError, or a library on a strange file: not the link's end
+        except Exception as exc:  # noqa: BLE001 - a ConfigError, or a library on a strange file: not the link's end
             self._tls_problem = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
             if stamp != self._tls_failed:
                 self._tls_failed = stamp
