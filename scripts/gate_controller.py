@@ -24,7 +24,8 @@ Needs only pyzmq (or paho-mqtt 2.x for --mqtt). The gate is CLOSED by default an
 - re-arms after `verifier_up`.
 On MQTT the retained `<prefix>/available` stands in for the heartbeat: `online` re-arms, `offline` (the
 verifier is down, or the subscriber is gone: its last will) closes, and so does losing the broker. Decisions
-come at least once there: each `event_id` is acted on once.
+come at least once there: each `event_id` is acted on once. Its TLS files renewed on disk are used from the next
+connection (no restart).
 Each state change is printed as one JSON line (wire your relay there).
 """
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import ssl
 import sys
 import time
@@ -157,12 +159,12 @@ class MqttFeed:
             self.gate.heartbeat(now)
 
 
-def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext:
     """The broker's certificate verified (and for the host in the URL) against --mqtt-ca-file, else the system's
-    CAs; this gate's own certificate and key shown where given. None, after one line on stderr, for a bad option."""
+    CAs; this gate's own certificate and key shown where given. ValueError, one line naming the option, for a bad
+    one."""
     if bool(args.mqtt_cert_file) != bool(args.mqtt_key_file):
-        print("--mqtt-cert-file and --mqtt-key-file: give both or neither", file=sys.stderr)
-        return None
+        raise ValueError("--mqtt-cert-file and --mqtt-key-file: give both or neither")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and the host name checked
     try:
         if args.mqtt_ca_file:
@@ -170,19 +172,53 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
         else:
             context.load_default_certs()
     except (OSError, ValueError) as exc:
-        print(f"--mqtt-ca-file {args.mqtt_ca_file}: not a readable PEM CA bundle ({exc})", file=sys.stderr)
-        return None
+        raise ValueError(f"--mqtt-ca-file {args.mqtt_ca_file}: not a readable PEM CA bundle ({exc})") from None
     if args.mqtt_cert_file:
         try:  # no passphrase: an encrypted key fails here rather than prompting
             context.load_cert_chain(args.mqtt_cert_file, args.mqtt_key_file, password=lambda: b"")
         except (OSError, ValueError) as exc:
-            print(
+            raise ValueError(
                 f"--mqtt-cert-file {args.mqtt_cert_file}, --mqtt-key-file {args.mqtt_key_file}: not a readable PEM "
-                f"certificate and unencrypted key ({exc})",
-                file=sys.stderr,
-            )
-            return None
+                f"certificate and unencrypted key ({exc})"
+            ) from None
     return context
+
+
+class TlsRenewal:
+    """The TLS files (--mqtt-ca-file, --mqtt-cert-file, --mqtt-key-file) as loaded, to see a renewal on disk: a
+    file written in place, renamed over, re-owned, or a symlink pointed at a new one. The connection then starts
+    over with a new TLS context (a context is not updated in place: a renewed CA of the old one's name would not
+    verify). Files that do not load change nothing: said once, tried again at each failed connection."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.loaded = self.stamp()
+        self.failed: tuple | None = None
+
+    def stamp(self) -> tuple:
+        out = []
+        for path in (self.args.mqtt_ca_file, self.args.mqtt_cert_file, self.args.mqtt_key_file):
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                st = None
+            out.append(None if st is None else (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def renewed(self) -> ssl.SSLContext | None:
+        """A context from the files on disk when they changed since loaded and load whole; else None."""
+        stamp = self.stamp()
+        if stamp == self.loaded:
+            return None
+        try:
+            context = _tls_context(self.args)
+        except ValueError as exc:
+            if stamp != self.failed:
+                self.failed = stamp
+                print(f"mqtt: renewed TLS files do not load: {exc}; those loaded before stay in use", file=sys.stderr)
+            return None
+        self.loaded, self.failed = stamp, None
+        return context
 
 
 def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
@@ -198,35 +234,52 @@ def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
         return 2
     feed = MqttFeed(gate, args.mqtt_prefix)
     inbox: queue.Queue = queue.Queue(maxsize=10_000)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, clean_session=True)
-    client.reconnect_delay_set(0.5, 10)  # type: ignore[arg-type]  # paho hints int; it waits a float of seconds
-    client.on_connect = lambda c, _u, _f, reason, _p: (
-        print(f"mqtt: the broker refused the connection: {reason}", file=sys.stderr, flush=True)
-        if reason.is_failure
-        else c.subscribe([(feed.available_topic, 1), (feed.decision_topic, 1)])
-    )
-    client.on_disconnect = lambda *_: inbox.put(("", b""))
-    client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, msg.payload))
-    # What goes wrong while it reconnects (a broker that refuses this gate's certificate after the handshake, say) is
-    # said on stderr; the gate stays closed meanwhile.
-    client.on_log = lambda _c, _u, level, text: (
-        print(f"mqtt: {text}", file=sys.stderr, flush=True) if level == mqtt.MQTT_LOG_ERR else None
-    )
     # At start each wrong option is one line naming it, and exit 2 (the gate stays closed).
+    password = None
     if parts.username:
         try:
             password = open(args.mqtt_password_file).read().strip() if args.mqtt_password_file else None
         except OSError as exc:
             print(f"--mqtt-password-file {args.mqtt_password_file}: {exc.strerror or exc}", file=sys.stderr)
             return 2
-        client.username_pw_set(unquote(parts.username), password)
+    renewal = None
+    context = None
     if parts.scheme == "mqtts":
-        context = _tls_context(args)
-        if context is None:
+        try:
+            context = _tls_context(args)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
             return 2
-        client.tls_set_context(context)
+        renewal = TlsRenewal(args)
+    host, port = parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    def new_client(tls: ssl.SSLContext | None) -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, clean_session=True)
+        client.reconnect_delay_set(0.5, 10)  # type: ignore[arg-type]  # paho hints int; it waits a float of seconds
+        client.on_connect = lambda c, _u, _f, reason, _p: (
+            print(f"mqtt: the broker refused the connection: {reason}", file=sys.stderr, flush=True)
+            if reason.is_failure
+            else c.subscribe([(feed.available_topic, 1), (feed.decision_topic, 1)])
+        )
+        # A lost connection, and each failed try to connect again: the gate fails closed, and TLS files renewed
+        # on disk meanwhile are looked for.
+        client.on_disconnect = lambda *_: inbox.put(("", b""))
+        client.on_connect_fail = lambda *_: inbox.put(("", b""))
+        client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, msg.payload))
+        # What goes wrong while it reconnects (a broker that refuses this gate's certificate after the handshake,
+        # say) is said on stderr; the gate stays closed meanwhile.
+        client.on_log = lambda _c, _u, level, text: (
+            print(f"mqtt: {text}", file=sys.stderr, flush=True) if level == mqtt.MQTT_LOG_ERR else None
+        )
+        if parts.username:
+            client.username_pw_set(unquote(parts.username), password)
+        if tls is not None:
+            client.tls_set_context(tls)
+        return client
+
+    client = new_client(context)
     try:
-        client.connect(parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883))
+        client.connect(host, port)
     except OSError as exc:  # ssl.SSLError is an OSError
         verify = getattr(exc, "verify_message", None)  # ssl.SSLCertVerificationError
         trusted = args.mqtt_ca_file or "the system's CAs"
@@ -245,6 +298,14 @@ def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
             now = time.time()
             if topic == "":
                 feed.lost(now)
+                renewed = renewal.renewed() if renewal is not None else None
+                if renewed is not None:  # a new client, with the renewed files, connects in the background
+                    print("mqtt: TLS files renewed: connecting with them", file=sys.stderr, flush=True)
+                    client.loop_stop()
+                    client.disconnect()
+                    client = new_client(renewed)
+                    client.connect_async(host, port)
+                    client.loop_start()
             elif topic is not None:
                 event = feed.message(topic, payload, now)
                 if event is not None and event.get("reason") in ALERT_REASONS and event.get("type") == "reject":

@@ -211,40 +211,71 @@ def _gate_controller(broker: Broker, *extra: str) -> subprocess.Popen:
     )
 
 
-def _gate_opens(broker: Broker, hook, *controller_args: str) -> None:
-    """The reference gate controller (a real process, these options) on `broker`; the hook says the verifier is up,
-    then sends accepts until the gate opens (the controller subscribes in its own time; each accept is a new
-    event); a TLS listener heard each of them once."""
-    controller = _gate_controller(broker, *controller_args)
-    opened = threading.Event()
+class _Gate:
+    """The reference gate controller at A1 (a real process, these options) on `broker`, and the states it prints."""
 
-    def read() -> None:  # the only reader of its stdout
-        for line in controller.stdout:  # type: ignore[union-attr]
-            if '"open"' in line:
-                opened.set()
+    def __init__(self, broker: Broker, *controller_args: str) -> None:
+        self.proc = _gate_controller(broker, *controller_args)
+        self.states: list[str] = []
+        self._cv = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    def _read(self) -> None:  # the only reader of its stdout
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            if '"state"' in line:
+                with self._cv:
+                    self.states.append(json.loads(line)["state"])
+                    self._cv.notify_all()
+
+    def wait_state(self, state: str, after: int, timeout: float) -> bool:
+        """Whether it prints `state` beyond its first `after` state lines within `timeout` seconds."""
+        with self._cv:
+            return self._cv.wait_for(lambda: state in self.states[after:], timeout)
+
+    def opens(self, hook, tag: str) -> list[dict]:
+        """Accepts, each a new event, until the gate opens anew (it subscribes in its own time): those sent."""
+        before, sent = len(self.states), []
+        deadline = time.monotonic() + 30
+        while not self.wait_state("open", before, 0.5 if sent else 0):
+            assert time.monotonic() < deadline and self.proc.poll() is None, "the gate never opened"
+            sent.append(_decision("accept", event_id=f"{tag}-{len(sent)}"))
+            hook(sent[-1])  # returns once the broker has it
+        return sent
+
+    def stop(self) -> str:
+        """Stop it; what it said on stderr."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(10)
+        self._reader.join(10)
+        with self.proc.stderr:  # type: ignore[union-attr]
+            return self.proc.stderr.read()  # type: ignore[union-attr]
+
+
+def _verifier_up(hook, broker: Broker) -> None:
+    """The hook says the verifier is up: `online`, retained, on the broker."""
     listener = Listener(broker)
     try:
         hook.observe({"status": "ok", "gates": {"A1": {"flight_id": None}}, "cameras": {}})
         assert listener.wait_for(lambda li: li.on("available") and li.on("available")[-1].payload == b"online", 10)
-        sent: list[dict] = []
-        deadline = time.monotonic() + 30
-        while not opened.is_set():
-            assert time.monotonic() < deadline and controller.poll() is None, "the gate never opened"
-            sent.append(_decision("accept", event_id=f"tls-{len(sent)}"))
-            hook(sent[-1])  # returns once the broker has it
-            opened.wait(0.5)
+    finally:
+        listener.close()
+
+
+def _gate_opens(broker: Broker, hook, *controller_args: str) -> None:
+    """The reference gate controller (a real process, these options) on `broker`; the hook says the verifier is up,
+    then sends accepts until the gate opens; a listener heard each of them once."""
+    gate = _Gate(broker, *controller_args)
+    listener = Listener(broker)
+    try:
+        _verifier_up(hook, broker)
+        sent = gate.opens(hook, "tls")
         assert listener.wait_for(lambda li: len(li.on("gates/A1/decision")) == len(sent), 10)
         assert [h.json() for h in listener.on("gates/A1/decision")] == sent
     finally:
         listener.close()
-        if controller.poll() is None:
-            os.killpg(controller.pid, signal.SIGTERM)
-        controller.wait(10)
-        reader.join(10)
-        controller.stderr.close()  # type: ignore[union-attr]
+        gate.stop()
 
 
 def test_mqtts_verifies_the_broker_and_carries_decisions_to_a_gate(tmp_path, tls_broker):
@@ -457,6 +488,8 @@ def test_certificates_renewed_on_disk_are_used_at_the_next_connection(tmp_path, 
         _replace(files[key], source.read_bytes())
     hook = mqtt_hook(_cfg(mtls_broker, **{k: str(v) for k, v in files.items()}), mtls_broker.url, None, "test")
     listener = Listener(mtls_broker)
+    _verifier_up(hook, mtls_broker)
+    gate = _Gate(mtls_broker, *(f"--{k.replace('_', '-')}={v}" for k, v in files.items()))  # the same files
 
     def restart(tls) -> Listener:  # the broker with these files, and a listener subscribed again
         listener.close()
@@ -468,11 +501,16 @@ def test_certificates_renewed_on_disk_are_used_at_the_next_connection(tmp_path, 
 
     try:
         _delivered(hook, listener, _decision(event_id="before-renewal"))
+        gate.opens(hook, "before-renewal")
         with caplog.at_level(logging.INFO, logger="kiosk.services.mqtt_hook"):
             renewed = _renew(tmp_path / "renewed", files)
+            seen = len(gate.states)
             listener = restart(renewed)
             _delivered(hook, listener, _decision(event_id="after-renewal"))
             assert said("the TLS files changed: loaded again")
+            # The gate controller too: closed while it had no broker, then in again with the renewed files.
+            assert gate.wait_state("closed", seen, 30), gate.states
+            gate.opens(hook, "after-renewal")
 
             caplog.clear()  # half a renewal: the broker restarts with what it had, the hook with what it had
             _replace(files["mqtt_key_file"], b"half-written\n")
@@ -496,6 +534,8 @@ def test_certificates_renewed_on_disk_are_used_at_the_next_connection(tmp_path, 
     finally:
         listener.close()
         hook.close()
+        err = gate.stop()
+    assert "TLS files renewed: connecting with them" in err and "Traceback" not in err, err
 
 
 def test_a_client_certificate_out_of_its_dates_is_said_before_the_broker_refuses_it(
