@@ -245,12 +245,12 @@ def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
     renewal = None
     context = None
     if parts.scheme == "mqtts":
+        renewal = TlsRenewal(args)  # the files as they are before they are read: a change meanwhile is seen later
         try:
             context = _tls_context(args)
         except ValueError as exc:
             print(exc, file=sys.stderr)
             return 2
-        renewal = TlsRenewal(args)
     host, port = parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883)
 
     def new_client(tls: ssl.SSLContext | None) -> mqtt.Client:
