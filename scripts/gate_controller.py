@@ -36,9 +36,11 @@ import json
 import os
 import ssl
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 # Rejects an agent must see to: a copy of kiosk.messaging.reasons.ALERT_REASONS (this script runs without the
 # kiosk package; tests/test_reasons.py checks that the two are equal). See that module for why each is there.
@@ -221,6 +223,12 @@ class TlsRenewal:
         return context
 
 
+def _stop_client(client: Any) -> None:
+    """A paho client replaced: disconnected and its network thread ended."""
+    client.disconnect()
+    client.loop_stop()
+
+
 def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
     import queue
     from urllib.parse import unquote, urlsplit
@@ -253,7 +261,9 @@ def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
             return 2
     host, port = parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883)
 
-    def new_client(tls: ssl.SSLContext | None) -> mqtt.Client:
+    def new_client(tls: ssl.SSLContext | None, gen: int) -> mqtt.Client:
+        """A client whose callbacks queue (gen, topic, payload): what a client replaced later still queues is
+        dropped by its generation."""
         client = mqtt.Client(CallbackAPIVersion.VERSION2, clean_session=True)
         client.reconnect_delay_set(0.5, 10)  # type: ignore[arg-type]  # paho hints int; it waits a float of seconds
         client.on_connect = lambda c, _u, _f, reason, _p: (
@@ -263,9 +273,9 @@ def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
         )
         # A lost connection, and each failed try to connect again: the gate fails closed, and TLS files renewed
         # on disk meanwhile are looked for.
-        client.on_disconnect = lambda *_: inbox.put(("", b""))
-        client.on_connect_fail = lambda *_: inbox.put(("", b""))
-        client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, msg.payload))
+        client.on_disconnect = lambda *_: inbox.put((gen, "", b""))
+        client.on_connect_fail = lambda *_: inbox.put((gen, "", b""))
+        client.on_message = lambda _c, _u, msg: inbox.put((gen, msg.topic, msg.payload))
         # What goes wrong while it reconnects (a broker that refuses this gate's certificate after the handshake,
         # say) is said on stderr; the gate stays closed meanwhile.
         client.on_log = lambda _c, _u, level, text: (
@@ -277,7 +287,8 @@ def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
             client.tls_set_context(tls)
         return client
 
-    client = new_client(context)
+    gen = 0
+    client = new_client(context, gen)
     try:
         client.connect(host, port)
     except OSError as exc:  # ssl.SSLError is an OSError
@@ -292,20 +303,16 @@ def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
     try:
         while time.time() < end:
             try:
-                topic, payload = inbox.get(timeout=0.1)
+                from_gen, topic, payload = inbox.get(timeout=0.1)
             except queue.Empty:
-                topic = None
+                from_gen, topic = gen, None
             now = time.time()
+            renewed = None
+            if from_gen != gen:  # from a client replaced since
+                topic = None
             if topic == "":
                 feed.lost(now)
                 renewed = renewal.renewed() if renewal is not None else None
-                if renewed is not None:  # a new client, with the renewed files, connects in the background
-                    print("mqtt: TLS files renewed: connecting with them", file=sys.stderr, flush=True)
-                    client.loop_stop()
-                    client.disconnect()
-                    client = new_client(renewed)
-                    client.connect_async(host, port)
-                    client.loop_start()
             elif topic is not None:
                 event = feed.message(topic, payload, now)
                 if event is not None and event.get("reason") in ALERT_REASONS and event.get("type") == "reject":
@@ -326,6 +333,14 @@ def run_mqtt(args: argparse.Namespace, gate: GateController) -> int:
             if state != was_open:
                 print(json.dumps({"gate": args.gate, "state": "open" if state else "closed", "at": now}), flush=True)
                 was_open = state
+            if renewed is not None:  # (the gate's closing said first) a new client with the renewed files
+                print("mqtt: TLS files renewed: connecting with them", file=sys.stderr, flush=True)
+                # The old one stops on its own thread: it may sit in a connect, or in a full inbox this loop drains.
+                threading.Thread(target=_stop_client, args=(client,), daemon=True).start()
+                gen += 1
+                client = new_client(renewed, gen)
+                client.connect_async(host, port)
+                client.loop_start()
     finally:
         client.loop_stop()
         client.disconnect()

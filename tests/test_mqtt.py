@@ -514,13 +514,17 @@ def test_certificates_renewed_on_disk_are_used_at_the_next_connection(tmp_path, 
 
             caplog.clear()  # half a renewal: the broker restarts with what it had, the hook with what it had
             _replace(files["mqtt_key_file"], b"half-written\n")
+            seen = len(gate.states)
             listener = restart(renewed)
             _delivered(hook, listener, _decision(event_id="after-a-bad-renewal"))
             errors = said("do not load", logging.ERROR)
             assert len(errors) == 1, caplog.text
             assert "hooks.mqtt_key_file" in errors[0].getMessage() and "stay in use" in errors[0].getMessage()
+            assert gate.wait_state("closed", seen, 30), gate.states
+            gate.opens(hook, "after-a-bad-renewal")  # with the files it had
 
             caplog.clear()  # a renewal whose key others can read: the broker moves on, the hook cannot until chmod 600
+            seen = len(gate.states)
             listener = restart(_renew(tmp_path / "newest", files, key_mode=0o644))
             event = _decision(event_id="after-chmod")
             sending = _sending(hook, event)
@@ -531,11 +535,14 @@ def test_certificates_renewed_on_disk_are_used_at_the_next_connection(tmp_path, 
             files["mqtt_key_file"].chmod(0o600)
             _delivered(hook, listener, event, sending=sending)
             assert said("the TLS files changed: loaded again")
+            assert gate.wait_state("closed", seen, 30), gate.states
+            gate.opens(hook, "newest")  # (the reference controller does not check a key's mode)
     finally:
         listener.close()
         hook.close()
         err = gate.stop()
-    assert "TLS files renewed: connecting with them" in err and "Traceback" not in err, err
+    assert err.count("TLS files renewed: connecting with them") == 2 and "Traceback" not in err, err
+    assert err.count("renewed TLS files do not load") == 1 and "--mqtt-key-file" in err, err
 
 
 def test_a_client_certificate_out_of_its_dates_is_said_before_the_broker_refuses_it(
