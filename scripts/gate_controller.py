@@ -176,6 +176,15 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext:
     except (OSError, ValueError) as exc:
         raise ValueError(f"--mqtt-ca-file {args.mqtt_ca_file}: not a readable PEM CA bundle ({exc})") from None
     if args.mqtt_cert_file:
+        try:
+            mode = os.stat(args.mqtt_key_file).st_mode & 0o777
+        except OSError:
+            mode = 0  # loading it says what is wrong
+        if mode & 0o077:  # the gate's identity to the broker: its owner's only
+            raise ValueError(
+                f"--mqtt-key-file {args.mqtt_key_file}: readable by other users (mode {mode:04o}); "
+                f"chmod 600 {args.mqtt_key_file}"
+            )
         try:  # no passphrase: an encrypted key fails here rather than prompting
             context.load_cert_chain(args.mqtt_cert_file, args.mqtt_key_file, password=lambda: b"")
         except (OSError, ValueError) as exc:

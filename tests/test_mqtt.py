@@ -370,6 +370,16 @@ def test_a_broker_that_wants_client_certificates_gets_this_hosts(tmp_path, mtls_
     half = _gate_controller(mtls_broker, "--mqtt-ca-file", str(tls.ca), "--mqtt-cert-file", str(tls.client_cert))
     out, err = half.communicate(timeout=60)
     assert half.returncode == 2 and err.strip() == "--mqtt-cert-file and --mqtt-key-file: give both or neither"
+    shared = _gate_controller(
+        mtls_broker,
+        *("--mqtt-ca-file", str(tls.ca), "--mqtt-cert-file", str(tls.client_cert)),
+        *("--mqtt-key-file", str(readable)),
+    )
+    out, err = shared.communicate(timeout=60)
+    assert (
+        shared.returncode == 2
+        and err.strip() == f"--mqtt-key-file {readable}: readable by other users (mode 0644); chmod 600 {readable}"
+    ), err
     bare = _gate_controller(mtls_broker, "--mqtt-ca-file", str(tls.ca))
     try:
         read_stderr_until(bare, "mqtt: ", 30)
@@ -536,13 +546,13 @@ def test_certificates_renewed_on_disk_are_used_at_the_next_connection(tmp_path, 
             _delivered(hook, listener, event, sending=sending)
             assert said("the TLS files changed: loaded again")
             assert gate.wait_state("closed", seen, 30), gate.states
-            gate.opens(hook, "newest")  # (the reference controller does not check a key's mode)
+            gate.opens(hook, "newest")  # it too refused the key until chmod 600, then loaded it
     finally:
         listener.close()
         hook.close()
         err = gate.stop()
     assert err.count("TLS files renewed: connecting with them") == 2 and "Traceback" not in err, err
-    assert err.count("renewed TLS files do not load") == 1 and "--mqtt-key-file" in err, err
+    assert err.count("renewed TLS files do not load") == 2 and "readable by other users" in err, err
 
 
 def test_a_client_certificate_out_of_its_dates_is_said_before_the_broker_refuses_it(
