@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
 
 from kiosk.config import config_from_mapping
 from kiosk.services import mqtt_hook as mqtt_hook_module
 from kiosk.services.hook_outcomes import StaleEvent
+from kiosk.services.metrics import SubscriberMetrics
 from kiosk.services.mqtt_hook import TlsFiles, is_loopback, mqtt_hook, mqtt_target, tls_context
 from kiosk.services.subscriber import Hook
 from kiosk.tools.scenes import Walk
@@ -31,6 +33,7 @@ from tests.pipeline_helpers import audit, kiosk, make_video, people, read_stderr
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
+EXPIRY_METRIC = "kiosk_mqtt_client_certificate_expiry_timestamp_seconds"
 
 
 def _cfg(broker: Broker, **hooks):
@@ -132,6 +135,9 @@ def test_a_hook_waits_for_the_broker_and_keeps_the_position_until_acknowledged(b
     done: list[str] = []
     hook = Hook("mqtt", mqtt_hook(cfg, broker.url, "A1", "test"), queue_size=10)
     hook.on_done = lambda e: done.append(e["event_id"])
+    metrics = SubscriberMetrics(["mqtt"])
+    hook.attach(metrics)  # no client certificate: no expiry series
+    assert metrics.registry.get_sample_value(EXPIRY_METRIC, {"hook": "mqtt"}) is None
     listener = Listener(broker, session="test-listener")  # the broker keeps what arrives for it while it is away
     try:
         assert listener.wait_for(lambda li: li.on("available"), 10)  # subscribed
@@ -585,12 +591,22 @@ def test_a_client_certificate_out_of_its_dates_is_said_before_the_broker_refuses
     assert tls_context(files) is not None
 
     cert, key = client_certificate(tls, tmp_path, "soon", (-30 * day, 3 * day))
+    soon_copy = tmp_path / "soon-as-issued.crt"
+    soon_copy.write_bytes(cert.read_bytes())
     monkeypatch.setattr(mqtt_hook_module, "CERT_CHECK_S", 0.1)
     with caplog.at_level(logging.DEBUG, logger="kiosk.services.mqtt_hook"):
         cfg = _cfg(mtls_broker, mqtt_ca_file=str(tls.ca), mqtt_cert_file=str(cert), mqtt_key_file=str(key))
         hook = mqtt_hook(cfg, mtls_broker.url, None, "test")
+        metrics = SubscriberMetrics(["mqtt"])  # the expiry as a metric, for an alert
+        wrapped = Hook("mqtt", hook, queue_size=10)
+        wrapped.attach(metrics)
         listener = Listener(mtls_broker)
+
+        def exported() -> float | None:
+            return metrics.registry.get_sample_value(EXPIRY_METRIC, {"hook": "mqtt"})
+
         try:
+            assert exported() == _not_after(cert)
             expiring = lambda: [r for r in caplog.records if "expires on" in r.getMessage()]  # noqa: E731
             wait_until(lambda: len(expiring()) >= 3, 10, "the warning at start and again while it runs")
             assert "in 3.0 days" in expiring()[0].getMessage() or "in 2.9 days" in expiring()[0].getMessage()
@@ -603,9 +619,15 @@ def test_a_client_certificate_out_of_its_dates_is_said_before_the_broker_refuses
             checked = lambda: [r for r in caplog.records if "is valid until" in r.getMessage()]  # noqa: E731
             wait_until(lambda: len(checked()) >= 3, 10, "checks after the renewal")
             assert not expiring(), caplog.text
+            assert exported() == _not_after(renewed) > _not_after(soon_copy)
         finally:
             listener.close()
-            hook.close()
+            wrapped.close()  # and the MQTT hook in it
+
+
+def _not_after(cert: Path) -> float:
+    """When the certificate in `cert` expires, Unix time."""
+    return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc.timestamp()
 
 
 def test_plain_mqtt_is_called_out_only_where_it_leaves_the_machine(caplog):

@@ -393,6 +393,12 @@ class SubscriberMetrics:
         self.verifier_up = Gauge(
             "kiosk_subscriber_verifier_up", "1 while the verifier's heartbeat is heard", registry=r
         )
+        self.mqtt_certificate_expiry = Gauge(
+            "kiosk_mqtt_client_certificate_expiry_timestamp_seconds",
+            "when the client certificate an MQTT hook shows its broker expires (Unix time; renewed on disk counts)",
+            ["hook"],
+            registry=r,
+        )
         for etype in ("accept", "reject", "verifier_down", "verifier_up", "events_missed"):
             self.events.labels(type=etype)
         for hook in hooks:

@@ -395,17 +395,26 @@ class MqttLink:
         months; the warning at start is long gone by then). One renewed on disk since it was loaded is what counts:
         the connection up needs no valid certificate any more, the next one loads the renewed file."""
         self._next_cert_check = time.monotonic() + CERT_CHECK_S  # first: a check that fails is not retried at once
+        until = self.certificate_until()
+        cert = self.target.tls_files.cert_file
+        if until is None or cert is None:
+            return
+        log.debug("mqtt: the client certificate is valid until %s", _utc(until))
+        say_if_expiring(cert, until, datetime.now(timezone.utc))
+
+    def certificate_until(self) -> datetime | None:
+        """When this host's client certificate expires: the one in use, or the one renewed on disk since it was
+        loaded when that lasts longer (the next connection loads it). None: no client certificate."""
         cert = self.target.tls_files.cert_file
         if self._cert_until is None or cert is None:
-            return
+            return None
         until = self._cert_until
         if self.target.tls_files.stamp() != self._tls_loaded:
             try:
                 until = max(until, certificate_validity(cert)[1])
             except ConfigError:
                 pass  # the next connection says what is wrong with it
-        log.debug("mqtt: the client certificate is valid until %s", _utc(until))
-        say_if_expiring(cert, until, datetime.now(timezone.utc))
+        return until
 
     def _open(self) -> paho.Client:
         """A new client, connected (CONNACK accepted), or BrokerRefused / BrokerUnreachable."""
@@ -707,6 +716,11 @@ class MqttHook:
         with self._lock:  # the retained state follows the decision the broker has taken
             self._gate(gate)["last_decision"] = {k: event.get(k) for k in DECISION_FIELDS}
             self._publish_state()
+
+    def certificate_expiry(self) -> float | None:
+        """Unix time at which this host's MQTT client certificate expires (a metric); None without one."""
+        until = self.link.certificate_until()
+        return None if until is None else until.timestamp()
 
     def close(self) -> None:
         """The subscriber stops: `offline` (retained) goes out before the connection is closed."""

@@ -101,9 +101,13 @@ class Hook:
         self._thread.start()
 
     def attach(self, metrics: SubscriberMetrics) -> None:
-        """Count this hook's deliveries in `metrics` from now on."""
+        """Count this hook's deliveries in `metrics` from now on (and, for an MQTT hook with a client certificate,
+        export when that expires)."""
         self._metrics = metrics
         metrics.queue_depth.labels(hook=self.name).set_function(lambda: len(self._queue))
+        expiry = getattr(self._deliver, "certificate_expiry", None)
+        if expiry is not None and expiry() is not None:
+            metrics.mqtt_certificate_expiry.labels(hook=self.name).set_function(lambda: expiry() or 0.0)
 
     def observe(self, heartbeat: StatusHeartbeat) -> None:
         """Hand a verifier heartbeat to a deliver that follows the verifier's health (MQTT); on the caller's thread,
