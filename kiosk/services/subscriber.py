@@ -22,6 +22,7 @@ import http.client
 import importlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -107,7 +108,12 @@ class Hook:
         metrics.queue_depth.labels(hook=self.name).set_function(lambda: len(self._queue))
         expiry = getattr(self._deliver, "certificate_expiry", None)
         if expiry is not None and expiry() is not None:
-            metrics.mqtt_certificate_expiry.labels(hook=self.name).set_function(lambda: expiry() or 0.0)
+
+            def seconds() -> float:  # NaN, never 0, while a renewed file's dates cannot be read: no false alert
+                when = expiry()
+                return math.nan if when is None else float(when)
+
+            metrics.mqtt_certificate_expiry.labels(hook=self.name).set_function(seconds)
 
     def observe(self, heartbeat: StatusHeartbeat) -> None:
         """Hand a verifier heartbeat to a deliver that follows the verifier's health (MQTT); on the caller's thread,
