@@ -581,6 +581,16 @@ def pg_url_problem(url: str) -> str | None:
 MQTT_SCHEMES = {"mqtt": 1883, "mqtts": 8883}  # scheme -> default port
 
 
+def is_loopback(host: str) -> bool:
+    """This machine's own address (localhost, 127.0.0.0/8, ::1): what is sent to it crosses no network."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def mqtt_url_problem(url: str) -> str | None:
     """What is wrong with a broker URL, None if nothing: the one check behind `subscribers[].mqtt` and
     `kiosk subscribe --mqtt`. A password in it is refused: config files and process lists get copied and logged."""

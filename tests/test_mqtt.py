@@ -20,11 +20,11 @@ import pytest
 import yaml
 from cryptography import x509
 
-from kiosk.config import config_from_mapping
+from kiosk.config import config_from_mapping, is_loopback
 from kiosk.services import mqtt_hook as mqtt_hook_module
 from kiosk.services.hook_outcomes import StaleEvent
 from kiosk.services.metrics import SubscriberMetrics
-from kiosk.services.mqtt_hook import TlsFiles, is_loopback, mqtt_hook, mqtt_target, tls_context
+from kiosk.services.mqtt_hook import TlsFiles, mqtt_hook, mqtt_target, tls_context
 from kiosk.services.subscriber import Hook
 from kiosk.tools.scenes import Walk
 from tests.conftest import run_cli

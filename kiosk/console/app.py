@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import json
 import logging
 import signal
@@ -36,7 +35,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiosk.config import KioskConfig
+from kiosk.config import KioskConfig, is_loopback
 from kiosk.console.auth import PasswordCheck, Sessions
 from kiosk.console.server import SparseLog, timed_protocol
 from kiosk.console.state import ConsoleState
@@ -352,11 +351,7 @@ def _listen(cfg: KioskConfig) -> tuple[str, int, bool]:
     """Host, port and whether TLS is on; a non-loopback address without TLS is refused unless overridden."""
     host, port = cfg.console.host_port()  # (checked when the config was loaded)
     tls = cfg.console.tls_cert is not None
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not tls and not cfg.console.insecure_http:
+    if not is_loopback(host) and not tls and not cfg.console.insecure_http:
         raise ConfigError(
             f"console.listen: {cfg.console.listen} is not a loopback address and the console has no TLS: "
             "frames are biometric data and the password would cross the network in clear. Set "

@@ -33,7 +33,6 @@ After a successful start, an outage (or a refusal) is retried for as long as it 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import ssl
@@ -53,7 +52,7 @@ import paho.mqtt.client as paho
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from kiosk.config import MQTT_SCHEMES, KioskConfig, mqtt_url_problem
+from kiosk.config import MQTT_SCHEMES, KioskConfig, is_loopback, mqtt_url_problem
 from kiosk.errors import ConfigError, UsageError
 from kiosk.files import read_regular_file
 from kiosk.messaging.status import (
@@ -257,7 +256,7 @@ def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
     stamp = files.stamp()  # before they are read: a change while they are read is seen at the next connection
     if not tls:
         unused = [f"hooks.{k}" for k in ("mqtt_ca_file", "mqtt_cert_file") if getattr(cfg.hooks, k) is not None]
-        if not is_loopback(host):
+        if not is_loopback(host):  # to this machine it never crosses a network
             log.warning(
                 "%s %s: plain MQTT to another host: the broker password and every decision cross the network "
                 "unencrypted; use mqtts:// (the broker's CA in hooks.mqtt_ca_file)",
@@ -277,16 +276,6 @@ def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
         tls_context(files) if tls else None,
         stamp,
     )
-
-
-def is_loopback(host: str) -> bool:
-    """This machine's own address: plain MQTT to it never crosses a network."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class BrokerRefused(Exception):
