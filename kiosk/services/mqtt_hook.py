@@ -123,6 +123,7 @@ class MqttTarget:
     # change, and keeps the one it has when the new files do not load (a file changed or gone cannot end the link)
     context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
     tls_stamp: tuple[tuple[int, ...] | None, ...] = ()
+    cert_until: datetime | None = None  # when the client certificate in `context` expires
 
     @property
     def ca_file(self) -> Path | None:
@@ -153,11 +154,12 @@ def read_password_file(path: Path) -> str:
     return password
 
 
-def tls_context(files: TlsFiles) -> ssl.SSLContext:
+def tls_context(files: TlsFiles) -> tuple[ssl.SSLContext, datetime | None]:
     """The TLS settings of mqtts:// connections (ConfigError naming the key at fault): the broker's certificate
     verified, and for the host the URL names, against hooks.mqtt_ca_file (else the system's CAs); this host's
     certificate and key (hooks.mqtt_cert_file, hooks.mqtt_key_file: both or neither, the key its owner's only and
-    not encrypted) shown to a broker that wants one."""
+    not encrypted) shown to a broker that wants one. With them, when that certificate expires (None: no client
+    certificate, or dates that cannot be read)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname, as paho's tls_set
     ca = files.ca_file
     try:
@@ -170,7 +172,7 @@ def tls_context(files: TlsFiles) -> ssl.SSLContext:
         raise ConfigError(f"hooks.mqtt_ca_file: {ca}: {problem}") from None
     cert, key = files.cert_file, files.key_file
     if cert is None and key is None:
-        return context
+        return context, None
     if cert is None or key is None:
         given, missing = (
             ("mqtt_cert_file", "mqtt_key_file") if cert is not None else ("mqtt_key_file", "mqtt_cert_file")
@@ -191,7 +193,7 @@ def tls_context(files: TlsFiles) -> ssl.SSLContext:
         valid_from, valid_until = certificate_validity(cert)
     except ConfigError as exc:  # OpenSSL took it (a form cryptography does not read): its dates go unwatched
         log.warning("mqtt: %s: its dates cannot be read, so its expiry is not watched", exc)
-        return context
+        return context, None
     now = datetime.now(timezone.utc)
     if now + CLOCK_SLACK < valid_from:
         raise ConfigError(
@@ -201,7 +203,7 @@ def tls_context(files: TlsFiles) -> ssl.SSLContext:
     if now >= valid_until:
         raise ConfigError(f"hooks.mqtt_cert_file: {cert}: expired on {_utc(valid_until)}: renew it")
     say_if_expiring(cert, valid_until, now)
-    return context
+    return context, valid_until
 
 
 def certificate_validity(path: Path) -> tuple[datetime, datetime]:
@@ -254,6 +256,7 @@ def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
     host, tls = parts.hostname or "", parts.scheme == "mqtts"
     files = TlsFiles(cfg.hooks.mqtt_ca_file, cfg.hooks.mqtt_cert_file, cfg.hooks.mqtt_key_file)
     stamp = files.stamp()  # before they are read: a change while they are read is seen at the next connection
+    context, cert_until = tls_context(files) if tls else (None, None)
     if not tls:
         unused = [f"hooks.{k}" for k in ("mqtt_ca_file", "mqtt_cert_file") if getattr(cfg.hooks, k) is not None]
         if not is_loopback(host):  # to this machine it never crosses a network
@@ -273,8 +276,9 @@ def mqtt_target(cfg: KioskConfig, url: str, key: str = "--mqtt") -> MqttTarget:
         username,
         password,
         files,
-        tls_context(files) if tls else None,
+        context,
         stamp,
+        cert_until,
     )
 
 
@@ -337,7 +341,7 @@ class MqttLink:
         self._tls_loaded = target.tls_stamp  # the TLS files as they were when _context was built
         self._tls_failed: tuple[tuple[int, ...] | None, ...] | None = None  # as they were when a load last failed
         self._tls_problem: str | None = None  # why the files on disk do not load, while older ones are in use
-        self._cert_until = self._certificate_until()  # when the client certificate in use expires
+        self._cert_until = target.cert_until  # when the client certificate in use expires
         self._next_cert_check = time.monotonic() + CERT_CHECK_S
 
     # -- the connection ---------------------------------------------------------
@@ -353,7 +357,7 @@ class MqttLink:
             self._tls_failed = self._tls_problem = None
             return self._context
         try:
-            context = tls_context(self.target.tls_files)
+            context, until = tls_context(self.target.tls_files)
         except Exception as exc:  # noqa: BLE001 - a ConfigError, or a library on a strange file: not the link's end
             self._tls_problem = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
             if stamp != self._tls_failed:
@@ -364,20 +368,10 @@ class MqttLink:
                     exc,
                 )
             return self._context
-        self._context, self._tls_loaded, self._tls_failed, self._tls_problem = context, stamp, None, None
-        self._cert_until = self._certificate_until()
+        self._context, self._cert_until, self._tls_loaded = context, until, stamp
+        self._tls_failed = self._tls_problem = None
         log.info("mqtt: the TLS files changed: loaded again for the connection to %s", self.target.url)
         return context
-
-    def _certificate_until(self) -> datetime | None:
-        """When the client certificate just loaded expires (None: no client certificate)."""
-        cert = self.target.tls_files.cert_file
-        if self._context is None or cert is None:
-            return None
-        try:
-            return certificate_validity(cert)[1]
-        except ConfigError:  # changed again since it loaded: the next connection reads it again
-            return None
 
     def _check_certificate(self) -> None:
         """Every CERT_CHECK_S: the client certificate, soon to expire or expired, is said (a subscriber runs for
