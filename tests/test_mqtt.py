@@ -60,6 +60,19 @@ def _decision(kind: str = "reject", gate: str = "A1", **extra) -> dict:
     }
 
 
+def _refused_at_start(config: Path, hooks: dict | None, *args: str) -> str:
+    """`kiosk subscribe ARGS` with `config`'s hooks section replaced by `hooks` (None: as it is): exit 2 and one
+    line on stderr, no traceback; that line."""
+    if hooks is not None:
+        data = yaml.safe_load(config.read_text())
+        data["hooks"] = hooks
+        config.write_text(yaml.safe_dump(data))
+    res = run_cli("kiosk", "-c", str(config), "subscribe", *args)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    return lines[0]
+
+
 def test_decisions_state_and_availability_in_process(broker):
     """The hook by itself: a decision is on its topic once deliver returns (acknowledged), the retained state
     carries no subject id or score, a heartbeat makes it `online` and fills the health topics, verifier_down
@@ -162,15 +175,8 @@ def test_start_errors_are_one_line_and_exit_2(tmp_path, broker):
     wrong.write_text("not-the-password\n")
     wrong.chmod(0o600)
 
-    def subscribe(cfg_hooks: dict | None = None, *args: str):
-        if cfg_hooks is not None:
-            data = yaml.safe_load(config.read_text())
-            data["hooks"] = cfg_hooks
-            config.write_text(yaml.safe_dump(data))
-        res = run_cli("kiosk", "-c", str(config), "subscribe", *args)
-        lines = [line for line in res.stderr.splitlines() if line.strip()]
-        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-        return lines[0]
+    def subscribe(cfg_hooks: dict | None = None, *args: str) -> str:
+        return _refused_at_start(config, cfg_hooks, *args)
 
     line = subscribe({"mqtt_password_file": str(wrong)}, "--mqtt", broker.url)
     assert "refused the connection of user 'kiosk'" in line and "mqtt_password_file" in line
@@ -302,13 +308,8 @@ def test_mqtts_verifies_the_broker_and_carries_decisions_to_a_gate(tmp_path, tls
     config = write_config(tmp_path, [], hooks={"mqtt_password_file": str(tls_broker.password_file)})
 
     def refused(ca_file: Path, url: str) -> str:
-        data = yaml.safe_load(config.read_text())
-        data["hooks"]["mqtt_ca_file"] = str(ca_file)
-        config.write_text(yaml.safe_dump(data))
-        res = run_cli("kiosk", "-c", str(config), "subscribe", "--mqtt", url)
-        lines = [line for line in res.stderr.splitlines() if line.strip()]
-        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-        return lines[0]
+        hooks = {"mqtt_password_file": str(tls_broker.password_file), "mqtt_ca_file": str(ca_file)}
+        return _refused_at_start(config, hooks, "--mqtt", url)
 
     line = refused(other, tls_broker.url)
     assert "TLS certificate does not verify against hooks.mqtt_ca_file" in line and "another-ca" in line, line
@@ -353,13 +354,8 @@ def test_a_broker_that_wants_client_certificates_gets_this_hosts(tmp_path, mtls_
     locked.chmod(0o600)
 
     def refused(**hooks: str) -> str:
-        data = yaml.safe_load(config.read_text())
-        data["hooks"] = {"mqtt_password_file": str(mtls_broker.password_file), "mqtt_ca_file": str(tls.ca), **hooks}
-        config.write_text(yaml.safe_dump(data))
-        res = run_cli("kiosk", "-c", str(config), "subscribe", "--mqtt", mtls_broker.url)
-        lines = [line for line in res.stderr.splitlines() if line.strip()]
-        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-        return lines[0]
+        given = {"mqtt_password_file": str(mtls_broker.password_file), "mqtt_ca_file": str(tls.ca), **hooks}
+        return _refused_at_start(config, given, "--mqtt", mtls_broker.url)
 
     line = refused()  # the broker's alert, or (Mosquitto, at times) the session just ends: either says what to set
     assert "ended the TLS" in line and "hooks.mqtt_cert_file" in line, line
@@ -572,13 +568,9 @@ def test_a_client_certificate_out_of_its_dates_is_said_before_the_broker_refuses
     config = write_config(tmp_path, [], hooks={"mqtt_password_file": str(mtls_broker.password_file)})
 
     def refused(cert: Path, key: Path) -> str:
-        data = yaml.safe_load(config.read_text())
-        data["hooks"].update(mqtt_ca_file=str(tls.ca), mqtt_cert_file=str(cert), mqtt_key_file=str(key))
-        config.write_text(yaml.safe_dump(data))
-        res = run_cli("kiosk", "-c", str(config), "subscribe", "--mqtt", mtls_broker.url)
-        lines = [line for line in res.stderr.splitlines() if line.strip()]
-        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-        return lines[0]
+        hooks = {"mqtt_password_file": str(mtls_broker.password_file), "mqtt_ca_file": str(tls.ca)}
+        hooks |= {"mqtt_cert_file": str(cert), "mqtt_key_file": str(key)}
+        return _refused_at_start(config, hooks, "--mqtt", mtls_broker.url)
 
     day = timedelta(days=1)
     line = refused(*client_certificate(tls, tmp_path, "expired", (-30 * day, -day)))
